@@ -1,0 +1,379 @@
+"""Hugging Face checkpoint I/O: load a local HF folder onto a mesh, export params back to one.
+
+Loading streams tensor by tensor from memory-mapped safetensors files: each HF tensor is read,
+checked against the shape the config implies, re-laid out, cast, and placed straight onto its target
+sharding; L-stacked parameters are filled one layer at a time in place on device. Host memory peaks
+at about one tensor. Pickle checkpoints (`*.bin`, `*.pt`) are refused: safetensors only.
+
+Export gathers one tensor at a time, writes sharded safetensors + `model.safetensors.index.json` +
+`config.json` into a temporary folder and renames it into place, so a crash never leaves a
+half-written model where a finished one is expected. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memagent_jax.models import sharding as sharding_lib
+from memagent_jax.models import transformer
+from memagent_jax.models.config import ModelConfig
+from memagent_jax.models.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or does not match its config."""
+
+
+# ------------------------------------------------------------------------------------ name mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """How one of our params maps onto HF tensors.
+
+    path: our params path; hf_name: HF tensor name (with `{i}` for the layer index when per_layer);
+    hf_shape: the HF tensor shape; to_ours / to_hf convert one (per-layer) tensor between layouts.
+    """
+
+    path: tuple[str, ...]
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    per_layer: bool
+
+
+def _identity(x):
+    return x
+
+
+def _param_specs(config: ModelConfig) -> list[_Spec]:
+    """The mapping table for a config (only the params this architecture has)."""
+    c = config
+    d, f, h, k, dh, v = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                         c.vocab_size)
+
+    def proj_in(out_heads):  # HF Linear [heads*Dh, D] -> ours [D, heads, Dh]
+        return (lambda w: w.T.reshape(d, out_heads, dh)), (lambda w: w.reshape(d, out_heads * dh).T)
+
+    def bias(out_heads):  # [heads*Dh] -> [heads, Dh]
+        return (lambda b: b.reshape(out_heads, dh)), (lambda b: b.reshape(out_heads * dh))
+
+    transpose = (lambda w: w.T, lambda w: w.T)
+    plain = (_identity, _identity)
+    pre = "model.layers.{i}."
+    specs = [
+        (("embed",), "model.embed_tokens.weight", (v, d), plain, False),
+        (("final_norm", "weight"), "model.norm.weight", (d,), plain, False),
+        (("layers", "attn_norm", "weight"), pre + "input_layernorm.weight", (d,), plain, True),
+        (("layers", "mlp_norm", "weight"), pre + "post_attention_layernorm.weight", (d,), plain, True),
+        (("layers", "attn", "q_proj"), pre + "self_attn.q_proj.weight", (h * dh, d), proj_in(h), True),
+        (("layers", "attn", "k_proj"), pre + "self_attn.k_proj.weight", (k * dh, d), proj_in(k), True),
+        (("layers", "attn", "v_proj"), pre + "self_attn.v_proj.weight", (k * dh, d), proj_in(k), True),
+        (("layers", "attn", "o_proj"), pre + "self_attn.o_proj.weight", (d, h * dh),
+         (lambda w: w.T.reshape(h, dh, d), lambda w: w.reshape(h * dh, d).T), True),
+        (("layers", "mlp", "gate_proj"), pre + "mlp.gate_proj.weight", (f, d), transpose, True),
+        (("layers", "mlp", "up_proj"), pre + "mlp.up_proj.weight", (f, d), transpose, True),
+        (("layers", "mlp", "down_proj"), pre + "mlp.down_proj.weight", (d, f), transpose, True),
+    ]
+    if not c.tie_word_embeddings:
+        specs.append((("lm_head",), "lm_head.weight", (v, d), transpose, False))
+    if c.attention_bias:
+        specs += [
+            (("layers", "attn", "q_bias"), pre + "self_attn.q_proj.bias", (h * dh,), bias(h), True),
+            (("layers", "attn", "k_bias"), pre + "self_attn.k_proj.bias", (k * dh,), bias(k), True),
+            (("layers", "attn", "v_bias"), pre + "self_attn.v_proj.bias", (k * dh,), bias(k), True),
+        ]
+    if c.attention_out_bias:
+        specs.append((("layers", "attn", "o_bias"), pre + "self_attn.o_proj.bias", (d,), plain, True))
+    if c.qk_norm:
+        specs += [
+            (("layers", "attn", "q_norm"), pre + "self_attn.q_norm.weight", (dh,), plain, True),
+            (("layers", "attn", "k_norm"), pre + "self_attn.k_norm.weight", (dh,), plain, True),
+        ]
+    if c.mlp_bias:
+        specs += [
+            (("layers", "mlp", "gate_bias"), pre + "mlp.gate_proj.bias", (f,), plain, True),
+            (("layers", "mlp", "up_bias"), pre + "mlp.up_proj.bias", (f,), plain, True),
+            (("layers", "mlp", "down_bias"), pre + "mlp.down_proj.bias", (d,), plain, True),
+        ]
+    return [_Spec(path, name, shape, conv[0], conv[1], per_layer) for path, name, shape, conv, per_layer in specs]
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def find_weight_files(folder: str) -> dict[str, SafetensorsFile]:
+    """Maps every tensor name to its open safetensors file; clear errors for missing/pickle/bad index."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder {folder!r} does not exist or is not a directory")
+    index_path = os.path.join(folder, INDEX_FILE)
+    single_path = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index (needs 'weight_map'): {e}") from None
+        opened: dict[str, SafetensorsFile] = {}
+        by_name: dict[str, SafetensorsFile] = {}
+        for name, shard in weight_map.items():
+            if shard not in opened:
+                shard_path = os.path.join(folder, shard)
+                if not os.path.isfile(shard_path):
+                    raise CheckpointError(f"{index_path}: names shard {shard!r} (for tensor {name!r}), "
+                                          f"but {shard_path} does not exist")
+                opened[shard] = SafetensorsFile(shard_path)
+            if name not in opened[shard]:
+                raise CheckpointError(f"{index_path}: says tensor {name!r} is in {shard!r}, but that file lacks it")
+            by_name[name] = opened[shard]
+        return by_name
+    if os.path.isfile(single_path):
+        f = SafetensorsFile(single_path)
+        return {name: f for name in f.names()}
+    pickles = sorted(n for n in os.listdir(folder) if n.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickle weight files found ({', '.join(pickles)}); memagent-jax loads safetensors "
+            f"only and never unpickles. Convert once with transformers: "
+            f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def _read_checked(files: dict[str, SafetensorsFile], name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
+    if name not in files:
+        raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+    f = files[name]
+    shape = f.shape(name)
+    if tuple(shape) != tuple(expected_shape):
+        raise CheckpointError(
+            f"{f.path}: tensor {name!r} has shape {tuple(shape)}, but config.json implies {tuple(expected_shape)}"
+        )
+    return f.read(name)
+
+
+def _to_device(host: np.ndarray, sharding) -> jax.Array:
+    """Places a host array on a (possibly multi-process) sharding; each process supplies its shards."""
+    if sharding is None:
+        return jnp.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _set_layer(stacked: jax.Array, layer: int, value: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, value, layer, axis=0)
+
+
+def load_hf_params(folder: str, config: ModelConfig | None = None, *, mesh=None, rules=None,
+                   param_dtype: str | None = None, progress: bool = False) -> tuple[dict, ModelConfig]:
+    """Loads a local HF checkpoint folder into our params pytree.
+
+    Args:
+      folder: folder with config.json and model.safetensors (or sharded files + index).
+      config: optional config (default: read from folder/config.json).
+      mesh: optional `jax.sharding.Mesh` ('data', 'fsdp', 'tensor'); params go straight to their shards.
+      rules: optional logical-axis rules (default `sharding.DEFAULT_RULES`).
+      param_dtype: cast params to this dtype (default: the checkpoint's dtype).
+      progress: log one line per tensor group.
+    Returns:
+      (params, config) where config.param_dtype is the loaded dtype.
+    """
+    folder = os.fspath(folder)
+    if config is None:
+        config = ModelConfig.from_hf_folder(folder)
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
+    files = find_weight_files(folder)
+    abstract = transformer.abstract_params(config)
+    shardings = sharding_lib.param_shardings(abstract, mesh, rules) if mesh is not None else None
+    target_dtype = np.dtype(jnp.dtype(config.param_dtype))
+    specs = _param_specs(config)
+    used: set[str] = set()
+    params: dict = {}
+    start = time.time()
+    for spec in specs:
+        struct = _get(abstract, spec.path)
+        sharding = _get(shardings, spec.path) if shardings is not None else None
+        if not spec.per_layer:
+            host = spec.to_ours(_read_checked(files, spec.hf_name, spec.hf_shape)).astype(target_dtype)
+            _set(params, spec.path, _to_device(host, sharding))
+            used.add(spec.hf_name)
+            continue
+        layer_sharding = None
+        if sharding is not None:
+            layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        set_layer = jax.jit(_set_layer, donate_argnums=0, static_argnums=1, out_shardings=sharding)
+        stacked = jax.jit(lambda: jnp.zeros(struct.shape, struct.dtype), out_shardings=sharding)()
+        for i in range(config.num_layers):
+            name = spec.hf_name.format(i=i)
+            host = spec.to_ours(_read_checked(files, name, spec.hf_shape)).astype(target_dtype)
+            stacked = set_layer(stacked, i, _to_device(host, layer_sharding))
+            used.add(name)
+        _set(params, spec.path, stacked)
+        if progress:
+            log.info("loaded %s (%d layers) after %.1fs", "/".join(spec.path), config.num_layers, time.time() - start)
+    ignored = sorted(set(files) - used)
+    if ignored:
+        log.info("%s: ignored %d tensors not used by this architecture (e.g. %s)", folder, len(ignored), ignored[:3])
+    return params, config
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def _fetch(array: jax.Array) -> np.ndarray:
+    """One (possibly multi-process) array to host numpy, on every process."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _hf_tensors(params: dict, config: ModelConfig, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+    for spec in _param_specs(config):
+        value = _get(params, spec.path)
+        if spec.per_layer:
+            for i in range(config.num_layers):
+                yield spec.hf_name.format(i=i), np.ascontiguousarray(spec.to_hf(_fetch(value[i])).astype(dtype))
+        else:
+            yield spec.hf_name, np.ascontiguousarray(spec.to_hf(_fetch(value)).astype(dtype))
+
+
+def _hf_layout(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for spec in _param_specs(config):
+        if spec.per_layer:
+            out += [(spec.hf_name.format(i=i), spec.hf_shape) for i in range(config.num_layers)]
+        else:
+            out.append((spec.hf_name, spec.hf_shape))
+    return out
+
+
+def save_hf_checkpoint(params: dict, config: ModelConfig, out_dir: str, *, dtype: str | None = None,
+                       base_folder: str | None = None, max_shard_bytes: int = 2 * 1024**3,
+                       extra_files: dict[str, str] | None = None) -> str:
+    """Exports params as a Hugging Face folder loadable by `AutoModelForCausalLM.from_pretrained`.
+
+    Args:
+      params: our params pytree (may be sharded, even across processes).
+      config: the model config.
+      out_dir: destination folder; replaced atomically if it exists.
+      dtype: weight dtype in the files (default: config.param_dtype).
+      base_folder: an HF folder whose config.json fields are kept (dtype updated) and whose tokenizer /
+        generation-config files are copied, so the export is a complete, servable model.
+      max_shard_bytes: split weights into files of at most about this size (always with an index).
+      extra_files: {file name: text content} written alongside.
+    Returns:
+      out_dir.
+    """
+    from memagent_jax.models.config import canonical_dtype
+
+    dtype_name = canonical_dtype(dtype or config.param_dtype)
+    np_dtype = np.dtype(jnp.dtype(dtype_name))
+    layout = _hf_layout(config)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in layout:
+        nbytes = int(np.prod(shape)) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    is_writer = jax.process_index() == 0
+
+    hf_config = config.to_hf_dict(dtype=dtype_name)
+    if base_folder is not None:
+        base_config_path = os.path.join(base_folder, "config.json")
+        if os.path.isfile(base_config_path):
+            with open(base_config_path, encoding="utf-8") as f:
+                base = json.load(f)
+            base.update({k: hf_config[k] for k in ("dtype", "architectures")})
+            base.pop("torch_dtype", None)
+            hf_config = base
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    tmp_dir = None
+    if is_writer:
+        os.makedirs(parent, exist_ok=True)
+        tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    tensors = _hf_tensors(params, config, np_dtype)  # every process gathers (collectives), process 0 writes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard, file_name in zip(shards, file_names):
+        specs = [(name, shape, np_dtype) for name, shape in shard]
+        chunk = ((name, next(tensors)[1]) for name, _ in shard)
+        if is_writer:
+            write_safetensors(os.path.join(tmp_dir, file_name), specs, chunk)
+        else:
+            for _ in chunk:
+                pass
+        for name, shape in shard:
+            weight_map[name] = file_name
+            total += int(np.prod(shape)) * np_dtype.itemsize
+    if not is_writer:
+        return out_dir
+
+    with open(os.path.join(tmp_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2)
+    if base_folder is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(base_folder, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(tmp_dir, name))
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(tmp_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    _replace_dir(tmp_dir, out_dir)
+    return out_dir
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    """Moves a finished folder into place; an existing destination is swapped out, then removed."""
+    old = None
+    if os.path.exists(dst):
+        old = dst + f".old-{os.getpid()}"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["CheckpointError", "SafetensorsError", "find_weight_files", "load_hf_params", "save_hf_checkpoint"]

@@ -1,0 +1,398 @@
+"""A Qwen/Llama-family decoder-only transformer in Flax NNX, with pure functions at the jit boundary.
+
+The modules (`Transformer`, `Block`, `Attention`, `MLP`, `RMSNorm`) hold the maths; callers use the pure
+functions at the bottom of this file, which take the parameters as a plain nested dict of arrays
+(the `nnx.to_pure_dict` form) and return arrays:
+
+    params = init_params(config, jax.random.key(0))          # or hf_io.load_hf_params(...)
+    logits, cache = forward(params, tokens, positions, token_mask, config=config, cache=cache)
+
+Attention is driven by explicit positions and a token mask rather than by array index, so a
+static-shape prompt with pads anywhere (left, right, or in the middle of a template) computes exactly
+what the unpadded prompt would:
+
+    query i may see key j  <=>  key_valid[j]  and  key_position[j] <= query_position[i]
+                                 (and segment[j] == segment[i] when segment ids are given)
+
+Positions must increase over the real tokens of a row (pads may hold anything).
+
+Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, G = H // K,
+Dh head dim, F mlp width, L layers, V vocab.
+
+Parameter pytree (L-stacked under 'layers', run by `lax.scan`, so compile time is flat in depth):
+
+    embed            [V, D]
+    layers/attn_norm [L, D]            layers/mlp_norm [L, D]
+    layers/attn/q_proj [L, D, H, Dh]   layers/attn/k_proj, v_proj [L, D, K, Dh]
+    layers/attn/o_proj [L, H, Dh, D]   (+ q_bias [L, H, Dh], k_bias/v_bias [L, K, Dh], o_bias [L, D],
+                                          q_norm/k_norm [L, Dh] where the architecture has them)
+    layers/mlp/gate_proj, up_proj [L, D, F]   layers/mlp/down_proj [L, F, D]  (+ biases if mlp_bias)
+    final_norm       [D]
+    lm_head          [D, V]            (absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memagent_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_INIT_STD = 0.02
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "positions", "valid", "length"], meta_fields=[])
+@dataclasses.dataclass
+class KVCache:
+    """Key/value cache for prefill + incremental decode.
+
+    k, v:       [L, B, S, K, Dh] in the compute dtype.
+    positions:  [B, S] int32, the RoPE position of the token in each slot.
+    valid:      [B, S] bool, whether a slot holds a real token (pads and unwritten slots are False).
+    length:     [] int32, the next slot to write; a forward of T tokens writes slots [length, length+T)
+                for every row (rows keep their own positions, so rows of different lengths coexist).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
+    """An empty cache of `max_length` slots per row."""
+    dtype = _dtype(dtype or config.compute_dtype)
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        positions=jnp.zeros((batch_size, max_length), jnp.int32),
+        valid=jnp.zeros((batch_size, max_length), bool),
+        length=jnp.zeros((), jnp.int32),
+    )
+
+
+# --------------------------------------------------------------------------------------------- modules
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype) -> nnx.Param:
+    return nnx.Param((jax.random.normal(rngs.params(), shape, jnp.float32) * _INIT_STD).astype(dtype))
+
+
+def _zeros(shape, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+def _ones(shape, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in f32, result in x's dtype times the weight (HF order)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Applies RoPE (half-rotation layout, as in HF Qwen/Llama).
+
+    x: [B, T, N, Dh]; positions: [B, T] int; inv_freq: [Dh // 2] f32. Returns x's shape and dtype.
+    """
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = _ones((dim,), dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with optional q/k/v bias and per-head q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c, dt = config, _dtype(config.param_dtype)
+        self.config = config
+        self.q_proj = _normal(rngs, (c.hidden_size, c.num_heads, c.head_dim), dt)
+        self.k_proj = _normal(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), dt)
+        self.v_proj = _normal(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), dt)
+        self.o_proj = _normal(rngs, (c.num_heads, c.head_dim, c.hidden_size), dt)
+        if c.attention_bias:
+            self.q_bias = _zeros((c.num_heads, c.head_dim), dt)
+            self.k_bias = _zeros((c.num_kv_heads, c.head_dim), dt)
+            self.v_bias = _zeros((c.num_kv_heads, c.head_dim), dt)
+        if c.attention_out_bias:
+            self.o_bias = _zeros((c.hidden_size,), dt)
+        if c.qk_norm:
+            self.q_norm = _ones((c.head_dim,), dt)
+            self.k_norm = _ones((c.head_dim,), dt)
+
+    def __call__(self, x, positions, inv_freq, mask, layer_cache=None, cache_length=None):
+        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S_keys] bool.
+
+        layer_cache: None or (k, v) each [B, S, K, Dh]; new keys/values are written at `cache_length`
+        and attention runs over all S cache slots. Returns (out [B, T, D], new (k, v) or None).
+        """
+        c = self.config
+        cdt = _dtype(c.compute_dtype)
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(cdt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(cdt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(cdt))
+        if c.attention_bias:
+            q = q + self.q_bias[...].astype(cdt)
+            k = k + self.k_bias[...].astype(cdt)
+            v = v + self.v_bias[...].astype(cdt)
+        if c.qk_norm:
+            q = rms_norm(q, self.q_norm[...], c.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], c.rms_norm_eps)
+        q = rotary_embedding(q, positions, inv_freq)
+        k = rotary_embedding(k, positions, inv_freq)
+
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_length, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_length, 0, 0))
+            new_cache = (k, v)
+
+        b, t = x.shape[:2]
+        qg = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(cdt), preferred_element_type=jnp.float32)
+        scores = scores * (c.head_dim**-0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cdt)).reshape(b, t, c.num_heads, c.head_dim)
+        out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(cdt))
+        if c.attention_out_bias:
+            out = out + self.o_bias[...].astype(cdt)
+        return out, new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c, dt = config, _dtype(config.param_dtype)
+        self.config = config
+        self.gate_proj = _normal(rngs, (c.hidden_size, c.intermediate_size), dt)
+        self.up_proj = _normal(rngs, (c.hidden_size, c.intermediate_size), dt)
+        self.down_proj = _normal(rngs, (c.intermediate_size, c.hidden_size), dt)
+        if c.mlp_bias:
+            self.gate_bias = _zeros((c.intermediate_size,), dt)
+            self.up_bias = _zeros((c.intermediate_size,), dt)
+            self.down_bias = _zeros((c.hidden_size,), dt)
+
+    def __call__(self, x):
+        cdt = _dtype(self.config.compute_dtype)
+        gate = x @ self.gate_proj[...].astype(cdt)
+        up = x @ self.up_proj[...].astype(cdt)
+        if self.config.mlp_bias:
+            gate = gate + self.gate_bias[...].astype(cdt)
+            up = up + self.up_bias[...].astype(cdt)
+        out = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(cdt)
+        if self.config.mlp_bias:
+            out = out + self.down_bias[...].astype(cdt)
+        return out
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        dt = _dtype(config.param_dtype)
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
+        self.attn = Attention(config, rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, layer_cache=None, cache_length=None):
+        attn_out, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, layer_cache, cache_length)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, new_cache
+
+
+class Transformer(nnx.Module):
+    """Embedding -> L scanned `Block`s -> final RMSNorm (-> LM head, tied or not)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        dt = _dtype(config.param_dtype)
+        self.config = config
+        self.embed = _normal(rngs, (config.vocab_size, config.hidden_size), dt)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return Block(config, rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
+        if not config.tie_word_embeddings:
+            self.lm_head = _normal(rngs, (config.hidden_size, config.vocab_size), dt)
+
+    def hidden_states(self, tokens, positions, token_mask, cache: KVCache | None = None, segment_ids=None):
+        """tokens, positions: [B, T] int; token_mask: [B, T] bool -> (hidden [B, T, D], cache)."""
+        c = self.config
+        cdt = _dtype(c.compute_dtype)
+        positions = positions.astype(jnp.int32)
+        token_mask = token_mask.astype(bool)
+        inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
+
+        if cache is None:
+            key_positions, key_valid = positions, token_mask
+        else:
+            start = (0, cache.length)
+            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, start)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, start)
+        mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids are only supported without a KV cache")
+            mask = mask & (segment_ids[:, None, :] == segment_ids[:, :, None])
+
+        graphdef, layer_params = nnx.split(self.layers)
+
+        def body(x, layer_inputs):
+            params_l, cache_l = layer_inputs
+            block = nnx.merge(graphdef, params_l)
+            x, new_cache_l = block(x, positions, inv_freq, mask, cache_l, None if cache is None else cache.length)
+            return x, new_cache_l
+
+        if c.remat == "full":
+            body = jax.checkpoint(body)
+        elif c.remat == "dots":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        x, new_kv = jax.lax.scan(body, x, (layer_params, layer_caches))
+        x = self.final_norm(x)
+        new_cache = None
+        if cache is not None:
+            t = tokens.shape[1]
+            new_cache = KVCache(k=new_kv[0], v=new_kv[1], positions=key_positions, valid=key_valid,
+                                length=cache.length + t)
+        return x, new_cache
+
+    def logits(self, hidden):
+        """hidden: [..., D] -> f32 logits [..., V]."""
+        cdt = _dtype(self.config.compute_dtype)
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("...d,vd->...v", hidden.astype(cdt), self.embed[...].astype(cdt),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden.astype(cdt), self.lm_head[...].astype(cdt),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions, token_mask, cache=None, segment_ids=None):
+        hidden, cache = self.hidden_states(tokens, positions, token_mask, cache, segment_ids)
+        return self.logits(hidden), cache
+
+
+# ----------------------------------------------------------------------------------------- pure API
+
+
+@functools.lru_cache(maxsize=64)
+def _graphdef(config: ModelConfig):
+    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0))))
+
+
+def _module(params: Params, config: ModelConfig) -> Transformer:
+    return nnx.merge(_graphdef(config), params)
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """The parameter pytree as `jax.ShapeDtypeStruct`s (no memory is allocated)."""
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0))))
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+
+
+def init_params(config: ModelConfig, rng: jax.Array | int = 0, shardings=None) -> Params:
+    """Random parameters (normal(0, 0.02) matrices, unit norms, zero biases), as a plain dict.
+
+    `shardings`: optional pytree of `jax.sharding.Sharding` matching the params; the init then runs as
+    one jit that materialises each parameter directly in its shards.
+    """
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+
+    def make(key):
+        return nnx.to_pure_dict(nnx.state(Transformer(config, nnx.Rngs(params=key))))
+
+    return jax.jit(make, out_shardings=shardings)(rng)
+
+
+def forward(params: Params, tokens, positions, token_mask, *, config: ModelConfig,
+            cache: KVCache | None = None, segment_ids=None):
+    """Full forward pass.
+
+    Args:
+      params: parameter pytree (see module docstring).
+      tokens: [B, T] int token ids.
+      positions: [B, T] int RoPE positions (count real tokens only; pads may hold anything).
+      token_mask: [B, T] bool, True for real tokens.
+      config: the `ModelConfig` (static under jit).
+      cache: optional `KVCache`; the T tokens are written at `cache.length` and attend to everything
+        valid in the cache up to their own positions.
+      segment_ids: optional [B, T] int; tokens only attend within their own segment (packing).
+    Returns:
+      (logits [B, T, V] f32, updated cache or None).
+    """
+    return _module(params, config)(tokens, positions, token_mask, cache, segment_ids)
+
+
+def forward_hidden(params: Params, tokens, positions, token_mask, *, config: ModelConfig,
+                   cache: KVCache | None = None, segment_ids=None):
+    """Like `forward` but returns the final normed hidden states [B, T, D] instead of logits.
+
+    Use with `logits_from_hidden` to compute logits for a subset of positions (decode) or in chunks
+    (training on a large vocabulary) without materialising [B, T, V].
+    """
+    return _module(params, config).hidden_states(tokens, positions, token_mask, cache, segment_ids)
+
+
+def logits_from_hidden(params: Params, hidden, *, config: ModelConfig):
+    """hidden [..., D] -> f32 logits [..., V] with the (tied or untied) LM head."""
+    return _module(params, config).logits(hidden)
+
+
+def positions_from_mask(token_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions that count real tokens only: [B, T] bool -> [B, T] int32 (pads get the previous value).
+
+    offset: scalar or [B] int added to every position (e.g. the number of tokens already in a cache).
+    """
+    counts = jnp.cumsum(token_mask.astype(jnp.int32), axis=-1) - 1
+    offset = jnp.asarray(offset, jnp.int32)
+    if offset.ndim == 1:
+        offset = offset[:, None]
+    return jnp.maximum(counts, 0) + offset

@@ -1,0 +1,62 @@
+"""Packaging entry point for memagent-jax.
+
+Install for use:          pip install torch==2.13.0 && pip install -e .
+Install for development:  pip install torch==2.13.0 && pip install -e ".[test]"
+
+torch is only a reference/benchmark dependency (the PyTorch side of parity tests and
+side-by-side benchmarks). Install the pinned CPU wheel *first*: an unpinned torch pulls
+gigabytes of CUDA packages.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.11",
+    "jaxlib>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "ml_collections>=1.0",
+    "absl-py>=2.0",
+    "numpy>=2.0",
+    "ml_dtypes>=0.5",
+    "safetensors>=0.5",
+    "tokenizers>=0.21",
+    "transformers>=5.0,<6",
+    "datasets>=4.0",
+    "pyarrow>=15",
+    "tqdm>=4.60",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    # Reference implementations for parity tests and benchmarks.
+    "torch": ["torch==2.13.0"],
+    # ArrayRecord materialisation for pods (tensorflow itself stays optional).
+    "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
+    "test": [
+        "torch==2.13.0",
+        "pytest>=8",
+        "hypothesis>=6",
+        "tensorflow-datasets>=4.9",
+        "array_record>=0.5",
+        "importlib_resources",
+    ],
+}
+
+setup(
+    name="memagent-jax",
+    version="0.1.0",
+    description="Memory agents for arbitrarily long documents, trained with multi-conversation GRPO, in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["memagent_jax", "memagent_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "memagent-demo=memagent_jax.demo:main",
+        ],
+    },
+)

@@ -1,0 +1,15 @@
+"""Test set-up: offline, CPU only, 8 simulated CPU devices for mesh tests.
+
+This runs before any test module imports JAX, so the device count takes effect.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)

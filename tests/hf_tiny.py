@@ -1,0 +1,72 @@
+"""Tiny random Hugging Face checkpoints built in-process (transformers + save_pretrained), for tests.
+
+Every parameter (norm weights and biases included) is perturbed with seeded noise so that a loader
+that drops or transposes any tensor gives visibly different logits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import transformers
+
+TINY_SHAPES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+VARIANTS = {
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=10000.0),
+    "qwen2_tied": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+    # head_dim (24) != hidden / heads (16)
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=24, rope_theta=1000000.0),
+    "llama3": dict(model_type="llama", tie_word_embeddings=False, head_dim=16,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64}),
+    "llama_bias": dict(model_type="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                       rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+}
+
+_CONFIG_CLASSES = {
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "llama": transformers.LlamaConfig,
+}
+
+
+def make_hf_model(variant: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A tiny f32 random model of the given variant (eval mode)."""
+    spec = dict(VARIANTS[variant])
+    model_type = spec.pop("model_type")
+    rope_theta = spec.pop("rope_theta", None)
+    kwargs = dict(TINY_SHAPES, **spec, **overrides)
+    if rope_theta is not None and "rope_parameters" not in kwargs:
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
+    kwargs.setdefault("eos_token_id", 2)
+    kwargs.setdefault("bos_token_id", 1)
+    kwargs.setdefault("pad_token_id", 0)
+    config = _CONFIG_CLASSES[model_type](**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 1)
+        for _, p in sorted(model.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def save_hf_model(model, folder: str, **save_kwargs) -> str:
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+def hf_logits(model, tokens: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """Logits of one unpadded sequence: tokens [T] -> [T, V] (numpy f32)."""
+    ids = torch.tensor(np.asarray(tokens)[None], dtype=torch.long)
+    kwargs = {}
+    if positions is not None:
+        kwargs["position_ids"] = torch.tensor(np.asarray(positions)[None], dtype=torch.long)
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits[0].float().numpy()
