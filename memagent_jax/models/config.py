@@ -130,6 +130,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     # Activation rematerialisation of the layer scan: 'none' | 'full' | 'dots'.
     remat: str = "none"
+    # Run layers with `lax.scan` (compile time flat in depth). False unrolls them (debugging, baselines).
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

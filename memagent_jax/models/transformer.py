@@ -296,7 +296,14 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
 
         layer_caches = None if cache is None else (cache.k, cache.v)
-        x, new_kv = jax.lax.scan(body, x, (layer_params, layer_caches))
+        if c.scan_layers:
+            x, new_kv = jax.lax.scan(body, x, (layer_params, layer_caches))
+        else:
+            outputs = []
+            for i in range(c.num_layers):
+                x, out = body(x, jax.tree.map(lambda a: a[i], (layer_params, layer_caches)))
+                outputs.append(out)
+            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
         x = self.final_norm(x)
         new_cache = None
         if cache is not None:
