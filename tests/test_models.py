@@ -272,3 +272,24 @@ def test_config_reads_old_dialect():
         ModelConfig.from_hf_dict({k: v for k, v in old.items() if k != "hidden_size"})
     with pytest.raises(ConfigError, match=r"rope type 'yarn'"):
         ModelConfig.from_hf_dict(dict(old, rope_scaling={"type": "yarn", "factor": 4.0}))
+
+
+def test_rewind_cache_reuses_prefix(checkpoints):
+    """Prefix prefilled once, rewound, then two different continuations: each equals its full forward."""
+    from memagent_jax.models import rewind_cache
+
+    _, folder = checkpoints["qwen2"]
+    params, config = load_hf_params(folder)
+    rng = np.random.default_rng(6)
+    prefix = rng.integers(3, 128, (2, 5)).astype(np.int32)
+    step = jax.jit(lambda p, t, q, m, c: forward(p, t, q, m, config=config, cache=c))
+    ones = np.ones((2, 5), bool)
+    _, cache = step(params, prefix, positions_from_mask(jnp.asarray(ones)), ones, init_cache(config, 2, 16))
+    for trial in range(2):
+        tail = rng.integers(3, 128, (2, 4 + 3 * trial)).astype(np.int32)
+        tail_mask = np.ones_like(tail, bool)
+        logits, _ = step(params, tail, positions_from_mask(jnp.asarray(tail_mask), 5), tail_mask,
+                         rewind_cache(cache, 5))
+        full = np.concatenate([prefix, tail], axis=1)
+        ref = our_logits(params, config, full, np.ones_like(full, bool))[:, 5:]
+        assert np.abs(np.asarray(logits) - ref).max() <= TOL

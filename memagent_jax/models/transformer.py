@@ -63,7 +63,7 @@ def _dtype(name: str):
 class KVCache:
     """Key/value cache for prefill + incremental decode.
 
-    k, v:       [L, B, S, K, Dh] in the compute dtype.
+    k, v:       [L, B, K, S, Dh] in the compute dtype (heads-major, so attention needs no transpose).
     positions:  [B, S] int32, the RoPE position of the token in each slot.
     valid:      [B, S] bool, whether a slot holds a real token (pads and unwritten slots are False).
     length:     [] int32, the next slot to write; a forward of T tokens writes slots [length, length+T)
@@ -78,13 +78,13 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
     """An empty cache of `max_length` slots per row."""
     dtype = _dtype(dtype or config.compute_dtype)
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -92,6 +92,17 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: str
         valid=jnp.zeros((batch_size, max_length), bool),
         length=jnp.zeros((), jnp.int32),
     )
+
+
+def rewind_cache(cache: KVCache, length: jax.Array | int) -> KVCache:
+    """Moves the write index back to `length` and invalidates every slot >= `length` (buffers are kept).
+
+    Used to reuse a prefilled prefix (e.g. chat header + question) for many continuations: the slots
+    after the prefix are overwritten by the next forward and hidden from attention until then.
+    """
+    length = jnp.asarray(length, jnp.int32)
+    keep = jnp.arange(cache.max_length, dtype=jnp.int32)[None, :] < length
+    return KVCache(k=cache.k, v=cache.v, positions=cache.positions, valid=cache.valid & keep, length=length)
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -161,7 +172,7 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, inv_freq, mask, layer_cache=None, cache_length=None):
         """x: [B, T, D]; positions: [B, T]; mask: [B, T, S_keys] bool.
 
-        layer_cache: None or (k, v) each [B, S, K, Dh]; new keys/values are written at `cache_length`
+        layer_cache: None or (k, v) each [B, K, S, Dh]; new keys/values are written at `cache_length`
         and attention runs over all S cache slots. Returns (out [B, T, D], new (k, v) or None).
         """
         c = self.config
@@ -179,20 +190,25 @@ class Attention(nnx.Module):
         q = rotary_embedding(q, positions, inv_freq)
         k = rotary_embedding(k, positions, inv_freq)
 
+        # Heads-major layout: attention becomes plain batched matmuls over (batch, kv head).
+        k = k.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        v = v.transpose(0, 2, 1, 3)
         new_cache = None
         if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_length, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_length, 0, 0))
+            cache_k, cache_v = layer_cache  # [B, K, S, Dh]
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_length, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_length, 0))
             new_cache = (k, v)
 
         b, t = x.shape[:2]
-        qg = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(cdt), preferred_element_type=jnp.float32)
-        scores = scores * (c.head_dim**-0.5)
+        kh, g, dh = c.num_kv_heads, c.num_groups, c.head_dim
+        qg = q.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)  # [B, K, G*T, Dh]
+        scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(cdt), preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kh, g, t, -1) * (dh**-0.5)  # [B, K, G, T, S]
         scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cdt)).reshape(b, t, c.num_heads, c.head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cdt).reshape(b, kh, g * t, -1)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(cdt))  # [B, K, G*T, Dh]
+        out = out.reshape(b, kh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, dh)
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(cdt))
         if c.attention_out_bias:
             out = out + self.o_bias[...].astype(cdt)
@@ -286,6 +302,9 @@ class Transformer(nnx.Module):
 
         def body(x, layer_inputs):
             params_l, cache_l = layer_inputs
+            # Materialise this layer's weight slices before use: on XLA CPU a dynamic-slice fused into a
+            # dot falls off the library GEMM path (measured 1.6x slower MLP). No effect on results.
+            params_l = jax.lax.optimization_barrier(params_l)
             block = nnx.merge(graphdef, params_l)
             x, new_cache_l = block(x, positions, inv_freq, mask, cache_l, None if cache is None else cache.length)
             return x, new_cache_l
