@@ -1,0 +1,715 @@
+"""RULER-style synthetic long-document tasks: seeded, deterministic, no downloads, lazy documents.
+
+Every sample is a question, a document of a target length *in tokens of a given tokenizer*, and
+the accepted answers.  The document is a haystack of bland generated sentences with a few inserted
+facts ("needles"); it is described by a small plan and rendered on demand, piece by piece, so a
+multi-million-token document is never one Python string unless :meth:`SyntheticSample.text` is
+called.
+
+Tasks (:data:`TASKS`):
+
+``niah_single``
+    One needle "The secret number for <key> is <7 digits>."; asked for that number.
+``niah_multikey``
+    The same, with ``num_distractors`` (default 3) needles for other keys.
+``niah_multivalue``
+    ``num_values`` (default 4) needles give the asked key different numbers; all are wanted.
+``niah_multiquery``
+    ``num_queries`` (default 4) keys are asked for at once; all their numbers are wanted.
+``variable_tracking``
+    A chain "Let <A> be 12345." "Let <B> be <A>." ... of ``hops`` (default 4) copies; asked which
+    variables hold the value (all ``hops + 1`` names are wanted).  ``num_distractors`` (default 2)
+    other chains hold other values.  The statements of a chain appear in order.
+``multihop_qa``
+    A generated world: people work for companies, companies have main offices in cities, cities lie
+    in provinces, provinces belong to countries.  The question names a person and asks for the
+    entity ``hops`` (default 2, 1..4) relations away; every hop is a separate fact, and the answer
+    needs all of them.  ``num_distractors`` (default 3) other people come with complete chains of
+    their own (other companies, cities, ...), so no fact can be skipped by elimination.
+
+Knobs (:class:`SyntheticConfig`): ``num_tokens`` (target document length), ``num_distractors``,
+``hops``, ``depth`` (relative position 0..1 of the answer needle(s); ``None``: random per
+sample), ``num_values``, ``num_queries``, ``chunk_tokens`` (when set, the facts the answer needs
+start at least this many tokens apart, so with chunks of this size no chunk holds two of them),
+``seed``.
+
+Guarantees (tested): the same config, index and tokenizer give the same sample in any process;
+the document length is within 2% of ``num_tokens`` (usually within 2 tokens); the answer strings
+occur in the document only inside the facts that state them; question and answers do not depend
+on ``num_tokens``, so one index gives the same question at every length.
+
+Token counts assume that the tokenizer splits text at a space followed by a word (true of
+byte-level BPE tokenizers such as GPT-2's, Qwen's, Llama-3's and the ones made by
+:mod:`memagent_jax.data.tokenizer`): every piece starts with a space and ends with a full stop,
+and the length of the whole is the sum of the lengths of the pieces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .records import QARecord
+from .tokenizer import TokenCounter, encode_fn, token_counter
+
+__all__ = [
+    "TASKS",
+    "SyntheticConfig",
+    "Fact",
+    "SyntheticSample",
+    "SyntheticDataset",
+    "generate_sample",
+    "generate_samples",
+    "vocabulary_texts",
+    "tokenizer_corpus",
+    "whitespace_counter",
+]
+
+TASKS = (
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "niah_multiquery",
+    "variable_tracking",
+    "multihop_qa",
+)
+
+# Per task: metric for evaluation and reward style for training (see memagent_jax.verifier).
+_TASK_METRIC = {
+    "niah_single": ("string_match_all", "boxed_em"),
+    "niah_multikey": ("string_match_all", "boxed_em"),
+    "niah_multivalue": ("string_match_all", "boxed_all"),
+    "niah_multiquery": ("string_match_all", "boxed_all"),
+    "variable_tracking": ("string_match_all", "boxed_all"),
+    "multihop_qa": ("sub_em", "boxed_em"),
+}
+_DEFAULT_DISTRACTORS = {
+    "niah_single": 0,
+    "niah_multikey": 3,
+    "niah_multivalue": 0,
+    "niah_multiquery": 0,
+    "variable_tracking": 2,
+    "multihop_qa": 3,
+}
+_DEFAULT_HOPS = {"variable_tracking": 4, "multihop_qa": 2}
+
+# ---------------------------------------------------------------------------------------------
+# Word lists (our own).  Filler words are lower-case and never used in keys or names.
+# ---------------------------------------------------------------------------------------------
+
+_ADJECTIVES = (
+    "quiet", "old", "small", "green", "calm", "wide", "narrow", "gentle", "bright", "dusty",
+    "warm", "cold", "busy", "empty", "long", "short", "soft", "plain", "distant", "simple",
+)
+_NOUNS = (
+    "river", "road", "field", "house", "garden", "bridge", "market", "hill", "window", "door",
+    "boat", "tree", "lamp", "wall", "path", "cart", "well", "roof", "fence", "stone",
+    "harbor", "valley", "meadow", "orchard", "village", "tower", "mill", "barn", "pond", "gate",
+)
+_VERBS = (
+    "stood", "waited", "rested", "leaned", "stayed", "turned", "shifted", "settled", "remained", "lay",
+)
+_PREPOSITIONS = ("near", "beside", "behind", "under", "past", "across", "beyond", "around")
+_TIMES = ("morning", "evening", "night", "winter", "summer", "spring", "autumn", "noon")
+_PEOPLE = ("farmer", "baker", "teacher", "child", "traveler", "painter", "sailor", "keeper")
+_ACTIONS = ("walked", "looked", "watched", "listened", "worked", "waved", "smiled", "paused")
+
+# Sentence templates: slot names are word lists, other items are literal words.
+_TEMPLATES = (
+    ("The", "ADJ", "NOUN", "VERB", "PREP", "the", "NOUN"),
+    ("In", "the", "TIME", "the", "NOUN", "VERB", "PREP", "the", "ADJ", "NOUN"),
+    ("A", "PERSON", "ACTION", "PREP", "the", "NOUN"),
+    ("The", "PERSON", "ACTION", "and", "the", "NOUN", "VERB", "ADJ"),
+    ("Every", "TIME", "the", "ADJ", "NOUN", "VERB", "PREP", "a", "NOUN"),
+    ("Nothing", "changed", "at", "the", "NOUN", "that", "TIME"),
+)
+_SLOTS = {
+    "ADJ": _ADJECTIVES,
+    "NOUN": _NOUNS,
+    "VERB": _VERBS,
+    "PREP": _PREPOSITIONS,
+    "TIME": _TIMES,
+    "PERSON": _PEOPLE,
+    "ACTION": _ACTIONS,
+}
+# Pre-spaced unit tables (" river") per slot, and for literals.
+_SLOT_UNITS = {k: tuple(" " + w for w in v) for k, v in _SLOTS.items()}
+_TEMPLATE_UNITS = tuple(tuple(_SLOT_UNITS.get(item, " " + item) for item in t) for t in _TEMPLATES)
+
+_FILLER_WORDS = frozenset(
+    w.lower() for t in _TEMPLATES for item in t for w in (_SLOTS.get(item, (item,)))
+)
+
+# Needle keys: colour + creature, neither in the filler.
+_KEY_COLOURS = (
+    "amber", "violet", "crimson", "silver", "golden", "ivory", "scarlet", "azure", "olive", "coral",
+    "indigo", "copper", "jade", "ruby", "pearl", "sable",
+)
+_KEY_CREATURES = (
+    "falcon", "otter", "badger", "heron", "lynx", "marten", "osprey", "beetle", "salmon", "gecko",
+    "bison", "raven", "walrus", "ferret", "puffin", "moth",
+)
+# Syllables for generated names (capitalised when joined).
+_SYLLABLES = (
+    "ka", "lo", "mi", "ra", "ven", "tor", "sel", "dra", "pim", "qua", "zor", "bel", "nix", "fen",
+    "gal", "hu", "ish", "jun", "mor", "ost", "pel", "rin", "sab", "tev", "ul", "wex", "yor", "cas",
+)
+_COMPANY_SUFFIXES = ("Works", "Labs", "Foundry", "Traders", "Holdings", "Textiles")
+_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+# Multi-hop relations: (fact template, subject kind, object kind).
+_RELATIONS = (
+    (" {s} works for {o}.", "person", "company"),
+    (" {s} has its main office in {o}.", "company", "city"),
+    (" {s} lies in the province of {o}.", "city", "province"),
+    (" The province of {s} belongs to the country of {o}.", "province", "country"),
+)
+_RELATION_NAMES = ("works_for", "main_office_in", "in_province", "in_country")
+_MULTIHOP_QUESTIONS = (
+    "Which company does {p} work for?",
+    "In which city does the company that {p} works for have its main office?",
+    "In which province is the city where the company that {p} works for has its main office?",
+    "To which country belongs the province of the city where the company that {p} works for has its main office?",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public data types
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """What to generate.  ``None`` knobs take the task's default (see the module docstring)."""
+
+    task: str
+    num_tokens: int
+    num_distractors: int | None = None
+    hops: int | None = None
+    depth: float | None = None
+    num_values: int = 4
+    num_queries: int = 4
+    chunk_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
+        if self.num_tokens <= 0:
+            raise ValueError("num_tokens must be positive")
+        if self.depth is not None and not 0.0 <= self.depth <= 1.0:
+            raise ValueError("depth must be in [0, 1]")
+        if self.num_distractors is not None and self.num_distractors < 0:
+            raise ValueError("num_distractors must be >= 0")
+        hops = self.resolved_hops
+        if self.task == "multihop_qa" and not 1 <= hops <= len(_RELATIONS):
+            raise ValueError(f"multihop_qa supports 1..{len(_RELATIONS)} hops, got {hops}")
+        if self.task == "variable_tracking" and hops < 1:
+            raise ValueError("variable_tracking needs hops >= 1")
+        if self.num_values < 1 or self.num_queries < 1:
+            raise ValueError("num_values and num_queries must be >= 1")
+        if self.chunk_tokens is not None and self.chunk_tokens <= 0:
+            raise ValueError("chunk_tokens must be positive")
+
+    @property
+    def resolved_distractors(self) -> int:
+        return _DEFAULT_DISTRACTORS[self.task] if self.num_distractors is None else self.num_distractors
+
+    @property
+    def resolved_hops(self) -> int:
+        return _DEFAULT_HOPS.get(self.task, 1) if self.hops is None else self.hops
+
+    @property
+    def metric(self) -> str:
+        """Evaluation metric name (a key of ``memagent_jax.verifier.METRICS``)."""
+        return _TASK_METRIC[self.task][0]
+
+    @property
+    def reward_style(self) -> str:
+        """Training reward style (a key of ``memagent_jax.verifier.REWARD_STYLES``)."""
+        return _TASK_METRIC[self.task][1]
+
+    def replace(self, **changes) -> "SyntheticConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fact:
+    """One inserted sentence.
+
+    Attributes:
+      text: the sentence as it appears (starts with a space, ends with a full stop).
+      role: ``"answer"`` (states an answer), ``"support"`` (needed, but states no answer: earlier
+        hops / earlier chain links) or ``"distractor"``.
+      token_offset: tokens of the document before the fact.
+      num_tokens: tokens of the fact itself.
+      triple: ``(subject, relation, object)`` for needles, chain links and world facts.
+    """
+
+    text: str
+    role: str
+    token_offset: int
+    num_tokens: int
+    triple: tuple[str, str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How to render the haystack: filler RNG seed, sentence counts, where facts go."""
+
+    filler_seed: int
+    full_sentences: int
+    partial_units: int  # words of the last, truncated sentence (0: none)
+    insert_at: tuple[int, ...]  # per fact (in Fact order): filler sentences before it
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSample:
+    """A generated question with a lazily rendered document.
+
+    ``facts`` are in document order.  ``num_tokens`` is the planned document length.
+    """
+
+    task: str
+    index: int
+    question: str
+    answers: tuple[str, ...]
+    facts: tuple[Fact, ...]
+    num_tokens: int
+    metric: str
+    reward_style: str
+    config: SyntheticConfig
+    _plan: _Plan = dataclasses.field(repr=False)
+
+    def pieces(self, omit: Iterable[int] = ()) -> Iterator[str]:
+        """Yield the document as text pieces (sentences and facts), in order.
+
+        ``omit``: indices into :attr:`facts` to leave out (for ablations: the document without a
+        supporting fact).
+        """
+        omit = frozenset(omit)
+        plan = self._plan
+        rng = random.Random(plan.filler_seed)
+        order = [(pos, i) for i, pos in enumerate(plan.insert_at)]
+        k = 0
+        total = plan.full_sentences + (1 if plan.partial_units else 0)
+        for s in range(total + 1):
+            while k < len(order) and order[k][0] == s:
+                if order[k][1] not in omit:
+                    yield self.facts[order[k][1]].text
+                k += 1
+            if s == total:
+                break
+            units = _sentence_units(rng)
+            if s == plan.full_sentences:  # the truncated last sentence
+                units = units[: plan.partial_units]
+            yield "".join(units) + "."
+
+    def text(self, omit: Iterable[int] = ()) -> str:
+        """The whole document as one string (materialises it)."""
+        return "".join(self.pieces(omit))
+
+    def token_ids(self, tokenizer, *, block_chars: int = 1 << 16) -> Iterator[list[int]]:
+        """Encode the document lazily: yields lists of token ids for consecutive blocks of pieces
+        (each block about ``block_chars`` characters, cut between pieces)."""
+        encode = encode_fn(tokenizer)
+        block: list[str] = []
+        size = 0
+        for piece in self.pieces():
+            block.append(piece)
+            size += len(piece)
+            if size >= block_chars:
+                yield encode("".join(block))
+                block, size = [], 0
+        if block:
+            yield encode("".join(block))
+
+    def token_chunks(self, tokenizer, chunk_tokens: int) -> Iterator[list[int]]:
+        """Yield the document's token ids in chunks of exactly ``chunk_tokens`` (last one shorter)."""
+        if chunk_tokens <= 0:
+            raise ValueError("chunk_tokens must be positive")
+        buf: list[int] = []
+        for ids in self.token_ids(tokenizer):
+            buf.extend(ids)
+            while len(buf) >= chunk_tokens:
+                yield buf[:chunk_tokens]
+                buf = buf[chunk_tokens:]
+        if buf:
+            yield buf
+
+    def to_record(self, data_source: str | None = None) -> QARecord:
+        """Materialise as a :class:`QARecord` (document text included)."""
+        return QARecord(
+            question=self.question,
+            document=self.text(),
+            answers=self.answers,
+            index=self.index,
+            data_source=data_source or f"synthetic_{self.task}",
+            extra={
+                "task": self.task,
+                "num_tokens": self.num_tokens,
+                "metric": self.metric,
+                "reward_style": self.reward_style,
+                "seed": self.config.seed,
+            },
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def _derive_seed(*parts: Any) -> int:
+    """A 64-bit seed from any printable parts; independent of Python's hash randomisation."""
+    digest = hashlib.sha256("\x1f".join(repr(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _sentence_units(rng: random.Random) -> list[str]:
+    template = _TEMPLATE_UNITS[rng.randrange(len(_TEMPLATE_UNITS))]
+    return [rng.choice(u) if isinstance(u, tuple) else u for u in template]
+
+
+class _Names:
+    """Unique generated names that never contain (or hide in) each other or any filler word."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.used: list[str] = []
+
+    def _ok(self, name: str) -> bool:
+        low = name.lower()
+        for part in low.split():
+            if any(part in w or w in part for w in _FILLER_WORDS if len(w) > 2) or part in _FILLER_WORDS:
+                return False
+        return not any(low in u or u in low for u in self.used)
+
+    def take(self, make: Callable[[random.Random], str]) -> str:
+        for _ in range(10_000):
+            name = make(self.rng)
+            if self._ok(name):
+                self.used.append(name.lower())
+                return name
+        raise RuntimeError("could not find a fresh name; too many entities requested")
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
+
+
+_MAKERS: dict[str, Callable[[random.Random], str]] = {
+    "person": lambda r: f"{_word(r, 2)} {_word(r, 3)}",
+    "company": lambda r: f"{_word(r, 2)} {r.choice(_COMPANY_SUFFIXES)}",
+    "city": lambda r: _word(r, 3),
+    "province": lambda r: _word(r, 3),
+    "country": lambda r: _word(r, 3),
+    "key": lambda r: f"{r.choice(_KEY_COLOURS)} {r.choice(_KEY_CREATURES)}",
+    "variable": lambda r: "".join(r.choice(_LETTERS) for _ in range(5)),
+}
+
+
+def _number(rng: random.Random, digits: int, used: set[str]) -> str:
+    while True:
+        value = str(rng.randrange(10 ** (digits - 1), 10**digits))
+        if value not in used:
+            used.add(value)
+            return value
+
+
+@dataclasses.dataclass
+class _Draft:
+    """A fact before placement: text, role, triple, and its placement constraint."""
+
+    text: str
+    role: str
+    triple: tuple[str, str, str]
+    group: int = -1  # facts of one group >= 0 are placed in order, in separate segments
+    depth: float | None = None
+
+
+def _niah(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...], list[_Draft]]:
+    names = _Names(rng)
+    numbers: set[str] = set()
+    drafts: list[_Draft] = []
+
+    def needle(key: str, value: str, role: str, depth=None) -> _Draft:
+        return _Draft(f" The secret number for {key} is {value}.", role, (key, "secret_number", value), depth=depth)
+
+    task = cfg.task
+    if task == "niah_multiquery":
+        keys = [names.take(_MAKERS["key"]) for _ in range(cfg.num_queries)]
+        values = [_number(rng, 7, numbers) for _ in keys]
+        drafts += [needle(k, v, "answer", cfg.depth) for k, v in zip(keys, values)]
+        listed = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
+        question = f"What are the secret numbers for {listed}?" if len(keys) > 1 else f"What is the secret number for {listed}?"
+        answers = tuple(values)
+    else:
+        key = names.take(_MAKERS["key"])
+        n_values = cfg.num_values if task == "niah_multivalue" else 1
+        values = [_number(rng, 7, numbers) for _ in range(n_values)]
+        drafts += [needle(key, v, "answer", cfg.depth) for v in values]
+        if n_values > 1:
+            question = f"What are all the secret numbers for {key}?"
+        else:
+            question = f"What is the secret number for {key}?"
+        answers = tuple(values)
+    for _ in range(cfg.resolved_distractors):
+        drafts.append(needle(names.take(_MAKERS["key"]), _number(rng, 7, numbers), "distractor"))
+    return question, answers, drafts
+
+
+def _variable_tracking(cfg: SyntheticConfig, rng: random.Random):
+    names = _Names(rng)
+    numbers: set[str] = set()
+    drafts: list[_Draft] = []
+    hops = cfg.resolved_hops
+    target_value = None
+    target_vars: list[str] = []
+    for chain in range(1 + cfg.resolved_distractors):
+        value = _number(rng, 5, numbers)
+        variables = [names.take(_MAKERS["variable"]) for _ in range(hops + 1)]
+        role = "answer" if chain == 0 else "distractor"  # every link of the asked chain names an answer
+        drafts.append(_Draft(f" Let {variables[0]} be {value}.", role, (variables[0], "equals", value), group=chain))
+        for a, b in zip(variables, variables[1:]):
+            drafts.append(_Draft(f" Let {b} be {a}.", role, (b, "equals", a), group=chain))
+        if chain == 0:
+            target_value, target_vars = value, variables
+    question = f"Which variables hold the value {target_value}, directly or through other variables?"
+    return question, tuple(target_vars), drafts
+
+
+def _multihop(cfg: SyntheticConfig, rng: random.Random):
+    names = _Names(rng)
+    drafts: list[_Draft] = []
+    hops = cfg.resolved_hops
+    question = answer = None
+    for chain in range(1 + cfg.resolved_distractors):
+        subject = names.take(_MAKERS["person"])
+        person = subject
+        for h in range(hops):
+            template, _, obj_kind = _RELATIONS[h]
+            obj = names.take(_MAKERS[obj_kind])
+            if chain == 0:
+                role = "answer" if h == hops - 1 else "support"
+            else:
+                role = "distractor"
+            drafts.append(_Draft(template.format(s=subject, o=obj), role, (subject, _RELATION_NAMES[h], obj), group=chain))
+            subject = obj
+        if chain == 0:
+            question = _MULTIHOP_QUESTIONS[hops - 1].format(p=person)
+            answer = subject
+    return question, (answer,), drafts
+
+
+def _place(cfg: SyntheticConfig, drafts: list[_Draft], budget: int, rng: random.Random) -> list[float]:
+    """Filler-token offsets for every draft.
+
+    Group 0 (the facts the answer needs, for chained tasks) is spread over separate equal segments
+    of the document, at least ``chunk_tokens`` apart; other groups are ordered but unconstrained;
+    ungrouped facts go at their depth or uniformly at random.
+    """
+    offsets: list[float] = [0.0] * len(drafts)
+    groups: dict[int, list[int]] = {}
+    for i, d in enumerate(drafts):
+        if d.group >= 0:
+            groups.setdefault(d.group, []).append(i)
+        elif d.depth is not None:
+            offsets[i] = d.depth * budget
+        else:
+            offsets[i] = rng.random() * budget
+    for g, members in sorted(groups.items()):
+        if g == 0:
+            n = len(members)
+            gap = float(cfg.chunk_tokens or 0)
+            seg = budget / n
+            if gap > seg:
+                raise ValueError(
+                    f"{n} facts cannot be {cfg.chunk_tokens} tokens apart in a {cfg.num_tokens}-token document; "
+                    "raise num_tokens or lower chunk_tokens"
+                )
+            order = list(range(n))
+            if cfg.task == "multihop_qa":
+                rng.shuffle(order)  # hop facts appear in any order
+            for slot, i in zip(order, members):
+                lo = slot * seg + gap / 2
+                hi = (slot + 1) * seg - gap / 2
+                offsets[i] = lo + rng.random() * max(hi - lo, 0.0)
+        else:
+            points = sorted(rng.random() * budget for _ in members)
+            if cfg.task == "multihop_qa":
+                rng.shuffle(points)
+            for p, i in zip(points, members):
+                offsets[i] = p
+    return offsets
+
+
+def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> SyntheticSample:
+    """Generate sample ``index`` of ``config``; ``tokenizer`` measures lengths (see
+    :func:`memagent_jax.data.tokenizer.token_counter` for what it may be)."""
+    counter: TokenCounter = token_counter(tokenizer)
+    task_rng = random.Random(_derive_seed("task", config.task, config.seed, index, config.resolved_distractors, config.resolved_hops, config.num_values, config.num_queries))
+    if config.task.startswith("niah"):
+        question, answers, drafts = _niah(config, task_rng)
+    elif config.task == "variable_tracking":
+        question, answers, drafts = _variable_tracking(config, task_rng)
+    else:
+        question, answers, drafts = _multihop(config, task_rng)
+
+    fact_tokens = [counter(d.text) for d in drafts]
+    budget = config.num_tokens - sum(fact_tokens)
+    if budget < 0:
+        raise ValueError(f"the facts alone take {sum(fact_tokens)} tokens, more than num_tokens={config.num_tokens}")
+    place_rng = random.Random(_derive_seed("place", config.task, config.seed, index))
+    offsets = _place(config, drafts, budget, place_rng)
+
+    # Plan the filler: whole sentences while they fit, then one truncated sentence.
+    filler_seed = _derive_seed("filler", config.task, config.seed, index)
+    rng = random.Random(filler_seed)
+    order = sorted(range(len(drafts)), key=lambda i: (offsets[i], i))
+    insert_at = [0] * len(drafts)
+    filler_before = [0] * len(drafts)
+    k = 0
+    used = 0
+    full = 0
+    partial = 0
+    period = counter(".")
+    while True:
+        while k < len(order) and offsets[order[k]] <= used:
+            insert_at[order[k]] = full
+            filler_before[order[k]] = used
+            k += 1
+        units = _sentence_units(rng)
+        counts = [counter(u) for u in units]
+        size = sum(counts) + period
+        if used + size <= budget:
+            used += size
+            full += 1
+            continue
+        # Truncate: the longest prefix of words that still fits with its full stop, if any.
+        room = budget - used - period
+        n = 0
+        acc = 0
+        while n < len(counts) and acc + counts[n] <= room:
+            acc += counts[n]
+            n += 1
+        if n > 0:
+            partial = n
+            used += acc + period
+        break
+    end = full + (1 if partial else 0)
+    while k < len(order):
+        insert_at[order[k]] = end
+        filler_before[order[k]] = used
+        k += 1
+
+    # Document order of facts and their token offsets.
+    fact_order = sorted(range(len(drafts)), key=lambda i: (insert_at[i], offsets[i], i))
+    facts: list[Fact] = []
+    final_insert: list[int] = []
+    inserted = 0
+    for i in fact_order:
+        offset = filler_before[i] + inserted
+        facts.append(Fact(drafts[i].text, drafts[i].role, offset, fact_tokens[i], drafts[i].triple))
+        final_insert.append(insert_at[i])
+        inserted += fact_tokens[i]
+    metric, reward_style = _TASK_METRIC[config.task]
+    return SyntheticSample(
+        task=config.task,
+        index=int(index),
+        question=question,
+        answers=tuple(answers),
+        facts=tuple(facts),
+        num_tokens=used + sum(fact_tokens),
+        metric=metric,
+        reward_style=reward_style,
+        config=config,
+        _plan=_Plan(filler_seed, full, partial, tuple(final_insert)),
+    )
+
+
+def generate_samples(config: SyntheticConfig, num_samples: int, tokenizer, *, start: int = 0) -> Iterator[SyntheticSample]:
+    """Yield samples ``start .. start + num_samples - 1`` of ``config``."""
+    counter = token_counter(tokenizer)
+    for i in range(start, start + num_samples):
+        yield generate_sample(config, i, counter)
+
+
+class SyntheticDataset(Sequence[SyntheticSample]):
+    """``num_samples`` samples of ``config`` as a random-access sequence (generated on access).
+
+    Usable as the source of :class:`~memagent_jax.data.iterator.ShardedIterator` or of
+    :func:`~memagent_jax.data.tfds_builder.build_arrayrecord`.
+    """
+
+    def __init__(self, config: SyntheticConfig, tokenizer, num_samples: int):
+        self.config = config
+        self.counter = token_counter(tokenizer)
+        self.num_samples = int(num_samples)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        return generate_sample(self.config, i, self.counter)
+
+    def records(self) -> Iterator[QARecord]:
+        """Every sample as a materialised :class:`QARecord`."""
+        for i in range(len(self)):
+            yield self[i].to_record()
+
+
+# ---------------------------------------------------------------------------------------------
+# Texts for training a tokenizer that covers the synthetic tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def whitespace_counter(text: str) -> int:
+    """A tokenizer-free length measure (whitespace-separated words); for drafts and corpora."""
+    return len(text.split())
+
+
+def vocabulary_texts() -> list[str]:
+    """Strings covering every word, syllable, template and digit the generators can emit."""
+    texts = []
+    for words in (_ADJECTIVES, _NOUNS, _VERBS, _PREPOSITIONS, _TIMES, _PEOPLE, _ACTIONS, _KEY_COLOURS, _KEY_CREATURES):
+        texts.append(" ".join(words) + ".")
+    for t in _TEMPLATES:
+        texts.append(" " + " ".join(w if w not in _SLOTS else _SLOTS[w][0] for w in t) + ".")
+    texts.append(" ".join(s.capitalize() for s in _SYLLABLES))
+    texts.append(" ".join(_SYLLABLES))
+    texts.append(" ".join(_COMPANY_SUFFIXES))
+    texts.append(" ".join(_LETTERS))
+    texts.append(" 0 1 2 3 4 5 6 7 8 9")
+    texts.append(" The secret number for amber falcon is 1234567. What is the secret number for amber falcon?")
+    texts.append(" What are all the secret numbers for violet otter? What are the secret numbers for a, b and c?")
+    texts.append(" Let ABCDE be 12345. Let FGHJK be ABCDE. Which variables hold the value 12345, directly or through other variables?")
+    texts.extend(t.format(s="Kalo Mira", o="Venra") for t, _, _ in _RELATIONS)
+    texts.extend(q.format(p="Kalo Mira") for q in _MULTIHOP_QUESTIONS)
+    return texts
+
+
+def tokenizer_corpus(num_samples: int = 24, num_tokens: int = 400, seed: int = 0) -> Iterator[str]:
+    """Texts to train a tokenizer for the synthetic tasks (no tokenizer needed to make them).
+
+    :func:`vocabulary_texts` repeated, then ``num_samples`` small documents and questions of every
+    task (lengths measured in whitespace words).  Pass it, plus the agent's prompt texts, to
+    :func:`memagent_jax.data.tokenizer.train_tokenizer`.
+    """
+    vocab = vocabulary_texts()
+    for _ in range(8):
+        yield from vocab
+    for task in TASKS:
+        cfg = SyntheticConfig(task, num_tokens=num_tokens, seed=seed)
+        for sample in generate_samples(cfg, num_samples, whitespace_counter):
+            yield sample.question
+            yield sample.text()
+            yield " ".join(sample.answers)

@@ -1,0 +1,365 @@
+"""Rule-based answer verification: extraction, normalisation, metrics and the training reward.
+
+Everything the trainer rewards and every accuracy the evaluator reports is computed here, so the
+rules are spelled out in full:
+
+* **Extraction.**  :func:`extract_boxed` returns the content of the *last complete*
+  ``\\boxed{...}`` (or ``\\fbox{...}``) in a response, with nested braces matched.  "Last" means the
+  command that starts last among those whose opening brace is closed again; an unclosed
+  ``\\boxed{`` (a truncated generation) is skipped.  :func:`extract_answer_phrase` returns the rest
+  of the line after the last "the answer is" (any case).
+* **Normalisation** (:func:`normalize_answer`, SQuAD style): lower-case; delete punctuation (ASCII
+  punctuation and every Unicode punctuation character); delete the whole words "a", "an", "the";
+  collapse runs of whitespace to one space and strip.  It is idempotent.
+* **Metrics** against several ground truths take the maximum over the ground truths:
+  :func:`exact_match` (normalised strings equal), :func:`f1` (token-level F1 of the normalised
+  strings), :func:`sub_exact_match` (normalised gold is a substring of the normalised prediction
+  or the reverse; the QA "accuracy" of the reference work), and :func:`string_match_all` (fraction
+  of references contained case-insensitively in the prediction; the RULER metric for non-QA
+  tasks).  A prediction that normalises to the empty string scores 0 everywhere, and a ground
+  truth that normalises to the empty string never matches, so an empty answer can never be
+  "contained" in anything.
+* **Reward** (:func:`reward`): 1.0 or 0.0 from the final response only; no format bonus.  The
+  default style, ``"boxed_em"``, is the reference work's: the last boxed answer must equal a ground
+  truth after normalisation.  See :data:`REWARD_STYLES` for the others.
+
+The module imports nothing from JAX (only the standard library and numpy).  Every function
+accepts any ``str`` without raising, and runs in time linear in the length of its input, also on
+adversarial text such as a megabyte of braces or backslashes.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+import sys
+import unicodedata
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "REWARD_STYLES",
+    "METRICS",
+    "extract_boxed",
+    "extract_answer_phrase",
+    "extract_prediction",
+    "normalize_answer",
+    "exact_match",
+    "f1",
+    "sub_exact_match",
+    "string_match_all",
+    "score",
+    "reward",
+    "resolve_reward_style",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+# An opening command: "\boxed{" or "\fbox{", optionally with whitespace before the brace.  The
+# whitespace run is bounded by the next non-space character, so matching stays linear.
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)[ \t]*\{")
+
+_OPEN_BRACE = ord("{")
+_CLOSE_BRACE = ord("}")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Return the content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``.
+
+    Braces nest: ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``.  Among several boxed answers the
+    one that *starts* last wins (so ``\\boxed{a \\boxed{b}}`` gives ``b``).  A command whose brace is
+    never closed is ignored.  Escaped braces (``\\{``) count as braces, as in LaTeX source where they
+    come in pairs.  The content is returned unstripped; returns ``None`` when there is no complete
+    boxed answer or ``text`` is not a string.
+
+    Runs in linear time: all brace depths are computed in one vectorised pass, and the candidate
+    commands are examined with one segmented minimum (see the comments below).
+    """
+    if not isinstance(text, str) or ("\\boxed" not in text and "\\fbox" not in text):
+        return None
+    openers = [(m.start(), m.end() - 1) for m in _BOX_OPEN.finditer(text)]
+    if not openers:
+        return None
+    base = openers[0][0]
+    # Code points of the tail of the text from the first command on (utf-32 keeps indices = chars).
+    codes = np.frombuffer(text[base:].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    depth = np.cumsum((codes == _OPEN_BRACE).astype(np.int64) - (codes == _CLOSE_BRACE).astype(np.int64))
+    n = len(codes)
+    braces = np.fromiter((b - base for _, b in openers), dtype=np.int64, count=len(openers))
+    # The brace at position b is closed by the first q > b with depth[q] < depth[b].  Let j be the
+    # answer: the last command whose brace closes.  Every later brace never closes, and then j's
+    # brace must close before the next brace b_{j+1} (if it closed after it, depth would stay above
+    # depth[b_j] from b_{j+1} on, contradiction).  So it suffices to test each brace i for a close
+    # inside its own segment (b_i, b_{i+1}) (the last one: to the end of the text) and take the last
+    # i that passes: a pass means "really closes", and every brace after j fails.  The segment
+    # minima come from one reduceat over [b_i + 1, b_{i+1}) segments; the interleaved one-element
+    # segments [b_{i+1}, b_{i+1} + 1) are computed and discarded.  Segments are never empty except
+    # possibly the last one (a brace at the very end), where a sentinel makes the test fail.
+    depth_ext = np.concatenate([depth, [np.iinfo(np.int64).max]])
+    bounds = np.empty(2 * len(braces), dtype=np.int64)
+    bounds[0::2] = braces + 1
+    bounds[1::2] = np.concatenate([braces[1:], [n]])
+    seg_min = np.minimum.reduceat(depth_ext, bounds)[0::2]
+    closed = seg_min < depth[braces]
+    hits = np.flatnonzero(closed)
+    if len(hits) == 0:
+        return None
+    i = int(hits[-1])
+    b = int(braces[i])
+    seg_end = int(bounds[2 * i + 1])
+    q = b + 1 + int(np.argmax(depth[b + 1 : seg_end] < depth[b]))
+    return text[base + b + 1 : base + q]
+
+
+# "the answer is", any case, any whitespace between the words.
+_ANSWER_PHRASE = re.compile(r"the\s+answer\s+is", re.IGNORECASE)
+_PHRASE_STRIP = " \t\r\n:*\"'`"
+
+
+def extract_answer_phrase(text: str) -> str | None:
+    """Return the text after the last "the answer is" (any case), trimmed, or ``None``.
+
+    The answer runs to the end of that line.  Trimming removes surrounding whitespace, a leading
+    colon, markdown emphasis/quote characters and one trailing full stop.  Returns ``None`` when the
+    phrase does not occur or nothing is left after trimming.
+    """
+    if not isinstance(text, str):
+        return None
+    last = None
+    for last in _ANSWER_PHRASE.finditer(text):
+        pass
+    if last is None:
+        return None
+    rest = text[last.end() :]
+    newline = rest.find("\n")
+    if newline >= 0:
+        rest = rest[:newline]
+    rest = rest.strip(_PHRASE_STRIP)
+    if rest.endswith("."):
+        rest = rest[:-1].rstrip(_PHRASE_STRIP)
+    return rest or None
+
+
+#: Ways to turn a response into a prediction, for :func:`extract_prediction`.
+EXTRACTORS = ("boxed", "answer_phrase", "boxed_or_phrase", "boxed_or_raw", "raw")
+
+
+def extract_prediction(response: str, mode: str = "boxed") -> str | None:
+    """Extract the predicted answer from a model response.
+
+    ``mode``: ``"boxed"`` (last boxed answer), ``"answer_phrase"`` (after "the answer is"),
+    ``"boxed_or_phrase"`` (boxed, else the answer phrase), ``"boxed_or_raw"`` (boxed, else the
+    whole response) or ``"raw"`` (the whole response).  Returns ``None`` when nothing is found.
+    Raises ``ValueError`` for an unknown mode (a configuration error, not a model error).
+    """
+    if mode not in EXTRACTORS:
+        raise ValueError(f"unknown extraction mode {mode!r}; choose one of {EXTRACTORS}")
+    if not isinstance(response, str):
+        return None
+    if mode == "raw":
+        return response
+    if mode == "answer_phrase":
+        return extract_answer_phrase(response)
+    boxed = extract_boxed(response)
+    if boxed is not None or mode == "boxed":
+        return boxed
+    if mode == "boxed_or_phrase":
+        return extract_answer_phrase(response)
+    return response
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and metrics
+# ---------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCT_TABLE: dict[int, None] | None = None
+
+
+def _punct_table() -> dict[int, None]:
+    """str.translate table deleting ASCII punctuation and all Unicode ``P*`` characters.
+
+    Built once, on first use (one pass over the code points, about 0.2 s).
+    """
+    global _PUNCT_TABLE
+    if _PUNCT_TABLE is None:
+        table = {ord(c): None for c in string.punctuation}
+        for cp in range(sys.maxunicode + 1):
+            if unicodedata.category(chr(cp))[0] == "P":
+                table[cp] = None
+        _PUNCT_TABLE = table
+    return _PUNCT_TABLE
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower-case, drop punctuation and articles, collapse spaces.
+
+    Punctuation is ASCII punctuation plus every Unicode character of a punctuation category
+    (``P*``), so curly quotes and dashes go too; symbols such as ``$`` ``+`` ``<`` are in the ASCII
+    set and go as well.  Articles are the whole words a/an/the.  Non-strings normalise to ``""``.
+
+    >>> normalize_answer("  The  Eiffel-Tower!")
+    'eiffeltower'
+    """
+    if not isinstance(text, str):
+        return ""
+    text = text.lower().translate(_punct_table())
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _as_list(ground_truths: str | Iterable[str] | None) -> list[str]:
+    """Accept one string or any iterable of strings (lists, tuples, numpy arrays)."""
+    if ground_truths is None:
+        return []
+    if isinstance(ground_truths, (str, bytes)):
+        ground_truths = [ground_truths]
+    out = []
+    try:
+        for g in ground_truths:
+            if isinstance(g, bytes):
+                g = g.decode("utf-8", "replace")
+            if g is not None:
+                out.append(g if isinstance(g, str) else str(g))
+    except TypeError:  # not iterable: a single scalar
+        out.append(str(ground_truths))
+    return out
+
+
+def exact_match(prediction: str | None, ground_truths: str | Iterable[str]) -> float:
+    """1.0 if the normalised prediction equals some normalised ground truth (non-empty), else 0.0."""
+    pred = normalize_answer(prediction) if prediction is not None else ""
+    if not pred:
+        return 0.0
+    return float(any(pred == normalize_answer(g) for g in _as_list(ground_truths)))
+
+
+def _f1_tokens(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
+    if not pred_tokens or not gold_tokens:
+        return 0.0
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred_tokens)
+    recall = same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1(prediction: str | None, ground_truths: str | Iterable[str]) -> float:
+    """Maximum over ground truths of the token-level F1 between normalised strings.
+
+    Tokens are the whitespace-separated words after :func:`normalize_answer`; the overlap counts
+    repeated words with multiplicity.  Example: "the red car" vs "a red bus" -> tokens
+    [red, car] vs [red, bus] -> P = R = 1/2 -> F1 = 0.5.
+    """
+    pred = normalize_answer(prediction) if prediction is not None else ""
+    if not pred:
+        return 0.0
+    pred_tokens = pred.split()
+    return max((_f1_tokens(pred_tokens, normalize_answer(g).split()) for g in _as_list(ground_truths)), default=0.0)
+
+
+def sub_exact_match(prediction: str | None, ground_truths: str | Iterable[str]) -> float:
+    """1.0 if a normalised ground truth is a substring of the normalised prediction or the reverse.
+
+    Both must be non-empty after normalisation.  Containment is on characters, as in the reference
+    evaluation, so "paris" matches "in paris france" and also "par".  This is the QA accuracy.
+    """
+    pred = normalize_answer(prediction) if prediction is not None else ""
+    if not pred:
+        return 0.0
+    for g in _as_list(ground_truths):
+        gold = normalize_answer(g)
+        if gold and (gold in pred or pred in gold):
+            return 1.0
+    return 0.0
+
+
+def string_match_all(prediction: str | None, references: str | Iterable[str]) -> float:
+    """Fraction of references contained in the prediction, case-insensitively (RULER non-QA metric).
+
+    Matching uses ``str.lower`` on both sides and no other normalisation.  An empty reference
+    never counts as contained; no references at all scores 0.0.
+    """
+    refs = _as_list(references)
+    if not refs or not isinstance(prediction, str):
+        return 0.0
+    pred = prediction.lower()
+    hits = sum(1 for r in refs if r and r.lower() in pred)
+    return hits / len(refs)
+
+
+#: Metric name -> function(prediction, ground_truths) -> float.
+METRICS = {
+    "em": exact_match,
+    "f1": f1,
+    "sub_em": sub_exact_match,
+    "string_match_all": string_match_all,
+}
+
+
+def score(response: str, ground_truths: str | Iterable[str], metric: str = "sub_em", extract: str = "boxed") -> float:
+    """Evaluation score of one response: extract a prediction (see :func:`extract_prediction`)
+    and apply ``metric`` (a key of :data:`METRICS`).  Nothing extracted scores 0.0."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {tuple(METRICS)}")
+    pred = extract_prediction(response, extract)
+    if pred is None:
+        return 0.0
+    return METRICS[metric](pred, ground_truths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward
+# ---------------------------------------------------------------------------------------------
+
+#: Reward styles: name -> (extraction mode, metric).  All rewards are 0.0 or 1.0.
+#:
+#: * ``boxed_em`` (default, the reference work's): last boxed answer, normalised exact match.
+#: * ``boxed_sub_em``: last boxed answer, normalised substring match either way.
+#: * ``answer_phrase_em``: text after the last "the answer is", exact match.
+#: * ``any_em``: the boxed answer if there is one, else the answer phrase; exact match.
+#: * ``boxed_all``: the boxed answer contains every ground truth (case-insensitive); for tasks
+#:   whose answer is a set (multi-value needles, variable tracking).
+REWARD_STYLES = {
+    "boxed_em": ("boxed", "em"),
+    "boxed_sub_em": ("boxed", "sub_em"),
+    "answer_phrase_em": ("answer_phrase", "em"),
+    "any_em": ("boxed_or_phrase", "em"),
+    "boxed_all": ("boxed", "all"),
+}
+
+
+def reward(response: str, ground_truths: str | Iterable[str], style: str = "boxed_em") -> float:
+    """Training reward of one final response: 1.0 if correct under ``style``, else 0.0.
+
+    No answer found gives 0.0.  ``style`` is a key of :data:`REWARD_STYLES`; an unknown style raises
+    ``ValueError`` (configuration error).  Never raises for any ``response``.
+    """
+    if style not in REWARD_STYLES:
+        raise ValueError(f"unknown reward style {style!r}; choose one of {tuple(REWARD_STYLES)}")
+    mode, metric = REWARD_STYLES[style]
+    pred = extract_prediction(response, mode)
+    if pred is None:
+        return 0.0
+    if metric == "all":
+        return 1.0 if string_match_all(pred, ground_truths) == 1.0 else 0.0
+    return METRICS[metric](pred, ground_truths)
+
+
+def resolve_reward_style(style: str | None, default: str = "boxed_em") -> str:
+    """The reward style to use for a record whose data names ``style``.
+
+    Training files carry ``reward_model.style``; the reference files say ``"rule"``, which means
+    the default rule (``default``).  A style that names one of :data:`REWARD_STYLES` (as synthetic
+    data does, e.g. ``"boxed_all"`` for multi-answer tasks) is used as given.
+    """
+    if style in REWARD_STYLES:
+        return style
+    if default not in REWARD_STYLES:
+        raise ValueError(f"unknown reward style {default!r}; choose one of {tuple(REWARD_STYLES)}")
+    return default

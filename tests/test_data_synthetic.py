@@ -1,0 +1,263 @@
+"""Tests of the RULER-style synthetic tasks (memagent_jax.data.synthetic)."""
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from memagent_jax.data import synthetic as S
+from memagent_jax.data import tokenizer as T
+from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    folder = T.train_tokenizer(S.tokenizer_corpus(), tmp_path_factory.mktemp("tok"), vocab_size=1024)
+    return T.load_tokenizer(folder)
+
+
+@pytest.fixture(scope="module")
+def small_tok(tmp_path_factory):
+    """A tokenizer with few merges: most words are several tokens (tests additivity, not luck)."""
+    folder = T.train_tokenizer(S.tokenizer_corpus(num_samples=4), tmp_path_factory.mktemp("tok_small"), vocab_size=300)
+    return T.load_tokenizer(folder)
+
+
+def n_tokens(tok, text):
+    return len(tok.encode(text, add_special_tokens=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", S.TASKS)
+def test_deterministic_for_a_seed(tok, task):
+    cfg = SyntheticConfig(task, num_tokens=800, seed=5)
+    a, b = generate_sample(cfg, 3, tok), generate_sample(cfg, 3, tok)
+    assert a.text() == b.text() and a.question == b.question and a.answers == b.answers and a.facts == b.facts
+    other_seed = generate_sample(cfg.replace(seed=6), 3, tok)
+    other_index = generate_sample(cfg, 4, tok)
+    assert other_seed.text() != a.text() and other_index.text() != a.text()
+
+
+def test_deterministic_across_processes_and_hash_seeds():
+    code = (
+        "import hashlib; from memagent_jax.data.synthetic import *; "
+        "s = generate_sample(SyntheticConfig('multihop_qa', 3000, seed=2), 7, whitespace_counter); "
+        "print(hashlib.sha256((s.question + '|' + '|'.join(s.answers) + '|' + s.text()).encode()).hexdigest())"
+    )
+    digests = set()
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, cwd=os.getcwd())
+        digests.add(out.stdout.strip())
+    s = generate_sample(SyntheticConfig("multihop_qa", 3000, seed=2), 7, S.whitespace_counter)
+    digests.add(hashlib.sha256((s.question + "|" + "|".join(s.answers) + "|" + s.text()).encode()).hexdigest())
+    assert len(digests) == 1
+
+
+def test_question_and_answers_do_not_depend_on_length(tok):
+    for task in S.TASKS:
+        cfg = SyntheticConfig(task, num_tokens=600, seed=1)
+        short, long = generate_sample(cfg, 2, tok), generate_sample(cfg.replace(num_tokens=5000), 2, tok)
+        assert (short.question, short.answers) == (long.question, long.answers)
+
+
+# ---------------------------------------------------------------------------------------------
+# lengths
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", S.TASKS)
+@pytest.mark.parametrize("num_tokens", [300, 1000, 4000])
+def test_length_within_two_percent(tok, small_tok, task, num_tokens):
+    for tk, target in ((tok, num_tokens), (small_tok, max(num_tokens, 600))):
+        for index in range(3):
+            s = generate_sample(SyntheticConfig(task, num_tokens=target, seed=index), index, tk)
+            real = n_tokens(tk, s.text())
+            assert abs(real - target) <= 0.02 * target, (task, target, real)
+            assert real == s.num_tokens  # the plan's count is exact for these tokenizers
+
+
+def test_facts_longer_than_target_rejected(tok):
+    with pytest.raises(ValueError, match="facts alone"):
+        generate_sample(SyntheticConfig("niah_multikey", num_tokens=30, num_distractors=10), 0, tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# answers present where stated, absent elsewhere
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", S.TASKS)
+def test_answers_only_inside_answer_facts(tok, task):
+    for index in range(5):
+        s = generate_sample(SyntheticConfig(task, num_tokens=1500, seed=9), index, tok)
+        text = s.text().lower()
+        answer_facts = [i for i, f in enumerate(s.facts) if f.role == "answer"]
+        assert answer_facts
+        for ans in s.answers:
+            assert ans.lower() in text
+            stating = [f for f in s.facts if ans.lower() in f.text.lower()]
+            assert stating and all(f.role == "answer" for f in stating)
+            # everything outside the answer facts: filler, support and distractors
+            assert ans.lower() not in s.text(omit=answer_facts).lower()
+        assert all(f.text in s.text() for f in s.facts)
+
+
+def test_niah_shapes(tok):
+    s = generate_sample(SyntheticConfig("niah_single", 500), 0, tok)
+    assert len(s.answers) == 1 and len(s.facts) == 1 and re.fullmatch(r"\d{7}", s.answers[0])
+    mk = generate_sample(SyntheticConfig("niah_multikey", 800, num_distractors=5), 0, tok)
+    assert sum(f.role == "distractor" for f in mk.facts) == 5 and len(mk.answers) == 1
+    keys = [f.triple[0] for f in mk.facts]
+    assert len(set(keys)) == 6
+    mv = generate_sample(SyntheticConfig("niah_multivalue", 800, num_values=3), 0, tok)
+    assert len(mv.answers) == 3 and len({f.triple[0] for f in mv.facts}) == 1
+    mq = generate_sample(SyntheticConfig("niah_multiquery", 800, num_queries=3), 0, tok)
+    assert len(mq.answers) == 3 and all(f.triple[0] in mq.question for f in mq.facts)
+    assert {mq.metric, mq.reward_style} == {"string_match_all", "boxed_all"}
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
+def test_needle_depth(tok, depth):
+    s = generate_sample(SyntheticConfig("niah_single", 4000, depth=depth), 0, tok)
+    (fact,) = s.facts
+    assert abs(fact.token_offset - depth * (s.num_tokens - fact.num_tokens)) <= 25  # one sentence
+    assert n_tokens(tok, s.text()[: s.text().index(fact.text)]) == fact.token_offset
+
+
+def test_variable_tracking_chain(tok):
+    s = generate_sample(SyntheticConfig("variable_tracking", 2000, hops=3, num_distractors=2), 1, tok)
+    assert len(s.answers) == 4
+    chain = [f for f in s.facts if f.role == "answer"]
+    assert len(chain) == 4 and sum(f.role == "distractor" for f in s.facts) == 8
+    # Statements come in assignment order, and following them from the value reaches every answer.
+    value = re.search(r"value (\d+)", s.question).group(1)
+    holding = {value}
+    for m in re.finditer(r"Let ([A-Z]{5}) be ([A-Z]{5}|\d+)\.", s.text()):
+        if m.group(2) in holding:
+            holding.add(m.group(1))
+    assert holding - {value} == set(s.answers)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-hop: the answer needs every hop fact, from different chunks
+# ---------------------------------------------------------------------------------------------
+
+_PATTERNS = [re.compile(t.replace(".", r"\.").replace("{s}", r"(?P<s>[A-Z][a-z]+(?: [A-Z][a-z]+)?)").replace("{o}", r"(?P<o>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")) for t, _, _ in S._RELATIONS]
+
+
+def resolve(text: str, person: str, hops: int):
+    """Follow the relations through the text from the person; None if any hop is missing."""
+    entity = person
+    for h in range(hops):
+        found = [m.group("o") for m in _PATTERNS[h].finditer(text) if m.group("s") == entity]
+        if len(found) != 1:
+            return None
+        entity = found[0]
+    return entity
+
+
+@pytest.mark.parametrize("hops", [1, 2, 3, 4])
+def test_multihop_needs_every_fact(tok, hops):
+    for index in range(4):
+        s = generate_sample(SyntheticConfig("multihop_qa", 2500, hops=hops, num_distractors=3), index, tok)
+        person = re.search(r"(?:does|that) ([A-Z][a-z]+ [A-Z][a-z]+) work", s.question).group(1)
+        text = s.text()
+        assert resolve(text, person, hops) == s.answers[0]
+        needed = [i for i, f in enumerate(s.facts) if f.role in ("answer", "support")]
+        assert len(needed) == hops
+        for i in needed:  # drop any one hop fact: the answer cannot be reached
+            assert resolve(s.text(omit=[i]), person, hops) is None
+        # the person is only in the first hop, the answer only in the last
+        assert sum(person in f.text for f in s.facts) == 1 and text.count(person) == 1
+        assert text.count(s.answers[0]) == 1
+        assert sum(f.role == "distractor" for f in s.facts) == 3 * hops
+
+
+@pytest.mark.parametrize("task,hops", [("multihop_qa", 2), ("multihop_qa", 3), ("variable_tracking", 4)])
+def test_needed_facts_in_different_chunks(tok, task, hops):
+    chunk = 128
+    for index in range(4):
+        s = generate_sample(SyntheticConfig(task, 2000, hops=hops, chunk_tokens=chunk), index, tok)
+        text = s.text()
+        offsets = []
+        for f in s.facts:
+            measured = n_tokens(tok, text[: text.index(f.text)])
+            assert measured == f.token_offset
+            if f.role != "distractor":
+                offsets.append(measured)
+        offsets.sort()
+        assert all(b - a >= chunk for a, b in zip(offsets, offsets[1:]))
+        assert len({o // chunk for o in offsets}) == len(offsets)  # no chunk holds two of them
+
+
+def test_chunk_gap_impossible_rejected(tok):
+    with pytest.raises(ValueError, match="cannot be 500 tokens apart"):
+        generate_sample(SyntheticConfig("multihop_qa", 1000, hops=3, chunk_tokens=500), 0, tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# laziness and token streaming
+# ---------------------------------------------------------------------------------------------
+
+
+def test_token_chunks_match_whole_encoding(tok):
+    s = generate_sample(SyntheticConfig("niah_multikey", 3000), 1, tok)
+    ids = tok.encode(s.text(), add_special_tokens=False)
+    chunks = list(s.token_chunks(tok, 256))
+    assert [len(c) for c in chunks[:-1]] == [256] * (len(chunks) - 1)
+    assert sum(chunks, []) == ids
+    blocks = list(s.token_ids(tok, block_chars=1000))
+    assert len(blocks) > 5 and sum(blocks, []) == ids
+
+
+def test_large_document_is_lazy_and_fast(tok):
+    t0 = time.perf_counter()
+    s = generate_sample(SyntheticConfig("multihop_qa", 300_000, seed=1), 0, tok)
+    total_chars = longest = 0
+    for piece in s.pieces():
+        total_chars += len(piece)
+        longest = max(longest, len(piece))
+    elapsed = time.perf_counter() - t0
+    assert longest < 200 and total_chars > 1_000_000
+    assert elapsed < 10, elapsed
+    assert s.num_tokens == 300_000
+
+
+@pytest.mark.slow
+def test_four_million_tokens_streamed(tok):
+    s = generate_sample(SyntheticConfig("niah_single", 4_000_000, depth=0.75), 0, tok)
+    found_at = None
+    count = 0
+    for piece in s.pieces():
+        if s.answers[0] in piece:
+            found_at = count
+        count += 1
+    assert found_at is not None and abs(found_at / count - 0.75) < 0.01
+    assert s.num_tokens == 4_000_000
+
+
+def test_dataset_and_records(tok):
+    ds = S.SyntheticDataset(SyntheticConfig("niah_single", 400, seed=3), tok, 5)
+    assert len(ds) == 5 and ds[-1].index == 4
+    rec = ds[2].to_record()
+    assert rec.document == ds[2].text() and rec.answers == ds[2].answers and rec.index == 2
+    assert rec.extra["task"] == "niah_single" and rec.data_source == "synthetic_niah_single"
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        SyntheticConfig("nope", 100)
+    with pytest.raises(ValueError):
+        SyntheticConfig("niah_single", 100, depth=1.5)
+    with pytest.raises(ValueError):
+        SyntheticConfig("multihop_qa", 100, hops=5)
