@@ -177,3 +177,21 @@ def describe_sharding(params, mesh: Mesh, rules: Mapping[str, Any] | None = None
         spec = logical_to_spec(names, leaf.shape, mesh, rules)
         lines.append(f"{'/'.join(key):32s} {str(tuple(leaf.shape)):26s} {str(names):44s} {spec}")
     return lines
+
+
+def kv_cache_shardings(config, mesh: Mesh, batch: int, slots: int, rules: Mapping[str, Any] | None = None):
+    """A `KVCache` of `NamedSharding`s: rows over the batch axes, KV heads over 'tensor' where they divide."""
+    from memagent_jax.models.transformer import KVCache
+
+    kv_shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
+    kv = NamedSharding(mesh, logical_to_spec(("layer", "batch", "kv_heads", "seq", "head_dim"), kv_shape, mesh,
+                                             rules))
+    rows = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (batch, slots), mesh, rules))
+    return KVCache(k=kv, v=kv, positions=rows, valid=rows, length=NamedSharding(mesh, P()))
+
+
+def batch_multiple(mesh: Mesh | None) -> int:
+    """Batch sizes must be a multiple of this to shard rows over ('data', 'fsdp')."""
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))

@@ -1,0 +1,254 @@
+"""The memory agent's compiled programs: prefix prefill, the chunk scan, and the final answer.
+
+Static prompt layout of a memory-update step (U = the update template's literal token pieces):
+
+    [U0][question: Q slots][U1] | [memory: M slots][U2][chunk: C slots][U3] | [M slots for the new memory]
+    \\_______ prefix _______/     \\______________ rest _______________/
+
+The prefix (chat header, instruction, question) depends only on the document, so it is prefilled once
+per document; every chunk step rewinds the KV cache to the end of the prefix, prefills the rest and
+decodes up to M new tokens. Pads are masked and positions count real tokens only, so every step computes
+exactly what the unpadded prompt would.
+
+Programs (pure functions; the host driver in `agent.runner` jits them with donated caches):
+
+    prefill_prefix(params, spec, question, question_len, cache) -> PrefixState
+    run_segment(params, spec, cache, prefix, memory, memory_len, chunks, chunk_lens, row_keys, first_step)
+        -> (cache, memory, memory_len, SegmentRecord)      # lax.scan over S chunks
+    final_answer(params, spec, question, question_len, memory, memory_len, row_keys, cache, active)
+        -> (FinalRecord, cache)
+
+Shapes: B documents, Q/M/C/A budgets (question, memory, chunk, answer), S chunks per segment,
+R = rest length, P0 = prefix length, F = final prompt length.
+
+Randomness: chunk step k of row b draws with key fold_in(fold_in(row_keys[b], 0), k) (and the sampler
+folds in the token index); the final answer uses fold_in(row_keys[b], 1). A row's output never depends
+on its batch mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from memagent_jax.agent.chunking import AgentBudgets
+from memagent_jax.agent.templates import AgentPrompts
+from memagent_jax.models.config import ModelConfig
+from memagent_jax.models.transformer import KVCache, rewind_cache
+from memagent_jax.sampling.params import SamplingParams
+from memagent_jax.sampling.sampler import decode, prefill, reset_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSpec:
+    """Everything static about an agent program (hashable: a jit static argument)."""
+
+    config: ModelConfig
+    budgets: AgentBudgets
+    prompts: AgentPrompts
+    memory_sampling: SamplingParams  # max_new_tokens == budgets.memory_tokens
+    answer_sampling: SamplingParams  # max_new_tokens == budgets.answer_tokens
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.memory_sampling.max_new_tokens != self.budgets.memory_tokens:
+            raise ValueError(f"memory_sampling.max_new_tokens ({self.memory_sampling.max_new_tokens}) must equal "
+                             f"budgets.memory_tokens ({self.budgets.memory_tokens})")
+        if self.answer_sampling.max_new_tokens != self.budgets.answer_tokens:
+            raise ValueError(f"answer_sampling.max_new_tokens ({self.answer_sampling.max_new_tokens}) must equal "
+                             f"budgets.answer_tokens ({self.budgets.answer_tokens})")
+        if len(self.prompts.initial_memory) > self.budgets.memory_tokens:
+            raise ValueError(f"the initial memory has {len(self.prompts.initial_memory)} tokens, more than "
+                             f"budgets.memory_tokens ({self.budgets.memory_tokens})")
+
+    @property
+    def prefix_length(self) -> int:
+        u = self.prompts.update.pieces
+        return len(u[0]) + self.budgets.question_tokens + len(u[1])
+
+    @property
+    def rest_length(self) -> int:
+        u = self.prompts.update.pieces
+        return self.budgets.memory_tokens + len(u[2]) + self.budgets.chunk_tokens + len(u[3])
+
+    @property
+    def update_cache_slots(self) -> int:
+        return self.prefix_length + self.rest_length + self.budgets.memory_tokens
+
+    @property
+    def final_length(self) -> int:
+        f = self.prompts.final.pieces
+        return sum(len(p) for p in f) + self.budgets.question_tokens + self.budgets.memory_tokens
+
+    @property
+    def final_cache_slots(self) -> int:
+        return self.final_length + self.budgets.answer_tokens
+
+    def max_context(self) -> int:
+        """The longest position any step reaches (for checking against the model's context length)."""
+        return max(self.update_cache_slots, self.final_cache_slots)
+
+
+class PrefixState(NamedTuple):
+    """Per-document prefix: cache holds it at slots [0, P0); next_positions [B]; tokens/mask [B, P0]."""
+
+    cache: KVCache
+    next_positions: jax.Array
+    tokens: jax.Array
+    mask: jax.Array
+
+
+class SegmentRecord(NamedTuple):
+    """What each chunk step of a segment produced, stacked [B, S, ...].
+
+    rest_tokens / rest_mask [B, S, R]: the step's prompt after the prefix (memory, chunk, template pieces).
+    response [B, S, M]: sampled ids (stop token included; pad after). response_len [B, S]: their count.
+    logprobs [B, S, M]: log-probs under the model's unmodified distribution. active [B, S]: the step ran.
+    memory_len [B, S]: length of the new memory (the response without its stop token).
+    """
+
+    rest_tokens: jax.Array
+    rest_mask: jax.Array
+    response: jax.Array
+    response_len: jax.Array
+    logprobs: jax.Array
+    active: jax.Array
+    memory_len: jax.Array
+
+
+class FinalRecord(NamedTuple):
+    """The final step: prompt tokens/mask [B, F]; answer ids [B, A]; answer_len [B]; finished [B];
+    logprobs [B, A]."""
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    answer: jax.Array
+    answer_len: jax.Array
+    finished: jax.Array
+    logprobs: jax.Array
+
+
+def _slot_mask(lengths: jax.Array, size: int) -> jax.Array:
+    return jnp.arange(size, dtype=jnp.int32)[None, :] < lengths[:, None]
+
+
+def assemble(parts: Sequence, batch: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """Concatenates literal pieces and padded slots into a static-shape prompt.
+
+    parts: each either a tuple of literal token ids (shared by every row) or (ids [B, n], lengths [B]).
+    Returns (tokens [B, P] int32, mask [B, P] bool), pads set to `pad_id` and masked out.
+    """
+    tokens, masks = [], []
+    for part in parts:
+        if isinstance(part, tuple) and (not part or isinstance(part[0], int)):
+            if not part:
+                continue
+            tokens.append(jnp.broadcast_to(jnp.asarray(part, jnp.int32), (batch, len(part))))
+            masks.append(jnp.ones((batch, len(part)), bool))
+        else:
+            ids, lengths = part
+            mask = _slot_mask(lengths, ids.shape[1])
+            tokens.append(jnp.where(mask, ids.astype(jnp.int32), pad_id))
+            masks.append(mask)
+    return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1)
+
+
+def _memory_from_response(response: jax.Array, response_len: jax.Array, finished: jax.Array, pad_id: int):
+    """New memory = the sampled ids without the stop token: ids [B, M], length [B]."""
+    memory_len = response_len - finished.astype(jnp.int32)
+    memory = jnp.where(_slot_mask(memory_len, response.shape[1]), response, pad_id)
+    return memory, memory_len
+
+
+def prefill_prefix(params, spec: AgentSpec, question: jax.Array, question_len: jax.Array,
+                   cache: KVCache) -> PrefixState:
+    """Writes [U0][question][U1] for every row into slots [0, P0) of a reset cache.
+
+    question: [B, Q] int32 (right-padded), question_len: [B] int32.
+    """
+    u = spec.prompts.update.pieces
+    batch = question.shape[0]
+    tokens, mask = assemble([u[0], (question, question_len), u[1]], batch, spec.pad_id)
+    pre = prefill(params, spec.config, tokens, mask, reset_cache(cache))
+    return PrefixState(cache=pre.cache, next_positions=pre.next_positions, tokens=tokens, mask=mask)
+
+
+def memory_step(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: jax.Array, memory: jax.Array,
+                memory_len: jax.Array, chunk: jax.Array, chunk_len: jax.Array, keys: jax.Array):
+    """One chunk step for every row: rest prompt -> new memory.
+
+    memory [B, M], memory_len [B], chunk [B, C], chunk_len [B] (0 = this row has no chunk here: it keeps
+    its memory and nothing is sampled), keys [B]. Returns (cache, memory, memory_len, per-step record).
+    """
+    u = spec.prompts.update.pieces
+    batch = memory.shape[0]
+    active = chunk_len > 0
+    rest_tokens, rest_mask = assemble([(memory, memory_len), u[2], (chunk, chunk_len), u[3]], batch, spec.pad_id)
+    cache = rewind_cache(cache, spec.prefix_length)
+    pre = prefill(params, spec.config, rest_tokens, rest_mask, cache, start_positions=prefix_next_positions)
+    out = decode(params, spec.config, pre.cache, pre.last_logits, pre.next_positions, keys, spec.memory_sampling,
+                 active)
+    new_memory, new_len = _memory_from_response(out.tokens, out.num_tokens, out.finished, spec.pad_id)
+    memory = jnp.where(active[:, None], new_memory, memory)
+    memory_len = jnp.where(active, new_len, memory_len)
+    record = (rest_tokens, rest_mask, out.tokens, out.num_tokens, out.logprobs, active, memory_len)
+    return out.cache, memory, memory_len, record
+
+
+def step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
+    """[B] keys of chunk step `step` (global index within the document)."""
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, 0), step))(row_keys)
+
+
+def final_keys(row_keys: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(row_keys)
+
+
+def run_segment(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: jax.Array, memory: jax.Array,
+                memory_len: jax.Array, chunks: jax.Array, chunk_lens: jax.Array, row_keys: jax.Array,
+                first_step: jax.Array):
+    """A `lax.scan` over S chunk steps.
+
+    chunks [B, S, C] int32, chunk_lens [B, S] (0 = no chunk), row_keys [B], first_step [] int32 (global
+    index of this segment's first chunk). Returns (cache, memory, memory_len, SegmentRecord [B, S, ...]).
+    """
+
+    def body(carry, xs):
+        cache, memory, memory_len = carry
+        chunk, chunk_len, step = xs
+        cache, memory, memory_len, record = memory_step(params, spec, cache, prefix_next_positions, memory,
+                                                        memory_len, chunk, chunk_len,
+                                                        step_keys(row_keys, step))
+        return (cache, memory, memory_len), record
+
+    segment = chunks.shape[1]
+    xs = (jnp.swapaxes(chunks, 0, 1), jnp.swapaxes(chunk_lens, 0, 1),
+          first_step + jnp.arange(segment, dtype=jnp.int32))
+    (cache, memory, memory_len), stacked = jax.lax.scan(body, (cache, memory, memory_len), xs)
+    record = SegmentRecord(*(jnp.swapaxes(a, 0, 1) for a in stacked))
+    return cache, memory, memory_len, record
+
+
+def final_answer(params, spec: AgentSpec, question: jax.Array, question_len: jax.Array, memory: jax.Array,
+                 memory_len: jax.Array, row_keys: jax.Array, cache: KVCache,
+                 active: jax.Array) -> tuple[FinalRecord, KVCache]:
+    """[F0][question][F1][memory][F2] -> answer of up to A tokens. cache: >= F + A slots (reset here; returned
+    for reuse)."""
+    f = spec.prompts.final.pieces
+    batch = question.shape[0]
+    tokens, mask = assemble([f[0], (question, question_len), f[1], (memory, memory_len), f[2]], batch, spec.pad_id)
+    pre = prefill(params, spec.config, tokens, mask, reset_cache(cache))
+    out = decode(params, spec.config, pre.cache, pre.last_logits, pre.next_positions, final_keys(row_keys),
+                 spec.answer_sampling, active)
+    return FinalRecord(prompt_tokens=tokens, prompt_mask=mask, answer=out.tokens, answer_len=out.num_tokens,
+                       finished=out.finished, logprobs=out.logprobs), out.cache
+
+
+# Jitted entry points (caches donated: one buffer per shape lives on device and is updated in place).
+prefix_program = jax.jit(prefill_prefix, static_argnames=("spec",), donate_argnames=("cache",))
+segment_program = jax.jit(run_segment, static_argnames=("spec",), donate_argnames=("cache",))
+final_program = jax.jit(final_answer, static_argnames=("spec",), donate_argnames=("cache",))
+

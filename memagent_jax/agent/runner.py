@@ -1,0 +1,289 @@
+"""Host driver of the memory agent: questions + documents in, answers (and traces / RL records) out.
+
+    agent = MemoryAgent(params, config, tokenizer, budgets=AgentBudgets(chunk_tokens=5000, ...))
+    result = agent.run(["Who ...?"], [open("book.txt").read()], rng=0, trace=True)
+    result.answers[0], result.traces[0]          # answer text, memory text after every chunk
+
+A document of any length runs as a sequence of segments of S chunks: the same compiled `segment_program`
+serves every segment of every document of the same batch size, so one compile covers every document
+length, and device memory holds only the current segment's chunks, the memory and one KV cache. Host
+memory holds the documents' token arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_truncate, num_chunks,
+                                         prepare_question, tokenize_document)
+from memagent_jax.agent.program import AgentSpec, final_program, prefix_program, segment_program
+from memagent_jax.agent.templates import AgentPrompts, AgentTemplates
+from memagent_jax.models import sharding as sharding_lib
+from memagent_jax.models.config import ModelConfig
+from memagent_jax.models.transformer import init_cache
+from memagent_jax.sampling.api import row_keys
+from memagent_jax.sampling.params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Conversation:
+    """One conversation of a trajectory: the exact prompt ids the model saw and what it sampled.
+
+    kind: 'memory' (chunk step `step`) or 'final'. response_ids include the stop token when one was
+    emitted; logprobs [len(response_ids)] are under the model's unmodified distribution.
+    """
+
+    kind: str
+    step: int
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    logprobs: np.ndarray
+
+
+@dataclasses.dataclass
+class AgentResult:
+    """Per input row: answer text and ids, whether the answer ended with a stop token, chunks read;
+    `traces[i]` the memory text after each chunk (when asked), `conversations[i]` the trajectory's
+    conversations (when recording for training)."""
+
+    answers: list[str]
+    answer_ids: list[list[int]]
+    finished: list[bool]
+    num_chunks: list[int]
+    traces: list[list[str]] | None = None
+    conversations: list[list[Conversation]] | None = None
+
+
+def default_stop_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
+    """EOS ids of the model config and the tokenizer (ChatML's <|im_end|> when the tokenizer has it)."""
+    ids = set(config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if isinstance(im_end, int) and im_end != unk and im_end >= 0:
+        ids.add(im_end)
+    return tuple(sorted(ids))
+
+
+class MemoryAgent:
+    """A memory agent over one model (params + config + tokenizer), optionally on a mesh.
+
+    Args:
+      params, config: the model (params sharded on `mesh` if one is given).
+      tokenizer: a Hugging Face tokenizer with a chat template.
+      budgets: token budgets (`AgentBudgets`).
+      templates: the prompt wording (`AgentTemplates`).
+      memory_sampling / answer_sampling: how memory updates / answers are sampled (temperature, top-p, ...);
+        `max_new_tokens`, stop ids and pad id are set from the budgets and the tokenizer. Default: greedy.
+      mesh: optional ('data', 'fsdp', 'tensor') mesh; rows are sharded over data x fsdp.
+      stop_token_ids: overrides the default stop ids (model + tokenizer EOS).
+    """
+
+    def __init__(self, params, config: ModelConfig, tokenizer, *, budgets: AgentBudgets = AgentBudgets(),
+                 templates: AgentTemplates = AgentTemplates(), memory_sampling: SamplingParams | None = None,
+                 answer_sampling: SamplingParams | None = None, mesh=None,
+                 stop_token_ids: Sequence[int] | None = None):
+        self.params = params
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        stops = tuple(stop_token_ids) if stop_token_ids is not None else default_stop_ids(tokenizer, config)
+        if not stops:
+            raise AgentInputError("no stop token: neither the model config nor the tokenizer names an EOS token; "
+                                  "pass stop_token_ids")
+        pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+        base_memory = memory_sampling or SamplingParams(temperature=0.0)
+        base_answer = answer_sampling or base_memory
+        self.spec = AgentSpec(
+            config=config,
+            budgets=budgets,
+            prompts=AgentPrompts.build(tokenizer, templates),
+            memory_sampling=base_memory.replace(max_new_tokens=budgets.memory_tokens, stop_token_ids=stops,
+                                                pad_id=pad),
+            answer_sampling=base_answer.replace(max_new_tokens=budgets.answer_tokens, stop_token_ids=stops,
+                                                pad_id=pad),
+            pad_id=pad,
+        )
+        if self.spec.max_context() > config.max_position_embeddings:
+            raise AgentInputError(
+                f"budgets need a context of {self.spec.max_context()} tokens (question {budgets.question_tokens} + "
+                f"memory {budgets.memory_tokens} + chunk {budgets.chunk_tokens} + templates + new tokens), more "
+                f"than the model's max_position_embeddings ({config.max_position_embeddings})")
+        self._caches: dict[tuple[str, int], object] = {}
+
+    @property
+    def budgets(self) -> AgentBudgets:
+        return self.spec.budgets
+
+    # ------------------------------------------------------------------------------------ inputs
+
+    def prepare(self, question: str, document: str | Iterable[str] | np.ndarray, *, source: str = "row 0"):
+        """(question ids, document ids) for one row, with errors naming `source`."""
+        q_ids = prepare_question(self.tokenizer, question, self.budgets, source=f"{source}: question")
+        if isinstance(document, np.ndarray):
+            doc_ids = document.astype(np.int32)
+            if doc_ids.size == 0:
+                raise AgentInputError(f"{source}: document: the document is empty")
+        else:
+            doc_ids = tokenize_document(self.tokenizer, document, source=f"{source}: document")
+        return q_ids, centre_truncate(doc_ids, self.budgets.max_document_tokens)
+
+    def _put(self, x, rank: int | None = None):
+        x = jnp.asarray(x)
+        if self.mesh is None:
+            return x
+        return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim if rank is None else rank, x.shape[0]))
+
+    def _cache(self, kind: str, batch: int, slots: int):
+        cache = self._caches.pop((kind, batch), None)
+        if cache is not None:
+            return cache
+        make = lambda: init_cache(self.config, batch, slots)  # noqa: E731
+        if self.mesh is None:
+            return jax.jit(make)()
+        return jax.jit(make, out_shardings=sharding_lib.kv_cache_shardings(self.config, self.mesh, batch, slots))()
+
+    # --------------------------------------------------------------------------------------- run
+
+    def run(self, questions: Sequence[str], documents: Sequence, rng=0, *, trace: bool = False,
+            record: bool = False, progress: bool = False) -> AgentResult:
+        """Runs the agent over a batch of (question, document) rows.
+
+        Args:
+          questions: B question strings.
+          documents: B documents: text, an iterable of text pieces, or a token id array.
+          rng: int seed, one PRNG key (row i uses fold_in(key, i)), or [B] keys.
+          trace: also return the memory text after every chunk.
+          record: also return every conversation (prompt ids, response ids, log-probs) for training.
+          progress: show a progress bar over chunks.
+        """
+        if len(questions) != len(documents):
+            raise AgentInputError(f"{len(questions)} questions but {len(documents)} documents")
+        if not questions:
+            raise AgentInputError("no rows to run")
+        rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
+        spec, b = self.spec, self.budgets
+        n = len(rows)
+        batch = -(-n // sharding_lib.batch_multiple(self.mesh)) * sharding_lib.batch_multiple(self.mesh)
+        keys = row_keys(rng, n)
+        if batch > n:
+            keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (batch - n,))])
+        question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
+        question_len = np.zeros((batch,), np.int32)
+        for i, (q, _) in enumerate(rows + [rows[0]] * (batch - n)):
+            question[i, :q.size] = q
+            question_len[i] = q.size
+        docs = [d for _, d in rows]
+        chunk_counts = [num_chunks(d.size, b.chunk_tokens) for d in docs]
+        segments = -(-max(chunk_counts) // b.chunks_per_segment)
+
+        memory = np.full((batch, b.memory_tokens), spec.pad_id, np.int32)
+        init = spec.prompts.initial_memory
+        memory[:, :len(init)] = init
+        memory_len = np.full((batch,), len(init), np.int32)
+
+        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        records = []
+        bar = _progress(sum(chunk_counts), progress)
+        with ctx:
+            keys_d = self._put(keys, 1)
+            question_d, question_len_d = self._put(question), self._put(question_len)
+            prefix = prefix_program(self.params, spec, question_d, question_len_d,
+                                    self._cache("update", batch, spec.update_cache_slots))
+            cache, memory_d, memory_len_d = prefix.cache, self._put(memory), self._put(memory_len)
+            for seg in range(segments):
+                chunks, chunk_lens = self._segment_chunks(docs, batch, seg)
+                cache, memory_d, memory_len_d, rec = segment_program(
+                    self.params, spec, cache, prefix.next_positions, memory_d, memory_len_d, self._put(chunks),
+                    self._put(chunk_lens), keys_d, jnp.int32(seg * b.chunks_per_segment))
+                if trace or record:
+                    records.append(jax.device_get(rec))
+                bar.update(int((chunk_lens[:n] > 0).sum()))
+            self._caches[("update", batch)] = cache
+            active = self._put(np.arange(batch) < n)
+            final, self._caches[("final", batch)] = final_program(
+                self.params, spec, question_d, question_len_d, memory_d, memory_len_d, keys_d,
+                self._cache("final", batch, spec.final_cache_slots), active)
+            final_host = jax.device_get(final)
+            prefix_host = jax.device_get((prefix.tokens, prefix.mask)) if record else None
+        bar.close()
+
+        answer_ids = [final_host.answer[i, :final_host.answer_len[i]].tolist() for i in range(n)]
+        stops = set(spec.answer_sampling.stop_token_ids)
+        texts = [self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+                 for ids in answer_ids]
+        result = AgentResult(answers=texts, answer_ids=answer_ids,
+                             finished=[bool(f) for f in final_host.finished[:n]], num_chunks=chunk_counts)
+        if trace:
+            result.traces = [self._trace(records, i, chunk_counts[i]) for i in range(n)]
+        if record:
+            result.conversations = [self._conversations(records, final_host, prefix_host, i, chunk_counts[i])
+                                    for i in range(n)]
+        return result
+
+    def _segment_chunks(self, docs: list[np.ndarray], batch: int, seg: int):
+        b = self.budgets
+        s, c = b.chunks_per_segment, b.chunk_tokens
+        chunks = np.full((batch, s, c), self.spec.pad_id, np.int32)
+        lens = np.zeros((batch, s), np.int32)
+        for i, doc in enumerate(docs):
+            for j in range(s):
+                start = (seg * s + j) * c
+                piece = doc[start:start + c]
+                chunks[i, j, :piece.size] = piece
+                lens[i, j] = piece.size
+        return chunks, lens
+
+    def _step_records(self, records, row: int, count: int):
+        s = self.budgets.chunks_per_segment
+        for k in range(count):
+            yield k, records[k // s], k % s
+
+    def _trace(self, records, row: int, count: int) -> list[str]:
+        out = []
+        for _, rec, j in self._step_records(records, row, count):
+            ids = rec.response[row, j, :rec.memory_len[row, j]]
+            out.append(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
+        return out
+
+    def _conversations(self, records, final, prefix, row: int, count: int) -> list[Conversation]:
+        prefix_ids = prefix[0][row][prefix[1][row]]
+        convs = []
+        for k, rec, j in self._step_records(records, row, count):
+            rest = rec.rest_tokens[row, j][rec.rest_mask[row, j]]
+            length = rec.response_len[row, j]
+            convs.append(Conversation(kind="memory", step=k, prompt_ids=np.concatenate([prefix_ids, rest]),
+                                      response_ids=rec.response[row, j, :length].copy(),
+                                      logprobs=rec.logprobs[row, j, :length].copy()))
+        length = final.answer_len[row]
+        convs.append(Conversation(kind="final", step=count,
+                                  prompt_ids=final.prompt_tokens[row][final.prompt_mask[row]],
+                                  response_ids=final.answer[row, :length].copy(),
+                                  logprobs=final.logprobs[row, :length].copy()))
+        return convs
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="chunk", desc="reading", dynamic_ncols=True)
