@@ -113,8 +113,8 @@ def _batch(args, agent) -> int:
                        "num_chunks": result.num_chunks[j], "finished": result.finished[j]}
                 if record.answers:
                     row["answers"] = list(record.answers)
-                    row["sub_em"] = verifier.score(result.answers[j], record.answers, "sub_em", "boxed_or_raw")
-                    row["em"] = verifier.score(result.answers[j], record.answers, "em", "boxed_or_raw")
+                    row["sub_em"] = verifier.score(result.answers[j], record.answers, "sub_em")
+                    row["em"] = verifier.score(result.answers[j], record.answers, "em")
                 if args.trace:
                     row["trace"] = result.traces[j]
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -86,7 +86,8 @@ class MemoryAgent:
       memory_sampling / answer_sampling: how memory updates / answers are sampled (temperature, top-p, ...);
         `max_new_tokens`, stop ids and pad id are set from the budgets and the tokenizer. Default: greedy.
       mesh: optional ('data', 'fsdp', 'tensor') mesh; rows are sharded over data x fsdp.
-      stop_token_ids: overrides the default stop ids (model + tokenizer EOS).
+      stop_token_ids: overrides the default stop ids (model + tokenizer EOS); () generates fixed-length
+        memories and answers (benchmarks).
     """
 
     def __init__(self, params, config: ModelConfig, tokenizer, *, budgets: AgentBudgets = AgentBudgets(),
@@ -97,10 +98,13 @@ class MemoryAgent:
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh
-        stops = tuple(stop_token_ids) if stop_token_ids is not None else default_stop_ids(tokenizer, config)
-        if not stops:
-            raise AgentInputError("no stop token: neither the model config nor the tokenizer names an EOS token; "
-                                  "pass stop_token_ids")
+        if stop_token_ids is None:
+            stops = default_stop_ids(tokenizer, config)
+            if not stops:
+                raise AgentInputError("no stop token: neither the model config nor the tokenizer names an EOS "
+                                      "token; pass stop_token_ids (an empty tuple = fixed-length generation)")
+        else:
+            stops = tuple(stop_token_ids)
         pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         base_memory = memory_sampling or SamplingParams(temperature=0.0)
         base_answer = answer_sampling or base_memory

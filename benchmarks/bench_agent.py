@@ -1,0 +1,202 @@
+"""Memory-agent benchmarks: chunk scan vs the same agent loop in transformers PyTorch; linear cost; compile.
+
+    python benchmarks/bench_agent.py                 # all parts (about 10 minutes on 2 CPU cores)
+    python benchmarks/bench_agent.py --part speed --quick
+    python benchmarks/bench_agent.py --part linear
+    python benchmarks/bench_agent.py --part compile
+
+speed:   document tokens/s of our jitted chunk scan and of the same agent loop written with transformers
+         (`model.generate` per chunk, greedy), same random weights, same budgets, fixed-length memory and
+         answer generation (no stop tokens) so both sides do the same work; tiny shape and Qwen2.5-0.5B's
+         shapes, f32, batch 1 (ours also at batch 4).
+linear:  per-document-token time and peak RSS from 4K to 256K document tokens (tiny shape, one process per
+         length), against the 4K figure.
+compile: compile time of the segment program, and the number of compiled programs after documents of
+         2, 8 and 64 chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+TINY = dict(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32)
+
+
+def _tokenizer(folder: str):
+    from memagent_jax.agent import AgentTemplates
+    from memagent_jax.data.synthetic import tokenizer_corpus
+    from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+
+    t = AgentTemplates()
+    texts = itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200), [t.memory_update, t.final_answer])
+    train_tokenizer(texts, folder, vocab_size=512)
+    return load_tokenizer(folder)
+
+
+def _agent(config, tokenizer, budgets, seed=0):
+    from memagent_jax.agent import MemoryAgent
+    from memagent_jax.models import init_params
+
+    params = init_params(config, seed)
+    return MemoryAgent(params, config, tokenizer, budgets=budgets, stop_token_ids=())
+
+
+def _torch_loop(model, agent, question: str, doc: np.ndarray) -> None:
+    import torch
+
+    from memagent_jax.agent.chunking import split_chunks
+
+    spec = agent.spec
+    q_ids = agent.prepare(question, doc)[0]
+    memory = list(spec.prompts.initial_memory)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        for chunk in split_chunks(doc, agent.budgets.chunk_tokens):
+            prompt = spec.prompts.update.assemble({"question": q_ids, "memory": memory, "chunk": chunk})
+            m = agent.budgets.memory_tokens
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=m, min_new_tokens=m, **kwargs)
+            memory = out[0, len(prompt):].tolist()
+        final = spec.prompts.final.assemble({"question": q_ids, "memory": memory})
+        a = agent.budgets.answer_tokens
+        model.generate(torch.tensor([final]), max_new_tokens=a, min_new_tokens=a, **kwargs)
+
+
+def bench_speed(quick: bool) -> None:
+    import torch
+    import transformers
+
+    from memagent_jax.agent import AgentBudgets
+    from memagent_jax.models import save_hf_checkpoint
+    from memagent_jax.models.presets import preset_config
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tmp = tempfile.mkdtemp()
+    tokenizer = _tokenizer(os.path.join(tmp, "tok"))
+    cases = [("tiny", preset_config("tiny", vocab_size=len(tokenizer), **TINY),
+              AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=64, answer_tokens=16,
+                           chunks_per_segment=4), 4096)]
+    if not quick:
+        cases.append(("qwen2.5-0.5b shapes",
+                      preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="float32"),
+                      AgentBudgets(question_tokens=32, chunk_tokens=256, memory_tokens=16, answer_tokens=8,
+                                   chunks_per_segment=4), 1024))
+    print("\n== document tokens/s: chunk scan vs transformers agent loop (greedy, fixed-length memory, f32) ==")
+    print(f"{'shape':<21} {'budgets C/M/A':>13} {'doc tokens':>10} {'ours b=1':>9} {'ours b=4':>9} "
+          f"{'torch b=1':>10} {'ours/torch (b=1)':>17}")
+    for name, config, budgets, doc_tokens in cases:
+        agent = _agent(config, tokenizer, budgets)
+        rng = np.random.default_rng(0)
+        docs = [rng.integers(3, len(tokenizer), doc_tokens).astype(np.int32) for _ in range(4)]
+        question = "Where is the red key?"
+        agent.run([question], docs[:1])  # compile
+        t0 = time.perf_counter()
+        agent.run([question], docs[:1])
+        ours1 = doc_tokens / (time.perf_counter() - t0)
+        agent.run([question] * 4, docs)  # compile batch 4
+        t0 = time.perf_counter()
+        agent.run([question] * 4, docs)
+        ours4 = 4 * doc_tokens / (time.perf_counter() - t0)
+        folder = os.path.join(tmp, name.replace(" ", "_"))
+        save_hf_checkpoint(agent.params, config, folder)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None
+        _torch_loop(model, agent, question, docs[0][:budgets.chunk_tokens])  # warm-up
+        t0 = time.perf_counter()
+        _torch_loop(model, agent, question, docs[0])
+        ref = doc_tokens / (time.perf_counter() - t0)
+        b = budgets
+        print(f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>13} {doc_tokens:>10} "
+              f"{ours1:>9.0f} {ours4:>9.0f} {ref:>10.0f} {ours1 / ref:>16.2f}x")
+        del agent, model
+
+
+def _linear_child(length: int) -> dict:
+    from memagent_jax.agent import AgentBudgets
+    from memagent_jax.models.presets import preset_config
+
+    tmp = tempfile.mkdtemp()
+    tokenizer = _tokenizer(os.path.join(tmp, "tok"))
+    config = preset_config("tiny", vocab_size=len(tokenizer), **TINY)
+    budgets = AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8,
+                           chunks_per_segment=8)
+    agent = _agent(config, tokenizer, budgets)
+    rng = np.random.default_rng(0)
+    agent.run(["Where?"], [rng.integers(3, len(tokenizer), 4096).astype(np.int32)])  # compile
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    doc = rng.integers(3, len(tokenizer), length).astype(np.int32)
+    t0 = time.perf_counter()
+    agent.run(["Where?"], [doc])
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(length=length, seconds=elapsed, us_per_token=elapsed / length * 1e6,
+                rss_growth_mb=(peak - base_rss) / 1024, doc_array_mb=doc.nbytes / 2**20)
+
+
+def bench_linear(lengths) -> None:
+    print("\n== linear cost: tiny shape, chunk 512, memory 32 (one process per length) ==")
+    print(f"{'doc tokens':>10} {'seconds':>8} {'us/token':>9} {'vs 4K':>7} {'peak RSS growth (MB)':>21} "
+          f"{'doc array (MB)':>15}")
+    first = None
+    for length in lengths:
+        out = subprocess.run([sys.executable, __file__, "--linear-child", str(length)], capture_output=True,
+                             text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        first = first or r["us_per_token"]
+        print(f"{length:>10} {r['seconds']:>8.2f} {r['us_per_token']:>9.1f} {r['us_per_token'] / first:>6.2f}x "
+              f"{r['rss_growth_mb']:>21.1f} {r['doc_array_mb']:>15.2f}")
+
+
+def bench_compile() -> None:
+    from memagent_jax.agent import AgentBudgets, program
+    from memagent_jax.models.presets import preset_config
+
+    tmp = tempfile.mkdtemp()
+    tokenizer = _tokenizer(os.path.join(tmp, "tok"))
+    config = preset_config("tiny", vocab_size=len(tokenizer), **TINY)
+    budgets = AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8,
+                           chunks_per_segment=4)
+    agent = _agent(config, tokenizer, budgets)
+    rng = np.random.default_rng(0)
+    print("\n== compile: tiny shape, chunk 512, 4 chunks per segment ==")
+    for n_chunks in (2, 8, 64):
+        doc = rng.integers(3, len(tokenizer), 512 * n_chunks).astype(np.int32)
+        t0 = time.perf_counter()
+        agent.run(["Where?"], [doc])
+        print(f"{n_chunks:>3} chunks: first call {time.perf_counter() - t0:6.2f}s, compiled segment programs = "
+              f"{program.segment_program._cache_size()}, final programs = {program.final_program._cache_size()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["all", "speed", "linear", "compile"], default="all")
+    parser.add_argument("--quick", action="store_true", help="tiny shape only; linear up to 64K")
+    parser.add_argument("--linear-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.linear_child:
+        print(json.dumps(_linear_child(args.linear_child)))
+        return
+    import jax
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+    if args.part in ("all", "compile"):
+        bench_compile()
+    if args.part in ("all", "speed"):
+        bench_speed(args.quick)
+    if args.part in ("all", "linear"):
+        bench_linear([4096, 16384, 65536] + ([] if args.quick else [262144]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The GRPO entry point: a run interrupted halfway and resumed equals an uninterrupted run; config errors."""
+
+import importlib.util
+import itertools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from hf_tiny import make_hf_model, save_hf_model
+from memagent_jax.agent import AgentTemplates
+from memagent_jax.data.synthetic import tokenizer_corpus
+from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from memagent_jax.models import load_hf_params
+from memagent_jax.train import TrainConfigError, train, validate_config
+
+
+def grpo_config(model_dir, **overrides):
+    spec = importlib.util.spec_from_file_location("grpo_config", os.path.join(os.path.dirname(__file__), "..",
+                                                                                "configs", "grpo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("cpu")
+    cfg.model.path = model_dir
+    cfg.rl.learning_rate = 1e-3  # visible parameter movement in 4 steps
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    t = AgentTemplates()
+    texts = itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200), [t.memory_update, t.final_answer])
+    folder = root / "model"
+    train_tokenizer(texts, folder, vocab_size=420)
+    save_hf_model(make_hf_model("qwen2_tied", seed=2, vocab_size=len(load_tokenizer(folder))), str(folder))
+    return str(folder)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_equals_uninterrupted_run(model_dir, tmp_path):
+    full = str(tmp_path / "full")
+    train(grpo_config(model_dir, steps=4), full)
+    split = str(tmp_path / "split")
+    train(grpo_config(model_dir, steps=2), split)  # "killed" after step 2 (checkpoint at 2)
+    train(grpo_config(model_dir, steps=4), split)  # restarted: resumes at step 2
+    a, _ = load_hf_params(os.path.join(full, "export"))
+    b, _ = load_hf_params(os.path.join(split, "export"))
+    initial, _ = load_hf_params(model_dir)
+    moved = jax.tree.map(lambda x, y: float(np.abs(np.asarray(x) - np.asarray(y)).max()), a, initial)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # training changed the params
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), a, b)
+    full_m = {m["step"]: m for m in _metrics(full)}
+    split_m = {m["step"]: m for m in _metrics(split)}
+    assert sorted(full_m) == [1, 2, 3, 4] and sorted(split_m) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("reward_mean", "accuracy", "loss", "conversations", "memory_response_len"):
+            assert full_m[step][key] == pytest.approx(split_m[step][key], abs=1e-6), (step, key)
+    for m in full_m.values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["conversations"] > 0
+    assert os.path.isdir(os.path.join(full, "checkpoints"))
+
+
+def test_config_errors_name_the_field(model_dir, tmp_path):
+    with pytest.raises(TrainConfigError, match=r"config\.model\.path: required"):
+        validate_config(grpo_config(""), device_count=8)
+    with pytest.raises(TrainConfigError, match=r"config\.mesh: data x fsdp x tensor = \[2, 2, 3\] does not match 8"):
+        validate_config(grpo_config(model_dir, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 3}), device_count=8)
+    with pytest.raises(TrainConfigError, match=r"config\.data\.train_file: .*nope\.jsonl' does not exist"):
+        validate_config(grpo_config(model_dir, **{"data.train_file": str(tmp_path / "nope.jsonl")}), device_count=8)
+    with pytest.raises(TrainConfigError, match=r"config\.rl\.group_size must be positive"):
+        validate_config(grpo_config(model_dir, **{"rl.group_size": 0}), device_count=8)
