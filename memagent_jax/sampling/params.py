@@ -1,0 +1,102 @@
+"""Sampling parameters: a frozen, validated, hashable dataclass (a static argument under `jax.jit`).
+
+Each distinct `SamplingParams` value compiles its own program (the decode loop is specialised on the
+number of new tokens, the filters in use and the stop ids), so build them once and reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+
+class SamplingError(ValueError):
+    """Bad sampling parameters or bad prompts given to the sampler."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token.
+
+    Order of the transforms on the model's f32 logits (the same as transformers' and vLLM's):
+      1. temperature: logits / temperature; temperature == 0 means greedy (argmax; top_k / top_p unused);
+      2. top_k: keep the k highest-scoring tokens (0 = off; k >= vocab size = off);
+      3. top_p: on the renormalised result of 2, keep the smallest set of highest-probability tokens whose
+         probability sums to at least top_p (the most likely token is always kept; 1.0 = off).
+    Ties are broken by token id (lower id first), so the kept set always has exactly k (resp. the
+    smallest number of) tokens.
+
+    Attributes:
+      max_new_tokens: N, the most tokens generated per row (> 0). The decode loop stops earlier when every
+        row has emitted a stop token.
+      temperature: >= 0 and finite; 0 = greedy.
+      top_k: >= 0; 0 = no top-k filter.
+      top_p: in (0, 1]; 1 = no nucleus filter.
+      stop_token_ids: token ids that end a row (EOS and any extra stop ids). The stop token itself is part
+        of the output and counted in `num_tokens`; everything after it is `pad_id`.
+      pad_id: the id written after a row has stopped (and for inactive rows); >= 0.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        stops = self.stop_token_ids
+        if stops is None:
+            stops = ()
+        elif _is_int(stops):
+            stops = (stops,)
+        try:
+            stops = tuple(stops)
+        except TypeError:
+            raise SamplingError(
+                f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}") from None
+        for s in stops:
+            if not _is_int(s) or s < 0:
+                raise SamplingError(f"stop_token_ids must be integers >= 0, got {self.stop_token_ids!r}")
+        # Canonical form: sorted, unique, plain ints (so equal settings hash equal and share one compile).
+        object.__setattr__(self, "stop_token_ids", tuple(sorted({int(s) for s in stops})))
+        if not _is_int(self.pad_id) or self.pad_id < 0:
+            raise SamplingError(f"pad_id must be an integer >= 0, got {self.pad_id!r}")
+        object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "pad_id", int(self.pad_id))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raises `SamplingError` if a stop id or the pad id is outside [0, vocab_size)."""
+        bad = [s for s in self.stop_token_ids if s >= vocab_size]
+        if bad:
+            raise SamplingError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
+        if self.pad_id >= vocab_size:
+            raise SamplingError(f"pad_id {self.pad_id} is outside the vocabulary (size {vocab_size})")
+
