@@ -53,6 +53,14 @@ def _agent(config, tokenizer, budgets, seed=0):
     return MemoryAgent(params, config, tokenizer, budgets=budgets, stop_token_ids=())
 
 
+def _tiny_agent(budgets):
+    """A random tiny-shape agent with a freshly trained tokenizer."""
+    from memagent_jax.models.presets import preset_config
+
+    tokenizer = _tokenizer(os.path.join(tempfile.mkdtemp(), "tok"))
+    return _agent(preset_config("tiny", vocab_size=len(tokenizer), **TINY), tokenizer, budgets), tokenizer
+
+
 def _torch_loop(model, agent, question: str, doc: np.ndarray) -> None:
     import torch
 
@@ -124,14 +132,9 @@ def bench_speed(quick: bool) -> None:
 
 def _linear_child(length: int) -> dict:
     from memagent_jax.agent import AgentBudgets
-    from memagent_jax.models.presets import preset_config
 
-    tmp = tempfile.mkdtemp()
-    tokenizer = _tokenizer(os.path.join(tmp, "tok"))
-    config = preset_config("tiny", vocab_size=len(tokenizer), **TINY)
-    budgets = AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8,
-                           chunks_per_segment=8)
-    agent = _agent(config, tokenizer, budgets)
+    agent, tokenizer = _tiny_agent(AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32,
+                                                answer_tokens=8, chunks_per_segment=8))
     rng = np.random.default_rng(0)
     agent.run(["Where?"], [rng.integers(3, len(tokenizer), 4096).astype(np.int32)])  # compile
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -160,14 +163,9 @@ def bench_linear(lengths) -> None:
 
 def bench_compile() -> None:
     from memagent_jax.agent import AgentBudgets, program
-    from memagent_jax.models.presets import preset_config
 
-    tmp = tempfile.mkdtemp()
-    tokenizer = _tokenizer(os.path.join(tmp, "tok"))
-    config = preset_config("tiny", vocab_size=len(tokenizer), **TINY)
-    budgets = AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8,
-                           chunks_per_segment=4)
-    agent = _agent(config, tokenizer, budgets)
+    agent, tokenizer = _tiny_agent(AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32,
+                                                answer_tokens=8, chunks_per_segment=4))
     rng = np.random.default_rng(0)
     print("\n== compile: tiny shape, chunk 512, 4 chunks per segment ==")
     for n_chunks in (2, 8, 64):

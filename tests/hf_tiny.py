@@ -70,3 +70,22 @@ def hf_logits(model, tokens: np.ndarray, positions: np.ndarray | None = None) ->
         kwargs["position_ids"] = torch.tensor(np.asarray(positions)[None], dtype=torch.long)
     with torch.no_grad():
         return model(input_ids=ids, **kwargs).logits[0].float().numpy()
+
+
+def make_agent_model_dir(folder, variant: str = "qwen2_tied", seed: int = 0, vocab_size: int = 420) -> str:
+    """A tiny random model with a small trained tokenizer (chat template included) in one HF folder.
+
+    The tokenizer is trained on the synthetic-task corpus plus the agent's default prompt texts.
+    """
+    import itertools
+
+    from memagent_jax.agent import AgentTemplates
+    from memagent_jax.data.synthetic import tokenizer_corpus
+    from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+
+    t = AgentTemplates()
+    texts = itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200),
+                            [t.memory_update, t.final_answer, t.initial_memory])
+    train_tokenizer(texts, folder, vocab_size=vocab_size)
+    save_hf_model(make_hf_model(variant, seed=seed, vocab_size=len(load_tokenizer(folder))), str(folder))
+    return str(folder)

@@ -1,19 +1,17 @@
 """The memory agent: chunk scan vs the plain-Python loop, vs transformers, compile count, bad input."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from hf_tiny import make_hf_model, save_hf_model
-from memagent_jax.agent import (AgentBudgets, AgentInputError, AgentTemplates, MemoryAgent, read_document_file,
-                                reference_run)
+import transformers
+
+from hf_tiny import make_agent_model_dir
+from memagent_jax.agent import AgentBudgets, AgentInputError, MemoryAgent, read_document_file, reference_run
 from memagent_jax.agent import program
-from memagent_jax.data.synthetic import tokenizer_corpus
-from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from memagent_jax.data.tokenizer import load_tokenizer
 from memagent_jax.models import init_cache, load_hf_params
 from memagent_jax.sampling import SamplingParams
 from memagent_jax.sampling.sampler import prefill
@@ -24,14 +22,9 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("agent")
-    t = AgentTemplates()
-    texts = itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200), [t.memory_update, t.final_answer,
-                                                                             t.initial_memory])
-    tok_dir = train_tokenizer(texts, root / "tok", vocab_size=400)
-    tokenizer = load_tokenizer(tok_dir)
-    model = make_hf_model("qwen2_tied", seed=3, vocab_size=len(tokenizer))
-    folder = save_hf_model(model, str(root / "model"))
+    folder = make_agent_model_dir(tmp_path_factory.mktemp("agent") / "model", seed=3, vocab_size=400)
+    tokenizer = load_tokenizer(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     params, config = load_hf_params(folder)
     return dict(tokenizer=tokenizer, model=model, params=params, config=config)
 

@@ -1,17 +1,13 @@
 """The `answer` CLI: single document with a trace, batch mode with a bad row, clear errors."""
 
-import itertools
 import json
 
 import pytest
 
-from hf_tiny import make_hf_model, save_hf_model
+from hf_tiny import make_agent_model_dir
 from memagent_jax import answer
-from memagent_jax.agent import AgentTemplates
 from memagent_jax.data.formats import write_eval_file
 from memagent_jax.data.records import QARecord
-from memagent_jax.data.synthetic import tokenizer_corpus
-from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
 SMALL = ["--question-tokens", "32", "--chunk-tokens", "24", "--memory-tokens", "16", "--answer-tokens", "6",
          "--chunks-per-segment", "2", "--no-progress"]
@@ -19,14 +15,7 @@ SMALL = ["--question-tokens", "32", "--chunk-tokens", "24", "--memory-tokens", "
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    t = AgentTemplates()
-    texts = itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200), [t.memory_update, t.final_answer])
-    folder = root / "model"
-    train_tokenizer(texts, folder, vocab_size=420)
-    model = make_hf_model("qwen2", seed=1, vocab_size=len(load_tokenizer(folder)))
-    save_hf_model(model, str(folder))
-    return str(folder)
+    return make_agent_model_dir(tmp_path_factory.mktemp("cli") / "model", variant="qwen2", seed=1)
 
 
 def test_single_document_with_trace(model_dir, tmp_path, capsys):

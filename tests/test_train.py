@@ -1,7 +1,6 @@
 """The GRPO entry point: a run interrupted halfway and resumed equals an uninterrupted run; config errors."""
 
 import importlib.util
-import itertools
 import json
 import os
 
@@ -9,10 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from hf_tiny import make_hf_model, save_hf_model
-from memagent_jax.agent import AgentTemplates
-from memagent_jax.data.synthetic import tokenizer_corpus
-from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from hf_tiny import make_agent_model_dir
 from memagent_jax.models import load_hf_params
 from memagent_jax.train import TrainConfigError, train, validate_config
 
@@ -36,13 +32,7 @@ def grpo_config(model_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    t = AgentTemplates()
-    texts = itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200), [t.memory_update, t.final_answer])
-    folder = root / "model"
-    train_tokenizer(texts, folder, vocab_size=420)
-    save_hf_model(make_hf_model("qwen2_tied", seed=2, vocab_size=len(load_tokenizer(folder))), str(folder))
-    return str(folder)
+    return make_agent_model_dir(tmp_path_factory.mktemp("train") / "model", seed=2)
 
 
 def _metrics(workdir):
