@@ -1,0 +1,657 @@
+"""The learner: train state, optimiser, and one jitted train step per rollout (GRPO or supervised warm start).
+
+One `train_step` call consumes one rollout's `ConversationBatch` of N rows and makes `num_minibatches` optimiser
+updates from it (one epoch), all inside ONE jit:
+
+    batch [N, T]  --(row layout below)-->  [M mini-batches, K micro-batches, mb rows, T]
+      (optional) old log-probs recomputed with the params as they were before the first update   (no grad)
+      (optional) reference log-probs computed with the frozen reference params (if kl_coef > 0)  (no grad)
+      lr = schedule(state.step)
+      lax.scan over the M mini-batches:
+          lax.scan over the K micro-batches: grads += d/dparams [ sum of per-token losses / D ]
+              (D = the whole mini-batch's response-token count, or its row count for seq-mean, so the sum
+               over micro-batches IS the mini-batch loss and gradient, not an average of averages)
+          non-finite loss or gradient?  -> skip: params and optimiser state keep their values
+          else                          -> AdamW update (global-norm clip first)
+      step += 1
+
+Mini-batches are a scan inside the jit (not a host loop): one dispatch per rollout, the schedule and the state
+step advance once per rollout (as in the reference recipe, where "20 warm-up steps" are 20 training steps), and the
+old / reference log-prob passes sit in the same program.
+
+Row layout: with M mini-batches of K micro-batches of `mb` rows (N = M * K * mb), row n goes to mini-batch
+n % M, micro-batch (n // M) % K, slot n // (M * K). Every contiguous block of rows (what one device holds under
+batch sharding) thus feeds every mini-batch, and the split needs no communication. Rows within a rollout are
+ordered by trajectory, so shuffle them first (`batch.shuffle_rows`) to get random mini-batches.
+
+Skips: `TrainState.step` counts train steps (rollouts) and always advances; `TrainState.skipped_updates` counts the
+mini-batch updates skipped because their loss or gradient was not finite. Per-step metrics report
+`nonfinite_updates`. With `on_nonfinite='raise'` the host wrapper raises `NonFiniteError` after the step (the
+returned state never includes a bad update).
+
+Learning-rate schedule, in train steps s = state.step (0-based): linear warm-up lr * (s + 1) / warmup_steps for
+s < warmup_steps, then constant lr, or cosine from lr down to lr * min_lr_ratio at s = total_steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from memagent_jax.models import sharding as sharding_lib
+from memagent_jax.models.config import ModelConfig
+from memagent_jax.models.transformer import abstract_params as model_abstract_params
+from memagent_jax.rl.batch import BatchError, ConversationBatch
+from memagent_jax.rl.logprobs import token_logprobs
+from memagent_jax.rl.losses import LossConfig, compute_loss, metric_identity, reduce_metric
+
+__all__ = ["OptimizerConfig", "LearnerConfig", "LearnerConfigError", "NonFiniteError", "TrainState", "Learner",
+           "make_optimizer", "learning_rate_schedule", "set_learning_rate", "init_train_state", "minibatch_rows",
+           "accumulate_gradients", "train_step_fn"]
+
+NONFINITE_MODES = ("skip", "raise")
+SCHEDULES = ("constant", "cosine")
+
+
+class LearnerConfigError(ValueError):
+    """A learner / optimiser setting is invalid; the message names the field."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A train step met a non-finite loss or gradient and `learner.on_nonfinite` is 'raise'."""
+
+
+def _check_number(owner: str, name: str, value, *, minimum=None, strict=False, maximum=None, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LearnerConfigError(f"{owner}.{name} must be a finite number, got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise LearnerConfigError(f"{owner}.{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise LearnerConfigError(f"{owner}.{name} must be <= {maximum}, got {value}")
+
+
+def _check_int(owner: str, name: str, value, *, minimum: int, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise LearnerConfigError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warm-up then a constant or cosine schedule, and global-norm gradient clipping.
+
+    learning_rate: peak learning rate.   b1, b2, eps: Adam moments.   weight_decay: decoupled (AdamW), all params.
+    max_grad_norm: clip the gradient's global norm to this (None: no clipping).
+    warmup_steps: linear warm-up length in train steps (0: none).
+    schedule: 'constant' or 'cosine' after the warm-up.
+    total_steps: train steps at which the cosine reaches its floor (required for 'cosine').
+    min_lr_ratio: the cosine floor as a fraction of learning_rate.
+    """
+
+    learning_rate: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 20
+    schedule: str = "constant"
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self):
+        o = "optimizer"
+        _check_number(o, "learning_rate", self.learning_rate, minimum=0)
+        _check_number(o, "b1", self.b1, minimum=0, maximum=1)
+        _check_number(o, "b2", self.b2, minimum=0, maximum=1)
+        if self.b1 >= 1 or self.b2 >= 1:
+            raise LearnerConfigError(f"{o}.b1 and {o}.b2 must be < 1, got b1={self.b1}, b2={self.b2}")
+        _check_number(o, "eps", self.eps, minimum=0, strict=True)
+        _check_number(o, "weight_decay", self.weight_decay, minimum=0)
+        _check_number(o, "max_grad_norm", self.max_grad_norm, minimum=0, strict=True, allow_none=True)
+        _check_int(o, "warmup_steps", self.warmup_steps, minimum=0)
+        if self.schedule not in SCHEDULES:
+            raise LearnerConfigError(f"{o}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check_int(o, "total_steps", self.total_steps, minimum=1, allow_none=True)
+        if self.schedule == "cosine":
+            if self.total_steps is None:
+                raise LearnerConfigError(f"{o}.total_steps is required for the cosine schedule")
+            if self.total_steps <= self.warmup_steps:
+                raise LearnerConfigError(f"{o}.total_steps ({self.total_steps}) must exceed {o}.warmup_steps "
+                                         f"({self.warmup_steps}) for the cosine schedule")
+        _check_number(o, "min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
+
+    def replace(self, **changes) -> "OptimizerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Learner settings (hashable: static under jit).
+
+    loss: `LossConfig` (GRPO or SFT).   optimizer: `OptimizerConfig`.
+    num_minibatches: optimiser updates per train step (the rollout batch is split into this many; one epoch).
+    micro_batch_size: rows per micro-batch for gradient accumulation (None: the whole mini-batch at once).
+    recompute_old_logprobs: recompute the old log-probs with the current params before the first update
+      (instead of trusting the sampler's).
+    on_nonfinite: 'skip' (skip that update, count it) or 'raise' (`NonFiniteError` after the step).
+    logits_chunk_size: sequence positions per logits chunk in the log-prob computation (0: no chunking).
+    compute_entropy: compute the policy entropy for the metrics (always on when loss.entropy_coef > 0).
+    remat: overrides the model config's layer-scan remat ('none' | 'full' | 'dots'); None keeps it.
+    """
+
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    num_minibatches: int = 1
+    micro_batch_size: int | None = None
+    recompute_old_logprobs: bool = False
+    on_nonfinite: str = "skip"
+    logits_chunk_size: int = 512
+    compute_entropy: bool = True
+    remat: str | None = None
+
+    def __post_init__(self):
+        o = "learner"
+        if not isinstance(self.loss, LossConfig):
+            raise LearnerConfigError(f"{o}.loss must be a LossConfig, got {type(self.loss).__name__}")
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise LearnerConfigError(f"{o}.optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
+        _check_int(o, "num_minibatches", self.num_minibatches, minimum=1)
+        _check_int(o, "micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        if self.on_nonfinite not in NONFINITE_MODES:
+            raise LearnerConfigError(f"{o}.on_nonfinite must be one of {NONFINITE_MODES}, got {self.on_nonfinite!r}")
+        _check_int(o, "logits_chunk_size", self.logits_chunk_size, minimum=0)
+        if self.remat not in (None, "none", "full", "dots"):
+            raise LearnerConfigError(f"{o}.remat must be None, 'none', 'full' or 'dots', got {self.remat!r}")
+
+    @property
+    def need_entropy(self) -> bool:
+        return self.compute_entropy or (self.loss.kind == "grpo" and self.loss.entropy_coef > 0)
+
+    def split(self, num_rows: int) -> tuple[int, int, int]:
+        """(M mini-batches, K micro-batches per mini-batch, rows per micro-batch) for a batch of `num_rows`."""
+        m = self.num_minibatches
+        if num_rows % m:
+            raise BatchError(f"batch has {num_rows} rows, not a multiple of learner.num_minibatches={m}")
+        per_mb = num_rows // m
+        micro = self.micro_batch_size or per_mb
+        if per_mb % micro:
+            raise BatchError(f"mini-batches of {per_mb} rows ({num_rows} rows / {m}) are not a multiple of "
+                             f"learner.micro_batch_size={micro}")
+        return m, per_mb // micro, micro
+
+    def replace(self, **changes) -> "LearnerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------- optimiser
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+    """step (int, 0-based train step) -> learning rate (f32); see the module docstring."""
+    lr, warm = float(config.learning_rate), int(config.warmup_steps)
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        value = jnp.full_like(s, lr)
+        if config.schedule == "cosine":
+            span = float(config.total_steps - warm)
+            progress = jnp.clip((s - warm) / span, 0.0, 1.0)
+            floor = config.min_lr_ratio
+            value = lr * (floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        if warm > 0:
+            value = jnp.where(s < warm, lr * (s + 1.0) / warm, value)
+        return value
+
+    return schedule
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """optax chain: global-norm clip, then AdamW whose learning rate lives in the state (`set_learning_rate`)."""
+    clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
+        learning_rate=config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+        weight_decay=config.weight_decay)
+    return optax.chain(clip, adamw)
+
+
+def set_learning_rate(opt_state, learning_rate):
+    """The optimiser state of `make_optimizer` with its AdamW learning rate replaced (traceable)."""
+    clip_state, adam_state = opt_state
+    hyper = dict(adam_state.hyperparams)
+    hyper["learning_rate"] = jnp.asarray(learning_rate, hyper["learning_rate"].dtype)
+    return (clip_state, adam_state._replace(hyperparams=hyper))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "opt_state", "step", "skipped_updates"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class TrainState:
+    """params: model params; opt_state: optax state; step: [] int32 train steps done (= rollouts learned from);
+    skipped_updates: [] int32 mini-batch updates skipped for a non-finite loss or gradient (running total)."""
+
+    params: Any
+    opt_state: Any
+    step: Any
+    skipped_updates: Any
+
+    def replace(self, **changes) -> "TrainState":
+        return dataclasses.replace(self, **changes)
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh state (traceable; `Learner.init_state` places it on the mesh)."""
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
+                      skipped_updates=jnp.zeros((), jnp.int32))
+
+
+# -------------------------------------------------------------------------------------- row layout
+
+
+def minibatch_rows(num_rows: int, num_minibatches: int, num_micro: int) -> np.ndarray:
+    """[M, K, mb] row indices: which batch rows form micro-batch k of mini-batch m (see the module docstring)."""
+    m, k = num_minibatches, num_micro
+    mb = num_rows // (m * k)
+    return np.arange(num_rows).reshape(mb, k, m).transpose(2, 1, 0)
+
+
+def _split_rows(x, m: int, k: int, constrain=None):
+    """[N, ...] -> [M, K, mb, ...] following `minibatch_rows` (a reshape + transpose: no data movement when rows
+    are sharded in contiguous blocks)."""
+    mb = x.shape[0] // (m * k)
+    y = x.reshape((mb, k, m) + x.shape[1:])
+    y = jnp.moveaxis(y, (0, 1, 2), (2, 1, 0))
+    return constrain(y, 2) if constrain is not None else y
+
+
+# ------------------------------------------------------------------------------------ loss + grads
+
+
+def _micro_loss(params, micro: ConversationBatch, token_den, seq_den, *, model_config: ModelConfig,
+                config: LearnerConfig):
+    logp, ent = token_logprobs(params, micro.tokens, micro.token_mask, config=model_config,
+                               chunk_size=config.logits_chunk_size, with_entropy=config.need_entropy)
+    return compute_loss(config.loss, logp, micro.loss_mask, old_logprobs=micro.old_logprobs,
+                        advantages=micro.advantages, ref_logprobs=micro.ref_logprobs,
+                        entropy=ent if config.need_entropy else None, token_denominator=token_den,
+                        seq_denominator=seq_den)
+
+
+def _denominators(loss_mask):
+    """Response tokens and rows with any response token, over everything given (at least 1 each)."""
+    tok = jnp.maximum(jnp.sum(loss_mask.astype(jnp.float32)), 1.0)
+    seq = jnp.maximum(jnp.sum(jnp.any(loss_mask, axis=-1).astype(jnp.float32)), 1.0)
+    return tok, seq
+
+
+def _accumulate(params, micro_batches: ConversationBatch, *, model_config, config, constrain_micro=None,
+                constrain_grads=None):
+    """micro_batches: [K, mb, T] leaves (one mini-batch). Returns (grads f32 tree, metrics dict)."""
+    token_den, seq_den = _denominators(micro_batches.loss_mask)
+    grad_fn = jax.value_and_grad(
+        functools.partial(_micro_loss, model_config=model_config, config=config), has_aux=True)
+
+    def one(micro):
+        if constrain_micro is not None:
+            micro = jax.tree.map(lambda a: constrain_micro(a, 0), micro)
+        (_, metrics), grads = grad_fn(params, micro, token_den, seq_den)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        return grads, metrics
+
+    k = micro_batches.tokens.shape[0]
+    if k == 1:
+        grads, metrics = one(jax.tree.map(lambda a: a[0], micro_batches))
+    else:
+        _, metric_shapes = jax.eval_shape(one, jax.tree.map(lambda a: a[0], micro_batches))
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if constrain_grads is not None:
+            zeros = constrain_grads(zeros)
+        init = (zeros, {name: metric_identity(name, jnp.zeros(s.shape, s.dtype))
+                        for name, s in metric_shapes.items()})
+
+        def body(carry, micro):
+            g_acc, m_acc = carry
+            grads, metrics = one(micro)
+            g_acc = jax.tree.map(jnp.add, g_acc, grads)
+            if constrain_grads is not None:
+                g_acc = constrain_grads(g_acc)
+            m_acc = {name: reduce_metric(name, m_acc[name], metrics[name]) for name in m_acc}
+            return (g_acc, m_acc), None
+
+        (grads, metrics), _ = jax.lax.scan(body, init, micro_batches)
+    return grads, metrics
+
+
+def _fill_reference(batch: ConversationBatch, ref_params, *, config: LearnerConfig):
+    if config.loss.uses_reference and batch.ref_logprobs is None and ref_params is None:
+        raise LearnerConfigError("loss.kl_coef > 0 needs reference log-probs: pass ref_params to the train step "
+                                 "or ref_logprobs in the batch (or set loss.kl_coef = 0)")
+
+
+def accumulate_gradients(params, batch: ConversationBatch, *, model_config: ModelConfig, config: LearnerConfig,
+                         micro_batch_size: int | None = None):
+    """Gradient and metrics of ONE mini-batch's loss, accumulated over micro-batches (public for tests/tools).
+
+    batch: [mb, T] (its old_logprobs, and ref_logprobs if kl_coef > 0, filled in). Micro-batch k holds rows
+    j * K + k. The result equals the gradient of the whole mini-batch's token-mean (or seq-mean) loss.
+    `config.remat` (if set) overrides the model config's remat, as in `Learner`.
+    Returns (grads: params-shaped f32 tree, metrics: dict of scalars).
+    """
+    _fill_reference(batch, None, config=config)
+    if config.remat is not None:
+        model_config = model_config.replace(remat=config.remat)
+    n = batch.tokens.shape[0]
+    micro = micro_batch_size or n
+    if n % micro:
+        raise BatchError(f"{n} rows are not a multiple of micro_batch_size={micro}")
+    micro_batches = jax.tree.map(lambda a: _split_rows(a, 1, n // micro)[0], batch)
+    return _accumulate(params, micro_batches, model_config=model_config, config=config)
+
+
+# -------------------------------------------------------------------------------------- train step
+
+
+def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, constrain_micro=None):
+    """[M, K, mb, T] leaves -> [M, K, mb, T] log-probs under `params`, no gradient."""
+    m, k = batches.tokens.shape[:2]
+    flat = jax.tree.map(lambda a: a.reshape((m * k,) + a.shape[2:]), (batches.tokens, batches.token_mask))
+
+    def body(_, xs):
+        tokens, mask = xs
+        if constrain_micro is not None:
+            tokens, mask = constrain_micro(tokens, 0), constrain_micro(mask, 0)
+        logp, _ = token_logprobs(params, tokens, mask, config=model_config, chunk_size=config.logits_chunk_size)
+        return None, logp
+
+    _, logp = jax.lax.scan(body, None, flat)
+    return jax.lax.stop_gradient(logp.reshape(batches.tokens.shape))
+
+
+def _where_tree(pred, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, model_config: ModelConfig,
+                  config: LearnerConfig, optimizer: optax.GradientTransformation, mesh: Mesh | None = None,
+                  param_shardings=None):
+    """The pure train step (see the module docstring); `Learner` jits it with shardings and donation.
+
+    Returns (new_state, metrics: dict of scalars, per_update: dict of [M] arrays 'loss', 'grad_norm', 'finite').
+    """
+    _fill_reference(batch, ref_params, config=config)
+    n = batch.tokens.shape[0]
+    m, k, _ = config.split(n)
+
+    constrain = constrain_micro = constrain_grads = None
+    if mesh is not None:
+        rules_axes = sharding_lib.DEFAULT_RULES["batch"]
+        row_axes = tuple(a for a in rules_axes if mesh.shape.get(a, 1) > 1)
+
+        def constrain(x, axis):
+            size = int(np.prod([mesh.shape[a] for a in row_axes])) if row_axes else 1
+            spec = [None] * x.ndim
+            if row_axes and x.shape[axis] % size == 0:
+                spec[axis] = row_axes if len(row_axes) > 1 else row_axes[0]
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+        constrain_micro = constrain
+        if param_shardings is not None:
+            def constrain_grads(tree):
+                return jax.lax.with_sharding_constraint(tree, param_shardings)
+
+    batches = jax.tree.map(lambda a: _split_rows(a, m, k, constrain), batch)
+    params0 = state.params
+    pass_kw = dict(model_config=model_config, config=config, constrain_micro=constrain_micro)
+    if config.loss.kind == "grpo":
+        if config.recompute_old_logprobs:
+            batches = batches.replace(old_logprobs=_logprob_pass(params0, batches, **pass_kw))
+        if config.loss.uses_reference and batches.ref_logprobs is None:
+            batches = batches.replace(ref_logprobs=_logprob_pass(ref_params, batches, **pass_kw))
+
+    lr = learning_rate_schedule(config.optimizer)(state.step)
+    opt_state = set_learning_rate(state.opt_state, lr)
+
+    def update(carry, mini):
+        params, opt_state, skipped = carry
+        grads, metrics = _accumulate(params, mini, model_config=model_config, config=config,
+                                     constrain_micro=constrain_micro, constrain_grads=constrain_grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        # Zero the gradient of a skipped update so the (discarded) update math stays finite.
+        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, new_opt_state = optimizer.update(safe_grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        params = _where_tree(finite, new_params, params)
+        opt_state = _where_tree(finite, new_opt_state, opt_state)
+        skipped = skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
+        return (params, opt_state, skipped), dict(metrics, grad_norm=grad_norm, finite=finite)
+
+    (params, opt_state, skipped), per = jax.lax.scan(update, (params0, opt_state, state.skipped_updates), batches)
+
+    finite = per["finite"]
+    applied = jnp.sum(finite.astype(jnp.float32))
+    metrics = {}
+    for name, values in per.items():
+        if name == "finite":
+            continue
+        if name == "response_tokens":
+            metrics[name] = jnp.sum(values)
+        elif name.endswith("_max"):
+            metrics[name] = jnp.max(jnp.where(finite, values, -jnp.inf))
+        else:
+            metrics[name] = jnp.sum(jnp.where(finite, values, 0.0)) / applied  # nan when nothing was applied
+    metrics["learning_rate"] = lr
+    metrics["updates"] = jnp.asarray(m, jnp.float32)
+    metrics["nonfinite_updates"] = m - applied
+    metrics["conversations"] = jnp.sum(jnp.any(batch.loss_mask, axis=-1).astype(jnp.float32))
+    metrics["real_tokens"] = jnp.sum(batch.token_mask.astype(jnp.float32))
+    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, skipped_updates=skipped)
+    metrics["skipped_updates_total"] = skipped.astype(jnp.float32)
+    per_update = {"loss": per["loss"], "grad_norm": per["grad_norm"], "finite": finite}
+    return new_state, metrics, per_update
+
+
+# ------------------------------------------------------------------------------------------ Learner
+
+_EXECUTABLES: dict[Any, Any] = {}
+
+
+class Learner:
+    """Host-side owner of the jitted train step, shardings and optimiser.
+
+    Usage:
+        learner = Learner(model_config, LearnerConfig(...), mesh=make_mesh(data, fsdp, tensor))
+        ref = learner.copy_params(params) if learner.needs_reference else None   # before init_state
+        state = learner.init_state(params)        # takes ownership of `params` (they are donated later)
+        batch = build_conversation_batch(..., rows_multiple=learner.rows_multiple)
+        state, metrics = learner.train_step(state, batch, ref_params=ref)
+
+    `mesh=None` runs on the default device without sharding annotations.
+    """
+
+    def __init__(self, model_config: ModelConfig, config: LearnerConfig = LearnerConfig(), *,
+                 mesh: Mesh | None = None):
+        if not isinstance(config, LearnerConfig):
+            raise LearnerConfigError(f"config must be a LearnerConfig, got {type(config).__name__}")
+        if config.remat is not None:
+            model_config = model_config.replace(remat=config.remat)
+        dev = sharding_lib.batch_multiple(mesh)
+        if config.micro_batch_size is not None and config.micro_batch_size % dev:
+            raise LearnerConfigError(
+                f"learner.micro_batch_size={config.micro_batch_size} must be a multiple of the mesh's batch "
+                f"shards (data x fsdp = {dev}) so every device gets whole rows of every micro-batch")
+        self.model_config = model_config
+        self.config = config
+        self.mesh = mesh
+        self.optimizer = make_optimizer(config.optimizer)
+        self._abstract_params = model_abstract_params(model_config)
+        self._param_shardings = (sharding_lib.param_shardings(self._abstract_params, mesh)
+                                 if mesh is not None else None)
+        self._steps: dict[Any, Any] = {}
+        self._logprob_fns: dict[Any, Any] = {}
+
+    # ---- layout
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether train steps need reference log-probs (GRPO with kl_coef > 0)."""
+        return self.config.loss.uses_reference
+
+    @property
+    def rows_multiple(self) -> int:
+        """Batch rows must be a multiple of this: mini-batches x micro-batch rows, micro-batches split evenly over
+        the mesh's batch axes."""
+        dev = sharding_lib.batch_multiple(self.mesh)
+        micro = self.config.micro_batch_size or dev
+        return self.config.num_minibatches * micro
+
+    def _replicated(self):
+        return NamedSharding(self.mesh, P()) if self.mesh is not None else None
+
+    def param_shardings(self):
+        """Pytree of `NamedSharding` for the params (None without a mesh)."""
+        return self._param_shardings
+
+    def state_shardings(self) -> TrainState | None:
+        """A `TrainState` of `NamedSharding`s (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        rep = self._replicated()
+        abstract_opt = jax.eval_shape(self.optimizer.init, self._abstract_params)
+        opt = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt, self._param_shardings,
+                                    transform_non_params=lambda _: rep)
+        return TrainState(params=self._param_shardings, opt_state=opt, step=rep, skipped_updates=rep)
+
+    def abstract_state(self) -> TrainState:
+        """The state as `jax.ShapeDtypeStruct`s carrying their shardings: the restore target for checkpoints."""
+        abstract = jax.eval_shape(lambda p: init_train_state(p, self.optimizer), self._abstract_params)
+        shardings = self.state_shardings()
+        if shardings is None:
+            return abstract
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    def batch_shardings(self, batch: ConversationBatch):
+        if self.mesh is None:
+            return None
+        n = batch.tokens.shape[0]
+        return jax.tree.map(lambda a: sharding_lib.batch_sharding(self.mesh, a.ndim, n), batch)
+
+    # ---- state
+
+    def init_state(self, params) -> TrainState:
+        """A fresh `TrainState` on the mesh. Takes ownership of `params` (placed on their shardings; the first
+        train step donates them): keep a separate copy (`copy_params`) if you need the originals."""
+        if self._param_shardings is not None:
+            params = jax.device_put(params, self._param_shardings)
+        shardings = self.state_shardings()
+        init_opt = jax.jit(self.optimizer.init,
+                           out_shardings=shardings.opt_state if shardings is not None else None)
+        rep = self._replicated()
+        counters = jax.jit(lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)), out_shardings=(rep, rep))
+        step, skipped = counters()  # two distinct buffers (both are donated)
+        return TrainState(params=params, opt_state=init_opt(params), step=step, skipped_updates=skipped)
+
+    def copy_params(self, params):
+        """A copy of `params` in fresh buffers on the params' shardings (e.g. the frozen KL reference)."""
+        return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self._param_shardings)(params)
+
+    def put_batch(self, batch: ConversationBatch) -> ConversationBatch:
+        """Moves a (host) batch onto the mesh, rows sharded over the batch axes."""
+        shardings = self.batch_shardings(batch)
+        return jax.device_put(batch, shardings) if shardings is not None else jax.device_put(batch)
+
+    # ---- steps
+
+    def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool):
+        key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params)
+        if key not in self._steps:
+            fn = functools.partial(train_step_fn, model_config=self.model_config, config=self.config,
+                                   optimizer=self.optimizer, mesh=self.mesh, param_shardings=self._param_shardings)
+            if self.mesh is None:
+                self._steps[key] = jax.jit(fn, donate_argnums=0)
+            else:
+                rep = self._replicated()
+                ref_sh = self._param_shardings if with_ref_params else None
+                self._steps[key] = jax.jit(
+                    fn, donate_argnums=0,
+                    in_shardings=(self.state_shardings(), self.batch_shardings(batch), ref_sh),
+                    out_shardings=(self.state_shardings(), rep, rep))
+        return self._steps[key]
+
+    def train_step(self, state: TrainState, batch: ConversationBatch, ref_params=None):
+        """One rollout's worth of updates. `state` is donated (do not reuse it). Returns (new_state, metrics) with
+        metrics as Python floats (see `train_step_fn`, plus 'step', 'learner_time_s' (execution only),
+        'compile_time_s' (non-zero on the first step of a new batch shape), 'tokens_per_s' (real tokens of the
+        batch per second of execution)).
+
+        Raises NonFiniteError (with on_nonfinite='raise') after a step that skipped updates; `err.state` holds
+        the returned state (which excludes the bad updates).
+        """
+        n = batch.tokens.shape[0]
+        self.config.split(n)  # clear error on a bad row count before tracing
+        if self.mesh is not None and n % sharding_lib.batch_multiple(self.mesh):
+            raise BatchError(f"batch has {n} rows, not a multiple of the mesh's batch axes "
+                             f"({sharding_lib.batch_multiple(self.mesh)}); pad with rows_multiple="
+                             f"{self.rows_multiple}")
+        _fill_reference(batch, ref_params, config=self.config)
+        if not (self.config.loss.uses_reference and batch.ref_logprobs is None):
+            ref_params = None  # not needed: never keep it alive in the program
+        # Executables are shared by every Learner with the same configs and mesh (e.g. after a restart in-process).
+        # (on_nonfinite only changes what the host does afterwards, so it is not part of the key.)
+        key = (self.model_config, self.config.replace(on_nonfinite="skip"), self.mesh, batch.tokens.shape,
+               batch.ref_logprobs is not None, ref_params is not None)
+        batch = self.put_batch(batch)
+        compile_s = 0.0
+        if key not in _EXECUTABLES:
+            t0 = time.perf_counter()
+            jitted = self._compiled_step(batch, ref_params is not None)
+            _EXECUTABLES[key] = jitted.lower(state, batch, ref_params).compile()
+            compile_s = time.perf_counter() - t0
+        step_fn = _EXECUTABLES[key]
+        t0 = time.perf_counter()
+        state, metrics, per_update = step_fn(state, batch, ref_params)
+        metrics, per_update = jax.device_get((metrics, per_update))
+        elapsed = time.perf_counter() - t0
+        out = {name: float(v) for name, v in metrics.items()}
+        out["step"] = float(jax.device_get(state.step))
+        out["learner_time_s"] = elapsed
+        out["compile_time_s"] = compile_s
+        out["tokens_per_s"] = out["real_tokens"] / max(elapsed, 1e-9)
+        if self.config.on_nonfinite == "raise" and out["nonfinite_updates"] > 0:
+            bad = [i for i, ok in enumerate(per_update["finite"]) if not ok]
+            details = ", ".join(f"update {i}: loss={per_update['loss'][i]:.4g}, "
+                                f"grad_norm={per_update['grad_norm'][i]:.4g}" for i in bad)
+            err = NonFiniteError(
+                f"train step {int(out['step']) - 1}: {len(bad)} of {len(per_update['finite'])} mini-batch updates "
+                f"had a non-finite loss or gradient ({details}); they were not applied. Set "
+                f"learner.on_nonfinite='skip' to skip such updates and continue.")
+            err.state = state
+            err.metrics = out
+            raise err
+        return state, out
+
+    def logprobs(self, params, batch: ConversationBatch) -> jax.Array:
+        """[N, T] log-prob of every token under `params` (0 at position 0), e.g. reference log-probs."""
+        key = batch.tokens.shape
+        if key not in self._logprob_fns:
+            fn = functools.partial(lambda p, t, m: token_logprobs(
+                p, t, m, config=self.model_config, chunk_size=self.config.logits_chunk_size)[0])
+            if self.mesh is None:
+                self._logprob_fns[key] = jax.jit(fn)
+            else:
+                rows = sharding_lib.batch_sharding(self.mesh, 2, key[0])
+                self._logprob_fns[key] = jax.jit(fn, in_shardings=(self._param_shardings, rows, rows),
+                                                 out_shardings=rows)
+        return self._logprob_fns[key](params, batch.tokens, batch.token_mask)

@@ -1,0 +1,328 @@
+"""The learner: gradient accumulation, the AdamW step by hand, 8-device vs 1-device, NaN skip, warm start, GRPO."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memagent_jax.models import abstract_params, forward, positions_from_mask
+from memagent_jax.models.presets import preset_config
+from memagent_jax.models.sharding import make_mesh
+from memagent_jax.rl.advantages import broadcast_to_conversations, group_advantages
+from memagent_jax.rl.batch import BatchError, build_conversation_batch
+from memagent_jax.rl.learner import (Learner, LearnerConfig, LearnerConfigError, NonFiniteError, OptimizerConfig,
+                                     accumulate_gradients, learning_rate_schedule, minibatch_rows)
+from memagent_jax.rl.losses import LossConfig
+
+CONFIG = preset_config("tiny", vocab_size=128)
+
+
+def random_params(config, seed):
+    """Random params straight from NumPy (no init compile): small matrices, norm weights near 1."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, a):
+        noise = rng.normal(size=a.shape).astype(np.float32)
+        return jnp.asarray(1.0 + 0.1 * noise if "norm" in jax.tree_util.keystr(path) else 0.05 * noise, a.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
+
+
+def random_batch(n, seed, *, vocab=128, rows_multiple=1, length_multiple=8, with_ref=False):
+    """n conversations of different prompt / response lengths, sampler log-probs near the model's scale."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, vocab, size=rng.integers(2, 9)) for _ in range(n)]
+    responses = [rng.integers(3, vocab, size=rng.integers(1, 8)) for _ in range(n)]
+    logps = [-np.log(vocab) + rng.uniform(-0.4, 0.4, size=len(r)) for r in responses]
+    refs = [-np.log(vocab) + rng.uniform(-0.4, 0.4, size=len(r)) for r in responses] if with_ref else None
+    adv = rng.normal(size=n)
+    return build_conversation_batch(prompts, responses, logps, adv, ref_logprobs=refs, length_multiple=length_multiple,
+                                    rows_multiple=rows_multiple)
+
+
+def tree_close(a, b, rtol=1e-5, atol=1e-6):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def direct_loss(params, b, loss: LossConfig):
+    """The mini-batch GRPO loss written out directly on full logits (an independent path to the gradient)."""
+    mask = jnp.asarray(b.token_mask)
+    logits, _ = forward(params, jnp.asarray(b.tokens), positions_from_mask(mask), mask, config=CONFIG)
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    lp = jnp.take_along_axis(logp_all[:, :-1], jnp.asarray(b.tokens)[:, 1:, None], axis=-1)[..., 0]
+    lp = jnp.pad(lp, ((0, 0), (1, 0)))
+    probs = jnp.exp(logp_all)
+    ent = -jnp.sum(probs * logp_all, axis=-1)
+    ent = jnp.pad(ent[:, :-1], ((0, 0), (1, 0)))
+    lm = jnp.asarray(b.loss_mask)
+    a = jnp.asarray(b.advantages)[:, None]
+    r = jnp.exp(lp - b.old_logprobs)
+    pg = jnp.maximum(-a * r, -a * jnp.clip(r, 1 - loss.clip_low, 1 + loss.clip_high))
+    pg = jnp.where(a < 0, jnp.minimum(pg, -loss.dual_clip * a), pg)
+    d = b.ref_logprobs - lp
+    per_token = pg + loss.kl_coef * (jnp.exp(d) - d - 1) - loss.entropy_coef * ent
+    if loss.aggregation == "token-mean":
+        return jnp.sum(jnp.where(lm, per_token, 0)) / jnp.sum(lm)
+    rows = jnp.sum(jnp.where(lm, per_token, 0), axis=1) / jnp.maximum(jnp.sum(lm, axis=1), 1)
+    return jnp.sum(rows) / jnp.sum(jnp.any(lm, axis=1))
+
+
+# ------------------------------------------------------------------------------------ accumulation
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_gradient_accumulation_equals_full_batch(aggregation):
+    loss = LossConfig(kl_coef=0.05, entropy_coef=0.01, aggregation=aggregation, clip_high=0.28)
+    # The seq-mean case also runs the layer scan rematerialised: same gradient, recomputed activations.
+    config = LearnerConfig(loss=loss, logits_chunk_size=8, remat="dots" if aggregation != "token-mean" else None)
+    params = random_params(CONFIG, 0)
+    b = random_batch(8, 1, with_ref=True)
+    assert len(set(b.loss_mask.sum(axis=1))) > 2  # conversations of different lengths
+    want = jax.jit(jax.grad(functools.partial(direct_loss, loss=loss)))(params, b)
+    # 4 micro-batches of 2 rows, of different token counts. (One micro-batch = the whole batch is the
+    # M = K = 1 path, checked against the same direct gradient in test_train_step_is_adamw_by_hand.)
+    grads, metrics = jax.jit(functools.partial(accumulate_gradients, model_config=CONFIG, config=config,
+                                               micro_batch_size=2))(params, b)
+    # f32: every gradient leaf within 1e-5 of its own largest entry (measured: ~1e-6).
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want)):
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(float(metrics["loss"]), float(direct_loss(params, b, loss)), rtol=1e-5)
+    assert float(metrics["response_tokens"]) == b.loss_mask.sum()
+
+
+def test_minibatch_row_layout():
+    rows = minibatch_rows(16, 2, 2)  # [M, K, mb]
+    assert rows.shape == (2, 2, 4)
+    assert sorted(rows.reshape(-1).tolist()) == list(range(16))
+    assert all(n % 2 == 0 for n in rows[0].reshape(-1))  # mini-batch m = rows n % M == m
+    # Each device block of 4 contiguous rows (4 batch shards) feeds both mini-batches and both micro-batches.
+    for block in range(4):
+        members = set(range(4 * block, 4 * block + 4))
+        assert all(members & set(rows[m, k].tolist()) for m in range(2) for k in range(2))
+
+
+# ------------------------------------------------------------------------------------ optimiser
+
+
+def test_learning_rate_schedule_by_hand():
+    warm = learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=4))
+    assert [float(warm(s)) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    cos = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=2, schedule="cosine",
+                                                 total_steps=6, min_lr_ratio=0.1))
+    # after warm-up: progress p = min(1, (s - 2) / 4) -> 0.1 + 0.9 * (1 + cos(pi * p)) / 2 (floor after step 6)
+    want = [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, (s - 2) / 4))) for s in range(2, 8)]
+    assert [float(cos(s)) for s in range(8)] == pytest.approx(want, rel=1e-6)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(LearnerConfigError, match="optimizer.total_steps"):
+        OptimizerConfig(schedule="cosine")
+    with pytest.raises(LearnerConfigError, match="optimizer.learning_rate"):
+        OptimizerConfig(learning_rate=float("nan"))
+    with pytest.raises(LearnerConfigError, match="optimizer.b2"):
+        OptimizerConfig(b2=1.5)
+    with pytest.raises(LearnerConfigError, match="learner.num_minibatches"):
+        LearnerConfig(num_minibatches=0)
+    with pytest.raises(LearnerConfigError, match="learner.on_nonfinite"):
+        LearnerConfig(on_nonfinite="ignore")
+    with pytest.raises(LearnerConfigError, match="learner.remat"):
+        LearnerConfig(remat="some")
+    with pytest.raises(BatchError, match="learner.micro_batch_size=3"):
+        LearnerConfig(micro_batch_size=3).split(8)
+
+
+def test_train_step_is_adamw_by_hand():
+    """M = K = 1: the update is exactly clip -> Adam (bias-corrected) -> decoupled weight decay, at warm-up lr."""
+    loss = LossConfig(kl_coef=0.05, entropy_coef=0.0)
+    # eps = 1e-4 keeps g / (|g| + eps) smooth in g (with eps ~ 1e-8, elements with |g| ~ 1e-8 turn f32 rounding
+    # of the gradient into O(1) changes of the update, in any implementation).
+    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=4, weight_decay=0.1, max_grad_norm=0.05, b1=0.9,
+                          b2=0.95, eps=1e-4)
+    learner = Learner(CONFIG, LearnerConfig(loss=loss, optimizer=opt, compute_entropy=False))
+    params = random_params(CONFIG, 0)
+    b = random_batch(8, 1, with_ref=True)
+    p0 = jax.tree.map(np.asarray, params)
+    g = jax.tree.map(np.asarray, jax.jit(jax.grad(functools.partial(direct_loss, loss=loss)))(params, b))
+    norm = np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in jax.tree.leaves(g)))
+    assert norm > 0.05  # the clip is active
+    lr = 1e-2 / 4
+    expected = {}
+    for (path, p), gi in zip(jax.tree_util.tree_flatten_with_path(p0)[0], jax.tree.leaves(g)):
+        gc = gi.astype(np.float64) * 0.05 / norm
+        m, v = 0.1 * gc, 0.05 * gc * gc
+        update = (m / 0.1) / (np.sqrt(v / 0.05) + 1e-4) + 0.1 * p
+        expected[jax.tree_util.keystr(path)] = p - lr * update
+
+    state = learner.init_state(params)
+    state, metrics = learner.train_step(state, b)
+    assert metrics["learning_rate"] == pytest.approx(lr)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    assert int(state.step) == 1 and int(state.skipped_updates) == 0
+    for path, p in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+        np.testing.assert_allclose(np.asarray(p), expected[jax.tree_util.keystr(path)], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ sharding
+
+
+def test_sharded_step_matches_single_device():
+    """data 2 x fsdp 2 x tensor 2 on 8 CPU devices == no mesh, over two steps (2 mini-batches x 2 micro-batches,
+    old log-probs recomputed, KL to a reference computed in the step, entropy bonus)."""
+    loss = LossConfig(kl_coef=0.05, entropy_coef=0.01, clip_high=0.28)
+    # eps = 1e-4: see test_train_step_is_adamw_by_hand (reduction order differs between the two layouts).
+    config = LearnerConfig(loss=loss, optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2, eps=1e-4),
+                           num_minibatches=2, micro_batch_size=4, recompute_old_logprobs=True, logits_chunk_size=8)
+    batches = [random_batch(16, 10 + i) for i in range(2)]
+    results = []
+    for mesh in (None, make_mesh(2, 2, 2)):
+        learner = Learner(CONFIG, config, mesh=mesh)
+        assert learner.rows_multiple == 8
+        ref = learner.copy_params(random_params(CONFIG, 5))
+        state = learner.init_state(random_params(CONFIG, 4))
+        metrics = []
+        for b in batches:
+            state, m = learner.train_step(state, b, ref_params=ref)
+            metrics.append(m)
+        results.append((jax.tree.map(np.asarray, state), metrics))
+        if mesh is not None:
+            spec = state.params["layers"]["mlp"]["gate_proj"].sharding.spec
+            assert tuple(spec) == (None, "fsdp", "tensor")
+            mu = state.opt_state[1].inner_state[0].mu["layers"]["mlp"]["gate_proj"]
+            assert mu.sharding == state.params["layers"]["mlp"]["gate_proj"].sharding
+    (single, m1), (sharded, m8) = results
+    tree_close(sharded.params, single.params, rtol=1e-4, atol=1e-6)
+    tree_close(sharded.opt_state, single.opt_state, rtol=1e-3, atol=1e-9)
+    for a, b in zip(m1, m8):
+        for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "clipfrac_high", "ratio_mean",
+                     "response_tokens"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
+    # The step moved the params, and recomputing the old log-probs makes the first mini-batch on-policy.
+    assert m1[0]["kl"] > 0 and 0 < m1[0]["ratio_mean"] < 2
+
+
+# ------------------------------------------------------------------------------------ NaN / inf
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2,
+                           optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
+    b = random_batch(8, 3)
+    bad = b.replace(advantages=b.advantages.copy())
+    bad.advantages[0] = np.nan  # row 0 belongs to mini-batch 0 (rows n % 2 == 0)
+    learner = Learner(CONFIG, config)
+    state = learner.init_state(random_params(CONFIG, 0))
+    state, metrics = learner.train_step(state, bad)
+    assert metrics["nonfinite_updates"] == 1 and int(state.skipped_updates) == 1 and int(state.step) == 1
+    assert np.isfinite(metrics["loss"])  # metrics average the applied update only
+    # Skipping mini-batch 0 leaves exactly the update of mini-batch 1 alone (same lr, fresh Adam state).
+    only = Learner(CONFIG, config.replace(num_minibatches=1))
+    rows = minibatch_rows(8, 2, 1)[1].reshape(-1)
+    ref_state = only.init_state(random_params(CONFIG, 0))
+    ref_state, _ = only.train_step(ref_state, jax.tree.map(lambda x: x[rows], b))
+    tree_close(state.params, ref_state.params, rtol=1e-6, atol=1e-8)
+
+    # Every update non-finite: params and optimiser state unchanged bit for bit, the step still advances.
+    all_bad = b.replace(advantages=np.full_like(b.advantages, np.inf))
+    before = jax.tree.map(np.asarray, state)
+    state, metrics = learner.train_step(state, all_bad)
+    assert metrics["nonfinite_updates"] == 2 and int(state.skipped_updates) == 3 and int(state.step) == 2
+    for x, y in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
+                    jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state)):
+        np.testing.assert_array_equal(x, np.asarray(y))
+
+    # on_nonfinite='raise': a clear error after the step; the returned state excludes the bad update.
+    raising = Learner(CONFIG, config.replace(on_nonfinite="raise"))
+    state = raising.init_state(random_params(CONFIG, 0))
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradient") as err:
+        raising.train_step(state, bad)
+    assert int(err.value.state.skipped_updates) == 1
+    tree_close(err.value.state.params, ref_state.params, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------ learning
+
+
+def test_supervised_warm_start_loss_decreases():
+    config = LearnerConfig(loss=LossConfig(kind="sft"), num_minibatches=2, micro_batch_size=2,
+                           optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0))
+    learner = Learner(CONFIG, config)
+    state = learner.init_state(random_params(CONFIG, 0))
+    b = random_batch(8, 7)
+    losses = []
+    for _ in range(8):
+        state, m = learner.train_step(state, b)
+        losses.append(m["loss"])
+    assert losses[0] == pytest.approx(np.log(128), abs=0.5)  # near-uniform at the start
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def _sampler(config, steps):
+    """A plain ancestral sampler for the toy task: prompt [B, P] -> (response [B, steps], log-probs [B, steps]).
+
+    Each new token is sampled from the full forward over prompt + the response so far (a [B, P + steps] buffer
+    whose mask grows), so its log-prob is exactly what the learner recomputes on the same conversation."""
+
+    @jax.jit
+    def sample(params, prompt, key):
+        b, p = prompt.shape
+        buf = jnp.concatenate([prompt, jnp.zeros((b, steps), prompt.dtype)], axis=1)
+
+        def body(buf, xs):
+            i, k = xs
+            mask = jnp.arange(p + steps)[None, :] < p + i
+            logits, _ = forward(params, buf, positions_from_mask(mask), mask, config=config)
+            logp = jax.nn.log_softmax(jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False))
+            nxt = jax.random.categorical(k, logp)
+            lp = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
+            buf = jax.lax.dynamic_update_slice_in_dim(buf, nxt[:, None].astype(buf.dtype), p + i, axis=1)
+            return buf, lp
+
+        buf, lps = jax.lax.scan(body, buf, (jnp.arange(steps), jax.random.split(key, steps)))
+        return buf[:, p:], lps.T
+
+    return sample
+
+
+def test_grpo_raises_toy_reward():
+    """Multi-conversation GRPO on a toy reward: each trajectory is 2 conversations (a 'memory' step and a
+    'final' step), reward = fraction of response tokens below 8 (chance ~ 8 / 128). A few dozen steps."""
+    groups, g, resp, plen = 4, 8, 3, 4
+    config = LearnerConfig(loss=LossConfig(kl_coef=0.0, clip_high=0.28), num_minibatches=2, logits_chunk_size=0,
+                           compute_entropy=False,
+                           optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.0))
+    learner = Learner(CONFIG, config)
+    state = learner.init_state(random_params(CONFIG, 0))
+    sample = _sampler(CONFIG, resp)
+    rng = np.random.default_rng(0)
+    key = jax.random.key(0)
+    history = []
+    for step in range(30):
+        questions = rng.integers(8, 128, size=(groups, plen))
+        prompts = np.repeat(questions, g, axis=0)  # [groups * g, plen], trajectory t = group t // g
+        key, k1, k2 = jax.random.split(key, 3)
+        mem, mem_lp = map(np.asarray, sample(state.params, jnp.asarray(prompts, jnp.int32), k1))
+        final_prompt = np.concatenate([prompts[:, :2], mem[:, :2]], axis=1)
+        ans, ans_lp = map(np.asarray, sample(state.params, jnp.asarray(final_prompt, jnp.int32), k2))
+        rewards = ((mem < 8).sum(1) + (ans < 8).sum(1)) / (2 * resp)
+        history.append(rewards.mean())
+        adv = np.asarray(group_advantages(rewards.reshape(groups, g))).reshape(-1)
+        traj = np.concatenate([np.arange(groups * g)] * 2)  # conversation -> trajectory
+        conv_adv = np.asarray(broadcast_to_conversations(adv, traj))
+        b = build_conversation_batch(list(prompts) + list(final_prompt), list(mem) + list(ans),
+                                     list(mem_lp) + list(ans_lp), conv_adv, length_multiple=8,
+                                     rows_multiple=learner.rows_multiple)
+        if step == 0:  # the sampler's log-probs are the learner's on the same tokens (alignment check)
+            lp = np.asarray(learner.logprobs(state.params, b))
+            np.testing.assert_allclose(lp[b.loss_mask], b.old_logprobs[b.loss_mask], atol=1e-4)
+        state, m = learner.train_step(state, b)
+        assert m["nonfinite_updates"] == 0
+    start, end = np.mean(history[:3]), np.mean(history[-3:])
+    print("toy reward per step:", np.round(history, 3).tolist())
+    assert start < 0.15 and end > 0.6, history  # chance ~ 8 / 128; noise of a step mean ~ 0.02
