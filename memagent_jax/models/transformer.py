@@ -236,6 +236,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         cdt = _dtype(self.config.compute_dtype)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [B*T, D]: plain 2-D GEMMs (XLA CPU runs the backward ~1.6x faster)
         gate = x @ self.gate_proj[...].astype(cdt)
         up = x @ self.up_proj[...].astype(cdt)
         if self.config.mlp_bias:
@@ -244,7 +246,7 @@ class MLP(nnx.Module):
         out = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(cdt)
         if self.config.mlp_bias:
             out = out + self.down_bias[...].astype(cdt)
-        return out
+        return out.reshape(shape)
 
 
 class Block(nnx.Module):
