@@ -19,6 +19,7 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py", "training config file", lock_config=True)
@@ -78,25 +79,17 @@ def _learner_config(cfg):
 
 
 def _records(cfg, tokenizer):
-    """A random-access sequence of QARecords: the training file, or the synthetic task."""
+    """(random-access source, transform to QARecord): the training file, or the synthetic task."""
     if cfg.data.train_file:
         from memagent_jax.data.formats import open_file
 
-        return open_file(cfg.data.train_file)
+        return open_file(cfg.data.train_file), None
     from memagent_jax.data.synthetic import SyntheticConfig, SyntheticDataset
 
     synthetic = SyntheticDataset(SyntheticConfig(task=cfg.data.synthetic_task, num_tokens=cfg.data.synthetic_tokens,
                                                  chunk_tokens=cfg.agent.chunk_tokens, seed=cfg.seed),
                                  tokenizer, cfg.data.synthetic_samples)
-
-    class _AsRecords:
-        def __len__(self):
-            return len(synthetic)
-
-        def __getitem__(self, i):
-            return synthetic[i].to_record()
-
-    return _AsRecords()
+    return synthetic, lambda sample: sample.to_record()
 
 
 def train(cfg, workdir: str) -> dict:
@@ -127,7 +120,8 @@ def train(cfg, workdir: str) -> dict:
     learner = Learner(model_config, _learner_config(cfg), mesh=mesh)
     reference = learner.copy_params(params) if learner.needs_reference else None
     state = learner.init_state(params)
-    iterator = ShardedIterator(_records(cfg, tokenizer), cfg.rl.questions_per_step, seed=cfg.seed,
+    source, transform = _records(cfg, tokenizer)
+    iterator = ShardedIterator(source, cfg.rl.questions_per_step, seed=cfg.seed, transform=transform,
                                process_index=jax.process_index(), process_count=jax.process_count())
     base_key = jax.random.key(cfg.seed)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.checkpoint.keep,
@@ -188,6 +182,8 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines off the progress output
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except TrainConfigError as e:

@@ -248,14 +248,15 @@ class MemoryAgent:
                 lens[i, j] = piece.size
         return chunks, lens
 
-    def _step_records(self, records, row: int, count: int):
+    def _step_records(self, records, count: int):
+        """(global step k, its segment's record, index within the segment) for the first `count` steps."""
         s = self.budgets.chunks_per_segment
         for k in range(count):
             yield k, records[k // s], k % s
 
     def _trace(self, records, row: int, count: int) -> list[str]:
         out = []
-        for _, rec, j in self._step_records(records, row, count):
+        for _, rec, j in self._step_records(records, count):
             ids = rec.response[row, j, :rec.memory_len[row, j]]
             out.append(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
         return out
@@ -263,7 +264,7 @@ class MemoryAgent:
     def _conversations(self, records, final, prefix, row: int, count: int) -> list[Conversation]:
         prefix_ids = prefix[0][row][prefix[1][row]]
         convs = []
-        for k, rec, j in self._step_records(records, row, count):
+        for k, rec, j in self._step_records(records, count):
             rest = rec.rest_tokens[row, j][rec.rest_mask[row, j]]
             length = rec.response_len[row, j]
             convs.append(Conversation(kind="memory", step=k, prompt_ids=np.concatenate([prefix_ids, rest]),

@@ -25,7 +25,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
@@ -183,11 +182,6 @@ class Sampler:
         raise SamplingError(f"prompt of {length} tokens is longer than the largest bucket ({self.buckets[-1]} "
                             f"tokens); raise max_prompt_length or shorten the prompt")
 
-    def _batch_multiple(self) -> int:
-        if self.mesh is None:
-            return 1
-        return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
-
     # ---------------------------------------------------------------------------------- placement
 
     def _put(self, x, rank: int):
@@ -196,16 +190,10 @@ class Sampler:
             return x
         return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, rank, x.shape[0]))
 
-    def _cache_shardings(self, batch: int, slots: int):
-        c, mesh = self.config, self.mesh
-        kv_shape = (c.num_layers, batch, c.num_kv_heads, slots, c.head_dim)
-        kv = NamedSharding(mesh, sharding_lib.logical_to_spec(("layer", "batch", "kv_heads", "seq", "head_dim"),
-                                                              kv_shape, mesh))
-        rows = NamedSharding(mesh, sharding_lib.logical_to_spec(("batch", "seq"), (batch, slots), mesh))
-        return KVCache(k=kv, v=kv, positions=rows, valid=rows, length=NamedSharding(mesh, P()))
-
     def _new_cache(self, batch: int, slots: int) -> KVCache:
-        shardings = None if self.mesh is None else self._cache_shardings(batch, slots)
+        shardings = None
+        if self.mesh is not None:
+            shardings = sharding_lib.kv_cache_shardings(self.config, self.mesh, batch, slots)
         key = None if shardings is None else (shardings.k, shardings.positions, shardings.length)
         return _cache_initialiser(self.config, batch, slots, self.cache_dtype, key)()
 
@@ -229,7 +217,7 @@ class Sampler:
         n_rows = len(rows)
         keys = row_keys(rng, n_rows)
         bucket = self.bucket_for(max(len(r) for r in rows))
-        multiple = self._batch_multiple()
+        multiple = sharding_lib.batch_multiple(self.mesh)
         batch = -(-n_rows // multiple) * multiple
         tokens = np.full((batch, bucket), sampling.pad_id, np.int32)
         mask = np.zeros((batch, bucket), bool)
