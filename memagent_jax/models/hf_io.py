@@ -192,7 +192,7 @@ def _to_device(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def _set_layer(stacked: jax.Array, layer: int, value: jax.Array) -> jax.Array:
+def _set_layer(stacked: jax.Array, layer: jax.Array, value: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(stacked, value, layer, axis=0)
 
 
@@ -234,12 +234,13 @@ def load_hf_params(folder: str, config: ModelConfig | None = None, *, mesh=None,
         layer_sharding = None
         if sharding is not None:
             layer_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
-        set_layer = jax.jit(_set_layer, donate_argnums=0, static_argnums=1, out_shardings=sharding)
+        # The layer index is traced: one compile per tensor kind, not one per layer.
+        set_layer = jax.jit(_set_layer, donate_argnums=0, out_shardings=sharding)
         stacked = jax.jit(lambda: jnp.zeros(struct.shape, struct.dtype), out_shardings=sharding)()
         for i in range(config.num_layers):
             name = spec.hf_name.format(i=i)
             host = spec.to_ours(_read_checked(files, name, spec.hf_shape)).astype(target_dtype)
-            stacked = set_layer(stacked, i, _to_device(host, layer_sharding))
+            stacked = set_layer(stacked, jnp.int32(i), _to_device(host, layer_sharding))
             used.add(name)
         _set(params, spec.path, stacked)
         if progress:
