@@ -27,8 +27,7 @@ from memagent_jax.agent.program import AgentSpec, final_program, prefix_program,
 from memagent_jax.agent.templates import AgentPrompts, AgentTemplates
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
-from memagent_jax.models.transformer import init_cache
-from memagent_jax.sampling.api import row_keys
+from memagent_jax.sampling.api import new_cache, row_keys
 from memagent_jax.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -152,10 +151,7 @@ class MemoryAgent:
         cache = self._caches.pop((kind, batch), None)
         if cache is not None:
             return cache
-        make = lambda: init_cache(self.config, batch, slots)  # noqa: E731
-        if self.mesh is None:
-            return jax.jit(make)()
-        return jax.jit(make, out_shardings=sharding_lib.kv_cache_shardings(self.config, self.mesh, batch, slots))()
+        return new_cache(self.config, batch, slots, mesh=self.mesh)
 
     # --------------------------------------------------------------------------------------- run
 

@@ -32,7 +32,7 @@ from memagent_jax.models.transformer import KVCache, init_cache
 from memagent_jax.sampling.params import SamplingError, SamplingParams
 from memagent_jax.sampling.sampler import SampleOutput, prefill_and_decode
 
-__all__ = ["GenerateResult", "Sampler", "generate", "prompt_buckets", "row_keys"]
+__all__ = ["GenerateResult", "Sampler", "generate", "new_cache", "prompt_buckets", "row_keys"]
 
 DEFAULT_MIN_BUCKET = 16
 
@@ -54,6 +54,14 @@ def _cache_initialiser(config: ModelConfig, batch: int, slots: int, dtype, shard
         kv, rows, scalar = shardings
         out = KVCache(k=kv, v=kv, positions=rows, valid=rows, length=scalar)
     return jax.jit(lambda: init_cache(config, batch, slots, dtype), out_shardings=out)
+
+
+def new_cache(config: ModelConfig, batch: int, slots: int, *, mesh=None, dtype: str | None = None) -> KVCache:
+    """An empty KV cache of `slots` slots per row, made directly in its shards when a mesh is given (rows over
+    the batch axes, KV heads over 'tensor'); the jitted initialiser is compiled once per shape."""
+    shardings = None if mesh is None else sharding_lib.kv_cache_shardings(config, mesh, batch, slots)
+    key = None if shardings is None else (shardings.k, shardings.positions, shardings.length)
+    return _cache_initialiser(config, batch, slots, dtype, key)()
 
 
 def prompt_buckets(max_prompt_length: int, min_bucket: int = DEFAULT_MIN_BUCKET) -> tuple[int, ...]:
@@ -191,11 +199,7 @@ class Sampler:
         return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, rank, x.shape[0]))
 
     def _new_cache(self, batch: int, slots: int) -> KVCache:
-        shardings = None
-        if self.mesh is not None:
-            shardings = sharding_lib.kv_cache_shardings(self.config, self.mesh, batch, slots)
-        key = None if shardings is None else (shardings.k, shardings.positions, shardings.length)
-        return _cache_initialiser(self.config, batch, slots, self.cache_dtype, key)()
+        return new_cache(self.config, batch, slots, mesh=self.mesh, dtype=self.cache_dtype)
 
     # ------------------------------------------------------------------------------------ generate
 
