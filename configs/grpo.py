@@ -19,6 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(dict(
         path="",  # local Hugging Face folder (config.json + safetensors); required
+        preset="",  # models.presets name giving the shape when the folder is not at hand (the planner)
         tokenizer="",  # tokenizer folder ('' = the model folder)
         param_dtype="float32" if cpu else "bfloat16",
         compute_dtype="float32" if cpu else "bfloat16",

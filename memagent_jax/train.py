@@ -30,16 +30,21 @@ class TrainConfigError(ValueError):
     """A training config field is invalid; the message names the field."""
 
 
-def validate_config(cfg, *, device_count: int) -> None:
-    """Checks a config before any expensive work; every error names the field at fault."""
-    if not cfg.model.path:
-        raise TrainConfigError("config.model.path: required (a local Hugging Face model folder)")
-    if not os.path.isdir(cfg.model.path):
-        raise TrainConfigError(f"config.model.path: {cfg.model.path!r} is not a directory")
-    if cfg.model.tokenizer and not os.path.isdir(cfg.model.tokenizer):
-        raise TrainConfigError(f"config.model.tokenizer: {cfg.model.tokenizer!r} is not a directory")
-    if cfg.data.train_file and not os.path.isfile(cfg.data.train_file):
-        raise TrainConfigError(f"config.data.train_file: {cfg.data.train_file!r} does not exist")
+def validate_config(cfg, *, device_count: int, check_files: bool = True) -> None:
+    """Checks a config before any expensive work; every error names the field at fault.
+
+    check_files=False skips the checks that need the model folder and data files to exist (the planner sizes
+    shipped configs whose checkpoints live elsewhere).
+    """
+    if check_files:
+        if not cfg.model.path:
+            raise TrainConfigError("config.model.path: required (a local Hugging Face model folder)")
+        if not os.path.isdir(cfg.model.path):
+            raise TrainConfigError(f"config.model.path: {cfg.model.path!r} is not a directory")
+        if cfg.model.tokenizer and not os.path.isdir(cfg.model.tokenizer):
+            raise TrainConfigError(f"config.model.tokenizer: {cfg.model.tokenizer!r} is not a directory")
+        if cfg.data.train_file and not os.path.isfile(cfg.data.train_file):
+            raise TrainConfigError(f"config.data.train_file: {cfg.data.train_file!r} does not exist")
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     known = [s for s in sizes if s != -1]
     if sizes.count(-1) > 1 or any(s <= 0 for s in known):
