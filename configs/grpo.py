@@ -40,6 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         chunks_per_segment=2 if cpu else 4,
         temperature=1.0,
         top_p=1.0,
+        templates="",  # JSON file of agent.AgentTemplates fields ('' = the default wording)
     ))
     c.rl = ml_collections.ConfigDict(dict(
         questions_per_step=2 if cpu else 128,
@@ -63,7 +64,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         recompute_old_logprobs=False,
         on_nonfinite="skip",
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Learner mesh data x fsdp x tensor (one axis may be -1: the rest of the devices). rollout_devices > 0 runs the
+    # rollout on its own mesh of that many devices (data = the rest x rollout_fsdp x rollout_tensor), taken from
+    # the end of each process's devices, the learner gets the others, and the learner's params are copied there
+    # every step. 0 = rollout on the learner's mesh with its params in place.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rollout_devices=0, rollout_fsdp=1,
+                                            rollout_tensor=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=2 if cpu else 10, keep=3, async_save=True))
     c.export = True  # write an HF folder of the final params to <workdir>/export
     c.log_every = 1

@@ -15,6 +15,7 @@ Output rows are written as their batch finishes, so a killed run keeps what it f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="param and compute dtype (float32, bfloat16; default: checkpoint)")
     p.add_argument("--no-progress", action="store_true")
+    from memagent_jax import distributed
+
+    distributed.add_arguments(p)
     return p
 
 
@@ -137,13 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     if batch and (args.input is None or args.output is None):
         _parser().error("batch mode needs both --input and --output")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from memagent_jax import distributed
     from memagent_jax.agent import AgentInputError
     from memagent_jax.models import CheckpointError, ConfigError
 
     try:
-        agent = _build_agent(args)
-        return _single(args, agent) if single else _batch(args, agent)
-    except (AgentInputError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        # Multi-process runs (e.g. the same command on every host): every process answers on its own devices
+        # (same rows, same seed, same answers) and only process 0 prints and writes the output file.
+        output = contextlib.nullcontext()
+        if distributed.initialize_from_args(args):
+            import jax
+
+            if jax.process_index() != 0:
+                if batch:
+                    args.output = os.devnull
+                output = contextlib.redirect_stdout(open(os.devnull, "w"))
+        with output:
+            agent = _build_agent(args)
+            return _single(args, agent) if single else _batch(args, agent)
+    except (AgentInputError, CheckpointError, ConfigError, FileNotFoundError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -110,7 +110,11 @@ class Checkpointer:
         """Saves a checkpoint for `step` (async by default). Returns whether a save was started.
 
         state: any pytree of arrays (the `TrainState`). data_state: a JSON-able dict (the iterator position).
-        rng: a JAX PRNG key (typed `jax.random.key` or raw uint32 `PRNGKey`), or None.
+        rng: a JAX PRNG key (typed `jax.random.key` or raw uint32 `PRNGKey`), or None. It is saved as host data
+          (the same key on every process of a multi-process run; only the primary process writes it).
+
+        Multi-process runs: every process calls `save` with the same step (the state's arrays are global; each
+        process writes its own shards, Orbax coordinates the commit).
         """
         if self._closed:
             raise CheckpointError("save() on a closed Checkpointer")
@@ -129,9 +133,9 @@ class Checkpointer:
             if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
                 meta["rng_typed"] = True
                 meta["rng_impl"] = str(jax.random.key_impl(rng))
-                rng_item = {"key_data": jax.random.key_data(rng)}
+                rng_item = {"key_data": np.asarray(jax.random.key_data(rng))}
             elif rng.dtype == jnp.uint32:
-                rng_item = {"key_data": rng}
+                rng_item = {"key_data": np.asarray(rng)}
             else:
                 raise CheckpointError(f"rng must be a JAX PRNG key, got dtype {rng.dtype}")
         args = ocp.args.Composite(

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run in this dtype (float32, bfloat16); default: the checkpoint's dtype")
     p.add_argument("--json", action="store_true", help="print JSON lines with ids and log-probs")
     p.add_argument("--quiet", action="store_true", help="no timing line on stderr")
+    from memagent_jax import distributed
+
+    distributed.add_arguments(p)
     return p
 
 
@@ -90,9 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         if not ids:
             parser.error(f"--prompt #{i + 1} is empty after tokenization")
 
+    from memagent_jax import distributed
     from memagent_jax.models import load_hf_params
     from memagent_jax.sampling.api import Sampler
 
+    try:
+        # Multi-process runs: every process generates on its own devices; only process 0 prints.
+        if distributed.initialize_from_args(args):
+            import jax
+
+            if jax.process_index() != 0:
+                sys.stdout = open(os.devnull, "w")
+                args.quiet = True
+    except distributed.DistributedError as e:
+        parser.error(str(e))
     try:
         params, config = load_hf_params(args.model, param_dtype=args.dtype)
         if args.dtype is not None:  # compute in the requested dtype too

@@ -10,6 +10,13 @@ updates, gradient accumulation). The rollout runs on the learner's params in pla
 The workdir holds `checkpoints/` (Orbax: train state, data-iterator position, RNG; the last N kept),
 `metrics.jsonl` and TensorBoard events, and `export/` (the final model as a Hugging Face folder). Restarting
 with the same workdir resumes from the newest finished checkpoint and continues exactly where it stopped.
+
+Multi-host: run the same command on every host (one process per host, or `launch/local.py` for several
+processes on one machine) with --coordinator_address/--num_processes/--process_id or the MEMAGENT_* variables
+(see `memagent_jax.distributed`). Each process reads its own share of the questions (questions_per_step /
+processes), rolls them out on the shared mesh, and feeds its own conversations to the learner; process 0 writes
+the metrics and the export, every process takes part in checkpointing. `config.mesh.rollout_devices` > 0 puts
+the rollout on its own devices (its own mesh) and copies the learner's params there every step.
 """
 
 from __future__ import annotations
@@ -22,19 +29,29 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py", "training config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported model")
+from memagent_jax import distributed
+
+_CONFIG = _WORKDIR = None
+
+
+def define_flags() -> None:
+    """Registers the command-line flags (only when run as a program, so other entry points can import `train`)."""
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py", "training config file", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported model")
+    distributed.define_flags()  # --coordinator_address / --num_processes / --process_id (multi-host runs)
 
 
 class TrainConfigError(ValueError):
     """A training config field is invalid; the message names the field."""
 
 
-def validate_config(cfg, *, device_count: int, check_files: bool = True) -> None:
+def validate_config(cfg, *, device_count: int, check_files: bool = True, process_count: int = 1) -> None:
     """Checks a config before any expensive work; every error names the field at fault.
 
     check_files=False skips the checks that need the model folder and data files to exist (the planner sizes
-    shipped configs whose checkpoints live elsewhere).
+    shipped configs whose checkpoints live elsewhere). device_count / process_count: of the whole run (all
+    hosts); the learner mesh gets device_count - config.mesh.rollout_devices devices.
     """
     if check_files:
         if not cfg.model.path:
@@ -45,6 +62,34 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True) -> None
             raise TrainConfigError(f"config.model.tokenizer: {cfg.model.tokenizer!r} is not a directory")
         if cfg.data.train_file and not os.path.isfile(cfg.data.train_file):
             raise TrainConfigError(f"config.data.train_file: {cfg.data.train_file!r} does not exist")
+        if cfg.agent.get("templates") and not os.path.isfile(cfg.agent.templates):
+            raise TrainConfigError(f"config.agent.templates: {cfg.agent.templates!r} does not exist")
+    rollout = _mesh_field(cfg, "rollout_devices", 0)
+    rollout_fsdp = _mesh_field(cfg, "rollout_fsdp", 1)
+    rollout_tensor = _mesh_field(cfg, "rollout_tensor", 1)
+    for name, value in (("rollout_devices", rollout), ("rollout_fsdp", rollout_fsdp),
+                        ("rollout_tensor", rollout_tensor)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TrainConfigError(f"config.mesh.{name} must be an integer, got {value!r}")
+    if rollout < 0 or rollout >= device_count:
+        raise TrainConfigError(f"config.mesh.rollout_devices must be 0 (rollout on the learner's devices) or in "
+                               f"[1, {device_count - 1}] ({device_count} devices, at least one for the learner), "
+                               f"got {rollout}")
+    if rollout:
+        if rollout % process_count:
+            raise TrainConfigError(f"config.mesh.rollout_devices={rollout} must be a multiple of the "
+                                   f"{process_count} processes (each process gives the same number of its devices)")
+        if rollout_fsdp < 1 or rollout_tensor < 1 or rollout % (rollout_fsdp * rollout_tensor):
+            raise TrainConfigError(f"config.mesh.rollout_fsdp x config.mesh.rollout_tensor = {rollout_fsdp} x "
+                                   f"{rollout_tensor} must be positive and divide config.mesh.rollout_devices="
+                                   f"{rollout}")
+        if (rollout // rollout_tensor) % process_count:
+            raise TrainConfigError(f"config.mesh.rollout_devices / config.mesh.rollout_tensor = "
+                                   f"{rollout // rollout_tensor} batch shards must be a multiple of the "
+                                   f"{process_count} processes (every process holds whole rows)")
+    learner_count = device_count - rollout
+    where = (f"{device_count} devices" if not rollout else
+             f"the {learner_count} learner devices ({device_count} devices - config.mesh.rollout_devices={rollout})")
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     known = [s for s in sizes if s != -1]
     if sizes.count(-1) > 1 or any(s <= 0 for s in known):
@@ -52,8 +97,17 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True) -> None
     prod = 1
     for s in known:
         prod *= s
-    if (-1 in sizes and device_count % prod) or (-1 not in sizes and prod != device_count):
-        raise TrainConfigError(f"config.mesh: data x fsdp x tensor = {sizes} does not match {device_count} devices")
+    if (-1 in sizes and learner_count % prod) or (-1 not in sizes and prod != learner_count):
+        raise TrainConfigError(f"config.mesh: data x fsdp x tensor = {sizes} does not match {where}")
+    if process_count > 1:
+        resolved = [learner_count // prod if s == -1 else s for s in sizes]
+        if (resolved[0] * resolved[1]) % process_count:
+            raise TrainConfigError(f"config.mesh: data x fsdp = {resolved[0] * resolved[1]} must be a multiple of the "
+                                   f"{process_count} processes, so that every process holds whole batch rows")
+        if cfg.rl.questions_per_step % process_count:
+            raise TrainConfigError(f"config.rl.questions_per_step={cfg.rl.questions_per_step} must be a multiple of "
+                                   f"the {process_count} processes (each process rolls out "
+                                   f"questions_per_step / processes questions per step)")
     for name in ("steps",):
         if cfg[name] <= 0:
             raise TrainConfigError(f"config.{name} must be positive, got {cfg[name]}")
@@ -64,6 +118,32 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True) -> None
         raise TrainConfigError(f"config.rl.micro_batch_size must be >= 0 (0 = whole mini-batch)")
     if cfg.checkpoint.every <= 0:
         raise TrainConfigError(f"config.checkpoint.every must be positive, got {cfg.checkpoint.every}")
+
+
+def _mesh_field(cfg, name: str, default):
+    return cfg.mesh[name] if name in cfg.mesh else default
+
+
+def split_devices(cfg, devices=None):
+    """(learner devices, rollout devices or None when colocated) for `config.mesh.rollout_devices`.
+
+    Each process gives its last rollout_devices / processes local devices to the rollout mesh and the rest to
+    the learner mesh (with one process: the last rollout_devices devices).
+    """
+    import jax
+
+    devices = list(devices if devices is not None else jax.devices())
+    k = _mesh_field(cfg, "rollout_devices", 0)
+    if not k:
+        return devices, None
+    procs = sorted({d.process_index for d in devices})
+    per = k // len(procs)
+    learner, rollout = [], []
+    for p in procs:
+        local = [d for d in devices if d.process_index == p]
+        learner += local[:len(local) - per]
+        rollout += local[len(local) - per:]
+    return learner, rollout
 
 
 def _learner_config(cfg):
@@ -97,13 +177,70 @@ def _records(cfg, tokenizer):
     return synthetic, lambda sample: sample.to_record()
 
 
+def _common_batch(batch, stats: dict, *, pad_id: int):
+    """Multi-process: this process's conversation batch padded to the row count and length of the largest one of
+    any process (every process must feed the learner the same shapes; padding rows train on nothing), and the
+    stats summed over processes. Returns (batch or None when no process has a conversation, stats)."""
+    import numpy as np
+
+    from memagent_jax.models import sharding as sharding_lib
+    from memagent_jax.rl.batch import ConversationBatch, pad_rows
+
+    rows, length = (batch.num_rows, batch.length) if batch is not None else (0, 0)
+    local = np.array([rows, length, stats["kept_groups"], stats["groups"], stats["conversations"]], np.int64)
+    every = sharding_lib.process_allgather(local)
+    rows, length = int(every[:, 0].max()), int(every[:, 1].max())
+    stats = {"kept_groups": int(every[:, 2].sum()), "groups": int(every[:, 3].sum()),
+             "conversations": int(every[:, 4].sum())}
+    if rows == 0:
+        return None, stats
+    if batch is None:
+        return ConversationBatch(tokens=np.full((rows, length), pad_id, np.int32),
+                                 token_mask=np.zeros((rows, length), bool), loss_mask=np.zeros((rows, length), bool),
+                                 old_logprobs=np.zeros((rows, length), np.float32),
+                                 advantages=np.zeros((rows,), np.float32)), stats
+    batch = pad_rows(batch, rows)
+    extra = length - batch.length
+    if extra:
+        def widen(x, value):
+            return None if x is None else np.pad(np.asarray(x), ((0, 0), (0, extra)), constant_values=value)
+
+        batch = batch.replace(tokens=widen(batch.tokens, pad_id), token_mask=widen(batch.token_mask, False),
+                              loss_mask=widen(batch.loss_mask, False), old_logprobs=widen(batch.old_logprobs, 0.0),
+                              ref_logprobs=widen(batch.ref_logprobs, 0.0))
+    return batch, stats
+
+
+def _global_rollout_stats(rollout):
+    """Multi-process: (rewards [Q, G], accuracy [Q, G], length stats) over every process's trajectories, questions
+    in the step's global order (question j of process p is question j * processes + p)."""
+    import numpy as np
+
+    from memagent_jax.models import sharding as sharding_lib
+
+    def gather(x):  # [P, Qp, G] -> [Qp, P, G] -> [Q, G]
+        every = sharding_lib.process_allgather(x)
+        return every.transpose(1, 0, 2).reshape(-1, x.shape[-1])
+
+    convs = rollout.agent_result.conversations
+    memory = [len(c.response_ids) for conv in convs for c in conv if c.kind == "memory"]
+    final = [len(c.response_ids) for conv in convs for c in conv if c.kind == "final"]
+    chunks = rollout.agent_result.num_chunks
+    sums = sharding_lib.process_allgather(np.array([sum(memory), len(memory), sum(final), len(final), sum(chunks),
+                                                    len(chunks)], np.int64)).sum(axis=0)
+    lengths = {"memory_response_len": float(sums[0] / sums[1]) if sums[1] else 0.0,
+               "final_response_len": float(sums[2] / sums[3]) if sums[3] else 0.0,
+               "chunks_per_trajectory": float(sums[4] / sums[5]) if sums[5] else 0.0}
+    return gather(rollout.rewards), gather(rollout.accuracy), lengths
+
+
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last step's metrics."""
     import jax
     import numpy as np
     from transformers import AutoTokenizer
 
-    from memagent_jax.agent import AgentBudgets, MemoryAgent
+    from memagent_jax.agent import AgentBudgets, AgentTemplates, MemoryAgent
     from memagent_jax.checkpoint import Checkpointer
     from memagent_jax.data.iterator import ShardedIterator
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
@@ -115,9 +252,13 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.rl.rollout import RewardScorer, collect_rollouts, rollout_to_batch
     from memagent_jax.sampling import SamplingParams
 
-    validate_config(cfg, device_count=jax.device_count())
+    process_count, process_index = jax.process_count(), jax.process_index()
+    validate_config(cfg, device_count=jax.device_count(), process_count=process_count)
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    learner_devices, rollout_devices = split_devices(cfg)
+    mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=learner_devices)
+    rollout_mesh = mesh if rollout_devices is None else sharding_lib.make_mesh(
+        -1, _mesh_field(cfg, "rollout_fsdp", 1), _mesh_field(cfg, "rollout_tensor", 1), devices=rollout_devices)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, local_files_only=True)
     params, model_config = load_hf_params(cfg.model.path, mesh=mesh, param_dtype=cfg.model.param_dtype)
     model_config = model_config.replace(compute_dtype=cfg.model.compute_dtype)
@@ -126,8 +267,9 @@ def train(cfg, workdir: str) -> dict:
     reference = learner.copy_params(params) if learner.needs_reference else None
     state = learner.init_state(params)
     source, transform = _records(cfg, tokenizer)
-    iterator = ShardedIterator(source, cfg.rl.questions_per_step, seed=cfg.seed, transform=transform,
-                               process_index=jax.process_index(), process_count=jax.process_count())
+    # Each process reads its own shard: questions_per_step / processes questions per step.
+    iterator = ShardedIterator(source, cfg.rl.questions_per_step // process_count, seed=cfg.seed,
+                               transform=transform, process_index=process_index, process_count=process_count)
     base_key = jax.random.key(cfg.seed)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save)
@@ -136,12 +278,24 @@ def train(cfg, workdir: str) -> dict:
         restored = checkpointer.restore(learner.abstract_state())
         state, start = restored.state, restored.step
         iterator.set_state(restored.data_state)
-        print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
+        if process_index == 0:
+            print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
+    if rollout_devices is None:
+        def rollout_params(params):
+            return params  # the learner's params, in place
+    else:
+        # Separate meshes: the learner's params are copied onto the rollout mesh's shardings every step.
+        rollout_shardings = sharding_lib.param_shardings(state.params, rollout_mesh)
+
+        def rollout_params(params):
+            return sharding_lib.copy_to(params, rollout_shardings)  # jax.device_put, also across processes
 
     budgets = AgentBudgets(question_tokens=cfg.agent.question_tokens, chunk_tokens=cfg.agent.chunk_tokens,
                            memory_tokens=cfg.agent.memory_tokens, answer_tokens=cfg.agent.answer_tokens,
                            chunks_per_segment=cfg.agent.chunks_per_segment)
-    agent = MemoryAgent(state.params, model_config, tokenizer, budgets=budgets, mesh=mesh,
+    templates = AgentTemplates.from_file(cfg.agent.templates) if cfg.agent.get("templates") else AgentTemplates()
+    agent = MemoryAgent(rollout_params(state.params), model_config, tokenizer, budgets=budgets, mesh=rollout_mesh,
+                        templates=templates,
                         memory_sampling=SamplingParams(temperature=cfg.agent.temperature, top_p=cfg.agent.top_p))
     scorer = RewardScorer(cfg.data.reward_style)
     writer = MetricsWriter(workdir, total_steps=cfg.steps, console_every=cfg.log_every)
@@ -150,17 +304,26 @@ def train(cfg, workdir: str) -> dict:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             records = next(iterator)
-            agent.params = state.params  # the learner's params, in place
+            agent.params = rollout_params(state.params)
+            # Question j of process p is question j * processes + p of the step (the iterator's global order):
+            # trajectory keys depend on that, not on the process layout.
+            question_ids = [j * process_count + process_index for j in range(len(records))]
             rollout = collect_rollouts(agent, records, cfg.rl.group_size, jax.random.fold_in(base_key, step),
-                                       scorer=scorer).result()
+                                       scorer=scorer, question_ids=question_ids).result()
             advantages = np.asarray(group_advantages(rollout.rewards, normalize_std=cfg.rl.normalize_std,
                                                      leave_one_out=cfg.rl.leave_one_out))
             keep = np.asarray(dynamic_sampling_mask(rollout.rewards)) if cfg.rl.dynamic_sampling else None
             batch, stats = rollout_to_batch(rollout, advantages, keep_groups=keep, pad_id=agent.spec.pad_id,
-                                            vocab_size=model_config.vocab_size, rows_multiple=learner.rows_multiple)
-            metrics = {"reward_mean": float(rollout.rewards.mean()), "reward_std": float(rollout.rewards.std()),
-                       "accuracy": float(rollout.accuracy.mean()), "rollout_time_s": rollout.rollout_seconds,
-                       "reward_time_s": rollout.reward_seconds, **rollout.length_stats(), **stats}
+                                            vocab_size=model_config.vocab_size,
+                                            rows_multiple=learner.process_rows_multiple)
+            if process_count == 1:
+                rewards, accuracy, lengths = rollout.rewards, rollout.accuracy, rollout.length_stats()
+            else:  # every process learns from its own rows; the metrics cover all of them
+                batch, stats = _common_batch(batch, stats, pad_id=agent.spec.pad_id)
+                rewards, accuracy, lengths = _global_rollout_stats(rollout)
+            metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                       "accuracy": float(accuracy.mean()), "rollout_time_s": rollout.rollout_seconds,
+                       "reward_time_s": rollout.reward_seconds, **lengths, **stats}
             if batch is not None:
                 batch = shuffle_rows(batch, np.random.default_rng([cfg.seed, step]))
                 state, learn = learner.train_step(state, batch, ref_params=reference)
@@ -190,11 +353,13 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines off the progress output
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
+        distributed.initialize_from_flags()  # multi-host runs: join the other processes (no-op for one process)
         train(_CONFIG.value, _WORKDIR.value)
-    except TrainConfigError as e:
+    except (TrainConfigError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -84,7 +84,9 @@ class MemoryAgent:
       templates: the prompt wording (`AgentTemplates`).
       memory_sampling / answer_sampling: how memory updates / answers are sampled (temperature, top-p, ...);
         `max_new_tokens`, stop ids and pad id are set from the budgets and the tokenizer. Default: greedy.
-      mesh: optional ('data', 'fsdp', 'tensor') mesh; rows are sharded over data x fsdp.
+      mesh: optional ('data', 'fsdp', 'tensor') mesh; rows are sharded over data x fsdp. A mesh may span several
+        processes (multi-host): every process then calls `run` with its own rows (any count, also 0), the rows
+        of all processes run as one batch, and each process gets back the results of its own rows.
       stop_token_ids: overrides the default stop ids (model + tokenizer EOS); () generates fixed-length
         memories and answers (benchmarks).
     """
@@ -142,10 +144,18 @@ class MemoryAgent:
         return q_ids, centre_truncate(doc_ids, self.budgets.max_document_tokens)
 
     def _put(self, x, rank: int | None = None):
+        if sharding_lib.is_multiprocess(self.mesh):  # this process's rows of a batch spanning processes
+            return sharding_lib.put_rows(x, self.mesh, rank)
         x = jnp.asarray(x)
         if self.mesh is None:
             return x
         return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim if rank is None else rank, x.shape[0]))
+
+    def _get(self, tree):
+        """Device results -> host NumPy: this process's rows when the mesh spans processes."""
+        if sharding_lib.is_multiprocess(self.mesh):
+            return sharding_lib.local_rows(tree, self.mesh)
+        return jax.device_get(tree)
 
     def _cache(self, kind: str, batch: int, slots: int):
         cache = self._caches.pop((kind, batch), None)
@@ -169,23 +179,33 @@ class MemoryAgent:
         """
         if len(questions) != len(documents):
             raise AgentInputError(f"{len(questions)} questions but {len(documents)} documents")
-        if not questions:
+        procs = sharding_lib.mesh_process_count(self.mesh)
+        if not questions and procs == 1:
             raise AgentInputError("no rows to run")
         rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
         spec, b = self.spec, self.budgets
         n = len(rows)
-        batch = -(-n // sharding_lib.batch_multiple(self.mesh)) * sharding_lib.batch_multiple(self.mesh)
-        keys = row_keys(rng, n)
-        if batch > n:
+        docs = [d for _, d in rows]
+        chunk_counts = [num_chunks(d.size, b.chunk_tokens) for d in docs]
+        segments = -(-max(chunk_counts, default=0) // b.chunks_per_segment)
+        if procs > 1:
+            # Every process runs the same programs the same number of times: a common row count (its own rows
+            # padded) and the longest document of any process.
+            n_max, segments = sharding_lib.process_allgather(np.array([n, segments], np.int64)).max(axis=0)
+            multiple = sharding_lib.process_batch_multiple(self.mesh)
+            batch = max(-(-int(n_max) // multiple) * multiple, multiple)
+            segments = int(segments)
+        else:
+            batch = -(-n // sharding_lib.batch_multiple(self.mesh)) * sharding_lib.batch_multiple(self.mesh)
+        keys = row_keys(rng, n) if n else row_keys(0, batch)
+        if batch > keys.shape[0]:
             keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (batch - n,))])
         question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
         question_len = np.zeros((batch,), np.int32)
-        for i, (q, _) in enumerate(rows + [rows[0]] * (batch - n)):
+        for i, (q, _) in enumerate(rows + [rows[0]] * (batch - n) if rows else []):
             question[i, :q.size] = q
             question_len[i] = q.size
-        docs = [d for _, d in rows]
-        chunk_counts = [num_chunks(d.size, b.chunk_tokens) for d in docs]
-        segments = -(-max(chunk_counts) // b.chunks_per_segment)
+        global_batch = batch * procs
 
         memory = np.full((batch, b.memory_tokens), spec.pad_id, np.int32)
         init = spec.prompts.initial_memory
@@ -199,7 +219,7 @@ class MemoryAgent:
             keys_d = self._put(keys, 1)
             question_d, question_len_d = self._put(question), self._put(question_len)
             prefix = prefix_program(self.params, spec, question_d, question_len_d,
-                                    self._cache("update", batch, spec.update_cache_slots))
+                                    self._cache("update", global_batch, spec.update_cache_slots))
             cache, memory_d, memory_len_d = prefix.cache, self._put(memory), self._put(memory_len)
             for seg in range(segments):
                 chunks, chunk_lens = self._segment_chunks(docs, batch, seg)
@@ -207,15 +227,15 @@ class MemoryAgent:
                     self.params, spec, cache, prefix.next_positions, memory_d, memory_len_d, self._put(chunks),
                     self._put(chunk_lens), keys_d, jnp.int32(seg * b.chunks_per_segment))
                 if trace or record:
-                    records.append(jax.device_get(rec))
+                    records.append(self._get(rec))
                 bar.update(int((chunk_lens[:n] > 0).sum()))
-            self._caches[("update", batch)] = cache
+            self._caches[("update", global_batch)] = cache
             active = self._put(np.arange(batch) < n)
-            final, self._caches[("final", batch)] = final_program(
+            final, self._caches[("final", global_batch)] = final_program(
                 self.params, spec, question_d, question_len_d, memory_d, memory_len_d, keys_d,
-                self._cache("final", batch, spec.final_cache_slots), active)
-            final_host = jax.device_get(final)
-            prefix_host = jax.device_get((prefix.tokens, prefix.mask)) if record else None
+                self._cache("final", global_batch, spec.final_cache_slots), active)
+            final_host = self._get(final)
+            prefix_host = self._get((prefix.tokens, prefix.mask)) if record else None
         bar.close()
 
         answer_ids = [final_host.answer[i, :final_host.answer_len[i]].tolist() for i in range(n)]

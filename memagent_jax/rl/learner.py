@@ -479,6 +479,10 @@ class Learner:
         state, metrics = learner.train_step(state, batch, ref_params=ref)
 
     `mesh=None` runs on the default device without sharding annotations.
+
+    Multi-process (a mesh spanning several processes, one per host): every process calls `train_step` with its
+    own host rows (the same row count and length on every process, a multiple of `process_rows_multiple`); the
+    batch is all processes' rows together, and the returned metrics are global.
     """
 
     def __init__(self, model_config: ModelConfig, config: LearnerConfig = LearnerConfig(), *,
@@ -517,6 +521,22 @@ class Learner:
         micro = self.config.micro_batch_size or dev
         return self.config.num_minibatches * micro
 
+    @property
+    def process_rows_multiple(self) -> int:
+        """Rows each process supplies must be a multiple of this (`rows_multiple` / processes of the mesh)."""
+        procs = sharding_lib.mesh_process_count(self.mesh)
+        if self.rows_multiple % procs:
+            raise LearnerConfigError(f"rows_multiple={self.rows_multiple} is not a multiple of the mesh's {procs} "
+                                     f"processes")
+        return self.rows_multiple // procs
+
+    def global_rows(self, batch: ConversationBatch) -> int:
+        """Rows of the batch the step sees: a host batch holds this process's rows of a multi-process batch."""
+        n = int(batch.tokens.shape[0])
+        if isinstance(batch.tokens, jax.Array) and not batch.tokens.is_fully_addressable:
+            return n
+        return n * sharding_lib.mesh_process_count(self.mesh)
+
     def _replicated(self):
         return NamedSharding(self.mesh, P()) if self.mesh is not None else None
 
@@ -545,7 +565,7 @@ class Learner:
     def batch_shardings(self, batch: ConversationBatch):
         if self.mesh is None:
             return None
-        n = batch.tokens.shape[0]
+        n = self.global_rows(batch)
         return jax.tree.map(lambda a: sharding_lib.batch_sharding(self.mesh, a.ndim, n), batch)
 
     # ---- state
@@ -568,7 +588,10 @@ class Learner:
         return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self._param_shardings)(params)
 
     def put_batch(self, batch: ConversationBatch) -> ConversationBatch:
-        """Moves a (host) batch onto the mesh, rows sharded over the batch axes."""
+        """Moves a (host) batch onto the mesh, rows sharded over the batch axes (in a multi-process mesh: this
+        process's rows of the global batch)."""
+        if sharding_lib.is_multiprocess(self.mesh) and self.global_rows(batch) != batch.tokens.shape[0]:
+            return jax.tree.map(lambda a: sharding_lib.put_rows(a, self.mesh), batch)
         shardings = self.batch_shardings(batch)
         return jax.device_put(batch, shardings) if shardings is not None else jax.device_put(batch)
 
@@ -599,7 +622,7 @@ class Learner:
         Raises NonFiniteError (with on_nonfinite='raise') after a step that skipped updates; `err.state` holds
         the returned state (which excludes the bad updates).
         """
-        n = batch.tokens.shape[0]
+        n = self.global_rows(batch)
         self.config.split(n)  # clear error on a bad row count before tracing
         if self.mesh is not None and n % sharding_lib.batch_multiple(self.mesh):
             raise BatchError(f"batch has {n} rows, not a multiple of the mesh's batch axes "
@@ -610,9 +633,9 @@ class Learner:
             ref_params = None  # not needed: never keep it alive in the program
         # Executables are shared by every Learner with the same configs and mesh (e.g. after a restart in-process).
         # (on_nonfinite only changes what the host does afterwards, so it is not part of the key.)
+        batch = self.put_batch(batch)
         key = (self.model_config, self.config.replace(on_nonfinite="skip"), self.mesh, batch.tokens.shape,
                batch.ref_logprobs is not None, ref_params is not None)
-        batch = self.put_batch(batch)
         compile_s = 0.0
         if key not in _EXECUTABLES:
             t0 = time.perf_counter()

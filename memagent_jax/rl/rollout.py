@@ -99,10 +99,14 @@ class PendingRollout:
 
 
 def collect_rollouts(agent: MemoryAgent, records: Sequence[QARecord], group_size: int, rng, *,
-                     scorer: RewardScorer, progress: bool = False) -> PendingRollout:
+                     scorer: RewardScorer, progress: bool = False,
+                     question_ids: Sequence[int] | None = None) -> PendingRollout:
     """Runs the agent G times per question (sampling per the agent's settings) and starts scoring.
 
-    rng: a PRNG key or int seed; trajectory t uses row key fold_in(rng, t).
+    rng: a PRNG key or int seed; trajectory t = question_ids[q] * G + g uses row key fold_in(rng, t).
+    question_ids: the global index of each of `records` in the step's batch (default 0, 1, ...). In a
+      multi-process run each process rolls out its own questions; giving their global indices makes every
+      trajectory's samples independent of how the questions are split over processes.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -111,6 +115,16 @@ def collect_rollouts(agent: MemoryAgent, records: Sequence[QARecord], group_size
         raise ValueError("no questions to roll out")
     questions = [r.question for r in records for _ in range(group_size)]
     documents = [r.document for r in records for _ in range(group_size)]
+    if question_ids is not None:
+        import jax
+        import jax.numpy as jnp
+
+        ids = np.asarray(question_ids, np.int64)
+        if ids.shape != (len(records),):
+            raise ValueError(f"question_ids: expected {len(records)} ids, got shape {ids.shape}")
+        key = jax.random.key(int(rng)) if isinstance(rng, (int, np.integer)) else rng
+        trajectories = (ids[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
+        rng = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.asarray(trajectories, jnp.uint32))
     t0 = time.perf_counter()
     result = agent.run(questions, documents, rng=rng, record=True, progress=progress)
     elapsed = time.perf_counter() - t0
