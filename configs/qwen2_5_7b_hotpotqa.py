@@ -1,0 +1,82 @@
+"""Qwen2.5-7B-Instruct memory agent, RL on HotpotQA: the reference recipe (MemAgent, arXiv 2507.02259) at scale.
+
+    python -m memagent_jax.plan  --config configs/qwen2_5_7b_hotpotqa.py:v5p-128
+    python -m memagent_jax.train --config configs/qwen2_5_7b_hotpotqa.py:v5p-128 --workdir gs://bucket/runs/q7b \\
+        --config.model.path=/ckpt/Qwen2.5-7B-Instruct --config.data.train_file=/data/hotpotqa_train.parquet
+
+The argument names the hardware and sets the mesh and batch sizes that fit it (checked by `memagent_jax.plan`):
+
+    v5p-64 | v5p-128 | v5p-256     TPU v5p slices of 32 / 64 / 128 chips (one JAX device per chip)
+    8xh100 | 16xh100 | 32xh100     1 / 2 / 4 nodes of 8 H100-80GB GPUs
+
+Recipe (configs/grpo.py's defaults, restated here): GRPO, group 16, 128 questions per step, 16 mini-batches,
+AdamW lr 1e-6 (wd 0.01, grad clip 1.0, 20 warm-up steps), clip 0.2 / 0.2, dual clip 3, k3 KL 0.001, budgets
+question 1024 / chunk 5000 / memory 1024 / answer 1024, rollout temperature 1 / top-p 1.
+
+Numerics: params (and so the AdamW moments and the KL reference) in float32, matmuls and KV caches in bfloat16.
+With bfloat16 params an lr-1e-6 update is below half an ulp of almost every weight and rounds away.
+
+Mesh: tensor = 4 (28 query / 4 KV heads: the largest size that splits the KV heads; the attention
+scores, the largest buffers, shrink with it), FSDP over the remaining devices, data = 1. The learner takes one
+conversation row per device per micro-batch (rl.micro_batch_size = data x fsdp); the rollout runs
+rl.rollout_batch_size trajectories per agent call: the largest power of two that keeps the planner's peak
+under 80% of the usable HBM (the planner warns while train.py still rolls out a whole step in one call). The
+comments give the planner's peak per device and step-time estimate (MFU 0.4).
+
+`config.model.path` (the checkpoint folder) and `config.data.train_file` are yours to give; `config.model.preset`
+only gives the planner the shapes. `config.hardware` names the device kind for the planner.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+PRESET = "qwen2.5-7b-instruct"
+QUESTIONS_PER_STEP = 128
+
+# hardware argument -> (config.hardware, mesh (data, fsdp, tensor), rl.rollout_batch_size, rl.micro_batch_size)
+HARDWARE = {
+    "v5p-64": ("tpu-v5p", (1, 8, 4), 128, 8),         # peak 57 of 86 GiB, ~46 min per step
+    "v5p-128": ("tpu-v5p", (1, 16, 4), 256, 16),      # peak 55 of 86 GiB, ~23 min per step
+    "v5p-256": ("tpu-v5p", (1, 32, 4), 512, 32),      # peak 54 of 86 GiB, ~12 min per step
+    "8xh100": ("h100-80gb", (1, 2, 4), 16, 2),        # peak 41 of 72 GiB, ~1.9 h per step
+    "16xh100": ("h100-80gb", (1, 4, 4), 32, 4),       # peak 34 of 72 GiB, ~58 min per step
+    "32xh100": ("h100-80gb", (1, 8, 4), 128, 8),      # peak 57 of 72 GiB, ~24 min per step
+}
+
+
+def _grpo():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.py")
+    spec = importlib.util.spec_from_file_location("_memagent_configs_grpo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg: str = "v5p-128") -> ml_collections.ConfigDict:
+    key = (arg or "v5p-128").strip().lower()
+    if key not in HARDWARE:
+        raise ValueError(f"unknown hardware {arg!r} for {PRESET}; known: {', '.join(HARDWARE)}")
+    hardware, (data, fsdp, tensor), rollout_batch, micro_batch = HARDWARE[key]
+    c = _grpo().get_config()
+    c.model.preset = PRESET
+    c.model.path = ""  # yours: --config.model.path=/ckpt/Qwen2.5-7B-Instruct
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = "full"
+    c.agent.question_tokens, c.agent.chunk_tokens = 1024, 5000
+    c.agent.memory_tokens, c.agent.answer_tokens = 1024, 1024
+    c.agent.temperature, c.agent.top_p = 1.0, 1.0
+    c.rl.questions_per_step = QUESTIONS_PER_STEP
+    c.rl.group_size = 16
+    c.rl.num_minibatches = 16
+    c.rl.learning_rate = 1e-6
+    c.rl.weight_decay, c.rl.max_grad_norm, c.rl.warmup_steps = 0.01, 1.0, 20
+    c.rl.clip_low, c.rl.clip_high, c.rl.dual_clip = 0.2, 0.2, 3.0
+    c.rl.kl_coef = 0.001
+    c.rl.micro_batch_size = micro_batch
+    c.rl.rollout_batch_size = rollout_batch  # trajectories per agent call
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+    c.hardware = hardware
+    return c

@@ -1,0 +1,353 @@
+"""The capacity planner: its arithmetic against hand computations and the real model / sharding / cache code, the
+shipped scale-out configs (valid, and they fit their hardware), a config that does not fit, and the CLI."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import jax
+import jax.numpy as jnp
+import pytest
+
+from memagent_jax import plan
+from memagent_jax.models import presets, sharding
+from memagent_jax.models.config import ModelConfig
+from memagent_jax.models.transformer import abstract_params
+from memagent_jax.train import validate_config
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SCALE_CONFIGS = ["qwen2_5_7b_hotpotqa.py", "qwen2_5_14b_hotpotqa.py", "qwen3_8b_hotpotqa.py", "qwen3_4b_hotpotqa.py"]
+
+
+def load_config_module(name):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = presets.preset_config("tiny")
+# Hand-built: llama with every optional bias, untied head, head_dim independent of the width.
+LLAMA_BIAS = ModelConfig(model_type="llama", vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3,
+                         num_heads=6, num_kv_heads=3, head_dim=10, attention_bias=True, attention_out_bias=True,
+                         mlp_bias=True, tie_word_embeddings=False)
+QWEN3_SMALL = presets.preset_config("qwen3-8b", num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4,
+                                    num_kv_heads=2, head_dim=16, vocab_size=128)
+
+
+def _flat(tree):
+    return {tuple(getattr(k, "key", k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ------------------------------------------------------------------------------------ params
+
+
+@pytest.mark.parametrize("mc", [TINY, LLAMA_BIAS, QWEN3_SMALL], ids=["tiny", "llama-bias", "qwen3"])
+def test_param_shapes_are_the_models(mc):
+    real = {k: tuple(v.shape) for k, v in _flat(abstract_params(mc)).items()}
+    assert plan.param_shapes(mc) == real
+    assert plan.param_count(mc) == mc.num_params()
+
+
+def test_param_count_of_tiny_by_hand_and_init():
+    # embed 512 x 64; per layer q/o 64*4*16 each, k/v 64*2*16 each, biases 64 + 32 + 32, mlp 3 * 64 * 128,
+    # two norms 2 * 64; final norm 64; tied head.
+    per_layer = 2 * 4096 + 2 * 2048 + 64 + 32 + 32 + 3 * 64 * 128 + 2 * 64
+    assert plan.param_count(TINY) == 512 * 64 + 2 * per_layer + 64 == 107072
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(TINY))) == 107072
+    # matmul weights at one position: layers (q, k, v, o, gate, up, down) + the (tied) LM head
+    assert plan.matmul_params(TINY) == 2 * (2 * 4096 + 2 * 2048 + 3 * 64 * 128) + 64 * 512
+
+
+def test_param_bytes_per_device_by_hand():
+    mesh = plan.MeshShape(data=1, fsdp=2, tensor=2)
+    # per-device elements: embed [V/t, D/f], norms replicated, q/o [L, D/f, H/t, Dh], k/v [L, D/f, K/t, Dh],
+    # biases [L, H/t or K/t, Dh], gate/up [L, D/f, F/t], down [L, F/t, D/f]
+    elements = (256 * 32 + 64 + 2 * 128 + 2 * (2 * 32 * 2 * 16) + 2 * (2 * 32 * 1 * 16) + 2 * 2 * 16 + 2 * (2 * 16)
+                + 3 * (2 * 32 * 64))
+    assert elements == 27072
+    assert plan.param_bytes_per_device(TINY, mesh, "float32") == 4 * elements
+    assert plan.param_bytes_per_device(TINY, mesh, "bfloat16") == 2 * elements
+    # 2 KV heads on tensor=4: replicated over 'tensor' (the sharding module's fallback)
+    wide = plan.MeshShape(1, 2, 4)
+    assert plan.local_numel((2, 64, 2, 16), ("layer", "embed", "kv_heads", "head_dim"), wide) == 2 * 32 * 2 * 16
+    assert plan.local_numel((2, 64, 4, 16), ("layer", "embed", "q_heads", "head_dim"), wide) == 2 * 32 * 1 * 16
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 2), (1, 4, 2), (1, 2, 4), (1, 8, 1)])
+def test_param_bytes_match_real_shardings(sizes):
+    mesh = sharding.make_mesh(*sizes)
+    for mc in (TINY, LLAMA_BIAS, QWEN3_SMALL):
+        ap = abstract_params(mc)
+        shardings = sharding.param_shardings(ap, mesh)
+        real = sum(math.prod(s.shard_shape(a.shape)) * 4
+                   for a, s in zip(jax.tree.leaves(ap), jax.tree.leaves(shardings)))
+        assert plan.param_bytes_per_device(mc, plan.MeshShape(*sizes), "float32") == real
+
+
+# ------------------------------------------------------------------------------------ KV cache
+
+
+def test_kv_cache_bytes_by_hand_and_real_cache():
+    from memagent_jax.sampling.api import new_cache
+
+    mesh = plan.MeshShape(1, 2, 2)
+    # 8 rows over 2 batch shards = 4 per device; 2 KV heads over tensor 2 = 1; k and v [L, 4, 1, 100, 16] bf16,
+    # positions int32 + valid bool [4, 100]
+    expected = 2 * (2 * 4 * 1 * 100 * 16) * 2 + 4 * 100 * 5
+    assert plan.kv_cache_bytes(TINY, 8, 100, mesh, "bfloat16") == expected == 53200
+    cache = new_cache(TINY, 8, 100, mesh=sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4]), dtype="bfloat16")
+    device = jax.devices()[0]
+    real = sum(s.data.nbytes for leaf in jax.tree.leaves(cache) if leaf.ndim
+               for s in leaf.addressable_shards if s.device == device)
+    assert real == expected
+
+
+def test_layout_of_the_reference_budgets():
+    lay = plan.Layout()
+    assert (lay.prefix, lay.rest, lay.update_slots) == (1024 + 128, 1024 + 5000 + 64, 1152 + 6088 + 1024)
+    assert (lay.final_prompt, lay.final_slots) == (128 + 1024 + 1024, 2176 + 1024)
+    assert lay.learn_length() == 8320  # 8264 rounded up to 64
+    assert lay.chunks(32000) == 7 and lay.computed_chunk_steps(32000) == 8  # 2 segments of 4
+    assert lay.chunks(28000) == 6
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def test_learning_flops_by_hand():
+    t, rows = 1024, 6
+    mm = 2 * (2 * 4096 + 2 * 2048 + 3 * 64 * 128) + 64 * 512  # layers + tied LM head
+    attn = 4 * 2 * 4 * 16 * t  # 4 x L x H x Dh x T
+    fwd = 2 * mm + attn
+    f = plan.learning_flops(TINY, rows * t, t, remat="full", reference=True, recompute_old=False)
+    assert f["train"] == 3 * fwd * rows * t
+    layers_fwd = 2 * (mm - 64 * 512) + attn
+    assert f["remat"] == (layers_fwd + 2 * 64 * 512) * rows * t  # layers recomputed + logits chunks recomputed
+    assert f["reference"] == fwd * rows * t and f["old_logprobs"] == 0
+    assert f["total"] == f["train"] + f["remat"] + f["reference"]
+    none = plan.learning_flops(TINY, rows * t, t, remat="none", reference=False, recompute_old=True, logits_chunk=0)
+    assert none["remat"] == 0 and none["reference"] == 0 and none["old_logprobs"] == fwd * rows * t
+
+
+def test_rollout_flops_by_hand():
+    lay = plan.Layout(question=8, memory=4, chunk=16, answer=2, chunks_per_segment=2, prefix_template=3,
+                      rest_template=5, final_template=6)
+    su, sf = 3 + 8 + 4 + 16 + 5 + 4, 6 + 8 + 4 + 2
+    layers = 2 * 2 * (2 * 4096 + 2 * 2048 + 3 * 64 * 128)  # 2 FLOPs x 2 layers' matmul weights
+    lm = 64 * 512
+    per_key = 4 * 2 * 4 * 16  # 4 x L x H x Dh
+
+    def prefill_flops(tokens, keys):  # every token through the layers, logits of the last one only
+        return tokens * (layers + per_key * keys) + 2 * lm
+
+    doc = 40  # 3 chunks of 16 -> 2 segments of 2 -> 4 computed chunk steps
+    prefill = prefill_flops(11, su) + 4 * prefill_flops(25, su) + prefill_flops(18, sf)
+    decode = 3 * 4 * (layers + 2 * lm + per_key * su) + 2 * (layers + 2 * lm + per_key * sf)
+    f = plan.rollout_flops(TINY, 10, lay, doc)
+    assert f["prefill"] == 10 * prefill and f["decode"] == 10 * decode
+
+
+# ------------------------------------------------------------------------------------ activations
+
+
+def test_learner_activation_formula_by_hand():
+    c, t, d, l = 2, 256, 64, 2
+    sc = 4 * t * t  # H x T x T, no tensor parallelism
+    other = c * t * (4 * 64 + 3 * 4 * 16 + 3 * 2 * 16 + 3 * 128)
+    top = t * t + 4 * c * t * d + 4 * t * d + 12 * 256 * 512
+    full = plan.learner_activation_bytes(TINY, 3, t, "full", 1, c, logits_chunk=256)
+    assert full["kept_layers"] == 3 * l * c * t * d
+    assert full["working_layer"] == 3 * (10 * sc + 2 * other)
+    assert full["top"] == 3 * top
+    none = plan.learner_activation_bytes(TINY, 1, t, "none", 1, c, logits_chunk=256)
+    assert none["kept_layers"] == l * (14 * sc + other)
+    with pytest.raises(plan.PlanError, match="remat"):
+        plan.learner_activation_bytes(TINY, 1, t, "some", 1, c)
+
+
+@pytest.mark.slow  # two compiles: ~5 s on an idle 2-core machine
+def test_estimates_track_xla_memory_analysis():
+    """The activation estimates against XLA's own buffer assignment of the compiled programs (CPU): within
+    [0.6, 1.5] of it for a learner step (remat full, chunked log-probs) and a chunk-step prefill."""
+    from memagent_jax.models.transformer import init_cache
+    from memagent_jax.rl.logprobs import token_logprobs
+    from memagent_jax.sampling.sampler import prefill
+
+    mc = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True, param_dtype="float32",
+                     compute_dtype="bfloat16", remat="full")
+    ap = abstract_params(mc)
+    rows, t = 2, 512
+
+    def loss(p, tok, mask):
+        lp, ent = token_logprobs(p, tok, mask, config=mc, chunk_size=128, with_entropy=True)
+        return jnp.sum(lp) + jnp.sum(ent)
+
+    spec = jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows, t), bool)
+    learn = jax.jit(jax.grad(loss)).lower(ap, *spec).compile().memory_analysis()
+    grads = plan.param_bytes_per_device(mc, plan.MeshShape(1, 1, 1), "float32")
+    est = (plan.learner_activation_bytes(mc, rows, t, "full", 1, 2, logits_chunk=128)["total"]
+           + plan.working_weight_bytes(mc, 1, 4, 2) + grads)
+    assert 0.6 < learn.temp_size_in_bytes / est < 1.5, (learn.temp_size_in_bytes, est)
+
+    lay = plan.Layout(question=1, memory=1, chunk=t - 2, answer=1, prefix_template=254, rest_template=0,
+                      final_template=1)  # rest = 512 tokens over 768 slots
+    cache = jax.eval_shape(lambda: init_cache(mc, rows, lay.update_slots))
+    tok = jax.ShapeDtypeStruct((rows, lay.rest), jnp.int32), jax.ShapeDtypeStruct((rows, lay.rest), bool)
+    fill = jax.jit(lambda p, a, b, kv: prefill(p, mc, a, b, kv), donate_argnums=(3,))
+    roll = fill.lower(ap, *tok, cache).compile().memory_analysis()
+    est = plan.rollout_activation_bytes(mc, rows, lay, 1, 2)["total"] + plan.working_weight_bytes(mc, 1, 4, 2)
+    assert 0.6 < roll.temp_size_in_bytes / est < 1.5, (roll.temp_size_in_bytes, est)
+
+
+# ------------------------------------------------------------------------------------ shipped configs
+
+
+CASES = [(name, arg) for name in SCALE_CONFIGS for arg in load_config_module(name).HARDWARE]
+
+
+@pytest.mark.parametrize("name,arg", CASES, ids=[f"{n[:-3]}:{a}" for n, a in CASES])
+def test_shipped_config_is_valid_and_fits(name, arg):
+    cfg = load_config_module(name).get_config(arg)
+    assert cfg.model.preset in presets.PRESETS and cfg.model.path == ""
+    plan.get_hardware(cfg.hardware)
+    devices = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
+    validate_config(cfg, device_count=devices, check_files=False)
+    # the reference recipe
+    rl, agent = cfg.rl, cfg.agent
+    assert (rl.group_size, rl.num_minibatches, rl.learning_rate, rl.kl_coef) == (16, 16, 1e-6, 0.001)
+    assert (rl.clip_low, rl.clip_high, rl.dual_clip) == (0.2, 0.2, 3.0)
+    assert rl.questions_per_step == (256 if "14b" in name else 128)
+    assert (agent.question_tokens, agent.chunk_tokens, agent.memory_tokens, agent.answer_tokens) == (
+        1024, 5000, 1024, 1024)
+    assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.model.remat) == ("float32", "bfloat16", "full")
+    trajectories = rl.questions_per_step * rl.group_size
+    assert trajectories % rl.rollout_batch_size == 0 and rl.micro_batch_size == cfg.mesh.data * cfg.mesh.fsdp
+    p = plan.make_plan(cfg, name=f"{name}:{arg}")
+    assert p.fits, p.verdict
+    assert p.verdict.startswith("fits")
+    assert p.memory["peak"] <= 0.8 * p.usable_bytes  # the configs keep a 20% margin
+    assert not [w for w in p.warnings if "param_dtype" in w or "does not divide" in w]
+    # arg names the device count: v5p-N = N / 2 chips, KxhNNN = K GPUs
+    expected = int(arg.split("-")[1]) // 2 if arg.startswith("v5p") else int(arg.split("x")[0])
+    assert devices == expected
+
+
+def test_unknown_hardware_argument_is_an_error():
+    with pytest.raises(ValueError, match="known: v5p-64"):
+        load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v4-8")
+
+
+def test_config_that_does_not_fit_says_so():
+    cfg = load_config_module("qwen2_5_14b_hotpotqa.py").get_config("v5p-128")
+    cfg.mesh.fsdp, cfg.rl.micro_batch_size = 1, 1  # 8 devices
+    p = plan.make_plan(cfg, hardware="tpu-v5e")
+    assert not p.fits
+    assert p.verdict.startswith("DOES NOT FIT: ")
+    assert "GiB of 14.4 GiB per device" in p.verdict and ", try " in p.verdict
+    assert p.memory["peak"] > 14.4 * plan.GiB
+
+
+def test_suggestions_make_it_fit():
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v5p-128")
+    cfg.rl.rollout_batch_size = 0  # the whole step's rollout in one call: far too big
+    cfg.model.remat = "none"
+    p = plan.make_plan(cfg)
+    assert not p.fits and p.suggestions
+    flags = dict(f[len("--config."):].split("=") for f in p.suggestions[0].split())
+    fixed = cfg.copy_and_resolve_references()
+    fixed.model.remat = flags.pop("model.remat", fixed.model.remat)
+    for key, value in flags.items():
+        section, field = key.split(".")
+        fixed[section][field] = int(value)
+    assert plan.make_plan(fixed).fits
+
+
+def test_rollout_on_its_own_devices():
+    """config.mesh.rollout_devices > 0 (train.py's separate rollout mesh): KV caches, rollout activations and a
+    params copy (old + new) on the rollout devices, the optimiser state on the learner's."""
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v5p-128")
+    cfg.mesh.fsdp, cfg.rl.micro_batch_size = 8, 8  # learner: 32 devices
+    cfg.mesh.rollout_devices, cfg.mesh.rollout_fsdp, cfg.mesh.rollout_tensor = 32, 2, 4
+    cfg.rl.rollout_batch_size = 128  # 16 rows per rollout device
+    p = plan.make_plan(cfg)
+    rmesh = plan.MeshShape(4, 2, 4)
+    assert p.rollout_mesh == rmesh and p.settings["devices"] == 64
+    mc = p.model
+    assert p.memory["rollout_params"] == 2 * plan.param_bytes_per_device(mc, rmesh, "float32")
+    assert p.memory["kv_update"] == plan.kv_cache_bytes(mc, 128, p.layout.update_slots, rmesh, "bfloat16")
+    assert p.memory["persistent"] == p.memory["params"] + p.memory["optimizer"] + p.memory["reference"]
+    assert p.memory["rollout_peak"] == (p.memory["rollout_params"] + p.memory["kv_update"] + p.memory["kv_final"]
+                                        + p.memory["rollout_activations"])
+    assert p.fits
+    cfg.mesh.rollout_fsdp = 3
+    with pytest.raises(plan.PlanError, match="must divide config.mesh.rollout_devices=32"):
+        plan.make_plan(cfg)
+
+
+def test_bf16_params_with_tiny_learning_rate_warns():
+    cfg = load_config_module("qwen3_4b_hotpotqa.py").get_config("v5p-64")
+    cfg.model.param_dtype = "bfloat16"
+    p = plan.make_plan(cfg)
+    assert any("half an ulp" in w for w in p.warnings)
+
+
+def test_bad_hardware_and_mesh_are_errors():
+    cfg = load_config_module("qwen3_8b_hotpotqa.py").get_config("v5p-64")
+    with pytest.raises(plan.PlanError, match="unknown hardware 'tpu-v9'"):
+        plan.make_plan(cfg, hardware="tpu-v9")
+    cfg.mesh.fsdp = -1
+    with pytest.raises(plan.PlanError, match="--devices"):
+        plan.make_plan(cfg)
+    assert plan.make_plan(cfg, devices=32).mesh == plan.MeshShape(1, 4, 8)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _run_main(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = plan.main(["plan"] + argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_json_and_overrides():
+    config = os.path.join(ROOT, "configs", "qwen2_5_7b_hotpotqa.py") + ":8xh100"
+    code, out, _ = _run_main([f"--config={config}", "--json", "--mfu=0.5"])
+    assert code == 0
+    data = json.loads(out)
+    assert data["fits"] and data["devices"] == 8 and data["hardware"]["name"] == "h100-80gb"
+    assert data["settings"]["mfu"] == 0.5 and data["memory_bytes"]["peak"] <= data["usable_bytes"]
+    code, out, _ = _run_main([f"--config={config}", "--config.rl.rollout_batch_size=0"])
+    assert code == 1 and "verdict: DOES NOT FIT: the rollout" in out
+
+
+def test_cli_errors():
+    config = os.path.join(ROOT, "configs", "grpo.py")
+    code, _, err = _run_main([f"--config={config}:cpu", "--hardware=tpu-v4", "--devices=8"])
+    assert code == 2 and "config.model.preset" in err
+    code, out, _ = _run_main([f"--config={config}:cpu", "--config.model.preset=tiny", "--hardware=v4", "--devices=8"])
+    assert code == 0 and "verdict: fits" in out
+    code, _, err = _run_main([f"--config={config}:cpu", "--config.model.preset=tiny", "--hardware=v4",
+                              "--devices=8", "--config.rl.group_size=0"])
+    assert code == 2 and "config.rl.group_size must be positive" in err
+    code, _, err = _run_main([f"--config={config}:cpu", "--config.model.preset=tiny", "--hardware=v4"])
+    assert code == 2 and "--devices" in err
+    code, _, err = _run_main(["--hardware=v4"])
+    assert code == 2 and "--config is required" in err
+
+
+def test_cli_subprocess():
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT))
+    result = subprocess.run([sys.executable, "-m", "memagent_jax.plan", "--config",
+                             "configs/qwen3_8b_hotpotqa.py:v5p-128"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "memory per device" in result.stdout and "verdict: fits" in result.stdout
