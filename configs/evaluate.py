@@ -1,0 +1,53 @@
+"""Evaluation of memory agents across document lengths.
+
+    python -m memagent_jax.evaluate --config configs/evaluate.py --workdir runs/eval \\
+        --config.models=warm=/ckpt/warm,rl=/ckpt/rl \\
+        --config.eval_files='/data/eval_50docs.json,/data/eval_*docs.json'
+
+`get_config()` gives the reference evaluation recipe: budgets 1024 / 5000 / 1024 / 1024 (question / chunk /
+memory / answer tokens), sampling temperature 0.7 and top-p 0.95, accuracy = sub-exact-match of the last
+\\boxed{...} answer. `get_config("cpu")` shrinks the budgets to those of configs/grpo.py:cpu (tiny CPU models).
+Every field is overridable with --config.a.b=value.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    cpu = arg == "cpu"
+    c = ml_collections.ConfigDict()
+    # Models: comma list of name=folder (a bare folder is named after its basename). Each folder is a local
+    # Hugging Face checkpoint (config.json + safetensors); each is loaded once and run on every file.
+    c.models = ""
+    c.tokenizer = ""  # tokenizer folder for every model ('' = each model's own folder)
+    # Evaluation files (reference evaluation format: context / input / answers [/ num_docs / index]), comma list;
+    # glob patterns allowed. Each file is one point on the accuracy-vs-length curve.
+    c.eval_files = ""
+    c.budgets = ml_collections.ConfigDict(dict(
+        question_tokens=64 if cpu else 1024,
+        chunk_tokens=64 if cpu else 5000,
+        memory_tokens=16 if cpu else 1024,
+        answer_tokens=8 if cpu else 1024,
+        chunks_per_segment=2 if cpu else 4,
+        max_document_tokens=0,  # 0 = read whole documents; else centre-truncate to this many tokens
+        question_overflow="error",  # or 'truncate'
+    ))
+    c.templates = ""  # optional JSON file with memory_update / final_answer / initial_memory / system
+    c.sampling = ml_collections.ConfigDict(dict(
+        temperature=0.7,  # 0 = greedy
+        top_p=0.95,
+    ))
+    c.metric = "sub_em"  # em | f1 | sub_em | string_match_all | auto (each row's extra field 'metric', else sub_em)
+    c.extract = "boxed"  # how the prediction is taken from the answer (verifier.EXTRACTORS)
+    c.batch_size = 8  # rows per agent batch (rows of similar length are batched together)
+    c.max_questions = 0  # per file; 0 = all rows
+    c.seed = 0  # row r samples with fold_in(key(seed), index of r): the same keys for every model and rerun
+    c.num_traces = 3  # rows per (model, file) whose memory after every chunk is written to predictions/
+    c.row_errors = "skip"  # a row that cannot run (empty / over-budget question): skip | zero | raise
+    c.param_dtype = "float32" if cpu else ""  # '' = the checkpoint's dtype
+    c.compute_dtype = ""  # '' = param_dtype
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.warmup = True  # compile on a dummy batch first, so wall times and tokens/s measure the evaluation itself
+    c.progress = True
+    c.plot = True  # write accuracy_vs_length.png
+    return c

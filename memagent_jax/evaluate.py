@@ -1,0 +1,996 @@
+"""Evaluate memory agents on evaluation files at several document lengths.
+
+    python -m memagent_jax.evaluate --config configs/evaluate.py --workdir runs/eval \\
+        --config.models=warm=/ckpt/warm,rl=/ckpt/rl --config.eval_files='/data/eval_*docs.json'
+
+Every model (a local Hugging Face folder) is loaded once and run on every file; every file (reference
+evaluation format: `context`, `input`, `answers`, optional `num_docs`, `index`) is one length point. Per
+(model, file) the report gives accuracy (the mean of the chosen metric), exact match, token F1 and sub-exact-match
+of the extracted prediction, each with a 95% confidence interval (Wilson score interval for 0/1 scores, normal
+approximation mean +- 1.96 s / sqrt(n) otherwise), the number of rows, the mean document length in tokens of the
+model's tokenizer, the mean number of chunks, the wall time and the document tokens read per second.
+
+Written to the workdir:
+    results.json                   everything, with the configuration
+    results.csv                    one row per model x file
+    results.txt                    the console table
+    predictions/<model>__<file>.jsonl   per row: question, answers, response, prediction, scores, chunks, and for
+                                   the first `num_traces` rows the memory after every chunk
+    accuracy_vs_length.png         accuracy (%) against mean document tokens (log axis), one line per model
+
+Sampling keys depend only on the seed and the row's `index`, so every model sees the same keys for the same
+question and a rerun reproduces the same answers.
+
+From Python (no subprocess, params already in memory allowed):
+
+    from memagent_jax.evaluate import evaluate_models, evaluate_agent
+    results = evaluate_models({"rl": "/ckpt/rl", "live": (params, config, tokenizer)}, files, "runs/x/eval",
+                              budgets=AgentBudgets(...), temperature=0.7, top_p=0.95)
+    file_result = evaluate_agent(agent, "eval_50docs.json")        # one file with an existing MemoryAgent
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import gc
+import glob
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+try:  # multi-host start-up; the module defines its own flags, so it is imported before flags are parsed
+    from memagent_jax import distributed as _distributed
+except ImportError:  # a tree without multi-host support: single-process runs only
+    _distributed = None
+
+#: 95% two-sided normal quantile used by every interval.
+Z95 = 1.96
+#: The per-row scores reported for every (model, file), besides `accuracy`.
+SCORE_NAMES = ("accuracy", "em", "f1", "sub_em")
+ROW_ERROR_POLICIES = ("skip", "zero", "raise")
+_BINARY_METRICS = ("em", "sub_em")
+
+
+class EvalConfigError(ValueError):
+    """An evaluation setting is invalid; the message names the field (or file) at fault."""
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A mean with its 95% confidence interval [low, high]; method: 'wilson' or 'normal'.
+
+    With n == 0 every number is NaN (written as null in JSON)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    method: str
+
+    def to_dict(self) -> dict:
+        return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion successes / n (e.g. 8 / 10 -> (0.490, 0.943)).
+
+    (p + z^2 / 2n  +-  z sqrt(p (1 - p) / n + z^2 / 4n^2)) / (1 + z^2 / n); (nan, nan) when n == 0.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1.0 - p) / n + z2 / (4 * n * n), 0.0)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def normal_interval(values: Sequence[float], z: float = Z95,
+                    bounds: tuple[float, float] | None = (0.0, 1.0)) -> tuple[float, float, float]:
+    """(mean, low, high): mean +- z * s / sqrt(n), s the sample standard deviation (ddof 1).
+
+    The interval is clipped to `bounds` (scores live in [0, 1]; None = no clipping). With one value there is no
+    spread estimate and the interval is the whole of `bounds` (nan without bounds); with none, all NaN.
+    """
+    x = np.asarray(values, np.float64)
+    n = x.size
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if n < 2:
+        low, high = bounds if bounds is not None else (math.nan, math.nan)
+        return mean, float(low), float(high)
+    half = z * float(x.std(ddof=1)) / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(bounds[0], low), min(bounds[1], high)
+    return mean, low, high
+
+
+def estimate(values: Sequence[float], method: str = "auto") -> Estimate:
+    """Mean and 95% interval of per-row scores: 'wilson' (0/1 scores), 'normal', or 'auto' (Wilson when every
+    value is exactly 0 or 1, normal otherwise)."""
+    x = np.asarray(values, np.float64)
+    if method == "auto":
+        method = "wilson" if bool(np.all((x == 0.0) | (x == 1.0))) else "normal"
+    if method == "wilson":
+        if not np.all((x == 0.0) | (x == 1.0)):
+            raise ValueError("the Wilson interval needs 0/1 scores")
+        low, high = wilson_interval(float(x.sum()), x.size)
+        mean = float(x.mean()) if x.size else math.nan
+        return Estimate(mean, low, high, int(x.size), "wilson")
+    if method != "normal":
+        raise ValueError(f"unknown interval method {method!r}")
+    mean, low, high = normal_interval(x)
+    return Estimate(mean, low, high, int(x.size), "normal")
+
+
+def summarize(scores: Sequence[Mapping[str, float]]) -> dict[str, Estimate]:
+    """Per-row score dicts (keys of SCORE_NAMES) -> one Estimate per score.
+
+    EM and sub-EM are 0/1 (Wilson), F1 is graded (normal); accuracy uses Wilson when every row scored 0 or 1
+    (em, sub_em, single-answer string_match_all) and the normal approximation otherwise.
+    """
+    methods = {"accuracy": "auto", "em": "wilson", "sub_em": "wilson", "f1": "normal"}
+    return {name: estimate([float(s[name]) for s in scores], methods[name]) for name in SCORE_NAMES}
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def resolve_metric(metric: str, record=None, *, where: str = "") -> str:
+    """The metric of one row: `metric`, or with 'auto' the row's extra field 'metric' (else 'sub_em')."""
+    from memagent_jax import verifier
+
+    if metric != "auto":
+        return metric
+    chosen = record.extra.get("metric") if record is not None else None
+    if chosen is None:
+        return "sub_em"
+    if chosen not in verifier.METRICS:
+        raise EvalConfigError(f"{where}: field 'metric' names an unknown metric {chosen!r}; "
+                              f"known: {sorted(verifier.METRICS)}")
+    return chosen
+
+
+def score_response(response: str, answers: Sequence[str], metric: str = "sub_em",
+                   extract: str = "boxed") -> dict[str, Any]:
+    """Scores of one final response: the prediction extracted from it (`verifier.extract_prediction`), then
+    accuracy (= `metric`), em, f1 and sub_em of that prediction against the answers (0 when nothing is
+    extracted)."""
+    from memagent_jax import verifier
+
+    prediction = verifier.extract_prediction(response, extract)
+    scores = {"accuracy": verifier.score(response, answers, metric, extract)}
+    for name in ("em", "f1", "sub_em"):
+        scores[name] = 0.0 if prediction is None else float(verifier.METRICS[name](prediction, answers))
+    return {"prediction": prediction, "scores": scores}
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class FileResult:
+    """The evaluation of one model on one file. Scores are fractions in [0, 1]."""
+
+    model: str
+    model_path: str
+    file: str
+    file_key: str  # unique short name of the file (its stem), used in file names
+    label: str  # length label: from the file name (len_4x, 800docs, 28k), num_docs, num_tokens, or the stem
+    metric: str  # the metric asked for ('auto' included)
+    metrics_used: dict[str, int]  # metric -> rows scored with it
+    extract: str
+    n: int  # rows scored
+    skipped: int  # rows that could not run (row_errors='skip')
+    accuracy: Estimate
+    em: Estimate
+    f1: Estimate
+    sub_em: Estimate
+    mean_doc_tokens: float
+    mean_chunks: float
+    total_doc_tokens: int
+    wall_s: float
+    doc_tokens_per_s: float
+    rows: list[dict] = dataclasses.field(default_factory=list, repr=False)  # per-row predictions
+
+    def to_dict(self, rows: bool = False) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "rows" and not rows:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, Estimate) else _json_number(value)
+        return out
+
+    def csv_row(self) -> dict:
+        row = {"model": self.model, "file": self.file, "label": self.label, "n": self.n, "skipped": self.skipped,
+               "metric": self.metric}
+        for name in SCORE_NAMES:
+            e = getattr(self, name)
+            row[name], row[f"{name}_low"], row[f"{name}_high"] = e.mean, e.low, e.high
+        row.update(mean_doc_tokens=self.mean_doc_tokens, mean_chunks=self.mean_chunks, wall_s=self.wall_s,
+                   doc_tokens_per_s=self.doc_tokens_per_s, model_path=self.model_path)
+        return row
+
+
+CSV_FIELDS = (["model", "file", "label", "n", "skipped", "metric"]
+              + [f"{s}{suffix}" for s in SCORE_NAMES for suffix in ("", "_low", "_high")]
+              + ["mean_doc_tokens", "mean_chunks", "wall_s", "doc_tokens_per_s", "model_path"])
+
+
+@dataclasses.dataclass
+class EvalResults:
+    """All (model, file) results of one evaluation, in model-major order."""
+
+    results: list[FileResult]
+    config: dict
+    out_dir: str | None = None
+
+    def get(self, model: str, file: str) -> FileResult:
+        """The result of `model` on `file` (a path, its file_key or its label)."""
+        for r in self.results:
+            if r.model == model and file in (r.file, r.file_key, r.label):
+                return r
+        raise KeyError(f"no result for model {model!r} on {file!r}")
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(r.model for r in self.results))
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "results": [r.to_dict() for r in self.results],
+                "environment": _environment(), "created": datetime.datetime.now().isoformat(timespec="seconds")}
+
+    def table(self) -> str:
+        return format_table(self.results)
+
+
+def _json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_number(value.item())
+    return value
+
+
+def _environment() -> dict:
+    import jax
+
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
+            "processes": jax.process_count()}
+
+
+def _pct(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def format_table(results: Sequence[FileResult]) -> str:
+    """The console table: one line per (model, file)."""
+    header = ["model", "file", "length", "tokens", "chunks", "accuracy % [95% CI]", "EM %", "F1 %", "sub-EM %",
+              "n", "tok/s"]
+    lines = []
+    for r in results:
+        acc = r.accuracy
+        ci = f"{_pct(acc.mean)} [{_pct(acc.low)}, {_pct(acc.high)}]" if acc.n else "-"
+        lines.append([r.model, r.file_key, r.label, f"{r.mean_doc_tokens:.0f}" if r.n else "-",
+                      f"{r.mean_chunks:.1f}" if r.n else "-", ci, _pct(r.em.mean), _pct(r.f1.mean),
+                      _pct(r.sub_em.mean), f"{r.n}" + (f" (+{r.skipped} skipped)" if r.skipped else ""),
+                      f"{r.doc_tokens_per_s:.0f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    right = {3, 4, 6, 7, 8, 10}
+
+    def fmt(row):
+        return "  ".join(str(x).rjust(w) if i in right else str(x).ljust(w) for i, (x, w) in
+                         enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule] + [fmt(row) for row in lines])
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _natural_key(path: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def parse_models(spec, *, field: str = "models") -> list[tuple[str, Any]]:
+    """Models as [(name, source)]: from 'name=folder,...' (a bare folder is named after its basename), a dict
+    {name: source} or a list of (name, source) pairs / folders. A source is a folder, a (params, config,
+    tokenizer) triple, a `LoadedModel` or a `MemoryAgent`."""
+    entries: list[tuple[str, Any]] = []
+    if isinstance(spec, str):
+        for item in (s.strip() for s in spec.split(",")):
+            if not item:
+                continue
+            name, sep, folder = item.partition("=")
+            if not sep:
+                name, folder = "", item
+            folder = folder.strip()
+            if not folder:
+                raise EvalConfigError(f"{field}: {item!r} names no folder (expected name=folder)")
+            entries.append((name.strip() or os.path.basename(os.path.normpath(folder)), folder))
+    elif isinstance(spec, Mapping):
+        entries = [(str(k), v) for k, v in spec.items()]
+    elif isinstance(spec, Iterable):
+        for item in spec:
+            if isinstance(item, (str, os.PathLike)):
+                folder = os.fspath(item)
+                entries.append((os.path.basename(os.path.normpath(folder)), folder))
+            elif isinstance(item, (tuple, list)) and len(item) == 2:
+                entries.append((str(item[0]), item[1]))
+            else:
+                raise EvalConfigError(f"{field}: expected folders or (name, model) pairs, got {type(item).__name__}")
+    else:
+        raise EvalConfigError(f"{field}: expected 'name=folder,...', a dict or a list, got {type(spec).__name__}")
+    if not entries:
+        raise EvalConfigError(f"{field}: no models given (expected name=folder,... or folders)")
+    seen = set()
+    for name, source in entries:
+        if not name or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            raise EvalConfigError(f"{field}: model name {name!r} must be letters, digits, '_', '.', '+' or '-'")
+        if name in seen:
+            raise EvalConfigError(f"{field}: two models are named {name!r}; name them explicitly (name=folder)")
+        seen.add(name)
+        if isinstance(source, (str, os.PathLike)):
+            check_model_folder(os.fspath(source), name=name, field=field)
+    return entries
+
+
+def check_model_folder(folder: str, *, name: str = "", field: str = "models") -> None:
+    """Raises EvalConfigError unless `folder` is a directory with a config.json."""
+    what = f"{field}: model {name!r} folder {folder!r}" if name else f"{field}: folder {folder!r}"
+    if not os.path.exists(folder):
+        raise EvalConfigError(f"{what} does not exist")
+    if not os.path.isdir(folder):
+        raise EvalConfigError(f"{what} is not a directory")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise EvalConfigError(f"{what} has no config.json (expected a Hugging Face model folder)")
+
+
+def parse_eval_files(spec, *, field: str = "eval_files") -> list[str]:
+    """Evaluation files from a comma list (or a list) of paths and glob patterns, in the order given; the matches
+    of one pattern in natural order (len_2 before len_10). Missing files and empty patterns are errors."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [os.fspath(s) for s in spec]
+    files: list[str] = []
+    for item in items:
+        if not item:
+            continue
+        if _GLOB_CHARS.search(item) and not os.path.exists(item):
+            matches = sorted((m for m in glob.glob(item) if os.path.isfile(m)), key=_natural_key)
+            if not matches:
+                raise EvalConfigError(f"{field}: pattern {item!r} matches no file")
+            files.extend(matches)
+        elif not os.path.exists(item):
+            raise EvalConfigError(f"{field}: evaluation file {item!r} does not exist")
+        elif os.path.isdir(item):
+            raise EvalConfigError(f"{field}: {item!r} is a directory, not an evaluation file")
+        else:
+            files.append(item)
+    if not files:
+        raise EvalConfigError(f"{field}: no evaluation files given")
+    return list(dict.fromkeys(files))
+
+
+def _file_keys(files: Sequence[str]) -> list[str]:
+    """Unique short names: the stems, with a counter where two files share one."""
+    stems = [re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(f).stem) or "file" for f in files]
+    keys, used = [], set()
+    for stem in stems:
+        key, k = stem, 2
+        while key in used:
+            key, k = f"{stem}_{k}", k + 1
+        used.add(key)
+        keys.append(key)
+    return keys
+
+
+_NAME_LABELS = (
+    re.compile(r"(?<![A-Za-z])(len(?:gth)?[_-]?[0-9][0-9A-Za-z.]*)", re.IGNORECASE),  # len_4x, len8k, length_2
+    re.compile(r"(?<![A-Za-z0-9])([0-9]+)[_-]?docs?(?![A-Za-z])", re.IGNORECASE),  # eval_800docs -> 800 docs
+    re.compile(r"(?<![A-Za-z0-9])([0-9]+(?:\.[0-9]+)?[kKmM])(?:tok(?:ens)?)?(?![A-Za-z0-9])"),  # hotpot_28k
+)
+
+
+def _fmt_tokens(n: float) -> str:
+    if n >= 1e6:
+        return f"{n / 1e6:.3g}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.3g}K"
+    return f"{n:.0f}"
+
+
+def length_label(path: str, records: Sequence = ()) -> str:
+    """A short length label for one file: a label in its name (len_4x, 800docs, 28k), else the rows' common
+    `num_docs`, else their mean `num_tokens`, else the file stem."""
+    stem = Path(path).stem
+    for k, pattern in enumerate(_NAME_LABELS):
+        m = pattern.search(stem)
+        if m:
+            return f"{m.group(1)} docs" if k == 1 else m.group(1)
+    docs = {r.extra.get("num_docs") for r in records}
+    if len(docs) == 1 and None not in docs:
+        return f"{docs.pop()} docs"
+    tokens = [r.extra.get("num_tokens") for r in records]
+    if tokens and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in tokens):
+        return f"{_fmt_tokens(float(np.mean(tokens)))} tok"
+    return stem
+
+
+def open_eval_file(path: str):
+    """Opens an evaluation-format file (DataFormatError names the file when it is not one)."""
+    from memagent_jax.data.formats import open_file
+
+    return open_file(path, kind="eval")
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model in memory: params (possibly sharded), its ModelConfig and its tokenizer."""
+
+    params: Any
+    config: Any
+    tokenizer: Any
+    path: str = ""
+
+
+def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, param_dtype: str | None = None,
+               compute_dtype: str | None = None) -> LoadedModel:
+    """Loads a Hugging Face folder (params onto `mesh` when given) and its tokenizer (or `tokenizer_path`'s)."""
+    from transformers import AutoTokenizer
+
+    from memagent_jax.models import load_hf_params
+
+    check_model_folder(folder)
+    tok_folder = tokenizer_path or folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_folder, local_files_only=True)
+    except Exception as e:  # transformers raises OSError / ValueError with long messages
+        raise EvalConfigError(f"tokenizer: cannot load a tokenizer from {tok_folder!r}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    params, config = load_hf_params(folder, mesh=mesh, param_dtype=param_dtype or None)
+    compute = compute_dtype or param_dtype
+    if compute:
+        config = config.replace(compute_dtype=compute)
+    return LoadedModel(params, config, tokenizer, path=folder)
+
+
+def _agent_for(source, *, budgets, templates, memory_sampling, answer_sampling, mesh, tokenizer_path, param_dtype,
+               compute_dtype):
+    """(MemoryAgent with the evaluation's budgets and sampling, model path or '')."""
+    from memagent_jax.agent import MemoryAgent
+
+    if isinstance(source, MemoryAgent):
+        loaded, mesh = LoadedModel(source.params, source.config, source.tokenizer), source.mesh
+    elif isinstance(source, LoadedModel):
+        loaded = source
+    elif isinstance(source, (tuple, list)) and len(source) == 3:
+        loaded = LoadedModel(*source)
+    elif isinstance(source, (str, os.PathLike)):
+        loaded = load_model(os.fspath(source), tokenizer_path=tokenizer_path, mesh=mesh, param_dtype=param_dtype,
+                            compute_dtype=compute_dtype)
+    else:
+        raise EvalConfigError(f"models: a model must be a folder, (params, config, tokenizer), a LoadedModel or a "
+                              f"MemoryAgent; got {type(source).__name__}")
+    agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer, budgets=budgets, templates=templates,
+                        memory_sampling=memory_sampling, answer_sampling=answer_sampling, mesh=mesh)
+    return agent, loaded.path
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def row_keys(seed: int, indices: Sequence[int]):
+    """[len(indices)] PRNG keys: fold_in(key(seed), index), so a row's key depends only on the seed and its
+    index (the same question id gets the same key in every file and for every model)."""
+    import jax
+    import jax.numpy as jnp
+
+    base = jax.random.key(int(seed))
+    ids = jnp.asarray(np.asarray([int(i) & 0xFFFFFFFF for i in indices], np.uint32))
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _log(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "boxed", batch_size: int = 8,
+                   max_questions: int = 0, seed: int = 0, num_traces: int = 3, row_errors: str = "skip",
+                   progress: bool = True, model_name: str = "model", model_path: str = "",
+                   file_key: str | None = None, pad_batches: bool = True) -> FileResult:
+    """Evaluates one MemoryAgent (its own budgets, templates and sampling) on one file or list of records.
+
+    Args:
+      agent: a `memagent_jax.agent.MemoryAgent`.
+      records: an evaluation file path, an opened file (`data.formats.open_file`) or a sequence of QARecord.
+      metric: a key of `verifier.METRICS`, or 'auto' (each row's extra field 'metric', else 'sub_em').
+      extract: how the prediction is taken from the final response (`verifier.EXTRACTORS`; default: the last
+        \\boxed{...}).
+      batch_size: rows per agent run (rows are sorted by document length first).
+      max_questions: evaluate the first N rows only (0 = all).
+      seed: row r samples with fold_in(key(seed), r.index).
+      num_traces: the first N rows (file order) keep the memory text after every chunk in `rows[i]['trace']`.
+      row_errors: a row the agent cannot run (empty or over-budget question, empty document): 'skip' (reported,
+        not scored), 'zero' (scored 0) or 'raise'.
+      progress: rows-done progress bar on stderr (process 0 only).
+      model_name, model_path, file_key: names used in the result and the progress output.
+      pad_batches: run a short last batch at the full batch size (repeating a row), so that one compiled program
+        serves the whole file.
+    Returns:
+      FileResult, with `rows` in file order.
+    """
+    from memagent_jax import verifier
+    from memagent_jax.agent import AgentInputError
+
+    if metric != "auto" and metric not in verifier.METRICS:
+        raise EvalConfigError(f"metric: unknown metric {metric!r}; choose one of {sorted(verifier.METRICS)} or 'auto'")
+    if extract not in verifier.EXTRACTORS:
+        raise EvalConfigError(f"extract: unknown extraction {extract!r}; choose one of {list(verifier.EXTRACTORS)}")
+    if row_errors not in ROW_ERROR_POLICIES:
+        raise EvalConfigError(f"row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {row_errors!r}")
+    if batch_size <= 0:
+        raise EvalConfigError(f"batch_size: must be positive, got {batch_size}")
+    if isinstance(records, (str, os.PathLike)):
+        records = open_eval_file(os.fspath(records))
+    path = os.fspath(getattr(records, "path", "")) or "records"
+    file_key = file_key or _file_keys([path])[0]
+    total = len(records) if max_questions <= 0 else min(max_questions, len(records))
+    show = progress and _is_main_process()
+
+    t0 = time.perf_counter()
+    rows: list[dict | None] = [None] * total
+    ready, kept = [], []
+    skipped = 0
+    for i in range(total):
+        record = records[i]  # DataFormatError (file, row, field) surfaces here
+        kept.append(record)
+        row_metric = resolve_metric(metric, record, where=f"{path} row {i}")
+        base = {"row": i, "index": record.index, "question": record.question, "answers": list(record.answers),
+                "metric": row_metric}
+        try:
+            _, doc_ids = agent.prepare(record.question, record.document, source=f"{path} row {i}")
+        except AgentInputError as e:
+            if row_errors == "raise":
+                raise
+            if row_errors == "skip":
+                skipped += 1
+                rows[i] = dict(base, error=str(e))
+            else:
+                rows[i] = dict(base, error=str(e), response="", prediction=None,
+                               scores={name: 0.0 for name in SCORE_NAMES}, num_chunks=0, doc_tokens=None)
+            _log(f"{model_name} / {file_key}: row {i}: {e}", show)
+            continue
+        ready.append((int(doc_ids.size), i, record, doc_ids, row_metric))
+    ready.sort(key=lambda r: (r[0], r[1]))  # similar lengths together: fewer idle rows per batch
+
+    bar = _bar(len(ready), f"{model_name} / {file_key}", show)
+    full = min(batch_size, len(ready))
+    for start in range(0, len(ready), batch_size):
+        group = ready[start:start + batch_size]
+        want_trace = any(g[1] < num_traces for g in group)
+        # A short last batch repeats its last row up to the full batch size: every batch of the file has one
+        # shape, so nothing new compiles inside the timed loop (the extra rows' results are dropped).
+        run_rows = group + [group[-1]] * (full - len(group)) if pad_batches else group
+        result = agent.run([g[2].question for g in run_rows], [g[3] for g in run_rows],
+                           rng=row_keys(seed, [g[2].index for g in run_rows]), trace=want_trace)
+        for j, (size, i, record, _, row_metric) in enumerate(group):
+            scored = score_response(result.answers[j], record.answers, row_metric, extract)
+            row = {"row": i, "index": record.index, "question": record.question, "answers": list(record.answers),
+                   "metric": row_metric, "response": result.answers[j], "prediction": scored["prediction"],
+                   "scores": scored["scores"], "num_chunks": int(result.num_chunks[j]), "doc_tokens": size,
+                   "finished": bool(result.finished[j])}
+            if i < num_traces and result.traces is not None:
+                row["trace"] = result.traces[j]
+            rows[i] = row
+        bar.update(len(group))
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    scored_rows = [r for r in rows if r is not None and "scores" in r]
+    run_rows = [r for r in scored_rows if r.get("doc_tokens") is not None]
+    stats = summarize([r["scores"] for r in scored_rows])
+    tokens = int(sum(r["doc_tokens"] for r in run_rows))
+    used: dict[str, int] = {}
+    for r in scored_rows:
+        used[r["metric"]] = used.get(r["metric"], 0) + 1
+    return FileResult(
+        model=model_name, model_path=model_path, file=path, file_key=file_key, label=length_label(path, kept),
+        metric=metric, metrics_used=used, extract=extract, n=len(scored_rows), skipped=skipped,
+        accuracy=stats["accuracy"], em=stats["em"], f1=stats["f1"], sub_em=stats["sub_em"],
+        mean_doc_tokens=float(np.mean([r["doc_tokens"] for r in run_rows])) if run_rows else math.nan,
+        mean_chunks=float(np.mean([r["num_chunks"] for r in run_rows])) if run_rows else math.nan,
+        total_doc_tokens=tokens, wall_s=wall, doc_tokens_per_s=tokens / wall if wall > 0 else math.nan,
+        rows=[r for r in rows if r is not None])
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="row", desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None, *, budgets=None, templates=None,
+                    temperature: float = 0.7, top_p: float = 0.95, memory_sampling=None, answer_sampling=None,
+                    metric: str = "sub_em", extract: str = "boxed", batch_size: int = 8, max_questions: int = 0,
+                    seed: int = 0, num_traces: int = 3, row_errors: str = "skip", mesh=None,
+                    param_dtype: str | None = None, compute_dtype: str | None = None,
+                    tokenizer_path: str | None = None, progress: bool = True, plot: bool = True,
+                    warmup: bool = True, config: Mapping | None = None) -> EvalResults:
+    """Evaluates every model on every file and writes the reports to `out_dir` (None: nothing written).
+
+    Args:
+      models: {name: source}, [(name, source)], folders, or 'name=folder,...'. A source is a Hugging Face folder
+        (loaded once, on `mesh`, for all files), a (params, config, tokenizer) triple or `LoadedModel` already in
+        memory, or a `MemoryAgent` (its params, tokenizer and mesh are used with this evaluation's settings).
+      eval_files: evaluation-format files (paths or glob patterns; a comma-separated string works too).
+      out_dir: where results.json / results.csv / results.txt / predictions/ / accuracy_vs_length.png go.
+      budgets: `AgentBudgets` (default: the reference 1024 / 5000 / 1024 / 1024).
+      templates: `AgentTemplates`, a JSON template file, or None (the default wording).
+      temperature, top_p: sampling of memories and answers (0 = greedy); `memory_sampling` / `answer_sampling`
+        (`SamplingParams`) override them.
+      metric, extract, batch_size, max_questions, seed, num_traces, row_errors: see `evaluate_agent`.
+      mesh: a ('data', 'fsdp', 'tensor') mesh for loading and running (None: one device).
+      param_dtype, compute_dtype: for models loaded from folders (None: the checkpoint's dtype).
+      tokenizer_path: tokenizer folder for models loaded from folders (None: each model's folder).
+      progress: progress bars, per-file summary lines and the final table on stderr / stdout.
+      plot: write accuracy_vs_length.png.
+      warmup: before a model's first file, run one batch of a one-chunk dummy row, so that compilation is not
+        counted in the first file's wall time and tokens/s.
+      config: a configuration to echo into results.json (the CLI passes its ConfigDict).
+    """
+    from memagent_jax import verifier
+    from memagent_jax.agent import AgentBudgets, AgentTemplates
+    from memagent_jax.sampling import SamplingParams
+
+    entries = parse_models(models)
+    files = parse_eval_files(eval_files)
+    if metric != "auto" and metric not in verifier.METRICS:
+        raise EvalConfigError(f"metric: unknown metric {metric!r}; choose one of {sorted(verifier.METRICS)} or 'auto'")
+    if extract not in verifier.EXTRACTORS:
+        raise EvalConfigError(f"extract: unknown extraction {extract!r}; choose one of {list(verifier.EXTRACTORS)}")
+    if row_errors not in ROW_ERROR_POLICIES:
+        raise EvalConfigError(f"row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {row_errors!r}")
+    if batch_size <= 0:
+        raise EvalConfigError(f"batch_size: must be positive, got {batch_size}")
+    for name, value in (("max_questions", max_questions), ("num_traces", num_traces)):
+        if value < 0:
+            raise EvalConfigError(f"{name}: must be >= 0, got {value}")
+    if tokenizer_path and not os.path.isdir(tokenizer_path):
+        raise EvalConfigError(f"tokenizer: {tokenizer_path!r} is not a directory")
+    opened = [open_eval_file(f) for f in files]  # every file checked before any model loads
+    keys = _file_keys(files)
+    budgets = budgets if budgets is not None else AgentBudgets()
+    if templates is None:
+        templates = AgentTemplates()
+    elif isinstance(templates, (str, os.PathLike)):
+        templates = AgentTemplates.from_file(templates)
+    memory_sampling = memory_sampling or SamplingParams(temperature=float(temperature), top_p=float(top_p))
+    answer_sampling = answer_sampling or memory_sampling
+    main = _is_main_process()
+    show = progress and main
+
+    echo = {
+        "cli_config": _plain(config) if config is not None else None,
+        "models": {name: (os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
+                   for name, src in entries},
+        "eval_files": files,
+        "budgets": dataclasses.asdict(budgets),
+        "templates": dataclasses.asdict(templates),
+        "memory_sampling": _sampling_echo(memory_sampling),
+        "answer_sampling": _sampling_echo(answer_sampling),
+        "metric": metric, "extract": extract, "batch_size": batch_size, "max_questions": max_questions,
+        "seed": seed, "num_traces": num_traces, "row_errors": row_errors, "param_dtype": param_dtype,
+        "compute_dtype": compute_dtype, "tokenizer": tokenizer_path,
+        "mesh": dict(mesh.shape) if mesh is not None else None, "warmup": warmup,
+    }
+    results = EvalResults(results=[], config=echo, out_dir=os.fspath(out_dir) if out_dir is not None else None)
+    if out_dir is not None and main:
+        os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
+    for name, source in entries:
+        t0 = time.perf_counter()
+        agent, path = _agent_for(source, budgets=budgets, templates=templates, memory_sampling=memory_sampling,
+                                 answer_sampling=answer_sampling, mesh=mesh, tokenizer_path=tokenizer_path,
+                                 param_dtype=param_dtype, compute_dtype=compute_dtype)
+        _log(f"model {name!r}: ready in {time.perf_counter() - t0:.1f}s" + (f" ({path})" if path else ""), show)
+        if warmup:
+            t0 = time.perf_counter()
+            sizes = [len(f) if max_questions <= 0 else min(len(f), max_questions) for f in opened]
+            _warm_up(agent, min(batch_size, max(sizes)))
+            _log(f"model {name!r}: warm-up batch (compilation) {time.perf_counter() - t0:.1f}s", show)
+        for file, key in zip(opened, keys):
+            r = evaluate_agent(agent, file, metric=metric, extract=extract, batch_size=batch_size,
+                               max_questions=max_questions, seed=seed, num_traces=num_traces, row_errors=row_errors,
+                               progress=progress, model_name=name, model_path=path, file_key=key)
+            results.results.append(r)
+            acc = r.accuracy
+            _log(f"{name} / {key} ({r.label}): accuracy {_pct(acc.mean)}% [{_pct(acc.low)}, {_pct(acc.high)}] "
+                 f"n={r.n}, {r.mean_doc_tokens:.0f} tokens, {r.wall_s:.1f}s, {r.doc_tokens_per_s:.0f} tok/s", show)
+            if out_dir is not None and main:
+                write_predictions(r, os.path.join(out_dir, "predictions", f"{name}__{key}.jsonl"))
+                write_reports(results, out_dir, plot=False)  # a killed run keeps every finished point
+        del agent
+        gc.collect()
+    if out_dir is not None and main:
+        write_reports(results, out_dir, plot=plot)
+    if show:
+        print(results.table(), flush=True)
+        if out_dir is not None:
+            print(f"wrote {out_dir}/results.json, results.csv, predictions/"
+                  + (", accuracy_vs_length.png" if plot else ""), flush=True)
+    return results
+
+
+def _warm_up(agent, batch: int) -> None:
+    """One untimed agent run of `batch` one-chunk dummy rows (compiles the prefix, segment and final programs)."""
+    from memagent_jax.agent import AgentInputError
+
+    if batch <= 0:
+        return
+    try:
+        agent.run(["What is this text about?"] * batch, ["A short text about a quiet river."] * batch, rng=0)
+    except AgentInputError:  # an exotic tokenizer or a tiny budget: compile on the first real batch instead
+        pass
+
+
+def _sampling_echo(sampling) -> dict:
+    """What the evaluation sets; max_new_tokens, stop ids and pad come from the budgets and the tokenizer."""
+    return {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+
+
+def _plain(config) -> Any:
+    """A ConfigDict / mapping as plain JSON-able values."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=str))
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def write_predictions(result: FileResult, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in result.rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_reports(results: EvalResults, out_dir: str, *, plot: bool = True) -> None:
+    """results.json, results.csv, results.txt and (plot=True) accuracy_vs_length.png in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    _write_text(os.path.join(out_dir, "results.json"), json.dumps(results.to_dict(), indent=2, allow_nan=False))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for r in results.results:
+        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
+                         for k, v in r.csv_row().items()})
+    _write_text(os.path.join(out_dir, "results.csv"), buf.getvalue())
+    _write_text(os.path.join(out_dir, "results.txt"), results.table() + "\n")
+    if plot:
+        plot_accuracy_vs_length(results.results, os.path.join(out_dir, "accuracy_vs_length.png"))
+
+
+def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str | None = None) -> str:
+    """Accuracy (%) against mean document tokens (log x axis), one line per model, 95% CI as error bars and a
+    shaded band. Uses matplotlib's Agg canvas directly (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    markers = "osD^vP*Xh<>"
+    styles = ("-", "--", "-.", ":")
+    models = list(dict.fromkeys(r.model for r in results))
+    metrics = sorted({m for r in results for m in r.metrics_used} or {r.metric for r in results})
+    all_x: list[float] = []
+    for k, model in enumerate(models):
+        pts = sorted((r.mean_doc_tokens, r) for r in results
+                     if r.model == model and r.n and math.isfinite(r.mean_doc_tokens) and r.mean_doc_tokens > 0)
+        if not pts:
+            continue
+        x = np.array([p[0] for p in pts])
+        acc = np.array([100 * p[1].accuracy.mean for p in pts])
+        lo = np.array([100 * p[1].accuracy.low for p in pts])
+        hi = np.array([100 * p[1].accuracy.high for p in pts])
+        all_x.extend(x)
+        line = ax.errorbar(x, acc, yerr=[np.maximum(acc - lo, 0), np.maximum(hi - acc, 0)],
+                           marker=markers[k % len(markers)], markersize=7 - min(k, 3), capsize=3, linewidth=1.8,
+                           linestyle=styles[k % len(styles)], label=f"{model} (n={pts[0][1].n})"
+                           if len({p[1].n for p in pts}) == 1 else model)
+        color = line[0].get_color()
+        if len(x) > 1:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_tokens(v)))
+    narrow = bool(all_x) and max(all_x) / min(all_x) < 30  # few decades: label the minor ticks too
+    def minor(v, _):  # 2, 3 and 5 x 10^k only: readable without crowding
+        lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9)) if v > 0 else 0
+        return _fmt_tokens(v) if lead in (2, 3, 5) else ""
+
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor) if narrow else NullFormatter())
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("mean document length (tokens, log scale)")
+    ax.set_ylabel(f"accuracy (%, {'/'.join(metrics)})")
+    ax.set_title(title or "Memory agent accuracy vs document length (95% CI)")
+    ax.grid(True, which="both", alpha=0.3)
+    if models:
+        ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def validate_config(cfg) -> None:
+    """Checks the CLI config before any expensive work; every error names the config field."""
+    from memagent_jax import verifier
+
+    parse_models(cfg.models, field="config.models")
+    parse_eval_files(cfg.eval_files, field="config.eval_files")
+    if cfg.tokenizer and not os.path.isdir(cfg.tokenizer):
+        raise EvalConfigError(f"config.tokenizer: {cfg.tokenizer!r} is not a directory")
+    if cfg.templates and not os.path.isfile(cfg.templates):
+        raise EvalConfigError(f"config.templates: {cfg.templates!r} does not exist")
+    if cfg.metric != "auto" and cfg.metric not in verifier.METRICS:
+        raise EvalConfigError(f"config.metric: unknown metric {cfg.metric!r}; choose one of "
+                              f"{sorted(verifier.METRICS)} or 'auto'")
+    if cfg.extract not in verifier.EXTRACTORS:
+        raise EvalConfigError(f"config.extract: unknown extraction {cfg.extract!r}; choose one of "
+                              f"{list(verifier.EXTRACTORS)}")
+    if cfg.row_errors not in ROW_ERROR_POLICIES:
+        raise EvalConfigError(f"config.row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {cfg.row_errors!r}")
+    if cfg.batch_size <= 0:
+        raise EvalConfigError(f"config.batch_size: must be positive, got {cfg.batch_size}")
+    for name in ("max_questions", "num_traces"):
+        if cfg[name] < 0:
+            raise EvalConfigError(f"config.{name}: must be >= 0, got {cfg[name]}")
+    if cfg.sampling.temperature < 0 or not 0 < cfg.sampling.top_p <= 1:
+        raise EvalConfigError(f"config.sampling: temperature must be >= 0 and top_p in (0, 1], got "
+                              f"{cfg.sampling.temperature} / {cfg.sampling.top_p}")
+
+
+def _budgets_from(cfg):
+    from memagent_jax.agent import AgentBudgets, AgentInputError
+
+    b = cfg.budgets
+    try:
+        return AgentBudgets(question_tokens=b.question_tokens, chunk_tokens=b.chunk_tokens,
+                            memory_tokens=b.memory_tokens, answer_tokens=b.answer_tokens,
+                            chunks_per_segment=b.chunks_per_segment, max_document_tokens=b.max_document_tokens,
+                            question_overflow=b.question_overflow)
+    except AgentInputError as e:
+        raise EvalConfigError(f"config.{e}") from None
+
+
+def run(cfg, workdir: str) -> EvalResults:
+    """The CLI's work: validates `cfg` (configs/evaluate.py), builds the mesh, evaluates every model on every
+    file, and writes the reports into `workdir`."""
+    import jax
+
+    from memagent_jax.models import sharding as sharding_lib
+
+    validate_config(cfg)
+    budgets = _budgets_from(cfg)
+    try:
+        mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except sharding_lib.MeshError as e:
+        raise EvalConfigError(f"config.mesh: {e} ({jax.device_count()} devices)") from None
+    return evaluate_models(
+        cfg.models, cfg.eval_files, workdir, budgets=budgets, templates=cfg.templates or None,
+        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, metric=cfg.metric, extract=cfg.extract,
+        batch_size=cfg.batch_size, max_questions=cfg.max_questions, seed=cfg.seed, num_traces=cfg.num_traces,
+        row_errors=cfg.row_errors, mesh=mesh, param_dtype=cfg.param_dtype or None,
+        compute_dtype=cfg.compute_dtype or None, tokenizer_path=cfg.tokenizer or None, progress=cfg.progress,
+        plot=cfg.plot, warmup=cfg.warmup, config=cfg)
+
+
+_CONFIG = None
+_WORKDIR = None
+_FLAG_VALUES = None
+
+
+def _define_flags(flag_values=None, sys_argv: list[str] | None = None) -> None:
+    """--config / --workdir on absl's global flags (or `flag_values`). Defined only when run as a program, so that
+    this module and memagent_jax.train (which defines flags of the same names) can share one process; tests parse
+    a private FlagValues with `sys_argv`."""
+    global _CONFIG, _WORKDIR, _FLAG_VALUES
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    _FLAG_VALUES = fv
+    if _distributed is not None and hasattr(_distributed, "define_flags"):
+        _distributed.define_flags(fv)  # --coordinator_address / --num_processes / --process_id
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate.py", "evaluation config file",
+                                              flag_values=fv, lock_config=True, sys_argv=sys_argv)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "directory for results.json/csv, predictions/ and the plot",
+                                   flag_values=fv)
+
+
+def main(argv) -> None:
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    if _distributed is not None and hasattr(_distributed, "initialize_from_flags"):
+        try:  # multi-host runs: join the other processes (a no-op for one process)
+            _distributed.initialize_from_flags(_FLAG_VALUES)
+        except getattr(_distributed, "DistributedError", ()) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from memagent_jax.agent import AgentInputError, TemplateError
+    from memagent_jax.data.records import DataFormatError
+    from memagent_jax.models import CheckpointError, ConfigError
+
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except (EvalConfigError, DataFormatError, CheckpointError, ConfigError, AgentInputError, TemplateError,
+            FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app as _app
+
+    _define_flags()
+    _app.run(main)
