@@ -22,7 +22,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m memagent_jax.demo
+	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

@@ -261,3 +261,46 @@ def test_config_validation():
         SyntheticConfig("niah_single", 100, depth=1.5)
     with pytest.raises(ValueError):
         SyntheticConfig("multihop_qa", 100, hops=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# knobs of the main job's task: chunk-aligned facts, keyed_recall, value digits
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["keyed_recall", "niah_multikey"])
+def test_chunk_aligned_facts_never_straddle_a_chunk(tok, task):
+    straddled = 0
+    for index in range(30):
+        for aligned in (False, True):
+            cfg = SyntheticConfig(task, num_tokens=640, num_distractors=12, chunk_tokens=32, chunk_aligned=aligned)
+            sample = generate_sample(cfg, index, tok)
+            ids = tok.encode(sample.text(), add_special_tokens=False)
+            for fact in sample.facts:
+                start, end = fact.token_offset, fact.token_offset + fact.num_tokens
+                assert tok.decode(ids[start:end]) == fact.text  # offsets are exact
+                crosses = start // 32 != (end - 1) // 32
+                if aligned:
+                    assert not crosses or end > len(ids) - 2 * fact.num_tokens * len(sample.facts), (index, fact)
+                else:
+                    straddled += crosses
+    assert straddled > 0  # without the knob facts do straddle: the test can tell
+
+
+def test_keyed_recall_scales_to_many_lookalikes(tok):
+    sample = generate_sample(SyntheticConfig("keyed_recall", num_tokens=4000, num_distractors=200), 3, tok)
+    key = re.search(r"for (\w+)\?", sample.question).group(1)
+    answer = [f for f in sample.facts if f.role == "answer"]
+    assert len(answer) == 1 and answer[0].triple == (key, "secret_word", sample.answers[0])
+    assert all(f.triple[0] != key and f.triple[2] != sample.answers[0] for f in sample.facts if f.role != "answer")
+    assert len(sample.facts) == 201
+    assert sample.text().count(f" for {key} is ") == 1
+
+
+def test_value_digits(tok):
+    sample = generate_sample(SyntheticConfig("niah_multikey", num_tokens=300, value_digits=3), 0, tok)
+    assert all(len(f.triple[2]) == 3 for f in sample.facts)
+    with pytest.raises(ValueError, match="value_digits"):
+        SyntheticConfig("niah_single", num_tokens=300, value_digits=0)
+    with pytest.raises(ValueError, match="too many distinct"):
+        generate_sample(SyntheticConfig("niah_multikey", num_tokens=3000, num_distractors=20, value_digits=1), 0, tok)

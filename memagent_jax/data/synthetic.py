@@ -16,6 +16,12 @@ Tasks (:data:`TASKS`):
     ``num_values`` (default 4) needles give the asked key different numbers; all are wanted.
 ``niah_multiquery``
     ``num_queries`` (default 4) keys are asked for at once; all their numbers are wanted.
+``keyed_recall``
+    One fact "The secret word for <creature> is <Word>." for the asked creature, among
+    ``num_distractors`` (default 3) look-alike facts for other creatures; keys and words come from
+    small closed sets (16 creatures, 28 words, each one token for the tokenizers made here) and
+    look-alikes may repeat each other, so a document can hold any number of them.  The memory task
+    of the CPU default job: what to keep is the whole difficulty, not how to copy.
 ``variable_tracking``
     A chain "Let <A> be 12345." "Let <B> be <A>." ... of ``hops`` (default 4) copies; asked which
     variables hold the value (all ``hops + 1`` names are wanted).  ``num_distractors`` (default 2)
@@ -31,7 +37,9 @@ Knobs (:class:`SyntheticConfig`): ``num_tokens`` (target document length), ``num
 ``hops``, ``depth`` (relative position 0..1 of the answer needle(s); ``None``: random per
 sample), ``num_values``, ``num_queries``, ``chunk_tokens`` (when set, the facts the answer needs
 start at least this many tokens apart, so with chunks of this size no chunk holds two of them),
-``seed``.
+``chunk_aligned`` (with ``chunk_tokens``: no fact straddles a multiple of ``chunk_tokens``; a fact
+that would is moved past the next filler sentence(s), so every fact is read whole by one chunk
+step), ``value_digits`` (digits of the niah numbers, default 7), ``seed``.
 
 Guarantees (tested): the same config, index and tokenizer give the same sample in any process;
 the document length is within 2% of ``num_tokens`` (usually within 2 tokens); the answer strings
@@ -71,6 +79,7 @@ TASKS = (
     "niah_multikey",
     "niah_multivalue",
     "niah_multiquery",
+    "keyed_recall",
     "variable_tracking",
     "multihop_qa",
 )
@@ -81,6 +90,7 @@ _TASK_METRIC = {
     "niah_multikey": ("string_match_all", "boxed_em"),
     "niah_multivalue": ("string_match_all", "boxed_all"),
     "niah_multiquery": ("string_match_all", "boxed_all"),
+    "keyed_recall": ("string_match_all", "boxed_em"),
     "variable_tracking": ("string_match_all", "boxed_all"),
     "multihop_qa": ("sub_em", "boxed_em"),
 }
@@ -89,6 +99,7 @@ _DEFAULT_DISTRACTORS = {
     "niah_multikey": 3,
     "niah_multivalue": 0,
     "niah_multiquery": 0,
+    "keyed_recall": 3,
     "variable_tracking": 2,
     "multihop_qa": 3,
 }
@@ -191,6 +202,8 @@ class SyntheticConfig:
     num_values: int = 4
     num_queries: int = 4
     chunk_tokens: int | None = None
+    chunk_aligned: bool = False
+    value_digits: int = 7
     seed: int = 0
 
     def __post_init__(self):
@@ -211,6 +224,10 @@ class SyntheticConfig:
             raise ValueError("num_values and num_queries must be >= 1")
         if self.chunk_tokens is not None and self.chunk_tokens <= 0:
             raise ValueError("chunk_tokens must be positive")
+        if not 1 <= self.value_digits <= 12:
+            raise ValueError("value_digits must be in 1..12")
+        if self.chunk_aligned and not self.chunk_tokens:
+            raise ValueError("chunk_aligned needs chunk_tokens")
 
     @property
     def resolved_distractors(self) -> int:
@@ -411,6 +428,8 @@ _MAKERS: dict[str, Callable[[random.Random], str]] = {
 
 
 def _number(rng: random.Random, digits: int, used: set[str]) -> str:
+    if len(used) >= 9 * 10 ** (digits - 1) // 2:
+        raise ValueError(f"too many distinct {digits}-digit numbers requested ({len(used) + 1}); raise value_digits")
     while True:
         value = str(rng.randrange(10 ** (digits - 1), 10**digits))
         if value not in used:
@@ -440,7 +459,7 @@ def _niah(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...
     task = cfg.task
     if task == "niah_multiquery":
         keys = [names.take(_MAKERS["key"]) for _ in range(cfg.num_queries)]
-        values = [_number(rng, 7, numbers) for _ in keys]
+        values = [_number(rng, cfg.value_digits, numbers) for _ in keys]
         drafts += [needle(k, v, "answer", cfg.depth) for k, v in zip(keys, values)]
         listed = ", ".join(keys[:-1]) + (" and " if len(keys) > 1 else "") + keys[-1]
         question = f"What are the secret numbers for {listed}?" if len(keys) > 1 else f"What is the secret number for {listed}?"
@@ -448,7 +467,7 @@ def _niah(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...
     else:
         key = names.take(_MAKERS["key"])
         n_values = cfg.num_values if task == "niah_multivalue" else 1
-        values = [_number(rng, 7, numbers) for _ in range(n_values)]
+        values = [_number(rng, cfg.value_digits, numbers) for _ in range(n_values)]
         drafts += [needle(key, v, "answer", cfg.depth) for v in values]
         if n_values > 1:
             question = f"What are all the secret numbers for {key}?"
@@ -456,8 +475,25 @@ def _niah(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...
             question = f"What is the secret number for {key}?"
         answers = tuple(values)
     for _ in range(cfg.resolved_distractors):
-        drafts.append(needle(names.take(_MAKERS["key"]), _number(rng, 7, numbers), "distractor"))
+        drafts.append(needle(names.take(_MAKERS["key"]), _number(rng, cfg.value_digits, numbers), "distractor"))
     return question, answers, drafts
+
+
+_RECALL_WORDS = tuple(s.capitalize() for s in _SYLLABLES)
+
+
+def _keyed_recall(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...], list[_Draft]]:
+    def fact(key: str, word: str, role: str, depth=None) -> _Draft:
+        return _Draft(f" The secret word for {key} is {word}.", role, (key, "secret_word", word), depth=depth)
+
+    key = rng.choice(_KEY_CREATURES)
+    word = rng.choice(_RECALL_WORDS)
+    other_keys = [k for k in _KEY_CREATURES if k != key]
+    other_words = [w for w in _RECALL_WORDS if w != word]
+    drafts = [fact(key, word, "answer", cfg.depth)]
+    drafts += [fact(rng.choice(other_keys), rng.choice(other_words), "distractor")
+               for _ in range(cfg.resolved_distractors)]
+    return f"What is the secret word for {key}?", (word,), drafts
 
 
 def _variable_tracking(cfg: SyntheticConfig, rng: random.Random):
@@ -552,6 +588,8 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
     task_rng = random.Random(_derive_seed("task", config.task, config.seed, index, config.resolved_distractors, config.resolved_hops, config.num_values, config.num_queries))
     if config.task.startswith("niah"):
         question, answers, drafts = _niah(config, task_rng)
+    elif config.task == "keyed_recall":
+        question, answers, drafts = _keyed_recall(config, task_rng)
     elif config.task == "variable_tracking":
         question, answers, drafts = _variable_tracking(config, task_rng)
     else:
@@ -575,10 +613,18 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
     full = 0
     partial = 0
     period = counter(".")
+    inserted = 0  # fact tokens placed so far
+    align = config.chunk_tokens if config.chunk_aligned else None
+
+    def straddles(fact: int) -> bool:
+        start = used + inserted
+        return align is not None and start // align != (start + fact_tokens[fact] - 1) // align
+
     while True:
-        while k < len(order) and offsets[order[k]] <= used:
+        while k < len(order) and offsets[order[k]] <= used and not straddles(order[k]):
             insert_at[order[k]] = full
             filler_before[order[k]] = used
+            inserted += fact_tokens[order[k]]
             k += 1
         units = _sentence_units(rng)
         counts = [counter(u) for u in units]
@@ -690,6 +736,7 @@ def vocabulary_texts() -> list[str]:
     texts.append(" ".join(_LETTERS))
     texts.append(" 0 1 2 3 4 5 6 7 8 9")
     texts.append(" The secret number for amber falcon is 1234567. What is the secret number for amber falcon?")
+    texts.append(" The secret word for otter is Ven. What is the secret word for otter?")
     texts.append(" What are all the secret numbers for violet otter? What are the secret numbers for a, b and c?")
     texts.append(" Let ABCDE be 12345. Let FGHJK be ABCDE. Which variables hold the value 12345, directly or through other variables?")
     texts.extend(t.format(s="Kalo Mira", o="Venra") for t, _, _ in _RELATIONS)

@@ -1,0 +1,78 @@
+"""The main job on the embedded default: a memory agent trained end to end on CPU, no downloads.
+
+    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic
+    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir /tmp/q --config.quick=True
+
+Stages (each resumes when re-run with the same workdir): make the task data and a tokenizer, create a tiny
+Qwen2-architecture model, warm-start it by SFT on scripted (imperfect) memory traces, train it with
+multi-conversation GRPO, evaluate both models at 1x..64x the training length, write a memory-trace report,
+and export. `quick` shrinks every stage (about 2 minutes; for tests).
+
+The task is `keyed_recall` from memagent_jax/data/synthetic.py: one fact "The secret word for <creature> is
+<Word>." for the asked creature among look-alike facts for other creatures, about `distractors_per_chunk`
+of them per chunk at every length, so a longer document holds proportionally more look-alikes.
+"""
+
+import ml_collections
+
+# Compact wording for the tiny model (the default templates are ~110 tokens per prompt with this tokenizer;
+# these are ~30, which halves the CPU time of every stage). Same placeholders and shape as the defaults.
+MEMORY_UPDATE = "Question: {question}\nNotes: {memory}\nText: {chunk}\nRewrite the notes."
+FINAL_ANSWER = "Question: {question}\nNotes: {memory}\nAnswer with \\boxed{}."
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.quick = False  # shrink every stage (see QUICK below)
+    c.task = ml_collections.ConfigDict(dict(
+        name="keyed_recall",
+        train_chunks=2,  # training documents are this many chunks long
+        distractors_per_chunk=0.0,  # look-alike facts for other keys per chunk, at every length
+        train_samples=4096,  # rows of the training file (GRPO draws from it)
+        eval_multipliers="1;4;16;64",  # evaluation lengths, in multiples of train_chunks
+        eval_questions=256,  # held-out questions per length
+    ))
+    c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
+    c.model = ml_collections.ConfigDict(dict(
+        hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+        max_position_embeddings=512,
+    ))
+    c.agent = ml_collections.ConfigDict(dict(
+        question_tokens=16, chunk_tokens=32, memory_tokens=8, answer_tokens=12,
+        memory_update=MEMORY_UPDATE, final_answer=FINAL_ANSWER, initial_memory="No notes yet.",
+    ))
+    c.warm_start = ml_collections.ConfigDict(dict(
+        updates=384,  # optimiser updates
+        trajectories_per_update=16,  # scripted trajectories (each: train_chunks + 1 conversations)
+        updates_per_call=8,  # updates per jitted learner call
+        learning_rate=3e-3,
+        warmup=20,
+        forget_prob=0.3,  # the script's flaw: at a section without the answer, drop the notes
+        overwrite_prob=0.0,  # ... or note a look-alike fact for another key
+    ))
+    c.rl = ml_collections.ConfigDict(dict(
+        steps=60,
+        questions_per_step=8,
+        group_size=16,
+        num_minibatches=1,
+        learning_rate=2e-4,
+        kl_coef=0.0,
+        temperature=1.0,
+        top_p=1.0,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        temperature=0.7, top_p=0.95,  # the paper's evaluation sampling
+        batch_size=256,
+        chunks_per_segment=8,
+        report_questions=3,
+    ))
+    # Applied when quick=True (field=value pairs): every stage small, for tests and a first look.
+    c.quick_overrides = ",".join([
+        "task.train_samples=256", "task.eval_questions=32", "task.eval_multipliers=1;4",
+        "warm_start.updates=16", "warm_start.updates_per_call=8", "warm_start.trajectories_per_update=8",
+        "rl.steps=2", "rl.questions_per_step=4", "rl.group_size=4",
+        "eval.batch_size=32", "eval.report_questions=2",
+    ])
+    return c

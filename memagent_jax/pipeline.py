@@ -1,0 +1,428 @@
+"""The main job: build a task, warm-start a tiny model, train it with GRPO, evaluate across lengths, report.
+
+    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic
+    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir /tmp/q --config.quick=True
+
+Stages, each in its own folder of the workdir and skipped when re-run after it finished (a killed job
+resumes at the stage it was in; the GRPO stage resumes from its last checkpoint):
+
+    assets/      task data (reference formats: train.jsonl, eval_<m>x.jsonl), tokenizer, templates.json,
+                 the initial model (a Hugging Face folder, random weights)
+    warm_start/  SFT on scripted memory traces -> warm_start/export (HF folder)
+    rl/          multi-conversation GRPO (memagent_jax.train) -> rl/export (HF folder)
+    eval/        both models at every length: results.json / .csv, accuracy_vs_length.png, predictions/
+    report.md / report.html   memory traces of a few held-out questions, warm start vs RL
+    summary.json              figures and stage timings
+
+Nothing is downloaded: the tokenizer is trained on the task's own text and the model is created here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = _WORKDIR = None
+
+
+def define_flags() -> None:
+    """Registers the command-line flags (only when run as a program)."""
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_synthetic.py", "main job config",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "directory for every artefact of the job")
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PipelineConfigError(ValueError):
+    """A main-job config field is invalid; the message names the field."""
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def resolve_config(cfg):
+    """A copy of `cfg` with `quick_overrides` applied when `cfg.quick` is set, validated."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.unlock()
+    if cfg.quick:
+        for item in filter(None, (s.strip() for s in cfg.quick_overrides.split(","))):
+            name, _, value = item.partition("=")
+            owner, _, field = name.rpartition(".")
+            node = cfg
+            for part in owner.split(".") if owner else []:
+                node = node[part]
+            if field not in node:
+                raise PipelineConfigError(f"config.quick_overrides: {name!r} is not a config field")
+            node[field] = type(node[field])(value) if not isinstance(node[field], bool) else value == "True"
+    validate_config(cfg)
+    return cfg
+
+
+def eval_multipliers(cfg) -> list[int]:
+    try:
+        values = [int(v) for v in str(cfg.task.eval_multipliers).replace(",", ";").split(";") if v.strip()]
+    except ValueError:
+        raise PipelineConfigError(f"config.task.eval_multipliers: expected integers separated by ';', got "
+                                  f"{cfg.task.eval_multipliers!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise PipelineConfigError(f"config.task.eval_multipliers: need positive integers, got {values}")
+    return values
+
+
+def validate_config(cfg) -> None:
+    from memagent_jax.data.synthetic import TASKS
+
+    if cfg.task.name not in TASKS:
+        raise PipelineConfigError(f"config.task.name: {cfg.task.name!r} is not one of {TASKS}")
+    for path in ("task.train_chunks", "task.train_samples", "task.eval_questions", "tokenizer.vocab_size",
+                 "warm_start.updates", "warm_start.trajectories_per_update", "warm_start.updates_per_call",
+                 "rl.steps", "rl.questions_per_step", "rl.group_size", "eval.batch_size",
+                 "agent.chunk_tokens", "agent.memory_tokens", "agent.answer_tokens", "agent.question_tokens"):
+        section, field = path.split(".")
+        if int(cfg[section][field]) <= 0:
+            raise PipelineConfigError(f"config.{path} must be positive, got {cfg[section][field]}")
+    if cfg.task.distractors_per_chunk < 0:
+        raise PipelineConfigError("config.task.distractors_per_chunk must be >= 0")
+    eval_multipliers(cfg)
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def _stage_done(folder: str) -> dict | None:
+    path = os.path.join(folder, "DONE.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _mark_done(folder: str, info: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "DONE.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(folder, "DONE.json"))
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def task_config(cfg, chunks: int, seed: int):
+    """The synthetic task at a length of `chunks` chunks (look-alikes scale with the length)."""
+    from memagent_jax.data.synthetic import SyntheticConfig
+
+    return SyntheticConfig(task=cfg.task.name, num_tokens=chunks * cfg.agent.chunk_tokens,
+                           num_distractors=int(round(cfg.task.distractors_per_chunk * chunks)),
+                           chunk_tokens=cfg.agent.chunk_tokens, chunk_aligned=True, seed=seed)
+
+
+def agent_templates(cfg):
+    from memagent_jax.agent import AgentTemplates
+
+    return AgentTemplates(memory_update=cfg.agent.memory_update, final_answer=cfg.agent.final_answer,
+                          initial_memory=cfg.agent.initial_memory)
+
+
+def agent_budgets(cfg, chunks_per_segment: int | None = None):
+    from memagent_jax.agent import AgentBudgets
+
+    return AgentBudgets(question_tokens=cfg.agent.question_tokens, chunk_tokens=cfg.agent.chunk_tokens,
+                        memory_tokens=cfg.agent.memory_tokens, answer_tokens=cfg.agent.answer_tokens,
+                        chunks_per_segment=chunks_per_segment or cfg.task.train_chunks)
+
+
+# Seeds: training rows, warm-start traces and held-out evaluation rows never share a sample.
+def _seeds(cfg) -> dict[str, int]:
+    return {"train": cfg.seed * 1000 + 1, "warm_start": cfg.seed * 1000 + 2, "eval": cfg.seed * 1000 + 3}
+
+
+def make_assets(cfg, folder: str) -> dict:
+    """Tokenizer, templates, task files and the initial random model, all under `folder`."""
+    import jax
+
+    from memagent_jax.data.formats import write_eval_file, write_train_file
+    from memagent_jax.data.synthetic import SyntheticDataset, tokenizer_corpus
+    from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+    from memagent_jax.models import save_hf_checkpoint
+    from memagent_jax.models.config import ModelConfig
+    from memagent_jax.models.transformer import init_params
+
+    paths = {"tokenizer": os.path.join(folder, "tokenizer"), "model": os.path.join(folder, "initial_model"),
+             "templates": os.path.join(folder, "templates.json"), "train_file": os.path.join(folder, "train.jsonl"),
+             "eval_files": {m: os.path.join(folder, f"eval_{m}x.jsonl") for m in eval_multipliers(cfg)}}
+    done = _stage_done(folder)
+    if done is not None:
+        return done["paths"] | {"eval_files": {int(k): v for k, v in done["paths"]["eval_files"].items()}}
+    t0 = time.perf_counter()
+    os.makedirs(folder, exist_ok=True)
+    templates = agent_templates(cfg)
+    with open(paths["templates"], "w") as f:
+        json.dump(dataclasses.asdict(templates), f, indent=1)
+    texts = itertools.chain(tokenizer_corpus(num_samples=16, num_tokens=300, seed=cfg.seed),
+                            [templates.memory_update, templates.final_answer, templates.initial_memory] * 50)
+    train_tokenizer(texts, paths["tokenizer"], vocab_size=cfg.tokenizer.vocab_size)
+    tokenizer = load_tokenizer(paths["tokenizer"])
+    _say(f"[assets] tokenizer: {len(tokenizer)} tokens -> {paths['tokenizer']}")
+
+    seeds = _seeds(cfg)
+    k = cfg.task.train_chunks
+    train_set = SyntheticDataset(task_config(cfg, k, seeds["train"]), tokenizer, cfg.task.train_samples)
+    write_train_file(train_set.records(), paths["train_file"])
+    _say(f"[assets] {len(train_set)} training rows of {k} chunks -> {paths['train_file']}")
+    for m, path in paths["eval_files"].items():
+        data = SyntheticDataset(task_config(cfg, m * k, seeds["eval"]), tokenizer, cfg.task.eval_questions)
+        write_eval_file(data.records(), path)
+        _say(f"[assets] {len(data)} held-out rows of {m * k} chunks ({m}x) -> {path}")
+
+    m = cfg.model
+    model_config = ModelConfig(
+        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=True, attention_bias=True, eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    params = init_params(model_config, jax.random.key(cfg.seed))
+    save_hf_checkpoint(params, model_config, paths["model"], base_folder=paths["tokenizer"])
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    _say(f"[assets] tiny Qwen2 model, {n_params / 1e6:.2f}M parameters -> {paths['model']}")
+    _mark_done(folder, {"paths": paths, "seconds": time.perf_counter() - t0, "num_params": int(n_params)})
+    return paths
+
+
+def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int, rows_multiple: int):
+    """Yields `count` SFT batches, each holding `updates_per_call` mini-batches of scripted trajectories."""
+    import numpy as np
+
+    from memagent_jax.agent.chunking import tokenize_document
+    from memagent_jax.data.synthetic import generate_sample
+    from memagent_jax.rl.warm_start import ScriptedPolicy, conversations_to_sft_batch, scripted_conversations
+
+    ws = cfg.warm_start
+    policy = ScriptedPolicy(forget_prob=ws.forget_prob, overwrite_prob=ws.overwrite_prob)
+    rng = np.random.default_rng(_seeds(cfg)["warm_start"])
+    task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"])
+    index = 0
+    for _ in range(count):
+        conversations = []
+        for _ in range(ws.updates_per_call * ws.trajectories_per_update):
+            sample = generate_sample(task, index, tokenizer)
+            index += 1
+            conversations += scripted_conversations(sample, tokenize_document(tokenizer, sample.text()), tokenizer,
+                                                    prompts, budgets, policy, rng, stop_id)
+        yield conversations_to_sft_batch(conversations, pad_id=tokenizer.pad_token_id,
+                                         rows_multiple=rows_multiple * ws.updates_per_call)
+
+
+def warm_start(cfg, assets: dict, folder: str) -> str:
+    """SFT of the initial model on scripted traces; returns the exported HF folder."""
+    export = os.path.join(folder, "export")
+    if _stage_done(folder) is not None:
+        return export
+    import jax
+
+    from memagent_jax.agent.templates import AgentPrompts
+    from memagent_jax.data.tokenizer import load_tokenizer
+    from memagent_jax.models import load_hf_params, save_hf_checkpoint
+    from memagent_jax.rl.learner import Learner, LearnerConfig, OptimizerConfig
+    from memagent_jax.rl.losses import LossConfig
+    from memagent_jax.rl.metrics import MetricsWriter
+
+    t0 = time.perf_counter()
+    ws = cfg.warm_start
+    tokenizer = load_tokenizer(assets["tokenizer"])
+    params, model_config = load_hf_params(assets["model"])
+    calls = -(-ws.updates // ws.updates_per_call)
+    updates = calls * ws.updates_per_call
+    learner = Learner(model_config, LearnerConfig(
+        loss=LossConfig(kind="sft"),
+        optimizer=OptimizerConfig(learning_rate=ws.learning_rate, weight_decay=0.0, warmup_steps=min(ws.warmup, updates - 1),
+                                  schedule="cosine", total_steps=updates, min_lr_ratio=0.1),
+        num_minibatches=ws.updates_per_call, compute_entropy=False))
+    state = learner.init_state(params)
+    prompts = AgentPrompts.build(tokenizer, agent_templates(cfg))
+    budgets = agent_budgets(cfg)
+    writer = MetricsWriter(folder, total_steps=calls, console_every=max(1, calls // 8))
+    _say(f"[warm start] SFT on scripted traces: {updates} updates x {ws.trajectories_per_update} trajectories "
+         f"(the script drops its notes at a section without the answer with p={ws.forget_prob})")
+    try:
+        for call, batch in enumerate(scripted_batches(cfg, tokenizer, prompts, budgets, tokenizer.eos_token_id,
+                                                      calls, learner.rows_multiple)):
+            state, metrics = learner.train_step(state, batch)
+            writer.write((call + 1), {"loss": float(metrics["loss"]), "updates": (call + 1) * ws.updates_per_call,
+                                      "seconds": time.perf_counter() - t0})
+    finally:
+        writer.close()
+    save_hf_checkpoint(state.params, model_config, export, base_folder=assets["tokenizer"])
+    seconds = time.perf_counter() - t0
+    _say(f"[warm start] done in {seconds:.0f} s -> {export}")
+    _mark_done(folder, {"seconds": seconds, "updates": updates, "final_loss": float(metrics["loss"])})
+    return export
+
+
+def grpo_config(cfg, assets: dict, model_path: str):
+    """The memagent_jax.train config of the GRPO stage (configs/grpo.py:cpu with the job's settings)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_grpo_config", os.path.join(_REPO, "configs", "grpo.py"))
+    if spec is None or spec.loader is None:
+        raise PipelineConfigError(f"configs/grpo.py not found under {_REPO}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = module.get_config("cpu")
+    g.seed = cfg.seed
+    g.steps = cfg.rl.steps
+    g.model.path = model_path
+    g.data.train_file = assets["train_file"]
+    g.data.reward_style = "boxed_em"
+    g.agent.update(dict(question_tokens=cfg.agent.question_tokens, chunk_tokens=cfg.agent.chunk_tokens,
+                        memory_tokens=cfg.agent.memory_tokens, answer_tokens=cfg.agent.answer_tokens,
+                        chunks_per_segment=cfg.task.train_chunks, temperature=cfg.rl.temperature,
+                        top_p=cfg.rl.top_p, templates=assets["templates"]))
+    g.rl.update(dict(questions_per_step=cfg.rl.questions_per_step, group_size=cfg.rl.group_size,
+                     num_minibatches=cfg.rl.num_minibatches, learning_rate=cfg.rl.learning_rate,
+                     kl_coef=cfg.rl.kl_coef, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0))
+    g.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    g.checkpoint.every = max(1, cfg.rl.steps // 4)
+    g.log_every = max(1, cfg.rl.steps // 10)
+    return g
+
+
+def reinforce(cfg, assets: dict, warm_model: str, folder: str) -> str:
+    """Multi-conversation GRPO from the warm start; returns the exported HF folder."""
+    export = os.path.join(folder, "export")
+    if _stage_done(folder) is not None:
+        return export
+    from memagent_jax import train as train_lib
+
+    t0 = time.perf_counter()
+    g = grpo_config(cfg, assets, warm_model)
+    _say(f"[rl] GRPO: {g.steps} steps x {g.rl.questions_per_step} questions x {g.rl.group_size} trajectories, "
+         f"lr {g.rl.learning_rate}, rollout temperature {g.agent.temperature}")
+    metrics = train_lib.train(g, folder)
+    seconds = time.perf_counter() - t0
+    _say(f"[rl] done in {seconds:.0f} s -> {export}")
+    _mark_done(folder, {"seconds": seconds, "last_metrics": {k: float(v) for k, v in metrics.items()}})
+    return export
+
+
+def _eval_sampling(cfg):
+    from memagent_jax.sampling import SamplingParams
+
+    return SamplingParams(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p if cfg.eval.temperature else 1.0)
+
+
+def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dict:
+    """Every model on every evaluation length (memagent_jax.evaluate); returns {model: {multiplier: figures}}."""
+    done = _stage_done(folder)
+    if done is not None:
+        return done["figures"]
+    from memagent_jax import evaluate as evaluate_lib
+
+    t0 = time.perf_counter()
+    multipliers = eval_multipliers(cfg)
+    files = [assets["eval_files"][m] for m in multipliers]
+    _say(f"[eval] {len(models)} models x {len(files)} lengths ({', '.join(f'{m}x' for m in multipliers)} the "
+         f"training length), {cfg.task.eval_questions} held-out questions each, temperature {cfg.eval.temperature}"
+         f", top-p {cfg.eval.top_p}")
+    results = evaluate_lib.evaluate_models(
+        models, files, folder, budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
+        templates=agent_templates(cfg), temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, metric="auto",
+        batch_size=cfg.eval.batch_size, seed=cfg.seed, num_traces=cfg.eval.report_questions, progress=False)
+    figures: dict = {}
+    for name in models:
+        figures[name] = {}
+        for m, path in zip(multipliers, files):
+            r = results.get(name, path)
+            figures[name][f"{m}x"] = {
+                "chunks": r.mean_chunks, "tokens": r.mean_doc_tokens, "n": r.n, "accuracy": r.accuracy.mean,
+                "accuracy_low": r.accuracy.low, "accuracy_high": r.accuracy.high, "em": r.em.mean, "f1": r.f1.mean,
+                "sub_em": r.sub_em.mean, "seconds": r.wall_s}
+    _say(results.table())
+    seconds = time.perf_counter() - t0
+    _mark_done(folder, {"seconds": seconds, "figures": figures})
+    return figures
+
+
+def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> list[str]:
+    """Markdown + HTML memory traces of a few held-out questions at 4x the training length, every model."""
+    from memagent_jax.agent import MemoryAgent
+    from memagent_jax.data.formats import read_records
+    from memagent_jax.evaluate import load_model, row_keys
+    from memagent_jax.trace_report import entries_from_agent, write_trace_report
+
+    multipliers = eval_multipliers(cfg)
+    m = 4 if 4 in multipliers else multipliers[0]
+    records = read_records(assets["eval_files"][m])[:cfg.eval.report_questions]
+    entries = []
+    for name, folder in models.items():
+        loaded = load_model(folder)
+        agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer, budgets=agent_budgets(cfg),
+                            templates=agent_templates(cfg), memory_sampling=_eval_sampling(cfg))
+        result = agent.run([r.question for r in records], [r.document for r in records],
+                           rng=row_keys(cfg.seed, [r.index for r in records]), trace=True)
+        doc_ids = [agent.prepare(r.question, r.document)[1] for r in records]
+        entries += entries_from_agent(loaded.tokenizer, result, records, doc_ids, cfg.agent.chunk_tokens, model=name,
+                                      metric="string_match_all", initial_memory=cfg.agent.initial_memory)
+    entries.sort(key=lambda e: (e.question, e.model != "warm_start"))
+    paths = write_trace_report(os.path.join(workdir, "report"), entries,
+                               title=f"Memory traces: {len(records)} held-out questions at {m}x the training length")
+    _say(f"[report] memory traces -> {', '.join(paths)}")
+    return paths
+
+
+def run(cfg, workdir: str) -> dict:
+    """Runs (or resumes) every stage; returns the summary."""
+    cfg = resolve_config(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.perf_counter()
+    timings = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[name] = time.perf_counter() - t0
+        return out
+
+    assets = timed("assets", make_assets, cfg, os.path.join(workdir, "assets"))
+    warm = timed("warm_start", warm_start, cfg, assets, os.path.join(workdir, "warm_start"))
+    rl = timed("rl", reinforce, cfg, assets, warm, os.path.join(workdir, "rl"))
+    results = timed("eval", evaluate_both, cfg, assets, {"warm_start": warm, "RL": rl}, os.path.join(workdir, "eval"))
+    timed("report", write_report, cfg, assets, {"warm_start": warm, "RL": rl}, workdir)
+    summary = {"workdir": workdir, "quick": bool(cfg.quick), "seconds_total": time.perf_counter() - t_start,
+               "stage_seconds": timings, "results": results, "models": {"warm_start": warm, "RL": rl}}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    _say(f"[done] {summary['seconds_total']:.0f} s in all; artefacts under {workdir}")
+    return summary
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except PipelineConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

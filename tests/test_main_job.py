@@ -1,0 +1,124 @@
+"""The main job (memagent_jax.pipeline) end to end in its quick variant, and the PyTorch cross-check of its
+exported model: transformers + a plain-Python agent loop give the same greedy answers as our JAX chunk scan."""
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**changes):
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    try:
+        import tiny_synthetic
+    finally:
+        sys.path.pop(0)
+    cfg = tiny_synthetic.get_config()
+    cfg.quick = True
+    for key, value in changes.items():
+        section, field = key.split(".")
+        cfg[section][field] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    from memagent_jax import pipeline
+
+    workdir = str(tmp_path_factory.mktemp("main_job"))
+    summary = pipeline.run(_config(), workdir)
+    return workdir, summary
+
+
+@pytest.mark.slow
+def test_quick_main_job_writes_every_artefact(quick_run):
+    workdir, summary = quick_run
+    for path in ["assets/tokenizer/tokenizer.json", "assets/tokenizer/tokenizer_config.json",
+                 "assets/initial_model/config.json", "assets/train.jsonl", "assets/eval_1x.jsonl",
+                 "assets/eval_4x.jsonl", "warm_start/export/config.json", "warm_start/metrics.jsonl",
+                 "rl/export/config.json", "rl/metrics.jsonl", "eval/results.json", "eval/results.csv",
+                 "eval/accuracy_vs_length.png", "report.md", "report.html", "summary.json"]:
+        assert os.path.exists(os.path.join(workdir, path)), path
+    with open(os.path.join(workdir, "assets/tokenizer/tokenizer_config.json")) as f:
+        tokenizer_config = json.load(f)
+    assert "chat_template" in tokenizer_config or os.path.exists(os.path.join(workdir, "assets/tokenizer/chat_template.jinja"))
+
+    figures = summary["results"]
+    assert set(figures) == {"warm_start", "RL"}
+    for model, by_length in figures.items():
+        assert set(by_length) == {"1x", "4x"}
+        for label, row in by_length.items():
+            assert 0.0 <= row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"] <= 1.0, (model, label)
+            assert row["n"] == 32
+        assert by_length["4x"]["chunks"] == pytest.approx(4 * by_length["1x"]["chunks"], rel=0.05)
+    with open(os.path.join(workdir, "eval/results.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 4  # 2 models x 2 lengths
+
+    # The warm start learned the game: its SFT loss fell, and it writes \boxed{} answers.
+    with open(os.path.join(workdir, "warm_start/metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert losses[-1] < losses[0]
+    with open(os.path.join(workdir, "rl/metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f]
+    assert len(steps) == 2 and all(0.0 <= s["reward_mean"] <= 1.0 for s in steps)
+
+    report = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
+    assert "secret word" in report and "RL" in report and "warm_start" in report
+
+
+@pytest.mark.slow
+def test_quick_main_job_resumes_without_redoing_stages(quick_run, capsys):
+    from memagent_jax import pipeline
+
+    workdir, first = quick_run
+    mtime = os.path.getmtime(os.path.join(workdir, "rl/export/config.json"))
+    again = pipeline.run(_config(), workdir)
+    assert again["results"] == first["results"]
+    assert os.path.getmtime(os.path.join(workdir, "rl/export/config.json")) == mtime
+
+
+@pytest.mark.slow
+def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
+    """Item 5: the exported RL model in transformers + the plain-Python loop == the JAX chunk scan (greedy)."""
+    from memagent_jax import pipeline
+    from memagent_jax.agent import MemoryAgent
+    from memagent_jax.agent.torch_loop import load_torch_model, torch_agent_run
+    from memagent_jax.data.formats import read_records
+    from memagent_jax.evaluate import load_model
+
+    workdir, summary = quick_run
+    cfg = pipeline.resolve_config(_config())
+    folder = summary["models"]["RL"]
+    records = read_records(os.path.join(workdir, "assets/eval_4x.jsonl"))[:4]
+    loaded = load_model(folder)
+    agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer, budgets=pipeline.agent_budgets(cfg),
+                        templates=pipeline.agent_templates(cfg))
+    jax_result = agent.run([r.question for r in records], [r.document for r in records], trace=True)
+
+    model = load_torch_model(folder)
+    for i, record in enumerate(records):
+        ref = torch_agent_run(model, loaded.tokenizer, record.question, record.document,
+                              budgets=pipeline.agent_budgets(cfg), templates=pipeline.agent_templates(cfg))
+        assert ref.memories == jax_result.traces[i], i
+        assert ref.answer == jax_result.answers[i], i
+    assert all(np.isfinite(len(a)) for a in jax_result.answers)
+
+
+def test_config_errors_name_the_field():
+    from memagent_jax import pipeline
+
+    with pytest.raises(pipeline.PipelineConfigError, match="task.name"):
+        pipeline.resolve_config(_config(**{"task.name": "nope"}))
+    bad = _config(**{"task.eval_multipliers": "1;x"})
+    bad.quick = False  # the quick overrides would replace the field
+    with pytest.raises(pipeline.PipelineConfigError, match="eval_multipliers"):
+        pipeline.resolve_config(bad)
+    cfg = _config()
+    cfg.quick_overrides = "task.no_such_field=3"
+    with pytest.raises(pipeline.PipelineConfigError, match="task.no_such_field"):
+        pipeline.resolve_config(cfg)

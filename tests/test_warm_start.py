@@ -1,0 +1,74 @@
+"""Scripted warm-start trajectories (memagent_jax.rl.warm_start): exact agent prompts, the script's behaviour."""
+
+import numpy as np
+import pytest
+
+from memagent_jax.agent import AgentBudgets, AgentTemplates
+from memagent_jax.agent.chunking import tokenize_document
+from memagent_jax.agent.templates import AgentPrompts, encode_text
+from memagent_jax.data import synthetic as S
+from memagent_jax.data import tokenizer as T
+from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
+from memagent_jax.rl.warm_start import ScriptedPolicy, conversations_to_sft_batch, scripted_conversations
+
+BUDGETS = AgentBudgets(question_tokens=16, chunk_tokens=32, memory_tokens=8, answer_tokens=12, chunks_per_segment=2)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    t = AgentTemplates()
+    folder = T.train_tokenizer(list(S.tokenizer_corpus(num_samples=4)) + [t.memory_update, t.final_answer] * 4,
+                               tmp_path_factory.mktemp("tok"), vocab_size=1024)
+    tok = T.load_tokenizer(folder)
+    return tok, AgentPrompts.build(tok, t)
+
+
+def run(setup, policy, index, chunks=6, distractors=0, seed=0):
+    tok, prompts = setup
+    cfg = SyntheticConfig("keyed_recall", num_tokens=32 * chunks, num_distractors=distractors, chunk_tokens=32,
+                          chunk_aligned=True)
+    sample = generate_sample(cfg, index, tok)
+    ids = tokenize_document(tok, sample.text())
+    return sample, ids, scripted_conversations(sample, ids, tok, prompts, BUDGETS, policy,
+                                               np.random.default_rng(seed), tok.eos_token_id)
+
+
+def test_prompts_are_the_agents_layout_and_a_perfect_script_answers(setup):
+    tok, prompts = setup
+    for index in range(10):
+        sample, ids, convs = run(setup, ScriptedPolicy(forget_prob=0.0), index, distractors=3)
+        assert [c.kind for c in convs] == ["memory"] * len(convs[:-1]) + ["final"]
+        q = encode_text(tok, sample.question)
+        memory = list(prompts.initial_memory)
+        for k, conv in enumerate(convs[:-1]):
+            expected = prompts.update.assemble({"question": q, "memory": memory, "chunk": ids[32 * k:32 * (k + 1)]})
+            assert conv.prompt_ids.tolist() == expected
+            assert conv.response_ids[-1] == tok.eos_token_id
+            memory = conv.response_ids[:-1].tolist()
+        assert convs[-1].prompt_ids.tolist() == prompts.final.assemble({"question": q, "memory": memory})
+        assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + sample.answers[0] + "}"
+
+
+def test_forgetting_and_overwriting(setup):
+    tok, _ = setup
+    forgot = wrong = 0
+    for index in range(20):
+        sample, _, convs = run(setup, ScriptedPolicy(forget_prob=1.0), index)
+        answer_step = sample.facts[0].token_offset // 32
+        final = tok.decode(convs[-1].response_ids[:-1])
+        forgot += answer_step < len(convs) - 2  # the answer is not in the last chunk: the notes are dropped
+        assert final == ("\\boxed{unknown}" if answer_step < len(convs) - 2 else "\\boxed{" + sample.answers[0] + "}")
+        sample, _, convs = run(setup, ScriptedPolicy(forget_prob=0.0, overwrite_prob=1.0), index, distractors=4)
+        last_fact = max(sample.facts, key=lambda f: f.token_offset)
+        assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + last_fact.triple[2] + "}"
+        wrong += last_fact.role != "answer"
+    assert forgot > 0 and wrong > 0
+
+
+def test_sft_batch_trains_on_responses_only(setup):
+    _, _, convs = run(setup, ScriptedPolicy(), 0)
+    batch = conversations_to_sft_batch(convs, rows_multiple=4)
+    assert batch.num_rows % 4 == 0
+    assert batch.num_response_tokens() == sum(len(c.response_ids) for c in convs)
+    with pytest.raises(ValueError, match="forget_prob"):
+        ScriptedPolicy(forget_prob=1.5)
