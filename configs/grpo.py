@@ -74,3 +74,38 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.export = True  # write an HF folder of the final params to <workdir>/export
     c.log_every = 1
     return c
+
+
+def scale_config(preset: str, arg: str, hardware_table: dict, questions_per_step: int) -> ml_collections.ConfigDict:
+    """The reference recipe at scale for one model, on the hardware that `arg` names.
+
+    hardware_table: arg -> (config.hardware, mesh (data, fsdp, tensor), rl.rollout_batch_size,
+    rl.micro_batch_size), each entry checked to fit by `memagent_jax.plan`. Used by configs/*_hotpotqa.py.
+    """
+    default = "v5p-128" if "v5p-128" in hardware_table else next(iter(hardware_table))
+    key = (arg or default).strip().lower()
+    if key not in hardware_table:
+        raise ValueError(f"unknown hardware {arg!r} for {preset}; known: {', '.join(hardware_table)}")
+    hardware, (data, fsdp, tensor), rollout_batch, micro_batch = hardware_table[key]
+    c = get_config()
+    c.model.preset = preset
+    c.model.path = ""  # yours: --config.model.path=/ckpt/<the checkpoint>
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = "full"
+    c.agent.question_tokens, c.agent.chunk_tokens = 1024, 5000
+    c.agent.memory_tokens, c.agent.answer_tokens = 1024, 1024
+    c.agent.temperature, c.agent.top_p = 1.0, 1.0
+    c.rl.questions_per_step = questions_per_step
+    c.rl.group_size = 16
+    c.rl.num_minibatches = 16
+    c.rl.learning_rate = 1e-6
+    c.rl.weight_decay, c.rl.max_grad_norm, c.rl.warmup_steps = 0.01, 1.0, 20
+    c.rl.clip_low, c.rl.clip_high, c.rl.dual_clip = 0.2, 0.2, 3.0
+    c.rl.kl_coef = 0.001
+    c.rl.micro_batch_size = micro_batch
+    c.rl.rollout_batch_size = rollout_batch  # trajectories per agent call
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+    c.hardware = hardware
+    return c
+

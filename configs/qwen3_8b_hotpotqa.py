@@ -55,28 +55,5 @@ def _grpo():
 
 
 def get_config(arg: str = "v5p-128") -> ml_collections.ConfigDict:
-    key = (arg or "v5p-128").strip().lower()
-    if key not in HARDWARE:
-        raise ValueError(f"unknown hardware {arg!r} for {PRESET}; known: {', '.join(HARDWARE)}")
-    hardware, (data, fsdp, tensor), rollout_batch, micro_batch = HARDWARE[key]
-    c = _grpo().get_config()
-    c.model.preset = PRESET
-    c.model.path = ""  # yours: --config.model.path=/ckpt/Qwen3-8B
-    c.model.param_dtype = "float32"
-    c.model.compute_dtype = "bfloat16"
-    c.model.remat = "full"
-    c.agent.question_tokens, c.agent.chunk_tokens = 1024, 5000
-    c.agent.memory_tokens, c.agent.answer_tokens = 1024, 1024
-    c.agent.temperature, c.agent.top_p = 1.0, 1.0
-    c.rl.questions_per_step = QUESTIONS_PER_STEP
-    c.rl.group_size = 16
-    c.rl.num_minibatches = 16
-    c.rl.learning_rate = 1e-6
-    c.rl.weight_decay, c.rl.max_grad_norm, c.rl.warmup_steps = 0.01, 1.0, 20
-    c.rl.clip_low, c.rl.clip_high, c.rl.dual_clip = 0.2, 0.2, 3.0
-    c.rl.kl_coef = 0.001
-    c.rl.micro_batch_size = micro_batch
-    c.rl.rollout_batch_size = rollout_batch  # trajectories per agent call
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-    c.hardware = hardware
-    return c
+    # model.path is yours: --config.model.path=/ckpt/Qwen3-8B
+    return _grpo().scale_config(PRESET, arg, HARDWARE, QUESTIONS_PER_STEP)
