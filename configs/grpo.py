@@ -47,6 +47,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         group_size=4 if cpu else 16,
         num_minibatches=1 if cpu else 16,
         micro_batch_size=0,  # 0 = whole mini-batch at once
+        rollout_batch_size=0,  # trajectories per agent call (bounds rollout memory); 0 = the whole step at once
         learning_rate=1e-6,
         weight_decay=0.01,
         max_grad_norm=1.0,

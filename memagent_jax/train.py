@@ -116,6 +116,11 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True, process
             raise TrainConfigError(f"config.rl.{name} must be positive, got {cfg.rl[name]}")
     if cfg.rl.micro_batch_size < 0:
         raise TrainConfigError(f"config.rl.micro_batch_size must be >= 0 (0 = whole mini-batch)")
+    rollout_batch = int(cfg.rl.get("rollout_batch_size", 0) or 0)
+    if rollout_batch < 0 or rollout_batch % cfg.rl.group_size or (
+            rollout_batch and (rollout_batch // cfg.rl.group_size) % process_count):
+        raise TrainConfigError(f"config.rl.rollout_batch_size={rollout_batch} must be 0 (the whole step in one agent "
+                               f"call) or a multiple of group_size ({cfg.rl.group_size}) x processes ({process_count})")
     if cfg.checkpoint.every <= 0:
         raise TrainConfigError(f"config.checkpoint.every must be positive, got {cfg.checkpoint.every}")
 
@@ -249,7 +254,7 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.rl.batch import shuffle_rows
     from memagent_jax.rl.learner import Learner
     from memagent_jax.rl.metrics import MetricsWriter
-    from memagent_jax.rl.rollout import RewardScorer, collect_rollouts, rollout_to_batch
+    from memagent_jax.rl.rollout import RewardScorer, collect_rollouts_in_slices, rollout_to_batch
     from memagent_jax.sampling import SamplingParams
 
     process_count, process_index = jax.process_count(), jax.process_index()
@@ -270,6 +275,10 @@ def train(cfg, workdir: str) -> dict:
     # Each process reads its own shard: questions_per_step / processes questions per step.
     iterator = ShardedIterator(source, cfg.rl.questions_per_step // process_count, seed=cfg.seed,
                                transform=transform, process_index=process_index, process_count=process_count)
+    # The rollout runs in agent calls of rl.rollout_batch_size trajectories (0: the whole step at once), which
+    # bounds the KV caches and prefill activations; keys follow the global question ids, so slicing changes nothing.
+    questions_per_call = (int(cfg.rl.get("rollout_batch_size", 0) or 0) // cfg.rl.group_size // process_count
+                          or cfg.rl.questions_per_step // process_count)
     base_key = jax.random.key(cfg.seed)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save)
@@ -308,8 +317,9 @@ def train(cfg, workdir: str) -> dict:
             # Question j of process p is question j * processes + p of the step (the iterator's global order):
             # trajectory keys depend on that, not on the process layout.
             question_ids = [j * process_count + process_index for j in range(len(records))]
-            rollout = collect_rollouts(agent, records, cfg.rl.group_size, jax.random.fold_in(base_key, step),
-                                       scorer=scorer, question_ids=question_ids).result()
+            rollout = collect_rollouts_in_slices(agent, records, cfg.rl.group_size,
+                                                 jax.random.fold_in(base_key, step), scorer=scorer,
+                                                 questions_per_call=questions_per_call, question_ids=question_ids)
             advantages = np.asarray(group_advantages(rollout.rewards, normalize_std=cfg.rl.normalize_std,
                                                      leave_one_out=cfg.rl.leave_one_out))
             keep = np.asarray(dynamic_sampling_mask(rollout.rewards)) if cfg.rl.dynamic_sampling else None

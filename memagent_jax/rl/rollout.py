@@ -133,6 +133,42 @@ def collect_rollouts(agent: MemoryAgent, records: Sequence[QARecord], group_size
                           future=scorer.submit(result.answers, truths), rollout_seconds=elapsed)
 
 
+def merge_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
+    """One Rollout from the rollouts of consecutive slices of a step's questions (in order)."""
+    if not rollouts:
+        raise ValueError("no rollouts to merge")
+    if len(rollouts) == 1:
+        return rollouts[0]
+    results = [r.agent_result for r in rollouts]
+
+    def joined(field):
+        parts = [getattr(a, field) for a in results]
+        return None if any(p is None for p in parts) else [x for p in parts for x in p]
+
+    merged = AgentResult(answers=joined("answers"), answer_ids=joined("answer_ids"), finished=joined("finished"),
+                         num_chunks=joined("num_chunks"), traces=joined("traces"),
+                         conversations=joined("conversations"))
+    return Rollout(records=[x for r in rollouts for x in r.records], group_size=rollouts[0].group_size,
+                   agent_result=merged, rewards=np.concatenate([r.rewards for r in rollouts]),
+                   accuracy=np.concatenate([r.accuracy for r in rollouts]),
+                   rollout_seconds=sum(r.rollout_seconds for r in rollouts),
+                   reward_seconds=sum(r.reward_seconds for r in rollouts))
+
+
+def collect_rollouts_in_slices(agent: MemoryAgent, records: Sequence[QARecord], group_size: int, rng, *,
+                               scorer: RewardScorer, questions_per_call: int,
+                               question_ids: Sequence[int] | None = None) -> Rollout:
+    """`collect_rollouts` over consecutive slices of `questions_per_call` questions (bounded device memory: one
+    agent call holds questions_per_call x G rows), merged. Keys follow the global question ids, so the result
+    equals one call over all questions; each slice's scoring overlaps the next slice's rollout."""
+    records = list(records)
+    ids = list(range(len(records))) if question_ids is None else [int(i) for i in question_ids]
+    step = max(1, int(questions_per_call))
+    pending = [collect_rollouts(agent, records[s:s + step], group_size, rng, scorer=scorer,
+                                question_ids=ids[s:s + step]) for s in range(0, len(records), step)]
+    return merge_rollouts([p.result() for p in pending])
+
+
 def rollout_to_batch(rollout: Rollout, advantages: np.ndarray, *, keep_groups: np.ndarray | None = None,
                      pad_id: int = 0, vocab_size: int | None = None, length_multiple: int = 64,
                      rows_multiple: int = 1, max_length: int | None = None) -> tuple[ConversationBatch, dict]:
