@@ -6,11 +6,12 @@
 Stages (each resumes when re-run with the same workdir): make the task data and a tokenizer, create a tiny
 Qwen2-architecture model, warm-start it by SFT on scripted (imperfect) memory traces, train it with
 multi-conversation GRPO, evaluate both models at 1x..64x the training length, write a memory-trace report,
-and export. `quick` shrinks every stage (about 2 minutes; for tests).
+and export. `quick` shrinks every stage (under a minute; a pipeline check for tests).
 
 The task is `keyed_recall` from memagent_jax/data/synthetic.py: one fact "The secret word for <creature> is
-<Word>." for the asked creature among look-alike facts for other creatures, about `distractors_per_chunk`
-of them per chunk at every length, so a longer document holds proportionally more look-alikes.
+<Word>." in a haystack of generated sentences; `task.distractors_per_chunk` > 0 adds that many look-alike facts
+for other creatures per chunk at every length (harder: this tiny model does not learn to tell them apart within
+the default budget). The script's flaw (dropping its notes) is what grows with the length and what GRPO fixes.
 """
 
 import ml_collections
@@ -25,7 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.quick = False  # shrink every stage (see QUICK below)
+    c.quick = False  # shrink every stage (see quick_overrides below)
     c.task = ml_collections.ConfigDict(dict(
         name="keyed_recall",
         train_chunks=2,  # training documents are this many chunks long
