@@ -76,10 +76,6 @@ def fact_chunks(sample, chunk_tokens: int) -> list[int]:
     return [f.token_offset // chunk_tokens for f in sample.facts]
 
 
-def _answer_digits(fact_triple: tuple[str, str, str] | None) -> str | None:
-    return None if fact_triple is None else fact_triple[2]
-
-
 def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: AgentPrompts, budgets: AgentBudgets,
                            policy: ScriptedPolicy, rng: np.random.Generator,
                            stop_id: int) -> list[ScriptedConversation]:
@@ -98,8 +94,7 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
     """
     c = budgets.chunk_tokens
     question_ids = encode_text(tokenizer, sample.question)
-    asked = sample.facts[[f.role for f in sample.facts].index("answer")].triple[0] if any(
-        f.role == "answer" for f in sample.facts) else None
+    asked = next((f.triple[0] for f in sample.facts if f.role == "answer"), None)
     by_chunk: dict[int, list] = {}
     for fact in sample.facts:
         start, end = fact.token_offset, fact.token_offset + fact.num_tokens
@@ -130,7 +125,7 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
                              f"memory_tokens={budgets.memory_tokens}")
         out.append(ScriptedConversation("memory", k, np.asarray(prompt, np.int32),
                                         np.asarray(memory + [stop_id], np.int32)))
-    answer = _answer_digits(noted) or policy.unknown_answer
+    answer = noted[2] if noted is not None else policy.unknown_answer
     answer_ids = encode_text(tokenizer, "\\boxed{" + answer + "}")
     if len(answer_ids) + 1 > budgets.answer_tokens:
         raise ValueError(f"sample {sample.index}: answer of {len(answer_ids)} tokens exceeds answer_tokens")
