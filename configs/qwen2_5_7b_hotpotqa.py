@@ -9,22 +9,11 @@ The argument names the hardware and sets the mesh and batch sizes that fit it (c
     v5p-64 | v5p-128 | v5p-256     TPU v5p slices of 32 / 64 / 128 chips (one JAX device per chip)
     8xh100 | 16xh100 | 32xh100     1 / 2 / 4 nodes of 8 H100-80GB GPUs
 
-Recipe (configs/grpo.py's defaults, restated here): GRPO, group 16, 128 questions per step, 16 mini-batches,
-AdamW lr 1e-6 (wd 0.01, grad clip 1.0, 20 warm-up steps), clip 0.2 / 0.2, dual clip 3, k3 KL 0.001, budgets
-question 1024 / chunk 5000 / memory 1024 / answer 1024, rollout temperature 1 / top-p 1.
-
-Numerics: params (and so the AdamW moments and the KL reference) in float32, matmuls and KV caches in bfloat16.
-With bfloat16 params an lr-1e-6 update is below half an ulp of almost every weight and rounds away.
+Recipe, numerics and batch sizes: `scale_config` in configs/grpo.py.
 
 Mesh: tensor = 4 (28 query / 4 KV heads: the largest size that splits the KV heads; the attention
-scores, the largest buffers, shrink with it), FSDP over the remaining devices, data = 1. The learner takes one
-conversation row per device per micro-batch (rl.micro_batch_size = data x fsdp); the rollout runs
-rl.rollout_batch_size trajectories per agent call: the largest power of two that keeps the planner's peak
-under 80% of the usable HBM (the planner warns while train.py still rolls out a whole step in one call). The
-comments give the planner's peak per device and step-time estimate (MFU 0.4).
-
-`config.model.path` (the checkpoint folder) and `config.data.train_file` are yours to give; `config.model.preset`
-only gives the planner the shapes. `config.hardware` names the device kind for the planner.
+scores, the largest buffers, shrink with it), FSDP over the remaining devices, data = 1.
+The comments give the planner's peak per device and step-time estimate (MFU 0.4).
 """
 
 import importlib.util

@@ -524,6 +524,20 @@ def _log(message: str, enabled: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _check_options(metric: str, extract: str, row_errors: str, batch_size: int) -> None:
+    """Errors naming the option for an unknown metric / extraction / row-error policy or a bad batch size."""
+    from memagent_jax import verifier
+
+    if metric != "auto" and metric not in verifier.METRICS:
+        raise EvalConfigError(f"metric: unknown metric {metric!r}; choose one of {sorted(verifier.METRICS)} or 'auto'")
+    if extract not in verifier.EXTRACTORS:
+        raise EvalConfigError(f"extract: unknown extraction {extract!r}; choose one of {list(verifier.EXTRACTORS)}")
+    if row_errors not in ROW_ERROR_POLICIES:
+        raise EvalConfigError(f"row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {row_errors!r}")
+    if batch_size <= 0:
+        raise EvalConfigError(f"batch_size: must be positive, got {batch_size}")
+
+
 def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "boxed", batch_size: int = 8,
                    max_questions: int = 0, seed: int = 0, num_traces: int = 3, row_errors: str = "skip",
                    progress: bool = True, model_name: str = "model", model_path: str = "",
@@ -549,17 +563,9 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
     Returns:
       FileResult, with `rows` in file order.
     """
-    from memagent_jax import verifier
     from memagent_jax.agent import AgentInputError
 
-    if metric != "auto" and metric not in verifier.METRICS:
-        raise EvalConfigError(f"metric: unknown metric {metric!r}; choose one of {sorted(verifier.METRICS)} or 'auto'")
-    if extract not in verifier.EXTRACTORS:
-        raise EvalConfigError(f"extract: unknown extraction {extract!r}; choose one of {list(verifier.EXTRACTORS)}")
-    if row_errors not in ROW_ERROR_POLICIES:
-        raise EvalConfigError(f"row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {row_errors!r}")
-    if batch_size <= 0:
-        raise EvalConfigError(f"batch_size: must be positive, got {batch_size}")
+    _check_options(metric, extract, row_errors, batch_size)
     if isinstance(records, (str, os.PathLike)):
         records = open_eval_file(os.fspath(records))
     path = os.fspath(getattr(records, "path", "")) or "records"
@@ -678,20 +684,12 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         counted in the first file's wall time and tokens/s.
       config: a configuration to echo into results.json (the CLI passes its ConfigDict).
     """
-    from memagent_jax import verifier
     from memagent_jax.agent import AgentBudgets, AgentTemplates
     from memagent_jax.sampling import SamplingParams
 
     entries = parse_models(models)
     files = parse_eval_files(eval_files)
-    if metric != "auto" and metric not in verifier.METRICS:
-        raise EvalConfigError(f"metric: unknown metric {metric!r}; choose one of {sorted(verifier.METRICS)} or 'auto'")
-    if extract not in verifier.EXTRACTORS:
-        raise EvalConfigError(f"extract: unknown extraction {extract!r}; choose one of {list(verifier.EXTRACTORS)}")
-    if row_errors not in ROW_ERROR_POLICIES:
-        raise EvalConfigError(f"row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {row_errors!r}")
-    if batch_size <= 0:
-        raise EvalConfigError(f"batch_size: must be positive, got {batch_size}")
+    _check_options(metric, extract, row_errors, batch_size)
     for name, value in (("max_questions", max_questions), ("num_traces", num_traces)):
         if value < 0:
             raise EvalConfigError(f"{name}: must be >= 0, got {value}")
