@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
@@ -297,6 +298,86 @@ def _read_json_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _non_utf8_field(value: Any, where: str = "") -> str | None:
+    """The path of the first string (or key) in a parsed JSON value holding bytes that were not UTF-8
+    (decoded with ``surrogateescape``), e.g. ``"context"`` or ``"answers[1]"``; None when there is none."""
+    if isinstance(value, str):
+        return where or "<row>" if _NOT_UTF8.search(value) else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and _NOT_UTF8.search(key):
+                return path
+            found = _non_utf8_field(item, path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for j, item in enumerate(value):
+            found = _non_utf8_field(item, f"{where}[{j}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _check_json_row(item: Any, path: Path, row: int, line: int | None = None) -> DataFormatError | None:
+    where = f" (line {line})" if line is not None else ""
+    if not isinstance(item, dict):
+        return DataFormatError(path, row, None, f"must be a JSON object, got {_type_name(item)}{where}")
+    field = _non_utf8_field(item)
+    if field is not None:
+        return DataFormatError(path, row, field, f"holds bytes that are not UTF-8 text{where}")
+    return None
+
+
+def read_json_rows_tolerant(path: str | os.PathLike) -> tuple[list[dict | None], dict[int, DataFormatError]]:
+    """Every row of a JSON array or JSON Lines file, read with the standard library, bad rows kept apart.
+
+    Returns (rows, errors): ``rows[i]`` is row i's object, or None when row i is bad, and ``errors[i]`` then
+    says why (a JSON Lines line that does not parse, an array item or line that is not an object, text that
+    is not UTF-8), naming the file, the 0-based row (blank lines are not rows) and the field where one is
+    at fault.  A JSON array that does not parse as a whole cannot be split into rows: that raises
+    :class:`DataFormatError` for the file.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    rows: list[dict | None] = []
+    errors: dict[int, DataFormatError] = {}
+    if raw.lstrip().startswith(b"["):
+        try:
+            data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, None, None, f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}; "
+                                  f"a JSON array that does not parse cannot be read row by row") from None
+        if not isinstance(data, list):
+            raise DataFormatError(path, None, None, "must hold a JSON array of objects")
+        for i, item in enumerate(data):
+            problem = _check_json_row(item, path, i)
+            rows.append(None if problem else item)
+            if problem:
+                errors[i] = problem
+        return rows, errors
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        i = len(rows)
+        try:
+            item = json.loads(line.decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
+            rows.append(None)
+            errors[i] = DataFormatError(path, i, None, f"is not valid JSON (line {lineno}, column {e.colno}): {e.msg}")
+            continue
+        problem = _check_json_row(item, path, i, lineno)
+        rows.append(None if problem else item)
+        if problem:
+            errors[i] = problem
+    return rows, errors
+
+
 def load_table(path: str | os.PathLike, *, cache_dir: str | None = None, keep_in_memory: bool = False):
     """Load a parquet / JSON / JSON Lines file as a ``datasets.Dataset``, unchanged and offline.
 
@@ -342,33 +423,70 @@ class MemAgentFile(Sequence[QARecord]):
     :class:`~memagent_jax.data.iterator.ShardedIterator`.
     """
 
-    def __init__(self, path: str | os.PathLike, kind: Kind | Literal["auto"] = "auto", *, data_source: str | None = None, **load_kwargs):
+    def __init__(self, path: str | os.PathLike, kind: Kind | Literal["auto"] = "auto", *, data_source: str | None = None,
+                 on_bad_row: Literal["raise", "keep"] = "raise", **load_kwargs):
         self.path = Path(path)
-        self.dataset = load_table(self.path, **load_kwargs)
-        detected = detect_kind(self.dataset.column_names, path=self.path)
+        if on_bad_row not in ("raise", "keep"):
+            raise ValueError(f"on_bad_row must be 'raise' or 'keep', got {on_bad_row!r}")
+        # on_bad_row='keep': a JSON / JSON Lines file that does not load as a table (a malformed line, an item
+        # that is not an object, bytes that are not UTF-8) is read row by row instead; its bad rows stay in
+        # place and raise their DataFormatError (file, row, field) when read, so callers can go on past them.
+        self.bad_rows: dict[int, DataFormatError] = {}
+        fallback: list[dict | None] | None = None
+        try:
+            self.dataset = load_table(self.path, **load_kwargs)
+        except DataFormatError:
+            if on_bad_row == "raise" or _file_format(self.path) != "json" or not self.path.exists():
+                raise
+            fallback, self.bad_rows = read_json_rows_tolerant(self.path)
+            self.dataset = None
+        if fallback is not None:
+            columns = list(dict.fromkeys(k for r in fallback if r is not None for k in r))
+            if not columns:
+                raise DataFormatError(self.path, None, None, f"has no readable row ({len(self.bad_rows)} bad rows; "
+                                      f"first: {next(iter(self.bad_rows.values()), 'none')})")
+        else:
+            columns = self.dataset.column_names
+        detected = detect_kind(columns, path=self.path)
         if kind == "auto":
             kind = detected
         elif kind not in ("train", "eval"):
             raise ValueError(f"kind must be 'train', 'eval' or 'auto', got {kind!r}")
         elif kind != detected:
-            raise DataFormatError(self.path, None, None, f"was opened as {kind!r} data but its columns {self.dataset.column_names} are those of {detected!r} data")
+            raise DataFormatError(self.path, None, None, f"was opened as {kind!r} data but its columns {columns} are those of {detected!r} data")
         self.kind: Kind = kind
         self.data_source = data_source if data_source is not None else self.path.stem
         # A JSON column whose rows mix types comes back from ``datasets`` as a ``Json`` column, in
         # which a bare string such as "50" is decoded as the number 50.  Such files are read
         # exactly with the standard library instead (held in memory; they are rare and small).
-        self._exact_rows: list[dict] | None = None
-        if _file_format(self.path) == "json" and any(type(f).__name__ == "Json" for f in self.dataset.features.values()):
+        self._exact_rows: list[dict | None] | None = fallback
+        if fallback is None and _file_format(self.path) == "json" and any(type(f).__name__ == "Json" for f in self.dataset.features.values()):
             self._exact_rows = _read_json_rows(self.path)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self._exact_rows) if self._exact_rows is not None else len(self.dataset)
 
     def row(self, i: int) -> dict:
-        """Raw row ``i`` as loaded (no checks)."""
+        """Raw row ``i`` as loaded (no checks; a row that could not be read raises its DataFormatError)."""
+        if int(i) in self.bad_rows:
+            raise self.bad_rows[int(i)]
         if self._exact_rows is not None:
             return self._exact_rows[int(i)]
-        return self.dataset[int(i)]
+        try:
+            return self.dataset[int(i)]
+        except UnicodeDecodeError as e:  # a string cell of a table holding bytes that are not UTF-8
+            raise DataFormatError(self.path, int(i), self._non_utf8_column(int(i)),
+                                  f"holds bytes that are not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+    def _non_utf8_column(self, i: int) -> str | None:
+        for name in self.dataset.column_names:
+            try:
+                self.dataset.data.column(name)[i].as_py()
+            except UnicodeDecodeError:
+                return name
+            except Exception:  # noqa: BLE001 - only naming the field; the row error is raised regardless
+                return None
+        return None
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
