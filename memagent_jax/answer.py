@@ -6,10 +6,18 @@ One document:
 A batch file (reference evaluation or training format, JSONL / JSON / parquet) -> JSONL of answers:
     python -m memagent_jax.answer --model DIR --input eval_800docs.json --output answers.jsonl [--trace]
 
-Rows of similar document length are batched together. A row that cannot run (empty question or
-document, question over budget, malformed row) is written with an "error" field and the rest go on.
+Rows of similar document length are batched together. A row that cannot run (a malformed JSON line, an
+array item that is not an object, text that is not UTF-8, a missing or ill-typed field, an empty question or
+document, a question over budget) is written as {"row", "error", "field"} (the error names the file, the row
+and the field) and the rest go on; so is a row whose answer was sampled from non-finite (NaN / inf) logits.
 When rows carry gold answers, each output row also has "sub_em" (the QA accuracy metric) and "em".
-Output rows are written as their batch finishes, so a killed run keeps what it finished.
+
+Output: rows are written to OUTPUT.partial as their batch finishes (a killed run keeps what it finished
+there) and the file is renamed to OUTPUT when the run ends; OUTPUT is never one of the input files. The last
+stderr line says "wrote OUTPUT: A answered, F failed (...)".
+
+Exit status: 0 every row answered; 1 the output is written but F > 0 rows failed (their "error" rows say
+why); 2 nothing was answered (bad arguments, model, tokenizer or input file).
 """
 
 from __future__ import annotations
@@ -45,11 +53,60 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="evaluation recipe: 0.95")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="param and compute dtype (float32, bfloat16; default: checkpoint)")
+    p.add_argument("--allow-nonfinite-weights", action="store_true",
+                   help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)")
     p.add_argument("--no-progress", action="store_true")
     from memagent_jax import distributed
 
     distributed.add_arguments(p)
     return p
+
+
+class AnswerArgsError(ValueError):
+    """A command-line value is invalid; the message names the flag."""
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_args(args) -> None:
+    """Checks every flag before anything loads; errors name the flag (and the file at fault)."""
+    for flag, value in (("--batch-size", args.batch_size), ("--question-tokens", args.question_tokens),
+                        ("--chunk-tokens", args.chunk_tokens), ("--memory-tokens", args.memory_tokens),
+                        ("--answer-tokens", args.answer_tokens), ("--chunks-per-segment", args.chunks_per_segment)):
+        if value < 1:
+            raise AnswerArgsError(f"{flag} must be >= 1, got {value}")
+    if args.max_document_tokens < 0:
+        raise AnswerArgsError(f"--max-document-tokens must be >= 0 (0 = no limit), got {args.max_document_tokens}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise AnswerArgsError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise AnswerArgsError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not os.path.isdir(args.model):
+        raise AnswerArgsError(f"--model {args.model!r}: no such folder (expected a local Hugging Face model folder)")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise AnswerArgsError(f"--model {args.model!r}: no config.json in the folder (expected a Hugging Face model "
+                              f"folder)")
+    tok = args.tokenizer or args.model
+    flag = "--tokenizer" if args.tokenizer else "--model"
+    if not os.path.isdir(tok):
+        raise AnswerArgsError(f"--tokenizer {tok!r}: no such folder")
+    if not any(os.path.isfile(os.path.join(tok, name)) for name in _TOKENIZER_FILES):
+        raise AnswerArgsError(f"{flag} {tok!r}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in the folder"
+                              + ("" if args.tokenizer else "; pass --tokenizer DIR"))
+    if args.templates and not os.path.isfile(args.templates):
+        raise AnswerArgsError(f"--templates {args.templates!r}: no such file")
+    if args.document is not None and not os.path.isfile(args.document):
+        raise AnswerArgsError(f"--document {args.document!r} does not exist")
+    if args.input is not None:
+        if not os.path.isfile(args.input):
+            raise AnswerArgsError(f"--input {args.input!r}: no such file")
+        out = os.path.abspath(args.output)
+        if os.path.isdir(out):
+            raise AnswerArgsError(f"--output {args.output!r} is a folder; give a file name")
+        same = out == os.path.abspath(args.input) or (os.path.exists(out) and os.path.samefile(out, args.input))
+        if same:
+            raise AnswerArgsError(f"--output {args.output!r} is the input file; refusing to write over it")
 
 
 def _build_agent(args):
@@ -59,8 +116,15 @@ def _build_agent(args):
     from memagent_jax.models import load_hf_params
     from memagent_jax.sampling import SamplingParams
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, local_files_only=True)
-    params, config = load_hf_params(args.model, param_dtype=args.dtype)
+    tok = args.tokenizer or args.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok, local_files_only=True)
+    except Exception as e:  # transformers raises OSError / ValueError with long messages
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise AnswerArgsError(f"{'--tokenizer' if args.tokenizer else '--model'} {tok!r}: cannot load a tokenizer: "
+                              f"{type(e).__name__}: {first}") from None
+    params, config = load_hf_params(args.model, param_dtype=args.dtype,
+                                    allow_nonfinite=args.allow_nonfinite_weights)
     if args.dtype:
         config = config.replace(compute_dtype=args.dtype)
     budgets = AgentBudgets(question_tokens=args.question_tokens, chunk_tokens=args.chunk_tokens,
@@ -81,9 +145,24 @@ def _single(args, agent) -> int:
     if args.trace:
         for k, memory in enumerate(result.traces[0]):
             print(f"--- memory after chunk {k + 1}/{result.num_chunks[0]} ---\n{memory}\n")
+    if result.nonfinite and result.nonfinite[0]:
+        print(f"error: {NONFINITE_MESSAGE}", file=sys.stderr)
+        return 1
     print(result.answers[0])
     print(f"[{result.num_chunks[0]} chunks in {time.time() - t0:.1f}s]", file=sys.stderr)
     return 0
+
+
+NONFINITE_MESSAGE = ("the model's logits were not finite (NaN / inf) while it answered: no answer (check the "
+                     "weights, or use float32 instead of a narrower dtype)")
+
+
+def _error_row(i: int, error: Exception, **extra) -> dict:
+    row = {"row": i, "error": str(error)}
+    field = getattr(error, "field", None)
+    if field is not None:
+        row["field"] = field
+    return dict(row, **extra)
 
 
 def _batch(args, agent) -> int:
@@ -92,20 +171,24 @@ def _batch(args, agent) -> int:
     from memagent_jax.data.formats import open_file
     from memagent_jax.data.records import DataFormatError
 
-    rows = open_file(args.input)
-    ready, failed = [], 0
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as out:
+    rows = open_file(args.input, on_bad_row="keep")  # bad rows raise one by one, below
+    ready, failed, nonfinite = [], 0, 0
+    out_path = os.path.abspath(args.output)
+    partial = out_path + ".partial" if args.output != os.devnull else os.devnull
+    if partial != os.devnull:
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(partial, "w", encoding="utf-8") as out:
         for i in range(len(rows)):
             try:
                 record = rows[i]
                 q_ids, d_ids = agent.prepare(record.question, record.document, source=f"{args.input} row {i}")
             except (DataFormatError, AgentInputError) as e:
                 failed += 1
-                out.write(json.dumps({"row": i, "error": str(e)}) + "\n")
+                out.write(json.dumps(_error_row(i, e), ensure_ascii=False) + "\n")
                 print(f"skipped: {e}", file=sys.stderr)
                 continue
             ready.append((d_ids.size, i, record, d_ids))
+        out.flush()
         ready.sort(key=lambda r: r[0])  # similar lengths together: fewer idle rows per batch
         done, t0 = 0, time.time()
         for start in range(0, len(ready), args.batch_size):
@@ -113,6 +196,14 @@ def _batch(args, agent) -> int:
             result = agent.run([r[2].question for r in group], [r[3] for r in group], rng=args.seed + start,
                                trace=args.trace)
             for j, (_, i, record, _) in enumerate(group):
+                if result.nonfinite and result.nonfinite[j]:
+                    failed += 1
+                    nonfinite += 1
+                    row = {"row": i, "index": record.index, "question": record.question,
+                           "error": f"{args.input} row {i}: {NONFINITE_MESSAGE}", "answer": None}
+                    print(f"failed: {row['error']}", file=sys.stderr)
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    continue
                 row = {"row": i, "index": record.index, "question": record.question, "answer": result.answers[j],
                        "num_chunks": result.num_chunks[j], "finished": result.finished[j]}
                 if record.answers:
@@ -126,8 +217,12 @@ def _batch(args, agent) -> int:
             done += len(group)
             if not args.no_progress:
                 print(f"{done}/{len(ready)} rows, {time.time() - t0:.0f}s", file=sys.stderr)
-    print(f"wrote {args.output}: {len(ready)} answered, {failed} skipped", file=sys.stderr)
-    return 0
+    if partial != os.devnull:
+        os.replace(partial, out_path)
+    answered = len(ready) - nonfinite
+    detail = f" ({len(rows) - len(ready)} bad rows, {nonfinite} with non-finite logits)" if failed else ""
+    print(f"wrote {args.output}: {answered} answered, {failed} failed{detail}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("batch mode needs both --input and --output")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from memagent_jax import distributed
-    from memagent_jax.agent import AgentInputError
+    from memagent_jax.agent import AgentInputError, TemplateError
+    from memagent_jax.data.records import DataFormatError
     from memagent_jax.models import CheckpointError, ConfigError
 
     try:
+        check_args(args)
         # Multi-process runs (e.g. the same command on every host): every process answers on its own devices
         # (same rows, same seed, same answers) and only process 0 prints and writes the output file.
         output = contextlib.nullcontext()
@@ -159,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         with output:
             agent = _build_agent(args)
             return _single(args, agent) if single else _batch(args, agent)
-    except (AgentInputError, CheckpointError, ConfigError, FileNotFoundError, distributed.DistributedError) as e:
+    except (AgentInputError, AnswerArgsError, CheckpointError, ConfigError, DataFormatError, TemplateError,
+            FileNotFoundError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -38,7 +38,7 @@ def test_batch_mode_skips_bad_rows_and_scores(model_dir, tmp_path):
     with open(path, "a", encoding="utf-8") as f:  # a row with an empty question
         f.write(json.dumps({"context": "text", "input": "", "answers": ["x"]}) + "\n")
     out_path = tmp_path / "out" / "answers.jsonl"
-    assert answer.main(["--model", model_dir, "--input", str(path), "--output", str(out_path)] + SMALL) == 0
+    assert answer.main(["--model", model_dir, "--input", str(path), "--output", str(out_path)] + SMALL) == 1
     rows = [json.loads(line) for line in out_path.read_text().splitlines()]
     errors = [r for r in rows if "error" in r]
     answered = sorted((r for r in rows if "error" not in r), key=lambda r: r["row"])

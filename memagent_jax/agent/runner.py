@@ -60,6 +60,9 @@ class AgentResult:
     num_chunks: list[int]
     traces: list[list[str]] | None = None
     conversations: list[list[Conversation]] | None = None
+    # Per row: the model's logits were not finite (NaN / inf) when a token of the final answer (or, when traced
+    # or recorded, of a memory update) was sampled, so the text is not a real answer. Always filled by `run`.
+    nonfinite: list[bool] | None = None
 
 
 def default_stop_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
@@ -242,8 +245,14 @@ class MemoryAgent:
         stops = set(spec.answer_sampling.stop_token_ids)
         texts = [self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
                  for ids in answer_ids]
+        nonfinite = [not np.all(np.isfinite(final_host.logprobs[i, :final_host.answer_len[i]])) for i in range(n)]
+        for rec in records:  # memory updates, when they were fetched (trace / record)
+            for i in range(n):
+                lp = np.where(np.arange(rec.logprobs.shape[-1]) < rec.response_len[i][:, None], rec.logprobs[i], 0.0)
+                nonfinite[i] = nonfinite[i] or not np.all(np.isfinite(lp))
         result = AgentResult(answers=texts, answer_ids=answer_ids,
-                             finished=[bool(f) for f in final_host.finished[:n]], num_chunks=chunk_counts)
+                             finished=[bool(f) for f in final_host.finished[:n]], num_chunks=chunk_counts,
+                             nonfinite=nonfinite)
         if trace:
             result.traces = [self._trace(records, i, chunk_counts[i]) for i in range(n)]
         if record:
