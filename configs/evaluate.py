@@ -50,4 +50,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.warmup = True  # compile on a dummy batch first, so wall times and tokens/s measure the evaluation itself
     c.progress = True
     c.plot = True  # write accuracy_vs_length.png
+    c.allow_nonfinite_weights = False  # True: load weights holding NaN / inf (default: refused, naming the tensor)
     return c

@@ -18,6 +18,15 @@ Written to the workdir:
                                    the first `num_traces` rows the memory after every chunk
     accuracy_vs_length.png         accuracy (%) against mean document tokens (log axis), one line per model
 
+Bad rows never stop a run: a row of a file that is malformed (a bad JSON line, an item that is not an object,
+text that is not UTF-8, a missing or ill-typed field), that the agent cannot run, or whose answer was sampled from
+non-finite (NaN / inf) logits becomes an error row in predictions/ (naming the file, the row and the field) and is
+counted in the `errors` / `nonfinite` columns; `row_errors` says whether it is left out of the scores (skip) or
+scored 0 (zero). The CLI then ends with "warning: F of N rows failed ..." and exit status 1 (0: every row ran; 2:
+nothing ran: a bad setting, model or file). Outputs are written atomically (temporary file + rename) and never over
+an evaluation file. Weights holding NaN / inf are refused at load, naming the tensor
+(--config.allow_nonfinite_weights=True loads them anyway).
+
 Sampling keys depend only on the seed and the row's `index`, so every model sees the same keys for the same
 question and a rerun reproduces the same answers.
 
@@ -63,6 +72,10 @@ _BINARY_METRICS = ("em", "sub_em")
 
 class EvalConfigError(ValueError):
     """An evaluation setting is invalid; the message names the field (or file) at fault."""
+
+
+class NonFiniteOutputError(FloatingPointError):
+    """The model's logits were NaN / inf while a row was answered (see `AgentResult.nonfinite`)."""
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -208,6 +221,10 @@ class FileResult:
     wall_s: float
     doc_tokens_per_s: float
     rows: list[dict] = dataclasses.field(default_factory=list, repr=False)  # per-row predictions
+    # Rows with an 'error' (a bad row of the file, a row the agent cannot run, an answer sampled from non-finite
+    # logits), whatever the row_errors policy; `nonfinite` of them had non-finite (NaN / inf) model logits.
+    errors: int = 0
+    nonfinite: int = 0
 
     def to_dict(self, rows: bool = False) -> dict:
         out = {}
@@ -220,7 +237,7 @@ class FileResult:
 
     def csv_row(self) -> dict:
         row = {"model": self.model, "file": self.file, "label": self.label, "n": self.n, "skipped": self.skipped,
-               "metric": self.metric}
+               "errors": self.errors, "nonfinite": self.nonfinite, "metric": self.metric}
         for name in SCORE_NAMES:
             e = getattr(self, name)
             row[name], row[f"{name}_low"], row[f"{name}_high"] = e.mean, e.low, e.high
@@ -229,7 +246,7 @@ class FileResult:
         return row
 
 
-CSV_FIELDS = (["model", "file", "label", "n", "skipped", "metric"]
+CSV_FIELDS = (["model", "file", "label", "n", "skipped", "errors", "nonfinite", "metric"]
               + [f"{s}{suffix}" for s in SCORE_NAMES for suffix in ("", "_low", "_high")]
               + ["mean_doc_tokens", "mean_chunks", "wall_s", "doc_tokens_per_s", "model_path"])
 
@@ -437,10 +454,28 @@ def length_label(path: str, records: Sequence = ()) -> str:
 
 
 def open_eval_file(path: str):
-    """Opens an evaluation-format file (DataFormatError names the file when it is not one)."""
+    """Opens an evaluation-format file (DataFormatError names the file when it is not one). A bad row (a
+    malformed JSON line, an item that is not an object, text that is not UTF-8, a missing or ill-typed field)
+    does not stop the file: it raises its DataFormatError (file, row, field) when read, and `evaluate_agent`
+    turns it into an error row."""
     from memagent_jax.data.formats import open_file
 
-    return open_file(path, kind="eval")
+    return open_file(path, kind="eval", on_bad_row="keep")
+
+
+def check_outputs_not_inputs(out_dir: str | None, files: Sequence[str], output_names: Sequence[str] = ()) -> None:
+    """EvalConfigError when an evaluation file would be overwritten by an output: it lies in `out_dir` under one
+    of the report names or in `out_dir`/predictions/."""
+    if out_dir is None:
+        return
+    out = os.path.abspath(out_dir)
+    reports = {"results.json", "results.csv", "results.txt", "accuracy_vs_length.png", *output_names}
+    for f in files:
+        path = os.path.abspath(f)
+        folder, name = os.path.split(path)
+        if (folder == out and (name in reports or name.endswith(".tmp"))) or folder == os.path.join(out, "predictions"):
+            raise EvalConfigError(f"eval_files: {f!r} lies where the evaluation writes its outputs ({out_dir}); "
+                                  f"refusing to write over an input: choose another workdir")
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -457,8 +492,9 @@ class LoadedModel:
 
 
 def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, param_dtype: str | None = None,
-               compute_dtype: str | None = None) -> LoadedModel:
-    """Loads a Hugging Face folder (params onto `mesh` when given) and its tokenizer (or `tokenizer_path`'s)."""
+               compute_dtype: str | None = None, allow_nonfinite: bool = False) -> LoadedModel:
+    """Loads a Hugging Face folder (params onto `mesh` when given) and its tokenizer (or `tokenizer_path`'s).
+    Weights holding NaN / inf raise `NonFiniteWeightsError` naming the tensor unless `allow_nonfinite`."""
     from transformers import AutoTokenizer
 
     from memagent_jax.models import load_hf_params
@@ -470,7 +506,8 @@ def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, par
     except Exception as e:  # transformers raises OSError / ValueError with long messages
         raise EvalConfigError(f"tokenizer: cannot load a tokenizer from {tok_folder!r}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    params, config = load_hf_params(folder, mesh=mesh, param_dtype=param_dtype or None)
+    params, config = load_hf_params(folder, mesh=mesh, param_dtype=param_dtype or None,
+                                    allow_nonfinite=allow_nonfinite)
     compute = compute_dtype or param_dtype
     if compute:
         config = config.replace(compute_dtype=compute)
@@ -478,7 +515,7 @@ def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, par
 
 
 def _agent_for(source, *, budgets, templates, memory_sampling, answer_sampling, mesh, tokenizer_path, param_dtype,
-               compute_dtype):
+               compute_dtype, allow_nonfinite=False):
     """(MemoryAgent with the evaluation's budgets and sampling, model path or '')."""
     from memagent_jax.agent import MemoryAgent
 
@@ -490,7 +527,7 @@ def _agent_for(source, *, budgets, templates, memory_sampling, answer_sampling, 
         loaded = LoadedModel(*source)
     elif isinstance(source, (str, os.PathLike)):
         loaded = load_model(os.fspath(source), tokenizer_path=tokenizer_path, mesh=mesh, param_dtype=param_dtype,
-                            compute_dtype=compute_dtype)
+                            compute_dtype=compute_dtype, allow_nonfinite=allow_nonfinite)
     else:
         raise EvalConfigError(f"models: a model must be a folder, (params, config, tokenizer), a LoadedModel or a "
                               f"MemoryAgent; got {type(source).__name__}")
@@ -554,8 +591,10 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
       max_questions: evaluate the first N rows only (0 = all).
       seed: row r samples with fold_in(key(seed), r.index).
       num_traces: the first N rows (file order) keep the memory text after every chunk in `rows[i]['trace']`.
-      row_errors: a row the agent cannot run (empty or over-budget question, empty document): 'skip' (reported,
-        not scored), 'zero' (scored 0) or 'raise'.
+      row_errors: a row that fails (a bad row of the file: malformed, not an object, not UTF-8, a missing or
+        ill-typed field; a row the agent cannot run: empty or over-budget question, empty document; an answer
+        sampled from non-finite logits): 'skip' (an error row, not scored), 'zero' (an error row scored 0) or
+        'raise'. Either way `FileResult.errors` counts them (`nonfinite` the non-finite ones).
       progress: rows-done progress bar on stderr (process 0 only).
       model_name, model_path, file_key: names used in the result and the progress output.
       pad_batches: run a short last batch at the full batch size (repeating a row), so that one compiled program
@@ -564,6 +603,7 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
       FileResult, with `rows` in file order.
     """
     from memagent_jax.agent import AgentInputError
+    from memagent_jax.data.records import DataFormatError
 
     _check_options(metric, extract, row_errors, batch_size)
     if isinstance(records, (str, os.PathLike)):
@@ -576,25 +616,39 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
     t0 = time.perf_counter()
     rows: list[dict | None] = [None] * total
     ready, kept = [], []
-    skipped = 0
+    skipped = errors = nonfinite = 0
+
+    def failed_row(i, base, e):
+        """An error row for row i (policy row_errors); returns it."""
+        nonlocal skipped, errors
+        errors += 1
+        if row_errors == "raise":
+            raise e
+        row = dict(base, error=str(e))
+        if getattr(e, "field", None) is not None:
+            row["field"] = e.field
+        if row_errors == "skip":
+            skipped += 1
+        else:
+            row.update(response="", prediction=None, scores={name: 0.0 for name in SCORE_NAMES}, num_chunks=0,
+                       doc_tokens=None)
+        _log(f"{model_name} / {file_key}: row {i}: {e}", show)
+        return row
+
     for i in range(total):
-        record = records[i]  # DataFormatError (file, row, field) surfaces here
+        try:
+            record = records[i]  # DataFormatError (file, row, field) surfaces here
+            row_metric = resolve_metric(metric, record, where=f"{path} row {i}")
+        except (DataFormatError, EvalConfigError) as e:
+            rows[i] = failed_row(i, {"row": i, "index": None, "metric": metric}, e)
+            continue
         kept.append(record)
-        row_metric = resolve_metric(metric, record, where=f"{path} row {i}")
         base = {"row": i, "index": record.index, "question": record.question, "answers": list(record.answers),
                 "metric": row_metric}
         try:
             _, doc_ids = agent.prepare(record.question, record.document, source=f"{path} row {i}")
         except AgentInputError as e:
-            if row_errors == "raise":
-                raise
-            if row_errors == "skip":
-                skipped += 1
-                rows[i] = dict(base, error=str(e))
-            else:
-                rows[i] = dict(base, error=str(e), response="", prediction=None,
-                               scores={name: 0.0 for name in SCORE_NAMES}, num_chunks=0, doc_tokens=None)
-            _log(f"{model_name} / {file_key}: row {i}: {e}", show)
+            rows[i] = failed_row(i, base, e)
             continue
         ready.append((int(doc_ids.size), i, record, doc_ids, row_metric))
     ready.sort(key=lambda r: (r[0], r[1]))  # similar lengths together: fewer idle rows per batch
@@ -610,6 +664,16 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
         result = agent.run([g[2].question for g in run_rows], [g[3] for g in run_rows],
                            rng=row_keys(seed, [g[2].index for g in run_rows]), trace=want_trace)
         for j, (size, i, record, _, row_metric) in enumerate(group):
+            if result.nonfinite and result.nonfinite[j]:
+                nonfinite += 1
+                base = {"row": i, "index": record.index, "question": record.question,
+                        "answers": list(record.answers), "metric": row_metric}
+                rows[i] = failed_row(i, base, NonFiniteOutputError(
+                    f"{path} row {i}: the model's logits were not finite (NaN / inf) while it answered; the answer "
+                    f"is not scored as text (check the weights, or use float32 instead of a narrower dtype)"))
+                if "scores" in rows[i]:
+                    rows[i].update(num_chunks=int(result.num_chunks[j]), doc_tokens=size)
+                continue
             scored = score_response(result.answers[j], record.answers, row_metric, extract)
             row = {"row": i, "index": record.index, "question": record.question, "answers": list(record.answers),
                    "metric": row_metric, "response": result.answers[j], "prediction": scored["prediction"],
@@ -636,7 +700,7 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
         mean_doc_tokens=float(np.mean([r["doc_tokens"] for r in run_rows])) if run_rows else math.nan,
         mean_chunks=float(np.mean([r["num_chunks"] for r in run_rows])) if run_rows else math.nan,
         total_doc_tokens=tokens, wall_s=wall, doc_tokens_per_s=tokens / wall if wall > 0 else math.nan,
-        rows=[r for r in rows if r is not None])
+        rows=[r for r in rows if r is not None], errors=errors, nonfinite=nonfinite)
 
 
 class _NoBar:
@@ -661,7 +725,8 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
                     seed: int = 0, num_traces: int = 3, row_errors: str = "skip", mesh=None,
                     param_dtype: str | None = None, compute_dtype: str | None = None,
                     tokenizer_path: str | None = None, progress: bool = True, plot: bool = True,
-                    warmup: bool = True, config: Mapping | None = None) -> EvalResults:
+                    warmup: bool = True, config: Mapping | None = None,
+                    allow_nonfinite_weights: bool = False) -> EvalResults:
     """Evaluates every model on every file and writes the reports to `out_dir` (None: nothing written).
 
     Args:
@@ -683,6 +748,8 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
       warmup: before a model's first file, run one batch of a one-chunk dummy row, so that compilation is not
         counted in the first file's wall time and tokens/s.
       config: a configuration to echo into results.json (the CLI passes its ConfigDict).
+      allow_nonfinite_weights: load folders whose weights hold NaN / inf (default: `NonFiniteWeightsError`
+        naming the tensor, before any evaluation).
     """
     from memagent_jax.agent import AgentBudgets, AgentTemplates
     from memagent_jax.sampling import SamplingParams
@@ -695,8 +762,9 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
             raise EvalConfigError(f"{name}: must be >= 0, got {value}")
     if tokenizer_path and not os.path.isdir(tokenizer_path):
         raise EvalConfigError(f"tokenizer: {tokenizer_path!r} is not a directory")
-    opened = [open_eval_file(f) for f in files]  # every file checked before any model loads
     keys = _file_keys(files)
+    check_outputs_not_inputs(out_dir, files, [f"{name}__{key}.jsonl" for name, _ in entries for key in keys])
+    opened = [open_eval_file(f) for f in files]  # every file checked before any model loads
     budgets = budgets if budgets is not None else AgentBudgets()
     if templates is None:
         templates = AgentTemplates()
@@ -728,7 +796,8 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         t0 = time.perf_counter()
         agent, path = _agent_for(source, budgets=budgets, templates=templates, memory_sampling=memory_sampling,
                                  answer_sampling=answer_sampling, mesh=mesh, tokenizer_path=tokenizer_path,
-                                 param_dtype=param_dtype, compute_dtype=compute_dtype)
+                                 param_dtype=param_dtype, compute_dtype=compute_dtype,
+                                 allow_nonfinite=allow_nonfinite_weights)
         _log(f"model {name!r}: ready in {time.perf_counter() - t0:.1f}s" + (f" ({path})" if path else ""), show)
         if warmup:
             t0 = time.perf_counter()
@@ -742,7 +811,8 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
             results.results.append(r)
             acc = r.accuracy
             _log(f"{name} / {key} ({r.label}): accuracy {_pct(acc.mean)}% [{_pct(acc.low)}, {_pct(acc.high)}] "
-                 f"n={r.n}, {r.mean_doc_tokens:.0f} tokens, {r.wall_s:.1f}s, {r.doc_tokens_per_s:.0f} tok/s", show)
+                 f"n={r.n}, {r.mean_doc_tokens:.0f} tokens, {r.wall_s:.1f}s, {r.doc_tokens_per_s:.0f} tok/s"
+                 + (f", {r.errors} rows failed ({r.nonfinite} non-finite)" if r.errors else ""), show)
             if out_dir is not None and main:
                 write_predictions(r, os.path.join(out_dir, "predictions", f"{name}__{key}.jsonl"))
                 write_reports(results, out_dir, plot=False)  # a killed run keeps every finished point
@@ -932,7 +1002,20 @@ def run(cfg, workdir: str) -> EvalResults:
         batch_size=cfg.batch_size, max_questions=cfg.max_questions, seed=cfg.seed, num_traces=cfg.num_traces,
         row_errors=cfg.row_errors, mesh=mesh, param_dtype=cfg.param_dtype or None,
         compute_dtype=cfg.compute_dtype or None, tokenizer_path=cfg.tokenizer or None, progress=cfg.progress,
-        plot=cfg.plot, warmup=cfg.warmup, config=cfg)
+        plot=cfg.plot, warmup=cfg.warmup, config=cfg,
+        allow_nonfinite_weights=bool(cfg.get("allow_nonfinite_weights", False)))
+
+
+def failure_summary(results: EvalResults) -> str | None:
+    """One line counting the rows that failed over every (model, file), or None when none did."""
+    failed = sum(r.errors for r in results.results)
+    if not failed:
+        return None
+    total = sum(len(r.rows) for r in results.results)
+    nonfinite = sum(r.nonfinite for r in results.results)
+    where = ", ".join(f"{r.model}/{r.file_key}: {r.errors}" for r in results.results if r.errors)
+    return (f"{failed} of {total} rows failed ({nonfinite} with non-finite model outputs; {where}); their "
+            f"'error' fields in predictions/*.jsonl say why")
 
 
 _CONFIG = None
@@ -980,11 +1063,15 @@ def main(argv) -> None:
     from memagent_jax.models import CheckpointError, ConfigError
 
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        results = run(_CONFIG.value, _WORKDIR.value)
     except (EvalConfigError, DataFormatError, CheckpointError, ConfigError, AgentInputError, TemplateError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    summary = failure_summary(results)
+    if summary is not None:  # the reports are written; exit status 1 says some rows did not count
+        print(f"warning: {summary}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ random models (two models x two lengths), greedy predictions equal to MemoryAgen
 import csv
 import importlib.util
 import json
+import re
 import math
 import os
 import subprocess
@@ -208,12 +209,18 @@ def test_auto_metric_and_bad_rows_name_the_file(tmp_path, eval_files):
     bad = tmp_path / "bad_rows.jsonl"
     bad.write_text(json.dumps({"context": "a b", "input": "q?", "answers": ["a"]}) + "\n"
                    + json.dumps({"context": "a b", "input": "q?"}) + "\n")
+    # A bad row is an error row naming file, row and field; the good row still counts (row_errors='raise' stops).
+    kept = ev.evaluate_agent(agent, str(bad), progress=False)
+    assert (kept.n, kept.skipped, kept.errors) == (1, 1, 1)
+    assert re.search(r"bad_rows\.jsonl row 1: field 'answers' is (missing|null)", kept.rows[1]["error"])
+    assert kept.rows[1]["field"] == "answers" and "error" not in kept.rows[0]
     with pytest.raises(DataFormatError, match=r"bad_rows\.jsonl row 1: field 'answers' is (missing|null)"):
-        ev.evaluate_agent(agent, str(bad), progress=False)
+        ev.evaluate_agent(agent, str(bad), progress=False, row_errors="raise")
     odd = tmp_path / "odd_metric.jsonl"
     odd.write_text(json.dumps({"context": "a b", "input": "q?", "answers": ["a"], "metric": "bleu"}) + "\n")
     with pytest.raises(ev.EvalConfigError, match=r"odd_metric\.jsonl row 0: field 'metric' names an unknown metric"):
-        ev.evaluate_agent(agent, str(odd), metric="auto", progress=False)
+        ev.evaluate_agent(agent, str(odd), metric="auto", progress=False, row_errors="raise")
+    assert "names an unknown metric" in ev.evaluate_agent(agent, str(odd), metric="auto", progress=False).rows[0]["error"]
 
 
 def test_labels_and_model_specs(tmp_path):

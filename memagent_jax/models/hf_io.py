@@ -44,6 +44,37 @@ class CheckpointError(ValueError):
     """A checkpoint folder is incomplete or does not match its config."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A weight tensor holds NaN or inf values; `tensor` names it, `count` says how many values."""
+
+    def __init__(self, message: str, tensor: str = "", count: int = 0):
+        super().__init__(message)
+        self.tensor = tensor
+        self.count = count
+
+
+@jax.jit
+def _nonfinite_count(x: jax.Array) -> jax.Array:
+    """[] int32: how many values of x are NaN or +-inf (one fused reduction, on x's devices)."""
+    return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
+def _check_finite(checks: list[tuple[str, str, jax.Array]], folder: str, dtype) -> None:
+    """Raises NonFiniteWeightsError for the first tensor whose non-finite count is not 0.
+
+    checks: (HF tensor name, its file, the device count from `_nonfinite_count`); fetched together at the end
+    of loading, so the checks never stall the host between tensors."""
+    counts = jax.device_get([c for _, _, c in checks])
+    bad = [(name, path, int(n)) for (name, path, _), n in zip(checks, counts) if int(n)]
+    if bad:
+        name, path, n = bad[0]
+        more = f" (and {len(bad) - 1} more tensors, e.g. {[b[0] for b in bad[1:4]]})" if len(bad) > 1 else ""
+        raise NonFiniteWeightsError(
+            f"{path}: tensor {name!r} holds {n} non-finite values (NaN or inf) as {np.dtype(dtype).name}{more}; "
+            f"a model with such weights answers nothing useful. Pass allow_nonfinite=True "
+            f"(--allow-nonfinite-weights / config allow_nonfinite_weights=True) to load it anyway", name, n)
+
+
 # ------------------------------------------------------------------------------------ name mapping
 
 
@@ -197,7 +228,8 @@ def _set_layer(stacked: jax.Array, layer: jax.Array, value: jax.Array) -> jax.Ar
 
 
 def load_hf_params(folder: str, config: ModelConfig | None = None, *, mesh=None, rules=None,
-                   param_dtype: str | None = None, progress: bool = False) -> tuple[dict, ModelConfig]:
+                   param_dtype: str | None = None, progress: bool = False,
+                   allow_nonfinite: bool = False) -> tuple[dict, ModelConfig]:
     """Loads a local HF checkpoint folder into our params pytree.
 
     Args:
@@ -207,6 +239,9 @@ def load_hf_params(folder: str, config: ModelConfig | None = None, *, mesh=None,
       rules: optional logical-axis rules (default `sharding.DEFAULT_RULES`).
       param_dtype: cast params to this dtype (default: the checkpoint's dtype).
       progress: log one line per tensor group.
+      allow_nonfinite: load tensors holding NaN / inf (after the cast to the param dtype) instead of raising
+        `NonFiniteWeightsError` naming the first such tensor (each tensor is checked on its devices while
+        loading: one fused reduction per tensor).
     Returns:
       (params, config) where config.param_dtype is the loaded dtype.
     """
@@ -222,13 +257,17 @@ def load_hf_params(folder: str, config: ModelConfig | None = None, *, mesh=None,
     specs = _param_specs(config)
     used: set[str] = set()
     params: dict = {}
+    checks: list[tuple[str, str, jax.Array]] = []
     start = time.time()
     for spec in specs:
         struct = _get(abstract, spec.path)
         sharding = _get(shardings, spec.path) if shardings is not None else None
         if not spec.per_layer:
             host = spec.to_ours(_read_checked(files, spec.hf_name, spec.hf_shape)).astype(target_dtype)
-            _set(params, spec.path, _to_device(host, sharding))
+            value = _to_device(host, sharding)
+            if not allow_nonfinite:
+                checks.append((spec.hf_name, files[spec.hf_name].path, _nonfinite_count(value)))
+            _set(params, spec.path, value)
             used.add(spec.hf_name)
             continue
         layer_sharding = None
@@ -240,11 +279,16 @@ def load_hf_params(folder: str, config: ModelConfig | None = None, *, mesh=None,
         for i in range(config.num_layers):
             name = spec.hf_name.format(i=i)
             host = spec.to_ours(_read_checked(files, name, spec.hf_shape)).astype(target_dtype)
-            stacked = set_layer(stacked, jnp.int32(i), _to_device(host, layer_sharding))
+            value = _to_device(host, layer_sharding)
+            if not allow_nonfinite:
+                checks.append((name, files[name].path, _nonfinite_count(value)))
+            stacked = set_layer(stacked, jnp.int32(i), value)
             used.add(name)
         _set(params, spec.path, stacked)
         if progress:
             log.info("loaded %s (%d layers) after %.1fs", "/".join(spec.path), config.num_layers, time.time() - start)
+    if checks:
+        _check_finite(checks, folder, target_dtype)
     ignored = sorted(set(files) - used)
     if ignored:
         log.info("%s: ignored %d tensors not used by this architecture (e.g. %s)", folder, len(ignored), ignored[:3])
@@ -332,6 +376,7 @@ def save_hf_checkpoint(params: dict, config: ModelConfig, out_dir: str, *, dtype
     tmp_dir = None
     if is_writer:
         os.makedirs(parent, exist_ok=True)
+        clean_stale_exports(out_dir)
         tmp_dir = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
     tensors = _hf_tensors(params, config, np_dtype)  # every process gathers (collectives), process 0 writes
     weight_map: dict[str, str] = {}
@@ -366,6 +411,27 @@ def save_hf_checkpoint(params: dict, config: ModelConfig, out_dir: str, *, dtype
     return out_dir
 
 
+def clean_stale_exports(out_dir: str) -> list[str]:
+    """Removes what an interrupted export of `out_dir` left beside it (`<name>.tmp-*` folders being written,
+    `<name>.old-*` folders being swapped out); returns the removed paths. Called at the start of every export
+    (and by train at start-up), so a kill during an export leaves nothing behind for long. Do not run two
+    exports to the same folder at once."""
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for entry in sorted(os.listdir(parent)):
+        if entry.startswith((name + ".tmp-", name + ".old-")):
+            path = os.path.join(parent, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    if removed:
+        log.warning("removed %d leftover folder(s) of an interrupted export: %s", len(removed), removed)
+    return removed
+
+
 def _replace_dir(src: str, dst: str) -> None:
     """Moves a finished folder into place; an existing destination is swapped out, then removed."""
     old = None
@@ -377,4 +443,5 @@ def _replace_dir(src: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["CheckpointError", "SafetensorsError", "find_weight_files", "load_hf_params", "save_hf_checkpoint"]
+__all__ = ["CheckpointError", "NonFiniteWeightsError", "SafetensorsError", "clean_stale_exports", "find_weight_files",
+           "load_hf_params", "save_hf_checkpoint"]
