@@ -30,7 +30,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         synthetic_task="multihop_qa",
         synthetic_tokens=384 if cpu else 28000,
         synthetic_samples=64 if cpu else 20000,
-        reward_style="boxed_em",
+        # verifier.REWARD_STYLES name: 'reference_boxed' = MemAgent's training reward exactly (last \boxed{} in the
+        # last 300 characters, lower-case + space removal only); 'boxed_em' = our SQuAD-normalised exact match.
+        reward_style="boxed_em" if cpu else "reference_boxed",
+        reward_drop_think=False,  # score only the text after the last </think> (the reference scores it all)
     ))
     c.agent = ml_collections.ConfigDict(dict(
         question_tokens=64 if cpu else 1024,
@@ -111,6 +114,7 @@ def scale_config(preset: str, arg: str, hardware_table: dict, questions_per_step
     c.agent.question_tokens, c.agent.chunk_tokens = 1024, 5000
     c.agent.memory_tokens, c.agent.answer_tokens = 1024, 1024
     c.agent.temperature, c.agent.top_p = 1.0, 1.0
+    c.data.reward_style = "reference_boxed"  # the reference's training reward, rule for rule (verifier.py)
     c.rl.questions_per_step = questions_per_step
     c.rl.group_size = 16
     c.rl.num_minibatches = 16

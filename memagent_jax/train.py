@@ -306,7 +306,7 @@ def train(cfg, workdir: str) -> dict:
     agent = MemoryAgent(rollout_params(state.params), model_config, tokenizer, budgets=budgets, mesh=rollout_mesh,
                         templates=templates,
                         memory_sampling=SamplingParams(temperature=cfg.agent.temperature, top_p=cfg.agent.top_p))
-    scorer = RewardScorer(cfg.data.reward_style)
+    scorer = RewardScorer(cfg.data.reward_style, drop_think=bool(cfg.data.get("reward_drop_think", False)))
     writer = MetricsWriter(workdir, total_steps=cfg.steps, console_every=cfg.log_every)
     metrics: dict = {}
     try:

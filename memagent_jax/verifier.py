@@ -19,9 +19,28 @@ rules are spelled out in full:
   tasks).  A prediction that normalises to the empty string scores 0 everywhere, and a ground
   truth that normalises to the empty string never matches, so an empty answer can never be
   "contained" in anything.
-* **Reward** (:func:`reward`): 1.0 or 0.0 from the final response only; no format bonus.  The
-  default style, ``"boxed_em"``, is the reference work's: the last boxed answer must equal a ground
-  truth after normalisation.  See :data:`REWARD_STYLES` for the others.
+  :func:`f1` follows HotpotQA's rule for yes/no answers: when the normalised gold or the
+  normalised prediction is ``yes``, ``no`` or ``noanswer``, F1 is 0 unless the two are equal.
+* **Thinking.**  :func:`strip_think` keeps the text after the last ``</think>`` (a reasoning
+  model's answer part).  Evaluation (:func:`extract_prediction`, :func:`score`) drops the thinking
+  by default; the training reward keeps the whole response unless asked (``drop_think=True``).
+* **Evaluation against the reference's.**  The reference evaluation (MemAgent's
+  ``taskutils/memory_eval``) drops the thinking as :func:`strip_think` does, takes the last boxed
+  answer, and scores EM / F1 / sub-EM with the same rules against ``answers[0]`` only.  Here the
+  metrics take the best over *all* listed answers (identical on HotpotQA files, whose rows have
+  one answer; it can only score higher on RULER ``qa_1`` rows with several SQuAD answers), and
+  normalisation also deletes non-ASCII punctuation (curly quotes, dashes), which the reference
+  keeps.
+* **Reward** (:func:`reward`): 1.0 or 0.0 from the final response only; no format bonus.  Two
+  families of styles (see :data:`REWARD_STYLES`):
+
+  - ``"reference_boxed"`` reproduces the MemAgent training reward exactly
+    (:func:`reference_boxed_reward`): only the last 300 characters of the response are searched,
+    lower-cased, for the last ``\\boxed``; the answer and the ground truth are compared after a
+    light normalisation that deletes spaces and newlines (plus a few LaTeX spellings) but keeps
+    punctuation and articles.  ``\\boxed{The Hop-Frog}`` does *not* match ``Hop-Frog``.
+  - ``"boxed_em"`` (the function default) and the others use this module's own extraction and the
+    SQuAD normalisation above: ``\\boxed{The Hop-Frog}`` matches ``Hop-Frog``.
 
 The module imports nothing from JAX (only the standard library and numpy).  Every function
 accepts any ``str`` without raising, and runs in time linear in the length of its input, also on
@@ -43,6 +62,7 @@ __all__ = [
     "METRICS",
     "extract_boxed",
     "extract_answer_phrase",
+    "strip_think",
     "extract_prediction",
     "normalize_answer",
     "exact_match",
@@ -51,6 +71,7 @@ __all__ = [
     "string_match_all",
     "score",
     "reward",
+    "reference_boxed_reward",
     "resolve_reward_style",
 ]
 
@@ -143,22 +164,48 @@ def extract_answer_phrase(text: str) -> str | None:
     return rest or None
 
 
+THINK_END = "</think>"
+
+
+def strip_think(text: str) -> str:
+    """The answer part of a reasoning model's response: the text after the last ``</think>``.
+
+    Rule (the reference evaluation's): a text without ``</think>`` is returned unchanged; otherwise
+    the part after the last ``</think>``, stripped of surrounding whitespace.  When that part is
+    empty (the model stopped right after thinking) the whole text is returned, as the reference
+    does.  An opening ``<think>`` without its closing tag is kept (the text is returned unchanged).
+    Non-strings are returned unchanged.
+    """
+    if not isinstance(text, str):
+        return text
+    cut = text.rfind(THINK_END)
+    if cut < 0:
+        return text
+    tail = text[cut + len(THINK_END) :].strip()
+    return tail if tail else text
+
+
 #: Ways to turn a response into a prediction, for :func:`extract_prediction`.
 EXTRACTORS = ("boxed", "answer_phrase", "boxed_or_phrase", "boxed_or_raw", "raw")
 
 
-def extract_prediction(response: str, mode: str = "boxed") -> str | None:
+def extract_prediction(response: str, mode: str = "boxed", *, drop_think: bool = True) -> str | None:
     """Extract the predicted answer from a model response.
 
     ``mode``: ``"boxed"`` (last boxed answer), ``"answer_phrase"`` (after "the answer is"),
     ``"boxed_or_phrase"`` (boxed, else the answer phrase), ``"boxed_or_raw"`` (boxed, else the
-    whole response) or ``"raw"`` (the whole response).  Returns ``None`` when nothing is found.
-    Raises ``ValueError`` for an unknown mode (a configuration error, not a model error).
+    whole response) or ``"raw"`` (the whole response).  With ``drop_think`` (the default, as in
+    the reference evaluation) the response is first cut to its answer part by
+    :func:`strip_think`, so a box inside ``<think>...</think>`` is not scored.  Returns ``None``
+    when nothing is found.  Raises ``ValueError`` for an unknown mode (a configuration error, not
+    a model error).
     """
     if mode not in EXTRACTORS:
         raise ValueError(f"unknown extraction mode {mode!r}; choose one of {EXTRACTORS}")
     if not isinstance(response, str):
         return None
+    if drop_think:
+        response = strip_think(response)
     if mode == "raw":
         return response
     if mode == "answer_phrase":
@@ -249,18 +296,32 @@ def _f1_tokens(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+#: Answers that HotpotQA's F1 scores all-or-nothing (after normalisation).
+YES_NO_ANSWERS = frozenset({"yes", "no", "noanswer"})
+
+
+def _f1_one(pred: str, gold: str) -> float:
+    """F1 of two normalised strings, with HotpotQA's yes/no/noanswer rule."""
+    if (pred in YES_NO_ANSWERS or gold in YES_NO_ANSWERS) and pred != gold:
+        return 0.0
+    return _f1_tokens(pred.split(), gold.split())
+
+
 def f1(prediction: str | None, ground_truths: str | Iterable[str]) -> float:
     """Maximum over ground truths of the token-level F1 between normalised strings.
 
     Tokens are the whitespace-separated words after :func:`normalize_answer`; the overlap counts
     repeated words with multiplicity.  Example: "the red car" vs "a red bus" -> tokens
     [red, car] vs [red, bus] -> P = R = 1/2 -> F1 = 0.5.
+
+    HotpotQA's rule: when either normalised string is ``yes``, ``no`` or ``noanswer``
+    (:data:`YES_NO_ANSWERS`) the F1 against that ground truth is 1 if the two are equal and 0
+    otherwise, so "yes and others" vs "yes" scores 0 (not 0.5).
     """
     pred = normalize_answer(prediction) if prediction is not None else ""
     if not pred:
         return 0.0
-    pred_tokens = pred.split()
-    return max((_f1_tokens(pred_tokens, normalize_answer(g).split()) for g in _as_list(ground_truths)), default=0.0)
+    return max((_f1_one(pred, normalize_answer(g)) for g in _as_list(ground_truths)), default=0.0)
 
 
 def sub_exact_match(prediction: str | None, ground_truths: str | Iterable[str]) -> float:
@@ -302,12 +363,15 @@ METRICS = {
 }
 
 
-def score(response: str, ground_truths: str | Iterable[str], metric: str = "sub_em", extract: str = "boxed") -> float:
-    """Evaluation score of one response: extract a prediction (see :func:`extract_prediction`)
-    and apply ``metric`` (a key of :data:`METRICS`).  Nothing extracted scores 0.0."""
+def score(
+    response: str, ground_truths: str | Iterable[str], metric: str = "sub_em", extract: str = "boxed", *, drop_think: bool = True
+) -> float:
+    """Evaluation score of one response: extract a prediction (see :func:`extract_prediction`;
+    the thinking is dropped unless ``drop_think=False``) and apply ``metric`` (a key of
+    :data:`METRICS`).  Nothing extracted scores 0.0."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {tuple(METRICS)}")
-    pred = extract_prediction(response, extract)
+    pred = extract_prediction(response, extract, drop_think=drop_think)
     if pred is None:
         return 0.0
     return METRICS[metric](pred, ground_truths)
@@ -317,15 +381,120 @@ def score(response: str, ground_truths: str | Iterable[str], metric: str = "sub_
 # Reward
 # ---------------------------------------------------------------------------------------------
 
+#: Characters at the end of a response that the reference reward searches for the answer box.
+REFERENCE_WINDOW = 300
+
+# The reference reward's light normalisation, applied in this order by plain substring
+# replacement (so earlier rules feed later ones): line breaks, LaTeX thin negative space, doubled
+# backslashes, \tfrac / \dfrac, \left / \right, degree marks, escaped dollar and percent signs,
+# a leading zero before a bare decimal point; then (on a non-empty string) every space.  Tabs and
+# other whitespace are kept, and so are punctuation and articles.
+_REFERENCE_REWRITES = (
+    ("\n", ""),
+    ("\\!", ""),
+    ("\\\\", "\\"),
+    ("tfrac", "frac"),
+    ("dfrac", "frac"),
+    ("\\left", ""),
+    ("\\right", ""),
+    ("^{\\circ}", ""),
+    ("^\\circ", ""),
+    ("\\$", ""),
+    ("\\%", ""),
+    (" .", " 0."),
+    ("{.", "{0."),
+)
+
+
+def _reference_normalize(text: str) -> str:
+    for old, new in _REFERENCE_REWRITES:
+        text = text.replace(old, new)
+    return text.replace(" ", "")
+
+
+def _reference_boxed_answer(window: str) -> str | None:
+    """The answer the reference reward reads from ``window`` (already cut and lower-cased).
+
+    * If ``"\\boxed "`` (with a space) occurs anywhere, the answer is everything after its last
+      occurrence up to the first ``$`` (or the end), braces and all.
+    * Otherwise the last ``\\boxed`` (else the last ``\\fbox``) is found, and from there the
+      characters are scanned counting ``{`` up and ``}`` down; the command ends at the first ``}``
+      that brings the count back to exactly 0.  No such ``}``: no answer.  The command must read
+      ``\\boxed{...}``: anything else (``\\fbox{...}``, ``\\boxedx{...}``) gives no answer.
+      Only the *last* command is tried: an unclosed last box hides an earlier complete one.
+    """
+    spaced = "\\boxed "
+    if spaced in window:
+        return window.rsplit(spaced, 1)[1].split("$", 1)[0]
+    start = window.rfind("\\boxed")
+    if start < 0:
+        start = window.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth = 0
+    end = -1
+    for pos in range(start, len(window)):
+        ch = window[pos]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                end = pos
+                break
+    if end < 0:
+        return None
+    command = window[start : end + 1]
+    opener = "\\boxed{"
+    if not command.startswith(opener):
+        return None
+    return command[len(opener) : -1]
+
+
+def reference_boxed_reward(response: str, ground_truths: str | Iterable[str], *, drop_think: bool = False) -> float:
+    """MemAgent's training reward for HotpotQA, reproduced rule for rule.
+
+    1. Keep the last :data:`REFERENCE_WINDOW` (300) characters of the response and lower-case them
+       (a box that starts earlier is not seen).
+    2. Read the answer of the last box (:func:`_reference_boxed_answer`); none gives 0.0.
+    3. Compare it with each ground truth, lower-cased; both sides pass through the light
+       normalisation of :data:`_REFERENCE_REWRITES` and lose their spaces.  Punctuation and the
+       articles a/an/the are kept, so ``\\boxed{The Hop-Frog}`` vs ``Hop-Frog`` gives 0.0 and
+       ``\\boxed{Hop Frog}`` vs ``hopfrog`` gives 1.0.  An empty box equals an empty (or
+       all-space) ground truth.
+    4. 1.0 if any ground truth is equal, else 0.0.
+
+    ``drop_think`` first cuts the response to its answer part (:func:`strip_think`); the
+    reference does not.  A single string counts as one ground truth (the reference would iterate
+    over its characters); no ground truths give 0.0.  Never raises for any ``response``.
+    """
+    if not isinstance(response, str):
+        return 0.0
+    if drop_think:
+        response = strip_think(response)
+    window = response[-REFERENCE_WINDOW:].lower()
+    answer = _reference_boxed_answer(window)
+    if answer is None:
+        return 0.0
+    answer = _reference_normalize(answer)
+    return float(any(answer == _reference_normalize(g.lower()) for g in _as_list(ground_truths)))
+
+
 #: Reward styles: name -> (extraction mode, metric).  All rewards are 0.0 or 1.0.
 #:
-#: * ``boxed_em`` (default, the reference work's): last boxed answer, normalised exact match.
+#: * ``reference_boxed``: the MemAgent training reward exactly (:func:`reference_boxed_reward`:
+#:   last box in the last 300 characters, lower-case and space removal only).  The reference
+#:   recipe configs use it.
+#: * ``boxed_em`` (the function default): last boxed answer anywhere in the response (this
+#:   module's :func:`extract_boxed`), SQuAD-normalised exact match (punctuation and articles
+#:   dropped).  More lenient than the reference on formatting.
 #: * ``boxed_sub_em``: last boxed answer, normalised substring match either way.
 #: * ``answer_phrase_em``: text after the last "the answer is", exact match.
 #: * ``any_em``: the boxed answer if there is one, else the answer phrase; exact match.
 #: * ``boxed_all``: the boxed answer contains every ground truth (case-insensitive); for tasks
 #:   whose answer is a set (multi-value needles, variable tracking).
 REWARD_STYLES = {
+    "reference_boxed": ("reference", "reference"),
     "boxed_em": ("boxed", "em"),
     "boxed_sub_em": ("boxed", "sub_em"),
     "answer_phrase_em": ("answer_phrase", "em"),
@@ -334,16 +503,20 @@ REWARD_STYLES = {
 }
 
 
-def reward(response: str, ground_truths: str | Iterable[str], style: str = "boxed_em") -> float:
+def reward(response: str, ground_truths: str | Iterable[str], style: str = "boxed_em", *, drop_think: bool = False) -> float:
     """Training reward of one final response: 1.0 if correct under ``style``, else 0.0.
 
     No answer found gives 0.0.  ``style`` is a key of :data:`REWARD_STYLES`; an unknown style raises
-    ``ValueError`` (configuration error).  Never raises for any ``response``.
+    ``ValueError`` (configuration error).  ``drop_think`` scores only the text after the last
+    ``</think>`` (:func:`strip_think`); off by default, as in the reference.  Never raises for any
+    ``response``.
     """
     if style not in REWARD_STYLES:
         raise ValueError(f"unknown reward style {style!r}; choose one of {tuple(REWARD_STYLES)}")
     mode, metric = REWARD_STYLES[style]
-    pred = extract_prediction(response, mode)
+    if mode == "reference":
+        return reference_boxed_reward(response, ground_truths, drop_think=drop_think)
+    pred = extract_prediction(response, mode, drop_think=drop_think)
     if pred is None:
         return 0.0
     if metric == "all":

@@ -30,17 +30,20 @@ class RewardScorer:
     """Scores final answers with the rule-based verifier in a thread pool.
 
     style: a `verifier.REWARD_STYLES` name (default 'boxed_em': 1 if the last \\boxed{} equals a ground truth
-    after normalisation). Accuracy (sub-exact-match of the boxed answer) is computed alongside for metrics.
+    after normalisation; 'reference_boxed': the reference's own rule). Accuracy (sub-exact-match of the boxed
+    answer, thinking dropped) is computed alongside for metrics.
+    drop_think: reward only the text after the last </think> (`verifier.strip_think`); the reference does not.
     """
 
-    def __init__(self, style: str = "boxed_em", max_workers: int = 2):
+    def __init__(self, style: str = "boxed_em", max_workers: int = 2, *, drop_think: bool = False):
         if style not in verifier.REWARD_STYLES:
             raise ValueError(f"reward style {style!r} is not known; choose one of {sorted(verifier.REWARD_STYLES)}")
         self.style = style
+        self.drop_think = bool(drop_think)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward")
 
     def _score(self, responses: Sequence[str], truths: Sequence[Sequence[str]]):
-        rewards = np.array([verifier.reward(r, t, style=self.style) for r, t in zip(responses, truths)], np.float32)
+        rewards = np.array([verifier.reward(r, t, style=self.style, drop_think=self.drop_think) for r, t in zip(responses, truths)], np.float32)
         accuracy = np.array([verifier.score(r, t, "sub_em") for r, t in zip(responses, truths)], np.float32)
         return rewards, accuracy
 
