@@ -18,6 +18,14 @@ pending saves are committed. Only the last `max_to_keep` checkpoints are kept.
 
 Restore targets: pass the abstract state (`jax.ShapeDtypeStruct`s with `.sharding`, e.g.
 `Learner.abstract_state()`), and each array is read straight into those shardings, on any mesh.
+
+Verification. `save` refuses a state holding NaN / inf (CheckpointError naming the step and the leaf; nothing is
+written and no older checkpoint is pruned) and records a checksum of every leaf (a position-weighted sum of its
+bits mod 2^32: any single flipped bit changes it) in `meta`. Every restore checks the metadata parses, the
+restored leaves have the target's shapes and dtypes, every value is finite and every checksum matches. With
+`restore()` (no step given) a checkpoint failing any check is reported (a warning and `Restored.skipped`), moved
+to `<directory>/quarantine/<step>-<time>` (so the step can be saved again) and the next older one is tried: the
+run resumes from the newest good checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -57,6 +66,59 @@ class Restored:
     state: Any
     data_state: dict
     rng: jax.Array | None
+    skipped: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # newer unusable steps, why
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """[] uint32: sum over the values of (their bits as uint32) x (2 * flat index + 1) x 0x9E3779B1, mod 2^32.
+
+    Integer addition is associative, so the sum is the same for every sharding and reduction order; the weights
+    are odd, so flipping any one bit changes the sum."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        size = jnp.dtype(x.dtype).itemsize
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(size)
+        if unsigned is None:  # 8-byte values (x64): two uint32 words each
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        else:
+            bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    flat = bits.reshape(-1)
+    index = jnp.arange(flat.shape[0], dtype=jnp.uint32)
+    weights = (index * jnp.uint32(2) + jnp.uint32(1)) * jnp.uint32(0x9E3779B1)
+    return jnp.sum(flat * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _leaf_stats(leaves):
+    """Per array leaf: (non-finite value count [] int32, checksum [] uint32)."""
+    out = []
+    for x in leaves:
+        bad = (jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) if jnp.issubdtype(x.dtype, jnp.inexact)
+               else jnp.zeros((), jnp.int32))
+        out.append((bad, _leaf_checksum(x)))
+    return out
+
+
+def tree_stats(tree) -> dict[str, tuple[int, int]]:
+    """{leaf path: (non-finite values, checksum)} of every array leaf of `tree` (one jitted pass, on the arrays'
+    own devices; the host gets two integers per leaf)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    items = [(jax.tree_util.keystr(path), leaf) for path, leaf in flat if hasattr(leaf, "dtype")
+             and hasattr(leaf, "shape") and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+    if not items:
+        return {}
+    stats = jax.device_get(_leaf_stats([jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
+                                         for _, leaf in items]))
+    return {path: (int(bad), int(checksum)) for (path, _), (bad, checksum) in zip(items, stats)}
+
+
+def _nonfinite_message(stats: dict[str, tuple[int, int]]) -> str | None:
+    bad = [(path, n) for path, (n, _) in stats.items() if n]
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} more leaves" if len(bad) > 1 else ""
+    return f"leaf {bad[0][0]} holds {bad[0][1]} non-finite values (NaN / inf){more}"
 
 
 def _check_json(value, field: str) -> None:
@@ -127,7 +189,15 @@ class Checkpointer:
         _check_json(data_state, "data_state")
         if step in self._manager.all_steps():
             raise CheckpointError(f"a checkpoint for step {step} already exists in {self.directory}")
-        meta = {"format": _FORMAT, "step": step, "has_rng": rng is not None, "rng_impl": None, "rng_typed": False}
+        if not force and not self._manager.should_save(step):
+            return False
+        stats = tree_stats(state)
+        problem = _nonfinite_message(stats)
+        if problem is not None:  # checked before anything is written: no save, no pruning of a good checkpoint
+            raise CheckpointError(f"step {step}: refusing to save a non-finite state ({problem}); the checkpoints "
+                                  f"already in {self.directory} are kept")
+        meta = {"format": _FORMAT, "step": step, "has_rng": rng is not None, "rng_impl": None, "rng_typed": False,
+                "checksums": {path: checksum for path, (_, checksum) in stats.items()}}
         rng_item: dict[str, Any] = {"key_data": np.zeros((1,), np.uint32)}  # placeholder (Orbax refuses size 0)
         if rng is not None:
             if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -148,37 +218,111 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, abstract_state, step: int | None = None) -> Restored:
-        """Restores `step` (default: the latest finished one) onto the target's structure and shardings.
+    def restore(self, abstract_state, step: int | None = None, *, fallback: bool | None = None) -> Restored:
+        """Restores `step` (default: the newest good one) onto the target's structure and shardings, verified.
 
         abstract_state: pytree of `jax.ShapeDtypeStruct` (with `.sharding` to place the arrays; e.g.
           `Learner.abstract_state()`) or of concrete arrays with the same structure.
-        Raises CheckpointError when there is no finished checkpoint (or not that step).
+        fallback: when a checkpoint fails verification (unreadable metadata or arrays, shapes or dtypes other than
+          the target's, non-finite values, a checksum mismatch), warn, move it to `<directory>/quarantine/` and
+          try the next older one. Default: on when `step` is None, off for an explicit step.
+        Raises CheckpointError naming the checkpoint's folder when there is no finished checkpoint (or not that
+        step), or when none passes verification.
         """
         steps = self.all_steps()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointError(f"no finished checkpoint in {self.directory}")
-        elif int(step) not in steps:
+        if step is not None and int(step) not in steps:
             raise CheckpointError(f"no finished checkpoint for step {step} in {self.directory} (have {steps})")
-        step = int(step)
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if meta.get("format") != _FORMAT:
-            raise CheckpointError(f"checkpoint {step}: unknown format {meta.get('format')!r} (expected {_FORMAT})")
+        if not steps:
+            raise CheckpointError(f"no finished checkpoint in {self.directory}")
+        fallback = step is None if fallback is None else fallback
+        candidates = [int(step)] if step is not None else sorted(steps, reverse=True)
+        if step is not None and fallback:
+            candidates += [s for s in sorted(steps, reverse=True) if s < int(step)]
+        skipped: list[tuple[int, str]] = []
+        for candidate in candidates:
+            try:
+                restored = self._restore_verified(abstract_state, candidate)
+            except CheckpointError as e:
+                if not fallback:
+                    raise
+                log.warning("checkpoint %s is unusable, trying an older one: %s", self._step_dir(candidate), e)
+                skipped.append((candidate, str(e)))
+                continue
+            if skipped:
+                self._quarantine([s for s, _ in skipped])
+            restored.skipped = skipped
+            return restored
+        raise CheckpointError(f"no usable checkpoint in {self.directory}: "
+                              + "; ".join(f"step {s}: {why}" for s, why in skipped))
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _restore_verified(self, abstract_state, step: int) -> Restored:
+        where = self._step_dir(step)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # noqa: BLE001 - JSONDecodeError, FileNotFoundError, Orbax errors: all mean unusable
+            raise CheckpointError(f"{where}: cannot read the checkpoint's metadata ({os.path.join(where, 'meta')}): "
+                                  f"{type(e).__name__}: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else meta
+            raise CheckpointError(f"{where}: unknown checkpoint format {got!r} (expected {_FORMAT})")
         target = jax.tree.map(
             lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
             else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), abstract_state)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=ocp.args.JsonRestore(),
-            rng=ocp.args.StandardRestore(),
-        ))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=ocp.args.JsonRestore(),
+                rng=ocp.args.StandardRestore(),
+            ))
+        except Exception as e:  # noqa: BLE001 - a damaged array file or a tree that does not fit the target
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{where}: cannot be restored: {type(e).__name__}: {first}") from None
+        want = jax.tree_util.tree_flatten_with_path(target)[0]
+        got = jax.tree_util.tree_flatten_with_path(restored.state)[0]
+        if len(want) != len(got):
+            raise CheckpointError(f"{where}: the state has {len(got)} arrays, the target {len(want)}")
+        for (path, w), (_, g) in zip(want, got):
+            if tuple(g.shape) != tuple(w.shape) or jnp.dtype(g.dtype) != jnp.dtype(w.dtype):
+                raise CheckpointError(f"{where}: leaf {jax.tree_util.keystr(path)} has shape {tuple(g.shape)} "
+                                      f"{jnp.dtype(g.dtype).name}, expected {tuple(w.shape)} {jnp.dtype(w.dtype).name}")
+        stats = tree_stats(restored.state)
+        problem = _nonfinite_message(stats)
+        if problem is not None:
+            raise CheckpointError(f"{where}: {problem}")
+        saved = meta.get("checksums")
+        if isinstance(saved, dict):  # checkpoints written before checksums existed have none
+            for path, (_, checksum) in stats.items():
+                if path in saved and int(saved[path]) != checksum:
+                    raise CheckpointError(f"{where}: leaf {path} does not match the checksum written when it was "
+                                          f"saved (the files changed on disk)")
         rng = None
         if meta.get("has_rng"):
             key_data = jnp.asarray(restored.rng["key_data"], jnp.uint32)
             rng = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"]) if meta.get("rng_typed") else key_data
-        return Restored(step=step, state=restored.state, data_state=dict(restored.data or {}), rng=rng)
+        data_state = restored.data
+        if data_state is not None and not isinstance(data_state, dict):
+            raise CheckpointError(f"{where}: the data position is a {type(data_state).__name__}, not a JSON object")
+        return Restored(step=step, state=restored.state, data_state=dict(data_state or {}), rng=rng)
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unusable step folders to <directory>/quarantine/<step>-<unix time> (process 0) and rescans."""
+        if jax.process_index() == 0:
+            folder = os.path.join(self.directory, "quarantine")
+            os.makedirs(folder, exist_ok=True)
+            for step in steps:
+                src = self._step_dir(step)
+                if os.path.isdir(src):
+                    dst = os.path.join(folder, f"{step}-{int(time.time())}")
+                    os.replace(src, dst)
+                    log.warning("moved the unusable checkpoint %s to %s", src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("memagent_checkpoint_quarantine")
+        self._manager.reload()
 
     # ------------------------------------------------------------------ lifetime
 
