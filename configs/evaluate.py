@@ -23,6 +23,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Evaluation files (reference evaluation format: context / input / answers [/ num_docs / index]), comma list;
     # glob patterns allowed. Each file is one point on the accuracy-vs-length curve.
     c.eval_files = ""
+    # Document store for files whose rows give 'context' as a list of document indices (the reference's 12800+
+    # document files): the raw HotpotQA / SQuAD JSON the files were built from, or a JSON array of documents.
+    c.doc_store = ""
     c.budgets = ml_collections.ConfigDict(dict(
         question_tokens=64 if cpu else 1024,
         chunk_tokens=64 if cpu else 5000,

@@ -453,14 +453,15 @@ def length_label(path: str, records: Sequence = ()) -> str:
     return stem
 
 
-def open_eval_file(path: str):
-    """Opens an evaluation-format file (DataFormatError names the file when it is not one). A bad row (a
+def open_eval_file(path: str, doc_store=None):
+    """Opens an evaluation-format file (DataFormatError names the file when it is not one); `doc_store` resolves
+    rows whose context is a list of document indices (see `data.docstore`). A bad row (a
     malformed JSON line, an item that is not an object, text that is not UTF-8, a missing or ill-typed field)
     does not stop the file: it raises its DataFormatError (file, row, field) when read, and `evaluate_agent`
     turns it into an error row."""
     from memagent_jax.data.formats import open_file
 
-    return open_file(path, kind="eval", on_bad_row="keep")
+    return open_file(path, kind="eval", on_bad_row="keep", doc_store=doc_store)
 
 
 def check_outputs_not_inputs(out_dir: str | None, files: Sequence[str], output_names: Sequence[str] = ()) -> None:
@@ -726,7 +727,7 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
                     param_dtype: str | None = None, compute_dtype: str | None = None,
                     tokenizer_path: str | None = None, progress: bool = True, plot: bool = True,
                     warmup: bool = True, config: Mapping | None = None,
-                    allow_nonfinite_weights: bool = False) -> EvalResults:
+                    allow_nonfinite_weights: bool = False, doc_store=None) -> EvalResults:
     """Evaluates every model on every file and writes the reports to `out_dir` (None: nothing written).
 
     Args:
@@ -750,6 +751,9 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
       config: a configuration to echo into results.json (the CLI passes its ConfigDict).
       allow_nonfinite_weights: load folders whose weights hold NaN / inf (default: `NonFiniteWeightsError`
         naming the tensor, before any evaluation).
+      doc_store: the shared document store of files whose rows give `context` as a list of document indices
+        (the reference's 12800+ document files): the raw HotpotQA / SQuAD JSON they were built from, a JSON array
+        of documents, or a `data.docstore.DocumentStore`. Loaded once.
     """
     from memagent_jax.agent import AgentBudgets, AgentTemplates
     from memagent_jax.sampling import SamplingParams
@@ -764,7 +768,14 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         raise EvalConfigError(f"tokenizer: {tokenizer_path!r} is not a directory")
     keys = _file_keys(files)
     check_outputs_not_inputs(out_dir, files, [f"{name}__{key}.jsonl" for name, _ in entries for key in keys])
-    opened = [open_eval_file(f) for f in files]  # every file checked before any model loads
+    if doc_store is not None:
+        from memagent_jax.data.docstore import DocumentStore
+
+        try:
+            doc_store = DocumentStore.coerce(doc_store)
+        except (OSError, ValueError) as e:  # a missing file; DataFormatError names the file, row and field
+            raise EvalConfigError(f"doc_store: {e}") from None
+    opened = [open_eval_file(f, doc_store) for f in files]  # every file checked before any model loads
     budgets = budgets if budgets is not None else AgentBudgets()
     if templates is None:
         templates = AgentTemplates()
@@ -1003,7 +1014,7 @@ def run(cfg, workdir: str) -> EvalResults:
         row_errors=cfg.row_errors, mesh=mesh, param_dtype=cfg.param_dtype or None,
         compute_dtype=cfg.compute_dtype or None, tokenizer_path=cfg.tokenizer or None, progress=cfg.progress,
         plot=cfg.plot, warmup=cfg.warmup, config=cfg,
-        allow_nonfinite_weights=bool(cfg.get("allow_nonfinite_weights", False)))
+        allow_nonfinite_weights=bool(cfg.get("allow_nonfinite_weights", False)), doc_store=cfg.get("doc_store") or None)
 
 
 def failure_summary(results: EvalResults) -> str | None:

@@ -1,4 +1,5 @@
-"""Data: MemAgent-format readers/writers, HotpotQA builder, synthetic tasks, iterator, tokenizers.
+"""Data: MemAgent-format readers/writers, shared document stores, HotpotQA and SQuAD (RULER qa)
+builders, synthetic tasks, iterator, tokenizers.
 
 Nothing here imports JAX.  The TensorFlow-Datasets builder lives in
 :mod:`memagent_jax.data.tfds_builder` and is imported only on request (``tensorflow-datasets`` and
@@ -20,6 +21,7 @@ from .formats import (
     write_rows,
     write_train_file,
 )
+from .docstore import DocumentStore, number_documents
 from .hotpotqa import EVAL_DOC_COUNTS, HotpotQABuilder, load_hotpotqa
 from .iterator import ShardedIterator
 from .synthetic import TASKS, SyntheticConfig, SyntheticDataset, SyntheticSample, generate_sample, generate_samples
@@ -41,6 +43,8 @@ __all__ = [
     "write_eval_file",
     "write_rows",
     "write_train_file",
+    "DocumentStore",
+    "number_documents",
     "EVAL_DOC_COUNTS",
     "HotpotQABuilder",
     "load_hotpotqa",

@@ -8,6 +8,10 @@ The formats are described field by field in ``docs/data_formats.md``.  In short:
   (dict, optional; ``extra_info.index`` is the record id when present).
 * **evaluation rows** -- ``context`` (str), ``input`` (str, the question), ``answers``
   (list of str), ``num_docs`` (int, optional), ``index`` (int, optional; defaults to the row number).
+  RULER files name the answers ``outputs`` (accepted when ``answers`` is absent).  The reference's
+  longest files store ``context`` as a list of document indices into a shared document store
+  (:mod:`memagent_jax.data.docstore`); such rows need ``doc_store=`` when opened, and their
+  document is the store's documents numbered from 1 (``num_docs`` defaults to the list's length).
 
 Files load unchanged through ``datasets`` (offline; nothing is fetched) and every row is checked
 when it is read: a bad row raises :class:`~memagent_jax.data.records.DataFormatError` naming the
@@ -52,7 +56,7 @@ Kind = Literal["train", "eval"]
 #: Field names of a training row (``extra_info`` optional).
 TRAIN_FIELDS = ("data_source", "prompt", "context", "reward_model", "extra_info")
 #: Field names of an evaluation row (``num_docs`` and ``index`` optional).
-EVAL_FIELDS = ("context", "input", "answers", "num_docs", "index")
+EVAL_FIELDS = ("context", "input", "answers", "num_docs", "index", "outputs")
 
 _SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
@@ -170,19 +174,47 @@ def record_from_train_row(row: Mapping, *, path: str | os.PathLike | None = None
     )
 
 
+def _eval_context(row: Mapping, path, index, doc_store) -> tuple[str, int | None]:
+    """(document text, number of documents when ``context`` is an index list, else None)."""
+    value = _require(row, "context", path, index)
+    if isinstance(value, str):
+        return value, None
+    indices = _as_sequence(value)
+    if indices is None:
+        raise DataFormatError(path, index, "context", f"must be a string or a list of document indices, got {_type_name(value)}")
+    if doc_store is None:
+        raise DataFormatError(path, index, "context", "is a list of document indices into a shared document store; "
+                              "give the store (doc_store=: the raw HotpotQA / SQuAD JSON the file was built from, "
+                              "or a JSON array of documents)")
+    return doc_store.document(indices, path=path, row=index), len(indices)
+
+
+def _eval_answers(row: Mapping, path, index) -> tuple[str, ...]:
+    """``answers``, or RULER's ``outputs`` when ``answers`` is absent (or null)."""
+    if row.get("answers") is None and row.get("outputs") is not None:
+        return _string_list(row["outputs"], path, index, "outputs")
+    if row.get("answers") is None and "answers" not in row:
+        raise DataFormatError(path, index, "answers", "is missing (RULER files may name it 'outputs')")
+    return _string_list(_require(row, "answers", path, index), path, index, "answers")
+
+
 def record_from_eval_row(
-    row: Mapping, *, path: str | os.PathLike | None = None, index: int = 0, data_source: str = ""
+    row: Mapping, *, path: str | os.PathLike | None = None, index: int = 0, data_source: str = "", doc_store=None
 ) -> QARecord:
     """Check one evaluation row and convert it to a :class:`QARecord`.
 
     ``QARecord.index`` is the row's ``index`` when present, else ``index`` (the row number);
-    ``num_docs`` and any unknown non-null fields go to ``QARecord.extra``.
+    ``num_docs`` and any unknown non-null fields go to ``QARecord.extra``.  The answers are
+    ``answers``, else RULER's ``outputs``.  A ``context`` that is a list of document indices is
+    resolved through ``doc_store`` (a :class:`~memagent_jax.data.docstore.DocumentStore`).
     """
     row = _check_mapping(row, path, index)
-    context = _require_str(row, "context", path, index)
+    context, listed_docs = _eval_context(row, path, index, doc_store)
     question = _require_str(row, "input", path, index)
-    answers = _string_list(_require(row, "answers", path, index), path, index, "answers")
+    answers = _eval_answers(row, path, index)
     extra: dict[str, Any] = {}
+    if listed_docs is not None and row.get("num_docs") is None:
+        extra["num_docs"] = listed_docs
     num_docs = row.get("num_docs")
     if num_docs is not None:
         if not _is_int(num_docs) or num_docs < 0:
@@ -236,7 +268,7 @@ def detect_kind(columns: Iterable[str], *, path: str | os.PathLike | None = None
     columns = set(columns)
     if "reward_model" in columns or "prompt" in columns:
         return "train"
-    if "input" in columns or "answers" in columns:
+    if "input" in columns or "answers" in columns or "outputs" in columns:
         return "eval"
     raise DataFormatError(
         path, None, None, f"is neither a training file (needs 'prompt', 'reward_model') nor an evaluation file (needs 'input', 'answers'); columns: {sorted(columns)}"
@@ -421,11 +453,20 @@ class MemAgentFile(Sequence[QARecord]):
     raw row dict unchanged.  Rows are read lazily from the memory-mapped ``datasets`` table, so a
     file of multi-megabyte documents is never loaded as a whole.  Usable directly as the source of
     :class:`~memagent_jax.data.iterator.ShardedIterator`.
+
+    ``doc_store``: for evaluation files whose ``context`` is a list of document indices, the shared
+    store (a :class:`~memagent_jax.data.docstore.DocumentStore`, a path to the raw HotpotQA /
+    SQuAD JSON the file was built from or to a JSON array of documents, or a list of strings).
     """
 
     def __init__(self, path: str | os.PathLike, kind: Kind | Literal["auto"] = "auto", *, data_source: str | None = None,
-                 on_bad_row: Literal["raise", "keep"] = "raise", **load_kwargs):
+                 on_bad_row: Literal["raise", "keep"] = "raise", doc_store=None, **load_kwargs):
         self.path = Path(path)
+        if doc_store is not None:
+            from .docstore import DocumentStore
+
+            doc_store = DocumentStore.coerce(doc_store)
+        self.doc_store = doc_store
         if on_bad_row not in ("raise", "keep"):
             raise ValueError(f"on_bad_row must be 'raise' or 'keep', got {on_bad_row!r}")
         # on_bad_row='keep': a JSON / JSON Lines file that does not load as a table (a malformed line, an item
@@ -500,7 +541,7 @@ class MemAgentFile(Sequence[QARecord]):
         row = self.row(i)
         if self.kind == "train":
             return record_from_train_row(row, path=self.path, index=i)
-        return record_from_eval_row(row, path=self.path, index=i, data_source=self.data_source)
+        return record_from_eval_row(row, path=self.path, index=i, data_source=self.data_source, doc_store=self.doc_store)
 
     def __iter__(self) -> Iterator[QARecord]:
         for i in range(len(self)):
