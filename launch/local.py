@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import socket
@@ -34,6 +35,7 @@ import threading
 import time
 
 PLATFORMS = ("cpu", "gpu", "none")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def free_port() -> int:
@@ -67,6 +69,12 @@ def parse_args(argv):
     args = p.parse_args(own)
     if not command:
         p.error("no command given: put it after `--`")
+    for field, value in [("--log_dir", args.log_dir)] + [(f"command argument {i}", a) for i, a in enumerate(command)]:
+        m = _CONTROL.search(value or "")
+        if m:
+            p.error(f"{field} {value!r}: control character U+{ord(m.group()):04X} at position {m.start()}; newlines, "
+                    f"carriage returns, NUL and other control characters are not allowed in the command or its "
+                    f"settings")
     if args.num_processes < 1:
         p.error(f"--num_processes must be >= 1, got {args.num_processes}")
     if args.devices_per_process < 1:

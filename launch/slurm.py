@@ -39,6 +39,21 @@ class LaunchError(ValueError):
     """A bad combination of launcher arguments; the message says which."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def reject_control_characters(field: str, value) -> None:
+    """LaunchError when `value` holds a control character (newline, carriage return, NUL, tab, any other C0 or
+    DEL): in a rendered script or a shell command line it could end a line and start a command of its own."""
+    if value is None:
+        return
+    m = _CONTROL.search(str(value))
+    if m:
+        raise LaunchError(f"{field} {str(value)!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
+                          f"newlines, carriage returns, NUL and other control characters are not allowed in values "
+                          f"that reach the sbatch script")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch/slurm.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,12 +96,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             parser.error(f"unrecognized argument {a!r} (config overrides are --config.a.b=value)")
     try:
         check(args)
+        for item in overrides:
+            reject_control_characters("config override", item)
     except LaunchError as e:
         parser.error(str(e))
     return args, overrides
 
 
 def check(args) -> None:
+    for name in ("config", "workdir", "module", "job_name", "partition", "account", "time", "mem", "repo_dir",
+                 "python", "log_dir", "mem_fraction", "script"):
+        reject_control_characters(f"--{name}", getattr(args, name))
+    for item in args.env:
+        reject_control_characters("--env", item)
+    for item in args.sbatch_arg:
+        reject_control_characters("--sbatch_arg", item)
     if args.nodes < 1:
         raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 1:
@@ -140,6 +164,8 @@ def render(args, overrides: list[str]) -> str:
     job = [args.python, "-m", args.module, f"--config={args.config}", f"--workdir={args.workdir}", *overrides]
     srun = ["srun", "--nodes", str(args.nodes), "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             f"--output={args.log_dir}/{args.job_name}-%j-node%n.log"]
+    for value in [*sb, *(v for _, v in env), *job, *srun, args.repo_dir, args.log_dir]:  # whatever the caller
+        reject_control_characters("a value of the sbatch script", value)
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {shlex.quote(x)}" for x in sb]
     lines += [

@@ -48,6 +48,21 @@ class LaunchError(ValueError):
     """A bad combination of launcher arguments; the message says which."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def reject_control_characters(field: str, value) -> None:
+    """LaunchError when `value` holds a control character (newline, carriage return, NUL, tab, any other C0 or
+    DEL): in a rendered script or a shell command line it could end a line and start a command of its own."""
+    if value is None:
+        return
+    m = _CONTROL.search(str(value))
+    if m:
+        raise LaunchError(f"{field} {str(value)!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
+                          f"newlines, carriage returns, NUL and other control characters are not allowed in values "
+                          f"that reach the remote shell")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch/tpu_pod.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +110,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def check(args, overrides: list[str]) -> None:
+    for name in ("tpu", "zone", "project", "config", "workdir", "module", "remote_dir", "python", "log_dir",
+                 "setup", "collect_logs"):
+        reject_control_characters(f"--{name}", getattr(args, name))
+    for item in args.env:
+        reject_control_characters("--env", item)
+    for item in overrides:
+        reject_control_characters("config override", item)
     actions = [name for name, on in (("--collect_logs", args.collect_logs is not None), ("--teardown", args.teardown),
                                      ("--delete", args.delete)) if on]
     start = not actions
@@ -146,6 +168,8 @@ def start_command(args, overrides: list[str]) -> str:
     """The shell line each worker runs to start the job (detached, logged, its pid recorded)."""
     job = [args.python, "-m", args.module, f"--config={args.config}", f"--workdir={args.workdir}", *overrides]
     env = ["MEMAGENT_DISTRIBUTED=1"] + [f"{k}={shlex.quote(v)}" for k, _, v in (e.partition("=") for e in args.env)]
+    for value in [*job, *args.env, args.remote_dir, args.log_dir]:  # whatever the caller
+        reject_control_characters("a value of the remote command", value)
     return (f"set -e; cd {shlex.quote(args.remote_dir)}; LOGS={_remote_log_dir(args)}; mkdir -p \"$LOGS\"; "
             f"WORKER={WORKER_NUMBER}; export {' '.join(env)}; "
             f"setsid nohup {shlex.join(job)} > \"$LOGS/worker-$WORKER.log\" 2>&1 < /dev/null & "

@@ -5,7 +5,8 @@
     writer.close()
 
 Files: `<workdir>/metrics.jsonl` (one JSON object per step: {"step": s, "time": unix seconds, **metrics}; appended
-to, so a resumed run continues the same file) and `<workdir>/tensorboard/` (tensorboardX event files; one
+to, so a resumed run continues the same file; `resume_step=S` first drops the rows of steps after S, which the
+resumed run writes again, so the file keeps one row per step) and `<workdir>/tensorboard/` (tensorboardX event files; one
 scalar tag per key). Only process 0 writes (on other processes every method is a no-op), so multi-host runs do
 not duplicate lines.
 """
@@ -21,7 +22,7 @@ from typing import Any, Mapping, TextIO
 
 import numpy as np
 
-__all__ = ["MetricsWriter", "format_progress", "to_scalars"]
+__all__ = ["MetricsWriter", "format_progress", "to_scalars", "truncate_jsonl"]
 
 # Shown first on the console line, in this order, when present.
 PROGRESS_KEYS = ("reward_mean", "accuracy", "loss", "pg_loss", "kl", "entropy", "clipfrac_high", "clipfrac_low",
@@ -61,6 +62,34 @@ def format_progress(step: int, metrics: Mapping[str, float], *, total_steps: int
     return " | ".join([head] + [f"{k} {_fmt(metrics[k])}" for k in keys[:max_items]])
 
 
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Keeps the rows of `path` with "step" <= last_step (dropping lines that do not parse, e.g. one torn by a
+    kill), rewriting the file atomically (temporary file + rename). Returns the number of rows dropped."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if step <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsWriter:
     """Writes scalar metrics per step to JSONL + TensorBoard + console (process 0 only).
 
@@ -71,11 +100,14 @@ class MetricsWriter:
       total_steps: shown as 'step s/total' on the console.
       process_index: defaults to `jax.process_index()`; non-zero processes write nothing.
       stream: where the console line goes (default stdout).
+      resume_step: the step the run resumes from (0: a fresh start): rows of later steps already in the JSONL
+        file (written before an interruption, and about to be written again) are removed first, as is a torn
+        last line. None: append to the file as it is.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, console: bool = True,
                  console_every: int = 1, total_steps: int | None = None, process_index: int | None = None,
-                 stream: TextIO | None = None, jsonl_name: str = "metrics.jsonl"):
+                 stream: TextIO | None = None, jsonl_name: str = "metrics.jsonl", resume_step: int | None = None):
         if process_index is None:
             import jax
 
@@ -92,6 +124,8 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(self.workdir, exist_ok=True)
+        if resume_step is not None:
+            truncate_jsonl(self.jsonl_path, int(resume_step))
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
