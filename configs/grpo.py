@@ -4,8 +4,10 @@
         --config.model.path=/ckpt/Qwen2.5-7B-Instruct --config.data.train_file=hotpotqa_train.parquet
 
 `get_config()` gives the reference recipe (budgets 1024/5000/1024/1024, group 16, AdamW 1e-6 with 20 warm-up
-steps, clip 0.2/0.2, dual clip 3, k3 KL 0.001, token-mean); `get_config("cpu")` a tiny-budget variant for CPU
-runs and tests. Every field is overridable with --config.a.b=value.
+steps from lr 0, clip 0.2/0.2, dual clip 3, k3 KL 0.001 clamped per token to 10, old log-probs recomputed by the
+learner, training documents centre-truncated to 40000 tokens, token-mean); `get_config("cpu")` a tiny-budget
+variant for CPU runs and tests (no recompute, no KL clamp, no truncation). Every field is overridable with
+--config.a.b=value.
 """
 
 import ml_collections
@@ -44,6 +46,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         temperature=1.0,
         top_p=1.0,
         templates="",  # JSON file of agent.AgentTemplates fields ('' = the default wording)
+        # 'pieces' (template pieces tokenized apart, memory carried as exact ids inside the chunk scan) or 'text'
+        # (each prompt formatted as one string and tokenized whole, as the reference does); '' = the templates
+        # file's prompt_mode (default 'pieces'). See agent/templates.py.
+        prompt_mode="",
+        # Training documents longer than this are centre-truncated (first and last halves kept); 0 = off. The
+        # reference cuts training contexts to max_chunks x chunk_size = 8 x 5000 tokens.
+        max_document_tokens=0 if cpu else 40000,
     ))
     c.rl = ml_collections.ConfigDict(dict(
         questions_per_step=2 if cpu else 128,
@@ -55,17 +64,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         weight_decay=0.01,
         max_grad_norm=1.0,
         warmup_steps=0 if cpu else 20,
+        warmup_from_zero=not cpu,  # True: lr * s / warmup_steps (step 0 at lr 0, the reference); else (s + 1)
         schedule="constant",
         clip_low=0.2,
         clip_high=0.2,
         dual_clip=3.0,
         kl_coef=0.001,
+        kl_clamp=0.0 if cpu else 10.0,  # per-token k3 clamped to [-x, x] (the reference: 10); 0 = off
         entropy_coef=0.0,
         aggregation="token-mean",
         normalize_std=False,
         leave_one_out=False,
         dynamic_sampling=False,
-        recompute_old_logprobs=False,
+        recompute_old_logprobs=not cpu,  # the learner recomputes old log-probs before the update (the reference)
         on_nonfinite="skip",
     ))
     # Learner mesh data x fsdp x tensor (one axis may be -1: the rest of the devices). rollout_devices > 0 runs the
@@ -87,8 +98,10 @@ def scale_config(preset: str, arg: str, hardware_table: dict, questions_per_step
     rl.micro_batch_size), each entry checked to fit by `memagent_jax.plan`. Used by configs/*_hotpotqa.py.
 
     Recipe: GRPO, group 16, `questions_per_step` questions, 16 mini-batches, AdamW lr 1e-6 (wd 0.01, grad clip
-    1.0, 20 warm-up steps), clip 0.2 / 0.2, dual clip 3, k3 KL 0.001, budgets question 1024 / chunk 5000 / memory
-    1024 / answer 1024, rollout temperature 1 / top-p 1, remat full.
+    1.0, 20 warm-up steps starting from lr 0 at step 0), clip 0.2 / 0.2, dual clip 3, k3 KL 0.001 clamped per
+    token to [-10, 10], old log-probs recomputed by the learner before the update, training documents
+    centre-truncated to 40000 tokens (8 chunks of 5000), budgets question 1024 / chunk 5000 / memory 1024 /
+    answer 1024, rollout temperature 1 / top-p 1, remat full.
 
     Numerics: params (and so the AdamW moments and the KL reference) in float32, matmuls and KV caches in
     bfloat16: with bfloat16 params an lr-1e-6 update is below half an ulp of almost every weight and rounds away.
@@ -120,8 +133,11 @@ def scale_config(preset: str, arg: str, hardware_table: dict, questions_per_step
     c.rl.num_minibatches = 16
     c.rl.learning_rate = 1e-6
     c.rl.weight_decay, c.rl.max_grad_norm, c.rl.warmup_steps = 0.01, 1.0, 20
+    c.rl.warmup_from_zero = True
     c.rl.clip_low, c.rl.clip_high, c.rl.dual_clip = 0.2, 0.2, 3.0
-    c.rl.kl_coef = 0.001
+    c.rl.kl_coef, c.rl.kl_clamp = 0.001, 10.0
+    c.rl.recompute_old_logprobs = True
+    c.agent.max_document_tokens = 40000
     c.rl.micro_batch_size = micro_batch
     c.rl.rollout_batch_size = rollout_batch  # trajectories per agent call
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor

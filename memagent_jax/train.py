@@ -159,13 +159,31 @@ def _learner_config(cfg):
     return LearnerConfig(
         loss=LossConfig(kind="grpo", clip_low=rl.clip_low, clip_high=rl.clip_high,
                         dual_clip=rl.dual_clip if rl.dual_clip else None, kl_coef=rl.kl_coef,
+                        kl_clamp=float(rl.get("kl_clamp", 0.0)) or None,  # 0 = off
                         entropy_coef=rl.entropy_coef, aggregation=rl.aggregation),
         optimizer=OptimizerConfig(learning_rate=rl.learning_rate, weight_decay=rl.weight_decay,
-                                  max_grad_norm=rl.max_grad_norm, warmup_steps=rl.warmup_steps, schedule=rl.schedule,
+                                  max_grad_norm=rl.max_grad_norm, warmup_steps=rl.warmup_steps,
+                                  warmup_from_zero=bool(rl.get("warmup_from_zero", False)), schedule=rl.schedule,
                                   total_steps=cfg.steps if rl.schedule == "cosine" else None),
         num_minibatches=rl.num_minibatches, micro_batch_size=rl.micro_batch_size or None,
         recompute_old_logprobs=rl.recompute_old_logprobs, on_nonfinite=rl.on_nonfinite,
         remat=cfg.model.remat)
+
+
+def agent_settings(cfg):
+    """(AgentBudgets, AgentTemplates) of the training agent from `config.agent`: the budgets, centre truncation of
+    training documents (`agent.max_document_tokens`), the templates file and `agent.prompt_mode`."""
+    from memagent_jax.agent import AgentBudgets, AgentTemplates
+
+    a = cfg.agent
+    budgets = AgentBudgets(question_tokens=a.question_tokens, chunk_tokens=a.chunk_tokens,
+                           memory_tokens=a.memory_tokens, answer_tokens=a.answer_tokens,
+                           chunks_per_segment=a.chunks_per_segment,
+                           max_document_tokens=int(a.get("max_document_tokens", 0) or 0))
+    templates = AgentTemplates.from_file(a.templates) if a.get("templates") else AgentTemplates()
+    if a.get("prompt_mode"):
+        templates = templates.replace(prompt_mode=a.prompt_mode)
+    return budgets, templates
 
 
 def _records(cfg, tokenizer):
@@ -245,7 +263,7 @@ def train(cfg, workdir: str) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from memagent_jax.agent import AgentBudgets, AgentTemplates, MemoryAgent
+    from memagent_jax.agent import MemoryAgent
     from memagent_jax.checkpoint import Checkpointer
     from memagent_jax.data.iterator import ShardedIterator
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
@@ -299,10 +317,7 @@ def train(cfg, workdir: str) -> dict:
         def rollout_params(params):
             return sharding_lib.copy_to(params, rollout_shardings)  # jax.device_put, also across processes
 
-    budgets = AgentBudgets(question_tokens=cfg.agent.question_tokens, chunk_tokens=cfg.agent.chunk_tokens,
-                           memory_tokens=cfg.agent.memory_tokens, answer_tokens=cfg.agent.answer_tokens,
-                           chunks_per_segment=cfg.agent.chunks_per_segment)
-    templates = AgentTemplates.from_file(cfg.agent.templates) if cfg.agent.get("templates") else AgentTemplates()
+    budgets, templates = agent_settings(cfg)
     agent = MemoryAgent(rollout_params(state.params), model_config, tokenizer, budgets=budgets, mesh=rollout_mesh,
                         templates=templates,
                         memory_sampling=SamplingParams(temperature=cfg.agent.temperature, top_p=cfg.agent.top_p))

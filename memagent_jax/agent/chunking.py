@@ -35,6 +35,9 @@ class AgentBudgets:
     chunks_per_segment:  S, chunks per compiled scan; longer documents run as several segments.
     max_document_tokens: 0 = off; otherwise documents are centre-truncated to this many tokens.
     question_overflow:   'error' | 'truncate' (keep the first Q tokens, with a warning).
+    text_margin:         text prompt mode only: extra prompt slots beyond the template's literal tokens + Q + M
+                         + C, for whole-string tokenization that comes out longer than the pieces (re-encoded
+                         memory, a chunk cut inside a character). A prompt that still does not fit is an error.
     """
 
     question_tokens: int = 1024
@@ -44,12 +47,16 @@ class AgentBudgets:
     chunks_per_segment: int = 4
     max_document_tokens: int = 0
     question_overflow: str = "error"
+    text_margin: int = 64
 
     def __post_init__(self):
         for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise AgentInputError(f"budgets.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.text_margin, bool) or not isinstance(self.text_margin, (int, np.integer)) \
+                or self.text_margin < 0:
+            raise AgentInputError(f"budgets.text_margin must be an integer >= 0, got {self.text_margin!r}")
         if self.max_document_tokens < 0:
             raise AgentInputError(f"budgets.max_document_tokens must be >= 0, got {self.max_document_tokens}")
         if self.question_overflow not in ("error", "truncate"):

@@ -39,7 +39,7 @@ from memagent_jax.agent.templates import AgentPrompts
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, rewind_cache
 from memagent_jax.sampling.params import SamplingParams
-from memagent_jax.sampling.sampler import decode, prefill, reset_cache
+from memagent_jax.sampling.sampler import decode, prefill, prefill_and_decode, reset_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ class AgentSpec:
     memory_sampling: SamplingParams  # max_new_tokens == budgets.memory_tokens
     answer_sampling: SamplingParams  # max_new_tokens == budgets.answer_tokens
     pad_id: int = 0
+    prompt_mode: str = "pieces"  # 'text': whole prompts tokenized on the host, run by `text_step_program`
 
     def __post_init__(self):
         if self.memory_sampling.max_new_tokens != self.budgets.memory_tokens:
@@ -87,8 +88,24 @@ class AgentSpec:
     def final_cache_slots(self) -> int:
         return self.final_length + self.budgets.answer_tokens
 
+    @property
+    def text_update_length(self) -> int:
+        """Text mode: static prompt length of a memory-update step (literal tokens + Q + M + C + margin)."""
+        b = self.budgets
+        return (sum(len(p) for p in self.prompts.update.pieces) + b.question_tokens + b.memory_tokens
+                + b.chunk_tokens + b.text_margin)
+
+    @property
+    def text_final_length(self) -> int:
+        """Text mode: static prompt length of the final step (literal tokens + Q + M + margin)."""
+        b = self.budgets
+        return sum(len(p) for p in self.prompts.final.pieces) + b.question_tokens + b.memory_tokens + b.text_margin
+
     def max_context(self) -> int:
         """The longest position any step reaches (for checking against the model's context length)."""
+        if self.prompt_mode == "text":
+            return max(self.text_update_length + self.budgets.memory_tokens,
+                       self.text_final_length + self.budgets.answer_tokens)
         return max(self.update_cache_slots, self.final_cache_slots)
 
 
@@ -247,8 +264,24 @@ def final_answer(params, spec: AgentSpec, question: jax.Array, question_len: jax
                        finished=out.finished, logprobs=out.logprobs), out.cache
 
 
+def text_step(params, spec: AgentSpec, tokens: jax.Array, mask: jax.Array, row_keys: jax.Array, step: jax.Array,
+              cache: KVCache, active: jax.Array, *, final: bool):
+    """Text mode: one step on whole prompts tokenized by the host.
+
+    tokens / mask [B, L] (right-padded prompts: L = spec.text_update_length, or text_final_length when `final`),
+    row_keys [B], step [] int32 (the chunk index; ignored when final), cache >= L + M (or + A) slots (reset here),
+    active [B]. Keys are those of the piece mode (`step_keys` / `final_keys`), so the same prompts give the same
+    samples. Returns (SampleOutput with tokens / num_tokens / finished / logprobs [B, N], cache).
+    """
+    keys = final_keys(row_keys) if final else step_keys(row_keys, step)
+    sampling = spec.answer_sampling if final else spec.memory_sampling
+    out = prefill_and_decode(params, spec.config, tokens, mask, cache, keys, sampling, active)
+    return out._replace(cache=None), out.cache
+
+
 # Jitted entry points (caches donated: one buffer per shape lives on device and is updated in place).
 prefix_program = jax.jit(prefill_prefix, static_argnames=("spec",), donate_argnames=("cache",))
 segment_program = jax.jit(run_segment, static_argnames=("spec",), donate_argnames=("cache",))
 final_program = jax.jit(final_answer, static_argnames=("spec",), donate_argnames=("cache",))
+text_step_program = jax.jit(text_step, static_argnames=("spec", "final"), donate_argnames=("cache",))
 

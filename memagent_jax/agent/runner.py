@@ -23,8 +23,8 @@ import numpy as np
 
 from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_truncate, num_chunks,
                                          prepare_question, tokenize_document)
-from memagent_jax.agent.program import AgentSpec, final_program, prefix_program, segment_program
-from memagent_jax.agent.templates import AgentPrompts, AgentTemplates
+from memagent_jax.agent.program import AgentSpec, final_program, prefix_program, segment_program, text_step_program
+from memagent_jax.agent.templates import AgentPrompts, AgentTemplates, TextPrompter
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.sampling.api import new_cache, row_keys
@@ -84,7 +84,9 @@ class MemoryAgent:
       params, config: the model (params sharded on `mesh` if one is given).
       tokenizer: a Hugging Face tokenizer with a chat template.
       budgets: token budgets (`AgentBudgets`).
-      templates: the prompt wording (`AgentTemplates`).
+      templates: the prompt wording (`AgentTemplates`), and its `prompt_mode`: 'pieces' (the chunk scan, memory
+        carried as exact ids) or 'text' (every prompt formatted as one string and tokenized whole on the host,
+        one jitted step program per chunk; see `agent.templates` for what each mode guarantees).
       memory_sampling / answer_sampling: how memory updates / answers are sampled (temperature, top-p, ...);
         `max_new_tokens`, stop ids and pad id are set from the budgets and the tokenizer. Default: greedy.
       mesh: optional ('data', 'fsdp', 'tensor') mesh; rows are sharded over data x fsdp. A mesh may span several
@@ -121,7 +123,10 @@ class MemoryAgent:
             answer_sampling=base_answer.replace(max_new_tokens=budgets.answer_tokens, stop_token_ids=stops,
                                                 pad_id=pad),
             pad_id=pad,
+            prompt_mode=templates.prompt_mode,
         )
+        self.templates = templates
+        self.text_prompter = TextPrompter(tokenizer, templates) if templates.prompt_mode == "text" else None
         if self.spec.max_context() > config.max_position_embeddings:
             raise AgentInputError(
                 f"budgets need a context of {self.spec.max_context()} tokens (question {budgets.question_tokens} + "
@@ -190,19 +195,24 @@ class MemoryAgent:
         n = len(rows)
         docs = [d for _, d in rows]
         chunk_counts = [num_chunks(d.size, b.chunk_tokens) for d in docs]
-        segments = -(-max(chunk_counts, default=0) // b.chunks_per_segment)
+        max_chunks = max(chunk_counts, default=0)
+        segments = -(-max_chunks // b.chunks_per_segment)
         if procs > 1:
             # Every process runs the same programs the same number of times: a common row count (its own rows
             # padded) and the longest document of any process.
-            n_max, segments = sharding_lib.process_allgather(np.array([n, segments], np.int64)).max(axis=0)
+            n_max, segments, max_chunks = sharding_lib.process_allgather(
+                np.array([n, segments, max_chunks], np.int64)).max(axis=0)
             multiple = sharding_lib.process_batch_multiple(self.mesh)
             batch = max(-(-int(n_max) // multiple) * multiple, multiple)
-            segments = int(segments)
+            segments, max_chunks = int(segments), int(max_chunks)
         else:
             batch = -(-n // sharding_lib.batch_multiple(self.mesh)) * sharding_lib.batch_multiple(self.mesh)
         keys = row_keys(rng, n) if n else row_keys(0, batch)
         if batch > keys.shape[0]:
             keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (batch - n,))])
+        if spec.prompt_mode == "text":
+            return self._run_text(questions, rows, keys, batch, max_chunks, chunk_counts, trace=trace,
+                                  record=record, progress=progress)
         question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
         question_len = np.zeros((batch,), np.int32)
         for i, (q, _) in enumerate(rows + [rows[0]] * (batch - n) if rows else []):
@@ -258,6 +268,100 @@ class MemoryAgent:
         if record:
             result.conversations = [self._conversations(records, final_host, prefix_host, i, chunk_counts[i])
                                     for i in range(n)]
+        return result
+
+    # ------------------------------------------------------------------------------- text mode
+
+    def _decode_text(self, ids, *, skip_special: bool) -> str:
+        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=skip_special,
+                                     clean_up_tokenization_spaces=False)
+
+    def _text_batch(self, prompts: dict[int, list[int]], batch: int, length: int, what: str):
+        """Right-padded [batch, length] tokens and mask from {row: ids}; a prompt longer than `length` is an
+        error naming the row."""
+        tokens = np.full((batch, length), self.spec.pad_id, np.int32)
+        mask = np.zeros((batch, length), bool)
+        for i, ids in prompts.items():
+            if len(ids) > length:
+                raise AgentInputError(
+                    f"row {i}: {what}: the text-mode prompt has {len(ids)} tokens, more than its static length "
+                    f"{length} (template + question + memory + chunk budgets + budgets.text_margin="
+                    f"{self.budgets.text_margin}); raise budgets.text_margin")
+            tokens[i, :len(ids)] = ids
+            mask[i, :len(ids)] = True
+        return tokens, mask
+
+    def _run_text(self, questions, rows, keys, batch: int, steps: int, chunk_counts, *, trace: bool, record: bool,
+                  progress: bool) -> AgentResult:
+        """Text mode: before every step the host formats each row's whole prompt as text (the question, the memory
+        decoded from its sampled ids, the decoded chunk) and tokenizes it once; one jitted static-shape program
+        (`text_step_program`) then prefills it and samples the new memory. Same per-step keys as the chunk scan."""
+        spec, b, prompter = self.spec, self.budgets, self.text_prompter
+        n = len(rows)
+        procs = sharding_lib.mesh_process_count(self.mesh)
+        global_batch = batch * procs
+        q_texts = []
+        for question, (q_ids, _) in zip(questions, rows):
+            full = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+            q_texts.append(question if full == q_ids.size else self._decode_text(q_ids, skip_special=False))
+        docs = [d for _, d in rows]
+        memory = [self.templates.initial_memory] * n
+        traces = [[] for _ in range(n)]
+        convs = [[] for _ in range(n)]
+        update_len, final_len = spec.text_update_length, spec.text_final_length
+        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        bar = _progress(sum(chunk_counts), progress)
+        with ctx:
+            keys_d = self._put(keys, 1)
+            cache = self._cache("text_update", global_batch, update_len + b.memory_tokens)
+            for k in range(steps):
+                live = [i for i in range(n) if k < chunk_counts[i]]
+                texts = [prompter.update_text(q_texts[i], memory[i], self._decode_text(
+                    docs[i][k * b.chunk_tokens:(k + 1) * b.chunk_tokens], skip_special=False)) for i in live]
+                prompts = dict(zip(live, prompter.encode_many(texts)))
+                tokens, mask = self._text_batch(prompts, batch, update_len, f"chunk step {k}")
+                active = np.zeros((batch,), bool)
+                active[live] = True
+                out, cache = text_step_program(self.params, spec, self._put(tokens), self._put(mask), keys_d,
+                                               jnp.int32(k), cache, self._put(active), final=False)
+                out = self._get(out)
+                for i in live:
+                    length = int(out.num_tokens[i])
+                    response = out.tokens[i, :length].copy()
+                    mem_ids = response[:length - int(out.finished[i])]
+                    memory[i] = self._decode_text(mem_ids, skip_special=True)
+                    if trace:
+                        traces[i].append(memory[i])
+                    if record:
+                        convs[i].append(Conversation(kind="memory", step=k, prompt_ids=np.asarray(prompts[i], np.int32),
+                                                     response_ids=response, logprobs=out.logprobs[i, :length].copy()))
+                bar.update(len(live))
+            self._caches[("text_update", global_batch)] = cache
+            prompts = dict(enumerate(prompter.encode_many([prompter.final_text(q_texts[i], memory[i])
+                                                           for i in range(n)])))
+            tokens, mask = self._text_batch(prompts, batch, final_len, "final step")
+            active = np.arange(batch) < n
+            final, self._caches[("text_final", global_batch)] = text_step_program(
+                self.params, spec, self._put(tokens), self._put(mask), keys_d, jnp.int32(0),
+                self._cache("text_final", global_batch, final_len + b.answer_tokens), self._put(active), final=True)
+            final = self._get(final)
+        bar.close()
+        answer_ids = [final.tokens[i, :final.num_tokens[i]].tolist() for i in range(n)]
+        stops = set(spec.answer_sampling.stop_token_ids)
+        texts = [self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+                 for ids in answer_ids]
+        result = AgentResult(answers=texts, answer_ids=answer_ids,
+                             finished=[bool(f) for f in final.finished[:n]], num_chunks=list(chunk_counts))
+        if trace:
+            result.traces = traces
+        if record:
+            for i in range(n):
+                length = int(final.num_tokens[i])
+                convs[i].append(Conversation(kind="final", step=chunk_counts[i],
+                                             prompt_ids=np.asarray(prompts[i], np.int32),
+                                             response_ids=final.tokens[i, :length].copy(),
+                                             logprobs=final.logprobs[i, :length].copy()))
+            result.conversations = convs
         return result
 
     def _segment_chunks(self, docs: list[np.ndarray], batch: int, seg: int):

@@ -10,11 +10,28 @@ in that order; any other braces, e.g. ``\\boxed{}``, are literal). They are conf
 or a JSON/YAML-free plain JSON file), because released memory-agent checkpoints were trained with their
 own wording.
 
-The chat template is applied once per template with sentinel strings in place of the placeholders; the
-rendered text is split at the sentinels and each literal piece is tokenized on its own. A step's prompt
-is then the concatenation ``piece0 + question_ids + piece1 + memory_ids + piece2 + chunk_ids + piece3``,
-built from token ids: the memory is carried as the exact sampled ids (never re-tokenized) and the chunk
-as the document's ids, which is what RL needs.
+Two prompt modes (`AgentTemplates.prompt_mode`):
+
+* ``'pieces'`` (default): the chat template is applied once per template with sentinel strings in place of
+  the placeholders; the rendered text is split at the sentinels and each literal piece is tokenized on its
+  own. A step's prompt is the concatenation ``piece0 + question_ids + piece1 + memory_ids + piece2 +
+  chunk_ids + piece3``, built from token ids inside the jitted chunk scan. Guarantee: the memory is the
+  exact sampled ids (never re-tokenized), the chunk is exactly the document's ids. Not guaranteed: equality
+  with tokenizing the whole prompt string; byte-level BPE can merge across a piece boundary (a question
+  ending in ``?`` followed by a template ``\n`` is one Qwen token ``?\n`` in the whole string, two here;
+  a template ``Question: `` followed by ``Who`` gives `` Who`` there, ``" "`` + ``Who`` here).
+
+* ``'text'``: every prompt is formatted as one string -- the template filled with the question text, the
+  memory text and the chunk text, wrapped as one user message by the chat template -- and tokenized once
+  (`TextPrompter`), as the reference implementation does. Guarantee: each prompt is exactly
+  ``tokenizer(apply_chat_template(filled template))``, so a user's templates file reproduces a released
+  checkpoint's prompts token for token. The memory is decoded to text (special tokens skipped) and
+  re-encoded with its neighbours, so the sampled memory ids reappear unchanged in the next prompt only
+  when the tokenizer's encoding of the whole string reproduces them (typical inside the memory; a memory
+  ending in punctuation followed by a template newline merges, e.g. ``.\n``); the chunk is the decoded
+  text of the document's C-token chunk (a chunk cut inside a multi-byte character decodes to U+FFFD, as in
+  the reference). The prompt is assembled on the host before every step, so the agent runs one jitted,
+  static-shape step program per chunk instead of a scan over several (see `agent.runner`).
 """
 
 from __future__ import annotations
@@ -22,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -47,6 +64,8 @@ DEFAULT_INITIAL_MEMORY = "No notes yet."
 
 _SENTINELS = {name: f"\u27e6memagent:{name}\u27e7" for name in ("question", "memory", "chunk")}
 
+PROMPT_MODES = ("pieces", "text")
+
 
 class TemplateError(ValueError):
     """A template is missing a placeholder, repeats one, or the chat template mangles it."""
@@ -54,16 +73,46 @@ class TemplateError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AgentTemplates:
-    """The agent's wording. `system`: optional system message placed before the user message."""
+    """The agent's wording and how it becomes tokens.
+
+    memory_update / final_answer: templates with {question}, {memory}, {chunk} (the final one without {chunk}).
+    initial_memory: the memory before the first chunk.   system: optional system message before the user one.
+    prompt_mode: 'pieces' or 'text' (see the module docstring for what each guarantees).
+    chat_template_kwargs: extra keyword arguments for the tokenizer's chat template, e.g.
+      {"enable_thinking": false} for Qwen3 (its generation prompt then ends with an empty think block);
+      stored as a sorted tuple of (name, value) pairs so the templates stay hashable.
+    """
 
     memory_update: str = DEFAULT_MEMORY_UPDATE
     final_answer: str = DEFAULT_FINAL_ANSWER
     initial_memory: str = DEFAULT_INITIAL_MEMORY
     system: str | None = None
+    prompt_mode: str = "pieces"
+    chat_template_kwargs: Any = ()
+
+    def __post_init__(self):
+        if self.prompt_mode not in PROMPT_MODES:
+            raise TemplateError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        kwargs = self.chat_template_kwargs
+        if kwargs is None:
+            kwargs = ()
+        if isinstance(kwargs, Mapping):
+            kwargs = tuple(sorted(kwargs.items()))
+        try:
+            kwargs = tuple((str(k), v) for k, v in kwargs)
+            hash(kwargs)
+        except (TypeError, ValueError):
+            raise TemplateError(f"chat_template_kwargs must map names to plain values (strings, numbers, "
+                                f"booleans), got {self.chat_template_kwargs!r}") from None
+        object.__setattr__(self, "chat_template_kwargs", kwargs)
+
+    def replace(self, **changes) -> "AgentTemplates":
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AgentTemplates":
-        """Reads a JSON file with any of the fields `memory_update`, `final_answer`, `initial_memory`, `system`."""
+        """Reads a JSON file with any of the fields `memory_update`, `final_answer`, `initial_memory`, `system`,
+        `prompt_mode` (strings) and `chat_template_kwargs` (an object)."""
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as f:
@@ -79,9 +128,17 @@ class AgentTemplates:
         if unknown:
             raise TemplateError(f"{path}: unknown template field(s) {sorted(unknown)}; known: {sorted(known)}")
         for key, value in data.items():
-            if value is not None and not isinstance(value, str):
+            if key == "chat_template_kwargs":
+                if value is not None and not (isinstance(value, dict) and all(
+                        isinstance(v, (str, int, float, bool)) or v is None for v in value.values())):
+                    raise TemplateError(f"{path}: field 'chat_template_kwargs' must be an object of plain values "
+                                        f"(e.g. {{\"enable_thinking\": false}})")
+            elif value is not None and not isinstance(value, str):
                 raise TemplateError(f"{path}: field {key!r} must be a string")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TemplateError as e:
+            raise TemplateError(f"{path}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +164,8 @@ class PromptLayout:
         return sum(len(p) for p in self.pieces) + sum(sizes[s] for s in self.slots)
 
 
-def _render(tokenizer, content: str, system: str | None) -> str:
+def _render(tokenizer, content: str, system: str | None, chat_template_kwargs=()) -> str:
+    """The chat-template text of one user message (after an optional system message), generation prompt added."""
     messages: list[dict[str, Any]] = []
     if system:
         messages.append({"role": "system", "content": system})
@@ -115,7 +173,8 @@ def _render(tokenizer, content: str, system: str | None) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
         raise TemplateError("the tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
                             "chat_template.jinja); memory agents wrap every prompt as a chat turn")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **dict(chat_template_kwargs or ()))
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -123,9 +182,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def build_layout(tokenizer, template: str, slots: tuple[str, ...], system: str | None = None,
-                 *, name: str = "template") -> PromptLayout:
-    """Renders `template` through the chat template and splits it into literal token pieces."""
+def _check_placeholders(template: str, slots: tuple[str, ...], name: str) -> None:
     for slot in slots:
         count = template.count("{" + slot + "}")
         if count != 1:
@@ -133,10 +190,25 @@ def build_layout(tokenizer, template: str, slots: tuple[str, ...], system: str |
     positions = [template.index("{" + slot + "}") for slot in slots]
     if positions != sorted(positions):
         raise TemplateError(f"{name}: placeholders must appear in the order {', '.join(slots)}")
-    content = template
+
+
+def fill_template(template: str, slots: tuple[str, ...], values: Mapping[str, str]) -> str:
+    """The template with each placeholder replaced by its text, in one pass (a value that itself contains
+    '{memory}' or the like is inserted literally, never substituted again)."""
+    out, rest = [], template
     for slot in slots:
-        content = content.replace("{" + slot + "}", _SENTINELS[slot])
-    rendered = _render(tokenizer, content, system)
+        before, rest = rest.split("{" + slot + "}", 1)
+        out += [before, values[slot]]
+    out.append(rest)
+    return "".join(out)
+
+
+def build_layout(tokenizer, template: str, slots: tuple[str, ...], system: str | None = None,
+                 *, name: str = "template", chat_template_kwargs=()) -> PromptLayout:
+    """Renders `template` through the chat template and splits it into literal token pieces."""
+    _check_placeholders(template, slots, name)
+    content = fill_template(template, slots, _SENTINELS)
+    rendered = _render(tokenizer, content, system, chat_template_kwargs)
     pieces = []
     rest = rendered
     for slot in slots:
@@ -159,11 +231,58 @@ class AgentPrompts:
 
     @classmethod
     def build(cls, tokenizer, templates: AgentTemplates = AgentTemplates()) -> "AgentPrompts":
+        kw = templates.chat_template_kwargs
         update = build_layout(tokenizer, templates.memory_update, ("question", "memory", "chunk"),
-                              templates.system, name="memory_update template")
+                              templates.system, name="memory_update template", chat_template_kwargs=kw)
         final = build_layout(tokenizer, templates.final_answer, ("question", "memory"), templates.system,
-                             name="final_answer template")
+                             name="final_answer template", chat_template_kwargs=kw)
         return cls(update=update, final=final, initial_memory=tuple(encode_text(tokenizer, templates.initial_memory)))
+
+
+UPDATE_SLOTS = ("question", "memory", "chunk")
+FINAL_SLOTS = ("question", "memory")
+
+
+class TextPrompter:
+    """Text-mode prompts (host side): fill the template with text, apply the chat template, tokenize once.
+
+        p = TextPrompter(tokenizer, AgentTemplates.from_file("templates.json"))
+        p.update_text(question, memory, chunk)   # the exact string the model's tokenizer sees
+        p.update_ids(question, memory, chunk)    # its token ids: tokenizer(text, add_special_tokens=False)
+        p.final_ids(question, memory)
+
+    The chat template's own special tokens (e.g. <|im_start|>) are written as text and parsed back to their
+    ids by the tokenizer, as in the reference. `*_ids_batch` tokenize many prompts in one call.
+    """
+
+    def __init__(self, tokenizer, templates: AgentTemplates = AgentTemplates()):
+        _check_placeholders(templates.memory_update, UPDATE_SLOTS, "memory_update template")
+        _check_placeholders(templates.final_answer, FINAL_SLOTS, "final_answer template")
+        self.tokenizer = tokenizer
+        self.templates = templates
+        _render(tokenizer, "", templates.system, templates.chat_template_kwargs)  # fails early without a template
+
+    def _text(self, template: str, slots, values) -> str:
+        t = self.templates
+        return _render(self.tokenizer, fill_template(template, slots, values), t.system, t.chat_template_kwargs)
+
+    def update_text(self, question: str, memory: str, chunk: str) -> str:
+        return self._text(self.templates.memory_update, UPDATE_SLOTS,
+                          {"question": question, "memory": memory, "chunk": chunk})
+
+    def final_text(self, question: str, memory: str) -> str:
+        return self._text(self.templates.final_answer, FINAL_SLOTS, {"question": question, "memory": memory})
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def update_ids(self, question: str, memory: str, chunk: str) -> list[int]:
+        return self.encode_many([self.update_text(question, memory, chunk)])[0]
+
+    def final_ids(self, question: str, memory: str) -> list[int]:
+        return self.encode_many([self.final_text(question, memory)])[0]
 
 
 def pad_to(ids: Sequence[int], size: int, pad_id: int = 0) -> tuple[np.ndarray, int]:

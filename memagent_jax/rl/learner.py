@@ -29,8 +29,11 @@ mini-batch updates skipped because their loss or gradient was not finite. Per-st
 `nonfinite_updates`. With `on_nonfinite='raise'` the host wrapper raises `NonFiniteError` after the step (the
 returned state never includes a bad update).
 
-Learning-rate schedule, in train steps s = state.step (0-based): linear warm-up lr * (s + 1) / warmup_steps for
-s < warmup_steps, then constant lr, or cosine from lr down to lr * min_lr_ratio at s = total_steps.
+Learning-rate schedule, in train steps s = state.step (0-based), with W = warmup_steps: linear warm-up for s < W,
+then constant lr, or cosine from lr down to lr * min_lr_ratio at s = total_steps. The warm-up is
+lr * (s + 1) / W by default (the first step already learns, at lr / W), or lr * s / W with
+`warmup_from_zero=True` (the reference recipe's scheduler: step 0 runs at lr 0, so Adam's moments see the first
+gradient but the params do not move; full lr from step W on in both variants).
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ class OptimizerConfig:
     learning_rate: peak learning rate.   b1, b2, eps: Adam moments.   weight_decay: decoupled (AdamW), all params.
     max_grad_norm: clip the gradient's global norm to this (None: no clipping).
     warmup_steps: linear warm-up length in train steps (0: none).
+    warmup_from_zero: warm up as lr * s / warmup_steps (step 0 at lr 0, the reference recipe's scheduler) instead
+      of lr * (s + 1) / warmup_steps.
     schedule: 'constant' or 'cosine' after the warm-up.
     total_steps: train steps at which the cosine reaches its floor (required for 'cosine').
     min_lr_ratio: the cosine floor as a fraction of learning_rate.
@@ -107,6 +112,7 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
     warmup_steps: int = 20
+    warmup_from_zero: bool = False
     schedule: str = "constant"
     total_steps: int | None = None
     min_lr_ratio: float = 0.0
@@ -122,6 +128,8 @@ class OptimizerConfig:
         _check_number(o, "weight_decay", self.weight_decay, minimum=0)
         _check_number(o, "max_grad_norm", self.max_grad_norm, minimum=0, strict=True, allow_none=True)
         _check_int(o, "warmup_steps", self.warmup_steps, minimum=0)
+        if not isinstance(self.warmup_from_zero, (bool, np.bool_)):
+            raise LearnerConfigError(f"{o}.warmup_from_zero must be True or False, got {self.warmup_from_zero!r}")
         if self.schedule not in SCHEDULES:
             raise LearnerConfigError(f"{o}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check_int(o, "total_steps", self.total_steps, minimum=1, allow_none=True)
@@ -212,7 +220,8 @@ def learning_rate_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax
             floor = config.min_lr_ratio
             value = lr * (floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
         if warm > 0:
-            value = jnp.where(s < warm, lr * (s + 1.0) / warm, value)
+            start = 0.0 if config.warmup_from_zero else 1.0
+            value = jnp.where(s < warm, lr * (s + start) / warm, value)
         return value
 
     return schedule

@@ -20,6 +20,8 @@ divide by the *whole* mini-batch's count and their sum equals the mini-batch los
 KL to a frozen reference, the low-variance k3 estimator per token, with d = ref_logp - logp:
 
     k3 = exp(d) - d - 1   (>= 0, unbiased for KL(pi || ref) under samples from pi)
+    k3 = clip(k3, -kl_clamp, kl_clamp)   when kl_clamp is set (the reference recipe: 10, as verl's low-variance
+                                          KL does; a clamped token contributes no KL gradient)
 
 Entropy of the policy's next-token distribution, from the logits (`entropy_from_logits`).
 
@@ -61,6 +63,8 @@ class LossConfig:
     aggregation: 'token-mean' or 'seq-mean-token-mean'.
     log_ratio_clamp: log-ratios (logp - old, ref - logp) are clamped to [-x, x] before exp, so one wildly
       off-policy token cannot overflow to inf (e^20 ~ 5e8; the clip / dual clip bound the loss well before).
+    kl_clamp: None (off) or x > 0: each token's k3 KL value is clamped to [-x, x] after it is computed (the
+      reference recipe uses 10); a token whose k3 exceeds x adds exactly x to the KL and no gradient.
     """
 
     kind: str = "grpo"
@@ -71,6 +75,7 @@ class LossConfig:
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
     log_ratio_clamp: float = 20.0
+    kl_clamp: float | None = None
 
     def __post_init__(self):
         if self.kind not in LOSS_KINDS:
@@ -91,6 +96,11 @@ class LossConfig:
             raise LossConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.log_ratio_clamp <= 0:
             raise LossConfigError(f"loss.log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+        if self.kl_clamp is not None:
+            if (isinstance(self.kl_clamp, bool) or not isinstance(self.kl_clamp, (int, float))
+                    or not math.isfinite(self.kl_clamp) or self.kl_clamp <= 0):
+                raise LossConfigError(f"loss.kl_clamp must be a finite number > 0 (or None: no clamp), "
+                                      f"got {self.kl_clamp!r}")
 
     @property
     def uses_reference(self) -> bool:
@@ -133,12 +143,19 @@ def clipped_surrogate(log_ratio, advantages, *, clip_low: float, clip_high: floa
     return loss, ratio, flags
 
 
-def k3_kl(logprobs, ref_logprobs, *, clamp: float | None = 20.0):
-    """Per-token k3 estimate of KL(pi || ref): exp(d) - d - 1 with d = ref - logp (clamped to [-clamp, clamp])."""
+def k3_kl(logprobs, ref_logprobs, *, clamp: float | None = 20.0, value_clamp: float | None = None):
+    """Per-token k3 estimate of KL(pi || ref), [n, T] -> [n, T]: exp(d) - d - 1 with d = ref - logp.
+
+    clamp: d is clamped to [-clamp, clamp] before exp (overflow guard). value_clamp: the k3 value itself is
+    clamped to [-value_clamp, value_clamp] (`LossConfig.kl_clamp`; zero gradient where it binds).
+    """
     d = ref_logprobs - logprobs
     if clamp is not None:
         d = jnp.clip(d, -clamp, clamp)
-    return jnp.exp(d) - d - 1.0
+    k3 = jnp.exp(d) - d - 1.0
+    if value_clamp is not None:
+        k3 = jnp.clip(k3, -value_clamp, value_clamp)
+    return k3
 
 
 def entropy_from_logits(logits):
@@ -220,10 +237,11 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, config: LossCo
     pg = aggregate(per_token, loss_mask, **agg)
     loss = pg
     if config.kl_coef > 0:
-        kl = aggregate(k3_kl(logprobs, ref_logprobs, clamp=c), loss_mask, **agg)
+        kl = aggregate(k3_kl(logprobs, ref_logprobs, clamp=c, value_clamp=config.kl_clamp), loss_mask, **agg)
         loss = loss + config.kl_coef * kl
     elif ref_logprobs is not None:
-        kl = jax.lax.stop_gradient(aggregate(k3_kl(logprobs, ref_logprobs, clamp=c), loss_mask, **agg))
+        kl = jax.lax.stop_gradient(aggregate(k3_kl(logprobs, ref_logprobs, clamp=c, value_clamp=config.kl_clamp),
+                                             loss_mask, **agg))
     else:
         kl = None
     if entropy is not None:

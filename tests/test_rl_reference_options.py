@@ -1,0 +1,194 @@
+"""The reference recipe's RL details as options, each against a hand computation: per-token KL clamp, warm-up from
+lr 0, old log-probs recomputed by the learner, centre truncation of training documents; and the recipe configs
+that switch them on."""
+
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memagent_jax.agent.chunking import centre_truncate
+from memagent_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError, OptimizerConfig, \
+    learning_rate_schedule, minibatch_rows
+from memagent_jax.rl.losses import LossConfig, LossConfigError, k3_kl, policy_loss
+from test_rl_learner import CONFIG, random_batch, random_params
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def load_config(name, arg=""):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+# ---------------------------------------------------------------------------------------------- KL clamp
+
+
+def test_k3_kl_clamp_by_hand():
+    logp = jnp.array([[-1.0, -2.0, -0.5, -3.0]])
+    ref = jnp.array([[-1.0, 1.0, -0.6, -1.0]])  # d = ref - logp = 0, 3, -0.1, 2
+    k3 = [0.0, math.exp(3) - 4, math.exp(-0.1) + 0.1 - 1, math.exp(2) - 3]  # 0, 16.0855, 0.0048374, 4.3891
+    np.testing.assert_allclose(k3_kl(logp, ref)[0], k3, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(k3_kl(logp, ref, value_clamp=10.0)[0], [0.0, 10.0, k3[2], k3[3]], rtol=1e-6, atol=1e-7)
+
+    mask = jnp.array([[True, True, True, False]])  # the last token is not a response token
+    zeros = jnp.zeros((1,))  # advantage 0: the loss is kl_coef * KL only
+    for clamp, kl_tokens, grads in (
+            (None, [k3[0], k3[1], k3[2]], [0.0, -(math.exp(3) - 1), -(math.exp(-0.1) - 1)]),
+            (10.0, [0.0, 10.0, k3[2]], [0.0, 0.0, -(math.exp(-0.1) - 1)])):  # clamped token: no gradient
+        cfg = LossConfig(kl_coef=0.5, kl_clamp=clamp, dual_clip=None)
+
+        def loss(lp):
+            return policy_loss(lp, lp, zeros, mask, config=cfg, ref_logprobs=ref)
+
+        value, metrics = loss(logp)
+        assert float(metrics["kl"]) == pytest.approx(sum(kl_tokens) / 3, rel=1e-6)
+        assert float(value) == pytest.approx(0.5 * sum(kl_tokens) / 3, rel=1e-6)
+        # d k3 / d logp = -(e^d - 1); the pg term is 0 (A = 0); token mean over 3 response tokens.
+        grad = jax.grad(lambda lp: loss(lp)[0])(logp)
+        np.testing.assert_allclose(grad[0], [0.5 * g / 3 for g in grads] + [0.0], rtol=1e-5, atol=1e-7)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(LossConfigError, match="loss.kl_clamp"):
+            LossConfig(kl_clamp=bad)
+
+
+# -------------------------------------------------------------------------------------------- warm-up
+
+
+def test_warmup_from_zero_by_hand():
+    lr, w = 1e-3, 4
+    default = learning_rate_schedule(OptimizerConfig(learning_rate=lr, warmup_steps=w))
+    zero = learning_rate_schedule(OptimizerConfig(learning_rate=lr, warmup_steps=w, warmup_from_zero=True))
+    steps = jnp.arange(7)
+    np.testing.assert_allclose(default(steps), [lr * x for x in (0.25, 0.5, 0.75, 1, 1, 1, 1)], rtol=1e-6)
+    np.testing.assert_allclose(zero(steps), [lr * x for x in (0.0, 0.25, 0.5, 0.75, 1, 1, 1)], rtol=1e-6)
+    cos = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=2, warmup_from_zero=True,
+                                                 schedule="cosine", total_steps=6))
+    # warm-up 0, 0.5; then cosine over steps 2..6: 0.5 * (1 + cos(pi * (s - 2) / 4))
+    np.testing.assert_allclose(cos(steps), [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                                            0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0], atol=1e-6)
+    with pytest.raises(LearnerConfigError, match="optimizer.warmup_from_zero must be True or False"):
+        OptimizerConfig(warmup_from_zero="yes")
+
+
+def test_warmup_from_zero_first_step_moves_nothing():
+    """Step 0 at lr 0: params stay bit for bit (AdamW's decay is scaled by the lr too), Adam's moments take the
+    first gradient; step 1 then runs at lr / W."""
+    config = LearnerConfig(loss=LossConfig(kl_coef=0.0), compute_entropy=False, logits_chunk_size=0,
+                           optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=4, warmup_from_zero=True))
+    learner = Learner(CONFIG, config)
+    start = jax.tree.map(np.asarray, random_params(CONFIG, 1))
+    state = learner.init_state(random_params(CONFIG, 1))
+    state, m0 = learner.train_step(state, random_batch(4, 2))
+    assert m0["learning_rate"] == 0.0
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    mu = state.opt_state[1].inner_state[0].mu
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(mu))
+    state, m1 = learner.train_step(state, random_batch(4, 3))
+    assert m1["learning_rate"] == pytest.approx(1e-2 / 4, rel=1e-6)
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(start),
+                                                                     jax.tree.leaves(state.params)))
+
+
+# ------------------------------------------------------------------------------------ recompute old log-probs
+
+
+def test_recompute_old_logprobs_by_hand():
+    """The batch's old log-probs are deliberately wrong. With recompute on and one mini-batch the update is exactly
+    on-policy: ratio 1 on every token, nothing clipped, and pg_loss = -(sum_rows A_r * n_r) / N (token-mean of
+    -A * 1). With recompute off the wrong values are used."""
+    batch = random_batch(4, 5)
+    wrong = batch.replace(old_logprobs=np.where(batch.loss_mask, batch.old_logprobs - 0.7, 0.0).astype(np.float32))
+    n_r = batch.loss_mask.sum(axis=1)
+    expected_pg = -float((batch.advantages * n_r).sum() / n_r.sum())
+    results = {}
+    for recompute in (True, False):
+        config = LearnerConfig(loss=LossConfig(kl_coef=0.0), recompute_old_logprobs=recompute, logits_chunk_size=0,
+                               optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
+        learner = Learner(CONFIG, config)
+        state = learner.init_state(random_params(CONFIG, 0))
+        _, results[recompute] = learner.train_step(state, wrong)
+    on = results[True]
+    assert on["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and on["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert on["clipfrac_low"] == 0 and on["clipfrac_high"] == 0 and on["approx_kl_old"] == pytest.approx(0, abs=1e-7)
+    assert on["pg_loss"] == pytest.approx(expected_pg, rel=1e-5, abs=1e-7)
+    assert results[False]["ratio_mean"] > 1.5  # exp(0.7) ~ 2.01 before clipping: the stored values were used
+
+
+def test_recompute_uses_the_params_before_the_first_update_for_every_minibatch():
+    """Two mini-batches: the second one's old log-probs are the pre-update params' log-probs (as in the reference,
+    computed once before the update), not the params after mini-batch 0. Equal to feeding those log-probs in."""
+    batch = random_batch(8, 6)
+    params = random_params(CONFIG, 2)
+    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
+    logps = Learner(CONFIG, LearnerConfig(logits_chunk_size=0)).logprobs(params, batch)
+    given = batch.replace(old_logprobs=np.where(batch.loss_mask, np.asarray(logps), 0.0).astype(np.float32))
+    wrong = batch.replace(old_logprobs=np.zeros_like(batch.old_logprobs))
+    out = []
+    for b, recompute in ((wrong, True), (given, False)):
+        config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, recompute_old_logprobs=recompute,
+                               logits_chunk_size=0, compute_entropy=False, optimizer=opt)
+        learner = Learner(CONFIG, config)
+        state, metrics = learner.train_step(learner.init_state(random_params(CONFIG, 2)), b)
+        out.append((jax.tree.map(np.asarray, state.params), metrics))
+    (p1, m1), (p2, m2) = out
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert m1["ratio_mean"] == pytest.approx(m2["ratio_mean"], rel=1e-5)
+    assert m1["ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # mini-batch 1 ran after an update: off-policy
+    assert minibatch_rows(8, 2, 1).shape == (2, 1, 4)
+
+
+# ----------------------------------------------------------------------------------- document truncation
+
+
+def test_training_document_centre_truncation_by_hand():
+    from memagent_jax.train import agent_settings
+
+    ids = np.arange(11)
+    np.testing.assert_array_equal(centre_truncate(ids, 6), [0, 1, 2, 8, 9, 10])  # first 3, last 3
+    np.testing.assert_array_equal(centre_truncate(ids, 5), [0, 1, 8, 9, 10])  # first 2, last 3
+    np.testing.assert_array_equal(centre_truncate(ids, 11), ids)
+    cfg = load_config("grpo.py")
+    budgets, _ = agent_settings(cfg)
+    assert budgets.max_document_tokens == 40000
+    doc = np.arange(45001)
+    cut = centre_truncate(doc, budgets.max_document_tokens)
+    np.testing.assert_array_equal(cut, np.concatenate([np.arange(20000), np.arange(25001, 45001)]))
+    cpu_budgets, _ = agent_settings(load_config("grpo.py", "cpu"))
+    assert cpu_budgets.max_document_tokens == 0
+
+
+# ------------------------------------------------------------------------------------------ recipe configs
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_7b_hotpotqa.py", "qwen2_5_14b_hotpotqa.py", "qwen3_4b_hotpotqa.py",
+                                  "qwen3_8b_hotpotqa.py", "grpo.py"])
+def test_recipe_configs_use_the_reference_values(name):
+    from memagent_jax.train import _learner_config, agent_settings
+
+    cfg = load_config(name)
+    learner = _learner_config(cfg)
+    assert learner.recompute_old_logprobs is True
+    assert learner.loss.kl_clamp == 10.0 and learner.loss.kl_coef == 0.001
+    assert learner.optimizer.warmup_from_zero is True and learner.optimizer.warmup_steps == 20
+    budgets, templates = agent_settings(cfg)
+    assert budgets.max_document_tokens == 40000
+    assert templates.prompt_mode == "pieces"
+    cfg.agent.prompt_mode = "text"
+    assert agent_settings(cfg)[1].prompt_mode == "text"
+
+
+def test_cpu_variant_keeps_the_plain_settings():
+    from memagent_jax.train import _learner_config
+
+    learner = _learner_config(load_config("grpo.py", "cpu"))
+    assert learner.recompute_old_logprobs is False and learner.loss.kl_clamp is None
+    assert learner.optimizer.warmup_from_zero is False
