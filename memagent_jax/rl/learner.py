@@ -438,32 +438,37 @@ def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, mo
                                      constrain_micro=constrain_micro, constrain_grads=constrain_grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        # A mini-batch of padding rows only (no response token) has nothing to learn from: AdamW's momentum and
+        # weight decay would still move the params, so it is skipped like a non-finite one (counted apart).
+        has_tokens = jnp.any(mini.loss_mask)
+        apply = finite & has_tokens
         # Zero the gradient of a skipped update so the (discarded) update math stays finite.
-        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        safe_grads = jax.tree.map(lambda g: jnp.where(apply, g, 0.0), grads)
         updates, new_opt_state = optimizer.update(safe_grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        params = _where_tree(finite, new_params, params)
-        opt_state = _where_tree(finite, new_opt_state, opt_state)
+        params = _where_tree(apply, new_params, params)
+        opt_state = _where_tree(apply, new_opt_state, opt_state)
         skipped = skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
-        return (params, opt_state, skipped), dict(metrics, grad_norm=grad_norm, finite=finite)
+        return (params, opt_state, skipped), dict(metrics, grad_norm=grad_norm, finite=finite, applied=apply)
 
     (params, opt_state, skipped), per = jax.lax.scan(update, (params0, opt_state, state.skipped_updates), batches)
 
-    finite = per["finite"]
-    applied = jnp.sum(finite.astype(jnp.float32))
+    finite, used = per["finite"], per["applied"]
+    applied = jnp.sum(used.astype(jnp.float32))
     metrics = {}
     for name, values in per.items():
-        if name == "finite":
+        if name in ("finite", "applied"):
             continue
         if name == "response_tokens":
             metrics[name] = jnp.sum(values)
         elif name.endswith("_max"):
-            metrics[name] = jnp.max(jnp.where(finite, values, -jnp.inf))
+            metrics[name] = jnp.max(jnp.where(used, values, -jnp.inf))
         else:
-            metrics[name] = jnp.sum(jnp.where(finite, values, 0.0)) / applied  # nan when nothing was applied
+            metrics[name] = jnp.sum(jnp.where(used, values, 0.0)) / applied  # nan when nothing was applied
     metrics["learning_rate"] = lr
     metrics["updates"] = jnp.asarray(m, jnp.float32)
-    metrics["nonfinite_updates"] = m - applied
+    metrics["nonfinite_updates"] = m - jnp.sum(finite.astype(jnp.float32))
+    metrics["empty_updates"] = jnp.sum((finite & ~used).astype(jnp.float32))  # padding-only mini-batches
     metrics["conversations"] = jnp.sum(jnp.any(batch.loss_mask, axis=-1).astype(jnp.float32))
     metrics["real_tokens"] = jnp.sum(batch.token_mask.astype(jnp.float32))
     new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, skipped_updates=skipped)
