@@ -1,9 +1,10 @@
 """Data: MemAgent-format readers/writers, shared document stores, HotpotQA and SQuAD (RULER qa)
 builders, synthetic tasks, iterator, tokenizers.
 
-Nothing here imports JAX.  The TensorFlow-Datasets builder lives in
-:mod:`memagent_jax.data.tfds_builder` and is imported only on request (``tensorflow-datasets`` and
-``array_record`` are optional).
+Nothing here imports JAX.  The builders (:mod:`.hotpotqa`, :mod:`.squad`) are imported on first use
+of their names, so that ``python -m memagent_jax.data.hotpotqa`` / ``.squad`` run them as fresh
+modules.  The TensorFlow-Datasets builder lives in :mod:`memagent_jax.data.tfds_builder` and is
+imported only on request (``tensorflow-datasets`` and ``array_record`` are optional).
 """
 from .records import DataFormatError, QARecord
 from .formats import (
@@ -22,7 +23,6 @@ from .formats import (
     write_train_file,
 )
 from .docstore import DocumentStore, number_documents
-from .hotpotqa import EVAL_DOC_COUNTS, HotpotQABuilder, load_hotpotqa
 from .iterator import ShardedIterator
 from .synthetic import TASKS, SyntheticConfig, SyntheticDataset, SyntheticSample, generate_sample, generate_samples
 from .tokenizer import load_tokenizer, token_counter, train_tokenizer
@@ -59,3 +59,18 @@ __all__ = [
     "token_counter",
     "train_tokenizer",
 ]
+
+# name -> submodule, imported on first access (PEP 562).
+_LAZY = {"EVAL_DOC_COUNTS": "hotpotqa", "HotpotQABuilder": "hotpotqa", "load_hotpotqa": "hotpotqa",
+         "SquadQABuilder": "squad", "load_squad": "squad"}
+__all__ += ["SquadQABuilder", "load_squad"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

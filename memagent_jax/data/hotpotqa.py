@@ -26,6 +26,13 @@ from (seed, question id, N).  The same file and seed give byte-identical output 
 :data:`EVAL_DOC_COUNTS` are the RULER-HotpotQA lengths (50 ... 25600 documents, about 7K ... 3.5M
 tokens); :meth:`HotpotQABuilder.write_eval_suite` writes one evaluation file per count, all with
 the same questions.
+
+Command line (``--help`` for every flag; exit status 0 / 1 some rows failed / 2 nothing built)::
+
+    python -m memagent_jax.data.hotpotqa --input hotpot_dev_distractor_v1.json --out_dir data/ruler_hqa \\
+        --eval_docs 50,100,200,400,800,1600,3200,6400,12800,25600 --num_questions 128
+    python -m memagent_jax.data.hotpotqa --input hotpot_train_v1.1.json --train_out data/hotpotqa_train.parquet \\
+        --train_docs 200
 """
 from __future__ import annotations
 
@@ -65,6 +72,7 @@ class HotpotExample:
     paragraphs: tuple[tuple[str, str], ...]
     type: str = ""
     level: str = ""
+    row: int | None = None  # position in the raw file (named in errors)
 
 
 def _paragraph_text(sentences: Sequence[str]) -> str:
@@ -72,63 +80,82 @@ def _paragraph_text(sentences: Sequence[str]) -> str:
     return "".join(sentences).strip()
 
 
-def parse_hotpotqa(data: Any, path: str | os.PathLike | None = None) -> list[HotpotExample]:
-    """Check raw HotpotQA data (the parsed JSON) and convert it; errors name file, row and field."""
+def parse_hotpotqa(data: Any, path: str | os.PathLike | None = None, errors: list | None = None) -> list[HotpotExample]:
+    """Check raw HotpotQA data (the parsed JSON) and convert it; errors name file, row and field.
+
+    With ``errors`` (a list), a bad question is appended to it as a :class:`DataFormatError` and skipped, and the
+    others go on; without, the first bad question raises.
+    """
     if not isinstance(data, list):
         raise DataFormatError(path, None, None, f"must hold a JSON array of questions, got {type(data).__name__}")
     out = []
     for i, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise DataFormatError(path, i, None, f"must be an object, got {type(item).__name__}")
-        for key in ("_id", "question", "answer"):
-            if not isinstance(item.get(key), str):
-                raise DataFormatError(path, i, key, f"must be a string, got {type(item.get(key)).__name__}")
-        context = item.get("context")
-        if not isinstance(context, list) or not context:
-            raise DataFormatError(path, i, "context", "must be a non-empty list of [title, [sentences]] pairs")
-        paragraphs = []
-        for j, para in enumerate(context):
-            if not (isinstance(para, list) and len(para) == 2 and isinstance(para[0], str) and isinstance(para[1], list)):
-                raise DataFormatError(path, i, f"context[{j}]", "must be a [title, [sentences]] pair")
-            for k, sent in enumerate(para[1]):
-                if not isinstance(sent, str):
-                    raise DataFormatError(path, i, f"context[{j}][1][{k}]", f"must be a string, got {type(sent).__name__}")
-            paragraphs.append((para[0], _paragraph_text(para[1])))
-        facts = item.get("supporting_facts")
-        if not isinstance(facts, list) or not facts:
-            raise DataFormatError(path, i, "supporting_facts", "must be a non-empty list of [title, sentence_index] pairs")
-        titles = {t for t, _ in paragraphs}
-        gold: list[str] = []
-        for j, fact in enumerate(facts):
-            if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str) and isinstance(fact[1], int)):
-                raise DataFormatError(path, i, f"supporting_facts[{j}]", "must be a [title, sentence_index] pair")
-            if fact[0] not in titles:
-                raise DataFormatError(path, i, f"supporting_facts[{j}]", f"names title {fact[0]!r}, which is not in 'context'")
-            if fact[0] not in gold:
-                gold.append(fact[0])
-        out.append(
-            HotpotExample(
-                id=item["_id"],
-                question=item["question"],
-                answer=item["answer"],
-                gold_titles=tuple(gold),
-                paragraphs=tuple(paragraphs),
-                type=str(item.get("type", "")),
-                level=str(item.get("level", "")),
-            )
-        )
+        try:
+            out.append(_parse_item(item, i, path))
+        except DataFormatError as e:
+            if errors is None:
+                raise
+            errors.append(e)
     return out
 
 
-def load_hotpotqa(path: str | os.PathLike) -> list[HotpotExample]:
-    """Read and check a raw HotpotQA JSON file (distractor setting)."""
+def _parse_item(item: Any, i: int, path) -> HotpotExample:
+    """One raw question, checked (errors name file, row and field)."""
+    if not isinstance(item, dict):
+        raise DataFormatError(path, i, None, f"must be an object, got {type(item).__name__}")
+    for key in ("_id", "question", "answer"):
+        if not isinstance(item.get(key), str):
+            raise DataFormatError(path, i, key, f"must be a string, got {type(item.get(key)).__name__}")
+    context = item.get("context")
+    if not isinstance(context, list) or not context:
+        raise DataFormatError(path, i, "context", "must be a non-empty list of [title, [sentences]] pairs")
+    paragraphs = []
+    for j, para in enumerate(context):
+        if not (isinstance(para, list) and len(para) == 2 and isinstance(para[0], str) and isinstance(para[1], list)):
+            raise DataFormatError(path, i, f"context[{j}]", "must be a [title, [sentences]] pair")
+        for k, sent in enumerate(para[1]):
+            if not isinstance(sent, str):
+                raise DataFormatError(path, i, f"context[{j}][1][{k}]", f"must be a string, got {type(sent).__name__}")
+        paragraphs.append((para[0], _paragraph_text(para[1])))
+    facts = item.get("supporting_facts")
+    if not isinstance(facts, list) or not facts:
+        raise DataFormatError(path, i, "supporting_facts", "must be a non-empty list of [title, sentence_index] pairs")
+    titles = {t for t, _ in paragraphs}
+    gold: list[str] = []
+    for j, fact in enumerate(facts):
+        if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str) and isinstance(fact[1], int)):
+            raise DataFormatError(path, i, f"supporting_facts[{j}]", "must be a [title, sentence_index] pair")
+        if fact[0] not in titles:
+            raise DataFormatError(path, i, f"supporting_facts[{j}]", f"names title {fact[0]!r}, which is not in 'context'")
+        if fact[0] not in gold:
+            gold.append(fact[0])
+    return HotpotExample(
+        id=item["_id"],
+        question=item["question"],
+        answer=item["answer"],
+        gold_titles=tuple(gold),
+        paragraphs=tuple(paragraphs),
+        type=str(item.get("type", "")),
+        level=str(item.get("level", "")),
+        row=i,
+    )
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a file that is not UTF-8 JSON raises :class:`DataFormatError` naming it."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, None, None, f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
-    return parse_hotpotqa(data, path)
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, None, None, f"is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def load_hotpotqa(path: str | os.PathLike, errors: list | None = None) -> list[HotpotExample]:
+    """Read and check a raw HotpotQA JSON file (distractor setting); ``errors``: see :func:`parse_hotpotqa`."""
+    return parse_hotpotqa(read_json_file(path), Path(path), errors)
 
 
 def format_documents(paragraphs: Iterable[tuple[str, str]]) -> str:
@@ -155,6 +182,7 @@ class HotpotQABuilder:
         if not examples:
             raise ValueError("no HotpotQA examples given")
         self.examples = list(examples)
+        self.source: str | None = None  # the raw file, named in errors (set by from_file)
         self.seed = int(seed)
         self.data_source = data_source
         pool: dict[str, str] = {}
@@ -166,8 +194,27 @@ class HotpotQABuilder:
         self._title_index = {t: i for i, t in enumerate(self.pool_titles)}
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **kwargs) -> "HotpotQABuilder":
-        return cls(load_hotpotqa(path), **kwargs)
+    def from_file(cls, path: str | os.PathLike, errors: list | None = None, **kwargs) -> "HotpotQABuilder":
+        """Builder over a raw file; with ``errors`` (a list) bad questions are collected there and skipped."""
+        builder = cls(load_hotpotqa(path, errors), **kwargs)
+        builder.source = str(path)
+        return builder
+
+    def _records(self, pairs, num_docs: int, errors: list | None) -> Iterator[QARecord]:
+        """Records for ``(index, example)`` pairs; with ``errors`` a question that cannot be built at
+        ``num_docs`` (too few paragraphs to pad, more gold paragraphs than documents) is collected there as a
+        :class:`DataFormatError` (with a ``num_docs`` attribute) and skipped."""
+        for i, ex in pairs:
+            try:
+                rec = self.record(ex, num_docs, i)
+            except ValueError as e:
+                if errors is None:
+                    raise
+                err = DataFormatError(self.source, ex.row, None, f"cannot be built with {num_docs} documents: {e}")
+                err.num_docs = num_docs
+                errors.append(err)
+                continue
+            yield rec
 
     # -- documents ------------------------------------------------------------------------------
 
@@ -230,20 +277,21 @@ class HotpotQABuilder:
 
     # -- training ----------------------------------------------------------------------------------
 
-    def training_records(self, num_docs: int = 200, limit: int | None = None) -> Iterator[QARecord]:
-        """Training records for the first ``limit`` questions (all by default), in file order."""
+    def training_records(self, num_docs: int = 200, limit: int | None = None, errors: list | None = None) -> Iterator[QARecord]:
+        """Training records for the first ``limit`` questions (all by default), in file order; ``errors``: see
+        :meth:`_records`."""
         examples = self.examples if limit is None else self.examples[:limit]
-        for i, ex in enumerate(examples):
-            yield self.record(ex, num_docs, i)
+        yield from self._records(enumerate(examples), num_docs, errors)
 
     def training_rows(self, num_docs: int = 200, limit: int | None = None) -> Iterator[dict]:
         """Training-format rows (``reward_model.style = "rule"``)."""
         for rec in self.training_records(num_docs, limit):
             yield train_row_from_record(rec)
 
-    def write_training_file(self, path: str | os.PathLike, num_docs: int = 200, limit: int | None = None) -> int:
+    def write_training_file(self, path: str | os.PathLike, num_docs: int = 200, limit: int | None = None,
+                            errors: list | None = None) -> int:
         """Write training rows to ``path`` (.parquet / .json / .jsonl); returns the row count."""
-        return write_train_file(self.training_records(num_docs, limit), path)
+        return write_train_file(self.training_records(num_docs, limit, errors), path)
 
     # -- evaluation --------------------------------------------------------------------------------
 
@@ -253,11 +301,11 @@ class HotpotQABuilder:
         perm = np.random.default_rng([self.seed, _stable_int("eval-questions")]).permutation(len(self.examples))
         return [self.examples[int(i)] for i in perm[:n]]
 
-    def eval_rows(self, num_docs: int, num_questions: int = 128) -> Iterator[dict]:
+    def eval_rows(self, num_docs: int, num_questions: int = 128, errors: list | None = None) -> Iterator[dict]:
         """Evaluation-format rows at ``num_docs`` documents (fields: context, input, answers,
-        num_docs, index, _id)."""
-        for i, ex in enumerate(self.eval_questions(num_questions)):
-            yield eval_row_from_record(self.record(ex, num_docs, i))
+        num_docs, index, _id); ``errors``: see :meth:`_records`."""
+        for rec in self._records(enumerate(self.eval_questions(num_questions)), num_docs, errors):
+            yield eval_row_from_record(rec)
 
     def write_eval_suite(
         self,
@@ -265,8 +313,10 @@ class HotpotQABuilder:
         doc_counts: Sequence[int] = EVAL_DOC_COUNTS,
         num_questions: int = 128,
         suffix: str = ".json",
+        errors: list | None = None,
     ) -> dict[int, Path]:
-        """Write ``eval_<N>docs<suffix>`` for each N in ``doc_counts``; returns ``{N: path}``.
+        """Write ``eval_<N>docs<suffix>`` for each N in ``doc_counts``; returns ``{N: path}`` (a length at which
+        no question could be built writes no file).
 
         Rows are streamed, so even the 25600-document file (about 3.5M tokens a question) is never
         held in memory as a whole.
@@ -275,6 +325,31 @@ class HotpotQABuilder:
         written = {}
         for n in doc_counts:
             path = out_dir / f"eval_{n}docs{suffix}"
-            write_eval_file(self.eval_rows(n, num_questions), path)
-            written[n] = path
+            if write_eval_file(self.eval_rows(n, num_questions, errors), path):
+                written[n] = path
+            else:  # every question failed at this length (see ``errors``): no empty file
+                path.unlink()
         return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m memagent_jax.data.hotpotqa``: build an evaluation suite and/or a training file."""
+    import argparse
+
+    from . import buildcli
+
+    p = argparse.ArgumentParser(prog="python -m memagent_jax.data.hotpotqa", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    buildcli.add_common_arguments(p, default_train_docs=200)
+    p.add_argument("--data_source", default="hotpotqa", help="data_source of training rows (default: %(default)s)")
+    args = p.parse_args(argv)
+
+    def make(path, errors, seed):
+        builder = HotpotQABuilder.from_file(path, errors=errors, seed=seed, data_source=args.data_source)
+        return builder, len(builder.examples)
+
+    return buildcli.run(args, make)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
