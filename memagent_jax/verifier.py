@@ -26,11 +26,16 @@ rules are spelled out in full:
   by default; the training reward keeps the whole response unless asked (``drop_think=True``).
 * **Evaluation against the reference's.**  The reference evaluation (MemAgent's
   ``taskutils/memory_eval``) drops the thinking as :func:`strip_think` does, takes the last boxed
-  answer, and scores EM / F1 / sub-EM with the same rules against ``answers[0]`` only.  Here the
+  answer, and scores EM / F1 / sub-EM with the same rules against ``answers[0]`` only.  Checked
+  side by side on random corpora, the scores here are equal except in these cases: (1) the
   metrics take the best over *all* listed answers (identical on HotpotQA files, whose rows have
-  one answer; it can only score higher on RULER ``qa_1`` rows with several SQuAD answers), and
-  normalisation also deletes non-ASCII punctuation (curly quotes, dashes), which the reference
-  keeps.
+  one answer; it can only score higher on RULER ``qa_1`` rows with several SQuAD answers);
+  (2) normalisation also deletes non-ASCII punctuation (curly quotes, dashes), which the
+  reference keeps; (3) a prediction or gold that normalises to the empty string (e.g. "The")
+  scores sub-EM 0 here, 1 there (the empty string is contained in everything); (4) when the
+  last ``\\boxed{`` is never closed, the reference extracts nothing, here the previous complete
+  box is taken; ``\\boxed x`` (a space, no brace) is read by the reference up to the next
+  ``$`` and not at all here.
 * **Reward** (:func:`reward`): 1.0 or 0.0 from the final response only; no format bonus.  Two
   families of styles (see :data:`REWARD_STYLES`):
 

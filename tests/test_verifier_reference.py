@@ -155,3 +155,21 @@ def test_reward_scorer_passes_drop_think():
         scorer.close()
     assert rewards.tolist() == [0.0, 0.0]  # 'b' is not 'a'; 'the paris' keeps its article
     assert accuracy.tolist() == [0.0, 1.0]
+
+
+# (final response, answers, em, f1, sub_em) as the evaluation scores them, worked out by hand from the rules above.
+EVAL_TABLE = [
+    ("<think>Is it \\boxed{no}?</think>\n\\boxed{Yes and others}", ["yes"], 0.0, 0.0, 1.0),
+    ("<think>\\boxed{Hop-Frog}</think> so \\boxed{The Hop-Frog!}", ["Hop-Frog"], 1.0, 1.0, 1.0),
+    ("<think>\\boxed{Hop-Frog}</think> I could not decide.", ["Hop-Frog"], 0.0, 0.0, 0.0),
+    ("\\boxed{red sports car}", ["the red car"], 0.0, 0.8, 0.0),  # P = 2/3, R = 1 -> F1 = 0.8
+]
+
+
+@pytest.mark.parametrize("response,answers,em,f1,sub_em", EVAL_TABLE)
+def test_evaluation_scores_table(response, answers, em, f1, sub_em):
+    from memagent_jax.evaluate import score_response
+
+    scores = score_response(response, answers, "sub_em")["scores"]
+    assert (scores["em"], scores["sub_em"], scores["accuracy"]) == (em, sub_em, sub_em)
+    assert scores["f1"] == pytest.approx(f1)
