@@ -26,6 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         param_dtype="float32" if cpu else "bfloat16",
         compute_dtype="float32" if cpu else "bfloat16",
         remat="none" if cpu else "full",
+        allow_nonfinite_weights=False,  # True: load weights holding NaN / inf (default: refused, naming the tensor)
     ))
     c.data = ml_collections.ConfigDict(dict(
         train_file="",  # reference-format training (or evaluation) file; '' = the synthetic task below

@@ -21,6 +21,8 @@ the rollout on its own devices (its own mesh) and copies the learner's params th
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import time
@@ -46,24 +48,192 @@ class TrainConfigError(ValueError):
     """A training config field is invalid; the message names the field."""
 
 
-def validate_config(cfg, *, device_count: int, check_files: bool = True, process_count: int = 1) -> None:
-    """Checks a config before any expensive work; every error names the field at fault.
+def _number(cfg, field: str, *, low=None, high=None, low_open=False, high_open=False, integer=False,
+            allowed: str = "") -> float:
+    """The value of `config.<field>` (a dotted path), checked to lie in the range; TrainConfigError naming the field
+    and the allowed range otherwise."""
+    value = cfg
+    for part in field.split("."):
+        value = value[part]
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+    rng = allowed or (f"in {lo}, {hi}" if low is not None and high is not None else
+                      f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
+    kind = "an integer" if integer else "a finite number"
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (not integer or float(value).is_integer()))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise TrainConfigError(f"config.{field} must be {kind} {rng}, got {value!r}")
+    return value
 
-    check_files=False skips the checks that need the model folder and data files to exist (the planner sizes
-    shipped configs whose checkpoints live elsewhere). device_count / process_count: of the whole run (all
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _model_context(folder: str) -> int:
+    """max_position_embeddings from `folder`/config.json alone (no model, no tokenizer loaded)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise TrainConfigError(f"config.model.path: {folder!r} has no config.json (expected a Hugging Face model "
+                               f"folder)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainConfigError(f"config.model.path: {path} does not parse as JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise TrainConfigError(f"config.model.path: {path} must hold a JSON object")
+    context = hf.get("max_position_embeddings", 32768)  # the loader's default (models.config)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise TrainConfigError(f"config.model.path: {path}: max_position_embeddings must be a positive integer, "
+                               f"got {context!r}")
+    return context
+
+
+def _check_ranges(cfg) -> None:
+    """Every numeric / choice field with a range, named with its allowed range (no file is opened)."""
+    from memagent_jax import verifier
+
+    _number(cfg, "seed", low=0, integer=True)
+    _number(cfg, "log_every", low=1, integer=True)
+    _number(cfg, "checkpoint.keep", low=1, integer=True)
+    for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
+        _number(cfg, f"agent.{name}", low=1, integer=True)
+    if "max_document_tokens" in cfg.agent:
+        _number(cfg, "agent.max_document_tokens", low=0, integer=True, allowed=">= 0 (0 = whole documents)")
+    _number(cfg, "agent.temperature", low=0, low_open=True,
+            allowed="> 0 (GRPO compares the sampled trajectories of a group: at temperature 0 they are all the "
+                    "same and every advantage is 0)")
+    _number(cfg, "agent.top_p", low=0, high=1, low_open=True)
+    rl = cfg.rl
+    _number(cfg, "rl.learning_rate", low=0, low_open=True, allowed="> 0 (at 0 nothing is learned)")
+    _number(cfg, "rl.weight_decay", low=0)
+    _number(cfg, "rl.max_grad_norm", low=0, low_open=True)
+    _number(cfg, "rl.warmup_steps", low=0, integer=True)
+    if rl.schedule not in ("constant", "cosine"):
+        raise TrainConfigError(f"config.rl.schedule must be 'constant' or 'cosine', got {rl.schedule!r}")
+    _number(cfg, "rl.clip_low", low=0, high=1, high_open=True, allowed="in [0, 1) (the ratio's floor is 1 - clip_low)")
+    _number(cfg, "rl.clip_high", low=0)
+    if rl.dual_clip:
+        _number(cfg, "rl.dual_clip", low=1, low_open=True, allowed="> 1, or 0 to turn the dual clip off")
+    _number(cfg, "rl.kl_coef", low=0)
+    if "kl_clamp" in rl:
+        _number(cfg, "rl.kl_clamp", low=0, allowed=">= 0 (0 = no clamp)")
+    _number(cfg, "rl.entropy_coef", low=0)
+    _number(cfg, "rl.group_size", low=2, integer=True,
+            allowed=">= 2 (advantages compare the trajectories of one question: a group of 1 always has 0)")
+    _number(cfg, "rl.micro_batch_size", low=0, integer=True, allowed=">= 0 (0 = whole mini-batch)")
+    fewest = 2 * rl.questions_per_step * rl.group_size
+    _number(cfg, "rl.num_minibatches", low=1, high=fewest, integer=True,
+            allowed=f"in [1, {fewest}]: a step has at least {fewest} conversations (questions_per_step "
+                    f"{rl.questions_per_step} x group_size {rl.group_size} trajectories x (one chunk + the final "
+                    f"answer)); more mini-batches than conversations leaves some with padding only")
+    from memagent_jax.rl.losses import AGGREGATIONS
+
+    if rl.aggregation not in AGGREGATIONS:
+        raise TrainConfigError(f"config.rl.aggregation must be one of {AGGREGATIONS}, got {rl.aggregation!r}")
+    if rl.on_nonfinite not in ("skip", "raise"):
+        raise TrainConfigError(f"config.rl.on_nonfinite must be 'skip' or 'raise', got {rl.on_nonfinite!r}")
+    if cfg.data.reward_style not in verifier.REWARD_STYLES:
+        raise TrainConfigError(f"config.data.reward_style must be one of {sorted(verifier.REWARD_STYLES)}, got "
+                               f"{cfg.data.reward_style!r}")
+    dtypes = ("float32", "bfloat16", "float16")
+    for name in ("param_dtype", "compute_dtype"):
+        if cfg.model[name] not in dtypes:
+            raise TrainConfigError(f"config.model.{name} must be one of {dtypes}, got {cfg.model[name]!r}")
+    if cfg.model.remat not in ("none", "full", "dots"):
+        raise TrainConfigError(f"config.model.remat must be 'none', 'full' or 'dots', got {cfg.model.remat!r}")
+    # Anything else the learner's own config checks (its messages name learner.* fields).
+    from memagent_jax.rl.learner import LearnerConfigError
+    from memagent_jax.rl.losses import LossConfigError
+
+    try:
+        _learner_config(cfg)
+    except (LearnerConfigError, LossConfigError) as e:
+        raise TrainConfigError(f"config.rl: {e}") from None
+
+
+def _check_files(cfg) -> None:
+    """The model folder (config.json, tokenizer files), budgets vs its context, the data file's first rows and the
+    templates file, before any model, tokenizer or learner is built."""
+    from memagent_jax.agent import AgentInputError, TemplateError
+
+    if not cfg.model.path:
+        raise TrainConfigError("config.model.path: required (a local Hugging Face model folder)")
+    if not os.path.isdir(cfg.model.path):
+        raise TrainConfigError(f"config.model.path: {cfg.model.path!r} is not a directory")
+    if cfg.model.tokenizer and not os.path.isdir(cfg.model.tokenizer):
+        raise TrainConfigError(f"config.model.tokenizer: {cfg.model.tokenizer!r} is not a directory")
+    tok = cfg.model.tokenizer or cfg.model.path
+    if not any(os.path.isfile(os.path.join(tok, name)) for name in _TOKENIZER_FILES):
+        field = "config.model.tokenizer" if cfg.model.tokenizer else "config.model.path"
+        raise TrainConfigError(f"{field}: {tok!r} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)})"
+                               + ("" if cfg.model.tokenizer else "; set config.model.tokenizer"))
+    context = _model_context(cfg.model.path)
+    a = cfg.agent
+    update = a.question_tokens + 2 * a.memory_tokens + a.chunk_tokens
+    final = a.question_tokens + a.memory_tokens + a.answer_tokens
+    if max(update, final) > context:
+        raise TrainConfigError(
+            f"config.agent budgets need a context of more than {max(update, final)} tokens (memory update: "
+            f"question_tokens {a.question_tokens} + memory_tokens {a.memory_tokens} + chunk_tokens {a.chunk_tokens} "
+            f"+ {a.memory_tokens} new; final: question + memory + answer_tokens {a.answer_tokens}; plus the "
+            f"templates), but the model's max_position_embeddings is {context} ({cfg.model.path}/config.json)")
+    if cfg.data.train_file:
+        from memagent_jax.data.formats import open_file
+        from memagent_jax.data.records import DataFormatError
+
+        path = cfg.data.train_file
+        if not os.path.isfile(path):
+            raise TrainConfigError(f"config.data.train_file: {path!r} does not exist")
+        try:
+            rows = open_file(path)
+            if len(rows) == 0:
+                raise TrainConfigError(f"config.data.train_file: {path!r} has no rows")
+            for i in range(min(len(rows), 8)):
+                rows[i]
+        except DataFormatError as e:
+            raise TrainConfigError(f"config.data.train_file: {e}") from None
+    else:
+        from memagent_jax.data.synthetic import SyntheticConfig
+
+        try:
+            SyntheticConfig(task=cfg.data.synthetic_task, num_tokens=cfg.data.synthetic_tokens,
+                            chunk_tokens=cfg.agent.chunk_tokens, seed=cfg.seed)
+        except ValueError as e:
+            raise TrainConfigError(f"config.data (synthetic task): {e}") from None
+        _number(cfg, "data.synthetic_samples", low=1, integer=True)
+    if a.get("templates") and not os.path.isfile(a.templates):
+        raise TrainConfigError(f"config.agent.templates: {a.templates!r} does not exist")
+    try:
+        agent_settings(cfg)  # the budgets, the templates file (parsed, placeholders checked) and prompt_mode
+    except (TemplateError, AgentInputError, ValueError, TypeError) as e:
+        field = "config.agent.templates" if a.get("templates") else "config.agent"
+        raise TrainConfigError(f"{field}: {e}") from None
+
+
+def validate_config(cfg, *, device_count: int, check_files: bool = True, process_count: int = 1) -> None:
+    """Checks a config before any expensive work; every error names the field at fault and its allowed range.
+
+    Runs first in `train`, before any tokenizer, model or learner is built: every numeric field with a range
+    (learning rate, clip values, sampling, budgets, group size, mini-batches vs the fewest conversations of a
+    step, ...), and with check_files the model folder (config.json, tokenizer files), the budgets against the
+    model's max_position_embeddings (read from config.json alone), the data file's first rows and the templates
+    file. check_files=False skips the checks that need the model folder and data files to exist (the planner
+    sizes shipped configs whose checkpoints live elsewhere). device_count / process_count: of the whole run (all
     hosts); the learner mesh gets device_count - config.mesh.rollout_devices devices.
     """
-    if check_files:
-        if not cfg.model.path:
-            raise TrainConfigError("config.model.path: required (a local Hugging Face model folder)")
-        if not os.path.isdir(cfg.model.path):
-            raise TrainConfigError(f"config.model.path: {cfg.model.path!r} is not a directory")
-        if cfg.model.tokenizer and not os.path.isdir(cfg.model.tokenizer):
-            raise TrainConfigError(f"config.model.tokenizer: {cfg.model.tokenizer!r} is not a directory")
-        if cfg.data.train_file and not os.path.isfile(cfg.data.train_file):
-            raise TrainConfigError(f"config.data.train_file: {cfg.data.train_file!r} does not exist")
-        if cfg.agent.get("templates") and not os.path.isfile(cfg.agent.templates):
-            raise TrainConfigError(f"config.agent.templates: {cfg.agent.templates!r} does not exist")
+    for name in ("steps",):
+        if cfg[name] <= 0:
+            raise TrainConfigError(f"config.{name} must be positive, got {cfg[name]}")
+    for name in ("questions_per_step", "group_size", "num_minibatches"):
+        if cfg.rl[name] <= 0:
+            raise TrainConfigError(f"config.rl.{name} must be positive, got {cfg.rl[name]}")
+    _check_ranges(cfg)
     rollout = _mesh_field(cfg, "rollout_devices", 0)
     rollout_fsdp = _mesh_field(cfg, "rollout_fsdp", 1)
     rollout_tensor = _mesh_field(cfg, "rollout_tensor", 1)
@@ -108,12 +278,6 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True, process
             raise TrainConfigError(f"config.rl.questions_per_step={cfg.rl.questions_per_step} must be a multiple of "
                                    f"the {process_count} processes (each process rolls out "
                                    f"questions_per_step / processes questions per step)")
-    for name in ("steps",):
-        if cfg[name] <= 0:
-            raise TrainConfigError(f"config.{name} must be positive, got {cfg[name]}")
-    for name in ("questions_per_step", "group_size", "num_minibatches"):
-        if cfg.rl[name] <= 0:
-            raise TrainConfigError(f"config.rl.{name} must be positive, got {cfg.rl[name]}")
     if cfg.rl.micro_batch_size < 0:
         raise TrainConfigError(f"config.rl.micro_batch_size must be >= 0 (0 = whole mini-batch)")
     rollout_batch = int(cfg.rl.get("rollout_batch_size", 0) or 0)
@@ -123,6 +287,8 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True, process
                                f"call) or a multiple of group_size ({cfg.rl.group_size}) x processes ({process_count})")
     if cfg.checkpoint.every <= 0:
         raise TrainConfigError(f"config.checkpoint.every must be positive, got {cfg.checkpoint.every}")
+    if check_files:  # last: the only checks that open files
+        _check_files(cfg)
 
 
 def _mesh_field(cfg, name: str, default):
@@ -283,7 +449,8 @@ def train(cfg, workdir: str) -> dict:
     rollout_mesh = mesh if rollout_devices is None else sharding_lib.make_mesh(
         -1, _mesh_field(cfg, "rollout_fsdp", 1), _mesh_field(cfg, "rollout_tensor", 1), devices=rollout_devices)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, local_files_only=True)
-    params, model_config = load_hf_params(cfg.model.path, mesh=mesh, param_dtype=cfg.model.param_dtype)
+    params, model_config = load_hf_params(cfg.model.path, mesh=mesh, param_dtype=cfg.model.param_dtype,
+                                          allow_nonfinite=bool(cfg.model.get("allow_nonfinite_weights", False)))
     model_config = model_config.replace(compute_dtype=cfg.model.compute_dtype)
 
     learner = Learner(model_config, _learner_config(cfg), mesh=mesh)
@@ -302,10 +469,13 @@ def train(cfg, workdir: str) -> dict:
                                 async_save=cfg.checkpoint.async_save)
     start = 0
     if checkpointer.latest_step() is not None:
-        restored = checkpointer.restore(learner.abstract_state())
+        restored = checkpointer.restore(learner.abstract_state())  # verified; falls back past bad checkpoints
         state, start = restored.state, restored.step
         iterator.set_state(restored.data_state)
         if process_index == 0:
+            for bad_step, why in restored.skipped:
+                print(f"warning: checkpoint step {bad_step} is unusable and was moved to "
+                      f"{checkpointer.directory}/quarantine/: {why}", file=sys.stderr, flush=True)
             print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
     if rollout_devices is None:
         def rollout_params(params):
@@ -322,7 +492,12 @@ def train(cfg, workdir: str) -> dict:
                         templates=templates,
                         memory_sampling=SamplingParams(temperature=cfg.agent.temperature, top_p=cfg.agent.top_p))
     scorer = RewardScorer(cfg.data.reward_style, drop_think=bool(cfg.data.get("reward_drop_think", False)))
-    writer = MetricsWriter(workdir, total_steps=cfg.steps, console_every=cfg.log_every)
+    # Rows of steps after `start` (written before an interruption) are dropped: the resumed run writes them again.
+    writer = MetricsWriter(workdir, total_steps=cfg.steps, console_every=cfg.log_every, resume_step=start)
+    if cfg.export and process_index == 0:
+        from memagent_jax.models.hf_io import clean_stale_exports
+
+        clean_stale_exports(os.path.join(workdir, "export"))  # left by a kill during an earlier export
     metrics: dict = {}
     try:
         for step in range(start, cfg.steps):
@@ -381,6 +556,14 @@ def main(argv) -> None:
         distributed.initialize_from_flags()  # multi-host runs: join the other processes (no-op for one process)
         train(_CONFIG.value, _WORKDIR.value)
     except (TrainConfigError, distributed.DistributedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # bad weights, a checkpoint folder with no usable checkpoint: no traceback needed
+        from memagent_jax.checkpoint import CheckpointError as StateCheckpointError
+        from memagent_jax.models import CheckpointError, ConfigError
+
+        if not isinstance(e, (CheckpointError, StateCheckpointError, ConfigError)):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,0 +1,424 @@
+"""Fault injection: bad rows, bad weights, bad checkpoints, bad configs, hostile launcher values, resume leftovers.
+
+Each test is one row of the README's "fault or bad input | what the user sees | data kept" table: it injects the
+fault and checks both what the user is told (an error naming the file / row / field / tensor / step) and that
+nothing good is lost (the other rows, the older checkpoints, the input file).
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_tiny import make_agent_model_dir
+from memagent_jax import answer
+from memagent_jax import evaluate as ev
+from memagent_jax.checkpoint import Checkpointer, CheckpointError
+from memagent_jax.data.formats import open_file, write_eval_file
+from memagent_jax.data.records import DataFormatError, QARecord
+from memagent_jax.models.hf_io import NonFiniteWeightsError, clean_stale_exports, load_hf_params, save_hf_checkpoint
+from memagent_jax.models.safetensors_io import SafetensorsFile, write_safetensors
+from memagent_jax.rl.metrics import MetricsWriter, truncate_jsonl
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+SMALL = ["--question-tokens", "32", "--chunk-tokens", "24", "--memory-tokens", "16", "--answer-tokens", "6",
+         "--chunks-per-segment", "2", "--no-progress"]
+GOOD = [{"context": "The key is in the box. " * 4, "input": "Where is the key?", "answers": ["box"]},
+        {"context": "It was green. " * 7, "input": "What colour?", "answers": ["green"]}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_agent_model_dir(tmp_path_factory.mktemp("faults") / "model", variant="qwen2", seed=1)
+
+
+def poison(src: str, dst: str, tensor: str, value=np.nan) -> str:
+    """A copy of the model folder `src` whose `tensor` has one value replaced (NaN by default)."""
+    shutil.copytree(src, dst)
+    weights = SafetensorsFile(os.path.join(src, "model.safetensors"))
+    names = weights.names()
+    assert tensor in names
+
+    def tensors():
+        for name in names:
+            a = np.array(weights.read(name))
+            if name == tensor:
+                a.reshape(-1)[0] = value
+            yield name, a
+
+    write_safetensors(os.path.join(dst, "model.safetensors"), [(n, weights.shape(n), weights.dtype(n)) for n in names],
+                      tensors())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(model_dir, tmp_path_factory):
+    # The final norm's first weight: every hidden state gets a NaN, so every logit row does.
+    return poison(model_dir, str(tmp_path_factory.mktemp("faults_nan") / "model"), "model.norm.weight")
+
+
+def _bad_jsonl(path) -> str:
+    """Rows: 0 good, 1 malformed JSON, 2 a JSON list, 3 non-UTF-8 context, 4 missing 'answers', 5 good."""
+    lines = [json.dumps(GOOD[0]).encode(), b'{"context": "x", "input": ', b"[1, 2]",
+             b'{"context": "caf\xe9 \xff", "input": "q?", "answers": ["a"]}',
+             json.dumps({"context": "text", "input": "q?"}).encode(), json.dumps(GOOD[1]).encode()]
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------- 1. bad rows
+
+
+def test_reader_keeps_bad_rows_apart(tmp_path):
+    path = _bad_jsonl(tmp_path / "rows.jsonl")
+    with pytest.raises(DataFormatError, match=r"rows\.jsonl"):
+        open_file(path)  # strict by default (training data): the file is refused
+    rows = open_file(path, on_bad_row="keep")
+    assert len(rows) == 6 and sorted(rows.bad_rows) == [1, 2, 3]
+    assert rows[0].answers == ("box",) and rows[5].answers == ("green",)
+    expected = {1: (None, r"row 1: is not valid JSON \(line 2, column \d+\)"),
+                2: (None, r"row 2: must be a JSON object, got list \(line 3\)"),
+                3: ("context", r"row 3: field 'context' holds bytes that are not UTF-8 text"),
+                4: ("answers", r"row 4: field 'answers' is missing")}
+    for i, (field, pattern) in expected.items():
+        with pytest.raises(DataFormatError, match=pattern) as err:
+            rows[i]
+        assert err.value.row == i and err.value.field == field and err.value.path == path
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([GOOD[0], 7, GOOD[1]]))
+    rows = open_file(array, on_bad_row="keep")
+    assert len(rows) == 3 and rows[2].question == "What colour?"
+    with pytest.raises(DataFormatError, match=r"rows\.json row 1: must be a JSON object, got int"):
+        rows[1]
+
+
+def test_answer_batch_keeps_good_rows_and_reports_bad_ones(model_dir, tmp_path, capsys):
+    path = _bad_jsonl(tmp_path / "in.jsonl")
+    before = open(path, "rb").read()
+    out = tmp_path / "answers.jsonl"
+    code = answer.main(["--model", model_dir, "--input", path, "--output", str(out)] + SMALL)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"wrote {out}: 2 answered, 4 failed (4 bad rows, 0 with non-finite logits)" in err
+    rows = {r["row"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert sorted(rows) == [0, 1, 2, 3, 4, 5] and not os.path.exists(str(out) + ".partial")
+    assert isinstance(rows[0]["answer"], str) and isinstance(rows[5]["answer"], str) and "error" not in rows[0]
+    assert rows[3]["field"] == "context" and "in.jsonl row 3" in rows[3]["error"]
+    assert rows[4]["field"] == "answers" and "in.jsonl row 4: field 'answers' is missing" in rows[4]["error"]
+    assert "in.jsonl row 1: is not valid JSON" in rows[1]["error"] and "row 2: must be a JSON object" in rows[2]["error"]
+    # A JSON array with a non-object item: the other items are answered.
+    array = tmp_path / "in.json"
+    array.write_text(json.dumps([GOOD[0], "not a row"]))
+    assert answer.main(["--model", model_dir, "--input", str(array), "--output", str(out)] + SMALL) == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows if "error" in r] == [1] and [r["row"] for r in rows if "answer" in r] == [0]
+    # Output over the input: refused before anything loads; the input is untouched.
+    capsys.readouterr()
+    assert answer.main(["--model", model_dir, "--input", path, "--output", path] + SMALL) == 2
+    assert "is the input file; refusing to write over it" in capsys.readouterr().err
+    assert open(path, "rb").read() == before
+
+
+def test_answer_arguments_fail_early_and_clearly(model_dir, tmp_path, capsys):
+    no_tok = tmp_path / "weights_only"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(model_dir, name), no_tok / name)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("text")
+    single = ["--question", "q?", "--document", str(doc)]
+    cases = [(["--model", "/nonexistent"] + single, "--model '/nonexistent': no such folder"),
+             (["--model", model_dir, "--tokenizer", "/nonexistent"] + single, "--tokenizer '/nonexistent': no such"),
+             (["--model", str(no_tok)] + single, "no tokenizer files"),
+             (["--model", model_dir, "--input", str(doc), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "0"],
+              "--batch-size must be >= 1, got 0"),
+             (["--model", model_dir, "--top-p", "2"] + single, "--top-p must be in (0, 1], got 2.0")]
+    for argv, message in cases:
+        assert answer.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def _eval_main(*args):
+    from absl import flags
+
+    argv = ["evaluate", "--config", os.path.join(REPO, "configs", "evaluate.py") + ":cpu", *args]
+    fv = flags.FlagValues()
+    ev._define_flags(fv, sys_argv=argv)
+    fv(argv)
+    ev.main(["evaluate"])
+
+
+EVAL_BUDGETS = ["--config.budgets.question_tokens=32", "--config.budgets.chunk_tokens=24",
+                "--config.budgets.memory_tokens=16", "--config.budgets.answer_tokens=6",
+                "--config.budgets.chunks_per_segment=2", "--config.sampling.temperature=0", "--config.plot=False",
+                "--config.warmup=False", "--config.progress=False"]
+
+
+def test_evaluate_keeps_good_rows_and_exits_1(model_dir, tmp_path, capsys):
+    path = _bad_jsonl(tmp_path / "qa_len_1x.jsonl")
+    workdir = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exit_info:
+        _eval_main("--workdir", str(workdir), f"--config.models=m={model_dir}", f"--config.eval_files={path}",
+                   *EVAL_BUDGETS)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "warning: 4 of 6 rows failed (0 with non-finite model outputs; m/qa_len_1x: 4)" in err
+    result = json.loads((workdir / "results.json").read_text())["results"][0]
+    assert (result["n"], result["errors"], result["skipped"]) == (2, 4, 4)
+    rows = {r["row"]: r for r in map(json.loads, (workdir / "predictions" / "m__qa_len_1x.jsonl").read_text()
+                                     .splitlines())}
+    assert "scores" in rows[0] and "scores" in rows[5]
+    assert rows[4]["field"] == "answers" and "qa_len_1x.jsonl row 4" in rows[4]["error"]
+    # An evaluation file inside the workdir under an output's name is refused before any model loads.
+    inside = workdir / "results.json"
+    with pytest.raises(SystemExit) as exit_info:
+        _eval_main("--workdir", str(workdir), f"--config.models=m={model_dir}", f"--config.eval_files={inside}",
+                   *EVAL_BUDGETS)
+    assert exit_info.value.code == 2 and "refusing to write over an input" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- 2. bad weights
+
+
+def test_nonfinite_weights_named_at_load(model_dir, nan_model_dir, tmp_path):
+    with pytest.raises(NonFiniteWeightsError, match=r"tensor 'model\.norm\.weight' holds 1 non-finite values") as e:
+        load_hf_params(nan_model_dir)
+    assert e.value.tensor == "model.norm.weight" and "allow_nonfinite=True" in str(e.value)
+    inf_dir = poison(model_dir, str(tmp_path / "inf"), "model.layers.1.mlp.up_proj.weight", np.inf)
+    with pytest.raises(NonFiniteWeightsError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_hf_params(inf_dir)
+    params, _ = load_hf_params(nan_model_dir, allow_nonfinite=True)
+    assert np.isnan(np.asarray(params["final_norm"]["weight"])[0])
+
+
+def test_nonfinite_outputs_are_errors_not_empty_answers(nan_model_dir, tmp_path, capsys):
+    path = tmp_path / "qa.jsonl"
+    write_eval_file([QARecord(r["input"], r["context"], tuple(r["answers"]), index=i) for i, r in enumerate(GOOD)],
+                    path)
+    out = tmp_path / "answers.jsonl"
+    base = ["--model", nan_model_dir, "--input", str(path), "--output", str(out)] + SMALL
+    assert answer.main(base) == 2
+    assert "tensor 'model.norm.weight'" in capsys.readouterr().err
+    assert answer.main(base + ["--allow-nonfinite-weights"]) == 1
+    assert "0 answered, 2 failed (0 bad rows, 2 with non-finite logits)" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["answer"] is None and "not finite (NaN / inf)" in r["error"] for r in rows) and len(rows) == 2
+    from memagent_jax.agent import AgentBudgets
+
+    budgets = AgentBudgets(question_tokens=32, chunk_tokens=24, memory_tokens=16, answer_tokens=6,
+                           chunks_per_segment=2)
+    results = ev.evaluate_models({"nan": nan_model_dir}, [str(path)], str(tmp_path / "eval"), budgets=budgets,
+                                 temperature=0.0, progress=False, plot=False, warmup=False,
+                                 allow_nonfinite_weights=True)
+    r = results.results[0]
+    assert (r.n, r.errors, r.nonfinite) == (0, 2, 2) and all("not finite" in row["error"] for row in r.rows)
+    assert "2 of 2 rows failed (2 with non-finite" in ev.failure_summary(results)
+
+
+# ------------------------------------------------------------------------------------------- 3. checkpoints
+
+
+def _state(seed: float):
+    return {"w": jnp.arange(600, dtype=jnp.float32).reshape(6, 100) / 7 + seed, "m": jnp.full((300,), float(seed), jnp.float32),
+            "step": jnp.int32(seed)}
+
+
+def _target():
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _state(0))
+
+
+def _flip_a_bit(step_dir: str) -> None:
+    files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, "state")) for f in names
+             if os.sep + "d" + os.sep in os.path.join(root, f) + os.sep or os.path.basename(root) == "d"]
+    biggest = max(files, key=os.path.getsize)
+    data = bytearray(open(biggest, "rb").read())
+    data[len(data) // 2] ^= 0x04
+    open(biggest, "wb").write(data)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, caplog):
+    directory = str(tmp_path / "ckpt")
+    with Checkpointer(directory, async_save=False) as c:
+        for step in (1, 2, 3):
+            c.save(step, _state(step))
+    _flip_a_bit(os.path.join(directory, "3"))
+    open(os.path.join(directory, "2", "meta", "metadata"), "w").close()  # an empty metadata file
+    with Checkpointer(directory, async_save=False) as c:
+        with pytest.raises(CheckpointError, match=r"ckpt/3: leaf \['w'\] does not match the checksum"):
+            c.restore(_target(), step=3)  # an explicit step: verified, no fallback
+        restored = c.restore(_target())
+        assert restored.step == 1 and [s for s, _ in restored.skipped] == [3, 2]
+        assert "cannot read the checkpoint's metadata" in restored.skipped[1][1]
+        assert str(os.path.join(directory, "2", "meta")) in restored.skipped[1][1]
+        np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.asarray(_state(1)["w"]))
+        assert c.all_steps() == [1] and len(os.listdir(os.path.join(directory, "quarantine"))) == 2
+        c.save(2, _state(2))  # the quarantined steps can be saved again
+        assert c.restore(_target()).step == 2
+    assert "is unusable" in caplog.text
+
+
+def test_checkpoint_shape_mismatch_and_nothing_usable(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    with Checkpointer(directory, async_save=False) as c:
+        c.save(1, _state(1))
+        wrong = dict(_target(), m=jax.ShapeDtypeStruct((301,), jnp.float32))
+        with pytest.raises(CheckpointError, match=r"ckpt/1: (cannot be restored|leaf \['m'\] has shape)"):
+            c.restore(wrong, step=1)
+        with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*step 1:"):
+            c.restore(wrong)
+
+
+def test_nonfinite_state_is_never_saved_and_prunes_nothing(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    with Checkpointer(directory, max_to_keep=2, async_save=False) as c:
+        c.save(1, _state(1))
+        c.save(2, _state(2))
+        bad = dict(_state(3), m=_state(3)["m"].at[5].set(jnp.inf))
+        with pytest.raises(CheckpointError, match=r"step 3: refusing to save a non-finite state \(leaf \['m'\] holds 1"):
+            c.save(3, bad)
+        assert c.all_steps() == [1, 2]
+        assert c.restore(_target()).step == 2
+
+
+# ------------------------------------------------------------------------------------------- 4. config up front
+
+
+def _grpo(model_dir, **overrides):
+    spec = importlib.util.spec_from_file_location("grpo_config_faults", os.path.join(REPO, "configs", "grpo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("cpu")
+    cfg.model.path = model_dir
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def test_train_config_errors_come_before_any_model(model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    from memagent_jax import models
+    from memagent_jax.train import TrainConfigError, train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the config was checked")
+
+    monkeypatch.setattr(models, "load_hf_params", no_loading)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
+    bad_rows = tmp_path / "train.jsonl"
+    bad_rows.write_text(json.dumps({"context": "x", "input": "q?"}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"context": \n')
+    templates = tmp_path / "templates.json"
+    templates.write_text('{"memory_update": ')
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{"memory_updat": "x"}')
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    shutil.copy(os.path.join(model_dir, "config.json"), no_tok / "config.json")
+    bad_json = tmp_path / "bad_config"
+    shutil.copytree(model_dir, bad_json)
+    (bad_json / "config.json").write_text("{")
+    cases = [
+        ({"rl.learning_rate": -1e-6}, r"config\.rl\.learning_rate must be a finite number > 0"),
+        ({"rl.learning_rate": 0.0}, r"config\.rl\.learning_rate .*at 0 nothing is learned"),
+        ({"agent.top_p": 2.0}, r"config\.agent\.top_p must be a finite number in \(0, 1\], got 2\.0"),
+        ({"agent.temperature": 0.0}, r"config\.agent\.temperature .*> 0"),
+        ({"rl.clip_low": 1.5}, r"config\.rl\.clip_low .*in \[0, 1\)"),
+        ({"rl.clip_high": -0.1}, r"config\.rl\.clip_high must be a finite number >= 0"),
+        ({"rl.dual_clip": 0.5}, r"config\.rl\.dual_clip .*> 1, or 0"),
+        ({"rl.kl_coef": -1.0}, r"config\.rl\.kl_coef must be a finite number >= 0"),
+        ({"rl.max_grad_norm": 0.0}, r"config\.rl\.max_grad_norm must be a finite number > 0"),
+        ({"rl.group_size": 1}, r"config\.rl\.group_size must be an integer >= 2"),
+        ({"rl.num_minibatches": 1000}, r"config\.rl\.num_minibatches must be an integer in \[1, 16\]"),
+        ({"agent.chunk_tokens": 480}, r"config\.agent budgets need a context of more than 576 tokens.*"
+                                      r"max_position_embeddings is 512"),
+        ({"data.train_file": str(bad_rows)}, r"config\.data\.train_file: .*train\.jsonl row 0: field 'answers'"),
+        ({"data.train_file": str(broken)}, r"config\.data\.train_file: .*broken\.jsonl"),
+        ({"agent.templates": str(templates)}, r"config\.agent\.templates: .*templates\.json: not valid JSON"),
+        ({"agent.templates": str(unknown)}, r"config\.agent\.templates: .*unknown template field"),
+        ({"model.path": str(no_tok)}, r"config\.model\.path: .*no_tokenizer' holds no tokenizer files"),
+        ({"model.path": str(bad_json)}, r"config\.model\.path: .*config\.json does not parse as JSON"),
+        ({"model.param_dtype": "float8"}, r"config\.model\.param_dtype must be one of"),
+    ]
+    for overrides, pattern in cases:
+        with pytest.raises(TrainConfigError, match=pattern):
+            train(_grpo(model_dir, **overrides), str(tmp_path / "w"))
+
+
+# ------------------------------------------------------------------------------------------- 5. launchers
+
+
+def _launcher(name):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}_faults", os.path.join(REPO, "launch", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("hostile", ["x\nsrun rm -rf /", "x\rmalicious", "x\x00y", "x\ty", "x\x1b[2J", "x\x7f"])
+def test_launchers_reject_control_characters(hostile, capsys):
+    slurm, tpu_pod, local = _launcher("slurm"), _launcher("tpu_pod"), _launcher("local")
+    base = ["--nodes", "1", "--config", "configs/grpo.py", "--workdir", "/w", "--dry_run"]
+    slurm_cases = [["--job_name", hostile], ["--partition", hostile], ["--account", hostile], ["--time", hostile],
+                   ["--mem", hostile], ["--repo_dir", hostile], ["--log_dir", hostile], ["--python", hostile],
+                   ["--module", hostile], ["--env", f"K={hostile}"], [f"--sbatch_arg=--qos={hostile}"],
+                   [f"--config.model.path={hostile}"], ["--script", hostile]]
+    for extra in slurm_cases:
+        with pytest.raises(SystemExit) as e:
+            slurm.main(base + extra)
+        assert e.value.code == 2
+        assert "control character" in capsys.readouterr().err, extra
+    args = slurm.build_parser().parse_args(["--nodes", "1", "--config", "c.py", "--workdir", hostile])
+    with pytest.raises(slurm.LaunchError, match="control character"):
+        slurm.render(args, [])  # even a caller that skips the checks gets no script
+    tpu_base = ["--tpu", "t", "--zone", "z", "--config", "c.py", "--workdir", "gs://b/r", "--dry_run"]
+    for extra in (["--setup", f"echo {hostile}"], ["--env", f"K={hostile}"], [f"--config.seed={hostile}"],
+                  ["--remote_dir", hostile], ["--project", hostile], ["--log_dir", hostile]):
+        with pytest.raises(SystemExit) as e:
+            tpu_pod.main(tpu_base + extra)
+        assert e.value.code == 2 and "control character" in capsys.readouterr().err, extra
+    for argv in (["--num_processes", "2", "--dry_run", "--", "python", "-c", f"print('{hostile}')"],
+                 ["--num_processes", "2", "--log_dir", hostile, "--dry_run", "--", "true"]):
+        with pytest.raises(SystemExit) as e:
+            local.main(argv)
+        assert e.value.code == 2 and "control character" in capsys.readouterr().err, argv
+
+
+# ------------------------------------------------------------------------------------------- 6. resume leftovers
+
+
+def test_resumed_metrics_keep_one_row_per_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    assert truncate_jsonl(str(path), 3) == 3  # steps 4, 5 and the torn line
+    with MetricsWriter(str(tmp_path), tensorboard=False, console=False, process_index=0, resume_step=2) as w:
+        w.write(3, {"loss": 30.0})
+        w.write(4, {"loss": 40.0})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_interrupted_export_is_cleaned_up(model_dir, tmp_path):
+    params, config = load_hf_params(model_dir)
+    out = tmp_path / "export"
+    stale = [tmp_path / "export.tmp-killed", tmp_path / "export.old-123"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model-00001-of-00001.safetensors").write_bytes(b"partial")
+    keep = tmp_path / "export_other.tmp-x"
+    keep.mkdir()
+    save_hf_checkpoint(params, config, str(out), base_folder=model_dir)
+    assert not any(f.exists() for f in stale) and keep.exists() and (out / "config.json").exists()
+    (tmp_path / "export.tmp-again").mkdir()
+    assert clean_stale_exports(str(out)) == [str(tmp_path / "export.tmp-again")]
