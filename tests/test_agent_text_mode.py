@@ -165,15 +165,13 @@ def test_qwen3_vocab_model_through_the_chunk_scan(qwen3_model):
             memory = resp[:-1] if resp and resp[-1] == IM_END else resp
 
 
-@pytest.mark.parametrize("sampled", [False, True])
-def test_qwen3_vocab_model_in_text_mode(qwen3_model, sampled):
-    """Text mode: every recorded prompt is exactly the tokenization of the whole formatted string (memory = the
-    previous response decoded, chunk = the decoded C-token chunk), and the runner equals the plain-Python loop."""
-    sampling = SamplingParams(temperature=1.0, top_p=0.9) if sampled else None
-    agent = make_agent(qwen3_model, "text", sampling)
+def test_qwen3_vocab_model_in_text_mode(qwen3_model):
+    """Text mode (sampling at temperature 1, top-p 0.9): every recorded prompt is exactly the tokenization of the
+    whole formatted string (memory = the previous response decoded, chunk = the decoded C-token chunk), and the
+    runner equals the plain-Python loop with the same keys (responses and log-probs)."""
+    agent = make_agent(qwen3_model, "text", SamplingParams(temperature=1.0, top_p=0.9))
     tok = agent.tokenizer
     result = agent.run(QUESTIONS, DOCUMENTS, rng=11, trace=True, record=True)
-    pieces = make_agent(qwen3_model, "pieces", sampling).run(QUESTIONS, DOCUMENTS, rng=11, record=True)
     for row, (q, d) in enumerate(zip(QUESTIONS, DOCUMENTS)):
         convs = result.conversations[row]
         doc = encode(tok, d)
@@ -194,8 +192,10 @@ def test_qwen3_vocab_model_in_text_mode(qwen3_model, sampled):
         assert ref.answer_ids == result.answer_ids[row]
         for conv, step in zip(convs, ref.steps):
             np.testing.assert_allclose(conv.logprobs, step.logprobs, atol=1e-4)
-        # The question ends in "?" and the template continues with "\n": the modes' first prompts differ there.
-        assert convs[0].prompt_ids.tolist() != pieces.conversations[row][0].prompt_ids.tolist()
+        # The question ends in "?" and the template continues with "\n": piece mode's first prompt differs there.
+        first_chunk = np.asarray(doc[:BUDGETS.chunk_tokens])
+        assert convs[0].prompt_ids.tolist() != agent.spec.prompts.update.assemble(
+            {"question": encode(tok, q), "memory": agent.spec.prompts.initial_memory, "chunk": first_chunk})
 
 
 def test_text_mode_prompt_over_its_static_length_is_a_clear_error(qwen3_model):

@@ -77,73 +77,70 @@ def test_warmup_from_zero_by_hand():
         OptimizerConfig(warmup_from_zero="yes")
 
 
-def test_warmup_from_zero_first_step_moves_nothing():
-    """Step 0 at lr 0: params stay bit for bit (AdamW's decay is scaled by the lr too), Adam's moments take the
-    first gradient; step 1 then runs at lr / W."""
-    config = LearnerConfig(loss=LossConfig(kl_coef=0.0), compute_entropy=False, logits_chunk_size=0,
-                           optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=4, warmup_from_zero=True))
-    learner = Learner(CONFIG, config)
-    start = jax.tree.map(np.asarray, random_params(CONFIG, 1))
-    state = learner.init_state(random_params(CONFIG, 1))
-    state, m0 = learner.train_step(state, random_batch(4, 2))
-    assert m0["learning_rate"] == 0.0
-    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(state.params)):
-        np.testing.assert_array_equal(a, np.asarray(b))
-    mu = state.opt_state[1].inner_state[0].mu
-    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(mu))
-    state, m1 = learner.train_step(state, random_batch(4, 3))
-    assert m1["learning_rate"] == pytest.approx(1e-2 / 4, rel=1e-6)
-    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(start),
-                                                                     jax.tree.leaves(state.params)))
+# ------------------------------------------------------- warm-up from 0 + recomputed old log-probs, in the learner
 
 
-# ------------------------------------------------------------------------------------ recompute old log-probs
-
-
-def test_recompute_old_logprobs_by_hand():
-    """The batch's old log-probs are deliberately wrong. With recompute on and one mini-batch the update is exactly
-    on-policy: ratio 1 on every token, nothing clipped, and pg_loss = -(sum_rows A_r * n_r) / N (token-mean of
-    -A * 1). With recompute off the wrong values are used."""
-    batch = random_batch(4, 5)
-    wrong = batch.replace(old_logprobs=np.where(batch.loss_mask, batch.old_logprobs - 0.7, 0.0).astype(np.float32))
-    n_r = batch.loss_mask.sum(axis=1)
-    expected_pg = -float((batch.advantages * n_r).sum() / n_r.sum())
-    results = {}
-    for recompute in (True, False):
-        config = LearnerConfig(loss=LossConfig(kl_coef=0.0), recompute_old_logprobs=recompute, logits_chunk_size=0,
-                               optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
-        learner = Learner(CONFIG, config)
-        state = learner.init_state(random_params(CONFIG, 0))
-        _, results[recompute] = learner.train_step(state, wrong)
-    on = results[True]
-    assert on["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and on["ratio_max"] == pytest.approx(1.0, abs=1e-6)
-    assert on["clipfrac_low"] == 0 and on["clipfrac_high"] == 0 and on["approx_kl_old"] == pytest.approx(0, abs=1e-7)
-    assert on["pg_loss"] == pytest.approx(expected_pg, rel=1e-5, abs=1e-7)
-    assert results[False]["ratio_mean"] > 1.5  # exp(0.7) ~ 2.01 before clipping: the stored values were used
-
-
-def test_recompute_uses_the_params_before_the_first_update_for_every_minibatch():
-    """Two mini-batches: the second one's old log-probs are the pre-update params' log-probs (as in the reference,
-    computed once before the update), not the params after mini-batch 0. Equal to feeding those log-probs in."""
+@pytest.fixture(scope="module")
+def two_steps():
+    """Two learners, 2 mini-batches each, warm-up from 0 over 2 steps (lr 0, then lr / 2), two train steps on the
+    same batch: 'recompute' gets deliberately wrong stored old log-probs and recomputes them; 'given' gets the
+    initial params' log-probs (the params do not move at lr 0, so they are right for both steps) and trusts them."""
     batch = random_batch(8, 6)
     params = random_params(CONFIG, 2)
-    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
-    logps = Learner(CONFIG, LearnerConfig(logits_chunk_size=0)).logprobs(params, batch)
-    given = batch.replace(old_logprobs=np.where(batch.loss_mask, np.asarray(logps), 0.0).astype(np.float32))
-    wrong = batch.replace(old_logprobs=np.zeros_like(batch.old_logprobs))
-    out = []
-    for b, recompute in ((wrong, True), (given, False)):
-        config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, recompute_old_logprobs=recompute,
+    logps = np.asarray(Learner(CONFIG, LearnerConfig(logits_chunk_size=0)).logprobs(params, batch))
+    batches = {"recompute": batch.replace(old_logprobs=np.where(batch.loss_mask, logps - 0.7, 0.0).astype(np.float32)),
+               "given": batch.replace(old_logprobs=np.where(batch.loss_mask, logps, 0.0).astype(np.float32))}
+    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=2, warmup_from_zero=True)
+    out = {"batch": batch, "params0": jax.tree.map(np.asarray, params)}
+    for name, b in batches.items():
+        config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, recompute_old_logprobs=name == "recompute",
                                logits_chunk_size=0, compute_entropy=False, optimizer=opt)
         learner = Learner(CONFIG, config)
-        state, metrics = learner.train_step(learner.init_state(random_params(CONFIG, 2)), b)
-        out.append((jax.tree.map(np.asarray, state.params), metrics))
-    (p1, m1), (p2, m2) = out
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        state = learner.init_state(random_params(CONFIG, 2))
+        state, m0 = learner.train_step(state, b)
+        after0 = jax.tree.map(np.asarray, state.params)
+        mu = jax.tree.map(np.asarray, state.opt_state[1].inner_state[0].mu)
+        state, m1 = learner.train_step(state, b)
+        out[name] = dict(m0=m0, m1=m1, after0=after0, mu=mu, after1=jax.tree.map(np.asarray, state.params))
+    return out
+
+
+def test_warmup_from_zero_first_step_moves_nothing(two_steps):
+    """Step 0 at lr 0: params stay bit for bit (AdamW's decay is scaled by the lr too) while Adam's moments take the
+    first gradients; step 1 runs at lr / W and moves them."""
+    r = two_steps["recompute"]
+    assert r["m0"]["learning_rate"] == 0.0 and r["m1"]["learning_rate"] == pytest.approx(1e-2 / 2, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(two_steps["params0"]), jax.tree.leaves(r["after0"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(r["mu"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(two_steps["params0"]),
+                                                        jax.tree.leaves(r["after1"])))
+
+
+def test_recompute_old_logprobs_by_hand(two_steps):
+    """The stored old log-probs are off by 0.7 per token. Recomputed, step 0 (params unmoved) is exactly on-policy
+    in both mini-batches: ratio 1 on every token, nothing clipped, and pg_loss = mean over the 2 mini-batches of
+    -(sum_rows A_r * n_r) / N_mb (token-mean of -A * 1)."""
+    batch, m0 = two_steps["batch"], two_steps["recompute"]["m0"]
+    n_r = batch.loss_mask.sum(axis=1)
+    per_mb = [-(batch.advantages[rows] * n_r[rows]).sum() / n_r[rows].sum()
+              for rows in minibatch_rows(8, 2, 1).reshape(2, -1)]
+    assert m0["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m0["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert m0["clipfrac_low"] == 0 and m0["clipfrac_high"] == 0
+    assert m0["approx_kl_old"] == pytest.approx(0.0, abs=1e-7)
+    assert m0["pg_loss"] == pytest.approx(float(np.mean(per_mb)), rel=1e-5, abs=1e-7)
+
+
+def test_recompute_uses_the_params_before_the_first_update_for_every_minibatch(two_steps):
+    """Step 1 (lr > 0): mini-batch 1 runs after mini-batch 0's update, and its old log-probs are still those of the
+    params before the step's first update (computed once, as in the reference): the recomputing learner equals the
+    one fed those log-probs, update for update."""
+    r, g = two_steps["recompute"], two_steps["given"]
+    for a, b in zip(jax.tree.leaves(r["after1"]), jax.tree.leaves(g["after1"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert m1["ratio_mean"] == pytest.approx(m2["ratio_mean"], rel=1e-5)
-    assert m1["ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # mini-batch 1 ran after an update: off-policy
-    assert minibatch_rows(8, 2, 1).shape == (2, 1, 4)
+    for name in ("loss", "pg_loss", "ratio_mean", "grad_norm"):
+        assert r["m1"][name] == pytest.approx(g["m1"][name], rel=1e-5, abs=1e-7), name
+    assert r["m1"]["ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # mini-batch 1 is off-policy after the update
 
 
 # ----------------------------------------------------------------------------------- document truncation
