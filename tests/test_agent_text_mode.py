@@ -11,8 +11,8 @@ from qwen3_tokenizer import END_THINK, IM_END, IM_START, QWEN3_VOCAB_SIZE, THINK
 from memagent_jax.agent import AgentBudgets, AgentInputError, AgentPrompts, AgentTemplates, MemoryAgent, \
     TemplateError, reference_run
 from memagent_jax.agent.templates import TextPrompter
+from memagent_jax.agent.torch_loop import torch_agent_run
 from memagent_jax.models import load_hf_params
-from memagent_jax.sampling import SamplingParams
 
 # Template parts, written out so the test builds the user message by plain concatenation (independent of the
 # code's template filling). The question is followed directly by "\n": "?\n" is one Qwen token.
@@ -131,11 +131,11 @@ def qwen3_model(tmp_path_factory):
     folder = save_hf_model(model, str(tmp_path_factory.mktemp("qwen3") / "model"))
     params, config = load_hf_params(folder)
     assert config.vocab_size == QWEN3_VOCAB_SIZE
-    return params, config
+    return params, config, model
 
 
 def make_agent(qwen3_model, mode, sampling=None):
-    params, config = qwen3_model
+    params, config, _ = qwen3_model
     return MemoryAgent(params, config, qwen3_tokenizer(), budgets=BUDGETS,
                        templates=TEMPLATES.replace(prompt_mode=mode), memory_sampling=sampling)
 
@@ -166,10 +166,11 @@ def test_qwen3_vocab_model_through_the_chunk_scan(qwen3_model):
 
 
 def test_qwen3_vocab_model_in_text_mode(qwen3_model):
-    """Text mode (sampling at temperature 1, top-p 0.9): every recorded prompt is exactly the tokenization of the
-    whole formatted string (memory = the previous response decoded, chunk = the decoded C-token chunk), and the
-    runner equals the plain-Python loop with the same keys (responses and log-probs)."""
-    agent = make_agent(qwen3_model, "text", SamplingParams(temperature=1.0, top_p=0.9))
+    """Text mode (greedy): every recorded prompt is exactly the tokenization of the whole formatted string (memory =
+    the previous response decoded, chunk = the decoded C-token chunk); the runner equals the plain-Python loop
+    (prompts, responses, log-probs) and the independent transformers loop in text mode (prompts, memories,
+    answers)."""
+    agent = make_agent(qwen3_model, "text")
     tok = agent.tokenizer
     result = agent.run(QUESTIONS, DOCUMENTS, rng=11, trace=True, record=True)
     for row, (q, d) in enumerate(zip(QUESTIONS, DOCUMENTS)):
@@ -192,6 +193,10 @@ def test_qwen3_vocab_model_in_text_mode(qwen3_model):
         assert ref.answer_ids == result.answer_ids[row]
         for conv, step in zip(convs, ref.steps):
             np.testing.assert_allclose(conv.logprobs, step.logprobs, atol=1e-4)
+        torch_out = torch_agent_run(qwen3_model[2], tok, q, d, budgets=BUDGETS, templates=agent.templates)
+        assert torch_out.prompt_ids == [c.prompt_ids.tolist() for c in convs[:-1]]
+        assert torch_out.final_prompt_ids == convs[-1].prompt_ids.tolist()
+        assert torch_out.memories == result.traces[row] and torch_out.answer_ids == result.answer_ids[row]
         # The question ends in "?" and the template continues with "\n": piece mode's first prompt differs there.
         first_chunk = np.asarray(doc[:BUDGETS.chunk_tokens])
         assert convs[0].prompt_ids.tolist() != agent.spec.prompts.update.assemble(

@@ -19,6 +19,9 @@ the sampled ids with the trailing stop token removed when one was emitted, other
 A memory may be empty (the model stopped at once). The answer ids keep their stop token, and the answer
 text is decoded without stop ids and with `skip_special_tokens=True`, like `AgentResult.answers`.
 
+With `templates.prompt_mode == 'text'` every prompt is instead the whole formatted string tokenized once
+(`TextPrompter`), the memory decoded to text and the chunk decoded from its ids, as the JAX text mode does.
+
 This module itself imports no JAX (importing the `memagent_jax.agent` package does, through its
 `__init__`).
 """
@@ -36,7 +39,7 @@ import torch
 from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_truncate, num_chunks,
                                          prepare_question, tokenize_document)
 from memagent_jax.agent.runner import default_stop_ids
-from memagent_jax.agent.templates import AgentPrompts, AgentTemplates
+from memagent_jax.agent.templates import AgentPrompts, AgentTemplates, TextPrompter
 
 
 @dataclasses.dataclass
@@ -157,10 +160,21 @@ def torch_agent_run(model, tokenizer, question: str, document, *, budgets: Agent
     doc_ids = _document_ids(tokenizer, document, budgets)
     c = budgets.chunk_tokens
     memory = list(prompts.initial_memory)
+    text = TextPrompter(tokenizer, templates) if templates.prompt_mode == "text" else None
+
+    def decode(ids, skip):
+        return tokenizer.decode(list(ids), skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+
+    if text:
+        whole = len(tokenizer(question, add_special_tokens=False)["input_ids"]) == len(q_ids)
+        q_text, memory_text = (question if whole else decode(q_ids, False)), templates.initial_memory
     result = TorchAgentResult(answer="", answer_ids=[], memories=[], memory_ids=[])
     for k in range(num_chunks(doc_ids.size, c)):
         chunk = doc_ids[k * c:(k + 1) * c].tolist()
-        prompt = prompts.update.assemble({"question": q_ids, "memory": memory, "chunk": chunk})
+        if text:
+            prompt = text.update_ids(q_text, memory_text, decode(chunk, False))
+        else:
+            prompt = prompts.update.assemble({"question": q_ids, "memory": memory, "chunk": chunk})
         response, stopped = greedy_generate(model, prompt, budgets.memory_tokens, stops)
         # The JAX program's carried memory: response minus its stop token (memory_len = response_len - finished).
         memory = response[:-1] if stopped else list(response)
@@ -168,7 +182,12 @@ def torch_agent_run(model, tokenizer, question: str, document, *, budgets: Agent
         result.response_ids.append(response)
         result.memory_ids.append(list(memory))
         result.memories.append(tokenizer.decode(memory, skip_special_tokens=True))
-    final_prompt = prompts.final.assemble({"question": q_ids, "memory": memory})
+        if text:
+            memory_text = decode(memory, True)
+    if text:
+        final_prompt = text.final_ids(q_text, memory_text)
+    else:
+        final_prompt = prompts.final.assemble({"question": q_ids, "memory": memory})
     answer, finished = greedy_generate(model, final_prompt, budgets.answer_tokens, stops)
     stop_set = set(stops)
     result.final_prompt_ids = final_prompt
