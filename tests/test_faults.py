@@ -422,3 +422,39 @@ def test_interrupted_export_is_cleaned_up(model_dir, tmp_path):
     assert not any(f.exists() for f in stale) and keep.exists() and (out / "config.json").exists()
     (tmp_path / "export.tmp-again").mkdir()
     assert clean_stale_exports(str(out)) == [str(tmp_path / "export.tmp-again")]
+
+
+def test_padding_only_minibatches_do_not_move_adamw():
+    """4 mini-batches over 2 real conversations + 2 padding rows: the padding-only updates are skipped, so the
+    result equals 2 mini-batches over the real rows alone (before the fix, AdamW's momentum and weight decay moved
+    the params on every padding-only update)."""
+    from memagent_jax.models import abstract_params
+    from memagent_jax.models.presets import preset_config
+    from memagent_jax.rl.batch import build_conversation_batch
+    from memagent_jax.rl.learner import Learner, LearnerConfig, OptimizerConfig
+    from memagent_jax.rl.losses import LossConfig
+
+    config = preset_config("tiny", vocab_size=64)
+    rng = np.random.default_rng(0)
+
+    def params():
+        return jax.tree.map(lambda a: jnp.asarray(0.05 * np.random.default_rng(1).normal(size=a.shape), a.dtype),
+                            abstract_params(config))
+
+    prompts = [rng.integers(3, 64, size=5), rng.integers(3, 64, size=4)]
+    responses = [rng.integers(3, 64, size=3), rng.integers(3, 64, size=2)]
+    logps = [np.full(len(r), -np.log(64.0)) for r in responses]
+    padded = build_conversation_batch(prompts, responses, logps, [1.0, -1.0], rows_multiple=4, length_multiple=8)
+    real = build_conversation_batch(prompts, responses, logps, [1.0, -1.0], rows_multiple=2, length_multiple=8)
+    assert padded.num_rows == 4 and not padded.loss_mask[2:].any()
+    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1)
+    results = []
+    for batch, m in ((padded, 4), (real, 2)):
+        learner = Learner(config, LearnerConfig(loss=LossConfig(kl_coef=0.0), optimizer=opt, num_minibatches=m))
+        state, metrics = learner.train_step(learner.init_state(params()), batch)
+        results.append((jax.tree.map(np.asarray, state.params), metrics))
+    (p4, m4), (p2, m2) = results
+    assert m4["empty_updates"] == 2 and m2["empty_updates"] == 0 and m4["nonfinite_updates"] == 0
+    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert m4["loss"] == pytest.approx(m2["loss"], rel=1e-5)
