@@ -45,7 +45,14 @@ def test_resume_equals_uninterrupted_run(model_dir, tmp_path):
     train(grpo_config(model_dir, steps=4), full)
     split = str(tmp_path / "split")
     train(grpo_config(model_dir, steps=2), split)  # "killed" after step 2 (checkpoint at 2)
+    # What a kill later on leaves behind: metrics rows of steps the resumed run repeats (and a torn line), and a
+    # half-written export folder. The resumed run keeps one row per step and removes the folder.
+    with open(os.path.join(split, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 3, "reward_mean": -1.0}) + "\n" + '{"step": 4, "rew')
+    os.makedirs(os.path.join(split, "export.tmp-killed"))
     train(grpo_config(model_dir, steps=4), split)  # restarted: resumes at step 2
+    assert not os.path.exists(os.path.join(split, "export.tmp-killed"))
+    assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4]
     a, _ = load_hf_params(os.path.join(full, "export"))
     b, _ = load_hf_params(os.path.join(split, "export"))
     initial, _ = load_hf_params(model_dir)
