@@ -112,12 +112,6 @@ def test_answer_batch_keeps_good_rows_and_reports_bad_ones(model_dir, tmp_path, 
     assert rows[3]["field"] == "context" and "in.jsonl row 3" in rows[3]["error"]
     assert rows[4]["field"] == "answers" and "in.jsonl row 4: field 'answers' is missing" in rows[4]["error"]
     assert "in.jsonl row 1: is not valid JSON" in rows[1]["error"] and "row 2: must be a JSON object" in rows[2]["error"]
-    # A JSON array with a non-object item: the other items are answered.
-    array = tmp_path / "in.json"
-    array.write_text(json.dumps([GOOD[0], "not a row"]))
-    assert answer.main(["--model", model_dir, "--input", str(array), "--output", str(out)] + SMALL) == 1
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["row"] for r in rows if "error" in r] == [1] and [r["row"] for r in rows if "answer" in r] == [0]
     # Output over the input: refused before anything loads; the input is untouched.
     capsys.readouterr()
     assert answer.main(["--model", model_dir, "--input", path, "--output", path] + SMALL) == 2
@@ -424,6 +418,7 @@ def test_interrupted_export_is_cleaned_up(model_dir, tmp_path):
     assert clean_stale_exports(str(out)) == [str(tmp_path / "export.tmp-again")]
 
 
+@pytest.mark.slow  # two learner compiles (~20 s on 2 cores)
 def test_padding_only_minibatches_do_not_move_adamw():
     """4 mini-batches over 2 real conversations + 2 padding rows: the padding-only updates are skipped, so the
     result equals 2 mini-batches over the real rows alone (before the fix, AdamW's momentum and weight decay moved
