@@ -88,6 +88,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                             rollout_tensor=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=2 if cpu else 10, keep=3, async_save=True))
     c.export = True  # write an HF folder of the final params to <workdir>/export
+    # The default sampling written into the export's memagent_agent.json (what answer / evaluate /
+    # MemoryAgent.from_pretrained use unless told otherwise): the paper's evaluation sampling.
+    c.export_sampling = ml_collections.ConfigDict(dict(temperature=0.7, top_p=0.95))
     c.log_every = 1
     return c
 

@@ -41,16 +41,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL output file (batch mode)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per agent batch (batch mode)")
     p.add_argument("--trace", action="store_true", help="print / write the memory after every chunk")
-    p.add_argument("--question-tokens", type=int, default=1024)
-    p.add_argument("--chunk-tokens", type=int, default=5000)
-    p.add_argument("--memory-tokens", type=int, default=1024)
-    p.add_argument("--answer-tokens", type=int, default=1024)
-    p.add_argument("--chunks-per-segment", type=int, default=4)
-    p.add_argument("--max-document-tokens", type=int, default=0, help="centre-truncate longer documents (0 = off)")
-    p.add_argument("--truncate-question", action="store_true", help="truncate over-budget questions (with a warning)")
-    p.add_argument("--templates", default=None, help="JSON file with memory_update / final_answer / initial_memory")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); evaluation recipe: 0.7")
-    p.add_argument("--top-p", type=float, default=1.0, help="evaluation recipe: 0.95")
+    # Agent settings: the config names of train / evaluate (`agent.*`). Unset = the model folder's
+    # memagent_agent.json (written by train's export), else the documented default shown.
+    p.add_argument("--agent.question_tokens", "--question-tokens", dest="question_tokens", type=int, default=None,
+                   metavar="Q", help="question slot in tokens (default: the model's settings file, else 1024)")
+    p.add_argument("--agent.chunk_tokens", "--chunk-tokens", dest="chunk_tokens", type=int, default=None,
+                   metavar="C", help="document tokens read per step (default: settings file, else 5000)")
+    p.add_argument("--agent.memory_tokens", "--memory-tokens", dest="memory_tokens", type=int, default=None,
+                   metavar="M", help="most new tokens of a memory update (default: settings file, else 1024)")
+    p.add_argument("--agent.answer_tokens", "--answer-tokens", dest="answer_tokens", type=int, default=None,
+                   metavar="A", help="most new tokens of the final answer (default: settings file, else 1024)")
+    p.add_argument("--agent.chunks_per_segment", "--chunks-per-segment", dest="chunks_per_segment", type=int,
+                   default=None, metavar="S", help="chunks per compiled scan (default: settings file, else 4)")
+    p.add_argument("--agent.max_document_tokens", "--max-document-tokens", dest="max_document_tokens", type=int,
+                   default=None, metavar="N", help="centre-truncate longer documents (0 = off; default: settings "
+                   "file, else 0)")
+    p.add_argument("--agent.question_overflow", dest="question_overflow", choices=("error", "truncate"),
+                   default=None, help="an over-budget question: error, or truncate with a warning (default: "
+                   "settings file, else error)")
+    p.add_argument("--truncate-question", action="store_true", help="deprecated: --agent.question_overflow=truncate")
+    p.add_argument("--agent.templates", "--templates", dest="templates", default=None, metavar="FILE",
+                   help="JSON file with memory_update / final_answer / initial_memory / system / prompt_mode "
+                   "(default: the settings file's templates, else the default wording)")
+    p.add_argument("--agent.prompt_mode", dest="prompt_mode", choices=("pieces", "text"), default=None,
+                   help="how prompts become tokens (default: settings file / templates, else pieces)")
+    p.add_argument("--agent.temperature", "--temperature", dest="temperature", type=float, default=None,
+                   metavar="T", help="sampling temperature, 0 = greedy (default: settings file, else 0; the "
+                   "evaluation recipe: 0.7)")
+    p.add_argument("--agent.top_p", "--top-p", dest="top_p", type=float, default=None, metavar="P",
+                   help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="param and compute dtype (float32, bfloat16; default: checkpoint)")
     p.add_argument("--allow-nonfinite-weights", action="store_true",
@@ -71,17 +90,19 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def check_args(args) -> None:
     """Checks every flag before anything loads; errors name the flag (and the file at fault)."""
-    for flag, value in (("--batch-size", args.batch_size), ("--question-tokens", args.question_tokens),
-                        ("--chunk-tokens", args.chunk_tokens), ("--memory-tokens", args.memory_tokens),
-                        ("--answer-tokens", args.answer_tokens), ("--chunks-per-segment", args.chunks_per_segment)):
-        if value < 1:
-            raise AnswerArgsError(f"{flag} must be >= 1, got {value}")
-    if args.max_document_tokens < 0:
-        raise AnswerArgsError(f"--max-document-tokens must be >= 0 (0 = no limit), got {args.max_document_tokens}")
-    if not args.temperature >= 0 or args.temperature == float("inf"):
-        raise AnswerArgsError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise AnswerArgsError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.batch_size < 1:
+        raise AnswerArgsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise AnswerArgsError(f"--agent.{name} must be >= 1, got {value}")
+    if args.max_document_tokens is not None and args.max_document_tokens < 0:
+        raise AnswerArgsError(f"--agent.max_document_tokens must be >= 0 (0 = no limit), got "
+                              f"{args.max_document_tokens}")
+    if args.temperature is not None and (not args.temperature >= 0 or args.temperature == float("inf")):
+        raise AnswerArgsError(f"--agent.temperature (--temperature) must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise AnswerArgsError(f"--agent.top_p (--top-p) must be in (0, 1], got {args.top_p}")
     if not os.path.isdir(args.model):
         raise AnswerArgsError(f"--model {args.model!r}: no such folder (expected a local Hugging Face model folder)")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -95,7 +116,7 @@ def check_args(args) -> None:
         raise AnswerArgsError(f"{flag} {tok!r}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in the folder"
                               + ("" if args.tokenizer else "; pass --tokenizer DIR"))
     if args.templates and not os.path.isfile(args.templates):
-        raise AnswerArgsError(f"--templates {args.templates!r}: no such file")
+        raise AnswerArgsError(f"--agent.templates {args.templates!r}: no such file")
     if args.document is not None and not os.path.isfile(args.document):
         raise AnswerArgsError(f"--document {args.document!r} does not exist")
     if args.input is not None:
@@ -112,10 +133,10 @@ def check_args(args) -> None:
 def _build_agent(args):
     from transformers import AutoTokenizer
 
-    from memagent_jax.agent import AgentBudgets, AgentTemplates, MemoryAgent
+    from memagent_jax.agent import MemoryAgent
     from memagent_jax.models import load_hf_params
-    from memagent_jax.sampling import SamplingParams
 
+    settings = resolve_settings(args)  # before anything heavy loads
     tok = args.tokenizer or args.model
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok, local_files_only=True)
@@ -127,13 +148,25 @@ def _build_agent(args):
                                     allow_nonfinite=args.allow_nonfinite_weights)
     if args.dtype:
         config = config.replace(compute_dtype=args.dtype)
-    budgets = AgentBudgets(question_tokens=args.question_tokens, chunk_tokens=args.chunk_tokens,
-                           memory_tokens=args.memory_tokens, answer_tokens=args.answer_tokens,
-                           chunks_per_segment=args.chunks_per_segment, max_document_tokens=args.max_document_tokens,
-                           question_overflow="truncate" if args.truncate_question else "error")
-    templates = AgentTemplates.from_file(args.templates) if args.templates else AgentTemplates()
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
-    return MemoryAgent(params, config, tokenizer, budgets=budgets, templates=templates, memory_sampling=sampling)
+    return MemoryAgent(params, config, tokenizer, budgets=settings.budgets, templates=settings.templates,
+                       memory_sampling=settings.sampling())
+
+
+def resolve_settings(args):
+    """The agent settings of this run: the model folder's memagent_agent.json (or the documented defaults),
+    with every flag that was given on top. Errors name the file or flag."""
+    from memagent_jax.agent import AgentInputError, AgentSettings, TemplateError
+
+    settings = AgentSettings.load(args.model)
+    overflow = args.question_overflow or ("truncate" if args.truncate_question else None)
+    try:
+        return settings.override(
+            question_tokens=args.question_tokens, chunk_tokens=args.chunk_tokens, memory_tokens=args.memory_tokens,
+            answer_tokens=args.answer_tokens, chunks_per_segment=args.chunks_per_segment,
+            max_document_tokens=args.max_document_tokens, question_overflow=overflow, templates=args.templates,
+            prompt_mode=args.prompt_mode, temperature=args.temperature, top_p=args.top_p)
+    except (AgentInputError, TemplateError) as e:
+        raise AnswerArgsError(f"agent settings: {e}") from None
 
 
 def _single(args, agent) -> int:
@@ -190,7 +223,10 @@ def _batch(args, agent) -> int:
             ready.append((d_ids.size, i, record, d_ids))
         out.flush()
         ready.sort(key=lambda r: r[0])  # similar lengths together: fewer idle rows per batch
-        done, t0 = 0, time.time()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ready), unit="row", desc="answering", dynamic_ncols=True, file=sys.stderr,
+                   disable=args.no_progress)
         for start in range(0, len(ready), args.batch_size):
             group = ready[start:start + args.batch_size]
             result = agent.run([r[2].question for r in group], [r[3] for r in group], rng=args.seed + start,
@@ -214,9 +250,8 @@ def _batch(args, agent) -> int:
                     row["trace"] = result.traces[j]
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
-            done += len(group)
-            if not args.no_progress:
-                print(f"{done}/{len(ready)} rows, {time.time() - t0:.0f}s", file=sys.stderr)
+            bar.update(len(group))
+        bar.close()
     if partial != os.devnull:
         os.replace(partial, out_path)
     answered = len(ready) - nonfinite
@@ -225,8 +260,29 @@ def _batch(args, agent) -> int:
     return 1 if failed else 0
 
 
+_DEPRECATED = {"--question-tokens": "--agent.question_tokens", "--chunk-tokens": "--agent.chunk_tokens",
+               "--memory-tokens": "--agent.memory_tokens", "--answer-tokens": "--agent.answer_tokens",
+               "--chunks-per-segment": "--agent.chunks_per_segment",
+               "--max-document-tokens": "--agent.max_document_tokens", "--templates": "--agent.templates",
+               "--temperature": "--agent.temperature", "--top-p": "--agent.top_p",
+               "--truncate-question": "--agent.question_overflow=truncate"}
+
+
+def warn_deprecated(argv: list[str]) -> list[str]:
+    """Warns (stderr) once per old flag spelling in `argv`; returns the old spellings found."""
+    found = []
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if old in _DEPRECATED and old not in found:
+            found.append(old)
+            print(f"warning: {old} is deprecated; use {_DEPRECATED[old]} (the config name used by train and "
+                  f"evaluate)", file=sys.stderr)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warn_deprecated(sys.argv[1:] if argv is None else list(argv))
     single = args.question is not None or args.document is not None
     batch = args.input is not None or args.output is not None
     if single == batch:
@@ -237,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("batch mode needs both --input and --output")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from memagent_jax import distributed
-    from memagent_jax.agent import AgentInputError, TemplateError
+    from memagent_jax.agent import AgentInputError, AgentSettingsError, TemplateError
     from memagent_jax.data.records import DataFormatError
     from memagent_jax.models import CheckpointError, ConfigError
 
@@ -256,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         with output:
             agent = _build_agent(args)
             return _single(args, agent) if single else _batch(args, agent)
-    except (AgentInputError, AnswerArgsError, CheckpointError, ConfigError, DataFormatError, TemplateError,
+    except (AgentInputError, AgentSettingsError, AnswerArgsError, CheckpointError, ConfigError, DataFormatError, TemplateError,
             FileNotFoundError, distributed.DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

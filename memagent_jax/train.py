@@ -109,6 +109,9 @@ def _check_ranges(cfg) -> None:
             allowed="> 0 (GRPO compares the sampled trajectories of a group: at temperature 0 they are all the "
                     "same and every advantage is 0)")
     _number(cfg, "agent.top_p", low=0, high=1, low_open=True)
+    if "export_sampling" in cfg:
+        _number(cfg, "export_sampling.temperature", low=0, allowed=">= 0 (0 = greedy)")
+        _number(cfg, "export_sampling.top_p", low=0, high=1, low_open=True)
     rl = cfg.rl
     _number(cfg, "rl.learning_rate", low=0, low_open=True, allowed="> 0 (at 0 nothing is learned)")
     _number(cfg, "rl.weight_decay", low=0)
@@ -352,6 +355,21 @@ def agent_settings(cfg):
     return budgets, templates
 
 
+def export_settings(cfg):
+    """The `AgentSettings` that train's export carries (memagent_agent.json): the training budgets and templates,
+    `config.export_sampling` as the default inference sampling (the paper's evaluation 0.7 / 0.95 unless changed),
+    the reward style, and a record of the rollout's sampling."""
+    from memagent_jax.agent import AgentSettings
+
+    budgets, templates = agent_settings(cfg)
+    sampling = cfg.get("export_sampling") or {"temperature": 0.7, "top_p": 0.95}
+    return AgentSettings(budgets=budgets, templates=templates, temperature=float(sampling["temperature"]),
+                         top_p=float(sampling["top_p"]), reward_style=cfg.data.reward_style, extract="boxed",
+                         training={"source": "memagent_jax.train", "steps": int(cfg.steps),
+                                   "temperature": float(cfg.agent.temperature), "top_p": float(cfg.agent.top_p),
+                                   "model": str(cfg.model.path)})
+
+
 def _records(cfg, tokenizer):
     """(random-access source, transform to QARecord): the training file, or the synthetic task."""
     if cfg.data.train_file:
@@ -429,7 +447,7 @@ def train(cfg, workdir: str) -> dict:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from memagent_jax.agent import MemoryAgent
+    from memagent_jax.agent import SETTINGS_FILE, MemoryAgent
     from memagent_jax.checkpoint import Checkpointer
     from memagent_jax.data.iterator import ShardedIterator
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
@@ -535,7 +553,8 @@ def train(cfg, workdir: str) -> dict:
         checkpointer.wait_until_finished()
         if cfg.export:
             out = save_hf_checkpoint(state.params, model_config, os.path.join(workdir, "export"),
-                                     base_folder=cfg.model.tokenizer or cfg.model.path)
+                                     base_folder=cfg.model.tokenizer or cfg.model.path,
+                                     extra_files={SETTINGS_FILE: export_settings(cfg).to_json()})
             if jax.process_index() == 0:
                 print(f"exported the trained model to {out}", flush=True)
     finally:

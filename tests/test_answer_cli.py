@@ -9,8 +9,8 @@ from memagent_jax import answer
 from memagent_jax.data.formats import write_eval_file
 from memagent_jax.data.records import QARecord
 
-SMALL = ["--question-tokens", "32", "--chunk-tokens", "24", "--memory-tokens", "16", "--answer-tokens", "6",
-         "--chunks-per-segment", "2", "--no-progress"]
+SMALL = ["--agent.question_tokens", "32", "--agent.chunk_tokens", "24", "--agent.memory_tokens", "16",
+         "--agent.answer_tokens", "6", "--agent.chunks_per_segment", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_answer_arguments_fail_early_and_clearly(model_dir, tmp_path, capsys):
              (["--model", str(no_tok)] + single, "no tokenizer files"),
              (["--model", model_dir, "--input", str(doc), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "0"],
               "--batch-size must be >= 1, got 0"),
-             (["--model", model_dir, "--top-p", "2"] + single, "--top-p must be in (0, 1], got 2.0")]
+             (["--model", model_dir, "--top-p", "2"] + single, "--agent.top_p (--top-p) must be in (0, 1], got 2.0")]
     for argv, message in cases:
         assert answer.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv

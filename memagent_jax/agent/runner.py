@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from typing import Iterable, Sequence
 
 import jax
@@ -133,6 +134,39 @@ class MemoryAgent:
                 f"memory {budgets.memory_tokens} + chunk {budgets.chunk_tokens} + templates + new tokens), more "
                 f"than the model's max_position_embeddings ({config.max_position_embeddings})")
         self._caches: dict[tuple[str, int], object] = {}
+
+    @classmethod
+    def from_pretrained(cls, folder: str, *, tokenizer=None, param_dtype: str | None = None,
+                        compute_dtype: str | None = None, mesh=None, allow_nonfinite_weights: bool = False,
+                        **overrides) -> "MemoryAgent":
+        """A memory agent from a local Hugging Face folder, with the settings it was exported with.
+
+        The folder's `memagent_agent.json` (written by `train`'s export; see `agent.settings`) gives the budgets,
+        templates and sampling; a folder without it gets the documented defaults (reference budgets
+        1024 / 5000 / 1024 / 1024, the default templates, greedy decoding). `overrides` replace single settings by
+        their config names: `chunk_tokens=...`, `memory_tokens=...`, `temperature=...`, `top_p=...`,
+        `memory_update=...`, `prompt_mode=...`, or whole `budgets=AgentBudgets(...)` / `templates=...` (an
+        `AgentTemplates` or a JSON file). tokenizer: a tokenizer, a folder, or None (the model folder).
+        param_dtype / compute_dtype: e.g. 'bfloat16' (None: the checkpoint's). The result's `settings` attribute
+        holds what was used.
+        """
+        from memagent_jax.agent.settings import AgentSettings
+        from memagent_jax.models import load_hf_params
+
+        folder = os.fspath(folder)
+        settings = AgentSettings.load(folder).override(**overrides)  # checked before anything heavy loads
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer or folder), local_files_only=True)
+        params, config = load_hf_params(folder, mesh=mesh, param_dtype=param_dtype,
+                                        allow_nonfinite=allow_nonfinite_weights)
+        if compute_dtype or param_dtype:
+            config = config.replace(compute_dtype=compute_dtype or param_dtype)
+        agent = cls(params, config, tokenizer, budgets=settings.budgets, templates=settings.templates,
+                    memory_sampling=settings.sampling(), mesh=mesh)
+        agent.settings = settings
+        return agent
 
     @property
     def budgets(self) -> AgentBudgets:
