@@ -4,13 +4,15 @@
         --config.models=warm=/ckpt/warm,rl=/ckpt/rl \\
         --config.eval_files='/data/eval_50docs.json,/data/eval_*docs.json'
 
-`get_config()` gives the reference evaluation recipe: budgets 1024 / 5000 / 1024 / 1024 (question / chunk /
-memory / answer tokens), sampling temperature 0.7 and top-p 0.95, accuracy = sub-exact-match of the last
-\\boxed{...} answer. `get_config("cpu")` shrinks the budgets to those of configs/grpo.py:cpu (tiny CPU models).
+`get_config()` gives the reference evaluation recipe: each model's own memagent_agent.json (budgets, templates,
+sampling, as train exported it), else budgets 1024 / 5000 / 1024 / 1024 (question / chunk / memory / answer
+tokens), temperature 0.7 and top-p 0.95; accuracy = sub-exact-match of the last \\boxed{...} answer.
+`get_config("cpu")` sets the budgets of configs/grpo.py:cpu (64 / 64 / 16 / 8, tiny CPU models).
 Every field is overridable with --config.a.b=value.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -26,20 +28,30 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Document store for files whose rows give 'context' as a list of document indices (the reference's 12800+
     # document files): the raw HotpotQA / SQuAD JSON the files were built from, or a JSON array of documents.
     c.doc_store = ""
-    c.budgets = ml_collections.ConfigDict(dict(
-        question_tokens=64 if cpu else 1024,
-        chunk_tokens=64 if cpu else 5000,
-        memory_tokens=16 if cpu else 1024,
-        answer_tokens=8 if cpu else 1024,
-        chunks_per_segment=2 if cpu else 4,
-        max_document_tokens=0,  # 0 = read whole documents; else centre-truncate to this many tokens
-        question_overflow="error",  # or 'truncate'
+    # The agent's settings, named as in configs/grpo.py (`--config.agent.chunk_tokens=...` in train and here,
+    # `--agent.chunk_tokens` in answer). None / '' = each model folder's memagent_agent.json (what train's export
+    # writes), else the default after the '|'.
+    c.agent = ml_collections.ConfigDict(dict(
+        question_tokens=64 if cpu else placeholder(int),  # question slot | 1024
+        chunk_tokens=64 if cpu else placeholder(int),  # document tokens read per step | 5000
+        memory_tokens=16 if cpu else placeholder(int),  # most new tokens of a memory update | 1024
+        answer_tokens=8 if cpu else placeholder(int),  # most new tokens of the final answer | 1024
+        chunks_per_segment=2 if cpu else placeholder(int),  # chunks per compiled scan | 4
+        max_document_tokens=placeholder(int),  # centre-truncate longer documents, 0 = off | 0
+        question_overflow=placeholder(str),  # an over-budget question: 'error' or 'truncate' | error
+        temperature=placeholder(float),  # sampling temperature, 0 = greedy | 0.7 (the paper's evaluation)
+        top_p=placeholder(float),  # nucleus sampling | 0.95
+        templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
+        prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
     ))
-    c.templates = ""  # optional JSON file with memory_update / final_answer / initial_memory / system
-    c.sampling = ml_collections.ConfigDict(dict(
-        temperature=0.7,  # 0 = greedy
-        top_p=0.95,
-    ))
+    # Deprecated spellings (still read, with a warning): budgets.* and sampling.* are agent.*, templates is
+    # agent.templates.
+    c.budgets = ml_collections.ConfigDict({name: placeholder(int) for name in (
+        "question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment",
+        "max_document_tokens")})
+    c.budgets.question_overflow = placeholder(str)
+    c.sampling = ml_collections.ConfigDict(dict(temperature=placeholder(float), top_p=placeholder(float)))
+    c.templates = ""
     c.metric = "sub_em"  # em | f1 | sub_em | string_match_all | auto (each row's extra field 'metric', else sub_em)
     c.extract = "boxed"  # how the prediction is taken from the answer (verifier.EXTRACTORS)
     c.batch_size = 8  # rows per agent batch (rows of similar length are batched together)

@@ -27,6 +27,11 @@ nothing ran: a bad setting, model or file). Outputs are written atomically (temp
 an evaluation file. Weights holding NaN / inf are refused at load, naming the tensor
 (--config.allow_nonfinite_weights=True loads them anyway).
 
+Agent settings: a model folder exported by `train` carries `memagent_agent.json` (budgets, templates, sampling;
+see `agent.settings`), which is used for that model unless the config sets a field (`config.agent.*`, the
+same names as train's); a plain Hugging Face folder gets the reference budgets 1024 / 5000 / 1024 / 1024, the
+default templates and the paper's evaluation sampling (temperature 0.7, top-p 0.95).
+
 Sampling keys depend only on the seed and the row's `index`, so every model sees the same keys for the same
 question and a rerun reproduces the same answers.
 
@@ -721,7 +726,8 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None, *, budgets=None, templates=None,
-                    temperature: float = 0.7, top_p: float = 0.95, memory_sampling=None, answer_sampling=None,
+                    temperature: float | None = None, top_p: float | None = None, memory_sampling=None,
+                    answer_sampling=None, agent_overrides: Mapping | None = None,
                     metric: str = "sub_em", extract: str = "boxed", batch_size: int = 8, max_questions: int = 0,
                     seed: int = 0, num_traces: int = 3, row_errors: str = "skip", mesh=None,
                     param_dtype: str | None = None, compute_dtype: str | None = None,
@@ -736,10 +742,14 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         memory, or a `MemoryAgent` (its params, tokenizer and mesh are used with this evaluation's settings).
       eval_files: evaluation-format files (paths or glob patterns; a comma-separated string works too).
       out_dir: where results.json / results.csv / results.txt / predictions/ / accuracy_vs_length.png go.
-      budgets: `AgentBudgets` (default: the reference 1024 / 5000 / 1024 / 1024).
-      templates: `AgentTemplates`, a JSON template file, or None (the default wording).
-      temperature, top_p: sampling of memories and answers (0 = greedy); `memory_sampling` / `answer_sampling`
-        (`SamplingParams`) override them.
+      budgets: `AgentBudgets` for every model (None: each model folder's memagent_agent.json, else the reference
+        1024 / 5000 / 1024 / 1024).
+      templates: `AgentTemplates`, a JSON template file, or None (the model's settings file, else the default
+        wording).
+      temperature, top_p: sampling of memories and answers (0 = greedy; None: the model's settings file, else
+        0.7 / 0.95); `memory_sampling` / `answer_sampling` (`SamplingParams`) override them.
+      agent_overrides: single settings by their config names ({"chunk_tokens": 32, "prompt_mode": "text"}),
+        applied on top of each model's settings (see `AgentSettings.override`).
       metric, extract, batch_size, max_questions, seed, num_traces, row_errors: see `evaluate_agent`.
       mesh: a ('data', 'fsdp', 'tensor') mesh for loading and running (None: one device).
       param_dtype, compute_dtype: for models loaded from folders (None: the checkpoint's dtype).
@@ -755,7 +765,7 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         (the reference's 12800+ document files): the raw HotpotQA / SQuAD JSON they were built from, a JSON array
         of documents, or a `data.docstore.DocumentStore`. Loaded once.
     """
-    from memagent_jax.agent import AgentBudgets, AgentTemplates
+    from memagent_jax.agent import AgentSettings, AgentTemplates
     from memagent_jax.sampling import SamplingParams
 
     entries = parse_models(models)
@@ -776,13 +786,24 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         except (OSError, ValueError) as e:  # a missing file; DataFormatError names the file, row and field
             raise EvalConfigError(f"doc_store: {e}") from None
     opened = [open_eval_file(f, doc_store) for f in files]  # every file checked before any model loads
-    budgets = budgets if budgets is not None else AgentBudgets()
-    if templates is None:
-        templates = AgentTemplates()
-    elif isinstance(templates, (str, os.PathLike)):
+    if isinstance(templates, (str, os.PathLike)):
         templates = AgentTemplates.from_file(templates)
-    memory_sampling = memory_sampling or SamplingParams(temperature=float(temperature), top_p=float(top_p))
-    answer_sampling = answer_sampling or memory_sampling
+
+    def settings_for(source):
+        """Budgets, templates and sampling of one model: its settings file (folders) under the explicit ones."""
+        folder = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+        base = AgentSettings.load(folder) if folder and os.path.isdir(folder) else AgentSettings()
+        try:
+            explicit = dict(budgets=budgets, templates=templates, temperature=temperature, top_p=top_p)
+            settings = base.override(**{k: v for k, v in explicit.items() if v is not None}).override(
+                **dict(agent_overrides or {}))
+        except TypeError as e:
+            raise EvalConfigError(f"agent_overrides: {e}") from None
+        mem = memory_sampling or settings.sampling(0.7, 0.95)
+        return settings, mem, answer_sampling or mem
+
+    first_settings, first_memory, first_answer = settings_for(entries[0][1]) if entries else (
+        AgentSettings(), SamplingParams(temperature=0.7, top_p=0.95), None)
     main = _is_main_process()
     show = progress and main
 
@@ -791,10 +812,11 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         "models": {name: (os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
                    for name, src in entries},
         "eval_files": files,
-        "budgets": dataclasses.asdict(budgets),
-        "templates": dataclasses.asdict(templates),
-        "memory_sampling": _sampling_echo(memory_sampling),
-        "answer_sampling": _sampling_echo(answer_sampling),
+        "budgets": dataclasses.asdict(first_settings.budgets),
+        "templates": dataclasses.asdict(first_settings.templates),
+        "memory_sampling": _sampling_echo(first_memory),
+        "answer_sampling": _sampling_echo(first_answer or first_memory),
+        "agents": {},  # per model: the settings used (its memagent_agent.json under the explicit settings)
         "metric": metric, "extract": extract, "batch_size": batch_size, "max_questions": max_questions,
         "seed": seed, "num_traces": num_traces, "row_errors": row_errors, "param_dtype": param_dtype,
         "compute_dtype": compute_dtype, "tokenizer": tokenizer_path,
@@ -805,8 +827,12 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
     for name, source in entries:
         t0 = time.perf_counter()
-        agent, path = _agent_for(source, budgets=budgets, templates=templates, memory_sampling=memory_sampling,
-                                 answer_sampling=answer_sampling, mesh=mesh, tokenizer_path=tokenizer_path,
+        settings, mem_sampling, ans_sampling = settings_for(source)
+        echo["agents"][name] = dict(settings.to_dict(), settings_file=settings.path or None,
+                                    memory_sampling=_sampling_echo(mem_sampling),
+                                    answer_sampling=_sampling_echo(ans_sampling))
+        agent, path = _agent_for(source, budgets=settings.budgets, templates=settings.templates,
+                                 memory_sampling=mem_sampling, answer_sampling=ans_sampling, mesh=mesh, tokenizer_path=tokenizer_path,
                                  param_dtype=param_dtype, compute_dtype=compute_dtype,
                                  allow_nonfinite=allow_nonfinite_weights)
         _log(f"model {name!r}: ready in {time.perf_counter() - t0:.1f}s" + (f" ({path})" if path else ""), show)
@@ -961,8 +987,7 @@ def validate_config(cfg) -> None:
     parse_eval_files(cfg.eval_files, field="config.eval_files")
     if cfg.tokenizer and not os.path.isdir(cfg.tokenizer):
         raise EvalConfigError(f"config.tokenizer: {cfg.tokenizer!r} is not a directory")
-    if cfg.templates and not os.path.isfile(cfg.templates):
-        raise EvalConfigError(f"config.templates: {cfg.templates!r} does not exist")
+    agent_overrides(cfg)  # agent.* (and the deprecated budgets.* / sampling.* / templates), each field checked
     if cfg.metric != "auto" and cfg.metric not in verifier.METRICS:
         raise EvalConfigError(f"config.metric: unknown metric {cfg.metric!r}; choose one of "
                               f"{sorted(verifier.METRICS)} or 'auto'")
@@ -976,22 +1001,47 @@ def validate_config(cfg) -> None:
     for name in ("max_questions", "num_traces"):
         if cfg[name] < 0:
             raise EvalConfigError(f"config.{name}: must be >= 0, got {cfg[name]}")
-    if cfg.sampling.temperature < 0 or not 0 < cfg.sampling.top_p <= 1:
-        raise EvalConfigError(f"config.sampling: temperature must be >= 0 and top_p in (0, 1], got "
-                              f"{cfg.sampling.temperature} / {cfg.sampling.top_p}")
 
 
-def _budgets_from(cfg):
-    from memagent_jax.agent import AgentBudgets, AgentInputError
+_AGENT_INTS = ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")
+_DEPRECATED = {**{f"budgets.{n}": f"agent.{n}" for n in _AGENT_INTS + ("max_document_tokens", "question_overflow")},
+               "sampling.temperature": "agent.temperature", "sampling.top_p": "agent.top_p",
+               "templates": "agent.templates"}
 
-    b = cfg.budgets
-    try:
-        return AgentBudgets(question_tokens=b.question_tokens, chunk_tokens=b.chunk_tokens,
-                            memory_tokens=b.memory_tokens, answer_tokens=b.answer_tokens,
-                            chunks_per_segment=b.chunks_per_segment, max_document_tokens=b.max_document_tokens,
-                            question_overflow=b.question_overflow)
-    except AgentInputError as e:
-        raise EvalConfigError(f"config.{e}") from None
+
+def agent_overrides(cfg, *, warn: bool = False) -> dict:
+    """The agent settings the config sets ({config name: value}; unset fields are left to each model's
+    memagent_agent.json). Reads `config.agent.*` and the deprecated `budgets.*` / `sampling.*` / `templates`
+    (a warning names the new field when `warn`). Errors name the field."""
+    out, where = {}, {}
+    for name, value in (cfg.get("agent") or {}).items():
+        if value not in (None, ""):
+            out[name], where[name] = value, f"config.agent.{name}"
+    for old, new in _DEPRECATED.items():  # set only when given, so they win over agent.* values of a variant
+        node, *rest = old.split(".")
+        value = cfg.get(node) if not rest else (cfg.get(node) or {}).get(rest[0])
+        if value not in (None, ""):
+            if warn:
+                print(f"warning: config.{old} is deprecated; use config.{new} (the name train uses)", file=sys.stderr)
+            out[new.split(".")[1]], where[new.split(".")[1]] = value, f"config.{old}"
+    for name in _AGENT_INTS:
+        if name in out and (isinstance(out[name], bool) or not isinstance(out[name], int) or out[name] < 1):
+            raise EvalConfigError(f"{where[name]} must be a positive integer, got {out[name]!r}")
+    if "max_document_tokens" in out and out["max_document_tokens"] < 0:
+        raise EvalConfigError(f"{where['max_document_tokens']} must be >= 0 (0 = whole documents), got "
+                              f"{out['max_document_tokens']}")
+    if out.get("question_overflow", "error") not in ("error", "truncate"):
+        raise EvalConfigError(f"{where['question_overflow']} must be 'error' or 'truncate', got "
+                              f"{out['question_overflow']!r}")
+    if "temperature" in out and not 0 <= out["temperature"] < float("inf"):
+        raise EvalConfigError(f"{where['temperature']} must be >= 0 (0 = greedy), got {out['temperature']}")
+    if "top_p" in out and not 0 < out["top_p"] <= 1:
+        raise EvalConfigError(f"{where['top_p']} must be in (0, 1], got {out['top_p']}")
+    if out.get("prompt_mode", "pieces") not in ("pieces", "text"):
+        raise EvalConfigError(f"{where['prompt_mode']} must be 'pieces' or 'text', got {out['prompt_mode']!r}")
+    if "templates" in out and not os.path.isfile(out["templates"]):
+        raise EvalConfigError(f"{where['templates']}: {out['templates']!r} does not exist")
+    return out
 
 
 def run(cfg, workdir: str) -> EvalResults:
@@ -1002,14 +1052,13 @@ def run(cfg, workdir: str) -> EvalResults:
     from memagent_jax.models import sharding as sharding_lib
 
     validate_config(cfg)
-    budgets = _budgets_from(cfg)
+    overrides = agent_overrides(cfg, warn=True)
     try:
         mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except sharding_lib.MeshError as e:
         raise EvalConfigError(f"config.mesh: {e} ({jax.device_count()} devices)") from None
     return evaluate_models(
-        cfg.models, cfg.eval_files, workdir, budgets=budgets, templates=cfg.templates or None,
-        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, metric=cfg.metric, extract=cfg.extract,
+        cfg.models, cfg.eval_files, workdir, agent_overrides=overrides, metric=cfg.metric, extract=cfg.extract,
         batch_size=cfg.batch_size, max_questions=cfg.max_questions, seed=cfg.seed, num_traces=cfg.num_traces,
         row_errors=cfg.row_errors, mesh=mesh, param_dtype=cfg.param_dtype or None,
         compute_dtype=cfg.compute_dtype or None, tokenizer_path=cfg.tokenizer or None, progress=cfg.progress,
@@ -1069,13 +1118,13 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from memagent_jax.agent import AgentInputError, TemplateError
+    from memagent_jax.agent import AgentInputError, AgentSettingsError, TemplateError
     from memagent_jax.data.records import DataFormatError
     from memagent_jax.models import CheckpointError, ConfigError
 
     try:
         results = run(_CONFIG.value, _WORKDIR.value)
-    except (EvalConfigError, DataFormatError, CheckpointError, ConfigError, AgentInputError, TemplateError,
+    except (EvalConfigError, AgentSettingsError, DataFormatError, CheckpointError, ConfigError, AgentInputError, TemplateError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -114,3 +114,27 @@ def test_from_pretrained_reads_the_settings(folders):
     assert other.templates.initial_memory == "empty"
     assert MemoryAgent.from_pretrained(plain, chunk_tokens=24, question_tokens=32, memory_tokens=16,
                                        answer_tokens=6).templates == AgentTemplates()  # plain folder: defaults
+
+
+def test_evaluate_uses_each_models_settings(folders, tmp_path):
+    from memagent_jax import evaluate as ev
+    from memagent_jax.data.formats import write_eval_file
+    from memagent_jax.data.records import QARecord
+
+    exported, plain, templates = folders
+    path = str(tmp_path / "qa.jsonl")
+    write_eval_file([QARecord(question="Where is the key?", document="The key is in the box. " * 12, answers=("box",),
+                              index=0)], path)
+    common = dict(progress=False, plot=False, warmup=False)
+    a = ev.evaluate_models({"exported": exported}, [path], None, **common)
+    b = ev.evaluate_models({"plain": plain}, [path], None, budgets=BUDGETS, templates=templates, temperature=0.0,
+                           top_p=1.0, **common)
+    assert [r["response"] for r in a.results[0].rows] == [r["response"] for r in b.results[0].rows]
+    agents = a.config["agents"]["exported"]
+    assert agents["settings_file"].endswith(SETTINGS_FILE) and agents["agent"]["chunk_tokens"] == 24
+    assert agents["memory_sampling"]["temperature"] == 0.0
+    # An explicit setting beats the file; a plain folder gets the evaluation recipe's sampling.
+    c = ev.evaluate_models({"exported": exported}, [path], None, agent_overrides={"chunk_tokens": 48}, **common)
+    assert c.config["agents"]["exported"]["agent"]["chunk_tokens"] == 48
+    assert c.results[0].rows[0]["num_chunks"] < a.results[0].rows[0]["num_chunks"]
+    assert b.config["agents"]["plain"]["settings_file"] is None

@@ -257,9 +257,9 @@ def _main(*args):
 def test_cli_end_to_end_two_models_two_lengths(models, eval_files, tmp_path, capsys):
     workdir = tmp_path / "eval"
     pattern = os.path.join(os.path.dirname(eval_files[0]), "qa_len_*")
-    overrides = [f"--config.budgets.{k}={v}" for k, v in BUDGETS.items()]
+    overrides = [f"--config.agent.{k}={v}" for k, v in BUDGETS.items()]
     _main("--workdir", str(workdir), f"--config.models=warm={models['warm']},{models['rl']}",
-          f"--config.eval_files={pattern}", "--config.sampling.temperature=0", "--config.metric=auto",
+          f"--config.eval_files={pattern}", "--config.agent.temperature=0", "--config.metric=auto",
           "--config.batch_size=4", "--config.num_traces=2", *overrides)
     out, err = capsys.readouterr()
     print(out)
@@ -341,7 +341,9 @@ def test_config_errors_name_the_field(models, eval_files, tmp_path):
         (dict(ok, eval_files=str(tmp_path / "none_*.jsonl")), r"config\.eval_files: pattern .* matches no file"),
         (dict(ok, metric="bleu"), r"config\.metric: unknown metric 'bleu'"),
         (dict(ok, row_errors="ignore"), r"config\.row_errors"),
-        ({**ok, "budgets.chunk_tokens": 0}, r"config\.budgets\.chunk_tokens must be a positive integer"),
+        ({**ok, "agent.chunk_tokens": 0}, r"config\.agent\.chunk_tokens must be a positive integer"),
+        ({**ok, "budgets.chunk_tokens": 0}, r"config\.budgets\.chunk_tokens must be a positive integer"),  # old name
+        ({**ok, "agent.top_p": 1.5}, r"config\.agent\.top_p must be in \(0, 1\]"),
         ({**ok, "mesh.data": 3}, r"config\.mesh: .*8 devices"),
     ]
     for overrides, pattern in cases:
