@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast bench install
+.PHONY: demo long-eval test test-fast bench install
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ QWEN3_TOKENIZER := .cache/qwen3-tokenizer/tokenizer.json
 $(QWEN3_TOKENIZER): tests/fetch_qwen3_tokenizer.py
 	$(PYTHON) tests/fetch_qwen3_tokenizer.py .cache/qwen3-tokenizer
 	touch $@
+
+# The main job's headline point: the RL model of `make demo` on 32 documents of 1M tokens (reuses the finished
+# stages of runs/tiny_synthetic, then runs the long evaluation and redraws the plot with it).
+long-eval: $(STAMP)
+	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic \
+		--config.long_eval.enabled=True
 
 test: $(STAMP) $(QWEN3_TOKENIZER)
 	$(BIN)/python -m pytest -q -ra

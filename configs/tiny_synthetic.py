@@ -30,10 +30,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict(dict(
         name="keyed_recall",
         train_chunks=2,  # training documents are this many chunks long
-        distractors_per_chunk=0.0,  # look-alike facts for other keys per chunk, at every length
+        # Look-alike facts "The secret word for <other creature> is <Word>." per chunk, at every length (0.5 with
+        # isolate_answer=True: the question-conditioned variant; not learned by this model within the CPU budget).
+        distractors_per_chunk=0.0,
+        same_chunk_distractors=0,  # of those, placed right beside the asked fact (in its chunk)
+        isolate_answer=False,  # no look-alike shares the asked fact's chunk
         train_samples=4096,  # rows of the training file (GRPO draws from it)
         eval_multipliers="1;4;16;64",  # evaluation lengths, in multiples of train_chunks
         eval_questions=256,  # held-out questions per length
+        multihop_multiplier=4,  # a two-hop evaluation file at this length (0: none)
+        concat_multiplier=16,  # an evaluation file of this many 1x documents joined (0: none)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
     c.model = ml_collections.ConfigDict(dict(
@@ -52,6 +58,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         warmup=20,
         forget_prob=0.3,  # the script's flaw: at a section without the answer, drop the notes
         overwrite_prob=0.0,  # ... or note a look-alike fact for another key
+        focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
+        note_style="value",  # what the notes hold: "value" (the word) or "fact" (the whole fact sentence)
     ))
     c.rl = ml_collections.ConfigDict(dict(
         steps=60,
@@ -69,9 +77,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         chunks_per_segment=8,
         report_questions=3,
     ))
+    # The headline point in miniature, off by default (`make long-eval`): the RL model on documents of >= 1M
+    # tokens, streamed segment by segment (constant device memory).
+    c.long_eval = ml_collections.ConfigDict(dict(
+        enabled=False,
+        chunks=32768,  # 32768 chunks x 32 tokens = 1,048,576 tokens per document
+        questions=32,
+        batch_size=32,
+    ))
     # Applied when quick=True (field=value pairs): every stage small, for tests and a first look.
     c.quick_overrides = ",".join([
-        "task.train_samples=256", "task.eval_questions=32", "task.eval_multipliers=1;4",
+        "task.train_samples=256", "task.eval_questions=32", "task.eval_multipliers=1;4", "task.concat_multiplier=4",
         "warm_start.updates=16", "warm_start.updates_per_call=8", "warm_start.trajectories_per_update=8",
         "rl.steps=2", "rl.questions_per_step=4", "rl.group_size=4",
         "eval.batch_size=32", "eval.report_questions=2",

@@ -80,6 +80,16 @@ def eval_multipliers(cfg) -> list[int]:
     return values
 
 
+def eval_labels(cfg) -> list[str]:
+    """Labels of the evaluation files: '<m>x' per length, then 'multihop_<m>x' and 'concat_<m>x' when enabled."""
+    labels = [f"{m}x" for m in eval_multipliers(cfg)]
+    if cfg.task.multihop_multiplier:
+        labels.append(f"multihop_{cfg.task.multihop_multiplier}x")
+    if cfg.task.concat_multiplier:
+        labels.append(f"concat_{cfg.task.concat_multiplier}x")
+    return labels
+
+
 def validate_config(cfg) -> None:
     from memagent_jax.data.synthetic import TASKS
 
@@ -94,6 +104,15 @@ def validate_config(cfg) -> None:
             raise PipelineConfigError(f"config.{path} must be positive, got {cfg[section][field]}")
     if cfg.task.distractors_per_chunk < 0:
         raise PipelineConfigError("config.task.distractors_per_chunk must be >= 0")
+    for path, low in (("task.same_chunk_distractors", 0), ("task.multihop_multiplier", 0),
+                      ("warm_start.focus_repeats", 1), ("long_eval.chunks", 1), ("long_eval.questions", 1),
+                      ("long_eval.batch_size", 1)):
+        section, field = path.split(".")
+        if int(cfg[section][field]) < low:
+            raise PipelineConfigError(f"config.{path} must be >= {low}, got {cfg[section][field]}")
+    if cfg.task.concat_multiplier == 1 or cfg.task.concat_multiplier < 0:
+        raise PipelineConfigError(f"config.task.concat_multiplier must be 0 (no file) or >= 2 (documents joined), "
+                                  f"got {cfg.task.concat_multiplier}")
     eval_multipliers(cfg)
 
 
@@ -120,12 +139,14 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def task_config(cfg, chunks: int, seed: int):
+def task_config(cfg, chunks: int, seed: int, hops: int | None = None, exact_length: bool = False):
     """The synthetic task at a length of `chunks` chunks (look-alikes scale with the length)."""
     from memagent_jax.data.synthetic import SyntheticConfig
 
     return SyntheticConfig(task=cfg.task.name, num_tokens=chunks * cfg.agent.chunk_tokens,
                            num_distractors=int(round(cfg.task.distractors_per_chunk * chunks)),
+                           same_chunk_distractors=cfg.task.same_chunk_distractors,
+                           isolate_answer=cfg.task.isolate_answer, exact_length=exact_length, hops=hops,
                            chunk_tokens=cfg.agent.chunk_tokens, chunk_aligned=True, seed=seed)
 
 
@@ -154,7 +175,7 @@ def make_assets(cfg, folder: str) -> dict:
     import jax
 
     from memagent_jax.data.formats import write_eval_file, write_train_file
-    from memagent_jax.data.synthetic import SyntheticDataset, tokenizer_corpus
+    from memagent_jax.data.synthetic import SyntheticDataset, concatenated_records, tokenizer_corpus
     from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
     from memagent_jax.models import save_hf_checkpoint
     from memagent_jax.models.config import ModelConfig
@@ -162,15 +183,15 @@ def make_assets(cfg, folder: str) -> dict:
 
     paths = {"tokenizer": os.path.join(folder, "tokenizer"), "model": os.path.join(folder, "initial_model"),
              "templates": os.path.join(folder, "templates.json"), "train_file": os.path.join(folder, "train.jsonl"),
-             "eval_files": {m: os.path.join(folder, f"eval_{m}x.jsonl") for m in eval_multipliers(cfg)}}
+             "eval_files": {label: os.path.join(folder, f"eval_{label}.jsonl") for label in eval_labels(cfg)}}
     done = _stage_done(folder)
     if done is not None:
-        return done["paths"] | {"eval_files": {int(k): v for k, v in done["paths"]["eval_files"].items()}}
+        return done["paths"]
     t0 = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     templates = agent_templates(cfg)
     with open(paths["templates"], "w") as f:
-        json.dump(dataclasses.asdict(templates), f, indent=1)
+        json.dump(templates.to_dict(), f, indent=1)
     texts = itertools.chain(tokenizer_corpus(num_samples=16, num_tokens=300, seed=cfg.seed),
                             [templates.memory_update, templates.final_answer, templates.initial_memory] * 50)
     train_tokenizer(texts, paths["tokenizer"], vocab_size=cfg.tokenizer.vocab_size)
@@ -182,10 +203,24 @@ def make_assets(cfg, folder: str) -> dict:
     train_set = SyntheticDataset(task_config(cfg, k, seeds["train"]), tokenizer, cfg.task.train_samples)
     write_train_file(train_set.records(), paths["train_file"])
     _say(f"[assets] {len(train_set)} training rows of {k} chunks -> {paths['train_file']}")
-    for m, path in paths["eval_files"].items():
+    for m in eval_multipliers(cfg):
+        path = paths["eval_files"][f"{m}x"]
         data = SyntheticDataset(task_config(cfg, m * k, seeds["eval"]), tokenizer, cfg.task.eval_questions)
         write_eval_file(data.records(), path)
         _say(f"[assets] {len(data)} held-out rows of {m * k} chunks ({m}x) -> {path}")
+    if cfg.task.multihop_multiplier:
+        m = cfg.task.multihop_multiplier
+        path = paths["eval_files"][f"multihop_{m}x"]
+        data = SyntheticDataset(task_config(cfg, m * k, seeds["eval"], hops=2), tokenizer, cfg.task.eval_questions)
+        write_eval_file(data.records(), path)
+        _say(f"[assets] {len(data)} held-out two-hop rows of {m * k} chunks -> {path}")
+    if cfg.task.concat_multiplier:
+        m = cfg.task.concat_multiplier
+        path = paths["eval_files"][f"concat_{m}x"]
+        write_eval_file(concatenated_records(task_config(cfg, k, seeds["eval"], exact_length=True),
+                                             cfg.task.eval_questions, m, tokenizer), path)
+        _say(f"[assets] {cfg.task.eval_questions} rows of {m} held-out {k}-chunk documents joined, asked about "
+             f"one that is not the last -> {path}")
 
     m = cfg.model
     model_config = ModelConfig(
@@ -208,20 +243,31 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
 
     from memagent_jax.agent.chunking import tokenize_document
     from memagent_jax.data.synthetic import generate_sample
-    from memagent_jax.rl.warm_start import ScriptedPolicy, conversations_to_sft_batch, scripted_conversations
+    from memagent_jax.rl.warm_start import (ScriptedPolicy, StraddlingFactError, conversations_to_sft_batch,
+                                            scripted_conversations)
 
     ws = cfg.warm_start
-    policy = ScriptedPolicy(forget_prob=ws.forget_prob, overwrite_prob=ws.overwrite_prob)
+    policy = ScriptedPolicy(forget_prob=ws.forget_prob, overwrite_prob=ws.overwrite_prob, note_style=ws.note_style)
     rng = np.random.default_rng(_seeds(cfg)["warm_start"])
     task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"])
     index = 0
     for _ in range(count):
         conversations = []
-        for _ in range(ws.updates_per_call * ws.trajectories_per_update):
+        made = 0
+        while made < ws.updates_per_call * ws.trajectories_per_update:
             sample = generate_sample(task, index, tokenizer)
             index += 1
-            conversations += scripted_conversations(sample, tokenize_document(tokenizer, sample.text()), tokenizer,
+            try:
+                trajectory = scripted_conversations(sample, tokenize_document(tokenizer, sample.text()), tokenizer,
                                                     prompts, budgets, policy, rng, stop_id)
+            except StraddlingFactError:  # a crowded document whose facts could not all be chunk-aligned
+                continue
+            made += 1
+            # The step that reads the asked fact among its look-alikes is the one that teaches which fact the
+            # question wants: it is repeated `focus_repeats` times (the other steps are learned long before).
+            asked = {f.token_offset // budgets.chunk_tokens for f in sample.facts if f.role == "answer"}
+            for conv in trajectory:
+                conversations += [conv] * (ws.focus_repeats if conv.kind == "memory" and conv.step in asked else 1)
         yield conversations_to_sft_batch(conversations, pad_id=tokenizer.pad_token_id,
                                          rows_multiple=rows_multiple * ws.updates_per_call)
 
@@ -325,28 +371,29 @@ def _eval_sampling(cfg):
 
 
 def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dict:
-    """Every model on every evaluation length (memagent_jax.evaluate); returns {model: {multiplier: figures}}."""
+    """Every model on every evaluation file (memagent_jax.evaluate); returns {model: {file label: figures}}."""
     done = _stage_done(folder)
     if done is not None:
         return done["figures"]
     from memagent_jax import evaluate as evaluate_lib
 
     t0 = time.perf_counter()
-    multipliers = eval_multipliers(cfg)
-    files = [assets["eval_files"][m] for m in multipliers]
-    _say(f"[eval] {len(models)} models x {len(files)} lengths ({', '.join(f'{m}x' for m in multipliers)} the "
-         f"training length), {cfg.task.eval_questions} held-out questions each, temperature {cfg.eval.temperature}"
+    labels = eval_labels(cfg)
+    files = [assets["eval_files"][label] for label in labels]
+    _say(f"[eval] {len(models)} models x {len(files)} files ({', '.join(labels)}; <m>x = m times the training "
+         f"length), {cfg.task.eval_questions} held-out questions each, temperature {cfg.eval.temperature}"
          f", top-p {cfg.eval.top_p}")
     results = evaluate_lib.evaluate_models(
         models, files, folder, budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
         templates=agent_templates(cfg), temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, metric="auto",
-        batch_size=cfg.eval.batch_size, seed=cfg.seed, num_traces=cfg.eval.report_questions, progress=False)
+        batch_size=cfg.eval.batch_size, seed=cfg.seed, num_traces=cfg.eval.report_questions, progress=False,
+        plot=False)
     figures: dict = {}
     for name in models:
         figures[name] = {}
-        for m, path in zip(multipliers, files):
+        for label, path in zip(labels, files):
             r = results.get(name, path)
-            figures[name][f"{m}x"] = {
+            figures[name][label] = {
                 "chunks": r.mean_chunks, "tokens": r.mean_doc_tokens, "n": r.n, "accuracy": r.accuracy.mean,
                 "accuracy_low": r.accuracy.low, "accuracy_high": r.accuracy.high, "em": r.em.mean, "f1": r.f1.mean,
                 "sub_em": r.sub_em.mean, "seconds": r.wall_s}
@@ -365,7 +412,7 @@ def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> lis
 
     multipliers = eval_multipliers(cfg)
     m = 4 if 4 in multipliers else multipliers[0]
-    records = read_records(assets["eval_files"][m])[:cfg.eval.report_questions]
+    records = read_records(assets["eval_files"][f"{m}x"])[:cfg.eval.report_questions]
     entries = []
     for name, folder in models.items():
         loaded = load_model(folder)
@@ -381,6 +428,84 @@ def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> lis
                                title=f"Memory traces: {len(records)} held-out questions at {m}x the training length")
     _say(f"[report] memory traces -> {', '.join(paths)}")
     return paths
+
+
+def plot_results(cfg, figures: dict, long: dict | None, path: str) -> str:
+    """Accuracy against document length for both models at every `<m>x` length (not the multi-hop and
+    concatenated files), the long point of the RL model when it was run, the training length marked."""
+    from types import SimpleNamespace
+
+    from memagent_jax.evaluate import plot_accuracy_vs_length
+
+    def point(model, n, tokens, mean, low, high):
+        return SimpleNamespace(model=model, n=n, mean_doc_tokens=tokens, metrics_used=("string_match_all",),
+                               metric="string_match_all", accuracy=SimpleNamespace(mean=mean, low=low, high=high))
+
+    points = [point(model, f["n"], f["tokens"], f["accuracy"], f["accuracy_low"], f["accuracy_high"])
+              for model, by_label in figures.items() for m in eval_multipliers(cfg) for f in [by_label[f"{m}x"]]]
+    if long:
+        points.append(point("RL", long["questions"], long["tokens_per_document"], long["accuracy"],
+                            long["accuracy_low"], long["accuracy_high"]))
+    train_tokens = cfg.task.train_chunks * cfg.agent.chunk_tokens
+    return plot_accuracy_vs_length(points, path, train_tokens=train_tokens,
+                                   title="Memory agent accuracy vs document length (95% CI; dashed: training length)")
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
+    """The trained model on `long_eval.questions` held-out documents of `long_eval.chunks` chunks each (the
+    paper's headline point in miniature: >= 1M tokens), in batches of `long_eval.batch_size` rows streamed
+    segment by segment; reports accuracy with its 95% interval, document tokens/s and the process's peak RSS."""
+    done = _stage_done(folder)
+    if done is not None:
+        return done
+    import numpy as np
+
+    from memagent_jax import evaluate as evaluate_lib
+    from memagent_jax.agent import MemoryAgent
+    from memagent_jax.data.synthetic import generate_sample
+    from memagent_jax.verifier import score
+
+    t0 = time.perf_counter()
+    le = cfg.long_eval
+    chunks = le.chunks
+    loaded = evaluate_lib.load_model(model)
+    agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer,
+                        budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment), templates=agent_templates(cfg),
+                        memory_sampling=_eval_sampling(cfg), answer_sampling=_eval_sampling(cfg))
+    task = task_config(cfg, chunks, _seeds(cfg)["eval"])
+    _say(f"[long eval] {le.questions} held-out questions on documents of {chunks} chunks "
+         f"({chunks * cfg.agent.chunk_tokens / 1e6:.2f}M tokens, {chunks // cfg.task.train_chunks}x the training "
+         f"length), batches of {le.batch_size}")
+    hits, tokens, agent_seconds, rss = [], 0, 0.0, []
+    for start in range(0, le.questions, le.batch_size):
+        indices = list(range(start, min(start + le.batch_size, le.questions)))
+        samples = [generate_sample(task, i, loaded.tokenizer) for i in indices]
+        docs = [np.concatenate([np.asarray(ids, np.int32) for ids in s.token_ids(loaded.tokenizer)]) for s in samples]
+        t1 = time.perf_counter()
+        result = agent.run([s.question for s in samples], docs, rng=evaluate_lib.row_keys(cfg.seed, indices))
+        agent_seconds += time.perf_counter() - t1
+        tokens += sum(d.size for d in docs)
+        for s, answer in zip(samples, result.answers):
+            hits.append(float(score(answer, s.answers, "string_match_all")))
+        rss.append(_peak_rss_bytes())
+        _say(f"[long eval] {len(hits)}/{le.questions} rows: accuracy so far {100 * np.mean(hits):.1f}%, "
+             f"{tokens / agent_seconds:,.0f} document tokens/s, peak RSS {rss[-1] / 2**30:.2f} GiB")
+    acc = evaluate_lib.estimate(hits)
+    info = {"questions": len(hits), "chunks": chunks, "tokens_per_document": tokens / len(hits),
+            "multiplier": chunks // cfg.task.train_chunks, "accuracy": acc.mean, "accuracy_low": acc.low,
+            "accuracy_high": acc.high, "document_tokens_per_s": tokens / agent_seconds, "agent_seconds": agent_seconds,
+            "peak_rss_bytes_after_each_batch": rss, "seconds": time.perf_counter() - t0}
+    _say(f"[long eval] accuracy {100 * acc.mean:.1f}% [{100 * acc.low:.1f}, {100 * acc.high:.1f}] on "
+         f"{len(hits)} documents of {tokens / len(hits) / 1e6:.2f}M tokens; {info['document_tokens_per_s']:,.0f} "
+         f"document tokens/s; peak RSS {rss[-1] / 2**30:.2f} GiB")
+    _mark_done(folder, info)
+    return info
 
 
 def run(cfg, workdir: str) -> dict:
@@ -400,9 +525,17 @@ def run(cfg, workdir: str) -> dict:
     warm = timed("warm_start", warm_start, cfg, assets, os.path.join(workdir, "warm_start"))
     rl = timed("rl", reinforce, cfg, assets, warm, os.path.join(workdir, "rl"))
     results = timed("eval", evaluate_both, cfg, assets, {"warm_start": warm, "RL": rl}, os.path.join(workdir, "eval"))
+    long = None
+    if cfg.long_eval.enabled:
+        long = timed("long_eval", long_eval, cfg, assets, rl, os.path.join(workdir, "long_eval"))
+    elif _stage_done(os.path.join(workdir, "long_eval")) is not None:  # from an earlier `make long-eval`
+        long = _stage_done(os.path.join(workdir, "long_eval"))
+    plot_path = plot_results(cfg, results, long, os.path.join(workdir, "eval", "accuracy_vs_length.png"))
+    _say(f"[eval] accuracy against length -> {plot_path}")
     timed("report", write_report, cfg, assets, {"warm_start": warm, "RL": rl}, workdir)
     summary = {"workdir": workdir, "quick": bool(cfg.quick), "seconds_total": time.perf_counter() - t_start,
-               "stage_seconds": timings, "results": results, "models": {"warm_start": warm, "RL": rl}}
+               "stage_seconds": timings, "results": results, "long_eval": long,
+               "models": {"warm_start": warm, "RL": rl}}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     _say(f"[done] {summary['seconds_total']:.0f} s in all; artefacts under {workdir}")

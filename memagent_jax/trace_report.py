@@ -366,11 +366,50 @@ def _md_overview(summaries: list[_Summary]) -> list[str]:
            + ".", ""]
     if not n:
         return out
-    out += ["| # | question | verdict | steps | gold in chunk at step | gold in final memory |",
-            "|---|---|---|---|---|---|"]
+    out += ["| # | question | model | verdict | steps | gold in chunk at step | gold in final memory |",
+            "|---|---|---|---|---|---|---|"]
     for i, s in enumerate(summaries, 1):
-        out.append(f"| [{i}](#q{i}) | {_md_code(_elide(s.entry.question, 80), table=True)} | {_verdict(s.entry)} | "
-                   f"{len(s.views)} | {_steps_label(s.gold_steps, 5)} | {'yes' if s.final_memory_gold else 'no'} |")
+        out.append(f"| [{i}](#q{i}) | {_md_code(_elide(s.entry.question, 80), table=True)} | "
+                   f"{_md_code(s.entry.model, table=True)} | {_verdict(s.entry)} | {len(s.views)} | "
+                   f"{_steps_label(s.gold_steps, 5)} | {'yes' if s.final_memory_gold else 'no'} |")
+    out.append("")
+    for group in _same_question_groups(summaries):
+        out += _md_side_by_side(group)
+    return out
+
+
+def _same_question_groups(summaries: list[_Summary]) -> list[list[_Summary]]:
+    """Entries of two or more models on the same question and document, in first-seen order."""
+    groups: dict[tuple, list[_Summary]] = {}
+    for s in summaries:
+        groups.setdefault((s.entry.question, tuple(s.entry.answers), len(s.views)), []).append(s)
+    return [g for g in groups.values() if len({s.entry.model for s in g}) > 1]
+
+
+def _side_by_side_rows(group: list[_Summary]) -> list[tuple[str, str, list[str]]]:
+    """Per step where a chunk is relevant or any model's memory changed: (step, relevant sentences, memory per
+    model, marked '(kept)' or '(changed)'), then the answers."""
+    rows = []
+    for k, first in enumerate(group[0].views):
+        views = [s.views[k] for s in group]
+        if not (first.relevant or any(v.changed for v in views)):
+            continue
+        chunk = " / ".join(sentence.text for sentence in first.relevant[:MAX_SENTENCES_SHOWN]) or "(nothing relevant)"
+        rows.append((str(first.step), chunk, [f"{v.memory} ({'changed' if v.changed else 'kept'})" for v in views]))
+    rows.append(("answer", "", [f"{s.entry.prediction} ({_verdict(s.entry)})" for s in group]))
+    return rows
+
+
+def _md_side_by_side(group: list[_Summary]) -> list[str]:
+    models = [s.entry.model for s in group]
+    out = [f"### Side by side: {_md_plain(_elide(group[0].entry.question, 100))} "
+           f"(gold: {' / '.join(_md_code(a) for a in group[0].entry.answers)})", "",
+           "Steps where a chunk holds a relevant sentence or a memory changed; the other steps kept every memory.",
+           "", "| step | relevant sentences of the chunk | " + " | ".join(_md_code(m, table=True) for m in models) + " |",
+           "|---|---|" + "---|" * len(models)]
+    for step, chunk, memories in _side_by_side_rows(group):
+        out.append(f"| {step} | {_md_code(_elide(chunk, 160), table=True) if chunk else ''} | "
+                   + " | ".join(_md_code(_elide(m, 80), table=True) for m in memories) + " |")
     return out + [""]
 
 
@@ -485,13 +524,23 @@ def render_html(entries: Sequence[TraceEntry], *, title: str) -> str:
            f"<p>{n} question{'s' if n != 1 else ''}, {correct} correct"
            + (f" ({100 * correct / n:.1f}%)" if n else "") + ".</p>"]
     if n:
-        out.append("<table><tr><th>#</th><th>question</th><th>verdict</th><th>steps</th>"
+        out.append("<table><tr><th>#</th><th>question</th><th>model</th><th>verdict</th><th>steps</th>"
                    "<th>gold in chunk at step</th><th>gold in final memory</th></tr>")
         for i, s in enumerate(summaries, 1):
             out.append(f'<tr><td><a href="#q{i}">{i}</a></td><td>{_esc(_elide(s.entry.question, 100))}</td>'
+                       f"<td><code>{_esc(s.entry.model)}</code></td>"
                        f"<td>{_verdict_html(s.entry)}</td><td>{len(s.views)}</td>"
                        f"<td>{_esc(_steps_label(s.gold_steps, 5))}</td>"
                        f"<td>{'yes' if s.final_memory_gold else 'no'}</td></tr>")
+        out.append("</table>")
+    for group in _same_question_groups(summaries):
+        out.append(f"<h3>Side by side: {_esc(group[0].entry.question)} (gold: "
+                   f"{_esc(' / '.join(group[0].entry.answers))})</h3><table><tr><th>step</th>"
+                   "<th>relevant sentences of the chunk</th>"
+                   + "".join(f"<th>{_esc(s.entry.model)}</th>" for s in group) + "</tr>")
+        for step, chunk, memories in _side_by_side_rows(group):
+            out.append(f"<tr><td>{_esc(step)}</td><td>{_esc(chunk)}</td>"
+                       + "".join(f"<td><code>{_esc(m)}</code></td>" for m in memories) + "</tr>")
         out.append("</table>")
     for i, s in enumerate(summaries, 1):
         out += _html_entry(i, s)

@@ -289,7 +289,7 @@ def test_chunk_aligned_facts_never_straddle_a_chunk(tok, task):
 
 def test_keyed_recall_scales_to_many_lookalikes(tok):
     sample = generate_sample(SyntheticConfig("keyed_recall", num_tokens=4000, num_distractors=200), 3, tok)
-    key = re.search(r"for (\w+)\?", sample.question).group(1)
+    key = re.search(r"for (\w+)\?", sample.question).group(1).lower()
     answer = [f for f in sample.facts if f.role == "answer"]
     assert len(answer) == 1 and answer[0].triple == (key, "secret_word", sample.answers[0])
     assert all(f.triple[0] != key and f.triple[2] != sample.answers[0] for f in sample.facts if f.role != "answer")
@@ -304,3 +304,117 @@ def test_value_digits(tok):
         SyntheticConfig("niah_single", num_tokens=300, value_digits=0)
     with pytest.raises(ValueError, match="too many distinct"):
         generate_sample(SyntheticConfig("niah_multikey", num_tokens=3000, num_distractors=20, value_digits=1), 0, tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# the main job's task with look-alikes: the question matters
+# ---------------------------------------------------------------------------------------------
+
+
+def _main_job_task(multiplier: int, hops: int | None = None):
+    """The main job's task (configs/tiny_synthetic.py) in its question-conditioned variant (one look-alike per
+    two chunks, the asked fact alone in its chunk) at `multiplier` x its training length."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+    try:
+        import tiny_synthetic
+    finally:
+        sys.path.pop(0)
+    from memagent_jax.pipeline import task_config
+
+    cfg = tiny_synthetic.get_config()
+    cfg.task.distractors_per_chunk, cfg.task.isolate_answer = 0.5, True  # the question-conditioned variant
+    return task_config(cfg, multiplier * cfg.task.train_chunks, seed=11, hops=hops)
+
+
+def _policy_answers(sample, use_question: bool) -> str:
+    """A rule answer: the word of the last keyed fact of the document, or the one the question names."""
+    key = re.search(r"for (\w+)\?", sample.question).group(1).lower()
+    stated = [f for f in sample.facts if f.triple[1] == "secret_word"]
+    if not use_question:
+        return stated[-1].triple[2]
+    return next(f.triple[2] for f in stated if f.triple[0] == key)
+
+
+@pytest.mark.parametrize("multiplier", [1, 4])
+def test_default_task_needs_the_question(tok, multiplier):
+    """Keeping the last fact read scores 1/k on rows with k facts; reading the question scores 100%."""
+    cfg = _main_job_task(multiplier)
+    by_k: dict[int, list[bool]] = {}
+    for index in range(240):
+        sample = generate_sample(cfg, index, tok)
+        k = len(sample.facts)
+        assert k >= 1 + multiplier  # the asked fact and look-alikes of the same form (more with the length)
+        assert all(re.fullmatch(r" The secret word for \w+ is \w+\.", f.text) for f in sample.facts)
+        assert _policy_answers(sample, use_question=True) == sample.answers[0]
+        by_k.setdefault(k, []).append(_policy_answers(sample, use_question=False) == sample.answers[0])
+    for k, hits in by_k.items():
+        assert sum(hits) / len(hits) <= 1 / k, (k, sum(hits), len(hits))
+    # The asked fact sits first, in the middle and last, and never shares its chunk with a look-alike.
+    ordinals = set()
+    for index in range(30):
+        sample = generate_sample(cfg, index, tok)
+        roles = [f.role for f in sample.facts]
+        at = roles.index("answer")
+        ordinals.add("first" if at == 0 else "last" if at == len(roles) - 1 else "middle")
+        chunk = sample.facts[at].token_offset // cfg.chunk_tokens
+        assert all(f.token_offset // cfg.chunk_tokens != chunk for f in sample.facts if f.role != "answer")
+    assert ordinals == ({"first", "middle", "last"} if len(sample.facts) > 2 else {"first", "last"})
+
+
+def test_same_chunk_lookalikes_sit_beside_the_asked_fact(tok):
+    cfg = SyntheticConfig("keyed_recall", num_tokens=256, num_distractors=6, chunk_tokens=32, chunk_aligned=True,
+                          same_chunk_distractors=1)
+    shared = 0
+    for index in range(40):
+        sample = generate_sample(cfg, index, tok)
+        at = [f.role for f in sample.facts].index("answer")
+        assert at == index % len(sample.facts)
+        chunk = sample.facts[at].token_offset // 32
+        shared += any(f.token_offset // 32 == chunk for f in sample.facts if f.role == "distractor")
+    assert shared >= 36  # nearly always in the same chunk (a block that would straddle moves whole)
+    with pytest.raises(ValueError, match="isolate_answer"):
+        SyntheticConfig("keyed_recall", 256, chunk_tokens=32, same_chunk_distractors=1, isolate_answer=True)
+
+
+def test_two_hop_keyed_recall(tok):
+    cfg = _main_job_task(4, hops=2)
+    for index in range(20):
+        sample = generate_sample(cfg, index, tok)
+        pointer = next(f for f in sample.facts if f.role == "answer")
+        target = next(f for f in sample.facts if f.role == "support")
+        key = re.search(r"for (\w+)\?", sample.question).group(1).lower()
+        assert pointer.triple == (key, "same_word_as", target.triple[0])
+        assert target.triple[2] == sample.answers[0]
+        assert pointer.token_offset < target.token_offset  # the chain reads in order
+        assert all(f.triple[0] not in (key, target.triple[0]) for f in sample.facts if f.role == "distractor")
+        # One hop is not enough: the asked creature's own fact names no word.
+        assert sample.answers[0] not in pointer.text
+
+
+def test_documents_fill_their_length_exactly_most_of_the_time(tok):
+    cfg = _main_job_task(2).replace(exact_length=True)
+    lengths = [n_tokens(tok, generate_sample(cfg, i, tok).text()) for i in range(100)]
+    assert sum(n == cfg.num_tokens for n in lengths) >= 90
+    assert all(cfg.num_tokens - 2 <= n <= cfg.num_tokens for n in lengths)
+
+
+def test_concatenated_records(tok):
+    cfg = _main_job_task(1).replace(exact_length=True)
+    records = list(S.concatenated_records(cfg, 12, 5, tok))
+    assert len(records) == 12
+    for record in records:
+        ids = tok.encode(record.document, add_special_tokens=False)
+        assert len(ids) == 5 * cfg.num_tokens  # every part whole, so every part starts on a chunk boundary
+        part = record.extra["asked_part"]
+        assert 0 <= part < 4  # never the last
+        asked = generate_sample(cfg, record.extra["asked_index"], tok)
+        assert record.question == asked.question and record.answers == asked.answers
+        start = part * cfg.num_tokens
+        assert tok.decode(ids[start:start + cfg.num_tokens]) == asked.text()
+        key = re.search(r"for (\w+)\?", record.question).group(1).lower()
+        assert record.document.count(f" for {key} is ") == 1  # the answer stays unique
+        assert record.document.count(f" is {record.answers[0]}.") == 1
+        # Later parts hold later look-alike facts: the asked fact is not the last fact of the document.
+        assert record.document.rindex(" The secret word for ") > record.document.index(f" for {key} is ")
+    with pytest.raises(ValueError, match="parts"):
+        next(S.concatenated_records(cfg, 1, 1, tok))

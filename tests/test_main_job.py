@@ -35,12 +35,12 @@ def quick_run(tmp_path_factory):
     return workdir, summary
 
 
-@pytest.mark.slow
 def test_quick_main_job_writes_every_artefact(quick_run):
     workdir, summary = quick_run
     for path in ["assets/tokenizer/tokenizer.json", "assets/tokenizer/tokenizer_config.json",
                  "assets/initial_model/config.json", "assets/train.jsonl", "assets/eval_1x.jsonl",
-                 "assets/eval_4x.jsonl", "warm_start/export/config.json", "warm_start/metrics.jsonl",
+                 "assets/eval_4x.jsonl", "assets/eval_multihop_4x.jsonl", "assets/eval_concat_4x.jsonl",
+                 "warm_start/export/config.json", "warm_start/metrics.jsonl",
                  "rl/export/config.json", "rl/metrics.jsonl", "eval/results.json", "eval/results.csv",
                  "eval/accuracy_vs_length.png", "report.md", "report.html", "summary.json"]:
         assert os.path.exists(os.path.join(workdir, path)), path
@@ -51,13 +51,14 @@ def test_quick_main_job_writes_every_artefact(quick_run):
     figures = summary["results"]
     assert set(figures) == {"warm_start", "RL"}
     for model, by_length in figures.items():
-        assert set(by_length) == {"1x", "4x"}
+        assert set(by_length) == {"1x", "4x", "multihop_4x", "concat_4x"}
         for label, row in by_length.items():
             assert 0.0 <= row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"] <= 1.0, (model, label)
             assert row["n"] == 32
         assert by_length["4x"]["chunks"] == pytest.approx(4 * by_length["1x"]["chunks"], rel=0.05)
+        assert by_length["concat_4x"]["chunks"] == pytest.approx(4 * by_length["1x"]["chunks"], rel=0.05)
     with open(os.path.join(workdir, "eval/results.csv")) as f:
-        assert len(list(csv.DictReader(f))) == 4  # 2 models x 2 lengths
+        assert len(list(csv.DictReader(f))) == 8  # 2 models x 4 files
 
     # The warm start learned the game: its SFT loss fell, and it writes \boxed{} answers.
     with open(os.path.join(workdir, "warm_start/metrics.jsonl")) as f:
@@ -69,6 +70,29 @@ def test_quick_main_job_writes_every_artefact(quick_run):
 
     report = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
     assert "secret word" in report and "RL" in report and "warm_start" in report
+    # Warm start and RL side by side on the same question, and a model column in the summary table.
+    assert "| # | question | model | verdict |" in report
+    assert "### Side by side:" in report and "| step | relevant sentences of the chunk | `warm_start` | `RL` |" in report
+
+
+@pytest.mark.slow
+def test_long_eval_stage_reports_accuracy_speed_and_memory(quick_run, tmp_path):
+    """The off-by-default long point, shrunk: accuracy with its interval, tokens/s, peak RSS, and the plot."""
+    from memagent_jax import pipeline
+
+    workdir, summary = quick_run
+    cfg = pipeline.resolve_config(_config(**{"long_eval.chunks": 48, "long_eval.questions": 3,
+                                             "long_eval.batch_size": 2}))
+    assets = pipeline.make_assets(cfg, os.path.join(workdir, "assets"))
+    info = pipeline.long_eval(cfg, assets, summary["models"]["RL"], str(tmp_path / "long"))
+    assert info["questions"] == 3 and info["chunks"] == 48
+    assert info["tokens_per_document"] == pytest.approx(48 * cfg.agent.chunk_tokens, rel=0.02)
+    assert 0.0 <= info["accuracy_low"] <= info["accuracy"] <= info["accuracy_high"] <= 1.0
+    assert info["document_tokens_per_s"] > 0 and len(info["peak_rss_bytes_after_each_batch"]) == 2
+    again = pipeline.long_eval(cfg, assets, summary["models"]["RL"], str(tmp_path / "long"))  # resumes: no rerun
+    assert again == info
+    path = pipeline.plot_results(cfg, summary["results"], info, str(tmp_path / "plot.png"))
+    assert os.path.getsize(path) > 10_000
 
 
 @pytest.mark.slow

@@ -109,6 +109,10 @@ class AgentTemplates:
     def replace(self, **changes) -> "AgentTemplates":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """The fields as plain JSON values (what `from_file` reads back)."""
+        return dict(dataclasses.asdict(self), chat_template_kwargs=dict(self.chat_template_kwargs))
+
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AgentTemplates":
         """Reads a JSON file with any of the fields `memory_update`, `final_answer`, `initial_memory`, `system`,

@@ -20,8 +20,12 @@ Tasks (:data:`TASKS`):
     One fact "The secret word for <creature> is <Word>." for the asked creature, among
     ``num_distractors`` (default 3) look-alike facts for other creatures; keys and words come from
     small closed sets (16 creatures, 28 words, each one token for the tokenizers made here) and
-    look-alikes may repeat each other, so a document can hold any number of them.  The memory task
-    of the CPU default job: what to keep is the whole difficulty, not how to copy.
+    look-alikes may repeat each other, so a document can hold any number of them.  The asked fact
+    takes every ordinal among the document's facts equally often over rows (row ``index`` puts it at
+    ``index % n`` of n), so "keep the last fact" scores 1/n; ``same_chunk_distractors`` look-alikes
+    sit right beside it.  With ``hops`` h > 1 the asked creature's fact points to another's ("... is
+    the one for <creature>."), h - 1 times (multi-hop).  The memory task of the CPU default job: what
+    to keep is the whole difficulty, not how to copy.
 ``variable_tracking``
     A chain "Let <A> be 12345." "Let <B> be <A>." ... of ``hops`` (default 4) copies; asked which
     variables hold the value (all ``hops + 1`` names are wanted).  ``num_distractors`` (default 2)
@@ -35,7 +39,7 @@ Tasks (:data:`TASKS`):
 
 Knobs (:class:`SyntheticConfig`): ``num_tokens`` (target document length), ``num_distractors``,
 ``hops``, ``depth`` (relative position 0..1 of the answer needle(s); ``None``: random per
-sample), ``num_values``, ``num_queries``, ``chunk_tokens`` (when set, the facts the answer needs
+sample; not used by ``keyed_recall``, which balances the ordinal instead), ``same_chunk_distractors``, ``num_values``, ``num_queries``, ``chunk_tokens`` (when set, the facts the answer needs
 start at least this many tokens apart, so with chunks of this size no chunk holds two of them),
 ``chunk_aligned`` (with ``chunk_tokens``: no fact straddles a multiple of ``chunk_tokens``; a fact
 that would is moved past the next filler sentence(s), so every fact is read whole by one chunk
@@ -69,6 +73,7 @@ __all__ = [
     "SyntheticDataset",
     "generate_sample",
     "generate_samples",
+    "concatenated_records",
     "vocabulary_texts",
     "tokenizer_corpus",
     "whitespace_counter",
@@ -204,6 +209,9 @@ class SyntheticConfig:
     chunk_tokens: int | None = None
     chunk_aligned: bool = False
     value_digits: int = 7
+    same_chunk_distractors: int = 0
+    isolate_answer: bool = False
+    exact_length: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -218,6 +226,12 @@ class SyntheticConfig:
         hops = self.resolved_hops
         if self.task == "multihop_qa" and not 1 <= hops <= len(_RELATIONS):
             raise ValueError(f"multihop_qa supports 1..{len(_RELATIONS)} hops, got {hops}")
+        if self.task == "keyed_recall" and not 1 <= hops <= 4:
+            raise ValueError(f"keyed_recall supports 1..4 hops, got {hops}")
+        if self.same_chunk_distractors < 0:
+            raise ValueError("same_chunk_distractors must be >= 0")
+        if self.isolate_answer and (not self.chunk_tokens or self.same_chunk_distractors):
+            raise ValueError("isolate_answer needs chunk_tokens and same_chunk_distractors=0")
         if self.task == "variable_tracking" and hops < 1:
             raise ValueError("variable_tracking needs hops >= 1")
         if self.num_values < 1 or self.num_queries < 1:
@@ -279,6 +293,7 @@ class _Plan:
     full_sentences: int
     partial_units: int  # words of the last, truncated sentence (0: none)
     insert_at: tuple[int, ...]  # per fact (in Fact order): filler sentences before it
+    partial_skip: int = 0  # sentences drawn and passed over before the truncated one (for an exact fit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +335,8 @@ class SyntheticSample:
                 break
             units = _sentence_units(rng)
             if s == plan.full_sentences:  # the truncated last sentence
+                for _ in range(plan.partial_skip):
+                    units = _sentence_units(rng)
                 units = units[: plan.partial_units]
             yield "".join(units) + "."
 
@@ -446,6 +463,8 @@ class _Draft:
     triple: tuple[str, str, str]
     group: int = -1  # facts of one group >= 0 are placed in order, in separate segments
     depth: float | None = None
+    rank: int = -1  # >= 0: ordinal in the document (every draft of the sample has one)
+    tight: bool = False  # with rank: follows the previous fact with no filler in between
 
 
 def _niah(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...], list[_Draft]]:
@@ -482,18 +501,55 @@ def _niah(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...
 _RECALL_WORDS = tuple(s.capitalize() for s in _SYLLABLES)
 
 
-def _keyed_recall(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...], list[_Draft]]:
-    def fact(key: str, word: str, role: str, depth=None) -> _Draft:
-        return _Draft(f" The secret word for {key} is {word}.", role, (key, "secret_word", word), depth=depth)
+def _keyed_recall(cfg: SyntheticConfig, rng: random.Random, index: int):
+    """The asked fact, its look-alikes, and (hops > 1) the pointer facts that lead to it.
 
-    key = rng.choice(_KEY_CREATURES)
+    Hops: with ``hops`` h > 1 the asked creature's fact points to another creature's ("The secret word for
+    otter is the one for heron."), h - 1 times, and only the last creature's fact states the word.  Look-alikes
+    never name a creature of the chain, so the answer is unambiguous.  The asked fact (the first of the chain)
+    takes the ordinal ``index % n`` among the n facts of the document (every position, balanced over rows; with
+    hops > 1 the chain's later facts are then moved after it, in chain order), and ``same_chunk_distractors``
+    look-alikes are placed right beside it (with ``chunk_aligned``, in its chunk).
+    """
+    hops = cfg.resolved_hops
+    chain = [rng.choice(_KEY_CREATURES)]
+    chain += rng.sample([k for k in _KEY_CREATURES if k != chain[0]], hops - 1)
     word = rng.choice(_RECALL_WORDS)
-    other_keys = [k for k in _KEY_CREATURES if k != key]
+    others = [k for k in _KEY_CREATURES if k not in chain]
     other_words = [w for w in _RECALL_WORDS if w != word]
-    drafts = [fact(key, word, "answer", cfg.depth)]
-    drafts += [fact(rng.choice(other_keys), rng.choice(other_words), "distractor")
-               for _ in range(cfg.resolved_distractors)]
-    return f"What is the secret word for {key}?", (word,), drafts
+    drafts = []
+    for h, (key, target) in enumerate(zip(chain, chain[1:] + [None])):
+        role = "answer" if h == 0 else "support"
+        if target is None:
+            drafts.append(_Draft(f" The secret word for {key} is {word}.", role, (key, "secret_word", word)))
+        else:
+            drafts.append(_Draft(f" The secret word for {key} is the one for {target}.", role,
+                                 (key, "same_word_as", target)))
+    lookalikes = [_Draft(f" The secret word for {k} is {w}.", "distractor", (k, "secret_word", w))
+                  for k, w in ((rng.choice(others), rng.choice(other_words)) for _ in range(cfg.resolved_distractors))]
+    n = len(drafts) + len(lookalikes)
+    near = min(cfg.same_chunk_distractors, len(lookalikes))
+    # Ordinal of every draft in the document: the asked fact at index % n, its near look-alikes beside it
+    # (before it where there is room), the rest in random order around them.
+    asked_at = index % n
+    first = max(0, min(asked_at - near, n - 1 - near - (len(drafts) - 1)))
+    if near and asked_at == first:  # no room before: the near look-alikes follow
+        block = [drafts[0]] + lookalikes[:near]
+    else:
+        block = lookalikes[:near] + [drafts[0]]
+        asked_at = first + near
+    rest = lookalikes[near:]
+    rng.shuffle(rest)
+    before, after = rest[:first], rest[first:]
+    for support in drafts[1:]:  # the chain reads in order: each pointer before the fact it points to
+        after.insert(rng.randint(after.index(drafts[drafts.index(support) - 1]) + 1 if drafts.index(support) > 1
+                                 else 0, len(after)), support)
+    ordered = before + block + after
+    for i, d in enumerate(ordered):
+        d.rank = i
+        d.tight = d in block[1:]  # placed right after the previous fact, no filler between
+    question = f"What is the secret word for {chain[0]}?"
+    return question, (word,), ordered
 
 
 def _variable_tracking(cfg: SyntheticConfig, rng: random.Random):
@@ -547,6 +603,14 @@ def _place(cfg: SyntheticConfig, drafts: list[_Draft], budget: int, rng: random.
     ungrouped facts go at their depth or uniformly at random.
     """
     offsets: list[float] = [0.0] * len(drafts)
+    if drafts and all(d.rank >= 0 for d in drafts):  # explicit ordinals: random gaps, in rank order
+        ranked = sorted(range(len(drafts)), key=lambda i: drafts[i].rank)
+        points = iter(sorted(rng.random() * budget for i in ranked if not drafts[i].tight))
+        prev = ranked[0]
+        for i in ranked:  # a tight draft shares the previous one's gap (never the first: see _keyed_recall)
+            offsets[i] = offsets[prev] if drafts[i].tight else next(points)
+            prev = i
+        return offsets
     groups: dict[int, list[int]] = {}
     for i, d in enumerate(drafts):
         if d.group >= 0:
@@ -581,25 +645,18 @@ def _place(cfg: SyntheticConfig, drafts: list[_Draft], budget: int, rng: random.
     return offsets
 
 
-def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> SyntheticSample:
-    """Generate sample ``index`` of ``config``; ``tokenizer`` measures lengths (see
-    :func:`memagent_jax.data.tokenizer.token_counter` for what it may be)."""
-    counter: TokenCounter = token_counter(tokenizer)
-    task_rng = random.Random(_derive_seed("task", config.task, config.seed, index, config.resolved_distractors, config.resolved_hops, config.num_values, config.num_queries))
-    if config.task.startswith("niah"):
-        question, answers, drafts = _niah(config, task_rng)
-    elif config.task == "keyed_recall":
-        question, answers, drafts = _keyed_recall(config, task_rng)
-    elif config.task == "variable_tracking":
-        question, answers, drafts = _variable_tracking(config, task_rng)
-    else:
-        question, answers, drafts = _multihop(config, task_rng)
+def _answer_alone(facts: Sequence[Fact], chunk_tokens: int) -> bool:
+    """No other fact starts or ends in a chunk that the asked fact occupies."""
+    chunks = lambda f: {f.token_offset // chunk_tokens, (f.token_offset + f.num_tokens - 1) // chunk_tokens}
+    asked = set().union(*(chunks(f) for f in facts if f.role == "answer"))
+    return not any(chunks(f) & asked for f in facts if f.role != "answer")
 
-    fact_tokens = [counter(d.text) for d in drafts]
-    budget = config.num_tokens - sum(fact_tokens)
-    if budget < 0:
-        raise ValueError(f"the facts alone take {sum(fact_tokens)} tokens, more than num_tokens={config.num_tokens}")
-    place_rng = random.Random(_derive_seed("place", config.task, config.seed, index))
+
+def _layout(config: SyntheticConfig, drafts: list[_Draft], fact_tokens: list[int], budget: int, counter, index: int,
+            attempt: int) -> tuple[list[Fact], int, _Plan]:
+    """Places the facts in a haystack of filler -> (facts in document order, filler tokens, render plan)."""
+    seed_parts = ("place", config.task, config.seed, index) + ((attempt,) if attempt else ())
+    place_rng = random.Random(_derive_seed(*seed_parts))
     offsets = _place(config, drafts, budget, place_rng)
 
     # Plan the filler: whole sentences while they fit, then one truncated sentence.
@@ -611,14 +668,26 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
     k = 0
     used = 0
     full = 0
-    partial = 0
+    partial = partial_skip = 0
     period = counter(".")
     inserted = 0  # fact tokens placed so far
     align = config.chunk_tokens if config.chunk_aligned else None
 
+    # A fact and the tight facts that follow it are placed as one block (the same chunk when aligned).
+    order_pos = {i: p for p, i in enumerate(order)}
+
+    def block_tokens(fact: int) -> int:
+        size, p = fact_tokens[fact], order_pos[fact] + 1
+        while p < len(order) and drafts[order[p]].tight:
+            size += fact_tokens[order[p]]
+            p += 1
+        return size
+
     def straddles(fact: int) -> bool:
+        if align is None or drafts[fact].tight:
+            return False
         start = used + inserted
-        return align is not None and start // align != (start + fact_tokens[fact] - 1) // align
+        return start // align != (start + block_tokens(fact) - 1) // align
 
     while True:
         while k < len(order) and offsets[order[k]] <= used and not straddles(order[k]):
@@ -629,19 +698,28 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
         units = _sentence_units(rng)
         counts = [counter(u) for u in units]
         size = sum(counts) + period
-        if used + size <= budget:
+        if used + size <= budget and not (config.exact_length and budget - used - size == 1):
             used += size
             full += 1
             continue
-        # Truncate: the longest prefix of words that still fits with its full stop, if any.
+        # Truncate: the longest prefix of words that still fits with its full stop, if any; when it leaves
+        # tokens over, a few more drawn sentences are tried for a prefix that fills the budget exactly.
         room = budget - used - period
-        n = 0
-        acc = 0
-        while n < len(counts) and acc + counts[n] <= room:
-            acc += counts[n]
-            n += 1
+        choice = None
+        for skip in range(16 if config.exact_length else 1):
+            if skip:
+                counts = [counter(u) for u in _sentence_units(rng)]
+            n = acc = 0
+            while n < len(counts) and acc + counts[n] <= room:
+                acc += counts[n]
+                n += 1
+            if choice is None or (acc == room and n > 0):
+                choice = (skip, n, acc)
+            if acc == room and n > 0:
+                break
+        skip, n, acc = choice
         if n > 0:
-            partial = n
+            partial, partial_skip = n, skip
             used += acc + period
         break
     end = full + (1 if partial else 0)
@@ -660,6 +738,34 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
         facts.append(Fact(drafts[i].text, drafts[i].role, offset, fact_tokens[i], drafts[i].triple))
         final_insert.append(insert_at[i])
         inserted += fact_tokens[i]
+    return facts, used, _Plan(filler_seed, full, partial, tuple(final_insert), partial_skip)
+
+
+def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> SyntheticSample:
+    """Generate sample ``index`` of ``config``; ``tokenizer`` measures lengths (see
+    :func:`memagent_jax.data.tokenizer.token_counter` for what it may be)."""
+    counter: TokenCounter = token_counter(tokenizer)
+    task_rng = random.Random(_derive_seed("task", config.task, config.seed, index, config.resolved_distractors, config.resolved_hops, config.num_values, config.num_queries))
+    if config.task.startswith("niah"):
+        question, answers, drafts = _niah(config, task_rng)
+    elif config.task == "keyed_recall":
+        question, answers, drafts = _keyed_recall(config, task_rng, index)
+    elif config.task == "variable_tracking":
+        question, answers, drafts = _variable_tracking(config, task_rng)
+    else:
+        question, answers, drafts = _multihop(config, task_rng)
+
+    fact_tokens = [counter(d.text) for d in drafts]
+    budget = config.num_tokens - sum(fact_tokens)
+    if budget < 0:
+        raise ValueError(f"the facts alone take {sum(fact_tokens)} tokens, more than num_tokens={config.num_tokens}")
+    for attempt in range(256):
+        facts, used, plan = _layout(config, drafts, fact_tokens, budget, counter, index, attempt)
+        if not config.isolate_answer or _answer_alone(facts, config.chunk_tokens):
+            break
+    else:
+        raise ValueError(f"sample {index}: no placement keeps the asked fact alone in its chunk; lower "
+                         "num_distractors or raise num_tokens")
     metric, reward_style = _TASK_METRIC[config.task]
     return SyntheticSample(
         task=config.task,
@@ -671,7 +777,7 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
         metric=metric,
         reward_style=reward_style,
         config=config,
-        _plan=_Plan(filler_seed, full, partial, tuple(final_insert)),
+        _plan=plan,
     )
 
 
@@ -711,6 +817,45 @@ class SyntheticDataset(Sequence[SyntheticSample]):
         """Every sample as a materialised :class:`QARecord`."""
         for i in range(len(self)):
             yield self[i].to_record()
+
+
+def concatenated_records(config: SyntheticConfig, num_rows: int, parts: int, tokenizer, *,
+                         data_source: str | None = None) -> Iterator[QARecord]:
+    """Rows whose document is ``parts`` documents of ``config`` joined end to end, asked about one that is not
+    the last (a document the generator never made: several documents' worth of facts, the asked one followed
+    by other documents' look-alikes).
+
+    Row r asks the question of sample r, placed at part ``p`` (0 <= p < parts - 1, seeded per row); the other
+    parts are samples drawn from indices 1_000_000 + ... that name none of the asked sample's fact subjects
+    and none of its answers, so the answer stays unique.  Only samples whose length is exactly
+    ``config.num_tokens`` are used, so with ``chunk_aligned`` every part starts on a chunk boundary and its
+    facts stay whole in their chunks.
+    """
+    if parts < 2:
+        raise ValueError(f"parts must be >= 2 (the asked document is never the last), got {parts}")
+    counter = token_counter(tokenizer)
+    exact = lambda sample: sample.num_tokens == config.num_tokens
+    asked_index = filler_index = 0
+    filler_base = 1_000_000
+    for r in range(num_rows):
+        while not exact(asked := generate_sample(config, asked_index, counter)):
+            asked_index += 1
+        asked_index += 1
+        subjects = {f.triple[0] for f in asked.facts if f.role != "distractor"}
+        banned = subjects | set(asked.answers)
+        rng = random.Random(_derive_seed("concat", config.task, config.seed, r))
+        position = rng.randrange(parts - 1)
+        others = []
+        while len(others) < parts - 1:
+            sample = generate_sample(config, filler_base + filler_index, counter)
+            filler_index += 1
+            if exact(sample) and not any(f.triple[0] in banned or f.triple[2] in banned for f in sample.facts):
+                others.append(sample)
+        docs = others[:position] + [asked] + others[position:]
+        yield QARecord(question=asked.question, document="".join(d.text() for d in docs), answers=asked.answers,
+                       index=r, data_source=data_source or f"synthetic_{config.task}_concat",
+                       extra={"task": config.task, "parts": parts, "asked_part": position,
+                              "asked_index": asked.index, "metric": asked.metric, "seed": config.seed})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,12 @@ from memagent_jax.agent.chunking import AgentBudgets
 from memagent_jax.agent.templates import AgentPrompts, encode_text
 from memagent_jax.rl.batch import ConversationBatch, build_conversation_batch
 
-__all__ = ["ScriptedPolicy", "ScriptedConversation", "scripted_conversations", "conversations_to_sft_batch",
+__all__ = ["ScriptedPolicy", "StraddlingFactError", "ScriptedConversation", "scripted_conversations", "conversations_to_sft_batch",
            "fact_chunks"]
+
+
+class StraddlingFactError(ValueError):
+    """A fact of the sample is split between two chunks (the script reads facts whole)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +103,7 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
     for fact in sample.facts:
         start, end = fact.token_offset, fact.token_offset + fact.num_tokens
         if start // c != (end - 1) // c:
-            raise ValueError(f"sample {sample.index}: a fact straddles chunks {start // c} and {(end - 1) // c}; "
+            raise StraddlingFactError(f"sample {sample.index}: a fact straddles chunks {start // c} and {(end - 1) // c}; "
                              "generate with SyntheticConfig(chunk_aligned=True)")
         by_chunk.setdefault(start // c, []).append(fact)
 
