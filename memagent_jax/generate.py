@@ -4,7 +4,8 @@
     python -m memagent_jax.generate --model DIR --chat --prompt "What is 2 + 2?" --temperature 0.7 --top-p 0.95
     python -m memagent_jax.generate --model DIR --prompt "a" --prompt "b c" --json      # a batch, JSON out
 
-Prints the completion of each prompt (greedy by default). With several prompts each completion is preceded by
+Prints the completion of each prompt (greedy by default; a folder exported by `train` carries its sampling in
+memagent_agent.json, used unless --temperature / --top-p are given). With several prompts each completion is preceded by
 a `--- completion i ---` line; `--json` prints one JSON object per prompt with the new token ids, their
 log-probs and whether a stop token was reached. Generation stops at the model's EOS ids (config.json), the
 tokenizer's EOS token and any `--stop-id`.
@@ -29,8 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as one user message with the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", "--agent.temperature", dest="temperature", type=float, default=None,
+                   help="0 = greedy (default: the model folder's memagent_agent.json, else 0)")
+    p.add_argument("--top-p", "--agent.top_p", dest="top_p", type=float, default=None,
+                   help="nucleus sampling (default: the model folder's memagent_agent.json, else 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
@@ -71,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--tokenizer {tok_dir!r}: no such folder")
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
+    from memagent_jax.agent.settings import AgentSettings, AgentSettingsError
+
+    try:  # sampling left unset: what the exported model's memagent_agent.json says (else greedy)
+        settings = AgentSettings.load(args.model)
+    except AgentSettingsError as e:
+        parser.error(str(e))
+    if args.temperature is None:
+        args.temperature = settings.temperature if settings.temperature is not None else 0.0
+    if args.top_p is None:
+        args.top_p = settings.top_p if settings.top_p is not None else 1.0
     try:
         SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, stop_token_ids=tuple(args.stop_id))

@@ -138,3 +138,23 @@ def test_evaluate_uses_each_models_settings(folders, tmp_path):
     assert c.config["agents"]["exported"]["agent"]["chunk_tokens"] == 48
     assert c.results[0].rows[0]["num_chunks"] < a.results[0].rows[0]["num_chunks"]
     assert b.config["agents"]["plain"]["settings_file"] is None
+
+
+def test_generate_samples_as_the_settings_say(folders, tmp_path, capsys):
+    from memagent_jax import generate
+
+    exported, plain, _ = folders
+    hot = str(tmp_path / "hot")
+    shutil.copytree(plain, hot)
+    write_agent_settings(hot, budgets=BUDGETS, templates=TEMPLATES, temperature=5.0, top_p=1.0)
+    base = ["--prompt", "The red key", "--max-new-tokens", "12", "--json", "--quiet", "--seed", "3"]
+
+    def run(argv):
+        assert generate.main(argv) == 0
+        return json.loads(capsys.readouterr().out)["token_ids"]
+
+    from_file = run(["--model", hot] + base)
+    assert from_file == run(["--model", plain, "--temperature", "5", "--top-p", "1"] + base)
+    greedy = run(["--model", plain] + base)
+    assert from_file != greedy  # the file's temperature 5 really samples
+    assert run(["--model", hot, "--temperature", "0"] + base) == greedy  # a flag beats the file
