@@ -19,7 +19,6 @@ CORE = [
     "absl-py>=2.0",
     "numpy>=2.0",
     "ml_dtypes>=0.5",
-    "safetensors>=0.5",
     "tokenizers>=0.21",
     "transformers>=5.0,<6",
     "datasets>=4.0",
@@ -32,6 +31,8 @@ CORE = [
 EXTRAS = {
     # Reference implementations for parity tests and benchmarks.
     "torch": ["torch==2.13.0"],
+    # TensorBoard itself, to look at the event files train writes: tensorboard --logdir <workdir>/tensorboard
+    "tensorboard": ["tensorboard>=2.15"],
     # ArrayRecord materialisation for pods (tensorflow itself stays optional).
     "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
     "test": [
@@ -56,7 +57,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "memagent-demo=memagent_jax.demo:main",
+            "memagent=memagent_jax.cli:main",
         ],
     },
 )

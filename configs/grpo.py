@@ -39,13 +39,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         reward_drop_think=False,  # score only the text after the last </think> (the reference scores it all)
     ))
     c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=64 if cpu else 1024,
-        chunk_tokens=64 if cpu else 5000,
-        memory_tokens=16 if cpu else 1024,
-        answer_tokens=8 if cpu else 1024,
-        chunks_per_segment=2 if cpu else 4,
-        temperature=1.0,
-        top_p=1.0,
+        question_tokens=64 if cpu else 1024,  # question slot in tokens (longer questions are an error)
+        chunk_tokens=64 if cpu else 5000,  # document tokens read per step
+        memory_tokens=16 if cpu else 1024,  # most new tokens of a memory update (the memory's size)
+        answer_tokens=8 if cpu else 1024,  # most new tokens of the final answer
+        chunks_per_segment=2 if cpu else 4,  # chunks per compiled scan (longer documents: several segments)
+        temperature=1.0,  # rollout sampling temperature (> 0: GRPO compares sampled trajectories)
+        top_p=1.0,  # rollout nucleus sampling
         templates="",  # JSON file of agent.AgentTemplates fields ('' = the default wording)
         # 'pieces' (template pieces tokenized apart, memory carried as exact ids inside the chunk scan) or 'text'
         # (each prompt formatted as one string and tokenized whole, as the reference does); '' = the templates

@@ -39,6 +39,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import sys
 import types
 from typing import Any, Mapping, Sequence
@@ -950,10 +951,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                          flag_values=fv)
     flags.DEFINE_float("usable_fraction", 0.9, "fraction of HBM the plan may use", flag_values=fv)
     flags.DEFINE_boolean("json", False, "print the plan as JSON", flag_values=fv)
+    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
+        print(f"usage: {os.path.basename(argv[0]) if argv else 'plan'} --config FILE[:ARG] [--config.x=y ...] "
+              f"[flags]\n\n{__doc__.strip()}\n\nflags:")
+        print(fv.get_help())
+        print("\n`memagent plan --config FILE --print-config` lists the config's fields with defaults.")
+        return 0
     try:
         rest = fv(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (flags.Error, ValueError) as e:  # ValueError: a config's get_config refusing its argument (hardware)
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if any(line.startswith("Traceback") for line in lines):  # config_flags wraps the config's own error
+            lines = [lines[0].rstrip(":"), lines[-1]]
+        print("error: " + " ".join(lines), file=sys.stderr)
         return 2
     if len(rest) > 1:
         print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)

@@ -7,7 +7,7 @@
 
 Only the host-side prompt pieces are shared with the JAX agent (the chat-template layouts of
 `AgentPrompts`, question preparation, document tokenization, centre truncation, chunk counting and the
-default stop ids); generation is a plain greedy loop in torch with a KV cache (`past_key_values`).
+default stop ids); generation is a plain greedy loop in torch with a KV cache (transformers' `cache`).
 Every step's prompt is the unpadded concatenation the JAX program's static layout stands for:
 
     update step k:  U0 + question + U1 + memory_{k-1} + U2 + chunk_k + U3
@@ -96,6 +96,19 @@ def torch_stop_ids(model, tokenizer) -> tuple[int, ...]:
     return default_stop_ids(tokenizer, types.SimpleNamespace(eos_token_ids=model_eos_ids(model)))
 
 
+def _cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache by: `cache` (transformers >= 5.x, where `past_key_values`
+    is deprecated for removal in 5.40) or `past_key_values` (earlier 5.x releases)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int,
                     stop_token_ids: Iterable[int] = ()) -> tuple[list[int], bool]:
@@ -108,7 +121,7 @@ def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int,
     device = next(model.parameters()).device
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     out = model(input_ids=input_ids, use_cache=True)
-    past = out.past_key_values
+    past = _returned_cache(out)
     logits = out.logits[0, -1]
     new: list[int] = []
     for i in range(max_new_tokens):
@@ -118,9 +131,9 @@ def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int,
             return new, True
         if i + 1 == max_new_tokens:
             break
-        out = model(input_ids=torch.tensor([[token]], dtype=torch.long, device=device), past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=torch.tensor([[token]], dtype=torch.long, device=device), use_cache=True,
+                    **{_cache_kwarg(model): past})
+        past = _returned_cache(out)
         logits = out.logits[0, -1]
     return new, False
 
