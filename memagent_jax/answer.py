@@ -92,6 +92,13 @@ def check_args(args) -> None:
     """Checks every flag before anything loads; errors name the flag (and the file at fault)."""
     if args.batch_size < 1:
         raise AnswerArgsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output is not None:
+        from memagent_jax.paths import RemotePathError, check_local_path
+
+        try:
+            check_local_path(args.output, "--output")
+        except RemotePathError as e:
+            raise AnswerArgsError(str(e)) from None
     for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
         value = getattr(args, name)
         if value is not None and value < 1:

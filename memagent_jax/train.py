@@ -459,6 +459,12 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.rl.rollout import RewardScorer, collect_rollouts_in_slices, rollout_to_batch
     from memagent_jax.sampling import SamplingParams
 
+    from memagent_jax.paths import RemotePathError, check_local_path
+
+    try:
+        check_local_path(workdir, "--workdir")
+    except RemotePathError as e:
+        raise TrainConfigError(str(e)) from None
     process_count, process_index = jax.process_count(), jax.process_index()
     validate_config(cfg, device_count=jax.device_count(), process_count=process_count)
     os.makedirs(workdir, exist_ok=True)

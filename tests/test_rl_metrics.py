@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import math
 import os
 
@@ -26,8 +27,12 @@ def test_writes_jsonl_tensorboard_and_console(tmp_path):
     events = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]
     assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
     console = out.getvalue().splitlines()
-    assert console[0].startswith("step 1/10 | reward_mean 0.5000 | loss 0.2500")
-    assert console[1].startswith("step 2/10 | reward_mean 0.7500")
+    assert re.match(r"step 1/10 \[\d\d:\d\d<\d\d:\d\d\] \| reward_mean 0.5000 \| loss 0.2500", console[0])
+    assert re.match(r"step 2/10 \[\d\d:\d\d<\d\d:\d\d\] \| reward_mean 0.7500", console[1])
+    # Every metric is printed (no cap), with the elapsed time and the time left at the measured pace.
+    line = format_progress(5, {f"m{i:02d}": float(i) for i in range(15)}, total_steps=10, elapsed_s=50.0,
+                           done_steps=5)
+    assert line.startswith("step 5/10 [00:50<00:50] | m00 0") and "m14 14" in line
 
     # A resumed run appends to the same file.
     with MetricsWriter(tmp_path, stream=io.StringIO(), tensorboard=False) as writer:

@@ -4,6 +4,9 @@
     writer.write(step, {"reward_mean": 0.4, "loss": 0.01, ...})   # scalars only (Python/NumPy/JAX 0-d)
     writer.close()
 
+Every metric on the console line is also a TensorBoard scalar (`tensorboard --logdir <workdir>/tensorboard`,
+`pip install -e ".[tensorboard]"`); the line starts with the elapsed time and the estimated time left.
+
 Files: `<workdir>/metrics.jsonl` (one JSON object per step: {"step": s, "time": unix seconds, **metrics}; appended
 to, so a resumed run continues the same file; `resume_step=S` first drops the rows of steps after S, which the
 resumed run writes again, so the file keeps one row per step) and `<workdir>/tensorboard/` (tensorboardX event files; one
@@ -55,9 +58,18 @@ def _fmt(value: float) -> str:
 
 
 def format_progress(step: int, metrics: Mapping[str, float], *, total_steps: int | None = None,
-                    max_items: int = 10) -> str:
-    """'step 12/100 | reward_mean 0.4000 | loss 0.0123 | ...' (the PROGRESS_KEYS first, then the rest by name)."""
+                    max_items: int | None = None, elapsed_s: float | None = None, done_steps: int = 0) -> str:
+    """'step 12/100 [01:10<09:40] | reward_mean 0.4000 | loss 0.0123 | ...': every metric (the PROGRESS_KEYS first,
+    then the rest by name; `max_items` caps them); with `elapsed_s` (over `done_steps` steps of this run) the
+    elapsed time and, given `total_steps`, the estimated time left (tqdm's interval format)."""
     head = f"step {step}" + (f"/{total_steps}" if total_steps else "")
+    if elapsed_s is not None:
+        from tqdm import tqdm
+
+        left = ""
+        if total_steps and done_steps > 0:
+            left = "<" + tqdm.format_interval(elapsed_s / done_steps * max(0, total_steps - step))
+        head += f" [{tqdm.format_interval(elapsed_s)}{left}]"
     keys = [k for k in PROGRESS_KEYS if k in metrics] + sorted(k for k in metrics if k not in PROGRESS_KEYS)
     return " | ".join([head] + [f"{k} {_fmt(metrics[k])}" for k in keys[:max_items]])
 
@@ -121,6 +133,8 @@ class MetricsWriter:
         self.jsonl_path = os.path.join(self.workdir, jsonl_name)
         self._jsonl = None
         self._tb = None
+        self._t0 = time.perf_counter()
+        self._written = 0
         if not self.active:
             return
         os.makedirs(self.workdir, exist_ok=True)
@@ -143,8 +157,11 @@ class MetricsWriter:
         if self._tb is not None:
             for name, value in scalars.items():
                 self._tb.add_scalar(name, value, global_step=int(step))
+        self._written += 1
         if self.console and int(step) % self.console_every == 0:
-            print(format_progress(int(step), scalars, total_steps=self.total_steps), file=self.stream, flush=True)
+            print(format_progress(int(step), scalars, total_steps=self.total_steps,
+                                  elapsed_s=time.perf_counter() - self._t0, done_steps=self._written),
+                  file=self.stream, flush=True)
 
     def flush(self) -> None:
         if self._jsonl is not None:
