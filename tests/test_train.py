@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hf_tiny import make_agent_model_dir
+from memagent_jax.agent import AgentSettings
 from memagent_jax.models import load_hf_params
 from memagent_jax.train import TrainConfigError, train, validate_config
 
@@ -53,6 +54,9 @@ def test_resume_equals_uninterrupted_run(model_dir, tmp_path):
     train(grpo_config(model_dir, steps=4), split)  # restarted: resumes at step 2
     assert not os.path.exists(os.path.join(split, "export.tmp-killed"))
     assert [m["step"] for m in _metrics(split)] == [1, 2, 3, 4]
+    settings = AgentSettings.load(os.path.join(full, "export"))  # the export describes its agent
+    assert settings.path and settings.budgets.chunk_tokens == 64 and settings.budgets.memory_tokens == 16
+    assert (settings.temperature, settings.top_p, settings.training["temperature"]) == (0.7, 0.95, 1.0)
     a, _ = load_hf_params(os.path.join(full, "export"))
     b, _ = load_hf_params(os.path.join(split, "export"))
     initial, _ = load_hf_params(model_dir)
