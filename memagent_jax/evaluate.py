@@ -923,9 +923,13 @@ def write_reports(results: EvalResults, out_dir: str, *, plot: bool = True) -> N
         plot_accuracy_vs_length(results.results, os.path.join(out_dir, "accuracy_vs_length.png"))
 
 
-def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str | None = None) -> str:
+def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str | None = None, *,
+                            train_tokens: float | None = None) -> str:
     """Accuracy (%) against mean document tokens (log x axis), one line per model, 95% CI as error bars and a
-    shaded band. Uses matplotlib's Agg canvas directly (no pyplot, no global backend change)."""
+    shaded band. Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
+
+    train_tokens: the training documents' length; when given, a dashed line marks it and every point of the first
+    model is labelled with its multiple of it ("1x", "64x", "16384x")."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -956,6 +960,14 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
         color = line[0].get_color()
         if len(x) > 1:
             ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
+        if train_tokens and k == 0:
+            for xv, yv in zip(x, acc):
+                ax.annotate(f"{xv / train_tokens:.0f}x", (xv, yv), textcoords="offset points", xytext=(0, 9),
+                            ha="center", fontsize=8)
+    if train_tokens:
+        ax.axvline(train_tokens, color="0.4", linestyle="--", linewidth=1)
+        ax.annotate("training length", (train_tokens, 3), textcoords="offset points", xytext=(4, 0), fontsize=8,
+                    color="0.3")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_tokens(v)))
     narrow = bool(all_x) and max(all_x) / min(all_x) < 30  # few decades: label the minor ticks too
