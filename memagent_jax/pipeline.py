@@ -279,6 +279,7 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
         return export
     import jax
 
+    from memagent_jax.agent import write_agent_settings
     from memagent_jax.agent.templates import AgentPrompts
     from memagent_jax.data.tokenizer import load_tokenizer
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
@@ -312,6 +313,9 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     finally:
         writer.close()
     save_hf_checkpoint(state.params, model_config, export, base_folder=assets["tokenizer"])
+    write_agent_settings(export, budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
+                         templates=agent_templates(cfg), temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                         reward_style="boxed_em", training={"source": "memagent_jax.pipeline warm_start"})
     seconds = time.perf_counter() - t0
     _say(f"[warm start] done in {seconds:.0f} s -> {export}")
     _mark_done(folder, {"seconds": seconds, "updates": updates, "final_loss": float(metrics["loss"])})
@@ -340,6 +344,7 @@ def grpo_config(cfg, assets: dict, model_path: str):
     g.rl.update(dict(questions_per_step=cfg.rl.questions_per_step, group_size=cfg.rl.group_size,
                      num_minibatches=cfg.rl.num_minibatches, learning_rate=cfg.rl.learning_rate,
                      kl_coef=cfg.rl.kl_coef, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0))
+    g.export_sampling.update(dict(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p))
     g.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     g.checkpoint.every = max(1, cfg.rl.steps // 4)
     g.log_every = max(1, cfg.rl.steps // 10)

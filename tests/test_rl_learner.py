@@ -42,10 +42,13 @@ def random_batch(n, seed, *, vocab=128, rows_multiple=1, length_multiple=8, with
                                     rows_multiple=rows_multiple)
 
 
-def tree_close(a, b, rtol=1e-5, atol=1e-6):
+def tree_close(a, b, rtol=1e-5, atol=1e-6, scale_atol=0.0):
+    """Leaf-wise allclose; scale_atol adds scale_atol * max|leaf of b| to atol (for values whose size is set by
+    float cancellation, e.g. Adam moments of embedding rows no token of the batch touches)."""
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                   err_msg=jax.tree_util.keystr(path))
+        y = np.asarray(y)
+        bound = atol + scale_atol * float(np.max(np.abs(y))) if y.size else atol
+        np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=bound, err_msg=jax.tree_util.keystr(path))
 
 
 def direct_loss(params, b, loss: LossConfig):
@@ -197,7 +200,9 @@ def test_sharded_step_matches_single_device():
             assert mu.sharding == state.params["layers"]["mlp"]["gate_proj"].sharding
     (single, m1), (sharded, m8) = results
     tree_close(sharded.params, single.params, rtol=1e-4, atol=1e-6)
-    tree_close(sharded.opt_state, single.opt_state, rtol=1e-3, atol=1e-9)
+    # Moments of untouched embedding rows are sums of cancelling terms (~1e-9, order-dependent between layouts):
+    # they are compared to 1e-6 of each leaf's largest moment.
+    tree_close(sharded.opt_state, single.opt_state, rtol=1e-3, atol=1e-9, scale_atol=1e-6)
     for a, b in zip(m1, m8):
         for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "clipfrac_high", "ratio_mean",
                      "response_tokens"):
