@@ -31,6 +31,23 @@ class BuildError(Exception):
     """A problem that stops the whole build (exit status 2)."""
 
 
+def write_eval_suite(eval_rows, out_dir: str | os.PathLike, doc_counts: Sequence[int],
+                     suffix: str = ".json") -> dict[int, Path]:
+    """Writes ``eval_<N>docs<suffix>`` with the rows ``eval_rows(N)`` for each N; returns ``{N: path}``. A length
+    at which no row could be built (every question failed: see the builder's ``errors``) writes no file."""
+    from .formats import write_eval_file
+
+    out_dir = Path(out_dir)
+    written = {}
+    for n in doc_counts:
+        path = out_dir / f"eval_{n}docs{suffix}"
+        if write_eval_file(eval_rows(n), path):
+            written[n] = path
+        else:
+            path.unlink()
+    return written
+
+
 def add_common_arguments(p: argparse.ArgumentParser, *, default_train_docs: int) -> None:
     p.add_argument("--input", required=True, help="the raw dataset JSON file")
     p.add_argument("--out_dir", default=None,

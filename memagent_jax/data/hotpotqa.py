@@ -45,7 +45,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .formats import eval_row_from_record, train_row_from_record, write_eval_file, write_train_file
+from .formats import eval_row_from_record, train_row_from_record, write_train_file
 from .records import DataFormatError, QARecord
 
 __all__ = [
@@ -321,15 +321,9 @@ class HotpotQABuilder:
         Rows are streamed, so even the 25600-document file (about 3.5M tokens a question) is never
         held in memory as a whole.
         """
-        out_dir = Path(out_dir)
-        written = {}
-        for n in doc_counts:
-            path = out_dir / f"eval_{n}docs{suffix}"
-            if write_eval_file(self.eval_rows(n, num_questions, errors), path):
-                written[n] = path
-            else:  # every question failed at this length (see ``errors``): no empty file
-                path.unlink()
-        return written
+        from .buildcli import write_eval_suite
+
+        return write_eval_suite(lambda n: self.eval_rows(n, num_questions, errors), out_dir, doc_counts, suffix)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

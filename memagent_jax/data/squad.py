@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .docstore import DocumentStore, number_documents
-from .formats import eval_row_from_record, write_eval_file, write_train_file
+from .formats import eval_row_from_record, write_train_file
 from .records import DataFormatError, QARecord
 
 __all__ = ["SquadQuestion", "parse_squad", "load_squad", "SquadQABuilder", "main"]
@@ -264,15 +264,9 @@ class SquadQABuilder:
     def write_eval_suite(self, out_dir: str | os.PathLike, doc_counts: Sequence[int] = (50, 100, 200, 400, 800),
                          num_questions: int = 128, suffix: str = ".json", errors: list | None = None) -> dict[int, Path]:
         """Write ``eval_<N>docs<suffix>`` for each N in ``doc_counts``; returns ``{N: path}``."""
-        out_dir = Path(out_dir)
-        written = {}
-        for n in doc_counts:
-            path = out_dir / f"eval_{n}docs{suffix}"
-            if write_eval_file(self.eval_rows(n, num_questions, errors), path):
-                written[n] = path
-            else:  # every question failed at this length (see ``errors``): no empty file
-                path.unlink()
-        return written
+        from .buildcli import write_eval_suite
+
+        return write_eval_suite(lambda n: self.eval_rows(n, num_questions, errors), out_dir, doc_counts, suffix)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
