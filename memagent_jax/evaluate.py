@@ -928,8 +928,8 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
     """Accuracy (%) against mean document tokens (log x axis), one line per model, 95% CI as error bars and a
     shaded band. Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
 
-    train_tokens: the training documents' length; when given, a dashed line marks it and every point of the first
-    model is labelled with its multiple of it ("1x", "64x", "16384x")."""
+    train_tokens: the training documents' length; when given, a dashed line marks it and every length is labelled
+    once with its multiple of it ("1x", "64x", "16384x")."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -943,6 +943,7 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
     models = list(dict.fromkeys(r.model for r in results))
     metrics = sorted({m for r in results for m in r.metrics_used} or {r.metric for r in results})
     all_x: list[float] = []
+    labelled: set[str] = set()
     for k, model in enumerate(models):
         pts = sorted((r.mean_doc_tokens, r) for r in results
                      if r.model == model and r.n and math.isfinite(r.mean_doc_tokens) and r.mean_doc_tokens > 0)
@@ -960,10 +961,12 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
         color = line[0].get_color()
         if len(x) > 1:
             ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
-        if train_tokens and k == 0:
+        if train_tokens:
             for xv, yv in zip(x, acc):
-                ax.annotate(f"{xv / train_tokens:.0f}x", (xv, yv), textcoords="offset points", xytext=(0, 9),
-                            ha="center", fontsize=8)
+                label = f"{xv / train_tokens:.0f}x"
+                if label not in labelled:  # each length labelled once, on the first model that reaches it
+                    labelled.add(label)
+                    ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
     if train_tokens:
         ax.axvline(train_tokens, color="0.4", linestyle="--", linewidth=1)
         ax.annotate("training length", (train_tokens, 3), textcoords="offset points", xytext=(4, 0), fontsize=8,
