@@ -54,12 +54,9 @@ def _default_config(name: str) -> str:
 
 
 def _config_arg(argv: Sequence[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+    from memagent_jax.plan import config_arg  # plan imports no JAX: the command stays light
+
+    return config_arg(argv)
 
 
 # ----------------------------------------------------------------------------------------- config fields

@@ -972,7 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --config is required, e.g. --config configs/qwen2_5_7b_hotpotqa.py:v5p-128", file=sys.stderr)
         return 2
     cfg = config_flag.value
-    name = _config_name(argv) or "config"
+    name = config_arg(argv) or "config"
     from memagent_jax.train import TrainConfigError, validate_config
 
     try:
@@ -992,7 +992,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if plan.fits else 1
 
 
-def _config_name(argv: Sequence[str]) -> str | None:
+def config_arg(argv: Sequence[str]) -> str | None:
+    """The value of `--config=X` or `--config X` in argv (None when absent)."""
     for i, a in enumerate(argv):
         if a.startswith("--config="):
             return a.split("=", 1)[1]
