@@ -54,7 +54,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.templates = ""
     c.metric = "sub_em"  # em | f1 | sub_em | string_match_all | auto (each row's extra field 'metric', else sub_em)
     c.extract = "boxed"  # how the prediction is taken from the answer (verifier.EXTRACTORS)
-    c.batch_size = 8  # rows per agent batch (rows of similar length are batched together)
+    c.batch_size = 8  # rows the agent runs at once (row slots of continuous batching)
+    # continuous: a row whose document ends takes the next document at the next segment boundary (no idle rows);
+    # bucketed: rows sorted by length, run in lockstep batches. Same outputs (per-row keys).
+    c.scheduling = "continuous"
     c.max_questions = 0  # per file; 0 = all rows
     c.seed = 0  # row r samples with fold_in(key(seed), index of r): the same keys for every model and rerun
     c.num_traces = 3  # rows per (model, file) whose memory after every chunk is written to predictions/

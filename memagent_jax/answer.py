@@ -6,13 +6,14 @@ One document:
 A batch file (reference evaluation or training format, JSONL / JSON / parquet) -> JSONL of answers:
     python -m memagent_jax.answer --model DIR --input eval_800docs.json --output answers.jsonl [--trace]
 
-Rows of similar document length are batched together. A row that cannot run (a malformed JSON line, an
+Rows run with continuous batching over --batch-size row slots (a row whose document ends takes the next one);
+row i of the file samples with fold_in(key(seed), i), so its answer does not depend on the batch. A row that cannot run (a malformed JSON line, an
 array item that is not an object, text that is not UTF-8, a missing or ill-typed field, an empty question or
 document, a question over budget) is written as {"row", "error", "field"} (the error names the file, the row
 and the field) and the rest go on; so is a row whose answer was sampled from non-finite (NaN / inf) logits.
 When rows carry gold answers, each output row also has "sub_em" (the QA accuracy metric) and "em".
 
-Output: rows are written to OUTPUT.partial as their batch finishes (a killed run keeps what it finished
+Output: rows are written to OUTPUT.partial as they are answered (a killed run keeps what it finished
 there) and the file is renamed to OUTPUT when the run ends; OUTPUT is never one of the input files. The last
 stderr line says "wrote OUTPUT: A answered, F failed (...)".
 
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--document", help="UTF-8 text file with the document (single-document mode)")
     p.add_argument("--input", help="rows file (batch mode): reference eval or training format")
     p.add_argument("--output", help="JSONL output file (batch mode)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per agent batch (batch mode)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows read at once (batch mode): row slots of continuous batching, a row whose document "
+                   "ends takes the next one")
     p.add_argument("--trace", action="store_true", help="print / write the memory after every chunk")
     # Agent settings: the config names of train / evaluate (`agent.*`). Unset = the model folder's
     # memagent_agent.json (written by train's export), else the documented default shown.
@@ -229,36 +231,38 @@ def _batch(args, agent) -> int:
                 continue
             ready.append((d_ids.size, i, record, d_ids))
         out.flush()
-        ready.sort(key=lambda r: r[0])  # similar lengths together: fewer idle rows per batch
-        from tqdm.auto import tqdm
+        # Continuous batching over --batch-size row slots; row i of the file samples with fold_in(key(seed), i)
+        # whatever its batch mates (row 0 = the single-document mode with the same seed). Each row is written as
+        # soon as it is answered.
+        import numpy as np
 
-        bar = tqdm(total=len(ready), unit="row", desc="answering", dynamic_ncols=True, file=sys.stderr,
-                   disable=args.no_progress)
-        for start in range(0, len(ready), args.batch_size):
-            group = ready[start:start + args.batch_size]
-            result = agent.run([r[2].question for r in group], [r[3] for r in group], rng=args.seed + start,
-                               trace=args.trace)
-            for j, (_, i, record, _) in enumerate(group):
-                if result.nonfinite and result.nonfinite[j]:
-                    failed += 1
-                    nonfinite += 1
-                    row = {"row": i, "index": record.index, "question": record.question,
-                           "error": f"{args.input} row {i}: {NONFINITE_MESSAGE}", "answer": None}
-                    print(f"failed: {row['error']}", file=sys.stderr)
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    continue
-                row = {"row": i, "index": record.index, "question": record.question, "answer": result.answers[j],
-                       "num_chunks": result.num_chunks[j], "finished": result.finished[j]}
+        from memagent_jax.sampling.api import row_keys
+
+        def write(j: int, result) -> None:
+            nonlocal failed, nonfinite
+            _, i, record, _ = ready[j]
+            if result.nonfinite and result.nonfinite[0]:
+                failed += 1
+                nonfinite += 1
+                row = {"row": i, "index": record.index, "question": record.question,
+                       "error": f"{args.input} row {i}: {NONFINITE_MESSAGE}", "answer": None}
+                print(f"failed: {row['error']}", file=sys.stderr)
+            else:
+                row = {"row": i, "index": record.index, "question": record.question, "answer": result.answers[0],
+                       "num_chunks": result.num_chunks[0], "finished": result.finished[0]}
                 if record.answers:
                     row["answers"] = list(record.answers)
-                    row["sub_em"] = verifier.score(result.answers[j], record.answers, "sub_em")
-                    row["em"] = verifier.score(result.answers[j], record.answers, "em")
+                    row["sub_em"] = verifier.score(result.answers[0], record.answers, "sub_em")
+                    row["em"] = verifier.score(result.answers[0], record.answers, "em")
                 if args.trace:
-                    row["trace"] = result.traces[j]
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    row["trace"] = result.traces[0]
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
-            bar.update(len(group))
-        bar.close()
+
+        if ready:
+            agent.run([r[2].question for r in ready], [r[3] for r in ready],
+                      rng=row_keys(args.seed, len(rows))[np.asarray([r[1] for r in ready])], trace=args.trace,
+                      batch_size=args.batch_size, progress=not args.no_progress, on_row=write)
     if partial != os.devnull:
         os.replace(partial, out_path)
     answered = len(ready) - nonfinite

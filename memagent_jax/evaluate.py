@@ -567,6 +567,9 @@ def _log(message: str, enabled: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+SCHEDULING = ("continuous", "bucketed")
+
+
 def _check_options(metric: str, extract: str, row_errors: str, batch_size: int) -> None:
     """Errors naming the option for an unknown metric / extraction / row-error policy or a bad batch size."""
     from memagent_jax import verifier
@@ -584,7 +587,8 @@ def _check_options(metric: str, extract: str, row_errors: str, batch_size: int) 
 def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "boxed", batch_size: int = 8,
                    max_questions: int = 0, seed: int = 0, num_traces: int = 3, row_errors: str = "skip",
                    progress: bool = True, model_name: str = "model", model_path: str = "",
-                   file_key: str | None = None, pad_batches: bool = True) -> FileResult:
+                   file_key: str | None = None, pad_batches: bool = True,
+                   scheduling: str = "continuous") -> FileResult:
     """Evaluates one MemoryAgent (its own budgets, templates and sampling) on one file or list of records.
 
     Args:
@@ -593,7 +597,10 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
       metric: a key of `verifier.METRICS`, or 'auto' (each row's extra field 'metric', else 'sub_em').
       extract: how the prediction is taken from the final response (`verifier.EXTRACTORS`; default: the last
         \\boxed{...}).
-      batch_size: rows per agent run (rows are sorted by document length first).
+      batch_size: rows the agent runs at once.
+      scheduling: 'continuous' (one `DocumentEngine` of batch_size row slots over the whole file: a row whose
+        document ends takes the next document at the next segment boundary) or 'bucketed' (rows sorted by
+        document length, run in lockstep batches of batch_size). Same outputs either way (per-row keys).
       max_questions: evaluate the first N rows only (0 = all).
       seed: row r samples with fold_in(key(seed), r.index).
       num_traces: the first N rows (file order) keep the memory text after every chunk in `rows[i]['trace']`.
@@ -612,6 +619,8 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
     from memagent_jax.data.records import DataFormatError
 
     _check_options(metric, extract, row_errors, batch_size)
+    if scheduling not in SCHEDULING:
+        raise EvalConfigError(f"scheduling: must be one of {list(SCHEDULING)}, got {scheduling!r}")
     if isinstance(records, (str, os.PathLike)):
         records = open_eval_file(os.fspath(records))
     path = os.fspath(getattr(records, "path", "")) or "records"
@@ -659,16 +668,31 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
         ready.append((int(doc_ids.size), i, record, doc_ids, row_metric))
     ready.sort(key=lambda r: (r[0], r[1]))  # similar lengths together: fewer idle rows per batch
 
-    bar = _bar(len(ready), f"{model_name} / {file_key}", show)
-    full = min(batch_size, len(ready))
-    for start in range(0, len(ready), batch_size):
-        group = ready[start:start + batch_size]
-        want_trace = any(g[1] < num_traces for g in group)
-        # A short last batch repeats its last row up to the full batch size: every batch of the file has one
-        # shape, so nothing new compiles inside the timed loop (the extra rows' results are dropped).
-        run_rows = group + [group[-1]] * (full - len(group)) if pad_batches else group
-        result = agent.run([g[2].question for g in run_rows], [g[3] for g in run_rows],
-                           rng=row_keys(seed, [g[2].index for g in run_rows]), trace=want_trace)
+    from memagent_jax.models import sharding as sharding_lib
+
+    def batches():
+        """(rows, AgentResult) per agent run."""
+        if scheduling == "continuous" and not sharding_lib.is_multiprocess(getattr(agent, "mesh", None)):
+            if ready:
+                yield ready, agent.run([g[2].question for g in ready], [g[3] for g in ready],
+                                       rng=row_keys(seed, [g[2].index for g in ready]),
+                                       trace=[g[1] < num_traces for g in ready], batch_size=batch_size,
+                                       progress=show)
+            return
+        bar = _bar(len(ready), f"{model_name} / {file_key}", show)
+        full = min(batch_size, len(ready))
+        for start in range(0, len(ready), batch_size):
+            group = ready[start:start + batch_size]
+            want_trace = any(g[1] < num_traces for g in group)
+            # A short last batch repeats its last row up to the full batch size: every batch of the file has one
+            # shape, so nothing new compiles inside the timed loop (the extra rows' results are dropped).
+            run_rows = group + [group[-1]] * (full - len(group)) if pad_batches else group
+            yield group, agent.run([g[2].question for g in run_rows], [g[3] for g in run_rows],
+                                   rng=row_keys(seed, [g[2].index for g in run_rows]), trace=want_trace)
+            bar.update(len(group))
+        bar.close()
+
+    for group, result in batches():
         for j, (size, i, record, _, row_metric) in enumerate(group):
             if result.nonfinite and result.nonfinite[j]:
                 nonfinite += 1
@@ -688,8 +712,6 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
             if i < num_traces and result.traces is not None:
                 row["trace"] = result.traces[j]
             rows[i] = row
-        bar.update(len(group))
-    bar.close()
     wall = time.perf_counter() - t0
 
     scored_rows = [r for r in rows if r is not None and "scores" in r]
@@ -733,7 +755,8 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
                     param_dtype: str | None = None, compute_dtype: str | None = None,
                     tokenizer_path: str | None = None, progress: bool = True, plot: bool = True,
                     warmup: bool = True, config: Mapping | None = None,
-                    allow_nonfinite_weights: bool = False, doc_store=None) -> EvalResults:
+                    allow_nonfinite_weights: bool = False, doc_store=None,
+                    scheduling: str = "continuous") -> EvalResults:
     """Evaluates every model on every file and writes the reports to `out_dir` (None: nothing written).
 
     Args:
@@ -750,7 +773,7 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         0.7 / 0.95); `memory_sampling` / `answer_sampling` (`SamplingParams`) override them.
       agent_overrides: single settings by their config names ({"chunk_tokens": 32, "prompt_mode": "text"}),
         applied on top of each model's settings (see `AgentSettings.override`).
-      metric, extract, batch_size, max_questions, seed, num_traces, row_errors: see `evaluate_agent`.
+      metric, extract, batch_size, max_questions, seed, num_traces, row_errors, scheduling: see `evaluate_agent`.
       mesh: a ('data', 'fsdp', 'tensor') mesh for loading and running (None: one device).
       param_dtype, compute_dtype: for models loaded from folders (None: the checkpoint's dtype).
       tokenizer_path: tokenizer folder for models loaded from folders (None: each model's folder).
@@ -817,7 +840,8 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         "memory_sampling": _sampling_echo(first_memory),
         "answer_sampling": _sampling_echo(first_answer or first_memory),
         "agents": {},  # per model: the settings used (its memagent_agent.json under the explicit settings)
-        "metric": metric, "extract": extract, "batch_size": batch_size, "max_questions": max_questions,
+        "metric": metric, "extract": extract, "batch_size": batch_size, "scheduling": scheduling,
+        "max_questions": max_questions,
         "seed": seed, "num_traces": num_traces, "row_errors": row_errors, "param_dtype": param_dtype,
         "compute_dtype": compute_dtype, "tokenizer": tokenizer_path,
         "mesh": dict(mesh.shape) if mesh is not None else None, "warmup": warmup,
@@ -844,7 +868,8 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         for file, key in zip(opened, keys):
             r = evaluate_agent(agent, file, metric=metric, extract=extract, batch_size=batch_size,
                                max_questions=max_questions, seed=seed, num_traces=num_traces, row_errors=row_errors,
-                               progress=progress, model_name=name, model_path=path, file_key=key)
+                               progress=progress, model_name=name, model_path=path, file_key=key,
+                               scheduling=scheduling)
             results.results.append(r)
             acc = r.accuracy
             _log(f"{name} / {key} ({r.label}): accuracy {_pct(acc.mean)}% [{_pct(acc.low)}, {_pct(acc.high)}] "
@@ -872,7 +897,9 @@ def _warm_up(agent, batch: int) -> None:
     if batch <= 0:
         return
     try:
-        agent.run(["What is this text about?"] * batch, ["A short text about a quiet river."] * batch, rng=0)
+        rows = (["What is this text about?"] * batch, ["A short text about a quiet river."] * batch)
+        agent.run(*rows, rng=0)  # prefix, segment and final programs
+        agent.run(*rows, rng=0, batch_size=batch)  # continuous batching's refill program
     except AgentInputError:  # an exotic tokenizer or a tiny budget: compile on the first real batch instead
         pass
 
@@ -1013,6 +1040,8 @@ def validate_config(cfg) -> None:
         raise EvalConfigError(f"config.row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {cfg.row_errors!r}")
     if cfg.batch_size <= 0:
         raise EvalConfigError(f"config.batch_size: must be positive, got {cfg.batch_size}")
+    if cfg.get("scheduling", "continuous") not in SCHEDULING:
+        raise EvalConfigError(f"config.scheduling: must be one of {list(SCHEDULING)}, got {cfg.scheduling!r}")
     for name in ("max_questions", "num_traces"):
         if cfg[name] < 0:
             raise EvalConfigError(f"config.{name}: must be >= 0, got {cfg[name]}")
@@ -1080,7 +1109,8 @@ def run(cfg, workdir: str) -> EvalResults:
         raise EvalConfigError(f"config.mesh: {e} ({jax.device_count()} devices)") from None
     return evaluate_models(
         cfg.models, cfg.eval_files, workdir, agent_overrides=overrides, metric=cfg.metric, extract=cfg.extract,
-        batch_size=cfg.batch_size, max_questions=cfg.max_questions, seed=cfg.seed, num_traces=cfg.num_traces,
+        batch_size=cfg.batch_size, scheduling=cfg.get("scheduling", "continuous"), max_questions=cfg.max_questions,
+        seed=cfg.seed, num_traces=cfg.num_traces,
         row_errors=cfg.row_errors, mesh=mesh, param_dtype=cfg.param_dtype or None,
         compute_dtype=cfg.compute_dtype or None, tokenizer_path=cfg.tokenizer or None, progress=cfg.progress,
         plot=cfg.plot, warmup=cfg.warmup, config=cfg,

@@ -164,8 +164,9 @@ class OracleAgent:
             raise AgentInputError(f"{source}: question: the question is empty")
         return np.zeros(3, np.int32), np.arange(len(document.split()), dtype=np.int32)
 
-    def run(self, questions, documents, rng=0, *, trace=False):
-        self.batches.append(len(questions))
+    def run(self, questions, documents, rng=0, *, trace=False, batch_size=None, progress=False):
+        self.batches.append(len(questions) if batch_size is None else ("slots", batch_size, len(questions)))
+        trace = any(trace) if isinstance(trace, list) else trace
         for q, key in zip(questions, rng):
             self.keys[q] = jax.random.key_data(key)
         answers = [f"\\boxed{{{self.golds[q]}}}" if q in self.right else "\\boxed{nothing}" for q in questions]
@@ -178,9 +179,13 @@ def test_evaluate_agent_aggregates_rows_and_fixes_keys(tmp_path):
     records = qa_records(2) + [QARecord(question=" ", document="x y", answers=("z",), index=99, extra={"num_docs": 4})]
     golds = {q: a for q, _, a in FACTS}
     agent = OracleAgent(golds, right=[FACTS[0][0], FACTS[2][0]])
-    r = ev.evaluate_agent(agent, records, batch_size=2, num_traces=2, seed=5, progress=False)
+    r = ev.evaluate_agent(agent, records, batch_size=2, num_traces=2, seed=5, progress=False, scheduling="bucketed")
     assert (r.n, r.skipped) == (3, 1) and r.accuracy.mean == pytest.approx(2 / 3) and r.em.mean == pytest.approx(2 / 3)
     assert agent.batches == [2, 2]  # the short last batch is padded to the full size (one compiled shape)
+    agent.batches.clear()
+    cont = ev.evaluate_agent(agent, records, batch_size=2, num_traces=2, seed=5, progress=False)
+    assert agent.batches == [("slots", 2, 3)]  # continuous: every runnable row through one engine of 2 slots
+    assert [row.get("scores") for row in cont.rows] == [row.get("scores") for row in r.rows]
     assert (r.accuracy.low, r.accuracy.high) == pytest.approx(ev.wilson_interval(2, 3))
     words = [len(rec.document.split()) for rec in records[:3]]
     assert r.mean_doc_tokens == pytest.approx(np.mean(words)) and r.total_doc_tokens == sum(words)

@@ -1,5 +1,5 @@
-"""Rollout slicing (rl.rollout_batch_size): agent calls over slices of a step's questions give exactly the
-trajectories of one call over all of them."""
+"""Bounded rollouts (rl.rollout_batch_size): continuous batching over rollout_batch_size row slots gives exactly
+the trajectories of one lockstep call over all of them."""
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from memagent_jax.rl.rollout import RewardScorer, collect_rollouts, collect_roll
 from memagent_jax.sampling import SamplingParams
 
 
-def test_sliced_rollout_equals_one_call(tmp_path):
+def test_bounded_rollout_equals_one_call(tmp_path):
     folder = make_agent_model_dir(tmp_path / "model", "qwen2_tied", seed=0)
     params, config = load_hf_params(folder)
     tok = load_tokenizer(folder)

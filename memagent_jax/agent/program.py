@@ -15,6 +15,8 @@ Programs (pure functions; the host driver in `agent.runner` jits them with donat
     prefill_prefix(params, spec, question, question_len, cache) -> PrefixState
     run_segment(params, spec, cache, prefix, memory, memory_len, chunks, chunk_lens, row_keys, first_step)
         -> (cache, memory, memory_len, SegmentRecord)      # lax.scan over S chunks
+    refill_rows(params, spec, question, question_len, memory, memory_len, refill, cache)
+        -> (PrefixState, memory, memory_len)               # continuous batching: new documents join
     final_answer(params, spec, question, question_len, memory, memory_len, row_keys, cache, active)
         -> (FinalRecord, cache)
 
@@ -216,8 +218,10 @@ def memory_step(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: 
 
 
 def step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
-    """[B] keys of chunk step `step` (global index within the document)."""
-    return jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, 0), step))(row_keys)
+    """[B] keys of chunk step `step` (global index within each row's document): a scalar, or [B] when rows are
+    at different steps (continuous batching)."""
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), row_keys.shape)
+    return jax.vmap(lambda k, s: jax.random.fold_in(jax.random.fold_in(k, 0), s))(row_keys, step)
 
 
 def final_keys(row_keys: jax.Array) -> jax.Array:
@@ -229,8 +233,9 @@ def run_segment(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: 
                 first_step: jax.Array):
     """A `lax.scan` over S chunk steps.
 
-    chunks [B, S, C] int32, chunk_lens [B, S] (0 = no chunk), row_keys [B], first_step [] int32 (global
-    index of this segment's first chunk). Returns (cache, memory, memory_len, SegmentRecord [B, S, ...]).
+    chunks [B, S, C] int32, chunk_lens [B, S] (0 = no chunk), row_keys [B], first_step [] or [B] int32 (global
+    index, within each row's document, of this segment's first chunk: rows of a continuously refilled batch are
+    at different steps). Returns (cache, memory, memory_len, SegmentRecord [B, S, ...]).
     """
 
     def body(carry, xs):
@@ -241,12 +246,32 @@ def run_segment(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: 
                                                         step_keys(row_keys, step))
         return (cache, memory, memory_len), record
 
-    segment = chunks.shape[1]
+    batch, segment = chunks.shape[:2]
+    first_step = jnp.broadcast_to(jnp.asarray(first_step, jnp.int32), (batch,))
     xs = (jnp.swapaxes(chunks, 0, 1), jnp.swapaxes(chunk_lens, 0, 1),
-          first_step + jnp.arange(segment, dtype=jnp.int32))
+          first_step[None, :] + jnp.arange(segment, dtype=jnp.int32)[:, None])  # steps [S, B]
     (cache, memory, memory_len), stacked = jax.lax.scan(body, (cache, memory, memory_len), xs)
     record = SegmentRecord(*(jnp.swapaxes(a, 0, 1) for a in stacked))
     return cache, memory, memory_len, record
+
+
+def refill_rows(params, spec: AgentSpec, question: jax.Array, question_len: jax.Array, memory: jax.Array,
+                memory_len: jax.Array, refill: jax.Array, cache: KVCache):
+    """Continuous batching: rows marked in `refill` [B] start a new document.
+
+    The prefix of every row is prefilled again from `question` [B, Q] / `question_len` [B] (rows that keep their
+    document pass their own question, so their prefix is recomputed unchanged: one program for any set of
+    refilled rows), and the refilled rows' memory is reset to the initial memory. memory [B, M], memory_len [B].
+    Returns (PrefixState, memory, memory_len).
+    """
+    prefix = prefill_prefix(params, spec, question, question_len, cache)
+    init = spec.prompts.initial_memory
+    fresh = jnp.full(memory.shape, spec.pad_id, jnp.int32)
+    if init:
+        fresh = fresh.at[:, :len(init)].set(jnp.asarray(init, jnp.int32))
+    memory = jnp.where(refill[:, None], fresh, memory)
+    memory_len = jnp.where(refill, jnp.int32(len(init)), memory_len)
+    return prefix, memory, memory_len
 
 
 def final_answer(params, spec: AgentSpec, question: jax.Array, question_len: jax.Array, memory: jax.Array,
@@ -281,6 +306,7 @@ def text_step(params, spec: AgentSpec, tokens: jax.Array, mask: jax.Array, row_k
 
 # Jitted entry points (caches donated: one buffer per shape lives on device and is updated in place).
 prefix_program = jax.jit(prefill_prefix, static_argnames=("spec",), donate_argnames=("cache",))
+refill_program = jax.jit(refill_rows, static_argnames=("spec",), donate_argnames=("cache",))
 segment_program = jax.jit(run_segment, static_argnames=("spec",), donate_argnames=("cache",))
 final_program = jax.jit(final_answer, static_argnames=("spec",), donate_argnames=("cache",))
 text_step_program = jax.jit(text_step, static_argnames=("spec", "final"), donate_argnames=("cache",))

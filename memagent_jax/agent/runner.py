@@ -65,6 +65,15 @@ class AgentResult:
     # or recorded, of a memory update) was sampled, so the text is not a real answer. Always filled by `run`.
     nonfinite: list[bool] | None = None
 
+    def row(self, i: int) -> "AgentResult":
+        """The result of row i alone (every field a one-element list)."""
+        def one(values):
+            return None if values is None else [values[i]]
+
+        return AgentResult(answers=[self.answers[i]], answer_ids=[self.answer_ids[i]], finished=[self.finished[i]],
+                           num_chunks=[self.num_chunks[i]], traces=one(self.traces),
+                           conversations=one(self.conversations), nonfinite=one(self.nonfinite))
+
 
 def default_stop_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
     """EOS ids of the model config and the tokenizer (ChatML's <|im_end|> when the tokenizer has it)."""
@@ -208,16 +217,25 @@ class MemoryAgent:
     # --------------------------------------------------------------------------------------- run
 
     def run(self, questions: Sequence[str], documents: Sequence, rng=0, *, trace: bool = False,
-            record: bool = False, progress: bool = False) -> AgentResult:
-        """Runs the agent over a batch of (question, document) rows.
+            record: bool = False, progress: bool = False, batch_size: int | None = None,
+            on_row=None) -> AgentResult:
+        """Runs the agent over (question, document) rows.
 
         Args:
-          questions: B question strings.
-          documents: B documents: text, an iterable of text pieces, or a token id array.
-          rng: int seed, one PRNG key (row i uses fold_in(key, i)), or [B] keys.
-          trace: also return the memory text after every chunk.
+          questions: N question strings.
+          documents: N documents: text, an iterable of text pieces, or a token id array.
+          rng: int seed, one PRNG key (row i uses fold_in(key, i)), or [N] keys.
+          trace: also return the memory text after every chunk (with `batch_size`, may be N bools: trace only
+            those rows; the others get an empty trace).
           record: also return every conversation (prompt ids, response ids, log-probs) for training.
           progress: show a progress bar over chunks.
+          batch_size: None runs all N rows as one batch in lockstep (as many chunk steps as the longest
+            document). A number runs them with continuous batching (`agent.engine.DocumentEngine`) over that many
+            row slots: a row whose document ends takes the next document at the next segment boundary, longest
+            documents first. Either way a row's output depends only on its question, document and key. A mesh
+            spanning processes, and the text prompt mode, always run in lockstep.
+          on_row: optional callable `on_row(i, one_row_result)`, called as soon as row i is answered with an
+            `AgentResult` of that row alone (streaming writers); in lockstep all rows come at the end.
         """
         if len(questions) != len(documents):
             raise AgentInputError(f"{len(questions)} questions but {len(documents)} documents")
@@ -225,6 +243,44 @@ class MemoryAgent:
         if not questions and procs == 1:
             raise AgentInputError("no rows to run")
         rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
+        if batch_size is not None and procs == 1 and self.spec.prompt_mode == "pieces":
+            return self._run_continuous(rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record,
+                                        progress=progress, on_row=on_row)
+        if not isinstance(trace, bool):
+            trace = any(trace)
+        if batch_size is not None and procs == 1 and len(rows) > batch_size:  # text mode: lockstep buckets
+            result = self._run_bucketed(questions, rows, row_keys(rng, len(rows)), batch_size, trace=trace,
+                                        record=record, progress=progress)
+        else:
+            result = self._run_lockstep(questions, rows, rng, procs, trace=trace, record=record, progress=progress)
+        if on_row is not None:
+            for i in range(len(rows)):
+                on_row(i, result.row(i))
+        return result
+
+    def _run_bucketed(self, questions, rows, keys, batch_size: int, *, trace: bool, record: bool,
+                      progress: bool) -> AgentResult:
+        """Lockstep batches of `batch_size` rows of similar length, merged back into row order."""
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][1].size, i))
+        parts = {}
+        for start in range(0, len(order), batch_size):
+            group = order[start:start + batch_size]
+            part = self._run_lockstep([questions[i] for i in group], [rows[i] for i in group], keys[np.asarray(group)],
+                                      1, trace=trace, record=record, progress=progress)
+            parts.update({i: part.row(j) for j, i in enumerate(group)})
+        rows_out = [parts[i] for i in range(len(rows))]
+
+        def joined(field):
+            values = [getattr(r, field) for r in rows_out]
+            return None if any(v is None for v in values) else [v[0] for v in values]
+
+        return AgentResult(answers=joined("answers"), answer_ids=joined("answer_ids"), finished=joined("finished"),
+                           num_chunks=joined("num_chunks"), traces=joined("traces"),
+                           conversations=joined("conversations"), nonfinite=joined("nonfinite"))
+
+    def _run_lockstep(self, questions, rows, rng, procs: int, *, trace: bool, record: bool,
+                      progress: bool) -> AgentResult:
+        """`run` in lockstep: all rows as one batch, as many segments as the longest document."""
         spec, b = self.spec, self.budgets
         n = len(rows)
         docs = [d for _, d in rows]
@@ -272,7 +328,7 @@ class MemoryAgent:
                 chunks, chunk_lens = self._segment_chunks(docs, batch, seg)
                 cache, memory_d, memory_len_d, rec = segment_program(
                     self.params, spec, cache, prefix.next_positions, memory_d, memory_len_d, self._put(chunks),
-                    self._put(chunk_lens), keys_d, jnp.int32(seg * b.chunks_per_segment))
+                    self._put(chunk_lens), keys_d, self._put(np.full((batch,), seg * b.chunks_per_segment, np.int32)))
                 if trace or record:
                     records.append(self._get(rec))
                 bar.update(int((chunk_lens[:n] > 0).sum()))
@@ -286,9 +342,7 @@ class MemoryAgent:
         bar.close()
 
         answer_ids = [final_host.answer[i, :final_host.answer_len[i]].tolist() for i in range(n)]
-        stops = set(spec.answer_sampling.stop_token_ids)
-        texts = [self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-                 for ids in answer_ids]
+        texts = self._answer_texts(answer_ids)
         nonfinite = [not np.all(np.isfinite(final_host.logprobs[i, :final_host.answer_len[i]])) for i in range(n)]
         for rec in records:  # memory updates, when they were fetched (trace / record)
             for i in range(n):
@@ -302,6 +356,51 @@ class MemoryAgent:
         if record:
             result.conversations = [self._conversations(records, final_host, prefix_host, i, chunk_counts[i])
                                     for i in range(n)]
+        return result
+
+    def _answer_texts(self, answer_ids: Sequence[Sequence[int]]) -> list[str]:
+        stops = set(self.spec.answer_sampling.stop_token_ids)
+        return [self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+                for ids in answer_ids]
+
+    def _run_continuous(self, rows, keys, batch_size: int, *, trace, record: bool, progress: bool,
+                        on_row=None) -> AgentResult:
+        """`run` with continuous batching: every row through one `DocumentEngine` of `batch_size` slots."""
+        from memagent_jax.agent.engine import DocumentEngine, RowRequest, RowProgress
+
+        traced = [bool(trace)] * len(rows) if isinstance(trace, bool) else [bool(t) for t in trace]
+        if len(traced) != len(rows):
+            raise AgentInputError(f"trace: {len(traced)} flags for {len(rows)} rows")
+        engine = DocumentEngine(self, batch_size)
+        raw_keys = np.asarray(jax.random.key_data(keys))
+        order = sorted(range(len(rows)), key=lambda i: (-rows[i][1].size, i))  # longest first: a short tail
+        chunk_counts = [num_chunks(d.size, self.budgets.chunk_tokens) for _, d in rows]
+        bar = _progress(sum(chunk_counts), progress)
+        read = [0] * len(rows)
+
+        def on_event(event):
+            if isinstance(event, RowProgress):
+                bar.update(event.chunks_read - read[event.tag])
+                read[event.tag] = event.chunks_read
+            elif on_row is not None:
+                on_row(event.tag, self._result_of([event], [traced[event.tag]], record))
+
+        results = engine.run((RowRequest(tag=i, question_ids=rows[i][0], document_ids=rows[i][1], key=raw_keys[i],
+                                         trace=traced[i], record=record) for i in order), on_event=on_event)
+        bar.close()
+        return self._result_of([results[i] for i in range(len(rows))], traced, record)
+
+    def _result_of(self, ordered, traced: Sequence[bool], record: bool) -> AgentResult:
+        """An `AgentResult` from the engine's `RowResult`s."""
+        answer_ids = [r.answer_ids for r in ordered]
+        result = AgentResult(answers=self._answer_texts(answer_ids), answer_ids=answer_ids,
+                             finished=[r.finished for r in ordered], num_chunks=[r.num_chunks for r in ordered],
+                             nonfinite=[r.nonfinite for r in ordered])
+        if any(traced):
+            result.traces = [[self.tokenizer.decode(m.tolist(), skip_special_tokens=True) for m in r.memories or []]
+                             for r in ordered]
+        if record:
+            result.conversations = [r.conversations for r in ordered]
         return result
 
     # ------------------------------------------------------------------------------- text mode
@@ -381,9 +480,7 @@ class MemoryAgent:
             final = self._get(final)
         bar.close()
         answer_ids = [final.tokens[i, :final.num_tokens[i]].tolist() for i in range(n)]
-        stops = set(spec.answer_sampling.stop_token_ids)
-        texts = [self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-                 for ids in answer_ids]
+        texts = self._answer_texts(answer_ids)
         result = AgentResult(answers=texts, answer_ids=answer_ids,
                              finished=[bool(f) for f in final.finished[:n]], num_chunks=list(chunk_counts))
         if trace:

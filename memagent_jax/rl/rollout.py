@@ -103,13 +103,15 @@ class PendingRollout:
 
 def collect_rollouts(agent: MemoryAgent, records: Sequence[QARecord], group_size: int, rng, *,
                      scorer: RewardScorer, progress: bool = False,
-                     question_ids: Sequence[int] | None = None) -> PendingRollout:
+                     question_ids: Sequence[int] | None = None, batch_size: int | None = None) -> PendingRollout:
     """Runs the agent G times per question (sampling per the agent's settings) and starts scoring.
 
     rng: a PRNG key or int seed; trajectory t = question_ids[q] * G + g uses row key fold_in(rng, t).
     question_ids: the global index of each of `records` in the step's batch (default 0, 1, ...). In a
       multi-process run each process rolls out its own questions; giving their global indices makes every
       trajectory's samples independent of how the questions are split over processes.
+    batch_size: None runs every trajectory at once in lockstep; a number runs them with continuous batching over
+      that many row slots (`MemoryAgent.run`): same samples, no row idles while others read.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -129,7 +131,7 @@ def collect_rollouts(agent: MemoryAgent, records: Sequence[QARecord], group_size
         trajectories = (ids[:, None] * group_size + np.arange(group_size)[None, :]).reshape(-1)
         rng = jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.asarray(trajectories, jnp.uint32))
     t0 = time.perf_counter()
-    result = agent.run(questions, documents, rng=rng, record=True, progress=progress)
+    result = agent.run(questions, documents, rng=rng, record=True, progress=progress, batch_size=batch_size)
     elapsed = time.perf_counter() - t0
     truths = [r.answers for r in records for _ in range(group_size)]
     return PendingRollout(records=records, group_size=group_size, agent_result=result,
@@ -161,12 +163,20 @@ def merge_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
 def collect_rollouts_in_slices(agent: MemoryAgent, records: Sequence[QARecord], group_size: int, rng, *,
                                scorer: RewardScorer, questions_per_call: int,
                                question_ids: Sequence[int] | None = None) -> Rollout:
-    """`collect_rollouts` over consecutive slices of `questions_per_call` questions (bounded device memory: one
-    agent call holds questions_per_call x G rows), merged. Keys follow the global question ids, so the result
-    equals one call over all questions; each slice's scoring overlaps the next slice's rollout."""
+    """The step's rollout with questions_per_call x G trajectories on the device at a time (bounded device
+    memory). On one process: one continuous-batching call over questions_per_call x G row slots (a finished
+    trajectory's row takes the next one at the next segment boundary). On a mesh spanning processes: lockstep
+    calls over consecutive slices of questions_per_call questions, merged (each slice's scoring overlaps the
+    next slice's rollout). Keys follow the global question ids, so the result equals one call over all
+    questions either way."""
+    from memagent_jax.models import sharding as sharding_lib
+
     records = list(records)
     ids = list(range(len(records))) if question_ids is None else [int(i) for i in question_ids]
     step = max(1, int(questions_per_call))
+    if not sharding_lib.is_multiprocess(agent.mesh):
+        return collect_rollouts(agent, records, group_size, rng, scorer=scorer, question_ids=ids,
+                                batch_size=min(step, len(records)) * group_size).result()
     pending = [collect_rollouts(agent, records[s:s + step], group_size, rng, scorer=scorer,
                                 question_ids=ids[s:s + step]) for s in range(0, len(records), step)]
     return merge_rollouts([p.result() for p in pending])
