@@ -7,16 +7,20 @@
 `get_config()` gives the reference evaluation recipe: each model's own memagent_agent.json (budgets, templates,
 sampling, as train exported it), else budgets 1024 / 5000 / 1024 / 1024 (question / chunk / memory / answer
 tokens), temperature 0.7 and top-p 0.95; accuracy = sub-exact-match of the last \\boxed{...} answer.
-`get_config("cpu")` sets the budgets of configs/grpo.py:cpu (64 / 64 / 16 / 8, tiny CPU models).
+`get_config("cpu")` sets the budgets and wording of the main job and configs/grpo.py:cpu (16 / 32 / 8 / 12,
+memagent_jax/cpu_settings.py).
 Every field is overridable with --config.a.b=value.
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from memagent_jax import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     cpu = arg == "cpu"
+    b = cpu_settings.BUDGETS
     c = ml_collections.ConfigDict()
     # Models: comma list of name=folder (a bare folder is named after its basename). Each folder is a local
     # Hugging Face checkpoint (config.json + safetensors); each is loaded once and run on every file.
@@ -32,17 +36,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # `--agent.chunk_tokens` in answer). None / '' = each model folder's memagent_agent.json (what train's export
     # writes), else the default after the '|'.
     c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=64 if cpu else placeholder(int),  # question slot | 1024
-        chunk_tokens=64 if cpu else placeholder(int),  # document tokens read per step | 5000
-        memory_tokens=16 if cpu else placeholder(int),  # most new tokens of a memory update | 1024
-        answer_tokens=8 if cpu else placeholder(int),  # most new tokens of the final answer | 1024
-        chunks_per_segment=2 if cpu else placeholder(int),  # chunks per compiled scan | 4
+        question_tokens=b["question_tokens"] if cpu else placeholder(int),  # question slot | 1024
+        chunk_tokens=b["chunk_tokens"] if cpu else placeholder(int),  # document tokens read per step | 5000
+        memory_tokens=b["memory_tokens"] if cpu else placeholder(int),  # most new tokens of a memory update | 1024
+        answer_tokens=b["answer_tokens"] if cpu else placeholder(int),  # most new tokens of the answer | 1024
+        chunks_per_segment=b["chunks_per_segment"] if cpu else placeholder(int),  # chunks per scan | 4
         max_document_tokens=placeholder(int),  # centre-truncate longer documents, 0 = off | 0
         question_overflow=placeholder(str),  # an over-budget question: 'error' or 'truncate' | error
         temperature=placeholder(float),  # sampling temperature, 0 = greedy | 0.7 (the paper's evaluation)
         top_p=placeholder(float),  # nucleus sampling | 0.95
         templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
         prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
+        # Single template fields over the templates | the model's settings; cpu: the main job's compact wording.
+        memory_update=cpu_settings.MEMORY_UPDATE if cpu else "",
+        final_answer=cpu_settings.FINAL_ANSWER if cpu else "",
+        initial_memory=cpu_settings.INITIAL_MEMORY if cpu else "",
     ))
     # Deprecated spellings (still read, with a warning): budgets.* and sampling.* are agent.*, templates is
     # agent.templates.

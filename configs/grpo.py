@@ -5,12 +5,15 @@
 
 `get_config()` gives the reference recipe (budgets 1024/5000/1024/1024, group 16, AdamW 1e-6 with 20 warm-up
 steps from lr 0, clip 0.2/0.2, dual clip 3, k3 KL 0.001 clamped per token to 10, old log-probs recomputed by the
-learner, training documents centre-truncated to 40000 tokens, token-mean); `get_config("cpu")` a tiny-budget
-variant for CPU runs and tests (no recompute, no KL clamp, no truncation). Every field is overridable with
+learner, training documents centre-truncated to 40000 tokens, token-mean); `get_config("cpu")` the CPU variant for tiny
+models and tests: the main job's budgets (16 / 32 / 8 / 12) and compact wording (memagent_jax/cpu_settings.py), its
+keyed_recall task when no data file is given, no recompute, no KL clamp, no truncation. Every field is overridable with
 --config.a.b=value.
 """
 
 import ml_collections
+
+from memagent_jax import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -30,23 +33,28 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ))
     c.data = ml_collections.ConfigDict(dict(
         train_file="",  # reference-format training (or evaluation) file; '' = the synthetic task below
-        synthetic_task="multihop_qa",
-        synthetic_tokens=384 if cpu else 28000,
+        synthetic_task=cpu_settings.SYNTHETIC_TASK if cpu else "multihop_qa",
+        synthetic_tokens=cpu_settings.SYNTHETIC_TOKENS if cpu else 28000,
         synthetic_samples=64 if cpu else 20000,
         # verifier.REWARD_STYLES name: 'reference_boxed' = MemAgent's training reward exactly (last \boxed{} in the
         # last 300 characters, lower-case + space removal only); 'boxed_em' = our SQuAD-normalised exact match.
         reward_style="boxed_em" if cpu else "reference_boxed",
         reward_drop_think=False,  # score only the text after the last </think> (the reference scores it all)
     ))
+    b = cpu_settings.BUDGETS
     c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=64 if cpu else 1024,  # question slot in tokens (longer questions are an error)
-        chunk_tokens=64 if cpu else 5000,  # document tokens read per step
-        memory_tokens=16 if cpu else 1024,  # most new tokens of a memory update (the memory's size)
-        answer_tokens=8 if cpu else 1024,  # most new tokens of the final answer
-        chunks_per_segment=2 if cpu else 4,  # chunks per compiled scan (longer documents: several segments)
+        question_tokens=b["question_tokens"] if cpu else 1024,  # question slot in tokens (longer: an error)
+        chunk_tokens=b["chunk_tokens"] if cpu else 5000,  # document tokens read per step
+        memory_tokens=b["memory_tokens"] if cpu else 1024,  # most new tokens of a memory update (the memory's size)
+        answer_tokens=b["answer_tokens"] if cpu else 1024,  # most new tokens of the final answer
+        chunks_per_segment=b["chunks_per_segment"] if cpu else 4,  # chunks per compiled scan
         temperature=1.0,  # rollout sampling temperature (> 0: GRPO compares sampled trajectories)
         top_p=1.0,  # rollout nucleus sampling
         templates="",  # JSON file of agent.AgentTemplates fields ('' = the default wording)
+        # Single template fields over the templates file ('' = the file's / the default); cpu: the compact wording.
+        memory_update=cpu_settings.MEMORY_UPDATE if cpu else "",
+        final_answer=cpu_settings.FINAL_ANSWER if cpu else "",
+        initial_memory=cpu_settings.INITIAL_MEMORY if cpu else "",
         # 'pieces' (template pieces tokenized apart, memory carried as exact ids inside the chunk scan) or 'text'
         # (each prompt formatted as one string and tokenized whole, as the reference does); '' = the templates
         # file's prompt_mode (default 'pieces'). See agent/templates.py.

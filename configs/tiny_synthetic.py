@@ -16,10 +16,7 @@ the default budget). The script's flaw (dropping its notes) is what grows with t
 
 import ml_collections
 
-# Compact wording for the tiny model (the default templates are ~110 tokens per prompt with this tokenizer;
-# these are ~30, which halves the CPU time of every stage). Same placeholders and shape as the defaults.
-MEMORY_UPDATE = "Question: {question}\nNotes: {memory}\nText: {chunk}\nRewrite the notes."
-FINAL_ANSWER = "Question: {question}\nNotes: {memory}\nAnswer with \\boxed{}."
+from memagent_jax import cpu_settings  # the budgets and compact wording every "cpu" config variant shares
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -46,9 +43,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
         max_position_embeddings=512,
     ))
+    b = cpu_settings.BUDGETS
     c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=16, chunk_tokens=32, memory_tokens=8, answer_tokens=12,
-        memory_update=MEMORY_UPDATE, final_answer=FINAL_ANSWER, initial_memory="No notes yet.",
+        question_tokens=b["question_tokens"], chunk_tokens=b["chunk_tokens"], memory_tokens=b["memory_tokens"],
+        answer_tokens=b["answer_tokens"], **cpu_settings.TEMPLATES,
     ))
     c.warm_start = ml_collections.ConfigDict(dict(
         updates=384,  # optimiser updates

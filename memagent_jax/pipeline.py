@@ -340,7 +340,8 @@ def grpo_config(cfg, assets: dict, model_path: str):
     g.agent.update(dict(question_tokens=cfg.agent.question_tokens, chunk_tokens=cfg.agent.chunk_tokens,
                         memory_tokens=cfg.agent.memory_tokens, answer_tokens=cfg.agent.answer_tokens,
                         chunks_per_segment=cfg.task.train_chunks, temperature=cfg.rl.temperature,
-                        top_p=cfg.rl.top_p, templates=assets["templates"]))
+                        top_p=cfg.rl.top_p, templates=assets["templates"], memory_update="", final_answer="",
+                        initial_memory=""))  # the job's wording is the templates file (written from config.agent)
     g.rl.update(dict(questions_per_step=cfg.rl.questions_per_step, group_size=cfg.rl.group_size,
                      num_minibatches=cfg.rl.num_minibatches, learning_rate=cfg.rl.learning_rate,
                      kl_coef=cfg.rl.kl_coef, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0))

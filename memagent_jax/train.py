@@ -341,7 +341,8 @@ def _learner_config(cfg):
 
 def agent_settings(cfg):
     """(AgentBudgets, AgentTemplates) of the training agent from `config.agent`: the budgets, centre truncation of
-    training documents (`agent.max_document_tokens`), the templates file and `agent.prompt_mode`."""
+    training documents (`agent.max_document_tokens`), the templates file, and single template fields over it
+    (`agent.memory_update` / `final_answer` / `initial_memory` / `prompt_mode`, '' = the file's)."""
     from memagent_jax.agent import AgentBudgets, AgentTemplates
 
     a = cfg.agent
@@ -350,8 +351,10 @@ def agent_settings(cfg):
                            chunks_per_segment=a.chunks_per_segment,
                            max_document_tokens=int(a.get("max_document_tokens", 0) or 0))
     templates = AgentTemplates.from_file(a.templates) if a.get("templates") else AgentTemplates()
-    if a.get("prompt_mode"):
-        templates = templates.replace(prompt_mode=a.prompt_mode)
+    fields = {name: a.get(name) for name in ("memory_update", "final_answer", "initial_memory", "prompt_mode")}
+    fields = {name: value for name, value in fields.items() if value}
+    if fields:
+        templates = templates.replace(**fields)
     return budgets, templates
 
 

@@ -89,3 +89,36 @@ def make_agent_model_dir(folder, variant: str = "qwen2_tied", seed: int = 0, voc
     train_tokenizer(texts, folder, vocab_size=vocab_size)
     save_hf_model(make_hf_model(variant, seed=seed, vocab_size=len(load_tokenizer(folder))), str(folder))
     return str(folder)
+
+
+# The test tokenizer of `make_agent_model_dir` (~420 tokens, trained on the default wording) needs more room than
+# the main job's budgets that configs/grpo.py:cpu carries ("No notes yet." alone is 10 of its tokens): tests that
+# train with the cpu variant and this tokenizer use these settings (the default wording, the multihop task).
+TEST_AGENT_SETTINGS = {"agent.question_tokens": 64, "agent.chunk_tokens": 64, "agent.memory_tokens": 16,
+                       "agent.answer_tokens": 8, "agent.memory_update": "", "agent.final_answer": "",
+                       "agent.initial_memory": "", "data.synthetic_task": "multihop_qa",
+                       "data.synthetic_tokens": 384}
+
+
+def grpo_cpu_config(model_dir, **overrides):
+    """configs/grpo.py:cpu for `model_dir` with TEST_AGENT_SETTINGS, then `overrides` ({'rl.group_size': 2, ...})."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "grpo.py")
+    spec = importlib.util.spec_from_file_location("grpo_config_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("cpu")
+    cfg.model.path = str(model_dir)
+    for key, value in {**TEST_AGENT_SETTINGS, **overrides}.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def agent_flags_for_tests() -> list[str]:
+    """TEST_AGENT_SETTINGS as command-line flags of `python -m memagent_jax.train --config configs/grpo.py:cpu`."""
+    return [f"--config.{key}={value}" for key, value in TEST_AGENT_SETTINGS.items()]

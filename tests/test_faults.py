@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_tiny import make_agent_model_dir
+from hf_tiny import grpo_cpu_config, make_agent_model_dir
 from memagent_jax import answer
 from memagent_jax import evaluate as ev
 from memagent_jax.checkpoint import Checkpointer, CheckpointError
@@ -285,18 +285,7 @@ def test_nonfinite_state_is_never_saved_and_prunes_nothing(tmp_path):
 
 
 def _grpo(model_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("grpo_config_faults", os.path.join(REPO, "configs", "grpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("cpu")
-    cfg.model.path = model_dir
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return grpo_cpu_config(model_dir, **overrides)
 
 
 def test_train_config_errors_come_before_any_model(model_dir, tmp_path, monkeypatch):

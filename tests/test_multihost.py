@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from hf_tiny import make_agent_model_dir
+from hf_tiny import agent_flags_for_tests, grpo_cpu_config, make_agent_model_dir
 from memagent_jax import distributed
 from memagent_jax.models import load_hf_params
 from memagent_jax.train import TrainConfigError, split_devices, validate_config
@@ -39,18 +39,7 @@ def _load_launcher():
 
 
 def _grpo_config(model_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("grpo_config", REPO / "configs" / "grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("cpu")
-    cfg.model.path = str(model_dir)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return grpo_cpu_config(model_dir, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +75,7 @@ def _assert_same_params(dir_a, dir_b, initial_dir):
 # Data-parallel mesh (params replicated): the rollout needs no cross-process all-gathers, which keeps the
 # 2-process run quick over gloo. The entropy bonus gives every step a real gradient (the tiny random model
 # never earns a reward, so advantages are 0).
-TRAIN_FLAGS = ["--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.rl.learning_rate=1e-3",
+TRAIN_FLAGS = [*agent_flags_for_tests(), "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.rl.learning_rate=1e-3",
                "--config.rl.entropy_coef=0.01", "--config.checkpoint.every=1"]
 
 

@@ -1,6 +1,5 @@
 """The GRPO entry point: a run interrupted halfway and resumed equals an uninterrupted run; config errors."""
 
-import importlib.util
 import json
 import os
 
@@ -8,27 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from hf_tiny import make_agent_model_dir
+from hf_tiny import grpo_cpu_config, make_agent_model_dir
 from memagent_jax.agent import AgentSettings
 from memagent_jax.models import load_hf_params
 from memagent_jax.train import TrainConfigError, train, validate_config
 
 
 def grpo_config(model_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("grpo_config", os.path.join(os.path.dirname(__file__), "..",
-                                                                                "configs", "grpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("cpu")
-    cfg.model.path = model_dir
-    cfg.rl.learning_rate = 1e-3  # visible parameter movement in 4 steps
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return grpo_cpu_config(model_dir, **{"rl.learning_rate": 1e-3, **overrides})  # visible movement in 4 steps
 
 
 @pytest.fixture(scope="module")
