@@ -668,11 +668,11 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
         ready.append((int(doc_ids.size), i, record, doc_ids, row_metric))
     ready.sort(key=lambda r: (r[0], r[1]))  # similar lengths together: fewer idle rows per batch
 
-    from memagent_jax.models import sharding as sharding_lib
+    from memagent_jax.distributed import arrays as multiprocess
 
     def batches():
         """(rows, AgentResult) per agent run."""
-        if scheduling == "continuous" and not sharding_lib.is_multiprocess(getattr(agent, "mesh", None)):
+        if scheduling == "continuous" and not multiprocess.is_multiprocess(getattr(agent, "mesh", None)):
             if ready:
                 yield ready, agent.run([g[2].question for g in ready], [g[3] for g in ready],
                                        rng=row_keys(seed, [g[2].index for g in ready]),

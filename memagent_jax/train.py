@@ -393,12 +393,12 @@ def _common_batch(batch, stats: dict, *, pad_id: int):
     stats summed over processes. Returns (batch or None when no process has a conversation, stats)."""
     import numpy as np
 
-    from memagent_jax.models import sharding as sharding_lib
+    from memagent_jax.distributed import arrays as multiprocess
     from memagent_jax.rl.batch import ConversationBatch, pad_rows
 
     rows, length = (batch.num_rows, batch.length) if batch is not None else (0, 0)
     local = np.array([rows, length, stats["kept_groups"], stats["groups"], stats["conversations"]], np.int64)
-    every = sharding_lib.process_allgather(local)
+    every = multiprocess.process_allgather(local)
     rows, length = int(every[:, 0].max()), int(every[:, 1].max())
     stats = {"kept_groups": int(every[:, 2].sum()), "groups": int(every[:, 3].sum()),
              "conversations": int(every[:, 4].sum())}
@@ -426,17 +426,17 @@ def _global_rollout_stats(rollout):
     in the step's global order (question j of process p is question j * processes + p)."""
     import numpy as np
 
-    from memagent_jax.models import sharding as sharding_lib
+    from memagent_jax.distributed import arrays as multiprocess
 
     def gather(x):  # [P, Qp, G] -> [Qp, P, G] -> [Q, G]
-        every = sharding_lib.process_allgather(x)
+        every = multiprocess.process_allgather(x)
         return every.transpose(1, 0, 2).reshape(-1, x.shape[-1])
 
     convs = rollout.agent_result.conversations
     memory = [len(c.response_ids) for conv in convs for c in conv if c.kind == "memory"]
     final = [len(c.response_ids) for conv in convs for c in conv if c.kind == "final"]
     chunks = rollout.agent_result.num_chunks
-    sums = sharding_lib.process_allgather(np.array([sum(memory), len(memory), sum(final), len(final), sum(chunks),
+    sums = multiprocess.process_allgather(np.array([sum(memory), len(memory), sum(final), len(final), sum(chunks),
                                                     len(chunks)], np.int64)).sum(axis=0)
     lengths = {"memory_response_len": float(sums[0] / sums[1]) if sums[1] else 0.0,
                "final_response_len": float(sums[2] / sums[3]) if sums[3] else 0.0,
@@ -454,6 +454,7 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.checkpoint import Checkpointer
     from memagent_jax.data.iterator import ShardedIterator
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
+    from memagent_jax.distributed import arrays as multiprocess
     from memagent_jax.models import sharding as sharding_lib
     from memagent_jax.rl.advantages import dynamic_sampling_mask, group_advantages
     from memagent_jax.rl.batch import shuffle_rows
@@ -512,7 +513,7 @@ def train(cfg, workdir: str) -> dict:
         rollout_shardings = sharding_lib.param_shardings(state.params, rollout_mesh)
 
         def rollout_params(params):
-            return sharding_lib.copy_to(params, rollout_shardings)  # jax.device_put, also across processes
+            return multiprocess.copy_to(params, rollout_shardings)  # jax.device_put, also across processes
 
     budgets, templates = agent_settings(cfg)
     agent = MemoryAgent(rollout_params(state.params), model_config, tokenizer, budgets=budgets, mesh=rollout_mesh,

@@ -125,11 +125,12 @@ class DocumentEngine:
     """
 
     def __init__(self, agent, batch_size: int, *, eager_answers: bool = False):
+        from memagent_jax.distributed import arrays as multiprocess
         from memagent_jax.models import sharding as sharding_lib
 
         if agent.spec.prompt_mode != "pieces":
             raise AgentInputError("continuous batching runs the piece prompt mode only (text mode steps on the host)")
-        if sharding_lib.is_multiprocess(agent.mesh):
+        if multiprocess.is_multiprocess(agent.mesh):
             raise AgentInputError("continuous batching runs on one process; a mesh spanning processes runs in "
                                   "lockstep (MemoryAgent.run without batch_size)")
         if batch_size < 1:

@@ -26,6 +26,7 @@ from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_t
                                          prepare_question, tokenize_document)
 from memagent_jax.agent.program import AgentSpec, final_program, prefix_program, segment_program, text_step_program
 from memagent_jax.agent.templates import AgentPrompts, AgentTemplates, TextPrompter
+from memagent_jax.distributed import arrays as multiprocess
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.sampling.api import new_cache, row_keys
@@ -195,8 +196,8 @@ class MemoryAgent:
         return q_ids, centre_truncate(doc_ids, self.budgets.max_document_tokens)
 
     def _put(self, x, rank: int | None = None):
-        if sharding_lib.is_multiprocess(self.mesh):  # this process's rows of a batch spanning processes
-            return sharding_lib.put_rows(x, self.mesh, rank)
+        if multiprocess.is_multiprocess(self.mesh):  # this process's rows of a batch spanning processes
+            return multiprocess.put_rows(x, self.mesh, rank)
         x = jnp.asarray(x)
         if self.mesh is None:
             return x
@@ -204,8 +205,8 @@ class MemoryAgent:
 
     def _get(self, tree):
         """Device results -> host NumPy: this process's rows when the mesh spans processes."""
-        if sharding_lib.is_multiprocess(self.mesh):
-            return sharding_lib.local_rows(tree, self.mesh)
+        if multiprocess.is_multiprocess(self.mesh):
+            return multiprocess.local_rows(tree, self.mesh)
         return jax.device_get(tree)
 
     def _cache(self, kind: str, batch: int, slots: int):
@@ -239,7 +240,7 @@ class MemoryAgent:
         """
         if len(questions) != len(documents):
             raise AgentInputError(f"{len(questions)} questions but {len(documents)} documents")
-        procs = sharding_lib.mesh_process_count(self.mesh)
+        procs = multiprocess.mesh_process_count(self.mesh)
         if not questions and procs == 1:
             raise AgentInputError("no rows to run")
         rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
@@ -290,9 +291,9 @@ class MemoryAgent:
         if procs > 1:
             # Every process runs the same programs the same number of times: a common row count (its own rows
             # padded) and the longest document of any process.
-            n_max, segments, max_chunks = sharding_lib.process_allgather(
+            n_max, segments, max_chunks = multiprocess.process_allgather(
                 np.array([n, segments, max_chunks], np.int64)).max(axis=0)
-            multiple = sharding_lib.process_batch_multiple(self.mesh)
+            multiple = multiprocess.process_batch_multiple(self.mesh)
             batch = max(-(-int(n_max) // multiple) * multiple, multiple)
             segments, max_chunks = int(segments), int(max_chunks)
         else:
@@ -431,7 +432,7 @@ class MemoryAgent:
         (`text_step_program`) then prefills it and samples the new memory. Same per-step keys as the chunk scan."""
         spec, b, prompter = self.spec, self.budgets, self.text_prompter
         n = len(rows)
-        procs = sharding_lib.mesh_process_count(self.mesh)
+        procs = multiprocess.mesh_process_count(self.mesh)
         global_batch = batch * procs
         q_texts = []
         for question, (q_ids, _) in zip(questions, rows):

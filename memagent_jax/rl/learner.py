@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from memagent_jax.distributed import arrays as multiprocess
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import abstract_params as model_abstract_params
@@ -538,7 +539,7 @@ class Learner:
     @property
     def process_rows_multiple(self) -> int:
         """Rows each process supplies must be a multiple of this (`rows_multiple` / processes of the mesh)."""
-        procs = sharding_lib.mesh_process_count(self.mesh)
+        procs = multiprocess.mesh_process_count(self.mesh)
         if self.rows_multiple % procs:
             raise LearnerConfigError(f"rows_multiple={self.rows_multiple} is not a multiple of the mesh's {procs} "
                                      f"processes")
@@ -549,7 +550,7 @@ class Learner:
         n = int(batch.tokens.shape[0])
         if isinstance(batch.tokens, jax.Array) and not batch.tokens.is_fully_addressable:
             return n
-        return n * sharding_lib.mesh_process_count(self.mesh)
+        return n * multiprocess.mesh_process_count(self.mesh)
 
     def _replicated(self):
         return NamedSharding(self.mesh, P()) if self.mesh is not None else None
@@ -604,8 +605,8 @@ class Learner:
     def put_batch(self, batch: ConversationBatch) -> ConversationBatch:
         """Moves a (host) batch onto the mesh, rows sharded over the batch axes (in a multi-process mesh: this
         process's rows of the global batch)."""
-        if sharding_lib.is_multiprocess(self.mesh) and self.global_rows(batch) != batch.tokens.shape[0]:
-            return jax.tree.map(lambda a: sharding_lib.put_rows(a, self.mesh), batch)
+        if multiprocess.is_multiprocess(self.mesh) and self.global_rows(batch) != batch.tokens.shape[0]:
+            return jax.tree.map(lambda a: multiprocess.put_rows(a, self.mesh), batch)
         shardings = self.batch_shardings(batch)
         return jax.device_put(batch, shardings) if shardings is not None else jax.device_put(batch)
 

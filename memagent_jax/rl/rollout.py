@@ -169,12 +169,12 @@ def collect_rollouts_in_slices(agent: MemoryAgent, records: Sequence[QARecord], 
     calls over consecutive slices of questions_per_call questions, merged (each slice's scoring overlaps the
     next slice's rollout). Keys follow the global question ids, so the result equals one call over all
     questions either way."""
-    from memagent_jax.models import sharding as sharding_lib
+    from memagent_jax.distributed import arrays as multiprocess
 
     records = list(records)
     ids = list(range(len(records))) if question_ids is None else [int(i) for i in question_ids]
     step = max(1, int(questions_per_call))
-    if not sharding_lib.is_multiprocess(agent.mesh):
+    if not multiprocess.is_multiprocess(agent.mesh):
         return collect_rollouts(agent, records, group_size, rng, scorer=scorer, question_ids=ids,
                                 batch_size=min(step, len(records)) * group_size).result()
     pending = [collect_rollouts(agent, records[s:s + step], group_size, rng, scorer=scorer,
