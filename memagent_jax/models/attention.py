@@ -41,10 +41,6 @@ from memagent_jax.models.config import ATTENTION_IMPLS
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
-# 'auto' on CPU: the materialised path while one row's score matrix T x S has at most this many elements per
-# head (it is faster there: one batched matmul pair, no loop), blockwise above it (memory). Measured on the
-# 2-core CPU of benchmarks/bench_attention.py: see its docstring.
-AUTO_CPU_MATERIALIZED_MAX_SCORES = 2048 * 2048
 
 
 class AttentionKeys(NamedTuple):
@@ -298,17 +294,20 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKey
 # ------------------------------------------------------------------------------------------- selection
 
 
-def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim: int,
-                          platform: str | None = None) -> str:
+def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim: int, query_block: int = 512,
+                          key_block: int = 512, platform: str | None = None) -> str:
     """The path one attention call takes: 'materialized' | 'blockwise' | 'cudnn'.
 
-    impl: the config's `attention_impl`. queries, keys: T and S of the call. platform: 'cpu' | 'gpu' | 'tpu'
-    (default: jax.default_backend(); 'gpu' means CUDA here unless the device says otherwise).
+    impl: the config's `attention_impl`. queries, keys: T and S of the call. query_block, key_block: the
+    blockwise path's block sizes. platform: 'cpu' | 'gpu' | 'tpu' (default: jax.default_backend(); a 'gpu'
+    given by name counts as CUDA, the default one is checked).
 
       decode (T == 1)  'materialized' whatever impl says: [B, H, 1, S] is one row, not T x S.
       'cudnn'          cuDNN where it applies (CUDA GPU, `cudnn_supports`), else 'blockwise'.
-      'auto'           GPU: as 'cudnn';  TPU: 'blockwise';  CPU: 'materialized' while T x S <=
-                       AUTO_CPU_MATERIALIZED_MAX_SCORES (faster for short rows on CPU), else 'blockwise'.
+      'auto'           GPU: as 'cudnn';  TPU: 'blockwise';  CPU: 'materialized' when the call is one block
+                       (T <= query_block and S <= key_block: the same live scores, one loop less), else
+                       'blockwise' (measured on CPU: as fast or faster from 512 x 512 up, 2-6x less time
+                       at 4096 x 4096; see benchmarks/bench_attention.py).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -325,7 +324,7 @@ def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim
         if on_cuda and cudnn_supports(dtype, head_dim, queries, keys):
             return "cudnn"
         return "blockwise"
-    if platform == "cpu" and queries * keys <= AUTO_CPU_MATERIALIZED_MAX_SCORES:
+    if platform == "cpu" and queries <= query_block and keys <= key_block:
         return "materialized"
     return "blockwise"
 
@@ -334,7 +333,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *, imp
            query_block: int = 512, key_block: int = 512, mask: jax.Array | None = None) -> jax.Array:
     """Runs the path `select_implementation` picks for this call. q: [B, T, H, Dh]; k, v: [B, K, S, Dh];
     mask: an already built `attention_mask(keys)` for the materialised path (built here when None)."""
-    path = select_implementation(impl, queries=q.shape[1], keys=k.shape[2], dtype=q.dtype, head_dim=q.shape[-1])
+    path = select_implementation(impl, queries=q.shape[1], keys=k.shape[2], dtype=q.dtype, head_dim=q.shape[-1],
+                                 query_block=query_block, key_block=key_block)
     if path == "materialized":
         return materialized_attention(q, k, v, attention_mask(keys) if mask is None else mask)
     if path == "cudnn":

@@ -136,7 +136,7 @@ class ModelConfig:
     scan_layers: bool = True
     # Attention kernel (models/attention.py): 'auto' | 'materialized' | 'blockwise' | 'cudnn'. 'auto' = cuDNN
     # flash attention on CUDA GPUs where it applies (bf16/f16), blockwise on TPU (and on GPU otherwise), and on
-    # CPU materialised for short rows (T x S <= attention.AUTO_CPU_MATERIALIZED_MAX_SCORES), blockwise above.
+    # CPU materialised when a call fits one block (T <= query block and S <= key block), blockwise above.
     # Not part of the checkpoint: never written to config.json.
     attention_impl: str = "auto"
     # Blockwise attention: key slots and query tokens per block (need not divide S / T).

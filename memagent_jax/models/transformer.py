@@ -301,7 +301,9 @@ class Transformer(nnx.Module):
             raise ValueError("segment_ids are only supported without a KV cache")
         keys = attention.AttentionKeys(positions, key_positions, key_valid, segment_ids, segment_ids)
         path = attention.select_implementation(c.attention_impl, queries=positions.shape[1],
-                                               keys=key_positions.shape[1], dtype=cdt, head_dim=c.head_dim)
+                                               keys=key_positions.shape[1], dtype=cdt, head_dim=c.head_dim,
+                                               query_block=c.attention_query_block_size,
+                                               key_block=c.attention_block_size)
         # The [B, T, S] mask is built once (outside the layer scan) only for the materialised path.
         mask = attention.attention_mask(keys) if path == "materialized" else None
 
