@@ -256,13 +256,16 @@ def test_config_that_does_not_fit_says_so():
 
 def test_suggestions_make_it_fit():
     cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v5p-128")
-    cfg.rl.rollout_batch_size = 0  # the whole step's rollout in one call: far too big
+    cfg.rl.rollout_batch_size = 0  # the whole step's rollout in one call: far too big with materialised scores
     cfg.model.remat = "none"
+    cfg.model.attention_impl = "materialized"
     p = plan.make_plan(cfg)
     assert not p.fits and p.suggestions
     flags = dict(f[len("--config."):].split("=") for f in p.suggestions[0].split())
+    assert flags["model.attention_impl"] == "auto"
     fixed = cfg.copy_and_resolve_references()
     fixed.model.remat = flags.pop("model.remat", fixed.model.remat)
+    fixed.model.attention_impl = flags.pop("model.attention_impl")
     for key, value in flags.items():
         section, field = key.split(".")
         fixed[section][field] = int(value)
