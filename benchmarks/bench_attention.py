@@ -7,14 +7,16 @@ Memory (compile only, nothing is allocated: abstract params): `jax.jit(f).lower(
 temp_size_in_bytes of
   learner   the compiled GRPO learner step (`Learner`'s own step function: forward + backward + loss + AdamW),
             Qwen2.5-0.5B shapes, f32 params, bf16 compute, remat 'full' (the shipped configs' settings), one row
-            of T tokens;
+            of T tokens, no KL term. Its temporaries include param-sized f32 trees (gradients, the AdamW update)
+            that do not depend on T: the line under it subtracts the same step at T = 128 (that floor) to show
+            what grows with T;
   prefill   a chunk step's prefill: a T-token prompt written into a KV cache of T + 1024 slots (the memory
             update's room), same model, bf16 cache;
 for attention_impl 'materialized' (scores [H, T, S] in memory) and 'blockwise' (online softmax over 512 x 512
 blocks, custom VJP), with the ratio materialised / blockwise.
 
-Speed (runs, f32, best of 2 after a warm-up): Qwen2.5-0.5B widths with 2 layers (H 14 / KV 2 x 64, D 896, F 4864, V 8192):
-a prefill of T tokens into T + 256 slots, and value_and_grad of the learner's log-prob sum over one row of T
+Speed (runs, f32, best of 2 after a warm-up): Qwen2.5-0.5B widths with 2 layers (H 14 / KV 2 x 64, D 896,
+F 4864, V 8192), T = 2048 (1024 with --quick): a prefill of T tokens into T + 256 slots, and value_and_grad of the learner's log-prob sum over one row of T
 tokens, for both paths (ratio blockwise / materialised time; < 1 = blockwise faster).
 'auto' on CPU takes 'materialized' when a call fits one block (T <= 512 and S <= 512) and 'blockwise' above.
 """
