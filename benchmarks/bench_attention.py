@@ -15,7 +15,7 @@ temp_size_in_bytes of
 for attention_impl 'materialized' (scores [H, T, S] in memory) and 'blockwise' (online softmax over 512 x 512
 blocks, custom VJP), with the ratio materialised / blockwise.
 
-Speed (runs, f32, best of 2 after a warm-up): Qwen2.5-0.5B widths with 2 layers (H 14 / KV 2 x 64, D 896,
+Speed (runs, f32, best of 3 after a warm-up, the two paths alternating run by run): Qwen2.5-0.5B widths with 2 layers (H 14 / KV 2 x 64, D 896,
 F 4864, V 8192), T = 2048 (1024 with --quick): a prefill of T tokens into T + 256 slots, and value_and_grad of the learner's log-prob sum over one row of T
 tokens, for both paths (ratio blockwise / materialised time; < 1 = blockwise faster).
 'auto' on CPU takes 'materialized' when a call fits one block (T <= 512 and S <= 512) and 'blockwise' above.
@@ -73,35 +73,35 @@ def prefill_temp_bytes(config, tokens: int, slots: int) -> tuple[int, float]:
     return compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - t0
 
 
-def _best(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def speed(config, tokens: int, repeats: int) -> dict[str, float]:
-    """Seconds of a prefill (tokens into tokens + 256 slots) and of a learner-style gradient, per path."""
+def speed(config, tokens: int, repeats: int) -> dict[tuple[str, str], float]:
+    """Best seconds of a prefill (tokens into tokens + 256 slots) and of a learner-style gradient, per path. The
+    two paths alternate run by run, so background load on a shared machine hits both alike."""
     params = init_params(config, 0)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(3, config.vocab_size, (1, tokens)).astype(np.int32))
     mask = jnp.ones((1, tokens), bool)
-    out = {}
+    programs = {}
     for impl in IMPLS:
         c = config.replace(attention_impl=impl)
         fill = jax.jit(lambda p, a, b, kv, c=c: prefill(p, c, a, b, kv).last_logits)
-        out[("prefill", impl)] = _best(fill, params, ids, mask, init_cache(c, 1, tokens + 256), repeats=repeats)
+        cache = init_cache(c, 1, tokens + 256)
+        programs[("prefill", impl)] = lambda fill=fill, cache=cache: fill(params, ids, mask, cache)
 
         def loss(p, c=c):
             lp, _ = token_logprobs(p, ids, mask, config=c, chunk_size=512)
             return jnp.sum(lp)
 
         grad = jax.jit(jax.value_and_grad(loss))
-        out[("learner grad", impl)] = _best(grad, params, repeats=repeats)
-    return out
+        programs[("learner grad", impl)] = lambda grad=grad: grad(params)
+    for run in programs.values():
+        jax.block_until_ready(run())  # compile + warm up
+    best = {key: float("inf") for key in programs}
+    for _ in range(repeats):
+        for key, run in programs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     length = 4096 if args.quick else 8192
     speed_tokens = 1024 if args.quick else 2048
-    repeats = 2
+    repeats = 3
     print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores")
 
     big = preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="bfloat16", remat="full")
