@@ -16,6 +16,11 @@ what the unpadded prompt would:
 
 Positions must increase over the real tokens of a row (pads may hold anything).
 
+The attention itself is one of the pure functions of `models/attention.py`, chosen per call by
+`config.attention_impl` ('auto' | 'materialized' | 'blockwise' | 'cudnn'; see `attention.select_implementation`):
+the [B, T, S] mask is built (once per forward) only for the materialised path; the blockwise and cuDNN paths get
+the positions, validity and segment ids (`attention.AttentionKeys`) and never hold [T, S] scores.
+
 Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, G = H // K,
 Dh head dim, F mlp width, L layers, V vocab.
 
