@@ -43,7 +43,6 @@ from memagent_jax.rl.losses import LossConfig  # noqa: E402
 from memagent_jax.sampling.sampler import prefill  # noqa: E402
 
 IMPLS = ("materialized", "blockwise")
-GiB = 1024**3
 
 
 def _mib(n: int) -> str:
