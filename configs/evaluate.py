@@ -72,6 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.row_errors = "skip"  # a row that cannot run (empty / over-budget question): skip | zero | raise
     c.param_dtype = "float32" if cpu else ""  # '' = the checkpoint's dtype
     c.compute_dtype = ""  # '' = param_dtype
+    c.attention_impl = ""  # attention kernel: auto | materialized | blockwise | cudnn ('' = auto; models/attention.py)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.warmup = True  # compile on a dummy batch first, so wall times and tokens/s measure the evaluation itself
     c.progress = True

@@ -29,6 +29,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         param_dtype="float32" if cpu else "bfloat16",
         compute_dtype="float32" if cpu else "bfloat16",
         remat="none" if cpu else "full",
+        # attention kernel (models/attention.py): 'auto' (cuDNN on CUDA GPUs where it applies, else blockwise; on CPU
+        # materialised for one-block calls), 'materialized' ([T, S] scores in memory), 'blockwise' or 'cudnn'
+        attention_impl="auto",
+        attention_block_size=512,  # key slots per block of the blockwise path
         allow_nonfinite_weights=False,  # True: load weights holding NaN / inf (default: refused, naming the tensor)
     ))
     c.data = ml_collections.ConfigDict(dict(

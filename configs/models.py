@@ -8,6 +8,7 @@ Fields:
   param_dtype    dtype params are held in ('bfloat16' for real models, 'float32' on CPU)
   compute_dtype  dtype of matmuls (norms, softmax and logits are always f32)
   remat          activation rematerialisation of the layer scan: 'none' | 'full' | 'dots'
+  attention_impl attention kernel: 'auto' | 'materialized' | 'blockwise' | 'cudnn' (models/attention.py)
 """
 
 import ml_collections
@@ -26,4 +27,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         param_dtype="float32" if cpu else "bfloat16",
         compute_dtype="float32" if cpu else "bfloat16",
         remat="none" if cpu else "full",
+        attention_impl="auto",
     ))

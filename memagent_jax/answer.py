@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="param and compute dtype (float32, bfloat16; default: checkpoint)")
+    p.add_argument("--attention-impl", dest="attention_impl", default="auto",
+                   choices=("auto", "materialized", "blockwise", "cudnn"),  # models.config.ATTENTION_IMPLS
+                   help="attention kernel (models/attention.py; default auto)")
     p.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)")
     p.add_argument("--no-progress", action="store_true")
@@ -157,6 +160,7 @@ def _build_agent(args):
                                     allow_nonfinite=args.allow_nonfinite_weights)
     if args.dtype:
         config = config.replace(compute_dtype=args.dtype)
+    config = config.replace(attention_impl=args.attention_impl)
     return MemoryAgent(params, config, tokenizer, budgets=settings.budgets, templates=settings.templates,
                        memory_sampling=settings.sampling())
 

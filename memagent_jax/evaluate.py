@@ -498,9 +498,11 @@ class LoadedModel:
 
 
 def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, param_dtype: str | None = None,
-               compute_dtype: str | None = None, allow_nonfinite: bool = False) -> LoadedModel:
+               compute_dtype: str | None = None, allow_nonfinite: bool = False,
+               attention_impl: str | None = None) -> LoadedModel:
     """Loads a Hugging Face folder (params onto `mesh` when given) and its tokenizer (or `tokenizer_path`'s).
-    Weights holding NaN / inf raise `NonFiniteWeightsError` naming the tensor unless `allow_nonfinite`."""
+    Weights holding NaN / inf raise `NonFiniteWeightsError` naming the tensor unless `allow_nonfinite`.
+    attention_impl: the model's attention kernel (None: ModelConfig's default 'auto')."""
     from transformers import AutoTokenizer
 
     from memagent_jax.models import load_hf_params
@@ -517,11 +519,13 @@ def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, par
     compute = compute_dtype or param_dtype
     if compute:
         config = config.replace(compute_dtype=compute)
+    if attention_impl:
+        config = config.replace(attention_impl=attention_impl)
     return LoadedModel(params, config, tokenizer, path=folder)
 
 
 def _agent_for(source, *, budgets, templates, memory_sampling, answer_sampling, mesh, tokenizer_path, param_dtype,
-               compute_dtype, allow_nonfinite=False):
+               compute_dtype, allow_nonfinite=False, attention_impl=None):
     """(MemoryAgent with the evaluation's budgets and sampling, model path or '')."""
     from memagent_jax.agent import MemoryAgent
 
@@ -533,7 +537,8 @@ def _agent_for(source, *, budgets, templates, memory_sampling, answer_sampling, 
         loaded = LoadedModel(*source)
     elif isinstance(source, (str, os.PathLike)):
         loaded = load_model(os.fspath(source), tokenizer_path=tokenizer_path, mesh=mesh, param_dtype=param_dtype,
-                            compute_dtype=compute_dtype, allow_nonfinite=allow_nonfinite)
+                            compute_dtype=compute_dtype, allow_nonfinite=allow_nonfinite,
+                            attention_impl=attention_impl)
     else:
         raise EvalConfigError(f"models: a model must be a folder, (params, config, tokenizer), a LoadedModel or a "
                               f"MemoryAgent; got {type(source).__name__}")
@@ -756,7 +761,7 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
                     tokenizer_path: str | None = None, progress: bool = True, plot: bool = True,
                     warmup: bool = True, config: Mapping | None = None,
                     allow_nonfinite_weights: bool = False, doc_store=None,
-                    scheduling: str = "continuous") -> EvalResults:
+                    scheduling: str = "continuous", attention_impl: str | None = None) -> EvalResults:
     """Evaluates every model on every file and writes the reports to `out_dir` (None: nothing written).
 
     Args:
@@ -776,6 +781,7 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
       metric, extract, batch_size, max_questions, seed, num_traces, row_errors, scheduling: see `evaluate_agent`.
       mesh: a ('data', 'fsdp', 'tensor') mesh for loading and running (None: one device).
       param_dtype, compute_dtype: for models loaded from folders (None: the checkpoint's dtype).
+      attention_impl: attention kernel of models loaded from folders (None: 'auto'; see models/attention.py).
       tokenizer_path: tokenizer folder for models loaded from folders (None: each model's folder).
       progress: progress bars, per-file summary lines and the final table on stderr / stdout.
       plot: write accuracy_vs_length.png.
@@ -843,7 +849,7 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         "metric": metric, "extract": extract, "batch_size": batch_size, "scheduling": scheduling,
         "max_questions": max_questions,
         "seed": seed, "num_traces": num_traces, "row_errors": row_errors, "param_dtype": param_dtype,
-        "compute_dtype": compute_dtype, "tokenizer": tokenizer_path,
+        "compute_dtype": compute_dtype, "attention_impl": attention_impl, "tokenizer": tokenizer_path,
         "mesh": dict(mesh.shape) if mesh is not None else None, "warmup": warmup,
     }
     results = EvalResults(results=[], config=echo, out_dir=os.fspath(out_dir) if out_dir is not None else None)
@@ -858,7 +864,7 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         agent, path = _agent_for(source, budgets=settings.budgets, templates=settings.templates,
                                  memory_sampling=mem_sampling, answer_sampling=ans_sampling, mesh=mesh, tokenizer_path=tokenizer_path,
                                  param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                 allow_nonfinite=allow_nonfinite_weights)
+                                 allow_nonfinite=allow_nonfinite_weights, attention_impl=attention_impl)
         _log(f"model {name!r}: ready in {time.perf_counter() - t0:.1f}s" + (f" ({path})" if path else ""), show)
         if warmup:
             t0 = time.perf_counter()
@@ -1045,6 +1051,11 @@ def validate_config(cfg) -> None:
     for name in ("max_questions", "num_traces"):
         if cfg[name] < 0:
             raise EvalConfigError(f"config.{name}: must be >= 0, got {cfg[name]}")
+    from memagent_jax.models.config import ATTENTION_IMPLS
+
+    if (cfg.get("attention_impl") or "auto") not in ATTENTION_IMPLS:
+        raise EvalConfigError(f"config.attention_impl: must be one of {list(ATTENTION_IMPLS)} (or '' = auto), got "
+                              f"{cfg.attention_impl!r}")
 
 
 _AGENT_INTS = ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")
@@ -1114,7 +1125,8 @@ def run(cfg, workdir: str) -> EvalResults:
         row_errors=cfg.row_errors, mesh=mesh, param_dtype=cfg.param_dtype or None,
         compute_dtype=cfg.compute_dtype or None, tokenizer_path=cfg.tokenizer or None, progress=cfg.progress,
         plot=cfg.plot, warmup=cfg.warmup, config=cfg,
-        allow_nonfinite_weights=bool(cfg.get("allow_nonfinite_weights", False)), doc_store=cfg.get("doc_store") or None)
+        allow_nonfinite_weights=bool(cfg.get("allow_nonfinite_weights", False)), doc_store=cfg.get("doc_store") or None,
+        attention_impl=cfg.get("attention_impl") or None)
 
 
 def failure_summary(results: EvalResults) -> str | None:

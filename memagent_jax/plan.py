@@ -24,8 +24,9 @@ and answer tokens, worst case: every generation uses its whole budget), and lear
 remat recompute, reference and old-log-prob forwards). Prefill and learning time = FLOPs / (devices x peak x
 MFU); decode time = steps x max(bytes read per device / HBM bandwidth, FLOPs / peak).
 
-Every number comes from small pure functions below; they mirror the code (transformer.py's materialised
-attention scores, learner.py's accumulation, agent/program.py's cache layout), so change them together.
+Every number comes from small pure functions below; they mirror the code (models/attention.py's paths: the
+materialised scores, or one live block for blockwise / cuDNN, as config.model.attention_impl resolves on the
+planned hardware; learner.py's accumulation, agent/program.py's cache layout), so change them together.
 Estimates: XLA's buffer assignment can do better (fusion) or worse (fragmentation, copies); the usable
 fraction (default 0.9 of HBM) is the margin. Interconnect traffic (FSDP all-gathers, tensor-parallel
 all-reduces) is not timed.
@@ -308,29 +309,77 @@ def kv_cache_bytes(mc, rows: int, slots: int, mesh: MeshShape, dtype: str) -> in
     return 2 * kv * DTYPE_BYTES[dtype] + per_row * (4 + 1)
 
 
-# Bytes per attention-score element [H_local, T, S]. transformer.Attention materialises the scores (no flash
-# attention): f32 scores, f32 softmax output, the compute-dtype probabilities. Calibrated against XLA's memory
+# Attention paths (models/attention.py, chosen by ModelConfig.attention_impl; `attention_path` resolves 'auto' for
+# the planned hardware: CUDA GPUs -> 'cudnn' where it applies (bf16/f16 ...) else 'blockwise', TPUs -> 'blockwise').
+#
+# 'materialized': the scores [H_local, T, S] are in memory. Bytes per score element, calibrated against XLA's memory
 # analysis of the compiled programs (XLA CPU; tests/test_plan.py keeps the estimates within range of it):
 SCORE_BYTES_INFERENCE = 8  # one layer's forward: f32 scores + f32 probabilities (the cast fuses into P @ V)
 SCORE_BYTES_KEPT = 14  # remat 'none': what autodiff keeps per layer (softmax output f32, probs, mask select)
 SCORE_BYTES_WORKING = 10  # the layer being differentiated: d(probs) in the compute dtype and f32, d(scores) f32
+# 'blockwise': one live block [H_local, min(T, query block), min(S, key block)] at a time, forward and backward
+# (a custom VJP recomputes each block); nothing of the scores is kept between layers. Bytes per block element,
+# calibrated as above (XLA CPU measured 7 to 21 B per element depending on the block size: f32 scores, masked
+# scores, exp and compute-dtype probabilities are not all fused inside the loop body; the backward adds dP and dS
+# in f32 and dS in the compute dtype):
+BLOCK_BYTES_INFERENCE = 12
+BLOCK_BYTES_WORKING = 20
+# 'cudnn': scores stay in cuDNN's on-chip tiles (0 bytes); the visibility mask [T, S] bool and the additive bias
+# cuDNN makes of it (compute dtype) are in memory, shared by the heads, and (remat 'none') the bias is assumed kept
+# for the backward of every layer. Both flash paths hold the f32 output accumulator and row statistics per query.
 
 
-def layer_activation_bytes(mc, tokens: int, keys: int, tensor: int, compute_bytes: int) -> dict[str, int]:
+def attention_path(mc, platform: str, tokens: int, keys: int) -> str:
+    """The attention path ('materialized' | 'blockwise' | 'cudnn') the model takes for `tokens` queries over `keys`
+    slots on `platform` ('gpu' | 'tpu' | 'cpu'): `models.attention.select_implementation` with the config's
+    attention_impl, compute dtype and block sizes."""
+    from memagent_jax.models.attention import select_implementation
+
+    return select_implementation(mc.attention_impl, queries=tokens, keys=keys, dtype=mc.compute_dtype,
+                                 head_dim=mc.head_dim, query_block=mc.attention_query_block_size,
+                                 key_block=mc.attention_block_size, platform=platform)
+
+
+def platform_of(hw: Hardware) -> str:
+    """'tpu' for the TPU entries of HARDWARE, 'gpu' (CUDA) for the others."""
+    return "tpu" if hw.name.startswith("tpu") else "gpu"
+
+
+def layer_activation_bytes(mc, tokens: int, keys: int, tensor: int, compute_bytes: int,
+                           path: str = "materialized") -> dict[str, int]:
     """Activation sizes of ONE layer for ONE row of `tokens` queries over `keys` key slots, per device.
 
-    score_elements: H_local x tokens x keys (the attention scores / probabilities, see the SCORE_BYTES_*);
+    score_elements: the attention scores in memory at once (see the SCORE_BYTES_* / BLOCK_BYTES_*):
+           'materialized' H_local x tokens x keys; 'blockwise' H_local x min(tokens, query block) x min(keys, key
+           block) (one live block); 'cudnn' 0 (on chip);
+    mask:  bytes of [tokens, keys] arrays: the bool mask (materialised path, built once per forward), the bool mask
+           and its compute-dtype bias (cuDNN), none (blockwise: visibility is computed per block);
+    flash_forward: the flash paths' f32 output accumulator [H_local x Dh] and row max / sum [2 x H_local] per
+           query; flash_kept: what their VJP keeps per layer (f32 output, row statistics, the regrouped q);
+    flash_backward: their backward's f32 dQ, dO and row dot (dO . O) per query, f32 dK and dV per key slot;
     other: bytes of the rest, in the compute dtype: x, normed x, x after attention, normed again [D each];
            q, q regrouped, attention output [H_local x Dh each]; k, k transposed, v [K_local x Dh each] (and q, k
            before their RMSNorm with qk_norm); gate, up, silu(gate) * up [F_local each].
     """
-    d, dh = mc.hidden_size, mc.head_dim
+    d, dh, c = mc.hidden_size, mc.head_dim, compute_bytes
     h = _heads_local(mc, tensor)
     k = sharded(mc.num_kv_heads, tensor)
     f = sharded(mc.intermediate_size, tensor)
     extra_qk = (h + k) * dh if mc.qk_norm else 0
-    other = compute_bytes * tokens * (4 * d + 3 * h * dh + 3 * k * dh + extra_qk + 3 * f)
-    return {"score_elements": h * tokens * keys, "other": other}
+    other = c * tokens * (4 * d + 3 * h * dh + 3 * k * dh + extra_qk + 3 * f)
+    out = {"score_elements": h * tokens * keys, "mask": tokens * keys, "flash_forward": 0, "flash_kept": 0,
+           "flash_backward": 0, "other": other, "path": path}
+    if path == "materialized":
+        return out
+    if path not in ("blockwise", "cudnn"):
+        raise PlanError(f"attention path must be 'materialized', 'blockwise' or 'cudnn', got {path!r}")
+    out["score_elements"] = (h * min(tokens, mc.attention_query_block_size) * min(keys, mc.attention_block_size)
+                             if path == "blockwise" else 0)
+    out["mask"] = 0 if path == "blockwise" else (1 + c) * tokens * keys
+    out["flash_forward"] = tokens * (4 * h * dh + 8 * h)
+    out["flash_kept"] = tokens * (4 * h * dh + 8 * h + c * h * dh)
+    out["flash_backward"] = tokens * (8 * h * dh + 4 * h) + keys * 8 * k * dh
+    return out
 
 
 def working_weight_bytes(mc, tensor: int, param_bytes: int, compute_bytes: int) -> int:
@@ -342,10 +391,11 @@ def working_weight_bytes(mc, tensor: int, param_bytes: int, compute_bytes: int) 
 
 
 def learner_activation_bytes(mc, rows: int, length: int, remat: str, tensor: int, compute_bytes: int,
-                             logits_chunk: int = 512) -> dict[str, int]:
+                             logits_chunk: int = 512, platform: str = "cpu") -> dict[str, int]:
     """Peak activation bytes of the backward pass of one micro-batch (`rows` rows of `length` tokens per device).
 
-    With sc = H_local x T x T score elements and `other` the rest of one layer (`layer_activation_bytes`), per row:
+    The attention path is the one the model takes on `platform` (`attention_path`). Materialised: with
+    sc = H_local x T x T score elements and `other` the rest of one layer (`layer_activation_bytes`), per row:
       kept_layers   what the forward keeps for the backward, every layer:
                       remat 'none':  L x (14 sc + other)
                       remat 'full':  L x c T D            (each layer's input x only)
@@ -357,6 +407,9 @@ def learner_activation_bytes(mc, rows: int, length: int, remat: str, tensor: int
       top           attention mask [T, T] bool, embedding output / final norm / hidden (4 x c T D) and the
                     hidden's f32 gradient, one logits chunk of the log-prob computation (logits, probabilities,
                     their gradient: 3 x f32 [chunk, V_local]; chunks are rematerialised one at a time)
+    Blockwise / cuDNN: no scores are kept (remat 'none' keeps `flash_kept` + the cuDNN bias per layer instead of
+    14 sc); working = 20 x the live block's elements (blockwise) + flash_forward + flash_backward + the [T, T]
+    arrays of `mask` + other (x 2 with remat 'full' / 'dots'); top has no [T, T] mask.
     """
     if remat not in ("none", "full", "dots"):
         raise PlanError(f"remat must be 'none', 'full' or 'dots', got {remat!r}")
@@ -365,25 +418,36 @@ def learner_activation_bytes(mc, rows: int, length: int, remat: str, tensor: int
     k = sharded(mc.num_kv_heads, tensor)
     f = sharded(mc.intermediate_size, tensor)
     v = sharded(mc.vocab_size, tensor)
-    layer = layer_activation_bytes(mc, t, t, tensor, c)
+    path = attention_path(mc, platform, t, t)
+    layer = layer_activation_bytes(mc, t, t, tensor, c, path)
     sc, other = layer["score_elements"], layer["other"]
+    if path == "materialized":
+        kept_attention = SCORE_BYTES_KEPT * sc
+        working_attention = SCORE_BYTES_WORKING * sc
+        top_mask = layer["mask"]
+    else:
+        kept_attention = layer["flash_kept"] + (c * t * t if path == "cudnn" else 0)
+        working_attention = (BLOCK_BYTES_WORKING * sc + layer["flash_forward"] + layer["flash_backward"]
+                             + layer["mask"])
+        top_mask = 0
     if remat == "none":
-        kept = l * (SCORE_BYTES_KEPT * sc + other)
-        working = SCORE_BYTES_WORKING * sc + other
+        kept = l * (kept_attention + other)
+        working = working_attention + other
     elif remat == "full":
         kept = l * c * t * d
-        working = SCORE_BYTES_WORKING * sc + 2 * other
+        working = working_attention + 2 * other
     else:
         kept = l * (c * t * d + 4 * t * (2 * d + (h + 2 * k) * dh + 2 * f))
-        working = SCORE_BYTES_WORKING * sc + 2 * other
+        working = working_attention + 2 * other
     chunk = min(logits_chunk, t) if logits_chunk > 0 else t
-    top = t * t + 4 * c * t * d + 4 * t * d + 3 * 4 * chunk * v
+    top = top_mask + 4 * c * t * d + 4 * t * d + 3 * 4 * chunk * v
     out = {"kept_layers": rows * kept, "working_layer": rows * working, "top": rows * top}
     out["total"] = sum(out.values())
     return out
 
 
-def rollout_activation_bytes(mc, rows: int, layout: Layout, tensor: int, compute_bytes: int) -> dict[str, int]:
+def rollout_activation_bytes(mc, rows: int, layout: Layout, tensor: int, compute_bytes: int,
+                             platform: str = "cpu") -> dict[str, int]:
     """Peak activation bytes of the agent's programs for `rows` rows per device (no gradients: one layer's
     temporaries at a time), the largest of
 
@@ -391,10 +455,12 @@ def rollout_activation_bytes(mc, rows: int, layout: Layout, tensor: int, compute
       chunk prefill   R tokens (memory + chunk + templates) over the update cache's slots   <- the largest
       final prefill   F tokens over the final cache's slots
 
-    each, per row: 8 sc (SCORE_BYTES_INFERENCE) + other (`layer_activation_bytes`) + the attention mask [T, S]
-    bool + the residual stream in and out (2 x c T D) + one layer's k/v read out of the stacked cache
-    (2 x c K_local S Dh). Decode steps (1 token) are far smaller. Plus the segment's inputs and records (chunk
-    ids, rest prompt, responses, log-probs).
+    each, per row, on the attention path the model takes there on `platform` (`attention_path`): the scores (8 sc,
+    SCORE_BYTES_INFERENCE, materialised; 12 x the live block, BLOCK_BYTES_INFERENCE, blockwise; 0 cuDNN) + the
+    [T, S] arrays (`mask`: the bool mask materialised, mask + bias cuDNN, none blockwise) + the flash paths' f32
+    accumulator (`flash_forward`) + other (`layer_activation_bytes`) + the residual stream in and out (2 x c T D)
+    + one layer's k/v read out of the stacked cache (2 x c K_local S Dh). Decode steps (1 token) are far smaller.
+    Plus the segment's inputs and records (chunk ids, rest prompt, responses, log-probs).
     """
     c, d, dh = compute_bytes, mc.hidden_size, mc.head_dim
     k = sharded(mc.num_kv_heads, tensor)
@@ -402,14 +468,18 @@ def rollout_activation_bytes(mc, rows: int, layout: Layout, tensor: int, compute
     for name, tokens, keys in (("prefix prefill", layout.prefix, layout.update_slots),
                                ("chunk prefill", layout.rest, layout.update_slots),
                                ("final prefill", layout.final_prompt, layout.final_slots)):
-        layer = layer_activation_bytes(mc, tokens, keys, tensor, c)
-        scores = SCORE_BYTES_INFERENCE * layer["score_elements"]
-        total = scores + layer["other"] + tokens * keys + 2 * c * tokens * d + 2 * c * k * keys * dh
+        path = attention_path(mc, platform, tokens, keys)
+        layer = layer_activation_bytes(mc, tokens, keys, tensor, c, path)
+        per_element = SCORE_BYTES_INFERENCE if path == "materialized" else BLOCK_BYTES_INFERENCE
+        scores = per_element * layer["score_elements"]
+        total = (scores + layer["mask"] + layer["flash_forward"] + layer["other"] + 2 * c * tokens * d
+                 + 2 * c * k * keys * dh)
         if not best or total > best["per_row"]:
-            best = {"per_row": total, "scores_per_row": scores, "tokens": tokens, "keys": keys, "program": name}
+            best = {"per_row": total, "scores_per_row": scores, "tokens": tokens, "keys": keys, "program": name,
+                    "path": path}
     s = layout.chunks_per_segment
     records = s * (4 * layout.chunk + 5 * layout.rest + 12 * layout.memory)
-    return {"program": best["program"], "tokens": best["tokens"], "keys": best["keys"],
+    return {"program": best["program"], "tokens": best["tokens"], "keys": best["keys"], "path": best["path"],
             "scores": rows * best["scores_per_row"], "total": rows * (best["per_row"] + records)}
 
 
@@ -558,7 +628,16 @@ def model_config_from(cfg):
     else:
         raise PlanError("config.model.preset (a models.presets name) or config.model.path (a folder with "
                         "config.json) is needed to size the model")
-    return mc.replace(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat), name
+    options = {}
+    if "attention_impl" in m:
+        options["attention_impl"] = m.attention_impl or "auto"
+    if "attention_block_size" in m:
+        options["attention_block_size"] = int(m.attention_block_size)
+    try:
+        mc = mc.replace(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat, **options)
+    except ValueError as e:  # ConfigError: a bad attention_impl / block size
+        raise PlanError(f"config.model: {e}") from None
+    return mc, name
 
 
 def layout_from(cfg, **templates) -> Layout:
@@ -677,10 +756,11 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     notes["persistent"] = "learner devices" if separate else ""
 
     weights_in_flight = working_weight_bytes(mc, rmesh.tensor, DTYPE_BYTES[pdt], cb)
-    ro = rollout_activation_bytes(mc, rollout_rows, layout, rmesh.tensor, cb)
+    platform = platform_of(hw)
+    ro = rollout_activation_bytes(mc, rollout_rows, layout, rmesh.tensor, cb, platform=platform)
     mem["rollout_activations"] = ro["total"] + weights_in_flight
     notes["rollout_activations"] = (f"{ro['program']}: {rollout_rows} rows x {ro['tokens']} tokens x "
-                                    f"{ro['keys']} keys (scores {ro['scores'] / GiB:.1f} GiB)")
+                                    f"{ro['keys']} keys, {ro['path']} attention (scores {ro['scores'] / GiB:.1f} GiB)")
     mem["rollout_peak"] = (rollout_persistent if separate else mem["persistent"]) + mem["rollout_activations"]
     notes["rollout_peak"] = on_rollout.strip(" ()")
 
@@ -692,9 +772,10 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     mem["learner_batch"] = learner_batch_bytes(n_rows // shards, length, reference=reference,
                                                recompute_old=recompute_old)
     notes["learner_batch"] = f"{n_rows // shards} rows x {length} tokens"
-    act = learner_activation_bytes(mc, micro_per_device, length, mc.remat, mesh.tensor, cb)
+    act = learner_activation_bytes(mc, micro_per_device, length, mc.remat, mesh.tensor, cb, platform=platform)
     mem["learner_activations"] = act["total"] + working_weight_bytes(mc, mesh.tensor, DTYPE_BYTES[pdt], cb)
-    notes["learner_activations"] = f"remat {mc.remat}, {micro_per_device} rows x {length} tokens"
+    notes["learner_activations"] = (f"remat {mc.remat}, {micro_per_device} rows x {length} tokens, "
+                                    f"{attention_path(mc, platform, length, length)} attention")
     mem["update_temporaries"] = p_bytes + 2 * p_bytes
     notes["update_temporaries"] = "new params + moments before the finite-check select"
     mem["learner_peak"] = (mem["persistent"] + mem["gradients"] + mem["grad_accumulator"] + mem["learner_batch"]
@@ -732,6 +813,8 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
         "fsdp_gather_bytes_per_decode_step": (gathered_param_bytes(mc, rmesh, pdt) - param_bytes_per_device(
             mc, rmesh, pdt) if rmesh.fsdp > 1 else 0),
         "mfu": mfu, "remat": mc.remat, "param_dtype": pdt, "compute_dtype": cdt,
+        "attention_impl": mc.attention_impl, "rollout_attention": ro["path"],
+        "learner_attention": attention_path(mc, platform, length, length),
     }
     warnings = _warnings(cfg, mc, per_call, trajectories, mesh.size + extra, hw, calls, templates)
     if fits:
@@ -805,11 +888,13 @@ def _divisors(n: int) -> list[int]:
 
 def suggest_fixes(cfg, hw: Hardware, mesh: MeshShape, *, devices: int, **kwargs) -> list[str]:
     """Override sets (command-line flags) that make the plan fit on the same devices, the smallest change first:
-    remat 'full'; then also one row per device per micro-batch; then also the largest rollout_batch_size (a power
+    remat 'full' (and attention_impl 'auto' when it is 'materialized'); then also one row per device per micro-batch; then also the largest rollout_batch_size (a power
     of two no larger than now) that fits; then the same on meshes with other tensor sizes (the learner's mesh)."""
     trajectories = cfg.rl.questions_per_step * cfg.rl.group_size
     current = rollout_batch_size(cfg)
     base: dict[str, Any] = {} if cfg.model.remat == "full" else {"model.remat": "full"}
+    if (cfg.model.get("attention_impl") or "auto") == "materialized":
+        base["model.attention_impl"] = "auto"  # no [T, S] scores (blockwise / cuDNN)
     meshes = [(mesh.data, mesh.fsdp, mesh.tensor)] + [(1, mesh.size // t, t) for t in _divisors(mesh.size)
                                                        if t != mesh.tensor and t <= 16]
     candidates: list[dict[str, Any]] = []
@@ -875,7 +960,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  model     {plan.model_name}: {param_count(mc) / 1e9:.2f} B params (L {mc.num_layers}, "
                  f"D {mc.hidden_size}, H {mc.num_heads} / KV {mc.num_kv_heads} x {mc.head_dim}, "
                  f"F {mc.intermediate_size}, V {mc.vocab_size}); params {mc.param_dtype}, compute "
-                 f"{mc.compute_dtype}, remat {mc.remat}")
+                 f"{mc.compute_dtype}, remat {mc.remat}, attention {mc.attention_impl} (rollout "
+                 f"{st['rollout_attention']}, learner {st['learner_attention']})")
     lines.append(f"  hardware  {st['devices']} x {hw.name} ({hw.description}): {hw.hbm_bytes / GiB:.1f} GiB HBM, "
                  f"{hw.peak_flops / 1e12:.0f} TFLOP/s bf16, {hw.hbm_bandwidth / 1e9:.0f} GB/s each")
     lines.append(f"  mesh      {plan.mesh} (rows over {plan.mesh.batch_shards} batch shards)")

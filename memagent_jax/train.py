@@ -150,6 +150,13 @@ def _check_ranges(cfg) -> None:
             raise TrainConfigError(f"config.model.{name} must be one of {dtypes}, got {cfg.model[name]!r}")
     if cfg.model.remat not in ("none", "full", "dots"):
         raise TrainConfigError(f"config.model.remat must be 'none', 'full' or 'dots', got {cfg.model.remat!r}")
+    from memagent_jax.models.config import ATTENTION_IMPLS
+
+    if cfg.model.get("attention_impl", "auto") not in ATTENTION_IMPLS:
+        raise TrainConfigError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, got "
+                               f"{cfg.model.attention_impl!r}")
+    if "attention_block_size" in cfg.model:
+        _number(cfg, "model.attention_block_size", low=1, integer=True)
     # Anything else the learner's own config checks (its messages name learner.* fields).
     from memagent_jax.rl.learner import LearnerConfigError
     from memagent_jax.rl.losses import LossConfigError
@@ -320,6 +327,17 @@ def split_devices(cfg, devices=None):
     return learner, rollout
 
 
+def model_options(model_cfg) -> dict:
+    """The `ModelConfig` run options a config's `model` section sets besides the dtypes (attention kernel and block
+    size; absent fields keep the ModelConfig defaults)."""
+    out = {}
+    if "attention_impl" in model_cfg:
+        out["attention_impl"] = model_cfg.attention_impl
+    if "attention_block_size" in model_cfg:
+        out["attention_block_size"] = int(model_cfg.attention_block_size)
+    return out
+
+
 def _learner_config(cfg):
     from memagent_jax.rl.learner import LearnerConfig, OptimizerConfig
     from memagent_jax.rl.losses import LossConfig
@@ -479,7 +497,7 @@ def train(cfg, workdir: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, local_files_only=True)
     params, model_config = load_hf_params(cfg.model.path, mesh=mesh, param_dtype=cfg.model.param_dtype,
                                           allow_nonfinite=bool(cfg.model.get("allow_nonfinite_weights", False)))
-    model_config = model_config.replace(compute_dtype=cfg.model.compute_dtype)
+    model_config = model_config.replace(compute_dtype=cfg.model.compute_dtype, **model_options(cfg.model))
 
     learner = Learner(model_config, _learner_config(cfg), mesh=mesh)
     reference = learner.copy_params(params) if learner.needs_reference else None

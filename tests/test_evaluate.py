@@ -350,6 +350,7 @@ def test_config_errors_name_the_field(models, eval_files, tmp_path):
         ({**ok, "budgets.chunk_tokens": 0}, r"config\.budgets\.chunk_tokens must be a positive integer"),  # old name
         ({**ok, "agent.top_p": 1.5}, r"config\.agent\.top_p must be in \(0, 1\]"),
         ({**ok, "mesh.data": 3}, r"config\.mesh: .*8 devices"),
+        (dict(ok, attention_impl="flash"), r"config\.attention_impl: must be one of"),
     ]
     for overrides, pattern in cases:
         with pytest.raises(ev.EvalConfigError, match=pattern):

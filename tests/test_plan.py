@@ -206,6 +206,90 @@ def test_estimates_track_xla_memory_analysis():
     assert 0.6 < roll.temp_size_in_bytes / est < 1.5, (roll.temp_size_in_bytes, est)
 
 
+def test_blockwise_activation_formula_by_hand():
+    mc = TINY.replace(attention_impl="blockwise", attention_block_size=100, attention_query_block_size=60)
+    c, t = 2, 256
+    layer = plan.layer_activation_bytes(mc, t, 300, 1, c, "blockwise")
+    assert layer["score_elements"] == 4 * 60 * 100  # H x query block x key block, not H x T x S
+    assert layer["mask"] == 0
+    assert layer["flash_forward"] == t * (4 * 4 * 16 + 8 * 4)
+    assert layer["flash_backward"] == t * (8 * 4 * 16 + 4 * 4) + 300 * 8 * 2 * 16
+    mat = plan.layer_activation_bytes(mc, t, 300, 1, c)
+    assert mat["score_elements"] == 4 * t * 300 and mat["mask"] == t * 300 and mat["other"] == layer["other"]
+    cudnn = plan.layer_activation_bytes(mc, t, 300, 1, c, "cudnn")
+    assert cudnn["score_elements"] == 0 and cudnn["mask"] == (1 + c) * t * 300
+    # the learner on the blockwise path: no [T, T] mask on top, 20 B per block element in the working layer
+    act = plan.learner_activation_bytes(mc, 1, t, "full", 1, c, logits_chunk=256, platform="tpu")
+    sq = plan.layer_activation_bytes(mc, t, t, 1, c, "blockwise")
+    assert act["working_layer"] == (20 * sq["score_elements"] + sq["flash_forward"] + sq["flash_backward"]
+                                    + 2 * sq["other"])
+    assert act["top"] == 4 * c * t * 64 + 4 * t * 64 + 12 * 256 * 512
+    with pytest.raises(plan.PlanError, match="attention path"):
+        plan.layer_activation_bytes(mc, t, t, 1, c, "flash")
+
+
+def test_attention_path_follows_config_and_hardware():
+    mc = presets.preset_config("qwen2.5-7b-instruct").replace(compute_dtype="bfloat16")
+    assert plan.attention_path(mc, "tpu", 8320, 8320) == "blockwise"
+    assert plan.attention_path(mc, "gpu", 8320, 8320) == "cudnn"
+    assert plan.attention_path(mc.replace(compute_dtype="float32"), "gpu", 8320, 8320) == "blockwise"
+    assert plan.attention_path(mc.replace(attention_impl="materialized"), "tpu", 8320, 8320) == "materialized"
+    assert plan.attention_path(mc, "tpu", 1, 8320) == "materialized"  # decode
+    assert plan.platform_of(plan.get_hardware("v5p")) == "tpu" and plan.platform_of(plan.get_hardware("h100")) == "gpu"
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v5p-128")
+    auto = plan.make_plan(cfg)
+    assert (auto.settings["rollout_attention"], auto.settings["learner_attention"]) == ("blockwise", "blockwise")
+    cfg.model.attention_impl = "materialized"
+    mat = plan.make_plan(cfg)
+    assert mat.settings["learner_attention"] == "materialized"
+    # the rollout's chunk prefill: 6088 tokens x 8264 slots of materialised scores vs one 512 x 512 block
+    assert mat.memory["rollout_activations"] > 4 * auto.memory["rollout_activations"]
+    cfg.model.attention_impl = "flash"
+    with pytest.raises(plan.PlanError, match="attention_impl"):
+        plan.make_plan(cfg)
+    gpu = plan.make_plan(load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100"))
+    assert gpu.settings["learner_attention"] == "cudnn"
+
+
+@pytest.mark.slow  # four compiles: ~15 s on an idle 2-core machine
+@pytest.mark.parametrize("block", [128, 256])
+def test_blockwise_estimates_track_xla_memory_analysis(block):
+    """The blockwise path's estimates against XLA's buffer assignment (CPU), as for the materialised path: a
+    learner step (remat full, chunked log-probs) and a chunk-step prefill, 1024 tokens, blocks of 128 / 256."""
+    from memagent_jax.models.transformer import init_cache
+    from memagent_jax.rl.logprobs import token_logprobs
+    from memagent_jax.sampling.sampler import prefill
+
+    mc = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True, param_dtype="float32",
+                     compute_dtype="bfloat16", remat="full", attention_impl="blockwise", attention_block_size=block,
+                     attention_query_block_size=block)
+    ap = abstract_params(mc)
+    rows, t = 2, 1024
+
+    def loss(p, tok, mask):
+        lp, ent = token_logprobs(p, tok, mask, config=mc, chunk_size=128, with_entropy=True)
+        return jnp.sum(lp) + jnp.sum(ent)
+
+    spec = jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows, t), bool)
+    learn = jax.jit(jax.grad(loss)).lower(ap, *spec).compile().memory_analysis()
+    grads = plan.param_bytes_per_device(mc, plan.MeshShape(1, 1, 1), "float32")
+    act = plan.learner_activation_bytes(mc, rows, t, "full", 1, 2, logits_chunk=128)
+    est = act["total"] + plan.working_weight_bytes(mc, 1, 4, 2) + grads
+    assert 0.6 < learn.temp_size_in_bytes / est < 1.5, (learn.temp_size_in_bytes, est)
+
+    lay = plan.Layout(question=1, memory=1, chunk=t - 2, answer=1, prefix_template=510, rest_template=0,
+                      final_template=1)  # rest = 1024 tokens over 1536 slots
+    cache = jax.eval_shape(lambda: init_cache(mc, rows, lay.update_slots))
+    tok = jax.ShapeDtypeStruct((rows, lay.rest), jnp.int32), jax.ShapeDtypeStruct((rows, lay.rest), bool)
+    fill = jax.jit(lambda p, a, b, kv: prefill(p, mc, a, b, kv), donate_argnums=(3,))
+    roll = fill.lower(ap, *tok, cache).compile().memory_analysis()
+    ro = plan.rollout_activation_bytes(mc, rows, lay, 1, 2)
+    assert ro["path"] == "blockwise"
+    est = ro["total"] + plan.working_weight_bytes(mc, 1, 4, 2)
+    assert 0.6 < roll.temp_size_in_bytes / est < 1.5, (roll.temp_size_in_bytes, est)
+
+
 # ------------------------------------------------------------------------------------ shipped configs
 
 
@@ -256,13 +340,16 @@ def test_config_that_does_not_fit_says_so():
 
 def test_suggestions_make_it_fit():
     cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v5p-128")
-    cfg.rl.rollout_batch_size = 0  # the whole step's rollout in one call: far too big
+    cfg.rl.rollout_batch_size = 0  # the whole step's rollout in one call: far too big with materialised scores
     cfg.model.remat = "none"
+    cfg.model.attention_impl = "materialized"
     p = plan.make_plan(cfg)
     assert not p.fits and p.suggestions
     flags = dict(f[len("--config."):].split("=") for f in p.suggestions[0].split())
+    assert flags["model.attention_impl"] == "auto"
     fixed = cfg.copy_and_resolve_references()
     fixed.model.remat = flags.pop("model.remat", fixed.model.remat)
+    fixed.model.attention_impl = flags.pop("model.attention_impl")
     for key, value in flags.items():
         section, field = key.split(".")
         fixed[section][field] = int(value)

@@ -69,3 +69,11 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
         validate_config(grpo_config(model_dir, **{"data.train_file": str(tmp_path / "nope.jsonl")}), device_count=8)
     with pytest.raises(TrainConfigError, match=r"config\.rl\.group_size must be positive"):
         validate_config(grpo_config(model_dir, **{"rl.group_size": 0}), device_count=8)
+    with pytest.raises(TrainConfigError, match=r"config\.model\.attention_impl must be one of"):
+        validate_config(grpo_config(model_dir, **{"model.attention_impl": "flash"}), device_count=8)
+    with pytest.raises(TrainConfigError, match=r"config\.model\.attention_block_size must be an integer >= 1"):
+        validate_config(grpo_config(model_dir, **{"model.attention_block_size": 0}), device_count=8)
+    from memagent_jax.train import model_options
+
+    cfg = grpo_config(model_dir, **{"model.attention_impl": "blockwise", "model.attention_block_size": 64})
+    assert model_options(cfg.model) == {"attention_impl": "blockwise", "attention_block_size": 64}

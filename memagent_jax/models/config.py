@@ -23,6 +23,8 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# models/attention.py's ATTENTION_IMPLS (repeated here: this module imports no JAX).
+ATTENTION_IMPLS = ("auto", "materialized", "blockwise", "cudnn")
 
 _HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
@@ -132,6 +134,14 @@ class ModelConfig:
     remat: str = "none"
     # Run layers with `lax.scan` (compile time flat in depth). False unrolls them (debugging, baselines).
     scan_layers: bool = True
+    # Attention kernel (models/attention.py): 'auto' | 'materialized' | 'blockwise' | 'cudnn'. 'auto' = cuDNN
+    # flash attention on CUDA GPUs where it applies (bf16/f16), blockwise on TPU (and on GPU otherwise), and on
+    # CPU materialised when a call fits one block (T <= query block and S <= key block), blockwise above.
+    # Not part of the checkpoint: never written to config.json.
+    attention_impl: str = "auto"
+    # Blockwise attention: key slots and query tokens per block (need not divide S / T).
+    attention_block_size: int = 512
+    attention_query_block_size: int = 512
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -153,6 +163,13 @@ class ModelConfig:
         object.__setattr__(self, "compute_dtype", canonical_dtype(self.compute_dtype, field="compute_dtype"))
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {', '.join(repr(a) for a in ATTENTION_IMPLS)}, "
+                              f"got {self.attention_impl!r}")
+        for name in ("attention_block_size", "attention_query_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"rope type {self.rope.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"

@@ -16,6 +16,11 @@ what the unpadded prompt would:
 
 Positions must increase over the real tokens of a row (pads may hold anything).
 
+The attention itself is one of the pure functions of `models/attention.py`, chosen per call by
+`config.attention_impl` ('auto' | 'materialized' | 'blockwise' | 'cudnn'; see `attention.select_implementation`):
+the [B, T, S] mask is built (once per forward) only for the materialised path; the blockwise and cuDNN paths get
+the positions, validity and segment ids (`attention.AttentionKeys`) and never hold [T, S] scores.
+
 Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, G = H // K,
 Dh head dim, F mlp width, L layers, V vocab.
 
@@ -42,11 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memagent_jax.models import attention
 from memagent_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
 
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_MASK_VALUE = attention.MASK_VALUE
 _INIT_STD = 0.02
 
 
@@ -169,8 +175,9 @@ class Attention(nnx.Module):
             self.q_norm = _ones((c.head_dim,), dt)
             self.k_norm = _ones((c.head_dim,), dt)
 
-    def __call__(self, x, positions, inv_freq, mask, kv_cache=None, cache_length=None, layer_index=None):
-        """x: [B, T, D]; positions: [B, T]; mask: [B, T, S_keys] bool.
+    def __call__(self, x, positions, inv_freq, keys, kv_cache=None, cache_length=None, layer_index=None):
+        """x: [B, T, D]; positions: [B, T]; keys: `attention.AttentionKeys` over the S_keys slots, plus
+        `keys.mask` ([B, T, S_keys] bool, built once per forward) when the materialised path runs.
 
         kv_cache: None or the whole stacked cache (k, v), each [L, B, K, S, Dh]: this layer's new keys/values
         are written in place at [layer_index, :, :, cache_length] and attention runs over all S slots of
@@ -205,15 +212,10 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, axis=0, keepdims=False)  # [B, K, S, Dh]
             v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, axis=0, keepdims=False)
 
-        b, t = x.shape[:2]
-        kh, g, dh = c.num_kv_heads, c.num_groups, c.head_dim
-        qg = q.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)  # [B, K, G*T, Dh]
-        scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(cdt), preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, kh, g, t, -1) * (dh**-0.5)  # [B, K, G, T, S]
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cdt).reshape(b, kh, g * t, -1)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(cdt))  # [B, K, G*T, Dh]
-        out = out.reshape(b, kh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, dh)
+        keys, mask = keys
+        out = attention.attend(q, k.astype(cdt), v.astype(cdt), keys, impl=c.attention_impl,
+                               query_block=c.attention_query_block_size, key_block=c.attention_block_size,
+                               mask=mask)  # [B, T, H, Dh]
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(cdt))
         if c.attention_out_bias:
             out = out + self.o_bias[...].astype(cdt)
@@ -259,8 +261,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dt)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, positions, inv_freq, mask, kv_cache=None, cache_length=None, layer_index=None):
-        attn_out, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, kv_cache, cache_length,
+    def __call__(self, x, positions, inv_freq, keys, kv_cache=None, cache_length=None, layer_index=None):
+        attn_out, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, keys, kv_cache, cache_length,
                                         layer_index)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
@@ -300,11 +302,15 @@ class Transformer(nnx.Module):
             start = (0, cache.length)
             key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, start)
             key_valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, start)
-        mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids are only supported without a KV cache")
-            mask = mask & (segment_ids[:, None, :] == segment_ids[:, :, None])
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are only supported without a KV cache")
+        keys = attention.AttentionKeys(positions, key_positions, key_valid, segment_ids, segment_ids)
+        path = attention.select_implementation(c.attention_impl, queries=positions.shape[1],
+                                               keys=key_positions.shape[1], dtype=cdt, head_dim=c.head_dim,
+                                               query_block=c.attention_query_block_size,
+                                               key_block=c.attention_block_size)
+        # The [B, T, S] mask is built once (outside the layer scan) only for the materialised path.
+        mask = attention.attention_mask(keys) if path == "materialized" else None
 
         graphdef, layer_params = nnx.split(self.layers)
 
@@ -315,7 +321,7 @@ class Transformer(nnx.Module):
             # dot falls off the library GEMM path (measured 1.6x slower MLP). No effect on results.
             params_l = jax.lax.optimization_barrier(params_l)
             block = nnx.merge(graphdef, params_l)
-            x, kv = block(x, positions, inv_freq, mask, kv, None if cache is None else cache.length, index)
+            x, kv = block(x, positions, inv_freq, (keys, mask), kv, None if cache is None else cache.length, index)
             return (x, kv), None
 
         if c.remat == "full":

@@ -1,0 +1,355 @@
+"""Attention kernels of the transformer: pure functions, one semantics, three ways to compute it.
+
+Every function computes grouped-query softmax attention with the model's position-based visibility rule
+
+    query t may see key s  <=>  key_valid[s]  and  key_positions[s] <= query_positions[t]
+                                (and key_segments[s] == query_segments[t] when segment ids are given)
+
+  `materialized_attention`  the reference: f32 scores [B, K, G, T, S], masked, softmaxed, then P @ V
+                            (what `Attention` always did; memory grows with T x S per head).
+  `blockwise_attention`     online ("flash") softmax over key blocks of `key_block` slots and query blocks of
+                            `query_block` tokens in `lax.fori_loop`s: the live score block is
+                            [B, K, G, query_block, key_block]; a `jax.custom_vjp` backward recomputes each block
+                            from the saved row max and row sum, so the backward never holds [T, S] either.
+                            Pure JAX: CPU, GPU and TPU.
+  `cudnn_attention`         `jax.nn.dot_product_attention(implementation='cudnn')` (cuDNN flash attention, GPU
+                            only, bf16/f16 only) with our visibility as a boolean mask [B, 1, T, S] (shared by all
+                            heads: cuDNN adds it as a bias in the compute dtype; the scores stay on chip).
+
+`select_implementation` picks one of them for a config, a shape and the platform; `attend` runs the pick.
+
+Rows with no visible key (pads whose position precedes every valid key, fully padded rows) get the same answer
+from every path except cuDNN: the reference replaces masked scores by a large negative constant, so such a
+row's softmax is uniform over all S slots and its output is the mean of v over every slot; the blockwise path
+keeps that constant for masked slots and reproduces it exactly. Nothing downstream reads those rows.
+
+Shapes: B batch, T queries, S key slots, H query heads, K kv heads, G = H // K, Dh head dim.
+Layouts: q [B, T, H, Dh] (the projections' layout), k and v [B, K, S, Dh] (heads-major, the KV cache's layout),
+output [B, T, H, Dh] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memagent_jax.models.config import ATTENTION_IMPLS
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+
+class AttentionKeys(NamedTuple):
+    """What decides visibility, as given to the attention functions (no [T, S] array).
+
+    query_positions: [B, T] int32;  key_positions: [B, S] int32;  key_valid: [B, S] bool;
+    query_segments, key_segments: [B, T] / [B, S] int, or None (no packing).
+    """
+
+    query_positions: jax.Array
+    key_positions: jax.Array
+    key_valid: jax.Array
+    query_segments: jax.Array | None = None
+    key_segments: jax.Array | None = None
+
+
+def attention_mask(keys: AttentionKeys) -> jax.Array:
+    """The full visibility mask [B, T, S] bool (for the materialised path and tests only)."""
+    mask = keys.key_valid[:, None, :] & (keys.key_positions[:, None, :] <= keys.query_positions[:, :, None])
+    if keys.query_segments is not None:
+        mask = mask & (keys.key_segments[:, None, :] == keys.query_segments[:, :, None])
+    return mask
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def materialized_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with the whole score matrix in memory (the reference).
+
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh] in q's dtype.
+    Scores and softmax in f32; the probabilities are cast to q's dtype for P @ V.
+    """
+    b, t, h, dh = q.shape
+    kh = k.shape[1]
+    g = h // kh
+    cdt = q.dtype
+    qg = q.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)  # [B, K, G*T, Dh]
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(cdt), preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kh, g, t, -1) * (dh**-0.5)  # [B, K, G, T, S]
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cdt).reshape(b, kh, g * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(cdt))  # [B, K, G*T, Dh]
+    return out.reshape(b, kh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+# ------------------------------------------------------------------------------------------- blockwise
+
+
+def _visible(keys: AttentionKeys, q_start, q_size: int, k_start, k_size: int) -> jax.Array:
+    """Visibility of a block of queries [q_start, q_start + q_size) over keys [k_start, k_start + k_size):
+    [B, q_size, 1, k_size] bool (the 1 broadcasts over the G query heads of a KV head)."""
+    qpos = jax.lax.dynamic_slice_in_dim(keys.query_positions, q_start, q_size, axis=1)
+    kpos = jax.lax.dynamic_slice_in_dim(keys.key_positions, k_start, k_size, axis=1)
+    kval = jax.lax.dynamic_slice_in_dim(keys.key_valid, k_start, k_size, axis=1)
+    vis = kval[:, None, :] & (kpos[:, None, :] <= qpos[:, :, None])  # [B, q, s]
+    if keys.query_segments is not None:
+        qseg = jax.lax.dynamic_slice_in_dim(keys.query_segments, q_start, q_size, axis=1)
+        kseg = jax.lax.dynamic_slice_in_dim(keys.key_segments, k_start, k_size, axis=1)
+        vis = vis & (kseg[:, None, :] == qseg[:, :, None])
+    return vis[:, :, None, :]
+
+
+def _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size):
+    """Masked scaled scores of one block, f32 [B, K, q_size, G, k_size], and the visibility broadcast to it.
+
+    q_blk: [B, K, q_size, G, Dh] (already sliced); k: [B, K, S, Dh] (sliced here)."""
+    b, kh, tq, g, dh = q_blk.shape
+    k_blk = jax.lax.dynamic_slice_in_dim(k, k_start, k_size, axis=2).astype(q_blk.dtype)
+    s = jnp.einsum("bkqd,bksd->bkqs", q_blk.reshape(b, kh, tq * g, dh), k_blk, preferred_element_type=jnp.float32)
+    s = s.reshape(b, kh, tq, g, k_size) * (dh**-0.5)
+    vis = _visible(keys, q_start, q_size, k_start, k_size)[:, None]  # [B, 1, q, 1, s]
+    return jnp.where(vis, s, MASK_VALUE), vis
+
+
+def _over_blocks(total: int, block: int, body, carry):
+    """Runs body(start, size, carry) -> carry over [0, total) in blocks of `block` (a fori_loop over the whole
+    blocks, then the remainder as one static-size step)."""
+    full, rest = divmod(total, block)
+    if full == 1:
+        carry = body(0, block, carry)
+    elif full > 1:
+        carry = jax.lax.fori_loop(0, full, lambda i, c: body(i * block, block, c), carry)
+    if rest:
+        carry = body(full * block, rest, carry)
+    return carry
+
+
+def _forward(q, k, v, keys, query_block, key_block):
+    """Online softmax. q: [B, K, T, G, Dh]; k, v: [B, K, S, Dh].
+
+    Returns out f32 [B, K, T, G, Dh], row max and row sum f32 [B, K, T, G]."""
+    b, kh, t, g, dh = q.shape
+    s_total = k.shape[2]
+    cdt = q.dtype
+
+    def query_step(q_start, q_size, bufs):
+        out_buf, max_buf, sum_buf = bufs
+        q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, q_size, axis=2)
+
+        def key_step(k_start, k_size, state):
+            row_max, row_sum, acc = state
+            s, _ = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size)
+            new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
+            p = jnp.exp(s - new_max[..., None])  # [B, K, q, G, s]
+            rescale = jnp.exp(row_max - new_max)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, k_size, axis=2).astype(cdt)
+            pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(cdt).reshape(b, kh, q_size * g, k_size), v_blk,
+                            preferred_element_type=jnp.float32).reshape(b, kh, q_size, g, dh)
+            return new_max, row_sum * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
+
+        init = (jnp.full((b, kh, q_size, g), -jnp.inf, jnp.float32), jnp.zeros((b, kh, q_size, g), jnp.float32),
+                jnp.zeros((b, kh, q_size, g, dh), jnp.float32))
+        row_max, row_sum, acc = _over_blocks(s_total, key_block, key_step, init)
+        out = acc / row_sum[..., None]
+        return (jax.lax.dynamic_update_slice_in_dim(out_buf, out, q_start, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(max_buf, row_max, q_start, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(sum_buf, row_sum, q_start, axis=2))
+
+    bufs = (jnp.zeros((b, kh, t, g, dh), jnp.float32), jnp.zeros((b, kh, t, g), jnp.float32),
+            jnp.zeros((b, kh, t, g), jnp.float32))
+    return _over_blocks(t, query_block, query_step, bufs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, keys, query_block, key_block):
+    out, _, _ = _forward(q, k, v, keys, query_block, key_block)
+    return out.astype(q.dtype)
+
+
+def _flash_fwd(q, k, v, keys, query_block, key_block):
+    out, row_max, row_sum = _forward(q, k, v, keys, query_block, key_block)
+    # Residuals: inputs, the f32 output and the row statistics: O(T x H x Dh + S x K x Dh), no [T, S].
+    return out.astype(q.dtype), (q, k, v, keys, out, row_max, row_sum)
+
+
+def _flash_bwd(query_block, key_block, residuals, d_out):
+    """Recomputes each block's probabilities p = exp(s - max) / sum and applies the softmax backward
+    ds = p (dp - sum(d_out * out)), masked slots getting no gradient (as `jnp.where` gives the reference)."""
+    q, k, v, keys, out, row_max, row_sum = residuals
+    b, kh, t, g, dh = q.shape
+    s_total = k.shape[2]
+    cdt = q.dtype
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)  # [B, K, T, G]
+    scale = dh**-0.5
+
+    def query_step(q_start, q_size, bufs):
+        dq_buf, dk_acc, dv_acc = bufs
+        q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, q_size, axis=2)
+        do_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, q_size, axis=2)  # [B, K, q, G, Dh] f32
+        m_blk = jax.lax.dynamic_slice_in_dim(row_max, q_start, q_size, axis=2)
+        l_blk = jax.lax.dynamic_slice_in_dim(row_sum, q_start, q_size, axis=2)
+        dl_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, q_size, axis=2)
+        do_c = do_blk.astype(cdt).reshape(b, kh, q_size * g, dh)
+        q_flat = q_blk.reshape(b, kh, q_size * g, dh)
+
+        def key_step(k_start, k_size, state):
+            dq, dk_acc, dv_acc = state
+            s, vis = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size)
+            p = jnp.exp(s - m_blk[..., None]) / l_blk[..., None]  # [B, K, q, G, s] f32
+            p_flat = p.astype(cdt).reshape(b, kh, q_size * g, k_size)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, k_size, axis=2).astype(cdt)
+            k_blk = jax.lax.dynamic_slice_in_dim(k, k_start, k_size, axis=2).astype(cdt)
+            dv = jnp.einsum("bkqs,bkqd->bksd", p_flat, do_c, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkqd,bksd->bkqs", do_c, v_blk, preferred_element_type=jnp.float32)
+            ds = p * (dp.reshape(p.shape) - dl_blk[..., None])
+            ds = jnp.where(vis, ds, 0.0) * scale
+            ds_flat = ds.astype(cdt).reshape(b, kh, q_size * g, k_size)
+            dq = dq + jnp.einsum("bkqs,bksd->bkqd", ds_flat, k_blk,
+                                 preferred_element_type=jnp.float32).reshape(dq.shape)
+            dk = jnp.einsum("bkqs,bkqd->bksd", ds_flat, q_flat, preferred_element_type=jnp.float32)
+            dk_acc = jax.lax.dynamic_update_slice_in_dim(
+                dk_acc, jax.lax.dynamic_slice_in_dim(dk_acc, k_start, k_size, axis=2) + dk, k_start, axis=2)
+            dv_acc = jax.lax.dynamic_update_slice_in_dim(
+                dv_acc, jax.lax.dynamic_slice_in_dim(dv_acc, k_start, k_size, axis=2) + dv, k_start, axis=2)
+            return dq, dk_acc, dv_acc
+
+        dq0 = jnp.zeros((b, kh, q_size, g, dh), jnp.float32)
+        dq, dk_acc, dv_acc = _over_blocks(s_total, key_block, key_step, (dq0, dk_acc, dv_acc))
+        return jax.lax.dynamic_update_slice_in_dim(dq_buf, dq, q_start, axis=2), dk_acc, dv_acc
+
+    bufs = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = _over_blocks(t, query_block, query_step, bufs)
+    d_keys = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), keys)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_keys
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *,
+                        query_block: int = 512, key_block: int = 512) -> jax.Array:
+    """Online-softmax attention over blocks, never holding more than one [B, K, G, query_block, key_block]
+    score block (forward and backward).
+
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; keys: `AttentionKeys` ([B, T] / [B, S] positions, validity, optional
+    segments). query_block, key_block: block sizes in tokens / slots (need not divide T / S; a remainder block
+    runs as its own step). Returns [B, T, H, Dh] in q's dtype; equals `materialized_attention` with
+    `attention_mask(keys)` up to f32 rounding, fully masked rows included.
+    """
+    b, t, h, dh = q.shape
+    kh = k.shape[1]
+    g = h // kh
+    if query_block <= 0 or key_block <= 0:
+        raise ValueError(f"block sizes must be positive, got query_block={query_block}, key_block={key_block}")
+    keys = AttentionKeys(*(None if a is None else jnp.asarray(a) for a in keys))
+    qg = q.reshape(b, t, kh, g, dh).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, Dh]: a query block is contiguous
+    out = _flash(qg, k, v, keys, int(query_block), int(key_block))
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh)
+
+
+# ------------------------------------------------------------------------------------------- cuDNN
+
+
+def _is_cuda() -> bool:
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        return "cuda" in jax.devices()[0].client.platform_version.lower()
+    except Exception:  # no GPU client, or an unexpected backend: never pick cuDNN
+        return False
+
+
+def cudnn_supports(dtype, head_dim: int, queries: int, keys: int) -> bool:
+    """Whether cuDNN flash attention takes this call (shape and dtype only; the platform is checked apart):
+    bf16 / f16, head dim a multiple of 8 and <= 128 (the limit before Hopper; conservative), an even number of
+    queries and key slots (cuDNN's rule for a bias in training), and more than one query (decode stays on the
+    simple path)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
+            and head_dim <= 128 and queries > 1 and queries % 2 == 0 and keys % 2 == 0)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *,
+                    implementation: str = "cudnn") -> jax.Array:
+    """`jax.nn.dot_product_attention` with our visibility as an explicit mask.
+
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (transposed here to its [B, S, K, Dh]); keys: `AttentionKeys`.
+    The mask [B, 1, T, S] bool is shared by all heads (cuDNN turns it into an additive bias in the compute
+    dtype: 2 bytes per query-key pair per row, instead of ~8-14 bytes per pair per head for the materialised
+    scores). GQA is native (K kv heads, H query heads). `implementation='xla'` runs the same call through XLA's
+    materialised reference (the tests use it to check this plumbing on CPU). Returns [B, T, H, Dh] in q's dtype.
+    """
+    kt = k.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, S, K, Dh]
+    vt = v.astype(q.dtype).transpose(0, 2, 1, 3)
+    mask = attention_mask(keys)[:, None]  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, kt, vt, mask=mask, scale=q.shape[-1] ** -0.5,
+                                        implementation=implementation)
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim: int, query_block: int = 512,
+                          key_block: int = 512, platform: str | None = None) -> str:
+    """The path one attention call takes: 'materialized' | 'blockwise' | 'cudnn'.
+
+    impl: the config's `attention_impl`. queries, keys: T and S of the call. query_block, key_block: the
+    blockwise path's block sizes. platform: 'cpu' | 'gpu' | 'tpu' (default: jax.default_backend(); a 'gpu'
+    given by name counts as CUDA, the default one is checked).
+
+      decode (T == 1)  'materialized' whatever impl says: [B, H, 1, S] is one row, not T x S.
+      'cudnn'          cuDNN where it applies (CUDA GPU, `cudnn_supports`), else 'blockwise'.
+      'auto'           GPU: as 'cudnn';  TPU: 'blockwise';  CPU: 'materialized' when the call is one block
+                       (T <= query_block and S <= key_block: the same live scores, one loop less), else
+                       'blockwise' (measured on CPU: as fast or faster from 512 x 512 up, 2-6x less time
+                       at 4096 x 4096; see benchmarks/bench_attention.py).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if queries == 1:
+        return "materialized"
+    if impl in ("materialized", "blockwise"):
+        return impl
+    if platform is None:
+        platform = jax.default_backend()
+        on_cuda = _is_cuda()
+    else:
+        on_cuda = platform == "gpu"
+    if impl == "cudnn" or platform == "gpu":
+        if on_cuda and cudnn_supports(dtype, head_dim, queries, keys):
+            return "cudnn"
+        return "blockwise"
+    if platform == "cpu" and queries <= query_block and keys <= key_block:
+        return "materialized"
+    return "blockwise"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *, impl: str,
+           query_block: int = 512, key_block: int = 512, mask: jax.Array | None = None) -> jax.Array:
+    """Runs the path `select_implementation` picks for this call. q: [B, T, H, Dh]; k, v: [B, K, S, Dh];
+    mask: an already built `attention_mask(keys)` for the materialised path (built here when None)."""
+    path = select_implementation(impl, queries=q.shape[1], keys=k.shape[2], dtype=q.dtype, head_dim=q.shape[-1],
+                                 query_block=query_block, key_block=key_block)
+    if path == "materialized":
+        return materialized_attention(q, k, v, attention_mask(keys) if mask is None else mask)
+    if path == "cudnn":
+        return cudnn_attention(q, k, v, keys)
+    return blockwise_attention(q, k, v, keys, query_block=query_block, key_block=key_block)
+
+
+def score_block_elements(queries: int, keys: int, path: str, query_block: int, key_block: int) -> int:
+    """Score elements per head of the largest live block: T x S materialised, min(T, query_block) x
+    min(S, key_block) blockwise (cuDNN's tiles are on chip: counted as blockwise)."""
+    if path == "materialized":
+        return queries * keys
+    return min(queries, query_block) * min(keys, key_block)
+
+
+__all__ = ["ATTENTION_IMPLS", "AttentionKeys", "MASK_VALUE", "attend", "attention_mask", "blockwise_attention",
+           "cudnn_attention", "cudnn_supports", "materialized_attention", "score_block_elements",
+           "select_implementation"]
