@@ -7,8 +7,8 @@
 `get_config()` gives the reference evaluation recipe: each model's own memagent_agent.json (budgets, templates,
 sampling, as train exported it), else budgets 1024 / 5000 / 1024 / 1024 (question / chunk / memory / answer
 tokens), temperature 0.7 and top-p 0.95; accuracy = sub-exact-match of the last \\boxed{...} answer.
-`get_config("cpu")` sets the budgets and wording of the main job and configs/grpo.py:cpu (16 / 32 / 8 / 12,
-memagent_jax/cpu_settings.py).
+`get_config("cpu")` sets the budgets of the main job and configs/grpo.py:cpu (16 / 32 / 8 / 12,
+memagent_jax/cpu_settings.py); the wording stays each model's own.
 Every field is overridable with --config.a.b=value.
 """
 
@@ -47,10 +47,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         top_p=placeholder(float),  # nucleus sampling | 0.95
         templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
         prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
-        # Single template fields over the templates | the model's settings; cpu: the main job's compact wording.
-        memory_update=cpu_settings.MEMORY_UPDATE if cpu else "",
-        final_answer=cpu_settings.FINAL_ANSWER if cpu else "",
-        initial_memory=cpu_settings.INITIAL_MEMORY if cpu else "",
+        # Single template fields over the templates | the model's settings (an export of the main job or of
+        # train carries its wording, e.g. memagent_jax/cpu_settings.py's compact one).
+        memory_update="",
+        final_answer="",
+        initial_memory="",
     ))
     # Deprecated spellings (still read, with a warning): budgets.* and sampling.* are agent.*, templates is
     # agent.templates.

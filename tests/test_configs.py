@@ -23,8 +23,11 @@ def test_cpu_variants_carry_the_main_jobs_budgets_and_wording():
     job = _config("tiny_synthetic")
     variants = {"grpo:cpu": _config("grpo", "cpu"), "evaluate:cpu": _config("evaluate", "cpu")}
     for name, cfg in variants.items():
-        for field in BUDGETS + WORDING:
+        for field in BUDGETS:
             assert cfg.agent[field] == job.agent[field], (name, field)
+    for field in WORDING:  # train's cpu variant writes the job's wording; evaluate keeps each model's own
+        assert variants["grpo:cpu"].agent[field] == job.agent[field], field
+        assert variants["evaluate:cpu"].agent[field] == "", field
     assert [job.agent[f] for f in BUDGETS] == [16, 32, 8, 12]
     assert job.agent.memory_update == cpu_settings.MEMORY_UPDATE
     # the cpu variant's own task fits its budgets: keyed_recall over two chunks
