@@ -40,7 +40,7 @@ def test_print_config_shows_values_after_overrides_and_docs(capsys):
     assert cli.main(["train", "--config", f"{grpo}:cpu", "--config.steps=7", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^steps = 7$", out, re.M)
-    assert re.search(r"^agent\.chunk_tokens = 64  # document tokens read per step$", out, re.M)
+    assert re.search(r"^agent\.chunk_tokens = 32  # document tokens read per step$", out, re.M)
     assert re.search(r"^model\.path = ''  # local Hugging Face folder", out, re.M)
     # The recipe configs build on grpo.py: its descriptions carry over.
     recipe = os.path.join(REPO, "configs", "qwen2_5_7b_hotpotqa.py")
