@@ -6,9 +6,10 @@
     python benchmarks/bench_agent.py --part compile
 
 speed:   document tokens/s of our jitted chunk scan and of the same agent loop written with transformers
-         (`model.generate` per chunk, greedy), same random weights, same budgets, fixed-length memory and
-         answer generation (no stop tokens) so both sides do the same work; tiny shape and Qwen2.5-0.5B's
-         shapes, f32, batch 1 (ours also at batch 4).
+         (`model.generate` per chunk, greedy; batch 4: one batched, left-padded generate per step), same random
+         weights, same budgets, fixed-length memory and answer generation (no stop tokens) so both sides do
+         the same work; tiny shape and Qwen2.5-0.5B's shapes, f32, batch 1 and 4, ours with both decode
+         layouts ('scan' and 'unstacked', see ModelConfig.decode_layout).
 linear:  per-document-token time and peak RSS from 4K to 256K document tokens (tiny shape, one process per
          length), against the 4K figure.
 compile: compile time of the segment program, and the number of compiled programs after documents of
@@ -81,6 +82,45 @@ def _torch_loop(model, agent, question: str, doc: np.ndarray) -> None:
         model.generate(torch.tensor([final]), max_new_tokens=a, min_new_tokens=a, **kwargs)
 
 
+def _torch_loop_batch(model, agent, questions, docs) -> None:
+    """The agent loop for a batch of documents with one batched `model.generate` per step (left padding and
+    an attention mask; fixed-length memory and answer, as in `_torch_loop`). Documents of equal chunk count."""
+    import torch
+
+    from memagent_jax.agent.chunking import split_chunks
+
+    spec = agent.spec
+    q_ids = [agent.prepare(q, d)[0] for q, d in zip(questions, docs)]
+    chunks = [split_chunks(d, agent.budgets.chunk_tokens) for d in docs]
+    memories = [list(spec.prompts.initial_memory) for _ in docs]
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def generate(prompts, n):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        return [row[width:].tolist() for row in out]
+
+    with torch.inference_mode():
+        for k in range(len(chunks[0])):
+            prompts = [spec.prompts.update.assemble({"question": q, "memory": m, "chunk": c[k]})
+                       for q, m, c in zip(q_ids, memories, chunks)]
+            memories = generate(prompts, agent.budgets.memory_tokens)
+        finals = [spec.prompts.final.assemble({"question": q, "memory": m}) for q, m in zip(q_ids, memories)]
+        generate(finals, agent.budgets.answer_tokens)
+
+
+def _timed(fn, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls (seconds)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def bench_speed(quick: bool) -> None:
     import torch
     import transformers
@@ -101,32 +141,39 @@ def bench_speed(quick: bool) -> None:
                       AgentBudgets(question_tokens=32, chunk_tokens=256, memory_tokens=16, answer_tokens=8,
                                    chunks_per_segment=4), 1024))
     print("\n== document tokens/s: chunk scan vs transformers agent loop (greedy, fixed-length memory, f32) ==")
-    print(f"{'shape':<21} {'budgets C/M/A':>13} {'doc tokens':>10} {'ours b=1':>9} {'ours b=4':>9} "
-          f"{'torch b=1':>10} {'ours/torch (b=1)':>17}")
+    print("   ours with decode_layout 'scan' and 'unstacked'; torch: one (batched, left-padded) generate per step")
+    header = (f"{'shape':<21} {'C/M/A':>10} {'batch':>5} {'scan':>8} {'unstacked':>9} {'torch':>8} "
+              f"{'scan/torch':>10} {'unstacked/torch':>15}")
+    print(header)
+    repeats = 1 if quick else 2
     for name, config, budgets, doc_tokens in cases:
-        agent = _agent(config, tokenizer, budgets)
         rng = np.random.default_rng(0)
         docs = [rng.integers(3, len(tokenizer), doc_tokens).astype(np.int32) for _ in range(4)]
-        question = "Where is the red key?"
-        agent.run([question], docs[:1])  # compile
-        t0 = time.perf_counter()
-        agent.run([question], docs[:1])
-        ours1 = doc_tokens / (time.perf_counter() - t0)
-        agent.run([question] * 4, docs)  # compile batch 4
-        t0 = time.perf_counter()
-        agent.run([question] * 4, docs)
-        ours4 = 4 * doc_tokens / (time.perf_counter() - t0)
+        questions = ["Where is the red key?"] * 4
+        ours = {}
+        for layout in ("scan", "unstacked"):
+            agent = _agent(config.replace(decode_layout=layout), tokenizer, budgets)
+            for batch in (1, 4):
+                agent.run(questions[:batch], docs[:batch])  # compile
+                seconds = _timed(lambda: agent.run(questions[:batch], docs[:batch]), repeats)
+                ours[layout, batch] = batch * doc_tokens / seconds
+            params = agent.params
+            del agent
         folder = os.path.join(tmp, name.replace(" ", "_"))
-        save_hf_checkpoint(agent.params, config, folder)
+        save_hf_checkpoint(params, config, folder)
+        del params
+        agent = _agent(config, tokenizer, budgets)  # for its prompts (the weights are not used)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         model.generation_config.eos_token_id = None
-        _torch_loop(model, agent, question, docs[0][:budgets.chunk_tokens])  # warm-up
-        t0 = time.perf_counter()
-        _torch_loop(model, agent, question, docs[0])
-        ref = doc_tokens / (time.perf_counter() - t0)
+        _torch_loop(model, agent, questions[0], docs[0][:budgets.chunk_tokens])  # warm-up
+        ref = {1: doc_tokens / _timed(lambda: _torch_loop(model, agent, questions[0], docs[0]), repeats)}
+        _torch_loop_batch(model, agent, questions, [d[:budgets.chunk_tokens] for d in docs])  # warm-up
+        ref[4] = 4 * doc_tokens / _timed(lambda: _torch_loop_batch(model, agent, questions, docs), repeats)
         b = budgets
-        print(f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>13} {doc_tokens:>10} "
-              f"{ours1:>9.0f} {ours4:>9.0f} {ref:>10.0f} {ours1 / ref:>16.2f}x")
+        for batch in (1, 4):
+            s_, u_, t_ = ours["scan", batch], ours["unstacked", batch], ref[batch]
+            print(f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>10} {batch:>5} {s_:>8.0f} "
+                  f"{u_:>9.0f} {t_:>8.0f} {s_ / t_:>9.2f}x {u_ / t_:>14.2f}x", flush=True)
         del agent, model
 
 
