@@ -13,7 +13,8 @@ speed:   document tokens/s of our jitted chunk scan and of the same agent loop w
 linear:  per-document-token time and peak RSS from 4K to 256K document tokens (tiny shape, one process per
          length), against the 4K figure.
 compile: compile time of the segment program, and the number of compiled programs after documents of
-         2, 8 and 64 chunks.
+         2, 8 and 64 chunks; compile time of the segment program at 2, 8 and 24 layers with both decode
+         layouts.
 """
 
 from __future__ import annotations
@@ -223,6 +224,39 @@ def bench_compile() -> None:
               f"{program.segment_program._cache_size()}, final programs = {program.final_program._cache_size()}")
 
 
+def bench_compile_depth(depths=(2, 8, 24)) -> None:
+    """Compile time of the segment program (prefill scanned; decode 'scan' vs 'unstacked') against depth."""
+    import jax
+    import jax.numpy as jnp
+
+    from memagent_jax.agent import AgentBudgets, program
+    from memagent_jax.models import init_cache
+    from memagent_jax.models.presets import preset_config
+
+    tokenizer = _tokenizer(os.path.join(tempfile.mkdtemp(), "tok"))
+    budgets = AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8,
+                           chunks_per_segment=4)
+    print("\n== compile: segment program (tiny shape, chunk 512, 4 chunks per segment, batch 1), seconds ==")
+    print(f"{'layers':>6} {'scan':>8} {'unstacked':>10} {'ratio':>6}")
+    for depth in depths:
+        times = {}
+        for layout in ("scan", "unstacked"):
+            config = preset_config("tiny", vocab_size=len(tokenizer), **dict(TINY, num_layers=depth),
+                                   decode_layout=layout)
+            agent = _agent(config, tokenizer, budgets)
+            spec, b, s = agent.spec, 1, budgets.chunks_per_segment
+            args = (agent.params, spec, init_cache(config, b, spec.update_cache_slots), jnp.zeros((b,), jnp.int32),
+                    jnp.zeros((b, budgets.memory_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
+                    jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32), jnp.zeros((b, s), jnp.int32),
+                    jax.random.split(jax.random.key(0), b), jnp.int32(0))
+            lowered = program.segment_program.lower(*args)
+            t0 = time.perf_counter()
+            lowered.compile()
+            times[layout] = time.perf_counter() - t0
+        print(f"{depth:>6} {times['scan']:>8.2f} {times['unstacked']:>10.2f} "
+              f"{times['unstacked'] / times['scan']:>5.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "speed", "linear", "compile"], default="all")
@@ -237,6 +271,7 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
     if args.part in ("all", "compile"):
         bench_compile()
+        bench_compile_depth()
     if args.part in ("all", "speed"):
         bench_speed(args.quick)
     if args.part in ("all", "linear"):
