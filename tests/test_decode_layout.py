@@ -75,7 +75,7 @@ def test_unstack_layers_forward_equals_stacked():
 
 def test_decode_layout_config_validation_and_export():
     config = preset_config("tiny")
-    assert config.decode_layout == "auto" and config.resolved_decode_layout == "unstacked"
+    assert config.decode_layout == "auto" and config.resolved_decode_layout == "unstacked"  # on CPU
     assert config.replace(decode_layout="scan").resolved_decode_layout == "scan"
     with pytest.raises(ConfigError, match="decode_layout"):
         config.replace(decode_layout="unrolled")
@@ -142,6 +142,36 @@ def _reachable(comps, root):
     return seen
 
 
+_SLICE_RE = re.compile(r"%?[\w.\-]+ = \w+\[([\d,]*)\](?:\{[^}]*\})? (dynamic-slice|slice|copy)\(")
+
+
+def _own_slices_per_while(hlo: str) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """For each while loop: (op, result shape) of the slices / copies in its body, fusions included but nested
+    while loops excluded (they are listed as loops of their own)."""
+    comps = _computations(hlo)
+    out = []
+    for lines in list(comps.values()):
+        for line in lines:
+            if " while(" not in line:
+                continue
+            seen, stack, found = set(), [re.search(r"body=%?([\w.\-]+)", line).group(1)], []
+            while stack:
+                name = stack.pop()
+                if name in seen or name not in comps:
+                    continue
+                seen.add(name)
+                for inner in comps[name]:
+                    m = _SLICE_RE.match(inner)
+                    if m:
+                        found.append((m.group(2), tuple(int(d) for d in m.group(1).split(",") if d)))
+                    if " while(" in inner:
+                        continue
+                    for m in re.finditer(r"(?:calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)", inner):
+                        stack += [n.strip().lstrip("%") for n in m.group(1).split(",")]
+            out.append(found)
+    return out
+
+
 def _sliced_shapes_in_while_bodies(hlo: str) -> list[tuple[int, ...]]:
     """Result shapes of every dynamic-slice / slice / copy inside any while body (fusions included)."""
     comps = _computations(hlo)
@@ -179,3 +209,40 @@ def test_decode_loop_reads_weights_in_place(layout):
         assert len(hits) == len(weight_shapes), hits  # every weight matrix sliced out per step
     else:
         assert not hits, f"weights sliced/copied inside the decode loop: {hits}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_segment_program_unstacks_once_outside_its_loops(layout):
+    """The agent's segment program: prefill keeps its layer scan (weights dynamic-sliced per layer, as they must
+    be), and with 'unstacked' the per-layer split happens once, outside the chunk scan and the decode loop:
+    no loop body holds a static slice of a weight, and only the prefill's layer scan slices weights."""
+    from memagent_jax.agent import program
+    from memagent_jax.agent.templates import FINAL_SLOTS, UPDATE_SLOTS, AgentPrompts, PromptLayout
+
+    config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
+                           head_dim=16, vocab_size=200, decode_layout=layout)
+    params = init_params(config, 0)
+    weights = {tuple(a.shape[1:]) for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
+               if str(path[-1].key).endswith("_proj")}
+
+    budgets = AgentBudgets(question_tokens=8, chunk_tokens=24, memory_tokens=12, answer_tokens=4, chunks_per_segment=2)
+    prompts = AgentPrompts(update=PromptLayout(pieces=((3, 4), (5,), (6, 7), (8,)), slots=UPDATE_SLOTS),
+                           final=PromptLayout(pieces=((3,), (4,), (5,)), slots=FINAL_SLOTS), initial_memory=(9, 10))
+    spec = program.AgentSpec(config=config, budgets=budgets, prompts=prompts,
+                             memory_sampling=SamplingParams(max_new_tokens=12, temperature=0.0),
+                             answer_sampling=SamplingParams(max_new_tokens=4, temperature=0.0))
+    b, s = 1, budgets.chunks_per_segment
+    args = (params, spec, init_cache(config, b, spec.update_cache_slots), jnp.zeros((b,), jnp.int32),
+            jnp.zeros((b, budgets.memory_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
+            jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32), jnp.zeros((b, s), jnp.int32),
+            jax.random.split(jax.random.key(0), b), jnp.int32(0))
+    hlo = program.segment_program.lower(*args).compile().as_text()
+    per_loop = [{(op, shape[1:] if shape[:1] == (1,) else shape) for op, shape in found}
+                for found in _own_slices_per_while(hlo)]
+    loops_slicing_weights = [found for found in per_loop if any(shape in weights for _, shape in found)]
+    static_in_loops = [shape for found in per_loop for op, shape in found if op == "slice" and shape in weights]
+    if layout == "scan":
+        assert len(loops_slicing_weights) == 2  # the prefill's and the decode step's layer scans
+    else:
+        assert len(loops_slicing_weights) == 1, loops_slicing_weights  # the prefill's layer scan only
+        assert not static_in_loops, static_in_loops  # the unstacking was not sunk into a loop

@@ -138,7 +138,7 @@ class ModelConfig:
     #   'unstacked' - the decode program splits the weights into L per-layer arrays once, outside its loops,
     #                 and runs the layers as a Python loop, so every matmul reads its weight in place
     #                 (costs one extra copy of the layer weights while the program runs);
-    #   'auto'      - 'unstacked' (see `resolved_decode_layout`).
+    #   'auto'      - 'unstacked' on CPU, 'scan' on GPU/TPU (see `resolved_decode_layout`).
     decode_layout: str = "auto"
 
     def __post_init__(self):
@@ -172,17 +172,27 @@ class ModelConfig:
 
     @property
     def resolved_decode_layout(self) -> str:
-        """'scan' or 'unstacked': what `decode_layout` means for this config (static, platform-independent).
+        """'scan' or 'unstacked': what `decode_layout` means here ('auto' looks at JAX's default backend).
 
-        'auto' picks 'unstacked' on every backend. Measured on XLA CPU: a scanned decode step dynamic-slices and
-        copies every weight matrix before its dot, so a batch-1 step reads the weights twice and writes them once;
-        per-layer arrays run the step about 2x faster at Qwen2.5-0.5B shapes. On GPU/TPU (not measured here) a
-        decode step is bound by weight-read bandwidth too, and a scanned step pays the same slice-and-copy (or
-        at best a strided read) per token, while the unstacked copy costs one extra copy of the layer weights in
-        device memory for the length of the decode program (not per token). Where that memory is not
-        available (a model that barely fits), set decode_layout='scan'.
+        'auto' = 'unstacked' on CPU, 'scan' on GPU/TPU.
+          * CPU (measured): in a scanned decode step XLA dynamic-slices and copies every weight matrix out of
+            the [L, ...] stack before its dot, so a bandwidth-bound step reads the weights twice and writes them
+            once; per-layer arrays let each dot read its weight in place (see benchmarks/bench_agent.py). The
+            cost: one extra copy of the layer weights in memory while a decode program runs, and a compile
+            time that grows with depth (the decode step is unrolled over layers).
+          * GPU/TPU (not measured here; reasoned): a per-token slice copy would cost bandwidth there too (up to
+            ~2-3x the weight traffic of a bandwidth-bound step), but whether XLA copies depends on the backend:
+            a leading-axis slice of a contiguous stack is a contiguous sub-buffer, which TPU matmuls and XLA
+            GPU's dynamic-slice fusion (cuBLAS at an address offset) can read in place. The unstacked copy, on
+            the other hand, surely costs device memory the KV cache and batch want (a 7B model in bf16: ~13 GB).
+            So 'auto' keeps 'scan' there; set 'unstacked' when the decode HLO / a profile on the target shows
+            the weight copies (`copy` / `dynamic-slice` of weight shapes in the while body) and memory allows.
         """
-        return "scan" if self.decode_layout == "scan" else "unstacked"
+        if self.decode_layout != "auto":
+            return self.decode_layout
+        import jax  # deferred: this module is imported by JAX-free tools (the planner)
+
+        return "unstacked" if jax.default_backend() == "cpu" else "scan"
 
     @property
     def num_groups(self) -> int:
