@@ -2,6 +2,7 @@
 
     python benchmarks/bench_agent.py                 # all parts (about 10 minutes on 2 CPU cores)
     python benchmarks/bench_agent.py --part speed --quick
+    python benchmarks/bench_agent.py --part decode   # the decode loop alone, both decode layouts
     python benchmarks/bench_agent.py --part linear
     python benchmarks/bench_agent.py --part compile
 
@@ -257,9 +258,46 @@ def bench_compile_depth(depths=(2, 8, 24)) -> None:
               f"{times['unstacked'] / times['scan']:>5.2f}x", flush=True)
 
 
+def bench_decode_step(quick: bool) -> None:
+    """Per-token time of the jitted decode loop alone (no prefill, no host), 'scan' vs 'unstacked'."""
+    import jax
+    import jax.numpy as jnp
+
+    from memagent_jax.models import init_cache, init_params
+    from memagent_jax.models.presets import preset_config
+    from memagent_jax.sampling import SamplingParams
+    from memagent_jax.sampling.sampler import decode, prefill
+
+    cases = [("tiny", preset_config("tiny", vocab_size=512, **TINY))]
+    if not quick:
+        cases.append(("qwen2.5-0.5b shapes", preset_config("qwen2.5-0.5b-instruct", param_dtype="float32",
+                                                            compute_dtype="float32")))
+    n, prompt = 32, 256
+    print(f"\n== decode loop alone: ms per token ({n} tokens after a {prompt}-token prompt, greedy, f32) ==")
+    print(f"{'shape':<21} {'batch':>5} {'scan':>8} {'unstacked':>10} {'speed-up':>9}")
+    sampling = SamplingParams(max_new_tokens=n, temperature=0.0)
+    for name, config in cases:
+        params = init_params(config, 0)
+        for batch in (1, 4):
+            ms = {}
+            for layout in ("scan", "unstacked"):
+                cfg = config.replace(decode_layout=layout)
+                tokens = jnp.full((batch, prompt), 5, jnp.int32)
+                pre = jax.jit(prefill, static_argnames="config")(params, cfg, tokens, jnp.ones_like(tokens, bool),
+                                                                 init_cache(cfg, batch, prompt + n))
+                keys = jax.random.split(jax.random.key(0), batch)
+                run = jax.jit(decode, static_argnames=("config", "sampling"))
+                args = (params, cfg, pre.cache, pre.last_logits, pre.next_positions, keys, sampling)
+                jax.block_until_ready(run(*args).tokens)
+                ms[layout] = 1e3 * _timed(lambda: jax.block_until_ready(run(*args).tokens), 3) / n
+            print(f"{name:<21} {batch:>5} {ms['scan']:>8.2f} {ms['unstacked']:>10.2f} "
+                  f"{ms['scan'] / ms['unstacked']:>8.2f}x", flush=True)
+        del params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "speed", "linear", "compile"], default="all")
+    parser.add_argument("--part", choices=["all", "speed", "decode", "linear", "compile"], default="all")
     parser.add_argument("--quick", action="store_true", help="tiny shape only; linear up to 64K")
     parser.add_argument("--linear-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,6 +310,8 @@ def main() -> None:
     if args.part in ("all", "compile"):
         bench_compile()
         bench_compile_depth()
+    if args.part in ("all", "decode"):
+        bench_decode_step(args.quick)
     if args.part in ("all", "speed"):
         bench_speed(args.quick)
     if args.part in ("all", "linear"):
