@@ -29,7 +29,8 @@ from memagent_jax.models.transformer import (KVCache, forward_hidden, logits_fro
 from memagent_jax.sampling.params import SamplingError, SamplingParams
 
 __all__ = [
-    "PrefillOutput", "SampleOutput", "decode", "decode_params", "prefill", "prefill_and_decode", "reset_cache", "sample_tokens",
+    "PrefillOutput", "SampleOutput", "decode", "decode_params", "prefill", "prefill_and_decode", "reset_cache",
+    "sample_tokens",
 ]
 
 
