@@ -2,17 +2,20 @@
 
     python benchmarks/bench_agent.py                 # all parts (about 10 minutes on 2 CPU cores)
     python benchmarks/bench_agent.py --part speed --quick
+    python benchmarks/bench_agent.py --part decode   # the decode loop alone, both decode layouts
     python benchmarks/bench_agent.py --part linear
     python benchmarks/bench_agent.py --part compile
 
 speed:   document tokens/s of our jitted chunk scan and of the same agent loop written with transformers
-         (`model.generate` per chunk, greedy), same random weights, same budgets, fixed-length memory and
-         answer generation (no stop tokens) so both sides do the same work; tiny shape and Qwen2.5-0.5B's
-         shapes, f32, batch 1 (ours also at batch 4).
+         (`model.generate` per chunk, greedy; batch 4: one batched, left-padded generate per step), same random
+         weights, same budgets, fixed-length memory and answer generation (no stop tokens) so both sides do
+         the same work; tiny shape and Qwen2.5-0.5B's shapes, f32, batch 1 and 4, ours with both decode
+         layouts ('scan' and 'unstacked', see ModelConfig.decode_layout).
 linear:  per-document-token time and peak RSS from 4K to 256K document tokens (tiny shape, one process per
          length), against the 4K figure.
 compile: compile time of the segment program, and the number of compiled programs after documents of
-         2, 8 and 64 chunks.
+         2, 8 and 64 chunks; compile time of the segment program at 2, 8 and 24 layers with both decode
+         layouts.
 """
 
 from __future__ import annotations
@@ -81,6 +84,45 @@ def _torch_loop(model, agent, question: str, doc: np.ndarray) -> None:
         model.generate(torch.tensor([final]), max_new_tokens=a, min_new_tokens=a, **kwargs)
 
 
+def _torch_loop_batch(model, agent, questions, docs) -> None:
+    """The agent loop for a batch of documents with one batched `model.generate` per step (left padding and
+    an attention mask; fixed-length memory and answer, as in `_torch_loop`). Documents of equal chunk count."""
+    import torch
+
+    from memagent_jax.agent.chunking import split_chunks
+
+    spec = agent.spec
+    q_ids = [agent.prepare(q, d)[0] for q, d in zip(questions, docs)]
+    chunks = [split_chunks(d, agent.budgets.chunk_tokens) for d in docs]
+    memories = [list(spec.prompts.initial_memory) for _ in docs]
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def generate(prompts, n):
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        return [row[width:].tolist() for row in out]
+
+    with torch.inference_mode():
+        for k in range(len(chunks[0])):
+            prompts = [spec.prompts.update.assemble({"question": q, "memory": m, "chunk": c[k]})
+                       for q, m, c in zip(q_ids, memories, chunks)]
+            memories = generate(prompts, agent.budgets.memory_tokens)
+        finals = [spec.prompts.final.assemble({"question": q, "memory": m}) for q, m in zip(q_ids, memories)]
+        generate(finals, agent.budgets.answer_tokens)
+
+
+def _timed(fn, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls (seconds)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def bench_speed(quick: bool) -> None:
     import torch
     import transformers
@@ -101,32 +143,39 @@ def bench_speed(quick: bool) -> None:
                       AgentBudgets(question_tokens=32, chunk_tokens=256, memory_tokens=16, answer_tokens=8,
                                    chunks_per_segment=4), 1024))
     print("\n== document tokens/s: chunk scan vs transformers agent loop (greedy, fixed-length memory, f32) ==")
-    print(f"{'shape':<21} {'budgets C/M/A':>13} {'doc tokens':>10} {'ours b=1':>9} {'ours b=4':>9} "
-          f"{'torch b=1':>10} {'ours/torch (b=1)':>17}")
+    print("   ours with decode_layout 'scan' and 'unstacked'; torch: one (batched, left-padded) generate per step")
+    header = (f"{'shape':<21} {'C/M/A':>10} {'batch':>5} {'scan':>8} {'unstacked':>9} {'torch':>8} "
+              f"{'scan/torch':>10} {'unstacked/torch':>15}")
+    print(header)
+    repeats = 1 if quick else 2
     for name, config, budgets, doc_tokens in cases:
-        agent = _agent(config, tokenizer, budgets)
         rng = np.random.default_rng(0)
         docs = [rng.integers(3, len(tokenizer), doc_tokens).astype(np.int32) for _ in range(4)]
-        question = "Where is the red key?"
-        agent.run([question], docs[:1])  # compile
-        t0 = time.perf_counter()
-        agent.run([question], docs[:1])
-        ours1 = doc_tokens / (time.perf_counter() - t0)
-        agent.run([question] * 4, docs)  # compile batch 4
-        t0 = time.perf_counter()
-        agent.run([question] * 4, docs)
-        ours4 = 4 * doc_tokens / (time.perf_counter() - t0)
+        questions = ["Where is the red key?"] * 4
+        ours = {}
+        for layout in ("scan", "unstacked"):
+            agent = _agent(config.replace(decode_layout=layout), tokenizer, budgets)
+            for batch in (1, 4):
+                agent.run(questions[:batch], docs[:batch])  # compile
+                seconds = _timed(lambda: agent.run(questions[:batch], docs[:batch]), repeats)
+                ours[layout, batch] = batch * doc_tokens / seconds
+            params = agent.params
+            del agent
         folder = os.path.join(tmp, name.replace(" ", "_"))
-        save_hf_checkpoint(agent.params, config, folder)
+        save_hf_checkpoint(params, config, folder)
+        del params
+        agent = _agent(config, tokenizer, budgets)  # for its prompts (the weights are not used)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         model.generation_config.eos_token_id = None
-        _torch_loop(model, agent, question, docs[0][:budgets.chunk_tokens])  # warm-up
-        t0 = time.perf_counter()
-        _torch_loop(model, agent, question, docs[0])
-        ref = doc_tokens / (time.perf_counter() - t0)
+        _torch_loop(model, agent, questions[0], docs[0][:budgets.chunk_tokens])  # warm-up
+        ref = {1: doc_tokens / _timed(lambda: _torch_loop(model, agent, questions[0], docs[0]), repeats)}
+        _torch_loop_batch(model, agent, questions, [d[:budgets.chunk_tokens] for d in docs])  # warm-up
+        ref[4] = 4 * doc_tokens / _timed(lambda: _torch_loop_batch(model, agent, questions, docs), repeats)
         b = budgets
-        print(f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>13} {doc_tokens:>10} "
-              f"{ours1:>9.0f} {ours4:>9.0f} {ref:>10.0f} {ours1 / ref:>16.2f}x")
+        for batch in (1, 4):
+            s_, u_, t_ = ours["scan", batch], ours["unstacked", batch], ref[batch]
+            print(f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>10} {batch:>5} {s_:>8.0f} "
+                  f"{u_:>9.0f} {t_:>8.0f} {s_ / t_:>9.2f}x {u_ / t_:>14.2f}x", flush=True)
         del agent, model
 
 
@@ -176,9 +225,79 @@ def bench_compile() -> None:
               f"{program.segment_program._cache_size()}, final programs = {program.final_program._cache_size()}")
 
 
+def bench_compile_depth(depths=(2, 8, 24)) -> None:
+    """Compile time of the segment program (prefill scanned; decode 'scan' vs 'unstacked') against depth."""
+    import jax
+    import jax.numpy as jnp
+
+    from memagent_jax.agent import AgentBudgets, program
+    from memagent_jax.models import init_cache
+    from memagent_jax.models.presets import preset_config
+
+    tokenizer = _tokenizer(os.path.join(tempfile.mkdtemp(), "tok"))
+    budgets = AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8,
+                           chunks_per_segment=4)
+    print("\n== compile: segment program (tiny shape, chunk 512, 4 chunks per segment, batch 1), seconds ==")
+    print(f"{'layers':>6} {'scan':>8} {'unstacked':>10} {'ratio':>6}")
+    for depth in depths:
+        times = {}
+        for layout in ("scan", "unstacked"):
+            config = preset_config("tiny", vocab_size=len(tokenizer), **dict(TINY, num_layers=depth),
+                                   decode_layout=layout)
+            agent = _agent(config, tokenizer, budgets)
+            spec, b, s = agent.spec, 1, budgets.chunks_per_segment
+            args = (agent.params, spec, init_cache(config, b, spec.update_cache_slots), jnp.zeros((b,), jnp.int32),
+                    jnp.zeros((b, budgets.memory_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
+                    jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32), jnp.zeros((b, s), jnp.int32),
+                    jax.random.split(jax.random.key(0), b), jnp.int32(0))
+            lowered = program.segment_program.lower(*args)
+            t0 = time.perf_counter()
+            lowered.compile()
+            times[layout] = time.perf_counter() - t0
+        print(f"{depth:>6} {times['scan']:>8.2f} {times['unstacked']:>10.2f} "
+              f"{times['unstacked'] / times['scan']:>5.2f}x", flush=True)
+
+
+def bench_decode_step(quick: bool) -> None:
+    """Per-token time of the jitted decode loop alone (no prefill, no host), 'scan' vs 'unstacked'."""
+    import jax
+    import jax.numpy as jnp
+
+    from memagent_jax.models import init_cache, init_params
+    from memagent_jax.models.presets import preset_config
+    from memagent_jax.sampling import SamplingParams
+    from memagent_jax.sampling.sampler import decode, prefill
+
+    cases = [("tiny", preset_config("tiny", vocab_size=512, **TINY))]
+    if not quick:
+        cases.append(("qwen2.5-0.5b shapes", preset_config("qwen2.5-0.5b-instruct", param_dtype="float32",
+                                                            compute_dtype="float32")))
+    n, prompt = 32, 256
+    print(f"\n== decode loop alone: ms per token ({n} tokens after a {prompt}-token prompt, greedy, f32) ==")
+    print(f"{'shape':<21} {'batch':>5} {'scan':>8} {'unstacked':>10} {'speed-up':>9}")
+    sampling = SamplingParams(max_new_tokens=n, temperature=0.0)
+    for name, config in cases:
+        params = init_params(config, 0)
+        for batch in (1, 4):
+            ms = {}
+            for layout in ("scan", "unstacked"):
+                cfg = config.replace(decode_layout=layout)
+                tokens = jnp.full((batch, prompt), 5, jnp.int32)
+                pre = jax.jit(prefill, static_argnames="config")(params, cfg, tokens, jnp.ones_like(tokens, bool),
+                                                                 init_cache(cfg, batch, prompt + n))
+                keys = jax.random.split(jax.random.key(0), batch)
+                run = jax.jit(decode, static_argnames=("config", "sampling"))
+                args = (params, cfg, pre.cache, pre.last_logits, pre.next_positions, keys, sampling)
+                jax.block_until_ready(run(*args).tokens)
+                ms[layout] = 1e3 * _timed(lambda: jax.block_until_ready(run(*args).tokens), 3) / n
+            print(f"{name:<21} {batch:>5} {ms['scan']:>8.2f} {ms['unstacked']:>10.2f} "
+                  f"{ms['scan'] / ms['unstacked']:>8.2f}x", flush=True)
+        del params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "speed", "linear", "compile"], default="all")
+    parser.add_argument("--part", choices=["all", "speed", "decode", "linear", "compile"], default="all")
     parser.add_argument("--quick", action="store_true", help="tiny shape only; linear up to 64K")
     parser.add_argument("--linear-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,6 +309,9 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
     if args.part in ("all", "compile"):
         bench_compile()
+        bench_compile_depth()
+    if args.part in ("all", "decode"):
+        bench_decode_step(args.quick)
     if args.part in ("all", "speed"):
         bench_speed(args.quick)
     if args.part in ("all", "linear"):

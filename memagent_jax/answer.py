@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-impl", dest="attention_impl", default="auto",
                    choices=("auto", "materialized", "blockwise", "cudnn"),  # models.config.ATTENTION_IMPLS
                    help="attention kernel (models/attention.py; default auto)")
+    p.add_argument("--param_dtype", default=None,
+                   help="dtype the weights are held in (overrides --dtype; default: --dtype, else the checkpoint's)")
+    p.add_argument("--compute_dtype", default=None,
+                   help="dtype of matmuls and the KV cache; norms, softmax, logits and sampling stay f32 (overrides "
+                   "--dtype; default: --dtype, else the param dtype)")
     p.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)")
     p.add_argument("--no-progress", action="store_true")
@@ -156,10 +161,11 @@ def _build_agent(args):
         first = str(e).splitlines()[0] if str(e) else ""
         raise AnswerArgsError(f"{'--tokenizer' if args.tokenizer else '--model'} {tok!r}: cannot load a tokenizer: "
                               f"{type(e).__name__}: {first}") from None
-    params, config = load_hf_params(args.model, param_dtype=args.dtype,
+    param_dtype = args.param_dtype or args.dtype
+    params, config = load_hf_params(args.model, param_dtype=param_dtype,
                                     allow_nonfinite=args.allow_nonfinite_weights)
-    if args.dtype:
-        config = config.replace(compute_dtype=args.dtype)
+    if args.compute_dtype or args.dtype or param_dtype:
+        config = config.replace(compute_dtype=args.compute_dtype or args.dtype or param_dtype)
     config = config.replace(attention_impl=args.attention_impl)
     return MemoryAgent(params, config, tokenizer, budgets=settings.budgets, templates=settings.templates,
                        memory_sampling=settings.sampling())

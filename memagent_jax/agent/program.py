@@ -41,7 +41,7 @@ from memagent_jax.agent.templates import AgentPrompts
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, rewind_cache
 from memagent_jax.sampling.params import SamplingParams
-from memagent_jax.sampling.sampler import decode, prefill, prefill_and_decode, reset_cache
+from memagent_jax.sampling.sampler import decode, decode_params, prefill, prefill_and_decode, reset_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +196,11 @@ def prefill_prefix(params, spec: AgentSpec, question: jax.Array, question_len: j
 
 
 def memory_step(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: jax.Array, memory: jax.Array,
-                memory_len: jax.Array, chunk: jax.Array, chunk_len: jax.Array, keys: jax.Array):
+                memory_len: jax.Array, chunk: jax.Array, chunk_len: jax.Array, keys: jax.Array, params_for_decode=None):
     """One chunk step for every row: rest prompt -> new memory.
+
+    params_for_decode: the params in the decode layout (`sampling.sampler.decode_params`), made once by the
+    caller outside its loops; None: made here from `params`.
 
     memory [B, M], memory_len [B], chunk [B, C], chunk_len [B] (0 = this row has no chunk here: it keeps
     its memory and nothing is sampled), keys [B]. Returns (cache, memory, memory_len, per-step record).
@@ -208,8 +211,10 @@ def memory_step(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: 
     rest_tokens, rest_mask = assemble([(memory, memory_len), u[2], (chunk, chunk_len), u[3]], batch, spec.pad_id)
     cache = rewind_cache(cache, spec.prefix_length)
     pre = prefill(params, spec.config, rest_tokens, rest_mask, cache, start_positions=prefix_next_positions)
-    out = decode(params, spec.config, pre.cache, pre.last_logits, pre.next_positions, keys, spec.memory_sampling,
-                 active)
+    if params_for_decode is None:
+        params_for_decode = decode_params(params, spec.config)
+    out = decode(params_for_decode, spec.config, pre.cache, pre.last_logits, pre.next_positions, keys,
+                 spec.memory_sampling, active)
     new_memory, new_len = _memory_from_response(out.tokens, out.num_tokens, out.finished, spec.pad_id)
     memory = jnp.where(active[:, None], new_memory, memory)
     memory_len = jnp.where(active, new_len, memory_len)
@@ -236,14 +241,19 @@ def run_segment(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: 
     chunks [B, S, C] int32, chunk_lens [B, S] (0 = no chunk), row_keys [B], first_step [] or [B] int32 (global
     index, within each row's document, of this segment's first chunk: rows of a continuously refilled batch are
     at different steps). Returns (cache, memory, memory_len, SegmentRecord [B, S, ...]).
+
+    Prefill runs the stacked layers (`lax.scan`); decode runs `config.decode_layout`: with 'unstacked' the
+    layer weights are split into per-layer arrays once per call, here, outside the chunk scan (one extra copy
+    of the layer weights for the length of the call).
     """
+    params_for_decode = decode_params(params, spec.config)
 
     def body(carry, xs):
         cache, memory, memory_len = carry
         chunk, chunk_len, step = xs
         cache, memory, memory_len, record = memory_step(params, spec, cache, prefix_next_positions, memory,
                                                         memory_len, chunk, chunk_len,
-                                                        step_keys(row_keys, step))
+                                                        step_keys(row_keys, step), params_for_decode)
         return (cache, memory, memory_len), record
 
     batch, segment = chunks.shape[:2]

@@ -25,6 +25,7 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # models/attention.py's ATTENTION_IMPLS (repeated here: this module imports no JAX).
 ATTENTION_IMPLS = ("auto", "materialized", "blockwise", "cudnn")
+DECODE_LAYOUTS = ("auto", "scan", "unstacked")
 
 _HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
@@ -142,6 +143,13 @@ class ModelConfig:
     # Blockwise attention: key slots and query tokens per block (need not divide S / T).
     attention_block_size: int = 512
     attention_query_block_size: int = 512
+    # Layer layout of the per-token decode loop (runtime choice only: never written to config.json):
+    #   'scan'      - the decode step scans the stacked [L, ...] weights like prefill does;
+    #   'unstacked' - the decode program splits the weights into L per-layer arrays once, outside its loops,
+    #                 and runs the layers as a Python loop, so every matmul reads its weight in place
+    #                 (costs one extra copy of the layer weights while the program runs);
+    #   'auto'      - 'unstacked' on CPU, 'scan' on GPU/TPU (see `resolved_decode_layout`).
+    decode_layout: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -174,6 +182,34 @@ class ModelConfig:
             raise ConfigError(
                 f"rope type {self.rope.rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
+        if self.decode_layout not in DECODE_LAYOUTS:
+            raise ConfigError(
+                f"decode_layout must be one of {', '.join(repr(v) for v in DECODE_LAYOUTS)}, got {self.decode_layout!r}"
+            )
+
+    @property
+    def resolved_decode_layout(self) -> str:
+        """'scan' or 'unstacked': what `decode_layout` means here ('auto' looks at JAX's default backend).
+
+        'auto' = 'unstacked' on CPU, 'scan' on GPU/TPU.
+          * CPU (measured): in a scanned decode step XLA dynamic-slices and copies every weight matrix out of
+            the [L, ...] stack before its dot, so a bandwidth-bound step reads the weights twice and writes them
+            once; per-layer arrays let each dot read its weight in place (see benchmarks/bench_agent.py). The
+            cost: one extra copy of the layer weights in memory while a decode program runs, and a compile
+            time that grows with depth (the decode step is unrolled over layers).
+          * GPU/TPU (not measured here; reasoned): a per-token slice copy would cost bandwidth there too (up to
+            ~2-3x the weight traffic of a bandwidth-bound step), but whether XLA copies depends on the backend:
+            a leading-axis slice of a contiguous stack is a contiguous sub-buffer, which TPU matmuls and XLA
+            GPU's dynamic-slice fusion (cuBLAS at an address offset) can read in place. The unstacked copy, on
+            the other hand, surely costs device memory the KV cache and batch want (a 7B model in bf16: ~13 GB).
+            So 'auto' keeps 'scan' there; set 'unstacked' when the decode HLO / a profile on the target shows
+            the weight copies (`copy` / `dynamic-slice` of weight shapes in the while body) and memory allows.
+        """
+        if self.decode_layout != "auto":
+            return self.decode_layout
+        import jax  # deferred: this module is imported by JAX-free tools (the planner)
+
+        return "unstacked" if jax.default_backend() == "cpu" else "scan"
 
     @property
     def num_groups(self) -> int:

@@ -24,7 +24,8 @@ the positions, validity and segment ids (`attention.AttentionKeys`) and never ho
 Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, G = H // K,
 Dh head dim, F mlp width, L layers, V vocab.
 
-Parameter pytree (L-stacked under 'layers', run by `lax.scan`, so compile time is flat in depth):
+Parameter pytree (L-stacked under 'layers', run by `lax.scan`, so compile time is flat in depth; the decode
+layout of `unstack_layers` holds a tuple of L per-layer dicts there instead, run as a Python loop):
 
     embed            [V, D]
     layers/attn_norm [L, D]            layers/mlp_norm [L, D]
@@ -287,8 +288,14 @@ class Transformer(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _normal(rngs, (config.hidden_size, config.vocab_size), dt)
 
-    def hidden_states(self, tokens, positions, token_mask, cache: KVCache | None = None, segment_ids=None):
-        """tokens, positions: [B, T] int; token_mask: [B, T] bool -> (hidden [B, T, D], cache)."""
+    def hidden_states(self, tokens, positions, token_mask, cache: KVCache | None = None, segment_ids=None,
+                      unstacked_layers=None):
+        """tokens, positions: [B, T] int; token_mask: [B, T] bool -> (hidden [B, T, D], cache).
+
+        unstacked_layers: None (run the stacked `self.layers` with `lax.scan`), or a tuple of L per-layer param
+        dicts (see `unstack_layers`), run as a Python loop so every matmul reads its weight array in place
+        (`self.layers` then only supplies the block structure).
+        """
         c = self.config
         cdt = _dtype(c.compute_dtype)
         positions = positions.astype(jnp.int32)
@@ -330,7 +337,14 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
 
         carry = (x, None if cache is None else (cache.k, cache.v))
-        if c.scan_layers:
+        if unstacked_layers is not None:
+            # The stacked cache is written in place at a static layer index (per-layer cache buffers were
+            # measured worse on XLA CPU: the in-place write got duplicated for the attention read).
+            for i, params_l in enumerate(unstacked_layers):
+                block = nnx.merge(graphdef, params_l)
+                carry = block(carry[0], positions, inv_freq, mask, carry[1],
+                              None if cache is None else cache.length, i)
+        elif c.scan_layers:
             layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
             carry, _ = jax.lax.scan(body, carry, (layer_params, layer_index))
         else:
@@ -368,7 +382,33 @@ def _graphdef(config: ModelConfig):
 
 
 def _module(params: Params, config: ModelConfig) -> Transformer:
+    """The module for `params` in either layout (unstacked: 'layers' holds layer 0, for the structure only)."""
+    if is_unstacked(params):
+        params = {**params, "layers": params["layers"][0]}
     return nnx.merge(_graphdef(config), params)
+
+
+def is_unstacked(params: Params) -> bool:
+    """Whether params['layers'] is a tuple of per-layer dicts (`unstack_layers`) rather than [L, ...] arrays."""
+    return isinstance(params["layers"], (tuple, list))
+
+
+def unstack_layers(params: Params) -> Params:
+    """The decode layout: params with 'layers' as a tuple of L per-layer dicts (no leading L axis).
+
+    Every other entry (embed, final_norm, lm_head) is shared, not copied. The per-layer arrays are copies of
+    the stacked slices, so while both layouts are alive the layer weights take twice their memory (e.g. inside
+    a jitted decode program that unstacks its input: one extra copy of the layer weights for the length of the
+    program). A model run with these params executes its layers as a Python loop: compile time grows with
+    depth, and on XLA CPU each matmul reads its weight in place instead of dynamic-slicing and copying it out
+    of the stack (`lax.scan` over [L, ...] weights does that copy at every step). Idempotent.
+    """
+    if is_unstacked(params):
+        return params
+    layers = params["layers"]
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers))
+    return {**params, "layers": per_layer}
 
 
 def abstract_params(config: ModelConfig) -> Params:
@@ -408,7 +448,9 @@ def forward(params: Params, tokens, positions, token_mask, *, config: ModelConfi
     Returns:
       (logits [B, T, V] f32, updated cache or None).
     """
-    return _module(params, config)(tokens, positions, token_mask, cache, segment_ids)
+    hidden, cache = forward_hidden(params, tokens, positions, token_mask, config=config, cache=cache,
+                                   segment_ids=segment_ids)
+    return logits_from_hidden(params, hidden, config=config), cache
 
 
 def forward_hidden(params: Params, tokens, positions, token_mask, *, config: ModelConfig,
@@ -418,7 +460,8 @@ def forward_hidden(params: Params, tokens, positions, token_mask, *, config: Mod
     Use with `logits_from_hidden` to compute logits for a subset of positions (decode) or in chunks
     (training on a large vocabulary) without materialising [B, T, V].
     """
-    return _module(params, config).hidden_states(tokens, positions, token_mask, cache, segment_ids)
+    unstacked = params["layers"] if is_unstacked(params) else None
+    return _module(params, config).hidden_states(tokens, positions, token_mask, cache, segment_ids, unstacked)
 
 
 def logits_from_hidden(params: Params, hidden, *, config: ModelConfig):

@@ -229,7 +229,13 @@ def learning_rate_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """optax chain: global-norm clip, then AdamW whose learning rate lives in the state (`set_learning_rate`)."""
+    """optax chain: global-norm clip, then AdamW whose learning rate lives in the state (`set_learning_rate`).
+
+    Dtypes: gradients reach the optimiser in f32 (`_accumulate` casts them); the AdamW moments (mu, nu) are held
+    in the params' dtype (optax's default), so with `param_dtype='bfloat16'` the moments and the update are bf16
+    too. The recommended mixed-precision setting is `param_dtype='float32'` (f32 master weights and moments)
+    with `compute_dtype='bfloat16'` (bf16 matmuls, KV cache and activations; loss, log-probs and logits f32).
+    """
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
         learning_rate=config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,

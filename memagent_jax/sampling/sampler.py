@@ -24,11 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from memagent_jax.models.config import ModelConfig
-from memagent_jax.models.transformer import (KVCache, forward_hidden, logits_from_hidden, positions_from_mask)
+from memagent_jax.models.transformer import (KVCache, forward_hidden, logits_from_hidden, positions_from_mask,
+                                             unstack_layers)
 from memagent_jax.sampling.params import SamplingError, SamplingParams
 
 __all__ = [
-    "PrefillOutput", "SampleOutput", "decode", "prefill", "prefill_and_decode", "reset_cache", "sample_tokens",
+    "PrefillOutput", "SampleOutput", "decode", "decode_params", "prefill", "prefill_and_decode", "reset_cache",
+    "sample_tokens",
 ]
 
 
@@ -174,6 +176,19 @@ def prefill(params, config: ModelConfig, tokens: jax.Array, token_mask: jax.Arra
 # -------------------------------------------------------------------------------------------- decode
 
 
+def decode_params(params, config: ModelConfig):
+    """The parameters in the layout the decode loop runs (`config.resolved_decode_layout`).
+
+    'unstacked': `unstack_layers(params)` (idempotent): inside a jitted program this copies the layer weights
+    once (one extra copy of the layer weights held while the program runs), so call it once per program,
+    outside every loop (`decode` calls it outside its `while_loop`; the agent's segment program calls it outside
+    its chunk scan and passes the result down). 'scan': `params` unchanged.
+    """
+    if config.resolved_decode_layout == "unstacked":
+        return unstack_layers(params)
+    return params
+
+
 class _State(NamedTuple):
     step: jax.Array  # [] int32, index of the next token to sample
     last_token: jax.Array  # [B] int32, token sampled at step - 1
@@ -196,7 +211,10 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
     iteration for all rows; rows already done write a masked slot), then samples.
 
     Args:
-      params: model parameters.
+      params: model parameters, stacked or unstacked; they are put in the decode layout of
+        `config.decode_layout` (see `decode_params`) once, before the loop. The KV cache stays stacked
+        [L, ...] in both layouts (written in place; per-layer cache buffers were measured worse on XLA CPU: the
+        in-place write was duplicated for the attention read, copying each layer's buffer per token).
       config: static `ModelConfig`.
       cache: `KVCache` holding the prompts; it needs N - 1 free slots after `cache.length` (slots past the
         end would be silently clamped by XLA, so size it accordingly).
@@ -209,6 +227,7 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
     Returns:
       `SampleOutput` (see its docstring for shapes).
     """
+    params = decode_params(params, config)
     b = last_logits.shape[0]
     n = sampling.max_new_tokens
     pad = jnp.int32(sampling.pad_id)
