@@ -342,7 +342,7 @@ class Transformer(nnx.Module):
             # measured worse on XLA CPU: the in-place write got duplicated for the attention read).
             for i, params_l in enumerate(unstacked_layers):
                 block = nnx.merge(graphdef, params_l)
-                carry = block(carry[0], positions, inv_freq, mask, carry[1],
+                carry = block(carry[0], positions, inv_freq, (keys, mask), carry[1],
                               None if cache is None else cache.length, i)
         elif c.scan_layers:
             layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
