@@ -16,6 +16,8 @@ import time
 import uuid
 
 import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from memagent_jax.serve import protocol
 from memagent_jax.serve.engine_loop import EngineLoop, Event, Job, QueueFull
@@ -61,6 +63,7 @@ class ServerState:
     def close(self) -> None:
         self.engine_loop.stop()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("engine loop stopped after %d documents", self.metrics.documents_total)
 
     @property
     def ready(self) -> bool:
@@ -111,6 +114,7 @@ class _Waiter:
         loop = asyncio.get_running_loop()
         self.deliver = lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event)
         self.done = False
+        self._checked = time.monotonic()
 
     def cancel(self, reason: str) -> None:
         if not self.done:
@@ -127,12 +131,15 @@ class _Waiter:
                 raise RequestError(504, f"the request took longer than this server's timeout of "
                                    f"{self.state.limits.request_timeout:g} s (memagent serve --request-timeout); "
                                    "its row was cancelled", type="timeout", code="request_timeout")
+            now = time.monotonic()
+            if request is not None and now - self._checked >= POLL_S:  # also while events keep coming
+                self._checked = now
+                if await request.is_disconnected():
+                    self.cancel("disconnect")
+                    raise ClientGone()
             try:
                 event = await asyncio.wait_for(self.queue.get(), timeout=min(POLL_S, left))
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    self.cancel("disconnect")
-                    raise ClientGone() from None
                 continue
             if event.kind in ("result", "error"):
                 self.done = True
@@ -144,8 +151,6 @@ class ClientGone(Exception):
 
 
 def _error_response(error: RequestError):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -211,9 +216,6 @@ def _answer_of(state: ServerState, result, max_tokens: int | None):
 def create_app(state: ServerState, *, manage_state: bool = True):
     """The FastAPI app. manage_state: start the engine loop on startup and stop it on shutdown."""
     import contextlib
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
