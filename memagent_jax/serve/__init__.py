@@ -6,8 +6,12 @@
 One engine thread owns a `DocumentEngine` (agent.engine) of --batch-size row slots: a request joins the running
 batch at the next segment boundary and leaves when its document ends; the compiled programs and the KV cache are
 reused by every request (they compile once, at start-up, on a dummy request: /health answers 503 "warming_up"
-until then). A row's output depends only on its question, document and seed, never on its batch mates: a request
-with seed S answers exactly as `python -m memagent_jax.answer --model DIR --question Q --document F --seed S`.
+until then). A row's output depends only on its question, document and seed, never on its batch mates or on the
+load: a request with seed S samples with the keys of `python -m memagent_jax.answer --model DIR --question Q
+--document F --seed S` (= `MemoryAgent.run([q], [doc], rng=S)`). Its answer is bit-identical to
+`MemoryAgent.run([q], [doc], rng=S, batch_size=B)` and to row 0 of `answer --input ... --seed S --batch-size B` (B =
+the server's --batch-size: the same compiled shapes); against the single-document CLI, which runs batch-1 programs,
+float32 sums may associate differently in the two shapes, which now and then flips a sampled token (temperature > 0).
 
 Sampling is compiled into the programs: the server samples with the model folder's memagent_agent.json settings
 (or the flags below); a request whose temperature / top_p differ gets a 400 naming the server's values.
@@ -46,7 +50,8 @@ Errors are OpenAI-style {"error": {"message", "type", "param", "code"}}; the mes
   429 (with Retry-After) when --batch-size + --max-queue requests are already outstanding;
   504 past --request-timeout seconds (the row is cancelled);  500 an engine failure (the loop keeps serving).
 A client that disconnects (streaming or not) has its row cancelled: the slot is free at the next step.
-SIGINT / SIGTERM stop the server gracefully (outstanding requests get 503).
+SIGINT / SIGTERM stop the server gracefully: no new connections, running requests get up to 10 s to finish, then
+the engine loop stops (requests still outstanding get 503) and the process ends by that signal, as uvicorn does.
 """
 
 

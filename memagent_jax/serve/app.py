@@ -292,7 +292,7 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             return JSONResponse({}, status_code=499)
         finally:
             if waiter is not None and not waiter.done:
-                waiter.cancel("disconnect")
+                waiter.cancel("aborted")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -329,7 +329,7 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             return JSONResponse({}, status_code=499)
         finally:
             if not waiter.done:
-                waiter.cancel("disconnect")
+                waiter.cancel("aborted")
 
     return app
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -294,7 +293,3 @@ class EngineLoop:
             if command[0] == "submit":
                 self._fail(command[1], 503, message)
 
-
-def retry_after_seconds(loop: EngineLoop, recent_latency: float | None) -> int:
-    """A Retry-After hint: about one request's latency (at least 1 s)."""
-    return max(1, int(math.ceil(recent_latency or 1.0)))

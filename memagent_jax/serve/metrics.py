@@ -23,6 +23,7 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.started = time.time()
+        self._started_mono = time.monotonic()
         self.requests: collections.Counter = collections.Counter()        # (endpoint, status) -> n
         self.cancelled: collections.Counter = collections.Counter()       # reason -> n
         self.document_tokens_total = 0
@@ -70,11 +71,8 @@ class Metrics:
         with self._lock:
             self._trim(now)
             total = sum(n for _, n in self._tokens)
-        span = min(RATE_WINDOW_S, max(now - self._started_mono(), 1e-9))
+        span = min(RATE_WINDOW_S, max(now - self._started_mono, 1e-9))
         return total / span
-
-    def _started_mono(self) -> float:
-        return time.monotonic() - (time.time() - self.started)
 
     def render(self, *, queue_depth: int, reading: int, slots: int, ready: bool, model: str) -> str:
         """The Prometheus text exposition of everything."""
