@@ -2,7 +2,6 @@
 random model; answers equal `MemoryAgent.run` with the same seeds; a 64-request load test; limits and bad input."""
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -15,17 +14,16 @@ import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import openai
 import pytest
+import uvicorn
 
 from hf_tiny import make_agent_model_dir
 from memagent_jax.agent import AgentBudgets, AgentTemplates, MemoryAgent, write_agent_settings
 from memagent_jax.sampling.api import row_keys
 from memagent_jax.serve import protocol
+from memagent_jax.serve.app import ServeLimits, ServerState, create_app
 from memagent_jax.serve.metrics import parse as parse_metrics
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-from memagent_jax.serve.app import ServeLimits, ServerState, create_app  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGETS = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6, chunks_per_segment=2)
@@ -120,6 +118,19 @@ def client(live):
 # ------------------------------------------------------------------------------------------- basics
 
 
+def test_health_says_warming_up_until_the_engine_is_warm(agent):
+    state = ServerState(agent, model_name="tiny-agent", batch_size=8)  # engine loop not started
+
+    async def get(path):
+        transport = httpx.ASGITransport(app=create_app(state, manage_state=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as http:
+            return await http.get(path)
+
+    r = asyncio.run(get("/health"))
+    assert r.status_code == 503 and r.json() == {"status": "warming_up"}
+    assert 'memagent_up{model="tiny-agent"} 0' in asyncio.run(get("/metrics")).text
+
+
 def test_health_models_and_metrics(live):
     r = httpx.get(live.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["row_slots"] == 8
@@ -135,7 +146,9 @@ def test_health_models_and_metrics(live):
 
 
 def test_chat_completions_equal_memory_agent_run(live, agent):
-    """Separator and `documents` forms, two seeds: the same answers as MemoryAgent.run([q], [doc], rng=seed)."""
+    """Separator and `documents` forms, several seeds: the same answers as MemoryAgent.run([q], [doc], rng=seed),
+    the single-document CLI path (batch-1 programs; on this tiny model its float32 sums agree with the server's
+    batch-8 programs; the other tests compare with the same shapes, which is exact by construction)."""
     doc_a, doc_b = words(60, 1), words(130, 2)
     api = client(live)
     for seed, question, doc in ((0, QUESTIONS[0], doc_a), (7, QUESTIONS[1], doc_b), (123, QUESTIONS[1], doc_b)):
@@ -341,7 +354,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(live, small, agent):
         small.state.limits.max_document_tokens = 10_000
     # Still serving, with the right answer.
     r = post("/v1/memagent/answer", json={"question": QUESTIONS[0], "document": "the key is here", "seed": 2})
-    assert r.status_code == 200 and r.json()["answer"] == agent.run([QUESTIONS[0]], ["the key is here"], rng=2).answers[0]
+    want = agent.run([QUESTIONS[0]], ["the key is here"], rng=2).answers[0]
+    assert r.status_code == 200 and r.json()["answer"] == want
     assert httpx.get(url + "/health").json()["status"] == "ok"
     m = live.metrics()
     assert m['memagent_requests_total{endpoint="/v1/memagent/answer",status="400"}'] >= 10
@@ -429,7 +443,8 @@ def test_python_m_serve_entry_point_and_sigterm(model_dir, agent, tmp_path):
         _wait_for(healthy, timeout=300)
         doc = words(40, 13)
         out = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
-            model=os.path.basename(model_dir), seed=9, messages=[{"role": "user", "content": f"{QUESTIONS[0]}\n{SEP}\n{doc}"}])
+            model=os.path.basename(model_dir), seed=9,
+            messages=[{"role": "user", "content": f"{QUESTIONS[0]}\n{SEP}\n{doc}"}])
         assert out.choices[0].message.content == agent.run([QUESTIONS[0]], [doc], rng=9).answers[0]
     finally:
         proc.terminate()
