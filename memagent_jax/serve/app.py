@@ -160,13 +160,18 @@ async def _read_json(request, state: ServerState) -> dict:
     if length is not None and length.isdigit() and int(length) > limit:
         raise RequestError(413, f"the request body has {int(length)} bytes, over this server's limit of {limit} "
                            "(memagent serve --max-body-bytes)", code="body_too_large")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the request body is over this server's limit of {limit} bytes "
-                               "(memagent serve --max-body-bytes)", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the request body is over this server's limit of {limit} bytes "
+                                   "(memagent serve --max-body-bytes)", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
     return protocol.parse_json(b"".join(chunks))
 
 
@@ -305,6 +310,9 @@ def create_app(state: ServerState, *, manage_state: bool = True):
         except RequestError as e:
             record(endpoint, e.status, t0)
             return _error_response(e)
+        except ClientGone:
+            record(endpoint, 499, t0)
+            return JSONResponse({}, status_code=499)
         prompt_tokens = int(q_ids.size + d_ids.size)
         if parsed.stream:
             return StreamingResponse(_stream(state, waiter, parsed, prompt_tokens, request, t0),

@@ -190,13 +190,16 @@ class EngineLoop:
                     commands.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            for command in commands:
-                if command[0] == "stop":
-                    self._shutdown(commands)
-                    return
-                self._handle(command)
-            if self.engine.busy:
-                self._step()
+            if any(command[0] == "stop" for command in commands):
+                self._shutdown(commands)
+                return
+            try:
+                for command in commands:
+                    self._handle(command)
+                if self.engine.busy:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug outside `step`: same recovery, the loop goes on
+                self._recover(e)
             self.reading = self.engine.reading
 
     def _handle(self, command) -> None:
@@ -279,6 +282,9 @@ class EngineLoop:
         for command in commands:
             if command[0] == "submit":
                 self._jobs.setdefault(command[1].id, command[1])
+            elif command[0] == "cancel":
+                self._jobs.pop(command[1], None)
+                self._release(command[1])
         for job in list(self._jobs.values()):
             self._fail(job, 503, "the server is shutting down; the request was not answered")
         self.reading = 0
