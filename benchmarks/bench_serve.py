@@ -6,6 +6,7 @@ p50 / p99 request latency per document length.
 
     python benchmarks/bench_serve.py            # 128 documents of 1..16 chunks (a few minutes on 2 CPU cores)
     python benchmarks/bench_serve.py --quick    # 64 documents, clients 1 / 8 / 64
+    python benchmarks/bench_serve.py --quick --batch-size 1 --clients 1,8   # one row slot (CPU latency)
 
 The model: a random "tiny"-preset transformer a bit larger than the tests' (2 layers, hidden 128, f32) with a small
 trained tokenizer, exported to a folder with memagent_agent.json (budgets: question 32, chunk 128, memory 32,
@@ -195,8 +196,8 @@ def main(argv=None) -> int:
     print(f"\n== memagent serve vs the CLI path: {n} documents of 1..16 chunks, {total_tokens} document tokens ==")
     print(f"server answers equal to MemoryAgent.run(batch_size={args.batch_size}) (the same compiled shapes), every "
           f"concurrency: {'yes' if mismatches == 0 else f'NO ({mismatches} differ)'}; equal to the batch-1 CLI path: "
-          f"{cli_equal}/{n} (the others differ by float32 reassociation between batch-1 and batch-{args.batch_size} "
-          f"programs, which flips a sampled token now and then)")
+          f"{cli_equal}/{n}" + ("" if cli_equal == n else f" (the others differ by float32 reassociation between "
+          f"batch-1 and batch-{args.batch_size} programs, which flips a sampled token now and then)"))
     head = " | ".join(f"{lo}-{hi} chunks" for lo, hi in BUCKETS)
     print(f"{'':<26} {'docs/s':>7} {'doc tok/s':>10} {'vs CLI':>7}   p50 / p99 latency (s) by length: {head}")
     for name, seconds, out in rows:

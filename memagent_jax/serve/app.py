@@ -179,6 +179,10 @@ async def _admit(state: ServerState, parsed: protocol.ParsedRequest, t0: float):
     """Tokenizes and admits a request; returns (waiter, question ids, document ids)."""
     if state.engine_loop.startup_error is not None:
         raise RequestError(503, f"the engine failed to start: {state.engine_loop.startup_error}", type="server_error")
+    loop = state.engine_loop
+    if loop.outstanding >= loop.capacity:  # early: a flood is refused before its documents are tokenized
+        raise _queue_full(state, f"{loop.outstanding} requests outstanding ({loop.batch_size} row slots + "
+                          f"{loop.capacity - loop.batch_size} queued, --max-queue)")
     q_ids, d_ids = await state.tokenize(parsed)
     job_id = uuid.uuid4().hex
     waiter = _Waiter(state, job_id, t0 + state.limits.request_timeout)
@@ -187,9 +191,13 @@ async def _admit(state: ServerState, parsed: protocol.ParsedRequest, t0: float):
     try:
         state.engine_loop.admit(job)
     except QueueFull as e:
-        raise RequestError(429, f"the server is full: {e}; retry later", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(state.limits.retry_after)}) from None
+        raise _queue_full(state, str(e)) from None
     return waiter, q_ids, d_ids
+
+
+def _queue_full(state: ServerState, why: str) -> RequestError:
+    return RequestError(429, f"the server is full: {why}; retry later", type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(state.limits.retry_after)})
 
 
 async def _wait_result(waiter: _Waiter, request):
