@@ -118,6 +118,23 @@ def client(live):
 # ------------------------------------------------------------------------------------------- basics
 
 
+def test_separator_and_documents_rules():
+    """The documented split: question above the first <<<DOCUMENT>>> line (stripped), document below (verbatim)."""
+    split = protocol.split_question_document
+    assert split(f"  Who?  \n{SEP}\n  body\n{SEP}\nmore\n") == ("Who?", f"  body\n{SEP}\nmore\n")
+    assert split(f"Q\n  {SEP}  \nD") == ("Q", "D")
+    assert split(f"Q {SEP} D") is None  # the marker must be a line of its own
+    sampling = protocol.Sampling(temperature=0.9, top_p=0.95)
+    parsed = protocol.parse_chat({"model": "m", "seed": 3, "documents": ["a", "b"], "messages": [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
+        {"role": "user", "content": " Q? "}]}, model_name="m", sampling=sampling)
+    assert (parsed.question, parsed.document, parsed.seed) == ("Q?", "a\n\nb", 3)
+    with pytest.raises(protocol.RequestError, match="'seed' must be an integer"):
+        protocol.parse_answer({"question": "q", "document": "d", "seed": 1.5}, sampling=sampling)
+    with pytest.raises(protocol.RequestError, match="exactly one of 'document'"):
+        protocol.parse_answer({"question": "q", "document": "d", "documents": ["e"]}, sampling=sampling)
+
+
 def test_health_says_warming_up_until_the_engine_is_warm(agent):
     state = ServerState(agent, model_name="tiny-agent", batch_size=8)  # engine loop not started
 
