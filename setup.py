@@ -35,6 +35,8 @@ EXTRAS = {
     "tensorboard": ["tensorboard>=2.15"],
     # ArrayRecord materialisation for pods (tensorflow itself stays optional).
     "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
+    # The HTTP server: memagent serve --model DIR
+    "serve": ["fastapi>=0.115", "uvicorn>=0.30"],
     "test": [
         "torch==2.13.0",
         "pytest>=8",
@@ -42,6 +44,10 @@ EXTRAS = {
         "tensorflow-datasets>=4.9",
         "array_record>=0.5",
         "importlib_resources",
+        "fastapi>=0.115",
+        "uvicorn>=0.30",
+        "openai>=1.40",
+        "httpx>=0.27",
     ],
 }
 

@@ -43,6 +43,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="rows read at once (batch mode): row slots of continuous batching, a row whose document "
                    "ends takes the next one")
     p.add_argument("--trace", action="store_true", help="print / write the memory after every chunk")
+    add_agent_arguments(p)
+    add_model_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    from memagent_jax import distributed
+
+    distributed.add_arguments(p)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """How the model is loaded and computed (shared with `serve` and `generate`): dtypes, attention kernel,
+    non-finite weights."""
+    p.add_argument("--dtype", default=None, help="param and compute dtype (float32, bfloat16; default: checkpoint)")
+    p.add_argument("--param-dtype", "--param_dtype", dest="param_dtype", default=None,
+                   help="dtype the weights are held in (overrides --dtype; default: --dtype, else the checkpoint's)")
+    p.add_argument("--compute-dtype", "--compute_dtype", dest="compute_dtype", default=None,
+                   help="dtype of matmuls and the KV cache; norms, softmax, logits and sampling stay f32 (overrides "
+                   "--dtype; default: --dtype, else the param dtype)")
+    p.add_argument("--attention-impl", dest="attention_impl", default="auto",
+                   choices=("auto", "materialized", "blockwise", "cudnn"),  # models.config.ATTENTION_IMPLS
+                   help="attention kernel (models/attention.py; default auto)")
+    p.add_argument("--allow-nonfinite-weights", action="store_true",
+                   help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)")
+
+
+def add_agent_arguments(p: argparse.ArgumentParser, *, old_document_limit: bool = True) -> None:
+    """The agent-settings flags (`--agent.<config name>`, with their older spellings) of `answer`, shared with
+    `serve`. old_document_limit: also accept `--max-document-tokens` for `--agent.max_document_tokens` (serve
+    uses that name for its own request limit)."""
     # Agent settings: the config names of train / evaluate (`agent.*`). Unset = the model folder's
     # memagent_agent.json (written by train's export), else the documented default shown.
     p.add_argument("--agent.question_tokens", "--question-tokens", dest="question_tokens", type=int, default=None,
@@ -55,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="A", help="most new tokens of the final answer (default: settings file, else 1024)")
     p.add_argument("--agent.chunks_per_segment", "--chunks-per-segment", dest="chunks_per_segment", type=int,
                    default=None, metavar="S", help="chunks per compiled scan (default: settings file, else 4)")
-    p.add_argument("--agent.max_document_tokens", "--max-document-tokens", dest="max_document_tokens", type=int,
+    p.add_argument("--agent.max_document_tokens", *(("--max-document-tokens",) if old_document_limit else ()),
+                   dest="max_document_tokens", type=int,
                    default=None, metavar="N", help="centre-truncate longer documents (0 = off; default: settings "
                    "file, else 0)")
     p.add_argument("--agent.question_overflow", dest="question_overflow", choices=("error", "truncate"),
@@ -72,23 +103,6 @@ def _parser() -> argparse.ArgumentParser:
                    "evaluation recipe: 0.7)")
     p.add_argument("--agent.top_p", "--top-p", dest="top_p", type=float, default=None, metavar="P",
                    help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="param and compute dtype (float32, bfloat16; default: checkpoint)")
-    p.add_argument("--attention-impl", dest="attention_impl", default="auto",
-                   choices=("auto", "materialized", "blockwise", "cudnn"),  # models.config.ATTENTION_IMPLS
-                   help="attention kernel (models/attention.py; default auto)")
-    p.add_argument("--param_dtype", default=None,
-                   help="dtype the weights are held in (overrides --dtype; default: --dtype, else the checkpoint's)")
-    p.add_argument("--compute_dtype", default=None,
-                   help="dtype of matmuls and the KV cache; norms, softmax, logits and sampling stay f32 (overrides "
-                   "--dtype; default: --dtype, else the param dtype)")
-    p.add_argument("--allow-nonfinite-weights", action="store_true",
-                   help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)")
-    p.add_argument("--no-progress", action="store_true")
-    from memagent_jax import distributed
-
-    distributed.add_arguments(p)
-    return p
 
 
 class AnswerArgsError(ValueError):
@@ -109,6 +123,23 @@ def check_args(args) -> None:
             check_local_path(args.output, "--output")
         except RemotePathError as e:
             raise AnswerArgsError(str(e)) from None
+    check_agent_args(args)
+    if args.document is not None and not os.path.isfile(args.document):
+        raise AnswerArgsError(f"--document {args.document!r} does not exist")
+    if args.input is not None:
+        if not os.path.isfile(args.input):
+            raise AnswerArgsError(f"--input {args.input!r}: no such file")
+        out = os.path.abspath(args.output)
+        if os.path.isdir(out):
+            raise AnswerArgsError(f"--output {args.output!r} is a folder; give a file name")
+        same = out == os.path.abspath(args.input) or (os.path.exists(out) and os.path.samefile(out, args.input))
+        if same:
+            raise AnswerArgsError(f"--output {args.output!r} is the input file; refusing to write over it")
+
+
+def check_agent_args(args) -> None:
+    """Checks the agent-settings flags and the model / tokenizer folders (`add_agent_arguments` + --model,
+    --tokenizer); errors name the flag."""
     for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -134,17 +165,6 @@ def check_args(args) -> None:
                               + ("" if args.tokenizer else "; pass --tokenizer DIR"))
     if args.templates and not os.path.isfile(args.templates):
         raise AnswerArgsError(f"--agent.templates {args.templates!r}: no such file")
-    if args.document is not None and not os.path.isfile(args.document):
-        raise AnswerArgsError(f"--document {args.document!r} does not exist")
-    if args.input is not None:
-        if not os.path.isfile(args.input):
-            raise AnswerArgsError(f"--input {args.input!r}: no such file")
-        out = os.path.abspath(args.output)
-        if os.path.isdir(out):
-            raise AnswerArgsError(f"--output {args.output!r} is a folder; give a file name")
-        same = out == os.path.abspath(args.input) or (os.path.exists(out) and os.path.samefile(out, args.input))
-        if same:
-            raise AnswerArgsError(f"--output {args.output!r} is the input file; refusing to write over it")
 
 
 def _build_agent(args):

@@ -5,6 +5,7 @@
     memagent evaluate  --config configs/evaluate.py --workdir runs/eval --config.models=... --config.eval_files=...
     memagent answer    --model DIR --question "..." --document book.txt
     memagent generate  --model DIR --prompt "..."
+    memagent serve     --model DIR [--host 127.0.0.1] [--port 8000] [--batch-size 8]
     memagent plan      --config configs/qwen2_5_7b_hotpotqa.py:v5p-128
     memagent build-data hotpotqa|squad RAW.json --out_dir DIR ...
 
@@ -34,6 +35,7 @@ COMMANDS = {
     "evaluate": ("memagent_jax.evaluate", "absl", "evaluate.py", "accuracy per document length, with intervals"),
     "answer": ("memagent_jax.answer", "argparse", None, "answer questions about long documents"),
     "generate": ("memagent_jax.generate", "argparse", None, "plain completion from a model folder"),
+    "serve": ("memagent_jax.serve", "argparse", None, "OpenAI-compatible HTTP server with continuous batching"),
     "plan": ("memagent_jax.plan", "plan", None, "memory / FLOPs / step-time planner for a training config"),
     "build-data": (None, "build", None, "build training / evaluation files from raw HotpotQA or SQuAD json"),
 }

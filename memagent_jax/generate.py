@@ -38,13 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (only at --stop-id)")
-    p.add_argument("--dtype", default=None,
-                   help="run in this dtype (float32, bfloat16); default: the checkpoint's dtype")
-    p.add_argument("--param_dtype", default=None,
-                   help="dtype the weights are held in (overrides --dtype; default: --dtype, else the checkpoint's)")
-    p.add_argument("--compute_dtype", default=None,
-                   help="dtype of matmuls and the KV cache; norms, softmax, logits and sampling stay f32 (overrides "
-                   "--dtype; default: --dtype, else the param dtype)")
+    from memagent_jax.answer import add_model_arguments
+
+    add_model_arguments(p)  # --dtype, --param-dtype, --compute-dtype, --attention-impl, --allow-nonfinite-weights
     p.add_argument("--json", action="store_true", help="print JSON lines with ids and log-probs")
     p.add_argument("--quiet", action="store_true", help="no timing line on stderr")
     from memagent_jax import distributed
@@ -127,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         param_dtype = args.param_dtype or args.dtype
-        params, config = load_hf_params(args.model, param_dtype=param_dtype)
+        params, config = load_hf_params(args.model, param_dtype=param_dtype,
+                                        allow_nonfinite=args.allow_nonfinite_weights)
         if args.compute_dtype or param_dtype:  # compute in the requested dtype too
             config = config.replace(compute_dtype=args.compute_dtype or args.dtype or config.param_dtype)
+        config = config.replace(attention_impl=args.attention_impl)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: --model {args.model!r}: {e}", file=sys.stderr)
         return 1

@@ -14,7 +14,8 @@ from memagent_jax import cli
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "answer", "generate", "plan", "build-data"])
+@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "answer", "generate", "serve", "plan",
+                                     "build-data"])
 def test_every_subcommand_answers_help(command, capsys):
     try:
         code = cli.main([command, "--help"])
@@ -26,6 +27,8 @@ def test_every_subcommand_answers_help(command, capsys):
         assert "--agent.chunk_tokens" in out and "else 5000" in out  # the config name, its default
     if command in ("train", "evaluate", "demo"):
         assert "--print-config" in out
+    if command == "serve":  # its own document limit (413), the agent's centre truncation under its config name
+        assert "--max-document-tokens" in out and "--agent.max_document_tokens" in out and "<<<DOCUMENT>>>" in out
 
 
 def test_top_level_usage_and_unknown_command(capsys):

@@ -1,0 +1,399 @@
+"""The HTTP side: a FastAPI app over one `EngineLoop` (see `memagent_jax.serve` for the API).
+
+Handlers parse and check the request (`serve.protocol`), tokenize on a one-thread executor (the tokenizer is not
+shared between threads), admit a `Job` to the engine loop and wait for its events on an asyncio queue that the
+engine thread fills with `loop.call_soon_threadsafe`. While waiting they watch the client (a disconnect cancels the
+row) and the request timeout (504, and the row is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import time
+import uuid
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from memagent_jax.serve import protocol
+from memagent_jax.serve.engine_loop import EngineLoop, Event, Job, QueueFull
+from memagent_jax.serve.metrics import Metrics
+from memagent_jax.serve.protocol import RequestError
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often a waiting handler checks its client and its deadline
+
+
+@dataclasses.dataclass
+class ServeLimits:
+    """Request limits (CLI flags of `memagent serve`)."""
+
+    max_document_tokens: int = 1_048_576   # longer documents: 413
+    max_body_bytes: int = 32 * 2 ** 20     # larger request bodies: 413
+    request_timeout: float = 600.0         # seconds from arrival to answer: 504 (the row is cancelled)
+    retry_after: int = 1                   # Retry-After seconds of a 429
+
+
+class ServerState:
+    """Everything a running server holds: the agent, its engine loop, limits, metrics."""
+
+    def __init__(self, agent, *, model_name: str, batch_size: int = 8, max_queue: int = 256,
+                 limits: ServeLimits | None = None, model_path: str = ""):
+        self.agent = agent
+        self.model_name = model_name
+        self.model_path = model_path
+        self.limits = limits or ServeLimits()
+        self.metrics = Metrics()
+        self.engine_loop = EngineLoop(agent, batch_size=batch_size, max_queue=max_queue, metrics=self.metrics)
+        s = agent.spec.answer_sampling
+        self.sampling = protocol.Sampling(temperature=float(s.temperature), top_p=float(s.top_p))
+        self.stop_ids = set(int(t) for t in s.stop_token_ids)
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memagent-tokenize")
+        self.created = int(time.time())
+
+    def start(self) -> "ServerState":
+        self.engine_loop.start()
+        return self
+
+    def close(self) -> None:
+        self.engine_loop.stop()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        log.info("engine loop stopped after %d documents", self.metrics.documents_total)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine_loop.ready.is_set() and self.engine_loop.startup_error is None
+
+    # ------------------------------------------------------------------------------ host work
+
+    def _tokenize(self, parsed: protocol.ParsedRequest):
+        from memagent_jax.agent.chunking import AgentInputError, centre_truncate, prepare_question, tokenize_document
+
+        agent = self.agent
+        try:
+            q_ids = prepare_question(agent.tokenizer, parsed.question, agent.budgets, source=parsed.question_field)
+        except AgentInputError as e:
+            raise RequestError(400, str(e), param=parsed.question_field.split(" ")[0]) from None
+        try:
+            d_ids = tokenize_document(agent.tokenizer, parsed.document, source=parsed.document_field)
+        except AgentInputError as e:
+            raise RequestError(400, str(e), param=parsed.document_field.split(" ")[0]) from None
+        limit = self.limits.max_document_tokens
+        if limit and d_ids.size > limit:
+            raise RequestError(413, f"{parsed.document_field}: the document has {d_ids.size} tokens, over this "
+                               f"server's limit of {limit} (memagent serve --max-document-tokens)",
+                               param=parsed.document_field.split(" ")[0], code="document_too_long")
+        return q_ids, centre_truncate(d_ids, agent.budgets.max_document_tokens)
+
+    async def tokenize(self, parsed):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, self._tokenize, parsed)
+
+    def answer_text(self, ids) -> str:
+        return self.agent.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+
+    def trace_texts(self, memories) -> list[str]:
+        return [self.agent.tokenizer.decode(np.asarray(m).tolist(), skip_special_tokens=True) for m in memories or []]
+
+    async def decode(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+
+
+class _Waiter:
+    """One admitted job's side of the handler: its event queue, deadline and cancellation."""
+
+    def __init__(self, state: ServerState, job_id: str, deadline: float):
+        self.state = state
+        self.job_id = job_id
+        self.deadline = deadline
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.deliver = lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.done = False
+        self._checked = time.monotonic()
+
+    def cancel(self, reason: str) -> None:
+        if not self.done:
+            self.done = True
+            self.state.engine_loop.cancel(self.job_id, reason)
+
+    async def next_event(self, request) -> Event:
+        """The next event; RequestError 504 past the deadline; `ClientGone` when the client left (the row is
+        cancelled in both cases)."""
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.cancel("timeout")
+                raise RequestError(504, f"the request took longer than this server's timeout of "
+                                   f"{self.state.limits.request_timeout:g} s (memagent serve --request-timeout); "
+                                   "its row was cancelled", type="timeout", code="request_timeout")
+            now = time.monotonic()
+            if request is not None and now - self._checked >= POLL_S:  # also while events keep coming
+                self._checked = now
+                if await request.is_disconnected():
+                    self.cancel("disconnect")
+                    raise ClientGone()
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=min(POLL_S, left))
+            except asyncio.TimeoutError:
+                continue
+            if event.kind in ("result", "error"):
+                self.done = True
+            return event
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was running."""
+
+
+def _error_response(error: RequestError):
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _read_json(request, state: ServerState) -> dict:
+    limit = state.limits.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise RequestError(413, f"the request body has {int(length)} bytes, over this server's limit of {limit} "
+                           "(memagent serve --max-body-bytes)", code="body_too_large")
+    from starlette.requests import ClientDisconnect
+
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the request body is over this server's limit of {limit} bytes "
+                                   "(memagent serve --max-body-bytes)", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return protocol.parse_json(b"".join(chunks))
+
+
+async def _admit(state: ServerState, parsed: protocol.ParsedRequest, t0: float):
+    """Tokenizes and admits a request; returns (waiter, question ids, document ids)."""
+    if state.engine_loop.startup_error is not None:
+        raise RequestError(503, f"the engine failed to start: {state.engine_loop.startup_error}", type="server_error")
+    loop = state.engine_loop
+    if loop.outstanding >= loop.capacity:  # early: a flood is refused before its documents are tokenized
+        raise _queue_full(state, f"{loop.outstanding} requests outstanding ({loop.batch_size} row slots + "
+                          f"{loop.capacity - loop.batch_size} queued, --max-queue)")
+    q_ids, d_ids = await state.tokenize(parsed)
+    job_id = uuid.uuid4().hex
+    waiter = _Waiter(state, job_id, t0 + state.limits.request_timeout)
+    job = Job(id=job_id, question_ids=q_ids, document_ids=d_ids, seed=parsed.seed, deliver=waiter.deliver,
+              trace=parsed.trace)
+    try:
+        state.engine_loop.admit(job)
+    except QueueFull as e:
+        raise _queue_full(state, str(e)) from None
+    return waiter, q_ids, d_ids
+
+
+def _queue_full(state: ServerState, why: str) -> RequestError:
+    return RequestError(429, f"the server is full: {why}; retry later", type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(state.limits.retry_after)})
+
+
+async def _wait_result(waiter: _Waiter, request):
+    while True:
+        event = await waiter.next_event(request)
+        if event.kind == "result":
+            return event.result
+        if event.kind == "error":
+            raise RequestError(event.status, event.message,
+                               type="invalid_request_error" if event.status < 500 else "server_error")
+
+
+def _check_finite(result) -> None:
+    if result.nonfinite:
+        from memagent_jax.answer import NONFINITE_MESSAGE
+
+        raise RequestError(500, NONFINITE_MESSAGE, type="server_error", code="nonfinite_logits")
+
+
+def _answer_of(state: ServerState, result, max_tokens: int | None):
+    """(answer ids, finish_reason) with an optional cap on the answer's tokens (sampling is autoregressive: the
+    first n tokens are what a budget of n would have sampled)."""
+    ids = list(result.answer_ids)
+    if max_tokens is not None and len(ids) > max_tokens:
+        return ids[:max_tokens], "length"
+    return ids, "stop" if result.finished else "length"
+
+
+def create_app(state: ServerState, *, manage_state: bool = True):
+    """The FastAPI app. manage_state: start the engine loop on startup and stop it on shutdown."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if manage_state:
+            state.start()
+        try:
+            yield
+        finally:
+            if manage_state:
+                state.close()
+
+    app = FastAPI(title="memagent-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.memagent = state
+    metrics = state.metrics
+
+    def record(endpoint: str, status: int, t0: float):
+        metrics.request(endpoint, status, time.monotonic() - t0)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # the server never crashes on a request
+        log.exception("unexpected error in %s", request.url.path)
+        metrics.request(request.url.path, 500)
+        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
+                                       "type": "server_error", "param": None, "code": None}}, status_code=500)
+
+    @app.get("/health")
+    async def health():
+        loop = state.engine_loop
+        if loop.startup_error is not None:
+            return JSONResponse({"status": "error", "error": str(loop.startup_error)}, status_code=503)
+        if not loop.ready.is_set():
+            return JSONResponse({"status": "warming_up"}, status_code=503)
+        return {"status": "ok", "model": state.model_name, "row_slots": loop.batch_size,
+                "reading": loop.reading, "queued": loop.queue_depth}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "memagent-jax"}]}
+
+    @app.get("/metrics")
+    async def metrics_page():
+        loop = state.engine_loop
+        return PlainTextResponse(metrics.render(queue_depth=loop.queue_depth, reading=loop.reading,
+                                                slots=loop.batch_size, ready=state.ready, model=state.model_name),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/memagent/answer")
+    async def answer(request: Request):
+        endpoint, t0 = "/v1/memagent/answer", time.monotonic()
+        waiter = None
+        try:
+            parsed = protocol.parse_answer(await _read_json(request, state), sampling=state.sampling)
+            waiter, q_ids, d_ids = await _admit(state, parsed, t0)
+            result = await _wait_result(waiter, request)
+            _check_finite(result)
+            text = await state.decode(state.answer_text, result.answer_ids)
+            body = {"id": waiter.job_id, "model": state.model_name, "answer": text, "finished": result.finished,
+                    "num_chunks": result.num_chunks, "question_tokens": int(q_ids.size),
+                    "document_tokens": int(d_ids.size), "answer_tokens": len(result.answer_ids),
+                    "seed": parsed.seed}
+            if parsed.trace:
+                body["trace"] = await state.decode(state.trace_texts, result.memories)
+            body["timings"] = {"queued_s": round(result.started_at - result.submitted_at, 6),
+                               "reading_s": round(result.finished_at - result.started_at, 6),
+                               "total_s": round(time.monotonic() - t0, 6)}
+            record(endpoint, 200, t0)
+            return body
+        except RequestError as e:
+            record(endpoint, e.status, t0)
+            return _error_response(e)
+        except ClientGone:
+            record(endpoint, 499, t0)
+            return JSONResponse({}, status_code=499)
+        finally:
+            if waiter is not None and not waiter.done:
+                waiter.cancel("aborted")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        endpoint, t0 = "/v1/chat/completions", time.monotonic()
+        waiter = None
+        try:
+            parsed = protocol.parse_chat(await _read_json(request, state), model_name=state.model_name,
+                                         sampling=state.sampling)
+            waiter, q_ids, d_ids = await _admit(state, parsed, t0)
+        except RequestError as e:
+            record(endpoint, e.status, t0)
+            return _error_response(e)
+        except ClientGone:
+            record(endpoint, 499, t0)
+            return JSONResponse({}, status_code=499)
+        prompt_tokens = int(q_ids.size + d_ids.size)
+        if parsed.stream:
+            return StreamingResponse(_stream(state, waiter, parsed, prompt_tokens, request, t0),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            result = await _wait_result(waiter, request)
+            _check_finite(result)
+            ids, finish = _answer_of(state, result, parsed.max_tokens)
+            text = await state.decode(state.answer_text, ids)
+            record(endpoint, 200, t0)
+            return protocol.chat_completion(
+                request_id=f"chatcmpl-{waiter.job_id[:24]}", model=state.model_name, content=text,
+                finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(ids),
+                extra={"memagent": {"num_chunks": result.num_chunks, "document_tokens": int(d_ids.size),
+                                    "seed": parsed.seed}})
+        except RequestError as e:
+            record(endpoint, e.status, t0)
+            return _error_response(e)
+        except ClientGone:
+            record(endpoint, 499, t0)
+            return JSONResponse({}, status_code=499)
+        finally:
+            if not waiter.done:
+                waiter.cancel("aborted")
+
+    return app
+
+
+async def _stream(state: ServerState, waiter: _Waiter, parsed, prompt_tokens: int, request, t0: float):
+    """The server-sent events of a streamed chat completion (see the package docstring)."""
+    endpoint = "/v1/chat/completions"
+    rid, created, model = f"chatcmpl-{waiter.job_id[:24]}", int(time.time()), state.model_name
+
+    def chunk(**kw) -> bytes:
+        return protocol.sse(protocol.chat_chunk(request_id=rid, model=model, created=created, **kw))
+
+    status = 200
+    try:
+        yield chunk(delta={"role": "assistant", "content": ""})
+        while True:
+            # No disconnect polling here: Starlette cancels this generator when the client leaves.
+            event = await waiter.next_event(None)
+            if event.kind == "progress":
+                yield chunk(extra={"memagent_progress": {"chunks_read": event.chunks_read,
+                                                         "num_chunks": event.num_chunks}})
+            elif event.kind == "error":
+                raise RequestError(event.status, event.message,
+                                   type="invalid_request_error" if event.status < 500 else "server_error")
+            else:
+                result = event.result
+                _check_finite(result)
+                ids, finish = _answer_of(state, result, parsed.max_tokens)
+                text = await state.decode(state.answer_text, ids)
+                if text:
+                    yield chunk(delta={"content": text})
+                yield chunk(finish_reason=finish, extra={"memagent_progress": {
+                    "chunks_read": result.num_chunks, "num_chunks": result.num_chunks}})
+                if parsed.include_usage:
+                    yield chunk(choices=False, usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+                                                      "total_tokens": prompt_tokens + len(ids)})
+                yield protocol.sse("[DONE]")
+                return
+    except RequestError as e:
+        status = e.status
+        body = e.body()
+        body["error"]["status"] = e.status
+        yield protocol.sse(body)
+        yield protocol.sse("[DONE]")
+    except (asyncio.CancelledError, GeneratorExit):
+        status = 499
+        raise
+    finally:
+        if not waiter.done:
+            waiter.cancel("disconnect")
+        state.metrics.request(endpoint, status, time.monotonic() - t0)

@@ -1,0 +1,288 @@
+"""Request parsing and response shapes of the HTTP API (plain Python: no JAX, no web framework).
+
+Every check raises `RequestError(status, message, param=...)`; the message names the field at fault, so a client
+sees what to fix. The HTTP layer (`serve.app`) turns it into an OpenAI-style error body:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "messages", "code": null}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import uuid
+from typing import Any
+
+# A line holding only this marker splits the last user message into the question (above) and the document (below).
+DOCUMENT_SEPARATOR = "<<<DOCUMENT>>>"
+# `documents` (a list of strings) are joined into one document with this text between them.
+DOCUMENTS_JOINER = "\n\n"
+# OpenAI request fields this server cannot honour (they would change the output in ways it does not implement).
+_UNSUPPORTED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "stop")
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)
+
+
+class RequestError(Exception):
+    """A request the server refuses. status: the HTTP status; param: the field at fault (or None); headers:
+    extra response headers (e.g. Retry-After)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The server's (static) sampling: what every compiled program samples with."""
+
+    temperature: float
+    top_p: float
+
+
+@dataclasses.dataclass
+class ParsedRequest:
+    """What a request asks for, checked. `document` is one text (documents already joined)."""
+
+    question: str
+    document: str
+    seed: int = 0
+    trace: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    question_field: str = "question"
+    document_field: str = "document"
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object (400 otherwise)."""
+    if not raw:
+        raise RequestError(400, "the request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise RequestError(400, "the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column "
+                           f"{e.colno}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _type_name(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _bool(data: dict, name: str, default: bool = False) -> bool:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"field '{name}' must be a boolean, got {_type_name(value)}", param=name)
+    return value
+
+
+def _int(data: dict, name: str, default: int | None, *, low: int | None = None, high: int | None = None):
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise RequestError(400, f"field '{name}' must be an integer, got {_type_name(value)}", param=name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RequestError(400, f"field '{name}' must be {bounds}, got {value}", param=name)
+    return value
+
+
+def check_sampling(data: dict, server: Sampling) -> None:
+    """temperature / top_p, when given, must be the server's: sampling is compiled into the programs."""
+    for name in ("temperature", "top_p"):
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(400, f"field '{name}' must be a number, got {_type_name(value)}", param=name)
+        if abs(float(value) - getattr(server, name)) > 1e-6:
+            raise RequestError(
+                400, f"field '{name}' is {value}, but this server samples with temperature={server.temperature} "
+                f"top_p={server.top_p} (fixed when it starts: memagent serve --temperature / --top-p); omit the field "
+                f"or send the server's value", param=name, code="unsupported_sampling")
+
+
+def _documents(data: dict, name: str = "documents") -> str:
+    docs = data[name]
+    if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
+        raise RequestError(400, f"field '{name}' must be an array of strings", param=name)
+    if not docs:
+        raise RequestError(400, f"field '{name}' is an empty array; give at least one document", param=name)
+    return DOCUMENTS_JOINER.join(docs)
+
+
+def _message_text(message: dict, index: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": "..."}]
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(400, f"messages[{index}].content[{j}] must be a text part "
+                                   f"{{\"type\": \"text\", \"text\": \"...\"}}", param="messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(400, f"messages[{index}].content must be a string or an array of text parts, got "
+                       f"{_type_name(content)}", param="messages")
+
+
+def split_question_document(text: str) -> tuple[str, str] | None:
+    """(question, document) of a message with a separator line, else None. The question is the text above the
+    first line that holds only `DOCUMENT_SEPARATOR` (surrounding whitespace stripped); the document is everything
+    after that line, verbatim."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.strip() == DOCUMENT_SEPARATOR:
+            return "\n".join(lines[:i]).strip(), "\n".join(lines[i + 1:])
+    return None
+
+
+def parse_chat(data: dict, *, model_name: str, sampling: Sampling) -> ParsedRequest:
+    """A `POST /v1/chat/completions` body -> ParsedRequest (see the package docstring for the rules)."""
+    model = data.get("model")
+    if model is None:
+        raise RequestError(400, "field 'model' is missing", param="model")
+    if not isinstance(model, str):
+        raise RequestError(400, f"field 'model' must be a string, got {_type_name(model)}", param="model")
+    if model != model_name:
+        raise RequestError(404, f"model '{model}' is not served here; this server serves '{model_name}' "
+                           f"(GET /v1/models)", param="model", code="model_not_found")
+    messages = data.get("messages")
+    if messages is None:
+        raise RequestError(400, "field 'messages' is missing", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "field 'messages' must be a non-empty array of messages", param="messages")
+    last = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
+        if message["role"] == "user":
+            last = i
+    if last is None:
+        raise RequestError(400, "field 'messages' has no user message; the last user message holds the question "
+                           f"(and the document after a line {DOCUMENT_SEPARATOR})", param="messages")
+    text = _message_text(messages[last], last)
+    for name in _UNSUPPORTED_CHAT_FIELDS:
+        if data.get(name) not in (None, [], {}):
+            raise RequestError(400, f"field '{name}' is not supported by this server", param=name)
+    if _int(data, "n", 1) != 1:
+        raise RequestError(400, "field 'n' must be 1 (one answer per request)", param="n")
+    if _bool(data, "logprobs"):
+        raise RequestError(400, "field 'logprobs' is not supported by this server", param="logprobs")
+    check_sampling(data, sampling)
+    max_tokens = _int(data, "max_completion_tokens", None, low=1)
+    if max_tokens is None:
+        max_tokens = _int(data, "max_tokens", None, low=1)
+    stream = _bool(data, "stream")
+    options = data.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise RequestError(400, "field 'stream_options' must be an object", param="stream_options")
+        include_usage = _bool(options, "include_usage")
+    seed = _int(data, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1])
+    split = split_question_document(text)
+    if data.get("documents") is not None:
+        if split is not None:
+            raise RequestError(400, f"the document is given twice: after a {DOCUMENT_SEPARATOR} line of the last "
+                               "user message and in field 'documents'; give one", param="documents")
+        question, document, doc_field = text.strip(), _documents(data), "documents"
+    elif split is not None:
+        (question, document), doc_field = split, f"messages[{last}] (after {DOCUMENT_SEPARATOR})"
+    else:
+        raise RequestError(400, f"no document: put it in the last user message after a line {DOCUMENT_SEPARATOR} "
+                           "(the question above it), or in the extension field 'documents' (an array of strings)",
+                           param="messages")
+    return ParsedRequest(question=question, document=document, seed=seed, stream=stream, include_usage=include_usage,
+                         max_tokens=max_tokens, question_field=f"messages[{last}] (question)", document_field=doc_field)
+
+
+def parse_answer(data: dict, *, sampling: Sampling) -> ParsedRequest:
+    """A `POST /v1/memagent/answer` body -> ParsedRequest."""
+    question = data.get("question")
+    if question is None:
+        raise RequestError(400, "field 'question' is missing", param="question")
+    if not isinstance(question, str):
+        raise RequestError(400, f"field 'question' must be a string, got {_type_name(question)}", param="question")
+    has_doc, has_docs = data.get("document") is not None, data.get("documents") is not None
+    if has_doc == has_docs:
+        raise RequestError(400, "give exactly one of 'document' (a string) and 'documents' (an array of strings)",
+                           param="document")
+    if has_doc:
+        document = data["document"]
+        if not isinstance(document, str):
+            raise RequestError(400, f"field 'document' must be a string, got {_type_name(document)}", param="document")
+        field = "document"
+    else:
+        document, field = _documents(data), "documents"
+    check_sampling(data, sampling)
+    return ParsedRequest(question=question, document=document, seed=_int(data, "seed", 0, low=SEED_RANGE[0],
+                                                                         high=SEED_RANGE[1]),
+                         trace=_bool(data, "trace"), question_field="question", document_field=field)
+
+
+# ------------------------------------------------------------------------------------------- responses
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def chat_completion(*, request_id: str, model: str, content: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int, extra: dict[str, Any] | None = None) -> dict:
+    """A `chat.completion` object."""
+    body = {
+        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+    if extra:
+        body.update(extra)
+    return body
+
+
+def chat_chunk(*, request_id: str, model: str, created: int, delta: dict | None = None,
+               finish_reason: str | None = None, extra: dict[str, Any] | None = None,
+               usage: dict | None = None, choices: bool = True) -> dict:
+    """A `chat.completion.chunk` object (`choices=False`: the usage-only chunk of stream_options.include_usage)."""
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+            if choices else []}
+    if usage is not None:
+        body["usage"] = usage
+    if extra:
+        body.update(extra)
+    return body
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode("utf-8")
