@@ -3,7 +3,7 @@
 
     # start: every worker runs `python -m memagent_jax.train ...` in the background, one log file per worker
     python launch/tpu_pod.py --tpu my-v5p-128 --zone us-east5-a [--project my-project] \\
-        --config configs/qwen2_5_7b_hotpotqa.py:v5p-128 --workdir gs://my-bucket/runs/q7b \\
+        --config configs/qwen2_5_7b_hotpotqa.py:v5p-128 --workdir /mnt/my-bucket/runs/q7b \\
         --config.model.path=/mnt/ckpt/Qwen2.5-7B-Instruct --config.data.train_file=/mnt/data/hotpotqa_train.parquet
 
     python launch/tpu_pod.py --tpu my-v5p-128 --zone us-east5-a --collect_logs ./logs --num_workers 16
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", default=None, help="GCP project (default: gcloud's configured project)")
     p.add_argument("--internal_ip", action="store_true", help="reach the workers by internal IP (gcloud --internal-ip)")
     p.add_argument("--config", default=None, help="config file[:arg] for the entry point (start)")
-    p.add_argument("--workdir", default=None, help="workdir for the entry point, e.g. gs://bucket/runs/x (start)")
+    p.add_argument("--workdir", default=None, help="workdir for the entry point, a path every worker sees, e.g. a "
+                   "gcsfuse mount /mnt/bucket/runs/x (start)")
     p.add_argument("--module", default="memagent_jax.train", help="entry point module (default memagent_jax.train)")
     p.add_argument("--remote_dir", default="memagent-jax", help="repository on the workers (default ~/memagent-jax)")
     p.add_argument("--python", default=".venv/bin/python", help="interpreter on the workers, relative to remote_dir")

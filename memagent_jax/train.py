@@ -157,6 +157,11 @@ def _check_ranges(cfg) -> None:
                                f"{cfg.model.attention_impl!r}")
     if "attention_block_size" in cfg.model:
         _number(cfg, "model.attention_block_size", low=1, integer=True)
+    from memagent_jax.models.config import DECODE_LAYOUTS
+
+    if cfg.model.get("decode_layout", "auto") not in DECODE_LAYOUTS:
+        raise TrainConfigError(f"config.model.decode_layout must be one of {DECODE_LAYOUTS}, got "
+                               f"{cfg.model.decode_layout!r}")
     # Anything else the learner's own config checks (its messages name learner.* fields).
     from memagent_jax.rl.learner import LearnerConfigError
     from memagent_jax.rl.losses import LossConfigError
@@ -329,8 +334,10 @@ def split_devices(cfg, devices=None):
 
 def model_options(model_cfg) -> dict:
     """The `ModelConfig` run options a config's `model` section sets besides the dtypes (attention kernel and block
-    size; absent fields keep the ModelConfig defaults)."""
+    size, decode layout; absent fields keep the ModelConfig defaults)."""
     out = {}
+    if "decode_layout" in model_cfg:
+        out["decode_layout"] = model_cfg.decode_layout
     if "attention_impl" in model_cfg:
         out["attention_impl"] = model_cfg.attention_impl
     if "attention_block_size" in model_cfg:
