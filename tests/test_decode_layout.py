@@ -75,8 +75,9 @@ def test_unstack_layers_forward_equals_stacked():
 
 def test_decode_layout_config_validation_and_export():
     config = preset_config("tiny")
-    assert config.decode_layout == "auto" and config.resolved_decode_layout == "unstacked"  # on CPU
-    assert config.replace(decode_layout="scan").resolved_decode_layout == "scan"
+    assert config.decode_layout == "auto" and config.resolved_decode_layout == "scan"  # tiny layers (CPU)
+    assert preset_config("qwen2.5-0.5b-instruct").resolved_decode_layout == "unstacked"  # real layers (CPU)
+    assert config.replace(decode_layout="unstacked").resolved_decode_layout == "unstacked"
     with pytest.raises(ConfigError, match="decode_layout"):
         config.replace(decode_layout="unrolled")
     assert "decode_layout" not in config.replace(decode_layout="scan").to_hf_dict()
