@@ -38,8 +38,15 @@ long-eval: $(STAMP)
 	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic \
 		--config.long_eval.enabled=True
 
+# The suite runs as two pytest processes (test files before / from test_readme*): one process compiling every
+# program of the whole suite crashed inside XLA's CPU compiler (a segfault in the sampler's 6000-row compile of
+# test_sampling.py, reproducible only after the whole first part of the suite; each part alone passes).
+TESTS_FIRST := $(shell ls tests/test_*.py | sort | awk '$$0 < "tests/test_readme"')
+TESTS_SECOND := $(shell ls tests/test_*.py | sort | awk '$$0 >= "tests/test_readme"')
+
 test: $(STAMP) $(QWEN3_TOKENIZER)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra $(TESTS_FIRST)
+	$(BIN)/python -m pytest -q -ra $(TESTS_SECOND)
 
 test-fast: $(STAMP) $(QWEN3_TOKENIZER)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -337,6 +337,7 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
     fig.savefig(path)
     return path
 
+
 def _fmt_tokens(n: float) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.3g}M"

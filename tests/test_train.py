@@ -76,4 +76,7 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
     from memagent_jax.train import model_options
 
     cfg = grpo_config(model_dir, **{"model.attention_impl": "blockwise", "model.attention_block_size": 64})
-    assert model_options(cfg.model) == {"attention_impl": "blockwise", "attention_block_size": 64}
+    assert model_options(cfg.model) == {"attention_impl": "blockwise", "attention_block_size": 64,
+                                        "decode_layout": "auto"}
+    with pytest.raises(TrainConfigError, match=r"config\.model\.decode_layout must be one of"):
+        validate_config(grpo_config(model_dir, **{"model.decode_layout": "sideways"}), device_count=8)
