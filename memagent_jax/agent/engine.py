@@ -36,6 +36,7 @@ import numpy as np
 
 from memagent_jax.agent.chunking import AgentInputError, num_chunks
 from memagent_jax.agent.program import final_program, refill_program, segment_program
+from memagent_jax.agent.runner import Conversation  # runner imports this module lazily: no cycle
 
 __all__ = ["DocumentEngine", "RowProgress", "RowRequest", "RowResult"]
 
@@ -292,8 +293,6 @@ class DocumentEngine:
             if slot.request.trace:
                 slot.memories.append(rec.response[j, k, :rec.memory_len[j, k]].copy())
             if slot.request.record:
-                from memagent_jax.agent.runner import Conversation
-
                 rest = rec.rest_tokens[j, k][rec.rest_mask[j, k]]
                 slot.conversations.append(Conversation(
                     kind="memory", step=slot.next_chunk + k, prompt_ids=np.concatenate([slot.prefix_ids, rest]),
@@ -333,8 +332,6 @@ class DocumentEngine:
             if slot.request.trace:
                 result.memories = slot.memories
             if slot.request.record:
-                from memagent_jax.agent.runner import Conversation
-
                 slot.conversations.append(Conversation(
                     kind="final", step=slot.num_chunks, prompt_ids=final.prompt_tokens[i][final.prompt_mask[i]],
                     response_ids=final.answer[i, :length].copy(), logprobs=lp.copy()))

@@ -247,6 +247,14 @@ def create_app(state: ServerState, *, manage_state: bool = True):
     def record(endpoint: str, status: int, t0: float):
         metrics.request(endpoint, status, time.monotonic() - t0)
 
+    def failed(endpoint: str, t0: float, error: Exception):
+        """The response to a request that ended in `RequestError` (its 4xx/5xx) or `ClientGone` (499), recorded."""
+        if isinstance(error, ClientGone):
+            record(endpoint, 499, t0)
+            return JSONResponse({}, status_code=499)
+        record(endpoint, error.status, t0)
+        return _error_response(error)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # the server never crashes on a request
         log.exception("unexpected error in %s", request.url.path)
@@ -297,12 +305,8 @@ def create_app(state: ServerState, *, manage_state: bool = True):
                                "total_s": round(time.monotonic() - t0, 6)}
             record(endpoint, 200, t0)
             return body
-        except RequestError as e:
-            record(endpoint, e.status, t0)
-            return _error_response(e)
-        except ClientGone:
-            record(endpoint, 499, t0)
-            return JSONResponse({}, status_code=499)
+        except (RequestError, ClientGone) as e:
+            return failed(endpoint, t0, e)
         finally:
             if waiter is not None and not waiter.done:
                 waiter.cancel("aborted")
@@ -315,12 +319,8 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             parsed = protocol.parse_chat(await _read_json(request, state), model_name=state.model_name,
                                          sampling=state.sampling)
             waiter, q_ids, d_ids = await _admit(state, parsed, t0)
-        except RequestError as e:
-            record(endpoint, e.status, t0)
-            return _error_response(e)
-        except ClientGone:
-            record(endpoint, 499, t0)
-            return JSONResponse({}, status_code=499)
+        except (RequestError, ClientGone) as e:
+            return failed(endpoint, t0, e)
         prompt_tokens = int(q_ids.size + d_ids.size)
         if parsed.stream:
             return StreamingResponse(_stream(state, waiter, parsed, prompt_tokens, request, t0),
@@ -337,12 +337,8 @@ def create_app(state: ServerState, *, manage_state: bool = True):
                 finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(ids),
                 extra={"memagent": {"num_chunks": result.num_chunks, "document_tokens": int(d_ids.size),
                                     "seed": parsed.seed}})
-        except RequestError as e:
-            record(endpoint, e.status, t0)
-            return _error_response(e)
-        except ClientGone:
-            record(endpoint, 499, t0)
-            return JSONResponse({}, status_code=499)
+        except (RequestError, ClientGone) as e:
+            return failed(endpoint, t0, e)
         finally:
             if not waiter.done:
                 waiter.cancel("aborted")
