@@ -3,7 +3,7 @@
 import importlib.util
 import os
 
-from memagent_jax import cpu_settings
+from memagent_jax.agent import cpu_settings
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
