@@ -8,14 +8,14 @@
 sampling, as train exported it), else budgets 1024 / 5000 / 1024 / 1024 (question / chunk / memory / answer
 tokens), temperature 0.7 and top-p 0.95; accuracy = sub-exact-match of the last \\boxed{...} answer.
 `get_config("cpu")` sets the budgets of the main job and configs/grpo.py:cpu (16 / 32 / 8 / 12,
-memagent_jax/cpu_settings.py); the wording stays each model's own.
+memagent_jax/agent/cpu_settings.py); the wording stays each model's own.
 Every field is overridable with --config.a.b=value.
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from memagent_jax import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
+from memagent_jax.agent import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -48,7 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
         prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
         # Single template fields over the templates | the model's settings (an export of the main job or of
-        # train carries its wording, e.g. memagent_jax/cpu_settings.py's compact one).
+        # train carries its wording, e.g. memagent_jax/agent/cpu_settings.py's compact one).
         memory_update="",
         final_answer="",
         initial_memory="",

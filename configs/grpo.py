@@ -6,14 +6,14 @@
 `get_config()` gives the reference recipe (budgets 1024/5000/1024/1024, group 16, AdamW 1e-6 with 20 warm-up
 steps from lr 0, clip 0.2/0.2, dual clip 3, k3 KL 0.001 clamped per token to 10, old log-probs recomputed by the
 learner, training documents centre-truncated to 40000 tokens, token-mean); `get_config("cpu")` the CPU variant for tiny
-models and tests: the main job's budgets (16 / 32 / 8 / 12) and compact wording (memagent_jax/cpu_settings.py), its
-keyed_recall task when no data file is given, no recompute, no KL clamp, no truncation. Every field is overridable with
---config.a.b=value.
+models and tests: the main job's budgets (16 / 32 / 8 / 12) and compact wording (memagent_jax/agent/cpu_settings.py),
+its keyed_recall task when no data file is given, no recompute, no KL clamp, no truncation. Every field is overridable
+with --config.a.b=value.
 """
 
 import ml_collections
 
-from memagent_jax import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
+from memagent_jax.agent import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -146,7 +146,7 @@ def scale_config(preset: str, arg: str, hardware_table: dict, questions_per_step
     c.agent.question_tokens, c.agent.chunk_tokens = 1024, 5000
     c.agent.memory_tokens, c.agent.answer_tokens = 1024, 1024
     c.agent.temperature, c.agent.top_p = 1.0, 1.0
-    c.data.reward_style = "reference_boxed"  # the reference's training reward, rule for rule (verifier.py)
+    c.data.reward_style = "reference_boxed"  # the reference's training reward, rule for rule (evaluation/verifier.py)
     c.rl.questions_per_step = questions_per_step
     c.rl.group_size = 16
     c.rl.num_minibatches = 16

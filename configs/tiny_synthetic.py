@@ -16,7 +16,7 @@ the default budget). The script's flaw (dropping its notes) is what grows with t
 
 import ml_collections
 
-from memagent_jax import cpu_settings  # the budgets and compact wording every "cpu" config variant shares
+from memagent_jax.agent import cpu_settings  # the budgets and compact wording every "cpu" config variant shares
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ _EXPORTS = {
     "SamplingParams": "memagent_jax.sampling",
     "QARecord": "memagent_jax.data", "open_file": "memagent_jax.data.formats",
     "evaluate_models": "memagent_jax.evaluate", "evaluate_agent": "memagent_jax.evaluate",
-    "score": "memagent_jax.verifier", "extract_prediction": "memagent_jax.verifier",
+    "score": "memagent_jax.evaluation.verifier", "extract_prediction": "memagent_jax.evaluation.verifier",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -117,7 +117,7 @@ def check_args(args) -> None:
     if args.batch_size < 1:
         raise AnswerArgsError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.output is not None:
-        from memagent_jax.paths import RemotePathError, check_local_path
+        from memagent_jax.storage.paths import RemotePathError, check_local_path
 
         try:
             check_local_path(args.output, "--output")
@@ -238,7 +238,7 @@ def _error_row(i: int, error: Exception, **extra) -> dict:
 
 
 def _batch(args, agent) -> int:
-    from memagent_jax import verifier
+    from memagent_jax.evaluation import verifier
     from memagent_jax.agent import AgentInputError
     from memagent_jax.data.formats import open_file
     from memagent_jax.data.records import DataFormatError

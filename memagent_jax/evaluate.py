@@ -36,7 +36,7 @@ Sampling keys depend only on the seed and the row's `index`, so every model sees
 question and a rerun reproduces the same answers.
 
 This module runs the models (`evaluate_agent`, `evaluate_models`) and is the CLI; the statistics, results, tables,
-report files and plot are in `memagent_jax.eval_report` (re-exported here).
+report files and plot are in `memagent_jax.evaluation.report` (re-exported here).
 
 From Python (no subprocess, params already in memory allowed):
 
@@ -62,12 +62,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-# The reporting half (statistics, results, tables, files, plot) lives in eval_report; its names are part of this
-# module's API too.
-from memagent_jax.eval_report import (CSV_FIELDS, SCORE_NAMES, Z95, EvalResults, Estimate, FileResult,  # noqa: F401
-                                      _fmt_tokens, _pct, estimate, format_table, normal_interval,
-                                      plot_accuracy_vs_length, summarize, wilson_interval, write_predictions,
-                                      write_reports)
+# The reporting half (statistics, results, tables, files, plot) lives in evaluation/report.py; its names are part
+# of this module's API too.
+from memagent_jax.evaluation.report import (  # noqa: F401
+    CSV_FIELDS, SCORE_NAMES, Z95, EvalResults, Estimate, FileResult, _fmt_tokens, _pct, estimate, format_table,
+    normal_interval, plot_accuracy_vs_length, summarize, wilson_interval, write_predictions, write_reports)
 
 try:  # multi-host start-up; the module defines its own flags, so it is imported before flags are parsed
     from memagent_jax import distributed as _distributed
@@ -91,7 +90,7 @@ class NonFiniteOutputError(FloatingPointError):
 
 def resolve_metric(metric: str, record=None, *, where: str = "") -> str:
     """The metric of one row: `metric`, or with 'auto' the row's extra field 'metric' (else 'sub_em')."""
-    from memagent_jax import verifier
+    from memagent_jax.evaluation import verifier
 
     if metric != "auto":
         return metric
@@ -109,7 +108,7 @@ def score_response(response: str, answers: Sequence[str], metric: str = "sub_em"
     """Scores of one final response: the prediction extracted from it (`verifier.extract_prediction`), then
     accuracy (= `metric`), em, f1 and sub_em of that prediction against the answers (0 when nothing is
     extracted)."""
-    from memagent_jax import verifier
+    from memagent_jax.evaluation import verifier
 
     prediction = verifier.extract_prediction(response, extract)
     scores = {"accuracy": verifier.score(response, answers, metric, extract)}
@@ -364,7 +363,7 @@ SCHEDULING = ("continuous", "bucketed")
 
 def _check_options(metric: str, extract: str, row_errors: str, batch_size: int) -> None:
     """Errors naming the option for an unknown metric / extraction / row-error policy or a bad batch size."""
-    from memagent_jax import verifier
+    from memagent_jax.evaluation import verifier
 
     if metric != "auto" and metric not in verifier.METRICS:
         raise EvalConfigError(f"metric: unknown metric {metric!r}; choose one of {sorted(verifier.METRICS)} or 'auto'")
@@ -714,7 +713,7 @@ def _plain(config) -> Any:
 
 def validate_config(cfg) -> None:
     """Checks the CLI config before any expensive work; every error names the config field."""
-    from memagent_jax import verifier
+    from memagent_jax.evaluation import verifier
 
     parse_models(cfg.models, field="config.models")
     parse_eval_files(cfg.eval_files, field="config.eval_files")
@@ -792,7 +791,7 @@ def run(cfg, workdir: str) -> EvalResults:
     from memagent_jax.models import sharding as sharding_lib
 
     validate_config(cfg)
-    from memagent_jax.paths import RemotePathError, check_local_path
+    from memagent_jax.storage.paths import RemotePathError, check_local_path
 
     try:
         check_local_path(workdir, "--workdir")

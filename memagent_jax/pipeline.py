@@ -414,7 +414,7 @@ def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> lis
     from memagent_jax.agent import MemoryAgent
     from memagent_jax.data.formats import read_records
     from memagent_jax.evaluate import load_model, row_keys
-    from memagent_jax.trace_report import entries_from_agent, write_trace_report
+    from memagent_jax.evaluation.traces import entries_from_agent, write_trace_report
 
     multipliers = eval_multipliers(cfg)
     m = 4 if 4 in multipliers else multipliers[0]
@@ -475,7 +475,7 @@ def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
     from memagent_jax import evaluate as evaluate_lib
     from memagent_jax.agent import MemoryAgent
     from memagent_jax.data.synthetic import generate_sample
-    from memagent_jax.verifier import score
+    from memagent_jax.evaluation.verifier import score
 
     t0 = time.perf_counter()
     le = cfg.long_eval

@@ -24,7 +24,7 @@ and answer tokens, worst case: every generation uses its whole budget), and lear
 remat recompute, reference and old-log-prob forwards). Prefill and learning time = FLOPs / (devices x peak x
 MFU); decode time = steps x max(bytes read per device / HBM bandwidth, FLOPs / peak).
 
-Every number comes from small pure functions in `memagent_jax.planner` (re-exported here; this module is the
+Every number comes from small pure functions in `memagent_jax.distributed.planner` (re-exported here; this module is the
 command and its presentation); they mirror the code (models/attention.py's paths: the
 materialised scores, or one live block for blockwise / cuDNN, as config.model.attention_impl resolves on the
 planned hardware; learner.py's accumulation, agent/program.py's cache layout), so change them together.
@@ -42,8 +42,8 @@ import os
 import sys
 from typing import Sequence
 
-from memagent_jax.planner import *  # noqa: F401,F403  (the arithmetic: this module's API too)
-from memagent_jax.planner import HARDWARE, GiB, Plan, PlanError, make_plan, param_count, resolve_mesh
+from memagent_jax.distributed.planner import *  # noqa: F401,F403  (the arithmetic: this module's API too)
+from memagent_jax.distributed.planner import HARDWARE, GiB, Plan, PlanError, make_plan, param_count, resolve_mesh
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -96,7 +96,7 @@ def _model_context(folder: str) -> int:
 
 def _check_ranges(cfg) -> None:
     """Every numeric / choice field with a range, named with its allowed range (no file is opened)."""
-    from memagent_jax import verifier
+    from memagent_jax.evaluation import verifier
 
     _number(cfg, "seed", low=0, integer=True)
     _number(cfg, "log_every", low=1, integer=True)
@@ -476,7 +476,7 @@ def train(cfg, workdir: str) -> dict:
     from transformers import AutoTokenizer
 
     from memagent_jax.agent import SETTINGS_FILE, MemoryAgent
-    from memagent_jax.checkpoint import Checkpointer
+    from memagent_jax.storage.checkpoint import Checkpointer
     from memagent_jax.data.iterator import ShardedIterator
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
     from memagent_jax.distributed import arrays as multiprocess
@@ -488,7 +488,7 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.rl.rollout import RewardScorer, collect_rollouts_in_slices, rollout_to_batch
     from memagent_jax.sampling import SamplingParams
 
-    from memagent_jax.paths import RemotePathError, check_local_path
+    from memagent_jax.storage.paths import RemotePathError, check_local_path
 
     try:
         check_local_path(workdir, "--workdir")
@@ -613,7 +613,7 @@ def main(argv) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # bad weights, a checkpoint folder with no usable checkpoint: no traceback needed
-        from memagent_jax.checkpoint import CheckpointError as StateCheckpointError
+        from memagent_jax.storage.checkpoint import CheckpointError as StateCheckpointError
         from memagent_jax.models import CheckpointError, ConfigError
 
         if not isinstance(e, (CheckpointError, StateCheckpointError, ConfigError)):

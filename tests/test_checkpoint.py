@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memagent_jax.checkpoint import Checkpointer, CheckpointError
+from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 from memagent_jax.models import abstract_params
 from memagent_jax.models.presets import preset_config
 from memagent_jax.models.sharding import make_mesh
@@ -133,7 +133,7 @@ _INTERRUPTED_SAVE = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from memagent_jax.checkpoint import Checkpointer
+    from memagent_jax.storage.checkpoint import Checkpointer
 
     directory, marker = sys.argv[1], sys.argv[2]
     ckpt = Checkpointer(directory, async_save=True)

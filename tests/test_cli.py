@@ -79,7 +79,7 @@ def test_plan_module_help_and_bad_hardware():
 
 def test_object_store_workdirs_are_refused_up_front(tmp_path):
     from memagent_jax import answer
-    from memagent_jax.paths import RemotePathError, check_local_path
+    from memagent_jax.storage.paths import RemotePathError, check_local_path
     from memagent_jax.train import TrainConfigError, train
 
     check_local_path(str(tmp_path / "run"), "--workdir")  # local paths pass

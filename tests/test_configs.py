@@ -2,8 +2,10 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
 
-from memagent_jax import cpu_settings
+from memagent_jax.agent import cpu_settings
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -33,6 +35,16 @@ def test_cpu_variants_carry_the_main_jobs_budgets_and_wording():
     # the cpu variant's own task fits its budgets: keyed_recall over two chunks
     grpo = variants["grpo:cpu"]
     assert (grpo.data.synthetic_task, grpo.data.synthetic_tokens) == ("keyed_recall", 2 * job.agent.chunk_tokens)
+
+
+def test_loading_the_configs_imports_no_jax():
+    # The configs import agent.cpu_settings (plain values): the agent package loads its JAX modules lazily.
+    code = ("import importlib.util, sys\n"
+            "for name in ('tiny_synthetic', 'grpo', 'evaluate'):\n"
+            "    spec = importlib.util.spec_from_file_location(name, f'configs/{name}.py')\n"
+            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), check=True)
 
 
 def test_reference_variants_leave_the_wording_to_the_templates():

@@ -16,7 +16,7 @@ import pytest
 
 from hf_tiny import make_agent_model_dir
 from memagent_jax import evaluate as ev
-from memagent_jax import verifier
+from memagent_jax.evaluation import verifier
 from memagent_jax.agent import AgentBudgets, AgentInputError, AgentResult, MemoryAgent
 from memagent_jax.data.formats import open_file, write_eval_file, write_train_file
 from memagent_jax.data.records import DataFormatError, QARecord

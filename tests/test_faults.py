@@ -19,7 +19,7 @@ import pytest
 from hf_tiny import grpo_cpu_config, make_agent_model_dir
 from memagent_jax import answer
 from memagent_jax import evaluate as ev
-from memagent_jax.checkpoint import Checkpointer, CheckpointError
+from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 from memagent_jax.data.formats import open_file, write_eval_file
 from memagent_jax.data.records import DataFormatError, QARecord
 from memagent_jax.models.hf_io import NonFiniteWeightsError, clean_stale_exports, load_hf_params, save_hf_checkpoint

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from memagent_jax.trace_report import TraceEntry, analyse_entry, entries_from_agent, write_trace_report
+from memagent_jax.evaluation.traces import TraceEntry, analyse_entry, entries_from_agent, write_trace_report
 
 FILLER = ("The quiet river ran past the fields. Birds sang in the trees. A farmer walked home. The sky was grey. "
           "Rain fell softly. Nobody spoke.")

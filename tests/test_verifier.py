@@ -1,4 +1,4 @@
-"""Tests of memagent_jax.verifier: extraction, normalisation, metrics, rewards."""
+"""Tests of memagent_jax.evaluation.verifier: extraction, normalisation, metrics, rewards."""
 import subprocess
 import sys
 import time
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from memagent_jax import verifier as V
+from memagent_jax.evaluation import verifier as V
 
 # ---------------------------------------------------------------------------------------------
 # extract_boxed
@@ -308,7 +308,8 @@ def test_adversarial_megabyte_is_fast(name):
 
 
 def test_verifier_imports_no_jax():
-    code = "import sys, memagent_jax.verifier; assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'"
+    code = ("import sys, memagent_jax.evaluation.verifier; "
+            "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

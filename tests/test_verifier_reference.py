@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from memagent_jax import verifier as V
+from memagent_jax.evaluation import verifier as V
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,14 +1,36 @@
-"""The memory agent: templates, chunking, the jitted chunk scan, a plain-Python reference loop."""
+"""The memory agent: templates, chunking, the jitted chunk scan, a plain-Python reference loop.
 
-from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_truncate, read_document_file,
-                                         tokenize_document)
-from memagent_jax.agent.runner import AgentResult, Conversation, MemoryAgent
-from memagent_jax.agent.templates import AgentPrompts, AgentTemplates, TemplateError
-from memagent_jax.agent.settings import (SETTINGS_FILE, AgentSettings, AgentSettingsError,
-                                         write_agent_settings)
-from memagent_jax.agent.reference import reference_run  # noqa: E402  (imports runner)
+The names below load on first use (PEP 562), so importing a light submodule (`agent.cpu_settings`: plain values,
+which the configs import) does not pull in JAX through this file.
+"""
+
+import importlib
+
+# name -> submodule, imported on first access.
+_EXPORTS = {
+    "AgentBudgets": "chunking", "AgentInputError": "chunking", "centre_truncate": "chunking",
+    "read_document_file": "chunking", "tokenize_document": "chunking",
+    "AgentResult": "runner", "Conversation": "runner", "MemoryAgent": "runner",
+    "AgentPrompts": "templates", "AgentTemplates": "templates", "TemplateError": "templates",
+    "SETTINGS_FILE": "settings", "AgentSettings": "settings", "AgentSettingsError": "settings",
+    "write_agent_settings": "settings",
+    "reference_run": "reference",
+}
 
 __all__ = [
     "AgentBudgets", "AgentInputError", "AgentPrompts", "AgentResult", "AgentSettings", "AgentSettingsError",
     "AgentTemplates", "Conversation", "MemoryAgent", "SETTINGS_FILE", "write_agent_settings", "TemplateError", "centre_truncate", "read_document_file", "reference_run", "tokenize_document",
 ]
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

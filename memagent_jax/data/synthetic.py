@@ -89,7 +89,7 @@ TASKS = (
     "multihop_qa",
 )
 
-# Per task: metric for evaluation and reward style for training (see memagent_jax.verifier).
+# Per task: metric for evaluation and reward style for training (see memagent_jax.evaluation.verifier).
 _TASK_METRIC = {
     "niah_single": ("string_match_all", "boxed_em"),
     "niah_multikey": ("string_match_all", "boxed_em"),
@@ -253,12 +253,12 @@ class SyntheticConfig:
 
     @property
     def metric(self) -> str:
-        """Evaluation metric name (a key of ``memagent_jax.verifier.METRICS``)."""
+        """Evaluation metric name (a key of ``memagent_jax.evaluation.verifier.METRICS``)."""
         return _TASK_METRIC[self.task][0]
 
     @property
     def reward_style(self) -> str:
-        """Training reward style (a key of ``memagent_jax.verifier.REWARD_STYLES``)."""
+        """Training reward style (a key of ``memagent_jax.evaluation.verifier.REWARD_STYLES``)."""
         return _TASK_METRIC[self.task][1]
 
     def replace(self, **changes) -> "SyntheticConfig":

@@ -37,7 +37,7 @@ import re
 from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
-from memagent_jax import verifier
+from memagent_jax.evaluation import verifier
 
 __all__ = ["TraceEntry", "StepView", "analyse_entry", "entries_from_agent", "render_html", "render_markdown",
            "write_trace_report"]
