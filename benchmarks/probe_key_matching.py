@@ -1,0 +1,252 @@
+"""Probe: how many updates does the main job's tiny model need to learn key matching? (issue 12's blocker)
+
+    python benchmarks/probe_key_matching.py --mode agent-step                 # ~10 min on 2 CPU cores
+    python benchmarks/probe_key_matching.py --mode agent-step --notes keyed
+    python benchmarks/probe_key_matching.py --mode recall --updates 1500     # ~3 min
+    python benchmarks/probe_key_matching.py --pretrain recall --pretrain-updates 2000 --updates 1000
+    python benchmarks/probe_key_matching.py --mode agent-step --updates 20 --examples 600 --every 10   # smoke
+
+A question-conditioned main job needs the model to find, in a chunk holding several facts "The secret word for
+<creature> is <Word>.", the one whose creature the question names, and note its word. This script trains the main
+job's model shape (`configs/tiny_synthetic.py`: Qwen2 architecture, width 128, 2 layers, 4 heads, 2 KV heads) from
+random weights on the densest forms of that skill, and prints held-out accuracy as training goes:
+
+agent-step       SFT on the one agent step that matters: the memory-update prompt (the main job's compact wording,
+                 budgets and tokenizer recipe) of a one-chunk document holding the asked fact and `--lookalikes`
+                 facts for other creatures, one of them beside it; the response is the notes. Accuracy: the
+                 noted word, teacher-forced (chance among the chunk's words = 1 / (lookalikes + 1)).
+                 --notes value:     notes = " <Word>" (the main job's note style);
+                 --notes keyed:     notes = " <creature> <Word>" (the creature first, so the word's query is
+                                    the creature token itself);
+                 --notes keyed-is:  notes = " <creature> is <Word>" (a verbatim span of the fact).
+recall           language-model loss on rows of `--facts` facts in the task's words followed by each creature
+                 and its word in a random order; accuracy over the recalled words (chance 1 / facts).
+--pretrain copy|recall   before agent-step, `--pretrain-updates` of copying repeated random token sequences
+                 (the induction-head task; accuracy on the repeated half) or of recall, from whose weights the
+                 agent step then trains (fresh optimiser state).
+
+Everything is built in-process (tokenizer trained with `tokenizers` on the task's text, random model); nothing is
+downloaded. Adam, warm-up then cosine decay to 10% of `--lr`, batch `--batch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def _tokenizer_and_prompts(folder: str):
+    from memagent_jax.agent import AgentPrompts, AgentTemplates
+    from memagent_jax.agent import cpu_settings
+    from memagent_jax.data.synthetic import tokenizer_corpus
+    from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+
+    t = cpu_settings.TEMPLATES  # the main job's wording and tokenizer recipe (pipeline.make_assets)
+    texts = itertools.chain(tokenizer_corpus(num_samples=16, num_tokens=300, seed=0),
+                            [t["memory_update"], t["final_answer"], t["initial_memory"]] * 50)
+    train_tokenizer(texts, folder, vocab_size=1024)
+    tokenizer = load_tokenizer(folder)
+    return tokenizer, AgentPrompts.build(tokenizer, AgentTemplates(**t))
+
+
+def _model_config(tokenizer):
+    from memagent_jax.models.config import ModelConfig
+
+    return ModelConfig(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
+                       tie_word_embeddings=True, attention_bias=True, eos_token_ids=(tokenizer.eos_token_id,),
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+
+
+def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str, seed: int = 7):
+    """[count, T] ids, [count, T] real-token mask, [count, T] loss weights (on the next token), [count] index of
+    the position whose next token is the noted word."""
+    from memagent_jax.agent import AgentBudgets, cpu_settings
+    from memagent_jax.agent.chunking import tokenize_document
+    from memagent_jax.agent.templates import encode_text
+    from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
+    from memagent_jax.rl.warm_start import ScriptedPolicy, StraddlingFactError, scripted_conversations
+
+    budgets = AgentBudgets(**cpu_settings.BUDGETS)
+    task = SyntheticConfig(task="keyed_recall", num_tokens=budgets.chunk_tokens, num_distractors=lookalikes,
+                           same_chunk_distractors=min(1, lookalikes), chunk_tokens=budgets.chunk_tokens,
+                           chunk_aligned=True, seed=seed)
+    policy, rng = ScriptedPolicy(forget_prob=0.0), np.random.default_rng(seed)
+    rows, index = [], 0
+    while len(rows) < count:
+        sample = generate_sample(task, index, tokenizer)
+        index += 1
+        try:
+            step = scripted_conversations(sample, tokenize_document(tokenizer, sample.text()), tokenizer, prompts,
+                                          budgets, policy, rng, tokenizer.eos_token_id)[0]
+        except StraddlingFactError:
+            continue
+        creature, _, word = next(f.triple for f in sample.facts if f.role == "answer")
+        text = {"value": f" {word}", "keyed": f" {creature} {word}", "keyed-is": f" {creature} is {word}"}[notes]
+        response = encode_text(tokenizer, text) + [tokenizer.eos_token_id]
+        before_word = len(step.prompt_ids) - 1 + {"value": 0, "keyed": 1, "keyed-is": 2}[notes]
+        seq = list(step.prompt_ids) + response
+        assert seq[before_word + 1] == encode_text(tokenizer, " " + word)[0], "the scored position is the word's"
+        rows.append((seq, len(step.prompt_ids), before_word))
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = np.zeros((count, width), np.int32)
+    mask = np.zeros((count, width), bool)
+    weights = np.zeros((count, width), np.float32)
+    word_at = np.zeros(count, np.int32)
+    for r, (seq, prompt_len, before_word) in enumerate(rows):
+        ids[r, :len(seq)], mask[r, :len(seq)] = seq, True
+        weights[r, prompt_len - 1:len(seq) - 1] = 1.0
+        word_at[r] = before_word
+    return ids, mask, weights, word_at
+
+
+def recall_rows(tokenizer, count: int, facts: int, rng: np.random.Generator):
+    """Rows of `facts` facts in the task's words, then every creature followed by its word (shuffled); loss and
+    accuracy on the recalled words."""
+    from memagent_jax.agent.templates import encode_text
+    from memagent_jax.data import synthetic
+
+    one = lambda text: encode_text(tokenizer, text)[0]  # noqa: E731 (every creature and word is one token)
+    creatures = [one(" " + c) for c in synthetic._KEY_CREATURES]
+    words = [one(" " + w) for w in synthetic._RECALL_WORDS]
+    lead, is_, stop = encode_text(tokenizer, " The secret word for"), one(" is"), one(".")
+    rows, weights = [], []
+    for _ in range(count):
+        keys = rng.choice(len(creatures), facts, replace=False)
+        values = rng.choice(len(words), facts, replace=False)
+        seq = [t for k, v in zip(keys, values) for t in lead + [creatures[k], is_, words[v], stop]]
+        w = [0.0] * len(seq)
+        for i in rng.permutation(facts):
+            seq += [creatures[keys[i]], words[values[i]]]
+            w += [1.0, 0.0]  # the weight sits on the position *before* the word (next-token loss)
+        rows.append(seq)
+        weights.append(w)
+    ids = np.asarray(rows, np.int32)
+    return ids, np.ones_like(ids, bool), np.asarray(weights, np.float32), None
+
+
+def copy_rows(count: int, length: int, vocab: int, rng: np.random.Generator):
+    """Random token sequences repeated once: the second half is predictable only by copying."""
+    half = rng.integers(3, vocab, (count, length // 2)).astype(np.int32)
+    ids = np.concatenate([half, half], 1)
+    weights = np.zeros(ids.shape, np.float32)
+    weights[:, length // 2:-1] = 1.0  # from the second copy of x1 on (x1 itself follows nothing seen)
+    return ids, np.ones_like(ids, bool), weights, None
+
+
+def make_trainer(config, lr: float, updates: int):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from memagent_jax.models.transformer import forward
+
+    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, updates - 1), updates, lr * 0.1),
+                            weight_decay=0.0)
+
+    def loss_and_accuracy(params, ids, mask, weights):
+        """ids/mask/weights [B, T]; weights[b, t] scores the prediction of ids[b, t + 1]."""
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        logits, _ = forward(params, ids, positions, mask, config=config)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+        w = weights[:, :-1]
+        right = (jnp.argmax(logits[:, :-1], -1) == ids[:, 1:]) * w
+        return (nll * w).sum() / w.sum(), right.sum() / w.sum()
+
+    @jax.jit
+    def step(params, opt_state, ids, mask, weights):
+        (loss, acc), grads = jax.value_and_grad(loss_and_accuracy, has_aux=True)(params, ids, mask, weights)
+        update, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, update), opt_state, loss, acc
+
+    @jax.jit
+    def word_accuracy(params, ids, mask, word_at):
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        logits, _ = forward(params, ids, positions, mask, config=config)
+        rows = jnp.arange(ids.shape[0])
+        return (jnp.argmax(logits[rows, word_at], -1) == ids[rows, word_at + 1]).mean()
+
+    return optimizer, step, word_accuracy
+
+
+def train(params, config, draw, updates: int, lr: float, every: int, label: str, held_out=None):
+    """`draw()` -> one batch (ids, mask, weights); prints the batch loss/accuracy, or the held-out word accuracy."""
+    optimizer, step, word_accuracy = make_trainer(config, lr, updates)
+    opt_state = optimizer.init(params)
+    t0 = time.perf_counter()
+    for u in range(1, updates + 1):
+        ids, mask, weights = draw()
+        params, opt_state, loss, acc = step(params, opt_state, ids, mask, weights)
+        if u % every == 0 or u == updates:
+            if held_out is not None:
+                acc = word_accuracy(params, *held_out)
+                what = "held-out word accuracy"
+            else:
+                what = "batch accuracy"
+            print(f"[{label}] update {u:>5}  loss {float(loss):.3f}  {what} {float(acc):.3f}  "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("agent-step", "recall"), default="agent-step")
+    parser.add_argument("--pretrain", choices=("none", "copy", "recall"), default="none",
+                        help="agent-step: train on this task first")
+    parser.add_argument("--notes", choices=("value", "keyed", "keyed-is"), default="value")
+    parser.add_argument("--updates", type=int, default=2500, help="optimiser updates (of the probed task)")
+    parser.add_argument("--pretrain-updates", type=int, default=800, help="updates of the --pretrain task")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lookalikes", type=int, default=2, help="agent-step: other creatures' facts in the chunk")
+    parser.add_argument("--facts", type=int, default=4, help="recall: facts per row")
+    parser.add_argument("--examples", type=int, default=20000, help="agent-step: distinct prompts (512 held out)")
+    parser.add_argument("--every", type=int, default=250, help="print every this many updates")
+    args = parser.parse_args()
+
+    import jax
+
+    from memagent_jax.models.transformer import init_params
+
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores; {vars(args)}")
+    tokenizer, prompts = _tokenizer_and_prompts(os.path.join(tempfile.mkdtemp(), "tokenizer"))
+    config = _model_config(tokenizer)
+    params = init_params(config, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    if args.mode == "recall":
+        train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3], args.updates,
+              args.lr, args.every, "recall")
+        return
+    if args.pretrain == "copy":
+        params = train(params, config, lambda: copy_rows(args.batch, 64, 1000, rng)[:3], args.pretrain_updates,
+                       args.lr, args.every, "copy")
+    elif args.pretrain == "recall":
+        params = train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3],
+                       args.pretrain_updates, args.lr, args.every, "recall")
+    t0 = time.perf_counter()
+    ids, mask, weights, word_at = agent_step_rows(tokenizer, prompts, args.examples, args.lookalikes, args.notes)
+    held = 512 if args.examples > 1024 else args.examples // 4
+    train_rows = len(ids) - held
+    print(f"{len(ids)} agent-step prompts of <= {ids.shape[1]} tokens ({time.perf_counter() - t0:.0f} s); "
+          f"chance = {1 / (args.lookalikes + 1):.3f}")
+
+    def draw():
+        pick = rng.integers(0, train_rows, args.batch)
+        return ids[pick], mask[pick], weights[pick]
+
+    train(params, config, draw, args.updates, args.lr, args.every, f"agent step, notes={args.notes}",
+          held_out=(ids[train_rows:], mask[train_rows:], word_at[train_rows:]))
+
+
+if __name__ == "__main__":
+    main()
