@@ -2,8 +2,8 @@
 
     python benchmarks/probe_key_matching.py --mode agent-step                 # ~10 min on 2 CPU cores
     python benchmarks/probe_key_matching.py --mode agent-step --notes keyed
-    python benchmarks/probe_key_matching.py --mode recall --updates 1500     # ~3 min
-    python benchmarks/probe_key_matching.py --pretrain recall --pretrain-updates 2000 --updates 1000
+    python benchmarks/probe_key_matching.py --mode recall --updates 2000     # ~5 min
+    python benchmarks/probe_key_matching.py --mode recall --pretrain copy --pretrain-updates 300 --updates 1500
     python benchmarks/probe_key_matching.py --mode agent-step --updates 20 --examples 600 --every 10   # smoke
 
 A question-conditioned main job needs the model to find, in a chunk holding several facts "The secret word for
@@ -20,10 +20,11 @@ agent-step       SFT on the one agent step that matters: the memory-update promp
                                     the creature token itself);
                  --notes keyed-is:  notes = " <creature> is <Word>" (a verbatim span of the fact).
 recall           language-model loss on rows of `--facts` facts in the task's words followed by each creature
-                 and its word in a random order; accuracy over the recalled words (chance 1 / facts).
---pretrain copy|recall   before agent-step, `--pretrain-updates` of copying repeated random token sequences
-                 (the induction-head task; accuracy on the repeated half) or of recall, from whose weights the
-                 agent step then trains (fresh optimiser state).
+                 and its word in a random order; accuracy over the recalled words of each freshly drawn
+                 training batch, rows never seen before (chance 1 / facts).
+--pretrain copy|recall   first `--pretrain-updates` of copying repeated random token sequences (the induction-head
+                 task; accuracy on the repeated half) or of recall; the probed task then trains from those
+                 weights (fresh optimiser state).
 
 Everything is built in-process (tokenizer trained with `tokenizers` on the task's text, random model); nothing is
 downloaded. Adam, warm-up then cosine decay to 10% of `--lr`, batch `--batch`.
@@ -202,7 +203,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("agent-step", "recall"), default="agent-step")
     parser.add_argument("--pretrain", choices=("none", "copy", "recall"), default="none",
-                        help="agent-step: train on this task first")
+                        help="train on this task first")
     parser.add_argument("--notes", choices=("value", "keyed", "keyed-is"), default="value")
     parser.add_argument("--updates", type=int, default=2500, help="optimiser updates (of the probed task)")
     parser.add_argument("--pretrain-updates", type=int, default=800, help="updates of the --pretrain task")
@@ -223,16 +224,16 @@ def main() -> None:
     config = _model_config(tokenizer)
     params = init_params(config, jax.random.key(0))
     rng = np.random.default_rng(1)
-    if args.mode == "recall":
-        train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3], args.updates,
-              args.lr, args.every, "recall")
-        return
     if args.pretrain == "copy":
         params = train(params, config, lambda: copy_rows(args.batch, 64, 1000, rng)[:3], args.pretrain_updates,
                        args.lr, args.every, "copy")
     elif args.pretrain == "recall":
         params = train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3],
                        args.pretrain_updates, args.lr, args.every, "recall")
+    if args.mode == "recall":
+        train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3], args.updates,
+              args.lr, args.every, "recall")
+        return
     t0 = time.perf_counter()
     ids, mask, weights, word_at = agent_step_rows(tokenizer, prompts, args.examples, args.lookalikes, args.notes)
     held = 512 if args.examples > 1024 else args.examples // 4
