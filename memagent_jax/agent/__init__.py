@@ -4,17 +4,17 @@ The names below load on first use (PEP 562), so importing a light submodule (`ag
 which the configs import) does not pull in JAX through this file.
 """
 
-import importlib
+from memagent_jax._lazy import lazy_exports
 
 # name -> submodule, imported on first access.
 _EXPORTS = {
-    "AgentBudgets": "chunking", "AgentInputError": "chunking", "centre_truncate": "chunking",
-    "read_document_file": "chunking", "tokenize_document": "chunking",
-    "AgentResult": "runner", "Conversation": "runner", "MemoryAgent": "runner",
-    "AgentPrompts": "templates", "AgentTemplates": "templates", "TemplateError": "templates",
-    "SETTINGS_FILE": "settings", "AgentSettings": "settings", "AgentSettingsError": "settings",
-    "write_agent_settings": "settings",
-    "reference_run": "reference",
+    "AgentBudgets": ".chunking", "AgentInputError": ".chunking", "centre_truncate": ".chunking",
+    "read_document_file": ".chunking", "tokenize_document": ".chunking",
+    "AgentResult": ".runner", "Conversation": ".runner", "MemoryAgent": ".runner",
+    "AgentPrompts": ".templates", "AgentTemplates": ".templates", "TemplateError": ".templates",
+    "SETTINGS_FILE": ".settings", "AgentSettings": ".settings", "AgentSettingsError": ".settings",
+    "write_agent_settings": ".settings",
+    "reference_run": ".reference",
 }
 
 __all__ = [
@@ -23,14 +23,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

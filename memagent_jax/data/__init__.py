@@ -6,6 +6,8 @@ of their names, so that ``python -m memagent_jax.data.hotpotqa`` / ``.squad`` ru
 modules.  The TensorFlow-Datasets builder lives in :mod:`memagent_jax.data.tfds_builder` and is
 imported only on request (``tensorflow-datasets`` and ``array_record`` are optional).
 """
+from memagent_jax._lazy import lazy_exports
+
 from .records import DataFormatError, QARecord
 from .formats import (
     MemAgentFile,
@@ -61,16 +63,8 @@ __all__ = [
 ]
 
 # name -> submodule, imported on first access (PEP 562).
-_LAZY = {"EVAL_DOC_COUNTS": "hotpotqa", "HotpotQABuilder": "hotpotqa", "load_hotpotqa": "hotpotqa",
-         "SquadQABuilder": "squad", "load_squad": "squad"}
+_LAZY = {"EVAL_DOC_COUNTS": ".hotpotqa", "HotpotQABuilder": ".hotpotqa", "load_hotpotqa": ".hotpotqa",
+         "SquadQABuilder": ".squad", "load_squad": ".squad"}
 __all__ += ["SquadQABuilder", "load_squad"]
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
