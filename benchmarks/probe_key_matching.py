@@ -4,6 +4,7 @@
     python benchmarks/probe_key_matching.py --mode agent-step --notes keyed
     python benchmarks/probe_key_matching.py --mode recall --updates 2000     # ~5 min
     python benchmarks/probe_key_matching.py --mode recall --pretrain copy --pretrain-updates 300 --updates 1500
+    python benchmarks/probe_key_matching.py --pretrain copy:300,recall:1500 --updates 1000
     python benchmarks/probe_key_matching.py --mode agent-step --updates 20 --examples 600 --every 10   # smoke
 
 A question-conditioned main job needs the model to find, in a chunk holding several facts "The secret word for
@@ -24,7 +25,8 @@ recall           language-model loss on rows of `--facts` facts in the task's wo
                  training batch, rows never seen before (chance 1 / facts).
 --pretrain copy|recall   first `--pretrain-updates` of copying repeated random token sequences (the induction-head
                  task; accuracy on the repeated half) or of recall; the probed task then trains from those
-                 weights (fresh optimiser state).
+                 weights (fresh optimiser state). A comma-separated list runs stages in order, each `name` or
+                 `name:updates` (e.g. copy:300,recall:1500).
 
 Everything is built in-process (tokenizer trained with `tokenizers` on the task's text, random model); nothing is
 downloaded. Adam, warm-up then cosine decay to 10% of `--lr`, batch `--batch`.
@@ -198,12 +200,25 @@ def train(params, config, draw, updates: int, lr: float, every: int, label: str,
     return params
 
 
+def pretrain_stages(text: str, default_updates: int, parser) -> list[tuple[str, int]]:
+    """'none' | 'copy' | 'copy:300,recall:1500' -> [(task, updates), ...]."""
+    stages = []
+    for item in filter(None, text.split(",")):
+        name, _, count = item.partition(":")
+        if name == "none" and not count:
+            continue
+        if name not in ("copy", "recall") or (count and not count.isdigit()):
+            parser.error(f"--pretrain: {item!r} is not copy, recall or name:updates")
+        stages.append((name, int(count) if count else default_updates))
+    return stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("agent-step", "recall"), default="agent-step")
-    parser.add_argument("--pretrain", choices=("none", "copy", "recall"), default="none",
-                        help="train on this task first")
+    parser.add_argument("--pretrain", default="none",
+                        help="train on these tasks first: copy | recall | a list like copy:300,recall:1500")
     parser.add_argument("--notes", choices=("value", "keyed", "keyed-is"), default="value")
     parser.add_argument("--updates", type=int, default=2500, help="optimiser updates (of the probed task)")
     parser.add_argument("--pretrain-updates", type=int, default=800, help="updates of the --pretrain task")
@@ -224,12 +239,10 @@ def main() -> None:
     config = _model_config(tokenizer)
     params = init_params(config, jax.random.key(0))
     rng = np.random.default_rng(1)
-    if args.pretrain == "copy":
-        params = train(params, config, lambda: copy_rows(args.batch, 64, 1000, rng)[:3], args.pretrain_updates,
-                       args.lr, args.every, "copy")
-    elif args.pretrain == "recall":
-        params = train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3],
-                       args.pretrain_updates, args.lr, args.every, "recall")
+    stages = {"copy": lambda: copy_rows(args.batch, 64, 1000, rng)[:3],
+              "recall": lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3]}
+    for stage in pretrain_stages(args.pretrain, args.pretrain_updates, parser):
+        params = train(params, config, stages[stage[0]], stage[1], args.lr, args.every, stage[0])
     if args.mode == "recall":
         train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3], args.updates,
               args.lr, args.every, "recall")
