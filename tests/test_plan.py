@@ -171,19 +171,15 @@ def test_learner_activation_formula_by_hand():
         plan.learner_activation_bytes(TINY, 1, t, "some", 1, c)
 
 
-@pytest.mark.slow  # two compiles: ~5 s on an idle 2-core machine
-def test_estimates_track_xla_memory_analysis():
-    """The activation estimates against XLA's own buffer assignment of the compiled programs (CPU): within
-    [0.6, 1.5] of it for a learner step (remat full, chunked log-probs) and a chunk-step prefill."""
+def _assert_estimates_track_xla(mc, rows: int, t: int, prefix_template: int) -> dict:
+    """The planner's estimates against XLA's own buffer assignment of the compiled programs (CPU): within [0.6, 1.5]
+    of it for a learner step of `rows` x `t` tokens (chunked log-probs) and for the prefill of a chunk step of `t`
+    tokens over `t + prefix_template` cache slots. Returns the rollout estimate."""
     from memagent_jax.models.transformer import init_cache
     from memagent_jax.rl.logprobs import token_logprobs
     from memagent_jax.sampling.sampler import prefill
 
-    mc = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                     num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True, param_dtype="float32",
-                     compute_dtype="bfloat16", remat="full")
     ap = abstract_params(mc)
-    rows, t = 2, 512
 
     def loss(p, tok, mask):
         lp, ent = token_logprobs(p, tok, mask, config=mc, chunk_size=128, with_entropy=True)
@@ -192,19 +188,30 @@ def test_estimates_track_xla_memory_analysis():
     spec = jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows, t), bool)
     learn = jax.jit(jax.grad(loss)).lower(ap, *spec).compile().memory_analysis()
     grads = plan.param_bytes_per_device(mc, plan.MeshShape(1, 1, 1), "float32")
-    est = (plan.learner_activation_bytes(mc, rows, t, "full", 1, 2, logits_chunk=128)["total"]
-           + plan.working_weight_bytes(mc, 1, 4, 2) + grads)
+    act = plan.learner_activation_bytes(mc, rows, t, "full", 1, 2, logits_chunk=128)
+    est = act["total"] + plan.working_weight_bytes(mc, 1, 4, 2) + grads
     assert 0.6 < learn.temp_size_in_bytes / est < 1.5, (learn.temp_size_in_bytes, est)
 
-    lay = plan.Layout(question=1, memory=1, chunk=t - 2, answer=1, prefix_template=254, rest_template=0,
-                      final_template=1)  # rest = 512 tokens over 768 slots
+    lay = plan.Layout(question=1, memory=1, chunk=t - 2, answer=1, prefix_template=prefix_template, rest_template=0,
+                      final_template=1)  # rest = t tokens over t + prefix_template slots
     cache = jax.eval_shape(lambda: init_cache(mc, rows, lay.update_slots))
     tok = jax.ShapeDtypeStruct((rows, lay.rest), jnp.int32), jax.ShapeDtypeStruct((rows, lay.rest), bool)
     fill = jax.jit(lambda p, a, b, kv: prefill(p, mc, a, b, kv), donate_argnums=(3,))
     roll = fill.lower(ap, *tok, cache).compile().memory_analysis()
-    est = plan.rollout_activation_bytes(mc, rows, lay, 1, 2)["total"] + plan.working_weight_bytes(mc, 1, 4, 2)
+    ro = plan.rollout_activation_bytes(mc, rows, lay, 1, 2)
+    est = ro["total"] + plan.working_weight_bytes(mc, 1, 4, 2)
     assert 0.6 < roll.temp_size_in_bytes / est < 1.5, (roll.temp_size_in_bytes, est)
+    return ro
 
+
+@pytest.mark.slow  # two compiles: ~5 s on an idle 2-core machine
+def test_estimates_track_xla_memory_analysis():
+    """The activation estimates against XLA's memory analysis: a learner step (remat full, chunked log-probs) and a
+    chunk-step prefill, 512 tokens (the prefill: 512 tokens over 768 slots)."""
+    mc = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True, param_dtype="float32",
+                     compute_dtype="bfloat16", remat="full")
+    _assert_estimates_track_xla(mc, rows=2, t=512, prefix_template=254)
 
 def test_blockwise_activation_formula_by_hand():
     mc = TINY.replace(attention_impl="blockwise", attention_block_size=100, attention_query_block_size=60)
@@ -255,40 +262,13 @@ def test_attention_path_follows_config_and_hardware():
 @pytest.mark.parametrize("block", [128, 256])
 def test_blockwise_estimates_track_xla_memory_analysis(block):
     """The blockwise path's estimates against XLA's buffer assignment (CPU), as for the materialised path: a
-    learner step (remat full, chunked log-probs) and a chunk-step prefill, 1024 tokens, blocks of 128 / 256."""
-    from memagent_jax.models.transformer import init_cache
-    from memagent_jax.rl.logprobs import token_logprobs
-    from memagent_jax.sampling.sampler import prefill
-
+    learner step (remat full, chunked log-probs) and a chunk-step prefill, 1024 tokens (the prefill over 1536
+    slots), blocks of 128 / 256."""
     mc = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True, param_dtype="float32",
                      compute_dtype="bfloat16", remat="full", attention_impl="blockwise", attention_block_size=block,
                      attention_query_block_size=block)
-    ap = abstract_params(mc)
-    rows, t = 2, 1024
-
-    def loss(p, tok, mask):
-        lp, ent = token_logprobs(p, tok, mask, config=mc, chunk_size=128, with_entropy=True)
-        return jnp.sum(lp) + jnp.sum(ent)
-
-    spec = jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows, t), bool)
-    learn = jax.jit(jax.grad(loss)).lower(ap, *spec).compile().memory_analysis()
-    grads = plan.param_bytes_per_device(mc, plan.MeshShape(1, 1, 1), "float32")
-    act = plan.learner_activation_bytes(mc, rows, t, "full", 1, 2, logits_chunk=128)
-    est = act["total"] + plan.working_weight_bytes(mc, 1, 4, 2) + grads
-    assert 0.6 < learn.temp_size_in_bytes / est < 1.5, (learn.temp_size_in_bytes, est)
-
-    lay = plan.Layout(question=1, memory=1, chunk=t - 2, answer=1, prefix_template=510, rest_template=0,
-                      final_template=1)  # rest = 1024 tokens over 1536 slots
-    cache = jax.eval_shape(lambda: init_cache(mc, rows, lay.update_slots))
-    tok = jax.ShapeDtypeStruct((rows, lay.rest), jnp.int32), jax.ShapeDtypeStruct((rows, lay.rest), bool)
-    fill = jax.jit(lambda p, a, b, kv: prefill(p, mc, a, b, kv), donate_argnums=(3,))
-    roll = fill.lower(ap, *tok, cache).compile().memory_analysis()
-    ro = plan.rollout_activation_bytes(mc, rows, lay, 1, 2)
-    assert ro["path"] == "blockwise"
-    est = ro["total"] + plan.working_weight_bytes(mc, 1, 4, 2)
-    assert 0.6 < roll.temp_size_in_bytes / est < 1.5, (roll.temp_size_in_bytes, est)
-
+    assert _assert_estimates_track_xla(mc, rows=2, t=1024, prefix_template=510)["path"] == "blockwise"
 
 # ------------------------------------------------------------------------------------ shipped configs
 
