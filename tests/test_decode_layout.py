@@ -75,8 +75,8 @@ def test_unstack_layers_forward_equals_stacked():
 
 def test_decode_layout_config_validation_and_export():
     config = preset_config("tiny")
-    assert config.decode_layout == "auto" and config.resolved_decode_layout == "scan"  # tiny layers (CPU)
-    assert preset_config("qwen2.5-0.5b-instruct").resolved_decode_layout == "unstacked"  # real layers (CPU)
+    assert config.decode_layout == "auto" and config.resolved_decode_layout == "unstacked"  # CPU, tiny layers too
+    assert preset_config("qwen2.5-0.5b-instruct").resolved_decode_layout == "unstacked"
     assert config.replace(decode_layout="unstacked").resolved_decode_layout == "unstacked"
     with pytest.raises(ConfigError, match="decode_layout"):
         config.replace(decode_layout="unrolled")
@@ -210,6 +210,58 @@ def test_decode_loop_reads_weights_in_place(layout):
         assert len(hits) == len(weight_shapes), hits  # every weight matrix sliced out per step
     else:
         assert not hits, f"weights sliced/copied inside the decode loop: {hits}"
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_decode_loop_reads_the_kv_cache_in_place(layout, batch):
+    """'unstacked' gives each layer its own cache buffer for the decode loop (`split_cache_layers`): no slice or
+    copy of a layer's cache inside the loop, at batch 1 too (where a [B, K, S, Dh] buffer got its in-place
+    write duplicated); 'scan' slices each layer's cache out of the [L, ...] stack at every token."""
+    config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
+                           head_dim=16, vocab_size=200, decode_layout=layout)
+    params = init_params(config, 0)
+    slots = 37  # no weight or activation has this size
+    cache = init_cache(config, batch, slots)
+    pre = jax.jit(prefill, static_argnames="config")(params, config, jnp.ones((batch, 8), jnp.int32),
+                                                     jnp.ones((batch, 8), bool), cache)
+    run = jax.jit(decode, static_argnames=("config", "sampling"))
+    hlo = run.lower(params, config, pre.cache, pre.last_logits, pre.next_positions,
+                    jax.random.split(jax.random.key(0), batch),
+                    SamplingParams(max_new_tokens=6, temperature=0.0)).compile().as_text()
+    cache_sized = [s for s in _sliced_shapes_in_while_bodies(hlo) if slots in s and np.prod(s) >= slots * 16]
+    if layout == "scan":
+        assert cache_sized, "expected the scanned decode step to slice each layer's cache out of the stack"
+    else:
+        assert not cache_sized, f"KV-cache buffers sliced/copied inside the decode loop: {cache_sized}"
+
+
+def test_unstacked_decode_returns_the_stacked_cache_it_would_have_written():
+    """The per-layer cache of the 'unstacked' decode loop is put back into the stacked layout: the same cache as
+    'scan' returns, including when the loop stops early and when it uses every free slot."""
+    config = preset_config("tiny", vocab_size=64, num_layers=2, hidden_size=32, intermediate_size=48,
+                           num_heads=4, num_kv_heads=2, head_dim=8)
+    params = init_params(config, 3)
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(3, 64, (2, 6)), jnp.int32)
+    mask = jnp.asarray([[1] * 6, [0, 0, 1, 1, 1, 1]], bool)
+    stop = tuple(range(3, 64, 2))  # about half of the vocabulary stops a row: the loop ends early
+    for sampling in (SamplingParams(max_new_tokens=5, temperature=0.0),
+                     SamplingParams(max_new_tokens=5, temperature=1.0, stop_token_ids=stop)):
+        outs = {}
+        for layout in LAYOUTS:
+            cfg = config.replace(decode_layout=layout)
+            cache = init_cache(cfg, 2, 6 + sampling.max_new_tokens - 1)  # exactly the slots decode needs
+            cache = jax.tree.map(lambda a: a + 7 if a.dtype == jnp.float32 else a, cache)  # stale data
+            pre = prefill(params, cfg, tokens, mask, cache)
+            outs[layout] = decode(params, cfg, pre.cache, pre.last_logits, pre.next_positions,
+                                  jax.random.split(jax.random.key(4), 2), sampling)
+        a, b = outs["scan"], outs["unstacked"]
+        np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+        assert not isinstance(b.cache.k, tuple)
+        for field in ("k", "v", "positions", "valid", "length"):
+            np.testing.assert_allclose(np.asarray(getattr(a.cache, field)), np.asarray(getattr(b.cache, field)),
+                                       atol=1e-6, rtol=0, err_msg=field)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

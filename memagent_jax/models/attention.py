@@ -71,19 +71,24 @@ def attention_mask(keys: AttentionKeys) -> jax.Array:
 def materialized_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention with the whole score matrix in memory (the reference).
 
-    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh] in q's dtype.
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh], or [B*K, S, Dh] (a decode loop's per-layer cache buffers, see
+    `transformer.split_cache_layers`); mask: [B, T, S] bool -> [B, T, H, Dh] in q's dtype.
     Scores and softmax in f32; the probabilities are cast to q's dtype for P @ V.
     """
     b, t, h, dh = q.shape
-    kh = k.shape[1]
+    merged = k.ndim == 3  # one batch axis B*K: no size-1 axis for XLA to drop when B == 1
+    kh = k.shape[0] // b if merged else k.shape[1]
     g = h // kh
     cdt = q.dtype
     qg = q.reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)  # [B, K, G*T, Dh]
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(cdt), preferred_element_type=jnp.float32)
+    if merged:
+        qg = qg.reshape(b * kh, g * t, dh)
+    lead = "n" if merged else "bk"
+    scores = jnp.einsum(f"{lead}qd,{lead}sd->{lead}qs", qg, k.astype(cdt), preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, g, t, -1) * (dh**-0.5)  # [B, K, G, T, S]
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cdt).reshape(b, kh, g * t, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(cdt))  # [B, K, G*T, Dh]
+    probs = jax.nn.softmax(scores, axis=-1).astype(cdt).reshape(qg.shape[:-1] + (-1,))
+    out = jnp.einsum(f"{lead}qs,{lead}sd->{lead}qd", probs, v.astype(cdt))  # [B, K, G*T, Dh] (or [B*K, ...])
     return out.reshape(b, kh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
@@ -331,12 +336,15 @@ def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *, impl: str,
            query_block: int = 512, key_block: int = 512, mask: jax.Array | None = None) -> jax.Array:
-    """Runs the path `select_implementation` picks for this call. q: [B, T, H, Dh]; k, v: [B, K, S, Dh];
-    mask: an already built `attention_mask(keys)` for the materialised path (built here when None)."""
-    path = select_implementation(impl, queries=q.shape[1], keys=k.shape[2], dtype=q.dtype, head_dim=q.shape[-1],
+    """Runs the path `select_implementation` picks for this call. q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (or
+    [B*K, S, Dh], see `materialized_attention`); mask: an already built `attention_mask(keys)` for the
+    materialised path (built here when None)."""
+    path = select_implementation(impl, queries=q.shape[1], keys=k.shape[-2], dtype=q.dtype, head_dim=q.shape[-1],
                                  query_block=query_block, key_block=key_block)
     if path == "materialized":
         return materialized_attention(q, k, v, attention_mask(keys) if mask is None else mask)
+    if k.ndim == 3:  # the other paths take [B, K, S, Dh]
+        k, v = (a.reshape(q.shape[0], -1, *a.shape[1:]) for a in (k, v))
     if path == "cudnn":
         return cudnn_attention(q, k, v, keys)
     return blockwise_attention(q, k, v, keys, query_block=query_block, key_block=key_block)

@@ -146,10 +146,10 @@ class ModelConfig:
     # Layer layout of the per-token decode loop (runtime choice only: never written to config.json):
     #   'scan'      - the decode step scans the stacked [L, ...] weights like prefill does;
     #   'unstacked' - the decode program splits the weights into L per-layer arrays once, outside its loops,
-    #                 and runs the layers as a Python loop, so every matmul reads its weight in place
-    #                 (costs one extra copy of the layer weights while the program runs);
-    #   'auto'      - on CPU 'unstacked' for real-sized layers, 'scan' for tiny ones; 'scan' on GPU/TPU
-    #                 (see `resolved_decode_layout`).
+    #                 and runs the layers as a Python loop, so every matmul reads its weight in place, and each
+    #                 decode loop gives every layer its own KV-cache buffers (costs one extra copy of the layer
+    #                 weights while the program runs and of the KV cache while a decode loop runs);
+    #   'auto'      - 'unstacked' on CPU, 'scan' on GPU/TPU (see `resolved_decode_layout`).
     decode_layout: str = "auto"
 
     def __post_init__(self):
@@ -192,16 +192,17 @@ class ModelConfig:
     def resolved_decode_layout(self) -> str:
         """'scan' or 'unstacked': what `decode_layout` means here ('auto' looks at JAX's default backend).
 
-        'auto' = on CPU 'unstacked' when a layer holds >= 2**20 weights (every real checkpoint; Qwen2.5-0.5B has
-        15M per layer), else 'scan'; on GPU/TPU 'scan'.
+        'auto' = 'unstacked' on CPU, 'scan' on GPU/TPU.
           * CPU (measured): in a scanned decode step XLA dynamic-slices and copies every weight matrix out of
-            the [L, ...] stack before its dot, so a bandwidth-bound step reads the weights twice and writes them
-            once; per-layer arrays let each dot read its weight in place (see benchmarks/bench_agent.py: at
-            Qwen2.5-0.5B shapes the agent ran 1.3x (batch 1) and 2.1x (batch 4) faster). The cost: one extra copy
-            of the layer weights in memory while a decode program runs, and a compile time that grows with depth
-            (the decode step is unrolled over layers). With tiny layers (the 'tiny' test shape, 0.15M weights per
-            layer) the weight copies are cheap and the unrolled step measured slower at batch 4 (0.6x): there
-            the KV cache, not the weights, is the traffic.
+            the [L, ...] stack before its dot, and each layer's KV cache out of the stacked cache, so a
+            bandwidth-bound step reads those twice and writes them once. 'unstacked' gives each layer its own
+            weight arrays (`unstack_layers`) and its own cache buffers for the decode loop
+            (`split_cache_layers`), so every dot reads in place (see benchmarks/bench_agent.py: the agent ran
+            1.3x (batch 1) and 2.1x (batch 4) faster at Qwen2.5-0.5B shapes with the weights alone; with the cache
+            too, the tiny shape's decode step 1.7x (batch 1) and 1.9x (batch 4), where the cache is the traffic).
+            The costs: one extra copy of the layer weights in memory while a decode program runs, a second copy
+            of the KV cache while a decode loop runs, and a compile time that grows with depth (the decode step
+            is unrolled over layers).
           * GPU/TPU (not measured here; reasoned): a per-token slice copy would cost bandwidth there too (up to
             ~2-3x the weight traffic of a bandwidth-bound step), but whether XLA copies depends on the backend:
             a leading-axis slice of a contiguous stack is a contiguous sub-buffer, which TPU matmuls and XLA
@@ -214,11 +215,7 @@ class ModelConfig:
             return self.decode_layout
         import jax  # deferred: this module is imported by JAX-free tools (the planner)
 
-        if jax.default_backend() != "cpu":
-            return "scan"
-        d, f, h, k, dh = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
-        layer_weights = d * h * dh * 2 + d * k * dh * 2 + 3 * d * f
-        return "unstacked" if layer_weights >= 2**20 else "scan"
+        return "unstacked" if jax.default_backend() == "cpu" else "scan"
 
     @property
     def num_groups(self) -> int:

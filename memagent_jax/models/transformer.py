@@ -70,7 +70,9 @@ def _dtype(name: str):
 class KVCache:
     """Key/value cache for prefill + incremental decode.
 
-    k, v:       [L, B, K, S, Dh] in the compute dtype (heads-major, so attention needs no transpose).
+    k, v:       [L, B, K, S, Dh] in the compute dtype (heads-major, so attention needs no transpose); or, in
+                the decode loop of the 'unstacked' layout only, tuples of L per-layer [B*K, S, Dh] buffers
+                (`split_cache_layers`).
     positions:  [B, S] int32, the RoPE position of the token in each slot.
     valid:      [B, S] bool, whether a slot holds a real token (pads and unwritten slots are False).
     length:     [] int32, the next slot to write; a forward of T tokens writes slots [length, length+T)
@@ -85,7 +87,12 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[3]
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether k and v are tuples of per-layer buffers (`split_cache_layers`)."""
+        return isinstance(self.k, tuple)
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: str | None = None) -> KVCache:
@@ -99,6 +106,45 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: str
         valid=jnp.zeros((batch_size, max_length), bool),
         length=jnp.zeros((), jnp.int32),
     )
+
+
+def split_cache_layers(cache: KVCache) -> KVCache:
+    """The cache with k and v as tuples of L per-layer [B*K, S, Dh] buffers (one copy of the cache).
+
+    For the decode loop of the 'unstacked' layout. Reading layer i out of the [L, ...] stack copies that
+    layer's slice at every token on XLA CPU (4 such copies took ~40% of a tiny-shape batch-4 decode step);
+    with its own buffer, each layer writes the new token and attention reads the buffer in place. Batch and
+    KV heads share one axis because with a size-1 batch axis XLA CPU duplicated the in-place write (a copy of
+    the buffer for the attention read). The decode loop holds this copy and the stacked cache it came from:
+    twice the cache's memory while it runs. Undo with `merge_cache_layers`.
+    """
+    if cache.per_layer:
+        return cache
+    l, b, kh, sl, dh = cache.k.shape
+    return dataclasses.replace(cache, k=tuple(cache.k[i].reshape(b * kh, sl, dh) for i in range(l)),
+                               v=tuple(cache.v[i].reshape(b * kh, sl, dh) for i in range(l)))
+
+
+def merge_cache_layers(per_layer: KVCache, stacked: KVCache, written_from: jax.Array, slots: int) -> KVCache:
+    """`per_layer` (from `split_cache_layers(stacked)`) back in the stacked layout.
+
+    Only slots [written_from, written_from + slots) may differ from `stacked` (what a decode loop wrote), so
+    those are written into `stacked`'s buffers (in place when `stacked` is dead afterwards) instead of stacking
+    every layer again. A window that would pass the end is moved back (XLA clamps it), which only rewrites
+    slots that are equal in both.
+    """
+    if not per_layer.per_layer:
+        return per_layer
+    slots = min(slots, stacked.max_length)
+
+    def merge(whole, layers):
+        new = jnp.stack([jax.lax.dynamic_slice_in_dim(a, written_from, slots, axis=1) for a in layers])
+        new = new.reshape(whole.shape[:3] + (slots, whole.shape[-1]))
+        return jax.lax.dynamic_update_slice_in_dim(whole, new.astype(whole.dtype), written_from, axis=3)
+
+    if slots == 0:
+        return dataclasses.replace(per_layer, k=stacked.k, v=stacked.v)
+    return dataclasses.replace(per_layer, k=merge(stacked.k, per_layer.k), v=merge(stacked.v, per_layer.v))
 
 
 def rewind_cache(cache: KVCache, length: jax.Array | int) -> KVCache:
@@ -180,10 +226,12 @@ class Attention(nnx.Module):
         """x: [B, T, D]; positions: [B, T]; keys: `attention.AttentionKeys` over the S_keys slots, plus
         `keys.mask` ([B, T, S_keys] bool, built once per forward) when the materialised path runs.
 
-        kv_cache: None or the whole stacked cache (k, v), each [L, B, K, S, Dh]: this layer's new keys/values
+        kv_cache: None; or the whole stacked cache (k, v), each [L, B, K, S, Dh]: this layer's new keys/values
         are written in place at [layer_index, :, :, cache_length] and attention runs over all S slots of
         layer `layer_index` (updating the stacked buffer, rather than slicing it out and stacking it back,
-        keeps a decode step from copying the whole cache). Returns (out [B, T, D], updated (k, v) or None).
+        keeps a decode step from copying the whole cache); or this layer's own buffers (k, v), each
+        [B*K, S, Dh] (`split_cache_layers`; layer_index unused), written at [:, cache_length] and read in
+        place. Returns (out [B, T, D], updated (k, v) or None).
         """
         c = self.config
         cdt = _dtype(c.compute_dtype)
@@ -205,13 +253,19 @@ class Attention(nnx.Module):
         v = v.transpose(0, 2, 1, 3)
         new_cache = None
         if kv_cache is not None:
-            cache_k, cache_v = kv_cache  # [L, B, K, S, Dh]
-            start = (layer_index, 0, 0, cache_length, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
-            new_cache = (cache_k, cache_v)
-            k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, axis=0, keepdims=False)  # [B, K, S, Dh]
-            v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, axis=0, keepdims=False)
+            cache_k, cache_v = kv_cache
+            if cache_k.ndim == 3:  # this layer's own [B*K, S, Dh] buffers: written, then read, in place
+                b, kh, t, dh = k.shape
+                write = lambda buf, new: jax.lax.dynamic_update_slice(  # noqa: E731
+                    buf, new.astype(buf.dtype).reshape(b * kh, t, dh), (0, cache_length, 0))
+                new_cache = k, v = write(cache_k, k), write(cache_v, v)
+            else:  # the stacked [L, B, K, S, Dh] buffers
+                start = (layer_index, 0, 0, cache_length, 0)
+                cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
+                cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
+                new_cache = (cache_k, cache_v)
+                k = jax.lax.dynamic_index_in_dim(cache_k, layer_index, axis=0, keepdims=False)  # [B, K, S, Dh]
+                v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, axis=0, keepdims=False)
 
         keys, mask = keys
         out = attention.attend(q, k.astype(cdt), v.astype(cdt), keys, impl=c.attention_impl,
@@ -337,9 +391,19 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
 
         carry = (x, None if cache is None else (cache.k, cache.v))
-        if unstacked_layers is not None:
-            # The stacked cache is written in place at a static layer index (per-layer cache buffers were
-            # measured worse on XLA CPU: the in-place write got duplicated for the attention read).
+        if cache is not None and cache.per_layer:
+            if unstacked_layers is None:
+                raise ValueError("a per-layer cache (split_cache_layers) needs unstacked layers (unstack_layers)")
+            # Each layer writes and reads its own cache buffers in place (the decode loop's layout).
+            new_k, new_v = list(cache.k), list(cache.v)
+            for i, params_l in enumerate(unstacked_layers):
+                block = nnx.merge(graphdef, params_l)
+                x, (new_k[i], new_v[i]) = block(x, positions, inv_freq, (keys, mask), (new_k[i], new_v[i]),
+                                                cache.length, None)
+            carry = (x, (tuple(new_k), tuple(new_v)))
+        elif unstacked_layers is not None:
+            # The stacked cache is written in place at a static layer index (reading the layer back copies
+            # its slice; the decode loop avoids that with a per-layer cache, see `split_cache_layers`).
             for i, params_l in enumerate(unstacked_layers):
                 block = nnx.merge(graphdef, params_l)
                 carry = block(carry[0], positions, inv_freq, (keys, mask), carry[1],

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from memagent_jax.models.config import ModelConfig
-from memagent_jax.models.transformer import (KVCache, forward_hidden, logits_from_hidden, positions_from_mask,
+from memagent_jax.models.transformer import (KVCache, forward_hidden, is_unstacked, logits_from_hidden,
+                                             merge_cache_layers, positions_from_mask, split_cache_layers,
                                              unstack_layers)
 from memagent_jax.sampling.params import SamplingError, SamplingParams
 
@@ -212,9 +213,10 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
 
     Args:
       params: model parameters, stacked or unstacked; they are put in the decode layout of
-        `config.decode_layout` (see `decode_params`) once, before the loop. The KV cache stays stacked
-        [L, ...] in both layouts (written in place; per-layer cache buffers were measured worse on XLA CPU: the
-        in-place write was duplicated for the attention read, copying each layer's buffer per token).
+        `config.decode_layout` (see `decode_params`) once, before the loop. In the 'unstacked' layout the KV
+        cache is split into per-layer buffers for the loop as well (`split_cache_layers`: one copy of the
+        cache per call, where reading a layer out of the stack copied it at every token) and the written slots
+        are put back into the stacked cache after it; the returned cache is stacked in both layouts.
       config: static `ModelConfig`.
       cache: `KVCache` holding the prompts; it needs N - 1 free slots after `cache.length` (slots past the
         end would be silently clamped by XLA, so size it accordingly).
@@ -228,6 +230,9 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
       `SampleOutput` (see its docstring for shapes).
     """
     params = decode_params(params, config)
+    stacked_cache = cache
+    if is_unstacked(params):
+        cache = split_cache_layers(cache)
     b = last_logits.shape[0]
     n = sampling.max_new_tokens
     pad = jnp.int32(sampling.pad_id)
@@ -291,8 +296,10 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
         return record(s, pick(logits, s.step), new_cache, positions)
 
     state = jax.lax.while_loop(cond, body, state)
+    # Token n >= 1 was fed back through the model: at most N - 1 slots from the input cache's length.
+    out_cache = merge_cache_layers(state.cache, stacked_cache, stacked_cache.length, n - 1)
     return SampleOutput(tokens=state.tokens, num_tokens=state.num_tokens, finished=state.finished,
-                        logprobs=state.logprobs, sampling_logprobs=state.sampling_logprobs, cache=state.cache)
+                        logprobs=state.logprobs, sampling_logprobs=state.sampling_logprobs, cache=out_cache)
 
 
 def prefill_and_decode(params, config: ModelConfig, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
