@@ -6,6 +6,8 @@
     python benchmarks/probe_key_matching.py --mode recall --pretrain copy --pretrain-updates 300 --updates 1500
     python benchmarks/probe_key_matching.py --pretrain copy:300,recall:1500 --updates 1000
     python benchmarks/probe_key_matching.py --mode agent-step --updates 20 --examples 600 --every 10   # smoke
+    python benchmarks/probe_key_matching.py --init induction --fact-style pair --notes for-keyed --lr 1e-3 \
+        --updates 100 --every 25 --examples 4000     # the main job's setting: ~1 min
 
 A question-conditioned main job needs the model to find, in a chunk holding several facts "The secret word for
 <creature> is <Word>.", the one whose creature the question names, and note its word. This script trains the main
@@ -19,7 +21,12 @@ agent-step       SFT on the one agent step that matters: the memory-update promp
                  --notes value:     notes = " <Word>" (the main job's note style);
                  --notes keyed:     notes = " <creature> <Word>" (the creature first, so the word's query is
                                     the creature token itself);
-                 --notes keyed-is:  notes = " <creature> is <Word>" (a verbatim span of the fact).
+                 --notes keyed-is:  notes = " <creature> is <Word>" (a verbatim span of the fact);
+                 --notes for-keyed: notes = " for <creature> <Word>" (the main job's notes since the
+                                    induction init: " for" precedes the creature in the question).
+--fact-style pair  facts "Remember <creature> <Word>." (the word right after its key; the main job's form).
+--init induction   random weights plus the hand-wired induction circuit of memagent_jax/models/induction.py
+                   (rope theta 1e6, as the main job's model); --init random: random weights only.
 recall           language-model loss on rows of `--facts` facts in the task's words followed by each creature
                  and its word in a random order; accuracy over the recalled words of each freshly drawn
                  training batch, rows never seen before (chance 1 / facts).
@@ -60,16 +67,17 @@ def _tokenizer_and_prompts(folder: str):
     return tokenizer, AgentPrompts.build(tokenizer, AgentTemplates(**t))
 
 
-def _model_config(tokenizer):
-    from memagent_jax.models.config import ModelConfig
+def _model_config(tokenizer, rope_theta: float = 1e4):
+    from memagent_jax.models.config import ModelConfig, RopeConfig
 
     return ModelConfig(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
                        tie_word_embeddings=True, attention_bias=True, eos_token_ids=(tokenizer.eos_token_id,),
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None, rope=RopeConfig(theta=rope_theta))
 
 
-def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str, seed: int = 7):
+def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str, seed: int = 7,
+                    fact_style: str = "sentence"):
     """[count, T] ids, [count, T] real-token mask, [count, T] loss weights (on the next token), [count] index of
     the position whose next token is the noted word."""
     from memagent_jax.agent import AgentBudgets, cpu_settings
@@ -81,7 +89,7 @@ def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str,
     budgets = AgentBudgets(**cpu_settings.BUDGETS)
     task = SyntheticConfig(task="keyed_recall", num_tokens=budgets.chunk_tokens, num_distractors=lookalikes,
                            same_chunk_distractors=min(1, lookalikes), chunk_tokens=budgets.chunk_tokens,
-                           chunk_aligned=True, seed=seed)
+                           chunk_aligned=True, fact_style=fact_style, seed=seed)
     policy, rng = ScriptedPolicy(forget_prob=0.0), np.random.default_rng(seed)
     rows, index = [], 0
     while len(rows) < count:
@@ -93,9 +101,10 @@ def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str,
         except StraddlingFactError:
             continue
         creature, _, word = next(f.triple for f in sample.facts if f.role == "answer")
-        text = {"value": f" {word}", "keyed": f" {creature} {word}", "keyed-is": f" {creature} is {word}"}[notes]
+        text = {"value": f" {word}", "keyed": f" {creature} {word}", "keyed-is": f" {creature} is {word}",
+                "for-keyed": f" for {creature} {word}"}[notes]
         response = encode_text(tokenizer, text) + [tokenizer.eos_token_id]
-        before_word = len(step.prompt_ids) - 1 + {"value": 0, "keyed": 1, "keyed-is": 2}[notes]
+        before_word = len(step.prompt_ids) - 1 + {"value": 0, "keyed": 1, "keyed-is": 2, "for-keyed": 2}[notes]
         seq = list(step.prompt_ids) + response
         assert seq[before_word + 1] == encode_text(tokenizer, " " + word)[0], "the scored position is the word's"
         rows.append((seq, len(step.prompt_ids), before_word))
@@ -219,7 +228,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("agent-step", "recall"), default="agent-step")
     parser.add_argument("--pretrain", default="none",
                         help="train on these tasks first: copy | recall | a list like copy:300,recall:1500")
-    parser.add_argument("--notes", choices=("value", "keyed", "keyed-is"), default="value")
+    parser.add_argument("--notes", choices=("value", "keyed", "keyed-is", "for-keyed"), default="value")
+    parser.add_argument("--fact-style", choices=("sentence", "pair"), default="sentence")
+    parser.add_argument("--init", choices=("random", "induction"), default="random")
     parser.add_argument("--updates", type=int, default=2500, help="optimiser updates (of the probed task)")
     parser.add_argument("--pretrain-updates", type=int, default=800, help="updates of the --pretrain task")
     parser.add_argument("--batch", type=int, default=64)
@@ -236,8 +247,12 @@ def main() -> None:
 
     print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores; {vars(args)}")
     tokenizer, prompts = _tokenizer_and_prompts(os.path.join(tempfile.mkdtemp(), "tokenizer"))
-    config = _model_config(tokenizer)
+    config = _model_config(tokenizer, rope_theta=1e6 if args.init == "induction" else 1e4)
     params = init_params(config, jax.random.key(0))
+    if args.init == "induction":
+        from memagent_jax.models.induction import wire_induction_heads
+
+        params = wire_induction_heads(params, config, seed=0)
     rng = np.random.default_rng(1)
     stages = {"copy": lambda: copy_rows(args.batch, 64, 1000, rng)[:3],
               "recall": lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3]}
@@ -248,7 +263,8 @@ def main() -> None:
               args.lr, args.every, "recall")
         return
     t0 = time.perf_counter()
-    ids, mask, weights, word_at = agent_step_rows(tokenizer, prompts, args.examples, args.lookalikes, args.notes)
+    ids, mask, weights, word_at = agent_step_rows(tokenizer, prompts, args.examples, args.lookalikes, args.notes,
+                                                  fact_style=args.fact_style)
     held = 512 if args.examples > 1024 else args.examples // 4
     train_rows = len(ids) - held
     print(f"{len(ids)} agent-step prompts of <= {ids.shape[1]} tokens ({time.perf_counter() - t0:.0f} s); "
@@ -258,8 +274,10 @@ def main() -> None:
         pick = rng.integers(0, train_rows, args.batch)
         return ids[pick], mask[pick], weights[pick]
 
+    held_out = (ids[train_rows:], mask[train_rows:], word_at[train_rows:])
+    print(f"before training: held-out word accuracy {float(make_trainer(config, args.lr, 2)[2](params, *held_out)):.3f}")
     train(params, config, draw, args.updates, args.lr, args.every, f"agent step, notes={args.notes}",
-          held_out=(ids[train_rows:], mask[train_rows:], word_at[train_rows:]))
+          held_out=held_out)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ Qwen2-architecture model, warm-start it by SFT on scripted (imperfect) memory tr
 multi-conversation GRPO, evaluate both models at 1x..64x the training length, write a memory-trace report,
 and export. `quick` shrinks every stage (under a minute; a pipeline check for tests).
 
-The task is `keyed_recall` from memagent_jax/data/synthetic.py: one fact "The secret word for <creature> is
-<Word>." in a haystack of generated sentences; `task.distractors_per_chunk` > 0 adds that many look-alike facts
-for other creatures per chunk at every length (harder: this tiny model does not learn to tell them apart within
-the default budget). The script's flaw (dropping its notes) is what grows with the length and what GRPO fixes.
+The task is `keyed_recall` from memagent_jax/data/synthetic.py in its "pair" form: keyed facts "Remember
+<creature> <Word>." in a haystack of generated sentences, the asked one among look-alikes for other creatures
+(`task.distractors_per_chunk` per chunk at every length, `same_chunk_distractors` of them beside the asked fact),
+asked as "What is the secret word for <creature>?". The model starts from random weights plus one hand-wired
+induction circuit (memagent_jax/models/induction.py; `model.init="random"` for none), which is what lets a
+0.6M-parameter model match the question's creature to a fact's within the CPU budget. The notes name the asked
+creature (" for <creature> <Word>"); the script's flaw (dropping its word at sections without the answer) is what
+grows with the length and what GRPO fixes.
 """
 
 import ml_collections
@@ -27,11 +31,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict(dict(
         name="keyed_recall",
         train_chunks=2,  # training documents are this many chunks long
-        # Look-alike facts "The secret word for <other creature> is <Word>." per chunk, at every length (0.5 with
-        # isolate_answer=True: the question-conditioned variant; not learned by this model within the CPU budget).
-        distractors_per_chunk=0.0,
-        same_chunk_distractors=0,  # of those, placed right beside the asked fact (in its chunk)
+        # Look-alike facts for other creatures per chunk, at every length (0: the asked fact alone, so keeping the
+        # last fact read would do).
+        distractors_per_chunk=1.0,
+        same_chunk_distractors=1,  # of those, placed right beside the asked fact (in its chunk)
         isolate_answer=False,  # no look-alike shares the asked fact's chunk
+        fact_style="pair",  # "Remember <creature> <Word>." ("sentence": "The secret word for <creature> is <Word>.")
         train_samples=4096,  # rows of the training file (GRPO draws from it)
         eval_multipliers="1;4;16;64",  # evaluation lengths, in multiples of train_chunks
         eval_questions=256,  # held-out questions per length
@@ -42,6 +47,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
         max_position_embeddings=512,
+        rope_theta=1e6,  # Qwen2's base: leaves rotary pairs that barely turn over a prompt (the matching head)
+        init="induction",  # random weights plus one hand-wired induction circuit (models/induction.py); "random"
     ))
     b = cpu_settings.BUDGETS
     c.agent = ml_collections.ConfigDict(dict(
@@ -52,12 +59,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         updates=384,  # optimiser updates
         trajectories_per_update=16,  # scripted trajectories (each: train_chunks + 1 conversations)
         updates_per_call=8,  # updates per jitted learner call
-        learning_rate=3e-3,
+        learning_rate=1e-3,
         warmup=20,
         forget_prob=0.3,  # the script's flaw: at a section without the answer, drop the notes
         overwrite_prob=0.0,  # ... or note a look-alike fact for another key
         focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
-        note_style="value",  # what the notes hold: "value" (the word) or "fact" (the whole fact sentence)
+        note_style="keyed",  # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
     ))
     c.rl = ml_collections.ConfigDict(dict(
         steps=60,

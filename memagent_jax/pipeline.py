@@ -104,6 +104,14 @@ def validate_config(cfg) -> None:
             raise PipelineConfigError(f"config.{path} must be positive, got {cfg[section][field]}")
     if cfg.task.distractors_per_chunk < 0:
         raise PipelineConfigError("config.task.distractors_per_chunk must be >= 0")
+    from memagent_jax.data.synthetic import FACT_STYLES
+    from memagent_jax.rl.warm_start import NOTE_STYLES
+
+    for path, allowed in (("task.fact_style", FACT_STYLES), ("model.init", ("random", "induction")),
+                          ("warm_start.note_style", NOTE_STYLES)):
+        section, field = path.split(".")
+        if field in cfg[section] and cfg[section][field] not in allowed:
+            raise PipelineConfigError(f"config.{path} must be one of {allowed}, got {cfg[section][field]!r}")
     for path, low in (("task.same_chunk_distractors", 0), ("task.multihop_multiplier", 0),
                       ("warm_start.focus_repeats", 1), ("long_eval.chunks", 1), ("long_eval.questions", 1),
                       ("long_eval.batch_size", 1)):
@@ -147,7 +155,8 @@ def task_config(cfg, chunks: int, seed: int, hops: int | None = None, exact_leng
                            num_distractors=int(round(cfg.task.distractors_per_chunk * chunks)),
                            same_chunk_distractors=cfg.task.same_chunk_distractors,
                            isolate_answer=cfg.task.isolate_answer, exact_length=exact_length, hops=hops,
-                           chunk_tokens=cfg.agent.chunk_tokens, chunk_aligned=True, seed=seed)
+                           chunk_tokens=cfg.agent.chunk_tokens, chunk_aligned=True,
+                           fact_style=cfg.task.get("fact_style", "sentence"), seed=seed)
 
 
 def agent_templates(cfg):
@@ -178,7 +187,8 @@ def make_assets(cfg, folder: str) -> dict:
     from memagent_jax.data.synthetic import SyntheticDataset, concatenated_records, tokenizer_corpus
     from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
     from memagent_jax.models import save_hf_checkpoint
-    from memagent_jax.models.config import ModelConfig
+    from memagent_jax.models.config import ModelConfig, RopeConfig
+    from memagent_jax.models.induction import wire_induction_heads
     from memagent_jax.models.transformer import init_params
 
     paths = {"tokenizer": os.path.join(folder, "tokenizer"), "model": os.path.join(folder, "initial_model"),
@@ -228,11 +238,16 @@ def make_assets(cfg, folder: str) -> dict:
         intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_position_embeddings=m.max_position_embeddings,
         tie_word_embeddings=True, attention_bias=True, eos_token_ids=(tokenizer.eos_token_id,),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, rope=RopeConfig(theta=float(m.get("rope_theta", 1e4))))
     params = init_params(model_config, jax.random.key(cfg.seed))
+    init = m.get("init", "random")
+    if init == "induction":
+        params = wire_induction_heads(params, model_config, seed=cfg.seed)
     save_hf_checkpoint(params, model_config, paths["model"], base_folder=paths["tokenizer"])
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    _say(f"[assets] tiny Qwen2 model, {n_params / 1e6:.2f}M parameters -> {paths['model']}")
+    _say(f"[assets] tiny Qwen2 model, {n_params / 1e6:.2f}M parameters, "
+         f"{'random weights plus a hand-wired induction circuit' if init == 'induction' else 'random weights'} "
+         f"-> {paths['model']}")
     _mark_done(folder, {"paths": paths, "seconds": time.perf_counter() - t0, "num_params": int(n_params)})
     return paths
 

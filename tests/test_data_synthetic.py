@@ -312,8 +312,8 @@ def test_value_digits(tok):
 
 
 def _main_job_task(multiplier: int, hops: int | None = None):
-    """The main job's task (configs/tiny_synthetic.py) in its question-conditioned variant (one look-alike per
-    two chunks, the asked fact alone in its chunk) at `multiplier` x its training length."""
+    """The main job's task as configs/tiny_synthetic.py sets it (one look-alike per chunk, one of them in the asked
+    fact's chunk, "Remember <creature> <Word>." facts) at `multiplier` x its training length."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
     try:
         import tiny_synthetic
@@ -322,7 +322,6 @@ def _main_job_task(multiplier: int, hops: int | None = None):
     from memagent_jax.pipeline import task_config
 
     cfg = tiny_synthetic.get_config()
-    cfg.task.distractors_per_chunk, cfg.task.isolate_answer = 0.5, True  # the question-conditioned variant
     return task_config(cfg, multiplier * cfg.task.train_chunks, seed=11, hops=hops)
 
 
@@ -344,21 +343,21 @@ def test_default_task_needs_the_question(tok, multiplier):
         sample = generate_sample(cfg, index, tok)
         k = len(sample.facts)
         assert k >= 1 + multiplier  # the asked fact and look-alikes of the same form (more with the length)
-        assert all(re.fullmatch(r" The secret word for \w+ is \w+\.", f.text) for f in sample.facts)
+        assert all(re.fullmatch(r" Remember \w+ \w+\.", f.text) for f in sample.facts)
         assert _policy_answers(sample, use_question=True) == sample.answers[0]
         by_k.setdefault(k, []).append(_policy_answers(sample, use_question=False) == sample.answers[0])
     for k, hits in by_k.items():
         assert sum(hits) / len(hits) <= 1 / k, (k, sum(hits), len(hits))
-    # The asked fact sits first, in the middle and last, and never shares its chunk with a look-alike.
-    ordinals = set()
+    # The asked fact sits first, in the middle and last, nearly always with a look-alike in its chunk.
+    ordinals, shared = set(), 0
     for index in range(30):
         sample = generate_sample(cfg, index, tok)
         roles = [f.role for f in sample.facts]
         at = roles.index("answer")
         ordinals.add("first" if at == 0 else "last" if at == len(roles) - 1 else "middle")
         chunk = sample.facts[at].token_offset // cfg.chunk_tokens
-        assert all(f.token_offset // cfg.chunk_tokens != chunk for f in sample.facts if f.role != "answer")
-    assert ordinals == ({"first", "middle", "last"} if len(sample.facts) > 2 else {"first", "last"})
+        shared += any(f.token_offset // cfg.chunk_tokens == chunk for f in sample.facts if f.role != "answer")
+    assert ordinals == {"first", "middle", "last"} and shared >= 27
 
 
 def test_same_chunk_lookalikes_sit_beside_the_asked_fact(tok):
@@ -412,9 +411,9 @@ def test_concatenated_records(tok):
         start = part * cfg.num_tokens
         assert tok.decode(ids[start:start + cfg.num_tokens]) == asked.text()
         key = re.search(r"for (\w+)\?", record.question).group(1).lower()
-        assert record.document.count(f" for {key} is ") == 1  # the answer stays unique
-        assert record.document.count(f" is {record.answers[0]}.") == 1
+        assert record.document.count(f" Remember {key} ") == 1  # the answer stays unique
+        assert record.document.count(f" {record.answers[0]}.") == 1
         # Later parts hold later look-alike facts: the asked fact is not the last fact of the document.
-        assert record.document.rindex(" The secret word for ") > record.document.index(f" for {key} is ")
+        assert record.document.rindex(" Remember ") > record.document.index(f" Remember {key} ")
     with pytest.raises(ValueError, match="parts"):
         next(S.concatenated_records(cfg, 1, 1, tok))

@@ -146,3 +146,4 @@ def test_config_errors_name_the_field():
     cfg.quick_overrides = "task.no_such_field=3"
     with pytest.raises(pipeline.PipelineConfigError, match="task.no_such_field"):
         pipeline.resolve_config(cfg)
+

@@ -72,3 +72,27 @@ def test_sft_batch_trains_on_responses_only(setup):
     assert batch.num_response_tokens() == sum(len(c.response_ids) for c in convs)
     with pytest.raises(ValueError, match="forget_prob"):
         ScriptedPolicy(forget_prob=1.5)
+
+
+def test_keyed_notes_name_the_asked_key_from_the_first_chunk(setup):
+    """'keyed' notes: " for <asked> ?" until the asked fact is read, then " for <asked> <Word>"; dropping the
+    notes goes back to " ... ?"; the final answer is the noted word (or unknown)."""
+    tok, _ = setup
+    for index in range(12):
+        for forget in (0.0, 1.0):
+            tok_, prompts = setup
+            cfg = SyntheticConfig("keyed_recall", num_tokens=32 * 6, num_distractors=3, chunk_tokens=32,
+                                  chunk_aligned=True, fact_style="pair")
+            sample = generate_sample(cfg, index, tok)
+            ids = tokenize_document(tok, sample.text())
+            convs = scripted_conversations(sample, ids, tok, prompts, BUDGETS,
+                                           ScriptedPolicy(forget_prob=forget, note_style="keyed"),
+                                           np.random.default_rng(0), tok.eos_token_id)
+            creature = next(f.triple[0] for f in sample.facts if f.role == "answer")
+            answer_step = next(f.token_offset for f in sample.facts if f.role == "answer") // 32
+            notes = [tok.decode(c.response_ids[:-1]) for c in convs[:-1]]
+            for k, note in enumerate(notes):
+                found = k == answer_step or (answer_step < k and forget == 0.0)
+                assert note == f" for {creature} {sample.answers[0] if found else '?'}", (k, note)
+            kept = forget == 0.0 or answer_step == len(notes) - 1
+            assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + (sample.answers[0] if kept else "unknown") + "}"

@@ -25,7 +25,9 @@ Tasks (:data:`TASKS`):
     ``index % n`` of n), so "keep the last fact" scores 1/n; ``same_chunk_distractors`` look-alikes
     sit right beside it.  With ``hops`` h > 1 the asked creature's fact points to another's ("... is
     the one for <creature>."), h - 1 times (multi-hop).  The memory task of the CPU default job: what
-    to keep is the whole difficulty, not how to copy.
+    to keep is the whole difficulty, not how to copy.  ``fact_style="pair"`` writes every fact as
+    "Remember <creature> <Word>." (pointers: "Remember <creature> as <creature>."), the word right after
+    its key, which is the form an induction circuit reads (see ``memagent_jax.models.induction``).
 ``variable_tracking``
     A chain "Let <A> be 12345." "Let <B> be <A>." ... of ``hops`` (default 4) copies; asked which
     variables hold the value (all ``hops + 1`` names are wanted).  ``num_distractors`` (default 2)
@@ -212,9 +214,12 @@ class SyntheticConfig:
     same_chunk_distractors: int = 0
     isolate_answer: bool = False
     exact_length: bool = False
+    fact_style: str = "sentence"
     seed: int = 0
 
     def __post_init__(self):
+        if self.fact_style not in FACT_STYLES:
+            raise ValueError(f"fact_style must be one of {FACT_STYLES}, got {self.fact_style!r}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {TASKS}")
         if self.num_tokens <= 0:
@@ -500,6 +505,13 @@ def _niah(cfg: SyntheticConfig, rng: random.Random) -> tuple[str, tuple[str, ...
 
 _RECALL_WORDS = tuple(s.capitalize() for s in _SYLLABLES)
 
+# keyed_recall's fact wordings: (a fact stating a word, a pointer to another creature's fact).
+FACT_STYLES = ("sentence", "pair")
+_KEYED_FACTS = {
+    "sentence": (" The secret word for {key} is {word}.", " The secret word for {key} is the one for {target}."),
+    "pair": (" Remember {key} {word}.", " Remember {key} as {target}."),
+}
+
 
 def _keyed_recall(cfg: SyntheticConfig, rng: random.Random, index: int):
     """The asked fact, its look-alikes, and (hops > 1) the pointer facts that lead to it.
@@ -518,14 +530,14 @@ def _keyed_recall(cfg: SyntheticConfig, rng: random.Random, index: int):
     others = [k for k in _KEY_CREATURES if k not in chain]
     other_words = [w for w in _RECALL_WORDS if w != word]
     drafts = []
+    stating, pointing = _KEYED_FACTS[cfg.fact_style]
     for h, (key, target) in enumerate(zip(chain, chain[1:] + [None])):
         role = "answer" if h == 0 else "support"
         if target is None:
-            drafts.append(_Draft(f" The secret word for {key} is {word}.", role, (key, "secret_word", word)))
+            drafts.append(_Draft(stating.format(key=key, word=word), role, (key, "secret_word", word)))
         else:
-            drafts.append(_Draft(f" The secret word for {key} is the one for {target}.", role,
-                                 (key, "same_word_as", target)))
-    lookalikes = [_Draft(f" The secret word for {k} is {w}.", "distractor", (k, "secret_word", w))
+            drafts.append(_Draft(pointing.format(key=key, target=target), role, (key, "same_word_as", target)))
+    lookalikes = [_Draft(stating.format(key=k, word=w), "distractor", (k, "secret_word", w))
                   for k, w in ((rng.choice(others), rng.choice(other_words)) for _ in range(cfg.resolved_distractors))]
     n = len(drafts) + len(lookalikes)
     near = min(cfg.same_chunk_distractors, len(lookalikes))
@@ -882,6 +894,7 @@ def vocabulary_texts() -> list[str]:
     texts.append(" 0 1 2 3 4 5 6 7 8 9")
     texts.append(" The secret number for amber falcon is 1234567. What is the secret number for amber falcon?")
     texts.append(" The secret word for otter is Ven. What is the secret word for otter?")
+    texts.append(" Remember otter Ven. Remember heron as otter. for otter Ven for heron ?")
     texts.append(" What are all the secret numbers for violet otter? What are the secret numbers for a, b and c?")
     texts.append(" Let ABCDE be 12345. Let FGHJK be ABCDE. Which variables hold the value 12345, directly or through other variables?")
     texts.extend(t.format(s="Kalo Mira", o="Venra") for t, _, _ in _RELATIONS)

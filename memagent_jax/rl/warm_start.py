@@ -37,6 +37,9 @@ class StraddlingFactError(ValueError):
     """A fact of the sample is split between two chunks (the script reads facts whole)."""
 
 
+NOTE_STYLES = ("value", "fact", "keyed")
+
+
 @dataclasses.dataclass(frozen=True)
 class ScriptedPolicy:
     """How the scripted agent treats what it reads.
@@ -45,8 +48,10 @@ class ScriptedPolicy:
       memory text).
     overwrite_prob: probability of replacing the notes with a fact that answers a *different* key (a
       look-alike); the fact for the asked key is always noted.
-    note_style: what the notes hold: 'value' (the fact's answer, as the document spells it) or 'fact' (the
-      whole fact sentence).
+    note_style: what the notes hold: 'value' (the fact's answer, as the document spells it), 'fact' (the
+      whole fact sentence) or 'keyed' (" for <asked key> <answer>", and " for <asked key> ?" while the notes
+      hold no answer: from the first chunk on, the notes name what is asked; the key comes first so the answer
+      is the token that follows the key in the document's "Remember <key> <Word>." facts).
     unknown_answer: the boxed answer given when the notes hold no fact.
     """
 
@@ -59,8 +64,8 @@ class ScriptedPolicy:
         for name in ("forget_prob", "overwrite_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.note_style not in ("value", "fact"):
-            raise ValueError(f"note_style must be 'value' or 'fact', got {self.note_style!r}")
+        if self.note_style not in NOTE_STYLES:
+            raise ValueError(f"note_style must be one of {NOTE_STYLES}, got {self.note_style!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,7 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
 
     memory = list(prompts.initial_memory)
     noted = None  # triple of the fact the notes hold
+    keyed = lambda word: encode_text(tokenizer, f" for {asked} {word}")  # noqa: E731 ('keyed' notes)
     out = []
     num_chunks = -(-len(doc_ids) // c)
     for k in range(num_chunks):
@@ -121,9 +127,13 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
             if fact.triple[0] == asked or rng.random() < policy.overwrite_prob:
                 if policy.note_style == "fact":
                     memory = [int(t) for t in doc_ids[fact.token_offset:fact.token_offset + fact.num_tokens]]
+                elif policy.note_style == "keyed":
+                    memory = keyed(fact.triple[2])
                 else:
                     memory = encode_text(tokenizer, " " + fact.triple[2])
                 noted = fact.triple
+        if policy.note_style == "keyed" and noted is None:
+            memory = keyed("?")
         if len(memory) + 1 > budgets.memory_tokens:
             raise ValueError(f"sample {sample.index}: notes of {len(memory)} tokens (+ stop) exceed "
                              f"memory_tokens={budgets.memory_tokens}")
