@@ -238,7 +238,8 @@ def make_assets(cfg, folder: str) -> dict:
         intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_position_embeddings=m.max_position_embeddings,
         tie_word_embeddings=True, attention_bias=True, eos_token_ids=(tokenizer.eos_token_id,),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, rope=RopeConfig(theta=float(m.get("rope_theta", 1e4))))
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        rope=RopeConfig(theta=float(m.get("rope_theta", RopeConfig.theta))))
     params = init_params(model_config, jax.random.key(cfg.seed))
     init = m.get("init", "random")
     if init == "induction":

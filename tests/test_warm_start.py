@@ -77,12 +77,11 @@ def test_sft_batch_trains_on_responses_only(setup):
 def test_keyed_notes_name_the_asked_key_from_the_first_chunk(setup):
     """'keyed' notes: " for <asked> ?" until the asked fact is read, then " for <asked> <Word>"; dropping the
     notes goes back to " ... ?"; the final answer is the noted word (or unknown)."""
-    tok, _ = setup
+    tok, prompts = setup
+    cfg = SyntheticConfig("keyed_recall", num_tokens=32 * 6, num_distractors=3, chunk_tokens=32, chunk_aligned=True,
+                          fact_style="pair")
     for index in range(12):
         for forget in (0.0, 1.0):
-            tok_, prompts = setup
-            cfg = SyntheticConfig("keyed_recall", num_tokens=32 * 6, num_distractors=3, chunk_tokens=32,
-                                  chunk_aligned=True, fact_style="pair")
             sample = generate_sample(cfg, index, tok)
             ids = tokenize_document(tok, sample.text())
             convs = scripted_conversations(sample, ids, tok, prompts, BUDGETS,
@@ -95,4 +94,5 @@ def test_keyed_notes_name_the_asked_key_from_the_first_chunk(setup):
                 found = k == answer_step or (answer_step < k and forget == 0.0)
                 assert note == f" for {creature} {sample.answers[0] if found else '?'}", (k, note)
             kept = forget == 0.0 or answer_step == len(notes) - 1
-            assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + (sample.answers[0] if kept else "unknown") + "}"
+            answer = sample.answers[0] if kept else "unknown"
+            assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + answer + "}"

@@ -9,8 +9,9 @@ model trained from random weights on a CPU budget does not find them (benchmarks
 after 2,500 updates). `wire_induction_heads` writes one such circuit into freshly initialised parameters, so the
 main job's tiny model starts where a pretrained model would, and SFT and RL teach it what to do with it.
 
-The circuit (L >= 2 layers, K >= 2 KV heads, hidden >= 2 * head_dim; other heads and all MLPs keep their random
-init, the MLPs' output scaled down so they do not drown the circuit at the start):
+The circuit (L >= 2 layers, K >= 2 KV heads, hidden >= 2 * head_dim). The other attention heads of layers 0 and 1
+start at zero (silent until training grows them); deeper layers and all MLPs keep their random init, the MLPs'
+output scaled down so they do not drown the circuit at the start:
 
   residual stream  token embeddings use the first D - Dh dims; the last Dh dims carry "the previous token"
   layer 0, head 0  previous-token head: zero q/k projections and q/k biases whose rotary phases differ by one
@@ -61,7 +62,7 @@ def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_dist
     """
     c = config
     dh, half, d = c.head_dim, c.head_dim // 2, c.hidden_size
-    if c.num_layers < 2 or c.num_kv_heads < 2 or d < 2 * dh or c.tie_word_embeddings is False:
+    if c.num_layers < 2 or c.num_kv_heads < 2 or d < 2 * dh or not c.tie_word_embeddings:
         raise InductionWiringError(
             f"the induction circuit needs >= 2 layers, >= 2 KV heads, hidden_size >= 2 * head_dim and tied "
             f"embeddings; got {c.num_layers} layers, {c.num_kv_heads} KV heads, hidden {d}, head_dim {dh}, "
