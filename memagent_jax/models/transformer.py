@@ -114,10 +114,9 @@ def split_cache_layers(cache: KVCache) -> KVCache:
     For the decode loop of the 'unstacked' layout. Reading layer i out of the [L, ...] stack copies that
     layer's slice at every token on XLA CPU (in a profile, 4 such copies took about half of a tiny-shape
     batch-4 decode step); with its own buffer, each layer writes the new token and attention reads the buffer
-    in place. Batch and
-    KV heads share one axis because with a size-1 batch axis XLA CPU duplicated the in-place write (a copy of
-    the buffer for the attention read). The decode loop holds this copy and the stacked cache it came from:
-    twice the cache's memory while it runs. Undo with `merge_cache_layers`.
+    in place. Batch and KV heads share one axis because with a size-1 batch axis XLA CPU duplicated the
+    in-place write (a copy of the buffer for the attention read). The decode loop holds this copy and the
+    stacked cache it came from: twice the cache's memory while it runs. Undo with `merge_cache_layers`.
     """
     if cache.per_layer:
         return cache
