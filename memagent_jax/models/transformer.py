@@ -87,7 +87,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[3]
+        return self.k[0].shape[1] if self.per_layer else self.k.shape[3]
 
     @property
     def per_layer(self) -> bool:
