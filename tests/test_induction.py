@@ -71,3 +71,38 @@ def test_shapes_that_cannot_hold_the_circuit_are_refused(change, message):
     config = CONFIG.replace(**change)
     with pytest.raises(InductionWiringError, match=message):
         wire_induction_heads(init_params(config, jax.random.key(0)), config)
+
+
+def _match_scores(params):
+    """[V, V] the matching head's score of query token a against a key whose previous token is b (no RMSNorm)."""
+    attn = params["layers"]["attn"]
+    de = CONFIG.hidden_size - CONFIG.head_dim
+    group = CONFIG.num_heads // CONFIG.num_kv_heads
+    embed = np.asarray(params["embed"])[:, :de]
+    queries = embed @ np.asarray(attn["q_proj"][1, :de, group, :])  # [V, Dh]
+    carried = embed @ np.asarray(attn["v_proj"][0, :de, 0, :])  # [V, Dh] what the previous-token head writes
+    keys = carried @ np.asarray(attn["k_proj"][1, de:, 1, :])  # [V, Dh]
+    return queries @ keys.T
+
+
+def test_every_token_matches_itself_most_strongly():
+    """Equalised match codes: for every token the exact match outscores every other key token (with raw random
+    embeddings short codes lose to longer look-alikes), and the embeddings outside the matched subspace are
+    the same as without equalising."""
+    params = init_params(CONFIG, jax.random.key(0))
+    wired = wire_induction_heads(params, CONFIG, seed=0)
+    raw = wire_induction_heads(params, CONFIG, seed=0, equal_match=False)
+    scores, raw_scores = _match_scores(wired), _match_scores(raw)
+    vocab = np.arange(CONFIG.vocab_size)
+    assert np.all(np.argmax(scores, axis=1) == vocab)
+    assert np.mean(np.argmax(raw_scores, axis=1) != vocab) > 0.1
+    np.testing.assert_allclose(np.diag(scores), np.diag(scores).mean(), rtol=1e-4)
+    # Only the rows' components in the matched subspace changed: the difference lies in that span.
+    de = CONFIG.hidden_size - CONFIG.head_dim
+    basis = np.asarray(wired["layers"]["attn"]["q_proj"][1, :de, CONFIG.num_heads // CONFIG.num_kv_heads, :])
+    basis = basis[:, np.abs(basis).sum(0) > 0]
+    delta = np.asarray(wired["embed"] - raw["embed"])[:, :de]
+    residual = delta - delta @ basis @ np.linalg.pinv(basis)
+    assert np.abs(residual).max() < 1e-6 and np.abs(delta).max() > 1e-3
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        np.testing.assert_array_equal(wired["layers"]["attn"][name], raw["layers"]["attn"][name])

@@ -13,7 +13,10 @@ The circuit (L >= 2 layers, K >= 2 KV heads, hidden >= 2 * head_dim). The other 
 start at zero (silent until training grows them); deeper layers and all MLPs keep their random init, the MLPs'
 output scaled down so they do not drown the circuit at the start:
 
-  residual stream  token embeddings use the first D - Dh dims; the last Dh dims carry "the previous token"
+  residual stream  token embeddings use the first D - Dh dims; the last Dh dims carry "the previous token".
+                   Every token's code in the subspace the matching head compares gets the same norm, so each
+                   token matches itself more strongly than any other (a random short code would lose to a
+                   longer look-alike: the main job's notes then took a look-alike creature's word).
   layer 0, head 0  previous-token head: zero q/k projections and q/k biases whose rotary phases differ by one
                    position, so its score depends only on the distance and peaks at t - 1; its values are a
                    random projection R of the token embedding, written into the last Dh dims.
@@ -48,9 +51,28 @@ def _rotate(vec: np.ndarray, angles: np.ndarray) -> np.ndarray:
     return np.concatenate([vec[:half] * c - vec[half:] * s, vec[half:] * c + vec[:half] * s])
 
 
+def _equalise_match_norms(embed: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """`embed` [V, E] with each row's component in the column span of `basis` [E, M] rescaled so that every
+    token's match code `basis.T @ row` has the mean norm (the rest of each row is unchanged).
+
+    With random embeddings some tokens get short match codes; a short code matches itself weakly, so a look-alike
+    key with a longer, partly aligned code can outscore the exact match. Equal norms make the exact match the
+    strongest for every token: score(a, a) - score(a, b) = norm^2 * (1 - cos(a, b)) > 0.
+    """
+    codes = embed @ basis  # [V, M]
+    norms = np.linalg.norm(codes, axis=1, keepdims=True)
+    target = norms.mean()
+    # Component of each row in span(basis): basis (basis^T basis)^-1 codes^T.
+    coeffs = np.linalg.solve(basis.T @ basis, codes.T).T  # [V, M]
+    parallel = coeffs @ basis.T  # [V, E]
+    scale = target / np.maximum(norms, 1e-12)
+    return embed - parallel + parallel * scale
+
+
 def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_distance: int = 128,
                          embed_std: float = 0.05, position_gain: float = 6.0, match_gain: float = 3.0,
-                         carry_gain: float = 0.08, copy_gain: float = 2.0, mlp_scale: float = 0.1):
+                         carry_gain: float = 0.08, copy_gain: float = 2.0, mlp_scale: float = 0.1,
+                         equal_match: bool = True):
     """`params` (stacked, from `init_params(config, ...)`) with the induction circuit of the module docstring.
 
     max_distance: the longest query-key distance (positions) the matching head must treat alike; rotary pairs
@@ -58,7 +80,8 @@ def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_dist
       `rope.theta` if not). position_gain: sharpness of the previous-token head; match_gain, carry_gain,
       copy_gain: scales of the matching head's query, of the carried previous token and of the copy.
       embed_std: std of the token embeddings (tied: also the LM head's scale). mlp_scale: factor on every
-      MLP's output projection.
+      MLP's output projection. equal_match: give every token's embedding the same norm inside the subspace the
+      matching head compares (see `_equalise_match_norms`).
     """
     c = config
     dh, half, d = c.head_dim, c.head_dim // 2, c.hidden_size
@@ -84,6 +107,10 @@ def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_dist
     embed = np.zeros_like(p["embed"])
     embed[:, :de] = rng.normal(0.0, embed_std, (embed.shape[0], de))
     p["embed"] = embed
+    carry = rng.normal(0.0, 1.0 / np.sqrt(de), (de, dh))
+    dims = flat + [i + half for i in flat]  # the matching head's rotary dims
+    if equal_match:
+        embed[:, :de] = _equalise_match_norms(embed[:, :de], carry[:, :len(dims)])
     attn = p["layers"]["attn"]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias"):
         attn[name][:2] = 0.0  # layers 0 and 1: only the circuit's heads, every other head starts silent
@@ -94,12 +121,10 @@ def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_dist
     k_vec[:4] = (1.0, 1.0, 0.7, 0.5)
     attn["k_bias"][0, 0] = position_gain * k_vec
     attn["q_bias"][0, 0] = position_gain * _rotate(k_vec, -inv_freq)
-    carry = rng.normal(0.0, 1.0 / np.sqrt(de), (de, dh))
     attn["v_proj"][0, :de, 0, :] = carry
     attn["o_proj"][0, 0, :, de:] = carry_gain * np.eye(dh)
 
     # Layer 1, head `group` (KV group 1): query R(current token) . key (carried previous token), flat pairs only.
-    dims = flat + [i + half for i in flat]
     for m, f in enumerate(dims):
         attn["q_proj"][1, :de, group, f] = match_gain * carry[:, m]
         attn["k_proj"][1, de + m, 1, f] = 1.0
