@@ -35,6 +35,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # last fact read would do).
         distractors_per_chunk=1.0,
         same_chunk_distractors=1,  # of those, placed right beside the asked fact (in its chunk)
+        # Look-alikes per chunk in the GRPO training rows (-1: distractors_per_chunk). Denser rows give GRPO more
+        # of the rare steps where a look-alike's word is taken before the asked fact is read.
+        rl_distractors_per_chunk=2.0,
         isolate_answer=False,  # no look-alike shares the asked fact's chunk
         fact_style="pair",  # "Remember <creature> <Word>." ("sentence": "The secret word for <creature> is <Word>.")
         train_samples=4096,  # rows of the training file (GRPO draws from it)
@@ -67,7 +70,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         note_style="keyed",  # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
     ))
     c.rl = ml_collections.ConfigDict(dict(
-        steps=60,
+        steps=90,
         questions_per_step=8,
         group_size=16,
         num_minibatches=1,
@@ -75,6 +78,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         kl_coef=0.001,  # k3 KL to the warm start (the paper's 1e-3): holds what GRPO on 2-chunk rows rarely sees
         temperature=1.0,
         top_p=1.0,
+        dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
+        max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
     ))
     c.eval = ml_collections.ConfigDict(dict(
         temperature=0.7, top_p=0.95,  # the paper's evaluation sampling
@@ -94,7 +99,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.quick_overrides = ",".join([
         "task.train_samples=256", "task.eval_questions=32", "task.eval_multipliers=1;4", "task.concat_multiplier=4",
         "warm_start.updates=16", "warm_start.updates_per_call=8", "warm_start.trajectories_per_update=8",
-        "rl.steps=2", "rl.questions_per_step=4", "rl.group_size=4",
+        "rl.steps=2", "rl.questions_per_step=4", "rl.group_size=4", "rl.max_sampling_batches=2",
         "eval.batch_size=32", "eval.report_questions=2",
     ])
     return c

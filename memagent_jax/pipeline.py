@@ -104,6 +104,8 @@ def validate_config(cfg) -> None:
             raise PipelineConfigError(f"config.{path} must be positive, got {cfg[section][field]}")
     if cfg.task.distractors_per_chunk < 0:
         raise PipelineConfigError("config.task.distractors_per_chunk must be >= 0")
+    if cfg.task.get("rl_distractors_per_chunk", -1.0) < 0 and cfg.task.get("rl_distractors_per_chunk", -1.0) != -1:
+        raise PipelineConfigError("config.task.rl_distractors_per_chunk must be >= 0, or -1 (= distractors_per_chunk)")
     from memagent_jax.data.synthetic import FACT_STYLES
     from memagent_jax.rl.warm_start import NOTE_STYLES
 
@@ -114,9 +116,9 @@ def validate_config(cfg) -> None:
             raise PipelineConfigError(f"config.{path} must be one of {allowed}, got {cfg[section][field]!r}")
     for path, low in (("task.same_chunk_distractors", 0), ("task.multihop_multiplier", 0),
                       ("warm_start.focus_repeats", 1), ("long_eval.chunks", 1), ("long_eval.questions", 1),
-                      ("long_eval.batch_size", 1)):
+                      ("long_eval.batch_size", 1), ("rl.max_sampling_batches", 1)):
         section, field = path.split(".")
-        if int(cfg[section][field]) < low:
+        if field in cfg[section] and int(cfg[section][field]) < low:
             raise PipelineConfigError(f"config.{path} must be >= {low}, got {cfg[section][field]}")
     if cfg.task.concat_multiplier == 1 or cfg.task.concat_multiplier < 0:
         raise PipelineConfigError(f"config.task.concat_multiplier must be 0 (no file) or >= 2 (documents joined), "
@@ -147,12 +149,15 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def task_config(cfg, chunks: int, seed: int, hops: int | None = None, exact_length: bool = False):
-    """The synthetic task at a length of `chunks` chunks (look-alikes scale with the length)."""
+def task_config(cfg, chunks: int, seed: int, hops: int | None = None, exact_length: bool = False,
+                per_chunk: float | None = None):
+    """The synthetic task at a length of `chunks` chunks (look-alikes scale with the length: `per_chunk` per
+    chunk, by default `task.distractors_per_chunk`)."""
     from memagent_jax.data.synthetic import SyntheticConfig
 
+    per_chunk = cfg.task.distractors_per_chunk if per_chunk is None else per_chunk
     return SyntheticConfig(task=cfg.task.name, num_tokens=chunks * cfg.agent.chunk_tokens,
-                           num_distractors=int(round(cfg.task.distractors_per_chunk * chunks)),
+                           num_distractors=int(round(per_chunk * chunks)),
                            same_chunk_distractors=cfg.task.same_chunk_distractors,
                            isolate_answer=cfg.task.isolate_answer, exact_length=exact_length, hops=hops,
                            chunk_tokens=cfg.agent.chunk_tokens, chunk_aligned=True,
@@ -210,9 +215,13 @@ def make_assets(cfg, folder: str) -> dict:
 
     seeds = _seeds(cfg)
     k = cfg.task.train_chunks
-    train_set = SyntheticDataset(task_config(cfg, k, seeds["train"]), tokenizer, cfg.task.train_samples)
+    rl_per_chunk = cfg.task.get("rl_distractors_per_chunk", -1.0)
+    rl_per_chunk = cfg.task.distractors_per_chunk if rl_per_chunk < 0 else rl_per_chunk
+    train_set = SyntheticDataset(task_config(cfg, k, seeds["train"], per_chunk=rl_per_chunk), tokenizer,
+                                 cfg.task.train_samples)
     write_train_file(train_set.records(), paths["train_file"])
-    _say(f"[assets] {len(train_set)} training rows of {k} chunks -> {paths['train_file']}")
+    _say(f"[assets] {len(train_set)} GRPO training rows of {k} chunks, {rl_per_chunk:g} look-alikes per chunk -> "
+         f"{paths['train_file']}")
     for m in eval_multipliers(cfg):
         path = paths["eval_files"][f"{m}x"]
         data = SyntheticDataset(task_config(cfg, m * k, seeds["eval"]), tokenizer, cfg.task.eval_questions)
@@ -360,7 +369,9 @@ def grpo_config(cfg, assets: dict, model_path: str):
                         initial_memory=""))  # the job's wording is the templates file (written from config.agent)
     g.rl.update(dict(questions_per_step=cfg.rl.questions_per_step, group_size=cfg.rl.group_size,
                      num_minibatches=cfg.rl.num_minibatches, learning_rate=cfg.rl.learning_rate,
-                     kl_coef=cfg.rl.kl_coef, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0))
+                     kl_coef=cfg.rl.kl_coef, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+                     dynamic_sampling=bool(cfg.rl.get("dynamic_sampling", False)),
+                     max_sampling_batches=int(cfg.rl.get("max_sampling_batches", 1))))
     g.export_sampling.update(dict(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p))
     g.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     g.checkpoint.every = max(1, cfg.rl.steps // 4)

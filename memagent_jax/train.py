@@ -130,6 +130,12 @@ def _check_ranges(cfg) -> None:
     _number(cfg, "rl.group_size", low=2, integer=True,
             allowed=">= 2 (advantages compare the trajectories of one question: a group of 1 always has 0)")
     _number(cfg, "rl.micro_batch_size", low=0, integer=True, allowed=">= 0 (0 = whole mini-batch)")
+    if "length_multiple" in rl:
+        _number(cfg, "rl.length_multiple", low=1, integer=True,
+                allowed=">= 1 (training rows are padded to a multiple of this many tokens)")
+    if "max_sampling_batches" in rl:
+        _number(cfg, "rl.max_sampling_batches", low=1, integer=True,
+                allowed=">= 1 (batches of questions a step may draw under rl.dynamic_sampling)")
     fewest = 2 * rl.questions_per_step * rl.group_size
     _number(cfg, "rl.num_minibatches", low=1, high=fewest, integer=True,
             allowed=f"in [1, {fewest}]: a step has at least {fewest} conversations (questions_per_step "
@@ -469,6 +475,41 @@ def _global_rollout_stats(rollout):
     return gather(rollout.rewards), gather(rollout.accuracy), lengths
 
 
+def sample_step(roll_out, *, dynamic_sampling: bool, max_batches: int, groups_wanted: int,
+                process_count: int = 1):
+    """One step's rollout, with DAPO's dynamic sampling when asked.
+
+    roll_out(draw) -> Rollout of the next batch of questions (draw 0, 1, ...). Without dynamic sampling: draw 0,
+    every group kept. With it, groups whose rewards are all equal (no gradient signal) are dropped and further
+    batches are drawn, up to `max_batches` in all, until `groups_wanted` groups with signal are at hand (on every
+    process); the first `groups_wanted` of them are kept (fewer when the draws ran out).
+    Returns (rollout of all draws, keep [Q] bool or None, number of draws).
+    """
+    import numpy as np
+
+    from memagent_jax.rl.advantages import dynamic_sampling_mask
+    from memagent_jax.rl.rollout import merge_rollouts
+
+    first = roll_out(0)
+    if not dynamic_sampling:
+        return first, None, 1
+    rollouts = [first]
+    masks = [np.asarray(dynamic_sampling_mask(first.rewards))]
+    while len(rollouts) < max_batches:
+        have = int(sum(m.sum() for m in masks))
+        if process_count > 1:  # every process draws the same number of batches (the rollouts are collective)
+            from memagent_jax.distributed import arrays as multiprocess
+
+            have = int(multiprocess.process_allgather(np.asarray(have, np.int64)).min())
+        if have >= groups_wanted:
+            break
+        rollouts.append(roll_out(len(rollouts)))
+        masks.append(np.asarray(dynamic_sampling_mask(rollouts[-1].rewards)))
+    mask = np.concatenate(masks)
+    keep = mask & (np.cumsum(mask) <= groups_wanted)
+    return merge_rollouts(rollouts), keep, len(rollouts)
+
+
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last step's metrics."""
     import jax
@@ -481,8 +522,8 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
     from memagent_jax.distributed import arrays as multiprocess
     from memagent_jax.models import sharding as sharding_lib
-    from memagent_jax.rl.advantages import dynamic_sampling_mask, group_advantages
-    from memagent_jax.rl.batch import shuffle_rows
+    from memagent_jax.rl.advantages import group_advantages
+    from memagent_jax.rl.batch import pad_rows, shuffle_rows
     from memagent_jax.rl.learner import Learner
     from memagent_jax.rl.metrics import MetricsWriter
     from memagent_jax.rl.rollout import RewardScorer, collect_rollouts_in_slices, rollout_to_batch
@@ -552,23 +593,36 @@ def train(cfg, workdir: str) -> dict:
 
         clean_stale_exports(os.path.join(workdir, "export"))  # left by a kill during an earlier export
     metrics: dict = {}
+    most_rows = 0  # dynamic sampling: the largest learner batch so far (smaller ones are padded to it)
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            records = next(iterator)
             agent.params = rollout_params(state.params)
-            # Question j of process p is question j * processes + p of the step (the iterator's global order):
-            # trajectory keys depend on that, not on the process layout.
-            question_ids = [j * process_count + process_index for j in range(len(records))]
-            rollout = collect_rollouts_in_slices(agent, records, cfg.rl.group_size,
-                                                 jax.random.fold_in(base_key, step), scorer=scorer,
-                                                 questions_per_call=questions_per_call, question_ids=question_ids)
+
+            def roll_out(draw):
+                # Question j of process p is question j * processes + p of the step (the iterator's global order):
+                # trajectory keys depend on that, not on the process layout. Draw 0 samples with the step's key.
+                records = next(iterator)
+                question_ids = [j * process_count + process_index for j in range(len(records))]
+                key = jax.random.fold_in(base_key, step)
+                return collect_rollouts_in_slices(agent, records, cfg.rl.group_size,
+                                                  key if draw == 0 else jax.random.fold_in(key, draw), scorer=scorer,
+                                                  questions_per_call=questions_per_call, question_ids=question_ids)
+
+            rollout, keep, draws = sample_step(roll_out, dynamic_sampling=bool(cfg.rl.dynamic_sampling),
+                                               max_batches=int(cfg.rl.get("max_sampling_batches", 1)),
+                                               groups_wanted=cfg.rl.questions_per_step // process_count,
+                                               process_count=process_count)
             advantages = np.asarray(group_advantages(rollout.rewards, normalize_std=cfg.rl.normalize_std,
                                                      leave_one_out=cfg.rl.leave_one_out))
-            keep = np.asarray(dynamic_sampling_mask(rollout.rewards)) if cfg.rl.dynamic_sampling else None
             batch, stats = rollout_to_batch(rollout, advantages, keep_groups=keep, pad_id=agent.spec.pad_id,
                                             vocab_size=model_config.vocab_size,
-                                            rows_multiple=learner.process_rows_multiple)
+                                            rows_multiple=learner.process_rows_multiple,
+                                            length_multiple=int(cfg.rl.get("length_multiple", 64)))
+            if keep is not None and batch is not None:
+                # A step that kept fewer groups trains on empty padding rows instead of compiling a new shape.
+                most_rows = max(most_rows, batch.num_rows)
+                batch = pad_rows(batch, most_rows)
             if process_count == 1:
                 rewards, accuracy, lengths = rollout.rewards, rollout.accuracy, rollout.length_stats()
             else:  # every process learns from its own rows; the metrics cover all of them
@@ -576,7 +630,7 @@ def train(cfg, workdir: str) -> dict:
                 rewards, accuracy, lengths = _global_rollout_stats(rollout)
             metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                        "accuracy": float(accuracy.mean()), "rollout_time_s": rollout.rollout_seconds,
-                       "reward_time_s": rollout.reward_seconds, **lengths, **stats}
+                       "reward_time_s": rollout.reward_seconds, **lengths, **stats, "sampling_batches": draws}
             if batch is not None:
                 batch = shuffle_rows(batch, np.random.default_rng([cfg.seed, step]))
                 state, learn = learner.train_step(state, batch, ref_params=reference)

@@ -80,3 +80,64 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
                                         "decode_layout": "auto"}
     with pytest.raises(TrainConfigError, match=r"config\.model\.decode_layout must be one of"):
         validate_config(grpo_config(model_dir, **{"model.decode_layout": "sideways"}), device_count=8)
+
+
+def _fake_rollout(rewards):
+    """A Rollout of Q questions x G trajectories with the given [Q, G] rewards (one empty conversation each)."""
+    from memagent_jax.agent import AgentResult
+    from memagent_jax.rl.rollout import Rollout
+
+    rewards = np.asarray(rewards, np.float32)
+    n = rewards.size
+    result = AgentResult(answers=[""] * n, answer_ids=[[]] * n, finished=[True] * n, num_chunks=[1] * n,
+                         conversations=[[] for _ in range(n)])
+    return Rollout(records=[None] * rewards.shape[0], group_size=rewards.shape[1], agent_result=result,
+                   rewards=rewards, accuracy=rewards, rollout_seconds=1.0, reward_seconds=0.0)
+
+
+def test_dynamic_sampling_draws_until_the_step_has_signal():
+    from memagent_jax.train import sample_step
+
+    batches = [[[1, 1], [0, 1], [0, 0]],  # one group with signal (question 1)
+               [[1, 0], [1, 1], [0, 1]],  # two more (questions 3 and 5)
+               [[0, 1], [1, 0], [1, 0]]]
+    drawn = []
+
+    def roll_out(draw):
+        drawn.append(draw)
+        return _fake_rollout(batches[draw])
+
+    # Off: the first batch as it is, every group kept.
+    rollout, keep, draws = sample_step(roll_out, dynamic_sampling=False, max_batches=3, groups_wanted=3)
+    assert keep is None and draws == 1 and rollout.rewards.shape == (3, 2) and drawn == [0]
+    # On: batches are drawn until 3 groups have signal; exactly those 3 are kept, in draw order.
+    drawn.clear()
+    rollout, keep, draws = sample_step(roll_out, dynamic_sampling=True, max_batches=3, groups_wanted=3)
+    assert draws == 2 and drawn == [0, 1] and rollout.rewards.shape == (6, 2)
+    assert keep.tolist() == [False, True, False, True, False, True]
+    assert rollout.rollout_seconds == 2.0
+    # Wanting fewer: the surplus group of the same draw is left out.
+    drawn.clear()
+    _, keep, draws = sample_step(roll_out, dynamic_sampling=True, max_batches=3, groups_wanted=2)
+    assert draws == 2 and keep.tolist() == [False, True, False, True, False, False]
+    # The draws run out: what has signal is kept (fewer groups than wanted).
+    drawn.clear()
+    _, keep, draws = sample_step(roll_out, dynamic_sampling=True, max_batches=1, groups_wanted=3)
+    assert draws == 1 and keep.tolist() == [False, True, False]
+
+
+def test_dynamic_sampling_run_trains_on_a_static_shape(model_dir, tmp_path):
+    workdir = str(tmp_path / "ds")
+    train(grpo_config(model_dir, steps=2, **{"rl.dynamic_sampling": True, "rl.max_sampling_batches": 3}), workdir)
+    rows = _metrics(workdir)
+    per_step = grpo_config(model_dir).rl.questions_per_step
+    assert [m["step"] for m in rows] == [1, 2]
+    for m in rows:
+        assert 1 <= m["sampling_batches"] <= 3 and m["groups"] == per_step * m["sampling_batches"]
+        assert m["kept_groups"] <= per_step
+        if m["kept_groups"] < per_step:  # stopped early only with a full step
+            assert m["sampling_batches"] == 3
+    with pytest.raises(TrainConfigError, match=r"config\.rl\.max_sampling_batches must be an integer >= 1"):
+        validate_config(grpo_config(model_dir, **{"rl.max_sampling_batches": 0}), device_count=1)
+    with pytest.raises(TrainConfigError, match=r"config\.rl\.length_multiple must be an integer >= 1"):
+        validate_config(grpo_config(model_dir, **{"rl.length_multiple": 0}), device_count=1)
