@@ -98,7 +98,10 @@ def format_plan(plan: Plan) -> str:
     rows += [("kv_update", "KV cache, update"), ("kv_final", "KV cache, final")]
     if not st["rollout_devices"]:
         rows += [("persistent", "= persistent")]
-    rows += [("rollout_activations", "+ rollout activations"), ("rollout_peak", "= rollout peak"),
+    rows += [("rollout_activations", "+ rollout activations")]
+    if mem.get("decode_copies"):
+        rows += [("decode_copies", "  of which decode copies")]
+    rows += [("rollout_peak", "= rollout peak"),
             ("gradients", "+ gradients"), ("grad_accumulator", "+ grad accumulator"),
             ("learner_batch", "+ learner batch"), ("learner_activations", "+ max(activations"),
             ("update_temporaries", "        update temps)"), ("learner_peak", "= learner peak")]

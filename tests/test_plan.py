@@ -418,3 +418,37 @@ def test_cli_subprocess():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "memory per device" in result.stdout and "verdict: fits" in result.stdout
+
+
+def test_unstacked_decode_layout_counts_its_copies():
+    """decode_layout 'unstacked' (chosen by hand on GPU/TPU) holds per-layer copies of the layer weights and a
+    second KV cache while a decode program runs; 'auto' there is 'scan', which copies nothing."""
+    from memagent_jax.distributed import planner
+    from memagent_jax.models.sharding import PARAM_LOGICAL_AXES
+
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100")
+    scan = plan.make_plan(cfg)
+    cfg.model.decode_layout = "unstacked"
+    unstacked = plan.make_plan(cfg)
+    assert scan.settings["decode_layout"] == "scan" and unstacked.settings["decode_layout"] == "unstacked"
+    assert scan.memory["decode_copies"] == 0
+    mc, rmesh = unstacked.model, unstacked.rollout_mesh
+    pdt = mc.param_dtype
+    # The layer weights: every param but the embedding, the final norm (and an untied head).
+    outside = sum(planner.local_numel(shape, PARAM_LOGICAL_AXES[path], rmesh) * planner.DTYPE_BYTES[pdt]
+                  for path, shape in planner.param_shapes(mc).items() if path[0] != "layers")
+    weights = planner.param_bytes_per_device(mc, rmesh, pdt) - outside
+    assert weights > outside  # a 7B model's layers outweigh its embedding
+    kv = max(unstacked.memory["kv_update"], unstacked.memory["kv_final"])
+    assert unstacked.memory["decode_copies"] == weights + kv
+    assert unstacked.memory["rollout_peak"] - scan.memory["rollout_peak"] == weights + kv
+    assert "decode copies" in plan.format_plan(unstacked) and "decode copies" not in plan.format_plan(scan)
+
+
+def test_learn_length_follows_rl_length_multiple():
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100")
+    cfg.rl.length_multiple = 64
+    at64 = plan.make_plan(cfg).settings["learn_length"]
+    cfg.rl.length_multiple = 1000
+    at1000 = plan.make_plan(cfg).settings["learn_length"]
+    assert at64 % 64 == 0 and at1000 % 1000 == 0 and at64 <= at1000 < at64 + 1000

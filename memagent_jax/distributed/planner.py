@@ -308,6 +308,25 @@ def attention_path(mc, platform: str, tokens: int, keys: int) -> str:
                                  key_block=mc.attention_block_size, platform=platform)
 
 
+def decode_layout_of(mc, platform: str) -> str:
+    """'scan' or 'unstacked' on the planned platform (ModelConfig.resolved_decode_layout's rule: 'auto' is
+    'unstacked' on CPU only, and the planned hardware is a GPU or TPU)."""
+    layout = getattr(mc, "decode_layout", "auto")
+    if layout != "auto":
+        return layout
+    return "unstacked" if platform == "cpu" else "scan"
+
+
+def layer_param_bytes_per_device(mc, mesh: MeshShape, dtype: str) -> int:
+    """Bytes on one device of the stacked [L, ...] layer weights alone (what the 'unstacked' decode layout copies
+    into per-layer arrays for the length of a decode program)."""
+    from memagent_jax.models.sharding import PARAM_LOGICAL_AXES
+
+    b = DTYPE_BYTES[dtype]
+    return sum(local_numel(s, PARAM_LOGICAL_AXES[p], mesh) * b for p, s in param_shapes(mc).items()
+               if p[0] == "layers")
+
+
 def platform_of(hw: Hardware) -> str:
     """'tpu' for the TPU entries of HARDWARE, 'gpu' (CUDA) for the others."""
     return "tpu" if hw.name.startswith("tpu") else "gpu"
@@ -601,6 +620,8 @@ def model_config_from(cfg):
         options["attention_impl"] = m.attention_impl or "auto"
     if "attention_block_size" in m:
         options["attention_block_size"] = int(m.attention_block_size)
+    if "decode_layout" in m:
+        options["decode_layout"] = m.decode_layout or "auto"
     try:
         mc = mc.replace(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat=m.remat, **options)
     except ValueError as e:  # ConfigError: a bad attention_impl / block size
@@ -696,7 +717,7 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     micro_rows = micro or per_mb
     k_micro = per_mb // micro_rows
     micro_per_device = micro_rows // shards
-    length = layout.learn_length()
+    length = layout.learn_length(int(rl.get("length_multiple", 64)))
     if layout.update_slots > mc.max_position_embeddings or layout.final_slots > mc.max_position_embeddings:
         raise PlanError(f"config.agent budgets need a context of {max(layout.update_slots, layout.final_slots)} "
                         f"tokens, more than the model's max_position_embeddings ({mc.max_position_embeddings})")
@@ -718,15 +739,24 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     notes["kv_update"] = f"{rollout_rows} rows x {layout.update_slots} slots, {cdt}{on_rollout}"
     mem["kv_final"] = kv_cache_bytes(mc, call_rows, layout.final_slots, rmesh, cdt)
     notes["kv_final"] = f"{rollout_rows} rows x {layout.final_slots} slots, {cdt}{on_rollout}"
+    platform = platform_of(hw)
+    decode_layout = decode_layout_of(mc, platform)
+    if decode_layout == "unstacked":
+        # While a decode program runs: per-layer copies of the layer weights, and of the larger KV cache.
+        mem["decode_copies"] = (layer_param_bytes_per_device(mc, rmesh, pdt)
+                                + max(mem["kv_update"], mem["kv_final"]))
+        notes["decode_copies"] = f"decode_layout 'unstacked': per-layer weights ({pdt}) + a second KV cache"
+    else:
+        mem["decode_copies"] = 0
+        notes["decode_copies"] = "decode_layout 'scan': reads the stacked weights and cache in place"
     learner_persistent = mem["params"] + mem["optimizer"] + mem["reference"]
     rollout_persistent = mem["rollout_params"] + mem["kv_update"] + mem["kv_final"]
     mem["persistent"] = learner_persistent if separate else learner_persistent + rollout_persistent
     notes["persistent"] = "learner devices" if separate else ""
 
     weights_in_flight = working_weight_bytes(mc, rmesh.tensor, DTYPE_BYTES[pdt], cb)
-    platform = platform_of(hw)
     ro = rollout_activation_bytes(mc, rollout_rows, layout, rmesh.tensor, cb, platform=platform)
-    mem["rollout_activations"] = ro["total"] + weights_in_flight
+    mem["rollout_activations"] = ro["total"] + weights_in_flight + mem["decode_copies"]
     notes["rollout_activations"] = (f"{ro['program']}: {rollout_rows} rows x {ro['tokens']} tokens x "
                                     f"{ro['keys']} keys, {ro['path']} attention (scores {ro['scores'] / GiB:.1f} GiB)")
     mem["rollout_peak"] = (rollout_persistent if separate else mem["persistent"]) + mem["rollout_activations"]
@@ -781,7 +811,7 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
         "fsdp_gather_bytes_per_decode_step": (gathered_param_bytes(mc, rmesh, pdt) - param_bytes_per_device(
             mc, rmesh, pdt) if rmesh.fsdp > 1 else 0),
         "mfu": mfu, "remat": mc.remat, "param_dtype": pdt, "compute_dtype": cdt,
-        "attention_impl": mc.attention_impl, "rollout_attention": ro["path"],
+        "attention_impl": mc.attention_impl, "rollout_attention": ro["path"], "decode_layout": decode_layout,
         "learner_attention": attention_path(mc, platform, length, length),
     }
     warnings = _warnings(cfg, mc, per_call, trajectories, mesh.size + extra, hw, calls, templates)
