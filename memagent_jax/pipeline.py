@@ -104,8 +104,7 @@ def validate_config(cfg) -> None:
             raise PipelineConfigError(f"config.{path} must be positive, got {cfg[section][field]}")
     if cfg.task.distractors_per_chunk < 0:
         raise PipelineConfigError("config.task.distractors_per_chunk must be >= 0")
-    if cfg.task.get("rl_distractors_per_chunk", -1.0) < 0 and cfg.task.get("rl_distractors_per_chunk", -1.0) != -1:
-        raise PipelineConfigError("config.task.rl_distractors_per_chunk must be >= 0, or -1 (= distractors_per_chunk)")
+    rl_distractors_per_chunk(cfg)
     from memagent_jax.data.synthetic import FACT_STYLES
     from memagent_jax.rl.warm_start import NOTE_STYLES
 
@@ -147,6 +146,18 @@ def _mark_done(folder: str, info: dict) -> None:
 
 def _say(message: str) -> None:
     print(message, flush=True)
+
+
+def rl_distractors_per_chunk(cfg) -> float:
+    """Look-alikes per chunk in the GRPO training rows: `task.rl_distractors_per_chunk`, or with -1 (or the field
+    absent) `task.distractors_per_chunk`, the density of the warm start's rows and of every evaluation file."""
+    value = float(cfg.task.get("rl_distractors_per_chunk", -1.0))
+    if value == -1.0:
+        return float(cfg.task.distractors_per_chunk)
+    if value < 0:
+        raise PipelineConfigError(f"config.task.rl_distractors_per_chunk must be >= 0, or -1 (= "
+                                  f"task.distractors_per_chunk), got {value:g}")
+    return value
 
 
 def task_config(cfg, chunks: int, seed: int, hops: int | None = None, exact_length: bool = False,
@@ -215,8 +226,7 @@ def make_assets(cfg, folder: str) -> dict:
 
     seeds = _seeds(cfg)
     k = cfg.task.train_chunks
-    rl_per_chunk = cfg.task.get("rl_distractors_per_chunk", -1.0)
-    rl_per_chunk = cfg.task.distractors_per_chunk if rl_per_chunk < 0 else rl_per_chunk
+    rl_per_chunk = rl_distractors_per_chunk(cfg)
     train_set = SyntheticDataset(task_config(cfg, k, seeds["train"], per_chunk=rl_per_chunk), tokenizer,
                                  cfg.task.train_samples)
     write_train_file(train_set.records(), paths["train_file"])

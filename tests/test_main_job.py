@@ -60,6 +60,13 @@ def test_quick_main_job_writes_every_artefact(quick_run):
     with open(os.path.join(workdir, "eval/results.csv")) as f:
         assert len(list(csv.DictReader(f))) == 8  # 2 models x 4 files
 
+    def facts_per_row(name):  # the asked fact and its look-alikes ("Remember <creature> <Word>.")
+        with open(os.path.join(workdir, "assets", name)) as f:
+            return {json.loads(line)["context"].count("Remember ") for line in f}
+
+    # GRPO rows: the asked fact + 2 look-alikes per chunk x 2 chunks; evaluation rows at 1x: + 1 per chunk.
+    assert facts_per_row("train.jsonl") == {5} and facts_per_row("eval_1x.jsonl") == {3}
+
     # The warm start learned the game: its SFT loss fell, and it writes \boxed{} answers.
     with open(os.path.join(workdir, "warm_start/metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
@@ -147,3 +154,13 @@ def test_config_errors_name_the_field():
     with pytest.raises(pipeline.PipelineConfigError, match="task.no_such_field"):
         pipeline.resolve_config(cfg)
 
+    with pytest.raises(pipeline.PipelineConfigError, match=r"task\.rl_distractors_per_chunk must be >= 0"):
+        pipeline.resolve_config(_config(**{"task.rl_distractors_per_chunk": -0.5}))
+    bad = _config(**{"rl.max_sampling_batches": 0})
+    bad.quick = False  # the quick overrides would replace the field
+    with pytest.raises(pipeline.PipelineConfigError, match=r"rl\.max_sampling_batches must be >= 1"):
+        pipeline.resolve_config(bad)
+    # -1 means the look-alike density of the warm start's rows and of the evaluation files.
+    same = pipeline.resolve_config(_config(**{"task.rl_distractors_per_chunk": -1.0}))
+    assert pipeline.rl_distractors_per_chunk(same) == same.task.distractors_per_chunk
+    assert pipeline.rl_distractors_per_chunk(pipeline.resolve_config(_config())) == 2.0
