@@ -37,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         same_chunk_distractors=1,  # of those, placed right beside the asked fact (in its chunk)
         # Look-alikes per chunk in the GRPO training rows (-1: distractors_per_chunk). Denser rows give GRPO more
         # of the rare steps where a look-alike's word is taken before the asked fact is read.
-        rl_distractors_per_chunk=2.0,
+        rl_distractors_per_chunk=3.0,
         isolate_answer=False,  # no look-alike shares the asked fact's chunk
         fact_style="pair",  # "Remember <creature> <Word>." ("sentence": "The secret word for <creature> is <Word>.")
         train_samples=4096,  # rows of the training file (GRPO draws from it)

@@ -64,8 +64,8 @@ def test_quick_main_job_writes_every_artefact(quick_run):
         with open(os.path.join(workdir, "assets", name)) as f:
             return {json.loads(line)["context"].count("Remember ") for line in f}
 
-    # GRPO rows: the asked fact + 2 look-alikes per chunk x 2 chunks; evaluation rows at 1x: + 1 per chunk.
-    assert facts_per_row("train.jsonl") == {5} and facts_per_row("eval_1x.jsonl") == {3}
+    # GRPO rows: the asked fact + 3 look-alikes per chunk x 2 chunks; evaluation rows at 1x: + 1 per chunk.
+    assert facts_per_row("train.jsonl") == {7} and facts_per_row("eval_1x.jsonl") == {3}
 
     # The warm start learned the game: its SFT loss fell, and it writes \boxed{} answers.
     with open(os.path.join(workdir, "warm_start/metrics.jsonl")) as f:
@@ -163,4 +163,4 @@ def test_config_errors_name_the_field():
     # -1 means the look-alike density of the warm start's rows and of the evaluation files.
     same = pipeline.resolve_config(_config(**{"task.rl_distractors_per_chunk": -1.0}))
     assert pipeline.rl_distractors_per_chunk(same) == same.task.distractors_per_chunk
-    assert pipeline.rl_distractors_per_chunk(pipeline.resolve_config(_config())) == 2.0
+    assert pipeline.rl_distractors_per_chunk(pipeline.resolve_config(_config())) == 3.0
