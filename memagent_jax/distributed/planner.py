@@ -181,12 +181,14 @@ def matmul_params(mc) -> int:
     return mc.num_layers * layer_matmul_params(mc) + mc.hidden_size * mc.vocab_size
 
 
-def param_bytes_per_device(mc, mesh: MeshShape, dtype: str) -> int:
-    """Bytes of one params-shaped tree in `dtype` on one device (params, each AdamW moment, f32 grads, ...)."""
+def param_bytes_per_device(mc, mesh: MeshShape, dtype: str, *, layers_only: bool = False) -> int:
+    """Bytes of one params-shaped tree in `dtype` on one device (params, each AdamW moment, f32 grads, ...);
+    layers_only: just the stacked [L, ...] layer weights."""
     from memagent_jax.models.sharding import PARAM_LOGICAL_AXES
 
     b = DTYPE_BYTES[dtype]
-    return sum(local_numel(s, PARAM_LOGICAL_AXES[p], mesh) * b for p, s in param_shapes(mc).items())
+    return sum(local_numel(s, PARAM_LOGICAL_AXES[p], mesh) * b for p, s in param_shapes(mc).items()
+               if not layers_only or p[0] == "layers")
 
 
 def gathered_param_bytes(mc, mesh: MeshShape, dtype: str) -> int:
@@ -320,11 +322,7 @@ def decode_layout_of(mc, platform: str) -> str:
 def layer_param_bytes_per_device(mc, mesh: MeshShape, dtype: str) -> int:
     """Bytes on one device of the stacked [L, ...] layer weights alone (what the 'unstacked' decode layout copies
     into per-layer arrays for the length of a decode program)."""
-    from memagent_jax.models.sharding import PARAM_LOGICAL_AXES
-
-    b = DTYPE_BYTES[dtype]
-    return sum(local_numel(s, PARAM_LOGICAL_AXES[p], mesh) * b for p, s in param_shapes(mc).items()
-               if p[0] == "layers")
+    return param_bytes_per_device(mc, mesh, dtype, layers_only=True)
 
 
 def platform_of(hw: Hardware) -> str:
