@@ -174,6 +174,65 @@ def test_ties_and_greedy_rules():
     np.testing.assert_allclose(lp, slp, atol=1e-6)
 
 
+# ------------------------------------------------------------------------- nucleus without a sort
+
+
+def _mixed_logits(vocab=512, batch=96):
+    """Rows 3i: peaked (a nucleus of a few tokens at top-p 0.9); 3i + 1: spread (tens); 3i + 2: nearly flat
+    (hundreds)."""
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(batch, vocab))
+    logits[0::3] *= 6.0
+    logits[1::3] *= 2.5
+    logits[2::3] *= 0.2
+    return jnp.asarray(logits, jnp.float32)
+
+
+def test_nucleus_probes_draw_what_the_full_sort_draws():
+    from memagent_jax.sampling.sampler import NUCLEUS_PROBES, _nucleus_pick
+
+    logits = _mixed_logits()
+    keys = row_keys(4, logits.shape[0])
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    nucleus = np.asarray([int(np.searchsorted(np.cumsum(np.sort(p)[::-1]), 0.9)) + 1 for p in probs])
+    small, large = NUCLEUS_PROBES
+    # Every path is taken: the first probe, the second, the full sort.
+    assert nucleus[0::3].max() < small < nucleus[1::3].min() and nucleus[1::3].max() < large < nucleus[2::3].min()
+    probed = jax.jit(_nucleus_pick, static_argnums=2)
+    full = jax.jit(lambda s, k, p: _nucleus_pick(s, k, p, probes=()), static_argnums=2)
+    mixed_tokens, mixed_lp = probed(logits, keys, 0.9)
+    sorted_tokens, sorted_lp = full(logits, keys, 0.9)
+    np.testing.assert_array_equal(mixed_tokens, sorted_tokens)
+    np.testing.assert_allclose(mixed_lp, sorted_lp, atol=1e-5)
+    # Rows alone or beside other kinds of rows (other paths taken): the same draws.
+    for rows in (slice(0, None, 3), slice(1, None, 3), slice(0, 48)):
+        alone_tokens, alone_lp = probed(logits[rows], keys[rows], 0.9)
+        np.testing.assert_array_equal(alone_tokens, mixed_tokens[rows])
+        np.testing.assert_allclose(alone_lp, mixed_lp[rows], atol=1e-6)
+    # Every draw lies in its row's nucleus (float64 reference), and its log-prob is the renormalised nucleus's.
+    for row, token in enumerate(np.asarray(mixed_tokens)):
+        expected = np_sampling_probs(np.asarray(logits[row], np.float64), 1.0, 0, 0.9)
+        assert expected[token] > 0, row
+        np.testing.assert_allclose(mixed_lp[row], np.log(expected[token]), atol=TOL)
+
+
+def test_nucleus_probe_frequencies_match_reference():
+    logits = np.random.default_rng(13).normal(size=512) * 3.0  # a nucleus of 5 tokens at top-p 0.9: the probe
+    temperature, top_p = 1.0, 0.9
+    expected = np_sampling_probs(logits, temperature, 0, top_p)
+    ranked = np.sort(np_sampling_probs(logits, temperature, 0, 1.0))[::-1]
+    assert np.abs(np.cumsum(ranked) - top_p).min() > 2e-3 and (expected > 0).sum() == 5
+    n = 6000
+    toks, _, slp = jax.jit(sample_tokens, static_argnums=2)(
+        jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, logits.size)), row_keys(9, n),
+        SamplingParams(temperature=temperature, top_p=top_p))
+    counts = np.bincount(np.asarray(toks), minlength=logits.size)
+    assert counts[expected == 0].sum() == 0
+    kept = expected > 0
+    assert scipy.stats.chisquare(counts[kept], expected[kept] * n).pvalue > 1e-3
+    np.testing.assert_allclose(slp, np.log(expected[np.asarray(toks)]), atol=TOL)
+
+
 # --------------------------------------------------------------------------- batch independence
 
 

@@ -79,31 +79,76 @@ class SampleOutput(NamedTuple):
 # ------------------------------------------------------------------------------------- token selection
 
 
-def _candidates(scaled: jax.Array, sampling: SamplingParams):
-    """Applies top-k and top-p to temperature-scaled logits [B, V] with static shapes.
+# A nucleus (top-p without top-k) is first looked for among the 16 most likely tokens, then the 128 (`lax.top_k`);
+# only rows whose nucleus is larger still sort the whole vocabulary. On XLA CPU, for a [256, 1024] batch: top-16
+# ~1.3 ms, top-128 ~8 ms, the sort ~45 ms; a trained model's nucleus at top-p 0.95 is mostly one or two tokens.
+NUCLEUS_PROBES = (16, 128)
 
-    Returns (candidate_logits [B, C], candidate_ids [B, C] int32 or None when C == V in token order);
-    filtered-out candidates hold -inf.
+
+def _candidates(scaled: jax.Array, sampling: SamplingParams):
+    """Applies top-k and then top-p (renormalised over the top k) to temperature-scaled logits [B, V].
+
+    Only for top_k > 0 (top-p alone: `_nucleus_pick`). Returns (candidate_logits [B, K] sorted descending, ties
+    lower id first, candidate_ids [B, K] int32); candidates cut by top-p hold -inf.
     """
-    vocab = scaled.shape[-1]
-    top_k = sampling.top_k if 0 < sampling.top_k < vocab else 0
-    use_top_p = sampling.top_p < 1.0
-    if not top_k and not use_top_p:
-        return scaled, None
-    if top_k:
-        values, ids = jax.lax.top_k(scaled, top_k)  # sorted descending, ties: lower id first
-    else:
-        iota = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled.shape)
-        neg, ids = jax.lax.sort((-scaled, iota), dimension=-1, is_stable=True, num_keys=1)
-        values = -neg
+    values, ids = jax.lax.top_k(scaled, sampling.top_k)  # sorted descending, ties: lower id first
     ids = ids.astype(jnp.int32)
-    if use_top_p:
+    if sampling.top_p < 1.0:
         probs = jax.nn.softmax(values, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly ahead of each candidate
-        keep = before < sampling.top_p
-        keep = keep.at[:, 0].set(True)
+        keep = (before < sampling.top_p).at[:, 0].set(True)
         values = jnp.where(keep, values, -jnp.inf)
     return values, ids
+
+
+def _gumbel_pick(values: jax.Array, noise: jax.Array):
+    """Index of the Gumbel-max draw over candidates [B, C] with noise [B, >= C] (the first C columns used):
+    the draw of `jax.random.categorical` with the same noise. Returns (index [B] int32, its log-probability
+    under the candidates' renormalised distribution [B])."""
+    choice = jnp.argmax(values + noise[:, :values.shape[1]], axis=-1).astype(jnp.int32)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[:, None], axis=-1)[:, 0]
+    return choice, logprob
+
+
+def _nucleus_pick(scaled: jax.Array, keys: jax.Array, top_p: float, probes: tuple = NUCLEUS_PROBES):
+    """Top-p sampling from temperature-scaled logits [B, V] without sorting the vocabulary where possible.
+
+    Every row draws Gumbel noise over the whole vocabulary with its key, laid along the tokens in descending
+    order of probability (ties: lower id first), and takes the argmax of candidate logit + noise over its nucleus
+    (the most likely tokens while the mass strictly ahead is < top_p; the first always). The nucleus is looked
+    for among the `probes[0]` most likely tokens, then `probes[1]`, ... (sizes under half the vocabulary), and a
+    row whose nucleus is larger than all of them takes the same draw over the fully sorted vocabulary. A wider
+    search runs only when some row needs it, and each row keeps the result of the first search that held its
+    nucleus, so its draw depends only on its own logits and key, whichever path its batch mates take.
+
+    Returns (tokens [B] int32, log-probabilities [B] under the renormalised nucleus).
+    """
+    vocab = scaled.shape[-1]
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), scaled.dtype))(keys)  # [B, V]
+    log_total = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)  # [B, 1]: mass of the whole vocabulary
+
+    def pick(values, ids):  # values [B, C] sorted descending, ids [B, C]
+        probs = jnp.exp(values - log_total)
+        mass = jnp.cumsum(probs, axis=-1)
+        keep = (mass - probs < top_p).at[:, 0].set(True)  # mass strictly ahead of the candidate < top_p
+        choice, logprob = _gumbel_pick(jnp.where(keep, values, -jnp.inf), noise)
+        token = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return token, logprob, mass[:, -1] >= top_p  # covered: the next candidate would be cut
+
+    def search(sizes: tuple):
+        if not sizes:
+            iota = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled.shape)
+            neg, ids = jax.lax.sort((-scaled, iota), dimension=-1, is_stable=True, num_keys=1)
+            return pick(-neg, ids)[:2]
+        token, logprob, covered = pick(*jax.lax.top_k(scaled, sizes[0]))
+
+        def wider():
+            wide_token, wide_logprob = search(sizes[1:])
+            return jnp.where(covered, token, wide_token), jnp.where(covered, logprob, wide_logprob)
+
+        return jax.lax.cond(jnp.all(covered), lambda: (token, logprob), wider)
+
+    return search(tuple(k for k in probes if 2 * k <= vocab))
 
 
 def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams):
@@ -124,11 +169,17 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams):
         picked = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
         return tokens, picked, jnp.zeros_like(picked)
     scaled = logits / sampling.temperature
-    values, ids = _candidates(scaled, sampling)
-    choice = jax.vmap(lambda k, v: jax.random.categorical(k, v))(keys, values).astype(jnp.int32)  # [B]
-    sample_logprobs = jax.nn.log_softmax(values, axis=-1)
-    sampled_lp = jnp.take_along_axis(sample_logprobs, choice[:, None], axis=-1)[:, 0]
-    tokens = choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    vocab = scaled.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        values, ids = _candidates(scaled, sampling)
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, values.shape[1:], scaled.dtype))(keys)
+        choice, sampled_lp = _gumbel_pick(values, noise)
+        tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    elif sampling.top_p < 1.0:
+        tokens, sampled_lp = _nucleus_pick(scaled, keys, sampling.top_p)
+    else:
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), scaled.dtype))(keys)
+        tokens, sampled_lp = _gumbel_pick(scaled, noise)
     picked = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens, picked, sampled_lp
 
