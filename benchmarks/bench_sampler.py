@@ -3,6 +3,7 @@
     python benchmarks/bench_sampler.py            # tiny + Qwen2.5-0.5B shapes, batch 1 and 8 (~3-4 min on 2 cores)
     python benchmarks/bench_sampler.py --quick    # same table, 1 repeat, fewer new tokens (~2 min)
     python -m benchmarks.bench_sampler --shapes tiny
+    python benchmarks/bench_sampler.py --token-selection   # top-p token selection alone: probes vs full sort
 
 Same random weights on both sides (our params exported as an HF folder and loaded by transformers), f32,
 greedy, the same prompts (equal lengths, so neither side pads), a fixed number of new tokens (no stop id on
@@ -15,6 +16,12 @@ each time is the best of the repeats (the least disturbed run on a shared machin
 
 Both times are end to end from Python token ids to Python token ids (our host-side padding, transfer and
 trimming included; torch's generate loop included).
+
+--token-selection: one top-p pick (`sample_tokens`, temperature 0.7, top-p 0.95) of a [256, 1024] batch, the
+nucleus searched among the top 16 / 128 tokens first (`sampler.NUCLEUS_PROBES`) against the same pick over the
+fully sorted vocabulary (`probes=()`, what the sampler did before), on logits whose nucleus is a few tokens (a
+trained model), tens, or hundreds (a nearly flat row: the sort runs on both sides), interleaved, medians; and
+whether both sides picked the same tokens.
 """
 
 from __future__ import annotations
@@ -119,6 +126,36 @@ def _format_row(r: dict) -> str:
             f"| {r['agree'] * 100:>7.0f}% |")
 
 
+def token_selection(repeats: int = 30) -> None:
+    import jax.numpy as jnp
+
+    from memagent_jax.sampling.sampler import _nucleus_pick
+
+    batch, vocab, top_p, temperature = 256, 1024, 0.95, 0.7
+    probed = jax.jit(lambda s, k: _nucleus_pick(s, k, top_p))
+    full = jax.jit(lambda s, k: _nucleus_pick(s, k, top_p, probes=()))
+    keys = jax.random.split(jax.random.key(0), batch)
+    print(f"top-p {top_p} pick of a [{batch}, {vocab}] batch at temperature {temperature}, median of {repeats}")
+    print("| logits | nucleus (median) | probes ms | full sort ms | speed-up | same tokens |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for name, scale in (("peaked (trained model)", 8.0), ("spread", 3.0), ("nearly flat", 0.3)):
+        scaled = jnp.asarray(rng.normal(size=(batch, vocab)) * scale / temperature, jnp.float32)
+        p = np.sort(np.asarray(jax.nn.softmax(scaled, axis=-1), np.float64), axis=-1)[:, ::-1]
+        nucleus = int(np.median((np.cumsum(p, axis=-1) - p < top_p).sum(axis=-1)))
+        times = {"probes": [], "full": []}
+        for fn in (probed, full):
+            jax.block_until_ready(fn(scaled, keys))
+        for _ in range(repeats):
+            for name_fn, fn in (("probes", probed), ("full", full)):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(scaled, keys))
+                times[name_fn].append(time.perf_counter() - t0)
+        a, b = (float(np.median(times[k])) * 1e3 for k in ("probes", "full"))
+        same = bool((np.asarray(probed(scaled, keys)[0]) == np.asarray(full(scaled, keys)[0])).all())
+        print(f"| {name} | {nucleus} | {a:.2f} | {b:.2f} | {b / a:.1f}x | {'yes' if same else 'NO'} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 repeat, fewer new tokens")
@@ -127,7 +164,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample (temperature 1, this top_p) on both sides instead of greedy")
+    parser.add_argument("--token-selection", action="store_true",
+                        help="time the top-p token selection alone (nucleus probes against the full sort)")
     args = parser.parse_args(argv)
+    if args.token_selection:
+        token_selection()
+        return 0
     repeats = args.repeats or (1 if args.quick else None)  # None: 3 on the tiny shape, 2 on 0.5B
     threads = os.cpu_count() or 1
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)); "

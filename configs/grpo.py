@@ -96,6 +96,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # Conversations are padded to a multiple of this many tokens (fewer compiled shapes vs less padding):
         # 16 on CPU, where every padded token costs its full share of the step; 64 elsewhere.
         length_multiple=16 if cpu else 64,
+        # > 0: pack several conversations into learner rows of this many tokens (first-fit decreasing; each one
+        # attends only to itself), so the short final-answer conversations stop padding to the memory updates'
+        # length. Needs aggregation 'token-mean'. 0: one conversation per row.
+        pack_length=0,
         recompute_old_logprobs=not cpu,  # the learner recomputes old log-probs before the update (the reference)
         on_nonfinite="skip",
     ))

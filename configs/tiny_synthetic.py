@@ -68,6 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         overwrite_prob=0.0,  # ... or note a look-alike fact for another key
         focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
         note_style="keyed",  # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
+        pack_length=160,  # learner rows of 160 tokens holding several conversations (0: one per row, padded)
     ))
     c.rl = ml_collections.ConfigDict(dict(
         steps=90,
@@ -80,6 +81,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         top_p=1.0,
         dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
         max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
+        # Learner rows of 160 tokens, each holding two ~76-token memory updates or three ~45-token final answers
+        # (first-fit decreasing), instead of one conversation per row padded to 96: 24% fewer tokens per step.
+        pack_length=160,
     ))
     c.eval = ml_collections.ConfigDict(dict(
         temperature=0.7, top_p=0.95,  # the paper's evaluation sampling

@@ -115,7 +115,8 @@ def validate_config(cfg) -> None:
             raise PipelineConfigError(f"config.{path} must be one of {allowed}, got {cfg[section][field]!r}")
     for path, low in (("task.same_chunk_distractors", 0), ("task.multihop_multiplier", 0),
                       ("warm_start.focus_repeats", 1), ("long_eval.chunks", 1), ("long_eval.questions", 1),
-                      ("long_eval.batch_size", 1), ("rl.max_sampling_batches", 1)):
+                      ("long_eval.batch_size", 1), ("rl.max_sampling_batches", 1), ("rl.pack_length", 0),
+                      ("warm_start.pack_length", 0)):
         section, field = path.split(".")
         if field in cfg[section] and int(cfg[section][field]) < low:
             raise PipelineConfigError(f"config.{path} must be >= {low}, got {cfg[section][field]}")
@@ -278,6 +279,7 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
 
     from memagent_jax.agent.chunking import tokenize_document
     from memagent_jax.data.synthetic import generate_sample
+    from memagent_jax.rl.batch import pack_conversations
     from memagent_jax.rl.warm_start import (ScriptedPolicy, StraddlingFactError, conversations_to_sft_batch,
                                             scripted_conversations)
 
@@ -286,6 +288,7 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
     rng = np.random.default_rng(_seeds(cfg)["warm_start"])
     task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"])
     index = 0
+    most_rows = 0  # packed batches are padded to the largest so far (one learner shape)
     for _ in range(count):
         conversations = []
         made = 0
@@ -303,8 +306,13 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
             asked = {f.token_offset // budgets.chunk_tokens for f in sample.facts if f.role == "answer"}
             for conv in trajectory:
                 conversations += [conv] * (ws.focus_repeats if conv.kind == "memory" and conv.step in asked else 1)
-        yield conversations_to_sft_batch(conversations, pad_id=tokenizer.pad_token_id,
-                                         rows_multiple=rows_multiple * ws.updates_per_call)
+        batch = conversations_to_sft_batch(conversations, pad_id=tokenizer.pad_token_id,
+                                           rows_multiple=rows_multiple * ws.updates_per_call)
+        if ws.get("pack_length", 0):
+            batch = pack_conversations(batch, ws.pack_length, rows_multiple=rows_multiple * ws.updates_per_call,
+                                       min_rows=most_rows)
+            most_rows = batch.num_rows
+        yield batch
 
 
 def warm_start(cfg, assets: dict, folder: str) -> str:
@@ -381,7 +389,8 @@ def grpo_config(cfg, assets: dict, model_path: str):
                      num_minibatches=cfg.rl.num_minibatches, learning_rate=cfg.rl.learning_rate,
                      kl_coef=cfg.rl.kl_coef, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
                      dynamic_sampling=bool(cfg.rl.get("dynamic_sampling", False)),
-                     max_sampling_batches=int(cfg.rl.get("max_sampling_batches", 1))))
+                     max_sampling_batches=int(cfg.rl.get("max_sampling_batches", 1)),
+                     pack_length=int(cfg.rl.get("pack_length", 0))))
     g.export_sampling.update(dict(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p))
     g.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     g.checkpoint.every = max(1, cfg.rl.steps // 4)

@@ -133,6 +133,12 @@ def _check_ranges(cfg) -> None:
     if "length_multiple" in rl:
         _number(cfg, "rl.length_multiple", low=1, integer=True,
                 allowed=">= 1 (training rows are padded to a multiple of this many tokens)")
+    if "pack_length" in rl:
+        _number(cfg, "rl.pack_length", low=0, integer=True,
+                allowed=">= 0 (tokens per packed learner row; 0 = one conversation per row)")
+        if rl.pack_length and rl.aggregation != "token-mean":
+            raise TrainConfigError(f"config.rl.pack_length > 0 needs config.rl.aggregation 'token-mean' (a packed "
+                                   f"row holds several conversations), got {rl.aggregation!r}")
     if "max_sampling_batches" in rl:
         _number(cfg, "rl.max_sampling_batches", low=1, integer=True,
                 allowed=">= 1 (batches of questions a step may draw under rl.dynamic_sampling)")
@@ -418,7 +424,7 @@ def _records(cfg, tokenizer):
     return synthetic, lambda sample: sample.to_record()
 
 
-def _common_batch(batch, stats: dict, *, pad_id: int):
+def _common_batch(batch, stats: dict, *, pad_id: int, packed: bool = False):
     """Multi-process: this process's conversation batch padded to the row count and length of the largest one of
     any process (every process must feed the learner the same shapes; padding rows train on nothing), and the
     stats summed over processes. Returns (batch or None when no process has a conversation, stats)."""
@@ -435,11 +441,12 @@ def _common_batch(batch, stats: dict, *, pad_id: int):
              "conversations": int(every[:, 4].sum())}
     if rows == 0:
         return None, stats
-    if batch is None:
+    if batch is None:  # packed: per-token advantages and segment ids, all zero
         return ConversationBatch(tokens=np.full((rows, length), pad_id, np.int32),
                                  token_mask=np.zeros((rows, length), bool), loss_mask=np.zeros((rows, length), bool),
                                  old_logprobs=np.zeros((rows, length), np.float32),
-                                 advantages=np.zeros((rows,), np.float32)), stats
+                                 advantages=np.zeros((rows, length) if packed else (rows,), np.float32),
+                                 segment_ids=np.zeros((rows, length), np.int32) if packed else None), stats
     batch = pad_rows(batch, rows)
     extra = length - batch.length
     if extra:
@@ -448,7 +455,8 @@ def _common_batch(batch, stats: dict, *, pad_id: int):
 
         batch = batch.replace(tokens=widen(batch.tokens, pad_id), token_mask=widen(batch.token_mask, False),
                               loss_mask=widen(batch.loss_mask, False), old_logprobs=widen(batch.old_logprobs, 0.0),
-                              ref_logprobs=widen(batch.ref_logprobs, 0.0))
+                              ref_logprobs=widen(batch.ref_logprobs, 0.0), segment_ids=widen(batch.segment_ids, 0),
+                              advantages=widen(batch.advantages, 0.0) if batch.packed else batch.advantages)
     return batch, stats
 
 
@@ -523,7 +531,7 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.distributed import arrays as multiprocess
     from memagent_jax.models import sharding as sharding_lib
     from memagent_jax.rl.advantages import group_advantages
-    from memagent_jax.rl.batch import pad_rows, shuffle_rows
+    from memagent_jax.rl.batch import pack_conversations, pad_rows, shuffle_rows
     from memagent_jax.rl.learner import Learner
     from memagent_jax.rl.metrics import MetricsWriter
     from memagent_jax.rl.rollout import RewardScorer, collect_rollouts_in_slices, rollout_to_batch
@@ -593,7 +601,8 @@ def train(cfg, workdir: str) -> dict:
 
         clean_stale_exports(os.path.join(workdir, "export"))  # left by a kill during an earlier export
     metrics: dict = {}
-    most_rows = 0  # dynamic sampling: the largest learner batch so far (smaller ones are padded to it)
+    most_rows = 0  # dynamic sampling / packing: the largest learner batch so far (smaller ones are padded to it)
+    pack_length = int(cfg.rl.get("pack_length", 0))
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -619,14 +628,19 @@ def train(cfg, workdir: str) -> dict:
                                             vocab_size=model_config.vocab_size,
                                             rows_multiple=learner.process_rows_multiple,
                                             length_multiple=int(cfg.rl.get("length_multiple", 64)))
-            if keep is not None and batch is not None:
+            if batch is not None and pack_length:
+                # Packed rows vary in number from step to step: pad to the most so far (one learner shape).
+                batch = pack_conversations(batch, pack_length, rows_multiple=learner.process_rows_multiple,
+                                           min_rows=most_rows)
+                most_rows = batch.num_rows
+            elif keep is not None and batch is not None:
                 # A step that kept fewer groups trains on empty padding rows instead of compiling a new shape.
                 most_rows = max(most_rows, batch.num_rows)
                 batch = pad_rows(batch, most_rows)
             if process_count == 1:
                 rewards, accuracy, lengths = rollout.rewards, rollout.accuracy, rollout.length_stats()
             else:  # every process learns from its own rows; the metrics cover all of them
-                batch, stats = _common_batch(batch, stats, pad_id=agent.spec.pad_id)
+                batch, stats = _common_batch(batch, stats, pad_id=agent.spec.pad_id, packed=bool(pack_length))
                 rewards, accuracy, lengths = _global_rollout_stats(rollout)
             metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                        "accuracy": float(accuracy.mean()), "rollout_time_s": rollout.rollout_seconds,

@@ -20,6 +20,15 @@ Rows with no real token at all are allowed (padding rows, e.g. to reach a multip
 contribute nothing to any loss or metric. Positions are `positions_from_mask(token_mask)` (arange over real
 tokens), computed by the learner.
 
+Packed batches (`pack_conversations`): several conversations share a row, each a contiguous run of tokens, and
+
+    segment_ids   [N, T] int32   1, 2, ... for the row's first, second, ... conversation, 0 at pads
+    advantages    [N, T] f32     per token: the advantage of the conversation the token belongs to (0 at pads)
+
+tokens attend only within their own conversation and positions restart at 0 at each conversation's first token,
+so every conversation is computed as in its own row while pads shrink from the longest-minus-mean of every row to
+the tail of each packed row. The learner supports packed batches with the 'token-mean' loss aggregation.
+
 `build_conversation_batch` makes one (NumPy arrays) from per-conversation lists; `validate_batch` checks one
 with errors that name the field and the row.
 """
@@ -34,9 +43,9 @@ import jax
 import numpy as np
 
 __all__ = ["BatchError", "ConversationBatch", "build_conversation_batch", "validate_batch", "shuffle_rows",
-           "pad_rows"]
+           "pad_rows", "pack_conversations", "segment_positions"]
 
-_FIELDS = ("tokens", "token_mask", "loss_mask", "old_logprobs", "advantages", "ref_logprobs")
+_FIELDS = ("tokens", "token_mask", "loss_mask", "old_logprobs", "advantages", "ref_logprobs", "segment_ids")
 
 
 class BatchError(ValueError):
@@ -49,7 +58,8 @@ class ConversationBatch:
     """N right-padded conversations (see the module docstring for the layout). A pytree of arrays.
 
     tokens [N, T] int32; token_mask [N, T] bool; loss_mask [N, T] bool; old_logprobs [N, T] f32;
-    advantages [N] f32; ref_logprobs [N, T] f32 or None.
+    advantages [N] f32 ([N, T] when packed); ref_logprobs [N, T] f32 or None; segment_ids [N, T] int32 when packed
+    (several conversations per row, see `pack_conversations`), else None.
     """
 
     tokens: Any
@@ -58,6 +68,11 @@ class ConversationBatch:
     old_logprobs: Any
     advantages: Any
     ref_logprobs: Any = None
+    segment_ids: Any = None
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
 
     @property
     def num_rows(self) -> int:
@@ -203,7 +218,7 @@ def validate_batch(batch: ConversationBatch, *, vocab_size: int | None = None, c
         raise BatchError(f"expected a ConversationBatch, got {type(batch).__name__}")
     arrays = {name: getattr(batch, name) for name in _FIELDS}
     for name, value in arrays.items():
-        if value is None and name == "ref_logprobs":
+        if value is None and name in ("ref_logprobs", "segment_ids"):
             continue
         if value is None:
             raise BatchError(f"{name}: missing")
@@ -215,8 +230,9 @@ def validate_batch(batch: ConversationBatch, *, vocab_size: int | None = None, c
     n, t = tokens.shape
     if not np.issubdtype(tokens.dtype, np.integer):
         raise BatchError(f"tokens: expected an integer dtype, got {tokens.dtype}")
-    expected = {"token_mask": (n, t), "loss_mask": (n, t), "old_logprobs": (n, t), "advantages": (n,),
-                "ref_logprobs": (n, t)}
+    packed = arrays["segment_ids"] is not None
+    expected = {"token_mask": (n, t), "loss_mask": (n, t), "old_logprobs": (n, t),
+                "advantages": (n, t) if packed else (n,), "ref_logprobs": (n, t), "segment_ids": (n, t)}
     for name, shape in expected.items():
         value = arrays[name]
         if value is None:
@@ -233,24 +249,10 @@ def validate_batch(batch: ConversationBatch, *, vocab_size: int | None = None, c
 
     token_mask = np.asarray(batch.token_mask)
     loss_mask = np.asarray(batch.loss_mask)
-    lengths = token_mask.sum(axis=1)
-    prefix = np.arange(t)[None, :] < lengths[:, None]
-    bad = np.nonzero((token_mask != prefix).any(axis=1))[0]
-    if bad.size:
-        raise BatchError(f"token_mask: row {bad[0]} is not right-padded (real tokens must form a prefix)")
-    bad = np.nonzero((loss_mask & ~token_mask).any(axis=1))[0]
-    if bad.size:
-        raise BatchError(f"loss_mask: row {bad[0]} marks a pad position as a response token")
-    bad = np.nonzero(loss_mask[:, 0])[0]
-    if bad.size:
-        raise BatchError(f"loss_mask: row {bad[0]} marks position 0 as a response token (it has no predecessor)")
-    num_resp = loss_mask.sum(axis=1)
-    resp_start = lengths - num_resp
-    suffix = (np.arange(t)[None, :] >= resp_start[:, None]) & prefix
-    bad = np.nonzero((loss_mask != suffix).any(axis=1))[0]
-    if bad.size:
-        raise BatchError(f"loss_mask: row {bad[0]}: response tokens must be one contiguous run ending at the "
-                         f"row's last real token (prompt, then response, then pads)")
+    if packed:
+        _validate_packed_layout(np.asarray(batch.segment_ids), token_mask, loss_mask)
+    else:
+        _validate_row_layout(token_mask, loss_mask)
     if not check_values:
         return
     if vocab_size is not None:
@@ -274,6 +276,48 @@ def validate_batch(batch: ConversationBatch, *, vocab_size: int | None = None, c
             raise BatchError(f"{name}: row {bad[0]} has a positive log-prob on a response token")
 
 
+def _validate_packed_layout(segment_ids: np.ndarray, token_mask: np.ndarray, loss_mask: np.ndarray) -> None:
+    """Packed rows: real tokens are exactly those with a segment id > 0; no response token opens a segment."""
+    if not np.issubdtype(segment_ids.dtype, np.integer):
+        raise BatchError(f"segment_ids: expected an integer dtype, got {segment_ids.dtype}")
+    bad = np.nonzero(((segment_ids > 0) != token_mask).any(axis=1))[0]
+    if bad.size:
+        raise BatchError(f"segment_ids: row {bad[0]}: real tokens (token_mask) must be exactly those with a segment "
+                         f"id > 0")
+    bad = np.nonzero((loss_mask & ~token_mask).any(axis=1))[0]
+    if bad.size:
+        raise BatchError(f"loss_mask: row {bad[0]} marks a pad position as a response token")
+    opens = np.ones_like(token_mask)
+    opens[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    bad = np.nonzero((loss_mask & opens).any(axis=1))[0]
+    if bad.size:
+        raise BatchError(f"loss_mask: row {bad[0]} marks the first token of a conversation as a response token (it "
+                         f"has no predecessor)")
+
+
+def _validate_row_layout(token_mask: np.ndarray, loss_mask: np.ndarray) -> None:
+    """One conversation per row: prompt, then response, then pads."""
+    t = token_mask.shape[1]
+    lengths = token_mask.sum(axis=1)
+    prefix = np.arange(t)[None, :] < lengths[:, None]
+    bad = np.nonzero((token_mask != prefix).any(axis=1))[0]
+    if bad.size:
+        raise BatchError(f"token_mask: row {bad[0]} is not right-padded (real tokens must form a prefix)")
+    bad = np.nonzero((loss_mask & ~token_mask).any(axis=1))[0]
+    if bad.size:
+        raise BatchError(f"loss_mask: row {bad[0]} marks a pad position as a response token")
+    bad = np.nonzero(loss_mask[:, 0])[0]
+    if bad.size:
+        raise BatchError(f"loss_mask: row {bad[0]} marks position 0 as a response token (it has no predecessor)")
+    num_resp = loss_mask.sum(axis=1)
+    resp_start = lengths - num_resp
+    suffix = (np.arange(t)[None, :] >= resp_start[:, None]) & prefix
+    bad = np.nonzero((loss_mask != suffix).any(axis=1))[0]
+    if bad.size:
+        raise BatchError(f"loss_mask: row {bad[0]}: response tokens must be one contiguous run ending at the "
+                         f"row's last real token (prompt, then response, then pads)")
+
+
 def shuffle_rows(batch: ConversationBatch, seed: int | np.random.Generator) -> ConversationBatch:
     """The same batch with its rows in a random order (host-side, NumPy). Use before splitting into mini-batches."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -292,3 +336,87 @@ def pad_rows(batch: ConversationBatch, rows: int) -> ConversationBatch:
         return np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)], axis=0)
 
     return jax.tree.map(pad, batch)
+
+
+def pack_conversations(batch: ConversationBatch, length: int, *, rows_multiple: int = 1,
+                       min_rows: int = 0) -> ConversationBatch:
+    """Packs a one-conversation-per-row batch into rows of `length` tokens holding several conversations each.
+
+    First-fit decreasing: conversations are taken longest first (ties: in row order) and each goes into the first
+    packed row with room for it, else a new one. A conversation longer than `length` gets a row of its own and the
+    packed length grows to it (never truncated). Pad rows (no real token) are dropped. Host-side, NumPy.
+
+    Args:
+      batch: an unpacked `ConversationBatch` (validated layout: prompt, response, pads).
+      length: tokens per packed row (>= 1).
+      rows_multiple: the packed row count is rounded up to a multiple of this with empty rows.
+      min_rows: at least this many rows (e.g. the largest packed batch so far, so the learner keeps one shape).
+    Returns:
+      a packed `ConversationBatch` (see the module docstring): tokens [N', T'], segment_ids [N', T'] (1, 2, ... in
+      each row, 0 at pads), advantages [N', T'] per token; T' = max(length, longest conversation).
+    """
+    if batch.packed:
+        raise BatchError("pack_conversations: the batch is already packed")
+    if length < 1:
+        raise BatchError(f"pack_conversations: length must be >= 1, got {length}")
+    if rows_multiple < 1:
+        raise BatchError(f"pack_conversations: rows_multiple must be >= 1, got {rows_multiple}")
+    token_mask = np.asarray(batch.token_mask)
+    lengths = token_mask.sum(axis=1)
+    order = sorted((i for i in range(len(lengths)) if lengths[i] > 0), key=lambda i: (-lengths[i], i))
+    width = max(length, int(lengths.max()) if lengths.size else 0)
+    free: list[int] = []  # room left in each packed row
+    placement: list[list[int]] = []  # source rows of each packed row, in placement order
+    for i in order:
+        need = int(lengths[i])
+        row = next((r for r, room in enumerate(free) if room >= need), None)
+        if row is None:
+            free.append(width)
+            placement.append([])
+            row = len(free) - 1
+        free[row] -= need
+        placement[row].append(i)
+    rows = max(-(-max(len(placement), 1) // rows_multiple) * rows_multiple, min_rows)
+    rows = -(-rows // rows_multiple) * rows_multiple
+
+    def empty(dtype, fill=0):
+        return np.full((rows, width), fill, dtype)
+
+    src = {name: np.asarray(getattr(batch, name)) for name in ("tokens", "loss_mask", "old_logprobs")}
+    tokens = empty(src["tokens"].dtype)
+    out_token_mask = empty(bool, False)
+    loss_mask = empty(bool, False)
+    old = empty(np.float32)
+    ref_src = None if batch.ref_logprobs is None else np.asarray(batch.ref_logprobs)
+    ref = None if ref_src is None else empty(np.float32)
+    adv_src = np.asarray(batch.advantages)
+    adv = empty(np.float32)
+    segment_ids = empty(np.int32)
+    for r, sources in enumerate(placement):
+        at = 0
+        for k, i in enumerate(sources):
+            n = int(lengths[i])
+            span = slice(at, at + n)
+            tokens[r, span] = src["tokens"][i, :n]
+            out_token_mask[r, span] = True
+            loss_mask[r, span] = src["loss_mask"][i, :n]
+            old[r, span] = src["old_logprobs"][i, :n]
+            if ref is not None:
+                ref[r, span] = ref_src[i, :n]
+            adv[r, span] = adv_src[i]
+            segment_ids[r, span] = k + 1
+            at += n
+    return ConversationBatch(tokens=tokens, token_mask=out_token_mask, loss_mask=loss_mask, old_logprobs=old,
+                             advantages=adv, ref_logprobs=ref, segment_ids=segment_ids)
+
+
+def segment_positions(segment_ids):
+    """Positions that restart at 0 at each conversation of a packed row: [N, T] int32 (jnp or np in, jnp out)."""
+    import jax.numpy as jnp
+
+    segment_ids = jnp.asarray(segment_ids)
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+    opens = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                            axis=1)
+    start = jax.lax.cummax(jnp.where(opens, index, 0), axis=1)
+    return (index - start).astype(jnp.int32)

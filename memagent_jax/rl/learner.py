@@ -54,7 +54,7 @@ from memagent_jax.distributed import arrays as multiprocess
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import abstract_params as model_abstract_params
-from memagent_jax.rl.batch import BatchError, ConversationBatch
+from memagent_jax.rl.batch import BatchError, ConversationBatch, segment_positions
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.losses import LossConfig, compute_loss, metric_identity, reduce_metric
 
@@ -295,10 +295,18 @@ def _split_rows(x, m: int, k: int, constrain=None):
 # ------------------------------------------------------------------------------------ loss + grads
 
 
+def _row_layout(segment_ids):
+    """token_logprobs' keyword arguments for one-conversation rows (None) or packed rows (segment ids)."""
+    if segment_ids is None:
+        return {}
+    return dict(positions=segment_positions(segment_ids), segment_ids=segment_ids)
+
+
 def _micro_loss(params, micro: ConversationBatch, token_den, seq_den, *, model_config: ModelConfig,
                 config: LearnerConfig):
     logp, ent = token_logprobs(params, micro.tokens, micro.token_mask, config=model_config,
-                               chunk_size=config.logits_chunk_size, with_entropy=config.need_entropy)
+                               chunk_size=config.logits_chunk_size, with_entropy=config.need_entropy,
+                               **_row_layout(micro.segment_ids))
     return compute_loss(config.loss, logp, micro.loss_mask, old_logprobs=micro.old_logprobs,
                         advantages=micro.advantages, ref_logprobs=micro.ref_logprobs,
                         entropy=ent if config.need_entropy else None, token_denominator=token_den,
@@ -382,13 +390,16 @@ def accumulate_gradients(params, batch: ConversationBatch, *, model_config: Mode
 def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, constrain_micro=None):
     """[M, K, mb, T] leaves -> [M, K, mb, T] log-probs under `params`, no gradient."""
     m, k = batches.tokens.shape[:2]
-    flat = jax.tree.map(lambda a: a.reshape((m * k,) + a.shape[2:]), (batches.tokens, batches.token_mask))
+    flat = jax.tree.map(lambda a: a.reshape((m * k,) + a.shape[2:]),
+                        (batches.tokens, batches.token_mask, batches.segment_ids))
 
     def body(_, xs):
-        tokens, mask = xs
+        tokens, mask, segments = xs
         if constrain_micro is not None:
             tokens, mask = constrain_micro(tokens, 0), constrain_micro(mask, 0)
-        logp, _ = token_logprobs(params, tokens, mask, config=model_config, chunk_size=config.logits_chunk_size)
+            segments = None if segments is None else constrain_micro(segments, 0)
+        logp, _ = token_logprobs(params, tokens, mask, config=model_config, chunk_size=config.logits_chunk_size,
+                                 **_row_layout(segments))
         return None, logp
 
     _, logp = jax.lax.scan(body, None, flat)
@@ -619,7 +630,7 @@ class Learner:
     # ---- steps
 
     def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool):
-        key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params)
+        key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params, batch.packed)
         if key not in self._steps:
             fn = functools.partial(train_step_fn, model_config=self.model_config, config=self.config,
                                    optimizer=self.optimizer, mesh=self.mesh, param_shardings=self._param_shardings)
@@ -645,6 +656,10 @@ class Learner:
         """
         n = self.global_rows(batch)
         self.config.split(n)  # clear error on a bad row count before tracing
+        if batch.packed and self.config.loss.aggregation != "token-mean":
+            raise LearnerConfigError(f"packed batches (several conversations per row) need loss.aggregation "
+                                     f"'token-mean', got {self.config.loss.aggregation!r}: the per-sequence mean "
+                                     f"would average over rows, not conversations")
         if self.mesh is not None and n % sharding_lib.batch_multiple(self.mesh):
             raise BatchError(f"batch has {n} rows, not a multiple of the mesh's batch axes "
                              f"({sharding_lib.batch_multiple(self.mesh)}); pad with rows_multiple="
@@ -656,7 +671,7 @@ class Learner:
         # (on_nonfinite only changes what the host does afterwards, so it is not part of the key.)
         batch = self.put_batch(batch)
         key = (self.model_config, self.config.replace(on_nonfinite="skip"), self.mesh, batch.tokens.shape,
-               batch.ref_logprobs is not None, ref_params is not None)
+               batch.ref_logprobs is not None, ref_params is not None, batch.packed)
         compile_s = 0.0
         if key not in _EXECUTABLES:
             t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def _chunk_stats(params, hidden, targets, *, config: ModelConfig, with_entropy: 
 
 
 def token_logprobs(params, tokens, token_mask, *, config: ModelConfig, positions=None, chunk_size: int = 512,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, segment_ids=None):
     """Log-prob of every token given its prefix, and optionally the entropy of the predicting distribution.
 
     Args:
@@ -49,13 +49,17 @@ def token_logprobs(params, tokens, token_mask, *, config: ModelConfig, positions
       positions: [B, T] int, default `positions_from_mask(token_mask)`.
       chunk_size: positions per logits chunk (0 or >= T: one chunk).
       with_entropy: also return the entropy of the distribution that predicts each token.
+      segment_ids: optional [B, T] int (packed rows): tokens attend only within their own segment; `positions`
+        should then restart at each segment (`rl.batch.segment_positions`). A segment's first token gets the
+        meaningless "prediction" of the previous segment's last token (never a response token).
     Returns:
       (logprobs [B, T] f32, entropy [B, T] f32): logprobs[:, t] = log p(tokens[:, t] | tokens[:, :t]) for t >= 1,
       entropy[:, t] = H(p(. | tokens[:, :t])); both 0 at t = 0 (and meaningless at pad positions).
     """
     if positions is None:
         positions = positions_from_mask(token_mask)
-    hidden, _ = forward_hidden(params, tokens, positions, token_mask, config=config)  # [B, T, D]
+    hidden, _ = forward_hidden(params, tokens, positions, token_mask, config=config,
+                               segment_ids=segment_ids)  # [B, T, D]
     b, t = tokens.shape
     # The hidden state at t predicts token t + 1; the last position predicts nothing (its target is a dummy 0).
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1).astype(jnp.int32)

@@ -207,7 +207,7 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, config: LossCo
     Args:
       logprobs: [n, T] f32, current policy log-probs of the tokens (differentiable).
       old_logprobs: [n, T] f32, behaviour-policy log-probs (the sampler's, or recomputed).
-      advantages: [n] f32, per row (broadcast to its response tokens).
+      advantages: [n] f32, per row (broadcast to its response tokens), or [n, T] per token (packed rows).
       loss_mask: [n, T] bool, response tokens.
       config: `LossConfig` (kind 'grpo').
       ref_logprobs: [n, T] f32 reference log-probs; required when config.kl_coef > 0.
@@ -231,7 +231,8 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, config: LossCo
     c = config.log_ratio_clamp
 
     log_ratio = jnp.clip(logprobs - old_logprobs, -c, c)
-    adv = jnp.asarray(advantages, jnp.float32)[:, None]
+    adv = jnp.asarray(advantages, jnp.float32)
+    adv = adv if adv.ndim == 2 else adv[:, None]
     per_token, ratio, flags = clipped_surrogate(log_ratio, adv, clip_low=config.clip_low,
                                                 clip_high=config.clip_high, dual_clip=config.dual_clip)
     pg = aggregate(per_token, loss_mask, **agg)
