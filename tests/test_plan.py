@@ -452,3 +452,12 @@ def test_learn_length_follows_rl_length_multiple():
     cfg.rl.length_multiple = 1000
     at1000 = plan.make_plan(cfg).settings["learn_length"]
     assert at64 % 64 == 0 and at1000 % 1000 == 0 and at64 <= at1000 < at64 + 1000
+
+
+def test_learn_length_follows_rl_pack_length():
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100")
+    unpacked = plan.make_plan(cfg).settings["learn_length"]
+    cfg.rl.pack_length = unpacked // 2  # shorter than a full conversation: rows grow to it
+    assert plan.make_plan(cfg).settings["learn_length"] == unpacked
+    cfg.rl.pack_length = 2 * unpacked  # worst case: one full-budget conversation per packed row
+    assert plan.make_plan(cfg).settings["learn_length"] == 2 * unpacked

@@ -84,6 +84,10 @@ def test_packed_logprobs_equal_one_conversation_per_row():
     logits, _ = forward(params, jnp.asarray(batch.tokens), positions_from_mask(mask), mask, config=CONFIG)
     np.testing.assert_allclose(np.sort(np.asarray(plp)[np.asarray(packed.loss_mask)]),
                                np.sort(np.asarray(lp)[np.asarray(batch.loss_mask)]), atol=1e-5)
+    # The learner's own log-prob pass (e.g. reference log-probs) on the packed rows: the same values.
+    learner_lp = Learner(CONFIG, LearnerConfig()).logprobs(params, packed)
+    np.testing.assert_allclose(np.asarray(learner_lp)[np.asarray(packed.loss_mask)],
+                               np.asarray(plp)[np.asarray(packed.loss_mask)], atol=1e-6)
     ref = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), jnp.asarray(batch.tokens)[:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(lp)[:, 1:][np.asarray(batch.loss_mask)[:, 1:]],
                                np.asarray(ref)[np.asarray(batch.loss_mask)[:, 1:]], atol=1e-5)

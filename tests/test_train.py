@@ -141,3 +141,23 @@ def test_dynamic_sampling_run_trains_on_a_static_shape(model_dir, tmp_path):
         validate_config(grpo_config(model_dir, **{"rl.max_sampling_batches": 0}), device_count=1)
     with pytest.raises(TrainConfigError, match=r"config\.rl\.length_multiple must be an integer >= 1"):
         validate_config(grpo_config(model_dir, **{"rl.length_multiple": 0}), device_count=1)
+
+
+def test_packed_run_trains_on_fewer_padded_tokens(model_dir, tmp_path):
+    """rl.pack_length: the same two steps as one conversation per row, on packed learner rows (same rollouts, so
+    the same conversations and response tokens; fewer rows), and its config errors."""
+    plain, packed = str(tmp_path / "plain"), str(tmp_path / "packed")
+    train(grpo_config(model_dir, steps=2), plain)
+    train(grpo_config(model_dir, steps=2, **{"rl.pack_length": 256}), packed)
+    a, b = _metrics(plain), _metrics(packed)
+    for x, y in zip(a, b):
+        assert y["conversations"] == x["conversations"] and y["response_tokens"] == x["response_tokens"]
+        assert y["real_tokens"] == x["real_tokens"]
+    # Step 1 starts from the same params: its rollout and loss are the same whether or not the rows are packed.
+    assert b[0]["reward_mean"] == a[0]["reward_mean"]
+    np.testing.assert_allclose(b[0]["loss"], a[0]["loss"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(TrainConfigError, match=r"config\.rl\.pack_length must be an integer >= 0"):
+        validate_config(grpo_config(model_dir, **{"rl.pack_length": -1}), device_count=1)
+    with pytest.raises(TrainConfigError, match=r"config\.rl\.pack_length > 0 needs config\.rl\.aggregation"):
+        validate_config(grpo_config(model_dir, **{"rl.pack_length": 64, "rl.aggregation": "seq-mean-token-mean"}),
+                        device_count=1)

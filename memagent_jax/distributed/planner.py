@@ -716,6 +716,9 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     k_micro = per_mb // micro_rows
     micro_per_device = micro_rows // shards
     length = layout.learn_length(int(rl.get("length_multiple", 64)))
+    # Packed rows (rl.pack_length) hold several conversations each; in the worst case (every conversation at its
+    # full budget) they hold one each, as many rows as unpacked, each pack_length long.
+    length = max(length, int(rl.get("pack_length", 0)))
     if layout.update_slots > mc.max_position_embeddings or layout.final_slots > mc.max_position_embeddings:
         raise PlanError(f"config.agent budgets need a context of {max(layout.update_slots, layout.final_slots)} "
                         f"tokens, more than the model's max_position_embeddings ({mc.max_position_embeddings})")

@@ -702,15 +702,21 @@ class Learner:
         return state, out
 
     def logprobs(self, params, batch: ConversationBatch) -> jax.Array:
-        """[N, T] log-prob of every token under `params` (0 at position 0), e.g. reference log-probs."""
-        key = batch.tokens.shape
+        """[N, T] log-prob of every token under `params` (0 at each conversation's first token), e.g. reference
+        log-probs; packed batches too."""
+        key = (batch.tokens.shape, batch.packed)
+        segments = batch.segment_ids if batch.packed else jnp.zeros((), jnp.int32)
         if key not in self._logprob_fns:
-            fn = functools.partial(lambda p, t, m: token_logprobs(
-                p, t, m, config=self.model_config, chunk_size=self.config.logits_chunk_size)[0])
+            def fn(p, t, m, seg):
+                layout = _row_layout(seg) if batch.packed else {}
+                return token_logprobs(p, t, m, config=self.model_config, chunk_size=self.config.logits_chunk_size,
+                                      **layout)[0]
+
             if self.mesh is None:
                 self._logprob_fns[key] = jax.jit(fn)
             else:
-                rows = sharding_lib.batch_sharding(self.mesh, 2, key[0])
-                self._logprob_fns[key] = jax.jit(fn, in_shardings=(self._param_shardings, rows, rows),
+                rows = sharding_lib.batch_sharding(self.mesh, 2, key[0][0])
+                seg_sh = rows if batch.packed else NamedSharding(self.mesh, P())
+                self._logprob_fns[key] = jax.jit(fn, in_shardings=(self._param_shardings, rows, rows, seg_sh),
                                                  out_shardings=rows)
-        return self._logprob_fns[key](params, batch.tokens, batch.token_mask)
+        return self._logprob_fns[key](params, batch.tokens, batch.token_mask, segments)
