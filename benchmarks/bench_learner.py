@@ -2,6 +2,7 @@
 
     python benchmarks/bench_learner.py            # two shapes (a few minutes on 2 CPU cores)
     python benchmarks/bench_learner.py --quick    # the small shape only, fewer timed steps
+    python benchmarks/bench_learner.py --packing  # our step on packed rows vs one conversation per row
 
 Both sides run the same model (our random init, exported with `save_hf_checkpoint` and loaded by transformers'
 `AutoModelForCausalLM`, f32, SDPA attention), on the same batch of N conversations x T tokens (no padding; the
@@ -26,6 +27,12 @@ layers, H query heads, Dh head dim. MFU = FLOPs / seconds / peak, with peak = th
 2048^3 matmul measured here before and after the runs (the CPU's practical peak; ~400 GFLOP/s on these 2 cores
 when idle).
 The first-step losses of both sides are printed as a check that they compute the same thing.
+
+--packing: our learner step (GRPO loss, AdamW) on the same conversations laid out one per row (padded to the
+longest, rounded up to 16) and packed by `rl.batch.pack_conversations`, steps interleaved, medians; for two length
+mixes at the main job's model shape (width 128, 2 layers, vocab 1024): the main job's own (2/3 memory updates of
+74-78 tokens, 1/3 final answers of 42-47) and a wide spread (memory updates of 300-700 tokens, final answers of
+60-150: a memory that grows over a document, a short answer prompt). The first-step losses agree.
 """
 
 from __future__ import annotations
@@ -147,11 +154,64 @@ def interleaved(ours, torch_step, iters: int):
     return np.array(a), np.array(b)
 
 
+def _conversations(rng, count, low, high, vocab, response=8):
+    """`count` conversations of low..high tokens (the last `response` of each are the response)."""
+    prompts, responses, logps = [], [], []
+    for _ in range(count):
+        n = int(rng.integers(low, high + 1))
+        prompts.append(rng.integers(3, vocab, n - response))
+        responses.append(rng.integers(3, vocab, response))
+        logps.append(-np.log(vocab) + rng.uniform(-0.3, 0.3, response))
+    return prompts, responses, logps
+
+
+def packing(iters: int) -> None:
+    from memagent_jax.rl.batch import build_conversation_batch, pack_conversations
+
+    config = preset_config("tiny", num_layers=2, hidden_size=128, intermediate_size=512, num_heads=4, num_kv_heads=2,
+                           head_dim=32, vocab_size=1024, max_position_embeddings=2048)
+    params = init_params(config, 0)
+    mixes = [("main job: 256 x 74-78 + 128 x 42-47 tokens", [(256, 74, 78), (128, 42, 47)], 160),
+             ("spread: 96 x 300-700 + 32 x 60-150 tokens", [(96, 300, 700), (32, 60, 150)], 1024)]
+    print(f"one learner step (GRPO, AdamW), width 128, 2 layers, vocab 1024; median of {iters} interleaved steps")
+    print("| conversations | layout | rows x T | tokens incl. pads | real share | step ms | speed-up | first loss |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, groups, pack_length in mixes:
+        rng = np.random.default_rng(0)
+        prompts, responses, logps = [], [], []
+        for count, low, high in groups:
+            p, r, lp = _conversations(rng, count, low, high, config.vocab_size)
+            prompts += p
+            responses += r
+            logps += lp
+        adv = rng.normal(size=len(prompts))
+        plain = build_conversation_batch(prompts, responses, logps, adv, length_multiple=16)
+        packed = pack_conversations(plain, pack_length, rows_multiple=8)
+        sides = {}
+        for label, batch in (("one per row", plain), (f"packed ({pack_length})", packed)):
+            step, loss, _ = make_ours(config, jax.tree.map(jnp.copy, params), batch)
+            sides[label] = (step, loss, batch, [])
+        for _ in range(iters):
+            for step, _, _, times in sides.values():
+                times.append(step())
+        base = None
+        for label, (_, loss, batch, times) in sides.items():
+            ms = float(np.median(times)) * 1e3
+            base = base or ms
+            real = int(np.asarray(batch.token_mask).sum())
+            print(f"| {name} | {label} | {batch.num_rows} x {batch.length} | {batch.tokens.size} | "
+                  f"{real / batch.tokens.size:.0%} | {ms:.0f} | {base / ms:.2f}x | {loss:.6f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shape only, fewer timed steps")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per side (default 5, quick 3)")
+    parser.add_argument("--packing", action="store_true", help="our step on packed rows vs one conversation per row")
     args = parser.parse_args()
+    if args.packing:
+        packing(args.iters or 5)
+        return
     import torch
 
     threads = os.cpu_count() or 1
