@@ -376,8 +376,7 @@ def pack_conversations(batch: ConversationBatch, length: int, *, rows_multiple: 
             row = len(free) - 1
         free[row] -= need
         placement[row].append(i)
-    rows = max(-(-max(len(placement), 1) // rows_multiple) * rows_multiple, min_rows)
-    rows = -(-rows // rows_multiple) * rows_multiple
+    rows = _round_up(max(len(placement), 1, min_rows), rows_multiple)
 
     def empty(dtype, fill=0):
         return np.full((rows, width), fill, dtype)

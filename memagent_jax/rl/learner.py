@@ -702,8 +702,8 @@ class Learner:
         return state, out
 
     def logprobs(self, params, batch: ConversationBatch) -> jax.Array:
-        """[N, T] log-prob of every token under `params` (0 at each conversation's first token), e.g. reference
-        log-probs; packed batches too."""
+        """[N, T] log-prob of every token under `params` (0 at position 0), e.g. reference log-probs; packed
+        batches too (there a conversation's first token gets a meaningless value: never a response token)."""
         key = (batch.tokens.shape, batch.packed)
         segments = batch.segment_ids if batch.packed else jnp.zeros((), jnp.int32)
         if key not in self._logprob_fns:
