@@ -49,9 +49,11 @@ def test_packing_keeps_every_conversation_whole():
     assert [list(np.asarray(rows.tokens[r])[np.asarray(rows.token_mask[r])][::1]) for r in range(3)] == [
         [1] * 8 + [6] + [5] * 2 + [6], [2] * 6 + [6] + [3] * 4 + [6], [4] * 4 + [6]]
     np.testing.assert_array_equal(segment_positions(rows.segment_ids)[0], list(range(9)) + [0, 1, 2])
-    # A conversation longer than the packing length gets a row of its own (never cut); min_rows pads with rows.
+    # A conversation longer than the packing length gets a row of its own (never cut) and the rows take the
+    # unpacked batch's padded length (12: 9 tokens rounded to length_multiple=4); min_rows pads with rows.
     wide = pack_conversations(hand, 6, min_rows=8)
-    assert wide.length == 9 and wide.num_rows == 8 and np.asarray(wide.token_mask).sum() == 29
+    assert hand.length == 12 and wide.length == 12 and wide.num_rows == 8
+    assert np.asarray(wide.token_mask).sum() == 29
 
 
 def test_packing_errors_name_the_problem():

@@ -344,7 +344,8 @@ def pack_conversations(batch: ConversationBatch, length: int, *, rows_multiple: 
 
     First-fit decreasing: conversations are taken longest first (ties: in row order) and each goes into the first
     packed row with room for it, else a new one. A conversation longer than `length` gets a row of its own and the
-    packed length grows to it (never truncated). Pad rows (no real token) are dropped. Host-side, NumPy.
+    packed length grows to the unpacked batch's (its padded length: never truncated, and still one of the few
+    lengths its builder rounds to). Pad rows (no real token) are dropped. Host-side, NumPy.
 
     Args:
       batch: an unpacked `ConversationBatch` (validated layout: prompt, response, pads).
@@ -353,7 +354,7 @@ def pack_conversations(batch: ConversationBatch, length: int, *, rows_multiple: 
       min_rows: at least this many rows (e.g. the largest packed batch so far, so the learner keeps one shape).
     Returns:
       a packed `ConversationBatch` (see the module docstring): tokens [N', T'], segment_ids [N', T'] (1, 2, ... in
-      each row, 0 at pads), advantages [N', T'] per token; T' = max(length, longest conversation).
+      each row, 0 at pads), advantages [N', T'] per token; T' = `length`, or the unpacked T when longer.
     """
     if batch.packed:
         raise BatchError("pack_conversations: the batch is already packed")
@@ -364,7 +365,7 @@ def pack_conversations(batch: ConversationBatch, length: int, *, rows_multiple: 
     token_mask = np.asarray(batch.token_mask)
     lengths = token_mask.sum(axis=1)
     order = sorted((i for i in range(len(lengths)) if lengths[i] > 0), key=lambda i: (-lengths[i], i))
-    width = max(length, int(lengths.max()) if lengths.size else 0)
+    width = max(length, batch.length)
     free: list[int] = []  # room left in each packed row
     placement: list[list[int]] = []  # source rows of each packed row, in placement order
     for i in order:
