@@ -101,6 +101,11 @@ def _candidates(scaled: jax.Array, sampling: SamplingParams):
     return values, ids
 
 
+def _row_noise(keys: jax.Array, size: int, dtype) -> jax.Array:
+    """[B, size] Gumbel noise, row b drawn with keys[b] (what `jax.random.categorical` adds over `size` classes)."""
+    return jax.vmap(lambda k: jax.random.gumbel(k, (size,), dtype))(keys)
+
+
 def _gumbel_pick(values: jax.Array, noise: jax.Array):
     """Index of the Gumbel-max draw over candidates [B, C] with noise [B, >= C] (the first C columns used):
     the draw of `jax.random.categorical` with the same noise. Returns (index [B] int32, its log-probability
@@ -124,7 +129,7 @@ def _nucleus_pick(scaled: jax.Array, keys: jax.Array, top_p: float, probes: tupl
     Returns (tokens [B] int32, log-probabilities [B] under the renormalised nucleus).
     """
     vocab = scaled.shape[-1]
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), scaled.dtype))(keys)  # [B, V]
+    noise = _row_noise(keys, vocab, scaled.dtype)  # [B, V]
     log_total = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)  # [B, 1]: mass of the whole vocabulary
 
     def pick(values, ids):  # values [B, C] sorted descending, ids [B, C]
@@ -172,14 +177,13 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams):
     vocab = scaled.shape[-1]
     if 0 < sampling.top_k < vocab:
         values, ids = _candidates(scaled, sampling)
-        noise = jax.vmap(lambda k: jax.random.gumbel(k, values.shape[1:], scaled.dtype))(keys)
+        noise = _row_noise(keys, values.shape[1], scaled.dtype)
         choice, sampled_lp = _gumbel_pick(values, noise)
         tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
     elif sampling.top_p < 1.0:
         tokens, sampled_lp = _nucleus_pick(scaled, keys, sampling.top_p)
     else:
-        noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), scaled.dtype))(keys)
-        tokens, sampled_lp = _gumbel_pick(scaled, noise)
+        tokens, sampled_lp = _gumbel_pick(scaled, _row_noise(keys, vocab, scaled.dtype))
     picked = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens, picked, sampled_lp
 
