@@ -77,11 +77,12 @@ def _torch_loop(model, agent, question: str, doc: np.ndarray) -> None:
         for chunk in split_chunks(doc, agent.budgets.chunk_tokens):
             prompt = spec.prompts.update.assemble({"question": q_ids, "memory": memory, "chunk": chunk})
             m = agent.budgets.memory_tokens
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=m, min_new_tokens=m, **kwargs)
+            out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=m, min_new_tokens=m,
+                                 **kwargs)
             memory = out[0, len(prompt):].tolist()
         final = spec.prompts.final.assemble({"question": q_ids, "memory": memory})
         a = agent.budgets.answer_tokens
-        model.generate(torch.tensor([final]), max_new_tokens=a, min_new_tokens=a, **kwargs)
+        model.generate(torch.tensor([final], device=model.device), max_new_tokens=a, min_new_tokens=a, **kwargs)
 
 
 def _torch_loop_batch(model, agent, questions, docs) -> None:
@@ -99,8 +100,8 @@ def _torch_loop_batch(model, agent, questions, docs) -> None:
 
     def generate(prompts, n):
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
         return [row[width:].tolist() for row in out]
 

@@ -107,23 +107,31 @@ def make_ours(config, params, batch: ConversationBatch):
     return step, first["loss"], first["compile_time_s"]
 
 
-def make_torch(folder: str, batch: ConversationBatch):
-    """Returns (step() -> seconds, first-step loss) for the PyTorch baseline."""
+def make_torch(folder: str, batch: ConversationBatch, device: str = "cpu", compute_dtype=None):
+    """Returns (step() -> seconds, first-step loss) for the PyTorch baseline: f32 weights on `device`;
+    compute_dtype (e.g. torch.bfloat16): the forward under `torch.autocast` in that dtype (mixed precision, the
+    counterpart of our f32 params with bf16 compute)."""
+    import contextlib
+
     import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                              attn_implementation="sdpa")
+                                                              attn_implementation="sdpa").to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    ids = torch.tensor(batch.tokens, dtype=torch.long)
+    ids = torch.tensor(batch.tokens, dtype=torch.long, device=device)
     targets = ids[:, 1:]
-    old = torch.tensor(batch.old_logprobs[:, 1:])
-    mask = torch.tensor(batch.loss_mask[:, 1:], dtype=torch.float32)
-    adv = torch.tensor(batch.advantages)[:, None]
+    old = torch.tensor(batch.old_logprobs[:, 1:], device=device)
+    mask = torch.tensor(batch.loss_mask[:, 1:], dtype=torch.float32, device=device)
+    adv = torch.tensor(batch.advantages, device=device)[:, None]
+    autocast = ((lambda: torch.autocast(device_type=device.split(":")[0], dtype=compute_dtype))
+                if compute_dtype is not None else contextlib.nullcontext)
 
     def train() -> float:
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        with autocast():
+            logits = model(input_ids=ids).logits[:, :-1]
+        logits = logits.float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
         ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
         loss_tok = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - CLIP_LOW, 1 + CLIP_HIGH))

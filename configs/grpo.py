@@ -33,7 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # materialised for one-block calls), 'materialized' ([T, S] scores in memory), 'blockwise' or 'cudnn'
         attention_impl="auto",
         attention_block_size=512,  # key slots per block of the blockwise path
-        # Decode loop layout: 'auto' (unstacked on CPU, scan on GPU/TPU) | 'scan' | 'unstacked' (per-layer weight
+        # Decode loop layout: 'auto' (unstacked on CPU and GPU, scan on TPU) | 'scan' | 'unstacked' (per-layer weight
         # arrays made once per program, so decode matmuls read weights in place; one extra copy of the layers).
         decode_layout="auto",
         allow_nonfinite_weights=False,  # True: load weights holding NaN / inf (default: refused, naming the tensor)

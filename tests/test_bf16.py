@@ -18,7 +18,7 @@ from memagent_jax.agent import AgentBudgets, MemoryAgent
 from memagent_jax.data.tokenizer import load_tokenizer
 from memagent_jax.models import forward, load_hf_params, positions_from_mask
 from memagent_jax.rl.batch import build_conversation_batch
-from memagent_jax.rl.learner import LearnerConfig, accumulate_gradients
+from memagent_jax.rl.learner import Learner, LearnerConfig, OptimizerConfig, accumulate_gradients
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.losses import LossConfig
 
@@ -98,6 +98,37 @@ def test_bf16_learner_loss_and_grads_close_to_f32(tmp_path):
     print(f"loss f32 {loss32:.6f} bf16 {loss16:.6f}; grad rel err {rel:.4f}, cosine {cos:.5f}")
     assert abs(loss16 - loss32) <= LOSS_RTOL * abs(loss32)
     assert 0 < rel < GRAD_RTOL
+
+
+def test_bf16_params_train_steps_keep_their_dtypes_and_follow_f32(tmp_path):
+    # bf16 weights (param_dtype='bfloat16') with several mini-batches: the optimiser's state stays bf16 across the
+    # scan over mini-batches (its arithmetic meets f32 gradients), and the update moves the weights the way the
+    # f32-weight learner does.
+    folder = save_hf_model(make_hf_model("qwen2", seed=23), str(tmp_path / "m"))
+    rng = np.random.default_rng(5)
+    n, vocab = 8, 128
+    prompts = [rng.integers(3, vocab, size=rng.integers(4, 12)) for _ in range(n)]
+    responses = [rng.integers(3, vocab, size=rng.integers(3, 10)) for _ in range(n)]
+    old = [-np.log(vocab) + rng.uniform(-0.3, 0.3, size=len(r)) for r in responses]
+    batch = build_conversation_batch(prompts, responses, old, rng.normal(size=n), length_multiple=8)
+    config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, logits_chunk_size=8,
+                           optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
+    moved = {}
+    for dtype in ("float32", "bfloat16"):
+        params, model_config = _load(folder, dtype)
+        initial = [np.asarray(a, np.float32) for a in jax.tree.leaves(params)]  # the learner donates its params
+        learner = Learner(model_config, config)
+        state = learner.init_state(params)
+        for _ in range(2):
+            state, metrics = learner.train_step(state, batch)
+            assert np.isfinite(metrics["loss"])
+        leaves = jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state[1].inner_state[0].mu)
+        assert {a.dtype for a in leaves} == {jnp.dtype(dtype)}
+        moved[dtype] = np.concatenate([(np.asarray(a, np.float32) - b).ravel()
+                                       for a, b in zip(jax.tree.leaves(state.params), initial)])
+    a, b = moved["bfloat16"], moved["float32"]
+    assert np.abs(a).max() > 0
+    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.9
 
 
 # ------------------------------------------------------------------------------------------------- agent

@@ -421,16 +421,20 @@ def test_cli_subprocess():
 
 
 def test_unstacked_decode_layout_counts_its_copies():
-    """decode_layout 'unstacked' (chosen by hand on GPU/TPU) holds per-layer copies of the layer weights and a
-    second KV cache while a decode program runs; 'auto' there is 'scan', which copies nothing."""
+    """decode_layout 'unstacked' ('auto' on GPUs, measured faster there) holds per-layer copies of the layer
+    weights and a second KV cache while a decode program runs; 'scan' (set by hand, or 'auto' on TPUs) copies
+    nothing."""
     from memagent_jax.distributed import planner
     from memagent_jax.models.sharding import PARAM_LOGICAL_AXES
 
     cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100")
-    scan = plan.make_plan(cfg)
-    cfg.model.decode_layout = "unstacked"
     unstacked = plan.make_plan(cfg)
+    cfg.model.decode_layout = "scan"
+    scan = plan.make_plan(cfg)
     assert scan.settings["decode_layout"] == "scan" and unstacked.settings["decode_layout"] == "unstacked"
+    mc = presets.preset_config("qwen2.5-7b-instruct")
+    assert planner.decode_layout_of(mc, "gpu") == "unstacked" and planner.decode_layout_of(mc, "tpu") == "scan"
+    assert planner.decode_layout_of(mc.replace(decode_layout="scan"), "gpu") == "scan"
     assert scan.memory["decode_copies"] == 0
     mc, rmesh = unstacked.model, unstacked.rollout_mesh
     pdt = mc.param_dtype

@@ -312,11 +312,11 @@ def attention_path(mc, platform: str, tokens: int, keys: int) -> str:
 
 def decode_layout_of(mc, platform: str) -> str:
     """'scan' or 'unstacked' on the planned platform (ModelConfig.resolved_decode_layout's rule: 'auto' is
-    'unstacked' on CPU only, and the planned hardware is a GPU or TPU)."""
+    'scan' on TPU, 'unstacked' elsewhere)."""
     layout = getattr(mc, "decode_layout", "auto")
     if layout != "auto":
         return layout
-    return "unstacked" if platform == "cpu" else "scan"
+    return "scan" if platform == "tpu" else "unstacked"
 
 
 def layer_param_bytes_per_device(mc, mesh: MeshShape, dtype: str) -> int:

@@ -463,6 +463,9 @@ def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, mo
         # Zero the gradient of a skipped update so the (discarded) update math stays finite.
         safe_grads = jax.tree.map(lambda g: jnp.where(apply, g, 0.0), grads)
         updates, new_opt_state = optimizer.update(safe_grads, opt_state, params)
+        # AdamW's arithmetic meets the f32 gradients and comes out f32; the state keeps the dtypes it was made
+        # with (the params' dtype for the moments), or the scan's carry would change type with bf16 params.
+        new_opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt_state, opt_state)
         new_params = optax.apply_updates(params, updates)
         params = _where_tree(apply, new_params, params)
         opt_state = _where_tree(apply, new_opt_state, opt_state)
