@@ -69,13 +69,19 @@ LOSS_RTOL = 3e-3
 GRAD_RTOL = 0.04
 
 
+def _conversations(rng, n: int, vocab: int):
+    """n random (prompt, response) pairs of a few tokens and old log-probs near uniform for the responses."""
+    prompts = [rng.integers(3, vocab, size=rng.integers(4, 12)) for _ in range(n)]
+    responses = [rng.integers(3, vocab, size=rng.integers(3, 10)) for _ in range(n)]
+    old = [-np.log(vocab) + rng.uniform(-0.3, 0.3, size=len(r)) for r in responses]
+    return prompts, responses, old
+
+
 def test_bf16_learner_loss_and_grads_close_to_f32(tmp_path):
     folder = save_hf_model(make_hf_model("qwen2", seed=22), str(tmp_path / "m"))
     rng = np.random.default_rng(3)
     n, vocab = 6, 128
-    prompts = [rng.integers(3, vocab, size=rng.integers(4, 12)) for _ in range(n)]
-    responses = [rng.integers(3, vocab, size=rng.integers(3, 10)) for _ in range(n)]
-    old = [-np.log(vocab) + rng.uniform(-0.3, 0.3, size=len(r)) for r in responses]
+    prompts, responses, old = _conversations(rng, n, vocab)
     ref = [-np.log(vocab) + rng.uniform(-0.3, 0.3, size=len(r)) for r in responses]
     batch = build_conversation_batch(prompts, responses, old, rng.normal(size=n), ref_logprobs=ref, length_multiple=8)
     config = LearnerConfig(loss=LossConfig(), logits_chunk_size=8)
@@ -106,10 +112,8 @@ def test_bf16_params_train_steps_keep_their_dtypes_and_follow_f32(tmp_path):
     # f32-weight learner does.
     folder = save_hf_model(make_hf_model("qwen2", seed=23), str(tmp_path / "m"))
     rng = np.random.default_rng(5)
-    n, vocab = 8, 128
-    prompts = [rng.integers(3, vocab, size=rng.integers(4, 12)) for _ in range(n)]
-    responses = [rng.integers(3, vocab, size=rng.integers(3, 10)) for _ in range(n)]
-    old = [-np.log(vocab) + rng.uniform(-0.3, 0.3, size=len(r)) for r in responses]
+    n = 8
+    prompts, responses, old = _conversations(rng, n, vocab=128)
     batch = build_conversation_batch(prompts, responses, old, rng.normal(size=n), length_multiple=8)
     config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, logits_chunk_size=8,
                            optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
