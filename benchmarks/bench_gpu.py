@@ -328,7 +328,8 @@ def part_agent(args) -> None:
             del model
         b = budgets
         for batch in (1, 4):
-            lead = f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>11} {doc_tokens:>10} {batch:>5}"
+            budget = f"{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}"
+            lead = f"{name:<21} {budget:>11} {doc_tokens:>10} {batch:>5}"
             for layout in layouts:
                 speed, first = ours[layout, batch]
                 ratio = f"{speed / ref[batch]:>9.2f}x" if batch in ref else f"{'-':>10}"
