@@ -406,10 +406,6 @@ def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, c
     return jax.lax.stop_gradient(logp.reshape(batches.tokens.shape))
 
 
-def _where_tree(pred, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, model_config: ModelConfig,
                   config: LearnerConfig, optimizer: optax.GradientTransformation, mesh: Mesh | None = None,
                   param_shardings=None):
@@ -460,15 +456,18 @@ def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, mo
         # weight decay would still move the params, so it is skipped like a non-finite one (counted apart).
         has_tokens = jnp.any(mini.loss_mask)
         apply = finite & has_tokens
-        # Zero the gradient of a skipped update so the (discarded) update math stays finite.
-        safe_grads = jax.tree.map(lambda g: jnp.where(apply, g, 0.0), grads)
-        updates, new_opt_state = optimizer.update(safe_grads, opt_state, params)
-        # AdamW's arithmetic meets the f32 gradients and comes out f32; the state keeps the dtypes it was made
-        # with (the params' dtype for the moments), or the scan's carry would change type with bf16 params.
-        new_opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt_state, opt_state)
-        new_params = optax.apply_updates(params, updates)
-        params = _where_tree(apply, new_params, params)
-        opt_state = _where_tree(apply, new_opt_state, opt_state)
+
+        def step(operands):
+            params, opt_state, grads = operands
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            # AdamW's arithmetic meets the f32 gradients and comes out f32; the state keeps the dtypes it was made
+            # with (the params' dtype for the moments), or the scan's carry would change type with bf16 params.
+            new_opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt_state, opt_state)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # A branch, not a select between the updated and the old trees: a select held a third copy of the params
+        # and of the optimiser state in the step's temporaries (XLA's memory analysis; 1x params in f32).
+        params, opt_state = jax.lax.cond(apply, step, lambda operands: operands[:2], (params, opt_state, grads))
         skipped = skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
         return (params, opt_state, skipped), dict(metrics, grad_norm=grad_norm, finite=finite, applied=apply)
 
