@@ -124,6 +124,48 @@ def _timed(fn, repeats: int = 1) -> float:
     return best
 
 
+def ours_tokens_per_s(agent, questions, docs, repeats: int) -> tuple[float, float]:
+    """(document tokens/s of `agent.run` on these documents, best of `repeats` after a first call; seconds of that
+    first call, compile included)."""
+    t0 = time.perf_counter()
+    agent.run(questions, docs)
+    first = time.perf_counter() - t0
+    return sum(len(d) for d in docs) / _timed(lambda: agent.run(questions, docs), repeats), first
+
+
+def torch_tokens_per_s(model, agent, questions, docs, repeats: int) -> dict[int, float]:
+    """Document tokens/s of the transformers loop at batch 1 (`_torch_loop` on the first document) and batch 4
+    (`_torch_loop_batch` on four), each after a one-chunk warm-up."""
+    chunk = agent.budgets.chunk_tokens
+    _torch_loop(model, agent, questions[0], docs[0][:chunk])
+    one = len(docs[0]) / _timed(lambda: _torch_loop(model, agent, questions[0], docs[0]), repeats)
+    _torch_loop_batch(model, agent, questions[:4], [d[:chunk] for d in docs[:4]])
+    four = sum(len(d) for d in docs[:4]) / _timed(lambda: _torch_loop_batch(model, agent, questions[:4], docs[:4]),
+                                                  repeats)
+    return {1: one, 4: four}
+
+
+def decode_seconds_per_token(params, config, batch: int, prompt: int, new_tokens: int, repeats: int = 3) -> float:
+    """Seconds per token of the jitted decode loop alone (greedy, `new_tokens` after a `prompt`-token prefill,
+    best of `repeats` after a warm-up)."""
+    import jax
+    import jax.numpy as jnp
+
+    from memagent_jax.models import init_cache
+    from memagent_jax.sampling import SamplingParams
+    from memagent_jax.sampling.sampler import decode, prefill
+
+    sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    tokens = jnp.full((batch, prompt), 5, jnp.int32)
+    pre = jax.jit(prefill, static_argnames="config")(params, config, tokens, jnp.ones_like(tokens, bool),
+                                                     init_cache(config, batch, prompt + new_tokens))
+    keys = jax.random.split(jax.random.key(0), batch)
+    run = jax.jit(decode, static_argnames=("config", "sampling"))
+    args = (params, config, pre.cache, pre.last_logits, pre.next_positions, keys, sampling)
+    jax.block_until_ready(run(*args).tokens)
+    return _timed(lambda: jax.block_until_ready(run(*args).tokens), repeats) / new_tokens
+
+
 def bench_speed(quick: bool) -> None:
     import torch
     import transformers
@@ -158,9 +200,7 @@ def bench_speed(quick: bool) -> None:
         for layout in ("scan", "unstacked"):
             agent = _agent(config.replace(decode_layout=layout), tokenizer, budgets)
             for batch in (1, 4):
-                agent.run(questions[:batch], docs[:batch])  # compile
-                seconds = _timed(lambda: agent.run(questions[:batch], docs[:batch]), repeats)
-                ours[layout, batch] = batch * doc_tokens / seconds
+                ours[layout, batch] = ours_tokens_per_s(agent, questions[:batch], docs[:batch], repeats)[0]
             params = agent.params
             del agent
         folder = os.path.join(tmp, name.replace(" ", "_"))
@@ -174,12 +214,8 @@ def bench_speed(quick: bool) -> None:
         ref = {1: 0.0, 4: 0.0}
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
-            _torch_loop(model, agent, questions[0], docs[0][:budgets.chunk_tokens])  # warm-up
-            ref[1] = max(ref[1], doc_tokens / _timed(lambda: _torch_loop(model, agent, questions[0], docs[0]),
-                                                      repeats))
-            _torch_loop_batch(model, agent, questions, [d[:budgets.chunk_tokens] for d in docs])  # warm-up
-            ref[4] = max(ref[4], 4 * doc_tokens / _timed(lambda: _torch_loop_batch(model, agent, questions, docs),
-                                                          repeats))
+            for batch, speed in torch_tokens_per_s(model, agent, questions, docs, repeats).items():
+                ref[batch] = max(ref[batch], speed)
         b = budgets
         for batch in (1, 4):
             s_, u_, t_ = ours["scan", batch], ours["unstacked", batch], ref[batch]
@@ -272,13 +308,8 @@ def bench_compile_depth(depths=(2, 8, 24)) -> None:
 
 def bench_decode_step(quick: bool) -> None:
     """Per-token time of the jitted decode loop alone (no prefill, no host), 'scan' vs 'unstacked'."""
-    import jax
-    import jax.numpy as jnp
-
-    from memagent_jax.models import init_cache, init_params
+    from memagent_jax.models import init_params
     from memagent_jax.models.presets import preset_config
-    from memagent_jax.sampling import SamplingParams
-    from memagent_jax.sampling.sampler import decode, prefill
 
     cases = [("tiny", preset_config("tiny", vocab_size=512, **TINY))]
     if not quick:
@@ -287,21 +318,12 @@ def bench_decode_step(quick: bool) -> None:
     n, prompt = 32, 256
     print(f"\n== decode loop alone: ms per token ({n} tokens after a {prompt}-token prompt, greedy, f32) ==")
     print(f"{'shape':<21} {'batch':>5} {'scan':>8} {'unstacked':>10} {'speed-up':>9}")
-    sampling = SamplingParams(max_new_tokens=n, temperature=0.0)
     for name, config in cases:
         params = init_params(config, 0)
         for batch in (1, 4):
-            ms = {}
-            for layout in ("scan", "unstacked"):
-                cfg = config.replace(decode_layout=layout)
-                tokens = jnp.full((batch, prompt), 5, jnp.int32)
-                pre = jax.jit(prefill, static_argnames="config")(params, cfg, tokens, jnp.ones_like(tokens, bool),
-                                                                 init_cache(cfg, batch, prompt + n))
-                keys = jax.random.split(jax.random.key(0), batch)
-                run = jax.jit(decode, static_argnames=("config", "sampling"))
-                args = (params, cfg, pre.cache, pre.last_logits, pre.next_positions, keys, sampling)
-                jax.block_until_ready(run(*args).tokens)
-                ms[layout] = 1e3 * _timed(lambda: jax.block_until_ready(run(*args).tokens), 3) / n
+            ms = {layout: 1e3 * decode_seconds_per_token(params, config.replace(decode_layout=layout), batch,
+                                                         prompt, n)
+                  for layout in ("scan", "unstacked")}
             print(f"{name:<21} {batch:>5} {ms['scan']:>8.2f} {ms['unstacked']:>10.2f} "
                   f"{ms['scan'] / ms['unstacked']:>8.2f}x", flush=True)
         del params

@@ -57,6 +57,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import bench_agent  # noqa: E402
+import bench_learner  # noqa: E402
+from bench_agent import TINY  # noqa: E402
+
 from memagent_jax.models import attention as attn  # noqa: E402
 from memagent_jax.models import init_cache, init_params  # noqa: E402
 from memagent_jax.models.presets import preset_config  # noqa: E402
@@ -65,11 +69,6 @@ from memagent_jax.models.presets import preset_config  # noqa: E402
 PARTS = {"peaks": 60, "parity": 150, "agent": 260, "learner": 240, "prefill": 150, "decode": 180, "memory": 240}
 DATASHEET = "H200 datasheet: 989 TFLOP/s dense bf16, 4.8 TB/s"
 IMPLS = ("materialized", "blockwise", "cudnn")
-TINY = dict(num_layers=2, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32)
-
-
-def _on_cuda() -> bool:
-    return attn._is_cuda()
 
 
 def _half_config(name: str = "qwen2.5-0.5b-instruct", **kw):
@@ -80,27 +79,19 @@ def _half_config(name: str = "qwen2.5-0.5b-instruct", **kw):
 def _best(fn, repeats: int) -> float:
     """Best wall seconds of `repeats` synchronised calls (after one warm-up call)."""
     jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return bench_agent._timed(lambda: jax.block_until_ready(fn()), repeats)
 
 
 # ------------------------------------------------------------------------------------------------ peaks
 
 
 def measure_peaks(quick: bool) -> dict:
-    n = 1024 if quick else 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    tflops = 2 * n**3 / _best(lambda: matmul(a, a), 10) / 1e12
+    tflops = bench_learner.matmul_peak_gflops(1024 if quick else 8192, 10, jnp.bfloat16) / 1e3
     size = 2**22 if quick else 2**30
     x = jnp.zeros((size,), jnp.bfloat16)
     copy = jax.jit(lambda x: x + 1)
     gbps = 2 * 2 * size / _best(lambda: copy(x), 10) / 1e9
-    del a, x
+    del x
     return dict(tflops=tflops, gbps=gbps)
 
 
@@ -159,7 +150,7 @@ def _attention_errors(keys, q, k, v, cot, impl: str, dtype, reference) -> dict:
 
     def run(q, k, v):
         if impl == "cudnn":
-            return attn.cudnn_attention(q, k, v, keys, implementation="cudnn" if _on_cuda() else "xla")
+            return attn.cudnn_attention(q, k, v, keys, implementation="cudnn" if attn._is_cuda() else "xla")
         if impl == "blockwise":
             return attn.blockwise_attention(q, k, v, keys, query_block=256, key_block=256)
         return attn.materialized_attention(q, k, v, attn.attention_mask(keys))
@@ -199,7 +190,7 @@ def part_parity(args) -> None:
     t = 256 if args.quick else 1024
     cases = {f"chunk step: {t} tokens over {t // 4} cached slots": _chunk_step_case(rng, 3, t // 4, t),
              f"packed learner rows: {t} tokens, segments": _packed_case(rng, 2, t)}
-    cudnn_note = "cuDNN kernel" if _on_cuda() else "the cuDNN call through XLA (no CUDA here)"
+    cudnn_note = "cuDNN kernel" if attn._is_cuda() else "the cuDNN call through XLA (no CUDA here)"
     print(f"attention paths against a f32 'highest' reference; H {h} / KV {kv} / Dh {dh}; 'cudnn' = {cudnn_note}")
     print("max abs error of the output over rows that see a key; gradients: max abs error / max abs reference")
     print(f"{'case':<44} {'path':<13} {'dtype':<9} {'finite':>6} {'out':>9} {'dq':>9} {'dk':>9} {'dv':>9}")
@@ -278,7 +269,6 @@ def part_agent(args) -> None:
     import torch
     import transformers
 
-    import bench_agent
     from memagent_jax.agent import AgentBudgets
     from memagent_jax.models import save_hf_checkpoint
 
@@ -308,23 +298,14 @@ def part_agent(args) -> None:
         for layout in layouts:
             agent = bench_agent._agent(config.replace(decode_layout=layout), tokenizer, budgets)
             for batch in (1, 4):
-                t0 = time.perf_counter()
-                agent.run(questions[:batch], docs[:batch])  # compile
-                first = time.perf_counter() - t0
-                ours[layout, batch] = (batch * doc_tokens / bench_agent._timed(
-                    lambda: agent.run(questions[:batch], docs[:batch]), repeats), first)
+                ours[layout, batch] = bench_agent.ours_tokens_per_s(agent, questions[:batch], docs[:batch], repeats)
         ref = {}
         if not args.no_torch:
             folder = os.path.join(tmp, name.replace(" ", "_"))
             save_hf_checkpoint(agent.params, config, folder)
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
             model.generation_config.eos_token_id = None
-            bench_agent._torch_loop(model, agent, questions[0], docs[0][:budgets.chunk_tokens])  # warm-up
-            ref[1] = doc_tokens / bench_agent._timed(lambda: bench_agent._torch_loop(model, agent, questions[0],
-                                                                                     docs[0]))
-            bench_agent._torch_loop_batch(model, agent, questions, [d[:budgets.chunk_tokens] for d in docs])
-            ref[4] = 4 * doc_tokens / bench_agent._timed(lambda: bench_agent._torch_loop_batch(model, agent,
-                                                                                               questions, docs))
+            ref = bench_agent.torch_tokens_per_s(model, agent, questions, docs, 1)
             del model
         b = budgets
         for batch in (1, 4):
@@ -347,9 +328,6 @@ def _param_bytes(params) -> int:
 
 
 def part_decode(args) -> None:
-    from memagent_jax.sampling import SamplingParams
-    from memagent_jax.sampling.sampler import decode, prefill
-
     peaks = _peaks(args)
     config = _half_config("tiny", vocab_size=512, **TINY) if args.quick else _half_config()
     n, prompt = (16, 128) if args.quick else (64, 2048)
@@ -359,31 +337,17 @@ def part_decode(args) -> None:
     print(f"decode loop alone: {n} tokens after a {prompt}-token prompt, greedy, bf16; {weight_bytes / 1e9:.3f} GB "
           f"of weights; bandwidth use against the measured copy bandwidth {peaks['gbps']:.0f} GB/s")
     print(f"{'batch':>5} {'layout':<10} {'ms/token':>9} {'GB/token':>9} {'GB/s':>8} {'of copy bw':>10}")
-    sampling = SamplingParams(max_new_tokens=n, temperature=0.0)
     for batch in (1, 4):
         for layout in ("scan", "unstacked"):
-            cfg = config.replace(decode_layout=layout)
-            tokens = jnp.full((batch, prompt), 5, jnp.int32)
-            slots = prompt + n
-            pre = jax.jit(prefill, static_argnames="config")(params, cfg, tokens, jnp.ones_like(tokens, bool),
-                                                             init_cache(cfg, batch, slots))
-            keys = jax.random.split(jax.random.key(0), batch)
-            run = jax.jit(decode, static_argnames=("config", "sampling"))
-            seconds = _best(lambda: run(params, cfg, pre.cache, pre.last_logits, pre.next_positions, keys,
-                                        sampling).tokens, 3) / n
-            kv_bytes = 2 * c.num_layers * batch * c.num_kv_heads * slots * c.head_dim * 2
+            seconds = bench_agent.decode_seconds_per_token(params, config.replace(decode_layout=layout), batch,
+                                                           prompt, n)
+            kv_bytes = 2 * c.num_layers * batch * c.num_kv_heads * (prompt + n) * c.head_dim * 2
             moved = weight_bytes + kv_bytes
             print(f"{batch:>5} {layout:<10} {seconds * 1e3:>9.3f} {moved / 1e9:>9.3f} {moved / seconds / 1e9:>8.0f} "
                   f"{moved / seconds / 1e9 / peaks['gbps']:>9.1%}", flush=True)
-            del pre
 
 
 # ------------------------------------------------------------------------------------------------ prefill
-
-
-def _layer_matmul_params(c) -> int:
-    return c.num_layers * (c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-                           + 3 * c.hidden_size * c.intermediate_size)
 
 
 def part_prefill(args) -> None:
@@ -401,7 +365,7 @@ def part_prefill(args) -> None:
     for batch in (1, 4):
         tokens = jnp.asarray(rng.integers(3, c.vocab_size, (batch, t)), jnp.int32)
         mask = jnp.ones((batch, t), bool)
-        flops = (2 * _layer_matmul_params(c) * batch * t + 4 * c.num_layers * c.num_heads * c.head_dim * batch
+        flops = (2 * bench_learner.layer_matmul_params(c) * batch * t + 4 * c.num_layers * c.num_heads * c.head_dim * batch
                  * t * (t + 1) / 2 + 2 * c.hidden_size * c.vocab_size * batch)
         for impl in IMPLS:
             cfg = config.replace(attention_impl=impl)
@@ -421,7 +385,6 @@ def part_prefill(args) -> None:
 def part_learner(args) -> None:
     import torch
 
-    import bench_learner
     from memagent_jax.models import save_hf_checkpoint
 
     peaks = _peaks(args)

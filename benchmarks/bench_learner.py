@@ -58,9 +58,10 @@ from memagent_jax.rl.losses import LossConfig  # noqa: E402
 CLIP_LOW, CLIP_HIGH, DUAL, LR = 0.2, 0.28, 3.0, 1e-5
 
 
-def matmul_peak_gflops(n: int = 2048, iters: int = 10) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+def matmul_peak_gflops(n: int = 2048, iters: int = 10, dtype=jnp.float32) -> float:
+    """Best GFLOP/s of a jitted n^3 matmul in `dtype` (f32 accumulation) over `iters` calls after a warm-up."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     jax.block_until_ready(f(a))
     best = float("inf")
     for _ in range(iters):
@@ -70,11 +71,16 @@ def matmul_peak_gflops(n: int = 2048, iters: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def model_flops_per_step(config, batch: int, seq: int) -> float:
+def layer_matmul_params(config) -> int:
+    """Weights of every layer's attention and MLP matmuls (no embedding, no LM head)."""
     c = config
     attn = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    matmul_params = c.num_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+    return c.num_layers * (attn + 3 * c.hidden_size * c.intermediate_size)
+
+
+def model_flops_per_step(config, batch: int, seq: int) -> float:
+    c = config
+    matmul_params = layer_matmul_params(c) + c.hidden_size * c.vocab_size
     tokens = batch * seq
     return 6.0 * matmul_params * tokens + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq * tokens
 
