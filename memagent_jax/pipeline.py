@@ -1,7 +1,7 @@
 """The main job: build a task, warm-start a tiny model, train it with GRPO, evaluate across lengths, report.
 
     python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic
-    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir /tmp/q --config.quick=True
+    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py:quick --workdir /tmp/q
 
 Stages, each in its own folder of the workdir and skipped when re-run after it finished (a killed job
 resumes at the stage it was in; the GRPO stage resumes from its last checkpoint):
@@ -37,11 +37,12 @@ _CONFIG = _WORKDIR = None
 def define_flags() -> None:
     """Registers the command-line flags (only when run as a program)."""
     global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_synthetic.py", "main job config",
+    from memagent_jax import configs
+
+    sys.argv = configs.resolve_argv(sys.argv)
+    _CONFIG = config_flags.DEFINE_config_file("config", configs.path_of("tiny_synthetic"), "main job config",
                                               lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for every artefact of the job")
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class PipelineConfigError(ValueError):
@@ -52,19 +53,9 @@ class PipelineConfigError(ValueError):
 
 
 def resolve_config(cfg):
-    """A copy of `cfg` with `quick_overrides` applied when `cfg.quick` is set, validated."""
+    """A resolved, unlocked copy of `cfg`, validated."""
     cfg = cfg.copy_and_resolve_references()
     cfg.unlock()
-    if cfg.quick:
-        for item in filter(None, (s.strip() for s in cfg.quick_overrides.split(","))):
-            name, _, value = item.partition("=")
-            owner, _, field = name.rpartition(".")
-            node = cfg
-            for part in owner.split(".") if owner else []:
-                node = node[part]
-            if field not in node:
-                raise PipelineConfigError(f"config.quick_overrides: {name!r} is not a config field")
-            node[field] = type(node[field])(value) if not isinstance(node[field], bool) else value == "True"
     validate_config(cfg)
     return cfg
 
@@ -367,14 +358,9 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
 
 def grpo_config(cfg, assets: dict, model_path: str):
     """The memagent_jax.train config of the GRPO stage (configs/grpo.py:cpu with the job's settings)."""
-    import importlib.util
+    from memagent_jax.configs import grpo
 
-    spec = importlib.util.spec_from_file_location("_grpo_config", os.path.join(_REPO, "configs", "grpo.py"))
-    if spec is None or spec.loader is None:
-        raise PipelineConfigError(f"configs/grpo.py not found under {_REPO}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    g = module.get_config("cpu")
+    g = grpo.get_config("cpu")
     g.seed = cfg.seed
     g.steps = cfg.rl.steps
     g.model.path = model_path
@@ -585,7 +571,7 @@ def run(cfg, workdir: str) -> dict:
     plot_path = plot_results(cfg, results, long, os.path.join(workdir, "eval", "accuracy_vs_length.png"))
     _say(f"[eval] accuracy against length -> {plot_path}")
     timed("report", write_report, cfg, assets, {"warm_start": warm, "RL": rl}, workdir)
-    summary = {"workdir": workdir, "quick": bool(cfg.quick), "seconds_total": time.perf_counter() - t_start,
+    summary = {"workdir": workdir, "seconds_total": time.perf_counter() - t_start,
                "stage_seconds": timings, "results": results, "long_eval": long,
                "models": {"warm_start": warm, "RL": rl}}
     with open(os.path.join(workdir, "summary.json"), "w") as f:

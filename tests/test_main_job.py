@@ -13,13 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**changes):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import tiny_synthetic
-    finally:
-        sys.path.pop(0)
-    cfg = tiny_synthetic.get_config()
-    cfg.quick = True
+    from memagent_jax.configs import tiny_synthetic
+
+    cfg = tiny_synthetic.get_config("quick")
     for key, value in changes.items():
         section, field = key.split(".")
         cfg[section][field] = value
@@ -140,26 +136,32 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
     assert all(np.isfinite(len(a)) for a in jax_result.answers)
 
 
-def test_config_errors_name_the_field():
+@pytest.mark.parametrize("field, value, message", [
+    ("task.name", "nope", r"config\.task\.name"),
+    ("task.eval_multipliers", "1;x", r"config\.task\.eval_multipliers"),
+    ("task.rl_distractors_per_chunk", -0.5, r"task\.rl_distractors_per_chunk must be >= 0"),
+    ("rl.max_sampling_batches", 0, r"rl\.max_sampling_batches must be >= 1"),
+])
+def test_config_errors_name_the_field(field, value, message):
     from memagent_jax import pipeline
 
-    with pytest.raises(pipeline.PipelineConfigError, match="task.name"):
-        pipeline.resolve_config(_config(**{"task.name": "nope"}))
-    bad = _config(**{"task.eval_multipliers": "1;x"})
-    bad.quick = False  # the quick overrides would replace the field
-    with pytest.raises(pipeline.PipelineConfigError, match="eval_multipliers"):
-        pipeline.resolve_config(bad)
-    cfg = _config()
-    cfg.quick_overrides = "task.no_such_field=3"
-    with pytest.raises(pipeline.PipelineConfigError, match="task.no_such_field"):
-        pipeline.resolve_config(cfg)
+    with pytest.raises(pipeline.PipelineConfigError, match=message):
+        pipeline.resolve_config(_config(**{field: value}))
 
-    with pytest.raises(pipeline.PipelineConfigError, match=r"task\.rl_distractors_per_chunk must be >= 0"):
-        pipeline.resolve_config(_config(**{"task.rl_distractors_per_chunk": -0.5}))
-    bad = _config(**{"rl.max_sampling_batches": 0})
-    bad.quick = False  # the quick overrides would replace the field
-    with pytest.raises(pipeline.PipelineConfigError, match=r"rl\.max_sampling_batches must be >= 1"):
-        pipeline.resolve_config(bad)
+
+def test_quick_variant_is_an_override_block_of_the_main_job():
+    from memagent_jax.configs import tiny_synthetic
+
+    full, quick = tiny_synthetic.get_config(), tiny_synthetic.get_config("quick")
+    assert (full.rl.steps, quick.rl.steps) == (90, 2)
+    assert full.model.to_dict() == quick.model.to_dict() and full.agent.to_dict() == quick.agent.to_dict()
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        tiny_synthetic.get_config("fast")
+
+
+def test_rl_distractor_density_defaults_to_the_evaluation_files():
+    from memagent_jax import pipeline
+
     # -1 means the look-alike density of the warm start's rows and of the evaluation files.
     same = pipeline.resolve_config(_config(**{"task.rl_distractors_per_chunk": -1.0}))
     assert pipeline.rl_distractors_per_chunk(same) == same.task.distractors_per_chunk

@@ -9,17 +9,16 @@ The argument names the hardware and sets the mesh and batch sizes that fit it (c
     v5p-64 | v5p-128 | v5p-256     TPU v5p slices of 32 / 64 / 128 chips (one JAX device per chip)
     8xh100 | 16xh100 | 32xh100     1 / 2 / 4 nodes of 8 H100-80GB GPUs
 
-Recipe, numerics and batch sizes: `scale_config` in configs/grpo.py.
+Recipe, numerics and batch sizes: `grpo.scale_config` (configs/grpo.py).
 
 Mesh: tensor = 8 (32 query / 8 KV heads: the largest size that splits the KV heads; the attention
 scores, the largest buffers, shrink with it), FSDP over the remaining devices, data = 1.
 The comments give the planner's peak per device and step-time estimate (MFU 0.4).
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from memagent_jax.configs import grpo
 
 PRESET = "qwen3-8b"
 QUESTIONS_PER_STEP = 128
@@ -35,14 +34,6 @@ HARDWARE = {
 }
 
 
-def _grpo():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.py")
-    spec = importlib.util.spec_from_file_location("_memagent_configs_grpo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str = "v5p-128") -> ml_collections.ConfigDict:
     # model.path is yours: --config.model.path=/ckpt/Qwen3-8B
-    return _grpo().scale_config(PRESET, arg, HARDWARE, QUESTIONS_PER_STEP)
+    return grpo.scale_config(PRESET, arg, HARDWARE, QUESTIONS_PER_STEP)

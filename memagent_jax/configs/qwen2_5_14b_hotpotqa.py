@@ -13,17 +13,16 @@ One node of 8 H100s is too tight: f32 params, AdamW moments, the KL reference, f
 accumulator take 41 GiB per GPU before activations, the step's batch and the update's temporaries; the planner
 puts the peak at 70 of 72 usable GiB (mesh 1 x 1 x 8, rollout_batch_size 8).
 
-Recipe, numerics and batch sizes: `scale_config` in configs/grpo.py.
+Recipe, numerics and batch sizes: `grpo.scale_config` (configs/grpo.py).
 
 Mesh: tensor = 8 (40 query / 8 KV heads: the largest size that splits the KV heads; the attention
 scores, the largest buffers, shrink with it), FSDP over the remaining devices, data = 1.
 The comments give the planner's peak per device and step-time estimate (MFU 0.4).
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from memagent_jax.configs import grpo
 
 PRESET = "qwen2.5-14b-instruct"
 QUESTIONS_PER_STEP = 256
@@ -39,14 +38,6 @@ HARDWARE = {
 }
 
 
-def _grpo():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.py")
-    spec = importlib.util.spec_from_file_location("_memagent_configs_grpo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str = "v5p-128") -> ml_collections.ConfigDict:
     # model.path is yours: --config.model.path=/ckpt/Qwen2.5-14B-Instruct
-    return _grpo().scale_config(PRESET, arg, HARDWARE, QUESTIONS_PER_STEP)
+    return grpo.scale_config(PRESET, arg, HARDWARE, QUESTIONS_PER_STEP)

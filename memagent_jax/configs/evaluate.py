@@ -7,20 +7,30 @@
 `get_config()` gives the reference evaluation recipe: each model's own memagent_agent.json (budgets, templates,
 sampling, as train exported it), else budgets 1024 / 5000 / 1024 / 1024 (question / chunk / memory / answer
 tokens), temperature 0.7 and top-p 0.95; accuracy = sub-exact-match of the last \\boxed{...} answer.
-`get_config("cpu")` sets the budgets of the main job and configs/grpo.py:cpu (16 / 32 / 8 / 12,
-memagent_jax/agent/cpu_settings.py); the wording stays each model's own.
+`get_config("cpu")` applies the CPU block: the budgets of the main job and grpo:cpu (16 / 32 / 8 / 12,
+`cpu_agent`) and float32 weights; the wording stays each model's own.
 Every field is overridable with --config.a.b=value.
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from memagent_jax.agent import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
+from memagent_jax.configs import cpu_agent
+
+VARIANTS = ("", "cpu")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    cpu = arg == "cpu"
-    b = cpu_settings.BUDGETS
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/evaluate.py: unknown variant {arg!r}; known: '' (the reference recipe), 'cpu'")
+    c = reference_config()
+    if arg == "cpu":
+        apply_cpu_overrides(c)
+    return c
+
+
+def reference_config() -> ml_collections.ConfigDict:
+    """The reference evaluation recipe, every field with its meaning."""
     c = ml_collections.ConfigDict()
     # Models: comma list of name=folder (a bare folder is named after its basename). Each folder is a local
     # Hugging Face checkpoint (config.json + safetensors); each is loaded once and run on every file.
@@ -36,11 +46,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # `--agent.chunk_tokens` in answer). None / '' = each model folder's memagent_agent.json (what train's export
     # writes), else the default after the '|'.
     c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=b["question_tokens"] if cpu else placeholder(int),  # question slot | 1024
-        chunk_tokens=b["chunk_tokens"] if cpu else placeholder(int),  # document tokens read per step | 5000
-        memory_tokens=b["memory_tokens"] if cpu else placeholder(int),  # most new tokens of a memory update | 1024
-        answer_tokens=b["answer_tokens"] if cpu else placeholder(int),  # most new tokens of the answer | 1024
-        chunks_per_segment=b["chunks_per_segment"] if cpu else placeholder(int),  # chunks per scan | 4
+        question_tokens=placeholder(int),  # question slot | 1024
+        chunk_tokens=placeholder(int),  # document tokens read per step | 5000
+        memory_tokens=placeholder(int),  # most new tokens of a memory update | 1024
+        answer_tokens=placeholder(int),  # most new tokens of the answer | 1024
+        chunks_per_segment=placeholder(int),  # chunks per scan | 4
         max_document_tokens=placeholder(int),  # centre-truncate longer documents, 0 = off | 0
         question_overflow=placeholder(str),  # an over-budget question: 'error' or 'truncate' | error
         temperature=placeholder(float),  # sampling temperature, 0 = greedy | 0.7 (the paper's evaluation)
@@ -48,19 +58,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
         prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
         # Single template fields over the templates | the model's settings (an export of the main job or of
-        # train carries its wording, e.g. memagent_jax/agent/cpu_settings.py's compact one).
+        # train carries its wording, e.g. the main job's compact one in configs/cpu_agent.py).
         memory_update="",
         final_answer="",
         initial_memory="",
     ))
-    # Deprecated spellings (still read, with a warning): budgets.* and sampling.* are agent.*, templates is
-    # agent.templates.
-    c.budgets = ml_collections.ConfigDict({name: placeholder(int) for name in (
-        "question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment",
-        "max_document_tokens")})
-    c.budgets.question_overflow = placeholder(str)
-    c.sampling = ml_collections.ConfigDict(dict(temperature=placeholder(float), top_p=placeholder(float)))
-    c.templates = ""
     c.metric = "sub_em"  # em | f1 | sub_em | string_match_all | auto (each row's extra field 'metric', else sub_em)
     c.extract = "boxed"  # how the prediction is taken from the answer (verifier.EXTRACTORS)
     c.batch_size = 8  # rows the agent runs at once (row slots of continuous batching)
@@ -71,7 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0  # row r samples with fold_in(key(seed), index of r): the same keys for every model and rerun
     c.num_traces = 3  # rows per (model, file) whose memory after every chunk is written to predictions/
     c.row_errors = "skip"  # a row that cannot run (empty / over-budget question): skip | zero | raise
-    c.param_dtype = "float32" if cpu else ""  # '' = the checkpoint's dtype
+    c.param_dtype = ""  # '' = the checkpoint's dtype
     c.compute_dtype = ""  # '' = param_dtype
     c.attention_impl = ""  # attention kernel: auto | materialized | blockwise | cudnn ('' = auto; models/attention.py)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -80,3 +82,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.plot = True  # write accuracy_vs_length.png
     c.allow_nonfinite_weights = False  # True: load weights holding NaN / inf (default: refused, naming the tensor)
     return c
+
+
+def apply_cpu_overrides(c: ml_collections.ConfigDict) -> None:
+    """The CPU block, in place: the main job's budgets and float32 weights (the wording stays each model's own)."""
+    c.agent.update({name: cpu_agent.BUDGETS[name] for name in (
+        "question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")})
+    c.param_dtype = "float32"

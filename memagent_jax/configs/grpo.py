@@ -5,30 +5,41 @@
 
 `get_config()` gives the reference recipe (budgets 1024/5000/1024/1024, group 16, AdamW 1e-6 with 20 warm-up
 steps from lr 0, clip 0.2/0.2, dual clip 3, k3 KL 0.001 clamped per token to 10, old log-probs recomputed by the
-learner, training documents centre-truncated to 40000 tokens, token-mean); `get_config("cpu")` the CPU variant for tiny
-models and tests: the main job's budgets (16 / 32 / 8 / 12) and compact wording (memagent_jax/agent/cpu_settings.py),
-its keyed_recall task when no data file is given, no recompute, no KL clamp, no truncation. Every field is overridable
-with --config.a.b=value.
+learner, training documents centre-truncated to 40000 tokens, token-mean); `get_config("cpu")` applies the CPU
+block (`cpu_overrides`) for tiny models and tests: the main job's budgets (16 / 32 / 8 / 12) and compact wording
+(`cpu_agent`), its keyed_recall task when no data file is given, no recompute, no KL clamp, no truncation. Every
+field is overridable with --config.a.b=value.
 """
 
 import ml_collections
 
-from memagent_jax.agent import cpu_settings  # the main job's budgets and compact wording, shared by every "cpu" variant
+from memagent_jax.configs import cpu_agent
+
+VARIANTS = ("", "cpu")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    cpu = arg == "cpu"
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/grpo.py: unknown variant {arg!r}; known: '' (the reference recipe), 'cpu'")
+    c = reference_config()
+    if arg == "cpu":
+        apply_cpu_overrides(c)
+    return c
+
+
+def reference_config() -> ml_collections.ConfigDict:
+    """The reference recipe (MemAgent's GRPO settings), every field with its meaning."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.steps = 4 if cpu else 200
+    c.steps = 200
 
     c.model = ml_collections.ConfigDict(dict(
         path="",  # local Hugging Face folder (config.json + safetensors); required
         preset="",  # models.presets name giving the shape when the folder is not at hand (the planner)
         tokenizer="",  # tokenizer folder ('' = the model folder)
-        param_dtype="float32" if cpu else "bfloat16",
-        compute_dtype="float32" if cpu else "bfloat16",
-        remat="none" if cpu else "full",
+        param_dtype="bfloat16",
+        compute_dtype="bfloat16",
+        remat="full",
         # attention kernel (models/attention.py): 'auto' (cuDNN on CUDA GPUs where it applies, else blockwise; on CPU
         # materialised for one-block calls), 'materialized' ([T, S] scores in memory), 'blockwise' or 'cudnn'
         attention_impl="auto",
@@ -40,67 +51,65 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ))
     c.data = ml_collections.ConfigDict(dict(
         train_file="",  # reference-format training (or evaluation) file; '' = the synthetic task below
-        synthetic_task=cpu_settings.SYNTHETIC_TASK if cpu else "multihop_qa",
-        synthetic_tokens=cpu_settings.SYNTHETIC_TOKENS if cpu else 28000,
-        synthetic_samples=64 if cpu else 20000,
+        synthetic_task="multihop_qa",
+        synthetic_tokens=28000,
+        synthetic_samples=20000,
         # verifier.REWARD_STYLES name: 'reference_boxed' = MemAgent's training reward exactly (last \boxed{} in the
         # last 300 characters, lower-case + space removal only); 'boxed_em' = our SQuAD-normalised exact match.
-        reward_style="boxed_em" if cpu else "reference_boxed",
+        reward_style="reference_boxed",
         reward_drop_think=False,  # score only the text after the last </think> (the reference scores it all)
     ))
-    b = cpu_settings.BUDGETS
     c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=b["question_tokens"] if cpu else 1024,  # question slot in tokens (longer: an error)
-        chunk_tokens=b["chunk_tokens"] if cpu else 5000,  # document tokens read per step
-        memory_tokens=b["memory_tokens"] if cpu else 1024,  # most new tokens of a memory update (the memory's size)
-        answer_tokens=b["answer_tokens"] if cpu else 1024,  # most new tokens of the final answer
-        chunks_per_segment=b["chunks_per_segment"] if cpu else 4,  # chunks per compiled scan
+        question_tokens=1024,  # question slot in tokens (longer: an error)
+        chunk_tokens=5000,  # document tokens read per step
+        memory_tokens=1024,  # most new tokens of a memory update (the memory's size)
+        answer_tokens=1024,  # most new tokens of the final answer
+        chunks_per_segment=4,  # chunks per compiled scan
         temperature=1.0,  # rollout sampling temperature (> 0: GRPO compares sampled trajectories)
         top_p=1.0,  # rollout nucleus sampling
         templates="",  # JSON file of agent.AgentTemplates fields ('' = the default wording)
-        # Single template fields over the templates file ('' = the file's / the default); cpu: the compact wording.
-        memory_update=cpu_settings.MEMORY_UPDATE if cpu else "",
-        final_answer=cpu_settings.FINAL_ANSWER if cpu else "",
-        initial_memory=cpu_settings.INITIAL_MEMORY if cpu else "",
+        # Single template fields over the templates file ('' = the file's / the default).
+        memory_update="",
+        final_answer="",
+        initial_memory="",
         # 'pieces' (template pieces tokenized apart, memory carried as exact ids inside the chunk scan) or 'text'
         # (each prompt formatted as one string and tokenized whole, as the reference does); '' = the templates
         # file's prompt_mode (default 'pieces'). See agent/templates.py.
         prompt_mode="",
         # Training documents longer than this are centre-truncated (first and last halves kept); 0 = off. The
         # reference cuts training contexts to max_chunks x chunk_size = 8 x 5000 tokens.
-        max_document_tokens=0 if cpu else 40000,
+        max_document_tokens=40000,
     ))
     c.rl = ml_collections.ConfigDict(dict(
-        questions_per_step=2 if cpu else 128,
-        group_size=4 if cpu else 16,
-        num_minibatches=1 if cpu else 16,
+        questions_per_step=128,
+        group_size=16,
+        num_minibatches=16,
         micro_batch_size=0,  # 0 = whole mini-batch at once
         rollout_batch_size=0,  # trajectories per agent call (bounds rollout memory); 0 = the whole step at once
         learning_rate=1e-6,
         weight_decay=0.01,
         max_grad_norm=1.0,
-        warmup_steps=0 if cpu else 20,
-        warmup_from_zero=not cpu,  # True: lr * s / warmup_steps (step 0 at lr 0, the reference); else (s + 1)
+        warmup_steps=20,
+        warmup_from_zero=True,  # True: lr * s / warmup_steps (step 0 at lr 0, the reference); else (s + 1)
         schedule="constant",
         clip_low=0.2,
         clip_high=0.2,
         dual_clip=3.0,
         kl_coef=0.001,
-        kl_clamp=0.0 if cpu else 10.0,  # per-token k3 clamped to [-x, x] (the reference: 10); 0 = off
+        kl_clamp=10.0,  # per-token k3 clamped to [-x, x] (the reference: 10); 0 = off
         entropy_coef=0.0,
         aggregation="token-mean",
         normalize_std=False,
         leave_one_out=False,
         dynamic_sampling=False,  # DAPO: drop groups whose rewards are all equal (no signal) ...
         max_sampling_batches=1,  # ... and draw up to this many batches of questions to fill the step with signal
-        # Conversations are padded to a multiple of this many tokens (fewer compiled shapes vs less padding):
-        # 16 on CPU, where every padded token costs its full share of the step; 64 elsewhere.
-        length_multiple=16 if cpu else 64,
+        # Conversations are padded to a multiple of this many tokens: fewer compiled shapes against less padding.
+        length_multiple=64,
         # > 0: pack several conversations into learner rows of this many tokens (first-fit decreasing; each one
         # attends only to itself), so the short final-answer conversations stop padding to the memory updates'
         # length. Needs aggregation 'token-mean'. 0: one conversation per row.
         pack_length=0,
-        recompute_old_logprobs=not cpu,  # the learner recomputes old log-probs before the update (the reference)
+        recompute_old_logprobs=True,  # the learner recomputes old log-probs before the update (the reference)
         on_nonfinite="skip",
     ))
     # Learner mesh data x fsdp x tensor (one axis may be -1: the rest of the devices). rollout_devices > 0 runs the
@@ -109,13 +118,33 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # every step. 0 = rollout on the learner's mesh with its params in place.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rollout_devices=0, rollout_fsdp=1,
                                             rollout_tensor=1))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=2 if cpu else 10, keep=3, async_save=True))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3, async_save=True))
     c.export = True  # write an HF folder of the final params to <workdir>/export
     # The default sampling written into the export's memagent_agent.json (what answer / evaluate /
     # MemoryAgent.from_pretrained use unless told otherwise): the paper's evaluation sampling.
     c.export_sampling = ml_collections.ConfigDict(dict(temperature=0.7, top_p=0.95))
     c.log_every = 1
     return c
+
+
+def apply_cpu_overrides(c: ml_collections.ConfigDict) -> None:
+    """The CPU block, in place: tiny models in float32, the main job's budgets, wording and task, a few steps.
+
+    No recompute of old log-probs (one epoch over the rollouts: they equal the rollout's), no KL clamp, no
+    training-document truncation; rows padded to multiples of 16 tokens, since every padded token costs its full
+    share of a CPU step.
+    """
+    b = cpu_agent.BUDGETS
+    c.steps = 4
+    c.model.update(dict(param_dtype="float32", compute_dtype="float32", remat="none"))
+    c.data.update(dict(synthetic_task=cpu_agent.SYNTHETIC_TASK, synthetic_tokens=cpu_agent.SYNTHETIC_TOKENS,
+                       synthetic_samples=64, reward_style="boxed_em"))
+    c.agent.update(dict(max_document_tokens=0, **{name: b[name] for name in (
+        "question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")},
+        **cpu_agent.TEMPLATES))
+    c.rl.update(dict(questions_per_step=2, group_size=4, num_minibatches=1, warmup_steps=0, warmup_from_zero=False,
+                     kl_clamp=0.0, length_multiple=16, recompute_old_logprobs=False))
+    c.checkpoint.every = 2
 
 
 def scale_config(preset: str, arg: str, hardware_table: dict, questions_per_step: int) -> ml_collections.ConfigDict:

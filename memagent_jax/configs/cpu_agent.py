@@ -1,7 +1,7 @@
-"""The agent settings of the CPU main job, shared by every config's "cpu" variant (plain values, no imports).
+"""The agent settings of the CPU main job, shared by every recipe's CPU block (plain values, no imports).
 
-configs/tiny_synthetic.py (the main job), configs/grpo.py:cpu and configs/evaluate.py:cpu use one set of budgets
-and one wording, so a model trained by one runs under the others with the same prompts.
+tiny_synthetic (the main job), grpo:cpu and evaluate:cpu use one set of budgets and one wording, so a model
+trained by one runs under the others with the same prompts.
 """
 
 # Token budgets: question 16, chunk 32, memory 8, answer 12; two chunks per compiled scan.

@@ -1,14 +1,14 @@
 """The main job on the embedded default: a memory agent trained end to end on CPU, no downloads.
 
     python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic
-    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir /tmp/q --config.quick=True
+    python -m memagent_jax.pipeline --config configs/tiny_synthetic.py:quick --workdir /tmp/q
 
 Stages (each resumes when re-run with the same workdir): make the task data and a tokenizer, create a tiny
 Qwen2-architecture model, warm-start it by SFT on scripted (imperfect) memory traces, train it with
 multi-conversation GRPO, evaluate both models at 1x..64x the training length, write a memory-trace report,
-and export. `quick` shrinks every stage (under a minute; a pipeline check for tests).
+and export. The `quick` variant (`quick_overrides`) shrinks every stage: about a minute, a pipeline check for tests.
 
-The task is `keyed_recall` from memagent_jax/data/synthetic.py in its "pair" form: keyed facts "Remember
+The task is `keyed_recall` from memagent_jax.data.synthetic in its "pair" form: keyed facts "Remember
 <creature> <Word>." in a haystack of generated sentences, the asked one among look-alikes for other creatures
 (`task.distractors_per_chunk` per chunk at every length, `same_chunk_distractors` of them beside the asked fact),
 asked as "What is the secret word for <creature>?". The model starts from random weights plus one hand-wired
@@ -20,14 +20,24 @@ grows with the length and what GRPO fixes.
 
 import ml_collections
 
-from memagent_jax.agent import cpu_settings  # the budgets and compact wording every "cpu" config variant shares
+from memagent_jax.configs import cpu_agent
+
+VARIANTS = ("", "quick")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    del arg
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/tiny_synthetic.py: unknown variant {arg!r}; known: '' (the main job), 'quick'")
+    c = main_job_config()
+    if arg == "quick":
+        apply_quick_overrides(c)
+    return c
+
+
+def main_job_config() -> ml_collections.ConfigDict:
+    """The main job as shipped, every field with its meaning."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.quick = False  # shrink every stage (see quick_overrides below)
     c.task = ml_collections.ConfigDict(dict(
         name="keyed_recall",
         train_chunks=2,  # training documents are this many chunks long
@@ -53,10 +63,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         rope_theta=1e6,  # Qwen2's base: leaves rotary pairs that barely turn over a prompt (the matching head)
         init="induction",  # random weights plus one hand-wired induction circuit (models/induction.py); "random"
     ))
-    b = cpu_settings.BUDGETS
+    b = cpu_agent.BUDGETS
     c.agent = ml_collections.ConfigDict(dict(
         question_tokens=b["question_tokens"], chunk_tokens=b["chunk_tokens"], memory_tokens=b["memory_tokens"],
-        answer_tokens=b["answer_tokens"], **cpu_settings.TEMPLATES,
+        answer_tokens=b["answer_tokens"], **cpu_agent.TEMPLATES,
     ))
     c.warm_start = ml_collections.ConfigDict(dict(
         updates=384,  # optimiser updates
@@ -68,9 +78,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         overwrite_prob=0.0,  # ... or note a look-alike fact for another key
         focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
         note_style="keyed",  # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
-        # One conversation per learner row (0). Rows of 160 tokens (pack_length=160) cut the SFT tokens by 24% but
-        # change which conversations share each of the 8 updates of a call; that trial gave a weaker warm start
-        # (GRPO's first rollouts 71% right instead of 91%) that GRPO did not repair.
+        # Tokens per packed learner row; 0 = one conversation per row. Packing changes which conversations share
+        # each update of a call, and so the warm start that GRPO begins from.
         pack_length=0,
     ))
     c.rl = ml_collections.ConfigDict(dict(
@@ -84,9 +93,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         top_p=1.0,
         dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
         max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
-        # One conversation per learner row (0). Packed rows of 160 tokens trained the same (a trial matched this
-        # job's losses to 5 digits for 50 steps) but the step was slower here: the GRPO rows are ~80 tokens padded
-        # to 80, so packing saves few tokens and lengthens attention.
+        # Tokens per packed learner row; 0 = one conversation per row. The GRPO rows are about 80 tokens each, so
+        # packing saves little padding here and lengthens attention.
         pack_length=0,
     ))
     c.eval = ml_collections.ConfigDict(dict(
@@ -103,11 +111,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         questions=32,
         batch_size=32,
     ))
-    # Applied when quick=True (field=value pairs): every stage small, for tests and a first look.
-    c.quick_overrides = ",".join([
-        "task.train_samples=256", "task.eval_questions=32", "task.eval_multipliers=1;4", "task.concat_multiplier=4",
-        "warm_start.updates=16", "warm_start.updates_per_call=8", "warm_start.trajectories_per_update=8",
-        "rl.steps=2", "rl.questions_per_step=4", "rl.group_size=4", "rl.max_sampling_batches=2",
-        "eval.batch_size=32", "eval.report_questions=2",
-    ])
     return c
+
+
+def apply_quick_overrides(c: ml_collections.ConfigDict) -> None:
+    """The quick block, in place: every stage small (a pipeline check for tests and a first look)."""
+    c.task.update(dict(train_samples=256, eval_questions=32, eval_multipliers="1;4", concat_multiplier=4))
+    c.warm_start.update(dict(updates=16, updates_per_call=8, trajectories_per_update=8))
+    c.rl.update(dict(steps=2, questions_per_step=4, group_size=4, max_sampling_batches=2))
+    c.eval.update(dict(batch_size=32, report_questions=2))
