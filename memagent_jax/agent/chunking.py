@@ -15,6 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
+from memagent_jax import settings
 from memagent_jax.agent.templates import encode_text
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 class AgentInputError(ValueError):
     """A question or document cannot be run (empty, over budget, unreadable)."""
+
+
+class BudgetError(settings.SettingError, AgentInputError):
+    """An `AgentBudgets` field is out of its range; `field` names it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +56,11 @@ class AgentBudgets:
 
     def __post_init__(self):
         for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise AgentInputError(f"budgets.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.text_margin, bool) or not isinstance(self.text_margin, (int, np.integer)) \
-                or self.text_margin < 0:
-            raise AgentInputError(f"budgets.text_margin must be an integer >= 0, got {self.text_margin!r}")
-        if self.max_document_tokens < 0:
-            raise AgentInputError(f"budgets.max_document_tokens must be >= 0, got {self.max_document_tokens}")
-        if self.question_overflow not in ("error", "truncate"):
-            raise AgentInputError(
-                f"budgets.question_overflow must be 'error' or 'truncate', got {self.question_overflow!r}")
+            settings.integer(name, getattr(self, name), minimum=1, allowed="> 0", error=BudgetError)
+        settings.integer("text_margin", self.text_margin, minimum=0, error=BudgetError)
+        settings.integer("max_document_tokens", self.max_document_tokens, minimum=0,
+                         allowed=">= 0 (0 = whole documents)", error=BudgetError)
+        settings.choice("question_overflow", self.question_overflow, ("error", "truncate"), error=BudgetError)
 
 
 def tokenize_document(tokenizer, document: str | Iterable[str], *, source: str = "document") -> np.ndarray:

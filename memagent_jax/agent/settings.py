@@ -30,8 +30,9 @@ import json
 import os
 from typing import Any, Mapping
 
-from memagent_jax.agent.chunking import AgentBudgets, AgentInputError
-from memagent_jax.agent.templates import AgentTemplates, TemplateError, _check_placeholders
+from memagent_jax import settings as settings_lib
+from memagent_jax.agent.chunking import AgentBudgets
+from memagent_jax.agent.templates import AgentTemplates, TemplateError
 
 SETTINGS_FILE = "memagent_agent.json"
 FORMAT = "memagent-agent"
@@ -47,7 +48,7 @@ TEMPLATE_FIELDS = tuple(f.name for f in dataclasses.fields(AgentTemplates))
 DEFAULTS = {name: getattr(AgentBudgets(), name) for name in BUDGET_FIELDS}
 
 
-class AgentSettingsError(ValueError):
+class AgentSettingsError(settings_lib.ConfigError):
     """memagent_agent.json is malformed; the message names the file and the field."""
 
 
@@ -68,6 +69,19 @@ class AgentSettings:
     extract: str = "boxed"
     training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     path: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.budgets, AgentBudgets):
+            raise settings_lib.SettingError.at("budgets", f"must be an AgentBudgets, got {self.budgets!r}")
+        if not isinstance(self.templates, AgentTemplates):
+            raise settings_lib.SettingError.at("templates", f"must be an AgentTemplates, got {self.templates!r}")
+        if self.temperature is not None:
+            object.__setattr__(self, "temperature", settings_lib.temperature(self.temperature))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", settings_lib.top_p(self.top_p))
+        for name in ("reward_style", "extract"):
+            if not isinstance(getattr(self, name), str):
+                raise settings_lib.SettingError.at(name, f"must be a string, got {getattr(self, name)!r}")
 
     # ---------------------------------------------------------------- JSON
 
@@ -104,20 +118,10 @@ class AgentSettings:
         if unknown:
             raise AgentSettingsError(f"{source}: unknown field(s) agent.{unknown}; known: "
                                      f"{list(BUDGET_FIELDS + SAMPLING_FIELDS)}")
-        try:
+        with settings_lib.named(f"{source}: field agent", error=AgentSettingsError):
             budgets = AgentBudgets(**{k: v for k, v in agent.items() if k in BUDGET_FIELDS})
-        except (AgentInputError, TypeError) as e:
-            raise AgentSettingsError(f"{source}: field agent.{str(e).removeprefix('budgets.')}") from None
-        sampling = {}
-        for name in SAMPLING_FIELDS:
-            value = agent.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise AgentSettingsError(f"{source}: field agent.{name} must be a number or null, got {value!r}")
-            sampling[name] = None if value is None else float(value)
-        if sampling["temperature"] is not None and sampling["temperature"] < 0:
-            raise AgentSettingsError(f"{source}: field agent.temperature must be >= 0, got {sampling['temperature']}")
-        if sampling["top_p"] is not None and not 0 < sampling["top_p"] <= 1:
-            raise AgentSettingsError(f"{source}: field agent.top_p must be in (0, 1], got {sampling['top_p']}")
+            sampling = {name: None if agent.get(name) is None else getattr(settings_lib, name)(agent[name])
+                        for name in SAMPLING_FIELDS}
         templates = data.get("templates", {})
         if not isinstance(templates, dict):
             raise AgentSettingsError(f"{source}: field 'templates' must be an object")
@@ -131,8 +135,6 @@ class AgentSettings:
                 raise AgentSettingsError(f"{source}: field templates.{name} has the wrong type ({value!r})")
         try:
             parsed = AgentTemplates(**templates)
-            _check_placeholders(parsed.memory_update, ("question", "memory", "chunk"), "memory_update")
-            _check_placeholders(parsed.final_answer, ("question", "memory"), "final_answer")
         except TemplateError as e:
             raise AgentSettingsError(f"{source}: field templates: {e}") from None
         for name in ("reward_style", "extract"):

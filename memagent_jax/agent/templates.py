@@ -65,6 +65,8 @@ DEFAULT_INITIAL_MEMORY = "No notes yet."
 _SENTINELS = {name: f"\u27e6memagent:{name}\u27e7" for name in ("question", "memory", "chunk")}
 
 PROMPT_MODES = ("pieces", "text")
+UPDATE_SLOTS = ("question", "memory", "chunk")  # the placeholders of the memory-update template, in order
+FINAL_SLOTS = ("question", "memory")  # ... and of the final-answer template
 
 
 class TemplateError(ValueError):
@@ -93,6 +95,13 @@ class AgentTemplates:
     def __post_init__(self):
         if self.prompt_mode not in PROMPT_MODES:
             raise TemplateError(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        for name in ("memory_update", "final_answer", "initial_memory"):
+            if not isinstance(getattr(self, name), str):
+                raise TemplateError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.system is not None and not isinstance(self.system, str):
+            raise TemplateError(f"system must be a string or None, got {self.system!r}")
+        check_placeholders(self.memory_update, UPDATE_SLOTS, "memory_update")
+        check_placeholders(self.final_answer, FINAL_SLOTS, "final_answer")
         kwargs = self.chat_template_kwargs
         if kwargs is None:
             kwargs = ()
@@ -186,7 +195,8 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _check_placeholders(template: str, slots: tuple[str, ...], name: str) -> None:
+def check_placeholders(template: str, slots: tuple[str, ...], name: str) -> None:
+    """TemplateError naming `name` unless each of `slots` appears exactly once in `template`, in that order."""
     for slot in slots:
         count = template.count("{" + slot + "}")
         if count != 1:
@@ -210,7 +220,7 @@ def fill_template(template: str, slots: tuple[str, ...], values: Mapping[str, st
 def build_layout(tokenizer, template: str, slots: tuple[str, ...], system: str | None = None,
                  *, name: str = "template", chat_template_kwargs=()) -> PromptLayout:
     """Renders `template` through the chat template and splits it into literal token pieces."""
-    _check_placeholders(template, slots, name)
+    check_placeholders(template, slots, name)
     content = fill_template(template, slots, _SENTINELS)
     rendered = _render(tokenizer, content, system, chat_template_kwargs)
     pieces = []
@@ -243,10 +253,6 @@ class AgentPrompts:
         return cls(update=update, final=final, initial_memory=tuple(encode_text(tokenizer, templates.initial_memory)))
 
 
-UPDATE_SLOTS = ("question", "memory", "chunk")
-FINAL_SLOTS = ("question", "memory")
-
-
 class TextPrompter:
     """Text-mode prompts (host side): fill the template with text, apply the chat template, tokenize once.
 
@@ -260,8 +266,6 @@ class TextPrompter:
     """
 
     def __init__(self, tokenizer, templates: AgentTemplates = AgentTemplates()):
-        _check_placeholders(templates.memory_update, UPDATE_SLOTS, "memory_update template")
-        _check_placeholders(templates.final_answer, FINAL_SLOTS, "final_answer template")
         self.tokenizer = tokenizer
         self.templates = templates
         _render(tokenizer, "", templates.system, templates.chat_template_kwargs)  # fails early without a template

@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from memagent_jax import settings
 from memagent_jax.distributed import arrays as multiprocess
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
@@ -66,7 +67,7 @@ NONFINITE_MODES = ("skip", "raise")
 SCHEDULES = ("constant", "cosine")
 
 
-class LearnerConfigError(ValueError):
+class LearnerConfigError(settings.SettingError):
     """A learner / optimiser setting is invalid; the message names the field."""
 
 
@@ -75,21 +76,12 @@ class NonFiniteError(FloatingPointError):
 
 
 def _check_number(owner: str, name: str, value, *, minimum=None, strict=False, maximum=None, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LearnerConfigError(f"{owner}.{name} must be a finite number, got {value!r}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise LearnerConfigError(f"{owner}.{name} must be {'>' if strict else '>='} {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise LearnerConfigError(f"{owner}.{name} must be <= {maximum}, got {value}")
+    settings.real(f"{owner}.{name}", value, low=minimum, low_open=strict, high=maximum, none_ok=allow_none,
+                  error=LearnerConfigError)
 
 
 def _check_int(owner: str, name: str, value, *, minimum: int, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise LearnerConfigError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+    settings.integer(f"{owner}.{name}", value, minimum=minimum, none_ok=allow_none, error=LearnerConfigError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,23 +115,22 @@ class OptimizerConfig:
         _check_number(o, "learning_rate", self.learning_rate, minimum=0)
         _check_number(o, "b1", self.b1, minimum=0, maximum=1)
         _check_number(o, "b2", self.b2, minimum=0, maximum=1)
-        if self.b1 >= 1 or self.b2 >= 1:
-            raise LearnerConfigError(f"{o}.b1 and {o}.b2 must be < 1, got b1={self.b1}, b2={self.b2}")
+        for name in ("b1", "b2"):
+            if getattr(self, name) >= 1:
+                raise LearnerConfigError.at(f"{o}.{name}", f"must be < 1, got {getattr(self, name)}")
         _check_number(o, "eps", self.eps, minimum=0, strict=True)
         _check_number(o, "weight_decay", self.weight_decay, minimum=0)
         _check_number(o, "max_grad_norm", self.max_grad_norm, minimum=0, strict=True, allow_none=True)
         _check_int(o, "warmup_steps", self.warmup_steps, minimum=0)
-        if not isinstance(self.warmup_from_zero, (bool, np.bool_)):
-            raise LearnerConfigError(f"{o}.warmup_from_zero must be True or False, got {self.warmup_from_zero!r}")
-        if self.schedule not in SCHEDULES:
-            raise LearnerConfigError(f"{o}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        settings.boolean(f"{o}.warmup_from_zero", self.warmup_from_zero, error=LearnerConfigError)
+        settings.choice(f"{o}.schedule", self.schedule, SCHEDULES, error=LearnerConfigError)
         _check_int(o, "total_steps", self.total_steps, minimum=1, allow_none=True)
         if self.schedule == "cosine":
             if self.total_steps is None:
-                raise LearnerConfigError(f"{o}.total_steps is required for the cosine schedule")
+                raise LearnerConfigError.at(f"{o}.total_steps", "is required for the cosine schedule")
             if self.total_steps <= self.warmup_steps:
-                raise LearnerConfigError(f"{o}.total_steps ({self.total_steps}) must exceed {o}.warmup_steps "
-                                         f"({self.warmup_steps}) for the cosine schedule")
+                raise LearnerConfigError.at(f"{o}.total_steps", f"({self.total_steps}) must exceed {o}.warmup_steps "
+                                                                f"({self.warmup_steps}) for the cosine schedule")
         _check_number(o, "min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
 
     def replace(self, **changes) -> "OptimizerConfig":
@@ -179,11 +170,10 @@ class LearnerConfig:
             raise LearnerConfigError(f"{o}.optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
         _check_int(o, "num_minibatches", self.num_minibatches, minimum=1)
         _check_int(o, "micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
-        if self.on_nonfinite not in NONFINITE_MODES:
-            raise LearnerConfigError(f"{o}.on_nonfinite must be one of {NONFINITE_MODES}, got {self.on_nonfinite!r}")
+        settings.choice(f"{o}.on_nonfinite", self.on_nonfinite, NONFINITE_MODES, error=LearnerConfigError)
         _check_int(o, "logits_chunk_size", self.logits_chunk_size, minimum=0)
-        if self.remat not in (None, "none", "full", "dots"):
-            raise LearnerConfigError(f"{o}.remat must be None, 'none', 'full' or 'dots', got {self.remat!r}")
+        if self.remat is not None:
+            settings.choice(f"{o}.remat", self.remat, ("none", "full", "dots"), error=LearnerConfigError)
 
     @property
     def need_entropy(self) -> bool:

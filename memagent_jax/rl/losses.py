@@ -35,10 +35,11 @@ denominators, so the metrics of micro-batches add up to those of the mini-batch 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
+
+from memagent_jax import settings
 
 __all__ = ["LossConfig", "LossConfigError", "AGGREGATIONS", "clipped_surrogate", "k3_kl", "entropy_from_logits",
            "aggregate", "policy_loss", "sft_loss", "compute_loss", "reduce_metric", "metric_identity"]
@@ -47,7 +48,7 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 LOSS_KINDS = ("grpo", "sft")
 
 
-class LossConfigError(ValueError):
+class LossConfigError(settings.SettingError):
     """A loss setting is out of range; the message names the field."""
 
 
@@ -78,29 +79,18 @@ class LossConfig:
     kl_clamp: float | None = None
 
     def __post_init__(self):
-        if self.kind not in LOSS_KINDS:
-            raise LossConfigError(f"loss.kind must be one of {LOSS_KINDS}, got {self.kind!r}")
-        for name in ("clip_low", "clip_high", "kl_coef", "entropy_coef", "log_ratio_clamp"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise LossConfigError(f"loss.{name} must be a finite number, got {value!r}")
-            if value < 0:
-                raise LossConfigError(f"loss.{name} must be >= 0, got {value}")
-        if self.clip_low >= 1:
-            raise LossConfigError(f"loss.clip_low must be in [0, 1) (the ratio's lower bound is 1 - clip_low), "
-                                  f"got {self.clip_low}")
-        if self.dual_clip is not None:
-            if not isinstance(self.dual_clip, (int, float)) or not self.dual_clip > 1:
-                raise LossConfigError(f"loss.dual_clip must be > 1 (or None to disable), got {self.dual_clip!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise LossConfigError(f"loss.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.log_ratio_clamp <= 0:
-            raise LossConfigError(f"loss.log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
-        if self.kl_clamp is not None:
-            if (isinstance(self.kl_clamp, bool) or not isinstance(self.kl_clamp, (int, float))
-                    or not math.isfinite(self.kl_clamp) or self.kl_clamp <= 0):
-                raise LossConfigError(f"loss.kl_clamp must be a finite number > 0 (or None: no clamp), "
-                                      f"got {self.kl_clamp!r}")
+        e = LossConfigError
+        settings.choice("loss.kind", self.kind, LOSS_KINDS, error=e)
+        for name in ("kl_coef", "entropy_coef", "clip_high"):
+            settings.real(f"loss.{name}", getattr(self, name), low=0, error=e)
+        settings.real("loss.clip_low", self.clip_low, low=0, high=1, high_open=True,
+                      allowed="in [0, 1) (the ratio's lower bound is 1 - clip_low)", error=e)
+        settings.real("loss.dual_clip", self.dual_clip, low=1, low_open=True, none_ok=True,
+                      allowed="> 1 (or None to disable)", error=e)
+        settings.choice("loss.aggregation", self.aggregation, AGGREGATIONS, error=e)
+        settings.real("loss.log_ratio_clamp", self.log_ratio_clamp, low=0, low_open=True, error=e)
+        settings.real("loss.kl_clamp", self.kl_clamp, low=0, low_open=True, none_ok=True,
+                      allowed="> 0 (or None: no clamp)", error=e)
 
     @property
     def uses_reference(self) -> bool:

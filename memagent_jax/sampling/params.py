@@ -7,20 +7,12 @@ number of new tokens, the filters in use and the stop ids), so build them once a
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
+
+from memagent_jax import settings
 
 
-class SamplingError(ValueError):
+class SamplingError(settings.SettingError):
     """Bad sampling parameters or bad prompts given to the sampler."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,31 +46,26 @@ class SamplingParams:
     pad_id: int = 0
 
     def __post_init__(self):
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
-            raise SamplingError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        e = SamplingError
+        settings.integer("max_new_tokens", self.max_new_tokens, minimum=1, allowed="> 0", error=e)
+        settings.temperature(self.temperature, error=e)
+        settings.integer("top_k", self.top_k, minimum=0, allowed=">= 0 (0 = off)", error=e)
+        settings.top_p(self.top_p, error=e)
         stops = self.stop_token_ids
         if stops is None:
             stops = ()
-        elif _is_int(stops):
+        elif settings.is_integer(stops):
             stops = (stops,)
         try:
             stops = tuple(stops)
         except TypeError:
-            raise SamplingError(
-                f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}") from None
+            raise e.at("stop_token_ids", f"must be a sequence of token ids, got {self.stop_token_ids!r}") from None
         for s in stops:
-            if not _is_int(s) or s < 0:
-                raise SamplingError(f"stop_token_ids must be integers >= 0, got {self.stop_token_ids!r}")
+            if not settings.is_integer(s) or s < 0:
+                raise e.at("stop_token_ids", f"must be integers >= 0, got {self.stop_token_ids!r}")
         # Canonical form: sorted, unique, plain ints (so equal settings hash equal and share one compile).
         object.__setattr__(self, "stop_token_ids", tuple(sorted({int(s) for s in stops})))
-        if not _is_int(self.pad_id) or self.pad_id < 0:
-            raise SamplingError(f"pad_id must be an integer >= 0, got {self.pad_id!r}")
+        settings.integer("pad_id", self.pad_id, minimum=0, error=e)
         object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_k", int(self.top_k))
