@@ -1,5 +1,6 @@
-"""The cluster launchers: dry runs print exactly the expected commands, overrides survive the remote shell,
-bad arguments are clear errors."""
+"""The cluster launchers: the commands of a dry run, parsed back into argv, run the job on every worker with its
+config, workdir, overrides and environment (overrides survive the remote shell); the rendered scripts run; bad
+arguments are clear errors."""
 
 import importlib.util
 import os
@@ -22,15 +23,44 @@ def load(name):
 tpu_pod = load("tpu_pod")
 slurm = load("slurm")
 
-START = (
-    "set -e; cd memagent-jax; LOGS=logs/tpu_pod; mkdir -p \"$LOGS\"; "
-    "WORKER=$(curl -sf -H Metadata-Flavor:Google "
-    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname); "
-    "export MEMAGENT_DISTRIBUTED=1{env}; "
-    "setsid nohup .venv/bin/python -m memagent_jax.train {job} > \"$LOGS/worker-$WORKER.log\" 2>&1 < /dev/null & "
-    "echo $! > \"$LOGS/worker-$WORKER.pid\"; "
-    "echo \"worker $WORKER: pid $(cat \"$LOGS/worker-$WORKER.pid\"), log $(cd \"$LOGS\" && pwd)/worker-$WORKER.log\""
-)
+def option(argv, name):
+    """The value of `name VALUE` or `name=VALUE` in argv; None when the option is absent."""
+    for i, word in enumerate(argv):
+        if word == name:
+            return argv[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def shell_words(line):
+    """The words and operators of a shell line, one level of quoting removed (`;`, `&`, `>` are words)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    return list(lexer)
+
+
+def between(words, first, last):
+    """The words after the first `first` and before the next `last`."""
+    i = words.index(first) + 1
+    return words[i:words.index(last, i)]
+
+
+def assert_ssh_to_all_workers(argv, tpu, zone):
+    assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu]
+    assert option(argv, "--zone") == zone and option(argv, "--worker") == "all"
+
+
+def assert_starts_job(remote, job, env):
+    """`remote` (a worker's shell line) enters the repository, exports `env` (with MEMAGENT_DISTRIBUTED=1, which
+    makes every entry point join the run) and starts `job` detached, its output in a per-worker log."""
+    words = shell_words(remote)
+    assert between(words, "cd", ";") == ["memagent-jax"]
+    assert between(words, "export", ";") == ["MEMAGENT_DISTRIBUTED=1", *env]
+    assert between(words, "nohup", ">") == job
+    assert words[words.index("nohup") - 1] == "setsid"
+    after = words[words.index("nohup"):]
+    assert after[after.index(">") + 1] == "$LOGS/worker-$WORKER.log" and "&" in after
 
 
 def run_main(module, argv, capsys):
@@ -46,11 +76,12 @@ def test_tpu_start_dry_run(capsys):
                                    "configs/qwen2_5_7b_hotpotqa.py:v5p-128", "--workdir", "gs://b/runs/q7b",
                                    "--config.model.path=/mnt/ckpt", "--config.rl.kl_coef=0.0", "--dry_run"], capsys)
     assert code == 0
-    job = ("--config=configs/qwen2_5_7b_hotpotqa.py:v5p-128 --workdir=gs://b/runs/q7b --config.model.path=/mnt/ckpt "
-           "--config.rl.kl_coef=0.0")
-    remote = START.format(env="", job=job)
-    assert out == ("gcloud compute tpus tpu-vm ssh pod1 --zone us-east5-a --worker=all --command "
-                   + shlex.quote(remote) + "\n")
+    (argv,) = [shlex.split(line) for line in out.splitlines()]  # one command: start the job on every worker
+    assert_ssh_to_all_workers(argv, "pod1", "us-east5-a")
+    assert option(argv, "--project") is None and "--internal-ip" not in argv
+    assert_starts_job(option(argv, "--command"), [
+        ".venv/bin/python", "-m", "memagent_jax.train", "--config=configs/qwen2_5_7b_hotpotqa.py:v5p-128",
+        "--workdir=gs://b/runs/q7b", "--config.model.path=/mnt/ckpt", "--config.rl.kl_coef=0.0"], env=[])
 
 
 def test_tpu_start_with_project_setup_env_and_quoted_override(capsys):
@@ -59,16 +90,15 @@ def test_tpu_start_with_project_setup_env_and_quoted_override(capsys):
                                    "--config", "c.py:x", "--workdir", "w", "--config.model.path=/my ckpt/it's",
                                    "--dry_run"], capsys)
     assert code == 0
-    lines = out.splitlines()
-    assert lines[0] == ("gcloud compute tpus tpu-vm ssh pod1 --zone z1 --project proj --internal-ip --worker=all "
-                        "--command 'git -C memagent-jax pull'")
-    job = "--config=c.py:x --workdir=w '--config.model.path=/my ckpt/it'\"'\"'s'"
-    remote = START.format(env=" XLA_FLAGS='--a=1 --b'", job=job)
-    assert lines[1] == ("gcloud compute tpus tpu-vm ssh pod1 --zone z1 --project proj --internal-ip --worker=all "
-                        "--command " + shlex.quote(remote))
-    assert len(lines) == 2
-    # one level of shell (the local one) gives gcloud the remote line unchanged
-    assert shlex.split(lines[1])[-1] == remote
+    setup, start = [shlex.split(line) for line in out.splitlines()]  # the setup first, on every worker
+    for argv in (setup, start):
+        assert_ssh_to_all_workers(argv, "pod1", "z1")
+        assert option(argv, "--project") == "proj" and "--internal-ip" in argv
+    assert option(setup, "--command") == "git -C memagent-jax pull"
+    # the override and the environment value reach the job as one word each, through the remote shell too
+    assert_starts_job(option(start, "--command"), [
+        ".venv/bin/python", "-m", "memagent_jax.train", "--config=c.py:x", "--workdir=w",
+        "--config.model.path=/my ckpt/it's"], env=["XLA_FLAGS=--a=1 --b"])
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None or shutil.which("bash") is None, reason="needs bash and setsid")
@@ -110,20 +140,22 @@ def test_tpu_teardown_delete_and_collect_dry_runs(capsys):
     code, out = run_main(tpu_pod, ["--tpu", "pod1", "--zone", "z1", "--teardown", "--delete", "--yes", "--grace_s", "5",
                                    "--dry_run"], capsys)
     assert code == 0
-    stop = ("cd memagent-jax || exit 0; LOGS=logs/tpu_pod; for f in \"$LOGS\"/worker-*.pid; do [ -f \"$f\" ] && "
-            "kill -TERM -- -\"$(cat \"$f\")\" 2>/dev/null; done; sleep 5; for f in \"$LOGS\"/worker-*.pid; do "
-            "[ -f \"$f\" ] || continue; kill -KILL -- -\"$(cat \"$f\")\" 2>/dev/null; rm -f \"$f\"; done; echo stopped")
-    assert out.splitlines() == [
-        "gcloud compute tpus tpu-vm ssh pod1 --zone z1 --worker=all --command " + shlex.quote(stop),
-        "gcloud compute tpus tpu-vm delete pod1 --zone z1 --quiet",
-    ]
+    stop, delete = [shlex.split(line) for line in out.splitlines()]  # stop the job first, then delete the VM
+    assert_ssh_to_all_workers(stop, "pod1", "z1")
+    words = shell_words(option(stop, "--command"))
+    # SIGTERM to the recorded process groups, the grace period, then SIGKILL
+    term, grace, kill = words.index("-TERM"), words.index("sleep"), words.index("-KILL")
+    assert term < grace < kill and words[grace + 1] == "5"
+    assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod1"]
+    assert option(delete, "--zone") == "z1" and "--quiet" in delete
     code, out = run_main(tpu_pod, ["--tpu", "pod1", "--zone", "z1", "--collect_logs", "out/logs", "--num_workers", "2",
                                    "--remote_dir", "/opt/repo", "--dry_run"], capsys)
     assert code == 0
-    assert out.splitlines() == [
-        "gcloud compute tpus tpu-vm scp 'pod1:/opt/repo/logs/tpu_pod/worker-*.log' out/logs/ --zone z1 --worker=0",
-        "gcloud compute tpus tpu-vm scp 'pod1:/opt/repo/logs/tpu_pod/worker-*.log' out/logs/ --zone z1 --worker=1",
-    ]
+    copies = [shlex.split(line) for line in out.splitlines()]
+    assert [option(argv, "--worker") for argv in copies] == ["0", "1"]  # one copy per worker
+    for argv in copies:
+        assert argv[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and option(argv, "--zone") == "z1"
+        assert argv[5:7] == ["pod1:/opt/repo/logs/tpu_pod/worker-*.log", "out/logs/"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -154,32 +186,27 @@ def test_tpu_requires_name_and_zone(capsys):
 
 # ------------------------------------------------------------------------------------------ SLURM
 
-SCRIPT = """#!/bin/bash
-#SBATCH --job-name=q7b
-#SBATCH --nodes=4
-#SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=8
-#SBATCH --exclusive
-#SBATCH --partition=gpu
-#SBATCH --account=lab
-#SBATCH --time=48:00:00
-#SBATCH --chdir=/shared/memagent-jax
-#SBATCH --output=logs/slurm/q7b-%j.out
-#SBATCH --qos=high
-# Rendered by launch/slurm.py: one JAX process per node, each driving every GPU of its node;
-# jax.distributed.initialize() takes the coordinator and process ids from SLURM.
-set -euo pipefail
-cd /shared/memagent-jax
-mkdir -p logs/slurm
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-export MEMAGENT_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7
-export NCCL_DEBUG=WARN
-export EXTRA='two words'
-echo "job $SLURM_JOB_ID: $SLURM_JOB_NUM_NODES nodes ($SLURM_JOB_NODELIST)"
-srun --nodes 4 --ntasks-per-node=1 --kill-on-bad-exit=1 --output=logs/slurm/q7b-%j-node%n.log \\
-    .venv/bin/python -m memagent_jax.train --config=configs/qwen2_5_7b_hotpotqa.py:32xh100 \
---workdir=/shared/runs/q7b '--config.model.path=/shared/my ckpt' --config.rl.kl_coef=0.0
-"""
+def sbatch_options(script):
+    """The script's `#SBATCH` options: {'--nodes': '4', '--exclusive': None, ...}."""
+    out = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH "):
+            (word,) = shlex.split(line[len("#SBATCH "):])
+            key, sep, value = word.partition("=")
+            out[key] = value if sep else None
+    return out
+
+
+def exports(script):
+    """The variables the script exports, their values unquoted."""
+    pairs = [shlex.split(line)[1].partition("=") for line in script.splitlines() if line.startswith("export ")]
+    return {key: value for key, _, value in pairs}
+
+
+def srun_argv(script):
+    """The srun command line (continuation lines joined), as argv."""
+    (line,) = [line for line in script.replace("\\\n", " ").splitlines() if line.startswith("srun ")]
+    return shlex.split(line)
 
 
 def test_slurm_dry_run(capsys):
@@ -190,8 +217,26 @@ def test_slurm_dry_run(capsys):
         "--workdir", "/shared/runs/q7b", "--config.model.path=/shared/my ckpt", "--config.rl.kl_coef=0.0",
         "--dry_run"], capsys)
     assert code == 0
-    assert out == ("# /shared/memagent-jax/logs/slurm/q7b.sbatch\n" + SCRIPT
-                   + "sbatch /shared/memagent-jax/logs/slurm/q7b.sbatch\n")
+    lines = out.splitlines()
+    path = "/shared/memagent-jax/logs/slurm/q7b.sbatch"
+    assert lines[0] == f"# {path}" and shlex.split(lines[-1]) == ["sbatch", path]  # the script, then its submission
+    script = "\n".join(lines[1:-1]) + "\n"
+    assert script.startswith("#!/bin/bash\n")
+    sb = sbatch_options(script)
+    # one task per node, each with all 8 GPUs of its node
+    assert (sb["--nodes"], sb["--ntasks-per-node"], sb["--gpus-per-node"]) == ("4", "1", "8")
+    assert (sb["--job-name"], sb["--partition"], sb["--account"], sb["--time"]) == ("q7b", "gpu", "lab", "48:00:00")
+    assert sb["--chdir"] == "/shared/memagent-jax" and "--exclusive" in sb and sb["--qos"] == "high"
+    assert exports(script) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "MEMAGENT_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7",
+                               "NCCL_DEBUG": "WARN", "EXTRA": "two words"}
+    argv = srun_argv(script)
+    program = argv.index(".venv/bin/python")
+    srun = argv[:program]
+    assert option(srun, "--nodes") == "4" and option(srun, "--ntasks-per-node") == "1"
+    assert option(srun, "--kill-on-bad-exit") == "1"  # one process failing ends the job
+    assert argv[program:] == [".venv/bin/python", "-m", "memagent_jax.train",
+                              "--config=configs/qwen2_5_7b_hotpotqa.py:32xh100", "--workdir=/shared/runs/q7b",
+                              "--config.model.path=/shared/my ckpt", "--config.rl.kl_coef=0.0"]
 
 
 def test_slurm_script_is_valid_bash_and_quotes_overrides(tmp_path):
@@ -205,6 +250,34 @@ def test_slurm_script_is_valid_bash_and_quotes_overrides(tmp_path):
     subprocess.run(["bash", "-n", str(path)], check=True)
     srun_line = text.split("srun ", 1)[1].replace("\\\n", " ")
     assert shlex.split(srun_line)[-1] == "--config.model.path=/x y/it's $HOME"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_slurm_script_runs_srun_with_the_job(tmp_path):
+    """The script, run by bash with a stand-in srun, starts srun with the job's argv intact and the environment
+    the processes need (the GPU ids each process drives, the memory fraction, --env values)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "srun"
+    fake.write_text('#!/bin/bash\nfor a in "$@"; do echo "arg:$a"; done\n'
+                    'echo "env:$MEMAGENT_LOCAL_DEVICE_IDS:$XLA_PYTHON_CLIENT_MEM_FRACTION:$EXTRA"\n')
+    fake.chmod(0o755)
+    override = "--config.model.path=/x y/it's $HOME"
+    args, overrides = slurm.parse_args(["--nodes", "2", "--gpus_per_node", "4", "--repo_dir", str(tmp_path),
+                                        "--config", "c.py", "--workdir", "w", override, "--env", "EXTRA=two words"])
+    script = tmp_path / "s.sh"
+    script.write_text(slurm.render(args, overrides))
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "n[1-2]"}
+    result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            check=True, timeout=30)
+    lines = result.stdout.splitlines()
+    argv = [line[len("arg:"):] for line in lines if line.startswith("arg:")]
+    program = argv.index(".venv/bin/python")
+    assert option(argv[:program], "--nodes") == "2"
+    assert argv[program:] == [".venv/bin/python", "-m", "memagent_jax.train", "--config=c.py", "--workdir=w", override]
+    assert lines[-1] == "env:0,1,2,3:0.92:two words"
+    assert (tmp_path / "logs" / "slurm").is_dir()
 
 
 def test_slurm_writes_script_and_reports_missing_sbatch(tmp_path, monkeypatch, capsys):
