@@ -124,11 +124,12 @@ def recall_rows(tokenizer, count: int, facts: int, rng: np.random.Generator):
     """Rows of `facts` facts in the task's words, then every creature followed by its word (shuffled); loss and
     accuracy on the recalled words."""
     from memagent_jax.agent.templates import encode_text
-    from memagent_jax.data import synthetic
+    from memagent_jax.data.synthetic.keyed_recall import RECALL_WORDS
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
 
     one = lambda text: encode_text(tokenizer, text)[0]  # noqa: E731 (every creature and word is one token)
-    creatures = [one(" " + c) for c in synthetic._KEY_CREATURES]
-    words = [one(" " + w) for w in synthetic._RECALL_WORDS]
+    creatures = [one(" " + c) for c in KEY_CREATURES]
+    words = [one(" " + w) for w in RECALL_WORDS]
     lead, is_, stop = encode_text(tokenizer, " The secret word for"), one(" is"), one(".")
     rows, weights = [], []
     for _ in range(count):

@@ -11,6 +11,7 @@ import pytest
 from memagent_jax.data import synthetic as S
 from memagent_jax.data import tokenizer as T
 from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
+from memagent_jax.data.synthetic.multihop_qa import RELATIONS
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_variable_tracking_chain(tok):
 # multi-hop: the answer needs every hop fact, from different chunks
 # ---------------------------------------------------------------------------------------------
 
-_PATTERNS = [re.compile(t.replace(".", r"\.").replace("{s}", r"(?P<s>[A-Z][a-z]+(?: [A-Z][a-z]+)?)").replace("{o}", r"(?P<o>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")) for t, _, _ in S._RELATIONS]
+_PATTERNS = [re.compile(t.replace(".", r"\.").replace("{s}", r"(?P<s>[A-Z][a-z]+(?: [A-Z][a-z]+)?)").replace("{o}", r"(?P<o>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")) for t, _, _ in RELATIONS]
 
 
 def resolve(text: str, person: str, hops: int):
