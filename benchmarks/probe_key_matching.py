@@ -1,4 +1,4 @@
-"""Probe: how many updates does the main job's tiny model need to learn key matching? (issue 12's blocker)
+"""Probe: how many updates does the main job's tiny model need to learn key matching?
 
     python benchmarks/probe_key_matching.py --mode agent-step                 # ~10 min on 2 CPU cores
     python benchmarks/probe_key_matching.py --mode agent-step --notes keyed
@@ -22,7 +22,7 @@ agent-step       SFT on the one agent step that matters: the memory-update promp
                  --notes keyed:     notes = " <creature> <Word>" (the creature first, so the word's query is
                                     the creature token itself);
                  --notes keyed-is:  notes = " <creature> is <Word>" (a verbatim span of the fact);
-                 --notes for-keyed: notes = " for <creature> <Word>" (the main job's notes since the
+                 --notes for-keyed: notes = " for <creature> <Word>" (the main job's notes with the
                                     induction init: " for" precedes the creature in the question).
 --fact-style pair  facts "Remember <creature> <Word>." (the word right after its key; the main job's form).
 --init induction   random weights plus the hand-wired induction circuit of memagent_jax/models/induction.py
@@ -124,11 +124,12 @@ def recall_rows(tokenizer, count: int, facts: int, rng: np.random.Generator):
     """Rows of `facts` facts in the task's words, then every creature followed by its word (shuffled); loss and
     accuracy on the recalled words."""
     from memagent_jax.agent.templates import encode_text
-    from memagent_jax.data import synthetic
+    from memagent_jax.data.synthetic.keyed_recall import RECALL_WORDS
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
 
     one = lambda text: encode_text(tokenizer, text)[0]  # noqa: E731 (every creature and word is one token)
-    creatures = [one(" " + c) for c in synthetic._KEY_CREATURES]
-    words = [one(" " + w) for w in synthetic._RECALL_WORDS]
+    creatures = [one(" " + c) for c in KEY_CREATURES]
+    words = [one(" " + w) for w in RECALL_WORDS]
     lead, is_, stop = encode_text(tokenizer, " The secret word for"), one(" is"), one(".")
     rows, weights = [], []
     for _ in range(count):

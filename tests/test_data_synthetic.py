@@ -1,6 +1,7 @@
 """Tests of the RULER-style synthetic tasks (memagent_jax.data.synthetic)."""
 import hashlib
 import os
+import random
 import re
 import subprocess
 import sys
@@ -11,6 +12,10 @@ import pytest
 from memagent_jax.data import synthetic as S
 from memagent_jax.data import tokenizer as T
 from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
+from memagent_jax.data.synthetic import registry
+from memagent_jax.data.synthetic.document import derive_seed
+from memagent_jax.data.synthetic.multihop_qa import RELATIONS
+from memagent_jax.data.synthetic.vocabulary import sentence_units
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +155,7 @@ def test_variable_tracking_chain(tok):
 # multi-hop: the answer needs every hop fact, from different chunks
 # ---------------------------------------------------------------------------------------------
 
-_PATTERNS = [re.compile(t.replace(".", r"\.").replace("{s}", r"(?P<s>[A-Z][a-z]+(?: [A-Z][a-z]+)?)").replace("{o}", r"(?P<o>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")) for t, _, _ in S._RELATIONS]
+_PATTERNS = [re.compile(t.replace(".", r"\.").replace("{s}", r"(?P<s>[A-Z][a-z]+(?: [A-Z][a-z]+)?)").replace("{o}", r"(?P<o>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")) for t, _, _ in RELATIONS]
 
 
 def resolve(text: str, person: str, hops: int):
@@ -417,3 +422,87 @@ def test_concatenated_records(tok):
         assert record.document.rindex(" Remember ") > record.document.index(f" Remember {key} ")
     with pytest.raises(ValueError, match="parts"):
         next(S.concatenated_records(cfg, 1, 1, tok))
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and the seeding contract
+# ---------------------------------------------------------------------------------------------
+
+
+def test_builtin_tasks_and_their_defaults():
+    """Metric, reward style and defaults of every built-in task, as the task modules document them."""
+    expected = {
+        "niah_single": ("string_match_all", "boxed_em", 0, 1),
+        "niah_multikey": ("string_match_all", "boxed_em", 3, 1),
+        "niah_multivalue": ("string_match_all", "boxed_all", 0, 1),
+        "niah_multiquery": ("string_match_all", "boxed_all", 0, 1),
+        "keyed_recall": ("string_match_all", "boxed_em", 3, 1),
+        "variable_tracking": ("string_match_all", "boxed_all", 2, 4),
+        "multihop_qa": ("sub_em", "boxed_em", 3, 2),
+    }
+    assert S.TASKS == tuple(expected) and S.task_names()[:len(S.TASKS)] == S.TASKS
+    for name, (metric, reward_style, distractors, hops) in expected.items():
+        cfg = SyntheticConfig(name, num_tokens=100)
+        assert (cfg.metric, cfg.reward_style, cfg.resolved_distractors, cfg.resolved_hops) == expected[name]
+        assert S.get_task(name).name == name
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown synthetic task 'nope'; known tasks: niah_single, .*multihop_qa"):
+        S.get_task("nope")
+    with pytest.raises(ValueError, match="keyed_recall, variable_tracking"):
+        SyntheticConfig("nope", 100)
+
+
+@pytest.mark.parametrize("task,hops,ok", [("keyed_recall", 4, True), ("keyed_recall", 5, False),
+                                          ("variable_tracking", 0, False), ("multihop_qa", 0, False),
+                                          ("niah_single", 0, True)])
+def test_hops_checked_per_task(task, hops, ok):
+    if ok:
+        SyntheticConfig(task, 100, hops=hops)
+    else:
+        with pytest.raises(ValueError, match="hops"):
+            SyntheticConfig(task, 100, hops=hops)
+
+
+def test_register_a_task(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the real registry as it was
+
+    def make(cfg, rng, index):
+        colour = rng.choice(("red", "blue"))
+        drafts = [S.Draft(f" The box {index} is {colour}.", "answer", (f"box {index}", "colour", colour))]
+        return f"What colour is box {index}?", (colour,), drafts
+
+    task = S.register_task(S.SyntheticTask("box_colour", make, "sub_em", "boxed_em"))
+    assert S.get_task("box_colour") is task and "box_colour" in S.task_names() and "box_colour" not in S.TASKS
+    with pytest.raises(ValueError, match="already registered"):
+        S.register_task(task)
+    sample = generate_sample(SyntheticConfig("box_colour", num_tokens=120, seed=1), 5, S.whitespace_counter)
+    assert sample.question == "What colour is box 5?" and sample.answers[0] in ("red", "blue")
+    assert (sample.metric, sample.reward_style) == ("sub_em", "boxed_em")
+    assert sample.text().count(" The box 5 is ") == 1 and 0.98 * 120 <= sample.num_tokens <= 120
+    rec = sample.to_record()
+    assert rec.data_source == "synthetic_box_colour" and rec.extra["task"] == "box_colour"
+
+
+def test_derive_seed_is_a_sha256_of_the_parts():
+    digest = hashlib.sha256("'task'\x1f'niah_single'\x1f3\x1f5".encode()).digest()
+    assert derive_seed("task", "niah_single", 3, 5) == int.from_bytes(digest[:8], "little")
+
+
+@pytest.mark.parametrize("task", S.TASKS)
+def test_seeding_contract(task):
+    """The question, answers and facts come from the task RNG (task, seed, index, count knobs); the filler from the
+    filler RNG (task, seed, index): what a seed determines, independent of how the generator is laid out."""
+    cfg = SyntheticConfig(task, num_tokens=700, seed=4)
+    index = 6
+    sample = generate_sample(cfg, index, S.whitespace_counter)
+    rng = random.Random(derive_seed("task", task, cfg.seed, index, cfg.resolved_distractors, cfg.resolved_hops,
+                                    cfg.num_values, cfg.num_queries))
+    question, answers, drafts = S.get_task(task).make(cfg, rng, index)
+    assert (sample.question, sample.answers) == (question, tuple(answers))
+    assert sorted(f.text for f in sample.facts) == sorted(d.text for d in drafts)
+    filler = random.Random(derive_seed("filler", task, cfg.seed, index))
+    sentences = [p for p in sample.pieces() if p not in {f.text for f in sample.facts}]
+    assert sentences[0] == "".join(sentence_units(filler)) + "."
+    assert sentences[1] == "".join(sentence_units(filler)) + "."

@@ -8,7 +8,7 @@ Qwen2-architecture model, warm-start it by SFT on scripted (imperfect) memory tr
 multi-conversation GRPO, evaluate both models at 1x..64x the training length, write a memory-trace report,
 and export. The `quick` variant (`quick_overrides`) shrinks every stage: about a minute, a pipeline check for tests.
 
-The task is `keyed_recall` from memagent_jax.data.synthetic in its "pair" form: keyed facts "Remember
+The task is `keyed_recall` from memagent_jax.data.synthetic (keyed_recall.py) in its "pair" form: keyed facts "Remember
 <creature> <Word>." in a haystack of generated sentences, the asked one among look-alikes for other creatures
 (`task.distractors_per_chunk` per chunk at every length, `same_chunk_distractors` of them beside the asked fact),
 asked as "What is the secret word for <creature>?". The model starts from random weights plus one hand-wired
