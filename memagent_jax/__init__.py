@@ -21,7 +21,7 @@ _EXPORTS = {
     "ModelConfig": "memagent_jax.models",
     "SamplingParams": "memagent_jax.sampling",
     "QARecord": "memagent_jax.data", "open_file": "memagent_jax.data.formats",
-    "evaluate_models": "memagent_jax.evaluate", "evaluate_agent": "memagent_jax.evaluate",
+    "evaluate_models": "memagent_jax.evaluation", "evaluate_agent": "memagent_jax.evaluation",
     "score": "memagent_jax.evaluation.verifier", "extract_prediction": "memagent_jax.evaluation.verifier",
 }
 

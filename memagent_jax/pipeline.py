@@ -409,11 +409,11 @@ def _eval_sampling(cfg):
 
 
 def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dict:
-    """Every model on every evaluation file (memagent_jax.evaluate); returns {model: {file label: figures}}."""
+    """Every model on every evaluation file (memagent_jax.evaluation); returns {model: {file label: figures}}."""
     done = _stage_done(folder)
     if done is not None:
         return done["figures"]
-    from memagent_jax import evaluate as evaluate_lib
+    from memagent_jax import evaluation as evaluate_lib
 
     t0 = time.perf_counter()
     labels = eval_labels(cfg)
@@ -445,7 +445,7 @@ def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> lis
     """Markdown + HTML memory traces of a few held-out questions at 4x the training length, every model."""
     from memagent_jax.agent import MemoryAgent
     from memagent_jax.data.formats import read_records
-    from memagent_jax.evaluate import load_model, row_keys
+    from memagent_jax.evaluation import load_model, row_keys
     from memagent_jax.evaluation.traces import entries_from_agent, write_trace_report
 
     multipliers = eval_multipliers(cfg)
@@ -473,7 +473,7 @@ def plot_results(cfg, figures: dict, long: dict | None, path: str) -> str:
     concatenated files), the long point of the RL model when it was run, the training length marked."""
     from types import SimpleNamespace
 
-    from memagent_jax.evaluate import plot_accuracy_vs_length
+    from memagent_jax.evaluation import plot_accuracy_vs_length
 
     def point(model, n, tokens, mean, low, high):
         return SimpleNamespace(model=model, n=n, mean_doc_tokens=tokens, metrics_used=("string_match_all",),
@@ -504,7 +504,7 @@ def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
         return done
     import numpy as np
 
-    from memagent_jax import evaluate as evaluate_lib
+    from memagent_jax import evaluation as evaluate_lib
     from memagent_jax.agent import MemoryAgent
     from memagent_jax.data.synthetic import generate_sample
     from memagent_jax.evaluation.verifier import score

@@ -117,7 +117,7 @@ def test_from_pretrained_reads_the_settings(folders):
 
 
 def test_evaluate_uses_each_models_settings(folders, tmp_path):
-    from memagent_jax import evaluate as ev
+    from memagent_jax import evaluation as ev
     from memagent_jax.data.formats import write_eval_file
     from memagent_jax.data.records import QARecord
 

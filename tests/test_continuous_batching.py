@@ -121,7 +121,7 @@ def _drain(engine):
 
 
 def test_evaluation_continuous_equals_bucketed(setup):
-    from memagent_jax import evaluate as ev
+    from memagent_jax import evaluation as ev
     from memagent_jax.data.records import QARecord
 
     agent, tok = setup["agent"], setup["tokenizer"]

@@ -220,7 +220,7 @@ def test_ruler_json_with_outputs_and_index_list_into_squad_store(tmp_path):
 
 
 def test_evaluate_opens_index_list_files_with_the_configured_store(tmp_path, raw_hotpot):
-    from memagent_jax.evaluate import open_eval_file
+    from memagent_jax.evaluation import open_eval_file
 
     rows = _index_rows(12800, seed=0)
     path = tmp_path / "eval_12800.json"

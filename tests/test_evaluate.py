@@ -16,7 +16,9 @@ import pytest
 
 from hf_tiny import make_agent_model_dir
 from memagent_jax import evaluate as ev
-from memagent_jax.evaluation import verifier
+from memagent_jax.evaluation import (
+    SCORE_NAMES, EvalConfigError, evaluate_agent, evaluate_models, length_label, normal_interval, parse_models,
+    score_response, summarize, verifier, wilson_interval)
 from memagent_jax.agent import AgentBudgets, AgentInputError, AgentResult, MemoryAgent
 from memagent_jax.data.formats import open_file, write_eval_file, write_train_file
 from memagent_jax.data.records import DataFormatError, QARecord
@@ -77,29 +79,29 @@ def eval_files(tmp_path_factory):
 
 def test_wilson_interval_hand_values():
     # 8/10: p = .8, z^2/n = .38416 -> centre .71674, half-width .22658
-    low, high = ev.wilson_interval(8, 10)
+    low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    low, high = ev.wilson_interval(0, 4)  # (0, z^2 / (n + z^2))
+    low, high = wilson_interval(0, 4)  # (0, z^2 / (n + z^2))
     assert low == 0.0 and high == pytest.approx(3.8416 / 7.8416, abs=1e-9)
-    low, high = ev.wilson_interval(10, 10)  # (n / (n + z^2), 1)
+    low, high = wilson_interval(10, 10)  # (n / (n + z^2), 1)
     assert low == pytest.approx(10 / 13.8416, abs=1e-9) and high == pytest.approx(1.0)
-    assert all(math.isnan(v) for v in ev.wilson_interval(0, 0))
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
 
 
 def test_normal_interval_hand_values():
-    mean, low, high = ev.normal_interval([0.2, 0.4, 0.6, 0.8])  # s = sqrt(0.2 / 3), half = 1.96 s / 2
+    mean, low, high = normal_interval([0.2, 0.4, 0.6, 0.8])  # s = sqrt(0.2 / 3), half = 1.96 s / 2
     half = 1.96 * math.sqrt(0.2 / 3) / 2
     assert mean == pytest.approx(0.5) and low == pytest.approx(0.5 - half) and high == pytest.approx(0.5 + half)
-    mean, low, high = ev.normal_interval([0.0, 0.0, 0.0, 0.1])  # 0.025 - 0.049 < 0: clipped to the score range
+    mean, low, high = normal_interval([0.0, 0.0, 0.0, 0.1])  # 0.025 - 0.049 < 0: clipped to the score range
     assert low == 0.0 and high == pytest.approx(0.025 + 1.96 * 0.05 / 2)
-    assert ev.normal_interval([0.0, 0.0, 0.0, 0.1], bounds=None)[1] == pytest.approx(0.025 - 0.049)
-    assert ev.normal_interval([0.3]) == (0.3, 0.0, 1.0)  # one value: no spread estimate
+    assert normal_interval([0.0, 0.0, 0.0, 0.1], bounds=None)[1] == pytest.approx(0.025 - 0.049)
+    assert normal_interval([0.3]) == (0.3, 0.0, 1.0)  # one value: no spread estimate
 
 
 def _loop_summary(rows):
     """The aggregation written as plain loops over rows."""
     out = {}
-    for name in ev.SCORE_NAMES:
+    for name in SCORE_NAMES:
         values = [r[name] for r in rows]
         n = len(values)
         mean = sum(values) / n
@@ -124,7 +126,7 @@ def test_aggregation_equals_plain_loop(metric):
         gold = [str(rng.choice(words[:-1])) for _ in range(int(rng.integers(1, 3)))]
         pred = str(rng.choice(words))
         response = f"I think \\boxed{{{pred}}}" if rng.random() < 0.8 else "no box here"
-        scored = ev.score_response(response, gold, metric)
+        scored = score_response(response, gold, metric)
         extracted = verifier.extract_prediction(response)
         assert scored["prediction"] == extracted
         expect = {n: (verifier.METRICS[n](extracted, gold) if extracted is not None else 0.0)
@@ -132,19 +134,19 @@ def test_aggregation_equals_plain_loop(metric):
         expect["accuracy"] = verifier.score(response, gold, metric)
         assert scored["scores"] == pytest.approx(expect)
         rows.append(scored["scores"])
-    got = ev.summarize(rows)
+    got = summarize(rows)
     want = _loop_summary(rows)
-    for name in ev.SCORE_NAMES:
+    for name in SCORE_NAMES:
         assert (got[name].mean, got[name].low, got[name].high) == pytest.approx(want[name], abs=1e-12), name
         assert got[name].n == 40
     assert got["f1"].method == "normal" and got["em"].method == "wilson"
 
 
 def test_gold_prediction_scores_one():
-    scored = ev.score_response("The notes say it: \\boxed{The Third Stone}.", ["third stone"], "sub_em")
+    scored = score_response("The notes say it: \\boxed{The Third Stone}.", ["third stone"], "sub_em")
     assert scored["prediction"] == "The Third Stone"
     assert scored["scores"] == {"accuracy": 1.0, "em": 1.0, "f1": 1.0, "sub_em": 1.0}
-    summary = ev.summarize([scored["scores"]] * 5)
+    summary = summarize([scored["scores"]] * 5)
     assert summary["accuracy"].mean == 1.0 and summary["accuracy"].method == "wilson"
     assert summary["accuracy"].low == pytest.approx(5 / (5 + 1.96 ** 2))
 
@@ -179,14 +181,14 @@ def test_evaluate_agent_aggregates_rows_and_fixes_keys(tmp_path):
     records = qa_records(2) + [QARecord(question=" ", document="x y", answers=("z",), index=99, extra={"num_docs": 4})]
     golds = {q: a for q, _, a in FACTS}
     agent = OracleAgent(golds, right=[FACTS[0][0], FACTS[2][0]])
-    r = ev.evaluate_agent(agent, records, batch_size=2, num_traces=2, seed=5, progress=False, scheduling="bucketed")
+    r = evaluate_agent(agent, records, batch_size=2, num_traces=2, seed=5, progress=False, scheduling="bucketed")
     assert (r.n, r.skipped) == (3, 1) and r.accuracy.mean == pytest.approx(2 / 3) and r.em.mean == pytest.approx(2 / 3)
     assert agent.batches == [2, 2]  # the short last batch is padded to the full size (one compiled shape)
     agent.batches.clear()
-    cont = ev.evaluate_agent(agent, records, batch_size=2, num_traces=2, seed=5, progress=False)
+    cont = evaluate_agent(agent, records, batch_size=2, num_traces=2, seed=5, progress=False)
     assert agent.batches == [("slots", 2, 3)]  # continuous: every runnable row through one engine of 2 slots
     assert [row.get("scores") for row in cont.rows] == [row.get("scores") for row in r.rows]
-    assert (r.accuracy.low, r.accuracy.high) == pytest.approx(ev.wilson_interval(2, 3))
+    assert (r.accuracy.low, r.accuracy.high) == pytest.approx(wilson_interval(2, 3))
     words = [len(rec.document.split()) for rec in records[:3]]
     assert r.mean_doc_tokens == pytest.approx(np.mean(words)) and r.total_doc_tokens == sum(words)
     assert r.mean_chunks == pytest.approx(np.mean([-(-w // 10) for w in words]))
@@ -197,51 +199,51 @@ def test_evaluate_agent_aggregates_rows_and_fixes_keys(tmp_path):
     for rec in records[:3]:  # key of a row = fold_in(key(seed), index), whatever its batch
         want = jax.random.key_data(jax.random.fold_in(jax.random.key(5), rec.index))
         np.testing.assert_array_equal(agent.keys[rec.question], want)
-    zero = ev.evaluate_agent(agent, records, row_errors="zero", progress=False)
+    zero = evaluate_agent(agent, records, row_errors="zero", progress=False)
     assert (zero.n, zero.skipped) == (4, 0) and zero.accuracy.mean == pytest.approx(2 / 4)
     assert zero.mean_doc_tokens == pytest.approx(np.mean(words))  # the failed row read no document
     with pytest.raises(AgentInputError, match="row 3: question: the question is empty"):
-        ev.evaluate_agent(agent, records, row_errors="raise", progress=False)
-    short = ev.evaluate_agent(agent, records, max_questions=2, progress=False)
+        evaluate_agent(agent, records, row_errors="raise", progress=False)
+    short = evaluate_agent(agent, records, max_questions=2, progress=False)
     assert short.n == 2
 
 
 def test_auto_metric_and_bad_rows_name_the_file(tmp_path, eval_files):
     golds = {q: a for q, _, a in FACTS}
     agent = OracleAgent(golds, right=list(golds))
-    r = ev.evaluate_agent(agent, eval_files[1], metric="auto", progress=False)
+    r = evaluate_agent(agent, eval_files[1], metric="auto", progress=False)
     assert r.metrics_used == {"string_match_all": 3} and r.accuracy.mean == 1.0 and r.label == "len_4x"
     bad = tmp_path / "bad_rows.jsonl"
     bad.write_text(json.dumps({"context": "a b", "input": "q?", "answers": ["a"]}) + "\n"
                    + json.dumps({"context": "a b", "input": "q?"}) + "\n")
     # A bad row is an error row naming file, row and field; the good row still counts (row_errors='raise' stops).
-    kept = ev.evaluate_agent(agent, str(bad), progress=False)
+    kept = evaluate_agent(agent, str(bad), progress=False)
     assert (kept.n, kept.skipped, kept.errors) == (1, 1, 1)
     assert re.search(r"bad_rows\.jsonl row 1: field 'answers' is (missing|null)", kept.rows[1]["error"])
     assert kept.rows[1]["field"] == "answers" and "error" not in kept.rows[0]
     with pytest.raises(DataFormatError, match=r"bad_rows\.jsonl row 1: field 'answers' is (missing|null)"):
-        ev.evaluate_agent(agent, str(bad), progress=False, row_errors="raise")
+        evaluate_agent(agent, str(bad), progress=False, row_errors="raise")
     odd = tmp_path / "odd_metric.jsonl"
     odd.write_text(json.dumps({"context": "a b", "input": "q?", "answers": ["a"], "metric": "bleu"}) + "\n")
-    with pytest.raises(ev.EvalConfigError, match=r"odd_metric\.jsonl row 0: field 'metric' names an unknown metric"):
-        ev.evaluate_agent(agent, str(odd), metric="auto", progress=False, row_errors="raise")
-    assert "names an unknown metric" in ev.evaluate_agent(agent, str(odd), metric="auto", progress=False).rows[0]["error"]
+    with pytest.raises(EvalConfigError, match=r"odd_metric\.jsonl row 0: field 'metric' names an unknown metric"):
+        evaluate_agent(agent, str(odd), metric="auto", progress=False, row_errors="raise")
+    assert "names an unknown metric" in evaluate_agent(agent, str(odd), metric="auto", progress=False).rows[0]["error"]
 
 
 def test_labels_and_model_specs(tmp_path):
-    assert ev.length_label("/d/qa_len_4x.jsonl") == "len_4x"
-    assert ev.length_label("/d/eval_800docs.json") == "800 docs"
-    assert ev.length_label("/d/hotpot_28k.parquet") == "28k"
+    assert length_label("/d/qa_len_4x.jsonl") == "len_4x"
+    assert length_label("/d/eval_800docs.json") == "800 docs"
+    assert length_label("/d/hotpot_28k.parquet") == "28k"
     recs = [QARecord("q", "d", ("a",), extra={"num_tokens": 7000}), QARecord("q", "d", ("a",),
                                                                               extra={"num_tokens": 7400})]
-    assert ev.length_label("/d/needles.jsonl", recs) == "7.2K tok"
-    assert ev.length_label("/d/plain.jsonl", [QARecord("q", "d", ("a",))]) == "plain"
+    assert length_label("/d/needles.jsonl", recs) == "7.2K tok"
+    assert length_label("/d/plain.jsonl", [QARecord("q", "d", ("a",))]) == "plain"
     folder = tmp_path / "ckpt" / "rl_final"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    assert ev.parse_models(f"a={folder}, {folder}/") == [("a", str(folder)), ("rl_final", f"{folder}/")]
-    with pytest.raises(ev.EvalConfigError, match="two models are named 'x'"):
-        ev.parse_models([("x", str(folder)), ("x", str(folder))])
+    assert parse_models(f"a={folder}, {folder}/") == [("a", str(folder)), ("rl_final", f"{folder}/")]
+    with pytest.raises(EvalConfigError, match="two models are named 'x'"):
+        parse_models([("x", str(folder)), ("x", str(folder))])
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -279,7 +281,7 @@ def test_cli_end_to_end_two_models_two_lengths(models, eval_files, tmp_path, cap
     assert [(r["model"], r["label"]) for r in table] == [("warm", "len_1x"), ("warm", "len_4x"),
                                                           ("rl", "len_1x"), ("rl", "len_4x")]
     for r in table:
-        for name in ev.SCORE_NAMES:
+        for name in SCORE_NAMES:
             assert 0.0 <= float(r[f"{name}_low"]) <= float(r[name]) <= float(r[f"{name}_high"]) <= 1.0
         assert int(r["n"]) == 3 and float(r["mean_doc_tokens"]) > 0 and float(r["mean_chunks"]) >= 1
     short, long = float(table[0]["mean_doc_tokens"]), float(table[1]["mean_doc_tokens"])
@@ -310,7 +312,7 @@ def test_cli_end_to_end_two_models_two_lengths(models, eval_files, tmp_path, cap
         assert [r["num_chunks"] for r in rows] == direct.num_chunks
         assert [r.get("trace") for r in rows] == direct.traces[:2] + [None]
         for row in rows:
-            assert set(row["scores"]) == set(ev.SCORE_NAMES) and row["answers"]
+            assert set(row["scores"]) == set(SCORE_NAMES) and row["answers"]
 
 
 def test_cli_program_errors_exit_2(models, tmp_path):
@@ -353,11 +355,11 @@ def test_config_errors_name_the_field(models, eval_files, tmp_path):
         (dict(ok, attention_impl="flash"), r"config\.attention_impl: must be one of"),
     ]
     for overrides, pattern in cases:
-        with pytest.raises(ev.EvalConfigError, match=pattern):
+        with pytest.raises(EvalConfigError, match=pattern):
             ev.run(eval_config(**overrides), str(tmp_path / "w"))
     train = tmp_path / "train_rows.jsonl"
     write_train_file(qa_records(1), train)
     with pytest.raises(DataFormatError, match=r"train_rows\.jsonl: .*'eval'"):
         ev.run(eval_config(**dict(ok, eval_files=str(train))), str(tmp_path / "w"))
-    with pytest.raises(ev.EvalConfigError, match="models: no models given"):
-        ev.evaluate_models({}, eval_files, None)
+    with pytest.raises(EvalConfigError, match="models: no models given"):
+        evaluate_models({}, eval_files, None)

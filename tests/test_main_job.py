@@ -116,7 +116,7 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
     from memagent_jax.agent import MemoryAgent
     from memagent_jax.agent.torch_loop import load_torch_model, torch_agent_run
     from memagent_jax.data.formats import read_records
-    from memagent_jax.evaluate import load_model
+    from memagent_jax.evaluation import load_model
 
     workdir, summary = quick_run
     cfg = pipeline.resolve_config(_config())

@@ -168,7 +168,7 @@ EVAL_TABLE = [
 
 @pytest.mark.parametrize("response,answers,em,f1,sub_em", EVAL_TABLE)
 def test_evaluation_scores_table(response, answers, em, f1, sub_em):
-    from memagent_jax.evaluate import score_response
+    from memagent_jax.evaluation import score_response
 
     scores = score_response(response, answers, "sub_em")["scores"]
     assert (scores["em"], scores["sub_em"], scores["accuracy"]) == (em, sub_em, sub_em)

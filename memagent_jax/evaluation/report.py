@@ -1,10 +1,11 @@
 """Evaluation reports: scores with 95% intervals, the results of an evaluation, tables, files and the plot.
 
-The presentation half of `memagent_jax.evaluate` (which runs the models and re-exports these names):
+The presentation half of the evaluation (`evaluation.loop` runs the models and builds these results):
 
     estimate(scores) -> Estimate(mean, low, high, n, method)      # Wilson for 0/1 scores, normal otherwise
     FileResult / EvalResults                                       # one (model, file) / a whole evaluation
     format_table(results); write_reports(results, out_dir); plot_accuracy_vs_length(results, path)
+    failure_summary(results)                                       # the line counting failed rows, or None
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ def _environment() -> dict:
             "processes": jax.process_count()}
 
 
-def _pct(x: float) -> str:
+def format_percent(x: float) -> str:
+    """A fraction as a percentage with one decimal (0.4567 -> '45.7'); '-' when it is not finite."""
     return "-" if not math.isfinite(x) else f"{100 * x:.1f}"
 
 
@@ -220,10 +222,10 @@ def format_table(results: Sequence[FileResult]) -> str:
     lines = []
     for r in results:
         acc = r.accuracy
-        ci = f"{_pct(acc.mean)} [{_pct(acc.low)}, {_pct(acc.high)}]" if acc.n else "-"
+        ci = f"{format_percent(acc.mean)} [{format_percent(acc.low)}, {format_percent(acc.high)}]" if acc.n else "-"
         lines.append([r.model, r.file_key, r.label, f"{r.mean_doc_tokens:.0f}" if r.n else "-",
-                      f"{r.mean_chunks:.1f}" if r.n else "-", ci, _pct(r.em.mean), _pct(r.f1.mean),
-                      _pct(r.sub_em.mean), f"{r.n}" + (f" (+{r.skipped} skipped)" if r.skipped else ""),
+                      f"{r.mean_chunks:.1f}" if r.n else "-", ci, format_percent(r.em.mean), format_percent(r.f1.mean),
+                      format_percent(r.sub_em.mean), f"{r.n}" + (f" (+{r.skipped} skipped)" if r.skipped else ""),
                       f"{r.doc_tokens_per_s:.0f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     right = {3, 4, 6, 7, 8, 10}
@@ -319,11 +321,11 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
         ax.annotate("training length", (train_tokens, 3), textcoords="offset points", xytext=(4, 0), fontsize=8,
                     color="0.3")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_tokens(v)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_tokens(v)))
     narrow = bool(all_x) and max(all_x) / min(all_x) < 30  # few decades: label the minor ticks too
     def minor(v, _):  # 2, 3 and 5 x 10^k only: readable without crowding
         lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9)) if v > 0 else 0
-        return _fmt_tokens(v) if lead in (2, 3, 5) else ""
+        return format_tokens(v) if lead in (2, 3, 5) else ""
 
     ax.xaxis.set_minor_formatter(FuncFormatter(minor) if narrow else NullFormatter())
     ax.set_ylim(-2, 102)
@@ -338,9 +340,22 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
     return path
 
 
-def _fmt_tokens(n: float) -> str:
+def format_tokens(n: float) -> str:
+    """A token count in short form: 1234567 -> '1.23M', 7200 -> '7.2K', 512 -> '512'."""
     if n >= 1e6:
         return f"{n / 1e6:.3g}M"
     if n >= 1e3:
         return f"{n / 1e3:.3g}K"
     return f"{n:.0f}"
+
+
+def failure_summary(results: EvalResults) -> str | None:
+    """One line counting the rows that failed over every (model, file), or None when none did."""
+    failed = sum(r.errors for r in results.results)
+    if not failed:
+        return None
+    total = sum(len(r.rows) for r in results.results)
+    nonfinite = sum(r.nonfinite for r in results.results)
+    where = ", ".join(f"{r.model}/{r.file_key}: {r.errors}" for r in results.results if r.errors)
+    return (f"{failed} of {total} rows failed ({nonfinite} with non-finite model outputs; {where}); their "
+            f"'error' fields in predictions/*.jsonl say why")
