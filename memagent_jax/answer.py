@@ -30,6 +30,8 @@ import os
 import sys
 import time
 
+from memagent_jax import settings as settings_lib
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m memagent_jax.answer", description=__doc__,
@@ -69,43 +71,48 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)")
 
 
-def add_agent_arguments(p: argparse.ArgumentParser, *, old_document_limit: bool = True) -> None:
-    """The agent-settings flags (`--agent.<config name>`, with their older spellings) of `answer`, shared with
-    `serve`. old_document_limit: also accept `--max-document-tokens` for `--agent.max_document_tokens` (serve
-    uses that name for its own request limit)."""
-    # Agent settings: the config names of train / evaluate (`agent.*`). Unset = the model folder's
-    # memagent_agent.json (written by train's export), else the documented default shown.
-    p.add_argument("--agent.question_tokens", "--question-tokens", dest="question_tokens", type=int, default=None,
+def add_agent_arguments(p: argparse.ArgumentParser) -> None:
+    """The agent-settings flags (`--agent.<config name>`, the names train and evaluate use) of `answer`, shared
+    with `serve`. Unset = the model folder's memagent_agent.json (written by train's export), else the documented
+    default shown."""
+    p.add_argument("--agent.question_tokens", dest="question_tokens", type=int, default=None,
                    metavar="Q", help="question slot in tokens (default: the model's settings file, else 1024)")
-    p.add_argument("--agent.chunk_tokens", "--chunk-tokens", dest="chunk_tokens", type=int, default=None,
+    p.add_argument("--agent.chunk_tokens", dest="chunk_tokens", type=int, default=None,
                    metavar="C", help="document tokens read per step (default: settings file, else 5000)")
-    p.add_argument("--agent.memory_tokens", "--memory-tokens", dest="memory_tokens", type=int, default=None,
+    p.add_argument("--agent.memory_tokens", dest="memory_tokens", type=int, default=None,
                    metavar="M", help="most new tokens of a memory update (default: settings file, else 1024)")
-    p.add_argument("--agent.answer_tokens", "--answer-tokens", dest="answer_tokens", type=int, default=None,
+    p.add_argument("--agent.answer_tokens", dest="answer_tokens", type=int, default=None,
                    metavar="A", help="most new tokens of the final answer (default: settings file, else 1024)")
-    p.add_argument("--agent.chunks_per_segment", "--chunks-per-segment", dest="chunks_per_segment", type=int,
+    p.add_argument("--agent.chunks_per_segment", dest="chunks_per_segment", type=int,
                    default=None, metavar="S", help="chunks per compiled scan (default: settings file, else 4)")
-    p.add_argument("--agent.max_document_tokens", *(("--max-document-tokens",) if old_document_limit else ()),
-                   dest="max_document_tokens", type=int,
+    p.add_argument("--agent.max_document_tokens", dest="max_document_tokens", type=int,
                    default=None, metavar="N", help="centre-truncate longer documents (0 = off; default: settings "
                    "file, else 0)")
     p.add_argument("--agent.question_overflow", dest="question_overflow", choices=("error", "truncate"),
                    default=None, help="an over-budget question: error, or truncate with a warning (default: "
                    "settings file, else error)")
-    p.add_argument("--truncate-question", action="store_true", help="deprecated: --agent.question_overflow=truncate")
-    p.add_argument("--agent.templates", "--templates", dest="templates", default=None, metavar="FILE",
+    p.add_argument("--agent.templates", dest="templates", default=None, metavar="FILE",
                    help="JSON file with memory_update / final_answer / initial_memory / system / prompt_mode "
                    "(default: the settings file's templates, else the default wording)")
     p.add_argument("--agent.prompt_mode", dest="prompt_mode", choices=("pieces", "text"), default=None,
                    help="how prompts become tokens (default: settings file / templates, else pieces)")
-    p.add_argument("--agent.temperature", "--temperature", dest="temperature", type=float, default=None,
+    p.add_argument("--agent.temperature", dest="temperature", type=float, default=None,
                    metavar="T", help="sampling temperature, 0 = greedy (default: settings file, else 0; the "
                    "evaluation recipe: 0.7)")
-    p.add_argument("--agent.top_p", "--top-p", dest="top_p", type=float, default=None, metavar="P",
+    p.add_argument("--agent.top_p", dest="top_p", type=float, default=None, metavar="P",
                    help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)")
 
 
-class AnswerArgsError(ValueError):
+AGENT_FLAGS = ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment",
+               "max_document_tokens", "question_overflow", "templates", "prompt_mode", "temperature", "top_p")
+
+
+def agent_flag_values(args) -> dict:
+    """{config name: value} of the agent flags that were given (`add_agent_arguments`)."""
+    return settings_lib.section_values(args, AGENT_FLAGS, skip_none=True)
+
+
+class AnswerArgsError(settings_lib.ConfigError):
     """A command-line value is invalid; the message names the flag."""
 
 
@@ -140,17 +147,11 @@ def check_args(args) -> None:
 def check_agent_args(args) -> None:
     """Checks the agent-settings flags and the model / tokenizer folders (`add_agent_arguments` + --model,
     --tokenizer); errors name the flag."""
-    for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise AnswerArgsError(f"--agent.{name} must be >= 1, got {value}")
-    if args.max_document_tokens is not None and args.max_document_tokens < 0:
-        raise AnswerArgsError(f"--agent.max_document_tokens must be >= 0 (0 = no limit), got "
-                              f"{args.max_document_tokens}")
-    if args.temperature is not None and (not args.temperature >= 0 or args.temperature == float("inf")):
-        raise AnswerArgsError(f"--agent.temperature (--temperature) must be a finite number >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise AnswerArgsError(f"--agent.top_p (--top-p) must be in (0, 1], got {args.top_p}")
+    from memagent_jax.agent import AgentSettings
+
+    given = {k: v for k, v in agent_flag_values(args).items() if k != "templates"}
+    with settings_lib.named("--agent", error=AnswerArgsError):
+        AgentSettings().override(**given)  # the settings dataclasses check each value
     if not os.path.isdir(args.model):
         raise AnswerArgsError(f"--model {args.model!r}: no such folder (expected a local Hugging Face model folder)")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -194,18 +195,11 @@ def _build_agent(args):
 def resolve_settings(args):
     """The agent settings of this run: the model folder's memagent_agent.json (or the documented defaults),
     with every flag that was given on top. Errors name the file or flag."""
-    from memagent_jax.agent import AgentInputError, AgentSettings, TemplateError
+    from memagent_jax.agent import AgentSettings
 
-    settings = AgentSettings.load(args.model)
-    overflow = args.question_overflow or ("truncate" if args.truncate_question else None)
-    try:
-        return settings.override(
-            question_tokens=args.question_tokens, chunk_tokens=args.chunk_tokens, memory_tokens=args.memory_tokens,
-            answer_tokens=args.answer_tokens, chunks_per_segment=args.chunks_per_segment,
-            max_document_tokens=args.max_document_tokens, question_overflow=overflow, templates=args.templates,
-            prompt_mode=args.prompt_mode, temperature=args.temperature, top_p=args.top_p)
-    except (AgentInputError, TemplateError) as e:
-        raise AnswerArgsError(f"agent settings: {e}") from None
+    loaded = AgentSettings.load(args.model)
+    with settings_lib.named("--agent", error=AnswerArgsError):
+        return loaded.override(**agent_flag_values(args))
 
 
 def _single(args, agent) -> int:
@@ -301,29 +295,8 @@ def _batch(args, agent) -> int:
     return 1 if failed else 0
 
 
-_DEPRECATED = {"--question-tokens": "--agent.question_tokens", "--chunk-tokens": "--agent.chunk_tokens",
-               "--memory-tokens": "--agent.memory_tokens", "--answer-tokens": "--agent.answer_tokens",
-               "--chunks-per-segment": "--agent.chunks_per_segment",
-               "--max-document-tokens": "--agent.max_document_tokens", "--templates": "--agent.templates",
-               "--temperature": "--agent.temperature", "--top-p": "--agent.top_p",
-               "--truncate-question": "--agent.question_overflow=truncate"}
-
-
-def warn_deprecated(argv: list[str]) -> list[str]:
-    """Warns (stderr) once per old flag spelling in `argv`; returns the old spellings found."""
-    found = []
-    for arg in argv:
-        old = arg.split("=", 1)[0]
-        if old in _DEPRECATED and old not in found:
-            found.append(old)
-            print(f"warning: {old} is deprecated; use {_DEPRECATED[old]} (the config name used by train and "
-                  f"evaluate)", file=sys.stderr)
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    warn_deprecated(sys.argv[1:] if argv is None else list(argv))
     single = args.question is not None or args.document is not None
     batch = args.input is not None or args.output is not None
     if single == batch:

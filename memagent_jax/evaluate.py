@@ -51,6 +51,7 @@ from __future__ import annotations
 import os
 import sys
 
+from memagent_jax import settings
 from memagent_jax.evaluation.loop import evaluate_models
 from memagent_jax.evaluation.report import EvalResults, failure_summary
 from memagent_jax.evaluation.specs import (
@@ -73,7 +74,7 @@ def validate_config(cfg) -> None:
     parse_eval_files(cfg.eval_files, field="config.eval_files")
     if cfg.tokenizer and not os.path.isdir(cfg.tokenizer):
         raise EvalConfigError(f"config.tokenizer: {cfg.tokenizer!r} is not a directory")
-    agent_overrides(cfg)  # agent.* (and the deprecated budgets.* / sampling.* / templates), each field checked
+    agent_overrides(cfg)
     if cfg.metric != "auto" and cfg.metric not in verifier.METRICS:
         raise EvalConfigError(f"config.metric: unknown metric {cfg.metric!r}; choose one of "
                               f"{sorted(verifier.METRICS)} or 'auto'")
@@ -96,44 +97,16 @@ def validate_config(cfg) -> None:
                               f"{cfg.attention_impl!r}")
 
 
-_AGENT_INTS = ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")
-_DEPRECATED = {**{f"budgets.{n}": f"agent.{n}" for n in _AGENT_INTS + ("max_document_tokens", "question_overflow")},
-               "sampling.temperature": "agent.temperature", "sampling.top_p": "agent.top_p",
-               "templates": "agent.templates"}
+def agent_overrides(cfg) -> dict:
+    """The agent settings the config sets ({config name: value}; unset fields, None or '', are left to each
+    model's memagent_agent.json), each checked by the settings dataclasses themselves; errors name the field."""
+    from memagent_jax.agent import AgentSettings
 
-
-def agent_overrides(cfg, *, warn: bool = False) -> dict:
-    """The agent settings the config sets ({config name: value}; unset fields are left to each model's
-    memagent_agent.json). Reads `config.agent.*` and the deprecated `budgets.*` / `sampling.*` / `templates`
-    (a warning names the new field when `warn`). Errors name the field."""
-    out, where = {}, {}
-    for name, value in (cfg.get("agent") or {}).items():
-        if value not in (None, ""):
-            out[name], where[name] = value, f"config.agent.{name}"
-    for old, new in _DEPRECATED.items():  # set only when given, so they win over agent.* values of a variant
-        node, *rest = old.split(".")
-        value = cfg.get(node) if not rest else (cfg.get(node) or {}).get(rest[0])
-        if value not in (None, ""):
-            if warn:
-                print(f"warning: config.{old} is deprecated; use config.{new} (the name train uses)", file=sys.stderr)
-            out[new.split(".")[1]], where[new.split(".")[1]] = value, f"config.{old}"
-    for name in _AGENT_INTS:
-        if name in out and (isinstance(out[name], bool) or not isinstance(out[name], int) or out[name] < 1):
-            raise EvalConfigError(f"{where[name]} must be a positive integer, got {out[name]!r}")
-    if "max_document_tokens" in out and out["max_document_tokens"] < 0:
-        raise EvalConfigError(f"{where['max_document_tokens']} must be >= 0 (0 = whole documents), got "
-                              f"{out['max_document_tokens']}")
-    if out.get("question_overflow", "error") not in ("error", "truncate"):
-        raise EvalConfigError(f"{where['question_overflow']} must be 'error' or 'truncate', got "
-                              f"{out['question_overflow']!r}")
-    if "temperature" in out and not 0 <= out["temperature"] < float("inf"):
-        raise EvalConfigError(f"{where['temperature']} must be >= 0 (0 = greedy), got {out['temperature']}")
-    if "top_p" in out and not 0 < out["top_p"] <= 1:
-        raise EvalConfigError(f"{where['top_p']} must be in (0, 1], got {out['top_p']}")
-    if out.get("prompt_mode", "pieces") not in ("pieces", "text"):
-        raise EvalConfigError(f"{where['prompt_mode']} must be 'pieces' or 'text', got {out['prompt_mode']!r}")
+    out = {name: value for name, value in (cfg.get("agent") or {}).items() if value not in (None, "")}
     if "templates" in out and not os.path.isfile(out["templates"]):
-        raise EvalConfigError(f"{where['templates']}: {out['templates']!r} does not exist")
+        raise EvalConfigError(f"config.agent.templates: {out['templates']!r} does not exist")
+    with settings.named("config.agent", error=EvalConfigError):
+        AgentSettings().override(**out)
     return out
 
 
@@ -151,7 +124,7 @@ def run(cfg, workdir: str) -> EvalResults:
         check_local_path(workdir, "--workdir")
     except RemotePathError as e:
         raise EvalConfigError(str(e)) from None
-    overrides = agent_overrides(cfg, warn=True)
+    overrides = agent_overrides(cfg)
     try:
         mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     except sharding_lib.MeshError as e:
@@ -184,7 +157,13 @@ def _define_flags(flag_values=None, sys_argv: list[str] | None = None) -> None:
     _FLAG_VALUES = fv
     if _distributed is not None and hasattr(_distributed, "define_flags"):
         _distributed.define_flags(fv)  # --coordinator_address / --num_processes / --process_id
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/evaluate.py", "evaluation config file",
+    from memagent_jax import configs
+
+    if sys_argv is None:
+        sys.argv = configs.resolve_argv(sys.argv)
+    else:
+        sys_argv = configs.resolve_argv(sys_argv)
+    _CONFIG = config_flags.DEFINE_config_file("config", configs.path_of("evaluate"), "evaluation config file",
                                               flag_values=fv, lock_config=True, sys_argv=sys_argv)
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for results.json/csv, predictions/ and the plot",
                                    flag_values=fv)

@@ -8,7 +8,6 @@ section with `build`, which re-raises the error as a `ConfigError` naming the co
 
     sampling = build(SamplingParams, cfg.agent, "config.agent", fields=("temperature", "top_p"))
 
-Every entry point reports a `ConfigError` the same way: one line on stderr, exit status 2 (`exit_on_config_error`).
 This module imports nothing from the JAX side.
 """
 
@@ -18,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import numbers
-import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -163,22 +161,3 @@ def named(path: str, *, error: type[ValueError] = ConfigError, rename: Mapping[s
         if field:
             raise error(f"{path}{separator}{field} {e.reason}") from None
         raise error(f"{path}: {e}") from None
-
-
-def exit_on_config_error(errors: tuple[type[BaseException], ...] = (ConfigError,), *, debug: bool = False):
-    """A decorator for an entry point's `main`: a config error prints one line (`error: ...`) and exits 2."""
-
-    def wrap(main):
-        def run(*args, **kwargs):
-            try:
-                return main(*args, **kwargs)
-            except errors as e:
-                if debug:
-                    raise
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(2)
-
-        run.__name__, run.__doc__ = main.__name__, main.__doc__
-        return run
-
-    return wrap

@@ -22,7 +22,6 @@ the rollout on its own devices (its own mesh) and copies the learner's params th
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from memagent_jax import distributed
+from memagent_jax import distributed, settings
 
 _CONFIG = _WORKDIR = None
 
@@ -39,36 +38,34 @@ _CONFIG = _WORKDIR = None
 def define_flags() -> None:
     """Registers the command-line flags (only when run as a program, so other entry points can import `train`)."""
     global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py", "training config file", lock_config=True)
+    from memagent_jax import configs
+
+    sys.argv = configs.resolve_argv(sys.argv)
+    _CONFIG = config_flags.DEFINE_config_file("config", configs.path_of("grpo"), "training config file",
+                                              lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported model")
     distributed.define_flags()  # --coordinator_address / --num_processes / --process_id (multi-host runs)
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(settings.ConfigError):
     """A training config field is invalid; the message names the field."""
 
 
 def _number(cfg, field: str, *, low=None, high=None, low_open=False, high_open=False, integer=False,
             allowed: str = "") -> float:
-    """The value of `config.<field>` (a dotted path), checked to lie in the range; TrainConfigError naming the field
-    and the allowed range otherwise."""
+    """The value of `config.<field>` (a dotted path), checked by the shared rules (`memagent_jax.settings`);
+    TrainConfigError naming the field and the allowed range otherwise."""
     value = cfg
     for part in field.split("."):
         value = value[part]
-    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
-    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
-    rng = allowed or (f"in {lo}, {hi}" if low is not None and high is not None else
-                      f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
-    kind = "an integer" if integer else "a finite number"
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (not integer or float(value).is_integer()))
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        raise TrainConfigError(f"config.{field} must be {kind} {rng}, got {value!r}")
-    return value
+    try:
+        if integer:
+            return settings.integer(field, value, minimum=low if low is None or not low_open else low + 1,
+                                    maximum=high, allowed=allowed)
+        return settings.real(field, value, low=low, high=high, low_open=low_open, high_open=high_open,
+                             allowed=allowed)
+    except settings.SettingError as e:
+        raise TrainConfigError(f"config.{e}") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -101,32 +98,21 @@ def _check_ranges(cfg) -> None:
     _number(cfg, "seed", low=0, integer=True)
     _number(cfg, "log_every", low=1, integer=True)
     _number(cfg, "checkpoint.keep", low=1, integer=True)
-    for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
-        _number(cfg, f"agent.{name}", low=1, integer=True)
-    if "max_document_tokens" in cfg.agent:
-        _number(cfg, "agent.max_document_tokens", low=0, integer=True, allowed=">= 0 (0 = whole documents)")
-    _number(cfg, "agent.temperature", low=0, low_open=True,
-            allowed="> 0 (GRPO compares the sampled trajectories of a group: at temperature 0 they are all the "
-                    "same and every advantage is 0)")
-    _number(cfg, "agent.top_p", low=0, high=1, low_open=True)
+    from memagent_jax.agent import AgentBudgets
+    from memagent_jax.sampling import SamplingParams
+
+    settings.build(AgentBudgets, cfg.agent, "config.agent", error=TrainConfigError,
+                   fields=("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment",
+                           "max_document_tokens"))
+    settings.build(SamplingParams, cfg.agent, "config.agent", fields=("temperature", "top_p"), error=TrainConfigError)
+    if cfg.agent.temperature == 0:
+        raise TrainConfigError("config.agent.temperature must be > 0 (GRPO compares the sampled trajectories of a "
+                               "group: at temperature 0 they are all the same and every advantage is 0)")
     if "export_sampling" in cfg:
-        _number(cfg, "export_sampling.temperature", low=0, allowed=">= 0 (0 = greedy)")
-        _number(cfg, "export_sampling.top_p", low=0, high=1, low_open=True)
+        settings.build(SamplingParams, cfg.export_sampling, "config.export_sampling", fields=("temperature", "top_p"),
+                       error=TrainConfigError)
     rl = cfg.rl
     _number(cfg, "rl.learning_rate", low=0, low_open=True, allowed="> 0 (at 0 nothing is learned)")
-    _number(cfg, "rl.weight_decay", low=0)
-    _number(cfg, "rl.max_grad_norm", low=0, low_open=True)
-    _number(cfg, "rl.warmup_steps", low=0, integer=True)
-    if rl.schedule not in ("constant", "cosine"):
-        raise TrainConfigError(f"config.rl.schedule must be 'constant' or 'cosine', got {rl.schedule!r}")
-    _number(cfg, "rl.clip_low", low=0, high=1, high_open=True, allowed="in [0, 1) (the ratio's floor is 1 - clip_low)")
-    _number(cfg, "rl.clip_high", low=0)
-    if rl.dual_clip:
-        _number(cfg, "rl.dual_clip", low=1, low_open=True, allowed="> 1, or 0 to turn the dual clip off")
-    _number(cfg, "rl.kl_coef", low=0)
-    if "kl_clamp" in rl:
-        _number(cfg, "rl.kl_clamp", low=0, allowed=">= 0 (0 = no clamp)")
-    _number(cfg, "rl.entropy_coef", low=0)
     _number(cfg, "rl.group_size", low=2, integer=True,
             allowed=">= 2 (advantages compare the trajectories of one question: a group of 1 always has 0)")
     _number(cfg, "rl.micro_batch_size", low=0, integer=True, allowed=">= 0 (0 = whole mini-batch)")
@@ -147,12 +133,6 @@ def _check_ranges(cfg) -> None:
             allowed=f"in [1, {fewest}]: a step has at least {fewest} conversations (questions_per_step "
                     f"{rl.questions_per_step} x group_size {rl.group_size} trajectories x (one chunk + the final "
                     f"answer)); more mini-batches than conversations leaves some with padding only")
-    from memagent_jax.rl.losses import AGGREGATIONS
-
-    if rl.aggregation not in AGGREGATIONS:
-        raise TrainConfigError(f"config.rl.aggregation must be one of {AGGREGATIONS}, got {rl.aggregation!r}")
-    if rl.on_nonfinite not in ("skip", "raise"):
-        raise TrainConfigError(f"config.rl.on_nonfinite must be 'skip' or 'raise', got {rl.on_nonfinite!r}")
     if cfg.data.reward_style not in verifier.REWARD_STYLES:
         raise TrainConfigError(f"config.data.reward_style must be one of {sorted(verifier.REWARD_STYLES)}, got "
                                f"{cfg.data.reward_style!r}")
@@ -174,14 +154,9 @@ def _check_ranges(cfg) -> None:
     if cfg.model.get("decode_layout", "auto") not in DECODE_LAYOUTS:
         raise TrainConfigError(f"config.model.decode_layout must be one of {DECODE_LAYOUTS}, got "
                                f"{cfg.model.decode_layout!r}")
-    # Anything else the learner's own config checks (its messages name learner.* fields).
-    from memagent_jax.rl.learner import LearnerConfigError
-    from memagent_jax.rl.losses import LossConfigError
-
-    try:
+    # The learner's settings check themselves (loss, optimiser, mini-batches); their fields are named as in config.rl.
+    with settings.named("config.rl", error=TrainConfigError, rename={"total_steps": "steps"}):
         _learner_config(cfg)
-    except (LearnerConfigError, LossConfigError) as e:
-        raise TrainConfigError(f"config.rl: {e}") from None
 
 
 def _check_files(cfg) -> None:

@@ -102,13 +102,9 @@ TEST_AGENT_SETTINGS = {"agent.question_tokens": 64, "agent.chunk_tokens": 64, "a
 
 def grpo_cpu_config(model_dir, **overrides):
     """configs/grpo.py:cpu for `model_dir` with TEST_AGENT_SETTINGS, then `overrides` ({'rl.group_size': 2, ...})."""
-    import importlib.util
+    from memagent_jax.configs import grpo
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "grpo.py")
-    spec = importlib.util.spec_from_file_location("grpo_config_for_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("cpu")
+    cfg = grpo.get_config("cpu")
     cfg.model.path = str(model_dir)
     for key, value in {**TEST_AGENT_SETTINGS, **overrides}.items():
         node = cfg

@@ -53,9 +53,11 @@ def test_round_trip_and_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"agent": {"chunk_tokens": 0}}, r"agent\.chunk_tokens must be a positive integer"),
+    ({"agent": {"chunk_tokens": 0}}, r"agent\.chunk_tokens must be an integer > 0, got 0"),
+    ({"agent": {"chunk_tokens": True}}, r"agent\.chunk_tokens must be an integer > 0, got True"),
+    ({"agent": {"temperature": float("nan")}}, r"agent\.temperature must be a finite number >= 0 \(0 = greedy\)"),
     ({"agent": {"chunk_size": 5}}, r"unknown field\(s\) agent\.\['chunk_size'\]"),
-    ({"agent": {"top_p": 2}}, r"agent\.top_p must be in \(0, 1\]"),
+    ({"agent": {"top_p": 2}}, r"agent\.top_p must be a finite number in \(0, 1\]"),
     ({"templates": {"memory_update": "no placeholders"}}, r"field templates: "),
     ({"templates": {"system": 3}}, r"field templates\.system has the wrong type"),
     ({"version": 9}, r"field 'version' is 9"),
@@ -93,10 +95,10 @@ def test_answer_uses_the_export_settings_and_flags_override(folders, tmp_path, c
     # A flag beats the file: other budgets, another trace (fewer chunks of a larger size).
     bigger = _answer(["--model", exported, "--agent.chunk_tokens", "48"] + single, capsys)
     assert bigger.count("--- memory after chunk") < from_file.count("--- memory after chunk")
-    # The old spelling still works, with a warning.
-    assert answer.main(["--model", exported, "--chunk-tokens", "48", "--no-progress"] + single) == 0
-    out, err = capsys.readouterr()
-    assert out == bigger and "--chunk-tokens is deprecated; use --agent.chunk_tokens" in err
+    # The old spellings are gone: argparse refuses them (exit 2) instead of running with another setting.
+    with pytest.raises(SystemExit) as exit_info:
+        answer.main(["--model", exported, "--chunk-tokens", "48", "--no-progress"] + single)
+    assert exit_info.value.code == 2 and "unrecognized arguments: --chunk-tokens" in capsys.readouterr().err
 
 
 def test_from_pretrained_reads_the_settings(folders):

@@ -35,10 +35,9 @@ FILLER = "The quiet river stood near the old bridge in the morning. "
 
 
 def eval_config(**overrides):
-    spec = importlib.util.spec_from_file_location("evaluate_config", os.path.join(REPO, "configs", "evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("cpu")
+    from memagent_jax.configs import evaluate as evaluate_recipe
+
+    cfg = evaluate_recipe.get_config("cpu")
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")
@@ -348,9 +347,9 @@ def test_config_errors_name_the_field(models, eval_files, tmp_path):
         (dict(ok, eval_files=str(tmp_path / "none_*.jsonl")), r"config\.eval_files: pattern .* matches no file"),
         (dict(ok, metric="bleu"), r"config\.metric: unknown metric 'bleu'"),
         (dict(ok, row_errors="ignore"), r"config\.row_errors"),
-        ({**ok, "agent.chunk_tokens": 0}, r"config\.agent\.chunk_tokens must be a positive integer"),
-        ({**ok, "budgets.chunk_tokens": 0}, r"config\.budgets\.chunk_tokens must be a positive integer"),  # old name
-        ({**ok, "agent.top_p": 1.5}, r"config\.agent\.top_p must be in \(0, 1\]"),
+        ({**ok, "agent.chunk_tokens": 0}, r"config\.agent\.chunk_tokens must be an integer > 0, got 0"),
+        ({**ok, "agent.top_p": 1.5}, r"config\.agent\.top_p must be a finite number in \(0, 1\]"),
+        ({**ok, "agent.prompt_mode": "words"}, r"config\.agent: prompt_mode must be one of"),
         ({**ok, "mesh.data": 3}, r"config\.mesh: .*8 devices"),
         (dict(ok, attention_impl="flash"), r"config\.attention_impl: must be one of"),
     ]

@@ -27,8 +27,8 @@ from memagent_jax.models.safetensors_io import SafetensorsFile, write_safetensor
 from memagent_jax.rl.metrics import MetricsWriter, truncate_jsonl
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-SMALL = ["--question-tokens", "32", "--chunk-tokens", "24", "--memory-tokens", "16", "--answer-tokens", "6",
-         "--chunks-per-segment", "2", "--no-progress"]
+SMALL = ["--agent.question_tokens", "32", "--agent.chunk_tokens", "24", "--agent.memory_tokens", "16",
+         "--agent.answer_tokens", "6", "--agent.chunks_per_segment", "2", "--no-progress"]
 GOOD = [{"context": "The key is in the box. " * 4, "input": "Where is the key?", "answers": ["box"]},
         {"context": "It was green. " * 7, "input": "What colour?", "answers": ["green"]}]
 
@@ -133,7 +133,10 @@ def test_answer_arguments_fail_early_and_clearly(model_dir, tmp_path, capsys):
              (["--model", str(no_tok)] + single, "no tokenizer files"),
              (["--model", model_dir, "--input", str(doc), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "0"],
               "--batch-size must be >= 1, got 0"),
-             (["--model", model_dir, "--top-p", "2"] + single, "--agent.top_p (--top-p) must be in (0, 1], got 2.0")]
+             (["--model", model_dir, "--agent.top_p", "2"] + single,
+              "--agent.top_p must be a finite number in (0, 1] (1 = off), got 2.0"),
+             (["--model", model_dir, "--agent.temperature", "nan"] + single,
+              "--agent.temperature must be a finite number >= 0 (0 = greedy), got nan")]
     for argv, message in cases:
         assert answer.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
@@ -316,7 +319,7 @@ def test_train_config_errors_come_before_any_model(model_dir, tmp_path, monkeypa
     cases = [
         ({"rl.learning_rate": -1e-6}, r"config\.rl\.learning_rate must be a finite number > 0"),
         ({"rl.learning_rate": 0.0}, r"config\.rl\.learning_rate .*at 0 nothing is learned"),
-        ({"agent.top_p": 2.0}, r"config\.agent\.top_p must be a finite number in \(0, 1\], got 2\.0"),
+        ({"agent.top_p": 2.0}, r"config\.agent\.top_p must be a finite number in \(0, 1\] \(1 = off\), got 2\.0"),
         ({"agent.temperature": 0.0}, r"config\.agent\.temperature .*> 0"),
         ({"rl.clip_low": 1.5}, r"config\.rl\.clip_low .*in \[0, 1\)"),
         ({"rl.clip_high": -0.1}, r"config\.rl\.clip_high must be a finite number >= 0"),

@@ -43,6 +43,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from memagent_jax import settings
+
 DEFAULT_MEMORY_UPDATE = (
     "You are reading a long document one section at a time so that you can answer a question at the end. "
     "Earlier sections will not be shown again: your notes are all you keep from them.\n\n"
@@ -69,7 +71,7 @@ UPDATE_SLOTS = ("question", "memory", "chunk")  # the placeholders of the memory
 FINAL_SLOTS = ("question", "memory")  # ... and of the final-answer template
 
 
-class TemplateError(ValueError):
+class TemplateError(settings.SettingError):
     """A template is missing a placeholder, repeats one, or the chat template mangles it."""
 
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from memagent_jax.evaluation.report import format_tokens
+from memagent_jax.settings import ConfigError
 
 #: What happens to a row that fails (see `evaluation.loop.evaluate_agent`).
 ROW_ERROR_POLICIES = ("skip", "zero", "raise")
@@ -26,7 +27,7 @@ ROW_ERROR_POLICIES = ("skip", "zero", "raise")
 SCHEDULING = ("continuous", "bucketed")
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
     """An evaluation setting is invalid; the message names the field (or file) at fault."""
 
 

@@ -58,13 +58,13 @@ class LossConfig:
 
     kind: 'grpo' (clipped policy gradient + KL + entropy) or 'sft' (cross-entropy on response tokens).
     clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO clip-higher: clip_high > low).
-    dual_clip: c > 1, bounds the loss of a negative-advantage token by c * |A|; None disables the dual clip.
+    dual_clip: c > 1, bounds the loss of a negative-advantage token by c * |A|; None (or 0) disables the dual clip.
     kl_coef: weight of the k3 KL to the reference (0: no KL term, and no reference model is needed).
     entropy_coef: weight of the entropy bonus (subtracted from the loss; 0: entropy is only reported).
     aggregation: 'token-mean' or 'seq-mean-token-mean'.
     log_ratio_clamp: log-ratios (logp - old, ref - logp) are clamped to [-x, x] before exp, so one wildly
       off-policy token cannot overflow to inf (e^20 ~ 5e8; the clip / dual clip bound the loss well before).
-    kl_clamp: None (off) or x > 0: each token's k3 KL value is clamped to [-x, x] after it is computed (the
+    kl_clamp: None or 0 (off), or x > 0: each token's k3 KL value is clamped to [-x, x] after it is computed (the
       reference recipe uses 10); a token whose k3 exceeds x adds exactly x to the KL and no gradient.
     """
 
@@ -85,12 +85,16 @@ class LossConfig:
             settings.real(f"loss.{name}", getattr(self, name), low=0, error=e)
         settings.real("loss.clip_low", self.clip_low, low=0, high=1, high_open=True,
                       allowed="in [0, 1) (the ratio's lower bound is 1 - clip_low)", error=e)
+        if self.dual_clip == 0:  # 0 turns it off, as in the configs
+            object.__setattr__(self, "dual_clip", None)
         settings.real("loss.dual_clip", self.dual_clip, low=1, low_open=True, none_ok=True,
-                      allowed="> 1 (or None to disable)", error=e)
+                      allowed="> 1, or 0 / None to turn the dual clip off", error=e)
         settings.choice("loss.aggregation", self.aggregation, AGGREGATIONS, error=e)
         settings.real("loss.log_ratio_clamp", self.log_ratio_clamp, low=0, low_open=True, error=e)
+        if self.kl_clamp == 0:  # 0 = no clamp, as in the configs
+            object.__setattr__(self, "kl_clamp", None)
         settings.real("loss.kl_clamp", self.kl_clamp, low=0, low_open=True, none_ok=True,
-                      allowed="> 0 (or None: no clamp)", error=e)
+                      allowed="> 0, or 0 / None for no clamp", error=e)
 
     @property
     def uses_reference(self) -> bool:

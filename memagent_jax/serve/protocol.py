@@ -122,7 +122,7 @@ def check_sampling(data: dict, server: Sampling) -> None:
         if abs(float(value) - getattr(server, name)) > 1e-6:
             raise RequestError(
                 400, f"field '{name}' is {value}, but this server samples with temperature={server.temperature} "
-                f"top_p={server.top_p} (fixed when it starts: memagent serve --temperature / --top-p); omit the field "
+                f"top_p={server.top_p} (fixed when it starts: memagent serve --agent.temperature / --agent.top_p); omit the field "
                 f"or send the server's value", param=name, code="unsupported_sampling")
 
 

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                    "with 413 (default 32 MiB)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds from arrival to answer; later: "
                    "504 and the row is cancelled (default 600)")
-    add_agent_arguments(p, old_document_limit=False)
+    add_agent_arguments(p)
     add_model_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p
