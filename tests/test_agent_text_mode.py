@@ -11,6 +11,7 @@ from qwen3_tokenizer import END_THINK, IM_END, IM_START, QWEN3_VOCAB_SIZE, THINK
 from memagent_jax.agent import AgentBudgets, AgentInputError, AgentPrompts, AgentTemplates, MemoryAgent, \
     TemplateError, reference_run
 from memagent_jax.agent.templates import TextPrompter
+from memagent_jax.agent.text_mode import text_batch
 from memagent_jax.agent.torch_loop import torch_agent_run
 from memagent_jax.models import load_hf_params
 
@@ -209,8 +210,11 @@ def test_text_mode_prompt_over_its_static_length_is_a_clear_error(qwen3_model):
     agent = make_agent(qwen3_model, "text")
     length = agent.spec.text_update_length
     assert length == sum(map(len, agent.spec.prompts.update.pieces)) + 12 + 6 + 20 + 24
-    tokens, mask = agent._text_batch({1: [7] * length}, 2, length, "chunk step 3")
+    margin = agent.budgets.text_margin
+    tokens, mask = text_batch({1: [7] * length}, 2, length, "chunk step 3", pad_id=agent.spec.pad_id,
+                              text_margin=margin)
     assert mask.sum() == length and not mask[0].any()
     with pytest.raises(AgentInputError, match=r"row 1: chunk step 3: the text-mode prompt has \d+ tokens, more than "
                                               r"its static length .* raise budgets.text_margin"):
-        agent._text_batch({1: [7] * (length + 1)}, 2, length, "chunk step 3")
+        text_batch({1: [7] * (length + 1)}, 2, length, "chunk step 3", pad_id=agent.spec.pad_id,
+                   text_margin=margin)

@@ -152,7 +152,7 @@ def test_agent_runs_in_bf16_and_agrees_with_f32_where_the_margin_allows(tmp_path
         params, config = _load(folder, dtype)
         agents[dtype] = MemoryAgent(params, config, tokenizer, budgets=budgets, stop_token_ids=())
         results[dtype] = agents[dtype].run(questions, docs, rng=0, record=True)
-    caches = list(agents["bfloat16"]._caches.values())
+    caches = agents["bfloat16"].placement.pooled()
     assert caches and all(c.k.dtype == jnp.bfloat16 and c.v.dtype == jnp.bfloat16 for c in caches)
     # Greedy bf16 tokens vs the f32 model teacher-forced on the bf16 run's own prompts: wherever f32's top-2
     # margin exceeds twice the logit bound, the bf16 agent must have picked f32's argmax.

@@ -1,5 +1,8 @@
 """Bounded rollouts (rl.rollout_batch_size): continuous batching over rollout_batch_size row slots gives exactly
-the trajectories of one lockstep call over all of them."""
+the trajectories, and the rewards, of one lockstep call over all of them."""
+
+import concurrent.futures
+import dataclasses
 
 import numpy as np
 
@@ -8,8 +11,22 @@ from memagent_jax.agent import AgentBudgets, MemoryAgent
 from memagent_jax.data.records import QARecord
 from memagent_jax.data.tokenizer import load_tokenizer
 from memagent_jax.models import load_hf_params
-from memagent_jax.rl.rollout import RewardScorer, collect_rollouts, collect_rollouts_in_slices
+from memagent_jax.rl.rollout import collect_rollouts, collect_rollouts_in_slices
 from memagent_jax.sampling import SamplingParams
+
+
+class WholeAnswerScorer:
+    """A scorer (`RewardScorer`'s submit / close) that rewards an answer whose whole text is one of the ground
+    truths: the verifier's styles read a \\boxed{} answer, which a tiny random model never writes."""
+
+    def submit(self, responses, truths) -> concurrent.futures.Future:
+        rewards = np.array([float(r in t) for r, t in zip(responses, truths)], np.float32)
+        future = concurrent.futures.Future()
+        future.set_result((rewards, rewards.copy()))
+        return future
+
+    def close(self) -> None:
+        pass
 
 
 def test_bounded_rollout_equals_one_call(tmp_path):
@@ -22,14 +39,16 @@ def test_bounded_rollout_equals_one_call(tmp_path):
                         memory_sampling=SamplingParams(temperature=1.0))
     records = [QARecord(question=f"Where is the {w} river?", document=" The quiet river stood near the old mill." * n,
                         answers=(w,), index=i) for i, (w, n) in enumerate([("green", 2), ("cold", 5), ("wide", 3)])]
-    scorer = RewardScorer("boxed_em")
-    try:
-        whole = collect_rollouts(agent, records, 2, 7, scorer=scorer, question_ids=[4, 5, 6]).result()
-        sliced = collect_rollouts_in_slices(agent, records, 2, 7, scorer=scorer, questions_per_call=2,
-                                            question_ids=[4, 5, 6])
-    finally:
-        scorer.close()
+    scorer = WholeAnswerScorer()
+    # Ground truths that some trajectories hit: the answers trajectory g = 0 of questions 0 and 1 samples.
+    first = collect_rollouts(agent, records, 2, 7, scorer=scorer, question_ids=[4, 5, 6]).result()
+    hits = {0: first.agent_result.answers[0], 1: first.agent_result.answers[2]}
+    records = [dataclasses.replace(r, answers=(hits[i],)) if i in hits else r for i, r in enumerate(records)]
+    whole = collect_rollouts(agent, records, 2, 7, scorer=scorer, question_ids=[4, 5, 6]).result()
+    sliced = collect_rollouts_in_slices(agent, records, 2, 7, scorer=scorer, questions_per_call=2,
+                                        question_ids=[4, 5, 6])
     assert sliced.rewards.shape == whole.rewards.shape == (3, 2)
+    assert whole.rewards[0, 0] == whole.rewards[1, 0] == 1.0  # the same keys sample the same answers again
     np.testing.assert_array_equal(sliced.rewards, whole.rewards)
     assert sliced.agent_result.answers == whole.agent_result.answers
     assert sliced.agent_result.num_chunks == whole.agent_result.num_chunks

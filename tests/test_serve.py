@@ -2,6 +2,7 @@
 random model; answers equal `MemoryAgent.run` with the same seeds; a 64-request load test; limits and bad input."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -385,47 +386,97 @@ def _wait_for(predicate, timeout=60.0):
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def engine_held(server):
+    """Holds the server's engine through the loop's injection hook (`EngineLoop.call`): inside the block, once a row
+    is reading, the engine thread waits before its next step, so the row stays in its slot however fast the machine
+    reads. Leaving the block lets the engine go on; the hold is removed at the loop's next command."""
+    gate, installed = threading.Event(), threading.Event()
+
+    def install(loop):
+        engine = loop.engine
+        step = engine.step
+
+        def held_step():
+            if engine.reading:
+                gate.wait(120)
+            return step()
+
+        engine.step = held_step
+        installed.set()
+
+    loop = server.state.engine_loop
+    loop.call(install)
+    assert installed.wait(60), "the engine thread did not take the hold"
+    try:
+        yield
+    finally:
+        gate.set()
+        loop.call(lambda loop: vars(loop.engine).pop("step", None))
+
+
+def _count(server, name: str) -> float:
+    return server.metrics().get(name, 0)
+
+
 def test_timeout_gives_504_and_frees_the_slot(small):
+    cancelled = 'memagent_requests_cancelled_total{reason="timeout"}'
+    before = _count(small, cancelled)
     small.state.limits.request_timeout = 1.0
     try:
-        t0 = time.time()
-        r = httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(2500, 9)},
-                       timeout=60)
-        _error(r, 504, "--request-timeout")
-        assert time.time() - t0 < 10
+        with engine_held(small):  # the row cannot be answered before its deadline
+            t0 = time.time()
+            r = httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(2500, 9)},
+                           timeout=60)
+            _error(r, 504, "--request-timeout")
+            assert time.time() - t0 < 10
+            _wait_for(lambda: small.metrics()["memagent_rows_reading"] == 1)  # its slot stays taken while held
     finally:
         small.state.limits.request_timeout = 120
     _wait_for(lambda: small.metrics()["memagent_rows_reading"] == 0)
-    assert small.metrics()['memagent_requests_cancelled_total{reason="timeout"}'] == 1
+    assert _count(small, cancelled) == before + 1
 
 
 def test_client_disconnect_frees_the_row(small):
     long_doc = words(2500, 10)
-    before = small.metrics().get('memagent_requests_cancelled_total{reason="disconnect"}', 0)
-    t0 = time.time()
-    # Streaming: read until the first progress event, then hang up.
-    with httpx.stream("POST", small.url + "/v1/chat/completions", timeout=60, json={
-            "model": "tiny-agent", "stream": True,
-            "messages": [{"role": "user", "content": f"q?\n{SEP}\n{long_doc}"}]}) as r:
-        for line in r.iter_lines():
-            if "memagent_progress" in line:
-                break
-    assert small.state.engine_loop.reading == 1 or small.metrics()["memagent_rows_reading"] <= 1
+    cancelled = 'memagent_requests_cancelled_total{reason="disconnect"}'
+    gone = 'memagent_requests_total{{endpoint="{}",status="499"}}'
+    before = _count(small, cancelled)
+    # Streaming: read until the first progress event, then hang up while the row is held in its slot.
+    chat_gone = _count(small, gone.format("/v1/chat/completions"))
+    with engine_held(small):
+        with httpx.stream("POST", small.url + "/v1/chat/completions", timeout=60, json={
+                "model": "tiny-agent", "stream": True,
+                "messages": [{"role": "user", "content": f"q?\n{SEP}\n{long_doc}"}]}) as r:
+            for line in r.iter_lines():
+                if "memagent_progress" in line:
+                    break
+        _wait_for(lambda: small.metrics()["memagent_rows_reading"] == 1)
+        _wait_for(lambda: _count(small, gone.format("/v1/chat/completions")) == chat_gone + 1)  # seen, cancelled
     _wait_for(lambda: small.metrics()["memagent_rows_reading"] == 0)
-    # Not streaming: the client gives up after a second.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": long_doc}, timeout=1.5)
-    _wait_for(lambda: small.metrics()["memagent_rows_reading"] == 0
-              and small.metrics()['memagent_requests_cancelled_total{reason="disconnect"}'] == before + 2)
+    assert _count(small, cancelled) == before + 1
+    # Not streaming: the client gives up after a second and a half, while the row is held in its slot.
+    answer_gone = _count(small, gone.format("/v1/memagent/answer"))
+    with engine_held(small):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": long_doc}, timeout=1.5)
+        _wait_for(lambda: _count(small, gone.format("/v1/memagent/answer")) == answer_gone + 1)
+    _wait_for(lambda: small.metrics()["memagent_rows_reading"] == 0 and _count(small, cancelled) == before + 2)
     assert small.state.engine_loop.outstanding == 0
 
 
 def test_engine_failure_fails_its_rows_with_500_and_the_loop_goes_on(live, agent):
     def inject(loop):
-        def failing(events):
-            raise RuntimeError("injected device failure")
-        loop.engine._read_segment = failing  # after the refill: the row is in a slot (this engine only: the loop
-        # builds a fresh one after the failure)
+        engine = loop.engine
+        step = engine.step
+
+        def failing():
+            events = step()
+            if engine.reading:  # after the refill: the row is in a slot
+                raise RuntimeError("injected device failure")
+            return events
+
+        engine.step = failing  # this engine only: the loop builds a fresh one after the failure
 
     live.state.engine_loop.call(inject)
     r = httpx.post(live.url + "/v1/memagent/answer", json={"question": "q?", "document": words(50, 11)}, timeout=60)

@@ -33,19 +33,45 @@ def run(setup, policy, index, chunks=6, distractors=0, seed=0):
                                                np.random.default_rng(seed), tok.eos_token_id)
 
 
-def test_prompts_are_the_agents_layout_and_a_perfect_script_answers(setup):
+def split_at_memory(prompt, memory) -> list[tuple[list[int], list[int]]]:
+    """Every (before, after) with prompt == before + memory + after."""
+    prompt, memory = list(prompt), list(memory)
+    return [(prompt[:i], prompt[i + len(memory):]) for i in range(len(prompt) - len(memory) + 1)
+            if prompt[i:i + len(memory)] == memory]
+
+
+def same_but_memory(script_prompt, script_memory, agent_prompt, agent_memory) -> bool:
+    """The two prompts are the same tokens around their memories: the same layout, question and chunk."""
+    agent_splits = split_at_memory(agent_prompt, agent_memory)
+    return any(split in agent_splits for split in split_at_memory(script_prompt, script_memory))
+
+
+def test_prompts_are_the_agents_layout_and_a_perfect_script_answers(setup, tmp_path):
+    """Every scripted prompt is, token for token, the prompt `MemoryAgent.run(record=True)` recorded for the same
+    question and document, but for the memory inside it (the agent's memory is what its model wrote)."""
+    from hf_tiny import make_hf_model, save_hf_model
+    from memagent_jax.agent import MemoryAgent
+    from memagent_jax.models import load_hf_params
+
     tok, prompts = setup
-    for index in range(10):
-        sample, ids, convs = run(setup, ScriptedPolicy(forget_prob=0.0), index, distractors=3)
+    folder = save_hf_model(make_hf_model("qwen2_tied", seed=3, vocab_size=len(tok)), str(tmp_path / "model"))
+    params, config = load_hf_params(folder)
+    # No stop token: every memory the agent writes is exactly memory_tokens sampled ids.
+    agent = MemoryAgent(params, config, tok, budgets=BUDGETS, stop_token_ids=())
+    runs = [run(setup, ScriptedPolicy(forget_prob=0.0), index, distractors=3) for index in range(10)]
+    recorded = agent.run([sample.question for sample, _, _ in runs], [ids for _, ids, _ in runs], rng=0,
+                         record=True).conversations
+    for (sample, ids, convs), agent_convs in zip(runs, recorded):
         assert [c.kind for c in convs] == ["memory"] * len(convs[:-1]) + ["final"]
-        q = encode_text(tok, sample.question)
-        memory = list(prompts.initial_memory)
-        for k, conv in enumerate(convs[:-1]):
-            expected = prompts.update.assemble({"question": q, "memory": memory, "chunk": ids[32 * k:32 * (k + 1)]})
-            assert conv.prompt_ids.tolist() == expected
-            assert conv.response_ids[-1] == tok.eos_token_id
-            memory = conv.response_ids[:-1].tolist()
-        assert convs[-1].prompt_ids.tolist() == prompts.final.assemble({"question": q, "memory": memory})
+        assert [(c.kind, c.step) for c in convs] == [(c.kind, c.step) for c in agent_convs]
+        assert convs[0].prompt_ids.tolist() == agent_convs[0].prompt_ids.tolist()  # both start from the same memory
+        memory = agent_memory = encode_text(tok, AgentTemplates().initial_memory)
+        for conv, agent_conv in zip(convs, agent_convs):
+            assert same_but_memory(conv.prompt_ids, memory, agent_conv.prompt_ids, agent_memory), conv.step
+            memory, agent_memory = conv.response_ids[:-1].tolist(), agent_conv.response_ids.tolist()
+            if conv.kind == "memory":
+                assert conv.response_ids[-1] == tok.eos_token_id
+                assert len(agent_memory) == BUDGETS.memory_tokens
         assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + sample.answers[0] + "}"
 
 

@@ -1,4 +1,5 @@
-"""The memory agent: templates, chunking, the jitted chunk scan, a plain-Python reference loop.
+"""The memory agent: types, templates, chunking, the jitted chunk scan, device placement, the document engine,
+the runner (`MemoryAgent`), the text prompt mode, a plain-Python reference loop.
 
 The names below load on first use (PEP 562), so importing a light submodule (`agent.cpu_settings`: plain values,
 which the configs import) does not pull in JAX through this file.
@@ -10,7 +11,8 @@ from memagent_jax._lazy import lazy_exports
 _EXPORTS = {
     "AgentBudgets": ".chunking", "AgentInputError": ".chunking", "centre_truncate": ".chunking",
     "read_document_file": ".chunking", "tokenize_document": ".chunking",
-    "AgentResult": ".runner", "Conversation": ".runner", "MemoryAgent": ".runner",
+    "AgentResult": ".types", "Conversation": ".types", "MemoryAgent": ".runner", "SCHEDULING": ".runner",
+    "choose_scheduling": ".runner",
     "AgentPrompts": ".templates", "AgentTemplates": ".templates", "TemplateError": ".templates",
     "SETTINGS_FILE": ".settings", "AgentSettings": ".settings", "AgentSettingsError": ".settings",
     "write_agent_settings": ".settings",
@@ -19,7 +21,9 @@ _EXPORTS = {
 
 __all__ = [
     "AgentBudgets", "AgentInputError", "AgentPrompts", "AgentResult", "AgentSettings", "AgentSettingsError",
-    "AgentTemplates", "Conversation", "MemoryAgent", "SETTINGS_FILE", "write_agent_settings", "TemplateError", "centre_truncate", "read_document_file", "reference_run", "tokenize_document",
+    "AgentTemplates", "Conversation", "MemoryAgent", "SCHEDULING", "SETTINGS_FILE", "write_agent_settings",
+    "TemplateError", "centre_truncate", "choose_scheduling", "read_document_file", "reference_run",
+    "tokenize_document",
 ]
 
 

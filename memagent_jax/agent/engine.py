@@ -1,6 +1,6 @@
 """Continuous batching of documents: a fixed number of row slots, refilled at segment boundaries.
 
-    engine = DocumentEngine(agent, batch_size=8)
+    engine = DocumentEngine(agent.spec, agent.params, agent.placement, batch_size=8)   # or agent.document_engine(8)
     engine.submit(RowRequest(tag=0, question_ids=q_ids, document_ids=doc_ids, key=key))
     while engine.busy:
         for event in engine.step():       # RowProgress / RowResult events
@@ -20,68 +20,27 @@ fold_in(key, 1), as in `agent.program`), so a row's output never depends on whic
 in what order they were queued: the same as `MemoryAgent.run` in lockstep.
 
 Single-process only (a mesh spanning processes runs `MemoryAgent.run` in lockstep); piece prompt mode only.
+The engine depends on the programs, the plain types, chunking and a `Placement` (device puts and the KV cache
+pool it shares with the agent's other runs); it takes token ids and gives token ids (the runner decodes them).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from memagent_jax.agent.chunking import AgentInputError, num_chunks
-from memagent_jax.agent.program import final_program, refill_program, segment_program
-from memagent_jax.agent.runner import Conversation  # runner imports this module lazily: no cycle
+from memagent_jax.agent.placement import Placement
+from memagent_jax.agent.program import AgentSpec, final_program, refill_program, segment_program
+from memagent_jax.agent.types import Conversation, RowProgress, RowRequest, RowResult
 
 __all__ = ["DocumentEngine", "RowProgress", "RowRequest", "RowResult"]
-
-
-@dataclasses.dataclass
-class RowRequest:
-    """One document to answer.
-
-    tag: the caller's name for the row (returned with its events). question_ids [<= Q] / document_ids [n > 0]:
-    token ids (`MemoryAgent.prepare`). key: the row's PRNG key (typed scalar key or raw uint32 [2]).
-    trace: keep the memory ids after every chunk; record: keep every conversation (training).
-    """
-
-    tag: Any
-    question_ids: np.ndarray
-    document_ids: np.ndarray
-    key: Any
-    trace: bool = False
-    record: bool = False
-
-
-@dataclasses.dataclass
-class RowProgress:
-    """A row read another segment: `chunks_read` of `num_chunks` chunks."""
-
-    tag: Any
-    chunks_read: int
-    num_chunks: int
-
-
-@dataclasses.dataclass
-class RowResult:
-    """A finished row. answer_ids include the stop token when one was emitted; `memories` (trace) the memory ids
-    after each chunk; `conversations` (record) `runner.Conversation`s; times from `time.perf_counter()`."""
-
-    tag: Any
-    answer_ids: list[int]
-    finished: bool
-    num_chunks: int
-    nonfinite: bool
-    memories: list[np.ndarray] | None = None
-    conversations: list | None = None
-    submitted_at: float = 0.0
-    started_at: float = 0.0
-    finished_at: float = 0.0
 
 
 @dataclasses.dataclass
@@ -115,32 +74,34 @@ def _raw_key(key) -> np.ndarray:
 
 
 class DocumentEngine:
-    """Continuous batching over `batch_size` row slots of one `MemoryAgent` (see the module docstring).
+    """Continuous batching over `batch_size` row slots (see the module docstring).
 
     Args:
-      agent: a `MemoryAgent` in piece prompt mode, on one process (any single-process mesh).
+      spec: the agent's static program spec (`AgentSpec`), piece prompt mode.
+      params: the model params (on the placement's mesh).
+      placement: where rows go and where the KV caches are pooled (`Placement`); one process (any
+        single-process mesh).
       batch_size: row slots (rounded up to the mesh's batch multiple).
       eager_answers: answer finished rows at every step (lowest latency) instead of waiting for a full batch of
         them or for the end of the reading work (highest throughput).
     Not thread-safe: one thread submits and steps (a server funnels its requests through one engine thread).
     """
 
-    def __init__(self, agent, batch_size: int, *, eager_answers: bool = False):
-        from memagent_jax.distributed import arrays as multiprocess
-        from memagent_jax.models import sharding as sharding_lib
-
-        if agent.spec.prompt_mode != "pieces":
+    def __init__(self, spec: AgentSpec, params, placement: Placement, batch_size: int, *,
+                 eager_answers: bool = False):
+        if spec.prompt_mode != "pieces":
             raise AgentInputError("continuous batching runs the piece prompt mode only (text mode steps on the host)")
-        if multiprocess.is_multiprocess(agent.mesh):
+        if placement.spans_processes:
             raise AgentInputError("continuous batching runs on one process; a mesh spanning processes runs in "
-                                  "lockstep (MemoryAgent.run without batch_size)")
+                                  "lockstep (MemoryAgent.run with scheduling='lockstep')")
         if batch_size < 1:
             raise AgentInputError(f"batch_size must be >= 1, got {batch_size}")
-        multiple = sharding_lib.batch_multiple(agent.mesh)
-        self.agent = agent
-        self.batch_size = -(-int(batch_size) // multiple) * multiple
+        self.spec = spec
+        self.params = params
+        self.placement = placement
+        self.batch_size = placement.round_batch(batch_size)
         self.eager_answers = eager_answers
-        spec, b = agent.spec, agent.budgets
+        b = spec.budgets
         batch = self.batch_size
         self._queue: collections.deque[_Slot] = collections.deque()
         self._slots: list[_Slot | None] = [None] * batch
@@ -177,17 +138,22 @@ class DocumentEngine:
     def busy(self) -> bool:
         return bool(self._queue) or self.reading > 0 or bool(self._answers)
 
+    def waiting(self) -> list[RowRequest]:
+        """The queued requests (not in a slot yet), in queue order."""
+        return [slot.request for slot in self._queue]
+
     def submit(self, request: RowRequest) -> None:
         """Queues a document (checked here: an over-budget question or an empty document raises AgentInputError)."""
         q = np.asarray(request.question_ids, np.int32).reshape(-1)
         d = np.asarray(request.document_ids, np.int32).reshape(-1)
-        if q.size == 0 or q.size > self.agent.budgets.question_tokens:
+        budgets = self.spec.budgets
+        if q.size == 0 or q.size > budgets.question_tokens:
             raise AgentInputError(f"{request.tag}: the question has {q.size} tokens; it needs 1 to "
-                                  f"{self.agent.budgets.question_tokens} (budgets.question_tokens)")
+                                  f"{budgets.question_tokens} (budgets.question_tokens)")
         if d.size == 0:
             raise AgentInputError(f"{request.tag}: the document is empty")
         request = dataclasses.replace(request, question_ids=q, document_ids=d, key=_raw_key(request.key))
-        self._queue.append(_Slot(request=request, num_chunks=num_chunks(d.size, self.agent.budgets.chunk_tokens),
+        self._queue.append(_Slot(request=request, num_chunks=num_chunks(d.size, budgets.chunk_tokens),
                                  submitted_at=time.perf_counter()))
 
     def cancel(self, tag) -> bool:
@@ -205,9 +171,6 @@ class DocumentEngine:
 
     # ------------------------------------------------------------------------------------------ device
 
-    def _ctx(self):
-        return jax.set_mesh(self.agent.mesh) if self.agent.mesh is not None else contextlib.nullcontext()
-
     def _refill(self) -> list[int]:
         """Gives free slots the next queued documents; returns the refilled slot indices."""
         for j, slot in enumerate(self._slots):
@@ -221,33 +184,33 @@ class DocumentEngine:
                 slot.started_at = time.perf_counter()
                 self._slots[j] = slot
                 q = slot.request.question_ids
-                self._question[j] = self.agent.spec.pad_id
+                self._question[j] = self.spec.pad_id
                 self._question[j, :q.size] = q
                 self._question_len[j] = q.size
                 self._keys[j] = slot.request.key
                 refilled.append(j)
         if not refilled:
             return refilled
-        agent, spec = self.agent, self.agent.spec
+        spec, put = self.spec, self.placement.put
         if self._cache is None:
-            self._cache = agent._cache("update", self.batch_size, spec.update_cache_slots)
-            self._memory = agent._put(np.full((self.batch_size, agent.budgets.memory_tokens), spec.pad_id, np.int32))
-            self._memory_len = agent._put(np.zeros((self.batch_size,), np.int32))
+            self._cache = self.placement.cache("update", self.batch_size, spec.update_cache_slots)
+            self._memory = put(np.full((self.batch_size, spec.budgets.memory_tokens), spec.pad_id, np.int32))
+            self._memory_len = put(np.zeros((self.batch_size,), np.int32))
         mask = np.zeros((self.batch_size,), bool)
         mask[refilled] = True
         self._prefix, self._memory, self._memory_len = refill_program(
-            agent.params, spec, agent._put(self._question), agent._put(self._question_len), self._memory,
-            self._memory_len, agent._put(mask), self._cache)
+            self.params, spec, put(self._question), put(self._question_len), self._memory,
+            self._memory_len, put(mask), self._cache)
         self._cache = self._prefix.cache
         if any(self._slots[j].request.record for j in refilled):
-            tokens, prompt_mask = agent._get((self._prefix.tokens, self._prefix.mask))
+            tokens, prompt_mask = self.placement.get((self._prefix.tokens, self._prefix.mask))
             for j in refilled:
                 if self._slots[j].request.record:
                     self._slots[j].prefix_ids = tokens[j][prompt_mask[j]]
         return refilled
 
     def _read_segment(self, events: list) -> None:
-        agent, spec, b = self.agent, self.agent.spec, self.agent.budgets
+        spec, b, put, get = self.spec, self.spec.budgets, self.placement.put, self.placement.get
         s, c = b.chunks_per_segment, b.chunk_tokens
         chunks = np.full((self.batch_size, s, c), spec.pad_id, np.int32)
         lens = np.zeros((self.batch_size, s), np.int32)
@@ -260,13 +223,13 @@ class DocumentEngine:
                 piece = doc[(slot.next_chunk + k) * c:(slot.next_chunk + k + 1) * c]
                 chunks[j, k, :piece.size] = piece
                 lens[j, k] = piece.size
-        keys = agent._put(jax.random.wrap_key_data(jnp.asarray(self._keys)), 1)
+        keys = put(jax.random.wrap_key_data(jnp.asarray(self._keys)), 1)
         self._cache, self._memory, self._memory_len, rec = segment_program(
-            agent.params, spec, self._cache, self._prefix.next_positions, self._memory, self._memory_len,
-            agent._put(chunks), agent._put(lens), keys, agent._put(first))
+            self.params, spec, self._cache, self._prefix.next_positions, self._memory, self._memory_len,
+            put(chunks), put(lens), keys, put(first))
         self.segments_run += 1
         if any(slot is not None and (slot.request.trace or slot.request.record) for slot in self._slots):
-            rec = agent._get(rec)
+            rec = get(rec)
             for j, slot in enumerate(self._slots):
                 if slot is not None and (slot.request.trace or slot.request.record):
                     self._keep_steps(slot, rec, j, int((lens[j] > 0).sum()))
@@ -279,7 +242,7 @@ class DocumentEngine:
             if slot.next_chunk >= slot.num_chunks:
                 ended.append(j)
         if ended:
-            memory, memory_len = agent._get((self._memory, self._memory_len))
+            memory, memory_len = get((self._memory, self._memory_len))
             for j in ended:
                 self._answers.append(_PendingAnswer(self._slots[j], memory[j].copy(), int(memory_len[j])))
                 self._slots[j] = None
@@ -299,7 +262,7 @@ class DocumentEngine:
                     response_ids=rec.response[j, k, :length].copy(), logprobs=lp.copy()))
 
     def _answer(self, events: list) -> None:
-        agent, spec, b = self.agent, self.agent.spec, self.agent.budgets
+        spec, b, put = self.spec, self.spec.budgets, self.placement.put
         group, self._answers = self._answers[:self.batch_size], self._answers[self.batch_size:]
         batch = self.batch_size
         question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
@@ -315,11 +278,12 @@ class DocumentEngine:
             memory_len[i] = pending.memory_len
             keys[i] = pending.slot.request.key
         active = np.arange(batch) < len(group)
-        final, agent._caches[("final", batch)] = final_program(
-            agent.params, spec, agent._put(question), agent._put(question_len), agent._put(memory),
-            agent._put(memory_len), agent._put(jax.random.wrap_key_data(jnp.asarray(keys)), 1),
-            agent._cache("final", batch, spec.final_cache_slots), agent._put(active))
-        final = agent._get(final)
+        final, cache = final_program(
+            self.params, spec, put(question), put(question_len), put(memory), put(memory_len),
+            put(jax.random.wrap_key_data(jnp.asarray(keys)), 1),
+            self.placement.cache("final", batch, spec.final_cache_slots), put(active))
+        self.placement.give_back("final", batch, cache)
+        final = self.placement.get(final)
         self.answer_batches_run += 1
         now = time.perf_counter()
         for i, pending in enumerate(group):
@@ -342,7 +306,7 @@ class DocumentEngine:
         """One round: refill free slots, read one segment, answer what is due. Returns the events
         (`RowProgress` for every row that read, `RowResult` for every row answered), in that order."""
         events: list = []
-        with self._ctx():
+        with self.placement.context():
             self._refill()
             if self.reading:
                 self._read_segment(events)
@@ -367,10 +331,10 @@ class DocumentEngine:
         return results
 
     def release(self) -> None:
-        """Hands the KV cache back to the agent for its next call (the engine must be idle); a later `step`
-        takes it again."""
+        """Gives the KV cache back to the placement's pool for the agent's next call (the engine must be idle); a
+        later `step` takes one again."""
         if self.reading or self._cache is None:
             return
-        self.agent._caches[("update", self.batch_size)] = self._cache
+        self.placement.give_back("update", self.batch_size, self._cache)
         self._cache = self._prefix = None
         self._memory = self._memory_len = None

@@ -1,4 +1,4 @@
-"""The memory agent's compiled programs: prefix prefill, the chunk scan, and the final answer.
+"""The memory agent's compiled programs: prefix prefill, the chunk scan, the final answer, the text mode's step.
 
 Static prompt layout of a memory-update step (U = the update template's literal token pieces):
 
@@ -10,15 +10,21 @@ per document; every chunk step rewinds the KV cache to the end of the prefix, pr
 decodes up to M new tokens. Pads are masked and positions count real tokens only, so every step computes
 exactly what the unpadded prompt would.
 
-Programs (pure functions; the host driver in `agent.runner` jits them with donated caches):
+Programs: pure functions, each jitted at the bottom of this module (`spec` and `final` static, the KV cache
+donated: one buffer per shape lives on the device and is updated in place). The host drivers (`agent.runner`'s
+lockstep run, `agent.engine`'s continuous batching, `agent.text_mode`) call these jitted entry points:
 
-    prefill_prefix(params, spec, question, question_len, cache) -> PrefixState
-    run_segment(params, spec, cache, prefix, memory, memory_len, chunks, chunk_lens, row_keys, first_step)
+    prefix_program  = jit(prefill_prefix)(params, spec, question, question_len, cache) -> PrefixState
+    segment_program = jit(run_segment)(params, spec, cache, prefix, memory, memory_len, chunks, chunk_lens,
+                                       row_keys, first_step)
         -> (cache, memory, memory_len, SegmentRecord)      # lax.scan over S chunks
-    refill_rows(params, spec, question, question_len, memory, memory_len, refill, cache)
+    refill_program  = jit(refill_rows)(params, spec, question, question_len, memory, memory_len, refill, cache)
         -> (PrefixState, memory, memory_len)               # continuous batching: new documents join
-    final_answer(params, spec, question, question_len, memory, memory_len, row_keys, cache, active)
+    final_program   = jit(final_answer)(params, spec, question, question_len, memory, memory_len, row_keys,
+                                        cache, active)
         -> (FinalRecord, cache)
+    text_step_program = jit(text_step)(params, spec, tokens, mask, row_keys, step, cache, active, final=...)
+        -> (SampleOutput, cache)                           # text prompt mode: one whole prompt per row
 
 Shapes: B documents, Q/M/C/A budgets (question, memory, chunk, answer), S chunks per segment,
 R = rest length, P0 = prefix length, F = final prompt length.

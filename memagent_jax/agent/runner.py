@@ -8,11 +8,15 @@ A document of any length runs as a sequence of segments of S chunks: the same co
 serves every segment of every document of the same batch size, so one compile covers every document
 length, and device memory holds only the current segment's chunks, the memory and one KV cache. Host
 memory holds the documents' token arrays.
+
+`run` schedules rows in lockstep, in lockstep buckets, or with continuous batching (`agent.engine`); which one
+runs, and what each needs, is decided in one place, `choose_scheduling`. The text prompt mode's lockstep batch
+is `agent.text_mode`. Device puts and the KV cache pool are the agent's `placement` (`agent.placement`), shared
+by all of them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -24,56 +28,59 @@ import numpy as np
 
 from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_truncate, num_chunks,
                                          prepare_question, tokenize_document)
-from memagent_jax.agent.program import AgentSpec, final_program, prefix_program, segment_program, text_step_program
+from memagent_jax.agent.engine import DocumentEngine
+from memagent_jax.agent.placement import Placement
+from memagent_jax.agent.program import AgentSpec, final_program, prefix_program, segment_program
 from memagent_jax.agent.templates import AgentPrompts, AgentTemplates, TextPrompter
-from memagent_jax.distributed import arrays as multiprocess
-from memagent_jax.models import sharding as sharding_lib
+from memagent_jax.agent.text_mode import run_text
+from memagent_jax.agent.types import AgentResult, Conversation, RowProgress, RowRequest, RowResult
 from memagent_jax.models.config import ModelConfig
-from memagent_jax.sampling.api import new_cache, row_keys
+from memagent_jax.sampling.api import row_keys
 from memagent_jax.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
+# How `MemoryAgent.run` schedules rows (`choose_scheduling` says which runs where).
+SCHEDULING = ("lockstep", "bucketed", "continuous")
 
-@dataclasses.dataclass
-class Conversation:
-    """One conversation of a trajectory: the exact prompt ids the model saw and what it sampled.
 
-    kind: 'memory' (chunk step `step`) or 'final'. response_ids include the stop token when one was
-    emitted; logprobs [len(response_ids)] are under the model's unmodified distribution.
+def choose_scheduling(scheduling: str | None, batch_size: int | None, *, prompt_mode: str, processes: int) -> str:
+    """The scheduling `MemoryAgent.run` uses: the one place that states which mode runs where, and the default.
+
+      'lockstep'    all rows as one batch, for as many chunk steps as the longest document. Any prompt mode, any
+                    mesh (on a mesh spanning processes, the rows of every process run as one batch). No batch_size.
+      'bucketed'    rows sorted by document length, run as lockstep batches of batch_size rows (one batch when
+                    they fit one). Any prompt mode; one process.
+      'continuous'  one `DocumentEngine` of batch_size row slots: a row whose document ends takes the next queued
+                    document at the next segment boundary, longest documents first. Piece prompt mode; one process.
+
+    scheduling=None (the default) picks 'lockstep' without a batch_size; with one, 'continuous' where it can run,
+    else the fallback: 'lockstep' on a mesh spanning processes (batch_size unused), 'bucketed' in the text prompt
+    mode. An explicit mode that cannot run here, or a batch_size it cannot use, is an AgentInputError.
+    Every mode gives a row the same output: its question, document and key alone decide it.
     """
-
-    kind: str
-    step: int
-    prompt_ids: np.ndarray
-    response_ids: np.ndarray
-    logprobs: np.ndarray
-
-
-@dataclasses.dataclass
-class AgentResult:
-    """Per input row: answer text and ids, whether the answer ended with a stop token, chunks read;
-    `traces[i]` the memory text after each chunk (when asked), `conversations[i]` the trajectory's
-    conversations (when recording for training)."""
-
-    answers: list[str]
-    answer_ids: list[list[int]]
-    finished: list[bool]
-    num_chunks: list[int]
-    traces: list[list[str]] | None = None
-    conversations: list[list[Conversation]] | None = None
-    # Per row: the model's logits were not finite (NaN / inf) when a token of the final answer (or, when traced
-    # or recorded, of a memory update) was sampled, so the text is not a real answer. Always filled by `run`.
-    nonfinite: list[bool] | None = None
-
-    def row(self, i: int) -> "AgentResult":
-        """The result of row i alone (every field a one-element list)."""
-        def one(values):
-            return None if values is None else [values[i]]
-
-        return AgentResult(answers=[self.answers[i]], answer_ids=[self.answer_ids[i]], finished=[self.finished[i]],
-                           num_chunks=[self.num_chunks[i]], traces=one(self.traces),
-                           conversations=one(self.conversations), nonfinite=one(self.nonfinite))
+    if scheduling is None:
+        if batch_size is None or processes > 1:
+            return "lockstep"
+        scheduling = "bucketed" if prompt_mode == "text" else "continuous"
+    if scheduling not in SCHEDULING:
+        raise AgentInputError(f"scheduling: must be one of {list(SCHEDULING)} (or None: chosen from batch_size), "
+                              f"got {scheduling!r}")
+    if scheduling == "lockstep":
+        if batch_size is not None:
+            raise AgentInputError(f"scheduling='lockstep' runs all rows as one batch: batch_size must be None, got "
+                                  f"{batch_size} (scheduling='bucketed' runs lockstep batches of batch_size rows)")
+        return scheduling
+    if batch_size is None or isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise AgentInputError(f"scheduling={scheduling!r} needs batch_size >= 1 (rows per batch or row slots), "
+                              f"got {batch_size!r}")
+    if processes > 1:
+        raise AgentInputError(f"scheduling={scheduling!r} runs on one process; this mesh spans {processes} processes: "
+                              f"use scheduling='lockstep' (every process's rows as one batch)")
+    if scheduling == "continuous" and prompt_mode != "pieces":
+        raise AgentInputError(f"scheduling='continuous' runs the piece prompt mode only; these templates use "
+                              f"prompt_mode={prompt_mode!r}: use scheduling='bucketed'")
+    return scheduling
 
 
 def default_stop_ids(tokenizer, config: ModelConfig) -> tuple[int, ...]:
@@ -105,6 +112,8 @@ class MemoryAgent:
         of all processes run as one batch, and each process gets back the results of its own rows.
       stop_token_ids: overrides the default stop ids (model + tokenizer EOS); () generates fixed-length
         memories and answers (benchmarks).
+    Attributes besides the arguments: `spec` (the programs' static `AgentSpec`), `placement` (device puts and the
+    KV cache pool, a `Placement` of `mesh`), `text_prompter` (text prompt mode only).
     """
 
     def __init__(self, params, config: ModelConfig, tokenizer, *, budgets: AgentBudgets = AgentBudgets(),
@@ -114,7 +123,7 @@ class MemoryAgent:
         self.params = params
         self.config = config
         self.tokenizer = tokenizer
-        self.mesh = mesh
+        self.placement = Placement(mesh, config)
         if stop_token_ids is None:
             stops = default_stop_ids(tokenizer, config)
             if not stops:
@@ -143,7 +152,6 @@ class MemoryAgent:
                 f"budgets need a context of {self.spec.max_context()} tokens (question {budgets.question_tokens} + "
                 f"memory {budgets.memory_tokens} + chunk {budgets.chunk_tokens} + templates + new tokens), more "
                 f"than the model's max_position_embeddings ({config.max_position_embeddings})")
-        self._caches: dict[tuple[str, int], object] = {}
 
     @classmethod
     def from_pretrained(cls, folder: str, *, tokenizer=None, param_dtype: str | None = None,
@@ -182,6 +190,16 @@ class MemoryAgent:
     def budgets(self) -> AgentBudgets:
         return self.spec.budgets
 
+    @property
+    def mesh(self):
+        """The mesh the agent runs on (None: one device)."""
+        return self.placement.mesh
+
+    def document_engine(self, batch_size: int, *, eager_answers: bool = False) -> DocumentEngine:
+        """A `DocumentEngine` (continuous batching) of `batch_size` row slots over this agent's current params,
+        sharing its placement and KV cache pool."""
+        return DocumentEngine(self.spec, self.params, self.placement, batch_size, eager_answers=eager_answers)
+
     # ------------------------------------------------------------------------------------ inputs
 
     def prepare(self, question: str, document: str | Iterable[str] | np.ndarray, *, source: str = "row 0"):
@@ -195,65 +213,49 @@ class MemoryAgent:
             doc_ids = tokenize_document(self.tokenizer, document, source=f"{source}: document")
         return q_ids, centre_truncate(doc_ids, self.budgets.max_document_tokens)
 
-    def _put(self, x, rank: int | None = None):
-        if multiprocess.is_multiprocess(self.mesh):  # this process's rows of a batch spanning processes
-            return multiprocess.put_rows(x, self.mesh, rank)
-        x = jnp.asarray(x)
-        if self.mesh is None:
-            return x
-        return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim if rank is None else rank, x.shape[0]))
-
-    def _get(self, tree):
-        """Device results -> host NumPy: this process's rows when the mesh spans processes."""
-        if multiprocess.is_multiprocess(self.mesh):
-            return multiprocess.local_rows(tree, self.mesh)
-        return jax.device_get(tree)
-
-    def _cache(self, kind: str, batch: int, slots: int):
-        cache = self._caches.pop((kind, batch), None)
-        if cache is not None:
-            return cache
-        return new_cache(self.config, batch, slots, mesh=self.mesh)
-
     # --------------------------------------------------------------------------------------- run
 
     def run(self, questions: Sequence[str], documents: Sequence, rng=0, *, trace: bool = False,
             record: bool = False, progress: bool = False, batch_size: int | None = None,
-            on_row=None) -> AgentResult:
+            scheduling: str | None = None, on_row=None) -> AgentResult:
         """Runs the agent over (question, document) rows.
 
         Args:
           questions: N question strings.
           documents: N documents: text, an iterable of text pieces, or a token id array.
           rng: int seed, one PRNG key (row i uses fold_in(key, i)), or [N] keys.
-          trace: also return the memory text after every chunk (with `batch_size`, may be N bools: trace only
-            those rows; the others get an empty trace).
+          trace: also return the memory text after every chunk (with scheduling 'continuous', may be N bools:
+            trace only those rows; the others get an empty trace).
           record: also return every conversation (prompt ids, response ids, log-probs) for training.
           progress: show a progress bar over chunks.
-          batch_size: None runs all N rows as one batch in lockstep (as many chunk steps as the longest
-            document). A number runs them with continuous batching (`agent.engine.DocumentEngine`) over that many
-            row slots: a row whose document ends takes the next document at the next segment boundary, longest
-            documents first. Either way a row's output depends only on its question, document and key. A mesh
-            spanning processes, and the text prompt mode, always run in lockstep.
+          batch_size: rows per batch ('bucketed') or row slots ('continuous'); None for 'lockstep'.
+          scheduling: 'lockstep' (all N rows as one batch, as many chunk steps as the longest document),
+            'bucketed' (lockstep batches of batch_size rows of similar length) or 'continuous' (one
+            `DocumentEngine` of batch_size row slots: a row whose document ends takes the next document at the
+            next segment boundary). None: chosen from batch_size, the prompt mode and the mesh by
+            `choose_scheduling`, which also states what each mode needs (an explicit mode that cannot run here
+            raises AgentInputError). Whichever runs, a row's output depends only on its question, document and key.
           on_row: optional callable `on_row(i, one_row_result)`, called as soon as row i is answered with an
-            `AgentResult` of that row alone (streaming writers); in lockstep all rows come at the end.
+            `AgentResult` of that row alone (streaming writers); with 'lockstep' and 'bucketed' all rows come at
+            the end.
         """
         if len(questions) != len(documents):
             raise AgentInputError(f"{len(questions)} questions but {len(documents)} documents")
-        procs = multiprocess.mesh_process_count(self.mesh)
+        procs = self.placement.processes
         if not questions and procs == 1:
             raise AgentInputError("no rows to run")
+        mode = choose_scheduling(scheduling, batch_size, prompt_mode=self.spec.prompt_mode, processes=procs)
         rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
-        if batch_size is not None and procs == 1 and self.spec.prompt_mode == "pieces":
+        if mode == "continuous":
             return self._run_continuous(rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record,
                                         progress=progress, on_row=on_row)
         if not isinstance(trace, bool):
             trace = any(trace)
-        if batch_size is not None and procs == 1 and len(rows) > batch_size:  # text mode: lockstep buckets
+        if mode == "bucketed":
             result = self._run_bucketed(questions, rows, row_keys(rng, len(rows)), batch_size, trace=trace,
                                         record=record, progress=progress)
         else:
-            result = self._run_lockstep(questions, rows, rng, procs, trace=trace, record=record, progress=progress)
+            result = self._run_lockstep(questions, rows, rng, trace=trace, record=record, progress=progress)
         if on_row is not None:
             for i in range(len(rows)):
                 on_row(i, result.row(i))
@@ -261,13 +263,16 @@ class MemoryAgent:
 
     def _run_bucketed(self, questions, rows, keys, batch_size: int, *, trace: bool, record: bool,
                       progress: bool) -> AgentResult:
-        """Lockstep batches of `batch_size` rows of similar length, merged back into row order."""
+        """Lockstep batches of `batch_size` rows of similar length, merged back into row order (rows that fit one
+        batch run as one lockstep batch in their own order)."""
+        if len(rows) <= batch_size:
+            return self._run_lockstep(questions, rows, keys, trace=trace, record=record, progress=progress)
         order = sorted(range(len(rows)), key=lambda i: (rows[i][1].size, i))
         parts = {}
         for start in range(0, len(order), batch_size):
             group = order[start:start + batch_size]
             part = self._run_lockstep([questions[i] for i in group], [rows[i] for i in group], keys[np.asarray(group)],
-                                      1, trace=trace, record=record, progress=progress)
+                                      trace=trace, record=record, progress=progress)
             parts.update({i: part.row(j) for j, i in enumerate(group)})
         rows_out = [parts[i] for i in range(len(rows))]
 
@@ -279,68 +284,85 @@ class MemoryAgent:
                            num_chunks=joined("num_chunks"), traces=joined("traces"),
                            conversations=joined("conversations"), nonfinite=joined("nonfinite"))
 
-    def _run_lockstep(self, questions, rows, rng, procs: int, *, trace: bool, record: bool,
-                      progress: bool) -> AgentResult:
-        """`run` in lockstep: all rows as one batch, as many segments as the longest document."""
-        spec, b = self.spec, self.budgets
+    def _run_lockstep(self, questions, rows, rng, *, trace: bool, record: bool, progress: bool) -> AgentResult:
+        """`run` in lockstep: all rows as one batch, as many chunk steps as the longest document, in the agent's
+        prompt mode (the piece layout's chunk scan, or the text mode's host-formatted prompts)."""
+        shape = self._lockstep_shape(rows, rng)
+        bar = _progress(sum(shape.chunk_counts), progress)
+        if self.spec.prompt_mode == "text":
+            run = run_text(self.spec, self.params, self.placement, self.text_prompter, questions, rows, shape.keys,
+                           shape.batch, shape.max_chunks, shape.chunk_counts, trace=trace, record=record, bar=bar)
+            bar.close()
+            return AgentResult(answers=self._answer_texts(run.answer_ids), answer_ids=run.answer_ids,
+                               finished=run.finished, num_chunks=list(shape.chunk_counts), traces=run.traces,
+                               conversations=run.conversations)
+        result = self._lockstep_pieces(rows, shape, trace=trace, record=record, bar=bar)
+        bar.close()
+        return result
+
+    def _lockstep_shape(self, rows, rng) -> "_LockstepShape":
+        """The lockstep batch of `rows`: this process's batch size, the row keys (padding rows repeat the first
+        key), each row's chunk count, and the segments / chunk steps to run (on a mesh spanning processes, the
+        same on every process: a common row count and the longest document of any process)."""
+        b = self.budgets
         n = len(rows)
-        docs = [d for _, d in rows]
-        chunk_counts = [num_chunks(d.size, b.chunk_tokens) for d in docs]
+        chunk_counts = [num_chunks(d.size, b.chunk_tokens) for _, d in rows]
         max_chunks = max(chunk_counts, default=0)
         segments = -(-max_chunks // b.chunks_per_segment)
-        if procs > 1:
-            # Every process runs the same programs the same number of times: a common row count (its own rows
-            # padded) and the longest document of any process.
-            n_max, segments, max_chunks = multiprocess.process_allgather(
-                np.array([n, segments, max_chunks], np.int64)).max(axis=0)
-            multiple = multiprocess.process_batch_multiple(self.mesh)
-            batch = max(-(-int(n_max) // multiple) * multiple, multiple)
+        if self.placement.spans_processes:
+            n_max, segments, max_chunks = self.placement.max_over_processes([n, segments, max_chunks])
+            batch = self.placement.process_batch(int(n_max))
             segments, max_chunks = int(segments), int(max_chunks)
         else:
-            batch = -(-n // sharding_lib.batch_multiple(self.mesh)) * sharding_lib.batch_multiple(self.mesh)
+            batch = self.placement.round_batch(n)
         keys = row_keys(rng, n) if n else row_keys(0, batch)
         if batch > keys.shape[0]:
             keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (batch - n,))])
-        if spec.prompt_mode == "text":
-            return self._run_text(questions, rows, keys, batch, max_chunks, chunk_counts, trace=trace,
-                                  record=record, progress=progress)
+        return _LockstepShape(batch=batch, keys=keys, chunk_counts=chunk_counts, segments=segments,
+                              max_chunks=max_chunks)
+
+    def _lockstep_pieces(self, rows, shape: "_LockstepShape", *, trace: bool, record: bool, bar) -> AgentResult:
+        """One lockstep batch in the piece prompt mode: the prefix once, then `segment_program` per segment of
+        S chunks, then `final_program`."""
+        spec, b, placement = self.spec, self.budgets, self.placement
+        put, get = placement.put, placement.get
+        n, batch, chunk_counts = len(rows), shape.batch, shape.chunk_counts
+        docs = [d for _, d in rows]
         question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
         question_len = np.zeros((batch,), np.int32)
         for i, (q, _) in enumerate(rows + [rows[0]] * (batch - n) if rows else []):
             question[i, :q.size] = q
             question_len[i] = q.size
-        global_batch = batch * procs
+        global_batch = batch * placement.processes
 
         memory = np.full((batch, b.memory_tokens), spec.pad_id, np.int32)
         init = spec.prompts.initial_memory
         memory[:, :len(init)] = init
         memory_len = np.full((batch,), len(init), np.int32)
 
-        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
         records = []
-        bar = _progress(sum(chunk_counts), progress)
-        with ctx:
-            keys_d = self._put(keys, 1)
-            question_d, question_len_d = self._put(question), self._put(question_len)
+        with placement.context():
+            keys_d = put(shape.keys, 1)
+            question_d, question_len_d = put(question), put(question_len)
             prefix = prefix_program(self.params, spec, question_d, question_len_d,
-                                    self._cache("update", global_batch, spec.update_cache_slots))
-            cache, memory_d, memory_len_d = prefix.cache, self._put(memory), self._put(memory_len)
-            for seg in range(segments):
+                                    placement.cache("update", global_batch, spec.update_cache_slots))
+            cache, memory_d, memory_len_d = prefix.cache, put(memory), put(memory_len)
+            for seg in range(shape.segments):
                 chunks, chunk_lens = self._segment_chunks(docs, batch, seg)
                 cache, memory_d, memory_len_d, rec = segment_program(
-                    self.params, spec, cache, prefix.next_positions, memory_d, memory_len_d, self._put(chunks),
-                    self._put(chunk_lens), keys_d, self._put(np.full((batch,), seg * b.chunks_per_segment, np.int32)))
+                    self.params, spec, cache, prefix.next_positions, memory_d, memory_len_d, put(chunks),
+                    put(chunk_lens), keys_d, put(np.full((batch,), seg * b.chunks_per_segment, np.int32)))
                 if trace or record:
-                    records.append(self._get(rec))
+                    records.append(get(rec))
                 bar.update(int((chunk_lens[:n] > 0).sum()))
-            self._caches[("update", global_batch)] = cache
-            active = self._put(np.arange(batch) < n)
-            final, self._caches[("final", global_batch)] = final_program(
+            placement.give_back("update", global_batch, cache)
+            active = put(np.arange(batch) < n)
+            final, cache = final_program(
                 self.params, spec, question_d, question_len_d, memory_d, memory_len_d, keys_d,
-                self._cache("final", global_batch, spec.final_cache_slots), active)
-            final_host = self._get(final)
-            prefix_host = self._get((prefix.tokens, prefix.mask)) if record else None
-        bar.close()
+                placement.cache("final", global_batch, spec.final_cache_slots), active)
+            placement.give_back("final", global_batch, cache)
+            final_host = get(final)
+            prefix_host = get((prefix.tokens, prefix.mask)) if record else None
 
         answer_ids = [final_host.answer[i, :final_host.answer_len[i]].tolist() for i in range(n)]
         texts = self._answer_texts(answer_ids)
@@ -367,12 +389,10 @@ class MemoryAgent:
     def _run_continuous(self, rows, keys, batch_size: int, *, trace, record: bool, progress: bool,
                         on_row=None) -> AgentResult:
         """`run` with continuous batching: every row through one `DocumentEngine` of `batch_size` slots."""
-        from memagent_jax.agent.engine import DocumentEngine, RowRequest, RowProgress
-
         traced = [bool(trace)] * len(rows) if isinstance(trace, bool) else [bool(t) for t in trace]
         if len(traced) != len(rows):
             raise AgentInputError(f"trace: {len(traced)} flags for {len(rows)} rows")
-        engine = DocumentEngine(self, batch_size)
+        engine = self.document_engine(batch_size)
         raw_keys = np.asarray(jax.random.key_data(keys))
         order = sorted(range(len(rows)), key=lambda i: (-rows[i][1].size, i))  # longest first: a short tail
         chunk_counts = [num_chunks(d.size, self.budgets.chunk_tokens) for _, d in rows]
@@ -391,7 +411,7 @@ class MemoryAgent:
         bar.close()
         return self._result_of([results[i] for i in range(len(rows))], traced, record)
 
-    def _result_of(self, ordered, traced: Sequence[bool], record: bool) -> AgentResult:
+    def _result_of(self, ordered: Sequence[RowResult], traced: Sequence[bool], record: bool) -> AgentResult:
         """An `AgentResult` from the engine's `RowResult`s."""
         answer_ids = [r.answer_ids for r in ordered]
         result = AgentResult(answers=self._answer_texts(answer_ids), answer_ids=answer_ids,
@@ -402,98 +422,6 @@ class MemoryAgent:
                              for r in ordered]
         if record:
             result.conversations = [r.conversations for r in ordered]
-        return result
-
-    # ------------------------------------------------------------------------------- text mode
-
-    def _decode_text(self, ids, *, skip_special: bool) -> str:
-        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=skip_special,
-                                     clean_up_tokenization_spaces=False)
-
-    def _text_batch(self, prompts: dict[int, list[int]], batch: int, length: int, what: str):
-        """Right-padded [batch, length] tokens and mask from {row: ids}; a prompt longer than `length` is an
-        error naming the row."""
-        tokens = np.full((batch, length), self.spec.pad_id, np.int32)
-        mask = np.zeros((batch, length), bool)
-        for i, ids in prompts.items():
-            if len(ids) > length:
-                raise AgentInputError(
-                    f"row {i}: {what}: the text-mode prompt has {len(ids)} tokens, more than its static length "
-                    f"{length} (template + question + memory + chunk budgets + budgets.text_margin="
-                    f"{self.budgets.text_margin}); raise budgets.text_margin")
-            tokens[i, :len(ids)] = ids
-            mask[i, :len(ids)] = True
-        return tokens, mask
-
-    def _run_text(self, questions, rows, keys, batch: int, steps: int, chunk_counts, *, trace: bool, record: bool,
-                  progress: bool) -> AgentResult:
-        """Text mode: before every step the host formats each row's whole prompt as text (the question, the memory
-        decoded from its sampled ids, the decoded chunk) and tokenizes it once; one jitted static-shape program
-        (`text_step_program`) then prefills it and samples the new memory. Same per-step keys as the chunk scan."""
-        spec, b, prompter = self.spec, self.budgets, self.text_prompter
-        n = len(rows)
-        procs = multiprocess.mesh_process_count(self.mesh)
-        global_batch = batch * procs
-        q_texts = []
-        for question, (q_ids, _) in zip(questions, rows):
-            full = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
-            q_texts.append(question if full == q_ids.size else self._decode_text(q_ids, skip_special=False))
-        docs = [d for _, d in rows]
-        memory = [self.templates.initial_memory] * n
-        traces = [[] for _ in range(n)]
-        convs = [[] for _ in range(n)]
-        update_len, final_len = spec.text_update_length, spec.text_final_length
-        ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
-        bar = _progress(sum(chunk_counts), progress)
-        with ctx:
-            keys_d = self._put(keys, 1)
-            cache = self._cache("text_update", global_batch, update_len + b.memory_tokens)
-            for k in range(steps):
-                live = [i for i in range(n) if k < chunk_counts[i]]
-                texts = [prompter.update_text(q_texts[i], memory[i], self._decode_text(
-                    docs[i][k * b.chunk_tokens:(k + 1) * b.chunk_tokens], skip_special=False)) for i in live]
-                prompts = dict(zip(live, prompter.encode_many(texts)))
-                tokens, mask = self._text_batch(prompts, batch, update_len, f"chunk step {k}")
-                active = np.zeros((batch,), bool)
-                active[live] = True
-                out, cache = text_step_program(self.params, spec, self._put(tokens), self._put(mask), keys_d,
-                                               jnp.int32(k), cache, self._put(active), final=False)
-                out = self._get(out)
-                for i in live:
-                    length = int(out.num_tokens[i])
-                    response = out.tokens[i, :length].copy()
-                    mem_ids = response[:length - int(out.finished[i])]
-                    memory[i] = self._decode_text(mem_ids, skip_special=True)
-                    if trace:
-                        traces[i].append(memory[i])
-                    if record:
-                        convs[i].append(Conversation(kind="memory", step=k, prompt_ids=np.asarray(prompts[i], np.int32),
-                                                     response_ids=response, logprobs=out.logprobs[i, :length].copy()))
-                bar.update(len(live))
-            self._caches[("text_update", global_batch)] = cache
-            prompts = dict(enumerate(prompter.encode_many([prompter.final_text(q_texts[i], memory[i])
-                                                           for i in range(n)])))
-            tokens, mask = self._text_batch(prompts, batch, final_len, "final step")
-            active = np.arange(batch) < n
-            final, self._caches[("text_final", global_batch)] = text_step_program(
-                self.params, spec, self._put(tokens), self._put(mask), keys_d, jnp.int32(0),
-                self._cache("text_final", global_batch, final_len + b.answer_tokens), self._put(active), final=True)
-            final = self._get(final)
-        bar.close()
-        answer_ids = [final.tokens[i, :final.num_tokens[i]].tolist() for i in range(n)]
-        texts = self._answer_texts(answer_ids)
-        result = AgentResult(answers=texts, answer_ids=answer_ids,
-                             finished=[bool(f) for f in final.finished[:n]], num_chunks=list(chunk_counts))
-        if trace:
-            result.traces = traces
-        if record:
-            for i in range(n):
-                length = int(final.num_tokens[i])
-                convs[i].append(Conversation(kind="final", step=chunk_counts[i],
-                                             prompt_ids=np.asarray(prompts[i], np.int32),
-                                             response_ids=final.tokens[i, :length].copy(),
-                                             logprobs=final.logprobs[i, :length].copy()))
-            result.conversations = convs
         return result
 
     def _segment_chunks(self, docs: list[np.ndarray], batch: int, seg: int):
@@ -537,6 +465,15 @@ class MemoryAgent:
                                   response_ids=final.answer[row, :length].copy(),
                                   logprobs=final.logprobs[row, :length].copy()))
         return convs
+
+
+@dataclasses.dataclass
+class _LockstepShape:
+    batch: int            # this process's rows (>= its n rows; a multiple of the mesh's batch share)
+    keys: jax.Array       # [batch] row keys
+    chunk_counts: list    # [n] chunks per row
+    segments: int         # segments of S chunks to run
+    max_chunks: int       # chunk steps to run (text mode)
 
 
 class _NoBar:

@@ -31,7 +31,7 @@ Two prompt modes (`AgentTemplates.prompt_mode`):
   ending in punctuation followed by a template newline merges, e.g. ``.\n``); the chunk is the decoded
   text of the document's C-token chunk (a chunk cut inside a multi-byte character decodes to U+FFFD, as in
   the reference). The prompt is assembled on the host before every step, so the agent runs one jitted,
-  static-shape step program per chunk instead of a scan over several (see `agent.runner`).
+  static-shape step program per chunk instead of a scan over several (see `agent.text_mode`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from memagent_jax.evaluation import verifier
-from memagent_jax.agent.runner import AgentResult, MemoryAgent
+from memagent_jax.agent.runner import MemoryAgent
+from memagent_jax.agent.types import AgentResult
 from memagent_jax.data.records import QARecord
 from memagent_jax.rl.batch import ConversationBatch, build_conversation_batch
 

@@ -85,12 +85,9 @@ class EngineLoop:
     """
 
     def __init__(self, agent, *, batch_size: int, max_queue: int, metrics=None):
-        from memagent_jax.agent.engine import DocumentEngine
-
         self.agent = agent
         self.metrics = metrics
-        self._engine_cls = DocumentEngine
-        self.engine = DocumentEngine(agent, batch_size, eager_answers=True)
+        self.engine = agent.document_engine(batch_size, eager_answers=True)
         self.batch_size = self.engine.batch_size
         self.capacity = self.batch_size + max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -161,7 +158,7 @@ class EngineLoop:
         self._send(job, Event("error", status=status, message=message))
 
     def _warm_up(self) -> None:
-        from memagent_jax.agent.engine import RowRequest
+        from memagent_jax.agent.types import RowRequest
 
         t0 = time.perf_counter()
         q_ids, d_ids = self.agent.prepare("warm up", "warm up " * 4)
@@ -204,7 +201,7 @@ class EngineLoop:
 
     def _handle(self, command) -> None:
         from memagent_jax.agent.chunking import AgentInputError
-        from memagent_jax.agent.engine import RowRequest
+        from memagent_jax.agent.types import RowRequest
 
         kind = command[0]
         if kind == "submit":
@@ -236,7 +233,7 @@ class EngineLoop:
                 log.exception("engine call failed")
 
     def _step(self) -> None:
-        from memagent_jax.agent.engine import RowProgress, RowResult
+        from memagent_jax.agent.types import RowProgress, RowResult
 
         try:
             events = self.engine.step()
@@ -268,12 +265,12 @@ class EngineLoop:
         if self.metrics is not None:
             self.metrics.engine_error()
         old = self.engine
-        waiting = [slot.request for slot in getattr(old, "_queue", ())]
+        waiting = old.waiting()
         waiting_tags = {r.tag for r in waiting}
         message = f"internal error in the engine: {type(error).__name__}: {error}"
         for job in [j for tag, j in self._jobs.items() if tag not in waiting_tags]:
             self._fail(job, 500, message)
-        self.engine = self._engine_cls(self.agent, self.batch_size, eager_answers=True)
+        self.engine = self.agent.document_engine(self.batch_size, eager_answers=True)
         for request in waiting:
             if request.tag in self._jobs:
                 self.engine.submit(request)
