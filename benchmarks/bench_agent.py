@@ -210,7 +210,7 @@ def bench_speed(quick: bool) -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         model.generation_config.eos_token_id = None
         # torch: the better of 1 thread and all cores (with all cores, OpenMP's spinning barriers collapse when
-        # another process shares the cores: measured 100x slower per token on a loaded 2-core machine).
+        # another process shares the cores, up to 100x slower per token on a loaded 2-core machine).
         ref = {1: 0.0, 4: 0.0}
         for threads in sorted({1, os.cpu_count() or 1}):
             torch.set_num_threads(threads)

@@ -6,11 +6,11 @@
 Two workloads over the same random tiny-shape agent (greedy, fixed-length memories and answers, so every row does
 the same work per chunk step), documents of 1x..64x a base chunk count (log-uniform), `--slots` rows on the device:
 
-file:     an evaluation-style file. Baseline: today's bucketing (rows sorted by document length, lockstep batches of
+file:     an evaluation-style file. Baseline: bucketed scheduling (rows sorted by document length, lockstep batches of
           `slots` rows, what `evaluate --config.scheduling=bucketed` runs). Sorting already removes most idle
           rows of an offline file, so this is the hardest baseline for continuous batching.
 arrival:  rows in arrival order with no sorting possible: a rollout's trajectories (question by question, G
-          trajectories sharing a document) in agent calls of `slots` rows (today's rl.rollout_batch_size slices),
+          trajectories sharing a document) in agent calls of `slots` rows (slices of rl.rollout_batch_size),
           or requests reaching a server. Baseline: lockstep batches of `slots` rows in that order.
 Continuous batching (`MemoryAgent.run(batch_size=slots)`) runs both with `slots` row slots; both sides give the
 same answers (checked). Printed per side: wall time, documents/s, document tokens/s, and occupancy (chunk steps of

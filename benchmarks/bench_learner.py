@@ -24,8 +24,7 @@ Model FLOPs per step (PaLM-style, counting the full attention square, not halved
 
 with P the matmul parameters (attention + MLP of every layer + the LM head, embedding lookup excluded), L
 layers, H query heads, Dh head dim. MFU = FLOPs / seconds / peak, with peak = the best f32 GFLOP/s of a jitted
-2048^3 matmul measured here before and after the runs (the CPU's practical peak; ~400 GFLOP/s on these 2 cores
-when idle).
+2048^3 matmul measured here before and after the runs (the CPU's practical peak).
 The first-step losses of both sides are printed as a check that they compute the same thing.
 
 --packing: our learner step (GRPO loss, AdamW) on the same conversations laid out one per row (padded to the

@@ -19,7 +19,7 @@ trimming included; torch's generate loop included).
 
 --token-selection: one top-p pick (`sample_tokens`, temperature 0.7, top-p 0.95) of a [256, 1024] batch, the
 nucleus searched among the top 16 / 128 tokens first (`sampler.NUCLEUS_PROBES`) against the same pick over the
-fully sorted vocabulary (`probes=()`, what the sampler did before), on logits whose nucleus is a few tokens (a
+fully sorted vocabulary (`probes=()`, a plain sort-based top-p), on logits whose nucleus is a few tokens (a
 trained model), tens, or hundreds (a nearly flat row: the sort runs on both sides), interleaved, medians; and
 whether both sides picked the same tokens.
 """

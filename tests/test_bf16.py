@@ -1,6 +1,6 @@
 """bf16 end to end: logits vs f32 and vs transformers' bf16 model, learner loss / gradient vs f32, the agent in bf16.
 
-Bounds were set from measured errors on these tiny random checkpoints, with margin (measured values in comments).
+Each bound leaves margin over the errors these tiny random checkpoints show (the typical values are in comments).
 Numerics in bf16 (`compute_dtype='bfloat16'`): matmuls and the KV cache in bf16; norms, softmax, logits, sampling,
 log-probs and the loss in f32; gradients are cast to f32 before accumulation.
 """
@@ -35,7 +35,7 @@ def _logits(params, config, tokens):
     return np.asarray(out[0])
 
 
-# Measured (qwen2 / qwen3 / llama_bias, 48 positions): max abs logit diff ours bf16 vs ours f32 0.014 / 0.021 /
+# Typical (qwen2 / qwen3 / llama_bias, 48 positions): max abs logit diff ours bf16 vs ours f32 0.014 / 0.021 /
 # 0.014, ours bf16 vs transformers bf16 0.015 / 0.017 / 0.012; top-1 agreement with f32 0.979 / 0.979 / 1.0.
 LOGIT_BOUND = 0.06
 TOP1_AGREEMENT = 0.9
@@ -63,7 +63,7 @@ def test_bf16_logits_vs_f32_and_transformers(tmp_path, variant):
 
 # ----------------------------------------------------------------------------------------------- learner
 
-# Measured (GRPO loss, 6 conversations): loss relative diff 3e-4; gradient global relative error
+# Typical (GRPO loss, 6 conversations): loss relative diff 3e-4; gradient global relative error
 # |g16 - g32| / |g32| = 0.0099 (cosine 0.99995).
 LOSS_RTOL = 3e-3
 GRAD_RTOL = 0.04

@@ -1,4 +1,4 @@
-"""Files shaped exactly as the reference's data scripts write them load unchanged (issue 17).
+"""Files shaped exactly as the reference's data scripts write them load unchanged.
 
 Each file is written here the way MemAgent's `taskutils/memory_data` scripts write it (pandas `to_parquet` of the
 training rows; `json.dump(..., indent=4)` of evaluation rows; RULER rows with `outputs`; index-list `context` at

@@ -1,22 +1,25 @@
 """Decode layouts: 'unstacked' (per-layer weight arrays) vs 'scan' (stacked weights in a layer scan).
 
 Both must sample the same tokens with the same log-probs (the maths is the same; only the weight layout
-differs), the whole agent must give the same answers and traces, and the compiled decode loop of 'unstacked'
-must read its weights in place (no slice or copy of a weight-shaped array inside the while body), where
-'scan' slices every weight matrix out of the stack at every step.
+differs), the whole agent must give the same answers and traces, and the decode loop of 'unstacked' must take
+its weights and KV cache as per-layer arrays that its body reads in place (no weight- or cache-shaped slice in
+any loop of the program's jaxpr), where 'scan' slices every weight matrix and each layer's cache out of the stack
+at every step.
 """
 
-import re
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from hf_tiny import make_agent_model_dir, make_hf_model, save_hf_model
 from memagent_jax.agent import AgentBudgets, MemoryAgent
 from memagent_jax.data.tokenizer import load_tokenizer
-from memagent_jax.models import ConfigError, ModelConfig, init_cache, init_params, load_hf_params, unstack_layers
+from memagent_jax.models import (ConfigError, ModelConfig, abstract_params, init_cache, init_params, load_hf_params,
+                                 unstack_layers)
 from memagent_jax.models.presets import preset_config
 from memagent_jax.models.transformer import forward
 from memagent_jax.sampling import SamplingParams
@@ -116,75 +119,52 @@ def test_agent_identical_with_both_layouts(agent_setup):
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5, rtol=0)
 
 
-# -------------------------------------------------------------------------------------------------- HLO
+# ------------------------------------------------------------------------------ loop structure (jaxpr)
+
+_SLICING = frozenset({"dynamic_slice", "slice", "gather", "copy", "copy_p"})
 
 
-def _computations(hlo: str) -> dict[str, list[str]]:
-    comps, current = {}, None
-    for line in hlo.splitlines():
-        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
-        if head:
-            current = comps.setdefault(head.group(1), [])
-        elif current is not None and line.strip() not in ("", "}"):
-            current.append(line.strip())
-    return comps
+@dataclasses.dataclass
+class _Loop:
+    kind: str                                   # 'while' | 'scan'
+    operands: list[tuple[int, ...]]             # shapes of the loop's operands (consts and carry; a scan's xs too)
+    sliced: list[tuple[str, tuple[int, ...]]]   # (how, shape) of every array the body takes out of a bigger one
 
 
-def _reachable(comps, root):
-    seen, stack = set(), [root]
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in comps:
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for j in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(j, jax_core.ClosedJaxpr):
+                yield j.jaxpr
+            elif isinstance(j, jax_core.Jaxpr):
+                yield j
+
+
+def _loops(jaxpr, out: list[_Loop] | None = None, sliced: list | None = None) -> list[_Loop]:
+    """Every `while` / `scan` of `jaxpr`, with what its body slices per iteration: ('xs', shape) for a scan's
+    per-iteration slice of its inputs, else the slicing primitive and its result shape. Non-loop sub-jaxprs (jit,
+    remat, cond) are walked into; a nested loop is a loop of its own (its slices are not its parent's)."""
+    out = [] if out is None else out
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in ("while", "scan"):
+            loop = _Loop(name, [tuple(v.aval.shape) for v in eqn.invars], [])
+            if name == "scan":
+                n = eqn.params["num_consts"] + eqn.params["num_carry"]
+                loop.sliced += [("xs", tuple(v.aval.shape[1:])) for v in eqn.invars[n:]]
+            out.append(loop)
+            for sub in _sub_jaxprs(eqn):
+                _loops(sub, out, loop.sliced)
             continue
-        seen.add(name)
-        for line in comps[name]:
-            for m in re.finditer(r"(?:body|condition|calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)", line):
-                stack += [n.strip().lstrip("%") for n in m.group(1).split(",")]
-    return seen
-
-
-_SLICE_RE = re.compile(r"%?[\w.\-]+ = \w+\[([\d,]*)\](?:\{[^}]*\})? (dynamic-slice|slice|copy)\(")
-
-
-def _own_slices_per_while(hlo: str) -> list[list[tuple[str, tuple[int, ...]]]]:
-    """For each while loop: (op, result shape) of the slices / copies in its body, fusions included but nested
-    while loops excluded (they are listed as loops of their own)."""
-    comps = _computations(hlo)
-    out = []
-    for lines in list(comps.values()):
-        for line in lines:
-            if " while(" not in line:
-                continue
-            seen, stack, found = set(), [re.search(r"body=%?([\w.\-]+)", line).group(1)], []
-            while stack:
-                name = stack.pop()
-                if name in seen or name not in comps:
-                    continue
-                seen.add(name)
-                for inner in comps[name]:
-                    m = _SLICE_RE.match(inner)
-                    if m:
-                        found.append((m.group(2), tuple(int(d) for d in m.group(1).split(",") if d)))
-                    if " while(" in inner:
-                        continue
-                    for m in re.finditer(r"(?:calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)", inner):
-                        stack += [n.strip().lstrip("%") for n in m.group(1).split(",")]
-            out.append(found)
+        if sliced is not None and name in _SLICING:
+            sliced += [(name, tuple(v.aval.shape)) for v in eqn.outvars]
+        for sub in _sub_jaxprs(eqn):
+            _loops(sub, out, sliced)
     return out
 
 
-def _sliced_shapes_in_while_bodies(hlo: str) -> list[tuple[int, ...]]:
-    """Result shapes of every dynamic-slice / slice / copy inside any while body (fusions included)."""
-    comps = _computations(hlo)
-    bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1)
-              for lines in comps.values() for line in lines if " while(" in line]
-    shapes = []
-    for name in set().union(*(_reachable(comps, b) for b in bodies)):
-        for line in comps[name]:
-            m = re.match(r"%?[\w.\-]+ = \w+\[([\d,]*)\](?:\{[^}]*\})? (dynamic-slice|slice|copy)\(", line)
-            if m:
-                shapes.append(tuple(int(d) for d in m.group(1).split(",") if d))
-    return shapes
+def _drop_unit_lead(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[1:] if shape[:1] == (1,) else shape
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -192,48 +172,51 @@ def test_decode_loop_reads_weights_in_place(layout):
     # Distinct sizes so no cache or activation shape equals a weight shape.
     config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
                            head_dim=16, vocab_size=200, decode_layout=layout)
-    params = init_params(config, 0)
+    params = abstract_params(config)  # shapes only: the programs are traced, not run
     weight_shapes = {tuple(a.shape[1:]) for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
                      if str(path[-1].key).endswith("_proj")}
     assert len(weight_shapes) == 5  # q, k/v, o, gate/up, down
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
     cache = init_cache(config, 2, 12)
-    pre = jax.jit(prefill, static_argnames="config")(params, config, jnp.ones((2, 8), jnp.int32),
-                                                     jnp.ones((2, 8), bool), cache)
+    pre = jax.eval_shape(lambda p, t, m, c: prefill(p, config, t, m, c), params, jnp.ones((2, 8), jnp.int32),
+                         jnp.ones((2, 8), bool), cache)
     keys = jax.random.split(jax.random.key(0), 2)
     run = jax.jit(decode, static_argnames=("config", "sampling"))
-    hlo = run.lower(params, config, pre.cache, pre.last_logits, pre.next_positions, keys,
-                    sampling).compile().as_text()
-    sliced = {s[1:] if s[:1] == (1,) else s for s in _sliced_shapes_in_while_bodies(hlo)}
+    loops = _loops(run.trace(params, config, pre.cache, pre.last_logits, pre.next_positions, keys, sampling).jaxpr)
+    sliced = {_drop_unit_lead(shape) for loop in loops for _, shape in loop.sliced}
     hits = weight_shapes & sliced
     if layout == "scan":
-        assert len(hits) == len(weight_shapes), hits  # every weight matrix sliced out per step
+        assert len(hits) == len(weight_shapes), hits  # every weight matrix sliced out of the stack per step
     else:
-        assert not hits, f"weights sliced/copied inside the decode loop: {hits}"
+        assert not hits, f"weights sliced inside the decode loop: {hits}"
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_decode_loop_reads_the_kv_cache_in_place(layout, batch):
-    """'unstacked' gives each layer its own cache buffer for the decode loop (`split_cache_layers`): no slice or
-    copy of a layer's cache inside the loop, at batch 1 too (where a [B, K, S, Dh] buffer got its in-place
-    write duplicated); 'scan' slices each layer's cache out of the [L, ...] stack at every token."""
+    """'unstacked' gives each layer its own cache buffer for the decode loop (`split_cache_layers`): the loop
+    carries 2 L buffers [B*K, S, Dh] (batch and KV heads on one axis, at batch 1 too) and slices no cache; 'scan'
+    carries the stacked [L, B, K, S, Dh] cache and slices each layer's cache out of it at every token."""
     config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
                            head_dim=16, vocab_size=200, decode_layout=layout)
-    params = init_params(config, 0)
+    params = abstract_params(config)
     slots = 37  # no weight or activation has this size
     cache = init_cache(config, batch, slots)
-    pre = jax.jit(prefill, static_argnames="config")(params, config, jnp.ones((batch, 8), jnp.int32),
-                                                     jnp.ones((batch, 8), bool), cache)
+    pre = jax.eval_shape(lambda p, t, m, c: prefill(p, config, t, m, c), params, jnp.ones((batch, 8), jnp.int32),
+                         jnp.ones((batch, 8), bool), cache)
     run = jax.jit(decode, static_argnames=("config", "sampling"))
-    hlo = run.lower(params, config, pre.cache, pre.last_logits, pre.next_positions,
-                    jax.random.split(jax.random.key(0), batch),
-                    SamplingParams(max_new_tokens=6, temperature=0.0)).compile().as_text()
-    cache_sized = [s for s in _sliced_shapes_in_while_bodies(hlo) if slots in s and np.prod(s) >= slots * 16]
+    loops = _loops(run.trace(params, config, pre.cache, pre.last_logits, pre.next_positions,
+                             jax.random.split(jax.random.key(0), batch),
+                             SamplingParams(max_new_tokens=6, temperature=0.0)).jaxpr)
+    (loop,) = [loop for loop in loops if loop.kind == "while"]
+    stacked, per_layer = (3, batch, 2, slots, 16), (batch * 2, slots, 16)
+    cache_sized = [s for lp in loops for _, s in lp.sliced if slots in s and np.prod(s) >= slots * 16]
     if layout == "scan":
+        assert loop.operands.count(stacked) == 2 and per_layer not in loop.operands
         assert cache_sized, "expected the scanned decode step to slice each layer's cache out of the stack"
     else:
-        assert not cache_sized, f"KV-cache buffers sliced/copied inside the decode loop: {cache_sized}"
+        assert loop.operands.count(per_layer) == 2 * 3 and stacked not in loop.operands, loop.operands
+        assert not cache_sized, f"KV-cache buffers sliced inside the decode loop: {cache_sized}"
 
 
 def test_unstacked_decode_returns_the_stacked_cache_it_would_have_written():
@@ -274,7 +257,7 @@ def test_segment_program_unstacks_once_outside_its_loops(layout):
 
     config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
                            head_dim=16, vocab_size=200, decode_layout=layout)
-    params = init_params(config, 0)
+    params = abstract_params(config)
     weights = {tuple(a.shape[1:]) for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
                if str(path[-1].key).endswith("_proj")}
 
@@ -289,13 +272,12 @@ def test_segment_program_unstacks_once_outside_its_loops(layout):
             jnp.zeros((b, budgets.memory_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
             jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32), jnp.zeros((b, s), jnp.int32),
             jax.random.split(jax.random.key(0), b), jnp.int32(0))
-    hlo = program.segment_program.lower(*args).compile().as_text()
-    per_loop = [{(op, shape[1:] if shape[:1] == (1,) else shape) for op, shape in found}
-                for found in _own_slices_per_while(hlo)]
+    per_loop = [{(how, _drop_unit_lead(shape)) for how, shape in loop.sliced}
+                for loop in _loops(program.segment_program.trace(*args).jaxpr)]
     loops_slicing_weights = [found for found in per_loop if any(shape in weights for _, shape in found)]
-    static_in_loops = [shape for found in per_loop for op, shape in found if op == "slice" and shape in weights]
+    static_in_loops = [shape for found in per_loop for how, shape in found if how != "xs" and shape in weights]
     if layout == "scan":
         assert len(loops_slicing_weights) == 2  # the prefill's and the decode step's layer scans
     else:
         assert len(loops_slicing_weights) == 1, loops_slicing_weights  # the prefill's layer scan only
-        assert not static_in_loops, static_in_loops  # the unstacking was not sunk into a loop
+        assert not static_in_loops, static_in_loops  # the unstacking happens outside every loop

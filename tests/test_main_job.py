@@ -6,7 +6,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +110,9 @@ def test_quick_main_job_resumes_without_redoing_stages(quick_run, capsys):
 
 @pytest.mark.slow
 def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
-    """Item 5: the exported RL model in transformers + the plain-Python loop == the JAX chunk scan (greedy)."""
+    """The exported RL model in transformers + the plain-Python loop == the JAX chunk scan (greedy), token for
+    token: every memory update's prompt and response ids, the carried memories, the final prompt, the answer ids
+    and whether the answer ended on a stop token."""
     from memagent_jax import pipeline
     from memagent_jax.agent import MemoryAgent
     from memagent_jax.agent.torch_loop import load_torch_model, torch_agent_run
@@ -123,17 +124,24 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
     folder = summary["models"]["RL"]
     records = read_records(os.path.join(workdir, "assets/eval_4x.jsonl"))[:4]
     loaded = load_model(folder)
-    agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer, budgets=pipeline.agent_budgets(cfg),
-                        templates=pipeline.agent_templates(cfg))
-    jax_result = agent.run([r.question for r in records], [r.document for r in records], trace=True)
+    budgets, templates = pipeline.agent_budgets(cfg), pipeline.agent_templates(cfg)
+    agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer, budgets=budgets, templates=templates)
+    jax_result = agent.run([r.question for r in records], [r.document for r in records], trace=True, record=True)
 
     model = load_torch_model(folder)
     for i, record in enumerate(records):
-        ref = torch_agent_run(model, loaded.tokenizer, record.question, record.document,
-                              budgets=pipeline.agent_budgets(cfg), templates=pipeline.agent_templates(cfg))
+        ref = torch_agent_run(model, loaded.tokenizer, record.question, record.document, budgets=budgets,
+                              templates=templates)
+        convs = jax_result.conversations[i]
+        memory_convs = [c for c in convs if c.kind == "memory"]
+        assert len(ref.memories) == len(memory_convs) == jax_result.num_chunks[i] > 1, i  # a 4x document
+        assert [c.prompt_ids.tolist() for c in memory_convs] == ref.prompt_ids, i
+        assert [c.response_ids.tolist() for c in memory_convs] == ref.response_ids, i
         assert ref.memories == jax_result.traces[i], i
+        assert convs[-1].prompt_ids.tolist() == ref.final_prompt_ids, i
+        assert list(jax_result.answer_ids[i]) == ref.answer_ids, i
         assert ref.answer == jax_result.answers[i], i
-    assert all(np.isfinite(len(a)) for a in jax_result.answers)
+        assert ref.finished == jax_result.finished[i], i
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -252,24 +252,28 @@ def test_flags_are_registered_once():
 # ------------------------------------------------------------------------------------ config checks
 
 
-def test_multihost_config_errors_name_the_field(model_dir):
-    cfg = _grpo_config(model_dir)
-    validate_config(cfg, device_count=8, process_count=2)  # 2 questions over 2 processes: fine
-    with pytest.raises(TrainConfigError, match=r"config\.rl\.questions_per_step=3 must be a multiple of the 2 "):
-        validate_config(_grpo_config(model_dir, **{"rl.questions_per_step": 3}), device_count=8, process_count=2)
-    with pytest.raises(TrainConfigError, match=r"config\.mesh: data x fsdp = 1 must be a multiple of the 2 "):
-        validate_config(_grpo_config(model_dir, **{"mesh.fsdp": 1, "mesh.tensor": -1}), device_count=8,
-                        process_count=2)
-    with pytest.raises(TrainConfigError, match=r"config\.mesh\.rollout_devices must be 0 .* got 8"):
-        validate_config(_grpo_config(model_dir, **{"mesh.rollout_devices": 8}), device_count=8)
-    with pytest.raises(TrainConfigError, match=r"config\.mesh\.rollout_devices=3 must be a multiple of the 2 "):
-        validate_config(_grpo_config(model_dir, **{"mesh.rollout_devices": 3}), device_count=8, process_count=2)
-    with pytest.raises(TrainConfigError, match=r"config\.mesh\.rollout_fsdp x config\.mesh\.rollout_tensor = 1 x 3"):
-        validate_config(_grpo_config(model_dir, **{"mesh.rollout_devices": 4, "mesh.rollout_tensor": 3}),
-                        device_count=8)
-    with pytest.raises(TrainConfigError, match=r"does not match the 6 learner devices \(8 devices - "
-                                               r"config\.mesh\.rollout_devices=2\)"):
-        validate_config(_grpo_config(model_dir, **{"mesh.rollout_devices": 2, "mesh.fsdp": 4}), device_count=8)
+def test_multihost_config_accepts_questions_split_over_processes(model_dir):
+    validate_config(_grpo_config(model_dir), device_count=8, process_count=2)  # 2 questions over 2 processes
+
+
+@pytest.mark.parametrize("overrides, processes, match", [
+    pytest.param({"rl.questions_per_step": 3}, 2, r"config\.rl\.questions_per_step=3 must be a multiple of the 2 ",
+                 id="questions-per-process"),
+    pytest.param({"mesh.fsdp": 1, "mesh.tensor": -1}, 2,
+                 r"config\.mesh: data x fsdp = 1 must be a multiple of the 2 ", id="batch-axes-per-process"),
+    pytest.param({"mesh.rollout_devices": 8}, 1, r"config\.mesh\.rollout_devices must be 0 .* got 8",
+                 id="rollout-takes-every-device"),
+    pytest.param({"mesh.rollout_devices": 3}, 2, r"config\.mesh\.rollout_devices=3 must be a multiple of the 2 ",
+                 id="rollout-devices-per-process"),
+    pytest.param({"mesh.rollout_devices": 4, "mesh.rollout_tensor": 3}, 1,
+                 r"config\.mesh\.rollout_fsdp x config\.mesh\.rollout_tensor = 1 x 3", id="rollout-mesh-shape"),
+    pytest.param({"mesh.rollout_devices": 2, "mesh.fsdp": 4}, 1,
+                 r"does not match the 6 learner devices \(8 devices - config\.mesh\.rollout_devices=2\)",
+                 id="learner-mesh-shape"),
+])
+def test_multihost_config_errors_name_the_field(model_dir, overrides, processes, match):
+    with pytest.raises(TrainConfigError, match=match):
+        validate_config(_grpo_config(model_dir, **overrides), device_count=8, process_count=processes)
 
 
 def test_split_devices(model_dir):

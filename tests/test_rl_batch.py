@@ -31,44 +31,51 @@ def test_builder_layout():
     assert len(jax.tree.leaves(b)) == 5
 
 
-def test_builder_errors_name_the_field():
-    with pytest.raises(BatchError, match="response_logprobs\\[1\\]"):
-        build_conversation_batch(PROMPTS, RESPONSES, [[-1.0, -1.0], [-1.0], []], ADV)
-    with pytest.raises(BatchError, match="prompt_ids\\[0\\]: empty"):
-        build_conversation_batch([[]] + PROMPTS[1:], RESPONSES, LOGPS, ADV)
-    with pytest.raises(BatchError, match="advantages"):
-        build_conversation_batch(PROMPTS, RESPONSES, LOGPS, ADV[:2])
-    with pytest.raises(BatchError, match="max_length=4"):
-        build_conversation_batch(PROMPTS, RESPONSES, LOGPS, ADV, max_length=4)
-    with pytest.raises(BatchError, match="tokens: row 0"):
-        build_conversation_batch(PROMPTS, RESPONSES, LOGPS, ADV, vocab_size=10)
-    with pytest.raises(BatchError, match="old_logprobs: row 0 has a positive"):
-        build_conversation_batch(PROMPTS, RESPONSES, [[0.5, -1.0], LOGPS[1], []], ADV)
+@pytest.mark.parametrize("changes, match", [
+    pytest.param(dict(response_logprobs=[[-1.0, -1.0], [-1.0], []]), r"response_logprobs\[1\]", id="logprob-count"),
+    pytest.param(dict(prompt_ids=[[]] + PROMPTS[1:]), r"prompt_ids\[0\]: empty", id="empty-prompt"),
+    pytest.param(dict(advantages=ADV[:2]), r"advantages", id="advantage-count"),
+    pytest.param(dict(max_length=4), r"max_length=4", id="over-max-length"),
+    pytest.param(dict(vocab_size=10), r"tokens: row 0", id="token-out-of-vocab"),
+    pytest.param(dict(response_logprobs=[[0.5, -1.0], LOGPS[1], []]), r"old_logprobs: row 0 has a positive",
+                 id="positive-logprob"),
+])
+def test_builder_errors_name_the_field(changes, match):
+    kwargs = dict(prompt_ids=PROMPTS, response_ids=RESPONSES, response_logprobs=LOGPS, advantages=ADV) | changes
+    with pytest.raises(BatchError, match=match):
+        build_conversation_batch(**kwargs)
 
 
-def test_validate_catches_bad_layouts():
+def _set(field, index, value):
+    """A change to a valid batch: `field` with `value` written at `index`."""
+    def change(b):
+        a = getattr(b, field).copy()
+        a[index] = value
+        return {field: a}
+    return change
+
+
+def _hole_in_row_1(b):  # a real token missing inside row 1's prompt
+    bad = b.token_mask.copy()
+    bad[1, 1] = False
+    return dict(token_mask=bad, loss_mask=b.loss_mask & bad)
+
+
+@pytest.mark.parametrize("change, match", [
+    pytest.param(_set("loss_mask", (0, 0), True), "loss_mask: row 0", id="loss-on-position-0"),
+    pytest.param(_hole_in_row_1, "token_mask: row 1", id="hole-in-real-tokens"),
+    pytest.param(_set("loss_mask", (1, 2), False), "loss_mask: row 1", id="response-not-contiguous"),
+    pytest.param(lambda b: dict(advantages=np.zeros((2,), np.float32)), "advantages: expected shape",
+                 id="advantages-shape"),
+    pytest.param(_set("advantages", 2, np.nan), "advantages: row 2", id="nan-advantage"),
+    pytest.param(lambda b: dict(token_mask=b.token_mask.astype(np.int32)), "token_mask: expected dtype bool",
+                 id="token-mask-dtype"),
+])
+def test_validate_catches_bad_layouts(change, match):
     b = build_conversation_batch(PROMPTS, RESPONSES, LOGPS, ADV, length_multiple=8)
     validate_batch(b)
-    bad = b.loss_mask.copy()
-    bad[0, 0] = True
-    with pytest.raises(BatchError, match="loss_mask: row 0"):
-        validate_batch(b.replace(loss_mask=bad))
-    bad = b.token_mask.copy()
-    bad[1, 1] = False  # a hole in the real tokens
-    with pytest.raises(BatchError, match="token_mask: row 1"):
-        validate_batch(b.replace(token_mask=bad, loss_mask=b.loss_mask & bad))
-    bad = b.loss_mask.copy()
-    bad[1, 2] = False  # response not contiguous
-    with pytest.raises(BatchError, match="loss_mask: row 1"):
-        validate_batch(b.replace(loss_mask=bad))
-    with pytest.raises(BatchError, match="advantages: expected shape"):
-        validate_batch(b.replace(advantages=np.zeros((2,), np.float32)))
-    adv = b.advantages.copy()
-    adv[2] = np.nan
-    with pytest.raises(BatchError, match="advantages: row 2"):
-        validate_batch(b.replace(advantages=adv))
-    with pytest.raises(BatchError, match="token_mask: expected dtype bool"):
-        validate_batch(b.replace(token_mask=b.token_mask.astype(np.int32)))
+    with pytest.raises(BatchError, match=match):
+        validate_batch(b.replace(**change(b)))
 
 
 def test_shuffle_and_pad_rows_keep_rows_intact():

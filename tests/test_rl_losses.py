@@ -195,17 +195,19 @@ def test_aggregate_and_entropy_by_hand():
     np.testing.assert_allclose(np.asarray(entropy_from_logits(logits)), want, rtol=1e-6)
 
 
-def test_loss_config_errors_name_the_field():
-    with pytest.raises(LossConfigError, match="loss.clip_low"):
-        LossConfig(clip_low=1.0)
-    with pytest.raises(LossConfigError, match="loss.clip_high"):
-        LossConfig(clip_high=-0.1)
-    with pytest.raises(LossConfigError, match="loss.dual_clip"):
-        LossConfig(dual_clip=1.0)
-    with pytest.raises(LossConfigError, match="loss.aggregation"):
-        LossConfig(aggregation="sum")
-    with pytest.raises(LossConfigError, match="loss.kind"):
-        LossConfig(kind="ppo")
+@pytest.mark.parametrize("changes, match", [
+    pytest.param(dict(clip_low=1.0), "loss.clip_low", id="clip-low-1"),
+    pytest.param(dict(clip_high=-0.1), "loss.clip_high", id="negative-clip-high"),
+    pytest.param(dict(dual_clip=1.0), "loss.dual_clip", id="dual-clip-1"),
+    pytest.param(dict(aggregation="sum"), "loss.aggregation", id="unknown-aggregation"),
+    pytest.param(dict(kind="ppo"), "loss.kind", id="unknown-kind"),
+])
+def test_loss_config_errors_name_the_field(changes, match):
+    with pytest.raises(LossConfigError, match=match):
+        LossConfig(**changes)
+
+
+def test_kl_without_reference_logprobs_names_the_argument():
     b = _make_batch()
     with pytest.raises(LossConfigError, match="ref_logprobs"):
         policy_loss(b["logp"], b["old"], b["adv"], b["mask"], config=LossConfig(kl_coef=0.1))

@@ -400,23 +400,20 @@ def test_bad_sampling_params():
     assert SamplingParams(stop_token_ids=7).stop_token_ids == (7,)
 
 
-def test_bad_prompts(tiny):
+@pytest.mark.parametrize("call, match", [
+    pytest.param(lambda g, sp: g([[4, 5], []], sp), r"prompts\[1\] is empty", id="empty-prompt"),
+    pytest.param(lambda g, sp: g([], sp), "prompts is empty", id="no-prompts"),
+    pytest.param(lambda g, sp: g([[4] * 33], sp), "longer than the largest bucket", id="prompt-too-long"),
+    pytest.param(lambda g, sp: g([[4, 128]], sp), r"prompts\[0\] holds token id 128", id="token-out-of-vocab"),
+    pytest.param(lambda g, sp: g(["hello"], sp), "tokenize it first", id="text-prompt"),
+    pytest.param(lambda g, sp: g([[4]], SamplingParams(stop_token_ids=(500,))), "stop_token_ids",
+                 id="stop-id-out-of-vocab"),
+    pytest.param(lambda g, sp: g([[4], [5]], sp, rng=jax.random.split(jax.random.key(0), 3)),
+                 "3 keys, but there are 2 prompts", id="key-count"),
+    pytest.param(lambda g, sp: g([[4]], {"max_new_tokens": 4}), "SamplingParams", id="params-not-samplingparams"),
+])
+def test_bad_prompts(tiny, call, match):
     _, params, config, _ = tiny["qwen2"]
     sampler = Sampler(params, config, max_prompt_length=32)
-    sp = SamplingParams(max_new_tokens=4)
-    with pytest.raises(SamplingError, match=r"prompts\[1\] is empty"):
-        sampler.generate([[4, 5], []], sp)
-    with pytest.raises(SamplingError, match="prompts is empty"):
-        sampler.generate([], sp)
-    with pytest.raises(SamplingError, match="longer than the largest bucket"):
-        sampler.generate([[4] * 33], sp)
-    with pytest.raises(SamplingError, match=r"prompts\[0\] holds token id 128"):
-        sampler.generate([[4, 128]], sp)
-    with pytest.raises(SamplingError, match="tokenize it first"):
-        sampler.generate(["hello"], sp)
-    with pytest.raises(SamplingError, match="stop_token_ids"):
-        sampler.generate([[4]], SamplingParams(stop_token_ids=(500,)))
-    with pytest.raises(SamplingError, match="3 keys, but there are 2 prompts"):
-        sampler.generate([[4], [5]], sp, rng=jax.random.split(jax.random.key(0), 3))
-    with pytest.raises(SamplingError, match="SamplingParams"):
-        sampler.generate([[4]], {"max_new_tokens": 4})
+    with pytest.raises(SamplingError, match=match):
+        call(sampler.generate, SamplingParams(max_new_tokens=4))

@@ -1,4 +1,4 @@
-"""The reference reward and evaluation rules (issue 17): tables worked out by hand from MemAgent's rules.
+"""The reference reward and evaluation rules: tables worked out by hand from MemAgent's rules.
 
 Training reward of the reference (its HotpotQA reward): the last 300 characters of the response, lower-cased; the
 last ``\\boxed``; the answer and each ground truth (lower-cased) lose spaces and newlines (and a few LaTeX
@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (response, ground truths, reference_boxed reward, boxed_em reward): each worked out by hand.
 REWARD_TABLE = [
-    # The issue's case: articles and punctuation are kept by the reference, dropped by ours.
+    # Articles and punctuation are kept by the reference, dropped by ours.
     ("\\boxed{The Hop-Frog}", ["Hop-Frog"], 0.0, 1.0),
     ("\\boxed{Hop-Frog}", ["Hop-Frog"], 1.0, 1.0),
     ("\\boxed{Paris.}", ["Paris"], 0.0, 1.0),
@@ -105,7 +105,7 @@ def test_evaluation_drops_the_think_block():
 
 # (prediction, ground truths, f1): HotpotQA's rule, by hand.
 F1_TABLE = [
-    ("yes and others", ["yes"], 0.0),  # the issue's case: 0.5 without the rule
+    ("yes and others", ["yes"], 0.0),  # 0.5 without the yes/no rule
     ("yes", ["yes and others"], 0.0),  # a yes/no prediction against a longer gold
     ("Yes.", ["yes"], 1.0),
     ("no", ["no way"], 0.0),

@@ -6,7 +6,7 @@ Every function computes grouped-query softmax attention with the model's positio
                                 (and key_segments[s] == query_segments[t] when segment ids are given)
 
   `materialized_attention`  the reference: f32 scores [B, K, G, T, S], masked, softmaxed, then P @ V
-                            (what `Attention` always did; memory grows with T x S per head).
+                            (the simplest path; memory grows with T x S per head).
   `blockwise_attention`     online ("flash") softmax over key blocks of `key_block` slots and query blocks of
                             `query_block` tokens in `lax.fori_loop`s: the live score block is
                             [B, K, G, query_block, key_block]; a `jax.custom_vjp` backward recomputes each block
@@ -311,8 +311,8 @@ def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim
       'cudnn'          cuDNN where it applies (CUDA GPU, `cudnn_supports`), else 'blockwise'.
       'auto'           GPU: as 'cudnn';  TPU: 'blockwise';  CPU: 'materialized' when the call is one block
                        (T <= query_block and S <= key_block: the same live scores, one loop less), else
-                       'blockwise' (measured on CPU: as fast or faster from 512 x 512 up, 2-6x less time
-                       at 4096 x 4096; see benchmarks/bench_attention.py).
+                       'blockwise' (on CPU it is as fast or faster from 512 x 512 up and takes 2-6x less
+                       time at 4096 x 4096; benchmarks/bench_attention.py measures it).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")

@@ -193,23 +193,19 @@ class ModelConfig:
         """'scan' or 'unstacked': what `decode_layout` means here ('auto' looks at JAX's default backend).
 
         'auto' = 'unstacked' on CPU and GPU, 'scan' on TPU.
-          * CPU (measured): in a scanned decode step XLA dynamic-slices and copies every weight matrix out of
-            the [L, ...] stack before its dot, and each layer's KV cache out of the stacked cache, so a
+          * CPU: in a scanned decode step XLA dynamic-slices and copies every weight matrix out of the
+            [L, ...] stack before its dot, and each layer's KV cache out of the stacked cache, so a
             bandwidth-bound step reads those twice and writes them once. 'unstacked' gives each layer its own
             weight arrays (`unstack_layers`) and its own cache buffers for the decode loop
-            (`split_cache_layers`), so every dot reads in place (see benchmarks/bench_agent.py: the agent ran
-            1.3x (batch 1) and 2.1x (batch 4) faster at Qwen2.5-0.5B shapes with the weights alone; with the cache
-            too, the tiny shape's decode step 1.7x (batch 1) and 1.9x (batch 4), where the cache is the traffic).
+            (`split_cache_layers`), so every dot reads in place (benchmarks/bench_agent.py compares the two).
             The costs: one extra copy of the layer weights in memory while a decode program runs, a second copy
             of the KV cache while a decode loop runs, and a compile time that grows with depth (the decode step
             is unrolled over layers).
-          * GPU (measured on one H200, bf16, Qwen2.5-0.5B shapes, benchmarks/bench_gpu.py): the decode loop took
-            1.29 ms per token unstacked against 2.02 scanned at batch 1 and 0.95 against 1.85 at batch 4, and
-            the whole agent ran 1.74x / 2.06x faster; the first call compiled in about 30 s. The copies cost
-            device memory (a 7B model in bf16: ~13 GB of layer weights, divided by the rollout mesh's sharding);
-            the planner counts them ('decode copies') and every shipped GPU config still fits. Set 'scan' where
-            memory is short.
-          * TPU (not measured): 'scan'. A leading-axis slice of a contiguous stack can be read in place by TPU
+          * GPU: the same copies appear in the scanned decode loop, and 'unstacked' avoids them
+            (benchmarks/bench_gpu.py compares the two). The copies cost device memory (a 7B model in bf16:
+            ~13 GB of layer weights, divided by the rollout mesh's sharding); the planner counts them ('decode
+            copies') and every shipped GPU config fits with them. Set 'scan' where memory is short.
+          * TPU: 'scan'. A leading-axis slice of a contiguous stack can be read in place by TPU
             matmuls; set 'unstacked' when the decode HLO on the target shows the weight copies (`copy` /
             `dynamic-slice` of weight shapes in the while body) and memory allows.
         """

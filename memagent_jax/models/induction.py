@@ -16,7 +16,7 @@ output scaled down so they do not drown the circuit at the start:
   residual stream  token embeddings use the first D - Dh dims; the last Dh dims carry "the previous token".
                    Every token's code in the subspace the matching head compares gets the same norm, so each
                    token matches itself more strongly than any other (a random short code would lose to a
-                   longer look-alike: the main job's notes then took a look-alike creature's word).
+                   longer look-alike, and the notes would keep a look-alike creature's word).
   layer 0, head 0  previous-token head: zero q/k projections and q/k biases whose rotary phases differ by one
                    position, so its score depends only on the distance and peaks at t - 1; its values are a
                    random projection R of the token embedding, written into the last Dh dims.

@@ -112,10 +112,10 @@ def split_cache_layers(cache: KVCache) -> KVCache:
     """The cache with k and v as tuples of L per-layer [B*K, S, Dh] buffers (one copy of the cache).
 
     For the decode loop of the 'unstacked' layout. Reading layer i out of the [L, ...] stack copies that
-    layer's slice at every token on XLA CPU (in a profile, 4 such copies took about half of a tiny-shape
-    batch-4 decode step); with its own buffer, each layer writes the new token and attention reads the buffer
-    in place. Batch and KV heads share one axis because with a size-1 batch axis XLA CPU duplicated the
-    in-place write (a copy of the buffer for the attention read). The decode loop holds this copy and the
+    layer's slice at every token on XLA CPU (a large share of a bandwidth-bound decode step); with its own
+    buffer, each layer writes the new token and attention reads the buffer in place. Batch and KV heads share
+    one axis because with a size-1 batch axis XLA CPU duplicates the in-place write (a copy of the buffer for
+    the attention read). The decode loop holds this copy and the
     stacked cache it came from: twice the cache's memory while it runs. Undo with `merge_cache_layers`.
     """
     if cache.per_layer:
@@ -379,7 +379,7 @@ class Transformer(nnx.Module):
             x, kv = carry  # kv: the whole stacked cache (k, v), updated in place layer by layer
             params_l, index = layer_inputs
             # Materialise this layer's weight slices before use: on XLA CPU a dynamic-slice fused into a
-            # dot falls off the library GEMM path (measured 1.6x slower MLP). No effect on results.
+            # dot falls off the library GEMM path (an MLP about 1.6x slower). No effect on results.
             params_l = jax.lax.optimization_barrier(params_l)
             block = nnx.merge(graphdef, params_l)
             x, kv = block(x, positions, inv_freq, (keys, mask), kv, None if cache is None else cache.length, index)

@@ -455,8 +455,8 @@ def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, mo
             new_opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_opt_state, opt_state)
             return optax.apply_updates(params, updates), new_opt_state
 
-        # A branch, not a select between the updated and the old trees: the select kept both in the step's
-        # temporaries (XLA's memory analysis at Qwen2.5-0.5B shapes: about one f32 copy of the params more).
+        # A branch, not a select between the updated and the old trees: a select keeps both in the step's
+        # temporaries (about one f32 copy of the params more in XLA's memory analysis at Qwen2.5-0.5B shapes).
         params, opt_state = jax.lax.cond(apply, step, lambda operands: operands[:2], (params, opt_state, grads))
         skipped = skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
         return (params, opt_state, skipped), dict(metrics, grad_norm=grad_norm, finite=finite, applied=apply)

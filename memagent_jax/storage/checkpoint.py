@@ -293,7 +293,7 @@ class Checkpointer:
         if problem is not None:
             raise CheckpointError(f"{where}: {problem}")
         saved = meta.get("checksums")
-        if isinstance(saved, dict):  # checkpoints written before checksums existed have none
+        if isinstance(saved, dict):  # metadata without a checksums entry: nothing to compare
             for path, (_, checksum) in stats.items():
                 if path in saved and int(saved[path]) != checksum:
                     raise CheckpointError(f"{where}: leaf {path} does not match the checksum written when it was "
