@@ -57,6 +57,8 @@ setup(
     description="Memory agents for arbitrarily long documents, trained with multi-conversation GRPO, in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    classifiers=["License :: OSI Approved :: Apache Software License"],
     packages=find_packages(include=["memagent_jax", "memagent_jax.*"]),
     python_requires=">=3.11",
     install_requires=CORE,

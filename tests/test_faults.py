@@ -1,8 +1,8 @@
 """Fault injection: bad rows, bad weights, bad checkpoints, bad configs, hostile launcher values, resume leftovers.
 
-Each test is one row of the README's "fault or bad input | what the user sees | data kept" table: it injects the
-fault and checks both what the user is told (an error naming the file / row / field / tensor / step) and that
-nothing good is lost (the other rows, the older checkpoints, the input file).
+Each test is one row of the "fault or bad input | what the user sees | data kept" table of docs/guides/evaluation.md:
+it injects the fault and checks both what the user is told (an error naming the file / row / field / tensor / step)
+and that nothing good is lost (the other rows, the older checkpoints, the input file).
 """
 
 import importlib.util
