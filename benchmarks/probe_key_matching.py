@@ -55,11 +55,11 @@ import numpy as np  # noqa: E402
 
 def _tokenizer_and_prompts(folder: str):
     from memagent_jax.agent import AgentPrompts, AgentTemplates
-    from memagent_jax.agent import cpu_settings
+    from memagent_jax.configs import cpu_agent
     from memagent_jax.data.synthetic import tokenizer_corpus
     from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
-    t = cpu_settings.TEMPLATES  # the main job's wording and tokenizer recipe (pipeline.make_assets)
+    t = cpu_agent.TEMPLATES  # the main job's wording and tokenizer recipe (pipeline.make_assets)
     texts = itertools.chain(tokenizer_corpus(num_samples=16, num_tokens=300, seed=0),
                             [t["memory_update"], t["final_answer"], t["initial_memory"]] * 50)
     train_tokenizer(texts, folder, vocab_size=1024)
@@ -80,13 +80,14 @@ def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str,
                     fact_style: str = "sentence"):
     """[count, T] ids, [count, T] real-token mask, [count, T] loss weights (on the next token), [count] index of
     the position whose next token is the noted word."""
-    from memagent_jax.agent import AgentBudgets, cpu_settings
+    from memagent_jax.agent import AgentBudgets
+    from memagent_jax.configs import cpu_agent
     from memagent_jax.agent.chunking import tokenize_document
     from memagent_jax.agent.templates import encode_text
     from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
     from memagent_jax.rl.warm_start import ScriptedPolicy, StraddlingFactError, scripted_conversations
 
-    budgets = AgentBudgets(**cpu_settings.BUDGETS)
+    budgets = AgentBudgets(**cpu_agent.BUDGETS)
     task = SyntheticConfig(task="keyed_recall", num_tokens=budgets.chunk_tokens, num_distractors=lookalikes,
                            same_chunk_distractors=min(1, lookalikes), chunk_tokens=budgets.chunk_tokens,
                            chunk_aligned=True, fact_style=fact_style, seed=seed)

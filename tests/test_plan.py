@@ -24,10 +24,7 @@ SCALE_CONFIGS = ["qwen2_5_7b_hotpotqa.py", "qwen2_5_14b_hotpotqa.py", "qwen3_8b_
 
 
 def load_config_module(name):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", os.path.join(ROOT, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"memagent_jax.configs.{name[:-3]}")
 
 
 TINY = presets.preset_config("tiny")

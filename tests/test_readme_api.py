@@ -74,11 +74,12 @@ def test_readme_api_block_runs_as_written(tmp_path, capsys):
 
 
 def _main_job_config():
-    spec = importlib.util.spec_from_file_location("tiny_synthetic_config", os.path.join(REPO, "configs",
-                                                                                      "tiny_synthetic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The quick variant with the main job's own warm start."""
+    from memagent_jax.configs import tiny_synthetic
+
+    cfg = tiny_synthetic.get_config("quick")
+    cfg.warm_start = tiny_synthetic.get_config().warm_start
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +90,6 @@ def trained_run(tmp_path_factory):
     from memagent_jax import pipeline
 
     cfg = _main_job_config()
-    cfg.quick = True
-    cfg.quick_overrides = ",".join(item for item in cfg.quick_overrides.split(",")
-                                   if not item.strip().startswith("warm_start."))
     workdir = tmp_path_factory.mktemp("trained") / "tiny_synthetic"
     summary = pipeline.run(cfg, str(workdir))
     return workdir, summary

@@ -21,9 +21,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
 def load_config(name, arg=""):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name[:-3]}", os.path.join(ROOT, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"memagent_jax.configs.{name[:-3]}")
     return module.get_config(arg) if arg else module.get_config()
 
 

@@ -129,10 +129,7 @@ def test_yes_no_rule_leaves_em_and_sub_em_alone():
 
 
 def _config(name, arg=""):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return importlib.import_module(f"memagent_jax.configs.{name}").get_config(arg)
 
 
 def test_reference_recipe_configs_use_the_reference_reward():

@@ -1,8 +1,8 @@
 """The memory agent: types, templates, chunking, the jitted chunk scan, device placement, the document engine,
 the runner (`MemoryAgent`), the text prompt mode, a plain-Python reference loop.
 
-The names below load on first use (PEP 562), so importing a light submodule (`agent.cpu_settings`: plain values,
-which the configs import) does not pull in JAX through this file.
+The names below load on first use (PEP 562), so importing a light submodule (e.g. `agent.types`,
+plain dataclasses) does not pull in JAX through this file.
 """
 
 from memagent_jax._lazy import lazy_exports

@@ -6,7 +6,7 @@
 Stages (each resumes when re-run with the same workdir): make the task data and a tokenizer, create a tiny
 Qwen2-architecture model, warm-start it by SFT on scripted (imperfect) memory traces, train it with
 multi-conversation GRPO, evaluate both models at 1x..64x the training length, write a memory-trace report,
-and export. The `quick` variant (`quick_overrides`) shrinks every stage: about a minute, a pipeline check for tests.
+and export. The `quick` variant (`apply_quick_overrides`) shrinks every stage: about a minute, a pipeline check.
 
 The task is `keyed_recall` from memagent_jax.data.synthetic (keyed_recall.py) in its "pair" form: keyed facts "Remember
 <creature> <Word>." in a haystack of generated sentences, the asked one among look-alikes for other creatures
