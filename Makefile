@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo long-eval test test-fast bench install
+.PHONY: demo long-eval test test-fast lint format bench install
 
 install: $(STAMP)
 
@@ -47,6 +47,15 @@ TESTS_SECOND := $(shell ls tests/test_*.py | sort | awk '$$0 >= "tests/test_read
 test: $(STAMP) $(QWEN3_TOKENIZER)
 	$(BIN)/python -m pytest -q -ra $(TESTS_FIRST)
 	$(BIN)/python -m pytest -q -ra $(TESTS_SECOND)
+
+# ruff: lint rules and the formatter's check (ruff.toml); `make format` rewrites the tree in place.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test-fast: $(STAMP) $(QWEN3_TOKENIZER)
 	$(BIN)/python -m pytest -q -m "not slow"

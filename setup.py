@@ -7,6 +7,7 @@ torch is only a reference/benchmark dependency (the PyTorch side of parity tests
 side-by-side benchmarks). Install the pinned CPU wheel *first*: an unpinned torch pulls
 gigabytes of CUDA packages.
 """
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -39,6 +40,7 @@ EXTRAS = {
     "serve": ["fastapi>=0.115", "uvicorn>=0.30"],
     "test": [
         "torch==2.13.0",
+        "ruff==0.17.6",  # lint and format (make lint); pinned so the formatter's output does not drift
         "pytest>=8",
         "hypothesis>=6",
         "tensorflow-datasets>=4.9",

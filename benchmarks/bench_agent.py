@@ -77,9 +77,10 @@ def _torch_loop(model, agent, question: str, doc: np.ndarray) -> None:
         for chunk in split_chunks(doc, agent.budgets.chunk_tokens):
             prompt = spec.prompts.update.assemble({"question": q_ids, "memory": memory, "chunk": chunk})
             m = agent.budgets.memory_tokens
-            out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=m, min_new_tokens=m,
-                                 **kwargs)
-            memory = out[0, len(prompt):].tolist()
+            out = model.generate(
+                torch.tensor([prompt], device=model.device), max_new_tokens=m, min_new_tokens=m, **kwargs
+            )
+            memory = out[0, len(prompt) :].tolist()
         final = spec.prompts.final.assemble({"question": q_ids, "memory": memory})
         a = agent.budgets.answer_tokens
         model.generate(torch.tensor([final], device=model.device), max_new_tokens=a, min_new_tokens=a, **kwargs)
@@ -107,8 +108,10 @@ def _torch_loop_batch(model, agent, questions, docs) -> None:
 
     with torch.inference_mode():
         for k in range(len(chunks[0])):
-            prompts = [spec.prompts.update.assemble({"question": q, "memory": m, "chunk": c[k]})
-                       for q, m, c in zip(q_ids, memories, chunks)]
+            prompts = [
+                spec.prompts.update.assemble({"question": q, "memory": m, "chunk": c[k]})
+                for q, m, c in zip(q_ids, memories, chunks)
+            ]
             memories = generate(prompts, agent.budgets.memory_tokens)
         finals = [spec.prompts.final.assemble({"question": q, "memory": m}) for q, m in zip(q_ids, memories)]
         generate(finals, agent.budgets.answer_tokens)
@@ -140,8 +143,9 @@ def torch_tokens_per_s(model, agent, questions, docs, repeats: int) -> dict[int,
     _torch_loop(model, agent, questions[0], docs[0][:chunk])
     one = len(docs[0]) / _timed(lambda: _torch_loop(model, agent, questions[0], docs[0]), repeats)
     _torch_loop_batch(model, agent, questions[:4], [d[:chunk] for d in docs[:4]])
-    four = sum(len(d) for d in docs[:4]) / _timed(lambda: _torch_loop_batch(model, agent, questions[:4], docs[:4]),
-                                                  repeats)
+    four = sum(len(d) for d in docs[:4]) / _timed(
+        lambda: _torch_loop_batch(model, agent, questions[:4], docs[:4]), repeats
+    )
     return {1: one, 4: four}
 
 
@@ -157,8 +161,9 @@ def decode_seconds_per_token(params, config, batch: int, prompt: int, new_tokens
 
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     tokens = jnp.full((batch, prompt), 5, jnp.int32)
-    pre = jax.jit(prefill, static_argnames="config")(params, config, tokens, jnp.ones_like(tokens, bool),
-                                                     init_cache(config, batch, prompt + new_tokens))
+    pre = jax.jit(prefill, static_argnames="config")(
+        params, config, tokens, jnp.ones_like(tokens, bool), init_cache(config, batch, prompt + new_tokens)
+    )
     keys = jax.random.split(jax.random.key(0), batch)
     run = jax.jit(decode, static_argnames=("config", "sampling"))
     args = (params, config, pre.cache, pre.last_logits, pre.next_positions, keys, sampling)
@@ -177,19 +182,36 @@ def bench_speed(quick: bool) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     tmp = tempfile.mkdtemp()
     tokenizer = _tokenizer(os.path.join(tmp, "tok"))
-    cases = [("tiny", preset_config("tiny", vocab_size=len(tokenizer), **TINY),
-              AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=64, answer_tokens=16,
-                           chunks_per_segment=4), 4096)]
+    cases = [
+        (
+            "tiny",
+            preset_config("tiny", vocab_size=len(tokenizer), **TINY),
+            AgentBudgets(
+                question_tokens=32, chunk_tokens=512, memory_tokens=64, answer_tokens=16, chunks_per_segment=4
+            ),
+            4096,
+        )
+    ]
     if not quick:
-        cases.append(("qwen2.5-0.5b shapes",
-                      preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="float32"),
-                      AgentBudgets(question_tokens=32, chunk_tokens=256, memory_tokens=16, answer_tokens=8,
-                                   chunks_per_segment=4), 1024))
+        cases.append(
+            (
+                "qwen2.5-0.5b shapes",
+                preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="float32"),
+                AgentBudgets(
+                    question_tokens=32, chunk_tokens=256, memory_tokens=16, answer_tokens=8, chunks_per_segment=4
+                ),
+                1024,
+            )
+        )
     print("\n== document tokens/s: chunk scan vs transformers agent loop (greedy, fixed-length memory, f32) ==")
-    print("   ours with decode_layout 'scan' and 'unstacked'; torch: one (batched, left-padded) generate per step, "
-          "best of 1 thread and all cores")
-    header = (f"{'shape':<21} {'C/M/A':>10} {'batch':>5} {'scan':>8} {'unstacked':>9} {'torch':>8} "
-              f"{'scan/torch':>10} {'unstacked/torch':>15}")
+    print(
+        "   ours with decode_layout 'scan' and 'unstacked'; torch: one (batched, left-padded) generate per step, "
+        "best of 1 thread and all cores"
+    )
+    header = (
+        f"{'shape':<21} {'C/M/A':>10} {'batch':>5} {'scan':>8} {'unstacked':>9} {'torch':>8} "
+        f"{'scan/torch':>10} {'unstacked/torch':>15}"
+    )
     print(header)
     repeats = 1 if quick else 2
     for name, config, budgets, doc_tokens in cases:
@@ -219,16 +241,20 @@ def bench_speed(quick: bool) -> None:
         b = budgets
         for batch in (1, 4):
             s_, u_, t_ = ours["scan", batch], ours["unstacked", batch], ref[batch]
-            print(f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>10} {batch:>5} {s_:>8.0f} "
-                  f"{u_:>9.0f} {t_:>8.0f} {s_ / t_:>9.2f}x {u_ / t_:>14.2f}x", flush=True)
+            print(
+                f"{name:<21} {f'{b.chunk_tokens}/{b.memory_tokens}/{b.answer_tokens}':>10} {batch:>5} {s_:>8.0f} "
+                f"{u_:>9.0f} {t_:>8.0f} {s_ / t_:>9.2f}x {u_ / t_:>14.2f}x",
+                flush=True,
+            )
         del agent, model
 
 
 def _linear_child(length: int) -> dict:
     from memagent_jax.agent import AgentBudgets
 
-    agent, tokenizer = _tiny_agent(AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32,
-                                                answer_tokens=8, chunks_per_segment=8))
+    agent, tokenizer = _tiny_agent(
+        AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8, chunks_per_segment=8)
+    )
     rng = np.random.default_rng(0)
     agent.run(["Where?"], [rng.integers(3, len(tokenizer), 4096).astype(np.int32)])  # compile
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -237,40 +263,53 @@ def _linear_child(length: int) -> dict:
     agent.run(["Where?"], [doc])
     elapsed = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return dict(length=length, seconds=elapsed, us_per_token=elapsed / length * 1e6,
-                rss_growth_mb=(peak - base_rss) / 1024, doc_array_mb=doc.nbytes / 2**20)
+    return dict(
+        length=length,
+        seconds=elapsed,
+        us_per_token=elapsed / length * 1e6,
+        rss_growth_mb=(peak - base_rss) / 1024,
+        doc_array_mb=doc.nbytes / 2**20,
+    )
 
 
 def bench_linear(lengths) -> None:
     print("\n== linear cost: tiny shape, chunk 512, memory 32 (one process per length) ==")
-    print(f"{'doc tokens':>10} {'seconds':>8} {'us/token':>9} {'vs 4K':>7} {'vs 64K':>7} "
-          f"{'peak RSS growth (MB)':>21} {'doc array (MB)':>15}")
+    print(
+        f"{'doc tokens':>10} {'seconds':>8} {'us/token':>9} {'vs 4K':>7} {'vs 64K':>7} "
+        f"{'peak RSS growth (MB)':>21} {'doc array (MB)':>15}"
+    )
     first = ref64 = None
     for length in lengths:
-        out = subprocess.run([sys.executable, __file__, "--linear-child", str(length)], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--linear-child", str(length)], capture_output=True, text=True, check=True
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         first = first or r["us_per_token"]
         if length == 65536:
             ref64 = r["us_per_token"]
         vs64 = f"{r['us_per_token'] / ref64:>6.2f}x" if ref64 else f"{'-':>7}"
-        print(f"{length:>10} {r['seconds']:>8.2f} {r['us_per_token']:>9.1f} {r['us_per_token'] / first:>6.2f}x "
-              f"{vs64} {r['rss_growth_mb']:>21.1f} {r['doc_array_mb']:>15.2f}")
+        print(
+            f"{length:>10} {r['seconds']:>8.2f} {r['us_per_token']:>9.1f} {r['us_per_token'] / first:>6.2f}x "
+            f"{vs64} {r['rss_growth_mb']:>21.1f} {r['doc_array_mb']:>15.2f}"
+        )
 
 
 def bench_compile() -> None:
     from memagent_jax.agent import AgentBudgets, program
 
-    agent, tokenizer = _tiny_agent(AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32,
-                                                answer_tokens=8, chunks_per_segment=4))
+    agent, tokenizer = _tiny_agent(
+        AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8, chunks_per_segment=4)
+    )
     rng = np.random.default_rng(0)
     print("\n== compile: tiny shape, chunk 512, 4 chunks per segment ==")
     for n_chunks in (2, 8, 64):
         doc = rng.integers(3, len(tokenizer), 512 * n_chunks).astype(np.int32)
         t0 = time.perf_counter()
         agent.run(["Where?"], [doc])
-        print(f"{n_chunks:>3} chunks: first call {time.perf_counter() - t0:6.2f}s, compiled segment programs = "
-              f"{program.segment_program._cache_size()}, final programs = {program.final_program._cache_size()}")
+        print(
+            f"{n_chunks:>3} chunks: first call {time.perf_counter() - t0:6.2f}s, compiled segment programs = "
+            f"{program.segment_program._cache_size()}, final programs = {program.final_program._cache_size()}"
+        )
 
 
 def bench_compile_depth(depths=(2, 8, 24)) -> None:
@@ -283,27 +322,39 @@ def bench_compile_depth(depths=(2, 8, 24)) -> None:
     from memagent_jax.models.presets import preset_config
 
     tokenizer = _tokenizer(os.path.join(tempfile.mkdtemp(), "tok"))
-    budgets = AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8,
-                           chunks_per_segment=4)
+    budgets = AgentBudgets(
+        question_tokens=32, chunk_tokens=512, memory_tokens=32, answer_tokens=8, chunks_per_segment=4
+    )
     print("\n== compile: segment program (tiny shape, chunk 512, 4 chunks per segment, batch 1), seconds ==")
     print(f"{'layers':>6} {'scan':>8} {'unstacked':>10} {'ratio':>6}")
     for depth in depths:
         times = {}
         for layout in ("scan", "unstacked"):
-            config = preset_config("tiny", vocab_size=len(tokenizer), **dict(TINY, num_layers=depth),
-                                   decode_layout=layout)
+            config = preset_config(
+                "tiny", vocab_size=len(tokenizer), **dict(TINY, num_layers=depth), decode_layout=layout
+            )
             agent = _agent(config, tokenizer, budgets)
             spec, b, s = agent.spec, 1, budgets.chunks_per_segment
-            args = (agent.params, spec, init_cache(config, b, spec.update_cache_slots), jnp.zeros((b,), jnp.int32),
-                    jnp.zeros((b, budgets.memory_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
-                    jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32), jnp.zeros((b, s), jnp.int32),
-                    jax.random.split(jax.random.key(0), b), jnp.int32(0))
+            args = (
+                agent.params,
+                spec,
+                init_cache(config, b, spec.update_cache_slots),
+                jnp.zeros((b,), jnp.int32),
+                jnp.zeros((b, budgets.memory_tokens), jnp.int32),
+                jnp.zeros((b,), jnp.int32),
+                jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32),
+                jnp.zeros((b, s), jnp.int32),
+                jax.random.split(jax.random.key(0), b),
+                jnp.int32(0),
+            )
             lowered = program.segment_program.lower(*args)
             t0 = time.perf_counter()
             lowered.compile()
             times[layout] = time.perf_counter() - t0
-        print(f"{depth:>6} {times['scan']:>8.2f} {times['unstacked']:>10.2f} "
-              f"{times['unstacked'] / times['scan']:>5.2f}x", flush=True)
+        print(
+            f"{depth:>6} {times['scan']:>8.2f} {times['unstacked']:>10.2f} {times['unstacked'] / times['scan']:>5.2f}x",
+            flush=True,
+        )
 
 
 def bench_decode_step(quick: bool) -> None:
@@ -313,19 +364,27 @@ def bench_decode_step(quick: bool) -> None:
 
     cases = [("tiny", preset_config("tiny", vocab_size=512, **TINY))]
     if not quick:
-        cases.append(("qwen2.5-0.5b shapes", preset_config("qwen2.5-0.5b-instruct", param_dtype="float32",
-                                                            compute_dtype="float32")))
+        cases.append(
+            (
+                "qwen2.5-0.5b shapes",
+                preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="float32"),
+            )
+        )
     n, prompt = 32, 256
     print(f"\n== decode loop alone: ms per token ({n} tokens after a {prompt}-token prompt, greedy, f32) ==")
     print(f"{'shape':<21} {'batch':>5} {'scan':>8} {'unstacked':>10} {'speed-up':>9}")
     for name, config in cases:
         params = init_params(config, 0)
         for batch in (1, 4):
-            ms = {layout: 1e3 * decode_seconds_per_token(params, config.replace(decode_layout=layout), batch,
-                                                         prompt, n)
-                  for layout in ("scan", "unstacked")}
-            print(f"{name:<21} {batch:>5} {ms['scan']:>8.2f} {ms['unstacked']:>10.2f} "
-                  f"{ms['scan'] / ms['unstacked']:>8.2f}x", flush=True)
+            ms = {
+                layout: 1e3 * decode_seconds_per_token(params, config.replace(decode_layout=layout), batch, prompt, n)
+                for layout in ("scan", "unstacked")
+            }
+            print(
+                f"{name:<21} {batch:>5} {ms['scan']:>8.2f} {ms['unstacked']:>10.2f} "
+                f"{ms['scan'] / ms['unstacked']:>8.2f}x",
+                flush=True,
+            )
         del params
 
 

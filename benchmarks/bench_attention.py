@@ -15,10 +15,11 @@ temp_size_in_bytes of
 for attention_impl 'materialized' (scores [H, T, S] in memory) and 'blockwise' (online softmax over 512 x 512
 blocks, custom VJP), with the ratio materialised / blockwise.
 
-Speed (runs, f32, best of 3 after a warm-up, the two paths alternating run by run): Qwen2.5-0.5B widths with 2 layers (H 14 / KV 2 x 64, D 896,
-F 4864, V 8192), T = 2048 (1024 with --quick): a prefill of T tokens into T + 256 slots, and value_and_grad of the learner's log-prob sum over one row of T
-tokens, for both paths (ratio blockwise / materialised time; < 1 = blockwise faster).
-'auto' on CPU takes 'materialized' when a call fits one block (T <= 512 and S <= 512) and 'blockwise' above.
+Speed (runs, f32, best of 3 after a warm-up, the two paths alternating run by run): Qwen2.5-0.5B widths with 2 layers (H
+14 / KV 2 x 64, D 896, F 4864, V 8192), T = 2048 (1024 with --quick): a prefill of T tokens into T + 256 slots, and
+value_and_grad of the learner's log-prob sum over one row of T tokens, for both paths (ratio blockwise / materialised
+time; < 1 = blockwise faster). 'auto' on CPU takes 'materialized' when a call fits one block (T <= 512 and S <= 512) and
+'blockwise' above.
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ def _mib(n: int) -> str:
 
 def learner_temp_bytes(config, length: int) -> tuple[int, float]:
     """(temp bytes, compile seconds) of the learner's compiled train step on one row of `length` tokens."""
-    learner = Learner(config, LearnerConfig(loss=LossConfig(kl_coef=0.0), compute_entropy=False,
-                                            logits_chunk_size=512))
+    learner = Learner(config, LearnerConfig(loss=LossConfig(kl_coef=0.0), compute_entropy=False, logits_chunk_size=512))
     spec = lambda dt: jax.ShapeDtypeStruct((1, length), dt)  # noqa: E731
-    batch = ConversationBatch(tokens=spec(jnp.int32), token_mask=spec(bool), loss_mask=spec(bool),
-                              old_logprobs=spec(jnp.float32), advantages=jax.ShapeDtypeStruct((1,), jnp.float32))
+    batch = ConversationBatch(
+        tokens=spec(jnp.int32),
+        token_mask=spec(bool),
+        loss_mask=spec(bool),
+        old_logprobs=spec(jnp.float32),
+        advantages=jax.ShapeDtypeStruct((1,), jnp.float32),
+    )
     t0 = time.perf_counter()
     compiled = learner._compiled_step(batch, False).lower(learner.abstract_state(), batch, None).compile()
     return compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - t0
@@ -113,29 +118,40 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores")
 
     big = preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="bfloat16", remat="full")
-    print(f"\n== peak temporary bytes (XLA memory analysis, compile only): Qwen2.5-0.5B shapes, f32 params, bf16 "
-          f"compute, remat full, 1 row ==")
+    print(
+        "\n== peak temporary bytes (XLA memory analysis, compile only): Qwen2.5-0.5B shapes, f32 params, bf16 "
+        "compute, remat full, 1 row =="
+    )
     print(f"{'program':<44} {'materialized':>14} {'blockwise':>14} {'ratio':>7}   compile s (mat / blk)")
     floor, _ = learner_temp_bytes(big.replace(attention_impl="materialized"), 128)
-    rows = [(f"learner step, T = {length}", lambda c: learner_temp_bytes(c, length)),
-            (f"chunk prefill, {length} tokens into {length + 1024} slots",
-             lambda c: prefill_temp_bytes(c, length, length + 1024))]
+    rows = [
+        (f"learner step, T = {length}", lambda c: learner_temp_bytes(c, length)),
+        (
+            f"chunk prefill, {length} tokens into {length + 1024} slots",
+            lambda c: prefill_temp_bytes(c, length, length + 1024),
+        ),
+    ]
     for name, measure in rows:
         got = {impl: measure(big.replace(attention_impl=impl)) for impl in IMPLS}
         (mat, mat_s), (blk, blk_s) = got["materialized"], got["blockwise"]
-        print(f"{name:<44} {_mib(mat):>14} {_mib(blk):>14} {mat / blk:>6.1f}x   {mat_s:.0f} / {blk_s:.0f}",
-              flush=True)
+        print(f"{name:<44} {_mib(mat):>14} {_mib(blk):>14} {mat / blk:>6.1f}x   {mat_s:.0f} / {blk_s:.0f}", flush=True)
         if name.startswith("learner"):
-            print(f"{'  minus the T = 128 step (' + _mib(floor) + ')':<44} {_mib(mat - floor):>14} "
-                  f"{_mib(blk - floor):>14} {(mat - floor) / (blk - floor):>6.1f}x", flush=True)
+            print(
+                f"{'  minus the T = 128 step (' + _mib(floor) + ')':<44} {_mib(mat - floor):>14} "
+                f"{_mib(blk - floor):>14} {(mat - floor) / (blk - floor):>6.1f}x",
+                flush=True,
+            )
 
-    small = preset_config("qwen2.5-0.5b-instruct", num_layers=2, vocab_size=8192, param_dtype="float32",
-                          compute_dtype="float32")
+    small = preset_config(
+        "qwen2.5-0.5b-instruct", num_layers=2, vocab_size=8192, param_dtype="float32", compute_dtype="float32"
+    )
     print(f"\n== speed on this CPU (f32, best of {repeats}): Qwen2.5-0.5B widths, 2 layers, V 8192, 1 row ==")
     print(f"{'program':<44} {'materialized':>14} {'blockwise':>14} {'blk/mat':>7}")
     times = speed(small, speed_tokens, repeats)
-    for what, label in (("prefill", f"prefill, {speed_tokens} tokens into {speed_tokens + 256} slots"),
-                        ("learner grad", f"log-prob value_and_grad, T = {speed_tokens}")):
+    for what, label in (
+        ("prefill", f"prefill, {speed_tokens} tokens into {speed_tokens + 256} slots"),
+        ("learner grad", f"log-prob value_and_grad, T = {speed_tokens}"),
+    ):
         mat, blk = times[(what, "materialized")], times[(what, "blockwise")]
         print(f"{label:<44} {mat * 1e3:>11.0f} ms {blk * 1e3:>11.0f} ms {blk / mat:>6.2f}x", flush=True)
 

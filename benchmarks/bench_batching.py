@@ -28,7 +28,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-
 from bench_agent import TINY, _agent, _tokenizer  # noqa: E402
 
 
@@ -45,7 +44,7 @@ def _lockstep(agent, questions, docs, keys, slots: int, order: list[int]):
     c, s = agent.budgets.chunk_tokens, agent.budgets.chunks_per_segment
     answers, rows_run = {}, 0
     for start in range(0, len(order), slots):
-        group = order[start:start + slots]
+        group = order[start : start + slots]
         group = group + [group[-1]] * (slots - len(group))  # one compiled shape, as evaluation pads
         result = agent.run([questions[i] for i in group], [docs[i] for i in group], rng=keys[np.asarray(group)])
         for j, i in enumerate(group):
@@ -70,16 +69,16 @@ def main() -> None:
     from memagent_jax.sampling.api import row_keys
 
     tokenizer = _tokenizer(os.path.join(tempfile.mkdtemp(), "tok"))
-    budgets = AgentBudgets(question_tokens=16, chunk_tokens=64, memory_tokens=16, answer_tokens=8,
-                           chunks_per_segment=2)
+    budgets = AgentBudgets(question_tokens=16, chunk_tokens=64, memory_tokens=16, answer_tokens=8, chunks_per_segment=2)
     agent = _agent(preset_config("tiny", vocab_size=len(tokenizer), **TINY), tokenizer, budgets)
     rng = np.random.default_rng(0)
     count, slots, group = (24 if args.quick else 48), args.slots, 4
     vocab = len(tokenizer)
 
     file_docs = [rng.integers(3, vocab, n).astype(np.int32) for n in _lengths(rng, count, 64, args.max_factor)]
-    question_docs = [rng.integers(3, vocab, n).astype(np.int32)
-                     for n in _lengths(rng, count // group, 64, args.max_factor)]
+    question_docs = [
+        rng.integers(3, vocab, n).astype(np.int32) for n in _lengths(rng, count // group, 64, args.max_factor)
+    ]
     rollout_docs = [d for d in question_docs for _ in range(group)]  # G trajectories per question, in order
     workloads = [("file", file_docs, "sorted by length"), ("arrival", rollout_docs, "arrival order")]
 
@@ -88,16 +87,19 @@ def main() -> None:
     agent.run(["Where?"] * slots, warm, rng=0)
     agent.run(["Where?"] * slots, warm, rng=0, batch_size=slots)
 
-    print(f"\n== continuous batching vs lockstep batches: tiny shape, budgets C/M/A {budgets.chunk_tokens}/"
-          f"{budgets.memory_tokens}/{budgets.answer_tokens}, {budgets.chunks_per_segment} chunks per segment, "
-          f"{slots} rows on the device, documents of 1x..{args.max_factor}x chunks ==")
-    print(f"{'workload':<9} {'docs':>5} {'doc tokens':>10} {'baseline':<18} {'base s':>7} {'base docs/s':>11} "
-          f"{'base occ.':>9} {'cont. s':>8} {'cont docs/s':>11} {'cont occ.':>9} {'ratio':>6}")
+    print(
+        f"\n== continuous batching vs lockstep batches: tiny shape, budgets C/M/A {budgets.chunk_tokens}/"
+        f"{budgets.memory_tokens}/{budgets.answer_tokens}, {budgets.chunks_per_segment} chunks per segment, "
+        f"{slots} rows on the device, documents of 1x..{args.max_factor}x chunks =="
+    )
+    print(
+        f"{'workload':<9} {'docs':>5} {'doc tokens':>10} {'baseline':<18} {'base s':>7} {'base docs/s':>11} "
+        f"{'base occ.':>9} {'cont. s':>8} {'cont docs/s':>11} {'cont occ.':>9} {'ratio':>6}"
+    )
     for name, docs, baseline in workloads:
         questions = [f"Where is item {i // group if name == 'arrival' else i}?" for i in range(len(docs))]
         keys = row_keys(7, len(docs))
-        order = (sorted(range(len(docs)), key=lambda i: (docs[i].size, i)) if name == "file"
-                 else list(range(len(docs))))
+        order = sorted(range(len(docs)), key=lambda i: (docs[i].size, i)) if name == "file" else list(range(len(docs)))
         t0 = time.perf_counter()
         base_answers, base_rows = _lockstep(agent, questions, docs, keys, slots, order)
         base_s = time.perf_counter() - t0
@@ -121,9 +123,11 @@ def main() -> None:
         real = sum(num_chunks(d.size, budgets.chunk_tokens) for d in docs)
         cont_rows = counter["segments"] * slots * budgets.chunks_per_segment
         tokens = sum(d.size for d in docs)
-        print(f"{name:<9} {len(docs):>5} {tokens:>10} {baseline:<18} {base_s:>7.1f} {len(docs) / base_s:>11.2f} "
-              f"{real / base_rows:>8.0%} {cont_s:>8.1f} {len(docs) / cont_s:>11.2f} {real / cont_rows:>8.0%} "
-              f"{base_s / cont_s:>5.2f}x")
+        print(
+            f"{name:<9} {len(docs):>5} {tokens:>10} {baseline:<18} {base_s:>7.1f} {len(docs) / base_s:>11.2f} "
+            f"{real / base_rows:>8.0%} {cont_s:>8.1f} {len(docs) / cont_s:>11.2f} {real / cont_rows:>8.0%} "
+            f"{base_s / cont_s:>5.2f}x"
+        )
     print(f"(occupancy: chunk steps of real documents / chunk-step rows run; devices: {jax.devices()[0].platform})")
 
 

@@ -53,12 +53,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+import bench_agent  # noqa: E402
+import bench_learner  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-import bench_agent  # noqa: E402
-import bench_learner  # noqa: E402
 from bench_agent import TINY  # noqa: E402
 
 from memagent_jax.models import attention as attn  # noqa: E402
@@ -90,7 +89,7 @@ def measure_peaks(quick: bool) -> dict:
     size = 2**22 if quick else 2**30
     x = jnp.zeros((size,), jnp.bfloat16)
     copy = jax.jit(lambda x: x + 1)
-    gbps = 2 * 2 * size / _best(lambda: copy(x), 10) / 1e9
+    gbps = 2 * 2 * size / _best(lambda: copy(x), 10) / 1e9  # noqa: F821 (x is deleted after the timing)
     del x
     return dict(tflops=tflops, gbps=gbps)
 
@@ -104,8 +103,10 @@ def _peaks(args) -> dict:
 
 def part_peaks(args) -> None:
     peaks = measure_peaks(args.quick)
-    print(f"bf16 matmul ({'1024' if args.quick else '8192'}^3, f32 accumulation): {peaks['tflops']:.0f} TFLOP/s; "
-          f"copy (read + write): {peaks['gbps']:.0f} GB/s   [{DATASHEET}]")
+    print(
+        f"bf16 matmul ({'1024' if args.quick else '8192'}^3, f32 accumulation): {peaks['tflops']:.0f} TFLOP/s; "
+        f"copy (read + write): {peaks['gbps']:.0f} GB/s   [{DATASHEET}]"
+    )
     if args.peaks_file:
         with open(args.peaks_file, "w") as f:
             json.dump(peaks, f)
@@ -120,8 +121,8 @@ def _chunk_step_case(rng, b: int, cached: int, t: int):
     s = cached + t
     valid = np.ones((b, s), bool)
     valid[0, : cached // 3] = False
-    valid[0, cached: cached + t // 8] = False  # left pads of the new tokens
-    valid[0, cached + t // 8:] &= rng.random(t - t // 8) > 0.05  # pads inside
+    valid[0, cached : cached + t // 8] = False  # left pads of the new tokens
+    valid[0, cached + t // 8 :] &= rng.random(t - t // 8) > 0.05  # pads inside
     valid[2] = False
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     return valid, positions, None, cached
@@ -137,9 +138,9 @@ def _packed_case(rng, b: int, t: int):
         while start < t:
             n = int(min(t - start, rng.integers(t // 8, t // 2)))
             real = max(1, n - int(rng.integers(0, 16)))
-            segments[r, start: start + n] = seg
-            positions[r, start: start + n] = np.arange(n)
-            valid[r, start + real: start + n] = False
+            segments[r, start : start + n] = seg
+            positions[r, start : start + n] = np.arange(n)
+            valid[r, start + real : start + n] = False
             start, seg = start + n, seg + 1
     return valid, positions, segments, 0
 
@@ -188,18 +189,23 @@ def part_parity(args) -> None:
     rng = np.random.default_rng(0)
     h, kv, dh = 14, 2, 64
     t = 256 if args.quick else 1024
-    cases = {f"chunk step: {t} tokens over {t // 4} cached slots": _chunk_step_case(rng, 3, t // 4, t),
-             f"packed learner rows: {t} tokens, segments": _packed_case(rng, 2, t)}
+    cases = {
+        f"chunk step: {t} tokens over {t // 4} cached slots": _chunk_step_case(rng, 3, t // 4, t),
+        f"packed learner rows: {t} tokens, segments": _packed_case(rng, 2, t),
+    }
     cudnn_note = "cuDNN kernel" if attn._is_cuda() else "the cuDNN call through XLA (no CUDA here)"
     print(f"attention paths against a f32 'highest' reference; H {h} / KV {kv} / Dh {dh}; 'cudnn' = {cudnn_note}")
     print("max abs error of the output over rows that see a key; gradients: max abs error / max abs reference")
     print(f"{'case':<44} {'path':<13} {'dtype':<9} {'finite':>6} {'out':>9} {'dq':>9} {'dk':>9} {'dv':>9}")
     for name, (valid, positions, segments, cached) in cases.items():
         b, s = valid.shape
-        keys = attn.AttentionKeys(query_positions=jnp.asarray(positions[:, cached:]),
-                                  key_positions=jnp.asarray(positions), key_valid=jnp.asarray(valid),
-                                  query_segments=None if segments is None else jnp.asarray(segments[:, cached:]),
-                                  key_segments=None if segments is None else jnp.asarray(segments))
+        keys = attn.AttentionKeys(
+            query_positions=jnp.asarray(positions[:, cached:]),
+            key_positions=jnp.asarray(positions),
+            key_valid=jnp.asarray(valid),
+            query_segments=None if segments is None else jnp.asarray(segments[:, cached:]),
+            key_segments=None if segments is None else jnp.asarray(segments),
+        )
         tq = s - cached
         q = jnp.asarray(rng.normal(size=(b, tq, h, dh)), jnp.float32)
         k, v = (jnp.asarray(rng.normal(size=(b, kv, s, dh)), jnp.float32) for _ in range(2))
@@ -213,11 +219,17 @@ def part_parity(args) -> None:
                         e = _attention_errors(keys, q, k, v, cot, impl, dtype, reference)
                 else:
                     e = _attention_errors(keys, q, k, v, cot, impl, dtype, reference)
-                print(f"{name:<44} {impl:<13} {jnp.dtype(dtype).name:<9} {str(e['finite']):>6} {e['out']:>9.2e} "
-                      f"{e['dq']:>9.2e} {e['dk']:>9.2e} {e['dv']:>9.2e}", flush=True)
+                print(
+                    f"{name:<44} {impl:<13} {jnp.dtype(dtype).name:<9} {str(e['finite']):>6} {e['out']:>9.2e} "
+                    f"{e['dq']:>9.2e} {e['dk']:>9.2e} {e['dv']:>9.2e}",
+                    flush=True,
+                )
             except Exception as exc:  # a path this device refuses: say so, go on with the others
-                print(f"{name:<44} {impl:<13} {jnp.dtype(dtype).name:<9} FAILED: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200]}", flush=True)
+                print(
+                    f"{name:<44} {impl:<13} {jnp.dtype(dtype).name:<9} FAILED: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200]}",
+                    flush=True,
+                )
 
     # A whole model: bf16 logits and log-prob gradients per path against the f32 materialised model.
     config = preset_config("tiny", vocab_size=512, **dict(TINY, head_dim=64))
@@ -235,6 +247,7 @@ def part_parity(args) -> None:
             return jnp.sum(jnp.where(mask, lp, 0.0))
 
         from memagent_jax.models import forward, positions_from_mask
+
         logits = jax.jit(lambda p: forward(p, tokens, positions_from_mask(mask), mask, config=cfg)[0])(p)
         return np.asarray(logits, np.float64), jax.jit(jax.grad(total))(p)
 
@@ -242,16 +255,20 @@ def part_parity(args) -> None:
         ref_logits, ref_grads = logits_and_grads(config.replace(attention_impl="materialized"), params)
     ref_flat = np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(ref_grads)])
     half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    print(f"\nwhole model (Qwen2 architecture, 2 layers, width 128, H 4 / KV 2 / Dh 64), 3 rows x {n} tokens, pads "
-          f"left and inside; bf16 weights and compute against the f32 materialised model")
+    print(
+        f"\nwhole model (Qwen2 architecture, 2 layers, width 128, H 4 / KV 2 / Dh 64), 3 rows x {n} tokens, pads "
+        f"left and inside; bf16 weights and compute against the f32 materialised model"
+    )
     print(f"{'path':<13} {'max |logit error|':>18} {'top-1 agreement':>16} {'grad rel. error':>16} {'grad cosine':>12}")
     real = np.asarray(mask)
     for impl in IMPLS:
         try:
-            logits, grads = logits_and_grads(config.replace(attention_impl=impl, param_dtype="bfloat16",
-                                                            compute_dtype="bfloat16"), half)
-            flat = np.concatenate([np.asarray(g.astype(jnp.float32), np.float64).ravel()
-                                   for g in jax.tree.leaves(grads)])
+            logits, grads = logits_and_grads(
+                config.replace(attention_impl=impl, param_dtype="bfloat16", compute_dtype="bfloat16"), half
+            )
+            flat = np.concatenate(
+                [np.asarray(g.astype(jnp.float32), np.float64).ravel() for g in jax.tree.leaves(grads)]
+            )
             err = np.abs(logits - ref_logits)[real].max()
             top1 = (logits.argmax(-1) == ref_logits.argmax(-1))[real].mean()
             rel = np.linalg.norm(flat - ref_flat) / np.linalg.norm(ref_flat)
@@ -277,19 +294,37 @@ def part_agent(args) -> None:
     tokenizer = bench_agent._tokenizer(os.path.join(tmp, "tok"))
     cases = []
     if "tiny" in args.shapes.split(","):
-        cases.append(("tiny", _half_config("tiny", vocab_size=len(tokenizer), **TINY),
-                      AgentBudgets(question_tokens=32, chunk_tokens=512, memory_tokens=64, answer_tokens=16,
-                                   chunks_per_segment=4), 4096))
+        cases.append(
+            (
+                "tiny",
+                _half_config("tiny", vocab_size=len(tokenizer), **TINY),
+                AgentBudgets(
+                    question_tokens=32, chunk_tokens=512, memory_tokens=64, answer_tokens=16, chunks_per_segment=4
+                ),
+                4096,
+            )
+        )
     if "0.5b" in args.shapes.split(",") and not args.quick:
-        cases.append(("qwen2.5-0.5b shapes", _half_config(),
-                      AgentBudgets(question_tokens=32, chunk_tokens=1024, memory_tokens=128, answer_tokens=16,
-                                   chunks_per_segment=4), 8192))
+        cases.append(
+            (
+                "qwen2.5-0.5b shapes",
+                _half_config(),
+                AgentBudgets(
+                    question_tokens=32, chunk_tokens=1024, memory_tokens=128, answer_tokens=16, chunks_per_segment=4
+                ),
+                8192,
+            )
+        )
     repeats = 1 if args.quick else 2  # ours; torch's loop (seconds a run at 0.5B) runs once after its warm-up
     layouts = args.layouts.split(",")
-    print(f"document tokens/s, bf16 on {device} (ours: jax on {jax.default_backend()}); greedy, fixed-length memory "
-          f"and answer; ours best of {repeats}, with decode layouts {layouts} (compile: the first call's seconds)")
-    print(f"{'shape':<21} {'C/M/A':>11} {'doc tokens':>10} {'batch':>5} {'side':<16} {'tokens/s':>9} {'compile s':>9} "
-          f"{'ours/torch':>10}")
+    print(
+        f"document tokens/s, bf16 on {device} (ours: jax on {jax.default_backend()}); greedy, fixed-length memory "
+        f"and answer; ours best of {repeats}, with decode layouts {layouts} (compile: the first call's seconds)"
+    )
+    print(
+        f"{'shape':<21} {'C/M/A':>11} {'doc tokens':>10} {'batch':>5} {'side':<16} {'tokens/s':>9} {'compile s':>9} "
+        f"{'ours/torch':>10}"
+    )
     for name, config, budgets, doc_tokens in cases:
         rng = np.random.default_rng(0)
         docs = [rng.integers(3, len(tokenizer), doc_tokens).astype(np.int32) for _ in range(4)]
@@ -334,17 +369,23 @@ def part_decode(args) -> None:
     params = init_params(config, 0)
     weight_bytes = _param_bytes(params)
     c = config
-    print(f"decode loop alone: {n} tokens after a {prompt}-token prompt, greedy, bf16; {weight_bytes / 1e9:.3f} GB "
-          f"of weights; bandwidth use against the measured copy bandwidth {peaks['gbps']:.0f} GB/s")
+    print(
+        f"decode loop alone: {n} tokens after a {prompt}-token prompt, greedy, bf16; {weight_bytes / 1e9:.3f} GB "
+        f"of weights; bandwidth use against the measured copy bandwidth {peaks['gbps']:.0f} GB/s"
+    )
     print(f"{'batch':>5} {'layout':<10} {'ms/token':>9} {'GB/token':>9} {'GB/s':>8} {'of copy bw':>10}")
     for batch in (1, 4):
         for layout in ("scan", "unstacked"):
-            seconds = bench_agent.decode_seconds_per_token(params, config.replace(decode_layout=layout), batch,
-                                                           prompt, n)
+            seconds = bench_agent.decode_seconds_per_token(
+                params, config.replace(decode_layout=layout), batch, prompt, n
+            )
             kv_bytes = 2 * c.num_layers * batch * c.num_kv_heads * (prompt + n) * c.head_dim * 2
             moved = weight_bytes + kv_bytes
-            print(f"{batch:>5} {layout:<10} {seconds * 1e3:>9.3f} {moved / 1e9:>9.3f} {moved / seconds / 1e9:>8.0f} "
-                  f"{moved / seconds / 1e9 / peaks['gbps']:>9.1%}", flush=True)
+            print(
+                f"{batch:>5} {layout:<10} {seconds * 1e3:>9.3f} {moved / 1e9:>9.3f} {moved / seconds / 1e9:>8.0f} "
+                f"{moved / seconds / 1e9 / peaks['gbps']:>9.1%}",
+                flush=True,
+            )
 
 
 # ------------------------------------------------------------------------------------------------ prefill
@@ -358,23 +399,31 @@ def part_prefill(args) -> None:
     t, extra = (256, 64) if args.quick else (4096, 1024)
     params = init_params(config, 0)
     c = config
-    print(f"chunk prefill: {t} tokens into {t + extra} slots, bf16; MFU against the measured matmul peak "
-          f"{peaks['tflops']:.0f} TFLOP/s")
+    print(
+        f"chunk prefill: {t} tokens into {t + extra} slots, bf16; MFU against the measured matmul peak "
+        f"{peaks['tflops']:.0f} TFLOP/s"
+    )
     print(f"{'batch':>5} {'path':<13} {'ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}")
     rng = np.random.default_rng(0)
     for batch in (1, 4):
         tokens = jnp.asarray(rng.integers(3, c.vocab_size, (batch, t)), jnp.int32)
         mask = jnp.ones((batch, t), bool)
-        flops = (2 * bench_learner.layer_matmul_params(c) * batch * t + 4 * c.num_layers * c.num_heads * c.head_dim * batch
-                 * t * (t + 1) / 2 + 2 * c.hidden_size * c.vocab_size * batch)
+        flops = (
+            2 * bench_learner.layer_matmul_params(c) * batch * t
+            + 4 * c.num_layers * c.num_heads * c.head_dim * batch * t * (t + 1) / 2
+            + 2 * c.hidden_size * c.vocab_size * batch
+        )
         for impl in IMPLS:
             cfg = config.replace(attention_impl=impl)
             try:
                 fill = jax.jit(lambda p, a, m, kv, cfg=cfg: prefill(p, cfg, a, m, kv).last_logits)
                 cache = init_cache(cfg, batch, t + extra)
                 seconds = _best(lambda: fill(params, tokens, mask, cache), 3)
-                print(f"{batch:>5} {impl:<13} {seconds * 1e3:>9.2f} {batch * t / seconds:>11.0f} "
-                      f"{flops / seconds / 1e12:>8.1f} {flops / seconds / 1e12 / peaks['tflops']:>5.1%}", flush=True)
+                print(
+                    f"{batch:>5} {impl:<13} {seconds * 1e3:>9.2f} {batch * t / seconds:>11.0f} "
+                    f"{flops / seconds / 1e12:>8.1f} {flops / seconds / 1e12 / peaks['tflops']:>5.1%}",
+                    flush=True,
+                )
             except Exception as exc:
                 print(f"{batch:>5} {impl:<13} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
@@ -401,31 +450,38 @@ def part_learner(args) -> None:
         torch_step, torch_loss = bench_learner.make_torch(tmp, batch, device=device, compute_dtype=torch.bfloat16)
     flops = bench_learner.model_flops_per_step(config, n, t)
     tokens = n * t
-    print(f"GRPO learner step, f32 weights, bf16 compute, {n} x {t} tokens ({r} response), on {device}; "
-          f"{iters} steps per side, ours interleaved with torch's; tokens/s of the best step (median in brackets); "
-          f"MFU against the measured matmul peak {peaks['tflops']:.0f} TFLOP/s")
+    print(
+        f"GRPO learner step, f32 weights, bf16 compute, {n} x {t} tokens ({r} response), on {device}; "
+        f"{iters} steps per side, ours interleaved with torch's; tokens/s of the best step (median in brackets); "
+        f"MFU against the measured matmul peak {peaks['tflops']:.0f} TFLOP/s"
+    )
     print(f"{'side':<22} {'tokens/s':>18} {'ms':>8} {'MFU':>6} {'vs torch':>8} {'first loss':>11} {'compile s':>9}")
 
     def row(label, times, loss, compile_s, torch_best):
         b, m = times.min(), np.median(times)
-        print(f"{label:<22} {f'{tokens / b:.0f} ({tokens / m:.0f})':>18} {b * 1e3:>8.1f} "
-              f"{flops / b / 1e12 / peaks['tflops']:>5.1%} {torch_best / b:>7.2f}x {loss:>11.6f} {compile_s:>9.1f}",
-              flush=True)
+        print(
+            f"{label:<22} {f'{tokens / b:.0f} ({tokens / m:.0f})':>18} {b * 1e3:>8.1f} "
+            f"{flops / b / 1e12 / peaks['tflops']:>5.1%} {torch_best / b:>7.2f}x {loss:>11.6f} {compile_s:>9.1f}",
+            flush=True,
+        )
 
     torch_times = np.array([torch_step() for _ in range(iters)])
     row("torch (autocast, SDPA)", torch_times, torch_loss, 0.0, torch_times.min())
     for impl in args.impls.split(","):
         try:
-            step, loss, compile_s = bench_learner.make_ours(config.replace(attention_impl=impl),
-                                                            jax.tree.map(jnp.copy, params), batch)
+            step, loss, compile_s = bench_learner.make_ours(
+                config.replace(attention_impl=impl), jax.tree.map(jnp.copy, params), batch
+            )
             ours, ref = bench_learner.interleaved(step, torch_step, iters)
             torch_times = np.concatenate([torch_times, ref])
             row(f"ours, {impl}", ours, loss, compile_s, torch_times.min())
             del step
         except Exception as exc:
             print(f"ours, {impl:<16} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
-    print(f"torch's best step over all its runs: {torch_times.min() * 1e3:.1f} ms ({tokens / torch_times.min():.0f} "
-          f"tokens/s); 'vs torch' uses the best torch step measured up to that line")
+    print(
+        f"torch's best step over all its runs: {torch_times.min() * 1e3:.1f} ms ({tokens / torch_times.min():.0f} "
+        f"tokens/s); 'vs torch' uses the best torch step measured up to that line"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -438,12 +494,18 @@ def part_memory(args) -> None:
     config = preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="bfloat16", remat="full")
     if args.quick:
         config = config.replace(num_layers=2)
-    print(f"peak temporary bytes (XLA memory analysis of the compiled program, nothing allocated): Qwen2.5-0.5B "
-          f"shapes{' (2 layers)' if args.quick else ''}, f32 params, bf16 compute, remat full, 1 row")
+    print(
+        f"peak temporary bytes (XLA memory analysis of the compiled program, nothing allocated): Qwen2.5-0.5B "
+        f"shapes{' (2 layers)' if args.quick else ''}, f32 params, bf16 compute, remat full, 1 row"
+    )
     print(f"{'program':<46} " + " ".join(f"{impl:>14}" for impl in IMPLS) + "   materialised / each")
-    rows = [(f"learner step, T = {length}", lambda c: bench_attention.learner_temp_bytes(c, length)),
-            (f"chunk prefill, {length} tokens into {length + 1024} slots",
-             lambda c: bench_attention.prefill_temp_bytes(c, length, length + 1024))]
+    rows = [
+        (f"learner step, T = {length}", lambda c: bench_attention.learner_temp_bytes(c, length)),
+        (
+            f"chunk prefill, {length} tokens into {length + 1024} slots",
+            lambda c: bench_attention.prefill_temp_bytes(c, length, length + 1024),
+        ),
+    ]
     for name, measure in rows:
         got = {}
         for impl in IMPLS:
@@ -452,8 +514,9 @@ def part_memory(args) -> None:
             except Exception as exc:
                 print(f"{name}: {impl} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         cells = " ".join(f"{bench_attention._mib(got[i]) if i in got else '-':>14}" for i in IMPLS)
-        ratios = " / ".join(f"{got['materialized'] / got[i]:.1f}x" for i in IMPLS[1:]
-                            if i in got and "materialized" in got)
+        ratios = " / ".join(
+            f"{got['materialized'] / got[i]:.1f}x" for i in IMPLS[1:] if i in got and "materialized" in got
+        )
         print(f"{name:<46} {cells}   {ratios}", flush=True)
 
 
@@ -473,12 +536,22 @@ def main() -> None:
     parser.add_argument("--peaks-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part != "all":
-        {"peaks": part_peaks, "parity": part_parity, "agent": part_agent, "decode": part_decode,
-         "prefill": part_prefill, "learner": part_learner, "memory": part_memory}[args.part](args)
+        {
+            "peaks": part_peaks,
+            "parity": part_parity,
+            "agent": part_agent,
+            "decode": part_decode,
+            "prefill": part_prefill,
+            "learner": part_learner,
+            "memory": part_memory,
+        }[args.part](args)
         return
     device = jax.devices()[0]
-    print(f"jax {jax.__version__} on {device.platform} ({getattr(device, 'device_kind', '?')}), "
-          f"{os.cpu_count()} CPU cores", flush=True)
+    print(
+        f"jax {jax.__version__} on {device.platform} ({getattr(device, 'device_kind', '?')}), "
+        f"{os.cpu_count()} CPU cores",
+        flush=True,
+    )
     deadline = time.monotonic() + args.budget
     peaks_file = os.path.join(tempfile.mkdtemp(), "peaks.json")
     skip = {p for p in args.skip.split(",") if p}
@@ -490,9 +563,24 @@ def main() -> None:
         if left < 30:
             print(f"skipped: {left:.0f} s of the budget left")
             continue
-        command = [sys.executable, __file__, "--part", part, "--peaks-file", peaks_file, "--layouts", args.layouts,
-                   "--shapes", args.shapes, "--impls", args.impls] + (["--quick"] if args.quick else []) + (
-            ["--no-torch"] if args.no_torch else [])
+        command = (
+            [
+                sys.executable,
+                __file__,
+                "--part",
+                part,
+                "--peaks-file",
+                peaks_file,
+                "--layouts",
+                args.layouts,
+                "--shapes",
+                args.shapes,
+                "--impls",
+                args.impls,
+            ]
+            + (["--quick"] if args.quick else [])
+            + (["--no-torch"] if args.no_torch else [])
+        )
         t0 = time.monotonic()
         try:
             rc = subprocess.run(command, timeout=min(limit, left)).returncode

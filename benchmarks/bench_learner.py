@@ -89,19 +89,25 @@ def make_batch(config, batch: int, seq: int, response: int, seed: int = 0) -> Co
     tokens = rng.integers(3, config.vocab_size, (batch, seq)).astype(np.int32)
     token_mask = np.ones((batch, seq), bool)
     loss_mask = np.zeros((batch, seq), bool)
-    loss_mask[:, seq - response:] = True
+    loss_mask[:, seq - response :] = True
     old = np.where(loss_mask, -np.log(config.vocab_size) + rng.uniform(-0.3, 0.3, (batch, seq)), 0.0)
     adv = rng.normal(size=batch).astype(np.float32)
-    return ConversationBatch(tokens=tokens, token_mask=token_mask, loss_mask=loss_mask,
-                             old_logprobs=old.astype(np.float32), advantages=adv)
+    return ConversationBatch(
+        tokens=tokens, token_mask=token_mask, loss_mask=loss_mask, old_logprobs=old.astype(np.float32), advantages=adv
+    )
 
 
 def make_ours(config, params, batch: ConversationBatch):
     """Returns (step() -> seconds, first-step loss, compile seconds) for our learner."""
-    learner = Learner(config, LearnerConfig(
-        loss=LossConfig(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL, kl_coef=0.0),
-        optimizer=OptimizerConfig(learning_rate=LR, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0),
-        compute_entropy=False, logits_chunk_size=512))
+    learner = Learner(
+        config,
+        LearnerConfig(
+            loss=LossConfig(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL, kl_coef=0.0),
+            optimizer=OptimizerConfig(learning_rate=LR, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0),
+            compute_entropy=False,
+            logits_chunk_size=512,
+        ),
+    )
     holder = {"state": learner.init_state(params)}
     holder["state"], first = learner.train_step(holder["state"], batch)  # compiles
 
@@ -121,8 +127,9 @@ def make_torch(folder: str, batch: ConversationBatch, device: str = "cpu", compu
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                              attn_implementation="sdpa").to(device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa"
+    ).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     ids = torch.tensor(batch.tokens, dtype=torch.long, device=device)
@@ -130,8 +137,11 @@ def make_torch(folder: str, batch: ConversationBatch, device: str = "cpu", compu
     old = torch.tensor(batch.old_logprobs[:, 1:], device=device)
     mask = torch.tensor(batch.loss_mask[:, 1:], dtype=torch.float32, device=device)
     adv = torch.tensor(batch.advantages, device=device)[:, None]
-    autocast = ((lambda: torch.autocast(device_type=device.split(":")[0], dtype=compute_dtype))
-                if compute_dtype is not None else contextlib.nullcontext)
+    autocast = (
+        (lambda: torch.autocast(device_type=device.split(":")[0], dtype=compute_dtype))
+        if compute_dtype is not None
+        else contextlib.nullcontext
+    )
 
     def train() -> float:
         with autocast():
@@ -181,11 +191,22 @@ def _conversations(rng, count, low, high, vocab, response=8):
 def packing(iters: int) -> None:
     from memagent_jax.rl.batch import build_conversation_batch, pack_conversations
 
-    config = preset_config("tiny", num_layers=2, hidden_size=128, intermediate_size=512, num_heads=4, num_kv_heads=2,
-                           head_dim=32, vocab_size=1024, max_position_embeddings=2048)
+    config = preset_config(
+        "tiny",
+        num_layers=2,
+        hidden_size=128,
+        intermediate_size=512,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        vocab_size=1024,
+        max_position_embeddings=2048,
+    )
     params = init_params(config, 0)
-    mixes = [("main job: 256 x 74-78 + 128 x 42-47 tokens", [(256, 74, 78), (128, 42, 47)], 160),
-             ("spread: 96 x 300-700 + 32 x 60-150 tokens", [(96, 300, 700), (32, 60, 150)], 1024)]
+    mixes = [
+        ("main job: 256 x 74-78 + 128 x 42-47 tokens", [(256, 74, 78), (128, 42, 47)], 160),
+        ("spread: 96 x 300-700 + 32 x 60-150 tokens", [(96, 300, 700), (32, 60, 150)], 1024),
+    ]
     print(f"one learner step (GRPO, AdamW), width 128, 2 layers, vocab 1024; median of {iters} interleaved steps")
     print("| conversations | layout | rows x T | tokens incl. pads | real share | step ms | speed-up | first loss |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -212,8 +233,10 @@ def packing(iters: int) -> None:
             ms = float(np.median(times)) * 1e3
             base = base or ms
             real = int(np.asarray(batch.token_mask).sum())
-            print(f"| {name} | {label} | {batch.num_rows} x {batch.length} | {batch.tokens.size} | "
-                  f"{real / batch.tokens.size:.0%} | {ms:.0f} | {base / ms:.2f}x | {loss:.6f} |")
+            print(
+                f"| {name} | {label} | {batch.num_rows} x {batch.length} | {batch.tokens.size} | "
+                f"{real / batch.tokens.size:.0%} | {ms:.0f} | {base / ms:.2f}x | {loss:.6f} |"
+            )
 
 
 def main() -> None:
@@ -231,15 +254,47 @@ def main() -> None:
     torch.set_num_threads(threads)
     iters = args.iters or (3 if args.quick else 5)
     peak = matmul_peak_gflops()
-    print(f"jax {jax.__version__}, torch {torch.__version__}, transformers on CPU; {threads} cores, "
-          f"torch threads {threads}; f32 matmul peak (jitted 2048^3) {peak:.0f} GFLOP/s")
-    cases = [("small (256w, 4L, V 4096)",
-              preset_config("tiny", num_layers=4, hidden_size=256, intermediate_size=768, num_heads=8,
-                            num_kv_heads=2, head_dim=32, vocab_size=4096), 8, 256, 64)]
+    print(
+        f"jax {jax.__version__}, torch {torch.__version__}, transformers on CPU; {threads} cores, "
+        f"torch threads {threads}; f32 matmul peak (jitted 2048^3) {peak:.0f} GFLOP/s"
+    )
+    cases = [
+        (
+            "small (256w, 4L, V 4096)",
+            preset_config(
+                "tiny",
+                num_layers=4,
+                hidden_size=256,
+                intermediate_size=768,
+                num_heads=8,
+                num_kv_heads=2,
+                head_dim=32,
+                vocab_size=4096,
+            ),
+            8,
+            256,
+            64,
+        )
+    ]
     if not args.quick:
-        cases.append(("medium (512w, 8L, V 32000)",
-                      preset_config("tiny", num_layers=8, hidden_size=512, intermediate_size=1536, num_heads=8,
-                                    num_kv_heads=2, head_dim=64, vocab_size=32000), 4, 512, 128))
+        cases.append(
+            (
+                "medium (512w, 8L, V 32000)",
+                preset_config(
+                    "tiny",
+                    num_layers=8,
+                    hidden_size=512,
+                    intermediate_size=1536,
+                    num_heads=8,
+                    num_kv_heads=2,
+                    head_dim=64,
+                    vocab_size=32000,
+                ),
+                4,
+                512,
+                128,
+            )
+        )
     rows = []
     for name, config, n, t, r in cases:
         batch = make_batch(config, n, t, r)
@@ -249,22 +304,41 @@ def main() -> None:
             torch_step, torch_loss = make_torch(tmp, batch)
         ours_step, ours_loss, compile_s = make_ours(config, params, batch)
         ours_t, torch_t = interleaved(ours_step, torch_step, iters)
-        rows.append((name, n, t, r, ours_t, torch_t, model_flops_per_step(config, n, t), ours_loss, torch_loss,
-                     compile_s, config.num_params()))
+        rows.append(
+            (
+                name,
+                n,
+                t,
+                r,
+                ours_t,
+                torch_t,
+                model_flops_per_step(config, n, t),
+                ours_loss,
+                torch_loss,
+                compile_s,
+                config.num_params(),
+            )
+        )
         del ours_step, torch_step, params
     peak_after = matmul_peak_gflops()
     print(f"f32 matmul peak re-measured after the runs: {peak_after:.0f} GFLOP/s; MFU uses the higher of the two")
     peak = max(peak, peak_after)
-    print(f"\n== GRPO learner step (fwd + bwd + clipped loss + AdamW), f32, {iters} steps per side, interleaved; "
-          f"tok/s from the best step (median in brackets) ==")
-    print(f"{'shape':<28} {'params':>7} {'N x T (resp)':>14} {'ours tok/s':>16} {'torch tok/s':>16} "
-          f"{'ours/torch':>10} {'ours MFU':>9} {'torch MFU':>10} {'first loss ours / torch':>24} {'compile':>8}")
+    print(
+        f"\n== GRPO learner step (fwd + bwd + clipped loss + AdamW), f32, {iters} steps per side, interleaved; "
+        f"tok/s from the best step (median in brackets) =="
+    )
+    print(
+        f"{'shape':<28} {'params':>7} {'N x T (resp)':>14} {'ours tok/s':>16} {'torch tok/s':>16} "
+        f"{'ours/torch':>10} {'ours MFU':>9} {'torch MFU':>10} {'first loss ours / torch':>24} {'compile':>8}"
+    )
     for name, n, t, r, ours, ref, flops, lo, lt, cs, p in rows:
         tokens = n * t
         ob, om, tb, tm = ours.min(), np.median(ours), ref.min(), np.median(ref)
-        print(f"{name:<28} {p / 1e6:>6.1f}M {f'{n} x {t} ({r})':>14} {f'{tokens / ob:.0f} ({tokens / om:.0f})':>16} "
-              f"{f'{tokens / tb:.0f} ({tokens / tm:.0f})':>16} {tb / ob:>9.2f}x {flops / ob / 1e9 / peak:>8.1%} "
-              f"{flops / tb / 1e9 / peak:>9.1%} {f'{lo:.6f} / {lt:.6f}':>24} {cs:>7.1f}s")
+        print(
+            f"{name:<28} {p / 1e6:>6.1f}M {f'{n} x {t} ({r})':>14} {f'{tokens / ob:.0f} ({tokens / om:.0f})':>16} "
+            f"{f'{tokens / tb:.0f} ({tokens / tm:.0f})':>16} {tb / ob:>9.2f}x {flops / ob / 1e9 / peak:>8.1%} "
+            f"{flops / tb / 1e9 / peak:>9.1%} {f'{lo:.6f} / {lt:.6f}':>24} {cs:>7.1f}s"
+        )
     print("MFU = (6 * matmul params * tokens + 12 * L * H * Dh * T * tokens) / step time / matmul peak")
 
 

@@ -42,8 +42,16 @@ def bench_compile(layer_counts=(2, 8, 32)) -> None:
     for layers in layer_counts:
         row = []
         for scan in (True, False):
-            config = preset_config("tiny", num_layers=layers, hidden_size=256, intermediate_size=512,
-                                   num_heads=8, num_kv_heads=4, head_dim=32, scan_layers=scan)
+            config = preset_config(
+                "tiny",
+                num_layers=layers,
+                hidden_size=256,
+                intermediate_size=512,
+                num_heads=8,
+                num_kv_heads=4,
+                head_dim=32,
+                scan_layers=scan,
+            )
             params = jax.eval_shape(lambda: init_params(config, 0))
             fn = _forward_fn(config)
             t0 = time.perf_counter()
@@ -68,12 +76,32 @@ def bench_throughput(quick: bool) -> None:
     torch.set_num_threads(threads)
     print(f"\n== forward throughput, f32, same random weights, same batch; torch threads = {threads} ==")
     print(f"{'shape':<22} {'batch x seq':>12} {'ours tok/s':>11} {'torch tok/s':>12} {'ours/torch':>11}")
-    cases = [("small (256w, 4L)", preset_config("tiny", num_layers=4, hidden_size=256, intermediate_size=768,
-                                                 num_heads=8, num_kv_heads=2, head_dim=32, vocab_size=4096),
-              4, 256)]
+    cases = [
+        (
+            "small (256w, 4L)",
+            preset_config(
+                "tiny",
+                num_layers=4,
+                hidden_size=256,
+                intermediate_size=768,
+                num_heads=8,
+                num_kv_heads=2,
+                head_dim=32,
+                vocab_size=4096,
+            ),
+            4,
+            256,
+        )
+    ]
     if not quick:
-        cases.append(("qwen2.5-0.5b shapes", preset_config("qwen2.5-0.5b-instruct", param_dtype="float32",
-                                                            compute_dtype="float32"), 2, 256))
+        cases.append(
+            (
+                "qwen2.5-0.5b shapes",
+                preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="float32"),
+                2,
+                256,
+            )
+        )
     for name, config, batch, seq in cases:
         params = init_params(config, 0)
         with tempfile.TemporaryDirectory() as tmp:
@@ -84,12 +112,12 @@ def bench_throughput(quick: bool) -> None:
         mask = np.ones_like(tokens, bool)
         positions = positions_from_mask(jnp.asarray(mask))
         fn = _forward_fn(config)
-        ours = _time(lambda: jax.block_until_ready(fn(params, tokens, positions, mask)), 3 if quick else 5)
+        ours = _time(lambda: jax.block_until_ready(fn(params, tokens, positions, mask)), 3 if quick else 5)  # noqa: F821
         ids = torch.tensor(tokens, dtype=torch.long)
 
         def run_torch():
             with torch.inference_mode():
-                torch_model(input_ids=ids)
+                torch_model(input_ids=ids)  # noqa: F821 (deleted after the timing)
 
         ref = _time(run_torch, 3 if quick else 5)
         n = batch * seq

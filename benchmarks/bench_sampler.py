@@ -75,14 +75,21 @@ def run(shapes, batches, repeats: int | None, quick: bool, top_p: float | None =
 
             def ours(n):
                 sp = SamplingParams(max_new_tokens=n, temperature=1.0 if top_p else 0.0, top_p=top_p or 1.0)
-                return sampler.generate(prompts.tolist(), sp, rng=0)
+                return sampler.generate(prompts.tolist(), sp, rng=0)  # noqa: F821 (deleted after the shape)
 
             def theirs(n):
-                cfg = transformers.GenerationConfig(do_sample=bool(top_p), top_p=top_p or 1.0, top_k=0,
-                                                    temperature=1.0, max_new_tokens=n, min_new_tokens=n,
-                                                    eos_token_id=None, pad_token_id=0)
+                cfg = transformers.GenerationConfig(
+                    do_sample=bool(top_p),
+                    top_p=top_p or 1.0,
+                    top_k=0,
+                    temperature=1.0,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
                 with torch.no_grad():
-                    return torch_model.generate(ids, attention_mask=mask, generation_config=cfg)
+                    return torch_model.generate(ids, attention_mask=mask, generation_config=cfg)  # noqa: F821
 
             t0 = time.perf_counter()
             ours(new)  # warm-up: compiles both programs
@@ -105,25 +112,38 @@ def run(shapes, batches, repeats: int | None, quick: bool, top_p: float | None =
             for side in ("ours", "torch"):
                 t1, tn = min(times[side, 1]), min(times[side, new])
                 figures[side] = (batch * prompt_len / t1, batch * (new - 1) / max(tn - t1, 1e-9))
-            row = dict(shape=name, batch=batch, prompt=prompt_len, new=new, compile_s=compile_s, agree=agree,
-                       ours_prefill=figures["ours"][0], torch_prefill=figures["torch"][0],
-                       ours_decode=figures["ours"][1], torch_decode=figures["torch"][1])
+            row = dict(
+                shape=name,
+                batch=batch,
+                prompt=prompt_len,
+                new=new,
+                compile_s=compile_s,
+                agree=agree,
+                ours_prefill=figures["ours"][0],
+                torch_prefill=figures["torch"][0],
+                ours_decode=figures["ours"][1],
+                torch_decode=figures["torch"][1],
+            )
             rows.append(row)
             print(_format_row(row), flush=True)
         del torch_model, sampler, params
     return rows
 
 
-HEADER = (f"| {'shape':<26} | {'batch':>5} | {'prompt+new':>10} | {'prefill ours':>12} | {'prefill torch':>13} "
-          f"| {'ratio':>6} | {'decode ours':>11} | {'decode torch':>12} | {'ratio':>6} | {'greedy =':>8} |")
+HEADER = (
+    f"| {'shape':<26} | {'batch':>5} | {'prompt+new':>10} | {'prefill ours':>12} | {'prefill torch':>13} "
+    f"| {'ratio':>6} | {'decode ours':>11} | {'decode torch':>12} | {'ratio':>6} | {'greedy =':>8} |"
+)
 
 
 def _format_row(r: dict) -> str:
-    return (f"| {r['shape']:<26} | {r['batch']:>5} | {str(r['prompt']) + '+' + str(r['new']):>10} "
-            f"| {r['ours_prefill']:>12.0f} | {r['torch_prefill']:>13.0f} "
-            f"| {r['ours_prefill'] / r['torch_prefill']:>5.2f}x "
-            f"| {r['ours_decode']:>11.1f} | {r['torch_decode']:>12.1f} | {r['ours_decode'] / r['torch_decode']:>5.2f}x "
-            f"| {r['agree'] * 100:>7.0f}% |")
+    return (
+        f"| {r['shape']:<26} | {r['batch']:>5} | {str(r['prompt']) + '+' + str(r['new']):>10} "
+        f"| {r['ours_prefill']:>12.0f} | {r['torch_prefill']:>13.0f} "
+        f"| {r['ours_prefill'] / r['torch_prefill']:>5.2f}x "
+        f"| {r['ours_decode']:>11.1f} | {r['torch_decode']:>12.1f} | {r['ours_decode'] / r['torch_decode']:>5.2f}x "
+        f"| {r['agree'] * 100:>7.0f}% |"
+    )
 
 
 def token_selection(repeats: int = 30) -> None:
@@ -162,28 +182,36 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["tiny", "0.5b"], choices=["tiny", "0.5b"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="sample (temperature 1, this top_p) on both sides instead of greedy")
-    parser.add_argument("--token-selection", action="store_true",
-                        help="time the top-p token selection alone (nucleus probes against the full sort)")
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="sample (temperature 1, this top_p) on both sides instead of greedy"
+    )
+    parser.add_argument(
+        "--token-selection",
+        action="store_true",
+        help="time the top-p token selection alone (nucleus probes against the full sort)",
+    )
     args = parser.parse_args(argv)
     if args.token_selection:
         token_selection()
         return 0
     repeats = args.repeats or (1 if args.quick else None)  # None: 3 on the tiny shape, 2 on 0.5B
     threads = os.cpu_count() or 1
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)); "
-          f"{os.cpu_count()} CPU cores; torch {threads} threads; f32; "
-          f"{'top-p ' + str(args.top_p) if args.top_p else 'greedy'}; tokens/s, "
-          f"best of {repeats or '3 (tiny) / 2 (0.5B)'} interleaved repeats")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)); "
+        f"{os.cpu_count()} CPU cores; torch {threads} threads; f32; "
+        f"{'top-p ' + str(args.top_p) if args.top_p else 'greedy'}; tokens/s, "
+        f"best of {repeats or '3 (tiny) / 2 (0.5B)'} interleaved repeats"
+    )
     print("'greedy =': share of rows whose greedy tokens are identical on both sides (meaningless when sampling)")
     print(HEADER)
     print("|" + "|".join("-" * (len(c)) for c in HEADER.split("|")[1:-1]) + "|")
     load_before = os.getloadavg()[0]
     run(args.shapes, args.batches, repeats, args.quick, args.top_p)
     load_after = os.getloadavg()[0]
-    print(f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after "
-          f"(well above 0 means other processes shared the cores: figures are then noisy)")
+    print(
+        f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after "
+        f"(well above 0 means other processes shared the cores: figures are then noisy)"
+    )
     return 0
 
 

@@ -48,15 +48,26 @@ def build_model(folder: str) -> str:
 
     t = AgentTemplates()
     tok_dir = os.path.join(folder + "-tok")
-    train_tokenizer(itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200),
-                                    [t.memory_update, t.final_answer, t.initial_memory]), tok_dir, vocab_size=512)
+    train_tokenizer(
+        itertools.chain(
+            tokenizer_corpus(num_samples=8, num_tokens=200), [t.memory_update, t.final_answer, t.initial_memory]
+        ),
+        tok_dir,
+        vocab_size=512,
+    )
     tokenizer = load_tokenizer(tok_dir)
     config = preset_config("tiny", vocab_size=len(tokenizer), **TINY)
     save_hf_checkpoint(init_params(config, 0), config, folder)
     tokenizer.save_pretrained(folder)
-    write_agent_settings(folder, budgets=AgentBudgets(question_tokens=32, chunk_tokens=128, memory_tokens=32,
-                                                      answer_tokens=16, chunks_per_segment=2),
-                         templates=t, temperature=0.7, top_p=0.95)
+    write_agent_settings(
+        folder,
+        budgets=AgentBudgets(
+            question_tokens=32, chunk_tokens=128, memory_tokens=32, answer_tokens=16, chunks_per_segment=2
+        ),
+        templates=t,
+        temperature=0.7,
+        top_p=0.95,
+    )
     return folder
 
 
@@ -132,9 +143,25 @@ def start_server(folder: str, port: int, batch_size: int):
 
     env = dict(os.environ, PYTHONPATH=REPO)
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "memagent_jax.serve", "--model", folder, "--port", str(port),
-                             "--batch-size", str(batch_size), "--log-level", "warning"], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memagent_jax.serve",
+            "--model",
+            folder,
+            "--port",
+            str(port),
+            "--batch-size",
+            str(batch_size),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while True:
@@ -169,8 +196,10 @@ def main(argv=None) -> int:
     docs = make_documents(agent, n, 16)
     doc_tokens = [agent.prepare(QUESTION, d)[1].size for d in docs]
     total_tokens = sum(doc_tokens)
-    print(f"{n} documents, {total_tokens} document tokens ({min(doc_tokens)}..{max(doc_tokens)} per document, chunk "
-          f"{agent.budgets.chunk_tokens}); {os.cpu_count()} CPU cores")
+    print(
+        f"{n} documents, {total_tokens} document tokens ({min(doc_tokens)}..{max(doc_tokens)} per document, chunk "
+        f"{agent.budgets.chunk_tokens}); {os.cpu_count()} CPU cores"
+    )
     base_s, base_answers = cli_path(agent, docs)
     rows = [("CLI path, one at a time", base_s, None)]
     print(f"CLI path: {base_s:.1f}s")
@@ -182,7 +211,7 @@ def main(argv=None) -> int:
     mismatches = cli_equal = 0
     try:
         for clients in [int(c) for c in args.clients.split(",")]:
-            asyncio.run(drive(url, docs[:min(clients, 4)], min(clients, 4)))  # connections up, nothing compiles
+            asyncio.run(drive(url, docs[: min(clients, 4)], min(clients, 4)))  # connections up, nothing compiles
             seconds, out = asyncio.run(drive(url, docs, clients))
             mismatches += sum(answer != same_shape[i] for i, _, _, answer, _ in out)
             cli_equal = sum(answer == base_answers[i] for i, _, _, answer, _ in out)
@@ -194,10 +223,17 @@ def main(argv=None) -> int:
         proc.wait(60)
 
     print(f"\n== memagent serve vs the CLI path: {n} documents of 1..16 chunks, {total_tokens} document tokens ==")
-    print(f"server answers equal to MemoryAgent.run(batch_size={args.batch_size}) (the same compiled shapes), every "
-          f"concurrency: {'yes' if mismatches == 0 else f'NO ({mismatches} differ)'}; equal to the batch-1 CLI path: "
-          f"{cli_equal}/{n}" + ("" if cli_equal == n else f" (the others differ by float32 reassociation between "
-          f"batch-1 and batch-{args.batch_size} programs, which flips a sampled token now and then)"))
+    print(
+        f"server answers equal to MemoryAgent.run(batch_size={args.batch_size}) (the same compiled shapes), every "
+        f"concurrency: {'yes' if mismatches == 0 else f'NO ({mismatches} differ)'}; equal to the batch-1 CLI path: "
+        f"{cli_equal}/{n}"
+        + (
+            ""
+            if cli_equal == n
+            else f" (the others differ by float32 reassociation between "
+            f"batch-1 and batch-{args.batch_size} programs, which flips a sampled token now and then)"
+        )
+    )
     head = " | ".join(f"{lo}-{hi} chunks" for lo, hi in BUCKETS)
     print(f"{'':<26} {'docs/s':>7} {'doc tok/s':>10} {'vs CLI':>7}   p50 / p99 latency (s) by length: {head}")
     for name, seconds, out in rows:
@@ -206,8 +242,10 @@ def main(argv=None) -> int:
             for lo, hi in BUCKETS:
                 lat = [latency for _, latency, k, _, _ in out if lo <= k <= hi]
                 cells.append(f"{pct(lat, 50):.2f} / {pct(lat, 99):.2f} (n={len(lat)})")
-        print(f"{name:<26} {n / seconds:>7.2f} {total_tokens / seconds:>10.0f} {base_s / seconds:>6.2f}x   "
-              + " | ".join(cells))
+        print(
+            f"{name:<26} {n / seconds:>7.2f} {total_tokens / seconds:>10.0f} {base_s / seconds:>6.2f}x   "
+            + " | ".join(cells)
+        )
     return 0 if mismatches == 0 else 1
 
 

@@ -60,8 +60,10 @@ def _tokenizer_and_prompts(folder: str):
     from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
     t = cpu_agent.TEMPLATES  # the main job's wording and tokenizer recipe (pipeline.make_assets)
-    texts = itertools.chain(tokenizer_corpus(num_samples=16, num_tokens=300, seed=0),
-                            [t["memory_update"], t["final_answer"], t["initial_memory"]] * 50)
+    texts = itertools.chain(
+        tokenizer_corpus(num_samples=16, num_tokens=300, seed=0),
+        [t["memory_update"], t["final_answer"], t["initial_memory"]] * 50,
+    )
     train_tokenizer(texts, folder, vocab_size=1024)
     tokenizer = load_tokenizer(folder)
     return tokenizer, AgentPrompts.build(tokenizer, AgentTemplates(**t))
@@ -70,40 +72,73 @@ def _tokenizer_and_prompts(folder: str):
 def _model_config(tokenizer, rope_theta: float = 1e4):
     from memagent_jax.models.config import ModelConfig, RopeConfig
 
-    return ModelConfig(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
-                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512,
-                       tie_word_embeddings=True, attention_bias=True, eos_token_ids=(tokenizer.eos_token_id,),
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=None, rope=RopeConfig(theta=rope_theta))
+    return ModelConfig(
+        model_type="qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        rope=RopeConfig(theta=rope_theta),
+    )
 
 
-def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str, seed: int = 7,
-                    fact_style: str = "sentence"):
+def agent_step_rows(
+    tokenizer, prompts, count: int, lookalikes: int, notes: str, seed: int = 7, fact_style: str = "sentence"
+):
     """[count, T] ids, [count, T] real-token mask, [count, T] loss weights (on the next token), [count] index of
     the position whose next token is the noted word."""
     from memagent_jax.agent import AgentBudgets
-    from memagent_jax.configs import cpu_agent
     from memagent_jax.agent.chunking import tokenize_document
     from memagent_jax.agent.templates import encode_text
+    from memagent_jax.configs import cpu_agent
     from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
     from memagent_jax.rl.warm_start import ScriptedPolicy, StraddlingFactError, scripted_conversations
 
     budgets = AgentBudgets(**cpu_agent.BUDGETS)
-    task = SyntheticConfig(task="keyed_recall", num_tokens=budgets.chunk_tokens, num_distractors=lookalikes,
-                           same_chunk_distractors=min(1, lookalikes), chunk_tokens=budgets.chunk_tokens,
-                           chunk_aligned=True, fact_style=fact_style, seed=seed)
+    task = SyntheticConfig(
+        task="keyed_recall",
+        num_tokens=budgets.chunk_tokens,
+        num_distractors=lookalikes,
+        same_chunk_distractors=min(1, lookalikes),
+        chunk_tokens=budgets.chunk_tokens,
+        chunk_aligned=True,
+        fact_style=fact_style,
+        seed=seed,
+    )
     policy, rng = ScriptedPolicy(forget_prob=0.0), np.random.default_rng(seed)
     rows, index = [], 0
     while len(rows) < count:
         sample = generate_sample(task, index, tokenizer)
         index += 1
         try:
-            step = scripted_conversations(sample, tokenize_document(tokenizer, sample.text()), tokenizer, prompts,
-                                          budgets, policy, rng, tokenizer.eos_token_id)[0]
+            step = scripted_conversations(
+                sample,
+                tokenize_document(tokenizer, sample.text()),
+                tokenizer,
+                prompts,
+                budgets,
+                policy,
+                rng,
+                tokenizer.eos_token_id,
+            )[0]
         except StraddlingFactError:
             continue
         creature, _, word = next(f.triple for f in sample.facts if f.role == "answer")
-        text = {"value": f" {word}", "keyed": f" {creature} {word}", "keyed-is": f" {creature} is {word}",
-                "for-keyed": f" for {creature} {word}"}[notes]
+        text = {
+            "value": f" {word}",
+            "keyed": f" {creature} {word}",
+            "keyed-is": f" {creature} is {word}",
+            "for-keyed": f" for {creature} {word}",
+        }[notes]
         response = encode_text(tokenizer, text) + [tokenizer.eos_token_id]
         before_word = len(step.prompt_ids) - 1 + {"value": 0, "keyed": 1, "keyed-is": 2, "for-keyed": 2}[notes]
         seq = list(step.prompt_ids) + response
@@ -115,8 +150,8 @@ def agent_step_rows(tokenizer, prompts, count: int, lookalikes: int, notes: str,
     weights = np.zeros((count, width), np.float32)
     word_at = np.zeros(count, np.int32)
     for r, (seq, prompt_len, before_word) in enumerate(rows):
-        ids[r, :len(seq)], mask[r, :len(seq)] = seq, True
-        weights[r, prompt_len - 1:len(seq) - 1] = 1.0
+        ids[r, : len(seq)], mask[r, : len(seq)] = seq, True
+        weights[r, prompt_len - 1 : len(seq) - 1] = 1.0
         word_at[r] = before_word
     return ids, mask, weights, word_at
 
@@ -152,7 +187,7 @@ def copy_rows(count: int, length: int, vocab: int, rng: np.random.Generator):
     half = rng.integers(3, vocab, (count, length // 2)).astype(np.int32)
     ids = np.concatenate([half, half], 1)
     weights = np.zeros(ids.shape, np.float32)
-    weights[:, length // 2:-1] = 1.0  # from the second copy of x1 on (x1 itself follows nothing seen)
+    weights[:, length // 2 : -1] = 1.0  # from the second copy of x1 on (x1 itself follows nothing seen)
     return ids, np.ones_like(ids, bool), weights, None
 
 
@@ -163,8 +198,9 @@ def make_trainer(config, lr: float, updates: int):
 
     from memagent_jax.models.transformer import forward
 
-    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(50, updates - 1), updates, lr * 0.1),
-                            weight_decay=0.0)
+    optimizer = optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, lr, min(50, updates - 1), updates, lr * 0.1), weight_decay=0.0
+    )
 
     def loss_and_accuracy(params, ids, mask, weights):
         """ids/mask/weights [B, T]; weights[b, t] scores the prediction of ids[b, t + 1]."""
@@ -206,8 +242,11 @@ def train(params, config, draw, updates: int, lr: float, every: int, label: str,
                 what = "held-out word accuracy"
             else:
                 what = "batch accuracy"
-            print(f"[{label}] update {u:>5}  loss {float(loss):.3f}  {what} {float(acc):.3f}  "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"[{label}] update {u:>5}  loss {float(loss):.3f}  {what} {float(acc):.3f}  "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
     return params
 
 
@@ -225,11 +264,15 @@ def pretrain_stages(text: str, default_updates: int, parser) -> list[tuple[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", choices=("agent-step", "recall"), default="agent-step")
-    parser.add_argument("--pretrain", default="none",
-                        help="train on these tasks first: copy | recall | a list like copy:300,recall:1500")
+    parser.add_argument(
+        "--pretrain",
+        default="none",
+        help="train on these tasks first: copy | recall | a list like copy:300,recall:1500",
+    )
     parser.add_argument("--notes", choices=("value", "keyed", "keyed-is", "for-keyed"), default="value")
     parser.add_argument("--fact-style", choices=("sentence", "pair"), default="sentence")
     parser.add_argument("--init", choices=("random", "induction"), default="random")
@@ -256,30 +299,43 @@ def main() -> None:
 
         params = wire_induction_heads(params, config, seed=0)
     rng = np.random.default_rng(1)
-    stages = {"copy": lambda: copy_rows(args.batch, 64, 1000, rng)[:3],
-              "recall": lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3]}
+    stages = {
+        "copy": lambda: copy_rows(args.batch, 64, 1000, rng)[:3],
+        "recall": lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3],
+    }
     for stage in pretrain_stages(args.pretrain, args.pretrain_updates, parser):
         params = train(params, config, stages[stage[0]], stage[1], args.lr, args.every, stage[0])
     if args.mode == "recall":
-        train(params, config, lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3], args.updates,
-              args.lr, args.every, "recall")
+        train(
+            params,
+            config,
+            lambda: recall_rows(tokenizer, args.batch, args.facts, rng)[:3],
+            args.updates,
+            args.lr,
+            args.every,
+            "recall",
+        )
         return
     t0 = time.perf_counter()
-    ids, mask, weights, word_at = agent_step_rows(tokenizer, prompts, args.examples, args.lookalikes, args.notes,
-                                                  fact_style=args.fact_style)
+    ids, mask, weights, word_at = agent_step_rows(
+        tokenizer, prompts, args.examples, args.lookalikes, args.notes, fact_style=args.fact_style
+    )
     held = 512 if args.examples > 1024 else args.examples // 4
     train_rows = len(ids) - held
-    print(f"{len(ids)} agent-step prompts of <= {ids.shape[1]} tokens ({time.perf_counter() - t0:.0f} s); "
-          f"chance = {1 / (args.lookalikes + 1):.3f}")
+    print(
+        f"{len(ids)} agent-step prompts of <= {ids.shape[1]} tokens ({time.perf_counter() - t0:.0f} s); "
+        f"chance = {1 / (args.lookalikes + 1):.3f}"
+    )
 
     def draw():
         pick = rng.integers(0, train_rows, args.batch)
         return ids[pick], mask[pick], weights[pick]
 
     held_out = (ids[train_rows:], mask[train_rows:], word_at[train_rows:])
-    print(f"before training: held-out word accuracy {float(make_trainer(config, args.lr, 2)[2](params, *held_out)):.3f}")
-    train(params, config, draw, args.updates, args.lr, args.every, f"agent step, notes={args.notes}",
-          held_out=held_out)
+    print(
+        f"before training: held-out word accuracy {float(make_trainer(config, args.lr, 2)[2](params, *held_out)):.3f}"
+    )
+    train(params, config, draw, args.updates, args.lr, args.every, f"agent step, notes={args.notes}", held_out=held_out)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ Every process gets the command unchanged plus, in its environment:
     platform gpu:           CUDA_VISIBLE_DEVICES=<i*d .. i*d+d-1>        (d GPUs per process)
 
 which `memagent_jax.distributed.initialize` (called by every entry point) reads; `--pass_flags` also appends
-`--coordinator_address/--num_processes/--process_id` to the command. Each output line is printed with a
-`[p<i>]` prefix and written to `<log_dir>/process_<i>.log`. If one process fails, the others are stopped and
-the launcher exits with that process's status; Ctrl-C (or SIGTERM to the launcher) stops them all. `--dry_run` prints the exact commands and
+`--coordinator_address/--num_processes/--process_id` to the command. Each output line is printed with a `[p<i>]` prefix
+and written to `<log_dir>/process_<i>.log`. If one process fails, the others are stopped and the launcher exits with
+that process's status; Ctrl-C (or SIGTERM to the launcher) stops them all. `--dry_run` prints the exact commands and
 environment variables and starts nothing.
 
 This is the same SPMD layout as a multi-host run (one process per host): use it to test multi-host code paths on
@@ -47,24 +47,39 @@ def free_port() -> int:
 def parse_args(argv):
     if "--" in argv:
         split = argv.index("--")
-        own, command = argv[:split], argv[split + 1:]
+        own, command = argv[:split], argv[split + 1 :]
     else:
         own, command = argv, []
-    p = argparse.ArgumentParser(prog="launch/local.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage="%(prog)s --num_processes N [options] -- COMMAND ...")
+    p = argparse.ArgumentParser(
+        prog="launch/local.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --num_processes N [options] -- COMMAND ...",
+    )
     p.add_argument("--num_processes", type=int, required=True, help="processes to start")
-    p.add_argument("--devices_per_process", type=int, default=1,
-                   help="CPU: simulated devices per process; GPU: GPUs per process")
-    p.add_argument("--platform", choices=PLATFORMS, default="cpu",
-                   help="cpu (default): JAX_PLATFORMS=cpu and JAX_NUM_CPU_DEVICES; gpu: CUDA_VISIBLE_DEVICES "
-                        "ranges; none: leave device settings alone")
+    p.add_argument(
+        "--devices_per_process", type=int, default=1, help="CPU: simulated devices per process; GPU: GPUs per process"
+    )
+    p.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="cpu",
+        help="cpu (default): JAX_PLATFORMS=cpu and JAX_NUM_CPU_DEVICES; gpu: CUDA_VISIBLE_DEVICES "
+        "ranges; none: leave device settings alone",
+    )
     p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
     p.add_argument("--log_dir", default=None, help="per-process log files (default: a new temporary folder)")
-    p.add_argument("--pass_flags", action="store_true",
-                   help="also append --coordinator_address/--num_processes/--process_id to the command")
-    p.add_argument("--grace_s", type=float, default=10.0,
-                   help="seconds to wait after SIGTERM before SIGKILL when stopping processes")
+    p.add_argument(
+        "--pass_flags",
+        action="store_true",
+        help="also append --coordinator_address/--num_processes/--process_id to the command",
+    )
+    p.add_argument(
+        "--grace_s",
+        type=float,
+        default=10.0,
+        help="seconds to wait after SIGTERM before SIGKILL when stopping processes",
+    )
     p.add_argument("--dry_run", action="store_true", help="print the commands and environment; start nothing")
     args = p.parse_args(own)
     if not command:
@@ -73,8 +88,10 @@ def parse_args(argv):
     # `python -c` program); the log folder name is checked, as it is printed and joined into paths.
     m = _CONTROL.search(args.log_dir or "")
     if m:
-        p.error(f"--log_dir {args.log_dir!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
-                f"newlines, carriage returns, NUL and other control characters are not allowed in it")
+        p.error(
+            f"--log_dir {args.log_dir!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
+            f"newlines, carriage returns, NUL and other control characters are not allowed in it"
+        )
     if args.num_processes < 1:
         p.error(f"--num_processes must be >= 1, got {args.num_processes}")
     if args.devices_per_process < 1:
@@ -89,8 +106,11 @@ def plan(args, command: list[str], port: int) -> list[tuple[list[str], dict[str,
     out = []
     coordinator = f"127.0.0.1:{port}"
     for i in range(args.num_processes):
-        env = {"MEMAGENT_COORDINATOR": coordinator, "MEMAGENT_NUM_PROCESSES": str(args.num_processes),
-               "MEMAGENT_PROCESS_ID": str(i)}
+        env = {
+            "MEMAGENT_COORDINATOR": coordinator,
+            "MEMAGENT_NUM_PROCESSES": str(args.num_processes),
+            "MEMAGENT_PROCESS_ID": str(i),
+        }
         d = args.devices_per_process
         if args.platform == "cpu":
             env["JAX_PLATFORMS"] = "cpu"
@@ -99,8 +119,11 @@ def plan(args, command: list[str], port: int) -> list[tuple[list[str], dict[str,
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i * d + j) for j in range(d))
         argv = list(command)
         if args.pass_flags:
-            argv += [f"--coordinator_address={coordinator}", f"--num_processes={args.num_processes}",
-                     f"--process_id={i}"]
+            argv += [
+                f"--coordinator_address={coordinator}",
+                f"--num_processes={args.num_processes}",
+                f"--process_id={i}",
+            ]
         out.append((argv, env))
     return out
 
@@ -167,8 +190,14 @@ def run(processes, log_dir: str, grace_s: float) -> int:
             env = dict(os.environ, **extra)
             log_file = open(os.path.join(log_dir, f"process_{i}.log"), "w", encoding="utf-8")
             files.append(log_file)
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             procs.append(proc)
             t = threading.Thread(target=_pump, args=(i, proc.stdout, log_file, lock), daemon=True)
             t.start()
@@ -181,8 +210,11 @@ def run(processes, log_dir: str, grace_s: float) -> int:
                     continue
                 remaining.discard(i)
                 if code != 0:
-                    print(f"[launch] process {i} exited with status {code}; stopping the others", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"[launch] process {i} exited with status {code}; stopping the others",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     stop_all(procs, grace_s)
                     status = code if code > 0 else 128 - code  # killed by a signal: 128 + signal number
                     remaining.clear()

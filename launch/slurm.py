@@ -49,14 +49,17 @@ def reject_control_characters(field: str, value) -> None:
         return
     m = _CONTROL.search(str(value))
     if m:
-        raise LaunchError(f"{field} {str(value)!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
-                          f"newlines, carriage returns, NUL and other control characters are not allowed in values "
-                          f"that reach the sbatch script")
+        raise LaunchError(
+            f"{field} {str(value)!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
+            f"newlines, carriage returns, NUL and other control characters are not allowed in values "
+            f"that reach the sbatch script"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch/slurm.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/slurm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nodes", type=int, required=True, help="nodes")
     p.add_argument("--gpus_per_node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--config", required=True, help="config file[:arg] for the entry point")
@@ -69,15 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus_per_task", type=int, default=None, help="CPUs for each node's process")
     p.add_argument("--mem", default=None, help="host memory per node, e.g. 0 (all) or 1000G")
     p.add_argument("--no_exclusive", action="store_true", help="do not ask for whole nodes (#SBATCH --exclusive)")
-    p.add_argument("--sbatch_arg", action="append", default=[], metavar="ARG",
-                   help="extra #SBATCH line, e.g. --sbatch_arg=--qos=high (repeatable)")
+    p.add_argument(
+        "--sbatch_arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra #SBATCH line, e.g. --sbatch_arg=--qos=high (repeatable)",
+    )
     p.add_argument("--repo_dir", default=_REPO, help="the repository on the nodes (default: this checkout)")
     p.add_argument("--python", default=".venv/bin/python", help="interpreter, relative to repo_dir (or absolute)")
     p.add_argument("--log_dir", default="logs/slurm", help="SLURM and per-node logs (relative to repo_dir)")
     p.add_argument("--mem_fraction", default="0.92", help="XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.92)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable")
-    p.add_argument("--script", default=None, help="where to write the sbatch script "
-                                                  "(default <repo_dir>/<log_dir>/<job_name>.sbatch)")
+    p.add_argument(
+        "--script",
+        default=None,
+        help="where to write the sbatch script (default <repo_dir>/<log_dir>/<job_name>.sbatch)",
+    )
     p.add_argument("--dry_run", action="store_true", help="print the script and the sbatch command; submit nothing")
     return p
 
@@ -104,8 +115,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def check(args) -> None:
-    for name in ("config", "workdir", "module", "job_name", "partition", "account", "time", "mem", "repo_dir",
-                 "python", "log_dir", "mem_fraction", "script"):
+    for name in (
+        "config",
+        "workdir",
+        "module",
+        "job_name",
+        "partition",
+        "account",
+        "time",
+        "mem",
+        "repo_dir",
+        "python",
+        "log_dir",
+        "mem_fraction",
+        "script",
+    ):
         reject_control_characters(f"--{name}", getattr(args, name))
     for item in args.env:
         reject_control_characters("--env", item)
@@ -117,8 +141,10 @@ def check(args) -> None:
         raise LaunchError(f"--gpus_per_node must be >= 1, got {args.gpus_per_node}")
     m = _GPU_ARG.search(args.config)
     if m and int(m.group(1)) != args.nodes * args.gpus_per_node:
-        raise LaunchError(f"--config {args.config} is set up for {m.group(1)} GPUs, but --nodes {args.nodes} x "
-                          f"--gpus_per_node {args.gpus_per_node} = {args.nodes * args.gpus_per_node}")
+        raise LaunchError(
+            f"--config {args.config} is set up for {m.group(1)} GPUs, but --nodes {args.nodes} x "
+            f"--gpus_per_node {args.gpus_per_node} = {args.nodes * args.gpus_per_node}"
+        )
     try:
         fraction = float(args.mem_fraction)
     except ValueError:
@@ -144,8 +170,12 @@ def script_path(args) -> str:
 
 def render(args, overrides: list[str]) -> str:
     """The sbatch script."""
-    sb = [f"--job-name={args.job_name}", f"--nodes={args.nodes}", "--ntasks-per-node=1",
-          f"--gpus-per-node={args.gpus_per_node}"]
+    sb = [
+        f"--job-name={args.job_name}",
+        f"--nodes={args.nodes}",
+        "--ntasks-per-node=1",
+        f"--gpus-per-node={args.gpus_per_node}",
+    ]
     if args.cpus_per_task:
         sb.append(f"--cpus-per-task={args.cpus_per_task}")
     if args.mem is not None:
@@ -162,8 +192,14 @@ def render(args, overrides: list[str]) -> str:
     env = [("XLA_PYTHON_CLIENT_MEM_FRACTION", args.mem_fraction), ("MEMAGENT_LOCAL_DEVICE_IDS", devices)]
     env += [(k, v) for k, _, v in (e.partition("=") for e in args.env)]
     job = [args.python, "-m", args.module, f"--config={args.config}", f"--workdir={args.workdir}", *overrides]
-    srun = ["srun", "--nodes", str(args.nodes), "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            f"--output={args.log_dir}/{args.job_name}-%j-node%n.log"]
+    srun = [
+        "srun",
+        "--nodes",
+        str(args.nodes),
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        f"--output={args.log_dir}/{args.job_name}-%j-node%n.log",
+    ]
     for value in [*sb, *(v for _, v in env), *job, *srun, args.repo_dir, args.log_dir]:  # whatever the caller
         reject_control_characters("a value of the sbatch script", value)
     lines = ["#!/bin/bash"]
@@ -199,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return subprocess.run(submit).returncode
     except FileNotFoundError:
-        print("[slurm] error: sbatch is not installed or not on PATH (the script is written; submit it by hand)",
-              file=sys.stderr)
+        print(
+            "[slurm] error: sbatch is not installed or not on PATH (the script is written; submit it by hand)",
+            file=sys.stderr,
+        )
         return 127
 
 

@@ -37,9 +37,11 @@ import shlex
 import subprocess
 import sys
 
-WORKER_NUMBER = ("$(curl -sf -H Metadata-Flavor:Google "
-                 "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
-                 " || hostname)")
+WORKER_NUMBER = (
+    "$(curl -sf -H Metadata-Flavor:Google "
+    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
+    " || hostname)"
+)
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OVERRIDE = re.compile(r"^--config(\.[A-Za-z0-9_]+)+=")
 
@@ -58,29 +60,44 @@ def reject_control_characters(field: str, value) -> None:
         return
     m = _CONTROL.search(str(value))
     if m:
-        raise LaunchError(f"{field} {str(value)!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
-                          f"newlines, carriage returns, NUL and other control characters are not allowed in values "
-                          f"that reach the remote shell")
+        raise LaunchError(
+            f"{field} {str(value)!r}: control character U+{ord(m.group()):04X} at position {m.start()}; "
+            f"newlines, carriage returns, NUL and other control characters are not allowed in values "
+            f"that reach the remote shell"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch/tpu_pod.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/tpu_pod.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tpu", required=True, help="TPU VM name")
     p.add_argument("--zone", required=True, help="its zone, e.g. us-east5-a")
     p.add_argument("--project", default=None, help="GCP project (default: gcloud's configured project)")
     p.add_argument("--internal_ip", action="store_true", help="reach the workers by internal IP (gcloud --internal-ip)")
     p.add_argument("--config", default=None, help="config file[:arg] for the entry point (start)")
-    p.add_argument("--workdir", default=None, help="workdir for the entry point, a path every worker sees, e.g. a "
-                   "gcsfuse mount /mnt/bucket/runs/x (start)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="workdir for the entry point, a path every worker sees, e.g. a gcsfuse mount /mnt/bucket/runs/x (start)",
+    )
     p.add_argument("--module", default="memagent_jax.train", help="entry point module (default memagent_jax.train)")
     p.add_argument("--remote_dir", default="memagent-jax", help="repository on the workers (default ~/memagent-jax)")
     p.add_argument("--python", default=".venv/bin/python", help="interpreter on the workers, relative to remote_dir")
     p.add_argument("--log_dir", default="logs/tpu_pod", help="log folder on the workers (relative to remote_dir)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment variable for the job (repeatable)")
-    p.add_argument("--setup", default=None, metavar="COMMAND",
-                   help="a shell command run on every worker (in the home directory) before the job starts")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment variable for the job (repeatable)",
+    )
+    p.add_argument(
+        "--setup",
+        default=None,
+        metavar="COMMAND",
+        help="a shell command run on every worker (in the home directory) before the job starts",
+    )
     p.add_argument("--collect_logs", default=None, metavar="DIR", help="copy every worker's log into DIR")
     p.add_argument("--num_workers", type=int, default=None, help="hosts of the TPU VM (for --collect_logs)")
     p.add_argument("--teardown", action="store_true", help="stop the job on every worker")
@@ -111,15 +128,33 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def check(args, overrides: list[str]) -> None:
-    for name in ("tpu", "zone", "project", "config", "workdir", "module", "remote_dir", "python", "log_dir",
-                 "setup", "collect_logs"):
+    for name in (
+        "tpu",
+        "zone",
+        "project",
+        "config",
+        "workdir",
+        "module",
+        "remote_dir",
+        "python",
+        "log_dir",
+        "setup",
+        "collect_logs",
+    ):
         reject_control_characters(f"--{name}", getattr(args, name))
     for item in args.env:
         reject_control_characters("--env", item)
     for item in overrides:
         reject_control_characters("config override", item)
-    actions = [name for name, on in (("--collect_logs", args.collect_logs is not None), ("--teardown", args.teardown),
-                                     ("--delete", args.delete)) if on]
+    actions = [
+        name
+        for name, on in (
+            ("--collect_logs", args.collect_logs is not None),
+            ("--teardown", args.teardown),
+            ("--delete", args.delete),
+        )
+        if on
+    ]
     start = not actions
     if "--collect_logs" in actions and len(actions) > 1:
         others = " / ".join(a for a in actions if a != "--collect_logs")
@@ -134,11 +169,14 @@ def check(args, overrides: list[str]) -> None:
     if start:
         if not args.config or not args.workdir:
             missing = [f for f, v in (("--config", args.config), ("--workdir", args.workdir)) if not v]
-            raise LaunchError(f"starting a job needs {' and '.join(missing)} (or choose --collect_logs, --teardown, "
-                              f"--delete)")
+            raise LaunchError(
+                f"starting a job needs {' and '.join(missing)} (or choose --collect_logs, --teardown, --delete)"
+            )
     elif overrides or args.config or args.workdir or args.setup:
-        raise LaunchError(f"--config, --workdir, --setup and config overrides only apply when starting a job, not with "
-                          f"{' / '.join(actions)}")
+        raise LaunchError(
+            f"--config, --workdir, --setup and config overrides only apply when starting a job, not with "
+            f"{' / '.join(actions)}"
+        )
     for item in args.env:
         key, sep, _ = item.partition("=")
         if not sep or not _ENV_KEY.match(key):
@@ -171,21 +209,25 @@ def start_command(args, overrides: list[str]) -> str:
     env = ["MEMAGENT_DISTRIBUTED=1"] + [f"{k}={shlex.quote(v)}" for k, _, v in (e.partition("=") for e in args.env)]
     for value in [*job, *args.env, args.remote_dir, args.log_dir]:  # whatever the caller
         reject_control_characters("a value of the remote command", value)
-    return (f"set -e; cd {shlex.quote(args.remote_dir)}; LOGS={_remote_log_dir(args)}; mkdir -p \"$LOGS\"; "
-            f"WORKER={WORKER_NUMBER}; export {' '.join(env)}; "
-            f"setsid nohup {shlex.join(job)} > \"$LOGS/worker-$WORKER.log\" 2>&1 < /dev/null & "
-            f"echo $! > \"$LOGS/worker-$WORKER.pid\"; "
-            f"echo \"worker $WORKER: pid $(cat \"$LOGS/worker-$WORKER.pid\"), "
-            f"log $(cd \"$LOGS\" && pwd)/worker-$WORKER.log\"")
+    return (
+        f'set -e; cd {shlex.quote(args.remote_dir)}; LOGS={_remote_log_dir(args)}; mkdir -p "$LOGS"; '
+        f"WORKER={WORKER_NUMBER}; export {' '.join(env)}; "
+        f'setsid nohup {shlex.join(job)} > "$LOGS/worker-$WORKER.log" 2>&1 < /dev/null & '
+        f'echo $! > "$LOGS/worker-$WORKER.pid"; '
+        f'echo "worker $WORKER: pid $(cat "$LOGS/worker-$WORKER.pid"), '
+        f'log $(cd "$LOGS" && pwd)/worker-$WORKER.log"'
+    )
 
 
 def teardown_command(args) -> str:
     """The shell line each worker runs to stop the job: SIGTERM to the recorded process groups, SIGKILL later."""
-    return (f"cd {shlex.quote(args.remote_dir)} || exit 0; LOGS={_remote_log_dir(args)}; "
-            f"for f in \"$LOGS\"/worker-*.pid; do [ -f \"$f\" ] && kill -TERM -- -\"$(cat \"$f\")\" 2>/dev/null; "
-            f"done; sleep {args.grace_s}; "
-            f"for f in \"$LOGS\"/worker-*.pid; do [ -f \"$f\" ] || continue; "
-            f"kill -KILL -- -\"$(cat \"$f\")\" 2>/dev/null; rm -f \"$f\"; done; echo stopped")
+    return (
+        f"cd {shlex.quote(args.remote_dir)} || exit 0; LOGS={_remote_log_dir(args)}; "
+        f'for f in "$LOGS"/worker-*.pid; do [ -f "$f" ] && kill -TERM -- -"$(cat "$f")" 2>/dev/null; '
+        f"done; sleep {args.grace_s}; "
+        f'for f in "$LOGS"/worker-*.pid; do [ -f "$f" ] || continue; '
+        f'kill -KILL -- -"$(cat "$f")" 2>/dev/null; rm -f "$f"; done; echo stopped'
+    )
 
 
 def commands(args, overrides: list[str]) -> list[list[str]]:

@@ -18,6 +18,7 @@ def lazy_exports(package: str, exports: dict[str, str], listed=()):
     listed: the names `dir()` shows besides those already loaded (the package's `__all__`).
     A name is imported on first access and then kept in the package's namespace (later lookups skip this).
     """
+
     def __getattr__(name: str):
         module = exports.get(name)
         if module is None:

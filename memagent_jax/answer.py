@@ -6,12 +6,12 @@ One document:
 A batch file (reference evaluation or training format, JSONL / JSON / parquet) -> JSONL of answers:
     python -m memagent_jax.answer --model DIR --input eval_800docs.json --output answers.jsonl [--trace]
 
-Rows run with continuous batching over --batch-size row slots (a row whose document ends takes the next one);
-row i of the file samples with fold_in(key(seed), i), so its answer does not depend on the batch. A row that cannot run (a malformed JSON line, an
-array item that is not an object, text that is not UTF-8, a missing or ill-typed field, an empty question or
-document, a question over budget) is written as {"row", "error", "field"} (the error names the file, the row
-and the field) and the rest go on; so is a row whose answer was sampled from non-finite (NaN / inf) logits.
-When rows carry gold answers, each output row also has "sub_em" (the QA accuracy metric) and "em".
+Rows run with continuous batching over --batch-size row slots (a row whose document ends takes the next one); row i of
+the file samples with fold_in(key(seed), i), so its answer does not depend on the batch. A row that cannot run (a
+malformed JSON line, an array item that is not an object, text that is not UTF-8, a missing or ill-typed field, an empty
+question or document, a question over budget) is written as {"row", "error", "field"} (the error names the file, the row
+and the field) and the rest go on; so is a row whose answer was sampled from non-finite (NaN / inf) logits. When rows
+carry gold answers, each output row also has "sub_em" (the QA accuracy metric) and "em".
 
 Output: rows are written to OUTPUT.partial as they are answered (a killed run keeps what it finished
 there) and the file is renamed to OUTPUT when the run ends; OUTPUT is never one of the input files. The last
@@ -34,16 +34,22 @@ from memagent_jax import settings as settings_lib
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m memagent_jax.answer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m memagent_jax.answer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="local Hugging Face model folder (config.json + safetensors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     p.add_argument("--question", help="the question (single-document mode)")
     p.add_argument("--document", help="UTF-8 text file with the document (single-document mode)")
     p.add_argument("--input", help="rows file (batch mode): reference eval or training format")
     p.add_argument("--output", help="JSONL output file (batch mode)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows read at once (batch mode): row slots of continuous batching, a row whose document "
-                   "ends takes the next one")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="rows read at once (batch mode): row slots of continuous batching, a row whose document "
+        "ends takes the next one",
+    )
     p.add_argument("--trace", action="store_true", help="print / write the memory after every chunk")
     add_agent_arguments(p)
     add_model_arguments(p)
@@ -59,52 +65,140 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """How the model is loaded and computed (shared with `serve` and `generate`): dtypes, attention kernel,
     non-finite weights."""
     p.add_argument("--dtype", default=None, help="param and compute dtype (float32, bfloat16; default: checkpoint)")
-    p.add_argument("--param-dtype", "--param_dtype", dest="param_dtype", default=None,
-                   help="dtype the weights are held in (overrides --dtype; default: --dtype, else the checkpoint's)")
-    p.add_argument("--compute-dtype", "--compute_dtype", dest="compute_dtype", default=None,
-                   help="dtype of matmuls and the KV cache; norms, softmax, logits and sampling stay f32 (overrides "
-                   "--dtype; default: --dtype, else the param dtype)")
-    p.add_argument("--attention-impl", dest="attention_impl", default="auto",
-                   choices=("auto", "materialized", "blockwise", "cudnn"),  # models.config.ATTENTION_IMPLS
-                   help="attention kernel (models/attention.py; default auto)")
-    p.add_argument("--allow-nonfinite-weights", action="store_true",
-                   help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)")
+    p.add_argument(
+        "--param-dtype",
+        "--param_dtype",
+        dest="param_dtype",
+        default=None,
+        help="dtype the weights are held in (overrides --dtype; default: --dtype, else the checkpoint's)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        "--compute_dtype",
+        dest="compute_dtype",
+        default=None,
+        help="dtype of matmuls and the KV cache; norms, softmax, logits and sampling stay f32 (overrides "
+        "--dtype; default: --dtype, else the param dtype)",
+    )
+    p.add_argument(
+        "--attention-impl",
+        dest="attention_impl",
+        default="auto",
+        choices=("auto", "materialized", "blockwise", "cudnn"),  # models.config.ATTENTION_IMPLS
+        help="attention kernel (models/attention.py; default auto)",
+    )
+    p.add_argument(
+        "--allow-nonfinite-weights",
+        action="store_true",
+        help="load a model whose weights hold NaN / inf (refused by default, naming the tensor)",
+    )
 
 
 def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     """The agent-settings flags (`--agent.<config name>`, the names train and evaluate use) of `answer`, shared
     with `serve`. Unset = the model folder's memagent_agent.json (written by train's export), else the documented
     default shown."""
-    p.add_argument("--agent.question_tokens", dest="question_tokens", type=int, default=None,
-                   metavar="Q", help="question slot in tokens (default: the model's settings file, else 1024)")
-    p.add_argument("--agent.chunk_tokens", dest="chunk_tokens", type=int, default=None,
-                   metavar="C", help="document tokens read per step (default: settings file, else 5000)")
-    p.add_argument("--agent.memory_tokens", dest="memory_tokens", type=int, default=None,
-                   metavar="M", help="most new tokens of a memory update (default: settings file, else 1024)")
-    p.add_argument("--agent.answer_tokens", dest="answer_tokens", type=int, default=None,
-                   metavar="A", help="most new tokens of the final answer (default: settings file, else 1024)")
-    p.add_argument("--agent.chunks_per_segment", dest="chunks_per_segment", type=int,
-                   default=None, metavar="S", help="chunks per compiled scan (default: settings file, else 4)")
-    p.add_argument("--agent.max_document_tokens", dest="max_document_tokens", type=int,
-                   default=None, metavar="N", help="centre-truncate longer documents (0 = off; default: settings "
-                   "file, else 0)")
-    p.add_argument("--agent.question_overflow", dest="question_overflow", choices=("error", "truncate"),
-                   default=None, help="an over-budget question: error, or truncate with a warning (default: "
-                   "settings file, else error)")
-    p.add_argument("--agent.templates", dest="templates", default=None, metavar="FILE",
-                   help="JSON file with memory_update / final_answer / initial_memory / system / prompt_mode "
-                   "(default: the settings file's templates, else the default wording)")
-    p.add_argument("--agent.prompt_mode", dest="prompt_mode", choices=("pieces", "text"), default=None,
-                   help="how prompts become tokens (default: settings file / templates, else pieces)")
-    p.add_argument("--agent.temperature", dest="temperature", type=float, default=None,
-                   metavar="T", help="sampling temperature, 0 = greedy (default: settings file, else 0; the "
-                   "evaluation recipe: 0.7)")
-    p.add_argument("--agent.top_p", dest="top_p", type=float, default=None, metavar="P",
-                   help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)")
+    p.add_argument(
+        "--agent.question_tokens",
+        dest="question_tokens",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="question slot in tokens (default: the model's settings file, else 1024)",
+    )
+    p.add_argument(
+        "--agent.chunk_tokens",
+        dest="chunk_tokens",
+        type=int,
+        default=None,
+        metavar="C",
+        help="document tokens read per step (default: settings file, else 5000)",
+    )
+    p.add_argument(
+        "--agent.memory_tokens",
+        dest="memory_tokens",
+        type=int,
+        default=None,
+        metavar="M",
+        help="most new tokens of a memory update (default: settings file, else 1024)",
+    )
+    p.add_argument(
+        "--agent.answer_tokens",
+        dest="answer_tokens",
+        type=int,
+        default=None,
+        metavar="A",
+        help="most new tokens of the final answer (default: settings file, else 1024)",
+    )
+    p.add_argument(
+        "--agent.chunks_per_segment",
+        dest="chunks_per_segment",
+        type=int,
+        default=None,
+        metavar="S",
+        help="chunks per compiled scan (default: settings file, else 4)",
+    )
+    p.add_argument(
+        "--agent.max_document_tokens",
+        dest="max_document_tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="centre-truncate longer documents (0 = off; default: settings file, else 0)",
+    )
+    p.add_argument(
+        "--agent.question_overflow",
+        dest="question_overflow",
+        choices=("error", "truncate"),
+        default=None,
+        help="an over-budget question: error, or truncate with a warning (default: settings file, else error)",
+    )
+    p.add_argument(
+        "--agent.templates",
+        dest="templates",
+        default=None,
+        metavar="FILE",
+        help="JSON file with memory_update / final_answer / initial_memory / system / prompt_mode "
+        "(default: the settings file's templates, else the default wording)",
+    )
+    p.add_argument(
+        "--agent.prompt_mode",
+        dest="prompt_mode",
+        choices=("pieces", "text"),
+        default=None,
+        help="how prompts become tokens (default: settings file / templates, else pieces)",
+    )
+    p.add_argument(
+        "--agent.temperature",
+        dest="temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="sampling temperature, 0 = greedy (default: settings file, else 0; the evaluation recipe: 0.7)",
+    )
+    p.add_argument(
+        "--agent.top_p",
+        dest="top_p",
+        type=float,
+        default=None,
+        metavar="P",
+        help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)",
+    )
 
 
-AGENT_FLAGS = ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment",
-               "max_document_tokens", "question_overflow", "templates", "prompt_mode", "temperature", "top_p")
+AGENT_FLAGS = (
+    "question_tokens",
+    "chunk_tokens",
+    "memory_tokens",
+    "answer_tokens",
+    "chunks_per_segment",
+    "max_document_tokens",
+    "question_overflow",
+    "templates",
+    "prompt_mode",
+    "temperature",
+    "top_p",
+)
 
 
 def agent_flag_values(args) -> dict:
@@ -155,15 +249,18 @@ def check_agent_args(args) -> None:
     if not os.path.isdir(args.model):
         raise AnswerArgsError(f"--model {args.model!r}: no such folder (expected a local Hugging Face model folder)")
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise AnswerArgsError(f"--model {args.model!r}: no config.json in the folder (expected a Hugging Face model "
-                              f"folder)")
+        raise AnswerArgsError(
+            f"--model {args.model!r}: no config.json in the folder (expected a Hugging Face model folder)"
+        )
     tok = args.tokenizer or args.model
     flag = "--tokenizer" if args.tokenizer else "--model"
     if not os.path.isdir(tok):
         raise AnswerArgsError(f"--tokenizer {tok!r}: no such folder")
     if not any(os.path.isfile(os.path.join(tok, name)) for name in _TOKENIZER_FILES):
-        raise AnswerArgsError(f"{flag} {tok!r}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in the folder"
-                              + ("" if args.tokenizer else "; pass --tokenizer DIR"))
+        raise AnswerArgsError(
+            f"{flag} {tok!r}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in the folder"
+            + ("" if args.tokenizer else "; pass --tokenizer DIR")
+        )
     if args.templates and not os.path.isfile(args.templates):
         raise AnswerArgsError(f"--agent.templates {args.templates!r}: no such file")
 
@@ -180,16 +277,23 @@ def _build_agent(args):
         tokenizer = AutoTokenizer.from_pretrained(tok, local_files_only=True)
     except Exception as e:  # transformers raises OSError / ValueError with long messages
         first = str(e).splitlines()[0] if str(e) else ""
-        raise AnswerArgsError(f"{'--tokenizer' if args.tokenizer else '--model'} {tok!r}: cannot load a tokenizer: "
-                              f"{type(e).__name__}: {first}") from None
+        raise AnswerArgsError(
+            f"{'--tokenizer' if args.tokenizer else '--model'} {tok!r}: cannot load a tokenizer: "
+            f"{type(e).__name__}: {first}"
+        ) from None
     param_dtype = args.param_dtype or args.dtype
-    params, config = load_hf_params(args.model, param_dtype=param_dtype,
-                                    allow_nonfinite=args.allow_nonfinite_weights)
+    params, config = load_hf_params(args.model, param_dtype=param_dtype, allow_nonfinite=args.allow_nonfinite_weights)
     if args.compute_dtype or args.dtype or param_dtype:
         config = config.replace(compute_dtype=args.compute_dtype or args.dtype or param_dtype)
     config = config.replace(attention_impl=args.attention_impl)
-    return MemoryAgent(params, config, tokenizer, budgets=settings.budgets, templates=settings.templates,
-                       memory_sampling=settings.sampling())
+    return MemoryAgent(
+        params,
+        config,
+        tokenizer,
+        budgets=settings.budgets,
+        templates=settings.templates,
+        memory_sampling=settings.sampling(),
+    )
 
 
 def resolve_settings(args):
@@ -219,8 +323,10 @@ def _single(args, agent) -> int:
     return 0
 
 
-NONFINITE_MESSAGE = ("the model's logits were not finite (NaN / inf) while it answered: no answer (check the "
-                     "weights, or use float32 instead of a narrower dtype)")
+NONFINITE_MESSAGE = (
+    "the model's logits were not finite (NaN / inf) while it answered: no answer (check the "
+    "weights, or use float32 instead of a narrower dtype)"
+)
 
 
 def _error_row(i: int, error: Exception, **extra) -> dict:
@@ -232,10 +338,10 @@ def _error_row(i: int, error: Exception, **extra) -> dict:
 
 
 def _batch(args, agent) -> int:
-    from memagent_jax.evaluation import verifier
     from memagent_jax.agent import AgentInputError
     from memagent_jax.data.formats import open_file
     from memagent_jax.data.records import DataFormatError
+    from memagent_jax.evaluation import verifier
 
     rows = open_file(args.input, on_bad_row="keep")  # bad rows raise one by one, below
     ready, failed, nonfinite = [], 0, 0
@@ -268,12 +374,23 @@ def _batch(args, agent) -> int:
             if result.nonfinite and result.nonfinite[0]:
                 failed += 1
                 nonfinite += 1
-                row = {"row": i, "index": record.index, "question": record.question,
-                       "error": f"{args.input} row {i}: {NONFINITE_MESSAGE}", "answer": None}
+                row = {
+                    "row": i,
+                    "index": record.index,
+                    "question": record.question,
+                    "error": f"{args.input} row {i}: {NONFINITE_MESSAGE}",
+                    "answer": None,
+                }
                 print(f"failed: {row['error']}", file=sys.stderr)
             else:
-                row = {"row": i, "index": record.index, "question": record.question, "answer": result.answers[0],
-                       "num_chunks": result.num_chunks[0], "finished": result.finished[0]}
+                row = {
+                    "row": i,
+                    "index": record.index,
+                    "question": record.question,
+                    "answer": result.answers[0],
+                    "num_chunks": result.num_chunks[0],
+                    "finished": result.finished[0],
+                }
                 if record.answers:
                     row["answers"] = list(record.answers)
                     row["sub_em"] = verifier.score(result.answers[0], record.answers, "sub_em")
@@ -284,9 +401,15 @@ def _batch(args, agent) -> int:
             out.flush()
 
         if ready:
-            agent.run([r[2].question for r in ready], [r[3] for r in ready],
-                      rng=row_keys(args.seed, len(rows))[np.asarray([r[1] for r in ready])], trace=args.trace,
-                      batch_size=args.batch_size, progress=not args.no_progress, on_row=write)
+            agent.run(
+                [r[2].question for r in ready],
+                [r[3] for r in ready],
+                rng=row_keys(args.seed, len(rows))[np.asarray([r[1] for r in ready])],
+                trace=args.trace,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+                on_row=write,
+            )
     if partial != os.devnull:
         os.replace(partial, out_path)
     answered = len(ready) - nonfinite
@@ -326,8 +449,17 @@ def main(argv: list[str] | None = None) -> int:
         with output:
             agent = _build_agent(args)
             return _single(args, agent) if single else _batch(args, agent)
-    except (AgentInputError, AgentSettingsError, AnswerArgsError, CheckpointError, ConfigError, DataFormatError, TemplateError,
-            FileNotFoundError, distributed.DistributedError) as e:
+    except (
+        AgentInputError,
+        AgentSettingsError,
+        AnswerArgsError,
+        CheckpointError,
+        ConfigError,
+        DataFormatError,
+        TemplateError,
+        FileNotFoundError,
+        distributed.DistributedError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

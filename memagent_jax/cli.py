@@ -23,14 +23,18 @@ import os
 import re
 import sys
 import tokenize
-from typing import Sequence
+from collections.abc import Sequence
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # name -> (module, kind, default config file, one line)
 COMMANDS = {
-    "demo": ("memagent_jax.pipeline", "absl", "tiny_synthetic.py",
-             "the main job: task, tokenizer, tiny model, warm start, GRPO, evaluation, report (CPU)"),
+    "demo": (
+        "memagent_jax.pipeline",
+        "absl",
+        "tiny_synthetic.py",
+        "the main job: task, tokenizer, tiny model, warm start, GRPO, evaluation, report (CPU)",
+    ),
     "train": ("memagent_jax.train", "absl", "grpo.py", "train a memory agent with multi-conversation GRPO"),
     "evaluate": ("memagent_jax.evaluate", "absl", "evaluate.py", "accuracy per document length, with intervals"),
     "answer": ("memagent_jax.answer", "argparse", None, "answer questions about long documents"),
@@ -45,8 +49,11 @@ BUILDERS = {"hotpotqa": "memagent_jax.data.hotpotqa", "squad": "memagent_jax.dat
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {line}" for name, (_, _, _, line) in COMMANDS.items()]
-    return ("usage: memagent <command> [args]   (memagent <command> --help for its flags)\n\ncommands:\n"
-            + "\n".join(lines) + "\n")
+    return (
+        "usage: memagent <command> [args]   (memagent <command> --help for its flags)\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def _default_config(name: str) -> str:
@@ -168,13 +175,17 @@ def _help(name: str, module: str, kind: str, default_config: str | None) -> int:
     print(f"usage: memagent {name} [flags]   (= python -m {module})\n")
     print((mod.__doc__ or "").strip())
     if kind == "absl":
-        print(f"\nflags:\n  --config FILE[:ARG]  config file (default: configs/{default_config}); every field can be "
-              f"set with --config.<field>=<value>\n  --workdir DIR        where everything is written"
-              + (" (default: runs/tiny_synthetic)" if name == "demo" else "") +
-              f"\n  --print-config       print every config field with its value and description, then stop")
+        print(
+            f"\nflags:\n  --config FILE[:ARG]  config file (default: configs/{default_config}); every field can be "
+            f"set with --config.<field>=<value>\n  --workdir DIR        where everything is written"
+            + (" (default: runs/tiny_synthetic)" if name == "demo" else "")
+            + "\n  --print-config       print every config field with its value and description, then stop"
+        )
         if name in ("train", "evaluate"):
-            print("  --coordinator_address / --num_processes / --process_id   multi-host runs "
-                  "(see memagent_jax.distributed)")
+            print(
+                "  --coordinator_address / --num_processes / --process_id   multi-host runs "
+                "(see memagent_jax.distributed)"
+            )
     return 0
 
 
@@ -207,9 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     module, kind, default_config, _ = COMMANDS[name]
     if kind == "build":
         if not rest or rest[0] in ("-h", "--help"):
-            print("usage: memagent build-data {hotpotqa,squad} [args]   (--help after the source for its flags)\n"
-                  "  hotpotqa   python -m memagent_jax.data.hotpotqa: RULER-HotpotQA-style evaluation suite and "
-                  "training file\n  squad      python -m memagent_jax.data.squad: the RULER qa_1 (SQuAD) suite")
+            print(
+                "usage: memagent build-data {hotpotqa,squad} [args]   (--help after the source for its flags)\n"
+                "  hotpotqa   python -m memagent_jax.data.hotpotqa: RULER-HotpotQA-style evaluation suite and "
+                "training file\n  squad      python -m memagent_jax.data.squad: the RULER qa_1 (SQuAD) suite"
+            )
             return 0 if rest else 2
         if rest[0] not in BUILDERS:
             print(f"error: build-data: unknown source {rest[0]!r}; one of {', '.join(BUILDERS)}", file=sys.stderr)

@@ -55,7 +55,12 @@ from memagent_jax import settings
 from memagent_jax.evaluation.loop import evaluate_models
 from memagent_jax.evaluation.report import EvalResults, failure_summary
 from memagent_jax.evaluation.specs import (
-    ROW_ERROR_POLICIES, SCHEDULING, EvalConfigError, parse_eval_files, parse_models)
+    ROW_ERROR_POLICIES,
+    SCHEDULING,
+    EvalConfigError,
+    parse_eval_files,
+    parse_models,
+)
 
 try:  # multi-host start-up; the module defines its own flags, so it is imported before flags are parsed
     from memagent_jax import distributed as _distributed
@@ -76,11 +81,13 @@ def validate_config(cfg) -> None:
         raise EvalConfigError(f"config.tokenizer: {cfg.tokenizer!r} is not a directory")
     agent_overrides(cfg)
     if cfg.metric != "auto" and cfg.metric not in verifier.METRICS:
-        raise EvalConfigError(f"config.metric: unknown metric {cfg.metric!r}; choose one of "
-                              f"{sorted(verifier.METRICS)} or 'auto'")
+        raise EvalConfigError(
+            f"config.metric: unknown metric {cfg.metric!r}; choose one of {sorted(verifier.METRICS)} or 'auto'"
+        )
     if cfg.extract not in verifier.EXTRACTORS:
-        raise EvalConfigError(f"config.extract: unknown extraction {cfg.extract!r}; choose one of "
-                              f"{list(verifier.EXTRACTORS)}")
+        raise EvalConfigError(
+            f"config.extract: unknown extraction {cfg.extract!r}; choose one of {list(verifier.EXTRACTORS)}"
+        )
     if cfg.row_errors not in ROW_ERROR_POLICIES:
         raise EvalConfigError(f"config.row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {cfg.row_errors!r}")
     if cfg.batch_size <= 0:
@@ -93,8 +100,9 @@ def validate_config(cfg) -> None:
     from memagent_jax.models.config import ATTENTION_IMPLS
 
     if (cfg.get("attention_impl") or "auto") not in ATTENTION_IMPLS:
-        raise EvalConfigError(f"config.attention_impl: must be one of {list(ATTENTION_IMPLS)} (or '' = auto), got "
-                              f"{cfg.attention_impl!r}")
+        raise EvalConfigError(
+            f"config.attention_impl: must be one of {list(ATTENTION_IMPLS)} (or '' = auto), got {cfg.attention_impl!r}"
+        )
 
 
 def agent_overrides(cfg) -> dict:
@@ -130,14 +138,30 @@ def run(cfg, workdir: str) -> EvalResults:
     except sharding_lib.MeshError as e:
         raise EvalConfigError(f"config.mesh: {e} ({jax.device_count()} devices)") from None
     return evaluate_models(
-        cfg.models, cfg.eval_files, workdir, agent_overrides=overrides, metric=cfg.metric, extract=cfg.extract,
-        batch_size=cfg.batch_size, scheduling=cfg.get("scheduling", "continuous"), max_questions=cfg.max_questions,
-        seed=cfg.seed, num_traces=cfg.num_traces,
-        row_errors=cfg.row_errors, mesh=mesh, param_dtype=cfg.param_dtype or None,
-        compute_dtype=cfg.compute_dtype or None, tokenizer_path=cfg.tokenizer or None, progress=cfg.progress,
-        plot=cfg.plot, warmup=cfg.warmup, config=cfg,
-        allow_nonfinite_weights=bool(cfg.get("allow_nonfinite_weights", False)), doc_store=cfg.get("doc_store") or None,
-        attention_impl=cfg.get("attention_impl") or None)
+        cfg.models,
+        cfg.eval_files,
+        workdir,
+        agent_overrides=overrides,
+        metric=cfg.metric,
+        extract=cfg.extract,
+        batch_size=cfg.batch_size,
+        scheduling=cfg.get("scheduling", "continuous"),
+        max_questions=cfg.max_questions,
+        seed=cfg.seed,
+        num_traces=cfg.num_traces,
+        row_errors=cfg.row_errors,
+        mesh=mesh,
+        param_dtype=cfg.param_dtype or None,
+        compute_dtype=cfg.compute_dtype or None,
+        tokenizer_path=cfg.tokenizer or None,
+        progress=cfg.progress,
+        plot=cfg.plot,
+        warmup=cfg.warmup,
+        config=cfg,
+        allow_nonfinite_weights=bool(cfg.get("allow_nonfinite_weights", False)),
+        doc_store=cfg.get("doc_store") or None,
+        attention_impl=cfg.get("attention_impl") or None,
+    )
 
 
 _CONFIG = None
@@ -163,10 +187,17 @@ def _define_flags(flag_values=None, sys_argv: list[str] | None = None) -> None:
         sys.argv = configs.resolve_argv(sys.argv)
     else:
         sys_argv = configs.resolve_argv(sys_argv)
-    _CONFIG = config_flags.DEFINE_config_file("config", configs.path_of("evaluate"), "evaluation config file",
-                                              flag_values=fv, lock_config=True, sys_argv=sys_argv)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "directory for results.json/csv, predictions/ and the plot",
-                                   flag_values=fv)
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config",
+        configs.path_of("evaluate"),
+        "evaluation config file",
+        flag_values=fv,
+        lock_config=True,
+        sys_argv=sys_argv,
+    )
+    _WORKDIR = flags.DEFINE_string(
+        "workdir", None, "directory for results.json/csv, predictions/ and the plot", flag_values=fv
+    )
 
 
 def main(argv) -> None:
@@ -192,8 +223,16 @@ def main(argv) -> None:
 
     try:
         results = run(_CONFIG.value, _WORKDIR.value)
-    except (EvalConfigError, AgentSettingsError, DataFormatError, CheckpointError, ConfigError, AgentInputError, TemplateError,
-            FileNotFoundError) as e:
+    except (
+        EvalConfigError,
+        AgentSettingsError,
+        DataFormatError,
+        CheckpointError,
+        ConfigError,
+        AgentInputError,
+        TemplateError,
+        FileNotFoundError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     summary = failure_summary(results)

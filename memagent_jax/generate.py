@@ -21,19 +21,35 @@ import time
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m memagent_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m memagent_jax.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="local Hugging Face model folder (config.json + safetensors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="prompt text; repeat the flag to generate for a batch")
+    p.add_argument(
+        "--prompt", action="append", required=True, help="prompt text; repeat the flag to generate for a batch"
+    )
     p.add_argument("--chat", action="store_true", help="wrap each prompt as one user message with the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", "--agent.temperature", dest="temperature", type=float, default=None,
-                   help="0 = greedy (default: the model folder's memagent_agent.json, else 0)")
-    p.add_argument("--top-p", "--agent.top_p", dest="top_p", type=float, default=None,
-                   help="nucleus sampling (default: the model folder's memagent_agent.json, else 1.0)")
+    p.add_argument(
+        "--temperature",
+        "--agent.temperature",
+        dest="temperature",
+        type=float,
+        default=None,
+        help="0 = greedy (default: the model folder's memagent_agent.json, else 0)",
+    )
+    p.add_argument(
+        "--top-p",
+        "--agent.top_p",
+        dest="top_p",
+        type=float,
+        default=None,
+        help="nucleus sampling (default: the model folder's memagent_agent.json, else 1.0)",
+    )
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
@@ -86,12 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_p is None:
         args.top_p = settings.top_p if settings.top_p is not None else 1.0
     try:
-        SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, stop_token_ids=tuple(args.stop_id))
+        SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_token_ids=tuple(args.stop_id),
+        )
     except SamplingError as e:
-        parser.error(str(e).replace("max_new_tokens", "--max-new-tokens").replace("top_p", "--top-p")
-                     .replace("top_k", "--top-k").replace("temperature", "--temperature")
-                     .replace("stop_token_ids", "--stop-id"))
+        parser.error(
+            str(e)
+            .replace("max_new_tokens", "--max-new-tokens")
+            .replace("top_p", "--top-p")
+            .replace("top_k", "--top-k")
+            .replace("temperature", "--temperature")
+            .replace("stop_token_ids", "--stop-id")
+        )
 
     from transformers import AutoTokenizer
 
@@ -123,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         param_dtype = args.param_dtype or args.dtype
-        params, config = load_hf_params(args.model, param_dtype=param_dtype,
-                                        allow_nonfinite=args.allow_nonfinite_weights)
+        params, config = load_hf_params(
+            args.model, param_dtype=param_dtype, allow_nonfinite=args.allow_nonfinite_weights
+        )
         if args.compute_dtype or param_dtype:  # compute in the requested dtype too
             config = config.replace(compute_dtype=args.compute_dtype or args.dtype or config.param_dtype)
         config = config.replace(attention_impl=args.attention_impl)
@@ -139,8 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             stops.add(int(tokenizer.eos_token_id))
     pad_id = next((x for x in (tokenizer.pad_token_id, config.pad_token_id) if x is not None), 0)
     try:
-        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, stop_token_ids=tuple(stops), pad_id=int(pad_id))
+        sampling = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_token_ids=tuple(stops),
+            pad_id=int(pad_id),
+        )
         sampler = Sampler(params, config)
         t0 = time.perf_counter()
         result = sampler.generate(prompts, sampling, rng=args.seed)
@@ -154,17 +187,29 @@ def main(argv: list[str] | None = None) -> int:
         text_ids = ids[:-1] if result.finished[i] and ids and ids[-1] in stop_set else ids
         text = tokenizer.decode(text_ids, skip_special_tokens=False)
         if args.json:
-            print(json.dumps({"prompt": args.prompt[i], "completion": text, "token_ids": ids,
-                              "logprobs": [float(x) for x in result.row_logprobs(i)],
-                              "finished": bool(result.finished[i])}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt": args.prompt[i],
+                        "completion": text,
+                        "token_ids": ids,
+                        "logprobs": [float(x) for x in result.row_logprobs(i)],
+                        "finished": bool(result.finished[i]),
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             if len(result.tokens) > 1:
                 print(f"--- completion {i + 1} ---")
             print(text)
     if not args.quiet:
         total = int(result.num_tokens.sum())
-        print(f"[{total} new tokens for {len(prompts)} prompt(s) in {elapsed:.2f}s incl. compile; "
-              f"prompt bucket {result.bucket}]", file=sys.stderr)
+        print(
+            f"[{total} new tokens for {len(prompts)} prompt(s) in {elapsed:.2f}s incl. compile; "
+            f"prompt bucket {result.bucket}]",
+            file=sys.stderr,
+        )
     return 0
 
 

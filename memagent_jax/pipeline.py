@@ -19,11 +19,9 @@ Nothing is downloaded: the tokenizer is trained on the task's own text and the m
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -40,8 +38,9 @@ def define_flags() -> None:
     from memagent_jax import configs
 
     sys.argv = configs.resolve_argv(sys.argv)
-    _CONFIG = config_flags.DEFINE_config_file("config", configs.path_of("tiny_synthetic"), "main job config",
-                                              lock_config=True)
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", configs.path_of("tiny_synthetic"), "main job config", lock_config=True
+    )
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for every artefact of the job")
 
 
@@ -64,8 +63,9 @@ def eval_multipliers(cfg) -> list[int]:
     try:
         values = [int(v) for v in str(cfg.task.eval_multipliers).replace(",", ";").split(";") if v.strip()]
     except ValueError:
-        raise PipelineConfigError(f"config.task.eval_multipliers: expected integers separated by ';', got "
-                                  f"{cfg.task.eval_multipliers!r}") from None
+        raise PipelineConfigError(
+            f"config.task.eval_multipliers: expected integers separated by ';', got {cfg.task.eval_multipliers!r}"
+        ) from None
     if not values or any(v <= 0 for v in values):
         raise PipelineConfigError(f"config.task.eval_multipliers: need positive integers, got {values}")
     return values
@@ -86,10 +86,23 @@ def validate_config(cfg) -> None:
 
     if cfg.task.name not in TASKS:
         raise PipelineConfigError(f"config.task.name: {cfg.task.name!r} is not one of {TASKS}")
-    for path in ("task.train_chunks", "task.train_samples", "task.eval_questions", "tokenizer.vocab_size",
-                 "warm_start.updates", "warm_start.trajectories_per_update", "warm_start.updates_per_call",
-                 "rl.steps", "rl.questions_per_step", "rl.group_size", "eval.batch_size",
-                 "agent.chunk_tokens", "agent.memory_tokens", "agent.answer_tokens", "agent.question_tokens"):
+    for path in (
+        "task.train_chunks",
+        "task.train_samples",
+        "task.eval_questions",
+        "tokenizer.vocab_size",
+        "warm_start.updates",
+        "warm_start.trajectories_per_update",
+        "warm_start.updates_per_call",
+        "rl.steps",
+        "rl.questions_per_step",
+        "rl.group_size",
+        "eval.batch_size",
+        "agent.chunk_tokens",
+        "agent.memory_tokens",
+        "agent.answer_tokens",
+        "agent.question_tokens",
+    ):
         section, field = path.split(".")
         if int(cfg[section][field]) <= 0:
             raise PipelineConfigError(f"config.{path} must be positive, got {cfg[section][field]}")
@@ -99,21 +112,33 @@ def validate_config(cfg) -> None:
     from memagent_jax.data.synthetic import FACT_STYLES
     from memagent_jax.rl.warm_start import NOTE_STYLES
 
-    for path, allowed in (("task.fact_style", FACT_STYLES), ("model.init", ("random", "induction")),
-                          ("warm_start.note_style", NOTE_STYLES)):
+    for path, allowed in (
+        ("task.fact_style", FACT_STYLES),
+        ("model.init", ("random", "induction")),
+        ("warm_start.note_style", NOTE_STYLES),
+    ):
         section, field = path.split(".")
         if field in cfg[section] and cfg[section][field] not in allowed:
             raise PipelineConfigError(f"config.{path} must be one of {allowed}, got {cfg[section][field]!r}")
-    for path, low in (("task.same_chunk_distractors", 0), ("task.multihop_multiplier", 0),
-                      ("warm_start.focus_repeats", 1), ("long_eval.chunks", 1), ("long_eval.questions", 1),
-                      ("long_eval.batch_size", 1), ("rl.max_sampling_batches", 1), ("rl.pack_length", 0),
-                      ("warm_start.pack_length", 0)):
+    for path, low in (
+        ("task.same_chunk_distractors", 0),
+        ("task.multihop_multiplier", 0),
+        ("warm_start.focus_repeats", 1),
+        ("long_eval.chunks", 1),
+        ("long_eval.questions", 1),
+        ("long_eval.batch_size", 1),
+        ("rl.max_sampling_batches", 1),
+        ("rl.pack_length", 0),
+        ("warm_start.pack_length", 0),
+    ):
         section, field = path.split(".")
         if field in cfg[section] and int(cfg[section][field]) < low:
             raise PipelineConfigError(f"config.{path} must be >= {low}, got {cfg[section][field]}")
     if cfg.task.concat_multiplier == 1 or cfg.task.concat_multiplier < 0:
-        raise PipelineConfigError(f"config.task.concat_multiplier must be 0 (no file) or >= 2 (documents joined), "
-                                  f"got {cfg.task.concat_multiplier}")
+        raise PipelineConfigError(
+            f"config.task.concat_multiplier must be 0 (no file) or >= 2 (documents joined), "
+            f"got {cfg.task.concat_multiplier}"
+        )
     eval_multipliers(cfg)
 
 
@@ -147,39 +172,55 @@ def rl_distractors_per_chunk(cfg) -> float:
     if value == -1.0:
         return float(cfg.task.distractors_per_chunk)
     if value < 0:
-        raise PipelineConfigError(f"config.task.rl_distractors_per_chunk must be >= 0, or -1 (= "
-                                  f"task.distractors_per_chunk), got {value:g}")
+        raise PipelineConfigError(
+            f"config.task.rl_distractors_per_chunk must be >= 0, or -1 (= task.distractors_per_chunk), got {value:g}"
+        )
     return value
 
 
-def task_config(cfg, chunks: int, seed: int, hops: int | None = None, exact_length: bool = False,
-                per_chunk: float | None = None):
+def task_config(
+    cfg, chunks: int, seed: int, hops: int | None = None, exact_length: bool = False, per_chunk: float | None = None
+):
     """The synthetic task at a length of `chunks` chunks (look-alikes scale with the length: `per_chunk` per
     chunk, by default `task.distractors_per_chunk`)."""
     from memagent_jax.data.synthetic import SyntheticConfig
 
     per_chunk = cfg.task.distractors_per_chunk if per_chunk is None else per_chunk
-    return SyntheticConfig(task=cfg.task.name, num_tokens=chunks * cfg.agent.chunk_tokens,
-                           num_distractors=int(round(per_chunk * chunks)),
-                           same_chunk_distractors=cfg.task.same_chunk_distractors,
-                           isolate_answer=cfg.task.isolate_answer, exact_length=exact_length, hops=hops,
-                           chunk_tokens=cfg.agent.chunk_tokens, chunk_aligned=True,
-                           fact_style=cfg.task.get("fact_style", "sentence"), seed=seed)
+    return SyntheticConfig(
+        task=cfg.task.name,
+        num_tokens=chunks * cfg.agent.chunk_tokens,
+        num_distractors=int(round(per_chunk * chunks)),
+        same_chunk_distractors=cfg.task.same_chunk_distractors,
+        isolate_answer=cfg.task.isolate_answer,
+        exact_length=exact_length,
+        hops=hops,
+        chunk_tokens=cfg.agent.chunk_tokens,
+        chunk_aligned=True,
+        fact_style=cfg.task.get("fact_style", "sentence"),
+        seed=seed,
+    )
 
 
 def agent_templates(cfg):
     from memagent_jax.agent import AgentTemplates
 
-    return AgentTemplates(memory_update=cfg.agent.memory_update, final_answer=cfg.agent.final_answer,
-                          initial_memory=cfg.agent.initial_memory)
+    return AgentTemplates(
+        memory_update=cfg.agent.memory_update,
+        final_answer=cfg.agent.final_answer,
+        initial_memory=cfg.agent.initial_memory,
+    )
 
 
 def agent_budgets(cfg, chunks_per_segment: int | None = None):
     from memagent_jax.agent import AgentBudgets
 
-    return AgentBudgets(question_tokens=cfg.agent.question_tokens, chunk_tokens=cfg.agent.chunk_tokens,
-                        memory_tokens=cfg.agent.memory_tokens, answer_tokens=cfg.agent.answer_tokens,
-                        chunks_per_segment=chunks_per_segment or cfg.task.train_chunks)
+    return AgentBudgets(
+        question_tokens=cfg.agent.question_tokens,
+        chunk_tokens=cfg.agent.chunk_tokens,
+        memory_tokens=cfg.agent.memory_tokens,
+        answer_tokens=cfg.agent.answer_tokens,
+        chunks_per_segment=chunks_per_segment or cfg.task.train_chunks,
+    )
 
 
 # Seeds: training rows, warm-start traces and held-out evaluation rows never share a sample.
@@ -199,9 +240,13 @@ def make_assets(cfg, folder: str) -> dict:
     from memagent_jax.models.induction import wire_induction_heads
     from memagent_jax.models.transformer import init_params
 
-    paths = {"tokenizer": os.path.join(folder, "tokenizer"), "model": os.path.join(folder, "initial_model"),
-             "templates": os.path.join(folder, "templates.json"), "train_file": os.path.join(folder, "train.jsonl"),
-             "eval_files": {label: os.path.join(folder, f"eval_{label}.jsonl") for label in eval_labels(cfg)}}
+    paths = {
+        "tokenizer": os.path.join(folder, "tokenizer"),
+        "model": os.path.join(folder, "initial_model"),
+        "templates": os.path.join(folder, "templates.json"),
+        "train_file": os.path.join(folder, "train.jsonl"),
+        "eval_files": {label: os.path.join(folder, f"eval_{label}.jsonl") for label in eval_labels(cfg)},
+    }
     done = _stage_done(folder)
     if done is not None:
         return done["paths"]
@@ -210,8 +255,10 @@ def make_assets(cfg, folder: str) -> dict:
     templates = agent_templates(cfg)
     with open(paths["templates"], "w") as f:
         json.dump(templates.to_dict(), f, indent=1)
-    texts = itertools.chain(tokenizer_corpus(num_samples=16, num_tokens=300, seed=cfg.seed),
-                            [templates.memory_update, templates.final_answer, templates.initial_memory] * 50)
+    texts = itertools.chain(
+        tokenizer_corpus(num_samples=16, num_tokens=300, seed=cfg.seed),
+        [templates.memory_update, templates.final_answer, templates.initial_memory] * 50,
+    )
     train_tokenizer(texts, paths["tokenizer"], vocab_size=cfg.tokenizer.vocab_size)
     tokenizer = load_tokenizer(paths["tokenizer"])
     _say(f"[assets] tokenizer: {len(tokenizer)} tokens -> {paths['tokenizer']}")
@@ -219,11 +266,14 @@ def make_assets(cfg, folder: str) -> dict:
     seeds = _seeds(cfg)
     k = cfg.task.train_chunks
     rl_per_chunk = rl_distractors_per_chunk(cfg)
-    train_set = SyntheticDataset(task_config(cfg, k, seeds["train"], per_chunk=rl_per_chunk), tokenizer,
-                                 cfg.task.train_samples)
+    train_set = SyntheticDataset(
+        task_config(cfg, k, seeds["train"], per_chunk=rl_per_chunk), tokenizer, cfg.task.train_samples
+    )
     write_train_file(train_set.records(), paths["train_file"])
-    _say(f"[assets] {len(train_set)} GRPO training rows of {k} chunks, {rl_per_chunk:g} look-alikes per chunk -> "
-         f"{paths['train_file']}")
+    _say(
+        f"[assets] {len(train_set)} GRPO training rows of {k} chunks, {rl_per_chunk:g} look-alikes per chunk -> "
+        f"{paths['train_file']}"
+    )
     for m in eval_multipliers(cfg):
         path = paths["eval_files"][f"{m}x"]
         data = SyntheticDataset(task_config(cfg, m * k, seeds["eval"]), tokenizer, cfg.task.eval_questions)
@@ -238,28 +288,46 @@ def make_assets(cfg, folder: str) -> dict:
     if cfg.task.concat_multiplier:
         m = cfg.task.concat_multiplier
         path = paths["eval_files"][f"concat_{m}x"]
-        write_eval_file(concatenated_records(task_config(cfg, k, seeds["eval"], exact_length=True),
-                                             cfg.task.eval_questions, m, tokenizer), path)
-        _say(f"[assets] {cfg.task.eval_questions} rows of {m} held-out {k}-chunk documents joined, asked about "
-             f"one that is not the last -> {path}")
+        write_eval_file(
+            concatenated_records(
+                task_config(cfg, k, seeds["eval"], exact_length=True), cfg.task.eval_questions, m, tokenizer
+            ),
+            path,
+        )
+        _say(
+            f"[assets] {cfg.task.eval_questions} rows of {m} held-out {k}-chunk documents joined, asked about "
+            f"one that is not the last -> {path}"
+        )
 
     m = cfg.model
     model_config = ModelConfig(
-        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=True, attention_bias=True, eos_token_ids=(tokenizer.eos_token_id,),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-        rope=RopeConfig(theta=float(m.get("rope_theta", RopeConfig.theta))))
+        model_type="qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        rope=RopeConfig(theta=float(m.get("rope_theta", RopeConfig.theta))),
+    )
     params = init_params(model_config, jax.random.key(cfg.seed))
     init = m.get("init", "random")
     if init == "induction":
         params = wire_induction_heads(params, model_config, seed=cfg.seed)
     save_hf_checkpoint(params, model_config, paths["model"], base_folder=paths["tokenizer"])
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    _say(f"[assets] tiny Qwen2 model, {n_params / 1e6:.2f}M parameters, "
-         f"{'random weights plus a hand-wired induction circuit' if init == 'induction' else 'random weights'} "
-         f"-> {paths['model']}")
+    _say(
+        f"[assets] tiny Qwen2 model, {n_params / 1e6:.2f}M parameters, "
+        f"{'random weights plus a hand-wired induction circuit' if init == 'induction' else 'random weights'} "
+        f"-> {paths['model']}"
+    )
     _mark_done(folder, {"paths": paths, "seconds": time.perf_counter() - t0, "num_params": int(n_params)})
     return paths
 
@@ -271,8 +339,12 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
     from memagent_jax.agent.chunking import tokenize_document
     from memagent_jax.data.synthetic import generate_sample
     from memagent_jax.rl.batch import pack_conversations
-    from memagent_jax.rl.warm_start import (ScriptedPolicy, StraddlingFactError, conversations_to_sft_batch,
-                                            scripted_conversations)
+    from memagent_jax.rl.warm_start import (
+        ScriptedPolicy,
+        StraddlingFactError,
+        conversations_to_sft_batch,
+        scripted_conversations,
+    )
 
     ws = cfg.warm_start
     policy = ScriptedPolicy(forget_prob=ws.forget_prob, overwrite_prob=ws.overwrite_prob, note_style=ws.note_style)
@@ -287,8 +359,16 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
             sample = generate_sample(task, index, tokenizer)
             index += 1
             try:
-                trajectory = scripted_conversations(sample, tokenize_document(tokenizer, sample.text()), tokenizer,
-                                                    prompts, budgets, policy, rng, stop_id)
+                trajectory = scripted_conversations(
+                    sample,
+                    tokenize_document(tokenizer, sample.text()),
+                    tokenizer,
+                    prompts,
+                    budgets,
+                    policy,
+                    rng,
+                    stop_id,
+                )
             except StraddlingFactError:  # a crowded document whose facts could not all be chunk-aligned
                 continue
             made += 1
@@ -297,11 +377,13 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
             asked = {f.token_offset // budgets.chunk_tokens for f in sample.facts if f.role == "answer"}
             for conv in trajectory:
                 conversations += [conv] * (ws.focus_repeats if conv.kind == "memory" and conv.step in asked else 1)
-        batch = conversations_to_sft_batch(conversations, pad_id=tokenizer.pad_token_id,
-                                           rows_multiple=rows_multiple * ws.updates_per_call)
+        batch = conversations_to_sft_batch(
+            conversations, pad_id=tokenizer.pad_token_id, rows_multiple=rows_multiple * ws.updates_per_call
+        )
         if ws.get("pack_length", 0):
-            batch = pack_conversations(batch, ws.pack_length, rows_multiple=rows_multiple * ws.updates_per_call,
-                                       min_rows=most_rows)
+            batch = pack_conversations(
+                batch, ws.pack_length, rows_multiple=rows_multiple * ws.updates_per_call, min_rows=most_rows
+            )
             most_rows = batch.num_rows
         yield batch
 
@@ -311,7 +393,6 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     export = os.path.join(folder, "export")
     if _stage_done(folder) is not None:
         return export
-    import jax
 
     from memagent_jax.agent import write_agent_settings
     from memagent_jax.agent.templates import AgentPrompts
@@ -327,29 +408,55 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     params, model_config = load_hf_params(assets["model"])
     calls = -(-ws.updates // ws.updates_per_call)
     updates = calls * ws.updates_per_call
-    learner = Learner(model_config, LearnerConfig(
-        loss=LossConfig(kind="sft"),
-        optimizer=OptimizerConfig(learning_rate=ws.learning_rate, weight_decay=0.0, warmup_steps=min(ws.warmup, updates - 1),
-                                  schedule="cosine", total_steps=updates, min_lr_ratio=0.1),
-        num_minibatches=ws.updates_per_call, compute_entropy=False))
+    learner = Learner(
+        model_config,
+        LearnerConfig(
+            loss=LossConfig(kind="sft"),
+            optimizer=OptimizerConfig(
+                learning_rate=ws.learning_rate,
+                weight_decay=0.0,
+                warmup_steps=min(ws.warmup, updates - 1),
+                schedule="cosine",
+                total_steps=updates,
+                min_lr_ratio=0.1,
+            ),
+            num_minibatches=ws.updates_per_call,
+            compute_entropy=False,
+        ),
+    )
     state = learner.init_state(params)
     prompts = AgentPrompts.build(tokenizer, agent_templates(cfg))
     budgets = agent_budgets(cfg)
     writer = MetricsWriter(folder, total_steps=calls, console_every=max(1, calls // 8))
-    _say(f"[warm start] SFT on scripted traces: {updates} updates x {ws.trajectories_per_update} trajectories "
-         f"(the script drops its notes at a section without the answer with p={ws.forget_prob})")
+    _say(
+        f"[warm start] SFT on scripted traces: {updates} updates x {ws.trajectories_per_update} trajectories "
+        f"(the script drops its notes at a section without the answer with p={ws.forget_prob})"
+    )
     try:
-        for call, batch in enumerate(scripted_batches(cfg, tokenizer, prompts, budgets, tokenizer.eos_token_id,
-                                                      calls, learner.rows_multiple)):
+        for call, batch in enumerate(
+            scripted_batches(cfg, tokenizer, prompts, budgets, tokenizer.eos_token_id, calls, learner.rows_multiple)
+        ):
             state, metrics = learner.train_step(state, batch)
-            writer.write((call + 1), {"loss": float(metrics["loss"]), "updates": (call + 1) * ws.updates_per_call,
-                                      "seconds": time.perf_counter() - t0})
+            writer.write(
+                (call + 1),
+                {
+                    "loss": float(metrics["loss"]),
+                    "updates": (call + 1) * ws.updates_per_call,
+                    "seconds": time.perf_counter() - t0,
+                },
+            )
     finally:
         writer.close()
     save_hf_checkpoint(state.params, model_config, export, base_folder=assets["tokenizer"])
-    write_agent_settings(export, budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
-                         templates=agent_templates(cfg), temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                         reward_style="boxed_em", training={"source": "memagent_jax.pipeline warm_start"})
+    write_agent_settings(
+        export,
+        budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
+        templates=agent_templates(cfg),
+        temperature=cfg.eval.temperature,
+        top_p=cfg.eval.top_p,
+        reward_style="boxed_em",
+        training={"source": "memagent_jax.pipeline warm_start"},
+    )
     seconds = time.perf_counter() - t0
     _say(f"[warm start] done in {seconds:.0f} s -> {export}")
     _mark_done(folder, {"seconds": seconds, "updates": updates, "final_loss": float(metrics["loss"])})
@@ -366,17 +473,36 @@ def grpo_config(cfg, assets: dict, model_path: str):
     g.model.path = model_path
     g.data.train_file = assets["train_file"]
     g.data.reward_style = "boxed_em"
-    g.agent.update(dict(question_tokens=cfg.agent.question_tokens, chunk_tokens=cfg.agent.chunk_tokens,
-                        memory_tokens=cfg.agent.memory_tokens, answer_tokens=cfg.agent.answer_tokens,
-                        chunks_per_segment=cfg.task.train_chunks, temperature=cfg.rl.temperature,
-                        top_p=cfg.rl.top_p, templates=assets["templates"], memory_update="", final_answer="",
-                        initial_memory=""))  # the job's wording is the templates file (written from config.agent)
-    g.rl.update(dict(questions_per_step=cfg.rl.questions_per_step, group_size=cfg.rl.group_size,
-                     num_minibatches=cfg.rl.num_minibatches, learning_rate=cfg.rl.learning_rate,
-                     kl_coef=cfg.rl.kl_coef, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-                     dynamic_sampling=bool(cfg.rl.get("dynamic_sampling", False)),
-                     max_sampling_batches=int(cfg.rl.get("max_sampling_batches", 1)),
-                     pack_length=int(cfg.rl.get("pack_length", 0))))
+    g.agent.update(
+        dict(
+            question_tokens=cfg.agent.question_tokens,
+            chunk_tokens=cfg.agent.chunk_tokens,
+            memory_tokens=cfg.agent.memory_tokens,
+            answer_tokens=cfg.agent.answer_tokens,
+            chunks_per_segment=cfg.task.train_chunks,
+            temperature=cfg.rl.temperature,
+            top_p=cfg.rl.top_p,
+            templates=assets["templates"],
+            memory_update="",
+            final_answer="",
+            initial_memory="",
+        )
+    )  # the job's wording is the templates file (written from config.agent)
+    g.rl.update(
+        dict(
+            questions_per_step=cfg.rl.questions_per_step,
+            group_size=cfg.rl.group_size,
+            num_minibatches=cfg.rl.num_minibatches,
+            learning_rate=cfg.rl.learning_rate,
+            kl_coef=cfg.rl.kl_coef,
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            weight_decay=0.0,
+            dynamic_sampling=bool(cfg.rl.get("dynamic_sampling", False)),
+            max_sampling_batches=int(cfg.rl.get("max_sampling_batches", 1)),
+            pack_length=int(cfg.rl.get("pack_length", 0)),
+        )
+    )
     g.export_sampling.update(dict(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p))
     g.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     g.checkpoint.every = max(1, cfg.rl.steps // 4)
@@ -393,8 +519,10 @@ def reinforce(cfg, assets: dict, warm_model: str, folder: str) -> str:
 
     t0 = time.perf_counter()
     g = grpo_config(cfg, assets, warm_model)
-    _say(f"[rl] GRPO: {g.steps} steps x {g.rl.questions_per_step} questions x {g.rl.group_size} trajectories, "
-         f"lr {g.rl.learning_rate}, rollout temperature {g.agent.temperature}")
+    _say(
+        f"[rl] GRPO: {g.steps} steps x {g.rl.questions_per_step} questions x {g.rl.group_size} trajectories, "
+        f"lr {g.rl.learning_rate}, rollout temperature {g.agent.temperature}"
+    )
     metrics = train_lib.train(g, folder)
     seconds = time.perf_counter() - t0
     _say(f"[rl] done in {seconds:.0f} s -> {export}")
@@ -418,23 +546,43 @@ def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dic
     t0 = time.perf_counter()
     labels = eval_labels(cfg)
     files = [assets["eval_files"][label] for label in labels]
-    _say(f"[eval] {len(models)} models x {len(files)} files ({', '.join(labels)}; <m>x = m times the training "
-         f"length), {cfg.task.eval_questions} held-out questions each, temperature {cfg.eval.temperature}"
-         f", top-p {cfg.eval.top_p}")
+    _say(
+        f"[eval] {len(models)} models x {len(files)} files ({', '.join(labels)}; <m>x = m times the training "
+        f"length), {cfg.task.eval_questions} held-out questions each, temperature {cfg.eval.temperature}"
+        f", top-p {cfg.eval.top_p}"
+    )
     results = evaluate_lib.evaluate_models(
-        models, files, folder, budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
-        templates=agent_templates(cfg), temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, metric="auto",
-        batch_size=cfg.eval.batch_size, seed=cfg.seed, num_traces=cfg.eval.report_questions, progress=False,
-        plot=False)
+        models,
+        files,
+        folder,
+        budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
+        templates=agent_templates(cfg),
+        temperature=cfg.eval.temperature,
+        top_p=cfg.eval.top_p,
+        metric="auto",
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        num_traces=cfg.eval.report_questions,
+        progress=False,
+        plot=False,
+    )
     figures: dict = {}
     for name in models:
         figures[name] = {}
         for label, path in zip(labels, files):
             r = results.get(name, path)
             figures[name][label] = {
-                "chunks": r.mean_chunks, "tokens": r.mean_doc_tokens, "n": r.n, "accuracy": r.accuracy.mean,
-                "accuracy_low": r.accuracy.low, "accuracy_high": r.accuracy.high, "em": r.em.mean, "f1": r.f1.mean,
-                "sub_em": r.sub_em.mean, "seconds": r.wall_s}
+                "chunks": r.mean_chunks,
+                "tokens": r.mean_doc_tokens,
+                "n": r.n,
+                "accuracy": r.accuracy.mean,
+                "accuracy_low": r.accuracy.low,
+                "accuracy_high": r.accuracy.high,
+                "em": r.em.mean,
+                "f1": r.f1.mean,
+                "sub_em": r.sub_em.mean,
+                "seconds": r.wall_s,
+            }
     _say(results.table())
     seconds = time.perf_counter() - t0
     _mark_done(folder, {"seconds": seconds, "figures": figures})
@@ -450,20 +598,41 @@ def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> lis
 
     multipliers = eval_multipliers(cfg)
     m = 4 if 4 in multipliers else multipliers[0]
-    records = read_records(assets["eval_files"][f"{m}x"])[:cfg.eval.report_questions]
+    records = read_records(assets["eval_files"][f"{m}x"])[: cfg.eval.report_questions]
     entries = []
     for name, folder in models.items():
         loaded = load_model(folder)
-        agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer, budgets=agent_budgets(cfg),
-                            templates=agent_templates(cfg), memory_sampling=_eval_sampling(cfg))
-        result = agent.run([r.question for r in records], [r.document for r in records],
-                           rng=row_keys(cfg.seed, [r.index for r in records]), trace=True)
+        agent = MemoryAgent(
+            loaded.params,
+            loaded.config,
+            loaded.tokenizer,
+            budgets=agent_budgets(cfg),
+            templates=agent_templates(cfg),
+            memory_sampling=_eval_sampling(cfg),
+        )
+        result = agent.run(
+            [r.question for r in records],
+            [r.document for r in records],
+            rng=row_keys(cfg.seed, [r.index for r in records]),
+            trace=True,
+        )
         doc_ids = [agent.prepare(r.question, r.document)[1] for r in records]
-        entries += entries_from_agent(loaded.tokenizer, result, records, doc_ids, cfg.agent.chunk_tokens, model=name,
-                                      metric="string_match_all", initial_memory=cfg.agent.initial_memory)
+        entries += entries_from_agent(
+            loaded.tokenizer,
+            result,
+            records,
+            doc_ids,
+            cfg.agent.chunk_tokens,
+            model=name,
+            metric="string_match_all",
+            initial_memory=cfg.agent.initial_memory,
+        )
     entries.sort(key=lambda e: (e.question, e.model != "warm_start"))
-    paths = write_trace_report(os.path.join(workdir, "report"), entries,
-                               title=f"Memory traces: {len(records)} held-out questions at {m}x the training length")
+    paths = write_trace_report(
+        os.path.join(workdir, "report"),
+        entries,
+        title=f"Memory traces: {len(records)} held-out questions at {m}x the training length",
+    )
     _say(f"[report] memory traces -> {', '.join(paths)}")
     return paths
 
@@ -476,17 +645,39 @@ def plot_results(cfg, figures: dict, long: dict | None, path: str) -> str:
     from memagent_jax.evaluation import plot_accuracy_vs_length
 
     def point(model, n, tokens, mean, low, high):
-        return SimpleNamespace(model=model, n=n, mean_doc_tokens=tokens, metrics_used=("string_match_all",),
-                               metric="string_match_all", accuracy=SimpleNamespace(mean=mean, low=low, high=high))
+        return SimpleNamespace(
+            model=model,
+            n=n,
+            mean_doc_tokens=tokens,
+            metrics_used=("string_match_all",),
+            metric="string_match_all",
+            accuracy=SimpleNamespace(mean=mean, low=low, high=high),
+        )
 
-    points = [point(model, f["n"], f["tokens"], f["accuracy"], f["accuracy_low"], f["accuracy_high"])
-              for model, by_label in figures.items() for m in eval_multipliers(cfg) for f in [by_label[f"{m}x"]]]
+    points = [
+        point(model, f["n"], f["tokens"], f["accuracy"], f["accuracy_low"], f["accuracy_high"])
+        for model, by_label in figures.items()
+        for m in eval_multipliers(cfg)
+        for f in [by_label[f"{m}x"]]
+    ]
     if long:
-        points.append(point("RL", long["questions"], long["tokens_per_document"], long["accuracy"],
-                            long["accuracy_low"], long["accuracy_high"]))
+        points.append(
+            point(
+                "RL",
+                long["questions"],
+                long["tokens_per_document"],
+                long["accuracy"],
+                long["accuracy_low"],
+                long["accuracy_high"],
+            )
+        )
     train_tokens = cfg.task.train_chunks * cfg.agent.chunk_tokens
-    return plot_accuracy_vs_length(points, path, train_tokens=train_tokens,
-                                   title="Memory agent accuracy vs document length (95% CI; dashed: training length)")
+    return plot_accuracy_vs_length(
+        points,
+        path,
+        train_tokens=train_tokens,
+        title="Memory agent accuracy vs document length (95% CI; dashed: training length)",
+    )
 
 
 def _peak_rss_bytes() -> int:
@@ -513,13 +704,21 @@ def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
     le = cfg.long_eval
     chunks = le.chunks
     loaded = evaluate_lib.load_model(model)
-    agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer,
-                        budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment), templates=agent_templates(cfg),
-                        memory_sampling=_eval_sampling(cfg), answer_sampling=_eval_sampling(cfg))
+    agent = MemoryAgent(
+        loaded.params,
+        loaded.config,
+        loaded.tokenizer,
+        budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
+        templates=agent_templates(cfg),
+        memory_sampling=_eval_sampling(cfg),
+        answer_sampling=_eval_sampling(cfg),
+    )
     task = task_config(cfg, chunks, _seeds(cfg)["eval"])
-    _say(f"[long eval] {le.questions} held-out questions on documents of {chunks} chunks "
-         f"({chunks * cfg.agent.chunk_tokens / 1e6:.2f}M tokens, {chunks // cfg.task.train_chunks}x the training "
-         f"length), batches of {le.batch_size}")
+    _say(
+        f"[long eval] {le.questions} held-out questions on documents of {chunks} chunks "
+        f"({chunks * cfg.agent.chunk_tokens / 1e6:.2f}M tokens, {chunks // cfg.task.train_chunks}x the training "
+        f"length), batches of {le.batch_size}"
+    )
     hits, tokens, agent_seconds, rss = [], 0, 0.0, []
     for start in range(0, le.questions, le.batch_size):
         indices = list(range(start, min(start + le.batch_size, le.questions)))
@@ -532,16 +731,29 @@ def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
         for s, answer in zip(samples, result.answers):
             hits.append(float(score(answer, s.answers, "string_match_all")))
         rss.append(_peak_rss_bytes())
-        _say(f"[long eval] {len(hits)}/{le.questions} rows: accuracy so far {100 * np.mean(hits):.1f}%, "
-             f"{tokens / agent_seconds:,.0f} document tokens/s, peak RSS {rss[-1] / 2**30:.2f} GiB")
+        _say(
+            f"[long eval] {len(hits)}/{le.questions} rows: accuracy so far {100 * np.mean(hits):.1f}%, "
+            f"{tokens / agent_seconds:,.0f} document tokens/s, peak RSS {rss[-1] / 2**30:.2f} GiB"
+        )
     acc = evaluate_lib.estimate(hits)
-    info = {"questions": len(hits), "chunks": chunks, "tokens_per_document": tokens / len(hits),
-            "multiplier": chunks // cfg.task.train_chunks, "accuracy": acc.mean, "accuracy_low": acc.low,
-            "accuracy_high": acc.high, "document_tokens_per_s": tokens / agent_seconds, "agent_seconds": agent_seconds,
-            "peak_rss_bytes_after_each_batch": rss, "seconds": time.perf_counter() - t0}
-    _say(f"[long eval] accuracy {100 * acc.mean:.1f}% [{100 * acc.low:.1f}, {100 * acc.high:.1f}] on "
-         f"{len(hits)} documents of {tokens / len(hits) / 1e6:.2f}M tokens; {info['document_tokens_per_s']:,.0f} "
-         f"document tokens/s; peak RSS {rss[-1] / 2**30:.2f} GiB")
+    info = {
+        "questions": len(hits),
+        "chunks": chunks,
+        "tokens_per_document": tokens / len(hits),
+        "multiplier": chunks // cfg.task.train_chunks,
+        "accuracy": acc.mean,
+        "accuracy_low": acc.low,
+        "accuracy_high": acc.high,
+        "document_tokens_per_s": tokens / agent_seconds,
+        "agent_seconds": agent_seconds,
+        "peak_rss_bytes_after_each_batch": rss,
+        "seconds": time.perf_counter() - t0,
+    }
+    _say(
+        f"[long eval] accuracy {100 * acc.mean:.1f}% [{100 * acc.low:.1f}, {100 * acc.high:.1f}] on "
+        f"{len(hits)} documents of {tokens / len(hits) / 1e6:.2f}M tokens; {info['document_tokens_per_s']:,.0f} "
+        f"document tokens/s; peak RSS {rss[-1] / 2**30:.2f} GiB"
+    )
     _mark_done(folder, info)
     return info
 
@@ -571,9 +783,14 @@ def run(cfg, workdir: str) -> dict:
     plot_path = plot_results(cfg, results, long, os.path.join(workdir, "eval", "accuracy_vs_length.png"))
     _say(f"[eval] accuracy against length -> {plot_path}")
     timed("report", write_report, cfg, assets, {"warm_start": warm, "RL": rl}, workdir)
-    summary = {"workdir": workdir, "seconds_total": time.perf_counter() - t_start,
-               "stage_seconds": timings, "results": results, "long_eval": long,
-               "models": {"warm_start": warm, "RL": rl}}
+    summary = {
+        "workdir": workdir,
+        "seconds_total": time.perf_counter() - t_start,
+        "stage_seconds": timings,
+        "results": results,
+        "long_eval": long,
+        "models": {"warm_start": warm, "RL": rl},
+    }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     _say(f"[done] {summary['seconds_total']:.0f} s in all; artefacts under {workdir}")

@@ -40,10 +40,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from memagent_jax.planning import HARDWARE, PlanError, format_plan, make_plan, resolve_mesh
-
 
 # ------------------------------------------------------------------------------------------------ CLI
 
@@ -56,20 +55,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv if argv is None else argv)
     fv = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file("config", None, "training config file (as for train.py)",
-                                                  flag_values=fv, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("hardware", None, f"device kind (default: config.hardware); one of {', '.join(HARDWARE)}",
-                        flag_values=fv)
-    flags.DEFINE_integer("devices", None, "device count (only needed when config.mesh has a -1 axis)",
-                         flag_values=fv)
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "training config file (as for train.py)", flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    flags.DEFINE_string(
+        "hardware", None, f"device kind (default: config.hardware); one of {', '.join(HARDWARE)}", flag_values=fv
+    )
+    flags.DEFINE_integer("devices", None, "device count (only needed when config.mesh has a -1 axis)", flag_values=fv)
     flags.DEFINE_float("mfu", 0.4, "fraction of peak FLOP/s reached by prefill and learning", flag_values=fv)
-    flags.DEFINE_integer("doc_tokens", 32000, "tokens of a training document (sets the chunks per trajectory)",
-                         flag_values=fv)
+    flags.DEFINE_integer(
+        "doc_tokens", 32000, "tokens of a training document (sets the chunks per trajectory)", flag_values=fv
+    )
     flags.DEFINE_float("usable_fraction", 0.9, "fraction of HBM the plan may use", flag_values=fv)
     flags.DEFINE_boolean("json", False, "print the plan as JSON", flag_values=fv)
     if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(f"usage: {os.path.basename(argv[0]) if argv else 'plan'} --config FILE[:ARG] [--config.x=y ...] "
-              f"[flags]\n\n{__doc__.strip()}\n\nflags:")
+        print(
+            f"usage: {os.path.basename(argv[0]) if argv else 'plan'} --config FILE[:ARG] [--config.x=y ...] "
+            f"[flags]\n\n{__doc__.strip()}\n\nflags:"
+        )
         print(fv.get_help())
         print("\n`memagent plan --config FILE --print-config` lists the config's fields with defaults.")
         return 0
@@ -96,8 +99,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices = fv["devices"].value
         mesh = resolve_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices - extra if devices else None)
         validate_config(cfg, device_count=mesh.size + extra, check_files=False)
-        plan = make_plan(cfg, hardware=fv["hardware"].value, devices=mesh.size + extra, mfu=fv["mfu"].value,
-                         doc_tokens=fv["doc_tokens"].value, usable_fraction=fv["usable_fraction"].value, name=name)
+        plan = make_plan(
+            cfg,
+            hardware=fv["hardware"].value,
+            devices=mesh.size + extra,
+            mfu=fv["mfu"].value,
+            doc_tokens=fv["doc_tokens"].value,
+            usable_fraction=fv["usable_fraction"].value,
+            name=name,
+        )
     except (PlanError, TrainConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

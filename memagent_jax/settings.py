@@ -17,7 +17,8 @@ import contextlib
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ class SettingError(ValueError):
         return self.field.rpartition(".")[2]
 
     @classmethod
-    def at(cls, field: str, reason: str) -> "SettingError":
+    def at(cls, field: str, reason: str) -> SettingError:
         error = cls(f"{field} {reason}")
         error.field, error.reason = field, reason
         return error
@@ -56,8 +57,16 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def integer(field: str, value, *, minimum: int | None = None, maximum: int | None = None, allowed: str = "",
-            none_ok: bool = False, error: type[SettingError] = SettingError) -> int | None:
+def integer(
+    field: str,
+    value,
+    *,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    allowed: str = "",
+    none_ok: bool = False,
+    error: type[SettingError] = SettingError,
+) -> int | None:
     """`value` as an int, or `error` naming `field`: booleans and non-integral numbers are refused."""
     if value is None and none_ok:
         return None
@@ -70,9 +79,18 @@ def integer(field: str, value, *, minimum: int | None = None, maximum: int | Non
     return int(value)
 
 
-def real(field: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-         high_open: bool = False, allowed: str = "", none_ok: bool = False,
-         error: type[SettingError] = SettingError) -> float | None:
+def real(
+    field: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allowed: str = "",
+    none_ok: bool = False,
+    error: type[SettingError] = SettingError,
+) -> float | None:
     """`value` as a float in the range, or `error` naming `field`: NaN, infinities and booleans are refused."""
     if value is None and none_ok:
         return None
@@ -120,8 +138,9 @@ def top_p(value, *, field: str = "top_p", error: type[SettingError] = SettingErr
 # ------------------------------------------------------------------------------------- configs -> settings
 
 
-def section_values(section: Mapping[str, Any] | Any, fields: Sequence[str], *,
-                   skip_none: bool = False) -> dict[str, Any]:
+def section_values(
+    section: Mapping[str, Any] | Any, fields: Sequence[str], *, skip_none: bool = False
+) -> dict[str, Any]:
     """{field: section[field]} for the `fields` present in `section` (a ConfigDict, dict or argparse Namespace)."""
     get = section.get if hasattr(section, "get") else (lambda name, default=None: getattr(section, name, default))
     out = {}
@@ -136,8 +155,16 @@ def section_values(section: Mapping[str, Any] | Any, fields: Sequence[str], *,
 _MISSING = object()
 
 
-def build(cls: Callable[..., T], section, path: str, *, fields: Sequence[str] | None = None,
-          error: type[ValueError] = ConfigError, rename: Mapping[str, str] | None = None, **fixed) -> T:
+def build(
+    cls: Callable[..., T],
+    section,
+    path: str,
+    *,
+    fields: Sequence[str] | None = None,
+    error: type[ValueError] = ConfigError,
+    rename: Mapping[str, str] | None = None,
+    **fixed,
+) -> T:
     """`cls(**section's fields, **fixed)`, with a `SettingError` re-raised as `error` naming `path.field`.
 
     fields: which of `section`'s fields to pass (default: every dataclass field of `cls` present in `section`).
@@ -151,8 +178,9 @@ def build(cls: Callable[..., T], section, path: str, *, fields: Sequence[str] | 
 
 
 @contextlib.contextmanager
-def named(path: str, *, error: type[ValueError] = ConfigError, rename: Mapping[str, str] | None = None,
-          separator: str = "."):
+def named(
+    path: str, *, error: type[ValueError] = ConfigError, rename: Mapping[str, str] | None = None, separator: str = "."
+):
     """Re-raises a `SettingError` raised inside as `error` whose message names `path` + the field."""
     try:
         yield

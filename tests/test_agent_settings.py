@@ -10,12 +10,22 @@ import pytest
 
 from hf_tiny import make_agent_model_dir
 from memagent_jax import answer
-from memagent_jax.agent import (SETTINGS_FILE, AgentBudgets, AgentSettings, AgentSettingsError, AgentTemplates,
-                                MemoryAgent, write_agent_settings)
+from memagent_jax.agent import (
+    SETTINGS_FILE,
+    AgentBudgets,
+    AgentSettings,
+    AgentSettingsError,
+    AgentTemplates,
+    MemoryAgent,
+    write_agent_settings,
+)
 
 BUDGETS = AgentBudgets(question_tokens=32, chunk_tokens=24, memory_tokens=16, answer_tokens=6, chunks_per_segment=2)
-TEMPLATES = AgentTemplates(memory_update="Q: {question}\nN: {memory}\nT: {chunk}\nNotes?",
-                           final_answer="Q: {question}\nN: {memory}\nAnswer in \\boxed{}.", initial_memory="none")
+TEMPLATES = AgentTemplates(
+    memory_update="Q: {question}\nN: {memory}\nT: {chunk}\nNotes?",
+    final_answer="Q: {question}\nN: {memory}\nAnswer in \\boxed{}.",
+    initial_memory="none",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +37,37 @@ def folders(tmp_path_factory):
     shutil.copytree(plain, exported)
     write_agent_settings(exported, budgets=BUDGETS, templates=TEMPLATES, temperature=0.0, top_p=1.0)
     templates = root / "templates.json"
-    templates.write_text(json.dumps({"memory_update": TEMPLATES.memory_update, "final_answer": TEMPLATES.final_answer,
-                                     "initial_memory": TEMPLATES.initial_memory}))
+    templates.write_text(
+        json.dumps(
+            {
+                "memory_update": TEMPLATES.memory_update,
+                "final_answer": TEMPLATES.final_answer,
+                "initial_memory": TEMPLATES.initial_memory,
+            }
+        )
+    )
     return exported, plain, str(templates)
 
 
 def test_round_trip_and_defaults(tmp_path):
-    settings = AgentSettings(budgets=BUDGETS, templates=TEMPLATES.replace(prompt_mode="text"), temperature=0.7,
-                             top_p=0.95, reward_style="reference_boxed", training={"steps": 3})
+    settings = AgentSettings(
+        budgets=BUDGETS,
+        templates=TEMPLATES.replace(prompt_mode="text"),
+        temperature=0.7,
+        top_p=0.95,
+        reward_style="reference_boxed",
+        training={"steps": 3},
+    )
     path = settings.save(tmp_path)
     assert os.path.basename(path) == SETTINGS_FILE
     back = AgentSettings.load(tmp_path)
     assert back.budgets == BUDGETS and back.templates == settings.templates and back.path == path
-    assert (back.temperature, back.top_p, back.reward_style, back.training) == (0.7, 0.95, "reference_boxed",
-                                                                                 {"steps": 3})
+    assert (back.temperature, back.top_p, back.reward_style, back.training) == (
+        0.7,
+        0.95,
+        "reference_boxed",
+        {"steps": 3},
+    )
     plain = AgentSettings.load(tmp_path / "nothing_here")  # no file: the documented defaults
     assert plain.budgets == AgentBudgets() and plain.templates == AgentTemplates() and plain.temperature is None
     assert plain.sampling().temperature == 0.0 and plain.sampling(0.7, 0.95).top_p == 0.95
@@ -52,16 +79,19 @@ def test_round_trip_and_defaults(tmp_path):
         back.override(chunk_size=3)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"agent": {"chunk_tokens": 0}}, r"agent\.chunk_tokens must be an integer > 0, got 0"),
-    ({"agent": {"chunk_tokens": True}}, r"agent\.chunk_tokens must be an integer > 0, got True"),
-    ({"agent": {"temperature": float("nan")}}, r"agent\.temperature must be a finite number >= 0 \(0 = greedy\)"),
-    ({"agent": {"chunk_size": 5}}, r"unknown field\(s\) agent\.\['chunk_size'\]"),
-    ({"agent": {"top_p": 2}}, r"agent\.top_p must be a finite number in \(0, 1\]"),
-    ({"templates": {"memory_update": "no placeholders"}}, r"field templates: "),
-    ({"templates": {"system": 3}}, r"field templates\.system has the wrong type"),
-    ({"version": 9}, r"field 'version' is 9"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"agent": {"chunk_tokens": 0}}, r"agent\.chunk_tokens must be an integer > 0, got 0"),
+        ({"agent": {"chunk_tokens": True}}, r"agent\.chunk_tokens must be an integer > 0, got True"),
+        ({"agent": {"temperature": float("nan")}}, r"agent\.temperature must be a finite number >= 0 \(0 = greedy\)"),
+        ({"agent": {"chunk_size": 5}}, r"unknown field\(s\) agent\.\['chunk_size'\]"),
+        ({"agent": {"top_p": 2}}, r"agent\.top_p must be a finite number in \(0, 1\]"),
+        ({"templates": {"memory_update": "no placeholders"}}, r"field templates: "),
+        ({"templates": {"system": 3}}, r"field templates\.system has the wrong type"),
+        ({"version": 9}, r"field 'version' is 9"),
+    ],
+)
 def test_bad_files_name_the_file_and_field(tmp_path, change, message):
     data = AgentSettings(budgets=BUDGETS).to_dict()
     for key, value in change.items():
@@ -86,9 +116,22 @@ def test_answer_uses_the_export_settings_and_flags_override(folders, tmp_path, c
     doc = tmp_path / "doc.txt"
     doc.write_text("The red key is under the third stone. The blue door is open. " * 8, encoding="utf-8")
     single = ["--question", "Where is the key?", "--document", str(doc), "--trace"]
-    explicit = ["--agent.question_tokens", "32", "--agent.chunk_tokens", "24", "--agent.memory_tokens", "16",
-                "--agent.answer_tokens", "6", "--agent.chunks_per_segment", "2", "--agent.templates", templates,
-                "--agent.temperature", "0"]
+    explicit = [
+        "--agent.question_tokens",
+        "32",
+        "--agent.chunk_tokens",
+        "24",
+        "--agent.memory_tokens",
+        "16",
+        "--agent.answer_tokens",
+        "6",
+        "--agent.chunks_per_segment",
+        "2",
+        "--agent.templates",
+        templates,
+        "--agent.temperature",
+        "0",
+    ]
     from_file = _answer(["--model", exported] + single, capsys)
     by_hand = _answer(["--model", plain] + single + explicit, capsys)
     assert from_file == by_hand and from_file.count("--- memory after chunk") >= 3
@@ -114,8 +157,12 @@ def test_from_pretrained_reads_the_settings(folders):
     other = MemoryAgent.from_pretrained(exported, chunk_tokens=48, initial_memory="empty")
     assert other.budgets.chunk_tokens == 48 and other.budgets.memory_tokens == 16
     assert other.templates.initial_memory == "empty"
-    assert MemoryAgent.from_pretrained(plain, chunk_tokens=24, question_tokens=32, memory_tokens=16,
-                                       answer_tokens=6).templates == AgentTemplates()  # plain folder: defaults
+    assert (
+        MemoryAgent.from_pretrained(
+            plain, chunk_tokens=24, question_tokens=32, memory_tokens=16, answer_tokens=6
+        ).templates
+        == AgentTemplates()
+    )  # plain folder: defaults
 
 
 def test_evaluate_uses_each_models_settings(folders, tmp_path):
@@ -125,12 +172,15 @@ def test_evaluate_uses_each_models_settings(folders, tmp_path):
 
     exported, plain, templates = folders
     path = str(tmp_path / "qa.jsonl")
-    write_eval_file([QARecord(question="Where is the key?", document="The key is in the box. " * 12, answers=("box",),
-                              index=0)], path)
+    write_eval_file(
+        [QARecord(question="Where is the key?", document="The key is in the box. " * 12, answers=("box",), index=0)],
+        path,
+    )
     common = dict(progress=False, plot=False, warmup=False)
     a = ev.evaluate_models({"exported": exported}, [path], None, **common)
-    b = ev.evaluate_models({"plain": plain}, [path], None, budgets=BUDGETS, templates=templates, temperature=0.0,
-                           top_p=1.0, **common)
+    b = ev.evaluate_models(
+        {"plain": plain}, [path], None, budgets=BUDGETS, templates=templates, temperature=0.0, top_p=1.0, **common
+    )
     assert [r["response"] for r in a.results[0].rows] == [r["response"] for r in b.results[0].rows]
     agents = a.config["agents"]["exported"]
     assert agents["settings_file"].endswith(SETTINGS_FILE) and agents["agent"]["chunk_tokens"] == 24

@@ -7,30 +7,44 @@ import numpy as np
 import pytest
 
 from hf_tiny import make_hf_model, save_hf_model
-from qwen3_tokenizer import END_THINK, IM_END, IM_START, QWEN3_VOCAB_SIZE, THINK, qwen3_tokenizer
-from memagent_jax.agent import AgentBudgets, AgentInputError, AgentPrompts, AgentTemplates, MemoryAgent, \
-    TemplateError, reference_run
+from memagent_jax.agent import (
+    AgentBudgets,
+    AgentInputError,
+    AgentPrompts,
+    AgentTemplates,
+    MemoryAgent,
+    TemplateError,
+    reference_run,
+)
 from memagent_jax.agent.templates import TextPrompter
 from memagent_jax.agent.text_mode import text_batch
 from memagent_jax.agent.torch_loop import torch_agent_run
 from memagent_jax.models import load_hf_params
+from qwen3_tokenizer import END_THINK, IM_END, IM_START, QWEN3_VOCAB_SIZE, THINK, qwen3_tokenizer
 
 # Template parts, written out so the test builds the user message by plain concatenation (independent of the
 # code's template filling). The question is followed directly by "\n": "?\n" is one Qwen token.
-UPDATE_PARTS = ("Read the section and keep notes for the question.\nQuestion: ", "\nNotes so far:\n",
-                "\n--- section ---\n", "\n--- end ---\nWrite the new notes.")
+UPDATE_PARTS = (
+    "Read the section and keep notes for the question.\nQuestion: ",
+    "\nNotes so far:\n",
+    "\n--- section ---\n",
+    "\n--- end ---\nWrite the new notes.",
+)
 FINAL_PARTS = ("Answer from your notes in \\boxed{}.\nQuestion: ", "\nNotes:\n", "\nAnswer:")
 TEMPLATES = AgentTemplates(
-    memory_update="{question}".join([UPDATE_PARTS[0], "{memory}".join([UPDATE_PARTS[1], "{chunk}".join(
-        UPDATE_PARTS[2:])])]),
+    memory_update="{question}".join(
+        [UPDATE_PARTS[0], "{memory}".join([UPDATE_PARTS[1], "{chunk}".join(UPDATE_PARTS[2:])])]
+    ),
     final_answer="{question}".join([FINAL_PARTS[0], "{memory}".join(FINAL_PARTS[1:])]),
-    initial_memory="Nothing noted yet.")
+    initial_memory="Nothing noted yet.",
+)
 
 
 def whole_ids(tok, content: str, **chat_kwargs) -> list[int]:
     """The reference's way: one user message through the chat template, the whole string tokenized once."""
-    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                   add_generation_prompt=True, **chat_kwargs)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, **chat_kwargs
+    )
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -59,8 +73,9 @@ def test_text_mode_equals_whole_string_and_piece_mode_differs_at_question_mark_n
     assert len(qmark_nl) == 1 and qmark_nl[0] in expected
     # ... while piece mode tokenizes the question and the template piece after it apart: "?" then "\n".
     prompts = AgentPrompts.build(tok, TEMPLATES)
-    pieces = prompts.update.assemble({"question": encode(tok, q), "memory": encode(tok, memory),
-                                      "chunk": encode(tok, chunk)})
+    pieces = prompts.update.assemble(
+        {"question": encode(tok, q), "memory": encode(tok, memory), "chunk": encode(tok, chunk)}
+    )
     assert pieces != expected and qmark_nl[0] not in pieces
     assert tok.decode(pieces) == tok.decode(expected)  # same text, different tokens
     # Other boundaries merge too: the template's "Question: " + "Who" is " Who" in the whole string.
@@ -78,8 +93,9 @@ def test_piece_layout_with_the_qwen3_chat_template():
     assert u[0] == tuple([IM_START] + encode(tok, "user\n" + UPDATE_PARTS[0]))
     assert u[1] == tuple(encode(tok, UPDATE_PARTS[1]))
     assert u[2] == tuple(encode(tok, UPDATE_PARTS[2]))
-    assert u[3] == tuple(encode(tok, UPDATE_PARTS[3]) + [IM_END] + encode(tok, "\n") + [IM_START]
-                         + encode(tok, "assistant\n"))
+    assert u[3] == tuple(
+        encode(tok, UPDATE_PARTS[3]) + [IM_END] + encode(tok, "\n") + [IM_START] + encode(tok, "assistant\n")
+    )
     assert prompts.initial_memory == tuple(encode(tok, "Nothing noted yet."))
 
 
@@ -92,18 +108,26 @@ def test_think_block_of_the_qwen3_chat_template(tmp_path):
     no_think = TEMPLATES.replace(chat_template_kwargs={"enable_thinking": False})
     assert no_think.chat_template_kwargs == (("enable_thinking", False),)
     path = tmp_path / "templates.json"
-    path.write_text(json.dumps({"memory_update": TEMPLATES.memory_update, "final_answer": TEMPLATES.final_answer,
-                                "prompt_mode": "text", "chat_template_kwargs": {"enable_thinking": False}}))
+    path.write_text(
+        json.dumps(
+            {
+                "memory_update": TEMPLATES.memory_update,
+                "final_answer": TEMPLATES.final_answer,
+                "prompt_mode": "text",
+                "chat_template_kwargs": {"enable_thinking": False},
+            }
+        )
+    )
     from_file = AgentTemplates.from_file(path)
     assert from_file.prompt_mode == "text" and from_file.chat_template_kwargs == no_think.chat_template_kwargs
     for templates in (no_think, from_file):
         final = AgentPrompts.build(tok, templates).final.pieces[-1]
-        assert list(final[-len(assistant + empty_think):]) == assistant + empty_think
+        assert list(final[-len(assistant + empty_think) :]) == assistant + empty_think
         ids = TextPrompter(tok, templates).final_ids("Who?", "Poe.")
         assert ids == whole_ids(tok, final_content("Who?", "Poe."), enable_thinking=False)
-        assert ids[-len(assistant + empty_think):] == assistant + empty_think
+        assert ids[-len(assistant + empty_think) :] == assistant + empty_think
     default = AgentPrompts.build(tok, TEMPLATES).final.pieces[-1]
-    assert list(default[-len(assistant):]) == assistant and THINK not in default
+    assert list(default[-len(assistant) :]) == assistant and THINK not in default
     # Bad values name the file and the field.
     path.write_text(json.dumps({"prompt_mode": "whole"}))
     with pytest.raises(TemplateError, match=r"templates.json: prompt_mode must be one of"):
@@ -115,20 +139,32 @@ def test_think_block_of_the_qwen3_chat_template(tmp_path):
 
 # ------------------------------------------------------------------ a tiny model with Qwen3's vocabulary
 
-BUDGETS = AgentBudgets(question_tokens=12, chunk_tokens=20, memory_tokens=6, answer_tokens=5, chunks_per_segment=2,
-                       text_margin=24)
+BUDGETS = AgentBudgets(
+    question_tokens=12, chunk_tokens=20, memory_tokens=6, answer_tokens=5, chunks_per_segment=2, text_margin=24
+)
 QUESTIONS = ["Who wrote it?", "Which year was it?"]
-DOCUMENTS = ["The Gold-Bug is a short story by Edgar Allan Poe. It was published in 1843 in a newspaper. "
-             "The story takes place on Sullivan's Island. A cipher leads to buried treasure.",
-             "Hop-Frog is a story by Poe, published in 1849. Its jester takes revenge on a king."]
+DOCUMENTS = [
+    "The Gold-Bug is a short story by Edgar Allan Poe. It was published in 1843 in a newspaper. "
+    "The story takes place on Sullivan's Island. A cipher leads to buried treasure.",
+    "Hop-Frog is a story by Poe, published in 1849. Its jester takes revenge on a king.",
+]
 
 
 @pytest.fixture(scope="module")
 def qwen3_model(tmp_path_factory):
     """A random Qwen3-architecture model with Qwen3's real vocabulary (151936 rows), width 32, 2 layers, head_dim 24."""
-    model = make_hf_model("qwen3", seed=5, vocab_size=QWEN3_VOCAB_SIZE, hidden_size=32, intermediate_size=48,
-                          num_attention_heads=2, num_key_value_heads=1,
-                          eos_token_id=IM_END, bos_token_id=None, pad_token_id=151643)
+    model = make_hf_model(
+        "qwen3",
+        seed=5,
+        vocab_size=QWEN3_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=IM_END,
+        bos_token_id=None,
+        pad_token_id=151643,
+    )
     folder = save_hf_model(model, str(tmp_path_factory.mktemp("qwen3") / "model"))
     params, config = load_hf_params(folder)
     assert config.vocab_size == QWEN3_VOCAB_SIZE
@@ -137,8 +173,14 @@ def qwen3_model(tmp_path_factory):
 
 def make_agent(qwen3_model, mode, sampling=None):
     params, config, _ = qwen3_model
-    return MemoryAgent(params, config, qwen3_tokenizer(), budgets=BUDGETS,
-                       templates=TEMPLATES.replace(prompt_mode=mode), memory_sampling=sampling)
+    return MemoryAgent(
+        params,
+        config,
+        qwen3_tokenizer(),
+        budgets=BUDGETS,
+        templates=TEMPLATES.replace(prompt_mode=mode),
+        memory_sampling=sampling,
+    )
 
 
 def test_qwen3_vocab_model_through_the_chunk_scan(qwen3_model):
@@ -159,9 +201,10 @@ def test_qwen3_vocab_model_through_the_chunk_scan(qwen3_model):
         memory = list(agent.spec.prompts.initial_memory)
         doc = encode(tok, d)
         for k, conv in enumerate(convs[:-1]):
-            chunk = doc[k * BUDGETS.chunk_tokens:(k + 1) * BUDGETS.chunk_tokens]
+            chunk = doc[k * BUDGETS.chunk_tokens : (k + 1) * BUDGETS.chunk_tokens]
             assert conv.prompt_ids.tolist() == agent.spec.prompts.update.assemble(
-                {"question": encode(tok, q), "memory": memory, "chunk": chunk})
+                {"question": encode(tok, q), "memory": memory, "chunk": chunk}
+            )
             resp = conv.response_ids.tolist()
             memory = resp[:-1] if resp and resp[-1] == IM_END else resp
 
@@ -179,12 +222,16 @@ def test_qwen3_vocab_model_in_text_mode(qwen3_model):
         doc = encode(tok, d)
         memory_text = "Nothing noted yet."
         for k, conv in enumerate(convs[:-1]):
-            chunk = tok.decode(doc[k * BUDGETS.chunk_tokens:(k + 1) * BUDGETS.chunk_tokens],
-                               clean_up_tokenization_spaces=False)
+            chunk = tok.decode(
+                doc[k * BUDGETS.chunk_tokens : (k + 1) * BUDGETS.chunk_tokens], clean_up_tokenization_spaces=False
+            )
             assert conv.prompt_ids.tolist() == whole_ids(tok, update_content(q, memory_text, chunk)), (row, k)
             resp = conv.response_ids.tolist()
-            memory_text = tok.decode(resp[:-1] if resp and resp[-1] == IM_END else resp, skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
+            memory_text = tok.decode(
+                resp[:-1] if resp and resp[-1] == IM_END else resp,
+                skip_special_tokens=True,
+                clean_up_tokenization_spaces=False,
+            )
             assert result.traces[row][k] == memory_text
         assert convs[-1].prompt_ids.tolist() == whole_ids(tok, final_content(q, memory_text))
         assert convs[-1].response_ids.tolist() == result.answer_ids[row]
@@ -199,9 +246,10 @@ def test_qwen3_vocab_model_in_text_mode(qwen3_model):
         assert torch_out.final_prompt_ids == convs[-1].prompt_ids.tolist()
         assert torch_out.memories == result.traces[row] and torch_out.answer_ids == result.answer_ids[row]
         # The question ends in "?" and the template continues with "\n": piece mode's first prompt differs there.
-        first_chunk = np.asarray(doc[:BUDGETS.chunk_tokens])
+        first_chunk = np.asarray(doc[: BUDGETS.chunk_tokens])
         assert convs[0].prompt_ids.tolist() != agent.spec.prompts.update.assemble(
-            {"question": encode(tok, q), "memory": agent.spec.prompts.initial_memory, "chunk": first_chunk})
+            {"question": encode(tok, q), "memory": agent.spec.prompts.initial_memory, "chunk": first_chunk}
+        )
 
 
 def test_text_mode_prompt_over_its_static_length_is_a_clear_error(qwen3_model):
@@ -211,10 +259,13 @@ def test_text_mode_prompt_over_its_static_length_is_a_clear_error(qwen3_model):
     length = agent.spec.text_update_length
     assert length == sum(map(len, agent.spec.prompts.update.pieces)) + 12 + 6 + 20 + 24
     margin = agent.budgets.text_margin
-    tokens, mask = text_batch({1: [7] * length}, 2, length, "chunk step 3", pad_id=agent.spec.pad_id,
-                              text_margin=margin)
+    tokens, mask = text_batch(
+        {1: [7] * length}, 2, length, "chunk step 3", pad_id=agent.spec.pad_id, text_margin=margin
+    )
     assert mask.sum() == length and not mask[0].any()
-    with pytest.raises(AgentInputError, match=r"row 1: chunk step 3: the text-mode prompt has \d+ tokens, more than "
-                                              r"its static length .* raise budgets.text_margin"):
-        text_batch({1: [7] * (length + 1)}, 2, length, "chunk step 3", pad_id=agent.spec.pad_id,
-                   text_margin=margin)
+    with pytest.raises(
+        AgentInputError,
+        match=r"row 1: chunk step 3: the text-mode prompt has \d+ tokens, more than "
+        r"its static length .* raise budgets.text_margin",
+    ):
+        text_batch({1: [7] * (length + 1)}, 2, length, "chunk step 3", pad_id=agent.spec.pad_id, text_margin=margin)

@@ -9,8 +9,19 @@ from memagent_jax import answer
 from memagent_jax.data.formats import write_eval_file
 from memagent_jax.data.records import QARecord
 
-SMALL = ["--agent.question_tokens", "32", "--agent.chunk_tokens", "24", "--agent.memory_tokens", "16",
-         "--agent.answer_tokens", "6", "--agent.chunks_per_segment", "2", "--no-progress"]
+SMALL = [
+    "--agent.question_tokens",
+    "32",
+    "--agent.chunk_tokens",
+    "24",
+    "--agent.memory_tokens",
+    "16",
+    "--agent.answer_tokens",
+    "6",
+    "--agent.chunks_per_segment",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +32,9 @@ def model_dir(tmp_path_factory):
 def test_single_document_with_trace(model_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("The red key is under the third stone. " * 12, encoding="utf-8")
-    code = answer.main(["--model", model_dir, "--question", "Where is the key?", "--document", str(doc), "--trace"]
-                       + SMALL)
+    code = answer.main(
+        ["--model", model_dir, "--question", "Where is the key?", "--document", str(doc), "--trace"] + SMALL
+    )
     out, err = capsys.readouterr()
     assert code == 0
     assert out.count("--- memory after chunk") >= 3
@@ -30,9 +42,10 @@ def test_single_document_with_trace(model_dir, tmp_path, capsys):
 
 
 def test_batch_mode_skips_bad_rows_and_scores(model_dir, tmp_path):
-    records = [QARecord(question="Where is the key?", document="The key is in the box. " * 5, answers=("box",),
-                        index=0),
-               QARecord(question="What colour?", document="It was green. " * 9, answers=("green",), index=1)]
+    records = [
+        QARecord(question="Where is the key?", document="The key is in the box. " * 5, answers=("box",), index=0),
+        QARecord(question="What colour?", document="It was green. " * 9, answers=("green",), index=1),
+    ]
     path = tmp_path / "eval.jsonl"
     write_eval_file(records, path)
     with open(path, "a", encoding="utf-8") as f:  # a row with an empty question

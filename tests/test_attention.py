@@ -34,7 +34,7 @@ def _case(seed, b=3, t=37, s=53, h=6, kh=2, dh=8, segments=False, self_attention
         assert s == t
         valid = np.ones((b, t), bool)
         valid[0, :5] = False  # left pads
-        valid[0, t // 2: t // 2 + 4] = False  # pads in the middle
+        valid[0, t // 2 : t // 2 + 4] = False  # pads in the middle
         valid[1, -7:] = False  # right pads
         valid[-1] = False  # a fully padded row
         pos = np.stack([np.maximum(np.cumsum(r) - 1, 0) for r in valid]).astype(np.int32)
@@ -51,8 +51,10 @@ def _case(seed, b=3, t=37, s=53, h=6, kh=2, dh=8, segments=False, self_attention
     qpos = rng.integers(-5, 60, (b, t)).astype(np.int32)  # some precede every key
     keys = A.AttentionKeys(jnp.asarray(qpos), jnp.asarray(kpos), jnp.asarray(valid))
     if segments:
-        keys = keys._replace(query_segments=jnp.asarray(rng.integers(0, 2, (b, t)).astype(np.int32)),
-                             key_segments=jnp.asarray(rng.integers(0, 2, (b, s)).astype(np.int32)))
+        keys = keys._replace(
+            query_segments=jnp.asarray(rng.integers(0, 2, (b, t)).astype(np.int32)),
+            key_segments=jnp.asarray(rng.integers(0, 2, (b, s)).astype(np.int32)),
+        )
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), keys
 
 
@@ -100,11 +102,16 @@ def test_blockwise_gradients_equal_reference(segments):
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.tanh(fn(q, k, v)) * w)
 
-    ref = jax.grad(loss(lambda q, k, v: A.materialized_attention(q, k, v, A.attention_mask(keys))),
-                   argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda q, k, v: A.materialized_attention(q, k, v, A.attention_mask(keys))), argnums=(0, 1, 2))(
+        q, k, v
+    )
     for qb, kb in ((8, 6), (29, 29), (3, 100)):
-        got = jax.jit(jax.grad(loss(lambda q, k, v: A.blockwise_attention(q, k, v, keys, query_block=qb,
-                                                                          key_block=kb)), argnums=(0, 1, 2)))(q, k, v)
+        got = jax.jit(
+            jax.grad(
+                loss(lambda q, k, v: A.blockwise_attention(q, k, v, keys, query_block=qb, key_block=kb)),
+                argnums=(0, 1, 2),
+            )
+        )(q, k, v)
         for g, r in zip(got, ref):
             _close(g, r)
 
@@ -180,8 +187,16 @@ def test_attend_on_cpu_never_calls_cudnn(monkeypatch):
 
 
 def test_config_switch_validation_and_replace():
-    base = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=8)
+    base = ModelConfig(
+        model_type="qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     assert base.attention_impl == "auto" and base.attention_block_size == 512
     with pytest.raises(ConfigError, match="attention_impl must be one of"):
         base.replace(attention_impl="flash")
@@ -199,15 +214,28 @@ def test_config_switch_validation_and_replace():
     # a config read back from config.json gets the default switch, and an override applies
     assert ModelConfig.from_hf_dict(hf).attention_impl == "auto"
     assert ModelConfig.from_hf_dict(hf, attention_impl="materialized").attention_impl == "materialized"
-    assert {f.name for f in dataclasses.fields(ModelConfig)} >= {"attention_impl", "attention_block_size",
-                                                                  "attention_query_block_size"}
+    assert {f.name for f in dataclasses.fields(ModelConfig)} >= {
+        "attention_impl",
+        "attention_block_size",
+        "attention_query_block_size",
+    }
 
 
 # ------------------------------------------------------------------------------------------- whole model
 
-MODEL = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
-                    num_heads=6, num_kv_heads=2, head_dim=8, attention_bias=True, attention_block_size=7,
-                    attention_query_block_size=5)
+MODEL = ModelConfig(
+    model_type="qwen2",
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=8,
+    attention_bias=True,
+    attention_block_size=7,
+    attention_query_block_size=5,
+)
 
 
 def _impl(config, impl):
@@ -275,7 +303,6 @@ def test_learner_loss_gradients_through_the_model():
 @pytest.mark.slow  # two agent compiles: ~20 s on 2 cores
 def test_agent_answers_identical_with_both_paths(tmp_path):
     from hf_tiny import make_agent_model_dir
-
     from memagent_jax.agent import AgentBudgets, MemoryAgent
     from memagent_jax.data.tokenizer import load_tokenizer
     from memagent_jax.models import load_hf_params
@@ -283,8 +310,7 @@ def test_agent_answers_identical_with_both_paths(tmp_path):
     folder = make_agent_model_dir(tmp_path / "model", seed=3, vocab_size=400)
     tokenizer = load_tokenizer(folder)
     params, config = load_hf_params(folder)
-    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6,
-                           chunks_per_segment=2)
+    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6, chunks_per_segment=2)
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, len(tokenizer), n).astype(np.int32) for n in (9, 40)]
     questions = ["Where is the key?", "Which river flows past the old mill?"]
@@ -293,8 +319,7 @@ def test_agent_answers_identical_with_both_paths(tmp_path):
         cfg = config.replace(attention_impl=impl, attention_block_size=16, attention_query_block_size=8)
         agent = MemoryAgent(params, cfg, tokenizer, budgets=budgets)
         result = agent.run(questions, docs, rng=0, record=True)
-        answers[impl] = (result.answer_ids, [[c.response_ids.tolist() for c in conv]
-                                             for conv in result.conversations])
+        answers[impl] = (result.answer_ids, [[c.response_ids.tolist() for c in conv] for conv in result.conversations])
     assert answers["blockwise"] == answers["materialized"]
 
 
@@ -320,6 +345,7 @@ def test_blockwise_memory_is_several_times_smaller():
             if impl == "materialized":
                 return A.materialized_attention(q, k, v, A.attention_mask(keys))
             return A.blockwise_attention(q, k, v, keys, query_block=256, key_block=256)
+
         return f
 
     def grad(impl):

@@ -22,6 +22,7 @@ from memagent_jax.rl.learner import Learner, LearnerConfig, OptimizerConfig, acc
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.losses import LossConfig
 
+
 def _load(folder, dtype):
     params, config = load_hf_params(folder, param_dtype=dtype)
     return params, config.replace(compute_dtype=dtype)
@@ -30,8 +31,9 @@ def _load(folder, dtype):
 def _logits(params, config, tokens):
     t = len(tokens)
     mask = jnp.ones((1, t), bool)
-    out, _ = jax.jit(forward, static_argnames="config")(params, jnp.asarray(tokens)[None], positions_from_mask(mask),
-                                                        mask, config=config)
+    out, _ = jax.jit(forward, static_argnames="config")(
+        params, jnp.asarray(tokens)[None], positions_from_mask(mask), mask, config=config
+    )
     return np.asarray(out[0])
 
 
@@ -88,11 +90,13 @@ def test_bf16_learner_loss_and_grads_close_to_f32(tmp_path):
     out = {}
     for dtype in ("float32", "bfloat16"):
         params, model_config = _load(folder, dtype)
-        logp, _ = token_logprobs(params, jnp.asarray(batch.tokens), jnp.asarray(batch.token_mask),
-                                 config=model_config, chunk_size=8)
+        logp, _ = token_logprobs(
+            params, jnp.asarray(batch.tokens), jnp.asarray(batch.token_mask), config=model_config, chunk_size=8
+        )
         assert logp.dtype == jnp.float32
-        grads, metrics = jax.jit(functools.partial(accumulate_gradients, model_config=model_config,
-                                                   config=config))(params, batch)
+        grads, metrics = jax.jit(functools.partial(accumulate_gradients, model_config=model_config, config=config))(
+            params, batch
+        )
         assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
         assert metrics["loss"].dtype == jnp.float32
         out[dtype] = (float(metrics["loss"]), grads)
@@ -115,8 +119,12 @@ def test_bf16_params_train_steps_keep_their_dtypes_and_follow_f32(tmp_path):
     n = 8
     prompts, responses, old = _conversations(rng, n, vocab=128)
     batch = build_conversation_batch(prompts, responses, old, rng.normal(size=n), length_multiple=8)
-    config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, logits_chunk_size=8,
-                           optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
+    config = LearnerConfig(
+        loss=LossConfig(kl_coef=0.0),
+        num_minibatches=2,
+        logits_chunk_size=8,
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0),
+    )
     moved = {}
     for dtype in ("float32", "bfloat16"):
         params, model_config = _load(folder, dtype)
@@ -128,8 +136,9 @@ def test_bf16_params_train_steps_keep_their_dtypes_and_follow_f32(tmp_path):
             assert np.isfinite(metrics["loss"])
         leaves = jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state[1].inner_state[0].mu)
         assert {a.dtype for a in leaves} == {jnp.dtype(dtype)}
-        moved[dtype] = np.concatenate([(np.asarray(a, np.float32) - b).ravel()
-                                       for a, b in zip(jax.tree.leaves(state.params), initial)])
+        moved[dtype] = np.concatenate(
+            [(np.asarray(a, np.float32) - b).ravel() for a, b in zip(jax.tree.leaves(state.params), initial)]
+        )
     a, b = moved["bfloat16"], moved["float32"]
     assert np.abs(a).max() > 0
     assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.9
@@ -142,8 +151,7 @@ def test_bf16_params_train_steps_keep_their_dtypes_and_follow_f32(tmp_path):
 def test_agent_runs_in_bf16_and_agrees_with_f32_where_the_margin_allows(tmp_path):
     folder = make_agent_model_dir(tmp_path / "agent", seed=6, vocab_size=400)
     tokenizer = load_tokenizer(folder)
-    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6,
-                           chunks_per_segment=2)
+    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6, chunks_per_segment=2)
     rng = np.random.default_rng(5)
     docs = [rng.integers(3, len(tokenizer), n).astype(np.int32) for n in (20, 40, 50, 33)]
     questions = ["Where is the key?", "Name it.", "What is the code?", "Which river?"]
@@ -163,13 +171,14 @@ def test_agent_runs_in_bf16_and_agrees_with_f32_where_the_margin_allows(tmp_path
     tokens = np.zeros((len(seqs), width), np.int32)
     mask = np.zeros((len(seqs), width), bool)
     for i, q in enumerate(seqs):  # right-padded: one f32 forward for every conversation
-        tokens[i, :len(q)], mask[i, :len(q)] = q, True
+        tokens[i, : len(q)], mask[i, : len(q)] = q, True
     mask = jnp.asarray(mask)
-    all_logits, _ = jax.jit(forward, static_argnames="config")(params32, jnp.asarray(tokens),
-                                                                positions_from_mask(mask), mask, config=config32)
+    all_logits, _ = jax.jit(forward, static_argnames="config")(
+        params32, jnp.asarray(tokens), positions_from_mask(mask), mask, config=config32
+    )
     checked = agree = 0
     for c, logits in zip(convs, np.asarray(all_logits)):
-        logits = logits[len(c.prompt_ids) - 1:len(c.prompt_ids) + len(c.response_ids) - 1]
+        logits = logits[len(c.prompt_ids) - 1 : len(c.prompt_ids) + len(c.response_ids) - 1]
         top2 = np.sort(logits, axis=-1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > 2 * LOGIT_BOUND
         checked += int(clear.sum())

@@ -12,17 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 from memagent_jax.models import abstract_params
 from memagent_jax.models.presets import preset_config
 from memagent_jax.models.sharding import make_mesh
 from memagent_jax.rl.batch import build_conversation_batch, shuffle_rows
 from memagent_jax.rl.learner import Learner, LearnerConfig, OptimizerConfig
 from memagent_jax.rl.losses import LossConfig
+from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 
 CONFIG = preset_config("tiny", vocab_size=128)
-LEARNER = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, logits_chunk_size=0,
-                        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2))
+LEARNER = LearnerConfig(
+    loss=LossConfig(kl_coef=0.0),
+    num_minibatches=2,
+    logits_chunk_size=0,
+    optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
+)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -93,8 +97,12 @@ def test_keep_last_n_and_errors(tmp_path):
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,), jnp.int32)}
     with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         for step in range(5):
-            ckpt.save(step, jax.tree.map(lambda x: x + step, tree), data_state={"position": step},
-                      rng=jax.random.PRNGKey(step))  # raw uint32 key
+            ckpt.save(
+                step,
+                jax.tree.map(lambda x: x + step, tree),
+                data_state={"position": step},
+                rng=jax.random.PRNGKey(step),
+            )  # raw uint32 key
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [3, 4] and ckpt.latest_step() == 4
         restored = ckpt.restore(tree, step=3)
@@ -156,8 +164,9 @@ def test_interrupted_save_is_never_picked(tmp_path):
     directory, marker = tmp_path / "ckpt", tmp_path / "in_finalize"
     script = tmp_path / "save.py"
     script.write_text(_INTERRUPTED_SAVE.format(repo=REPO))
-    proc = subprocess.Popen([sys.executable, str(script), str(directory), str(marker)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(directory), str(marker)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.time() + 120
         while not marker.exists():
@@ -197,8 +206,9 @@ def _run(learner, state, rng, start, stop, ckpt=None, save_at=None):
     for position in range(start, stop):
         rng, sub = jax.random.split(rng)
         state, metrics = learner.train_step(state, batch_at(position, sub))
-        history.append({k: v for k, v in metrics.items() if k not in ("learner_time_s", "compile_time_s",
-                                                                       "tokens_per_s")})
+        history.append(
+            {k: v for k, v in metrics.items() if k not in ("learner_time_s", "compile_time_s", "tokens_per_s")}
+        )
         if ckpt is not None and position + 1 == save_at:
             ckpt.save(position + 1, state, data_state={"position": position + 1}, rng=rng)
     return state, rng, history

@@ -14,8 +14,7 @@ from memagent_jax import cli
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "answer", "generate", "serve", "plan",
-                                     "build-data"])
+@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "answer", "generate", "serve", "plan", "build-data"])
 def test_every_subcommand_answers_help(command, capsys):
     try:
         code = cli.main([command, "--help"])
@@ -51,8 +50,9 @@ def test_print_config_shows_values_after_overrides_and_docs(capsys):
     out = capsys.readouterr().out
     assert re.search(r"^agent\.chunk_tokens = 5000  # document tokens read per step$", out, re.M)
     assert cli.main(["evaluate", "--config", os.path.join(REPO, "configs", "evaluate.py"), "--print-config"]) == 0
-    assert re.search(r"^agent\.chunk_tokens = None  # document tokens read per step \| 5000$",
-                     capsys.readouterr().out, re.M)
+    assert re.search(
+        r"^agent\.chunk_tokens = None  # document tokens read per step \| 5000$", capsys.readouterr().out, re.M
+    )
     assert cli.main(["answer", "--print-config"]) == 2
 
 
@@ -67,12 +67,23 @@ def test_build_data_dispatches_to_the_builders(tmp_path, capsys):
 
 def test_plan_module_help_and_bad_hardware():
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-m", "memagent_jax.plan", "--help"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "memagent_jax.plan", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and "--doc_tokens" in run.stdout and "Capacity planner" in run.stdout
-    run = subprocess.run([sys.executable, "-m", "memagent_jax.plan", "--config",
-                          "configs/qwen2_5_7b_hotpotqa.py:8xh200"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "memagent_jax.plan", "--config", "configs/qwen2_5_7b_hotpotqa.py:8xh200"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "unknown hardware '8xh200'" in run.stderr and "8xh100" in run.stderr
 
@@ -93,11 +104,19 @@ def test_object_store_workdirs_are_refused_up_front(tmp_path):
 
 
 def test_package_exports_load_lazily():
-    code = ("import sys, memagent_jax; assert 'jax' not in sys.modules, 'import memagent_jax pulled in jax'; "
-            "from memagent_jax import MemoryAgent, load_hf_params, SamplingParams, AgentSettings, evaluate_models; "
-            "assert hasattr(MemoryAgent, 'from_pretrained'); print('ok')")
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                         capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, memagent_jax; assert 'jax' not in sys.modules, 'import memagent_jax pulled in jax'; "
+        "from memagent_jax import MemoryAgent, load_hf_params, SamplingParams, AgentSettings, evaluate_models; "
+        "assert hasattr(MemoryAgent, 'from_pretrained'); print('ok')"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
     import memagent_jax
 

@@ -40,27 +40,56 @@ def test_cpu_variants_carry_the_main_jobs_budgets_and_wording():
 
 def test_loading_the_configs_imports_no_jax(tmp_path):
     # From a folder that is not the checkout: the recipes are a package, and they import each other.
-    code = ("import sys\n"
-            "from memagent_jax.configs import grpo, evaluate, tiny_synthetic, qwen2_5_7b_hotpotqa\n"
-            "for m in (grpo, evaluate, tiny_synthetic, qwen2_5_7b_hotpotqa):\n"
-            "    m.get_config()\n"
-            "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'")
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.path.abspath(REPO)),
-                   check=True)
+    code = (
+        "import sys\n"
+        "from memagent_jax.configs import grpo, evaluate, tiny_synthetic, qwen2_5_7b_hotpotqa\n"
+        "for m in (grpo, evaluate, tiny_synthetic, qwen2_5_7b_hotpotqa):\n"
+        "    m.get_config()\n"
+        "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.path.abspath(REPO)), check=True
+    )
 
 
 def test_cpu_block_changes_only_what_it_names():
     reference, cpu = _config("grpo").to_dict(), _config("grpo", "cpu").to_dict()
-    changed = {f"{section}.{field}" for section, fields in reference.items() if isinstance(fields, dict)
-               for field in fields if fields[field] != cpu[section][field]}
+    changed = {
+        f"{section}.{field}"
+        for section, fields in reference.items()
+        if isinstance(fields, dict)
+        for field in fields
+        if fields[field] != cpu[section][field]
+    }
     changed |= {name for name, value in reference.items() if not isinstance(value, dict) and value != cpu[name]}
     assert changed == {
-        "steps", "model.param_dtype", "model.compute_dtype", "model.remat", "data.synthetic_task",
-        "data.synthetic_tokens", "data.synthetic_samples", "data.reward_style", "agent.question_tokens",
-        "agent.chunk_tokens", "agent.memory_tokens", "agent.answer_tokens", "agent.chunks_per_segment",
-        "agent.memory_update", "agent.final_answer", "agent.initial_memory", "agent.max_document_tokens",
-        "rl.questions_per_step", "rl.group_size", "rl.num_minibatches", "rl.warmup_steps", "rl.warmup_from_zero",
-        "rl.kl_clamp", "rl.length_multiple", "rl.recompute_old_logprobs", "checkpoint.every"}
+        "steps",
+        "model.param_dtype",
+        "model.compute_dtype",
+        "model.remat",
+        "data.synthetic_task",
+        "data.synthetic_tokens",
+        "data.synthetic_samples",
+        "data.reward_style",
+        "agent.question_tokens",
+        "agent.chunk_tokens",
+        "agent.memory_tokens",
+        "agent.answer_tokens",
+        "agent.chunks_per_segment",
+        "agent.memory_update",
+        "agent.final_answer",
+        "agent.initial_memory",
+        "agent.max_document_tokens",
+        "rl.questions_per_step",
+        "rl.group_size",
+        "rl.num_minibatches",
+        "rl.warmup_steps",
+        "rl.warmup_from_zero",
+        "rl.kl_clamp",
+        "rl.length_multiple",
+        "rl.recompute_old_logprobs",
+        "checkpoint.every",
+    }
 
 
 @pytest.mark.parametrize("name", ["grpo", "evaluate", "tiny_synthetic"])
@@ -77,8 +106,7 @@ def test_config_paths_resolve_from_any_folder(tmp_path, monkeypatch):
     local = tmp_path / "mine.py"
     local.write_text("")
     assert configs.resolve(f"{local}:x") == f"{local}:x"  # a file that exists is used as given
-    assert configs.resolve_argv(["--config", "configs/evaluate.py", "--workdir", "w"])[1] == configs.path_of(
-        "evaluate")
+    assert configs.resolve_argv(["--config", "configs/evaluate.py", "--workdir", "w"])[1] == configs.path_of("evaluate")
     assert configs.resolve_argv(["--config=configs/models.py:tiny"]) == ["--config=" + configs.path_of("models:tiny")]
     with pytest.raises(FileNotFoundError, match="no shipped config 'nope'; known: .*grpo"):
         configs.path_of("nope")
@@ -95,9 +123,16 @@ def test_train_reads_single_template_fields_over_the_file(tmp_path):
     cfg = _config("grpo", "cpu")
     budgets, templates = agent_settings(cfg)
     assert (budgets.question_tokens, budgets.chunk_tokens, budgets.memory_tokens, budgets.answer_tokens) == (
-        16, 32, 8, 12)
+        16,
+        32,
+        8,
+        12,
+    )
     assert (templates.memory_update, templates.final_answer, templates.initial_memory) == (
-        cpu_agent.MEMORY_UPDATE, cpu_agent.FINAL_ANSWER, cpu_agent.INITIAL_MEMORY)
+        cpu_agent.MEMORY_UPDATE,
+        cpu_agent.FINAL_ANSWER,
+        cpu_agent.INITIAL_MEMORY,
+    )
     file = tmp_path / "t.json"
     file.write_text('{"initial_memory": "Empty.", "final_answer": "Q: {question} N: {memory} Answer."}')
     cfg.agent.templates = str(file)

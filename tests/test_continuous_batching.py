@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 from hf_tiny import make_agent_model_dir
-from memagent_jax.agent import AgentBudgets, AgentInputError, AgentTemplates, MemoryAgent, choose_scheduling, \
-    reference_run
+from memagent_jax.agent import (
+    AgentBudgets,
+    AgentInputError,
+    AgentTemplates,
+    MemoryAgent,
+    choose_scheduling,
+    reference_run,
+)
 from memagent_jax.agent.engine import DocumentEngine
 from memagent_jax.agent.types import RowProgress, RowRequest, RowResult
 from memagent_jax.data.tokenizer import load_tokenizer
@@ -18,8 +24,15 @@ from memagent_jax.sampling import SamplingParams
 from memagent_jax.sampling.api import row_keys
 
 BUDGETS = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6, chunks_per_segment=2)
-QUESTIONS = ["Where is the key?", "Which river flows past the old mill?", "Name it.", "What is the code?",
-             "Who wrote the letter?", "When did the ferry leave?", "Why?"]
+QUESTIONS = [
+    "Where is the key?",
+    "Which river flows past the old mill?",
+    "Name it.",
+    "What is the code?",
+    "Who wrote the letter?",
+    "When did the ferry leave?",
+    "Why?",
+]
 LENGTHS = [9, 140, 32, 75, 16, 200, 47]  # 1..13 chunks: rows end at different segments
 
 
@@ -63,8 +76,9 @@ def test_every_scheduling_equals_lockstep_sampled_with_trace_and_record(setup):
         assert_same_rows(got, lockstep)
     # The default with a batch_size is continuous batching: same rows, and the engine's streamed rows.
     streamed = {}
-    default = agent.run(QUESTIONS, docs, rng=11, trace=True, record=True, batch_size=3,
-                        on_row=lambda i, r: streamed.setdefault(i, r))
+    default = agent.run(
+        QUESTIONS, docs, rng=11, trace=True, record=True, batch_size=3, on_row=lambda i, r: streamed.setdefault(i, r)
+    )
     assert_same_rows(default, lockstep)
     assert sorted(streamed) == list(range(len(QUESTIONS)))
     assert [streamed[i].answer_ids[0] for i in range(len(QUESTIONS))] == lockstep.answer_ids
@@ -89,8 +103,11 @@ def test_scheduling_is_chosen_in_one_place_and_checked():
         for bad in (None, 0, -1, 2.5, True):
             with pytest.raises(AgentInputError, match=rf"scheduling='{mode}' needs batch_size >= 1"):
                 choose(mode, bad, prompt_mode="pieces", processes=1)
-    with pytest.raises(AgentInputError, match=r"scheduling='lockstep' runs all rows as one batch: batch_size must be "
-                                              r"None, got 4"):
+    with pytest.raises(
+        AgentInputError,
+        match=r"scheduling='lockstep' runs all rows as one batch: batch_size must be "
+        r"None, got 4",
+    ):
         choose("lockstep", 4, prompt_mode="pieces", processes=1)
     with pytest.raises(AgentInputError, match=r"scheduling: must be one of \['lockstep', 'bucketed', 'continuous'\]"):
         choose("fifo", 4, prompt_mode="pieces", processes=1)
@@ -109,8 +126,14 @@ def test_run_refuses_a_scheduling_it_cannot_run(setup):
 def test_text_mode_schedulings(setup):
     """Text prompt mode: bucketed (explicit, or the default with a batch_size) equals lockstep; continuous batching
     is refused with the reason."""
-    text = MemoryAgent(setup["params"], setup["config"], setup["tokenizer"], budgets=BUDGETS,
-                       templates=AgentTemplates(prompt_mode="text"), memory_sampling=setup["sampling"])
+    text = MemoryAgent(
+        setup["params"],
+        setup["config"],
+        setup["tokenizer"],
+        budgets=BUDGETS,
+        templates=AgentTemplates(prompt_mode="text"),
+        memory_sampling=setup["sampling"],
+    )
     questions, docs = QUESTIONS[:5], setup["docs"][:5]
     lockstep = text.run(questions, docs, rng=5, trace=True, record=True)
     assert lockstep.num_chunks == [-(-n // 16) for n in LENGTHS[:5]]
@@ -125,22 +148,27 @@ def test_text_mode_schedulings(setup):
 
 def test_engine_depends_on_programs_types_chunking_and_placement_only():
     """Importing the engine does not import the runner (no cycle, no reach back into the driver)."""
-    code = ("import sys, memagent_jax.agent.engine as e; "
-            "assert 'memagent_jax.agent.runner' not in sys.modules, sorted(m for m in sys.modules if 'agent' in m); "
-            "assert 'memagent_jax.agent.text_mode' not in sys.modules")
+    code = (
+        "import sys, memagent_jax.agent.engine as e; "
+        "assert 'memagent_jax.agent.runner' not in sys.modules, sorted(m for m in sys.modules if 'agent' in m); "
+        "assert 'memagent_jax.agent.text_mode' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_engine_shares_the_agents_placement_and_cache_pool(setup):
     """An engine built from the agent's spec, params and placement gives the agent's answers, and gives its caches
     back to the pool the lockstep runs of the same batch take theirs from (one cache per program and batch)."""
-    agent = MemoryAgent(setup["params"], setup["config"], setup["tokenizer"], budgets=BUDGETS,
-                        memory_sampling=setup["sampling"])
+    agent = MemoryAgent(
+        setup["params"], setup["config"], setup["tokenizer"], budgets=BUDGETS, memory_sampling=setup["sampling"]
+    )
     docs = setup["docs"]
     keys = np.asarray(__import__("jax").random.key_data(row_keys(2, 2)))
     engine = DocumentEngine(agent.spec, agent.params, agent.placement, 2)
-    results = engine.run(RowRequest(tag=i, question_ids=agent.prepare(QUESTIONS[i], docs[i])[0], document_ids=docs[i],
-                                    key=keys[i]) for i in range(2))
+    results = engine.run(
+        RowRequest(tag=i, question_ids=agent.prepare(QUESTIONS[i], docs[i])[0], document_ids=docs[i], key=keys[i])
+        for i in range(2)
+    )
     assert len(agent.placement.pooled()) == 2  # the update and final caches of 2 rows
     assert [results[i].answer_ids for i in range(2)] == agent.run(QUESTIONS[:2], docs[:2], rng=2).answer_ids
     pooled = agent.placement.pooled()
@@ -163,16 +191,20 @@ def test_engine_refills_at_segment_boundaries_and_reads_fewer_segments(setup):
     keys = np.asarray(__import__("jax").random.key_data(row_keys(0, len(docs))))
     engine = agent.document_engine(2)
     seen = []
-    results = engine.run((RowRequest(tag=i, question_ids=agent.prepare(QUESTIONS[i], docs[i])[0],
-                                     document_ids=docs[i], key=keys[i]) for i in range(len(docs))),
-                         on_event=seen.append)
+    results = engine.run(
+        (
+            RowRequest(tag=i, question_ids=agent.prepare(QUESTIONS[i], docs[i])[0], document_ids=docs[i], key=keys[i])
+            for i in range(len(docs))
+        ),
+        on_event=seen.append,
+    )
     segments = [-(-(-(-n // 16)) // 2) for n in LENGTHS]  # segments per document: 1 5 1 3 1 7 2
     free_at = [0, 0]  # list scheduling by hand: each document goes to the slot that frees first, in queue order
     for s in segments:
         slot = free_at.index(min(free_at))
         free_at[slot] += s
     assert engine.segments_run == max(free_at) == 12
-    lockstep_pairs = sum(max(segments[i:i + 2]) for i in range(0, len(segments), 2))
+    lockstep_pairs = sum(max(segments[i : i + 2]) for i in range(0, len(segments), 2))
     assert lockstep_pairs == 17
     assert sorted(results) == list(range(len(docs)))
     progress = [e for e in seen if isinstance(e, RowProgress)]
@@ -223,8 +255,10 @@ def test_evaluation_continuous_equals_bucketed(setup):
     from memagent_jax.data.records import QARecord
 
     agent, tok = setup["agent"], setup["tokenizer"]
-    records = [QARecord(question=QUESTIONS[i], document=tok.decode(setup["docs"][i].tolist()), answers=("x",),
-                        index=10 + i) for i in range(len(QUESTIONS))]
+    records = [
+        QARecord(question=QUESTIONS[i], document=tok.decode(setup["docs"][i].tolist()), answers=("x",), index=10 + i)
+        for i in range(len(QUESTIONS))
+    ]
     a = ev.evaluate_agent(agent, records, batch_size=3, num_traces=2, seed=4, progress=False, scheduling="bucketed")
     b = ev.evaluate_agent(agent, records, batch_size=3, num_traces=2, seed=4, progress=False)
     assert [r["response"] for r in a.rows] == [r["response"] for r in b.rows]

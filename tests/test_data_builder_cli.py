@@ -3,27 +3,28 @@
 Contract: a bad input row becomes a line of the errors file (file, row, field) and the rest are built; exit 0 all
 good, 1 some rows failed, 2 nothing built; outputs written atomically and never over the input.
 """
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from test_data_hotpotqa import make_raw
+from test_data_squad import make_squad
 
 from memagent_jax.data import hotpotqa as H
 from memagent_jax.data import read_records
 from memagent_jax.data import squad as S
-
-from test_data_hotpotqa import make_raw
-from test_data_squad import make_squad
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_module(module, *args):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
 
 
 @pytest.mark.parametrize("module", ["memagent_jax.data.hotpotqa", "memagent_jax.data.squad"])
@@ -38,9 +39,23 @@ def test_help(module):
 def test_hotpotqa_cli_as_a_module(tmp_path):
     raw = tmp_path / "hotpot_dev.json"
     raw.write_text(json.dumps(make_raw(8)))
-    out = _run_module("memagent_jax.data.hotpotqa", "--input", str(raw), "--out_dir", str(tmp_path / "suite"),
-                      "--eval_docs", "10,20", "--num_questions", "4", "--train_out", str(tmp_path / "train.parquet"),
-                      "--train_docs", "12", "--limit", "3")
+    out = _run_module(
+        "memagent_jax.data.hotpotqa",
+        "--input",
+        str(raw),
+        "--out_dir",
+        str(tmp_path / "suite"),
+        "--eval_docs",
+        "10,20",
+        "--num_questions",
+        "4",
+        "--train_out",
+        str(tmp_path / "train.parquet"),
+        "--train_docs",
+        "12",
+        "--limit",
+        "3",
+    )
     assert out.returncode == 0, out.stderr
     assert "8 questions read, 0 rows failed" in out.stderr.strip().splitlines()[-1]
     for n in (10, 20):
@@ -49,10 +64,13 @@ def test_hotpotqa_cli_as_a_module(tmp_path):
     assert [r.index for r in read_records(tmp_path / "train.parquet")] == [0, 1, 2]
     assert not (tmp_path / "suite" / "errors.jsonl").exists()
     # Same input and seed: byte-identical files.
-    again = H.main(["--input", str(raw), "--out_dir", str(tmp_path / "again"), "--eval_docs", "10,20",
-                    "--num_questions", "4"])
+    again = H.main(
+        ["--input", str(raw), "--out_dir", str(tmp_path / "again"), "--eval_docs", "10,20", "--num_questions", "4"]
+    )
     assert again == 0
-    assert (tmp_path / "again" / "eval_20docs.json").read_bytes() == (tmp_path / "suite" / "eval_20docs.json").read_bytes()
+    assert (tmp_path / "again" / "eval_20docs.json").read_bytes() == (
+        tmp_path / "suite" / "eval_20docs.json"
+    ).read_bytes()
 
 
 def test_hotpotqa_cli_bad_rows_reported_others_built(tmp_path, capsys):
@@ -61,13 +79,30 @@ def test_hotpotqa_cli_bad_rows_reported_others_built(tmp_path, capsys):
     data[5]["context"][1][1] = "not a list"
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps(data))
-    status = H.main(["--input", str(raw), "--out_dir", str(tmp_path / "suite"), "--eval_docs", "10",
-                     "--num_questions", "8", "--train_out", str(tmp_path / "train.jsonl"), "--train_docs", "10"])
+    status = H.main(
+        [
+            "--input",
+            str(raw),
+            "--out_dir",
+            str(tmp_path / "suite"),
+            "--eval_docs",
+            "10",
+            "--num_questions",
+            "8",
+            "--train_out",
+            str(tmp_path / "train.jsonl"),
+            "--train_docs",
+            "10",
+        ]
+    )
     assert status == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "6 questions read, 2 rows failed" in err[-1] and "errors.jsonl" in err[-1]
     entries = [json.loads(line) for line in (tmp_path / "suite" / "errors.jsonl").read_text().splitlines()]
-    assert [(e["file"], e["row"], e["field"]) for e in entries] == [(str(raw), 2, "answer"), (str(raw), 5, "context[1]")]
+    assert [(e["file"], e["row"], e["field"]) for e in entries] == [
+        (str(raw), 2, "answer"),
+        (str(raw), 5, "context[1]"),
+    ]
     assert all(str(raw) in e["error"] for e in entries)
     assert len(read_records(tmp_path / "suite" / "eval_10docs.json")) == 6
     assert len(read_records(tmp_path / "train.jsonl")) == 6
@@ -77,7 +112,9 @@ def test_hotpotqa_cli_question_that_cannot_be_built(tmp_path, capsys):
     """More gold paragraphs than documents: that (question, N) is an error entry; the other N still built."""
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps(make_raw(4)))
-    status = H.main(["--input", str(raw), "--out_dir", str(tmp_path / "s"), "--eval_docs", "1,6", "--num_questions", "4"])
+    status = H.main(
+        ["--input", str(raw), "--out_dir", str(tmp_path / "s"), "--eval_docs", "1,6", "--num_questions", "4"]
+    )
     assert status == 1
     entries = [json.loads(x) for x in (tmp_path / "s" / "errors.jsonl").read_text().splitlines()]
     assert len(entries) == 4 and {e["num_docs"] for e in entries} == {1}
@@ -110,8 +147,19 @@ def test_cli_never_writes_over_its_input_and_checks_flags(tmp_path, capsys):
 def test_squad_cli_as_a_module(tmp_path):
     src = tmp_path / "dev-v2.0.json"
     src.write_text(json.dumps(make_squad()))
-    out = _run_module("memagent_jax.data.squad", "--input", str(src), "--out_dir", str(tmp_path / "qa1"),
-                      "--eval_docs", "3,6", "--num_questions", "5", "--suffix", ".jsonl")
+    out = _run_module(
+        "memagent_jax.data.squad",
+        "--input",
+        str(src),
+        "--out_dir",
+        str(tmp_path / "qa1"),
+        "--eval_docs",
+        "3,6",
+        "--num_questions",
+        "5",
+        "--suffix",
+        ".jsonl",
+    )
     assert out.returncode == 0, out.stderr
     assert "12 questions read, 0 rows failed" in out.stderr.strip().splitlines()[-1]
     for n in (3, 6):
@@ -129,7 +177,8 @@ def test_squad_cli_bad_rows(tmp_path, capsys):
     assert "11 questions read, 1 rows failed" in capsys.readouterr().err.strip().splitlines()[-1]
     entries = [json.loads(x) for x in (tmp_path / "train.parquet.errors.jsonl").read_text().splitlines()]
     assert [(e["file"], e["row"], e["field"]) for e in entries] == [
-        (str(src), 2, "data[0].paragraphs[1].qas[0].answers[0].text")]
+        (str(src), 2, "data[0].paragraphs[1].qas[0].answers[0].text")
+    ]
     recs = read_records(tmp_path / "train.parquet")
     assert len(recs) == 11 and recs[0].data_source == "squad"
     # A file with no answerable question builds nothing: exit 2.

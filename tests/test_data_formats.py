@@ -1,4 +1,5 @@
 """Tests of the MemAgent-format readers and writers (training and evaluation rows)."""
+
 import json
 
 import pytest
@@ -76,7 +77,12 @@ def test_eval_round_trip(tmp_path, suffix):
 
 def test_eval_optional_fields_and_single_string_answers(tmp_path):
     path = tmp_path / "e.jsonl"
-    path.write_text(json.dumps({"context": "c", "input": "q", "answers": "only"}) + "\n" + json.dumps({"context": "d", "input": "r", "answers": ["x"], "_id": "abc"}) + "\n")
+    path.write_text(
+        json.dumps({"context": "c", "input": "q", "answers": "only"})
+        + "\n"
+        + json.dumps({"context": "d", "input": "r", "answers": ["x"], "_id": "abc"})
+        + "\n"
+    )
     recs = F.read_records(path)
     assert recs[0].answers == ("only",) and recs[0].index == 0 and recs[0].extra == {}
     assert recs[1].index == 1 and recs[1].extra == {"_id": "abc"}
@@ -92,7 +98,14 @@ def test_json_array_and_lines_both_accepted_for_dot_json(tmp_path):
 
 
 def test_training_question_is_last_user_message(tmp_path):
-    row = train_row(prompt=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "Q2"}])
+    row = train_row(
+        prompt=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "Q2"},
+        ]
+    )
     assert F.record_from_train_row(row).question == "Q2"
 
 
@@ -121,7 +134,11 @@ BAD_TRAIN = [
     ("context", dict(context=["a", "b"]), "must be a string, got list"),
     ("reward_model", dict(reward_model="Paris"), "must be an object"),
     ("reward_model.ground_truth", dict(reward_model={"style": "rule"}), "is missing"),
-    ("reward_model.ground_truth", dict(reward_model={"ground_truth": 7}), "must be a non-empty list of strings, got int"),
+    (
+        "reward_model.ground_truth",
+        dict(reward_model={"ground_truth": 7}),
+        "must be a non-empty list of strings, got int",
+    ),
     ("reward_model.ground_truth", dict(reward_model={"ground_truth": []}), "got an empty list"),
     ("reward_model.ground_truth[1]", dict(reward_model={"ground_truth": ["a", 2]}), "must be a string, got int"),
     ("reward_model.style", dict(reward_model={"ground_truth": ["a"], "style": 1}), "must be a string"),
@@ -275,7 +292,9 @@ def test_records_convert_both_ways():
         "reward_model": {"style": "rule", "ground_truth": ["a", "b"]},
         "extra_info": {"num_docs": 3, "k": "v", "index": 7},
     }
-    assert F.record_from_train_row(tr) == QARecord("q?", "doc", ("a", "b"), 7, "src", {"num_docs": 3, "k": "v", "index": 7, "reward_style": "rule"})
+    assert F.record_from_train_row(tr) == QARecord(
+        "q?", "doc", ("a", "b"), 7, "src", {"num_docs": 3, "k": "v", "index": 7, "reward_style": "rule"}
+    )
     ev = F.eval_row_from_record(rec)
     assert ev == {"context": "doc", "input": "q?", "answers": ["a", "b"], "num_docs": 3, "index": 7, "k": "v"}
     assert F.record_from_eval_row(ev, data_source="src") == rec
@@ -297,7 +316,10 @@ def test_mixed_type_json_column_read_exactly(tmp_path):
     """datasets turns a mixed-type JSON column into a Json column that decodes the string "1990"
     as a number; the reader must still see the exact values."""
     path = tmp_path / "e.jsonl"
-    rows = [{"context": "c", "input": "q", "answers": "1990"}, {"context": "d", "input": "r", "answers": ["x"], "num_docs": "50"}]
+    rows = [
+        {"context": "c", "input": "q", "answers": "1990"},
+        {"context": "d", "input": "r", "answers": ["x"], "num_docs": "50"},
+    ]
     _write_jsonl(path, rows)
     f = F.open_file(path)
     assert f[0].answers == ("1990",)

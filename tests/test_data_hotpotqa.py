@@ -1,4 +1,5 @@
 """Tests of the HotpotQA long-document builder on a small HotpotQA-shaped file."""
+
 import json
 import random
 import re
@@ -54,7 +55,12 @@ def test_load_and_document_shape(raw_file):
     assert len(ex.paragraphs) == 5 and len(ex.gold_titles) == 2
     # sentences joined as written (their own leading spaces), stripped
     title, text = ex.paragraphs[0]
-    assert text == f"Sentence one of {title[6:]} mentions " + text.split("mentions ")[1].split(".")[0] + f". Sentence two of {title[6:]}."
+    assert (
+        text
+        == f"Sentence one of {title[6:]} mentions "
+        + text.split("mentions ")[1].split(".")[0]
+        + f". Sentence two of {title[6:]}."
+    )
     b = H.HotpotQABuilder(examples, seed=1)
     assert len(b.pool_titles) == 60
     doc = b.document(ex, 20)
@@ -68,7 +74,9 @@ def test_load_and_document_shape(raw_file):
 
 
 def test_format_documents():
-    assert H.format_documents([("A", "text a."), ("B", "text b.")]) == "Document 1:\nA\ntext a.\n\nDocument 2:\nB\ntext b."
+    assert (
+        H.format_documents([("A", "text a."), ("B", "text b.")]) == "Document 1:\nA\ntext a.\n\nDocument 2:\nB\ntext b."
+    )
 
 
 def test_deterministic_and_seeded(raw_file):

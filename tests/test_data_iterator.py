@@ -1,4 +1,5 @@
 """Tests of the host-sharded, restorable iterator (memagent_jax.data.iterator)."""
+
 import json
 import os
 import subprocess
@@ -88,8 +89,12 @@ def test_restore_in_new_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for host in ("0", "1"):
         state, saved, restored = tmp_path / f"state{host}.json", tmp_path / f"a{host}.json", tmp_path / f"b{host}.json"
-        subprocess.run([sys.executable, str(script), str(path), host, str(state), str(saved), "save"], check=True, env=env)
-        subprocess.run([sys.executable, str(script), str(path), host, str(state), str(restored), "load"], check=True, env=env)
+        subprocess.run(
+            [sys.executable, str(script), str(path), host, str(state), str(saved), "save"], check=True, env=env
+        )
+        subprocess.run(
+            [sys.executable, str(script), str(path), host, str(state), str(restored), "load"], check=True, env=env
+        )
         after_save = json.loads(saved.read_text())
         assert json.loads(restored.read_text()) == after_save
         assert len(after_save) == 6 and all(len(b) == 3 for b in after_save)

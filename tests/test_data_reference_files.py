@@ -5,6 +5,7 @@ training rows; `json.dump(..., indent=4)` of evaluation rows; RULER rows with `o
 12800+ documents, pointing into the document list rebuilt from the raw HotpotQA / SQuAD file).  The expected
 document text is computed here independently: the raw paragraphs, de-duplicated, sorted, numbered.
 """
+
 import json
 import random
 
@@ -16,16 +17,32 @@ from memagent_jax.data.docstore import number_documents
 
 # A tiny raw HotpotQA dev file (distractor setting): sentences keep their leading spaces, as in HotpotQA.
 RAW_HOTPOT = [
-    {"_id": "q0", "question": "Which band was formed first?", "answer": "Alpha", "type": "comparison", "level": "easy",
-     "supporting_facts": [["Alpha (band)", 0], ["Beta (band)", 0]],
-     "context": [["Alpha (band)", ["Alpha is a band.", " It formed in 1970."]],
-                 ["Beta (band)", ["Beta is a band.", " It formed in 1980."]],
-                 ["Gamma", ["Gamma is a letter."]]]},
-    {"_id": "q1", "question": "Where was Delta born?", "answer": "Oslo", "type": "bridge", "level": "hard",
-     "supporting_facts": [["Delta", 0]],
-     "context": [["Delta", ["Delta was born in Oslo."]],
-                 ["Gamma", ["Gamma is a letter."]],  # shared with q0: one store entry
-                 ["Epsilon", ["Epsilon ", "has two parts."]]]},
+    {
+        "_id": "q0",
+        "question": "Which band was formed first?",
+        "answer": "Alpha",
+        "type": "comparison",
+        "level": "easy",
+        "supporting_facts": [["Alpha (band)", 0], ["Beta (band)", 0]],
+        "context": [
+            ["Alpha (band)", ["Alpha is a band.", " It formed in 1970."]],
+            ["Beta (band)", ["Beta is a band.", " It formed in 1980."]],
+            ["Gamma", ["Gamma is a letter."]],
+        ],
+    },
+    {
+        "_id": "q1",
+        "question": "Where was Delta born?",
+        "answer": "Oslo",
+        "type": "bridge",
+        "level": "hard",
+        "supporting_facts": [["Delta", 0]],
+        "context": [
+            ["Delta", ["Delta was born in Oslo."]],
+            ["Gamma", ["Gamma is a letter."]],  # shared with q0: one store entry
+            ["Epsilon", ["Epsilon ", "has two parts."]],
+        ],
+    },
 ]
 
 
@@ -64,14 +81,16 @@ def test_training_parquet_as_written_by_pandas(tmp_path):
     docs = _hotpot_docs()
     rows = []
     for index, q in enumerate(RAW_HOTPOT):
-        rows.append({
-            "data_source": "hotpotqa",
-            "prompt": [{"role": "user", "content": q["question"]}],
-            "context": _numbered(docs[:3]),
-            "ability": "memory",
-            "reward_model": {"style": "rule", "ground_truth": [q["answer"]]},
-            "extra_info": {"index": index, "question": q["question"], "num_docs": 200},
-        })
+        rows.append(
+            {
+                "data_source": "hotpotqa",
+                "prompt": [{"role": "user", "content": q["question"]}],
+                "context": _numbered(docs[:3]),
+                "ability": "memory",
+                "reward_model": {"style": "rule", "ground_truth": [q["answer"]]},
+                "extra_info": {"index": index, "question": q["question"], "num_docs": 200},
+            }
+        )
     path = tmp_path / "hotpotqa_train_process.parquet"
     pd.DataFrame(rows).to_parquet(path)
     f = open_file(path)
@@ -87,8 +106,16 @@ def test_training_parquet_as_written_by_pandas(tmp_path):
 def test_eval_json_at_50_docs(tmp_path):
     """Evaluation rows with the text in 'context', json.dump with indent=4 and ensure_ascii=False."""
     docs = _hotpot_docs()
-    rows = [{"context": _numbered(docs[:4]) + " café", "input": q["question"], "answers": [q["answer"]],
-             "num_docs": 50, "index": 7 + i} for i, q in enumerate(RAW_HOTPOT)]
+    rows = [
+        {
+            "context": _numbered(docs[:4]) + " café",
+            "input": q["question"],
+            "answers": [q["answer"]],
+            "num_docs": 50,
+            "index": 7 + i,
+        }
+        for i, q in enumerate(RAW_HOTPOT)
+    ]
     path = tmp_path / "eval_50.json"
     path.write_text(json.dumps(rows, ensure_ascii=False, indent=4), encoding="utf-8")
     f = open_file(path)
@@ -111,8 +138,9 @@ def _index_rows(num_docs, seed):
             rest = [i for i in range(len(docs)) if i not in own]
             ids = own + random.Random(seed + index).sample(rest, max(0, num_docs - len(own)))
         random.Random(4).shuffle(ids)
-        rows.append({"context": ids, "input": q["question"], "answers": [q["answer"]], "num_docs": num_docs,
-                     "index": index})
+        rows.append(
+            {"context": ids, "input": q["question"], "answers": [q["answer"]], "num_docs": num_docs, "index": index}
+        )
     return rows
 
 
@@ -174,21 +202,45 @@ def test_bad_store_named(tmp_path):
         DocumentStore.load(bad)
 
 
-RAW_SQUAD = {"version": "v2.0", "data": [
-    {"title": "T1", "paragraphs": [
-        {"context": "Zeta paragraph about rivers.",
-         "qas": [{"id": "a", "question": "What is it about?", "is_impossible": False,
-                  "answers": [{"text": "rivers", "answer_start": 22}, {"text": "rivers.", "answer_start": 22}]}]},
-        {"context": "Alpha paragraph about hills.", "qas": []}]},
-    {"title": "T2", "paragraphs": [{"context": "Mid paragraph.", "qas": []}]},
-]}
+RAW_SQUAD = {
+    "version": "v2.0",
+    "data": [
+        {
+            "title": "T1",
+            "paragraphs": [
+                {
+                    "context": "Zeta paragraph about rivers.",
+                    "qas": [
+                        {
+                            "id": "a",
+                            "question": "What is it about?",
+                            "is_impossible": False,
+                            "answers": [
+                                {"text": "rivers", "answer_start": 22},
+                                {"text": "rivers.", "answer_start": 22},
+                            ],
+                        }
+                    ],
+                },
+                {"context": "Alpha paragraph about hills.", "qas": []},
+            ],
+        },
+        {"title": "T2", "paragraphs": [{"context": "Mid paragraph.", "qas": []}]},
+    ],
+}
 
 
 def test_ruler_json_with_outputs(tmp_path):
     """RULER rows: index, input (the task template around the question), context text, outputs, answer_prefix."""
-    rows = [{"index": 0, "input": "Answer the question based on the given documents. What is it about?",
-             "context": "Document 1:\nZeta paragraph about rivers.", "outputs": ["rivers", "rivers."],
-             "answer_prefix": " Answer:"}]
+    rows = [
+        {
+            "index": 0,
+            "input": "Answer the question based on the given documents. What is it about?",
+            "context": "Document 1:\nZeta paragraph about rivers.",
+            "outputs": ["rivers", "rivers."],
+            "answer_prefix": " Answer:",
+        }
+    ]
     path = tmp_path / "eval_qa_1_8192.json"
     path.write_text(json.dumps(rows, indent=4))
     f = open_file(path)
@@ -209,8 +261,15 @@ def test_ruler_json_with_outputs_and_index_list_into_squad_store(tmp_path):
     squad = tmp_path / "squad.json"
     squad.write_text(json.dumps(RAW_SQUAD))
     docs = sorted({"Zeta paragraph about rivers.", "Alpha paragraph about hills.", "Mid paragraph."})
-    rows = [{"index": 0, "input": "Answer the question based on the given documents. What is it about?",
-             "context": [2, 0, 1], "outputs": ["rivers", "rivers."], "answer_prefix": " Answer:"}]
+    rows = [
+        {
+            "index": 0,
+            "input": "Answer the question based on the given documents. What is it about?",
+            "context": [2, 0, 1],
+            "outputs": ["rivers", "rivers."],
+            "answer_prefix": " Answer:",
+        }
+    ]
     path = tmp_path / "eval_qa_1_4194304.json"
     path.write_text(json.dumps(rows, indent=4))
     rec = open_file(path, doc_store=squad)[0]

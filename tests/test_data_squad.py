@@ -1,4 +1,5 @@
 """Tests of the SQuAD-based RULER QA (qa_1-style) builder on small SQuAD-shaped files written here."""
+
 import json
 import re
 
@@ -17,12 +18,24 @@ def make_squad(num_articles=4, paragraphs=3, version="v2.0"):
         paras = []
         for p in range(paragraphs):
             ctx = f"Paragraph {a}-{p} says the keyword is kw{a}{p}."
-            qas = [{"id": f"q{a}{p}", "question": f"What is the keyword of {a}-{p}?",
-                    "answers": [{"text": f"kw{a}{p}", "answer_start": 0}, {"text": f"kw{a}{p}.", "answer_start": 0}]}]
+            qas = [
+                {
+                    "id": f"q{a}{p}",
+                    "question": f"What is the keyword of {a}-{p}?",
+                    "answers": [{"text": f"kw{a}{p}", "answer_start": 0}, {"text": f"kw{a}{p}.", "answer_start": 0}],
+                }
+            ]
             if version == "v2.0":
                 qas[0]["is_impossible"] = False
-                qas.append({"id": f"x{a}{p}", "question": "Unanswerable?", "answers": [], "is_impossible": True,
-                            "plausible_answers": [{"text": "no", "answer_start": 0}]})
+                qas.append(
+                    {
+                        "id": f"x{a}{p}",
+                        "question": "Unanswerable?",
+                        "answers": [],
+                        "is_impossible": True,
+                        "plausible_answers": [{"text": "no", "answer_start": 0}],
+                    }
+                )
             paras.append({"context": ctx, "qas": qas})
         data.append({"title": f"Article {a}", "paragraphs": paras})
     return {"version": version, "data": data}
@@ -110,8 +123,11 @@ def test_bad_entries_collected_or_raised(tmp_path):
     errors = []
     questions, store = S.load_squad(path, errors)
     fields = [err.field for err in errors]
-    assert fields == ["data[3].paragraphs[1].context", "data[1].paragraphs[2].qas[0].answers",
-                      "data[2].paragraphs[0].qas[0].question"]
+    assert fields == [
+        "data[3].paragraphs[1].context",
+        "data[1].paragraphs[2].qas[0].answers",
+        "data[2].paragraphs[0].qas[0].question",
+    ]
     assert [err.row for err in errors] == [None, 10, 12]  # position among the file's questions (2 per paragraph)
     assert len(questions) == 12 - 3 and len(store) == 11
     with pytest.raises(DataFormatError, match="SQuAD object"):

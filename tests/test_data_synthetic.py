@@ -1,4 +1,5 @@
 """Tests of the RULER-style synthetic tasks (memagent_jax.data.synthetic)."""
+
 import hashlib
 import os
 import random
@@ -11,8 +12,7 @@ import pytest
 
 from memagent_jax.data import synthetic as S
 from memagent_jax.data import tokenizer as T
-from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
-from memagent_jax.data.synthetic import registry
+from memagent_jax.data.synthetic import SyntheticConfig, generate_sample, registry
 from memagent_jax.data.synthetic.document import derive_seed
 from memagent_jax.data.synthetic.multihop_qa import RELATIONS
 from memagent_jax.data.synthetic.vocabulary import sentence_units
@@ -59,7 +59,9 @@ def test_deterministic_across_processes_and_hash_seeds():
     digests = set()
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-        out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, cwd=os.getcwd())
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, cwd=os.getcwd()
+        )
         digests.add(out.stdout.strip())
     s = generate_sample(SyntheticConfig("multihop_qa", 3000, seed=2), 7, S.whitespace_counter)
     digests.add(hashlib.sha256((s.question + "|" + "|".join(s.answers) + "|" + s.text()).encode()).hexdigest())
@@ -155,7 +157,14 @@ def test_variable_tracking_chain(tok):
 # multi-hop: the answer needs every hop fact, from different chunks
 # ---------------------------------------------------------------------------------------------
 
-_PATTERNS = [re.compile(t.replace(".", r"\.").replace("{s}", r"(?P<s>[A-Z][a-z]+(?: [A-Z][a-z]+)?)").replace("{o}", r"(?P<o>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")) for t, _, _ in RELATIONS]
+_PATTERNS = [
+    re.compile(
+        t.replace(".", r"\.")
+        .replace("{s}", r"(?P<s>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")
+        .replace("{o}", r"(?P<o>[A-Z][a-z]+(?: [A-Z][a-z]+)?)")
+    )
+    for t, _, _ in RELATIONS
+]
 
 
 def resolve(text: str, person: str, hops: int):
@@ -366,8 +375,9 @@ def test_default_task_needs_the_question(tok, multiplier):
 
 
 def test_same_chunk_lookalikes_sit_beside_the_asked_fact(tok):
-    cfg = SyntheticConfig("keyed_recall", num_tokens=256, num_distractors=6, chunk_tokens=32, chunk_aligned=True,
-                          same_chunk_distractors=1)
+    cfg = SyntheticConfig(
+        "keyed_recall", num_tokens=256, num_distractors=6, chunk_tokens=32, chunk_aligned=True, same_chunk_distractors=1
+    )
     shared = 0
     for index in range(40):
         sample = generate_sample(cfg, index, tok)
@@ -414,7 +424,7 @@ def test_concatenated_records(tok):
         asked = generate_sample(cfg, record.extra["asked_index"], tok)
         assert record.question == asked.question and record.answers == asked.answers
         start = part * cfg.num_tokens
-        assert tok.decode(ids[start:start + cfg.num_tokens]) == asked.text()
+        assert tok.decode(ids[start : start + cfg.num_tokens]) == asked.text()
         key = re.search(r"for (\w+)\?", record.question).group(1).lower()
         assert record.document.count(f" Remember {key} ") == 1  # the answer stays unique
         assert record.document.count(f" {record.answers[0]}.") == 1
@@ -440,7 +450,7 @@ def test_builtin_tasks_and_their_defaults():
         "variable_tracking": ("string_match_all", "boxed_all", 2, 4),
         "multihop_qa": ("sub_em", "boxed_em", 3, 2),
     }
-    assert S.TASKS == tuple(expected) and S.task_names()[:len(S.TASKS)] == S.TASKS
+    assert S.TASKS == tuple(expected) and S.task_names()[: len(S.TASKS)] == S.TASKS
     for name, (metric, reward_style, distractors, hops) in expected.items():
         cfg = SyntheticConfig(name, num_tokens=100)
         assert (cfg.metric, cfg.reward_style, cfg.resolved_distractors, cfg.resolved_hops) == expected[name]
@@ -454,9 +464,16 @@ def test_unknown_task_names_the_known_ones():
         SyntheticConfig("nope", 100)
 
 
-@pytest.mark.parametrize("task,hops,ok", [("keyed_recall", 4, True), ("keyed_recall", 5, False),
-                                          ("variable_tracking", 0, False), ("multihop_qa", 0, False),
-                                          ("niah_single", 0, True)])
+@pytest.mark.parametrize(
+    "task,hops,ok",
+    [
+        ("keyed_recall", 4, True),
+        ("keyed_recall", 5, False),
+        ("variable_tracking", 0, False),
+        ("multihop_qa", 0, False),
+        ("niah_single", 0, True),
+    ],
+)
 def test_hops_checked_per_task(task, hops, ok):
     if ok:
         SyntheticConfig(task, 100, hops=hops)
@@ -486,7 +503,7 @@ def test_register_a_task(monkeypatch):
 
 
 def test_derive_seed_is_a_sha256_of_the_parts():
-    digest = hashlib.sha256("'task'\x1f'niah_single'\x1f3\x1f5".encode()).digest()
+    digest = hashlib.sha256(b"'task'\x1f'niah_single'\x1f3\x1f5").digest()
     assert derive_seed("task", "niah_single", 3, 5) == int.from_bytes(digest[:8], "little")
 
 
@@ -497,8 +514,11 @@ def test_seeding_contract(task):
     cfg = SyntheticConfig(task, num_tokens=700, seed=4)
     index = 6
     sample = generate_sample(cfg, index, S.whitespace_counter)
-    rng = random.Random(derive_seed("task", task, cfg.seed, index, cfg.resolved_distractors, cfg.resolved_hops,
-                                    cfg.num_values, cfg.num_queries))
+    rng = random.Random(
+        derive_seed(
+            "task", task, cfg.seed, index, cfg.resolved_distractors, cfg.resolved_hops, cfg.num_values, cfg.num_queries
+        )
+    )
     question, answers, drafts = S.get_task(task).make(cfg, rng, index)
     assert (sample.question, sample.answers) == (question, tuple(answers))
     assert sorted(f.text for f in sample.facts) == sorted(d.text for d in drafts)

@@ -1,4 +1,5 @@
 """Tests of the ArrayRecord (tensorflow-datasets) builder; skipped when the tfds extra is missing."""
+
 import subprocess
 import sys
 
@@ -15,9 +16,18 @@ from memagent_jax.data.synthetic import SyntheticConfig, SyntheticDataset, white
 
 
 def test_write_and_read_back(tmp_path):
-    recs = [QARecord(f"q{i} é?", f"document {i}\nwith ✓", (f"a{i}", "b"), 10 + i, "src", {"num_docs": i}) for i in range(23)]
+    recs = [
+        QARecord(f"q{i} é?", f"document {i}\nwith ✓", (f"a{i}", "b"), 10 + i, "src", {"num_docs": i}) for i in range(23)
+    ]
     syn = SyntheticDataset(SyntheticConfig("multihop_qa", 300, seed=2), whitespace_counter, 4)
-    train_rows = [{"data_source": "d", "prompt": [{"role": "user", "content": "q"}], "context": "c", "reward_model": {"ground_truth": ["x"]}}]
+    train_rows = [
+        {
+            "data_source": "d",
+            "prompt": [{"role": "user", "content": "q"}],
+            "context": "c",
+            "reward_model": {"ground_truth": ["x"]},
+        }
+    ]
     out = B.build_arrayrecord({"train": recs, "synthetic": syn, "rows": train_rows}, tmp_path, config_name="test")
     assert out == tmp_path / "memagent_qa" / "test" / "1.0.0"
     assert any(p.name.startswith("memagent_qa-train.array_record") for p in out.iterdir())

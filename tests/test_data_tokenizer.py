@@ -1,4 +1,5 @@
 """Tests of the small-tokenizer helper (memagent_jax.data.tokenizer)."""
+
 import json
 
 import pytest
@@ -58,7 +59,12 @@ def test_digits_are_single_tokens_and_roundtrip(tok):
 
 
 def test_synthetic_words_are_single_tokens(tok):
-    units = {u for template in synthetic.vocabulary.TEMPLATE_UNITS for part in template for u in (part if isinstance(part, tuple) else (part,))}
+    units = {
+        u
+        for template in synthetic.vocabulary.TEMPLATE_UNITS
+        for part in template
+        for u in (part if isinstance(part, tuple) else (part,))
+    }
     multi = sorted(u for u in units if len(tok.encode(u, add_special_tokens=False)) != 1)
     assert multi == []
 

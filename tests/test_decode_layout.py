@@ -18,8 +18,15 @@ from jax.extend import core as jax_core
 from hf_tiny import make_agent_model_dir, make_hf_model, save_hf_model
 from memagent_jax.agent import AgentBudgets, MemoryAgent
 from memagent_jax.data.tokenizer import load_tokenizer
-from memagent_jax.models import (ConfigError, ModelConfig, abstract_params, init_cache, init_params, load_hf_params,
-                                 unstack_layers)
+from memagent_jax.models import (
+    ConfigError,
+    ModelConfig,
+    abstract_params,
+    init_cache,
+    init_params,
+    load_hf_params,
+    unstack_layers,
+)
 from memagent_jax.models.presets import preset_config
 from memagent_jax.models.transformer import forward
 from memagent_jax.sampling import SamplingParams
@@ -42,10 +49,14 @@ def test_layouts_decode_identically(tmp_path, variant):
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(3, config.vocab_size, (3, 7)), jnp.int32)
     mask = jnp.asarray([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]], bool)  # left/right pads
-    for sampling in (SamplingParams(max_new_tokens=9, temperature=0.0),
-                     SamplingParams(max_new_tokens=9, temperature=1.0, top_p=0.9)):
-        outs = {layout: _generate(params, config.replace(decode_layout=layout), tokens, mask, sampling, 1)
-                for layout in LAYOUTS}
+    for sampling in (
+        SamplingParams(max_new_tokens=9, temperature=0.0),
+        SamplingParams(max_new_tokens=9, temperature=1.0, top_p=0.9),
+    ):
+        outs = {
+            layout: _generate(params, config.replace(decode_layout=layout), tokens, mask, sampling, 1)
+            for layout in LAYOUTS
+        }
         a, b = outs["scan"], outs["unstacked"]
         np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
         np.testing.assert_array_equal(np.asarray(a.num_tokens), np.asarray(b.num_tokens))
@@ -98,16 +109,20 @@ def agent_setup(tmp_path_factory):
 
 
 def test_agent_identical_with_both_layouts(agent_setup):
-    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=10, answer_tokens=6,
-                           chunks_per_segment=2)
+    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=10, answer_tokens=6, chunks_per_segment=2)
     rng = np.random.default_rng(2)
     docs = [rng.integers(3, len(agent_setup["tokenizer"]), n).astype(np.int32) for n in (40, 75)]
     questions = ["Where is the key?", "Name it."]
     sampling = SamplingParams(temperature=1.0)  # sampled (greedy is covered by test_layouts_decode_identically)
     results = {}
     for layout in LAYOUTS:
-        agent = MemoryAgent(agent_setup["params"], agent_setup["config"].replace(decode_layout=layout),
-                            agent_setup["tokenizer"], budgets=budgets, memory_sampling=sampling)
+        agent = MemoryAgent(
+            agent_setup["params"],
+            agent_setup["config"].replace(decode_layout=layout),
+            agent_setup["tokenizer"],
+            budgets=budgets,
+            memory_sampling=sampling,
+        )
         results[layout] = agent.run(questions, docs, rng=11, trace=True, record=True)
     a, b = results["scan"], results["unstacked"]
     assert a.answer_ids == b.answer_ids and a.answers == b.answers
@@ -126,9 +141,9 @@ _SLICING = frozenset({"dynamic_slice", "slice", "gather", "copy", "copy_p"})
 
 @dataclasses.dataclass
 class _Loop:
-    kind: str                                   # 'while' | 'scan'
-    operands: list[tuple[int, ...]]             # shapes of the loop's operands (consts and carry; a scan's xs too)
-    sliced: list[tuple[str, tuple[int, ...]]]   # (how, shape) of every array the body takes out of a bigger one
+    kind: str  # 'while' | 'scan'
+    operands: list[tuple[int, ...]]  # shapes of the loop's operands (consts and carry; a scan's xs too)
+    sliced: list[tuple[str, tuple[int, ...]]]  # (how, shape) of every array the body takes out of a bigger one
 
 
 def _sub_jaxprs(eqn):
@@ -170,16 +185,33 @@ def _drop_unit_lead(shape: tuple[int, ...]) -> tuple[int, ...]:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_decode_loop_reads_weights_in_place(layout):
     # Distinct sizes so no cache or activation shape equals a weight shape.
-    config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
-                           head_dim=16, vocab_size=200, decode_layout=layout)
+    config = preset_config(
+        "tiny",
+        num_layers=3,
+        hidden_size=96,
+        intermediate_size=160,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=200,
+        decode_layout=layout,
+    )
     params = abstract_params(config)  # shapes only: the programs are traced, not run
-    weight_shapes = {tuple(a.shape[1:]) for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
-                     if str(path[-1].key).endswith("_proj")}
+    weight_shapes = {
+        tuple(a.shape[1:])
+        for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
+        if str(path[-1].key).endswith("_proj")
+    }
     assert len(weight_shapes) == 5  # q, k/v, o, gate/up, down
     sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
     cache = init_cache(config, 2, 12)
-    pre = jax.eval_shape(lambda p, t, m, c: prefill(p, config, t, m, c), params, jnp.ones((2, 8), jnp.int32),
-                         jnp.ones((2, 8), bool), cache)
+    pre = jax.eval_shape(
+        lambda p, t, m, c: prefill(p, config, t, m, c),
+        params,
+        jnp.ones((2, 8), jnp.int32),
+        jnp.ones((2, 8), bool),
+        cache,
+    )
     keys = jax.random.split(jax.random.key(0), 2)
     run = jax.jit(decode, static_argnames=("config", "sampling"))
     loops = _loops(run.trace(params, config, pre.cache, pre.last_logits, pre.next_positions, keys, sampling).jaxpr)
@@ -197,17 +229,39 @@ def test_decode_loop_reads_the_kv_cache_in_place(layout, batch):
     """'unstacked' gives each layer its own cache buffer for the decode loop (`split_cache_layers`): the loop
     carries 2 L buffers [B*K, S, Dh] (batch and KV heads on one axis, at batch 1 too) and slices no cache; 'scan'
     carries the stacked [L, B, K, S, Dh] cache and slices each layer's cache out of it at every token."""
-    config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
-                           head_dim=16, vocab_size=200, decode_layout=layout)
+    config = preset_config(
+        "tiny",
+        num_layers=3,
+        hidden_size=96,
+        intermediate_size=160,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=200,
+        decode_layout=layout,
+    )
     params = abstract_params(config)
     slots = 37  # no weight or activation has this size
     cache = init_cache(config, batch, slots)
-    pre = jax.eval_shape(lambda p, t, m, c: prefill(p, config, t, m, c), params, jnp.ones((batch, 8), jnp.int32),
-                         jnp.ones((batch, 8), bool), cache)
+    pre = jax.eval_shape(
+        lambda p, t, m, c: prefill(p, config, t, m, c),
+        params,
+        jnp.ones((batch, 8), jnp.int32),
+        jnp.ones((batch, 8), bool),
+        cache,
+    )
     run = jax.jit(decode, static_argnames=("config", "sampling"))
-    loops = _loops(run.trace(params, config, pre.cache, pre.last_logits, pre.next_positions,
-                             jax.random.split(jax.random.key(0), batch),
-                             SamplingParams(max_new_tokens=6, temperature=0.0)).jaxpr)
+    loops = _loops(
+        run.trace(
+            params,
+            config,
+            pre.cache,
+            pre.last_logits,
+            pre.next_positions,
+            jax.random.split(jax.random.key(0), batch),
+            SamplingParams(max_new_tokens=6, temperature=0.0),
+        ).jaxpr
+    )
     (loop,) = [loop for loop in loops if loop.kind == "while"]
     stacked, per_layer = (3, batch, 2, slots, 16), (batch * 2, slots, 16)
     cache_sized = [s for lp in loops for _, s in lp.sliced if slots in s and np.prod(s) >= slots * 16]
@@ -222,29 +276,51 @@ def test_decode_loop_reads_the_kv_cache_in_place(layout, batch):
 def test_unstacked_decode_returns_the_stacked_cache_it_would_have_written():
     """The per-layer cache of the 'unstacked' decode loop is put back into the stacked layout: the same cache as
     'scan' returns, including when the loop stops early and when it uses every free slot."""
-    config = preset_config("tiny", vocab_size=64, num_layers=2, hidden_size=32, intermediate_size=48,
-                           num_heads=4, num_kv_heads=2, head_dim=8)
+    config = preset_config(
+        "tiny",
+        vocab_size=64,
+        num_layers=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     params = init_params(config, 3)
     rng = np.random.default_rng(2)
     tokens = jnp.asarray(rng.integers(3, 64, (2, 6)), jnp.int32)
     mask = jnp.asarray([[1] * 6, [0, 0, 1, 1, 1, 1]], bool)
     stop = tuple(range(3, 64, 2))  # about half of the vocabulary stops a row: the loop ends early
-    for sampling in (SamplingParams(max_new_tokens=5, temperature=0.0),
-                     SamplingParams(max_new_tokens=5, temperature=1.0, stop_token_ids=stop)):
+    for sampling in (
+        SamplingParams(max_new_tokens=5, temperature=0.0),
+        SamplingParams(max_new_tokens=5, temperature=1.0, stop_token_ids=stop),
+    ):
         outs = {}
         for layout in LAYOUTS:
             cfg = config.replace(decode_layout=layout)
             cache = init_cache(cfg, 2, 6 + sampling.max_new_tokens - 1)  # exactly the slots decode needs
             cache = jax.tree.map(lambda a: a + 7 if a.dtype == jnp.float32 else a, cache)  # stale data
             pre = prefill(params, cfg, tokens, mask, cache)
-            outs[layout] = decode(params, cfg, pre.cache, pre.last_logits, pre.next_positions,
-                                  jax.random.split(jax.random.key(4), 2), sampling)
+            outs[layout] = decode(
+                params,
+                cfg,
+                pre.cache,
+                pre.last_logits,
+                pre.next_positions,
+                jax.random.split(jax.random.key(4), 2),
+                sampling,
+            )
         a, b = outs["scan"], outs["unstacked"]
         np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
         assert not isinstance(b.cache.k, tuple)
         for field in ("k", "v", "positions", "valid", "length"):
-            np.testing.assert_allclose(np.asarray(getattr(a.cache, field)), np.asarray(getattr(b.cache, field)),
-                                       atol=1e-6, rtol=0, err_msg=field)
+            np.testing.assert_allclose(
+                np.asarray(getattr(a.cache, field)),
+                np.asarray(getattr(b.cache, field)),
+                atol=1e-6,
+                rtol=0,
+                err_msg=field,
+            )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -255,25 +331,54 @@ def test_segment_program_unstacks_once_outside_its_loops(layout):
     from memagent_jax.agent import program
     from memagent_jax.agent.templates import FINAL_SLOTS, UPDATE_SLOTS, AgentPrompts, PromptLayout
 
-    config = preset_config("tiny", num_layers=3, hidden_size=96, intermediate_size=160, num_heads=6, num_kv_heads=2,
-                           head_dim=16, vocab_size=200, decode_layout=layout)
+    config = preset_config(
+        "tiny",
+        num_layers=3,
+        hidden_size=96,
+        intermediate_size=160,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=200,
+        decode_layout=layout,
+    )
     params = abstract_params(config)
-    weights = {tuple(a.shape[1:]) for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
-               if str(path[-1].key).endswith("_proj")}
+    weights = {
+        tuple(a.shape[1:])
+        for path, a in jax.tree_util.tree_leaves_with_path(params["layers"])
+        if str(path[-1].key).endswith("_proj")
+    }
 
     budgets = AgentBudgets(question_tokens=8, chunk_tokens=24, memory_tokens=12, answer_tokens=4, chunks_per_segment=2)
-    prompts = AgentPrompts(update=PromptLayout(pieces=((3, 4), (5,), (6, 7), (8,)), slots=UPDATE_SLOTS),
-                           final=PromptLayout(pieces=((3,), (4,), (5,)), slots=FINAL_SLOTS), initial_memory=(9, 10))
-    spec = program.AgentSpec(config=config, budgets=budgets, prompts=prompts,
-                             memory_sampling=SamplingParams(max_new_tokens=12, temperature=0.0),
-                             answer_sampling=SamplingParams(max_new_tokens=4, temperature=0.0))
+    prompts = AgentPrompts(
+        update=PromptLayout(pieces=((3, 4), (5,), (6, 7), (8,)), slots=UPDATE_SLOTS),
+        final=PromptLayout(pieces=((3,), (4,), (5,)), slots=FINAL_SLOTS),
+        initial_memory=(9, 10),
+    )
+    spec = program.AgentSpec(
+        config=config,
+        budgets=budgets,
+        prompts=prompts,
+        memory_sampling=SamplingParams(max_new_tokens=12, temperature=0.0),
+        answer_sampling=SamplingParams(max_new_tokens=4, temperature=0.0),
+    )
     b, s = 1, budgets.chunks_per_segment
-    args = (params, spec, init_cache(config, b, spec.update_cache_slots), jnp.zeros((b,), jnp.int32),
-            jnp.zeros((b, budgets.memory_tokens), jnp.int32), jnp.zeros((b,), jnp.int32),
-            jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32), jnp.zeros((b, s), jnp.int32),
-            jax.random.split(jax.random.key(0), b), jnp.int32(0))
-    per_loop = [{(how, _drop_unit_lead(shape)) for how, shape in loop.sliced}
-                for loop in _loops(program.segment_program.trace(*args).jaxpr)]
+    args = (
+        params,
+        spec,
+        init_cache(config, b, spec.update_cache_slots),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b, budgets.memory_tokens), jnp.int32),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b, s, budgets.chunk_tokens), jnp.int32),
+        jnp.zeros((b, s), jnp.int32),
+        jax.random.split(jax.random.key(0), b),
+        jnp.int32(0),
+    )
+    per_loop = [
+        {(how, _drop_unit_lead(shape)) for how, shape in loop.sliced}
+        for loop in _loops(program.segment_program.trace(*args).jaxpr)
+    ]
     loops_slicing_weights = [found for found in per_loop if any(shape in weights for _, shape in found)]
     static_in_loops = [shape for found in per_loop for how, shape in found if how != "xs" and shape in weights]
     if layout == "scan":

@@ -2,11 +2,10 @@
 random models (two models x two lengths), greedy predictions equal to MemoryAgent.run, clear errors."""
 
 import csv
-import importlib.util
 import json
-import re
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -16,21 +15,33 @@ import pytest
 
 from hf_tiny import make_agent_model_dir
 from memagent_jax import evaluate as ev
-from memagent_jax.evaluation import (
-    SCORE_NAMES, EvalConfigError, evaluate_agent, evaluate_models, length_label, normal_interval, parse_models,
-    score_response, summarize, verifier, wilson_interval)
 from memagent_jax.agent import AgentBudgets, AgentInputError, AgentResult, MemoryAgent
 from memagent_jax.data.formats import open_file, write_eval_file, write_train_file
 from memagent_jax.data.records import DataFormatError, QARecord
+from memagent_jax.evaluation import (
+    SCORE_NAMES,
+    EvalConfigError,
+    evaluate_agent,
+    evaluate_models,
+    length_label,
+    normal_interval,
+    parse_models,
+    score_response,
+    summarize,
+    verifier,
+    wilson_interval,
+)
 from memagent_jax.models import load_hf_params
 from memagent_jax.models.sharding import make_mesh
 from memagent_jax.sampling import SamplingParams
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 BUDGETS = dict(question_tokens=32, chunk_tokens=32, memory_tokens=12, answer_tokens=6, chunks_per_segment=2)
-FACTS = [("Where is the red key?", "The red key is under the third stone.", "third stone"),
-         ("Who keeps the lamp?", "The baker keeps the lamp near the mill.", "baker"),
-         ("What colour is the gate?", "The gate near the pond is green.", "green")]
+FACTS = [
+    ("Where is the red key?", "The red key is under the third stone.", "third stone"),
+    ("Who keeps the lamp?", "The baker keeps the lamp near the mill.", "baker"),
+    ("What colour is the gate?", "The gate near the pond is green.", "green"),
+]
 FILLER = "The quiet river stood near the old bridge in the morning. "
 
 
@@ -60,8 +71,10 @@ def qa_records(mult: int, metric: str | None = None) -> list[QARecord]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval_models")
-    return {"warm": make_agent_model_dir(base / "warm", variant="qwen2", seed=1),
-            "rl": make_agent_model_dir(base / "rl", variant="qwen2", seed=2)}
+    return {
+        "warm": make_agent_model_dir(base / "warm", variant="qwen2", seed=1),
+        "rl": make_agent_model_dir(base / "rl", variant="qwen2", seed=2),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +119,7 @@ def _loop_summary(rows):
         mean = sum(values) / n
         binary = all(v in (0.0, 1.0) for v in values)
         if name in ("em", "sub_em") or (name == "accuracy" and binary):
-            p, z2 = mean, 1.96 ** 2
+            p, z2 = mean, 1.96**2
             centre = (p + z2 / (2 * n)) / (1 + z2 / n)
             half = 1.96 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
             out[name] = (mean, max(0.0, centre - half), min(1.0, centre + half))
@@ -128,8 +141,9 @@ def test_aggregation_equals_plain_loop(metric):
         scored = score_response(response, gold, metric)
         extracted = verifier.extract_prediction(response)
         assert scored["prediction"] == extracted
-        expect = {n: (verifier.METRICS[n](extracted, gold) if extracted is not None else 0.0)
-                  for n in ("em", "f1", "sub_em")}
+        expect = {
+            n: (verifier.METRICS[n](extracted, gold) if extracted is not None else 0.0) for n in ("em", "f1", "sub_em")
+        }
         expect["accuracy"] = verifier.score(response, gold, metric)
         assert scored["scores"] == pytest.approx(expect)
         rows.append(scored["scores"])
@@ -147,7 +161,7 @@ def test_gold_prediction_scores_one():
     assert scored["scores"] == {"accuracy": 1.0, "em": 1.0, "f1": 1.0, "sub_em": 1.0}
     summary = summarize([scored["scores"]] * 5)
     assert summary["accuracy"].mean == 1.0 and summary["accuracy"].method == "wilson"
-    assert summary["accuracy"].low == pytest.approx(5 / (5 + 1.96 ** 2))
+    assert summary["accuracy"].low == pytest.approx(5 / (5 + 1.96**2))
 
 
 # ------------------------------------------------------------------------------------------- aggregation
@@ -171,9 +185,13 @@ class OracleAgent:
         for q, key in zip(questions, rng):
             self.keys[q] = jax.random.key_data(key)
         answers = [f"\\boxed{{{self.golds[q]}}}" if q in self.right else "\\boxed{nothing}" for q in questions]
-        return AgentResult(answers=answers, answer_ids=[[1]] * len(questions), finished=[True] * len(questions),
-                           num_chunks=[-(-d.size // 10) for d in documents],
-                           traces=[["note"] * -(-d.size // 10) for d in documents] if trace else None)
+        return AgentResult(
+            answers=answers,
+            answer_ids=[[1]] * len(questions),
+            finished=[True] * len(questions),
+            num_chunks=[-(-d.size // 10) for d in documents],
+            traces=[["note"] * -(-d.size // 10) for d in documents] if trace else None,
+        )
 
 
 def test_evaluate_agent_aggregates_rows_and_fixes_keys(tmp_path):
@@ -213,8 +231,12 @@ def test_auto_metric_and_bad_rows_name_the_file(tmp_path, eval_files):
     r = evaluate_agent(agent, eval_files[1], metric="auto", progress=False)
     assert r.metrics_used == {"string_match_all": 3} and r.accuracy.mean == 1.0 and r.label == "len_4x"
     bad = tmp_path / "bad_rows.jsonl"
-    bad.write_text(json.dumps({"context": "a b", "input": "q?", "answers": ["a"]}) + "\n"
-                   + json.dumps({"context": "a b", "input": "q?"}) + "\n")
+    bad.write_text(
+        json.dumps({"context": "a b", "input": "q?", "answers": ["a"]})
+        + "\n"
+        + json.dumps({"context": "a b", "input": "q?"})
+        + "\n"
+    )
     # A bad row is an error row naming file, row and field; the good row still counts (row_errors='raise' stops).
     kept = evaluate_agent(agent, str(bad), progress=False)
     assert (kept.n, kept.skipped, kept.errors) == (1, 1, 1)
@@ -233,8 +255,10 @@ def test_labels_and_model_specs(tmp_path):
     assert length_label("/d/qa_len_4x.jsonl") == "len_4x"
     assert length_label("/d/eval_800docs.json") == "800 docs"
     assert length_label("/d/hotpot_28k.parquet") == "28k"
-    recs = [QARecord("q", "d", ("a",), extra={"num_tokens": 7000}), QARecord("q", "d", ("a",),
-                                                                              extra={"num_tokens": 7400})]
+    recs = [
+        QARecord("q", "d", ("a",), extra={"num_tokens": 7000}),
+        QARecord("q", "d", ("a",), extra={"num_tokens": 7400}),
+    ]
     assert length_label("/d/needles.jsonl", recs) == "7.2K tok"
     assert length_label("/d/plain.jsonl", [QARecord("q", "d", ("a",))]) == "plain"
     folder = tmp_path / "ckpt" / "rl_final"
@@ -264,9 +288,17 @@ def test_cli_end_to_end_two_models_two_lengths(models, eval_files, tmp_path, cap
     workdir = tmp_path / "eval"
     pattern = os.path.join(os.path.dirname(eval_files[0]), "qa_len_*")
     overrides = [f"--config.agent.{k}={v}" for k, v in BUDGETS.items()]
-    _main("--workdir", str(workdir), f"--config.models=warm={models['warm']},{models['rl']}",
-          f"--config.eval_files={pattern}", "--config.agent.temperature=0", "--config.metric=auto",
-          "--config.batch_size=4", "--config.num_traces=2", *overrides)
+    _main(
+        "--workdir",
+        str(workdir),
+        f"--config.models=warm={models['warm']},{models['rl']}",
+        f"--config.eval_files={pattern}",
+        "--config.agent.temperature=0",
+        "--config.metric=auto",
+        "--config.batch_size=4",
+        "--config.num_traces=2",
+        *overrides,
+    )
     out, err = capsys.readouterr()
     print(out)
     for name in ("results.json", "results.csv", "results.txt", "accuracy_vs_length.png"):
@@ -277,8 +309,12 @@ def test_cli_end_to_end_two_models_two_lengths(models, eval_files, tmp_path, cap
 
     with open(workdir / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [(r["model"], r["label"]) for r in table] == [("warm", "len_1x"), ("warm", "len_4x"),
-                                                          ("rl", "len_1x"), ("rl", "len_4x")]
+    assert [(r["model"], r["label"]) for r in table] == [
+        ("warm", "len_1x"),
+        ("warm", "len_4x"),
+        ("rl", "len_1x"),
+        ("rl", "len_4x"),
+    ]
     for r in table:
         for name in SCORE_NAMES:
             assert 0.0 <= float(r[f"{name}_low"]) <= float(r[name]) <= float(r[f"{name}_high"]) <= 1.0
@@ -297,9 +333,14 @@ def test_cli_end_to_end_two_models_two_lengths(models, eval_files, tmp_path, cap
 
     mesh = make_mesh(1, -1, 1)
     params, config = load_hf_params(models["warm"], mesh=mesh, param_dtype="float32")
-    agent = MemoryAgent(params, config, AutoTokenizer.from_pretrained(models["warm"], local_files_only=True),
-                        budgets=AgentBudgets(**BUDGETS), mesh=mesh,
-                        memory_sampling=SamplingParams(temperature=0.0, top_p=0.95))
+    agent = MemoryAgent(
+        params,
+        config,
+        AutoTokenizer.from_pretrained(models["warm"], local_files_only=True),
+        budgets=AgentBudgets(**BUDGETS),
+        mesh=mesh,
+        memory_sampling=SamplingParams(temperature=0.0, top_p=0.95),
+    )
     for path in eval_files:
         records = list(open_file(path))
         direct = agent.run([r.question for r in records], [r.document for r in records], rng=0, trace=True)
@@ -317,10 +358,24 @@ def test_cli_end_to_end_two_models_two_lengths(models, eval_files, tmp_path, cap
 def test_cli_program_errors_exit_2(models, tmp_path):
     """`python -m memagent_jax.evaluate` itself: flags, the name=folder list through config_flags, exit code 2."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "memagent_jax.evaluate", "--config", "configs/evaluate.py:cpu",
-                           "--workdir", str(tmp_path / "w"), f"--config.models=a={models['warm']},b={tmp_path}",
-                           "--config.eval_files=" + str(tmp_path / "x.jsonl")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memagent_jax.evaluate",
+            "--config",
+            "configs/evaluate.py:cpu",
+            "--workdir",
+            str(tmp_path / "w"),
+            f"--config.models=a={models['warm']},b={tmp_path}",
+            "--config.eval_files=" + str(tmp_path / "x.jsonl"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: config.models: model 'b' folder '{tmp_path}' has no config.json" in proc.stderr
 
@@ -342,8 +397,10 @@ def test_config_errors_name_the_field(models, eval_files, tmp_path):
         (dict(ok, models=""), r"config\.models: no models given"),
         (dict(ok, models=f"a={empty}"), r"config\.models: model 'a' folder .*no_config' has no config\.json"),
         (dict(ok, models=f"a={tmp_path / 'gone'}"), r"config\.models: model 'a' folder .*gone' does not exist"),
-        (dict(ok, eval_files=str(tmp_path / "nope.jsonl")),
-         r"config\.eval_files: evaluation file .*nope\.jsonl' does not exist"),
+        (
+            dict(ok, eval_files=str(tmp_path / "nope.jsonl")),
+            r"config\.eval_files: evaluation file .*nope\.jsonl' does not exist",
+        ),
         (dict(ok, eval_files=str(tmp_path / "none_*.jsonl")), r"config\.eval_files: pattern .* matches no file"),
         (dict(ok, metric="bleu"), r"config\.metric: unknown metric 'bleu'"),
         (dict(ok, row_errors="ignore"), r"config\.row_errors"),

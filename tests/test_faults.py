@@ -19,18 +19,31 @@ import pytest
 from hf_tiny import grpo_cpu_config, make_agent_model_dir
 from memagent_jax import answer
 from memagent_jax import evaluate as ev
-from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 from memagent_jax.data.formats import open_file, write_eval_file
 from memagent_jax.data.records import DataFormatError, QARecord
 from memagent_jax.models.hf_io import NonFiniteWeightsError, clean_stale_exports, load_hf_params, save_hf_checkpoint
 from memagent_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 from memagent_jax.rl.metrics import MetricsWriter, truncate_jsonl
+from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-SMALL = ["--agent.question_tokens", "32", "--agent.chunk_tokens", "24", "--agent.memory_tokens", "16",
-         "--agent.answer_tokens", "6", "--agent.chunks_per_segment", "2", "--no-progress"]
-GOOD = [{"context": "The key is in the box. " * 4, "input": "Where is the key?", "answers": ["box"]},
-        {"context": "It was green. " * 7, "input": "What colour?", "answers": ["green"]}]
+SMALL = [
+    "--agent.question_tokens",
+    "32",
+    "--agent.chunk_tokens",
+    "24",
+    "--agent.memory_tokens",
+    "16",
+    "--agent.answer_tokens",
+    "6",
+    "--agent.chunks_per_segment",
+    "2",
+    "--no-progress",
+]
+GOOD = [
+    {"context": "The key is in the box. " * 4, "input": "Where is the key?", "answers": ["box"]},
+    {"context": "It was green. " * 7, "input": "What colour?", "answers": ["green"]},
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +65,9 @@ def poison(src: str, dst: str, tensor: str, value=np.nan) -> str:
                 a.reshape(-1)[0] = value
             yield name, a
 
-    write_safetensors(os.path.join(dst, "model.safetensors"), [(n, weights.shape(n), weights.dtype(n)) for n in names],
-                      tensors())
+    write_safetensors(
+        os.path.join(dst, "model.safetensors"), [(n, weights.shape(n), weights.dtype(n)) for n in names], tensors()
+    )
     return dst
 
 
@@ -65,9 +79,14 @@ def nan_model_dir(model_dir, tmp_path_factory):
 
 def _bad_jsonl(path) -> str:
     """Rows: 0 good, 1 malformed JSON, 2 a JSON list, 3 non-UTF-8 context, 4 missing 'answers', 5 good."""
-    lines = [json.dumps(GOOD[0]).encode(), b'{"context": "x", "input": ', b"[1, 2]",
-             b'{"context": "caf\xe9 \xff", "input": "q?", "answers": ["a"]}',
-             json.dumps({"context": "text", "input": "q?"}).encode(), json.dumps(GOOD[1]).encode()]
+    lines = [
+        json.dumps(GOOD[0]).encode(),
+        b'{"context": "x", "input": ',
+        b"[1, 2]",
+        b'{"context": "caf\xe9 \xff", "input": "q?", "answers": ["a"]}',
+        json.dumps({"context": "text", "input": "q?"}).encode(),
+        json.dumps(GOOD[1]).encode(),
+    ]
     with open(path, "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
     return str(path)
@@ -83,10 +102,12 @@ def test_reader_keeps_bad_rows_apart(tmp_path):
     rows = open_file(path, on_bad_row="keep")
     assert len(rows) == 6 and sorted(rows.bad_rows) == [1, 2, 3]
     assert rows[0].answers == ("box",) and rows[5].answers == ("green",)
-    expected = {1: (None, r"row 1: is not valid JSON \(line 2, column \d+\)"),
-                2: (None, r"row 2: must be a JSON object, got list \(line 3\)"),
-                3: ("context", r"row 3: field 'context' holds bytes that are not UTF-8 text"),
-                4: ("answers", r"row 4: field 'answers' is missing")}
+    expected = {
+        1: (None, r"row 1: is not valid JSON \(line 2, column \d+\)"),
+        2: (None, r"row 2: must be a JSON object, got list \(line 3\)"),
+        3: ("context", r"row 3: field 'context' holds bytes that are not UTF-8 text"),
+        4: ("answers", r"row 4: field 'answers' is missing"),
+    }
     for i, (field, pattern) in expected.items():
         with pytest.raises(DataFormatError, match=pattern) as err:
             rows[i]
@@ -112,7 +133,9 @@ def test_answer_batch_keeps_good_rows_and_reports_bad_ones(model_dir, tmp_path, 
     assert isinstance(rows[0]["answer"], str) and isinstance(rows[5]["answer"], str) and "error" not in rows[0]
     assert rows[3]["field"] == "context" and "in.jsonl row 3" in rows[3]["error"]
     assert rows[4]["field"] == "answers" and "in.jsonl row 4: field 'answers' is missing" in rows[4]["error"]
-    assert "in.jsonl row 1: is not valid JSON" in rows[1]["error"] and "row 2: must be a JSON object" in rows[2]["error"]
+    assert (
+        "in.jsonl row 1: is not valid JSON" in rows[1]["error"] and "row 2: must be a JSON object" in rows[2]["error"]
+    )
     # Output over the input: refused before anything loads; the input is untouched.
     capsys.readouterr()
     assert answer.main(["--model", model_dir, "--input", path, "--output", path] + SMALL) == 2
@@ -128,15 +151,23 @@ def test_answer_arguments_fail_early_and_clearly(model_dir, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("text")
     single = ["--question", "q?", "--document", str(doc)]
-    cases = [(["--model", "/nonexistent"] + single, "--model '/nonexistent': no such folder"),
-             (["--model", model_dir, "--tokenizer", "/nonexistent"] + single, "--tokenizer '/nonexistent': no such"),
-             (["--model", str(no_tok)] + single, "no tokenizer files"),
-             (["--model", model_dir, "--input", str(doc), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "0"],
-              "--batch-size must be >= 1, got 0"),
-             (["--model", model_dir, "--agent.top_p", "2"] + single,
-              "--agent.top_p must be a finite number in (0, 1] (1 = off), got 2.0"),
-             (["--model", model_dir, "--agent.temperature", "nan"] + single,
-              "--agent.temperature must be a finite number >= 0 (0 = greedy), got nan")]
+    cases = [
+        (["--model", "/nonexistent"] + single, "--model '/nonexistent': no such folder"),
+        (["--model", model_dir, "--tokenizer", "/nonexistent"] + single, "--tokenizer '/nonexistent': no such"),
+        (["--model", str(no_tok)] + single, "no tokenizer files"),
+        (
+            ["--model", model_dir, "--input", str(doc), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "0"],
+            "--batch-size must be >= 1, got 0",
+        ),
+        (
+            ["--model", model_dir, "--agent.top_p", "2"] + single,
+            "--agent.top_p must be a finite number in (0, 1] (1 = off), got 2.0",
+        ),
+        (
+            ["--model", model_dir, "--agent.temperature", "nan"] + single,
+            "--agent.temperature must be a finite number >= 0 (0 = greedy), got nan",
+        ),
+    ]
     for argv, message in cases:
         assert answer.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
@@ -152,32 +183,42 @@ def _eval_main(*args):
     ev.main(["evaluate"])
 
 
-EVAL_BUDGETS = ["--config.budgets.question_tokens=32", "--config.budgets.chunk_tokens=24",
-                "--config.budgets.memory_tokens=16", "--config.budgets.answer_tokens=6",
-                "--config.budgets.chunks_per_segment=2", "--config.sampling.temperature=0", "--config.plot=False",
-                "--config.warmup=False", "--config.progress=False"]
+EVAL_BUDGETS = [
+    "--config.budgets.question_tokens=32",
+    "--config.budgets.chunk_tokens=24",
+    "--config.budgets.memory_tokens=16",
+    "--config.budgets.answer_tokens=6",
+    "--config.budgets.chunks_per_segment=2",
+    "--config.sampling.temperature=0",
+    "--config.plot=False",
+    "--config.warmup=False",
+    "--config.progress=False",
+]
 
 
 def test_evaluate_keeps_good_rows_and_exits_1(model_dir, tmp_path, capsys):
     path = _bad_jsonl(tmp_path / "qa_len_1x.jsonl")
     workdir = tmp_path / "eval"
     with pytest.raises(SystemExit) as exit_info:
-        _eval_main("--workdir", str(workdir), f"--config.models=m={model_dir}", f"--config.eval_files={path}",
-                   *EVAL_BUDGETS)
+        _eval_main(
+            "--workdir", str(workdir), f"--config.models=m={model_dir}", f"--config.eval_files={path}", *EVAL_BUDGETS
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "warning: 4 of 6 rows failed (0 with non-finite model outputs; m/qa_len_1x: 4)" in err
     result = json.loads((workdir / "results.json").read_text())["results"][0]
     assert (result["n"], result["errors"], result["skipped"]) == (2, 4, 4)
-    rows = {r["row"]: r for r in map(json.loads, (workdir / "predictions" / "m__qa_len_1x.jsonl").read_text()
-                                     .splitlines())}
+    rows = {
+        r["row"]: r for r in map(json.loads, (workdir / "predictions" / "m__qa_len_1x.jsonl").read_text().splitlines())
+    }
     assert "scores" in rows[0] and "scores" in rows[5]
     assert rows[4]["field"] == "answers" and "qa_len_1x.jsonl row 4" in rows[4]["error"]
     # An evaluation file inside the workdir under an output's name is refused before any model loads.
     inside = workdir / "results.json"
     with pytest.raises(SystemExit) as exit_info:
-        _eval_main("--workdir", str(workdir), f"--config.models=m={model_dir}", f"--config.eval_files={inside}",
-                   *EVAL_BUDGETS)
+        _eval_main(
+            "--workdir", str(workdir), f"--config.models=m={model_dir}", f"--config.eval_files={inside}", *EVAL_BUDGETS
+        )
     assert exit_info.value.code == 2 and "refusing to write over an input" in capsys.readouterr().err
 
 
@@ -197,8 +238,9 @@ def test_nonfinite_weights_named_at_load(model_dir, nan_model_dir, tmp_path):
 
 def test_nonfinite_outputs_are_errors_not_empty_answers(nan_model_dir, tmp_path, capsys):
     path = tmp_path / "qa.jsonl"
-    write_eval_file([QARecord(r["input"], r["context"], tuple(r["answers"]), index=i) for i, r in enumerate(GOOD)],
-                    path)
+    write_eval_file(
+        [QARecord(r["input"], r["context"], tuple(r["answers"]), index=i) for i, r in enumerate(GOOD)], path
+    )
     out = tmp_path / "answers.jsonl"
     base = ["--model", nan_model_dir, "--input", str(path), "--output", str(out)] + SMALL
     assert answer.main(base) == 2
@@ -209,11 +251,18 @@ def test_nonfinite_outputs_are_errors_not_empty_answers(nan_model_dir, tmp_path,
     assert all(r["answer"] is None and "not finite (NaN / inf)" in r["error"] for r in rows) and len(rows) == 2
     from memagent_jax.agent import AgentBudgets
 
-    budgets = AgentBudgets(question_tokens=32, chunk_tokens=24, memory_tokens=16, answer_tokens=6,
-                           chunks_per_segment=2)
-    results = ev.evaluate_models({"nan": nan_model_dir}, [str(path)], str(tmp_path / "eval"), budgets=budgets,
-                                 temperature=0.0, progress=False, plot=False, warmup=False,
-                                 allow_nonfinite_weights=True)
+    budgets = AgentBudgets(question_tokens=32, chunk_tokens=24, memory_tokens=16, answer_tokens=6, chunks_per_segment=2)
+    results = ev.evaluate_models(
+        {"nan": nan_model_dir},
+        [str(path)],
+        str(tmp_path / "eval"),
+        budgets=budgets,
+        temperature=0.0,
+        progress=False,
+        plot=False,
+        warmup=False,
+        allow_nonfinite_weights=True,
+    )
     r = results.results[0]
     assert (r.n, r.errors, r.nonfinite) == (0, 2, 2) and all("not finite" in row["error"] for row in r.rows)
     assert "2 of 2 rows failed (2 with non-finite" in ev.failure_summary(results)
@@ -223,8 +272,11 @@ def test_nonfinite_outputs_are_errors_not_empty_answers(nan_model_dir, tmp_path,
 
 
 def _state(seed: float):
-    return {"w": jnp.arange(600, dtype=jnp.float32).reshape(6, 100) / 7 + seed, "m": jnp.full((300,), float(seed), jnp.float32),
-            "step": jnp.int32(seed)}
+    return {
+        "w": jnp.arange(600, dtype=jnp.float32).reshape(6, 100) / 7 + seed,
+        "m": jnp.full((300,), float(seed), jnp.float32),
+        "step": jnp.int32(seed),
+    }
 
 
 def _target():
@@ -232,8 +284,12 @@ def _target():
 
 
 def _flip_a_bit(step_dir: str) -> None:
-    files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, "state")) for f in names
-             if os.sep + "d" + os.sep in os.path.join(root, f) + os.sep or os.path.basename(root) == "d"]
+    files = [
+        os.path.join(root, f)
+        for root, _, names in os.walk(os.path.join(step_dir, "state"))
+        for f in names
+        if os.sep + "d" + os.sep in os.path.join(root, f) + os.sep or os.path.basename(root) == "d"
+    ]
     biggest = max(files, key=os.path.getsize)
     data = bytearray(open(biggest, "rb").read())
     data[len(data) // 2] ^= 0x04
@@ -278,7 +334,9 @@ def test_nonfinite_state_is_never_saved_and_prunes_nothing(tmp_path):
         c.save(1, _state(1))
         c.save(2, _state(2))
         bad = dict(_state(3), m=_state(3)["m"].at[5].set(jnp.inf))
-        with pytest.raises(CheckpointError, match=r"step 3: refusing to save a non-finite state \(leaf \['m'\] holds 1"):
+        with pytest.raises(
+            CheckpointError, match=r"step 3: refusing to save a non-finite state \(leaf \['m'\] holds 1"
+        ):
             c.save(3, bad)
         assert c.all_steps() == [1, 2]
         assert c.restore(_target()).step == 2
@@ -328,8 +386,11 @@ def test_train_config_errors_come_before_any_model(model_dir, tmp_path, monkeypa
         ({"rl.max_grad_norm": 0.0}, r"config\.rl\.max_grad_norm must be a finite number > 0"),
         ({"rl.group_size": 1}, r"config\.rl\.group_size must be an integer >= 2"),
         ({"rl.num_minibatches": 1000}, r"config\.rl\.num_minibatches must be an integer in \[1, 16\]"),
-        ({"agent.chunk_tokens": 480}, r"config\.agent budgets need a context of more than 576 tokens.*"
-                                      r"max_position_embeddings is 512"),
+        (
+            {"agent.chunk_tokens": 480},
+            r"config\.agent budgets need a context of more than 576 tokens.*"
+            r"max_position_embeddings is 512",
+        ),
         ({"data.train_file": str(bad_rows)}, r"config\.data\.train_file: .*train\.jsonl row 0: field 'answers'"),
         ({"data.train_file": str(broken)}, r"config\.data\.train_file: .*broken\.jsonl"),
         ({"agent.templates": str(templates)}, r"config\.agent\.templates: .*templates\.json: not valid JSON"),
@@ -357,10 +418,21 @@ def _launcher(name):
 def test_launchers_reject_control_characters(hostile, capsys):
     slurm, tpu_pod, local = _launcher("slurm"), _launcher("tpu_pod"), _launcher("local")
     base = ["--nodes", "1", "--config", "configs/grpo.py", "--workdir", "/w", "--dry_run"]
-    slurm_cases = [["--job_name", hostile], ["--partition", hostile], ["--account", hostile], ["--time", hostile],
-                   ["--mem", hostile], ["--repo_dir", hostile], ["--log_dir", hostile], ["--python", hostile],
-                   ["--module", hostile], ["--env", f"K={hostile}"], [f"--sbatch_arg=--qos={hostile}"],
-                   [f"--config.model.path={hostile}"], ["--script", hostile]]
+    slurm_cases = [
+        ["--job_name", hostile],
+        ["--partition", hostile],
+        ["--account", hostile],
+        ["--time", hostile],
+        ["--mem", hostile],
+        ["--repo_dir", hostile],
+        ["--log_dir", hostile],
+        ["--python", hostile],
+        ["--module", hostile],
+        ["--env", f"K={hostile}"],
+        [f"--sbatch_arg=--qos={hostile}"],
+        [f"--config.model.path={hostile}"],
+        ["--script", hostile],
+    ]
     for extra in slurm_cases:
         with pytest.raises(SystemExit) as e:
             slurm.main(base + extra)
@@ -370,8 +442,14 @@ def test_launchers_reject_control_characters(hostile, capsys):
     with pytest.raises(slurm.LaunchError, match="control character"):
         slurm.render(args, [])  # even a caller that skips the checks gets no script
     tpu_base = ["--tpu", "t", "--zone", "z", "--config", "c.py", "--workdir", "gs://b/r", "--dry_run"]
-    for extra in (["--setup", f"echo {hostile}"], ["--env", f"K={hostile}"], [f"--config.seed={hostile}"],
-                  ["--remote_dir", hostile], ["--project", hostile], ["--log_dir", hostile]):
+    for extra in (
+        ["--setup", f"echo {hostile}"],
+        ["--env", f"K={hostile}"],
+        [f"--config.seed={hostile}"],
+        ["--remote_dir", hostile],
+        ["--project", hostile],
+        ["--log_dir", hostile],
+    ):
         with pytest.raises(SystemExit) as e:
             tpu_pod.main(tpu_base + extra)
         assert e.value.code == 2 and "control character" in capsys.readouterr().err, extra
@@ -429,8 +507,10 @@ def test_padding_only_minibatches_do_not_move_adamw():
     rng = np.random.default_rng(0)
 
     def params():
-        return jax.tree.map(lambda a: jnp.asarray(0.05 * np.random.default_rng(1).normal(size=a.shape), a.dtype),
-                            abstract_params(config))
+        return jax.tree.map(
+            lambda a: jnp.asarray(0.05 * np.random.default_rng(1).normal(size=a.shape), a.dtype),
+            abstract_params(config),
+        )
 
     prompts = [rng.integers(3, 64, size=5), rng.integers(3, 64, size=4)]
     responses = [rng.integers(3, 64, size=3), rng.integers(3, 64, size=2)]

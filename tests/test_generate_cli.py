@@ -14,8 +14,12 @@ from hf_tiny import make_hf_model, save_hf_model
 from memagent_jax import generate as cli
 from memagent_jax.data.tokenizer import train_tokenizer
 
-TEXTS = ["the river runs past the old mill", "a small boat drifts down the river at noon",
-         "what is the name of the mill? the mill is called Alder", "numbers like 12 and 345 are split"] * 4
+TEXTS = [
+    "the river runs past the old mill",
+    "a small boat drifts down the river at noon",
+    "what is the name of the mill? the mill is called Alder",
+    "numbers like 12 and 345 are split",
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +34,11 @@ def model_dir(tmp_path_factory):
 
 
 def hf_greedy_text(model, tok, ids, n):
-    cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=0, eos_token_id=[2],
-                                        pad_token_id=0)
+    cfg = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=n, min_new_tokens=0, eos_token_id=[2], pad_token_id=0
+    )
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), generation_config=cfg)[0, len(ids):].tolist()
+        out = model.generate(torch.tensor([ids]), generation_config=cfg)[0, len(ids) :].tolist()
     if out and out[-1] == 2:
         out = out[:-1]
     return tok.decode(out, skip_special_tokens=False)
@@ -41,12 +46,14 @@ def hf_greedy_text(model, tok, ids, n):
 
 def test_chat_completion_matches_transformers(model_dir, capsys):
     folder, tok, model = model_dir
-    rc = cli.main(["--model", folder, "--prompt", "what is the name of the mill?", "--chat", "--max-new-tokens", "9",
-                   "--quiet"])
+    rc = cli.main(
+        ["--model", folder, "--prompt", "what is the name of the mill?", "--chat", "--max-new-tokens", "9", "--quiet"]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
-    rendered = tok.apply_chat_template([{"role": "user", "content": "what is the name of the mill?"}],
-                                       add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "what is the name of the mill?"}], add_generation_prompt=True, tokenize=False
+    )
     assert rendered.startswith("<|im_start|>user\n") and rendered.endswith("<|im_start|>assistant\n")
     ids = tok.encode(rendered, add_special_tokens=False)
     assert printed == hf_greedy_text(model, tok, ids, 9) + "\n"
@@ -54,8 +61,25 @@ def test_chat_completion_matches_transformers(model_dir, capsys):
 
 def test_batch_json_and_sampling(model_dir, capsys):
     folder, tok, _ = model_dir
-    argv = ["--model", folder, "--prompt", "the river", "--prompt", "a small boat drifts", "--json",
-            "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "50", "--seed", "5"]
+    argv = [
+        "--model",
+        folder,
+        "--prompt",
+        "the river",
+        "--prompt",
+        "a small boat drifts",
+        "--json",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "5",
+    ]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
@@ -69,14 +93,17 @@ def test_batch_json_and_sampling(model_dir, capsys):
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
-    (["--temperature", "-1"], "--temperature must be"),
-    (["--top-k", "-2"], "--top-k must be"),
-    (["--system", "be brief"], "--system needs --chat"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+        (["--temperature", "-1"], "--temperature must be"),
+        (["--top-k", "-2"], "--top-k must be"),
+        (["--system", "be brief"], "--system needs --chat"),
+    ],
+)
 def test_bad_arguments(model_dir, capsys, extra, message):
     folder, _, _ = model_dir
     with pytest.raises(SystemExit) as exc:
@@ -111,10 +138,28 @@ def test_bad_folders(model_dir, tmp_path, capsys):
 
 def test_module_entry_point(model_dir):
     folder, tok, model = model_dir
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))] + sys.path))
-    proc = subprocess.run([sys.executable, "-m", "memagent_jax.generate", "--model", folder, "--prompt", "the river",
-                           "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))] + sys.path),
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memagent_jax.generate",
+            "--model",
+            folder,
+            "--prompt",
+            "the river",
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     ids = tok.encode("the river", add_special_tokens=True)
     assert proc.stdout == hf_greedy_text(model, tok, ids, 4) + "\n"

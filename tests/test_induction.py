@@ -13,10 +13,23 @@ from memagent_jax.models.induction import InductionWiringError, wire_induction_h
 from memagent_jax.models.transformer import forward, init_params
 
 # The main job's model shape (configs/tiny_synthetic.py).
-CONFIG = ModelConfig(model_type="qwen2", vocab_size=1024, hidden_size=128, intermediate_size=512, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
-                     attention_bias=True, eos_token_ids=(2,), pad_token_id=0, bos_token_id=None,
-                     rope=RopeConfig(theta=1e6))
+CONFIG = ModelConfig(
+    model_type="qwen2",
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=512,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    attention_bias=True,
+    eos_token_ids=(2,),
+    pad_token_id=0,
+    bos_token_id=None,
+    rope=RopeConfig(theta=1e6),
+)
 
 
 def _planted_pairs(rng, rows=32, length=96, pairs=8):
@@ -61,12 +74,15 @@ def test_wired_model_survives_the_hf_round_trip(tmp_path):
     assert _induction_accuracy(loaded, ids, targets) > 0.9
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(num_layers=1), "2 layers"),
-    (dict(num_kv_heads=1, num_heads=4), "KV heads"),
-    (dict(rope=RopeConfig(theta=1e3)), "rope.theta"),
-    (dict(attention_bias=False), "attention_bias"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(num_layers=1), "2 layers"),
+        (dict(num_kv_heads=1, num_heads=4), "KV heads"),
+        (dict(rope=RopeConfig(theta=1e3)), "rope.theta"),
+        (dict(attention_bias=False), "attention_bias"),
+    ],
+)
 def test_shapes_that_cannot_hold_the_circuit_are_refused(change, message):
     config = CONFIG.replace(**change)
     with pytest.raises(InductionWiringError, match=message):

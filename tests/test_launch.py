@@ -23,6 +23,7 @@ def load(name):
 tpu_pod = load("tpu_pod")
 slurm = load("slurm")
 
+
 def option(argv, name):
     """The value of `name VALUE` or `name=VALUE` in argv; None when the option is absent."""
     for i, word in enumerate(argv):
@@ -43,7 +44,7 @@ def shell_words(line):
 def between(words, first, last):
     """The words after the first `first` and before the next `last`."""
     i = words.index(first) + 1
-    return words[i:words.index(last, i)]
+    return words[i : words.index(last, i)]
 
 
 def assert_ssh_to_all_workers(argv, tpu, zone):
@@ -59,7 +60,7 @@ def assert_starts_job(remote, job, env):
     assert between(words, "export", ";") == ["MEMAGENT_DISTRIBUTED=1", *env]
     assert between(words, "nohup", ">") == job
     assert words[words.index("nohup") - 1] == "setsid"
-    after = words[words.index("nohup"):]
+    after = words[words.index("nohup") :]
     assert after[after.index(">") + 1] == "$LOGS/worker-$WORKER.log" and "&" in after
 
 
@@ -72,23 +73,66 @@ def run_main(module, argv, capsys):
 
 
 def test_tpu_start_dry_run(capsys):
-    code, out = run_main(tpu_pod, ["--tpu", "pod1", "--zone", "us-east5-a", "--config",
-                                   "configs/qwen2_5_7b_hotpotqa.py:v5p-128", "--workdir", "gs://b/runs/q7b",
-                                   "--config.model.path=/mnt/ckpt", "--config.rl.kl_coef=0.0", "--dry_run"], capsys)
+    code, out = run_main(
+        tpu_pod,
+        [
+            "--tpu",
+            "pod1",
+            "--zone",
+            "us-east5-a",
+            "--config",
+            "configs/qwen2_5_7b_hotpotqa.py:v5p-128",
+            "--workdir",
+            "gs://b/runs/q7b",
+            "--config.model.path=/mnt/ckpt",
+            "--config.rl.kl_coef=0.0",
+            "--dry_run",
+        ],
+        capsys,
+    )
     assert code == 0
     (argv,) = [shlex.split(line) for line in out.splitlines()]  # one command: start the job on every worker
     assert_ssh_to_all_workers(argv, "pod1", "us-east5-a")
     assert option(argv, "--project") is None and "--internal-ip" not in argv
-    assert_starts_job(option(argv, "--command"), [
-        ".venv/bin/python", "-m", "memagent_jax.train", "--config=configs/qwen2_5_7b_hotpotqa.py:v5p-128",
-        "--workdir=gs://b/runs/q7b", "--config.model.path=/mnt/ckpt", "--config.rl.kl_coef=0.0"], env=[])
+    assert_starts_job(
+        option(argv, "--command"),
+        [
+            ".venv/bin/python",
+            "-m",
+            "memagent_jax.train",
+            "--config=configs/qwen2_5_7b_hotpotqa.py:v5p-128",
+            "--workdir=gs://b/runs/q7b",
+            "--config.model.path=/mnt/ckpt",
+            "--config.rl.kl_coef=0.0",
+        ],
+        env=[],
+    )
 
 
 def test_tpu_start_with_project_setup_env_and_quoted_override(capsys):
-    code, out = run_main(tpu_pod, ["--tpu", "pod1", "--zone", "z1", "--project", "proj", "--internal_ip",
-                                   "--setup", "git -C memagent-jax pull", "--env", "XLA_FLAGS=--a=1 --b",
-                                   "--config", "c.py:x", "--workdir", "w", "--config.model.path=/my ckpt/it's",
-                                   "--dry_run"], capsys)
+    code, out = run_main(
+        tpu_pod,
+        [
+            "--tpu",
+            "pod1",
+            "--zone",
+            "z1",
+            "--project",
+            "proj",
+            "--internal_ip",
+            "--setup",
+            "git -C memagent-jax pull",
+            "--env",
+            "XLA_FLAGS=--a=1 --b",
+            "--config",
+            "c.py:x",
+            "--workdir",
+            "w",
+            "--config.model.path=/my ckpt/it's",
+            "--dry_run",
+        ],
+        capsys,
+    )
     assert code == 0
     setup, start = [shlex.split(line) for line in out.splitlines()]  # the setup first, on every worker
     for argv in (setup, start):
@@ -96,9 +140,18 @@ def test_tpu_start_with_project_setup_env_and_quoted_override(capsys):
         assert option(argv, "--project") == "proj" and "--internal-ip" in argv
     assert option(setup, "--command") == "git -C memagent-jax pull"
     # the override and the environment value reach the job as one word each, through the remote shell too
-    assert_starts_job(option(start, "--command"), [
-        ".venv/bin/python", "-m", "memagent_jax.train", "--config=c.py:x", "--workdir=w",
-        "--config.model.path=/my ckpt/it's"], env=["XLA_FLAGS=--a=1 --b"])
+    assert_starts_job(
+        option(start, "--command"),
+        [
+            ".venv/bin/python",
+            "-m",
+            "memagent_jax.train",
+            "--config=c.py:x",
+            "--workdir=w",
+            "--config.model.path=/my ckpt/it's",
+        ],
+        env=["XLA_FLAGS=--a=1 --b"],
+    )
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None or shutil.which("bash") is None, reason="needs bash and setsid")
@@ -108,15 +161,24 @@ def test_tpu_remote_command_runs_and_stops(tmp_path):
     repo = tmp_path / "memagent-jax"
     (repo / ".venv" / "bin").mkdir(parents=True)
     fake = repo / ".venv" / "bin" / "python"
-    fake.write_text('#!/bin/bash\nfor a in "$@"; do echo "arg:$a"; done\necho "env:$MEMAGENT_DISTRIBUTED:$XLA_FLAGS"\n'
-                    'exec sleep 60\n')
+    fake.write_text(
+        '#!/bin/bash\nfor a in "$@"; do echo "arg:$a"; done\necho "env:$MEMAGENT_DISTRIBUTED:$XLA_FLAGS"\n'
+        "exec sleep 60\n"
+    )
     fake.chmod(0o755)
     override = "--config.model.path=/my ckpt/it's $HOME `x`"
-    args, overrides = tpu_pod.parse_args(["--tpu", "t", "--zone", "z", "--config", "c.py:x", "--workdir", "w",
-                                          override, "--env", "XLA_FLAGS=--a=1 --b"])
+    args, overrides = tpu_pod.parse_args(
+        ["--tpu", "t", "--zone", "z", "--config", "c.py:x", "--workdir", "w", override, "--env", "XLA_FLAGS=--a=1 --b"]
+    )
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    subprocess.run(["bash", "-c", tpu_pod.start_command(args, overrides)], cwd=tmp_path, env=env, check=True,
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        ["bash", "-c", tpu_pod.start_command(args, overrides)],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     logs = list((repo / "logs" / "tpu_pod").glob("worker-*.log"))
     pids = list((repo / "logs" / "tpu_pod").glob("worker-*.pid"))
     assert len(logs) == 1 and len(pids) == 1
@@ -126,19 +188,34 @@ def test_tpu_remote_command_runs_and_stops(tmp_path):
                 break
             subprocess.run(["sleep", "0.05"])
         text = logs[0].read_text().splitlines()
-        assert text == ["arg:-m", "arg:memagent_jax.train", "arg:--config=c.py:x", "arg:--workdir=w", f"arg:{override}",
-                        "env:1:--a=1 --b"]
+        assert text == [
+            "arg:-m",
+            "arg:memagent_jax.train",
+            "arg:--config=c.py:x",
+            "arg:--workdir=w",
+            f"arg:{override}",
+            "env:1:--a=1 --b",
+        ]
     finally:
         stop, _ = tpu_pod.parse_args(["--tpu", "t", "--zone", "z", "--teardown", "--grace_s", "0"])
-        result = subprocess.run(["bash", "-c", tpu_pod.teardown_command(stop)], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["bash", "-c", tpu_pod.teardown_command(stop)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     assert result.stdout.strip() == "stopped"
     assert not list((repo / "logs" / "tpu_pod").glob("worker-*.pid"))
 
 
 def test_tpu_teardown_delete_and_collect_dry_runs(capsys):
-    code, out = run_main(tpu_pod, ["--tpu", "pod1", "--zone", "z1", "--teardown", "--delete", "--yes", "--grace_s", "5",
-                                   "--dry_run"], capsys)
+    code, out = run_main(
+        tpu_pod,
+        ["--tpu", "pod1", "--zone", "z1", "--teardown", "--delete", "--yes", "--grace_s", "5", "--dry_run"],
+        capsys,
+    )
     assert code == 0
     stop, delete = [shlex.split(line) for line in out.splitlines()]  # stop the job first, then delete the VM
     assert_ssh_to_all_workers(stop, "pod1", "z1")
@@ -148,8 +225,23 @@ def test_tpu_teardown_delete_and_collect_dry_runs(capsys):
     assert term < grace < kill and words[grace + 1] == "5"
     assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod1"]
     assert option(delete, "--zone") == "z1" and "--quiet" in delete
-    code, out = run_main(tpu_pod, ["--tpu", "pod1", "--zone", "z1", "--collect_logs", "out/logs", "--num_workers", "2",
-                                   "--remote_dir", "/opt/repo", "--dry_run"], capsys)
+    code, out = run_main(
+        tpu_pod,
+        [
+            "--tpu",
+            "pod1",
+            "--zone",
+            "z1",
+            "--collect_logs",
+            "out/logs",
+            "--num_workers",
+            "2",
+            "--remote_dir",
+            "/opt/repo",
+            "--dry_run",
+        ],
+        capsys,
+    )
     assert code == 0
     copies = [shlex.split(line) for line in out.splitlines()]
     assert [option(argv, "--worker") for argv in copies] == ["0", "1"]  # one copy per worker
@@ -158,19 +250,28 @@ def test_tpu_teardown_delete_and_collect_dry_runs(capsys):
         assert argv[5:7] == ["pod1:/opt/repo/logs/tpu_pod/worker-*.log", "out/logs/"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--config", "c.py", "--dry_run"], "starting a job needs --workdir"),
-    (["--dry_run"], "starting a job needs --config and --workdir"),
-    (["--delete", "--dry_run"], "refusing to delete TPU VM 'pod1' without --yes"),
-    (["--collect_logs", "d", "--dry_run"], "--collect_logs needs --num_workers"),
-    (["--collect_logs", "d", "--num_workers", "0"], "--num_workers must be >= 1"),
-    (["--collect_logs", "d", "--num_workers", "2", "--teardown"], "--collect_logs cannot be combined with --teardown"),
-    (["--teardown", "--config.x=1"], "only apply when starting a job"),
-    (["--config", "c", "--workdir", "w", "--config.rl.lr", "1e-6"], "needs a value: write it as --config.a.b=value"),
-    (["--config", "c", "--workdir", "w", "--steps=3"], "unrecognized argument '--steps=3'"),
-    (["--config", "c", "--workdir", "w", "--env", "1BAD=x"], "--env '1BAD=x': expected KEY=VALUE"),
-    (["--config", "c", "--workdir", "w", "--env", "NOVALUE"], "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--config", "c.py", "--dry_run"], "starting a job needs --workdir"),
+        (["--dry_run"], "starting a job needs --config and --workdir"),
+        (["--delete", "--dry_run"], "refusing to delete TPU VM 'pod1' without --yes"),
+        (["--collect_logs", "d", "--dry_run"], "--collect_logs needs --num_workers"),
+        (["--collect_logs", "d", "--num_workers", "0"], "--num_workers must be >= 1"),
+        (
+            ["--collect_logs", "d", "--num_workers", "2", "--teardown"],
+            "--collect_logs cannot be combined with --teardown",
+        ),
+        (["--teardown", "--config.x=1"], "only apply when starting a job"),
+        (
+            ["--config", "c", "--workdir", "w", "--config.rl.lr", "1e-6"],
+            "needs a value: write it as --config.a.b=value",
+        ),
+        (["--config", "c", "--workdir", "w", "--steps=3"], "unrecognized argument '--steps=3'"),
+        (["--config", "c", "--workdir", "w", "--env", "1BAD=x"], "--env '1BAD=x': expected KEY=VALUE"),
+        (["--config", "c", "--workdir", "w", "--env", "NOVALUE"], "expected KEY=VALUE"),
+    ],
+)
 def test_tpu_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         tpu_pod.main(["--tpu", "pod1", "--zone", "z1"] + argv)
@@ -186,12 +287,13 @@ def test_tpu_requires_name_and_zone(capsys):
 
 # ------------------------------------------------------------------------------------------ SLURM
 
+
 def sbatch_options(script):
     """The script's `#SBATCH` options: {'--nodes': '4', '--exclusive': None, ...}."""
     out = {}
     for line in script.splitlines():
         if line.startswith("#SBATCH "):
-            (word,) = shlex.split(line[len("#SBATCH "):])
+            (word,) = shlex.split(line[len("#SBATCH ") :])
             key, sep, value = word.partition("=")
             out[key] = value if sep else None
     return out
@@ -210,12 +312,36 @@ def srun_argv(script):
 
 
 def test_slurm_dry_run(capsys):
-    code, out = run_main(slurm, [
-        "--nodes", "4", "--job_name", "q7b", "--partition", "gpu", "--account", "lab", "--time", "48:00:00",
-        "--repo_dir", "/shared/memagent-jax", "--sbatch_arg=--qos=high", "--env", "NCCL_DEBUG=WARN",
-        "--env", "EXTRA=two words", "--config", "configs/qwen2_5_7b_hotpotqa.py:32xh100",
-        "--workdir", "/shared/runs/q7b", "--config.model.path=/shared/my ckpt", "--config.rl.kl_coef=0.0",
-        "--dry_run"], capsys)
+    code, out = run_main(
+        slurm,
+        [
+            "--nodes",
+            "4",
+            "--job_name",
+            "q7b",
+            "--partition",
+            "gpu",
+            "--account",
+            "lab",
+            "--time",
+            "48:00:00",
+            "--repo_dir",
+            "/shared/memagent-jax",
+            "--sbatch_arg=--qos=high",
+            "--env",
+            "NCCL_DEBUG=WARN",
+            "--env",
+            "EXTRA=two words",
+            "--config",
+            "configs/qwen2_5_7b_hotpotqa.py:32xh100",
+            "--workdir",
+            "/shared/runs/q7b",
+            "--config.model.path=/shared/my ckpt",
+            "--config.rl.kl_coef=0.0",
+            "--dry_run",
+        ],
+        capsys,
+    )
     assert code == 0
     lines = out.splitlines()
     path = "/shared/memagent-jax/logs/slurm/q7b.sbatch"
@@ -227,22 +353,47 @@ def test_slurm_dry_run(capsys):
     assert (sb["--nodes"], sb["--ntasks-per-node"], sb["--gpus-per-node"]) == ("4", "1", "8")
     assert (sb["--job-name"], sb["--partition"], sb["--account"], sb["--time"]) == ("q7b", "gpu", "lab", "48:00:00")
     assert sb["--chdir"] == "/shared/memagent-jax" and "--exclusive" in sb and sb["--qos"] == "high"
-    assert exports(script) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", "MEMAGENT_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7",
-                               "NCCL_DEBUG": "WARN", "EXTRA": "two words"}
+    assert exports(script) == {
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92",
+        "MEMAGENT_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7",
+        "NCCL_DEBUG": "WARN",
+        "EXTRA": "two words",
+    }
     argv = srun_argv(script)
     program = argv.index(".venv/bin/python")
     srun = argv[:program]
     assert option(srun, "--nodes") == "4" and option(srun, "--ntasks-per-node") == "1"
     assert option(srun, "--kill-on-bad-exit") == "1"  # one process failing ends the job
-    assert argv[program:] == [".venv/bin/python", "-m", "memagent_jax.train",
-                              "--config=configs/qwen2_5_7b_hotpotqa.py:32xh100", "--workdir=/shared/runs/q7b",
-                              "--config.model.path=/shared/my ckpt", "--config.rl.kl_coef=0.0"]
+    assert argv[program:] == [
+        ".venv/bin/python",
+        "-m",
+        "memagent_jax.train",
+        "--config=configs/qwen2_5_7b_hotpotqa.py:32xh100",
+        "--workdir=/shared/runs/q7b",
+        "--config.model.path=/shared/my ckpt",
+        "--config.rl.kl_coef=0.0",
+    ]
 
 
 def test_slurm_script_is_valid_bash_and_quotes_overrides(tmp_path):
-    args, overrides = slurm.parse_args(["--nodes", "1", "--repo_dir", str(tmp_path), "--config", "c.py",
-                                        "--workdir", "w", "--config.model.path=/x y/it's $HOME", "--no_exclusive",
-                                        "--cpus_per_task", "32", "--mem", "0"])
+    args, overrides = slurm.parse_args(
+        [
+            "--nodes",
+            "1",
+            "--repo_dir",
+            str(tmp_path),
+            "--config",
+            "c.py",
+            "--workdir",
+            "w",
+            "--config.model.path=/x y/it's $HOME",
+            "--no_exclusive",
+            "--cpus_per_task",
+            "32",
+            "--mem",
+            "0",
+        ]
+    )
     text = slurm.render(args, overrides)
     assert "#SBATCH --exclusive" not in text and "#SBATCH --cpus-per-task=32" in text and "#SBATCH --mem=0" in text
     path = tmp_path / "s.sh"
@@ -259,20 +410,42 @@ def test_slurm_script_runs_srun_with_the_job(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "srun"
-    fake.write_text('#!/bin/bash\nfor a in "$@"; do echo "arg:$a"; done\n'
-                    'echo "env:$MEMAGENT_LOCAL_DEVICE_IDS:$XLA_PYTHON_CLIENT_MEM_FRACTION:$EXTRA"\n')
+    fake.write_text(
+        '#!/bin/bash\nfor a in "$@"; do echo "arg:$a"; done\n'
+        'echo "env:$MEMAGENT_LOCAL_DEVICE_IDS:$XLA_PYTHON_CLIENT_MEM_FRACTION:$EXTRA"\n'
+    )
     fake.chmod(0o755)
     override = "--config.model.path=/x y/it's $HOME"
-    args, overrides = slurm.parse_args(["--nodes", "2", "--gpus_per_node", "4", "--repo_dir", str(tmp_path),
-                                        "--config", "c.py", "--workdir", "w", override, "--env", "EXTRA=two words"])
+    args, overrides = slurm.parse_args(
+        [
+            "--nodes",
+            "2",
+            "--gpus_per_node",
+            "4",
+            "--repo_dir",
+            str(tmp_path),
+            "--config",
+            "c.py",
+            "--workdir",
+            "w",
+            override,
+            "--env",
+            "EXTRA=two words",
+        ]
+    )
     script = tmp_path / "s.sh"
     script.write_text(slurm.render(args, overrides))
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_JOB_NODELIST": "n[1-2]"}
-    result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            check=True, timeout=30)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+    }
+    result = subprocess.run(
+        ["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, check=True, timeout=30
+    )
     lines = result.stdout.splitlines()
-    argv = [line[len("arg:"):] for line in lines if line.startswith("arg:")]
+    argv = [line[len("arg:") :] for line in lines if line.startswith("arg:")]
     program = argv.index(".venv/bin/python")
     assert option(argv[:program], "--nodes") == "2"
     assert argv[program:] == [".venv/bin/python", "-m", "memagent_jax.train", "--config=c.py", "--workdir=w", override]
@@ -289,16 +462,19 @@ def test_slurm_writes_script_and_reports_missing_sbatch(tmp_path, monkeypatch, c
     assert "sbatch is not installed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--nodes", "2", "--config", "c.py:32xh100"], "is set up for 32 GPUs, but --nodes 2 x --gpus_per_node 8 = 16"),
-    (["--nodes", "0", "--config", "c.py"], "--nodes must be >= 1"),
-    (["--nodes", "1", "--gpus_per_node", "0", "--config", "c.py"], "--gpus_per_node must be >= 1"),
-    (["--nodes", "1", "--config", "c.py", "--mem_fraction", "1.5"], "--mem_fraction must be a number in (0, 1]"),
-    (["--nodes", "1", "--config", "c.py", "--env", "A-B=1"], "--env 'A-B=1': expected KEY=VALUE"),
-    (["--nodes", "1", "--config", "c.py", "--sbatch_arg", "qos=high"], "expected one sbatch option"),
-    (["--nodes", "1", "--config", "c.py", "--config.steps"], "needs a value"),
-    (["--nodes", "1", "--config", "c.py", "extra"], "unrecognized argument 'extra'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--nodes", "2", "--config", "c.py:32xh100"], "is set up for 32 GPUs, but --nodes 2 x --gpus_per_node 8 = 16"),
+        (["--nodes", "0", "--config", "c.py"], "--nodes must be >= 1"),
+        (["--nodes", "1", "--gpus_per_node", "0", "--config", "c.py"], "--gpus_per_node must be >= 1"),
+        (["--nodes", "1", "--config", "c.py", "--mem_fraction", "1.5"], "--mem_fraction must be a number in (0, 1]"),
+        (["--nodes", "1", "--config", "c.py", "--env", "A-B=1"], "--env 'A-B=1': expected KEY=VALUE"),
+        (["--nodes", "1", "--config", "c.py", "--sbatch_arg", "qos=high"], "expected one sbatch option"),
+        (["--nodes", "1", "--config", "c.py", "--config.steps"], "needs a value"),
+        (["--nodes", "1", "--config", "c.py", "extra"], "unrecognized argument 'extra'"),
+    ],
+)
 def test_slurm_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         slurm.main(argv + ["--workdir", "w", "--dry_run"])

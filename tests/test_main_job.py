@@ -4,7 +4,6 @@ exported model: transformers + a plain-Python agent loop give the same greedy an
 import csv
 import json
 import os
-import sys
 
 import pytest
 
@@ -32,16 +31,32 @@ def quick_run(tmp_path_factory):
 
 def test_quick_main_job_writes_every_artefact(quick_run):
     workdir, summary = quick_run
-    for path in ["assets/tokenizer/tokenizer.json", "assets/tokenizer/tokenizer_config.json",
-                 "assets/initial_model/config.json", "assets/train.jsonl", "assets/eval_1x.jsonl",
-                 "assets/eval_4x.jsonl", "assets/eval_multihop_4x.jsonl", "assets/eval_concat_4x.jsonl",
-                 "warm_start/export/config.json", "warm_start/metrics.jsonl",
-                 "rl/export/config.json", "rl/metrics.jsonl", "eval/results.json", "eval/results.csv",
-                 "eval/accuracy_vs_length.png", "report.md", "report.html", "summary.json"]:
+    for path in [
+        "assets/tokenizer/tokenizer.json",
+        "assets/tokenizer/tokenizer_config.json",
+        "assets/initial_model/config.json",
+        "assets/train.jsonl",
+        "assets/eval_1x.jsonl",
+        "assets/eval_4x.jsonl",
+        "assets/eval_multihop_4x.jsonl",
+        "assets/eval_concat_4x.jsonl",
+        "warm_start/export/config.json",
+        "warm_start/metrics.jsonl",
+        "rl/export/config.json",
+        "rl/metrics.jsonl",
+        "eval/results.json",
+        "eval/results.csv",
+        "eval/accuracy_vs_length.png",
+        "report.md",
+        "report.html",
+        "summary.json",
+    ]:
         assert os.path.exists(os.path.join(workdir, path)), path
     with open(os.path.join(workdir, "assets/tokenizer/tokenizer_config.json")) as f:
         tokenizer_config = json.load(f)
-    assert "chat_template" in tokenizer_config or os.path.exists(os.path.join(workdir, "assets/tokenizer/chat_template.jinja"))
+    assert "chat_template" in tokenizer_config or os.path.exists(
+        os.path.join(workdir, "assets/tokenizer/chat_template.jinja")
+    )
 
     figures = summary["results"]
     assert set(figures) == {"warm_start", "RL"}
@@ -74,7 +89,9 @@ def test_quick_main_job_writes_every_artefact(quick_run):
     assert "secret word" in report and "RL" in report and "warm_start" in report
     # Warm start and RL side by side on the same question, and a model column in the summary table.
     assert "| # | question | model | verdict |" in report
-    assert "### Side by side:" in report and "| step | relevant sentences of the chunk | `warm_start` | `RL` |" in report
+    assert (
+        "### Side by side:" in report and "| step | relevant sentences of the chunk | `warm_start` | `RL` |" in report
+    )
 
 
 @pytest.mark.slow
@@ -83,8 +100,9 @@ def test_long_eval_stage_reports_accuracy_speed_and_memory(quick_run, tmp_path):
     from memagent_jax import pipeline
 
     workdir, summary = quick_run
-    cfg = pipeline.resolve_config(_config(**{"long_eval.chunks": 48, "long_eval.questions": 3,
-                                             "long_eval.batch_size": 2}))
+    cfg = pipeline.resolve_config(
+        _config(**{"long_eval.chunks": 48, "long_eval.questions": 3, "long_eval.batch_size": 2})
+    )
     assets = pipeline.make_assets(cfg, os.path.join(workdir, "assets"))
     info = pipeline.long_eval(cfg, assets, summary["models"]["RL"], str(tmp_path / "long"))
     assert info["questions"] == 3 and info["chunks"] == 48
@@ -130,8 +148,9 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
 
     model = load_torch_model(folder)
     for i, record in enumerate(records):
-        ref = torch_agent_run(model, loaded.tokenizer, record.question, record.document, budgets=budgets,
-                              templates=templates)
+        ref = torch_agent_run(
+            model, loaded.tokenizer, record.question, record.document, budgets=budgets, templates=templates
+        )
         convs = jax_result.conversations[i]
         memory_convs = [c for c in convs if c.kind == "memory"]
         assert len(ref.memories) == len(memory_convs) == jax_result.num_chunks[i] > 1, i  # a 4x document
@@ -144,12 +163,15 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
         assert ref.finished == jax_result.finished[i], i
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("task.name", "nope", r"config\.task\.name"),
-    ("task.eval_multipliers", "1;x", r"config\.task\.eval_multipliers"),
-    ("task.rl_distractors_per_chunk", -0.5, r"task\.rl_distractors_per_chunk must be >= 0"),
-    ("rl.max_sampling_batches", 0, r"rl\.max_sampling_batches must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("task.name", "nope", r"config\.task\.name"),
+        ("task.eval_multipliers", "1;x", r"config\.task\.eval_multipliers"),
+        ("task.rl_distractors_per_chunk", -0.5, r"task\.rl_distractors_per_chunk must be >= 0"),
+        ("rl.max_sampling_batches", 0, r"rl\.max_sampling_batches must be >= 1"),
+    ],
+)
 def test_config_errors_name_the_field(field, value, message):
     from memagent_jax import pipeline
 

@@ -12,8 +12,16 @@ import torch
 import transformers
 
 from hf_tiny import VARIANTS, hf_logits, make_hf_model, save_hf_model
-from memagent_jax.models import (CheckpointError, ConfigError, ModelConfig, forward, init_cache, load_hf_params,
-                                 positions_from_mask, save_hf_checkpoint)
+from memagent_jax.models import (
+    CheckpointError,
+    ConfigError,
+    ModelConfig,
+    forward,
+    init_cache,
+    load_hf_params,
+    positions_from_mask,
+    save_hf_checkpoint,
+)
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
@@ -124,7 +132,7 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(checkpoints):
     logits, cache = step(params, tokens[:, :prefill], positions[:, :prefill], mask[:, :prefill], cache)
     pieces = [np.asarray(logits)]
     for i in range(prefill, tokens.shape[1]):
-        logits, cache = step(params, tokens[:, i:i + 1], positions[:, i:i + 1], mask[:, i:i + 1], cache)
+        logits, cache = step(params, tokens[:, i : i + 1], positions[:, i : i + 1], mask[:, i : i + 1], cache)
         pieces.append(np.asarray(logits))
     assert int(cache.length) == tokens.shape[1]
     decoded = np.concatenate(pieces, axis=1)
@@ -225,16 +233,20 @@ def test_misshapen_tensor(checkpoints, tmp_path):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
 
     _rewrite_weights(folder, shrink)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj"
-                                              r"\.weight' has shape \(31, 64\), but config\.json implies \(32, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj"
+        r"\.weight' has shape \(31, 64\), but config\.json implies \(32, 64\)",
+    ):
         load_hf_params(folder)
 
 
 def test_index_names_missing_shard(checkpoints, tmp_path):
     params, config = load_hf_params(checkpoints["qwen2"][1])
     out = save_hf_checkpoint(params, config, str(tmp_path / "sharded"), max_shard_bytes=40_000)
-    os.remove(os.path.join(out, "model-00002-of-%05d.safetensors" % len(
-        set(json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"].values()))))
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        shards = len(set(json.load(f)["weight_map"].values()))
+    os.remove(os.path.join(out, f"model-00002-of-{shards:05d}.safetensors"))
     with pytest.raises(CheckpointError, match=r"names shard 'model-00002-of-\d+\.safetensors'.*does not exist"):
         load_hf_params(out)
 
@@ -262,9 +274,18 @@ def _write_bin(model, folder):
 
 
 def test_config_reads_old_dialect():
-    old = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rope_theta": 12345.0,
-           "torch_dtype": "bfloat16", "rope_scaling": {"type": "linear", "factor": 4.0}}
+    old = {
+        "model_type": "qwen2",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rope_theta": 12345.0,
+        "torch_dtype": "bfloat16",
+        "rope_scaling": {"type": "linear", "factor": 4.0},
+    }
     c = ModelConfig.from_hf_dict(old)
     assert (c.rope.theta, c.rope.rope_type, c.rope.factor) == (12345.0, "linear", 4.0)
     assert c.param_dtype == "bfloat16" and c.attention_bias and not c.qk_norm
@@ -288,8 +309,9 @@ def test_rewind_cache_reuses_prefix(checkpoints):
     for trial in range(2):
         tail = rng.integers(3, 128, (2, 4 + 3 * trial)).astype(np.int32)
         tail_mask = np.ones_like(tail, bool)
-        logits, _ = step(params, tail, positions_from_mask(jnp.asarray(tail_mask), 5), tail_mask,
-                         rewind_cache(cache, 5))
+        logits, _ = step(
+            params, tail, positions_from_mask(jnp.asarray(tail_mask), 5), tail_mask, rewind_cache(cache, 5)
+        )
         full = np.concatenate([prefix, tail], axis=1)
         ref = our_logits(params, config, full, np.ones_like(full, bool))[:, 5:]
         assert np.abs(np.asarray(logits) - ref).max() <= TOL

@@ -75,20 +75,46 @@ def _assert_same_params(dir_a, dir_b, initial_dir):
 # Data-parallel mesh (params replicated): the rollout needs no cross-process all-gathers, which keeps the
 # 2-process run quick over gloo. The entropy bonus gives every step a real gradient (the tiny random model
 # never earns a reward, so advantages are 0).
-TRAIN_FLAGS = [*agent_flags_for_tests(), "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.rl.learning_rate=1e-3",
-               "--config.rl.entropy_coef=0.01", "--config.checkpoint.every=1"]
+TRAIN_FLAGS = [
+    *agent_flags_for_tests(),
+    "--config.mesh.data=-1",
+    "--config.mesh.fsdp=1",
+    "--config.rl.learning_rate=1e-3",
+    "--config.rl.entropy_coef=0.01",
+    "--config.checkpoint.every=1",
+]
 
 
 def _launch(num_processes, devices_per_process, workdir, model_dir, steps, log_dir, cache_dir, *extra):
-    cmd = [sys.executable, str(LAUNCHER), "--num_processes", str(num_processes), "--devices_per_process",
-           str(devices_per_process), "--log_dir", str(log_dir), "--",
-           sys.executable, "-m", "memagent_jax.train", "--config", f"{REPO / 'configs' / 'grpo.py'}:cpu",
-           "--workdir", str(workdir), f"--config.model.path={model_dir}", f"--config.steps={steps}", *TRAIN_FLAGS,
-           *extra]
+    cmd = [
+        sys.executable,
+        str(LAUNCHER),
+        "--num_processes",
+        str(num_processes),
+        "--devices_per_process",
+        str(devices_per_process),
+        "--log_dir",
+        str(log_dir),
+        "--",
+        sys.executable,
+        "-m",
+        "memagent_jax.train",
+        "--config",
+        f"{REPO / 'configs' / 'grpo.py'}:cpu",
+        "--workdir",
+        str(workdir),
+        f"--config.model.path={model_dir}",
+        f"--config.steps={steps}",
+        *TRAIN_FLAGS,
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     # A restarted run reuses the compiled programs of the first one (JAX's persistent compilation cache).
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -110,12 +136,17 @@ def runs(model_dir, tmp_path_factory):
     t0 = time.perf_counter()
     launched = []
     try:
-        launched += [_launch(1, 8, root / "one", model_dir, 2, root / "logs_one", cache),
-                     _launch(2, 4, root / "two", model_dir, 1, root / "logs_two_a", cache)]
+        launched += [
+            _launch(1, 8, root / "one", model_dir, 2, root / "logs_one", cache),
+            _launch(2, 4, root / "two", model_dir, 1, root / "logs_two_a", cache),
+        ]
         outputs = {"one": _finish(launched[0]), "two_a": _finish(launched[1])}
-        launched += [_launch(2, 4, root / "two", model_dir, 2, root / "logs_two_b", cache),
-                     _launch(1, 8, root / "separate", model_dir, 2, root / "logs_separate", cache,
-                             "--config.mesh.rollout_devices=4")]
+        launched += [
+            _launch(2, 4, root / "two", model_dir, 2, root / "logs_two_b", cache),
+            _launch(
+                1, 8, root / "separate", model_dir, 2, root / "logs_separate", cache, "--config.mesh.rollout_devices=4"
+            ),
+        ]
         outputs.update(two_b=_finish(launched[2]), separate=_finish(launched[3]))
     finally:
         for proc in launched:  # a failed launch: stop the others (the launcher stops its processes on SIGTERM)
@@ -150,8 +181,23 @@ def test_separate_rollout_mesh_equals_colocated(runs, model_dir):
 
 def test_launcher_dry_run_prints_the_exact_commands(capsys):
     launcher = _load_launcher()
-    rc = launcher.main(["--num_processes", "2", "--devices_per_process", "4", "--port", "12345", "--dry_run", "--",
-                        "python", "-m", "memagent_jax.train", "--workdir", "/tmp/a b"])
+    rc = launcher.main(
+        [
+            "--num_processes",
+            "2",
+            "--devices_per_process",
+            "4",
+            "--port",
+            "12345",
+            "--dry_run",
+            "--",
+            "python",
+            "-m",
+            "memagent_jax.train",
+            "--workdir",
+            "/tmp/a b",
+        ]
+    )
     assert rc == 0
     assert capsys.readouterr().out.splitlines() == [
         "[p0] MEMAGENT_COORDINATOR=127.0.0.1:12345 MEMAGENT_NUM_PROCESSES=2 MEMAGENT_PROCESS_ID=0 JAX_PLATFORMS=cpu "
@@ -159,8 +205,22 @@ def test_launcher_dry_run_prints_the_exact_commands(capsys):
         "[p1] MEMAGENT_COORDINATOR=127.0.0.1:12345 MEMAGENT_NUM_PROCESSES=2 MEMAGENT_PROCESS_ID=1 JAX_PLATFORMS=cpu "
         "JAX_NUM_CPU_DEVICES=4 python -m memagent_jax.train --workdir '/tmp/a b'",
     ]
-    rc = launcher.main(["--num_processes", "2", "--devices_per_process", "2", "--port", "9", "--platform", "gpu",
-                        "--pass_flags", "--dry_run", "--", "train"])
+    rc = launcher.main(
+        [
+            "--num_processes",
+            "2",
+            "--devices_per_process",
+            "2",
+            "--port",
+            "9",
+            "--platform",
+            "gpu",
+            "--pass_flags",
+            "--dry_run",
+            "--",
+            "train",
+        ]
+    )
     assert rc == 0
     assert capsys.readouterr().out.splitlines() == [
         "[p0] MEMAGENT_COORDINATOR=127.0.0.1:9 MEMAGENT_NUM_PROCESSES=2 MEMAGENT_PROCESS_ID=0 CUDA_VISIBLE_DEVICES=0,1 "
@@ -173,15 +233,35 @@ def test_launcher_dry_run_prints_the_exact_commands(capsys):
 
 
 def test_launcher_stops_the_others_when_one_fails(tmp_path):
-    script = ("import os, sys, time\n"
-              "print('hello from', os.environ['MEMAGENT_PROCESS_ID'], os.environ['JAX_NUM_CPU_DEVICES'], flush=True)\n"
-              "if os.environ['MEMAGENT_PROCESS_ID'] == '1':\n"
-              "    sys.exit(3)\n"
-              "time.sleep(120)\n")
+    script = (
+        "import os, sys, time\n"
+        "print('hello from', os.environ['MEMAGENT_PROCESS_ID'], os.environ['JAX_NUM_CPU_DEVICES'], flush=True)\n"
+        "if os.environ['MEMAGENT_PROCESS_ID'] == '1':\n"
+        "    sys.exit(3)\n"
+        "time.sleep(120)\n"
+    )
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(LAUNCHER), "--num_processes", "2", "--devices_per_process", "3",
-                           "--log_dir", str(tmp_path / "logs"), "--grace_s", "5", "--", sys.executable, "-c", script],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(LAUNCHER),
+            "--num_processes",
+            "2",
+            "--devices_per_process",
+            "3",
+            "--log_dir",
+            str(tmp_path / "logs"),
+            "--grace_s",
+            "5",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert time.perf_counter() - t0 < 30  # process 0 was stopped, not waited for
     assert "[p0] hello from 0 3" in proc.stdout and "[p1] hello from 1 3" in proc.stdout
@@ -195,10 +275,20 @@ def test_launcher_stops_the_others_when_one_fails(tmp_path):
 @pytest.fixture
 def fresh_distributed(monkeypatch):
     monkeypatch.setattr(distributed, "_STATE", {"initialized": False, "multi_process": False})
-    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
-                 distributed.ENV_LOCAL_DEVICE_IDS, distributed.ENV_FORCE, "JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-                 "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
-                 "MEGASCALE_COORDINATOR_ADDRESS"):
+    for name in (
+        distributed.ENV_COORDINATOR,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+        distributed.ENV_LOCAL_DEVICE_IDS,
+        distributed.ENV_FORCE,
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "OMPI_MCA_orte_hnp_uri",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -224,8 +314,13 @@ def test_partial_settings_are_named_errors(fresh_distributed):
 
 
 def test_cluster_detection(fresh_distributed):
-    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0"}
+    slurm = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n1",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+    }
     for k, v in slurm.items():
         fresh_distributed.setenv(k, v)
     assert distributed.cluster_detected() is None  # one task: a single-process run
@@ -256,21 +351,47 @@ def test_multihost_config_accepts_questions_split_over_processes(model_dir):
     validate_config(_grpo_config(model_dir), device_count=8, process_count=2)  # 2 questions over 2 processes
 
 
-@pytest.mark.parametrize("overrides, processes, match", [
-    pytest.param({"rl.questions_per_step": 3}, 2, r"config\.rl\.questions_per_step=3 must be a multiple of the 2 ",
-                 id="questions-per-process"),
-    pytest.param({"mesh.fsdp": 1, "mesh.tensor": -1}, 2,
-                 r"config\.mesh: data x fsdp = 1 must be a multiple of the 2 ", id="batch-axes-per-process"),
-    pytest.param({"mesh.rollout_devices": 8}, 1, r"config\.mesh\.rollout_devices must be 0 .* got 8",
-                 id="rollout-takes-every-device"),
-    pytest.param({"mesh.rollout_devices": 3}, 2, r"config\.mesh\.rollout_devices=3 must be a multiple of the 2 ",
-                 id="rollout-devices-per-process"),
-    pytest.param({"mesh.rollout_devices": 4, "mesh.rollout_tensor": 3}, 1,
-                 r"config\.mesh\.rollout_fsdp x config\.mesh\.rollout_tensor = 1 x 3", id="rollout-mesh-shape"),
-    pytest.param({"mesh.rollout_devices": 2, "mesh.fsdp": 4}, 1,
-                 r"does not match the 6 learner devices \(8 devices - config\.mesh\.rollout_devices=2\)",
-                 id="learner-mesh-shape"),
-])
+@pytest.mark.parametrize(
+    "overrides, processes, match",
+    [
+        pytest.param(
+            {"rl.questions_per_step": 3},
+            2,
+            r"config\.rl\.questions_per_step=3 must be a multiple of the 2 ",
+            id="questions-per-process",
+        ),
+        pytest.param(
+            {"mesh.fsdp": 1, "mesh.tensor": -1},
+            2,
+            r"config\.mesh: data x fsdp = 1 must be a multiple of the 2 ",
+            id="batch-axes-per-process",
+        ),
+        pytest.param(
+            {"mesh.rollout_devices": 8},
+            1,
+            r"config\.mesh\.rollout_devices must be 0 .* got 8",
+            id="rollout-takes-every-device",
+        ),
+        pytest.param(
+            {"mesh.rollout_devices": 3},
+            2,
+            r"config\.mesh\.rollout_devices=3 must be a multiple of the 2 ",
+            id="rollout-devices-per-process",
+        ),
+        pytest.param(
+            {"mesh.rollout_devices": 4, "mesh.rollout_tensor": 3},
+            1,
+            r"config\.mesh\.rollout_fsdp x config\.mesh\.rollout_tensor = 1 x 3",
+            id="rollout-mesh-shape",
+        ),
+        pytest.param(
+            {"mesh.rollout_devices": 2, "mesh.fsdp": 4},
+            1,
+            r"does not match the 6 learner devices \(8 devices - config\.mesh\.rollout_devices=2\)",
+            id="learner-mesh-shape",
+        ),
+    ],
+)
 def test_multihost_config_errors_name_the_field(model_dir, overrides, processes, match):
     with pytest.raises(TrainConfigError, match=match):
         validate_config(_grpo_config(model_dir, **overrides), device_count=8, process_count=processes)

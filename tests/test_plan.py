@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -29,16 +30,36 @@ def load_config_module(name):
 
 TINY = presets.preset_config("tiny")
 # Hand-built: llama with every optional bias, untied head, head_dim independent of the width.
-LLAMA_BIAS = ModelConfig(model_type="llama", vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3,
-                         num_heads=6, num_kv_heads=3, head_dim=10, attention_bias=True, attention_out_bias=True,
-                         mlp_bias=True, tie_word_embeddings=False)
-QWEN3_SMALL = presets.preset_config("qwen3-8b", num_layers=2, hidden_size=64, intermediate_size=96, num_heads=4,
-                                    num_kv_heads=2, head_dim=16, vocab_size=128)
+LLAMA_BIAS = ModelConfig(
+    model_type="llama",
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=3,
+    num_heads=6,
+    num_kv_heads=3,
+    head_dim=10,
+    attention_bias=True,
+    attention_out_bias=True,
+    mlp_bias=True,
+    tie_word_embeddings=False,
+)
+QWEN3_SMALL = presets.preset_config(
+    "qwen3-8b",
+    num_layers=2,
+    hidden_size=64,
+    intermediate_size=96,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    vocab_size=128,
+)
 
 
 def _flat(tree):
-    return {tuple(getattr(k, "key", k) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        tuple(getattr(k, "key", k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 # ------------------------------------------------------------------------------------ params
@@ -65,8 +86,16 @@ def test_param_bytes_per_device_by_hand():
     mesh = planning.MeshShape(data=1, fsdp=2, tensor=2)
     # per-device elements: embed [V/t, D/f], norms replicated, q/o [L, D/f, H/t, Dh], k/v [L, D/f, K/t, Dh],
     # biases [L, H/t or K/t, Dh], gate/up [L, D/f, F/t], down [L, F/t, D/f]
-    elements = (256 * 32 + 64 + 2 * 128 + 2 * (2 * 32 * 2 * 16) + 2 * (2 * 32 * 1 * 16) + 2 * 2 * 16 + 2 * (2 * 16)
-                + 3 * (2 * 32 * 64))
+    elements = (
+        256 * 32
+        + 64
+        + 2 * 128
+        + 2 * (2 * 32 * 2 * 16)
+        + 2 * (2 * 32 * 1 * 16)
+        + 2 * 2 * 16
+        + 2 * (2 * 16)
+        + 3 * (2 * 32 * 64)
+    )
     assert elements == 27072
     assert planning.param_bytes_per_device(TINY, mesh, "float32") == 4 * elements
     assert planning.param_bytes_per_device(TINY, mesh, "bfloat16") == 2 * elements
@@ -82,8 +111,9 @@ def test_param_bytes_match_real_shardings(sizes):
     for mc in (TINY, LLAMA_BIAS, QWEN3_SMALL):
         ap = abstract_params(mc)
         shardings = sharding.param_shardings(ap, mesh)
-        real = sum(math.prod(s.shard_shape(a.shape)) * 4
-                   for a, s in zip(jax.tree.leaves(ap), jax.tree.leaves(shardings)))
+        real = sum(
+            math.prod(s.shard_shape(a.shape)) * 4 for a, s in zip(jax.tree.leaves(ap), jax.tree.leaves(shardings))
+        )
         assert planning.param_bytes_per_device(mc, planning.MeshShape(*sizes), "float32") == real
 
 
@@ -100,8 +130,13 @@ def test_kv_cache_bytes_by_hand_and_real_cache():
     assert planning.kv_cache_bytes(TINY, 8, 100, mesh, "bfloat16") == expected == 53200
     cache = new_cache(TINY, 8, 100, mesh=sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4]), dtype="bfloat16")
     device = jax.devices()[0]
-    real = sum(s.data.nbytes for leaf in jax.tree.leaves(cache) if leaf.ndim
-               for s in leaf.addressable_shards if s.device == device)
+    real = sum(
+        s.data.nbytes
+        for leaf in jax.tree.leaves(cache)
+        if leaf.ndim
+        for s in leaf.addressable_shards
+        if s.device == device
+    )
     assert real == expected
 
 
@@ -133,8 +168,16 @@ def test_learning_flops_by_hand():
 
 
 def test_rollout_flops_by_hand():
-    lay = planning.Layout(question=8, memory=4, chunk=16, answer=2, chunks_per_segment=2, prefix_template=3,
-                      rest_template=5, final_template=6)
+    lay = planning.Layout(
+        question=8,
+        memory=4,
+        chunk=16,
+        answer=2,
+        chunks_per_segment=2,
+        prefix_template=3,
+        rest_template=5,
+        final_template=6,
+    )
     su, sf = 3 + 8 + 4 + 16 + 5 + 4, 6 + 8 + 4 + 2
     layers = 2 * 2 * (2 * 4096 + 2 * 2048 + 3 * 64 * 128)  # 2 FLOPs x 2 layers' matmul weights
     lm = 64 * 512
@@ -170,22 +213,36 @@ def test_learner_activations_by_tensor_inventory(tensor):
         return dtype.itemsize * math.prod(shape)
 
     # One layer's forward values besides the scores, in the compute dtype (one row).
-    layer = sum(size(bf16, *shape) for shape in [
-        (t, d), (t, d), (t, d), (t, d),  # x, attn_norm(x), x + attention, mlp_norm(x + attention)
-        (t, heads, dh), (t, kv, heads // kv, dh), (t, heads, dh),  # q, q grouped by KV head, attention output
-        (t, kv, dh), (kv, dh, t), (t, kv, dh),  # k, k transposed, v
-        (t, f), (t, f), (t, f),  # gate, up, silu(gate) * up
-    ])
+    layer = sum(
+        size(bf16, *shape)
+        for shape in [
+            (t, d),
+            (t, d),
+            (t, d),
+            (t, d),  # x, attn_norm(x), x + attention, mlp_norm(x + attention)
+            (t, heads, dh),
+            (t, kv, heads // kv, dh),
+            (t, heads, dh),  # q, q grouped by KV head, attention output
+            (t, kv, dh),
+            (kv, dh, t),
+            (t, kv, dh),  # k, k transposed, v
+            (t, f),
+            (t, f),
+            (t, f),  # gate, up, silu(gate) * up
+        ]
+    )
     scores = (heads, t, t)
     # The softmax's backward: d(probs) in the compute dtype and in f32, d(scores) in f32.
     softmax_backward = size(bf16, *scores) + size(f32, *scores) + size(f32, *scores)
     expected = {
         "kept_layers": layers * size(bf16, t, d),  # remat 'full' keeps each layer's input only
         "working_layer": softmax_backward + 2 * layer,  # the recomputed forward and the backward's temporaries
-        "top": (size(boolean, t, t)  # the attention mask
-                + 4 * size(bf16, t, d)  # embedding output, last layer's output, final norm, hidden
-                + size(f32, t, d)  # the hidden's gradient
-                + 3 * size(f32, chunk, v)),  # one log-prob chunk: logits, probabilities, their gradient
+        "top": (
+            size(boolean, t, t)  # the attention mask
+            + 4 * size(bf16, t, d)  # embedding output, last layer's output, final norm, hidden
+            + size(f32, t, d)  # the hidden's gradient
+            + 3 * size(f32, chunk, v)
+        ),  # one log-prob chunk: logits, probabilities, their gradient
     }
     act = planning.learner_activation_bytes(mc, rows, t, "full", tensor, bf16.itemsize, logits_chunk=chunk)
     assert {key: act[key] for key in expected} == {key: rows * value for key, value in expected.items()}
@@ -206,10 +263,21 @@ def test_learner_activations_per_row_and_layer_track_xla(remat):
     t, chunk = 256, 128
 
     def model(layers):
-        return ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
-                           num_layers=layers, num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True,
-                           param_dtype="float32", compute_dtype="bfloat16", remat=remat,
-                           attention_impl="materialized")
+        return ModelConfig(
+            model_type="qwen2",
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=layers,
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=16,
+            attention_bias=True,
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            remat=remat,
+            attention_impl="materialized",
+        )
 
     def xla_temp_bytes(mc, rows):
         def loss(p, tok, mask):
@@ -255,8 +323,9 @@ def _assert_estimates_track_xla(mc, rows: int, t: int, prefix_template: int) -> 
     est = act["total"] + planning.working_weight_bytes(mc, 1, 4, 2) + grads
     assert 0.6 < learn.temp_size_in_bytes / est < 1.5, (learn.temp_size_in_bytes, est)
 
-    lay = planning.Layout(question=1, memory=1, chunk=t - 2, answer=1, prefix_template=prefix_template, rest_template=0,
-                      final_template=1)  # rest = t tokens over t + prefix_template slots
+    lay = planning.Layout(
+        question=1, memory=1, chunk=t - 2, answer=1, prefix_template=prefix_template, rest_template=0, final_template=1
+    )  # rest = t tokens over t + prefix_template slots
     cache = jax.eval_shape(lambda: init_cache(mc, rows, lay.update_slots))
     tok = jax.ShapeDtypeStruct((rows, lay.rest), jnp.int32), jax.ShapeDtypeStruct((rows, lay.rest), bool)
     fill = jax.jit(lambda p, a, b, kv: prefill(p, mc, a, b, kv), donate_argnums=(3,))
@@ -271,10 +340,22 @@ def _assert_estimates_track_xla(mc, rows: int, t: int, prefix_template: int) -> 
 def test_estimates_track_xla_memory_analysis():
     """The activation estimates against XLA's memory analysis: a learner step (remat full, chunked log-probs) and a
     chunk-step prefill, 512 tokens (the prefill: 512 tokens over 768 slots)."""
-    mc = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                     num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True, param_dtype="float32",
-                     compute_dtype="bfloat16", remat="full")
+    mc = ModelConfig(
+        model_type="qwen2",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=16,
+        attention_bias=True,
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        remat="full",
+    )
     _assert_estimates_track_xla(mc, rows=2, t=512, prefix_template=254)
+
 
 def test_blockwise_activation_formula_by_hand():
     mc = TINY.replace(attention_impl="blockwise", attention_block_size=100, attention_query_block_size=60)
@@ -291,8 +372,9 @@ def test_blockwise_activation_formula_by_hand():
     # the learner on the blockwise path: no [T, T] mask on top, 20 B per block element in the working layer
     act = planning.learner_activation_bytes(mc, 1, t, "full", 1, c, logits_chunk=256, platform="tpu")
     sq = planning.layer_activation_bytes(mc, t, t, 1, c, "blockwise")
-    assert act["working_layer"] == (20 * sq["score_elements"] + sq["flash_forward"] + sq["flash_backward"]
-                                    + 2 * sq["other"])
+    assert act["working_layer"] == (
+        20 * sq["score_elements"] + sq["flash_forward"] + sq["flash_backward"] + 2 * sq["other"]
+    )
     assert act["top"] == 4 * c * t * 64 + 4 * t * 64 + 12 * 256 * 512
     with pytest.raises(planning.PlanError, match="attention path"):
         planning.layer_activation_bytes(mc, t, t, 1, c, "flash")
@@ -305,7 +387,10 @@ def test_attention_path_follows_config_and_hardware():
     assert planning.attention_path(mc.replace(compute_dtype="float32"), "gpu", 8320, 8320) == "blockwise"
     assert planning.attention_path(mc.replace(attention_impl="materialized"), "tpu", 8320, 8320) == "materialized"
     assert planning.attention_path(mc, "tpu", 1, 8320) == "materialized"  # decode
-    assert planning.platform_of(planning.get_hardware("v5p")) == "tpu" and planning.platform_of(planning.get_hardware("h100")) == "gpu"
+    assert (
+        planning.platform_of(planning.get_hardware("v5p")) == "tpu"
+        and planning.platform_of(planning.get_hardware("h100")) == "gpu"
+    )
     cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v5p-128")
     auto = planning.make_plan(cfg)
     assert (auto.settings["rollout_attention"], auto.settings["learner_attention"]) == ("blockwise", "blockwise")
@@ -327,11 +412,25 @@ def test_blockwise_estimates_track_xla_memory_analysis(block):
     """The blockwise path's estimates against XLA's buffer assignment (CPU), as for the materialised path: a
     learner step (remat full, chunked log-probs) and a chunk-step prefill, 1024 tokens (the prefill over 1536
     slots), blocks of 128 / 256."""
-    mc = ModelConfig(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                     num_heads=8, num_kv_heads=2, head_dim=16, attention_bias=True, param_dtype="float32",
-                     compute_dtype="bfloat16", remat="full", attention_impl="blockwise", attention_block_size=block,
-                     attention_query_block_size=block)
+    mc = ModelConfig(
+        model_type="qwen2",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=16,
+        attention_bias=True,
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        remat="full",
+        attention_impl="blockwise",
+        attention_block_size=block,
+        attention_query_block_size=block,
+    )
     assert _assert_estimates_track_xla(mc, rows=2, t=1024, prefix_template=510)["path"] == "blockwise"
+
 
 # ------------------------------------------------------------------------------------ shipped configs
 
@@ -352,7 +451,11 @@ def test_shipped_config_is_valid_and_fits(name, arg):
     assert (rl.clip_low, rl.clip_high, rl.dual_clip) == (0.2, 0.2, 3.0)
     assert rl.questions_per_step == (256 if "14b" in name else 128)
     assert (agent.question_tokens, agent.chunk_tokens, agent.memory_tokens, agent.answer_tokens) == (
-        1024, 5000, 1024, 1024)
+        1024,
+        5000,
+        1024,
+        1024,
+    )
     assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.model.remat) == ("float32", "bfloat16", "full")
     trajectories = rl.questions_per_step * rl.group_size
     assert trajectories % rl.rollout_batch_size == 0 and rl.micro_batch_size == cfg.mesh.data * cfg.mesh.fsdp
@@ -388,7 +491,7 @@ def test_suggestions_make_it_fit():
     cfg.model.attention_impl = "materialized"
     p = planning.make_plan(cfg)
     assert not p.fits and p.suggestions
-    flags = dict(f[len("--config."):].split("=") for f in p.suggestions[0].split())
+    flags = dict(f[len("--config.") :].split("=") for f in p.suggestions[0].split())
     assert flags["model.attention_impl"] == "auto"
     fixed = cfg.copy_and_resolve_references()
     fixed.model.remat = flags.pop("model.remat", fixed.model.remat)
@@ -413,8 +516,9 @@ def test_rollout_on_its_own_devices():
     assert p.memory["rollout_params"] == 2 * planning.param_bytes_per_device(mc, rmesh, "float32")
     assert p.memory["kv_update"] == planning.kv_cache_bytes(mc, 128, p.layout.update_slots, rmesh, "bfloat16")
     assert p.memory["persistent"] == p.memory["params"] + p.memory["optimizer"] + p.memory["reference"]
-    assert p.memory["rollout_peak"] == (p.memory["rollout_params"] + p.memory["kv_update"] + p.memory["kv_final"]
-                                        + p.memory["rollout_activations"])
+    assert p.memory["rollout_peak"] == (
+        p.memory["rollout_params"] + p.memory["kv_update"] + p.memory["kv_final"] + p.memory["rollout_activations"]
+    )
     assert p.fits
     cfg.mesh.rollout_fsdp = 3
     with pytest.raises(planning.PlanError, match="must divide config.mesh.rollout_devices=32"):
@@ -465,8 +569,15 @@ def test_cli_errors():
     assert code == 2 and "config.model.preset" in err
     code, out, _ = _run_main([f"--config={config}:cpu", "--config.model.preset=tiny", "--hardware=v4", "--devices=8"])
     assert code == 0 and "verdict: fits" in out
-    code, _, err = _run_main([f"--config={config}:cpu", "--config.model.preset=tiny", "--hardware=v4",
-                              "--devices=8", "--config.rl.group_size=0"])
+    code, _, err = _run_main(
+        [
+            f"--config={config}:cpu",
+            "--config.model.preset=tiny",
+            "--hardware=v4",
+            "--devices=8",
+            "--config.rl.group_size=0",
+        ]
+    )
     assert code == 2 and "config.rl.group_size must be positive" in err
     code, _, err = _run_main([f"--config={config}:cpu", "--config.model.preset=tiny", "--hardware=v4"])
     assert code == 2 and "--devices" in err
@@ -476,9 +587,14 @@ def test_cli_errors():
 
 def test_cli_subprocess():
     env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT))
-    result = subprocess.run([sys.executable, "-m", "memagent_jax.plan", "--config",
-                             "configs/qwen3_8b_hotpotqa.py:v5p-128"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "memagent_jax.plan", "--config", "configs/qwen3_8b_hotpotqa.py:v5p-128"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "memory per device" in result.stdout and "verdict: fits" in result.stdout
 
@@ -501,8 +617,11 @@ def test_unstacked_decode_layout_counts_its_copies():
     mc, rmesh = unstacked.model, unstacked.rollout_mesh
     pdt = mc.param_dtype
     # The layer weights: every param but the embedding, the final norm (and an untied head).
-    outside = sum(planning.local_numel(shape, PARAM_LOGICAL_AXES[path], rmesh) * planning.DTYPE_BYTES[pdt]
-                  for path, shape in planning.param_shapes(mc).items() if path[0] != "layers")
+    outside = sum(
+        planning.local_numel(shape, PARAM_LOGICAL_AXES[path], rmesh) * planning.DTYPE_BYTES[pdt]
+        for path, shape in planning.param_shapes(mc).items()
+        if path[0] != "layers"
+    )
     weights = planning.param_bytes_per_device(mc, rmesh, pdt) - outside
     assert weights > outside  # a 7B model's layers outweigh its embedding
     kv = max(unstacked.memory["kv_update"], unstacked.memory["kv_final"])

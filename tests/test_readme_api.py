@@ -6,7 +6,6 @@ it: the export (with memagent_agent.json beside it, as train's export writes it)
 - Against a model trained by the main job's own stages (slow), the block answers its held-out question right.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -22,15 +21,19 @@ README = os.path.join(REPO, "README.md")
 
 # One held-out row in the main job's wording: "Remember <creature> <Word>." facts, the asked one among look-alikes,
 # in a haystack of plain sentences.
-ROW = {"context": " A child worked around the tower. Remember badger Ra. Remember bison Rin. The distant market lay"
-                  " past the roof. Every winter the dusty boat waited behind a road. Remember osprey Zor. Nothing"
-                  " changed at the garden that spring. Remember heron Mi.",
-       "input": "What is the secret word for badger?", "answers": ["Ra"], "index": 0}
+ROW = {
+    "context": " A child worked around the tower. Remember badger Ra. Remember bison Rin. The distant market lay"
+    " past the roof. Every winter the dusty boat waited behind a road. Remember osprey Zor. Nothing"
+    " changed at the garden that spring. Remember heron Mi.",
+    "input": "What is the secret word for badger?",
+    "answers": ["Ra"],
+    "index": 0,
+}
 
 
 def _api_block() -> str:
     text = open(README, encoding="utf-8").read()
-    section = text[text.index("## Python API"):]
+    section = text[text.index("## Python API") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -60,8 +63,7 @@ def test_readme_api_block_runs_as_written(tmp_path, capsys):
     run = tmp_path / "runs" / "tiny_synthetic"
     folder = run / "rl" / "export"
     make_agent_model_dir(folder, variant="qwen2", seed=4)
-    budgets = AgentBudgets(question_tokens=32, chunk_tokens=24, memory_tokens=16, answer_tokens=6,
-                           chunks_per_segment=2)
+    budgets = AgentBudgets(question_tokens=32, chunk_tokens=24, memory_tokens=16, answer_tokens=6, chunks_per_segment=2)
     write_agent_settings(folder, budgets=budgets, templates=AgentTemplates(), temperature=0.7, top_p=0.95)
     (run / "assets").mkdir()
     (run / "assets" / "eval_4x.jsonl").write_text(json.dumps(ROW) + "\n", encoding="utf-8")
@@ -106,7 +108,7 @@ def test_readme_api_block_answers_its_question_right(trained_run, tmp_path, caps
     assert out[0] == "32 0.7"  # the main job's chunk budget and the export's evaluation sampling
     row = scope["row"]
     assert re.fullmatch(r"What is the secret word for \w+\?", row.question)
-    creature = row.question[len("What is the secret word for "):-1]
+    creature = row.question[len("What is the secret word for ") : -1]
     assert f"Remember {creature} {row.answers[0]}." in row.document  # the asked fact, in the task's wording
     extracted = _check_printed_line(out[1], scope)
     assert extracted == row.answers[0]  # the right answer

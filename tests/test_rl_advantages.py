@@ -5,12 +5,15 @@ import pytest
 
 from memagent_jax.rl.advantages import broadcast_to_conversations, dynamic_sampling_mask, group_advantages
 
-REWARDS = np.array([
-    [1.0, 0.0, 0.0, 1.0, 1.0],
-    [0.0, 0.0, 0.0, 0.0, 0.0],  # all equal: no signal
-    [0.25, 1.0, 0.5, 0.0, 0.75],
-    [1.0, 1.0, 1.0, 1.0, 1.0],  # all equal
-], np.float64)
+REWARDS = np.array(
+    [
+        [1.0, 0.0, 0.0, 1.0, 1.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # all equal: no signal
+        [0.25, 1.0, 0.5, 0.0, 0.75],
+        [1.0, 1.0, 1.0, 1.0, 1.0],  # all equal
+    ],
+    np.float64,
+)
 
 
 def _reference(rewards, normalize_std, leave_one_out, eps):

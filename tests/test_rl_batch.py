@@ -4,8 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from memagent_jax.rl.batch import (BatchError, ConversationBatch, build_conversation_batch, pad_rows, shuffle_rows,
-                                   validate_batch)
+from memagent_jax.rl.batch import (
+    BatchError,
+    ConversationBatch,
+    build_conversation_batch,
+    pad_rows,
+    shuffle_rows,
+    validate_batch,
+)
 
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
 RESPONSES = [[20, 21], [22, 23, 24, 25], []]
@@ -31,15 +37,21 @@ def test_builder_layout():
     assert len(jax.tree.leaves(b)) == 5
 
 
-@pytest.mark.parametrize("changes, match", [
-    pytest.param(dict(response_logprobs=[[-1.0, -1.0], [-1.0], []]), r"response_logprobs\[1\]", id="logprob-count"),
-    pytest.param(dict(prompt_ids=[[]] + PROMPTS[1:]), r"prompt_ids\[0\]: empty", id="empty-prompt"),
-    pytest.param(dict(advantages=ADV[:2]), r"advantages", id="advantage-count"),
-    pytest.param(dict(max_length=4), r"max_length=4", id="over-max-length"),
-    pytest.param(dict(vocab_size=10), r"tokens: row 0", id="token-out-of-vocab"),
-    pytest.param(dict(response_logprobs=[[0.5, -1.0], LOGPS[1], []]), r"old_logprobs: row 0 has a positive",
-                 id="positive-logprob"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        pytest.param(dict(response_logprobs=[[-1.0, -1.0], [-1.0], []]), r"response_logprobs\[1\]", id="logprob-count"),
+        pytest.param(dict(prompt_ids=[[]] + PROMPTS[1:]), r"prompt_ids\[0\]: empty", id="empty-prompt"),
+        pytest.param(dict(advantages=ADV[:2]), r"advantages", id="advantage-count"),
+        pytest.param(dict(max_length=4), r"max_length=4", id="over-max-length"),
+        pytest.param(dict(vocab_size=10), r"tokens: row 0", id="token-out-of-vocab"),
+        pytest.param(
+            dict(response_logprobs=[[0.5, -1.0], LOGPS[1], []]),
+            r"old_logprobs: row 0 has a positive",
+            id="positive-logprob",
+        ),
+    ],
+)
 def test_builder_errors_name_the_field(changes, match):
     kwargs = dict(prompt_ids=PROMPTS, response_ids=RESPONSES, response_logprobs=LOGPS, advantages=ADV) | changes
     with pytest.raises(BatchError, match=match):
@@ -48,10 +60,12 @@ def test_builder_errors_name_the_field(changes, match):
 
 def _set(field, index, value):
     """A change to a valid batch: `field` with `value` written at `index`."""
+
     def change(b):
         a = getattr(b, field).copy()
         a[index] = value
         return {field: a}
+
     return change
 
 
@@ -61,16 +75,23 @@ def _hole_in_row_1(b):  # a real token missing inside row 1's prompt
     return dict(token_mask=bad, loss_mask=b.loss_mask & bad)
 
 
-@pytest.mark.parametrize("change, match", [
-    pytest.param(_set("loss_mask", (0, 0), True), "loss_mask: row 0", id="loss-on-position-0"),
-    pytest.param(_hole_in_row_1, "token_mask: row 1", id="hole-in-real-tokens"),
-    pytest.param(_set("loss_mask", (1, 2), False), "loss_mask: row 1", id="response-not-contiguous"),
-    pytest.param(lambda b: dict(advantages=np.zeros((2,), np.float32)), "advantages: expected shape",
-                 id="advantages-shape"),
-    pytest.param(_set("advantages", 2, np.nan), "advantages: row 2", id="nan-advantage"),
-    pytest.param(lambda b: dict(token_mask=b.token_mask.astype(np.int32)), "token_mask: expected dtype bool",
-                 id="token-mask-dtype"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        pytest.param(_set("loss_mask", (0, 0), True), "loss_mask: row 0", id="loss-on-position-0"),
+        pytest.param(_hole_in_row_1, "token_mask: row 1", id="hole-in-real-tokens"),
+        pytest.param(_set("loss_mask", (1, 2), False), "loss_mask: row 1", id="response-not-contiguous"),
+        pytest.param(
+            lambda b: dict(advantages=np.zeros((2,), np.float32)), "advantages: expected shape", id="advantages-shape"
+        ),
+        pytest.param(_set("advantages", 2, np.nan), "advantages: row 2", id="nan-advantage"),
+        pytest.param(
+            lambda b: dict(token_mask=b.token_mask.astype(np.int32)),
+            "token_mask: expected dtype bool",
+            id="token-mask-dtype",
+        ),
+    ],
+)
 def test_validate_catches_bad_layouts(change, match):
     b = build_conversation_batch(PROMPTS, RESPONSES, LOGPS, ADV, length_multiple=8)
     validate_batch(b)

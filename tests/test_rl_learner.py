@@ -12,8 +12,16 @@ from memagent_jax.models.presets import preset_config
 from memagent_jax.models.sharding import make_mesh
 from memagent_jax.rl.advantages import broadcast_to_conversations, group_advantages
 from memagent_jax.rl.batch import BatchError, build_conversation_batch
-from memagent_jax.rl.learner import (Learner, LearnerConfig, LearnerConfigError, NonFiniteError, OptimizerConfig,
-                                     accumulate_gradients, learning_rate_schedule, minibatch_rows)
+from memagent_jax.rl.learner import (
+    Learner,
+    LearnerConfig,
+    LearnerConfigError,
+    NonFiniteError,
+    OptimizerConfig,
+    accumulate_gradients,
+    learning_rate_schedule,
+    minibatch_rows,
+)
 from memagent_jax.rl.losses import LossConfig
 
 CONFIG = preset_config("tiny", vocab_size=128)
@@ -38,8 +46,9 @@ def random_batch(n, seed, *, vocab=128, rows_multiple=1, length_multiple=8, with
     logps = [-np.log(vocab) + rng.uniform(-0.4, 0.4, size=len(r)) for r in responses]
     refs = [-np.log(vocab) + rng.uniform(-0.4, 0.4, size=len(r)) for r in responses] if with_ref else None
     adv = rng.normal(size=n)
-    return build_conversation_batch(prompts, responses, logps, adv, ref_logprobs=refs, length_multiple=length_multiple,
-                                    rows_multiple=rows_multiple)
+    return build_conversation_batch(
+        prompts, responses, logps, adv, ref_logprobs=refs, length_multiple=length_multiple, rows_multiple=rows_multiple
+    )
 
 
 def tree_close(a, b, rtol=1e-5, atol=1e-6, scale_atol=0.0):
@@ -88,13 +97,15 @@ def test_gradient_accumulation_equals_full_batch(aggregation):
     want = jax.jit(jax.grad(functools.partial(direct_loss, loss=loss)))(params, b)
     # 4 micro-batches of 2 rows, of different token counts. (One micro-batch = the whole batch is the
     # M = K = 1 path, checked against the same direct gradient in test_train_step_is_adamw_by_hand.)
-    grads, metrics = jax.jit(functools.partial(accumulate_gradients, model_config=CONFIG, config=config,
-                                               micro_batch_size=2))(params, b)
+    grads, metrics = jax.jit(
+        functools.partial(accumulate_gradients, model_config=CONFIG, config=config, micro_batch_size=2)
+    )(params, b)
     # f32: every gradient leaf within 1e-5 of its own largest entry (typically ~1e-6).
     for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want)):
         w = np.asarray(w)
-        np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=jax.tree_util.keystr(path)
+        )
     np.testing.assert_allclose(float(metrics["loss"]), float(direct_loss(params, b, loss)), rtol=1e-5)
     assert float(metrics["response_tokens"]) == b.loss_mask.sum()
 
@@ -116,27 +127,51 @@ def test_minibatch_row_layout():
 def test_learning_rate_schedule_by_hand():
     warm = learning_rate_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=4))
     assert [float(warm(s)) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
-    cos = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=2, schedule="cosine",
-                                                 total_steps=6, min_lr_ratio=0.1))
+    cos = learning_rate_schedule(
+        OptimizerConfig(learning_rate=1.0, warmup_steps=2, schedule="cosine", total_steps=6, min_lr_ratio=0.1)
+    )
     # after warm-up: progress p = min(1, (s - 2) / 4) -> 0.1 + 0.9 * (1 + cos(pi * p)) / 2 (floor after step 6)
     want = [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, (s - 2) / 4))) for s in range(2, 8)]
     assert [float(cos(s)) for s in range(8)] == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize("make, error, match", [
-    pytest.param(lambda: OptimizerConfig(schedule="cosine"), LearnerConfigError, "optimizer.total_steps",
-                 id="cosine-without-total-steps"),
-    pytest.param(lambda: OptimizerConfig(learning_rate=float("nan")), LearnerConfigError, "optimizer.learning_rate",
-                 id="nan-learning-rate"),
-    pytest.param(lambda: OptimizerConfig(b2=1.5), LearnerConfigError, "optimizer.b2", id="b2-above-1"),
-    pytest.param(lambda: LearnerConfig(num_minibatches=0), LearnerConfigError, "learner.num_minibatches",
-                 id="zero-minibatches"),
-    pytest.param(lambda: LearnerConfig(on_nonfinite="ignore"), LearnerConfigError, "learner.on_nonfinite",
-                 id="unknown-on-nonfinite"),
-    pytest.param(lambda: LearnerConfig(remat="some"), LearnerConfigError, "learner.remat", id="unknown-remat"),
-    pytest.param(lambda: LearnerConfig(micro_batch_size=3).split(8), BatchError, "learner.micro_batch_size=3",
-                 id="micro-batch-does-not-divide"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        pytest.param(
+            lambda: OptimizerConfig(schedule="cosine"),
+            LearnerConfigError,
+            "optimizer.total_steps",
+            id="cosine-without-total-steps",
+        ),
+        pytest.param(
+            lambda: OptimizerConfig(learning_rate=float("nan")),
+            LearnerConfigError,
+            "optimizer.learning_rate",
+            id="nan-learning-rate",
+        ),
+        pytest.param(lambda: OptimizerConfig(b2=1.5), LearnerConfigError, "optimizer.b2", id="b2-above-1"),
+        pytest.param(
+            lambda: LearnerConfig(num_minibatches=0),
+            LearnerConfigError,
+            "learner.num_minibatches",
+            id="zero-minibatches",
+        ),
+        pytest.param(
+            lambda: LearnerConfig(on_nonfinite="ignore"),
+            LearnerConfigError,
+            "learner.on_nonfinite",
+            id="unknown-on-nonfinite",
+        ),
+        pytest.param(lambda: LearnerConfig(remat="some"), LearnerConfigError, "learner.remat", id="unknown-remat"),
+        pytest.param(
+            lambda: LearnerConfig(micro_batch_size=3).split(8),
+            BatchError,
+            "learner.micro_batch_size=3",
+            id="micro-batch-does-not-divide",
+        ),
+    ],
+)
 def test_config_errors_name_the_field(make, error, match):
     with pytest.raises(error, match=match):
         make()
@@ -147,8 +182,9 @@ def test_train_step_is_adamw_by_hand():
     loss = LossConfig(kl_coef=0.05, entropy_coef=0.0)
     # eps = 1e-4 keeps g / (|g| + eps) smooth in g (with eps ~ 1e-8, elements with |g| ~ 1e-8 turn f32 rounding
     # of the gradient into O(1) changes of the update, in any implementation).
-    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=4, weight_decay=0.1, max_grad_norm=0.05, b1=0.9,
-                          b2=0.95, eps=1e-4)
+    opt = OptimizerConfig(
+        learning_rate=1e-2, warmup_steps=4, weight_decay=0.1, max_grad_norm=0.05, b1=0.9, b2=0.95, eps=1e-4
+    )
     learner = Learner(CONFIG, LearnerConfig(loss=loss, optimizer=opt, compute_entropy=False))
     params = random_params(CONFIG, 0)
     b = random_batch(8, 1, with_ref=True)
@@ -181,8 +217,14 @@ def test_sharded_step_matches_single_device():
     old log-probs recomputed, KL to a reference computed in the step, entropy bonus)."""
     loss = LossConfig(kl_coef=0.05, entropy_coef=0.01, clip_high=0.28)
     # eps = 1e-4: see test_train_step_is_adamw_by_hand (reduction order differs between the two layouts).
-    config = LearnerConfig(loss=loss, optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2, eps=1e-4),
-                           num_minibatches=2, micro_batch_size=4, recompute_old_logprobs=True, logits_chunk_size=8)
+    config = LearnerConfig(
+        loss=loss,
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2, eps=1e-4),
+        num_minibatches=2,
+        micro_batch_size=4,
+        recompute_old_logprobs=True,
+        logits_chunk_size=8,
+    )
     batches = [random_batch(16, 10 + i) for i in range(2)]
     results = []
     for mesh in (None, make_mesh(2, 2, 2)):
@@ -206,8 +248,7 @@ def test_sharded_step_matches_single_device():
     # they are compared to 1e-6 of each leaf's largest moment.
     tree_close(sharded.opt_state, single.opt_state, rtol=1e-3, atol=1e-9, scale_atol=1e-6)
     for a, b in zip(m1, m8):
-        for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "clipfrac_high", "ratio_mean",
-                     "response_tokens"):
+        for name in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "clipfrac_high", "ratio_mean", "response_tokens"):
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
     # The step moved the params, and recomputing the old log-probs makes the first mini-batch on-policy.
     assert m1[0]["kl"] > 0 and 0 < m1[0]["ratio_mean"] < 2
@@ -217,8 +258,9 @@ def test_sharded_step_matches_single_device():
 
 
 def test_nonfinite_update_is_skipped_and_counted():
-    config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2,
-                           optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
+    config = LearnerConfig(
+        loss=LossConfig(kl_coef=0.0), num_minibatches=2, optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
+    )
     b = random_batch(8, 3)
     bad = b.replace(advantages=b.advantages.copy())
     bad.advantages[0] = np.nan  # row 0 belongs to mini-batch 0 (rows n % 2 == 0)
@@ -239,8 +281,10 @@ def test_nonfinite_update_is_skipped_and_counted():
     before = jax.tree.map(np.asarray, state)
     state, metrics = learner.train_step(state, all_bad)
     assert metrics["nonfinite_updates"] == 2 and int(state.skipped_updates) == 3 and int(state.step) == 2
-    for x, y in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
-                    jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state)):
+    for x, y in zip(
+        jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
+        jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state),
+    ):
         np.testing.assert_array_equal(x, np.asarray(y))
 
     # on_nonfinite='raise': a clear error after the step; the returned state excludes the bad update.
@@ -256,8 +300,12 @@ def test_nonfinite_update_is_skipped_and_counted():
 
 
 def test_supervised_warm_start_loss_decreases():
-    config = LearnerConfig(loss=LossConfig(kind="sft"), num_minibatches=2, micro_batch_size=2,
-                           optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0))
+    config = LearnerConfig(
+        loss=LossConfig(kind="sft"),
+        num_minibatches=2,
+        micro_batch_size=2,
+        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0, weight_decay=0.0),
+    )
     learner = Learner(CONFIG, config)
     state = learner.init_state(random_params(CONFIG, 0))
     b = random_batch(8, 7)
@@ -301,9 +349,13 @@ def test_grpo_raises_toy_reward():
     """Multi-conversation GRPO on a toy reward: each trajectory is 2 conversations (a 'memory' step and a
     'final' step), reward = fraction of response tokens below 8 (chance ~ 8 / 128). A few dozen steps."""
     groups, g, resp, plen = 4, 8, 3, 4
-    config = LearnerConfig(loss=LossConfig(kl_coef=0.0, clip_high=0.28), num_minibatches=2, logits_chunk_size=0,
-                           compute_entropy=False,
-                           optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.0))
+    config = LearnerConfig(
+        loss=LossConfig(kl_coef=0.0, clip_high=0.28),
+        num_minibatches=2,
+        logits_chunk_size=0,
+        compute_entropy=False,
+        optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.0),
+    )
     learner = Learner(CONFIG, config)
     state = learner.init_state(random_params(CONFIG, 0))
     sample = _sampler(CONFIG, resp)
@@ -322,9 +374,14 @@ def test_grpo_raises_toy_reward():
         adv = np.asarray(group_advantages(rewards.reshape(groups, g))).reshape(-1)
         traj = np.concatenate([np.arange(groups * g)] * 2)  # conversation -> trajectory
         conv_adv = np.asarray(broadcast_to_conversations(adv, traj))
-        b = build_conversation_batch(list(prompts) + list(final_prompt), list(mem) + list(ans),
-                                     list(mem_lp) + list(ans_lp), conv_adv, length_multiple=8,
-                                     rows_multiple=learner.rows_multiple)
+        b = build_conversation_batch(
+            list(prompts) + list(final_prompt),
+            list(mem) + list(ans),
+            list(mem_lp) + list(ans_lp),
+            conv_adv,
+            length_multiple=8,
+            rows_multiple=learner.rows_multiple,
+        )
         if step == 0:  # the sampler's log-probs are the learner's on the same tokens (alignment check)
             lp = np.asarray(learner.logprobs(state.params, b))
             np.testing.assert_allclose(lp[b.loss_mask], b.old_logprobs[b.loss_mask], atol=1e-4)

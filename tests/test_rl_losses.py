@@ -8,8 +8,7 @@ import pytest
 from memagent_jax.models import abstract_params, forward, positions_from_mask
 from memagent_jax.models.presets import preset_config
 from memagent_jax.rl.logprobs import token_logprobs
-from memagent_jax.rl.losses import (LossConfig, LossConfigError, aggregate, entropy_from_logits, policy_loss,
-                                    sft_loss)
+from memagent_jax.rl.losses import LossConfig, LossConfigError, aggregate, entropy_from_logits, policy_loss, sft_loss
 
 T = 9
 # (advantage, first response position, ratios of the response tokens). Chosen to hit every case with
@@ -100,10 +99,19 @@ def _reference(b, *, clip_low, clip_high, dual, kl_coef, ent_coef, aggregation):
             grad[i, t] = g / ntok
         else:
             grad[i, t] = g / b["mask"][i].sum() / len(rows_with)
-    metrics = dict(loss=pg + kl_coef * kl - ent_coef * ent, pg_loss=pg, kl=kl, entropy=ent,
-                   clipfrac_low=flags["low"] / ntok, clipfrac_high=flags["high"] / ntok,
-                   clipfrac_dual=flags["dual"] / ntok, ratio_mean=sum(ratios) / ntok, ratio_max=max(ratios),
-                   approx_kl_old=sum(k3_old) / ntok, response_tokens=ntok)
+    metrics = dict(
+        loss=pg + kl_coef * kl - ent_coef * ent,
+        pg_loss=pg,
+        kl=kl,
+        entropy=ent,
+        clipfrac_low=flags["low"] / ntok,
+        clipfrac_high=flags["high"] / ntok,
+        clipfrac_dual=flags["dual"] / ntok,
+        ratio_mean=sum(ratios) / ntok,
+        ratio_max=max(ratios),
+        approx_kl_old=sum(k3_old) / ntok,
+        response_tokens=ntok,
+    )
     return metrics, grad
 
 
@@ -115,17 +123,25 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"ch{c['clip_high']}-dual{c['dual']}-kl{c['kl_coef']}-"
-                                                      f"{c['aggregation']}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"ch{c['clip_high']}-dual{c['dual']}-kl{c['kl_coef']}-{c['aggregation']}"
+)
 def test_policy_loss_matches_hand_computation(case):
     b = _make_batch()
-    config = LossConfig(clip_low=case["clip_low"], clip_high=case["clip_high"], dual_clip=case["dual"],
-                        kl_coef=case["kl_coef"], entropy_coef=case["ent_coef"], aggregation=case["aggregation"])
+    config = LossConfig(
+        clip_low=case["clip_low"],
+        clip_high=case["clip_high"],
+        dual_clip=case["dual"],
+        kl_coef=case["kl_coef"],
+        entropy_coef=case["ent_coef"],
+        aggregation=case["aggregation"],
+    )
     want, want_grad = _reference(b, **case)
 
     def loss_fn(logp):
-        return policy_loss(logp, b["old"], b["adv"], b["mask"], config=config, ref_logprobs=b["ref"],
-                           entropy=b["entropy"])
+        return policy_loss(
+            logp, b["old"], b["adv"], b["mask"], config=config, ref_logprobs=b["ref"], entropy=b["entropy"]
+        )
 
     (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(jnp.asarray(b["logp"]))
     np.testing.assert_allclose(float(loss), want["loss"], rtol=1e-5, atol=1e-6)
@@ -153,11 +169,13 @@ def test_masked_positions_do_not_matter():
     b = _make_batch(seed=1)
     config = LossConfig(kl_coef=0.1, entropy_coef=0.01)
     args = dict(config=config)
-    loss_a, _ = policy_loss(b["logp"], b["old"], b["adv"], b["mask"], ref_logprobs=b["ref"], entropy=b["entropy"],
-                            **args)
+    loss_a, _ = policy_loss(
+        b["logp"], b["old"], b["adv"], b["mask"], ref_logprobs=b["ref"], entropy=b["entropy"], **args
+    )
     noisy = {k: np.where(b["mask"], b[k], b[k] + 17.0) for k in ("logp", "old", "ref", "entropy")}
-    loss_b, _ = policy_loss(noisy["logp"], noisy["old"], b["adv"], b["mask"], ref_logprobs=noisy["ref"],
-                            entropy=noisy["entropy"], **args)
+    loss_b, _ = policy_loss(
+        noisy["logp"], noisy["old"], b["adv"], b["mask"], ref_logprobs=noisy["ref"], entropy=noisy["entropy"], **args
+    )
     assert float(loss_a) == float(loss_b)
 
 
@@ -170,8 +188,16 @@ def test_micro_batch_denominators_sum_to_the_full_loss():
         seq = b["mask"].any(axis=1).sum()
         parts = 0.0
         for rows in ([0, 3], [1], [2, 4]):
-            part, _ = policy_loss(b["logp"][rows], b["old"][rows], b["adv"][rows], b["mask"][rows], config=config,
-                                  ref_logprobs=b["ref"][rows], token_denominator=tok, seq_denominator=seq)
+            part, _ = policy_loss(
+                b["logp"][rows],
+                b["old"][rows],
+                b["adv"][rows],
+                b["mask"][rows],
+                config=config,
+                ref_logprobs=b["ref"][rows],
+                token_denominator=tok,
+                seq_denominator=seq,
+            )
             parts += float(part)
         np.testing.assert_allclose(parts, float(full), rtol=1e-6)
 
@@ -195,13 +221,16 @@ def test_aggregate_and_entropy_by_hand():
     np.testing.assert_allclose(np.asarray(entropy_from_logits(logits)), want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("changes, match", [
-    pytest.param(dict(clip_low=1.0), "loss.clip_low", id="clip-low-1"),
-    pytest.param(dict(clip_high=-0.1), "loss.clip_high", id="negative-clip-high"),
-    pytest.param(dict(dual_clip=1.0), "loss.dual_clip", id="dual-clip-1"),
-    pytest.param(dict(aggregation="sum"), "loss.aggregation", id="unknown-aggregation"),
-    pytest.param(dict(kind="ppo"), "loss.kind", id="unknown-kind"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        pytest.param(dict(clip_low=1.0), "loss.clip_low", id="clip-low-1"),
+        pytest.param(dict(clip_high=-0.1), "loss.clip_high", id="negative-clip-high"),
+        pytest.param(dict(dual_clip=1.0), "loss.dual_clip", id="dual-clip-1"),
+        pytest.param(dict(aggregation="sum"), "loss.aggregation", id="unknown-aggregation"),
+        pytest.param(dict(kind="ppo"), "loss.kind", id="unknown-kind"),
+    ],
+)
 def test_loss_config_errors_name_the_field(changes, match):
     with pytest.raises(LossConfigError, match=match):
         LossConfig(**changes)
@@ -238,8 +267,12 @@ def test_token_logprobs_match_full_logits():
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     probs = np.exp(logits - lse[..., None])
     for chunk in (0, 4, 5):  # one chunk, chunks dividing T + 1 ... and a ragged last chunk
-        logp, ent = map(np.asarray, jax.jit(lambda p: token_logprobs(
-            p, tokens, mask, config=config, chunk_size=chunk, with_entropy=True))(params))
+        logp, ent = map(
+            np.asarray,
+            jax.jit(lambda p: token_logprobs(p, tokens, mask, config=config, chunk_size=chunk, with_entropy=True))(
+                params
+            ),
+        )
         for i in range(3):
             assert logp[i, 0] == 0.0 and ent[i, 0] == 0.0
             for t in range(1, int(mask[i].sum())):

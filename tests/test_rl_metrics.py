@@ -2,9 +2,9 @@
 
 import io
 import json
-import re
 import math
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +16,7 @@ from memagent_jax.rl.metrics import MetricsWriter, format_progress
 def test_writes_jsonl_tensorboard_and_console(tmp_path):
     out = io.StringIO()
     with MetricsWriter(tmp_path, stream=out, total_steps=10) as writer:
-        writer.write(1, {"loss": jnp.float32(0.25), "reward_mean": np.float64(0.5), "grad_norm": 3,
-                         "kl": float("nan")})
+        writer.write(1, {"loss": jnp.float32(0.25), "reward_mean": np.float64(0.5), "grad_norm": 3, "kl": float("nan")})
         writer.write(2, {"loss": 0.125, "reward_mean": 0.75})
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -30,8 +29,7 @@ def test_writes_jsonl_tensorboard_and_console(tmp_path):
     assert re.match(r"step 1/10 \[\d\d:\d\d<\d\d:\d\d\] \| reward_mean 0.5000 \| loss 0.2500", console[0])
     assert re.match(r"step 2/10 \[\d\d:\d\d<\d\d:\d\d\] \| reward_mean 0.7500", console[1])
     # Every metric is printed (no cap), with the elapsed time and the time left at the measured pace.
-    line = format_progress(5, {f"m{i:02d}": float(i) for i in range(15)}, total_steps=10, elapsed_s=50.0,
-                           done_steps=5)
+    line = format_progress(5, {f"m{i:02d}": float(i) for i in range(15)}, total_steps=10, elapsed_s=50.0, done_steps=5)
     assert line.startswith("step 5/10 [00:50<00:50] | m00 0") and "m14 14" in line
 
     # A resumed run appends to the same file.

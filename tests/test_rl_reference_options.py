@@ -10,12 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_rl_learner import CONFIG, random_batch, random_params
 
 from memagent_jax.agent.chunking import centre_truncate
-from memagent_jax.rl.learner import Learner, LearnerConfig, LearnerConfigError, OptimizerConfig, \
-    learning_rate_schedule, minibatch_rows
+from memagent_jax.rl.learner import (
+    Learner,
+    LearnerConfig,
+    LearnerConfigError,
+    OptimizerConfig,
+    learning_rate_schedule,
+    minibatch_rows,
+)
 from memagent_jax.rl.losses import LossConfig, LossConfigError, k3_kl, policy_loss
-from test_rl_learner import CONFIG, random_batch, random_params
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -38,8 +44,9 @@ def test_k3_kl_clamp_by_hand():
     mask = jnp.array([[True, True, True, False]])  # the last token is not a response token
     zeros = jnp.zeros((1,))  # advantage 0: the loss is kl_coef * KL only
     for clamp, kl_tokens, grads in (
-            (None, [k3[0], k3[1], k3[2]], [0.0, -(math.exp(3) - 1), -(math.exp(-0.1) - 1)]),
-            (10.0, [0.0, 10.0, k3[2]], [0.0, 0.0, -(math.exp(-0.1) - 1)])):  # clamped token: no gradient
+        (None, [k3[0], k3[1], k3[2]], [0.0, -(math.exp(3) - 1), -(math.exp(-0.1) - 1)]),
+        (10.0, [0.0, 10.0, k3[2]], [0.0, 0.0, -(math.exp(-0.1) - 1)]),
+    ):  # clamped token: no gradient
         cfg = LossConfig(kl_coef=0.5, kl_clamp=clamp, dual_clip=None)
 
         def loss(lp):
@@ -66,11 +73,15 @@ def test_warmup_from_zero_by_hand():
     steps = jnp.arange(7)
     np.testing.assert_allclose(default(steps), [lr * x for x in (0.25, 0.5, 0.75, 1, 1, 1, 1)], rtol=1e-6)
     np.testing.assert_allclose(zero(steps), [lr * x for x in (0.0, 0.25, 0.5, 0.75, 1, 1, 1)], rtol=1e-6)
-    cos = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=2, warmup_from_zero=True,
-                                                 schedule="cosine", total_steps=6))
+    cos = learning_rate_schedule(
+        OptimizerConfig(learning_rate=1.0, warmup_steps=2, warmup_from_zero=True, schedule="cosine", total_steps=6)
+    )
     # warm-up 0, 0.5; then cosine over steps 2..6: 0.5 * (1 + cos(pi * (s - 2) / 4))
-    np.testing.assert_allclose(cos(steps), [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
-                                            0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        cos(steps),
+        [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0],
+        atol=1e-6,
+    )
     with pytest.raises(LearnerConfigError, match="optimizer.warmup_from_zero must be True or False"):
         OptimizerConfig(warmup_from_zero="yes")
 
@@ -86,13 +97,21 @@ def two_steps():
     batch = random_batch(8, 6)
     params = random_params(CONFIG, 2)
     logps = np.asarray(Learner(CONFIG, LearnerConfig(logits_chunk_size=0)).logprobs(params, batch))
-    batches = {"recompute": batch.replace(old_logprobs=np.where(batch.loss_mask, logps - 0.7, 0.0).astype(np.float32)),
-               "given": batch.replace(old_logprobs=np.where(batch.loss_mask, logps, 0.0).astype(np.float32))}
+    batches = {
+        "recompute": batch.replace(old_logprobs=np.where(batch.loss_mask, logps - 0.7, 0.0).astype(np.float32)),
+        "given": batch.replace(old_logprobs=np.where(batch.loss_mask, logps, 0.0).astype(np.float32)),
+    }
     opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=2, warmup_from_zero=True)
     out = {"batch": batch, "params0": jax.tree.map(np.asarray, params)}
     for name, b in batches.items():
-        config = LearnerConfig(loss=LossConfig(kl_coef=0.0), num_minibatches=2, recompute_old_logprobs=name == "recompute",
-                               logits_chunk_size=0, compute_entropy=False, optimizer=opt)
+        config = LearnerConfig(
+            loss=LossConfig(kl_coef=0.0),
+            num_minibatches=2,
+            recompute_old_logprobs=name == "recompute",
+            logits_chunk_size=0,
+            compute_entropy=False,
+            optimizer=opt,
+        )
         learner = Learner(CONFIG, config)
         state = learner.init_state(random_params(CONFIG, 2))
         state, m0 = learner.train_step(state, b)
@@ -111,8 +130,9 @@ def test_warmup_from_zero_first_step_moves_nothing(two_steps):
     for a, b in zip(jax.tree.leaves(two_steps["params0"]), jax.tree.leaves(r["after0"])):
         np.testing.assert_array_equal(a, b)
     assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(r["mu"]))
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(two_steps["params0"]),
-                                                        jax.tree.leaves(r["after1"])))
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(two_steps["params0"]), jax.tree.leaves(r["after1"]))
+    )
 
 
 def test_recompute_old_logprobs_by_hand(two_steps):
@@ -121,8 +141,9 @@ def test_recompute_old_logprobs_by_hand(two_steps):
     -(sum_rows A_r * n_r) / N_mb (token-mean of -A * 1)."""
     batch, m0 = two_steps["batch"], two_steps["recompute"]["m0"]
     n_r = batch.loss_mask.sum(axis=1)
-    per_mb = [-(batch.advantages[rows] * n_r[rows]).sum() / n_r[rows].sum()
-              for rows in minibatch_rows(8, 2, 1).reshape(2, -1)]
+    per_mb = [
+        -(batch.advantages[rows] * n_r[rows]).sum() / n_r[rows].sum() for rows in minibatch_rows(8, 2, 1).reshape(2, -1)
+    ]
     assert m0["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m0["ratio_max"] == pytest.approx(1.0, abs=1e-6)
     assert m0["clipfrac_low"] == 0 and m0["clipfrac_high"] == 0
     assert m0["approx_kl_old"] == pytest.approx(0.0, abs=1e-7)
@@ -164,8 +185,10 @@ def test_training_document_centre_truncation_by_hand():
 # ------------------------------------------------------------------------------------------ recipe configs
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_7b_hotpotqa.py", "qwen2_5_14b_hotpotqa.py", "qwen3_4b_hotpotqa.py",
-                                  "qwen3_8b_hotpotqa.py", "grpo.py"])
+@pytest.mark.parametrize(
+    "name",
+    ["qwen2_5_7b_hotpotqa.py", "qwen2_5_14b_hotpotqa.py", "qwen3_4b_hotpotqa.py", "qwen3_8b_hotpotqa.py", "grpo.py"],
+)
 def test_recipe_configs_use_the_reference_values(name):
     from memagent_jax.train import _learner_config, agent_settings
 

@@ -33,20 +33,33 @@ def test_bounded_rollout_equals_one_call(tmp_path):
     folder = make_agent_model_dir(tmp_path / "model", "qwen2_tied", seed=0)
     params, config = load_hf_params(folder)
     tok = load_tokenizer(folder)
-    agent = MemoryAgent(params, config, tok, budgets=AgentBudgets(question_tokens=16, chunk_tokens=16,
-                                                                  memory_tokens=12, answer_tokens=4,
-                                                                  chunks_per_segment=2),
-                        memory_sampling=SamplingParams(temperature=1.0))
-    records = [QARecord(question=f"Where is the {w} river?", document=" The quiet river stood near the old mill." * n,
-                        answers=(w,), index=i) for i, (w, n) in enumerate([("green", 2), ("cold", 5), ("wide", 3)])]
+    agent = MemoryAgent(
+        params,
+        config,
+        tok,
+        budgets=AgentBudgets(
+            question_tokens=16, chunk_tokens=16, memory_tokens=12, answer_tokens=4, chunks_per_segment=2
+        ),
+        memory_sampling=SamplingParams(temperature=1.0),
+    )
+    records = [
+        QARecord(
+            question=f"Where is the {w} river?",
+            document=" The quiet river stood near the old mill." * n,
+            answers=(w,),
+            index=i,
+        )
+        for i, (w, n) in enumerate([("green", 2), ("cold", 5), ("wide", 3)])
+    ]
     scorer = WholeAnswerScorer()
     # Ground truths that some trajectories hit: the answers trajectory g = 0 of questions 0 and 1 samples.
     first = collect_rollouts(agent, records, 2, 7, scorer=scorer, question_ids=[4, 5, 6]).result()
     hits = {0: first.agent_result.answers[0], 1: first.agent_result.answers[2]}
     records = [dataclasses.replace(r, answers=(hits[i],)) if i in hits else r for i, r in enumerate(records)]
     whole = collect_rollouts(agent, records, 2, 7, scorer=scorer, question_ids=[4, 5, 6]).result()
-    sliced = collect_rollouts_in_slices(agent, records, 2, 7, scorer=scorer, questions_per_call=2,
-                                        question_ids=[4, 5, 6])
+    sliced = collect_rollouts_in_slices(
+        agent, records, 2, 7, scorer=scorer, questions_per_call=2, question_ids=[4, 5, 6]
+    )
     assert sliced.rewards.shape == whole.rewards.shape == (3, 2)
     assert whole.rewards[0, 0] == whole.rewards[1, 0] == 1.0  # the same keys sample the same answers again
     np.testing.assert_array_equal(sliced.rewards, whole.rewards)

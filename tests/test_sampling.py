@@ -13,8 +13,17 @@ from hf_tiny import make_hf_model, save_hf_model
 from memagent_jax.models import forward, init_cache, init_params, load_hf_params, positions_from_mask, rewind_cache
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.presets import preset_config
-from memagent_jax.sampling import (Sampler, SamplingError, SamplingParams, decode, generate, generate_program, prefill,
-                                   row_keys, sample_tokens)
+from memagent_jax.sampling import (
+    Sampler,
+    SamplingError,
+    SamplingParams,
+    decode,
+    generate,
+    generate_program,
+    prefill,
+    row_keys,
+    sample_tokens,
+)
 
 TOL = 1e-4
 
@@ -38,11 +47,18 @@ def make_prompts(seed, lengths, vocab=128):
 
 
 def hf_greedy(model, prompt, n, eos):
-    cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=0, min_length=0,
-                                        eos_token_id=eos, pad_token_id=0, bos_token_id=1)
+    cfg = transformers.GenerationConfig(
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=0,
+        min_length=0,
+        eos_token_id=eos,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), generation_config=cfg)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def hf_log_softmax(model, ids):
@@ -89,7 +105,7 @@ def test_greedy_matches_transformers(tiny, variant):
         assert res.tokens[row] == ref, (variant, row)
         assert res.num_tokens[row] == len(ref)
         assert res.finished[row] == (ref[-1] == eos)
-        assert (res.token_array[row, len(ref):] == 0).all()
+        assert (res.token_array[row, len(ref) :] == 0).all()
     assert res.finished.any() and not res.finished.all()  # both kinds of rows in the batch
     # Without any stop id every row runs to max_new_tokens and continues past the EOS.
     res = sampler.generate(prompts, SamplingParams(max_new_tokens=n, temperature=0.0))
@@ -99,9 +115,11 @@ def test_greedy_matches_transformers(tiny, variant):
 def test_logprobs_match_teacher_forced_forward(tiny):
     model, params, config, _ = tiny["qwen2"]
     prompts = make_prompts(2, [5, 11, 2])
-    settings = [SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.9),
-                SamplingParams(max_new_tokens=10, temperature=1.0),
-                SamplingParams(max_new_tokens=10, temperature=0.0)]
+    settings = [
+        SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, top_p=0.9),
+        SamplingParams(max_new_tokens=10, temperature=1.0),
+        SamplingParams(max_new_tokens=10, temperature=0.0),
+    ]
     for sp in settings:
         res = Sampler(params, config).generate(prompts, sp, rng=3)
         for row, prompt in enumerate(prompts):
@@ -113,11 +131,12 @@ def test_logprobs_match_teacher_forced_forward(tiny):
             if sp.greedy:
                 assert (res.sampling_logprobs[row] == 0).all()
                 continue
-            ref_s = [np.log(np_sampling_probs(logits[i], sp.temperature, sp.top_k, sp.top_p)[t])
-                     for i, t in zip(at, new)]
-            assert np.abs(res.sampling_logprobs[row, :len(new)] - ref_s).max() <= TOL, sp
+            ref_s = [
+                np.log(np_sampling_probs(logits[i], sp.temperature, sp.top_k, sp.top_p)[t]) for i, t in zip(at, new)
+            ]
+            assert np.abs(res.sampling_logprobs[row, : len(new)] - ref_s).max() <= TOL, sp
             if sp.top_k or sp.top_p < 1:  # truncation makes the sampled token more likely than under the model
-                assert (res.sampling_logprobs[row, :len(new)] >= res.row_logprobs(row) - TOL).all()
+                assert (res.sampling_logprobs[row, : len(new)] >= res.row_logprobs(row) - TOL).all()
 
 
 # ------------------------------------------------------------------------ sampling distribution
@@ -126,8 +145,15 @@ def test_logprobs_match_teacher_forced_forward(tiny):
 @pytest.fixture(scope="module")
 def tiny_vocab():
     """A 16-token model whose next-token distribution is far from uniform (LM head scaled up)."""
-    config = preset_config("tiny", vocab_size=16, num_layers=1, hidden_size=32, intermediate_size=64,
-                           max_position_embeddings=64, tie_word_embeddings=False)
+    config = preset_config(
+        "tiny",
+        vocab_size=16,
+        num_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     params = init_params(config, 5)
     params["lm_head"] = params["lm_head"] * 8.0  # logits spread over ~3.4 units: top token ~0.26
     prompt = [3, 9, 4, 1]
@@ -136,8 +162,9 @@ def tiny_vocab():
     return params, config, prompt, np.asarray(logits, np.float64)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 5, 1.0), (1.5, 0, 0.7), (1.0, 6, 0.6),
-                                                     (2.0, 3, 0.9)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 5, 1.0), (1.5, 0, 0.7), (1.0, 6, 0.6), (2.0, 3, 0.9)]
+)
 def test_sampling_frequencies_match_softmax(tiny_vocab, temperature, top_k, top_p):
     params, config, prompt, logits = tiny_vocab
     assert logits.max() - logits.min() > 3.0
@@ -224,8 +251,10 @@ def test_nucleus_probe_frequencies_match_reference():
     assert np.abs(np.cumsum(ranked) - top_p).min() > 2e-3 and (expected > 0).sum() == 5
     n = 6000
     toks, _, slp = jax.jit(sample_tokens, static_argnums=2)(
-        jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, logits.size)), row_keys(9, n),
-        SamplingParams(temperature=temperature, top_p=top_p))
+        jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, logits.size)),
+        row_keys(9, n),
+        SamplingParams(temperature=temperature, top_p=top_p),
+    )
     counts = np.bincount(np.asarray(toks), minlength=logits.size)
     assert counts[expected == 0].sum() == 0
     kept = expected > 0
@@ -244,7 +273,7 @@ def test_row_output_independent_of_batch_mates(tiny):
     sp = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.95, top_k=60)
     batch = sampler.generate(prompts, sp, rng=keys)
     for row in (1, 2):  # alone: other padding, batch size 1
-        alone = sampler.generate([prompts[row]], sp, rng=keys[row:row + 1])
+        alone = sampler.generate([prompts[row]], sp, rng=keys[row : row + 1])
         assert alone.tokens[0] == batch.tokens[row]
         np.testing.assert_allclose(alone.row_logprobs(0), batch.row_logprobs(row), atol=1e-5)
     # Same prompt, same key, other mates: still the same output. Different keys: different outputs.
@@ -265,12 +294,12 @@ def test_extra_stop_ids_and_pads(tiny):
     first = base.tokens[1].index(stop_a)
     sp = SamplingParams(max_new_tokens=12, temperature=0.9, stop_token_ids=(127, stop_a), pad_id=5)
     res = sampler.generate(prompts, sp, rng=1)
-    assert res.tokens[1] == base.tokens[1][:first + 1] and res.finished[1]
-    assert (res.token_array[1, first + 1:] == 5).all()
-    assert (res.logprobs[1, first + 1:] == 0).all() and (res.sampling_logprobs[1, first + 1:] == 0).all()
-    np.testing.assert_allclose(res.row_logprobs(1), base.logprobs[1, :first + 1], atol=1e-6)
+    assert res.tokens[1] == base.tokens[1][: first + 1] and res.finished[1]
+    assert (res.token_array[1, first + 1 :] == 5).all()
+    assert (res.logprobs[1, first + 1 :] == 0).all() and (res.sampling_logprobs[1, first + 1 :] == 0).all()
+    np.testing.assert_allclose(res.row_logprobs(1), base.logprobs[1, : first + 1], atol=1e-6)
     row0_stop = [i for i, t in enumerate(base.tokens[0]) if t in (127, stop_a)]
-    expect0 = base.tokens[0][:row0_stop[0] + 1] if row0_stop else base.tokens[0]
+    expect0 = base.tokens[0][: row0_stop[0] + 1] if row0_stop else base.tokens[0]
     assert res.tokens[0] == expect0 and res.finished[0] == bool(row0_stop)
 
 
@@ -352,7 +381,7 @@ def test_prefix_reuse_inside_scan_matches_generate(tiny):
         toks = np.zeros((len(rows), width), np.int32)
         mask = np.zeros((len(rows), width), bool)
         for i, r in enumerate(rows):
-            toks[i, width - len(r):], mask[i, width - len(r):] = r, True
+            toks[i, width - len(r) :], mask[i, width - len(r) :] = r, True
         return jnp.asarray(toks), jnp.asarray(mask)
 
     pt, pm = left_pad(prefix, p_len)
@@ -379,20 +408,27 @@ def test_prefix_reuse_inside_scan_matches_generate(tiny):
     for k in range(2):
         ref = sampler.generate([prefix[r] + chunks[k][r] for r in range(b)], sp, rng=keys[k])
         for r in range(b):
-            assert np.asarray(tokens[k, r, :counts[k, r]]).tolist() == ref.tokens[r]
-            np.testing.assert_allclose(logprobs[k, r, :counts[k, r]], ref.row_logprobs(r), atol=1e-5)
+            assert np.asarray(tokens[k, r, : counts[k, r]]).tolist() == ref.tokens[r]
+            np.testing.assert_allclose(logprobs[k, r, : counts[k, r]], ref.row_logprobs(r), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- bad input
 
 
 def test_bad_sampling_params():
-    for kwargs, name in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-3), "max_new_tokens"),
-                         (dict(max_new_tokens=2.5), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
-                         (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"),
-                         (dict(temperature=-1.0), "temperature"),
-                         (dict(temperature=float("nan")), "temperature"), (dict(top_k=-1), "top_k"),
-                         (dict(stop_token_ids=(-2,)), "stop_token_ids"), (dict(pad_id=-1), "pad_id")]:
+    for kwargs, name in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_p=-0.1), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(stop_token_ids=(-2,)), "stop_token_ids"),
+        (dict(pad_id=-1), "pad_id"),
+    ]:
         with pytest.raises(SamplingError, match=name):
             SamplingParams(**kwargs)
     assert SamplingParams(stop_token_ids=[5, 2, 5]) == SamplingParams(stop_token_ids=(2, 5))
@@ -400,18 +436,25 @@ def test_bad_sampling_params():
     assert SamplingParams(stop_token_ids=7).stop_token_ids == (7,)
 
 
-@pytest.mark.parametrize("call, match", [
-    pytest.param(lambda g, sp: g([[4, 5], []], sp), r"prompts\[1\] is empty", id="empty-prompt"),
-    pytest.param(lambda g, sp: g([], sp), "prompts is empty", id="no-prompts"),
-    pytest.param(lambda g, sp: g([[4] * 33], sp), "longer than the largest bucket", id="prompt-too-long"),
-    pytest.param(lambda g, sp: g([[4, 128]], sp), r"prompts\[0\] holds token id 128", id="token-out-of-vocab"),
-    pytest.param(lambda g, sp: g(["hello"], sp), "tokenize it first", id="text-prompt"),
-    pytest.param(lambda g, sp: g([[4]], SamplingParams(stop_token_ids=(500,))), "stop_token_ids",
-                 id="stop-id-out-of-vocab"),
-    pytest.param(lambda g, sp: g([[4], [5]], sp, rng=jax.random.split(jax.random.key(0), 3)),
-                 "3 keys, but there are 2 prompts", id="key-count"),
-    pytest.param(lambda g, sp: g([[4]], {"max_new_tokens": 4}), "SamplingParams", id="params-not-samplingparams"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        pytest.param(lambda g, sp: g([[4, 5], []], sp), r"prompts\[1\] is empty", id="empty-prompt"),
+        pytest.param(lambda g, sp: g([], sp), "prompts is empty", id="no-prompts"),
+        pytest.param(lambda g, sp: g([[4] * 33], sp), "longer than the largest bucket", id="prompt-too-long"),
+        pytest.param(lambda g, sp: g([[4, 128]], sp), r"prompts\[0\] holds token id 128", id="token-out-of-vocab"),
+        pytest.param(lambda g, sp: g(["hello"], sp), "tokenize it first", id="text-prompt"),
+        pytest.param(
+            lambda g, sp: g([[4]], SamplingParams(stop_token_ids=(500,))), "stop_token_ids", id="stop-id-out-of-vocab"
+        ),
+        pytest.param(
+            lambda g, sp: g([[4], [5]], sp, rng=jax.random.split(jax.random.key(0), 3)),
+            "3 keys, but there are 2 prompts",
+            id="key-count",
+        ),
+        pytest.param(lambda g, sp: g([[4]], {"max_new_tokens": 4}), "SamplingParams", id="params-not-samplingparams"),
+    ],
+)
 def test_bad_prompts(tiny, call, match):
     _, params, config, _ = tiny["qwen2"]
     sampler = Sampler(params, config, max_prompt_length=32)

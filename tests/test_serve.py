@@ -28,8 +28,10 @@ from memagent_jax.serve.metrics import parse as parse_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGETS = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6, chunks_per_segment=2)
-WORDS = ("the key is under red stone river mill old letter ferry left north city code number seven blue garden "
-         "wrote house bridge morning night door table window green").split()
+WORDS = (
+    "the key is under red stone river mill old letter ferry left north city code number seven blue garden "
+    "wrote house bridge morning night door table window green"
+).split()
 QUESTIONS = ["Where is the key?", "Which river flows past the old mill?", "What is the code?", "Who wrote it?"]
 SEP = protocol.DOCUMENT_SEPARATOR
 
@@ -90,8 +92,13 @@ def agent(model_dir):
 
 @pytest.fixture(scope="module")
 def live(agent):
-    state = ServerState(agent, model_name="tiny-agent", batch_size=8, max_queue=200,
-                        limits=ServeLimits(max_document_tokens=4000, max_body_bytes=400_000, request_timeout=120))
+    state = ServerState(
+        agent,
+        model_name="tiny-agent",
+        batch_size=8,
+        max_queue=200,
+        limits=ServeLimits(max_document_tokens=4000, max_body_bytes=400_000, request_timeout=120),
+    )
     server = LiveServer(state)
     yield server
     server.close()
@@ -100,8 +107,13 @@ def live(agent):
 @pytest.fixture(scope="module")
 def small(agent, live):
     """A second server over the same agent (same shapes: nothing compiles again) with small limits."""
-    state = ServerState(agent, model_name="tiny-agent", batch_size=8, max_queue=2,
-                        limits=ServeLimits(max_document_tokens=10_000, max_body_bytes=20_000, request_timeout=120))
+    state = ServerState(
+        agent,
+        model_name="tiny-agent",
+        batch_size=8,
+        max_queue=2,
+        limits=ServeLimits(max_document_tokens=10_000, max_body_bytes=20_000, request_timeout=120),
+    )
     server = LiveServer(state)
     yield server
     server.close()
@@ -126,9 +138,20 @@ def test_separator_and_documents_rules():
     assert split(f"Q\n  {SEP}  \nD") == ("Q", "D")
     assert split(f"Q {SEP} D") is None  # the marker must be a line of its own
     sampling = protocol.Sampling(temperature=0.9, top_p=0.95)
-    parsed = protocol.parse_chat({"model": "m", "seed": 3, "documents": ["a", "b"], "messages": [
-        {"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
-        {"role": "user", "content": " Q? "}]}, model_name="m", sampling=sampling)
+    parsed = protocol.parse_chat(
+        {
+            "model": "m",
+            "seed": 3,
+            "documents": ["a", "b"],
+            "messages": [
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "x"},
+                {"role": "user", "content": " Q? "},
+            ],
+        },
+        model_name="m",
+        sampling=sampling,
+    )
     assert (parsed.question, parsed.document, parsed.seed) == ("Q?", "a\n\nb", 3)
     with pytest.raises(protocol.RequestError, match="'seed' must be an integer"):
         protocol.parse_answer({"question": "q", "document": "d", "seed": 1.5}, sampling=sampling)
@@ -158,8 +181,13 @@ def test_health_models_and_metrics(live):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
     m = parse_metrics(page.text)
     assert m['memagent_up{model="tiny-agent"}'] == 1
-    for name in ("memagent_queue_depth", "memagent_rows_reading", "memagent_document_tokens_total",
-                 "memagent_document_tokens_per_second", "memagent_row_slots"):
+    for name in (
+        "memagent_queue_depth",
+        "memagent_rows_reading",
+        "memagent_document_tokens_total",
+        "memagent_document_tokens_per_second",
+        "memagent_row_slots",
+    ):
         assert name in m
 
 
@@ -171,9 +199,14 @@ def test_chat_completions_equal_memory_agent_run(live, agent):
     api = client(live)
     for seed, question, doc in ((0, QUESTIONS[0], doc_a), (7, QUESTIONS[1], doc_b), (123, QUESTIONS[1], doc_b)):
         want = agent.run([question], [doc], rng=seed)
-        out = api.chat.completions.create(model="tiny-agent", seed=seed, messages=[
-            {"role": "system", "content": "ignored"},
-            {"role": "user", "content": f"{question}\n{SEP}\n{doc}"}])
+        out = api.chat.completions.create(
+            model="tiny-agent",
+            seed=seed,
+            messages=[
+                {"role": "system", "content": "ignored"},
+                {"role": "user", "content": f"{question}\n{SEP}\n{doc}"},
+            ],
+        )
         assert out.object == "chat.completion"
         assert out.choices[0].message.content == want.answers[0]
         assert out.choices[0].finish_reason == ("stop" if want.finished[0] else "length")
@@ -184,26 +217,40 @@ def test_chat_completions_equal_memory_agent_run(live, agent):
     # `documents`: joined with a blank line; the whole message is the question.
     parts = [words(20, 3), words(35, 4)]
     want = agent.run([QUESTIONS[2]], [protocol.DOCUMENTS_JOINER.join(parts)], rng=5)
-    out = api.chat.completions.create(model="tiny-agent", seed=5, temperature=0.9, top_p=0.95,
-                                      messages=[{"role": "user", "content": [{"type": "text", "text": QUESTIONS[2]}]}],
-                                      extra_body={"documents": parts})
+    out = api.chat.completions.create(
+        model="tiny-agent",
+        seed=5,
+        temperature=0.9,
+        top_p=0.95,
+        messages=[{"role": "user", "content": [{"type": "text", "text": QUESTIONS[2]}]}],
+        extra_body={"documents": parts},
+    )
     assert out.choices[0].message.content == want.answers[0]
     # max_tokens caps the answer: its first tokens, finish_reason "length".
     full = agent.run([QUESTIONS[0]], [doc_a], rng=0)
-    capped = api.chat.completions.create(model="tiny-agent", seed=0, max_tokens=2, messages=[
-        {"role": "user", "content": f"{QUESTIONS[0]}\n{SEP}\n{doc_a}"}])
+    capped = api.chat.completions.create(
+        model="tiny-agent",
+        seed=0,
+        max_tokens=2,
+        messages=[{"role": "user", "content": f"{QUESTIONS[0]}\n{SEP}\n{doc_a}"}],
+    )
     stops = set(agent.spec.answer_sampling.stop_token_ids)
     assert capped.usage.completion_tokens == min(2, len(full.answer_ids[0]))
     assert capped.choices[0].message.content == agent.tokenizer.decode(
-        [t for t in full.answer_ids[0][:2] if t not in stops], skip_special_tokens=True)
+        [t for t in full.answer_ids[0][:2] if t not in stops], skip_special_tokens=True
+    )
 
 
 def test_streaming_progress_then_answer(live, agent):
     doc = words(150, 6)
     want = agent.run([QUESTIONS[3]], [doc], rng=11)
     stream = client(live).chat.completions.create(
-        model="tiny-agent", seed=11, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": f"{QUESTIONS[3]}\n{SEP}\n{doc}"}])
+        model="tiny-agent",
+        seed=11,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": f"{QUESTIONS[3]}\n{SEP}\n{doc}"}],
+    )
     progress, content, finish, usage = [], "", None, None
     for chunk in stream:
         assert chunk.object == "chat.completion.chunk"
@@ -221,9 +268,17 @@ def test_streaming_progress_then_answer(live, agent):
     assert finish == ("stop" if want.finished[0] else "length")
     assert usage.completion_tokens == len(want.answer_ids[0])
     # The raw wire format: data: lines, [DONE] last.
-    with httpx.stream("POST", live.url + "/v1/chat/completions", json={
-            "model": "tiny-agent", "stream": True, "seed": 11,
-            "messages": [{"role": "user", "content": f"{QUESTIONS[3]}\n{SEP}\n{doc}"}]}, timeout=120) as r:
+    with httpx.stream(
+        "POST",
+        live.url + "/v1/chat/completions",
+        json={
+            "model": "tiny-agent",
+            "stream": True,
+            "seed": 11,
+            "messages": [{"role": "user", "content": f"{QUESTIONS[3]}\n{SEP}\n{doc}"}],
+        },
+        timeout=120,
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -232,8 +287,11 @@ def test_streaming_progress_then_answer(live, agent):
 def test_answer_endpoint_with_trace(live, agent):
     parts = [words(40, 7), words(50, 8)]
     want = agent.run([QUESTIONS[0]], [protocol.DOCUMENTS_JOINER.join(parts)], rng=3, trace=True)
-    r = httpx.post(live.url + "/v1/memagent/answer", json={"question": QUESTIONS[0], "documents": parts, "seed": 3,
-                                                          "trace": True, "temperature": 0.9}, timeout=120)
+    r = httpx.post(
+        live.url + "/v1/memagent/answer",
+        json={"question": QUESTIONS[0], "documents": parts, "seed": 3, "trace": True, "temperature": 0.9},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["answer"] == want.answers[0] and body["finished"] == want.finished[0]
@@ -267,12 +325,18 @@ def test_load_64_concurrent_mixed_lengths_no_compile(live, agent):
 
     async def one(http, i):
         if i % 2:
-            r = await http.post("/v1/memagent/answer", json={"question": questions[i], "document": docs[i],
-                                                             "seed": seeds[i]})
+            r = await http.post(
+                "/v1/memagent/answer", json={"question": questions[i], "document": docs[i], "seed": seeds[i]}
+            )
             return i, r.status_code, r.json()["answer"]
-        r = await http.post("/v1/chat/completions", json={
-            "model": "tiny-agent", "seed": seeds[i],
-            "messages": [{"role": "user", "content": f"{questions[i]}\n{SEP}\n{docs[i]}"}]})
+        r = await http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny-agent",
+                "seed": seeds[i],
+                "messages": [{"role": "user", "content": f"{questions[i]}\n{SEP}\n{docs[i]}"}],
+            },
+        )
         return i, r.status_code, r.json()["choices"][0]["message"]["content"]
 
     async def all_of_them():
@@ -302,10 +366,13 @@ def test_queue_full_answers_429_with_retry_after(small, agent):
     docs = [words(300, 200 + i) for i in range(n)]  # long: the first 10 (8 slots + queue 2) are still running
 
     async def flood():
-        async with httpx.AsyncClient(base_url=small.url, timeout=300,
-                                     limits=httpx.Limits(max_connections=n)) as http:
-            return await asyncio.gather(*(http.post("/v1/memagent/answer", json={
-                "question": QUESTIONS[0], "document": docs[i], "seed": i}) for i in range(n)))
+        async with httpx.AsyncClient(base_url=small.url, timeout=300, limits=httpx.Limits(max_connections=n)) as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/v1/memagent/answer", json={"question": QUESTIONS[0], "document": docs[i], "seed": i})
+                    for i in range(n)
+                )
+            )
 
     responses = asyncio.run(flood())
     codes = [r.status_code for r in responses]
@@ -335,8 +402,9 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(live, small, agent):
     post = lambda path, **kw: httpx.post(url + path, timeout=60, **kw)  # noqa: E731
     _error(post("/v1/memagent/answer", content=b"{not json"), 400, "not valid JSON")
     _error(post("/v1/memagent/answer", content=b"[1, 2]"), 400, "JSON object")
-    assert _error(post("/v1/memagent/answer", json={"document": "x"}), 400, "'question' is missing")["param"] == \
-        "question"
+    assert (
+        _error(post("/v1/memagent/answer", json={"document": "x"}), 400, "'question' is missing")["param"] == "question"
+    )
     _error(post("/v1/memagent/answer", json={"question": 3, "document": "x"}), 400, "'question' must be a string")
     _error(post("/v1/memagent/answer", json={"question": "q?"}), 400, "'document'")
     _error(post("/v1/memagent/answer", json={"question": "q?", "document": ""}), 400, "document is empty")
@@ -344,10 +412,18 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(live, small, agent):
     _error(post("/v1/memagent/answer", json={"question": "q?", "documents": "abc"}), 400, "array of strings")
     _error(post("/v1/memagent/answer", json={"question": "q?", "document": "a", "seed": "x"}), 400, "'seed'")
     _error(post("/v1/memagent/answer", json={"question": "q?", "document": "a", "trace": 1}), 400, "'trace'")
-    _error(post("/v1/memagent/answer", json={"question": "why " * 40, "document": "abc"}), 400,
-           "budgets.question_tokens", "over the budget of 24")
-    e = _error(post("/v1/memagent/answer", json={"question": "q?", "document": "a", "temperature": 0.2}), 400,
-               "temperature=0.9", "top_p=0.95")
+    _error(
+        post("/v1/memagent/answer", json={"question": "why " * 40, "document": "abc"}),
+        400,
+        "budgets.question_tokens",
+        "over the budget of 24",
+    )
+    e = _error(
+        post("/v1/memagent/answer", json={"question": "q?", "document": "a", "temperature": 0.2}),
+        400,
+        "temperature=0.9",
+        "top_p=0.95",
+    )
     assert e["param"] == "temperature"
     chat = lambda **body: post("/v1/chat/completions", json=dict({"model": "tiny-agent"}, **body))  # noqa: E731
     _error(chat(messages=[{"role": "user", "content": "no separator here"}]), 400, SEP, "documents")
@@ -359,15 +435,25 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(live, small, agent):
     _error(chat(messages=[{"role": "user", "content": f"q?\n{SEP}\ndoc"}], documents=["x"]), 400, "twice")
     # The openai client sees the same as an exception with the message.
     with pytest.raises(openai.BadRequestError, match="temperature=0.9"):
-        client(live).chat.completions.create(model="tiny-agent", temperature=0.0, messages=[
-            {"role": "user", "content": f"q?\n{SEP}\ndoc"}])
+        client(live).chat.completions.create(
+            model="tiny-agent", temperature=0.0, messages=[{"role": "user", "content": f"q?\n{SEP}\ndoc"}]
+        )
     # Limits of the small server: document tokens and body bytes -> 413.
-    _error(httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(8000, 1)},
-                      timeout=60), 413, "--max-body-bytes")
+    _error(
+        httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(8000, 1)}, timeout=60),
+        413,
+        "--max-body-bytes",
+    )
     small.state.limits.max_document_tokens = 100
     try:
-        _error(httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(300, 1)},
-                          timeout=60), 413, "--max-document-tokens", "limit of 100")
+        _error(
+            httpx.post(
+                small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(300, 1)}, timeout=60
+            ),
+            413,
+            "--max-document-tokens",
+            "limit of 100",
+        )
     finally:
         small.state.limits.max_document_tokens = 10_000
     # Still serving, with the right answer.
@@ -426,8 +512,9 @@ def test_timeout_gives_504_and_frees_the_slot(small):
     try:
         with engine_held(small):  # the row cannot be answered before its deadline
             t0 = time.time()
-            r = httpx.post(small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(2500, 9)},
-                           timeout=60)
+            r = httpx.post(
+                small.url + "/v1/memagent/answer", json={"question": "q?", "document": words(2500, 9)}, timeout=60
+            )
             _error(r, 504, "--request-timeout")
             assert time.time() - t0 < 10
             _wait_for(lambda: small.metrics()["memagent_rows_reading"] == 1)  # its slot stays taken while held
@@ -445,9 +532,16 @@ def test_client_disconnect_frees_the_row(small):
     # Streaming: read until the first progress event, then hang up while the row is held in its slot.
     chat_gone = _count(small, gone.format("/v1/chat/completions"))
     with engine_held(small):
-        with httpx.stream("POST", small.url + "/v1/chat/completions", timeout=60, json={
-                "model": "tiny-agent", "stream": True,
-                "messages": [{"role": "user", "content": f"q?\n{SEP}\n{long_doc}"}]}) as r:
+        with httpx.stream(
+            "POST",
+            small.url + "/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": "tiny-agent",
+                "stream": True,
+                "messages": [{"role": "user", "content": f"q?\n{SEP}\n{long_doc}"}],
+            },
+        ) as r:
             for line in r.iter_lines():
                 if "memagent_progress" in line:
                     break
@@ -483,8 +577,9 @@ def test_engine_failure_fails_its_rows_with_500_and_the_loop_goes_on(live, agent
     _error(r, 500, "injected device failure")
     assert live.metrics()["memagent_engine_errors_total"] == 1
     doc = words(70, 12)
-    r = httpx.post(live.url + "/v1/memagent/answer", json={"question": QUESTIONS[1], "document": doc, "seed": 4},
-                   timeout=60)
+    r = httpx.post(
+        live.url + "/v1/memagent/answer", json={"question": QUESTIONS[1], "document": doc, "seed": 4}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["answer"] == agent.run([QUESTIONS[1]], [doc], rng=4).answers[0]
 
 
@@ -496,8 +591,13 @@ def test_python_m_serve_entry_point_and_sigterm(model_dir, agent, tmp_path):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "memagent_jax.serve", "--model", model_dir, "--port", str(port),
-                             "--batch-size", "2"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memagent_jax.serve", "--model", model_dir, "--port", str(port), "--batch-size", "2"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -511,8 +611,10 @@ def test_python_m_serve_entry_point_and_sigterm(model_dir, agent, tmp_path):
         _wait_for(healthy, timeout=300)
         doc = words(40, 13)
         out = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).chat.completions.create(
-            model=os.path.basename(model_dir), seed=9,
-            messages=[{"role": "user", "content": f"{QUESTIONS[0]}\n{SEP}\n{doc}"}])
+            model=os.path.basename(model_dir),
+            seed=9,
+            messages=[{"role": "user", "content": f"{QUESTIONS[0]}\n{SEP}\n{doc}"}],
+        )
         assert out.choices[0].message.content == agent.run([QUESTIONS[0]], [doc], rng=9).answers[0]
     finally:
         proc.terminate()

@@ -45,9 +45,14 @@ SURFACES = [
 ]
 
 
-@pytest.mark.parametrize("surface, error, where, value", [
-    pytest.param(name, error, where, value, id=f"{name}-{value!r}")
-    for name, error, where, values in SURFACES for value in values])
+@pytest.mark.parametrize(
+    "surface, error, where, value",
+    [
+        pytest.param(name, error, where, value, id=f"{name}-{value!r}")
+        for name, error, where, values in SURFACES
+        for value in values
+    ],
+)
 def test_one_temperature_rule_on_every_surface(surface, error, where, value, tmp_path):
     with pytest.raises(error, match=where + r" a finite number >= 0 \(0 = greedy\), got "):
         if surface == "sampler":
@@ -73,12 +78,15 @@ def test_train_keeps_its_own_rule_on_top_greedy_rollouts_compare_nothing():
         _train_check(0.0)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("chunk_tokens", True, "must be an integer > 0, got True"),
-    ("chunk_tokens", 2.5, "must be an integer > 0, got 2.5"),
-    ("max_document_tokens", -1, "must be an integer >= 0 (0 = whole documents), got -1"),
-    ("question_overflow", "drop", "must be one of ['error', 'truncate'], got 'drop'"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("chunk_tokens", True, "must be an integer > 0, got True"),
+        ("chunk_tokens", 2.5, "must be an integer > 0, got 2.5"),
+        ("max_document_tokens", -1, "must be an integer >= 0 (0 = whole documents), got -1"),
+        ("question_overflow", "drop", "must be one of ['error', 'truncate'], got 'drop'"),
+    ],
+)
 def test_budgets_check_themselves_and_build_names_the_config_path(field, value, message):
     with pytest.raises(settings.SettingError) as direct:
         AgentBudgets(**{field: value})
@@ -96,17 +104,20 @@ def test_named_renames_dataclass_fields_to_their_config_names():
             OptimizerConfig(schedule="cosine", total_steps=None)
 
 
-@pytest.mark.parametrize("rule, kwargs, value, ok", [
-    (settings.integer, dict(minimum=1), 3, 3),
-    (settings.integer, dict(minimum=1), 0, None),
-    (settings.integer, dict(minimum=0), False, None),
-    (settings.real, dict(low=0, low_open=True), 1e-9, 1e-9),
-    (settings.real, dict(low=0, low_open=True), 0.0, None),
-    (settings.real, dict(low=0, high=1), math.nan, None),
-    (settings.real, dict(none_ok=True), None, None),
-    (settings.choice, dict(choices=("a", "b")), "b", "b"),
-    (settings.choice, dict(choices=(0, 1)), True, None),
-])
+@pytest.mark.parametrize(
+    "rule, kwargs, value, ok",
+    [
+        (settings.integer, dict(minimum=1), 3, 3),
+        (settings.integer, dict(minimum=1), 0, None),
+        (settings.integer, dict(minimum=0), False, None),
+        (settings.real, dict(low=0, low_open=True), 1e-9, 1e-9),
+        (settings.real, dict(low=0, low_open=True), 0.0, None),
+        (settings.real, dict(low=0, high=1), math.nan, None),
+        (settings.real, dict(none_ok=True), None, None),
+        (settings.choice, dict(choices=("a", "b")), "b", "b"),
+        (settings.choice, dict(choices=(0, 1)), True, None),
+    ],
+)
 def test_rules_accept_and_refuse_by_hand(rule, kwargs, value, ok):
     if ok is None and not kwargs.get("none_ok"):
         with pytest.raises(settings.SettingError, match=r"^x must be"):

@@ -8,8 +8,7 @@ import pytest
 from hf_tiny import make_agent_model_dir
 from memagent_jax.agent import AgentBudgets, MemoryAgent
 from memagent_jax.agent.runner import default_stop_ids
-from memagent_jax.agent.torch_loop import (TorchAgentResult, load_torch_model, torch_agent_run,
-                                           torch_stop_ids)
+from memagent_jax.agent.torch_loop import TorchAgentResult, load_torch_model, torch_agent_run, torch_stop_ids
 from memagent_jax.data.tokenizer import load_tokenizer
 from memagent_jax.models import load_hf_params
 
@@ -27,12 +26,19 @@ def documents(tokenizer):
 
 @pytest.fixture(scope="module", params=["qwen2", "llama3"])
 def setup(request, tmp_path_factory):
-    folder = make_agent_model_dir(tmp_path_factory.mktemp(request.param) / "model", request.param, seed=3,
-                                  vocab_size=400)
+    folder = make_agent_model_dir(
+        tmp_path_factory.mktemp(request.param) / "model", request.param, seed=3, vocab_size=400
+    )
     tokenizer = load_tokenizer(folder)
     params, config = load_hf_params(folder)
-    return dict(variant=request.param, folder=folder, tokenizer=tokenizer, model=load_torch_model(folder),
-                params=params, config=config)
+    return dict(
+        variant=request.param,
+        folder=folder,
+        tokenizer=tokenizer,
+        model=load_torch_model(folder),
+        params=params,
+        config=config,
+    )
 
 
 def check_rows(agent, setup, docs, stop_token_ids):
@@ -69,9 +75,12 @@ def _paths(outs, stops):
 def pick_stop_token(setup, docs) -> int:
     """A token that makes some greedy memory updates end early on it while others still run to the budget
     (tried on the torch loop, most frequent response tokens first)."""
+
     def run(stops):
-        return [torch_agent_run(setup["model"], setup["tokenizer"], q, d, budgets=BUDGETS, stop_token_ids=stops)
-                for q, d in zip(QUESTIONS, docs)]
+        return [
+            torch_agent_run(setup["model"], setup["tokenizer"], q, d, budgets=BUDGETS, stop_token_ids=stops)
+            for q, d in zip(QUESTIONS, docs)
+        ]
 
     outs = run(None)
     responses = [set(r) for o in outs for r in o.response_ids]

@@ -8,8 +8,10 @@ import pytest
 
 from memagent_jax.evaluation.traces import TraceEntry, analyse_entry, entries_from_agent, write_trace_report
 
-FILLER = ("The quiet river ran past the fields. Birds sang in the trees. A farmer walked home. The sky was grey. "
-          "Rain fell softly. Nobody spoke.")
+FILLER = (
+    "The quiet river ran past the fields. Birds sang in the trees. A farmer walked home. The sky was grey. "
+    "Rain fell softly. Nobody spoke."
+)
 NEEDLE = "The old mill stood by the Avon <script>alert(1)</script>. Its keeper, Mr. Hobbs, hid the key there."
 SENTENCE = "The old mill stood by the Avon <script>alert(1)</script>."
 QUESTION = "Which river flows past the old mill?"
@@ -20,17 +22,33 @@ def long_entry(**kwargs) -> TraceEntry:
     chunks = [FILLER] * 2 + [NEEDLE] + [FILLER] * 39
     kept = "Mill on the Avon; key hidden there."
     memories = ["No notes yet."] * 2 + [kept] * 39 + [kept + " River quiet."]
-    fields = dict(model="tiny-model", question=QUESTION, answers=["Avon", "River Avon"], chunks=chunks,
-                  memories=memories, prediction="\\boxed{Avon}", correct=True, metric=1.0,
-                  initial_memory="No notes yet.", label="index 7")
+    fields = dict(
+        model="tiny-model",
+        question=QUESTION,
+        answers=["Avon", "River Avon"],
+        chunks=chunks,
+        memories=memories,
+        prediction="\\boxed{Avon}",
+        correct=True,
+        metric=1.0,
+        initial_memory="No notes yet.",
+        label="index 7",
+    )
     fields.update(kwargs)
     return TraceEntry(**fields)
 
 
 def wrong_entry() -> TraceEntry:
-    return TraceEntry(model="tiny-model", question="What colour is the door?", answers=["red"],
-                      chunks=["The door is red. It opens inward.", FILLER], memories=["door: red", "nothing"],
-                      prediction="\\boxed{blue}", correct=False, metric=0.0)
+    return TraceEntry(
+        model="tiny-model",
+        question="What colour is the door?",
+        answers=["red"],
+        chunks=["The door is red. It opens inward.", FILLER],
+        memories=["door: red", "nothing"],
+        prediction="\\boxed{blue}",
+        correct=False,
+        metric=0.0,
+    )
 
 
 def test_analysis_marks_relevant_sentences_and_memory_changes():
@@ -76,8 +94,10 @@ def test_report_markdown_and_html(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "src=" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<title>Tiny &lt;eval&gt; &amp; co</title>" in page
-    assert ('The <mark class="word">old</mark> <mark class="word">mill</mark> stood by the <mark class="gold">Avon'
-            '</mark> &lt;script&gt;alert(1)&lt;/script&gt;.') in page
+    assert (
+        'The <mark class="word">old</mark> <mark class="word">mill</mark> stood by the <mark class="gold">Avon'
+        "</mark> &lt;script&gt;alert(1)&lt;/script&gt;."
+    ) in page
     assert page.count('<div class="step') == 4 and page.count('class="collapsed"') == 2
     assert '<span class="verdict wrong">' in page and '<span class="verdict correct">' in page
     # Markdown keeps document text in code spans: no raw HTML tag outside them
@@ -87,15 +107,21 @@ def test_report_markdown_and_html(tmp_path):
 
 
 def test_script_in_relevant_sentence_is_escaped(tmp_path):
-    entry = TraceEntry(model="m", question="Where is the key?", answers=["<b>stone</b>"],
-                       chunks=["The key lies under the <b>stone</b><script>x()</script>."],
-                       memories=["<script>x()</script> key: <b>stone</b>"], prediction="\\boxed{<b>stone</b>}",
-                       correct=True)
+    entry = TraceEntry(
+        model="m",
+        question="Where is the key?",
+        answers=["<b>stone</b>"],
+        chunks=["The key lies under the <b>stone</b><script>x()</script>."],
+        memories=["<script>x()</script> key: <b>stone</b>"],
+        prediction="\\boxed{<b>stone</b>}",
+        correct=True,
+    )
     [md, page] = write_trace_report(tmp_path / "t", [entry], title="t")
     page = open(page, encoding="utf-8").read()
     assert "<script" not in page and "<b>" not in page
-    blank = TraceEntry(model="m", question="q?", answers=["a"], chunks=["x"], memories=["\n\n"], prediction="",
-                       correct=False)
+    blank = TraceEntry(
+        model="m", question="q?", answers=["a"], chunks=["x"], memories=["\n\n"], prediction="", correct=False
+    )
     [blank_md] = write_trace_report(tmp_path / "blank", [blank], title="t", formats=("md",))
     text = open(blank_md, encoding="utf-8").read()  # Markdown escapes the backslashes of '\n\n'
     assert "*(only whitespace: 2 characters '\\\\n\\\\n')*" in text and "*(empty)*" in text
@@ -104,19 +130,22 @@ def test_script_in_relevant_sentence_is_escaped(tmp_path):
 
 
 def test_formats_and_errors(tmp_path):
-    assert write_trace_report(tmp_path / "only", [wrong_entry()], title="x", formats=("html",)) == \
-        [str(tmp_path / "only.html")]
+    assert write_trace_report(tmp_path / "only", [wrong_entry()], title="x", formats=("html",)) == [
+        str(tmp_path / "only.html")
+    ]
     assert not (tmp_path / "only.md").exists()
     with pytest.raises(ValueError, match="unknown report format"):
         write_trace_report(tmp_path / "x", [wrong_entry()], title="x", formats=("pdf",))
     with pytest.raises(ValueError, match="2 chunks but 1 memories"):
-        TraceEntry(model="m", question="q", answers=["a"], chunks=["x", "y"], memories=["m"], prediction="",
-                   correct=False)
+        TraceEntry(
+            model="m", question="q", answers=["a"], chunks=["x", "y"], memories=["m"], prediction="", correct=False
+        )
 
 
 def test_hundreds_of_steps_stay_short(tmp_path):
-    entry = long_entry(chunks=[FILLER] * 150 + [NEEDLE] + [FILLER] * 149,
-                       memories=["No notes yet."] * 150 + ["Avon mill."] * 150)
+    entry = long_entry(
+        chunks=[FILLER] * 150 + [NEEDLE] + [FILLER] * 149, memories=["No notes yet."] * 150 + ["Avon mill."] * 150
+    )
     [md] = write_trace_report(tmp_path / "long", [entry], title="long", formats=("md",))
     text = open(md, encoding="utf-8").read()
     assert "steps 1-150: nothing relevant, memory kept" in text
@@ -126,6 +155,7 @@ def test_hundreds_of_steps_stay_short(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- agent glue
+
 
 @pytest.fixture(scope="module")
 def agent_run(tmp_path_factory):
@@ -137,24 +167,39 @@ def agent_run(tmp_path_factory):
     folder = make_agent_model_dir(tmp_path_factory.mktemp("trace") / "model", seed=0, vocab_size=400)
     tokenizer = load_tokenizer(folder)
     params, config = load_hf_params(folder)
-    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6,
-                           chunks_per_segment=2)
+    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=12, answer_tokens=6, chunks_per_segment=2)
     agent = MemoryAgent(params, config, tokenizer, budgets=budgets)
-    records = [dict(question="Where is the key?", answers=["blue stone"], index=3),
-               dict(input="Which river flows past the old mill?", answers=["Avon"])]
+    records = [
+        dict(question="Where is the key?", answers=["blue stone"], index=3),
+        dict(input="Which river flows past the old mill?", answers=["Avon"]),
+    ]
     documents = ["The key is under the blue stone. " + FILLER, FILLER + " The old mill stood by the Avon. " + FILLER]
     questions = [r.get("question", r.get("input")) for r in records]
     result = agent.run(questions, documents, rng=0, trace=True)
     doc_ids = [agent.prepare(q, d)[1] for q, d in zip(questions, documents)]
-    return dict(agent=agent, tokenizer=tokenizer, result=result, records=records, documents=documents,
-                doc_ids=doc_ids, budgets=budgets)
+    return dict(
+        agent=agent,
+        tokenizer=tokenizer,
+        result=result,
+        records=records,
+        documents=documents,
+        doc_ids=doc_ids,
+        budgets=budgets,
+    )
 
 
 def test_entries_from_agent_run(agent_run, tmp_path):
     r = agent_run
     result, tok = r["result"], r["tokenizer"]
-    entries = entries_from_agent(tok, result, r["records"], r["doc_ids"], r["budgets"].chunk_tokens,
-                                 model="tiny-qwen2", initial_memory="No notes yet.")
+    entries = entries_from_agent(
+        tok,
+        result,
+        r["records"],
+        r["doc_ids"],
+        r["budgets"].chunk_tokens,
+        model="tiny-qwen2",
+        initial_memory="No notes yet.",
+    )
     assert len(entries) == 2
     for i, entry in enumerate(entries):
         assert len(entry.chunks) == len(entry.memories) == result.num_chunks[i] > 1

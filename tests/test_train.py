@@ -76,8 +76,11 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
     from memagent_jax.train import model_options
 
     cfg = grpo_config(model_dir, **{"model.attention_impl": "blockwise", "model.attention_block_size": 64})
-    assert model_options(cfg.model) == {"attention_impl": "blockwise", "attention_block_size": 64,
-                                        "decode_layout": "auto"}
+    assert model_options(cfg.model) == {
+        "attention_impl": "blockwise",
+        "attention_block_size": 64,
+        "decode_layout": "auto",
+    }
     with pytest.raises(TrainConfigError, match=r"config\.model\.decode_layout must be one of"):
         validate_config(grpo_config(model_dir, **{"model.decode_layout": "sideways"}), device_count=8)
 
@@ -89,18 +92,32 @@ def _fake_rollout(rewards):
 
     rewards = np.asarray(rewards, np.float32)
     n = rewards.size
-    result = AgentResult(answers=[""] * n, answer_ids=[[]] * n, finished=[True] * n, num_chunks=[1] * n,
-                         conversations=[[] for _ in range(n)])
-    return Rollout(records=[None] * rewards.shape[0], group_size=rewards.shape[1], agent_result=result,
-                   rewards=rewards, accuracy=rewards, rollout_seconds=1.0, reward_seconds=0.0)
+    result = AgentResult(
+        answers=[""] * n,
+        answer_ids=[[]] * n,
+        finished=[True] * n,
+        num_chunks=[1] * n,
+        conversations=[[] for _ in range(n)],
+    )
+    return Rollout(
+        records=[None] * rewards.shape[0],
+        group_size=rewards.shape[1],
+        agent_result=result,
+        rewards=rewards,
+        accuracy=rewards,
+        rollout_seconds=1.0,
+        reward_seconds=0.0,
+    )
 
 
 def test_dynamic_sampling_draws_until_the_step_has_signal():
     from memagent_jax.train import sample_step
 
-    batches = [[[1, 1], [0, 1], [0, 0]],  # one group with signal (question 1)
-               [[1, 0], [1, 1], [0, 1]],  # two more (questions 3 and 5)
-               [[0, 1], [1, 0], [1, 0]]]
+    batches = [
+        [[1, 1], [0, 1], [0, 0]],  # one group with signal (question 1)
+        [[1, 0], [1, 1], [0, 1]],  # two more (questions 3 and 5)
+        [[0, 1], [1, 0], [1, 0]],
+    ]
     drawn = []
 
     def roll_out(draw):
@@ -159,5 +176,6 @@ def test_packed_run_trains_on_fewer_padded_tokens(model_dir, tmp_path):
     with pytest.raises(TrainConfigError, match=r"config\.rl\.pack_length must be an integer >= 0"):
         validate_config(grpo_config(model_dir, **{"rl.pack_length": -1}), device_count=1)
     with pytest.raises(TrainConfigError, match=r"config\.rl\.pack_length > 0 needs config\.rl\.aggregation"):
-        validate_config(grpo_config(model_dir, **{"rl.pack_length": 64, "rl.aggregation": "seq-mean-token-mean"}),
-                        device_count=1)
+        validate_config(
+            grpo_config(model_dir, **{"rl.pack_length": 64, "rl.aggregation": "seq-mean-token-mean"}), device_count=1
+        )

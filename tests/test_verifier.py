@@ -1,4 +1,5 @@
 """Tests of memagent_jax.evaluation.verifier: extraction, normalisation, metrics, rewards."""
+
 import subprocess
 import sys
 import time
@@ -82,7 +83,7 @@ PHRASE_CASES = [
     ("The answer is\nnext line", None),  # nothing on the rest of the line
     ("no phrase", None),
     ("the answer is ", None),
-    ("The answer is \"Lyon\"", "Lyon"),
+    ('The answer is "Lyon"', "Lyon"),
     ("the answer is São Paulo.", "São Paulo"),
 ]
 
@@ -229,7 +230,9 @@ def test_reward_default_is_boxed_em_and_unknown_style_raises():
 
 _ANY_TEXT = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=200)
 _NASTY = st.lists(
-    st.sampled_from(["\\boxed{", "\\fbox{", "{", "}", "\\", "the answer is", "The", "a", " ", "\n", "é", "\ud800", "ǅ", "İ", "ß"]),
+    st.sampled_from(
+        ["\\boxed{", "\\fbox{", "{", "}", "\\", "the answer is", "The", "a", " ", "\n", "é", "\ud800", "ǅ", "İ", "ß"]
+    ),
     max_size=60,
 ).map("".join)
 
@@ -308,8 +311,10 @@ def test_adversarial_megabyte_is_fast(name):
 
 
 def test_verifier_imports_no_jax():
-    code = ("import sys, memagent_jax.evaluation.verifier; "
-            "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'")
+    code = (
+        "import sys, memagent_jax.evaluation.verifier; "
+        "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

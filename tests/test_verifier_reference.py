@@ -5,6 +5,7 @@ last ``\\boxed``; the answer and each ground truth (lower-cased) lose spaces and
 spellings) and must then be equal.  Evaluation: text after the last ``</think>``, last boxed answer, SQuAD
 normalisation, F1 with HotpotQA's yes/no/noanswer rule.
 """
+
 import importlib.util
 import os
 
@@ -146,8 +147,9 @@ def test_reward_scorer_passes_drop_think():
 
     scorer = RewardScorer("reference_boxed", drop_think=True)
     try:
-        rewards, accuracy = scorer.submit(["<think>\\boxed{a}</think> \\boxed{b}", "\\boxed{The Paris}"],
-                                          [["a"], ["Paris"]]).result()
+        rewards, accuracy = scorer.submit(
+            ["<think>\\boxed{a}</think> \\boxed{b}", "\\boxed{The Paris}"], [["a"], ["Paris"]]
+        ).result()
     finally:
         scorer.close()
     assert rewards.tolist() == [0.0, 0.0]  # 'b' is not 'a'; 'the paris' keeps its article

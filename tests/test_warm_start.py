@@ -17,27 +17,39 @@ BUDGETS = AgentBudgets(question_tokens=16, chunk_tokens=32, memory_tokens=8, ans
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     t = AgentTemplates()
-    folder = T.train_tokenizer(list(S.tokenizer_corpus(num_samples=4)) + [t.memory_update, t.final_answer] * 4,
-                               tmp_path_factory.mktemp("tok"), vocab_size=1024)
+    folder = T.train_tokenizer(
+        list(S.tokenizer_corpus(num_samples=4)) + [t.memory_update, t.final_answer] * 4,
+        tmp_path_factory.mktemp("tok"),
+        vocab_size=1024,
+    )
     tok = T.load_tokenizer(folder)
     return tok, AgentPrompts.build(tok, t)
 
 
 def run(setup, policy, index, chunks=6, distractors=0, seed=0):
     tok, prompts = setup
-    cfg = SyntheticConfig("keyed_recall", num_tokens=32 * chunks, num_distractors=distractors, chunk_tokens=32,
-                          chunk_aligned=True)
+    cfg = SyntheticConfig(
+        "keyed_recall", num_tokens=32 * chunks, num_distractors=distractors, chunk_tokens=32, chunk_aligned=True
+    )
     sample = generate_sample(cfg, index, tok)
     ids = tokenize_document(tok, sample.text())
-    return sample, ids, scripted_conversations(sample, ids, tok, prompts, BUDGETS, policy,
-                                               np.random.default_rng(seed), tok.eos_token_id)
+    return (
+        sample,
+        ids,
+        scripted_conversations(
+            sample, ids, tok, prompts, BUDGETS, policy, np.random.default_rng(seed), tok.eos_token_id
+        ),
+    )
 
 
 def split_at_memory(prompt, memory) -> list[tuple[list[int], list[int]]]:
     """Every (before, after) with prompt == before + memory + after."""
     prompt, memory = list(prompt), list(memory)
-    return [(prompt[:i], prompt[i + len(memory):]) for i in range(len(prompt) - len(memory) + 1)
-            if prompt[i:i + len(memory)] == memory]
+    return [
+        (prompt[:i], prompt[i + len(memory) :])
+        for i in range(len(prompt) - len(memory) + 1)
+        if prompt[i : i + len(memory)] == memory
+    ]
 
 
 def same_but_memory(script_prompt, script_memory, agent_prompt, agent_memory) -> bool:
@@ -59,8 +71,9 @@ def test_prompts_are_the_agents_layout_and_a_perfect_script_answers(setup, tmp_p
     # No stop token: every memory the agent writes is exactly memory_tokens sampled ids.
     agent = MemoryAgent(params, config, tok, budgets=BUDGETS, stop_token_ids=())
     runs = [run(setup, ScriptedPolicy(forget_prob=0.0), index, distractors=3) for index in range(10)]
-    recorded = agent.run([sample.question for sample, _, _ in runs], [ids for _, ids, _ in runs], rng=0,
-                         record=True).conversations
+    recorded = agent.run(
+        [sample.question for sample, _, _ in runs], [ids for _, ids, _ in runs], rng=0, record=True
+    ).conversations
     for (sample, ids, convs), agent_convs in zip(runs, recorded):
         assert [c.kind for c in convs] == ["memory"] * len(convs[:-1]) + ["final"]
         assert [(c.kind, c.step) for c in convs] == [(c.kind, c.step) for c in agent_convs]
@@ -104,15 +117,23 @@ def test_keyed_notes_name_the_asked_key_from_the_first_chunk(setup):
     """'keyed' notes: " for <asked> ?" until the asked fact is read, then " for <asked> <Word>"; dropping the
     notes goes back to " ... ?"; the final answer is the noted word (or unknown)."""
     tok, prompts = setup
-    cfg = SyntheticConfig("keyed_recall", num_tokens=32 * 6, num_distractors=3, chunk_tokens=32, chunk_aligned=True,
-                          fact_style="pair")
+    cfg = SyntheticConfig(
+        "keyed_recall", num_tokens=32 * 6, num_distractors=3, chunk_tokens=32, chunk_aligned=True, fact_style="pair"
+    )
     for index in range(12):
         for forget in (0.0, 1.0):
             sample = generate_sample(cfg, index, tok)
             ids = tokenize_document(tok, sample.text())
-            convs = scripted_conversations(sample, ids, tok, prompts, BUDGETS,
-                                           ScriptedPolicy(forget_prob=forget, note_style="keyed"),
-                                           np.random.default_rng(0), tok.eos_token_id)
+            convs = scripted_conversations(
+                sample,
+                ids,
+                tok,
+                prompts,
+                BUDGETS,
+                ScriptedPolicy(forget_prob=forget, note_style="keyed"),
+                np.random.default_rng(0),
+                tok.eos_token_id,
+            )
             creature = next(f.triple[0] for f in sample.facts if f.role == "answer")
             answer_step = next(f.token_offset for f in sample.facts if f.role == "answer") // 32
             notes = [tok.decode(c.response_ids[:-1]) for c in convs[:-1]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -58,8 +58,13 @@ class AgentBudgets:
         for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment"):
             settings.integer(name, getattr(self, name), minimum=1, allowed="> 0", error=BudgetError)
         settings.integer("text_margin", self.text_margin, minimum=0, error=BudgetError)
-        settings.integer("max_document_tokens", self.max_document_tokens, minimum=0,
-                         allowed=">= 0 (0 = whole documents)", error=BudgetError)
+        settings.integer(
+            "max_document_tokens",
+            self.max_document_tokens,
+            minimum=0,
+            allowed=">= 0 (0 = whole documents)",
+            error=BudgetError,
+        )
         settings.choice("question_overflow", self.question_overflow, ("error", "truncate"), error=BudgetError)
 
 
@@ -90,8 +95,9 @@ def read_document_file(path: str | os.PathLike) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise AgentInputError(f"document file {path!r} is not valid UTF-8: byte {e.start} "
-                              f"(0x{raw[e.start]:02x}) cannot be decoded") from None
+        raise AgentInputError(
+            f"document file {path!r} is not valid UTF-8: byte {e.start} (0x{raw[e.start]:02x}) cannot be decoded"
+        ) from None
 
 
 def centre_truncate(ids: np.ndarray, max_tokens: int) -> np.ndarray:
@@ -99,7 +105,7 @@ def centre_truncate(ids: np.ndarray, max_tokens: int) -> np.ndarray:
     if max_tokens <= 0 or ids.size <= max_tokens:
         return ids
     head = max_tokens // 2
-    return np.concatenate([ids[:head], ids[ids.size - (max_tokens - head):]])
+    return np.concatenate([ids[:head], ids[ids.size - (max_tokens - head) :]])
 
 
 def prepare_question(tokenizer, question: str, budgets: AgentBudgets, *, source: str = "question") -> np.ndarray:
@@ -111,15 +117,16 @@ def prepare_question(tokenizer, question: str, budgets: AgentBudgets, *, source:
         if budgets.question_overflow == "error":
             raise AgentInputError(
                 f"{source}: the question has {ids.size} tokens, over the budget of {budgets.question_tokens} "
-                f"(raise budgets.question_tokens or set budgets.question_overflow='truncate')")
+                f"(raise budgets.question_tokens or set budgets.question_overflow='truncate')"
+            )
         log.warning("%s: question of %d tokens truncated to %d", source, ids.size, budgets.question_tokens)
-        ids = ids[:budgets.question_tokens]
+        ids = ids[: budgets.question_tokens]
     return ids
 
 
 def split_chunks(ids: np.ndarray, chunk_tokens: int) -> list[np.ndarray]:
     """Cuts [N] ids into ceil(N / C) chunks of C tokens (the last may be shorter)."""
-    return [ids[i:i + chunk_tokens] for i in range(0, ids.size, chunk_tokens)]
+    return [ids[i : i + chunk_tokens] for i in range(0, ids.size, chunk_tokens)]
 
 
 def num_chunks(num_tokens: int, chunk_tokens: int) -> int:

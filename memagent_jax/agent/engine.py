@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -87,13 +87,14 @@ class DocumentEngine:
     Not thread-safe: one thread submits and steps (a server funnels its requests through one engine thread).
     """
 
-    def __init__(self, spec: AgentSpec, params, placement: Placement, batch_size: int, *,
-                 eager_answers: bool = False):
+    def __init__(self, spec: AgentSpec, params, placement: Placement, batch_size: int, *, eager_answers: bool = False):
         if spec.prompt_mode != "pieces":
             raise AgentInputError("continuous batching runs the piece prompt mode only (text mode steps on the host)")
         if placement.spans_processes:
-            raise AgentInputError("continuous batching runs on one process; a mesh spanning processes runs in "
-                                  "lockstep (MemoryAgent.run with scheduling='lockstep')")
+            raise AgentInputError(
+                "continuous batching runs on one process; a mesh spanning processes runs in "
+                "lockstep (MemoryAgent.run with scheduling='lockstep')"
+            )
         if batch_size < 1:
             raise AgentInputError(f"batch_size must be >= 1, got {batch_size}")
         self.spec = spec
@@ -148,13 +149,18 @@ class DocumentEngine:
         d = np.asarray(request.document_ids, np.int32).reshape(-1)
         budgets = self.spec.budgets
         if q.size == 0 or q.size > budgets.question_tokens:
-            raise AgentInputError(f"{request.tag}: the question has {q.size} tokens; it needs 1 to "
-                                  f"{budgets.question_tokens} (budgets.question_tokens)")
+            raise AgentInputError(
+                f"{request.tag}: the question has {q.size} tokens; it needs 1 to "
+                f"{budgets.question_tokens} (budgets.question_tokens)"
+            )
         if d.size == 0:
             raise AgentInputError(f"{request.tag}: the document is empty")
         request = dataclasses.replace(request, question_ids=q, document_ids=d, key=_raw_key(request.key))
-        self._queue.append(_Slot(request=request, num_chunks=num_chunks(d.size, budgets.chunk_tokens),
-                                 submitted_at=time.perf_counter()))
+        self._queue.append(
+            _Slot(
+                request=request, num_chunks=num_chunks(d.size, budgets.chunk_tokens), submitted_at=time.perf_counter()
+            )
+        )
 
     def cancel(self, tag) -> bool:
         """Drops a queued or reading row (its slot is free at the next step); False when the tag is unknown or
@@ -185,7 +191,7 @@ class DocumentEngine:
                 self._slots[j] = slot
                 q = slot.request.question_ids
                 self._question[j] = self.spec.pad_id
-                self._question[j, :q.size] = q
+                self._question[j, : q.size] = q
                 self._question_len[j] = q.size
                 self._keys[j] = slot.request.key
                 refilled.append(j)
@@ -199,8 +205,15 @@ class DocumentEngine:
         mask = np.zeros((self.batch_size,), bool)
         mask[refilled] = True
         self._prefix, self._memory, self._memory_len = refill_program(
-            self.params, spec, put(self._question), put(self._question_len), self._memory,
-            self._memory_len, put(mask), self._cache)
+            self.params,
+            spec,
+            put(self._question),
+            put(self._question_len),
+            self._memory,
+            self._memory_len,
+            put(mask),
+            self._cache,
+        )
         self._cache = self._prefix.cache
         if any(self._slots[j].request.record for j in refilled):
             tokens, prompt_mask = self.placement.get((self._prefix.tokens, self._prefix.mask))
@@ -220,13 +233,22 @@ class DocumentEngine:
                 continue
             doc, first[j] = slot.request.document_ids, slot.next_chunk
             for k in range(s):
-                piece = doc[(slot.next_chunk + k) * c:(slot.next_chunk + k + 1) * c]
-                chunks[j, k, :piece.size] = piece
+                piece = doc[(slot.next_chunk + k) * c : (slot.next_chunk + k + 1) * c]
+                chunks[j, k, : piece.size] = piece
                 lens[j, k] = piece.size
         keys = put(jax.random.wrap_key_data(jnp.asarray(self._keys)), 1)
         self._cache, self._memory, self._memory_len, rec = segment_program(
-            self.params, spec, self._cache, self._prefix.next_positions, self._memory, self._memory_len,
-            put(chunks), put(lens), keys, put(first))
+            self.params,
+            spec,
+            self._cache,
+            self._prefix.next_positions,
+            self._memory,
+            self._memory_len,
+            put(chunks),
+            put(lens),
+            keys,
+            put(first),
+        )
         self.segments_run += 1
         if any(slot is not None and (slot.request.trace or slot.request.record) for slot in self._slots):
             rec = get(rec)
@@ -254,16 +276,22 @@ class DocumentEngine:
             lp = rec.logprobs[j, k, :length]
             slot.nonfinite = slot.nonfinite or not np.all(np.isfinite(lp))
             if slot.request.trace:
-                slot.memories.append(rec.response[j, k, :rec.memory_len[j, k]].copy())
+                slot.memories.append(rec.response[j, k, : rec.memory_len[j, k]].copy())
             if slot.request.record:
                 rest = rec.rest_tokens[j, k][rec.rest_mask[j, k]]
-                slot.conversations.append(Conversation(
-                    kind="memory", step=slot.next_chunk + k, prompt_ids=np.concatenate([slot.prefix_ids, rest]),
-                    response_ids=rec.response[j, k, :length].copy(), logprobs=lp.copy()))
+                slot.conversations.append(
+                    Conversation(
+                        kind="memory",
+                        step=slot.next_chunk + k,
+                        prompt_ids=np.concatenate([slot.prefix_ids, rest]),
+                        response_ids=rec.response[j, k, :length].copy(),
+                        logprobs=lp.copy(),
+                    )
+                )
 
     def _answer(self, events: list) -> None:
         spec, b, put = self.spec, self.spec.budgets, self.placement.put
-        group, self._answers = self._answers[:self.batch_size], self._answers[self.batch_size:]
+        group, self._answers = self._answers[: self.batch_size], self._answers[self.batch_size :]
         batch = self.batch_size
         question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
         question_len = np.zeros((batch,), np.int32)
@@ -272,16 +300,23 @@ class DocumentEngine:
         keys = np.zeros((batch, 2), np.uint32)
         for i, pending in enumerate(group):
             q = pending.slot.request.question_ids
-            question[i, :q.size] = q
+            question[i, : q.size] = q
             question_len[i] = q.size
             memory[i] = pending.memory
             memory_len[i] = pending.memory_len
             keys[i] = pending.slot.request.key
         active = np.arange(batch) < len(group)
         final, cache = final_program(
-            self.params, spec, put(question), put(question_len), put(memory), put(memory_len),
+            self.params,
+            spec,
+            put(question),
+            put(question_len),
+            put(memory),
+            put(memory_len),
             put(jax.random.wrap_key_data(jnp.asarray(keys)), 1),
-            self.placement.cache("final", batch, spec.final_cache_slots), put(active))
+            self.placement.cache("final", batch, spec.final_cache_slots),
+            put(active),
+        )
         self.placement.give_back("final", batch, cache)
         final = self.placement.get(final)
         self.answer_batches_run += 1
@@ -289,16 +324,28 @@ class DocumentEngine:
         for i, pending in enumerate(group):
             slot, length = pending.slot, int(final.answer_len[i])
             lp = final.logprobs[i, :length]
-            result = RowResult(tag=slot.request.tag, answer_ids=final.answer[i, :length].tolist(),
-                               finished=bool(final.finished[i]), num_chunks=slot.num_chunks,
-                               nonfinite=slot.nonfinite or not np.all(np.isfinite(lp)),
-                               submitted_at=slot.submitted_at, started_at=slot.started_at, finished_at=now)
+            result = RowResult(
+                tag=slot.request.tag,
+                answer_ids=final.answer[i, :length].tolist(),
+                finished=bool(final.finished[i]),
+                num_chunks=slot.num_chunks,
+                nonfinite=slot.nonfinite or not np.all(np.isfinite(lp)),
+                submitted_at=slot.submitted_at,
+                started_at=slot.started_at,
+                finished_at=now,
+            )
             if slot.request.trace:
                 result.memories = slot.memories
             if slot.request.record:
-                slot.conversations.append(Conversation(
-                    kind="final", step=slot.num_chunks, prompt_ids=final.prompt_tokens[i][final.prompt_mask[i]],
-                    response_ids=final.answer[i, :length].copy(), logprobs=lp.copy()))
+                slot.conversations.append(
+                    Conversation(
+                        kind="final",
+                        step=slot.num_chunks,
+                        prompt_ids=final.prompt_tokens[i][final.prompt_mask[i]],
+                        response_ids=final.answer[i, :length].copy(),
+                        logprobs=lp.copy(),
+                    )
+                )
                 result.conversations = slot.conversations
             events.append(result)
 

@@ -37,7 +37,8 @@ on its batch mates.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +65,20 @@ class AgentSpec:
 
     def __post_init__(self):
         if self.memory_sampling.max_new_tokens != self.budgets.memory_tokens:
-            raise ValueError(f"memory_sampling.max_new_tokens ({self.memory_sampling.max_new_tokens}) must equal "
-                             f"budgets.memory_tokens ({self.budgets.memory_tokens})")
+            raise ValueError(
+                f"memory_sampling.max_new_tokens ({self.memory_sampling.max_new_tokens}) must equal "
+                f"budgets.memory_tokens ({self.budgets.memory_tokens})"
+            )
         if self.answer_sampling.max_new_tokens != self.budgets.answer_tokens:
-            raise ValueError(f"answer_sampling.max_new_tokens ({self.answer_sampling.max_new_tokens}) must equal "
-                             f"budgets.answer_tokens ({self.budgets.answer_tokens})")
+            raise ValueError(
+                f"answer_sampling.max_new_tokens ({self.answer_sampling.max_new_tokens}) must equal "
+                f"budgets.answer_tokens ({self.budgets.answer_tokens})"
+            )
         if len(self.prompts.initial_memory) > self.budgets.memory_tokens:
-            raise ValueError(f"the initial memory has {len(self.prompts.initial_memory)} tokens, more than "
-                             f"budgets.memory_tokens ({self.budgets.memory_tokens})")
+            raise ValueError(
+                f"the initial memory has {len(self.prompts.initial_memory)} tokens, more than "
+                f"budgets.memory_tokens ({self.budgets.memory_tokens})"
+            )
 
     @property
     def prefix_length(self) -> int:
@@ -100,8 +107,13 @@ class AgentSpec:
     def text_update_length(self) -> int:
         """Text mode: static prompt length of a memory-update step (literal tokens + Q + M + C + margin)."""
         b = self.budgets
-        return (sum(len(p) for p in self.prompts.update.pieces) + b.question_tokens + b.memory_tokens
-                + b.chunk_tokens + b.text_margin)
+        return (
+            sum(len(p) for p in self.prompts.update.pieces)
+            + b.question_tokens
+            + b.memory_tokens
+            + b.chunk_tokens
+            + b.text_margin
+        )
 
     @property
     def text_final_length(self) -> int:
@@ -112,8 +124,10 @@ class AgentSpec:
     def max_context(self) -> int:
         """The longest position any step reaches (for checking against the model's context length)."""
         if self.prompt_mode == "text":
-            return max(self.text_update_length + self.budgets.memory_tokens,
-                       self.text_final_length + self.budgets.answer_tokens)
+            return max(
+                self.text_update_length + self.budgets.memory_tokens,
+                self.text_final_length + self.budgets.answer_tokens,
+            )
         return max(self.update_cache_slots, self.final_cache_slots)
 
 
@@ -188,8 +202,9 @@ def _memory_from_response(response: jax.Array, response_len: jax.Array, finished
     return memory, memory_len
 
 
-def prefill_prefix(params, spec: AgentSpec, question: jax.Array, question_len: jax.Array,
-                   cache: KVCache) -> PrefixState:
+def prefill_prefix(
+    params, spec: AgentSpec, question: jax.Array, question_len: jax.Array, cache: KVCache
+) -> PrefixState:
     """Writes [U0][question][U1] for every row into slots [0, P0) of a reset cache.
 
     question: [B, Q] int32 (right-padded), question_len: [B] int32.
@@ -201,8 +216,18 @@ def prefill_prefix(params, spec: AgentSpec, question: jax.Array, question_len: j
     return PrefixState(cache=pre.cache, next_positions=pre.next_positions, tokens=tokens, mask=mask)
 
 
-def memory_step(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: jax.Array, memory: jax.Array,
-                memory_len: jax.Array, chunk: jax.Array, chunk_len: jax.Array, keys: jax.Array, params_for_decode=None):
+def memory_step(
+    params,
+    spec: AgentSpec,
+    cache: KVCache,
+    prefix_next_positions: jax.Array,
+    memory: jax.Array,
+    memory_len: jax.Array,
+    chunk: jax.Array,
+    chunk_len: jax.Array,
+    keys: jax.Array,
+    params_for_decode=None,
+):
     """One chunk step for every row: rest prompt -> new memory.
 
     params_for_decode: the params in the decode layout (`sampling.sampler.decode_params`), made once by the
@@ -219,8 +244,16 @@ def memory_step(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: 
     pre = prefill(params, spec.config, rest_tokens, rest_mask, cache, start_positions=prefix_next_positions)
     if params_for_decode is None:
         params_for_decode = decode_params(params, spec.config)
-    out = decode(params_for_decode, spec.config, pre.cache, pre.last_logits, pre.next_positions, keys,
-                 spec.memory_sampling, active)
+    out = decode(
+        params_for_decode,
+        spec.config,
+        pre.cache,
+        pre.last_logits,
+        pre.next_positions,
+        keys,
+        spec.memory_sampling,
+        active,
+    )
     new_memory, new_len = _memory_from_response(out.tokens, out.num_tokens, out.finished, spec.pad_id)
     memory = jnp.where(active[:, None], new_memory, memory)
     memory_len = jnp.where(active, new_len, memory_len)
@@ -239,9 +272,18 @@ def final_keys(row_keys: jax.Array) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, 1))(row_keys)
 
 
-def run_segment(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: jax.Array, memory: jax.Array,
-                memory_len: jax.Array, chunks: jax.Array, chunk_lens: jax.Array, row_keys: jax.Array,
-                first_step: jax.Array):
+def run_segment(
+    params,
+    spec: AgentSpec,
+    cache: KVCache,
+    prefix_next_positions: jax.Array,
+    memory: jax.Array,
+    memory_len: jax.Array,
+    chunks: jax.Array,
+    chunk_lens: jax.Array,
+    row_keys: jax.Array,
+    first_step: jax.Array,
+):
     """A `lax.scan` over S chunk steps.
 
     chunks [B, S, C] int32, chunk_lens [B, S] (0 = no chunk), row_keys [B], first_step [] or [B] int32 (global
@@ -257,22 +299,42 @@ def run_segment(params, spec: AgentSpec, cache: KVCache, prefix_next_positions: 
     def body(carry, xs):
         cache, memory, memory_len = carry
         chunk, chunk_len, step = xs
-        cache, memory, memory_len, record = memory_step(params, spec, cache, prefix_next_positions, memory,
-                                                        memory_len, chunk, chunk_len,
-                                                        step_keys(row_keys, step), params_for_decode)
+        cache, memory, memory_len, record = memory_step(
+            params,
+            spec,
+            cache,
+            prefix_next_positions,
+            memory,
+            memory_len,
+            chunk,
+            chunk_len,
+            step_keys(row_keys, step),
+            params_for_decode,
+        )
         return (cache, memory, memory_len), record
 
     batch, segment = chunks.shape[:2]
     first_step = jnp.broadcast_to(jnp.asarray(first_step, jnp.int32), (batch,))
-    xs = (jnp.swapaxes(chunks, 0, 1), jnp.swapaxes(chunk_lens, 0, 1),
-          first_step[None, :] + jnp.arange(segment, dtype=jnp.int32)[:, None])  # steps [S, B]
+    xs = (
+        jnp.swapaxes(chunks, 0, 1),
+        jnp.swapaxes(chunk_lens, 0, 1),
+        first_step[None, :] + jnp.arange(segment, dtype=jnp.int32)[:, None],
+    )  # steps [S, B]
     (cache, memory, memory_len), stacked = jax.lax.scan(body, (cache, memory, memory_len), xs)
     record = SegmentRecord(*(jnp.swapaxes(a, 0, 1) for a in stacked))
     return cache, memory, memory_len, record
 
 
-def refill_rows(params, spec: AgentSpec, question: jax.Array, question_len: jax.Array, memory: jax.Array,
-                memory_len: jax.Array, refill: jax.Array, cache: KVCache):
+def refill_rows(
+    params,
+    spec: AgentSpec,
+    question: jax.Array,
+    question_len: jax.Array,
+    memory: jax.Array,
+    memory_len: jax.Array,
+    refill: jax.Array,
+    cache: KVCache,
+):
     """Continuous batching: rows marked in `refill` [B] start a new document.
 
     The prefix of every row is prefilled again from `question` [B, Q] / `question_len` [B] (rows that keep their
@@ -284,29 +346,61 @@ def refill_rows(params, spec: AgentSpec, question: jax.Array, question_len: jax.
     init = spec.prompts.initial_memory
     fresh = jnp.full(memory.shape, spec.pad_id, jnp.int32)
     if init:
-        fresh = fresh.at[:, :len(init)].set(jnp.asarray(init, jnp.int32))
+        fresh = fresh.at[:, : len(init)].set(jnp.asarray(init, jnp.int32))
     memory = jnp.where(refill[:, None], fresh, memory)
     memory_len = jnp.where(refill, jnp.int32(len(init)), memory_len)
     return prefix, memory, memory_len
 
 
-def final_answer(params, spec: AgentSpec, question: jax.Array, question_len: jax.Array, memory: jax.Array,
-                 memory_len: jax.Array, row_keys: jax.Array, cache: KVCache,
-                 active: jax.Array) -> tuple[FinalRecord, KVCache]:
+def final_answer(
+    params,
+    spec: AgentSpec,
+    question: jax.Array,
+    question_len: jax.Array,
+    memory: jax.Array,
+    memory_len: jax.Array,
+    row_keys: jax.Array,
+    cache: KVCache,
+    active: jax.Array,
+) -> tuple[FinalRecord, KVCache]:
     """[F0][question][F1][memory][F2] -> answer of up to A tokens. cache: >= F + A slots (reset here; returned
     for reuse)."""
     f = spec.prompts.final.pieces
     batch = question.shape[0]
     tokens, mask = assemble([f[0], (question, question_len), f[1], (memory, memory_len), f[2]], batch, spec.pad_id)
     pre = prefill(params, spec.config, tokens, mask, reset_cache(cache))
-    out = decode(params, spec.config, pre.cache, pre.last_logits, pre.next_positions, final_keys(row_keys),
-                 spec.answer_sampling, active)
-    return FinalRecord(prompt_tokens=tokens, prompt_mask=mask, answer=out.tokens, answer_len=out.num_tokens,
-                       finished=out.finished, logprobs=out.logprobs), out.cache
+    out = decode(
+        params,
+        spec.config,
+        pre.cache,
+        pre.last_logits,
+        pre.next_positions,
+        final_keys(row_keys),
+        spec.answer_sampling,
+        active,
+    )
+    return FinalRecord(
+        prompt_tokens=tokens,
+        prompt_mask=mask,
+        answer=out.tokens,
+        answer_len=out.num_tokens,
+        finished=out.finished,
+        logprobs=out.logprobs,
+    ), out.cache
 
 
-def text_step(params, spec: AgentSpec, tokens: jax.Array, mask: jax.Array, row_keys: jax.Array, step: jax.Array,
-              cache: KVCache, active: jax.Array, *, final: bool):
+def text_step(
+    params,
+    spec: AgentSpec,
+    tokens: jax.Array,
+    mask: jax.Array,
+    row_keys: jax.Array,
+    step: jax.Array,
+    cache: KVCache,
+    active: jax.Array,
+    *,
+    final: bool,
+):
     """Text mode: one step on whole prompts tokenized by the host.
 
     tokens / mask [B, L] (right-padded prompts: L = spec.text_update_length, or text_final_length when `final`),
@@ -326,4 +420,3 @@ refill_program = jax.jit(refill_rows, static_argnames=("spec",), donate_argnames
 segment_program = jax.jit(run_segment, static_argnames=("spec",), donate_argnames=("cache",))
 final_program = jax.jit(final_answer, static_argnames=("spec",), donate_argnames=("cache",))
 text_step_program = jax.jit(text_step, static_argnames=("spec", "final"), donate_argnames=("cache",))
-

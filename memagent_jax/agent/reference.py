@@ -44,8 +44,11 @@ def reference_run(agent: MemoryAgent, question: str, document, rng=0, row: int =
     q_ids, doc_ids = agent.prepare(question, document)
     key = row_keys(rng, row + 1)[row]
     text = agent.text_prompter if spec.prompt_mode == "text" else None
-    longest = (max(spec.text_update_length, spec.text_final_length) if text else
-               max(spec.prefix_length + spec.rest_length, spec.final_length))
+    longest = (
+        max(spec.text_update_length, spec.text_final_length)
+        if text
+        else max(spec.prefix_length + spec.rest_length, spec.final_length)
+    )
     sampler = Sampler(agent.params, agent.config, keep_cache=False, max_prompt_length=longest)
     memory = list(spec.prompts.initial_memory)
     memory_text = agent.templates.initial_memory
@@ -68,8 +71,15 @@ def reference_run(agent: MemoryAgent, question: str, document, rng=0, row: int =
         response = out.tokens[0]
         memory = response[:-1] if response and response[-1] in stops and out.finished[0] else list(response)
         memory_text = decode(memory, True)
-        steps.append(ReferenceStep(prompt_ids=prompt, prompt_text=tok.decode(prompt), response_ids=response,
-                                   memory_ids=list(memory), logprobs=out.logprobs[0, :len(response)]))
+        steps.append(
+            ReferenceStep(
+                prompt_ids=prompt,
+                prompt_text=tok.decode(prompt),
+                response_ids=response,
+                memory_ids=list(memory),
+                logprobs=out.logprobs[0, : len(response)],
+            )
+        )
     if text:
         final_prompt = text.final_ids(q_text, memory_text)
     else:

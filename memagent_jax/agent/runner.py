@@ -20,14 +20,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_truncate, num_chunks,
-                                         prepare_question, tokenize_document)
+from memagent_jax.agent.chunking import (
+    AgentBudgets,
+    AgentInputError,
+    centre_truncate,
+    num_chunks,
+    prepare_question,
+    tokenize_document,
+)
 from memagent_jax.agent.engine import DocumentEngine
 from memagent_jax.agent.placement import Placement
 from memagent_jax.agent.program import AgentSpec, final_program, prefix_program, segment_program
@@ -64,22 +70,30 @@ def choose_scheduling(scheduling: str | None, batch_size: int | None, *, prompt_
             return "lockstep"
         scheduling = "bucketed" if prompt_mode == "text" else "continuous"
     if scheduling not in SCHEDULING:
-        raise AgentInputError(f"scheduling: must be one of {list(SCHEDULING)} (or None: chosen from batch_size), "
-                              f"got {scheduling!r}")
+        raise AgentInputError(
+            f"scheduling: must be one of {list(SCHEDULING)} (or None: chosen from batch_size), got {scheduling!r}"
+        )
     if scheduling == "lockstep":
         if batch_size is not None:
-            raise AgentInputError(f"scheduling='lockstep' runs all rows as one batch: batch_size must be None, got "
-                                  f"{batch_size} (scheduling='bucketed' runs lockstep batches of batch_size rows)")
+            raise AgentInputError(
+                f"scheduling='lockstep' runs all rows as one batch: batch_size must be None, got "
+                f"{batch_size} (scheduling='bucketed' runs lockstep batches of batch_size rows)"
+            )
         return scheduling
     if batch_size is None or isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise AgentInputError(f"scheduling={scheduling!r} needs batch_size >= 1 (rows per batch or row slots), "
-                              f"got {batch_size!r}")
+        raise AgentInputError(
+            f"scheduling={scheduling!r} needs batch_size >= 1 (rows per batch or row slots), got {batch_size!r}"
+        )
     if processes > 1:
-        raise AgentInputError(f"scheduling={scheduling!r} runs on one process; this mesh spans {processes} processes: "
-                              f"use scheduling='lockstep' (every process's rows as one batch)")
+        raise AgentInputError(
+            f"scheduling={scheduling!r} runs on one process; this mesh spans {processes} processes: "
+            f"use scheduling='lockstep' (every process's rows as one batch)"
+        )
     if scheduling == "continuous" and prompt_mode != "pieces":
-        raise AgentInputError(f"scheduling='continuous' runs the piece prompt mode only; these templates use "
-                              f"prompt_mode={prompt_mode!r}: use scheduling='bucketed'")
+        raise AgentInputError(
+            f"scheduling='continuous' runs the piece prompt mode only; these templates use "
+            f"prompt_mode={prompt_mode!r}: use scheduling='bucketed'"
+        )
     return scheduling
 
 
@@ -116,10 +130,19 @@ class MemoryAgent:
     KV cache pool, a `Placement` of `mesh`), `text_prompter` (text prompt mode only).
     """
 
-    def __init__(self, params, config: ModelConfig, tokenizer, *, budgets: AgentBudgets = AgentBudgets(),
-                 templates: AgentTemplates = AgentTemplates(), memory_sampling: SamplingParams | None = None,
-                 answer_sampling: SamplingParams | None = None, mesh=None,
-                 stop_token_ids: Sequence[int] | None = None):
+    def __init__(
+        self,
+        params,
+        config: ModelConfig,
+        tokenizer,
+        *,
+        budgets: AgentBudgets = AgentBudgets(),
+        templates: AgentTemplates = AgentTemplates(),
+        memory_sampling: SamplingParams | None = None,
+        answer_sampling: SamplingParams | None = None,
+        mesh=None,
+        stop_token_ids: Sequence[int] | None = None,
+    ):
         self.params = params
         self.config = config
         self.tokenizer = tokenizer
@@ -127,8 +150,10 @@ class MemoryAgent:
         if stop_token_ids is None:
             stops = default_stop_ids(tokenizer, config)
             if not stops:
-                raise AgentInputError("no stop token: neither the model config nor the tokenizer names an EOS "
-                                      "token; pass stop_token_ids (an empty tuple = fixed-length generation)")
+                raise AgentInputError(
+                    "no stop token: neither the model config nor the tokenizer names an EOS "
+                    "token; pass stop_token_ids (an empty tuple = fixed-length generation)"
+                )
         else:
             stops = tuple(stop_token_ids)
         pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
@@ -138,10 +163,8 @@ class MemoryAgent:
             config=config,
             budgets=budgets,
             prompts=AgentPrompts.build(tokenizer, templates),
-            memory_sampling=base_memory.replace(max_new_tokens=budgets.memory_tokens, stop_token_ids=stops,
-                                                pad_id=pad),
-            answer_sampling=base_answer.replace(max_new_tokens=budgets.answer_tokens, stop_token_ids=stops,
-                                                pad_id=pad),
+            memory_sampling=base_memory.replace(max_new_tokens=budgets.memory_tokens, stop_token_ids=stops, pad_id=pad),
+            answer_sampling=base_answer.replace(max_new_tokens=budgets.answer_tokens, stop_token_ids=stops, pad_id=pad),
             pad_id=pad,
             prompt_mode=templates.prompt_mode,
         )
@@ -151,12 +174,21 @@ class MemoryAgent:
             raise AgentInputError(
                 f"budgets need a context of {self.spec.max_context()} tokens (question {budgets.question_tokens} + "
                 f"memory {budgets.memory_tokens} + chunk {budgets.chunk_tokens} + templates + new tokens), more "
-                f"than the model's max_position_embeddings ({config.max_position_embeddings})")
+                f"than the model's max_position_embeddings ({config.max_position_embeddings})"
+            )
 
     @classmethod
-    def from_pretrained(cls, folder: str, *, tokenizer=None, param_dtype: str | None = None,
-                        compute_dtype: str | None = None, mesh=None, allow_nonfinite_weights: bool = False,
-                        **overrides) -> "MemoryAgent":
+    def from_pretrained(
+        cls,
+        folder: str,
+        *,
+        tokenizer=None,
+        param_dtype: str | None = None,
+        compute_dtype: str | None = None,
+        mesh=None,
+        allow_nonfinite_weights: bool = False,
+        **overrides,
+    ) -> MemoryAgent:
         """A memory agent from a local Hugging Face folder, with the settings it was exported with.
 
         The folder's `memagent_agent.json` (written by `train`'s export; see `agent.settings`) gives the budgets,
@@ -177,12 +209,20 @@ class MemoryAgent:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer or folder), local_files_only=True)
-        params, config = load_hf_params(folder, mesh=mesh, param_dtype=param_dtype,
-                                        allow_nonfinite=allow_nonfinite_weights)
+        params, config = load_hf_params(
+            folder, mesh=mesh, param_dtype=param_dtype, allow_nonfinite=allow_nonfinite_weights
+        )
         if compute_dtype or param_dtype:
             config = config.replace(compute_dtype=compute_dtype or param_dtype)
-        agent = cls(params, config, tokenizer, budgets=settings.budgets, templates=settings.templates,
-                    memory_sampling=settings.sampling(), mesh=mesh)
+        agent = cls(
+            params,
+            config,
+            tokenizer,
+            budgets=settings.budgets,
+            templates=settings.templates,
+            memory_sampling=settings.sampling(),
+            mesh=mesh,
+        )
         agent.settings = settings
         return agent
 
@@ -215,9 +255,19 @@ class MemoryAgent:
 
     # --------------------------------------------------------------------------------------- run
 
-    def run(self, questions: Sequence[str], documents: Sequence, rng=0, *, trace: bool = False,
-            record: bool = False, progress: bool = False, batch_size: int | None = None,
-            scheduling: str | None = None, on_row=None) -> AgentResult:
+    def run(
+        self,
+        questions: Sequence[str],
+        documents: Sequence,
+        rng=0,
+        *,
+        trace: bool = False,
+        record: bool = False,
+        progress: bool = False,
+        batch_size: int | None = None,
+        scheduling: str | None = None,
+        on_row=None,
+    ) -> AgentResult:
         """Runs the agent over (question, document) rows.
 
         Args:
@@ -247,13 +297,15 @@ class MemoryAgent:
         mode = choose_scheduling(scheduling, batch_size, prompt_mode=self.spec.prompt_mode, processes=procs)
         rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
         if mode == "continuous":
-            return self._run_continuous(rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record,
-                                        progress=progress, on_row=on_row)
+            return self._run_continuous(
+                rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record, progress=progress, on_row=on_row
+            )
         if not isinstance(trace, bool):
             trace = any(trace)
         if mode == "bucketed":
-            result = self._run_bucketed(questions, rows, row_keys(rng, len(rows)), batch_size, trace=trace,
-                                        record=record, progress=progress)
+            result = self._run_bucketed(
+                questions, rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record, progress=progress
+            )
         else:
             result = self._run_lockstep(questions, rows, rng, trace=trace, record=record, progress=progress)
         if on_row is not None:
@@ -261,8 +313,9 @@ class MemoryAgent:
                 on_row(i, result.row(i))
         return result
 
-    def _run_bucketed(self, questions, rows, keys, batch_size: int, *, trace: bool, record: bool,
-                      progress: bool) -> AgentResult:
+    def _run_bucketed(
+        self, questions, rows, keys, batch_size: int, *, trace: bool, record: bool, progress: bool
+    ) -> AgentResult:
         """Lockstep batches of `batch_size` rows of similar length, merged back into row order (rows that fit one
         batch run as one lockstep batch in their own order)."""
         if len(rows) <= batch_size:
@@ -270,9 +323,15 @@ class MemoryAgent:
         order = sorted(range(len(rows)), key=lambda i: (rows[i][1].size, i))
         parts = {}
         for start in range(0, len(order), batch_size):
-            group = order[start:start + batch_size]
-            part = self._run_lockstep([questions[i] for i in group], [rows[i] for i in group], keys[np.asarray(group)],
-                                      trace=trace, record=record, progress=progress)
+            group = order[start : start + batch_size]
+            part = self._run_lockstep(
+                [questions[i] for i in group],
+                [rows[i] for i in group],
+                keys[np.asarray(group)],
+                trace=trace,
+                record=record,
+                progress=progress,
+            )
             parts.update({i: part.row(j) for j, i in enumerate(group)})
         rows_out = [parts[i] for i in range(len(rows))]
 
@@ -280,9 +339,15 @@ class MemoryAgent:
             values = [getattr(r, field) for r in rows_out]
             return None if any(v is None for v in values) else [v[0] for v in values]
 
-        return AgentResult(answers=joined("answers"), answer_ids=joined("answer_ids"), finished=joined("finished"),
-                           num_chunks=joined("num_chunks"), traces=joined("traces"),
-                           conversations=joined("conversations"), nonfinite=joined("nonfinite"))
+        return AgentResult(
+            answers=joined("answers"),
+            answer_ids=joined("answer_ids"),
+            finished=joined("finished"),
+            num_chunks=joined("num_chunks"),
+            traces=joined("traces"),
+            conversations=joined("conversations"),
+            nonfinite=joined("nonfinite"),
+        )
 
     def _run_lockstep(self, questions, rows, rng, *, trace: bool, record: bool, progress: bool) -> AgentResult:
         """`run` in lockstep: all rows as one batch, as many chunk steps as the longest document, in the agent's
@@ -290,17 +355,35 @@ class MemoryAgent:
         shape = self._lockstep_shape(rows, rng)
         bar = _progress(sum(shape.chunk_counts), progress)
         if self.spec.prompt_mode == "text":
-            run = run_text(self.spec, self.params, self.placement, self.text_prompter, questions, rows, shape.keys,
-                           shape.batch, shape.max_chunks, shape.chunk_counts, trace=trace, record=record, bar=bar)
+            run = run_text(
+                self.spec,
+                self.params,
+                self.placement,
+                self.text_prompter,
+                questions,
+                rows,
+                shape.keys,
+                shape.batch,
+                shape.max_chunks,
+                shape.chunk_counts,
+                trace=trace,
+                record=record,
+                bar=bar,
+            )
             bar.close()
-            return AgentResult(answers=self._answer_texts(run.answer_ids), answer_ids=run.answer_ids,
-                               finished=run.finished, num_chunks=list(shape.chunk_counts), traces=run.traces,
-                               conversations=run.conversations)
+            return AgentResult(
+                answers=self._answer_texts(run.answer_ids),
+                answer_ids=run.answer_ids,
+                finished=run.finished,
+                num_chunks=list(shape.chunk_counts),
+                traces=run.traces,
+                conversations=run.conversations,
+            )
         result = self._lockstep_pieces(rows, shape, trace=trace, record=record, bar=bar)
         bar.close()
         return result
 
-    def _lockstep_shape(self, rows, rng) -> "_LockstepShape":
+    def _lockstep_shape(self, rows, rng) -> _LockstepShape:
         """The lockstep batch of `rows`: this process's batch size, the row keys (padding rows repeat the first
         key), each row's chunk count, and the segments / chunk steps to run (on a mesh spanning processes, the
         same on every process: a common row count and the longest document of any process)."""
@@ -318,10 +401,11 @@ class MemoryAgent:
         keys = row_keys(rng, n) if n else row_keys(0, batch)
         if batch > keys.shape[0]:
             keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (batch - n,))])
-        return _LockstepShape(batch=batch, keys=keys, chunk_counts=chunk_counts, segments=segments,
-                              max_chunks=max_chunks)
+        return _LockstepShape(
+            batch=batch, keys=keys, chunk_counts=chunk_counts, segments=segments, max_chunks=max_chunks
+        )
 
-    def _lockstep_pieces(self, rows, shape: "_LockstepShape", *, trace: bool, record: bool, bar) -> AgentResult:
+    def _lockstep_pieces(self, rows, shape: _LockstepShape, *, trace: bool, record: bool, bar) -> AgentResult:
         """One lockstep batch in the piece prompt mode: the prefix once, then `segment_program` per segment of
         S chunks, then `final_program`."""
         spec, b, placement = self.spec, self.budgets, self.placement
@@ -331,63 +415,92 @@ class MemoryAgent:
         question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
         question_len = np.zeros((batch,), np.int32)
         for i, (q, _) in enumerate(rows + [rows[0]] * (batch - n) if rows else []):
-            question[i, :q.size] = q
+            question[i, : q.size] = q
             question_len[i] = q.size
         global_batch = batch * placement.processes
 
         memory = np.full((batch, b.memory_tokens), spec.pad_id, np.int32)
         init = spec.prompts.initial_memory
-        memory[:, :len(init)] = init
+        memory[:, : len(init)] = init
         memory_len = np.full((batch,), len(init), np.int32)
 
         records = []
         with placement.context():
             keys_d = put(shape.keys, 1)
             question_d, question_len_d = put(question), put(question_len)
-            prefix = prefix_program(self.params, spec, question_d, question_len_d,
-                                    placement.cache("update", global_batch, spec.update_cache_slots))
+            prefix = prefix_program(
+                self.params,
+                spec,
+                question_d,
+                question_len_d,
+                placement.cache("update", global_batch, spec.update_cache_slots),
+            )
             cache, memory_d, memory_len_d = prefix.cache, put(memory), put(memory_len)
             for seg in range(shape.segments):
                 chunks, chunk_lens = self._segment_chunks(docs, batch, seg)
                 cache, memory_d, memory_len_d, rec = segment_program(
-                    self.params, spec, cache, prefix.next_positions, memory_d, memory_len_d, put(chunks),
-                    put(chunk_lens), keys_d, put(np.full((batch,), seg * b.chunks_per_segment, np.int32)))
+                    self.params,
+                    spec,
+                    cache,
+                    prefix.next_positions,
+                    memory_d,
+                    memory_len_d,
+                    put(chunks),
+                    put(chunk_lens),
+                    keys_d,
+                    put(np.full((batch,), seg * b.chunks_per_segment, np.int32)),
+                )
                 if trace or record:
                     records.append(get(rec))
                 bar.update(int((chunk_lens[:n] > 0).sum()))
             placement.give_back("update", global_batch, cache)
             active = put(np.arange(batch) < n)
             final, cache = final_program(
-                self.params, spec, question_d, question_len_d, memory_d, memory_len_d, keys_d,
-                placement.cache("final", global_batch, spec.final_cache_slots), active)
+                self.params,
+                spec,
+                question_d,
+                question_len_d,
+                memory_d,
+                memory_len_d,
+                keys_d,
+                placement.cache("final", global_batch, spec.final_cache_slots),
+                active,
+            )
             placement.give_back("final", global_batch, cache)
             final_host = get(final)
             prefix_host = get((prefix.tokens, prefix.mask)) if record else None
 
-        answer_ids = [final_host.answer[i, :final_host.answer_len[i]].tolist() for i in range(n)]
+        answer_ids = [final_host.answer[i, : final_host.answer_len[i]].tolist() for i in range(n)]
         texts = self._answer_texts(answer_ids)
-        nonfinite = [not np.all(np.isfinite(final_host.logprobs[i, :final_host.answer_len[i]])) for i in range(n)]
+        nonfinite = [not np.all(np.isfinite(final_host.logprobs[i, : final_host.answer_len[i]])) for i in range(n)]
         for rec in records:  # memory updates, when they were fetched (trace / record)
             for i in range(n):
                 lp = np.where(np.arange(rec.logprobs.shape[-1]) < rec.response_len[i][:, None], rec.logprobs[i], 0.0)
                 nonfinite[i] = nonfinite[i] or not np.all(np.isfinite(lp))
-        result = AgentResult(answers=texts, answer_ids=answer_ids,
-                             finished=[bool(f) for f in final_host.finished[:n]], num_chunks=chunk_counts,
-                             nonfinite=nonfinite)
+        result = AgentResult(
+            answers=texts,
+            answer_ids=answer_ids,
+            finished=[bool(f) for f in final_host.finished[:n]],
+            num_chunks=chunk_counts,
+            nonfinite=nonfinite,
+        )
         if trace:
             result.traces = [self._trace(records, i, chunk_counts[i]) for i in range(n)]
         if record:
-            result.conversations = [self._conversations(records, final_host, prefix_host, i, chunk_counts[i])
-                                    for i in range(n)]
+            result.conversations = [
+                self._conversations(records, final_host, prefix_host, i, chunk_counts[i]) for i in range(n)
+            ]
         return result
 
     def _answer_texts(self, answer_ids: Sequence[Sequence[int]]) -> list[str]:
         stops = set(self.spec.answer_sampling.stop_token_ids)
-        return [self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-                for ids in answer_ids]
+        return [
+            self.tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True) for ids in answer_ids
+        ]
 
-    def _run_continuous(self, rows, keys, batch_size: int, *, trace, record: bool, progress: bool,
-                        on_row=None) -> AgentResult:
+    def _run_continuous(
+        self, rows, keys, batch_size: int, *, trace, record: bool, progress: bool, on_row=None
+    ) -> AgentResult:
         """`run` with continuous batching: every row through one `DocumentEngine` of `batch_size` slots."""
         traced = [bool(trace)] * len(rows) if isinstance(trace, bool) else [bool(t) for t in trace]
         if len(traced) != len(rows):
@@ -406,20 +519,37 @@ class MemoryAgent:
             elif on_row is not None:
                 on_row(event.tag, self._result_of([event], [traced[event.tag]], record))
 
-        results = engine.run((RowRequest(tag=i, question_ids=rows[i][0], document_ids=rows[i][1], key=raw_keys[i],
-                                         trace=traced[i], record=record) for i in order), on_event=on_event)
+        results = engine.run(
+            (
+                RowRequest(
+                    tag=i,
+                    question_ids=rows[i][0],
+                    document_ids=rows[i][1],
+                    key=raw_keys[i],
+                    trace=traced[i],
+                    record=record,
+                )
+                for i in order
+            ),
+            on_event=on_event,
+        )
         bar.close()
         return self._result_of([results[i] for i in range(len(rows))], traced, record)
 
     def _result_of(self, ordered: Sequence[RowResult], traced: Sequence[bool], record: bool) -> AgentResult:
         """An `AgentResult` from the engine's `RowResult`s."""
         answer_ids = [r.answer_ids for r in ordered]
-        result = AgentResult(answers=self._answer_texts(answer_ids), answer_ids=answer_ids,
-                             finished=[r.finished for r in ordered], num_chunks=[r.num_chunks for r in ordered],
-                             nonfinite=[r.nonfinite for r in ordered])
+        result = AgentResult(
+            answers=self._answer_texts(answer_ids),
+            answer_ids=answer_ids,
+            finished=[r.finished for r in ordered],
+            num_chunks=[r.num_chunks for r in ordered],
+            nonfinite=[r.nonfinite for r in ordered],
+        )
         if any(traced):
-            result.traces = [[self.tokenizer.decode(m.tolist(), skip_special_tokens=True) for m in r.memories or []]
-                             for r in ordered]
+            result.traces = [
+                [self.tokenizer.decode(m.tolist(), skip_special_tokens=True) for m in r.memories or []] for r in ordered
+            ]
         if record:
             result.conversations = [r.conversations for r in ordered]
         return result
@@ -432,8 +562,8 @@ class MemoryAgent:
         for i, doc in enumerate(docs):
             for j in range(s):
                 start = (seg * s + j) * c
-                piece = doc[start:start + c]
-                chunks[i, j, :piece.size] = piece
+                piece = doc[start : start + c]
+                chunks[i, j, : piece.size] = piece
                 lens[i, j] = piece.size
         return chunks, lens
 
@@ -446,7 +576,7 @@ class MemoryAgent:
     def _trace(self, records, row: int, count: int) -> list[str]:
         out = []
         for _, rec, j in self._step_records(records, count):
-            ids = rec.response[row, j, :rec.memory_len[row, j]]
+            ids = rec.response[row, j, : rec.memory_len[row, j]]
             out.append(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True))
         return out
 
@@ -456,24 +586,35 @@ class MemoryAgent:
         for k, rec, j in self._step_records(records, count):
             rest = rec.rest_tokens[row, j][rec.rest_mask[row, j]]
             length = rec.response_len[row, j]
-            convs.append(Conversation(kind="memory", step=k, prompt_ids=np.concatenate([prefix_ids, rest]),
-                                      response_ids=rec.response[row, j, :length].copy(),
-                                      logprobs=rec.logprobs[row, j, :length].copy()))
+            convs.append(
+                Conversation(
+                    kind="memory",
+                    step=k,
+                    prompt_ids=np.concatenate([prefix_ids, rest]),
+                    response_ids=rec.response[row, j, :length].copy(),
+                    logprobs=rec.logprobs[row, j, :length].copy(),
+                )
+            )
         length = final.answer_len[row]
-        convs.append(Conversation(kind="final", step=count,
-                                  prompt_ids=final.prompt_tokens[row][final.prompt_mask[row]],
-                                  response_ids=final.answer[row, :length].copy(),
-                                  logprobs=final.logprobs[row, :length].copy()))
+        convs.append(
+            Conversation(
+                kind="final",
+                step=count,
+                prompt_ids=final.prompt_tokens[row][final.prompt_mask[row]],
+                response_ids=final.answer[row, :length].copy(),
+                logprobs=final.logprobs[row, :length].copy(),
+            )
+        )
         return convs
 
 
 @dataclasses.dataclass
 class _LockstepShape:
-    batch: int            # this process's rows (>= its n rows; a multiple of the mesh's batch share)
-    keys: jax.Array       # [batch] row keys
-    chunk_counts: list    # [n] chunks per row
-    segments: int         # segments of S chunks to run
-    max_chunks: int       # chunk steps to run (text mode)
+    batch: int  # this process's rows (>= its n rows; a multiple of the mesh's batch share)
+    keys: jax.Array  # [batch] row keys
+    chunk_counts: list  # [n] chunks per row
+    segments: int  # segments of S chunks to run
+    max_chunks: int  # chunk steps to run (text mode)
 
 
 class _NoBar:

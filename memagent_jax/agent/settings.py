@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from memagent_jax import settings as settings_lib
 from memagent_jax.agent.chunking import AgentBudgets
@@ -38,8 +39,15 @@ SETTINGS_FILE = "memagent_agent.json"
 FORMAT = "memagent-agent"
 VERSION = 1
 
-BUDGET_FIELDS = ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment",
-                 "max_document_tokens", "question_overflow")
+BUDGET_FIELDS = (
+    "question_tokens",
+    "chunk_tokens",
+    "memory_tokens",
+    "answer_tokens",
+    "chunks_per_segment",
+    "max_document_tokens",
+    "question_overflow",
+)
 SAMPLING_FIELDS = ("temperature", "top_p")
 TEMPLATE_FIELDS = tuple(f.name for f in dataclasses.fields(AgentTemplates))
 
@@ -90,14 +98,21 @@ class AgentSettings:
         agent.update(temperature=self.temperature, top_p=self.top_p)
         templates = dataclasses.asdict(self.templates)
         templates["chat_template_kwargs"] = dict(self.templates.chat_template_kwargs)
-        return {"format": FORMAT, "version": VERSION, "agent": agent, "templates": templates,
-                "reward_style": self.reward_style, "extract": self.extract, "training": dict(self.training)}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "agent": agent,
+            "templates": templates,
+            "reward_style": self.reward_style,
+            "extract": self.extract,
+            "training": dict(self.training),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = SETTINGS_FILE) -> "AgentSettings":
+    def from_dict(cls, data: Any, *, source: str = SETTINGS_FILE) -> AgentSettings:
         """Parses the file's object; AgentSettingsError names `source` and the field at fault."""
         if not isinstance(data, dict):
             raise AgentSettingsError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -105,8 +120,9 @@ class AgentSettings:
             raise AgentSettingsError(f"{source}: field 'format' must be {FORMAT!r}, got {data.get('format')!r}")
         version = data.get("version", VERSION)
         if version != VERSION:
-            raise AgentSettingsError(f"{source}: field 'version' is {version!r}; this memagent-jax reads version "
-                                     f"{VERSION}")
+            raise AgentSettingsError(
+                f"{source}: field 'version' is {version!r}; this memagent-jax reads version {VERSION}"
+            )
         known = {"format", "version", "agent", "templates", "reward_style", "extract", "training"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -116,12 +132,15 @@ class AgentSettings:
             raise AgentSettingsError(f"{source}: field 'agent' must be an object")
         unknown = sorted(set(agent) - set(BUDGET_FIELDS) - set(SAMPLING_FIELDS))
         if unknown:
-            raise AgentSettingsError(f"{source}: unknown field(s) agent.{unknown}; known: "
-                                     f"{list(BUDGET_FIELDS + SAMPLING_FIELDS)}")
+            raise AgentSettingsError(
+                f"{source}: unknown field(s) agent.{unknown}; known: {list(BUDGET_FIELDS + SAMPLING_FIELDS)}"
+            )
         with settings_lib.named(f"{source}: field agent", error=AgentSettingsError):
             budgets = AgentBudgets(**{k: v for k, v in agent.items() if k in BUDGET_FIELDS})
-            sampling = {name: None if agent.get(name) is None else getattr(settings_lib, name)(agent[name])
-                        for name in SAMPLING_FIELDS}
+            sampling = {
+                name: None if agent.get(name) is None else getattr(settings_lib, name)(agent[name])
+                for name in SAMPLING_FIELDS
+            }
         templates = data.get("templates", {})
         if not isinstance(templates, dict):
             raise AgentSettingsError(f"{source}: field 'templates' must be an object")
@@ -129,8 +148,11 @@ class AgentSettings:
         if unknown:
             raise AgentSettingsError(f"{source}: unknown field(s) templates.{unknown}; known: {list(TEMPLATE_FIELDS)}")
         for name, value in templates.items():
-            ok = (isinstance(value, dict) if name == "chat_template_kwargs" else
-                  isinstance(value, str) or (name == "system" and value is None))
+            ok = (
+                isinstance(value, dict)
+                if name == "chat_template_kwargs"
+                else isinstance(value, str) or (name == "system" and value is None)
+            )
             if not ok:
                 raise AgentSettingsError(f"{source}: field templates.{name} has the wrong type ({value!r})")
         try:
@@ -143,9 +165,16 @@ class AgentSettings:
         training = data.get("training", {})
         if not isinstance(training, dict):
             raise AgentSettingsError(f"{source}: field 'training' must be an object")
-        return cls(budgets=budgets, templates=parsed, temperature=sampling["temperature"], top_p=sampling["top_p"],
-                   reward_style=data.get("reward_style", "boxed_em"), extract=data.get("extract", "boxed"),
-                   training=training, path=source)
+        return cls(
+            budgets=budgets,
+            templates=parsed,
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            reward_style=data.get("reward_style", "boxed_em"),
+            extract=data.get("extract", "boxed"),
+            training=training,
+            path=source,
+        )
 
     # ---------------------------------------------------------------- files
 
@@ -159,7 +188,7 @@ class AgentSettings:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "AgentSettings":
+    def load(cls, folder: str | os.PathLike) -> AgentSettings:
         """The settings of a model folder: its memagent_agent.json, or `AgentSettings()` (the documented defaults)
         when the folder has none."""
         path = os.path.join(os.fspath(folder), SETTINGS_FILE)
@@ -174,7 +203,7 @@ class AgentSettings:
 
     # ---------------------------------------------------------------- overrides
 
-    def override(self, **changes) -> "AgentSettings":
+    def override(self, **changes) -> AgentSettings:
         """A copy with settings replaced by their config names: any budget field (`chunk_tokens=...`), any
         template field (`memory_update=...`, `prompt_mode=...`), `temperature`, `top_p`, `reward_style`,
         `extract`; also `budgets=AgentBudgets(...)`, `templates=AgentTemplates(...)` or a templates JSON file path.
@@ -188,11 +217,12 @@ class AgentSettings:
             templates = value if isinstance(value, AgentTemplates) else AgentTemplates.from_file(value)
         b = {k: changes.pop(k) for k in list(changes) if k in BUDGET_FIELDS}
         t = {k: changes.pop(k) for k in list(changes) if k in TEMPLATE_FIELDS}
-        rest = {k: changes.pop(k) for k in list(changes)
-                if k in ("temperature", "top_p", "reward_style", "extract")}
+        rest = {k: changes.pop(k) for k in list(changes) if k in ("temperature", "top_p", "reward_style", "extract")}
         if changes:
-            raise TypeError(f"unknown agent setting(s) {sorted(changes)}; known: budgets, templates, "
-                            f"{', '.join(BUDGET_FIELDS + TEMPLATE_FIELDS + SAMPLING_FIELDS)}, reward_style, extract")
+            raise TypeError(
+                f"unknown agent setting(s) {sorted(changes)}; known: budgets, templates, "
+                f"{', '.join(BUDGET_FIELDS + TEMPLATE_FIELDS + SAMPLING_FIELDS)}, reward_style, extract"
+            )
         if b:
             budgets = dataclasses.replace(budgets, **b)
         if t:
@@ -203,17 +233,33 @@ class AgentSettings:
         """`SamplingParams` of these settings (the defaults where they leave it open)."""
         from memagent_jax.sampling import SamplingParams
 
-        return SamplingParams(temperature=default_temperature if self.temperature is None else self.temperature,
-                              top_p=default_top_p if self.top_p is None else self.top_p)
+        return SamplingParams(
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=default_top_p if self.top_p is None else self.top_p,
+        )
 
 
-def write_agent_settings(folder: str | os.PathLike, *, budgets: AgentBudgets, templates: AgentTemplates,
-                         temperature: float | None = 0.7, top_p: float | None = 0.95,
-                         reward_style: str = "boxed_em", extract: str = "boxed",
-                         training: Mapping[str, Any] | None = None) -> str:
+def write_agent_settings(
+    folder: str | os.PathLike,
+    *,
+    budgets: AgentBudgets,
+    templates: AgentTemplates,
+    temperature: float | None = 0.7,
+    top_p: float | None = 0.95,
+    reward_style: str = "boxed_em",
+    extract: str = "boxed",
+    training: Mapping[str, Any] | None = None,
+) -> str:
     """Writes `folder`/memagent_agent.json for an exported model (e.g. the main job's warm-start export, after
     `save_hf_checkpoint`); returns its path. temperature / top_p: the sampling `answer` / `evaluate` /
     `from_pretrained` use by default (default: the paper's evaluation sampling 0.7 / 0.95)."""
-    settings = AgentSettings(budgets=budgets, templates=templates, temperature=temperature, top_p=top_p,
-                             reward_style=reward_style, extract=extract, training=dict(training or {}))
+    settings = AgentSettings(
+        budgets=budgets,
+        templates=templates,
+        temperature=temperature,
+        top_p=top_p,
+        reward_style=reward_style,
+        extract=extract,
+        training=dict(training or {}),
+    )
     return settings.save(folder)

@@ -39,7 +39,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -113,11 +114,13 @@ class AgentTemplates:
             kwargs = tuple((str(k), v) for k, v in kwargs)
             hash(kwargs)
         except (TypeError, ValueError):
-            raise TemplateError(f"chat_template_kwargs must map names to plain values (strings, numbers, "
-                                f"booleans), got {self.chat_template_kwargs!r}") from None
+            raise TemplateError(
+                f"chat_template_kwargs must map names to plain values (strings, numbers, "
+                f"booleans), got {self.chat_template_kwargs!r}"
+            ) from None
         object.__setattr__(self, "chat_template_kwargs", kwargs)
 
-    def replace(self, **changes) -> "AgentTemplates":
+    def replace(self, **changes) -> AgentTemplates:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -125,7 +128,7 @@ class AgentTemplates:
         return dict(dataclasses.asdict(self), chat_template_kwargs=dict(self.chat_template_kwargs))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "AgentTemplates":
+    def from_file(cls, path: str | os.PathLike) -> AgentTemplates:
         """Reads a JSON file with any of the fields `memory_update`, `final_answer`, `initial_memory`, `system`,
         `prompt_mode` (strings) and `chat_template_kwargs` (an object)."""
         path = os.fspath(path)
@@ -144,10 +147,14 @@ class AgentTemplates:
             raise TemplateError(f"{path}: unknown template field(s) {sorted(unknown)}; known: {sorted(known)}")
         for key, value in data.items():
             if key == "chat_template_kwargs":
-                if value is not None and not (isinstance(value, dict) and all(
-                        isinstance(v, (str, int, float, bool)) or v is None for v in value.values())):
-                    raise TemplateError(f"{path}: field 'chat_template_kwargs' must be an object of plain values "
-                                        f"(e.g. {{\"enable_thinking\": false}})")
+                if value is not None and not (
+                    isinstance(value, dict)
+                    and all(isinstance(v, (str, int, float, bool)) or v is None for v in value.values())
+                ):
+                    raise TemplateError(
+                        f"{path}: field 'chat_template_kwargs' must be an object of plain values "
+                        f'(e.g. {{"enable_thinking": false}})'
+                    )
             elif value is not None and not isinstance(value, str):
                 raise TemplateError(f"{path}: field {key!r} must be a string")
         try:
@@ -186,10 +193,13 @@ def _render(tokenizer, content: str, system: str | None, chat_template_kwargs=()
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": content})
     if getattr(tokenizer, "chat_template", None) is None:
-        raise TemplateError("the tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
-                            "chat_template.jinja); memory agents wrap every prompt as a chat turn")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         **dict(chat_template_kwargs or ()))
+        raise TemplateError(
+            "the tokenizer has no chat template (tokenizer_config.json 'chat_template' or "
+            "chat_template.jinja); memory agents wrap every prompt as a chat turn"
+        )
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **dict(chat_template_kwargs or ())
+    )
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -219,8 +229,15 @@ def fill_template(template: str, slots: tuple[str, ...], values: Mapping[str, st
     return "".join(out)
 
 
-def build_layout(tokenizer, template: str, slots: tuple[str, ...], system: str | None = None,
-                 *, name: str = "template", chat_template_kwargs=()) -> PromptLayout:
+def build_layout(
+    tokenizer,
+    template: str,
+    slots: tuple[str, ...],
+    system: str | None = None,
+    *,
+    name: str = "template",
+    chat_template_kwargs=(),
+) -> PromptLayout:
     """Renders `template` through the chat template and splits it into literal token pieces."""
     check_placeholders(template, slots, name)
     content = fill_template(template, slots, _SENTINELS)
@@ -246,12 +263,24 @@ class AgentPrompts:
     initial_memory: tuple[int, ...]
 
     @classmethod
-    def build(cls, tokenizer, templates: AgentTemplates = AgentTemplates()) -> "AgentPrompts":
+    def build(cls, tokenizer, templates: AgentTemplates = AgentTemplates()) -> AgentPrompts:
         kw = templates.chat_template_kwargs
-        update = build_layout(tokenizer, templates.memory_update, ("question", "memory", "chunk"),
-                              templates.system, name="memory_update template", chat_template_kwargs=kw)
-        final = build_layout(tokenizer, templates.final_answer, ("question", "memory"), templates.system,
-                             name="final_answer template", chat_template_kwargs=kw)
+        update = build_layout(
+            tokenizer,
+            templates.memory_update,
+            ("question", "memory", "chunk"),
+            templates.system,
+            name="memory_update template",
+            chat_template_kwargs=kw,
+        )
+        final = build_layout(
+            tokenizer,
+            templates.final_answer,
+            ("question", "memory"),
+            templates.system,
+            name="final_answer template",
+            chat_template_kwargs=kw,
+        )
         return cls(update=update, final=final, initial_memory=tuple(encode_text(tokenizer, templates.initial_memory)))
 
 
@@ -277,8 +306,9 @@ class TextPrompter:
         return _render(self.tokenizer, fill_template(template, slots, values), t.system, t.chat_template_kwargs)
 
     def update_text(self, question: str, memory: str, chunk: str) -> str:
-        return self._text(self.templates.memory_update, UPDATE_SLOTS,
-                          {"question": question, "memory": memory, "chunk": chunk})
+        return self._text(
+            self.templates.memory_update, UPDATE_SLOTS, {"question": question, "memory": memory, "chunk": chunk}
+        )
 
     def final_text(self, question: str, memory: str) -> str:
         return self._text(self.templates.final_answer, FINAL_SLOTS, {"question": question, "memory": memory})
@@ -300,5 +330,5 @@ def pad_to(ids: Sequence[int], size: int, pad_id: int = 0) -> tuple[np.ndarray, 
     if len(ids) > size:
         raise ValueError(f"{len(ids)} tokens do not fit a slot of {size}")
     out = np.full((size,), pad_id, np.int32)
-    out[:len(ids)] = ids
+    out[: len(ids)] = ids
     return out, len(ids)

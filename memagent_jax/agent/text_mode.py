@@ -14,7 +14,7 @@ from its `Placement`. The result holds token ids; the runner decodes the answers
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +40,9 @@ class TextRun:
     conversations: list[list[Conversation]] | None = None
 
 
-def text_batch(prompts: dict[int, list[int]], batch: int, length: int, what: str, *, pad_id: int,
-               text_margin: int) -> tuple[np.ndarray, np.ndarray]:
+def text_batch(
+    prompts: dict[int, list[int]], batch: int, length: int, what: str, *, pad_id: int, text_margin: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded tokens [batch, length] int32 and mask [batch, length] bool from {row: ids}; rows without a
     prompt are all pad. A prompt longer than `length` is an AgentInputError naming the row, `what` (the step) and
     the `text_margin` budget that sets the static length."""
@@ -52,20 +53,33 @@ def text_batch(prompts: dict[int, list[int]], batch: int, length: int, what: str
             raise AgentInputError(
                 f"row {i}: {what}: the text-mode prompt has {len(ids)} tokens, more than its static length "
                 f"{length} (template + question + memory + chunk budgets + budgets.text_margin="
-                f"{text_margin}); raise budgets.text_margin")
-        tokens[i, :len(ids)] = ids
-        mask[i, :len(ids)] = True
+                f"{text_margin}); raise budgets.text_margin"
+            )
+        tokens[i, : len(ids)] = ids
+        mask[i, : len(ids)] = True
     return tokens, mask
 
 
 def _decode(tokenizer, ids, *, skip_special: bool) -> str:
-    return tokenizer.decode([int(t) for t in ids], skip_special_tokens=skip_special,
-                            clean_up_tokenization_spaces=False)
+    return tokenizer.decode([int(t) for t in ids], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
 
-def run_text(spec: AgentSpec, params, placement: Placement, prompter: TextPrompter, questions: Sequence[str],
-             rows: Sequence[tuple[np.ndarray, np.ndarray]], keys, batch: int, steps: int,
-             chunk_counts: Sequence[int], *, trace: bool, record: bool, bar) -> TextRun:
+def run_text(
+    spec: AgentSpec,
+    params,
+    placement: Placement,
+    prompter: TextPrompter,
+    questions: Sequence[str],
+    rows: Sequence[tuple[np.ndarray, np.ndarray]],
+    keys,
+    batch: int,
+    steps: int,
+    chunk_counts: Sequence[int],
+    *,
+    trace: bool,
+    record: bool,
+    bar,
+) -> TextRun:
     """Runs n = len(rows) rows as one lockstep batch in text mode.
 
     Args:
@@ -103,43 +117,73 @@ def run_text(spec: AgentSpec, params, placement: Placement, prompter: TextPrompt
         cache = placement.cache("text_update", global_batch, update_len + b.memory_tokens)
         for k in range(steps):
             live = [i for i in range(n) if k < chunk_counts[i]]
-            texts = [prompter.update_text(q_texts[i], memory[i], _decode(
-                tokenizer, docs[i][k * b.chunk_tokens:(k + 1) * b.chunk_tokens], skip_special=False)) for i in live]
+            texts = [
+                prompter.update_text(
+                    q_texts[i],
+                    memory[i],
+                    _decode(tokenizer, docs[i][k * b.chunk_tokens : (k + 1) * b.chunk_tokens], skip_special=False),
+                )
+                for i in live
+            ]
             prompts = dict(zip(live, prompter.encode_many(texts)))
             tokens, mask = padded(prompts, update_len, f"chunk step {k}")
             active = np.zeros((batch,), bool)
             active[live] = True
-            out, cache = text_step_program(params, spec, put(tokens), put(mask), keys_d, jnp.int32(k), cache,
-                                           put(active), final=False)
+            out, cache = text_step_program(
+                params, spec, put(tokens), put(mask), keys_d, jnp.int32(k), cache, put(active), final=False
+            )
             out = placement.get(out)
             for i in live:
                 length = int(out.num_tokens[i])
                 response = out.tokens[i, :length].copy()
-                mem_ids = response[:length - int(out.finished[i])]
+                mem_ids = response[: length - int(out.finished[i])]
                 memory[i] = _decode(tokenizer, mem_ids, skip_special=True)
                 if trace:
                     traces[i].append(memory[i])
                 if record:
-                    convs[i].append(Conversation(kind="memory", step=k, prompt_ids=np.asarray(prompts[i], np.int32),
-                                                 response_ids=response, logprobs=out.logprobs[i, :length].copy()))
+                    convs[i].append(
+                        Conversation(
+                            kind="memory",
+                            step=k,
+                            prompt_ids=np.asarray(prompts[i], np.int32),
+                            response_ids=response,
+                            logprobs=out.logprobs[i, :length].copy(),
+                        )
+                    )
             bar.update(len(live))
         placement.give_back("text_update", global_batch, cache)
-        prompts = dict(enumerate(prompter.encode_many([prompter.final_text(q_texts[i], memory[i])
-                                                       for i in range(n)])))
+        prompts = dict(enumerate(prompter.encode_many([prompter.final_text(q_texts[i], memory[i]) for i in range(n)])))
         tokens, mask = padded(prompts, final_len, "final step")
         active = np.arange(batch) < n
         final, cache = text_step_program(
-            params, spec, put(tokens), put(mask), keys_d, jnp.int32(0),
-            placement.cache("text_final", global_batch, final_len + b.answer_tokens), put(active), final=True)
+            params,
+            spec,
+            put(tokens),
+            put(mask),
+            keys_d,
+            jnp.int32(0),
+            placement.cache("text_final", global_batch, final_len + b.answer_tokens),
+            put(active),
+            final=True,
+        )
         placement.give_back("text_final", global_batch, cache)
         final = placement.get(final)
-    answer_ids = [final.tokens[i, :final.num_tokens[i]].tolist() for i in range(n)]
+    answer_ids = [final.tokens[i, : final.num_tokens[i]].tolist() for i in range(n)]
     if record:
         for i in range(n):
             length = int(final.num_tokens[i])
-            convs[i].append(Conversation(kind="final", step=chunk_counts[i],
-                                         prompt_ids=np.asarray(prompts[i], np.int32),
-                                         response_ids=final.tokens[i, :length].copy(),
-                                         logprobs=final.logprobs[i, :length].copy()))
-    return TextRun(answer_ids=answer_ids, finished=[bool(f) for f in final.finished[:n]],
-                   traces=traces if trace else None, conversations=convs if record else None)
+            convs[i].append(
+                Conversation(
+                    kind="final",
+                    step=chunk_counts[i],
+                    prompt_ids=np.asarray(prompts[i], np.int32),
+                    response_ids=final.tokens[i, :length].copy(),
+                    logprobs=final.logprobs[i, :length].copy(),
+                )
+            )
+    return TextRun(
+        answer_ids=answer_ids,
+        finished=[bool(f) for f in final.finished[:n]],
+        traces=traces if trace else None,
+        conversations=convs if record else None,
+    )

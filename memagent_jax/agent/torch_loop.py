@@ -31,13 +31,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from memagent_jax.agent.chunking import (AgentBudgets, AgentInputError, centre_truncate, num_chunks,
-                                         prepare_question, tokenize_document)
+from memagent_jax.agent.chunking import (
+    AgentBudgets,
+    AgentInputError,
+    centre_truncate,
+    num_chunks,
+    prepare_question,
+    tokenize_document,
+)
 from memagent_jax.agent.runner import default_stop_ids
 from memagent_jax.agent.templates import AgentPrompts, AgentTemplates, TextPrompter
 
@@ -74,11 +80,11 @@ def load_torch_model(folder: str | os.PathLike):
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder {folder!r} does not exist")
-    if not any(name.endswith(".safetensors") or name == "model.safetensors.index.json"
-               for name in os.listdir(folder)):
+    if not any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in os.listdir(folder)):
         raise FileNotFoundError(f"model folder {folder!r} has no .safetensors weights")
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
-                                                               trust_remote_code=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
     return model.eval()
 
 
@@ -110,8 +116,9 @@ def _returned_cache(out):
 
 
 @torch.no_grad()
-def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int,
-                    stop_token_ids: Iterable[int] = ()) -> tuple[list[int], bool]:
+def greedy_generate(
+    model, prompt_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Iterable[int] = ()
+) -> tuple[list[int], bool]:
     """Greedy decoding of one unpadded prompt with a KV cache -> (new ids, stop token emitted).
 
     The stop token is included in the returned ids; at most `max_new_tokens` ids are produced. Ties in
@@ -131,8 +138,11 @@ def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int,
             return new, True
         if i + 1 == max_new_tokens:
             break
-        out = model(input_ids=torch.tensor([[token]], dtype=torch.long, device=device), use_cache=True,
-                    **{_cache_kwarg(model): past})
+        out = model(
+            input_ids=torch.tensor([[token]], dtype=torch.long, device=device),
+            use_cache=True,
+            **{_cache_kwarg(model): past},
+        )
         past = _returned_cache(out)
         logits = out.logits[0, -1]
     return new, False
@@ -148,9 +158,16 @@ def _document_ids(tokenizer, document, budgets: AgentBudgets) -> np.ndarray:
     return centre_truncate(ids, budgets.max_document_tokens)
 
 
-def torch_agent_run(model, tokenizer, question: str, document, *, budgets: AgentBudgets = AgentBudgets(),
-                    templates: AgentTemplates = AgentTemplates(),
-                    stop_token_ids: Sequence[int] | None = None) -> TorchAgentResult:
+def torch_agent_run(
+    model,
+    tokenizer,
+    question: str,
+    document,
+    *,
+    budgets: AgentBudgets = AgentBudgets(),
+    templates: AgentTemplates = AgentTemplates(),
+    stop_token_ids: Sequence[int] | None = None,
+) -> TorchAgentResult:
     """Runs one (question, document) row through the memory agent, greedily, in torch.
 
     Args:
@@ -166,8 +183,10 @@ def torch_agent_run(model, tokenizer, question: str, document, *, budgets: Agent
     """
     prompts = AgentPrompts.build(tokenizer, templates)
     if len(prompts.initial_memory) > budgets.memory_tokens:
-        raise AgentInputError(f"the initial memory has {len(prompts.initial_memory)} tokens, more than "
-                              f"budgets.memory_tokens ({budgets.memory_tokens})")
+        raise AgentInputError(
+            f"the initial memory has {len(prompts.initial_memory)} tokens, more than "
+            f"budgets.memory_tokens ({budgets.memory_tokens})"
+        )
     stops = tuple(torch_stop_ids(model, tokenizer)) if stop_token_ids is None else tuple(int(s) for s in stop_token_ids)
     q_ids = prepare_question(tokenizer, question, budgets, source="question").tolist()
     doc_ids = _document_ids(tokenizer, document, budgets)
@@ -183,7 +202,7 @@ def torch_agent_run(model, tokenizer, question: str, document, *, budgets: Agent
         q_text, memory_text = (question if whole else decode(q_ids, False)), templates.initial_memory
     result = TorchAgentResult(answer="", answer_ids=[], memories=[], memory_ids=[])
     for k in range(num_chunks(doc_ids.size, c)):
-        chunk = doc_ids[k * c:(k + 1) * c].tolist()
+        chunk = doc_ids[k * c : (k + 1) * c].tolist()
         if text:
             prompt = text.update_ids(q_text, memory_text, decode(chunk, False))
         else:

@@ -50,14 +50,21 @@ class AgentResult:
     # or recorded, of a memory update) was sampled, so the text is not a real answer. Always filled by `run`.
     nonfinite: list[bool] | None = None
 
-    def row(self, i: int) -> "AgentResult":
+    def row(self, i: int) -> AgentResult:
         """The result of row i alone (every field a one-element list)."""
+
         def one(values):
             return None if values is None else [values[i]]
 
-        return AgentResult(answers=[self.answers[i]], answer_ids=[self.answer_ids[i]], finished=[self.finished[i]],
-                           num_chunks=[self.num_chunks[i]], traces=one(self.traces),
-                           conversations=one(self.conversations), nonfinite=one(self.nonfinite))
+        return AgentResult(
+            answers=[self.answers[i]],
+            answer_ids=[self.answer_ids[i]],
+            finished=[self.finished[i]],
+            num_chunks=[self.num_chunks[i]],
+            traces=one(self.traces),
+            conversations=one(self.conversations),
+            nonfinite=one(self.nonfinite),
+        )
 
 
 @dataclasses.dataclass

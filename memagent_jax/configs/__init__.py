@@ -52,5 +52,5 @@ def resolve_argv(argv: list[str]) -> list[str]:
         if arg == "--config" and i + 1 < len(out):
             out[i + 1] = resolve(out[i + 1])
         elif arg.startswith("--config="):
-            out[i] = "--config=" + resolve(arg[len("--config="):])
+            out[i] = "--config=" + resolve(arg[len("--config=") :])
     return out

@@ -45,24 +45,26 @@ def reference_config() -> ml_collections.ConfigDict:
     # The agent's settings, named as in configs/grpo.py (`--config.agent.chunk_tokens=...` in train and here,
     # `--agent.chunk_tokens` in answer). None / '' = each model folder's memagent_agent.json (what train's export
     # writes), else the default after the '|'.
-    c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=placeholder(int),  # question slot | 1024
-        chunk_tokens=placeholder(int),  # document tokens read per step | 5000
-        memory_tokens=placeholder(int),  # most new tokens of a memory update | 1024
-        answer_tokens=placeholder(int),  # most new tokens of the answer | 1024
-        chunks_per_segment=placeholder(int),  # chunks per scan | 4
-        max_document_tokens=placeholder(int),  # centre-truncate longer documents, 0 = off | 0
-        question_overflow=placeholder(str),  # an over-budget question: 'error' or 'truncate' | error
-        temperature=placeholder(float),  # sampling temperature, 0 = greedy | 0.7 (the paper's evaluation)
-        top_p=placeholder(float),  # nucleus sampling | 0.95
-        templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
-        prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
-        # Single template fields over the templates | the model's settings (an export of the main job or of
-        # train carries its wording, e.g. the main job's compact one in configs/cpu_agent.py).
-        memory_update="",
-        final_answer="",
-        initial_memory="",
-    ))
+    c.agent = ml_collections.ConfigDict(
+        dict(
+            question_tokens=placeholder(int),  # question slot | 1024
+            chunk_tokens=placeholder(int),  # document tokens read per step | 5000
+            memory_tokens=placeholder(int),  # most new tokens of a memory update | 1024
+            answer_tokens=placeholder(int),  # most new tokens of the answer | 1024
+            chunks_per_segment=placeholder(int),  # chunks per scan | 4
+            max_document_tokens=placeholder(int),  # centre-truncate longer documents, 0 = off | 0
+            question_overflow=placeholder(str),  # an over-budget question: 'error' or 'truncate' | error
+            temperature=placeholder(float),  # sampling temperature, 0 = greedy | 0.7 (the paper's evaluation)
+            top_p=placeholder(float),  # nucleus sampling | 0.95
+            templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
+            prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
+            # Single template fields over the templates | the model's settings (an export of the main job or of
+            # train carries its wording, e.g. the main job's compact one in configs/cpu_agent.py).
+            memory_update="",
+            final_answer="",
+            initial_memory="",
+        )
+    )
     c.metric = "sub_em"  # em | f1 | sub_em | string_match_all | auto (each row's extra field 'metric', else sub_em)
     c.extract = "boxed"  # how the prediction is taken from the answer (verifier.EXTRACTORS)
     c.batch_size = 8  # rows the agent runs at once (row slots of continuous batching)
@@ -86,6 +88,10 @@ def reference_config() -> ml_collections.ConfigDict:
 
 def apply_cpu_overrides(c: ml_collections.ConfigDict) -> None:
     """The CPU block, in place: the main job's budgets and float32 weights (the wording stays each model's own)."""
-    c.agent.update({name: cpu_agent.BUDGETS[name] for name in (
-        "question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")})
+    c.agent.update(
+        {
+            name: cpu_agent.BUDGETS[name]
+            for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")
+        }
+    )
     c.param_dtype = "float32"

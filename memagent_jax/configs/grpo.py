@@ -33,91 +33,102 @@ def reference_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = 200
 
-    c.model = ml_collections.ConfigDict(dict(
-        path="",  # local Hugging Face folder (config.json + safetensors); required
-        preset="",  # models.presets name giving the shape when the folder is not at hand (the planner)
-        tokenizer="",  # tokenizer folder ('' = the model folder)
-        param_dtype="bfloat16",
-        compute_dtype="bfloat16",
-        remat="full",
-        # attention kernel (models/attention.py): 'auto' (cuDNN on CUDA GPUs where it applies, else blockwise; on CPU
-        # materialised for one-block calls), 'materialized' ([T, S] scores in memory), 'blockwise' or 'cudnn'
-        attention_impl="auto",
-        attention_block_size=512,  # key slots per block of the blockwise path
-        # Decode loop layout: 'auto' (unstacked on CPU and GPU, scan on TPU) | 'scan' | 'unstacked' (per-layer weight
-        # arrays made once per program, so decode matmuls read weights in place; one extra copy of the layers).
-        decode_layout="auto",
-        allow_nonfinite_weights=False,  # True: load weights holding NaN / inf (default: refused, naming the tensor)
-    ))
-    c.data = ml_collections.ConfigDict(dict(
-        train_file="",  # reference-format training (or evaluation) file; '' = the synthetic task below
-        synthetic_task="multihop_qa",
-        synthetic_tokens=28000,
-        synthetic_samples=20000,
-        # verifier.REWARD_STYLES name: 'reference_boxed' = MemAgent's training reward exactly (last \boxed{} in the
-        # last 300 characters, lower-case + space removal only); 'boxed_em' = our SQuAD-normalised exact match.
-        reward_style="reference_boxed",
-        reward_drop_think=False,  # score only the text after the last </think> (the reference scores it all)
-    ))
-    c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=1024,  # question slot in tokens (longer: an error)
-        chunk_tokens=5000,  # document tokens read per step
-        memory_tokens=1024,  # most new tokens of a memory update (the memory's size)
-        answer_tokens=1024,  # most new tokens of the final answer
-        chunks_per_segment=4,  # chunks per compiled scan
-        temperature=1.0,  # rollout sampling temperature (> 0: GRPO compares sampled trajectories)
-        top_p=1.0,  # rollout nucleus sampling
-        templates="",  # JSON file of agent.AgentTemplates fields ('' = the default wording)
-        # Single template fields over the templates file ('' = the file's / the default).
-        memory_update="",
-        final_answer="",
-        initial_memory="",
-        # 'pieces' (template pieces tokenized apart, memory carried as exact ids inside the chunk scan) or 'text'
-        # (each prompt formatted as one string and tokenized whole, as the reference does); '' = the templates
-        # file's prompt_mode (default 'pieces'). See agent/templates.py.
-        prompt_mode="",
-        # Training documents longer than this are centre-truncated (first and last halves kept); 0 = off. The
-        # reference cuts training contexts to max_chunks x chunk_size = 8 x 5000 tokens.
-        max_document_tokens=40000,
-    ))
-    c.rl = ml_collections.ConfigDict(dict(
-        questions_per_step=128,
-        group_size=16,
-        num_minibatches=16,
-        micro_batch_size=0,  # 0 = whole mini-batch at once
-        rollout_batch_size=0,  # trajectories per agent call (bounds rollout memory); 0 = the whole step at once
-        learning_rate=1e-6,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        warmup_steps=20,
-        warmup_from_zero=True,  # True: lr * s / warmup_steps (step 0 at lr 0, the reference); else (s + 1)
-        schedule="constant",
-        clip_low=0.2,
-        clip_high=0.2,
-        dual_clip=3.0,
-        kl_coef=0.001,
-        kl_clamp=10.0,  # per-token k3 clamped to [-x, x] (the reference: 10); 0 = off
-        entropy_coef=0.0,
-        aggregation="token-mean",
-        normalize_std=False,
-        leave_one_out=False,
-        dynamic_sampling=False,  # DAPO: drop groups whose rewards are all equal (no signal) ...
-        max_sampling_batches=1,  # ... and draw up to this many batches of questions to fill the step with signal
-        # Conversations are padded to a multiple of this many tokens: fewer compiled shapes against less padding.
-        length_multiple=64,
-        # > 0: pack several conversations into learner rows of this many tokens (first-fit decreasing; each one
-        # attends only to itself), so the short final-answer conversations stop padding to the memory updates'
-        # length. Needs aggregation 'token-mean'. 0: one conversation per row.
-        pack_length=0,
-        recompute_old_logprobs=True,  # the learner recomputes old log-probs before the update (the reference)
-        on_nonfinite="skip",
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            path="",  # local Hugging Face folder (config.json + safetensors); required
+            preset="",  # models.presets name giving the shape when the folder is not at hand (the planner)
+            tokenizer="",  # tokenizer folder ('' = the model folder)
+            param_dtype="bfloat16",
+            compute_dtype="bfloat16",
+            remat="full",
+            # attention kernel (models/attention.py): 'auto' (cuDNN on CUDA GPUs where it applies, else blockwise;
+            # on CPU materialised for one-block calls), 'materialized' ([T, S] scores in memory), 'blockwise' or
+            # 'cudnn'
+            attention_impl="auto",
+            attention_block_size=512,  # key slots per block of the blockwise path
+            # Decode loop layout: 'auto' (unstacked on CPU and GPU, scan on TPU) | 'scan' | 'unstacked' (per-layer
+            # weight arrays made once per program, so decode matmuls read weights in place; one extra copy of the
+            # layers).
+            decode_layout="auto",
+            allow_nonfinite_weights=False,  # True: load weights holding NaN / inf (default: refused, naming the tensor)
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_file="",  # reference-format training (or evaluation) file; '' = the synthetic task below
+            synthetic_task="multihop_qa",
+            synthetic_tokens=28000,
+            synthetic_samples=20000,
+            # verifier.REWARD_STYLES name: 'reference_boxed' = MemAgent's training reward exactly (last \boxed{} in the
+            # last 300 characters, lower-case + space removal only); 'boxed_em' = our SQuAD-normalised exact match.
+            reward_style="reference_boxed",
+            reward_drop_think=False,  # score only the text after the last </think> (the reference scores it all)
+        )
+    )
+    c.agent = ml_collections.ConfigDict(
+        dict(
+            question_tokens=1024,  # question slot in tokens (longer: an error)
+            chunk_tokens=5000,  # document tokens read per step
+            memory_tokens=1024,  # most new tokens of a memory update (the memory's size)
+            answer_tokens=1024,  # most new tokens of the final answer
+            chunks_per_segment=4,  # chunks per compiled scan
+            temperature=1.0,  # rollout sampling temperature (> 0: GRPO compares sampled trajectories)
+            top_p=1.0,  # rollout nucleus sampling
+            templates="",  # JSON file of agent.AgentTemplates fields ('' = the default wording)
+            # Single template fields over the templates file ('' = the file's / the default).
+            memory_update="",
+            final_answer="",
+            initial_memory="",
+            # 'pieces' (template pieces tokenized apart, memory carried as exact ids inside the chunk scan) or 'text'
+            # (each prompt formatted as one string and tokenized whole, as the reference does); '' = the templates
+            # file's prompt_mode (default 'pieces'). See agent/templates.py.
+            prompt_mode="",
+            # Training documents longer than this are centre-truncated (first and last halves kept); 0 = off. The
+            # reference cuts training contexts to max_chunks x chunk_size = 8 x 5000 tokens.
+            max_document_tokens=40000,
+        )
+    )
+    c.rl = ml_collections.ConfigDict(
+        dict(
+            questions_per_step=128,
+            group_size=16,
+            num_minibatches=16,
+            micro_batch_size=0,  # 0 = whole mini-batch at once
+            rollout_batch_size=0,  # trajectories per agent call (bounds rollout memory); 0 = the whole step at once
+            learning_rate=1e-6,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            warmup_steps=20,
+            warmup_from_zero=True,  # True: lr * s / warmup_steps (step 0 at lr 0, the reference); else (s + 1)
+            schedule="constant",
+            clip_low=0.2,
+            clip_high=0.2,
+            dual_clip=3.0,
+            kl_coef=0.001,
+            kl_clamp=10.0,  # per-token k3 clamped to [-x, x] (the reference: 10); 0 = off
+            entropy_coef=0.0,
+            aggregation="token-mean",
+            normalize_std=False,
+            leave_one_out=False,
+            dynamic_sampling=False,  # DAPO: drop groups whose rewards are all equal (no signal) ...
+            max_sampling_batches=1,  # ... and draw up to this many batches of questions to fill the step with signal
+            # Conversations are padded to a multiple of this many tokens: fewer compiled shapes against less padding.
+            length_multiple=64,
+            # > 0: pack several conversations into learner rows of this many tokens (first-fit decreasing; each one
+            # attends only to itself), so the short final-answer conversations stop padding to the memory updates'
+            # length. Needs aggregation 'token-mean'. 0: one conversation per row.
+            pack_length=0,
+            recompute_old_logprobs=True,  # the learner recomputes old log-probs before the update (the reference)
+            on_nonfinite="skip",
+        )
+    )
     # Learner mesh data x fsdp x tensor (one axis may be -1: the rest of the devices). rollout_devices > 0 runs the
     # rollout on its own mesh of that many devices (data = the rest x rollout_fsdp x rollout_tensor), taken from
     # the end of each process's devices, the learner gets the others, and the learner's params are copied there
     # every step. 0 = rollout on the learner's mesh with its params in place.
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rollout_devices=0, rollout_fsdp=1,
-                                            rollout_tensor=1))
+    c.mesh = ml_collections.ConfigDict(
+        dict(data=1, fsdp=-1, tensor=1, rollout_devices=0, rollout_fsdp=1, rollout_tensor=1)
+    )
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3, async_save=True))
     c.export = True  # write an HF folder of the final params to <workdir>/export
     # The default sampling written into the export's memagent_agent.json (what answer / evaluate /
@@ -137,13 +148,36 @@ def apply_cpu_overrides(c: ml_collections.ConfigDict) -> None:
     b = cpu_agent.BUDGETS
     c.steps = 4
     c.model.update(dict(param_dtype="float32", compute_dtype="float32", remat="none"))
-    c.data.update(dict(synthetic_task=cpu_agent.SYNTHETIC_TASK, synthetic_tokens=cpu_agent.SYNTHETIC_TOKENS,
-                       synthetic_samples=64, reward_style="boxed_em"))
-    c.agent.update(dict(max_document_tokens=0, **{name: b[name] for name in (
-        "question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")},
-        **cpu_agent.TEMPLATES))
-    c.rl.update(dict(questions_per_step=2, group_size=4, num_minibatches=1, warmup_steps=0, warmup_from_zero=False,
-                     kl_clamp=0.0, length_multiple=16, recompute_old_logprobs=False))
+    c.data.update(
+        dict(
+            synthetic_task=cpu_agent.SYNTHETIC_TASK,
+            synthetic_tokens=cpu_agent.SYNTHETIC_TOKENS,
+            synthetic_samples=64,
+            reward_style="boxed_em",
+        )
+    )
+    c.agent.update(
+        dict(
+            max_document_tokens=0,
+            **{
+                name: b[name]
+                for name in ("question_tokens", "chunk_tokens", "memory_tokens", "answer_tokens", "chunks_per_segment")
+            },
+            **cpu_agent.TEMPLATES,
+        )
+    )
+    c.rl.update(
+        dict(
+            questions_per_step=2,
+            group_size=4,
+            num_minibatches=1,
+            warmup_steps=0,
+            warmup_from_zero=False,
+            kl_clamp=0.0,
+            length_multiple=16,
+            recompute_old_logprobs=False,
+        )
+    )
     c.checkpoint.every = 2
 
 
@@ -199,4 +233,3 @@ def scale_config(preset: str, arg: str, hardware_table: dict, questions_per_step
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
     c.hardware = hardware
     return c
-

@@ -21,11 +21,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {arg!r}; known: {', '.join(sorted(PRESETS))}")
     cpu = name == "tiny"
-    return ml_collections.ConfigDict(dict(
-        preset=name,
-        path="",
-        param_dtype="float32" if cpu else "bfloat16",
-        compute_dtype="float32" if cpu else "bfloat16",
-        remat="none" if cpu else "full",
-        attention_impl="auto",
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            preset=name,
+            path="",
+            param_dtype="float32" if cpu else "bfloat16",
+            compute_dtype="float32" if cpu else "bfloat16",
+            remat="none" if cpu else "full",
+            attention_impl="auto",
+        )
+    )

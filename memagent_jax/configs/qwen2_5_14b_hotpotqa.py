@@ -29,12 +29,12 @@ QUESTIONS_PER_STEP = 256
 
 # hardware argument -> (config.hardware, mesh (data, fsdp, tensor), rl.rollout_batch_size, rl.micro_batch_size)
 HARDWARE = {
-    "v5p-64": ("tpu-v5p", (1, 4, 8), 64, 4),          # peak 49 of 86 GiB, ~3.2 h per step
-    "v5p-128": ("tpu-v5p", (1, 8, 8), 128, 8),        # peak 46 of 86 GiB, ~1.6 h per step
-    "v5p-256": ("tpu-v5p", (1, 16, 8), 256, 16),      # peak 44 of 86 GiB, ~48 min per step
-    "16xh100": ("h100-80gb", (1, 2, 8), 32, 2),       # peak 56 of 72 GiB, ~3.4 h per step
-    "32xh100": ("h100-80gb", (1, 4, 8), 64, 4),       # peak 49 of 72 GiB, ~1.7 h per step
-    "64xh100": ("h100-80gb", (1, 8, 8), 128, 8),      # peak 46 of 72 GiB, ~51 min per step
+    "v5p-64": ("tpu-v5p", (1, 4, 8), 64, 4),  # peak 49 of 86 GiB, ~3.2 h per step
+    "v5p-128": ("tpu-v5p", (1, 8, 8), 128, 8),  # peak 46 of 86 GiB, ~1.6 h per step
+    "v5p-256": ("tpu-v5p", (1, 16, 8), 256, 16),  # peak 44 of 86 GiB, ~48 min per step
+    "16xh100": ("h100-80gb", (1, 2, 8), 32, 2),  # peak 56 of 72 GiB, ~3.4 h per step
+    "32xh100": ("h100-80gb", (1, 4, 8), 64, 4),  # peak 49 of 72 GiB, ~1.7 h per step
+    "64xh100": ("h100-80gb", (1, 8, 8), 128, 8),  # peak 46 of 72 GiB, ~51 min per step
 }
 
 

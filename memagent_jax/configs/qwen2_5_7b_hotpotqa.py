@@ -25,12 +25,12 @@ QUESTIONS_PER_STEP = 128
 
 # hardware argument -> (config.hardware, mesh (data, fsdp, tensor), rl.rollout_batch_size, rl.micro_batch_size)
 HARDWARE = {
-    "v5p-64": ("tpu-v5p", (1, 8, 4), 128, 8),         # peak 57 of 86 GiB, ~46 min per step
-    "v5p-128": ("tpu-v5p", (1, 16, 4), 256, 16),      # peak 55 of 86 GiB, ~23 min per step
-    "v5p-256": ("tpu-v5p", (1, 32, 4), 512, 32),      # peak 54 of 86 GiB, ~12 min per step
-    "8xh100": ("h100-80gb", (1, 2, 4), 16, 2),        # peak 41 of 72 GiB, ~1.9 h per step
-    "16xh100": ("h100-80gb", (1, 4, 4), 32, 4),       # peak 34 of 72 GiB, ~58 min per step
-    "32xh100": ("h100-80gb", (1, 8, 4), 128, 8),      # peak 57 of 72 GiB, ~24 min per step
+    "v5p-64": ("tpu-v5p", (1, 8, 4), 128, 8),  # peak 57 of 86 GiB, ~46 min per step
+    "v5p-128": ("tpu-v5p", (1, 16, 4), 256, 16),  # peak 55 of 86 GiB, ~23 min per step
+    "v5p-256": ("tpu-v5p", (1, 32, 4), 512, 32),  # peak 54 of 86 GiB, ~12 min per step
+    "8xh100": ("h100-80gb", (1, 2, 4), 16, 2),  # peak 41 of 72 GiB, ~1.9 h per step
+    "16xh100": ("h100-80gb", (1, 4, 4), 32, 4),  # peak 34 of 72 GiB, ~58 min per step
+    "32xh100": ("h100-80gb", (1, 8, 4), 128, 8),  # peak 57 of 72 GiB, ~24 min per step
 }
 
 

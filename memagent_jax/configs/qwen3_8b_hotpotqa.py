@@ -25,12 +25,12 @@ QUESTIONS_PER_STEP = 128
 
 # hardware argument -> (config.hardware, mesh (data, fsdp, tensor), rl.rollout_batch_size, rl.micro_batch_size)
 HARDWARE = {
-    "v5p-64": ("tpu-v5p", (1, 4, 8), 64, 4),          # peak 38 of 86 GiB, ~54 min per step
-    "v5p-128": ("tpu-v5p", (1, 8, 8), 128, 8),        # peak 36 of 86 GiB, ~27 min per step
-    "v5p-256": ("tpu-v5p", (1, 16, 8), 256, 16),      # peak 35 of 86 GiB, ~14 min per step
-    "8xh100": ("h100-80gb", (1, 1, 8), 16, 1),        # peak 49 of 72 GiB, ~1.9 h per step
-    "16xh100": ("h100-80gb", (1, 2, 8), 32, 2),       # peak 42 of 72 GiB, ~58 min per step
-    "32xh100": ("h100-80gb", (1, 4, 8), 64, 4),       # peak 38 of 72 GiB, ~29 min per step
+    "v5p-64": ("tpu-v5p", (1, 4, 8), 64, 4),  # peak 38 of 86 GiB, ~54 min per step
+    "v5p-128": ("tpu-v5p", (1, 8, 8), 128, 8),  # peak 36 of 86 GiB, ~27 min per step
+    "v5p-256": ("tpu-v5p", (1, 16, 8), 256, 16),  # peak 35 of 86 GiB, ~14 min per step
+    "8xh100": ("h100-80gb", (1, 1, 8), 16, 1),  # peak 49 of 72 GiB, ~1.9 h per step
+    "16xh100": ("h100-80gb", (1, 2, 8), 32, 2),  # peak 42 of 72 GiB, ~58 min per step
+    "32xh100": ("h100-80gb", (1, 4, 8), 64, 4),  # peak 38 of 72 GiB, ~29 min per step
 }
 
 

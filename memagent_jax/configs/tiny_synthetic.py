@@ -38,79 +38,104 @@ def main_job_config() -> ml_collections.ConfigDict:
     """The main job as shipped, every field with its meaning."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = ml_collections.ConfigDict(dict(
-        name="keyed_recall",
-        train_chunks=2,  # training documents are this many chunks long
-        # Look-alike facts for other creatures per chunk, at every length (0: the asked fact alone, so keeping the
-        # last fact read would do).
-        distractors_per_chunk=1.0,
-        same_chunk_distractors=1,  # of those, placed right beside the asked fact (in its chunk)
-        # Look-alikes per chunk in the GRPO training rows (-1: distractors_per_chunk). Denser rows give GRPO more
-        # of the rare steps where a look-alike's word is taken before the asked fact is read.
-        rl_distractors_per_chunk=3.0,
-        isolate_answer=False,  # no look-alike shares the asked fact's chunk
-        fact_style="pair",  # "Remember <creature> <Word>." ("sentence": "The secret word for <creature> is <Word>.")
-        train_samples=4096,  # rows of the training file (GRPO draws from it)
-        eval_multipliers="1;4;16;64",  # evaluation lengths, in multiples of train_chunks
-        eval_questions=256,  # held-out questions per length
-        multihop_multiplier=4,  # a two-hop evaluation file at this length (0: none)
-        concat_multiplier=16,  # an evaluation file of this many 1x documents joined (0: none)
-    ))
+    c.task = ml_collections.ConfigDict(
+        dict(
+            name="keyed_recall",
+            train_chunks=2,  # training documents are this many chunks long
+            # Look-alike facts for other creatures per chunk, at every length (0: the asked fact alone, so keeping the
+            # last fact read would do).
+            distractors_per_chunk=1.0,
+            same_chunk_distractors=1,  # of those, placed right beside the asked fact (in its chunk)
+            # Look-alikes per chunk in the GRPO training rows (-1: distractors_per_chunk). Denser rows give GRPO more
+            # of the rare steps where a look-alike's word is taken before the asked fact is read.
+            rl_distractors_per_chunk=3.0,
+            isolate_answer=False,  # no look-alike shares the asked fact's chunk
+            # "Remember <creature> <Word>." ("sentence": "The secret word for <creature> is <Word>.")
+            fact_style="pair",
+            train_samples=4096,  # rows of the training file (GRPO draws from it)
+            eval_multipliers="1;4;16;64",  # evaluation lengths, in multiples of train_chunks
+            eval_questions=256,  # held-out questions per length
+            multihop_multiplier=4,  # a two-hop evaluation file at this length (0: none)
+            concat_multiplier=16,  # an evaluation file of this many 1x documents joined (0: none)
+        )
+    )
     c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024))
-    c.model = ml_collections.ConfigDict(dict(
-        hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-        max_position_embeddings=512,
-        rope_theta=1e6,  # Qwen2's base: leaves rotary pairs that barely turn over a prompt (the matching head)
-        init="induction",  # random weights plus one hand-wired induction circuit (models/induction.py); "random"
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            hidden_size=128,
+            intermediate_size=512,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+            rope_theta=1e6,  # Qwen2's base: leaves rotary pairs that barely turn over a prompt (the matching head)
+            init="induction",  # random weights plus one hand-wired induction circuit (models/induction.py); "random"
+        )
+    )
     b = cpu_agent.BUDGETS
-    c.agent = ml_collections.ConfigDict(dict(
-        question_tokens=b["question_tokens"], chunk_tokens=b["chunk_tokens"], memory_tokens=b["memory_tokens"],
-        answer_tokens=b["answer_tokens"], **cpu_agent.TEMPLATES,
-    ))
-    c.warm_start = ml_collections.ConfigDict(dict(
-        updates=384,  # optimiser updates
-        trajectories_per_update=16,  # scripted trajectories (each: train_chunks + 1 conversations)
-        updates_per_call=8,  # updates per jitted learner call
-        learning_rate=1e-3,
-        warmup=20,
-        forget_prob=0.3,  # the script's flaw: at a section without the answer, drop the notes
-        overwrite_prob=0.0,  # ... or note a look-alike fact for another key
-        focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
-        note_style="keyed",  # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
-        # Tokens per packed learner row; 0 = one conversation per row. Packing changes which conversations share
-        # each update of a call, and so the warm start that GRPO begins from.
-        pack_length=0,
-    ))
-    c.rl = ml_collections.ConfigDict(dict(
-        steps=90,
-        questions_per_step=8,
-        group_size=16,
-        num_minibatches=1,
-        learning_rate=2e-4,
-        kl_coef=0.001,  # k3 KL to the warm start (the paper's 1e-3): holds what GRPO on 2-chunk rows rarely sees
-        temperature=1.0,
-        top_p=1.0,
-        dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
-        max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
-        # Tokens per packed learner row; 0 = one conversation per row. The GRPO rows are about 80 tokens each, so
-        # packing saves little padding here and lengthens attention.
-        pack_length=0,
-    ))
-    c.eval = ml_collections.ConfigDict(dict(
-        temperature=0.7, top_p=0.95,  # the paper's evaluation sampling
-        batch_size=256,
-        chunks_per_segment=8,
-        report_questions=3,
-    ))
+    c.agent = ml_collections.ConfigDict(
+        dict(
+            question_tokens=b["question_tokens"],
+            chunk_tokens=b["chunk_tokens"],
+            memory_tokens=b["memory_tokens"],
+            answer_tokens=b["answer_tokens"],
+            **cpu_agent.TEMPLATES,
+        )
+    )
+    c.warm_start = ml_collections.ConfigDict(
+        dict(
+            updates=384,  # optimiser updates
+            trajectories_per_update=16,  # scripted trajectories (each: train_chunks + 1 conversations)
+            updates_per_call=8,  # updates per jitted learner call
+            learning_rate=1e-3,
+            warmup=20,
+            forget_prob=0.3,  # the script's flaw: at a section without the answer, drop the notes
+            overwrite_prob=0.0,  # ... or note a look-alike fact for another key
+            focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
+            # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
+            note_style="keyed",
+            # Tokens per packed learner row; 0 = one conversation per row. Packing changes which conversations share
+            # each update of a call, and so the warm start that GRPO begins from.
+            pack_length=0,
+        )
+    )
+    c.rl = ml_collections.ConfigDict(
+        dict(
+            steps=90,
+            questions_per_step=8,
+            group_size=16,
+            num_minibatches=1,
+            learning_rate=2e-4,
+            kl_coef=0.001,  # k3 KL to the warm start (the paper's 1e-3): holds what GRPO on 2-chunk rows rarely sees
+            temperature=1.0,
+            top_p=1.0,
+            dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
+            max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
+            # Tokens per packed learner row; 0 = one conversation per row. The GRPO rows are about 80 tokens each, so
+            # packing saves little padding here and lengthens attention.
+            pack_length=0,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            temperature=0.7,
+            top_p=0.95,  # the paper's evaluation sampling
+            batch_size=256,
+            chunks_per_segment=8,
+            report_questions=3,
+        )
+    )
     # The headline point in miniature, off by default (`make long-eval`): the RL model on documents of >= 1M
     # tokens, streamed segment by segment (constant device memory).
-    c.long_eval = ml_collections.ConfigDict(dict(
-        enabled=False,
-        chunks=32768,  # 32768 chunks x 32 tokens = 1,048,576 tokens per document
-        questions=32,
-        batch_size=32,
-    ))
+    c.long_eval = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            chunks=32768,  # 32768 chunks x 32 tokens = 1,048,576 tokens per document
+            questions=32,
+            batch_size=32,
+        )
+    )
     return c
 
 

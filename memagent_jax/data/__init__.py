@@ -6,9 +6,10 @@ of their names, so that ``python -m memagent_jax.data.hotpotqa`` / ``.squad`` ru
 modules.  The TensorFlow-Datasets builder lives in :mod:`memagent_jax.data.tfds_builder` and is
 imported only on request (``tensorflow-datasets`` and ``array_record`` are optional).
 """
+
 from memagent_jax._lazy import lazy_exports
 
-from .records import DataFormatError, QARecord
+from .docstore import DocumentStore, number_documents
 from .formats import (
     MemAgentFile,
     detect_kind,
@@ -24,8 +25,8 @@ from .formats import (
     write_rows,
     write_train_file,
 )
-from .docstore import DocumentStore, number_documents
 from .iterator import ShardedIterator
+from .records import DataFormatError, QARecord
 from .synthetic import TASKS, SyntheticConfig, SyntheticDataset, SyntheticSample, generate_sample, generate_samples
 from .tokenizer import load_tokenizer, token_counter, train_tokenizer
 
@@ -63,8 +64,13 @@ __all__ = [
 ]
 
 # name -> submodule, imported on first access (PEP 562).
-_LAZY = {"EVAL_DOC_COUNTS": ".hotpotqa", "HotpotQABuilder": ".hotpotqa", "load_hotpotqa": ".hotpotqa",
-         "SquadQABuilder": ".squad", "load_squad": ".squad"}
+_LAZY = {
+    "EVAL_DOC_COUNTS": ".hotpotqa",
+    "HotpotQABuilder": ".hotpotqa",
+    "load_hotpotqa": ".hotpotqa",
+    "SquadQABuilder": ".squad",
+    "load_squad": ".squad",
+}
 __all__ += ["SquadQABuilder", "load_squad"]
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -10,19 +10,28 @@ Contract of every builder command (as for the other batch entry points):
 * Exit status: 0 everything built; 1 outputs written but some rows failed (see the errors file); 2 nothing was
   built (bad arguments, unreadable input, no usable row).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .records import DataFormatError
 
-__all__ = ["BuildError", "add_common_arguments", "parse_counts", "check_outputs", "error_entry", "write_errors",
-           "finish", "run"]
+__all__ = [
+    "BuildError",
+    "add_common_arguments",
+    "parse_counts",
+    "check_outputs",
+    "error_entry",
+    "write_errors",
+    "finish",
+    "run",
+]
 
 _SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -31,8 +40,9 @@ class BuildError(Exception):
     """A problem that stops the whole build (exit status 2)."""
 
 
-def write_eval_suite(eval_rows, out_dir: str | os.PathLike, doc_counts: Sequence[int],
-                     suffix: str = ".json") -> dict[int, Path]:
+def write_eval_suite(
+    eval_rows, out_dir: str | os.PathLike, doc_counts: Sequence[int], suffix: str = ".json"
+) -> dict[int, Path]:
     """Writes ``eval_<N>docs<suffix>`` with the rows ``eval_rows(N)`` for each N; returns ``{N: path}``. A length
     at which no row could be built (every question failed: see the builder's ``errors``) writes no file."""
     from .formats import write_eval_file
@@ -50,20 +60,32 @@ def write_eval_suite(eval_rows, out_dir: str | os.PathLike, doc_counts: Sequence
 
 def add_common_arguments(p: argparse.ArgumentParser, *, default_train_docs: int) -> None:
     p.add_argument("--input", required=True, help="the raw dataset JSON file")
-    p.add_argument("--out_dir", default=None,
-                   help="write the evaluation suite here: eval_<N>docs<suffix> for each N of --eval_docs")
-    p.add_argument("--eval_docs", default="50,100,200,400,800",
-                   help="comma list of document counts for the evaluation suite (default: %(default)s)")
-    p.add_argument("--num_questions", type=int, default=128, help="questions per evaluation file (default: %(default)s)")
+    p.add_argument(
+        "--out_dir",
+        default=None,
+        help="write the evaluation suite here: eval_<N>docs<suffix> for each N of --eval_docs",
+    )
+    p.add_argument(
+        "--eval_docs",
+        default="50,100,200,400,800",
+        help="comma list of document counts for the evaluation suite (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num_questions", type=int, default=128, help="questions per evaluation file (default: %(default)s)"
+    )
     p.add_argument("--suffix", default=".json", choices=_SUFFIXES, help="evaluation file format (default: %(default)s)")
     p.add_argument("--train_out", default=None, help="write training rows to this file (.parquet / .json / .jsonl)")
-    p.add_argument("--train_docs", type=int, default=default_train_docs,
-                   help="documents per training row (default: %(default)s)")
+    p.add_argument(
+        "--train_docs", type=int, default=default_train_docs, help="documents per training row (default: %(default)s)"
+    )
     p.add_argument("--limit", type=int, default=0, help="training rows from the first N questions only (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
-    p.add_argument("--errors", default=None,
-                   help="errors file (JSON Lines, one line per bad row; default: errors.jsonl in --out_dir, else "
-                        "<train_out>.errors.jsonl); written only when a row failed")
+    p.add_argument(
+        "--errors",
+        default=None,
+        help="errors file (JSON Lines, one line per bad row; default: errors.jsonl in --out_dir, else "
+        "<train_out>.errors.jsonl); written only when a row failed",
+    )
 
 
 def parse_counts(text: str, flag: str = "--eval_docs") -> tuple[int, ...]:
@@ -174,8 +196,11 @@ def finish(args, *, written: dict, rows: int, questions: int, errors: list[dict]
         detail = f" ({len(errors)} errors, listed in {path})"
         for entry in errors[:5]:
             print(f"error: {entry['error']}", file=sys.stderr)
-    print(f"built {len(written)} files ({rows} rows) from {args.input}: {questions} questions read, "
-          f"{len(bad_rows)} rows failed{detail}", file=sys.stderr)
+    print(
+        f"built {len(written)} files ({rows} rows) from {args.input}: {questions} questions read, "
+        f"{len(bad_rows)} rows failed{detail}",
+        file=sys.stderr,
+    )
     if not written:
         return 2
     return 1 if errors else 0

@@ -15,14 +15,16 @@ lines (:func:`number_documents`): exactly the text the reference feeds its agent
 the list the same way, so the reference's files load unchanged given the raw file they were built from; a plain
 JSON array of strings is accepted too (a store written by :meth:`DocumentStore.write`).
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import numbers
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .records import DataFormatError
 
@@ -50,10 +52,17 @@ def _hotpotqa_documents(data: list, path) -> list[str]:
             raise DataFormatError(path, i, None, f"must be a HotpotQA question object, got {_type_name(item)}")
         context = item.get("context")
         if not isinstance(context, list):
-            raise DataFormatError(path, i, "context", f"must be a list of [title, [sentences]] pairs, got {_type_name(context)}")
+            raise DataFormatError(
+                path, i, "context", f"must be a list of [title, [sentences]] pairs, got {_type_name(context)}"
+            )
         for j, para in enumerate(context):
-            if not (isinstance(para, (list, tuple)) and len(para) == 2 and isinstance(para[0], str)
-                    and isinstance(para[1], list) and all(isinstance(s, str) for s in para[1])):
+            if not (
+                isinstance(para, (list, tuple))
+                and len(para) == 2
+                and isinstance(para[0], str)
+                and isinstance(para[1], list)
+                and all(isinstance(s, str) for s in para[1])
+            ):
                 raise DataFormatError(path, i, f"context[{j}]", "must be a [title, [sentence, ...]] pair of strings")
             docs.add(hotpotqa_paragraph(para[0], para[1]))
     return sorted(docs)
@@ -71,7 +80,9 @@ def _squad_documents(data: dict, path) -> list[str]:
         for j, para in enumerate(paragraphs):
             context = para.get("context") if isinstance(para, dict) else None
             if not isinstance(context, str):
-                raise DataFormatError(path, None, f"data[{i}].paragraphs[{j}].context", f"must be a string, got {_type_name(context)}")
+                raise DataFormatError(
+                    path, None, f"data[{i}].paragraphs[{j}].context", f"must be a string, got {_type_name(context)}"
+                )
             docs.add(context)
     return sorted(docs)
 
@@ -100,7 +111,7 @@ class DocumentStore(Sequence[str]):
     # -- building ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_data(cls, data: Any, source: str = "<data>") -> "DocumentStore":
+    def from_data(cls, data: Any, source: str = "<data>") -> DocumentStore:
         """The store for parsed JSON ``data``: a SQuAD object (has ``data``), a JSON array of strings (as is), or a
         JSON array of HotpotQA questions (paragraphs de-duplicated and sorted)."""
         if isinstance(data, dict):
@@ -109,11 +120,16 @@ class DocumentStore(Sequence[str]):
             if all(isinstance(d, str) for d in data):
                 return cls(data, source)
             return cls(_hotpotqa_documents(data, source), source)
-        raise DataFormatError(source, None, None, "must hold a SQuAD object, a HotpotQA array of questions or an "
-                              f"array of document strings, got {_type_name(data)}")
+        raise DataFormatError(
+            source,
+            None,
+            None,
+            "must hold a SQuAD object, a HotpotQA array of questions or an "
+            f"array of document strings, got {_type_name(data)}",
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "DocumentStore":
+    def load(cls, path: str | os.PathLike) -> DocumentStore:
         """Read a store from a JSON file: the raw HotpotQA or SQuAD file the evaluation files were built from, or
         an array of document strings.  Loaded once per file version (cached on path, size and mtime)."""
         path = Path(path)
@@ -123,7 +139,7 @@ class DocumentStore(Sequence[str]):
         return _load_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
     @classmethod
-    def coerce(cls, store: "DocumentStore | str | os.PathLike | Sequence[str]") -> "DocumentStore":
+    def coerce(cls, store: DocumentStore | str | os.PathLike | Sequence[str]) -> DocumentStore:
         """A DocumentStore from a store, a JSON file path or a list of document strings."""
         if isinstance(store, DocumentStore):
             return store
@@ -147,16 +163,24 @@ class DocumentStore(Sequence[str]):
 
     # -- use -----------------------------------------------------------------------------------------------
 
-    def check_indices(self, indices: Sequence[Any], *, path=None, row: int | None = None, field: str = "context") -> list[int]:
+    def check_indices(
+        self, indices: Sequence[Any], *, path=None, row: int | None = None, field: str = "context"
+    ) -> list[int]:
         """``indices`` as ints, each checked to point into the store (errors name file, row and ``field[j]``)."""
         out = []
         n = len(self.documents)
         for j, value in enumerate(indices):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise DataFormatError(path, row, f"{field}[{j}]", f"must be an integer document index, got {_type_name(value)}")
+                raise DataFormatError(
+                    path, row, f"{field}[{j}]", f"must be an integer document index, got {_type_name(value)}"
+                )
             if not 0 <= int(value) < n:
-                raise DataFormatError(path, row, f"{field}[{j}]",
-                                      f"is document index {int(value)}, outside the document store {self.source} ({n} documents)")
+                raise DataFormatError(
+                    path,
+                    row,
+                    f"{field}[{j}]",
+                    f"is document index {int(value)}, outside the document store {self.source} ({n} documents)",
+                )
             out.append(int(value))
         return out
 
@@ -172,7 +196,9 @@ def _load_cached(path: str, size: int, mtime_ns: int) -> DocumentStore:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataFormatError(path, None, None, f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+        raise DataFormatError(
+            path, None, None, f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}"
+        ) from e
     except UnicodeDecodeError as e:
         raise DataFormatError(path, None, None, f"is not UTF-8 text: {e}") from e
     return DocumentStore.from_data(data, path)

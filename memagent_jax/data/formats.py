@@ -21,14 +21,16 @@ file, the 0-based row and the field.  A single answer string is accepted where a
 Main entry points: :func:`open_file` (random-access view yielding :class:`QARecord`),
 :func:`read_records`, :func:`write_train_file`, :func:`write_eval_file`.
 """
+
 from __future__ import annotations
 
 import json
 import numbers
-import re
 import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from .records import DataFormatError, QARecord
 
@@ -135,10 +137,14 @@ def record_from_train_row(row: Mapping, *, path: str | os.PathLike | None = None
     question = None
     for j, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
-            raise DataFormatError(path, index, f"prompt[{j}]", f"must be an object with 'role' and 'content', got {_type_name(msg)}")
+            raise DataFormatError(
+                path, index, f"prompt[{j}]", f"must be an object with 'role' and 'content', got {_type_name(msg)}"
+            )
         for key in ("role", "content"):
             if not isinstance(msg.get(key), str):
-                raise DataFormatError(path, index, f"prompt[{j}].{key}", f"must be a string, got {_type_name(msg.get(key))}")
+                raise DataFormatError(
+                    path, index, f"prompt[{j}].{key}", f"must be a string, got {_type_name(msg.get(key))}"
+                )
         if msg["role"] == "user":
             question = msg["content"]
     if question is None:
@@ -146,7 +152,9 @@ def record_from_train_row(row: Mapping, *, path: str | os.PathLike | None = None
     context = _require_str(row, "context", path, index)
     reward_model = _require(row, "reward_model", path, index)
     if not isinstance(reward_model, Mapping):
-        raise DataFormatError(path, index, "reward_model", f"must be an object with a 'ground_truth' list, got {_type_name(reward_model)}")
+        raise DataFormatError(
+            path, index, "reward_model", f"must be an object with a 'ground_truth' list, got {_type_name(reward_model)}"
+        )
     if reward_model.get("ground_truth") is None:
         raise DataFormatError(path, index, "reward_model.ground_truth", "is missing")
     answers = _string_list(reward_model["ground_truth"], path, index, "reward_model.ground_truth")
@@ -181,11 +189,18 @@ def _eval_context(row: Mapping, path, index, doc_store) -> tuple[str, int | None
         return value, None
     indices = _as_sequence(value)
     if indices is None:
-        raise DataFormatError(path, index, "context", f"must be a string or a list of document indices, got {_type_name(value)}")
+        raise DataFormatError(
+            path, index, "context", f"must be a string or a list of document indices, got {_type_name(value)}"
+        )
     if doc_store is None:
-        raise DataFormatError(path, index, "context", "is a list of document indices into a shared document store; "
-                              "give the store (doc_store=: the raw HotpotQA / SQuAD JSON the file was built from, "
-                              "or a JSON array of documents)")
+        raise DataFormatError(
+            path,
+            index,
+            "context",
+            "is a list of document indices into a shared document store; "
+            "give the store (doc_store=: the raw HotpotQA / SQuAD JSON the file was built from, "
+            "or a JSON array of documents)",
+        )
     return doc_store.document(indices, path=path, row=index), len(indices)
 
 
@@ -271,7 +286,11 @@ def detect_kind(columns: Iterable[str], *, path: str | os.PathLike | None = None
     if "input" in columns or "answers" in columns or "outputs" in columns:
         return "eval"
     raise DataFormatError(
-        path, None, None, f"is neither a training file (needs 'prompt', 'reward_model') nor an evaluation file (needs 'input', 'answers'); columns: {sorted(columns)}"
+        path,
+        None,
+        None,
+        "is neither a training file (needs 'prompt', 'reward_model') nor an evaluation file (needs 'input', "
+        f"'answers'); columns: {sorted(columns)}",
     )
 
 
@@ -283,7 +302,9 @@ def detect_kind(columns: Iterable[str], *, path: str | os.PathLike | None = None
 def _file_format(path: Path) -> str:
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise DataFormatError(path, None, None, f"has an unknown extension {path.suffix!r}; expected one of {sorted(_SUFFIXES)}")
+        raise DataFormatError(
+            path, None, None, f"has an unknown extension {path.suffix!r}; expected one of {sorted(_SUFFIXES)}"
+        )
     return fmt
 
 
@@ -383,8 +404,13 @@ def read_json_rows_tolerant(path: str | os.PathLike) -> tuple[list[dict | None],
         try:
             data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
         except json.JSONDecodeError as e:
-            raise DataFormatError(path, None, None, f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}; "
-                                  f"a JSON array that does not parse cannot be read row by row") from None
+            raise DataFormatError(
+                path,
+                None,
+                None,
+                f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}; "
+                f"a JSON array that does not parse cannot be read row by row",
+            ) from None
         if not isinstance(data, list):
             raise DataFormatError(path, None, None, "must hold a JSON array of objects")
         for i, item in enumerate(data):
@@ -459,8 +485,16 @@ class MemAgentFile(Sequence[QARecord]):
     SQuAD JSON the file was built from or to a JSON array of documents, or a list of strings).
     """
 
-    def __init__(self, path: str | os.PathLike, kind: Kind | Literal["auto"] = "auto", *, data_source: str | None = None,
-                 on_bad_row: Literal["raise", "keep"] = "raise", doc_store=None, **load_kwargs):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        kind: Kind | Literal["auto"] = "auto",
+        *,
+        data_source: str | None = None,
+        on_bad_row: Literal["raise", "keep"] = "raise",
+        doc_store=None,
+        **load_kwargs,
+    ):
         self.path = Path(path)
         if doc_store is not None:
             from .docstore import DocumentStore
@@ -484,8 +518,13 @@ class MemAgentFile(Sequence[QARecord]):
         if fallback is not None:
             columns = list(dict.fromkeys(k for r in fallback if r is not None for k in r))
             if not columns:
-                raise DataFormatError(self.path, None, None, f"has no readable row ({len(self.bad_rows)} bad rows; "
-                                      f"first: {next(iter(self.bad_rows.values()), 'none')})")
+                raise DataFormatError(
+                    self.path,
+                    None,
+                    None,
+                    f"has no readable row ({len(self.bad_rows)} bad rows; "
+                    f"first: {next(iter(self.bad_rows.values()), 'none')})",
+                )
         else:
             columns = self.dataset.column_names
         detected = detect_kind(columns, path=self.path)
@@ -494,14 +533,23 @@ class MemAgentFile(Sequence[QARecord]):
         elif kind not in ("train", "eval"):
             raise ValueError(f"kind must be 'train', 'eval' or 'auto', got {kind!r}")
         elif kind != detected:
-            raise DataFormatError(self.path, None, None, f"was opened as {kind!r} data but its columns {columns} are those of {detected!r} data")
+            raise DataFormatError(
+                self.path,
+                None,
+                None,
+                f"was opened as {kind!r} data but its columns {columns} are those of {detected!r} data",
+            )
         self.kind: Kind = kind
         self.data_source = data_source if data_source is not None else self.path.stem
         # A JSON column whose rows mix types comes back from ``datasets`` as a ``Json`` column, in
         # which a bare string such as "50" is decoded as the number 50.  Such files are read
         # exactly with the standard library instead (held in memory; they are rare and small).
         self._exact_rows: list[dict | None] | None = fallback
-        if fallback is None and _file_format(self.path) == "json" and any(type(f).__name__ == "Json" for f in self.dataset.features.values()):
+        if (
+            fallback is None
+            and _file_format(self.path) == "json"
+            and any(type(f).__name__ == "Json" for f in self.dataset.features.values())
+        ):
             self._exact_rows = _read_json_rows(self.path)
 
     def __len__(self) -> int:
@@ -516,8 +564,12 @@ class MemAgentFile(Sequence[QARecord]):
         try:
             return self.dataset[int(i)]
         except UnicodeDecodeError as e:  # a string cell of a table holding bytes that are not UTF-8
-            raise DataFormatError(self.path, int(i), self._non_utf8_column(int(i)),
-                                  f"holds bytes that are not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise DataFormatError(
+                self.path,
+                int(i),
+                self._non_utf8_column(int(i)),
+                f"holds bytes that are not UTF-8 text ({e.reason} at byte {e.start})",
+            ) from None
 
     def _non_utf8_column(self, i: int) -> str | None:
         for name in self.dataset.column_names:
@@ -541,7 +593,9 @@ class MemAgentFile(Sequence[QARecord]):
         row = self.row(i)
         if self.kind == "train":
             return record_from_train_row(row, path=self.path, index=i)
-        return record_from_eval_row(row, path=self.path, index=i, data_source=self.data_source, doc_store=self.doc_store)
+        return record_from_eval_row(
+            row, path=self.path, index=i, data_source=self.data_source, doc_store=self.doc_store
+        )
 
     def __iter__(self) -> Iterator[QARecord]:
         for i in range(len(self)):
@@ -630,15 +684,26 @@ def _write_parquet(rows: Iterator[dict], path: Path, max_rows: int, max_bytes: i
                 new = set(r.get("extra_info") or {}) - (extra_keys or set())
                 if new:
                     raise DataFormatError(
-                        shown_path, first + j, "extra_info", f"adds keys {sorted(new)} not in the first rows; parquet needs one schema (write JSON Lines instead, or give all rows the same keys)"
+                        shown_path,
+                        first + j,
+                        "extra_info",
+                        f"adds keys {sorted(new)} not in the first rows; parquet needs one schema (write JSON Lines "
+                        "instead, or give all rows the same keys)",
                     )
                 missing = set(r) - set(schema.names)
                 if missing:
-                    raise DataFormatError(shown_path, first + j, sorted(missing)[0], "is not a column of the first rows; parquet needs one schema")
+                    raise DataFormatError(
+                        shown_path,
+                        first + j,
+                        sorted(missing)[0],
+                        "is not a column of the first rows; parquet needs one schema",
+                    )
             try:
                 table = pa.Table.from_pylist(batch, schema=schema)
             except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                raise DataFormatError(shown_path, first, None, f"rows {first}..{count - 1} do not fit the schema of the first rows: {e}") from e
+                raise DataFormatError(
+                    shown_path, first, None, f"rows {first}..{count - 1} do not fit the schema of the first rows: {e}"
+                ) from e
         writer.write_table(table)
         batch.clear()
 

@@ -34,14 +34,16 @@ Command line (``--help`` for every flag; exit status 0 / 1 some rows failed / 2 
     python -m memagent_jax.data.hotpotqa --input hotpot_train_v1.1.json --train_out data/hotpotqa_train.parquet \\
         --train_docs 200
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +128,9 @@ def _parse_item(item: Any, i: int, path) -> HotpotExample:
         if not (isinstance(fact, list) and len(fact) == 2 and isinstance(fact[0], str) and isinstance(fact[1], int)):
             raise DataFormatError(path, i, f"supporting_facts[{j}]", "must be a [title, sentence_index] pair")
         if fact[0] not in titles:
-            raise DataFormatError(path, i, f"supporting_facts[{j}]", f"names title {fact[0]!r}, which is not in 'context'")
+            raise DataFormatError(
+                path, i, f"supporting_facts[{j}]", f"names title {fact[0]!r}, which is not in 'context'"
+            )
         if fact[0] not in gold:
             gold.append(fact[0])
     return HotpotExample(
@@ -148,7 +152,9 @@ def read_json_file(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise DataFormatError(path, None, None, f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+        raise DataFormatError(
+            path, None, None, f"is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}"
+        ) from e
     except UnicodeDecodeError as e:
         raise DataFormatError(path, None, None, f"is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
@@ -194,7 +200,7 @@ class HotpotQABuilder:
         self._title_index = {t: i for i, t in enumerate(self.pool_titles)}
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, errors: list | None = None, **kwargs) -> "HotpotQABuilder":
+    def from_file(cls, path: str | os.PathLike, errors: list | None = None, **kwargs) -> HotpotQABuilder:
         """Builder over a raw file; with ``errors`` (a list) bad questions are collected there and skipped."""
         builder = cls(load_hotpotqa(path, errors), **kwargs)
         builder.source = str(path)
@@ -222,7 +228,9 @@ class HotpotQABuilder:
         gold = [p for p in ex.paragraphs if p[0] in ex.gold_titles]
         others = [p for p in ex.paragraphs if p[0] not in ex.gold_titles]
         if num_docs < len(gold):
-            raise ValueError(f"num_docs={num_docs} is smaller than the {len(gold)} gold paragraphs of question {ex.id!r}")
+            raise ValueError(
+                f"num_docs={num_docs} is smaller than the {len(gold)} gold paragraphs of question {ex.id!r}"
+            )
         return gold + others[: num_docs - len(gold)]
 
     def _padding(self, ex: HotpotExample, count: int) -> list[int]:
@@ -233,7 +241,8 @@ class HotpotQABuilder:
         available = len(self.pool_titles) - len(excluded)
         if count > available:
             raise ValueError(
-                f"cannot pad question {ex.id!r} to {count} extra paragraphs: the split has only {available} other paragraphs"
+                f"cannot pad question {ex.id!r} to {count} extra paragraphs: the split has only {available} other "
+                "paragraphs"
             )
         # A fixed stream of draws (fixed batch size, independent of ``count``), skipping repeats and
         # the question's own titles: a larger count extends a smaller one's choice.
@@ -277,7 +286,9 @@ class HotpotQABuilder:
 
     # -- training ----------------------------------------------------------------------------------
 
-    def training_records(self, num_docs: int = 200, limit: int | None = None, errors: list | None = None) -> Iterator[QARecord]:
+    def training_records(
+        self, num_docs: int = 200, limit: int | None = None, errors: list | None = None
+    ) -> Iterator[QARecord]:
         """Training records for the first ``limit`` questions (all by default), in file order; ``errors``: see
         :meth:`_records`."""
         examples = self.examples if limit is None else self.examples[:limit]
@@ -288,8 +299,9 @@ class HotpotQABuilder:
         for rec in self.training_records(num_docs, limit):
             yield train_row_from_record(rec)
 
-    def write_training_file(self, path: str | os.PathLike, num_docs: int = 200, limit: int | None = None,
-                            errors: list | None = None) -> int:
+    def write_training_file(
+        self, path: str | os.PathLike, num_docs: int = 200, limit: int | None = None, errors: list | None = None
+    ) -> int:
         """Write training rows to ``path`` (.parquet / .json / .jsonl); returns the row count."""
         return write_train_file(self.training_records(num_docs, limit, errors), path)
 
@@ -332,8 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import buildcli
 
-    p = argparse.ArgumentParser(prog="python -m memagent_jax.data.hotpotqa", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m memagent_jax.data.hotpotqa",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     buildcli.add_common_arguments(p, default_train_docs=200)
     p.add_argument("--data_source", default="hotpotqa", help="data_source of training rows (default: %(default)s)")
     args = p.parse_args(argv)

@@ -16,10 +16,12 @@ small JSON-serialisable dict (:meth:`ShardedIterator.get_state`); restoring it
 have come next.  Nothing here imports JAX: pass ``jax.process_index()`` / ``jax.process_count()``
 from the caller.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +102,7 @@ class ShardedIterator(Iterator[list]):
             self._order_epoch = self.epoch
         return self._order
 
-    def __iter__(self) -> "ShardedIterator":
+    def __iter__(self) -> ShardedIterator:
         return self
 
     def __next__(self) -> list:

@@ -1,8 +1,10 @@
 """The uniform internal record and the data error type shared by every reader and builder."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["QARecord", "DataFormatError"]
 

@@ -26,13 +26,15 @@ Command line (``--help`` for every flag; exit status 0 / 1 some rows failed / 2 
         --eval_docs 50,100,200,400,800 --num_questions 128
     python -m memagent_jax.data.squad --input train-v2.0.json --train_out data/squad_train.parquet --train_docs 50
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +74,9 @@ def _parse_question(qa: Any, where: str, path, number: int) -> tuple[str, str, t
         raise DataFormatError(path, number, where, f"must be a question object, got {_type_name(qa)}")
     impossible = qa.get("is_impossible", False)
     if not isinstance(impossible, bool):
-        raise DataFormatError(path, number, f"{where}.is_impossible", f"must be true or false, got {_type_name(impossible)}")
+        raise DataFormatError(
+            path, number, f"{where}.is_impossible", f"must be true or false, got {_type_name(impossible)}"
+        )
     if impossible:
         return None
     for key in ("id", "question"):
@@ -80,18 +84,21 @@ def _parse_question(qa: Any, where: str, path, number: int) -> tuple[str, str, t
             raise DataFormatError(path, number, f"{where}.{key}", f"must be a string, got {_type_name(qa.get(key))}")
     answers = qa.get("answers")
     if not isinstance(answers, list) or not answers:
-        raise DataFormatError(path, number, f"{where}.answers", "must be a non-empty list of {\"text\": ...} objects")
+        raise DataFormatError(path, number, f"{where}.answers", 'must be a non-empty list of {"text": ...} objects')
     texts = []
     for k, ans in enumerate(answers):
         text = ans.get("text") if isinstance(ans, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise DataFormatError(path, number, f"{where}.answers[{k}].text", f"must be a non-empty string, got {text!r}")
+            raise DataFormatError(
+                path, number, f"{where}.answers[{k}].text", f"must be a non-empty string, got {text!r}"
+            )
         texts.append(text)
     return qa["id"], qa["question"], tuple(texts)
 
 
-def parse_squad(data: Any, path: str | os.PathLike | None = None,
-                errors: list | None = None) -> tuple[list[SquadQuestion], DocumentStore]:
+def parse_squad(
+    data: Any, path: str | os.PathLike | None = None, errors: list | None = None
+) -> tuple[list[SquadQuestion], DocumentStore]:
     """Check parsed SQuAD JSON and return its answerable questions and its document store.
 
     Errors name the file, the question's 0-based position among the file's questions as the row (None for an
@@ -100,8 +107,13 @@ def parse_squad(data: Any, path: str | os.PathLike | None = None,
     first one raises.  A file that is not a SQuAD object always raises.
     """
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise DataFormatError(path, None, "data", "must be a SQuAD object {\"data\": [articles]}, got "
-                              f"{_type_name(data.get('data') if isinstance(data, dict) else data)}")
+        raise DataFormatError(
+            path,
+            None,
+            "data",
+            'must be a SQuAD object {"data": [articles]}, got '
+            f"{_type_name(data.get('data') if isinstance(data, dict) else data)}",
+        )
 
     def problem(err: DataFormatError) -> None:
         if errors is None:
@@ -114,19 +126,28 @@ def parse_squad(data: Any, path: str | os.PathLike | None = None,
     for i, article in enumerate(data["data"]):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
-            problem(DataFormatError(path, None, f"data[{i}].paragraphs", f"must be a list, got {_type_name(paragraphs)}"))
+            problem(
+                DataFormatError(path, None, f"data[{i}].paragraphs", f"must be a list, got {_type_name(paragraphs)}")
+            )
             continue
         title = article.get("title") if isinstance(article.get("title"), str) else ""
         kept = []
         for j, para in enumerate(paragraphs):
             context = para.get("context") if isinstance(para, dict) else None
             if not isinstance(context, str):
-                problem(DataFormatError(path, None, f"data[{i}].paragraphs[{j}].context",
-                                        f"must be a string, got {_type_name(context)}"))
+                problem(
+                    DataFormatError(
+                        path, None, f"data[{i}].paragraphs[{j}].context", f"must be a string, got {_type_name(context)}"
+                    )
+                )
                 continue
             qas = para.get("qas", [])
             if not isinstance(qas, list):
-                problem(DataFormatError(path, None, f"data[{i}].paragraphs[{j}].qas", f"must be a list, got {_type_name(qas)}"))
+                problem(
+                    DataFormatError(
+                        path, None, f"data[{i}].paragraphs[{j}].qas", f"must be a list, got {_type_name(qas)}"
+                    )
+                )
                 qas = []
             contexts.add(context)
             kept.append((j, context, qas))
@@ -177,8 +198,9 @@ class SquadQABuilder:
       data_source: the ``data_source`` of training rows.
     """
 
-    def __init__(self, questions: Sequence[SquadQuestion], store: DocumentStore, seed: int = 0,
-                 data_source: str = "squad"):
+    def __init__(
+        self, questions: Sequence[SquadQuestion], store: DocumentStore, seed: int = 0, data_source: str = "squad"
+    ):
         if not questions:
             raise ValueError("no answerable SQuAD questions given")
         self.questions = list(questions)
@@ -188,7 +210,7 @@ class SquadQABuilder:
         self.source: str | None = store.source
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, errors: list | None = None, **kwargs) -> "SquadQABuilder":
+    def from_file(cls, path: str | os.PathLike, errors: list | None = None, **kwargs) -> SquadQABuilder:
         """Builder over a SQuAD file; with ``errors`` (a list) bad entries are collected there and skipped."""
         questions, store = load_squad(path, errors)
         builder = cls(questions, store, **kwargs)
@@ -221,9 +243,14 @@ class SquadQABuilder:
         return number_documents(self.store[i] for i in self.document_ids(q, num_docs))
 
     def record(self, q: SquadQuestion, num_docs: int, index: int) -> QARecord:
-        return QARecord(question=q.question, document=self.document(q, num_docs), answers=q.answers, index=index,
-                        data_source=self.data_source,
-                        extra={"id": q.id, "title": q.title, "num_docs": min(num_docs, len(self.store))})
+        return QARecord(
+            question=q.question,
+            document=self.document(q, num_docs),
+            answers=q.answers,
+            index=index,
+            data_source=self.data_source,
+            extra={"id": q.id, "title": q.title, "num_docs": min(num_docs, len(self.store))},
+        )
 
     def _records(self, pairs, num_docs: int, errors: list | None) -> Iterator[QARecord]:
         for i, q in pairs:
@@ -240,13 +267,16 @@ class SquadQABuilder:
 
     # -- training ---------------------------------------------------------------------------------------------
 
-    def training_records(self, num_docs: int = 50, limit: int | None = None, errors: list | None = None) -> Iterator[QARecord]:
+    def training_records(
+        self, num_docs: int = 50, limit: int | None = None, errors: list | None = None
+    ) -> Iterator[QARecord]:
         """Training records for the first ``limit`` questions (all by default), in file order."""
         questions = self.questions if limit is None else self.questions[:limit]
         yield from self._records(enumerate(questions), num_docs, errors)
 
-    def write_training_file(self, path: str | os.PathLike, num_docs: int = 50, limit: int | None = None,
-                            errors: list | None = None) -> int:
+    def write_training_file(
+        self, path: str | os.PathLike, num_docs: int = 50, limit: int | None = None, errors: list | None = None
+    ) -> int:
         """Write training rows (``reward_model.style = "rule"``) to ``path``; returns the row count."""
         return write_train_file(self.training_records(num_docs, limit, errors), path)
 
@@ -261,8 +291,14 @@ class SquadQABuilder:
         for rec in self._records(enumerate(self.eval_questions(num_questions)), num_docs, errors):
             yield eval_row_from_record(rec)
 
-    def write_eval_suite(self, out_dir: str | os.PathLike, doc_counts: Sequence[int] = (50, 100, 200, 400, 800),
-                         num_questions: int = 128, suffix: str = ".json", errors: list | None = None) -> dict[int, Path]:
+    def write_eval_suite(
+        self,
+        out_dir: str | os.PathLike,
+        doc_counts: Sequence[int] = (50, 100, 200, 400, 800),
+        num_questions: int = 128,
+        suffix: str = ".json",
+        errors: list | None = None,
+    ) -> dict[int, Path]:
         """Write ``eval_<N>docs<suffix>`` for each N in ``doc_counts``; returns ``{N: path}``."""
         from .buildcli import write_eval_suite
 
@@ -275,8 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import buildcli
 
-    p = argparse.ArgumentParser(prog="python -m memagent_jax.data.squad", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m memagent_jax.data.squad",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     buildcli.add_common_arguments(p, default_train_docs=50)
     p.add_argument("--data_source", default="squad", help="data_source of training rows (default: %(default)s)")
     args = p.parse_args(argv)

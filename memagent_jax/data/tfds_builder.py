@@ -12,12 +12,14 @@ Features of every record: ``question``, ``document`` (text), ``answers`` (sequen
 ``index`` (int64), ``data_source`` (text), ``extra`` (text: the record's ``extra`` dict as JSON).
 Records keep the order in which they were given (no shuffling at write time).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .records import QARecord
 
@@ -30,9 +32,9 @@ _VERSION = "1.0.0"
 def require_tfds():
     """Import ``tensorflow_datasets`` or explain which optional packages are missing."""
     try:
+        import array_record  # noqa: F401
         import importlib_resources  # noqa: F401  (tfds needs it but does not declare it)
         import tensorflow_datasets as tfds
-        import array_record  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "ArrayRecord datasets need the optional packages tensorflow-datasets, array_record and "
@@ -105,14 +107,17 @@ def _builder_class(tfds):
         def _generate_examples(self, source):
             for position, item in enumerate(source):
                 rec = _to_record(item, position)
-                yield position, {
-                    "question": rec.question,
-                    "document": rec.document,
-                    "answers": list(rec.answers),
-                    "index": int(rec.index),
-                    "data_source": rec.data_source,
-                    "extra": json.dumps(dict(rec.extra), ensure_ascii=False, sort_keys=True, default=_json_default),
-                }
+                yield (
+                    position,
+                    {
+                        "question": rec.question,
+                        "document": rec.document,
+                        "answers": list(rec.answers),
+                        "index": int(rec.index),
+                        "data_source": rec.data_source,
+                        "extra": json.dumps(dict(rec.extra), ensure_ascii=False, sort_keys=True, default=_json_default),
+                    },
+                )
 
     globals()["_BUILDER_CLASS"] = MemagentQa
     return MemagentQa

@@ -22,12 +22,14 @@ loads offline, chat template included.  Design choices:
 or a plain callable) into a ``str -> int`` function with a memo, used by the synthetic generators
 to hit target lengths.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "PAD_TOKEN",
@@ -184,7 +186,10 @@ def encode_fn(tokenizer) -> Callable[[str], list[int]]:
         return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
     if callable(tokenizer):
         return lambda text: list(tokenizer(text))
-    raise TypeError(f"cannot encode with {type(tokenizer).__name__}: pass a transformers tokenizer, a tokenizers.Tokenizer or a callable")
+    raise TypeError(
+        f"cannot encode with {type(tokenizer).__name__}: pass a transformers tokenizer, a tokenizers.Tokenizer or a "
+        "callable"
+    )
 
 
 class TokenCounter:
@@ -223,7 +228,8 @@ def token_counter(tokenizer) -> TokenCounter:
         return tokenizer
     encode = encode_fn(tokenizer)  # TypeError for unsupported objects
     is_plain_callable = callable(tokenizer) and not (
-        hasattr(tokenizer, "encode") and (hasattr(tokenizer, "convert_tokens_to_ids") or hasattr(tokenizer, "token_to_id"))
+        hasattr(tokenizer, "encode")
+        and (hasattr(tokenizer, "convert_tokens_to_ids") or hasattr(tokenizer, "token_to_id"))
     )
     if is_plain_callable:
 

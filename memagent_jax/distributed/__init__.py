@@ -28,11 +28,23 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
-__all__ = ["initialize", "initialize_from_flags", "initialize_from_args", "define_flags", "add_arguments",
-           "cluster_detected", "is_initialized", "DistributedError", "ENV_COORDINATOR", "ENV_NUM_PROCESSES",
-           "ENV_PROCESS_ID", "ENV_LOCAL_DEVICE_IDS", "ENV_FORCE"]
+__all__ = [
+    "initialize",
+    "initialize_from_flags",
+    "initialize_from_args",
+    "define_flags",
+    "add_arguments",
+    "cluster_detected",
+    "is_initialized",
+    "DistributedError",
+    "ENV_COORDINATOR",
+    "ENV_NUM_PROCESSES",
+    "ENV_PROCESS_ID",
+    "ENV_LOCAL_DEVICE_IDS",
+    "ENV_FORCE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +112,12 @@ def _use_gloo() -> None:
         log.debug("could not select gloo CPU collectives: %s", e)
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: Sequence[int] | None = None) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+) -> bool:
     """Joins a multi-process run when one is configured (see the module docstring); returns whether it did.
 
     Idempotent: a second call (or a call after `jax.distributed.initialize`) does nothing. A single-process
@@ -122,8 +138,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         try:
             local_device_ids = [int(x) for x in os.environ[ENV_LOCAL_DEVICE_IDS].split(",") if x.strip()]
         except ValueError:
-            raise DistributedError(f"{ENV_LOCAL_DEVICE_IDS}={os.environ[ENV_LOCAL_DEVICE_IDS]!r} is not a comma-"
-                                   f"separated list of integers") from None
+            raise DistributedError(
+                f"{ENV_LOCAL_DEVICE_IDS}={os.environ[ENV_LOCAL_DEVICE_IDS]!r} is not a comma-separated list of integers"
+            ) from None
     explicit = [coordinator_address, num_processes, process_id]
     if num_processes is not None and num_processes < 1:
         raise DistributedError(f"--num_processes must be >= 1, got {num_processes}")
@@ -137,10 +154,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         _STATE["initialized"] = True
         return False
     if cluster is None and any(v is None for v in explicit):
-        missing = [name for name, v in zip(("--coordinator_address", "--num_processes", "--process_id"), explicit)
-                   if v is None]
-        raise DistributedError(f"a multi-process run needs {', '.join(missing)} as well (or the environment "
-                               f"variables {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
+        missing = [
+            name for name, v in zip(("--coordinator_address", "--num_processes", "--process_id"), explicit) if v is None
+        ]
+        raise DistributedError(
+            f"a multi-process run needs {', '.join(missing)} as well (or the environment "
+            f"variables {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})"
+        )
     _use_gloo()
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     if local_device_ids is not None:
@@ -148,8 +168,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(**kwargs)
     _STATE["initialized"] = True
     _STATE["multi_process"] = True
-    log.info("joined a run of %d processes as process %d (%d local / %d global devices)", jax.process_count(),
-             jax.process_index(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "joined a run of %d processes as process %d (%d local / %d global devices)",
+        jax.process_count(),
+        jax.process_index(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -166,12 +191,18 @@ def define_flags(flag_values=None) -> None:
     if id(fv) in _FLAGS_DEFINED or "coordinator_address" in fv:
         _FLAGS_DEFINED[id(fv)] = fv
         return
-    flags.DEFINE_string("coordinator_address", None,
-                        f"multi-process runs: host:port of process 0 (or ${ENV_COORDINATOR})", flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, f"multi-process runs: number of processes (or ${ENV_NUM_PROCESSES})",
-                         flag_values=fv)
-    flags.DEFINE_integer("process_id", None, f"multi-process runs: this process's index (or ${ENV_PROCESS_ID})",
-                         flag_values=fv)
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        f"multi-process runs: host:port of process 0 (or ${ENV_COORDINATOR})",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, f"multi-process runs: number of processes (or ${ENV_NUM_PROCESSES})", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "process_id", None, f"multi-process runs: this process's index (or ${ENV_PROCESS_ID})", flag_values=fv
+    )
     _FLAGS_DEFINED[id(fv)] = fv
 
 
@@ -187,15 +218,25 @@ def initialize_from_flags(flag_values=None) -> bool:
 def add_arguments(parser) -> None:
     """Adds --coordinator_address / --num_processes / --process_id to an argparse parser."""
     group = parser.add_argument_group("multi-process runs (or the MEMAGENT_* environment variables)")
-    group.add_argument("--coordinator_address", "--coordinator-address", dest="coordinator_address", default=None,
-                       help="host:port of process 0")
-    group.add_argument("--num_processes", "--num-processes", dest="num_processes", type=int, default=None,
-                       help="number of processes")
-    group.add_argument("--process_id", "--process-id", dest="process_id", type=int, default=None,
-                       help="this process's index")
+    group.add_argument(
+        "--coordinator_address",
+        "--coordinator-address",
+        dest="coordinator_address",
+        default=None,
+        help="host:port of process 0",
+    )
+    group.add_argument(
+        "--num_processes", "--num-processes", dest="num_processes", type=int, default=None, help="number of processes"
+    )
+    group.add_argument(
+        "--process_id", "--process-id", dest="process_id", type=int, default=None, help="this process's index"
+    )
 
 
 def initialize_from_args(args) -> bool:
     """`initialize` with the argparse values of `add_arguments`."""
-    return initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
-                      getattr(args, "process_id", None))
+    return initialize(
+        getattr(args, "coordinator_address", None),
+        getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+    )

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from memagent_jax.models.sharding import MeshError, batch_multiple, batch_sharding
 
-__all__ = ["copy_to", "is_multiprocess", "local_rows", "mesh_process_count", "process_allgather",
-           "process_batch_multiple", "process_max", "put_rows"]
+__all__ = [
+    "copy_to",
+    "is_multiprocess",
+    "local_rows",
+    "mesh_process_count",
+    "process_allgather",
+    "process_batch_multiple",
+    "process_max",
+    "put_rows",
+]
 
 
 def mesh_process_count(mesh: Mesh | None) -> int:
@@ -35,8 +44,10 @@ def process_batch_multiple(mesh: Mesh | None) -> int:
     """Rows each process supplies must be a multiple of this: its share of the mesh's batch shards."""
     total, procs = batch_multiple(mesh), mesh_process_count(mesh)
     if total % procs:
-        raise MeshError(f"the mesh's batch axes (data x fsdp = {total}) must be a multiple of its {procs} processes, "
-                        f"so that every process holds whole rows")
+        raise MeshError(
+            f"the mesh's batch axes (data x fsdp = {total}) must be a multiple of its {procs} processes, "
+            f"so that every process holds whole rows"
+        )
     return total // procs
 
 
@@ -88,8 +99,9 @@ def _wrap_keys(impl, sharding):
     key = (str(impl), sharding)
     if key not in _WRAPPERS:
         spec = P(*sharding.spec[:1])
-        _WRAPPERS[key] = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl),
-                                 out_shardings=NamedSharding(sharding.mesh, spec))
+        _WRAPPERS[key] = jax.jit(
+            lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=NamedSharding(sharding.mesh, spec)
+        )
     return _WRAPPERS[key]
 
 
@@ -100,6 +112,7 @@ def local_rows(x, mesh: Mesh | None = None):
     array is first resharded onto the batch sharding of `mesh` (default: its own sharding's mesh; a no-op when
     it already is), then this process's row blocks are joined.
     """
+
     def one(a):
         if not isinstance(a, jax.Array) or a.is_fully_addressable or a.ndim == 0:
             return np.asarray(jax.device_get(a))

@@ -20,15 +20,32 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from memagent_jax.evaluation.report import (
-    SCORE_NAMES, EvalResults, FileResult, format_percent, summarize, write_predictions, write_reports)
+    SCORE_NAMES,
+    EvalResults,
+    FileResult,
+    format_percent,
+    summarize,
+    write_predictions,
+    write_reports,
+)
 from memagent_jax.evaluation.specs import (
-    SCHEDULING, EvalConfigError, check_model_folder, check_options, check_outputs_not_inputs, file_keys,
-    length_label, open_eval_file, parse_eval_files, parse_models)
+    SCHEDULING,
+    EvalConfigError,
+    check_model_folder,
+    check_options,
+    check_outputs_not_inputs,
+    file_keys,
+    length_label,
+    open_eval_file,
+    parse_eval_files,
+    parse_models,
+)
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -48,13 +65,15 @@ def resolve_metric(metric: str, record=None, *, where: str = "") -> str:
     if chosen is None:
         return "sub_em"
     if chosen not in verifier.METRICS:
-        raise EvalConfigError(f"{where}: field 'metric' names an unknown metric {chosen!r}; "
-                              f"known: {sorted(verifier.METRICS)}")
+        raise EvalConfigError(
+            f"{where}: field 'metric' names an unknown metric {chosen!r}; known: {sorted(verifier.METRICS)}"
+        )
     return chosen
 
 
-def score_response(response: str, answers: Sequence[str], metric: str = "sub_em",
-                   extract: str = "boxed") -> dict[str, Any]:
+def score_response(
+    response: str, answers: Sequence[str], metric: str = "sub_em", extract: str = "boxed"
+) -> dict[str, Any]:
     """Scores of one final response: the prediction extracted from it (`verifier.extract_prediction`), then
     accuracy (= `metric`), em, f1 and sub_em of that prediction against the answers (0 when nothing is
     extracted)."""
@@ -80,9 +99,16 @@ class LoadedModel:
     path: str = ""
 
 
-def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, param_dtype: str | None = None,
-               compute_dtype: str | None = None, allow_nonfinite: bool = False,
-               attention_impl: str | None = None) -> LoadedModel:
+def load_model(
+    folder: str,
+    *,
+    tokenizer_path: str | None = None,
+    mesh=None,
+    param_dtype: str | None = None,
+    compute_dtype: str | None = None,
+    allow_nonfinite: bool = False,
+    attention_impl: str | None = None,
+) -> LoadedModel:
     """Loads a Hugging Face folder (params onto `mesh` when given) and its tokenizer (or `tokenizer_path`'s).
     Weights holding NaN / inf raise `NonFiniteWeightsError` naming the tensor unless `allow_nonfinite`.
     attention_impl: the model's attention kernel (None: ModelConfig's default 'auto')."""
@@ -95,10 +121,11 @@ def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, par
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_folder, local_files_only=True)
     except Exception as e:  # transformers raises OSError / ValueError with long messages
-        raise EvalConfigError(f"tokenizer: cannot load a tokenizer from {tok_folder!r}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    params, config = load_hf_params(folder, mesh=mesh, param_dtype=param_dtype or None,
-                                    allow_nonfinite=allow_nonfinite)
+        raise EvalConfigError(
+            f"tokenizer: cannot load a tokenizer from {tok_folder!r}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    params, config = load_hf_params(folder, mesh=mesh, param_dtype=param_dtype or None, allow_nonfinite=allow_nonfinite)
     compute = compute_dtype or param_dtype
     if compute:
         config = config.replace(compute_dtype=compute)
@@ -107,8 +134,20 @@ def load_model(folder: str, *, tokenizer_path: str | None = None, mesh=None, par
     return LoadedModel(params, config, tokenizer, path=folder)
 
 
-def _agent_for(source, *, budgets, templates, memory_sampling, answer_sampling, mesh, tokenizer_path, param_dtype,
-               compute_dtype, allow_nonfinite=False, attention_impl=None):
+def _agent_for(
+    source,
+    *,
+    budgets,
+    templates,
+    memory_sampling,
+    answer_sampling,
+    mesh,
+    tokenizer_path,
+    param_dtype,
+    compute_dtype,
+    allow_nonfinite=False,
+    attention_impl=None,
+):
     """(MemoryAgent with the evaluation's budgets and sampling, model path or '')."""
     from memagent_jax.agent import MemoryAgent
 
@@ -119,14 +158,30 @@ def _agent_for(source, *, budgets, templates, memory_sampling, answer_sampling, 
     elif isinstance(source, (tuple, list)) and len(source) == 3:
         loaded = LoadedModel(*source)
     elif isinstance(source, (str, os.PathLike)):
-        loaded = load_model(os.fspath(source), tokenizer_path=tokenizer_path, mesh=mesh, param_dtype=param_dtype,
-                            compute_dtype=compute_dtype, allow_nonfinite=allow_nonfinite,
-                            attention_impl=attention_impl)
+        loaded = load_model(
+            os.fspath(source),
+            tokenizer_path=tokenizer_path,
+            mesh=mesh,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            allow_nonfinite=allow_nonfinite,
+            attention_impl=attention_impl,
+        )
     else:
-        raise EvalConfigError(f"models: a model must be a folder, (params, config, tokenizer), a LoadedModel or a "
-                              f"MemoryAgent; got {type(source).__name__}")
-    agent = MemoryAgent(loaded.params, loaded.config, loaded.tokenizer, budgets=budgets, templates=templates,
-                        memory_sampling=memory_sampling, answer_sampling=answer_sampling, mesh=mesh)
+        raise EvalConfigError(
+            f"models: a model must be a folder, (params, config, tokenizer), a LoadedModel or a "
+            f"MemoryAgent; got {type(source).__name__}"
+        )
+    agent = MemoryAgent(
+        loaded.params,
+        loaded.config,
+        loaded.tokenizer,
+        budgets=budgets,
+        templates=templates,
+        memory_sampling=memory_sampling,
+        answer_sampling=answer_sampling,
+        mesh=mesh,
+    )
     return agent, loaded.path
 
 
@@ -155,11 +210,24 @@ def _log(message: str, enabled: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "boxed", batch_size: int = 8,
-                   max_questions: int = 0, seed: int = 0, num_traces: int = 3, row_errors: str = "skip",
-                   progress: bool = True, model_name: str = "model", model_path: str = "",
-                   file_key: str | None = None, pad_batches: bool = True,
-                   scheduling: str = "continuous") -> FileResult:
+def evaluate_agent(
+    agent,
+    records,
+    *,
+    metric: str = "sub_em",
+    extract: str = "boxed",
+    batch_size: int = 8,
+    max_questions: int = 0,
+    seed: int = 0,
+    num_traces: int = 3,
+    row_errors: str = "skip",
+    progress: bool = True,
+    model_name: str = "model",
+    model_path: str = "",
+    file_key: str | None = None,
+    pad_batches: bool = True,
+    scheduling: str = "continuous",
+) -> FileResult:
     """Evaluates one MemoryAgent (its own budgets, templates and sampling) on one file or list of records.
 
     Args:
@@ -216,8 +284,9 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
         if row_errors == "skip":
             skipped += 1
         else:
-            row.update(response="", prediction=None, scores={name: 0.0 for name in SCORE_NAMES}, num_chunks=0,
-                       doc_tokens=None)
+            row.update(
+                response="", prediction=None, scores={name: 0.0 for name in SCORE_NAMES}, num_chunks=0, doc_tokens=None
+            )
         _log(f"{model_name} / {file_key}: row {i}: {e}", show)
         return row
 
@@ -229,8 +298,13 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
             rows[i] = failed_row(i, {"row": i, "index": None, "metric": metric}, e)
             continue
         kept.append(record)
-        base = {"row": i, "index": record.index, "question": record.question, "answers": list(record.answers),
-                "metric": row_metric}
+        base = {
+            "row": i,
+            "index": record.index,
+            "question": record.question,
+            "answers": list(record.answers),
+            "metric": row_metric,
+        }
         try:
             _, doc_ids = agent.prepare(record.question, record.document, source=f"{path} row {i}")
         except AgentInputError as e:
@@ -245,21 +319,35 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
         """(rows, AgentResult) per agent run."""
         if scheduling == "continuous" and not multiprocess.is_multiprocess(getattr(agent, "mesh", None)):
             if ready:
-                yield ready, agent.run([g[2].question for g in ready], [g[3] for g in ready],
-                                       rng=row_keys(seed, [g[2].index for g in ready]),
-                                       trace=[g[1] < num_traces for g in ready], batch_size=batch_size,
-                                       progress=show)
+                yield (
+                    ready,
+                    agent.run(
+                        [g[2].question for g in ready],
+                        [g[3] for g in ready],
+                        rng=row_keys(seed, [g[2].index for g in ready]),
+                        trace=[g[1] < num_traces for g in ready],
+                        batch_size=batch_size,
+                        progress=show,
+                    ),
+                )
             return
         bar = _bar(len(ready), f"{model_name} / {file_key}", show)
         full = min(batch_size, len(ready))
         for start in range(0, len(ready), batch_size):
-            group = ready[start:start + batch_size]
+            group = ready[start : start + batch_size]
             want_trace = any(g[1] < num_traces for g in group)
             # A short last batch repeats its last row up to the full batch size: every batch of the file has one
             # shape, so nothing new compiles inside the timed loop (the extra rows' results are dropped).
             run_rows = group + [group[-1]] * (full - len(group)) if pad_batches else group
-            yield group, agent.run([g[2].question for g in run_rows], [g[3] for g in run_rows],
-                                   rng=row_keys(seed, [g[2].index for g in run_rows]), trace=want_trace)
+            yield (
+                group,
+                agent.run(
+                    [g[2].question for g in run_rows],
+                    [g[3] for g in run_rows],
+                    rng=row_keys(seed, [g[2].index for g in run_rows]),
+                    trace=want_trace,
+                ),
+            )
             bar.update(len(group))
         bar.close()
 
@@ -267,19 +355,38 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
         for j, (size, i, record, _, row_metric) in enumerate(group):
             if result.nonfinite and result.nonfinite[j]:
                 nonfinite += 1
-                base = {"row": i, "index": record.index, "question": record.question,
-                        "answers": list(record.answers), "metric": row_metric}
-                rows[i] = failed_row(i, base, NonFiniteOutputError(
-                    f"{path} row {i}: the model's logits were not finite (NaN / inf) while it answered; the answer "
-                    f"is not scored as text (check the weights, or use float32 instead of a narrower dtype)"))
+                base = {
+                    "row": i,
+                    "index": record.index,
+                    "question": record.question,
+                    "answers": list(record.answers),
+                    "metric": row_metric,
+                }
+                rows[i] = failed_row(
+                    i,
+                    base,
+                    NonFiniteOutputError(
+                        f"{path} row {i}: the model's logits were not finite (NaN / inf) while it answered; the answer "
+                        f"is not scored as text (check the weights, or use float32 instead of a narrower dtype)"
+                    ),
+                )
                 if "scores" in rows[i]:
                     rows[i].update(num_chunks=int(result.num_chunks[j]), doc_tokens=size)
                 continue
             scored = score_response(result.answers[j], record.answers, row_metric, extract)
-            row = {"row": i, "index": record.index, "question": record.question, "answers": list(record.answers),
-                   "metric": row_metric, "response": result.answers[j], "prediction": scored["prediction"],
-                   "scores": scored["scores"], "num_chunks": int(result.num_chunks[j]), "doc_tokens": size,
-                   "finished": bool(result.finished[j])}
+            row = {
+                "row": i,
+                "index": record.index,
+                "question": record.question,
+                "answers": list(record.answers),
+                "metric": row_metric,
+                "response": result.answers[j],
+                "prediction": scored["prediction"],
+                "scores": scored["scores"],
+                "num_chunks": int(result.num_chunks[j]),
+                "doc_tokens": size,
+                "finished": bool(result.finished[j]),
+            }
             if i < num_traces and result.traces is not None:
                 row["trace"] = result.traces[j]
             rows[i] = row
@@ -293,13 +400,29 @@ def evaluate_agent(agent, records, *, metric: str = "sub_em", extract: str = "bo
     for r in scored_rows:
         used[r["metric"]] = used.get(r["metric"], 0) + 1
     return FileResult(
-        model=model_name, model_path=model_path, file=path, file_key=file_key, label=length_label(path, kept),
-        metric=metric, metrics_used=used, extract=extract, n=len(scored_rows), skipped=skipped,
-        accuracy=stats["accuracy"], em=stats["em"], f1=stats["f1"], sub_em=stats["sub_em"],
+        model=model_name,
+        model_path=model_path,
+        file=path,
+        file_key=file_key,
+        label=length_label(path, kept),
+        metric=metric,
+        metrics_used=used,
+        extract=extract,
+        n=len(scored_rows),
+        skipped=skipped,
+        accuracy=stats["accuracy"],
+        em=stats["em"],
+        f1=stats["f1"],
+        sub_em=stats["sub_em"],
         mean_doc_tokens=float(np.mean([r["doc_tokens"] for r in run_rows])) if run_rows else math.nan,
         mean_chunks=float(np.mean([r["num_chunks"] for r in run_rows])) if run_rows else math.nan,
-        total_doc_tokens=tokens, wall_s=wall, doc_tokens_per_s=tokens / wall if wall > 0 else math.nan,
-        rows=[r for r in rows if r is not None], errors=errors, nonfinite=nonfinite)
+        total_doc_tokens=tokens,
+        wall_s=wall,
+        doc_tokens_per_s=tokens / wall if wall > 0 else math.nan,
+        rows=[r for r in rows if r is not None],
+        errors=errors,
+        nonfinite=nonfinite,
+    )
 
 
 class _NoBar:
@@ -318,16 +441,38 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, unit="row", desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
-def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None, *, budgets=None, templates=None,
-                    temperature: float | None = None, top_p: float | None = None, memory_sampling=None,
-                    answer_sampling=None, agent_overrides: Mapping | None = None,
-                    metric: str = "sub_em", extract: str = "boxed", batch_size: int = 8, max_questions: int = 0,
-                    seed: int = 0, num_traces: int = 3, row_errors: str = "skip", mesh=None,
-                    param_dtype: str | None = None, compute_dtype: str | None = None,
-                    tokenizer_path: str | None = None, progress: bool = True, plot: bool = True,
-                    warmup: bool = True, config: Mapping | None = None,
-                    allow_nonfinite_weights: bool = False, doc_store=None,
-                    scheduling: str = "continuous", attention_impl: str | None = None) -> EvalResults:
+def evaluate_models(
+    models,
+    eval_files: Sequence[str] | str,
+    out_dir: str | None,
+    *,
+    budgets=None,
+    templates=None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    memory_sampling=None,
+    answer_sampling=None,
+    agent_overrides: Mapping | None = None,
+    metric: str = "sub_em",
+    extract: str = "boxed",
+    batch_size: int = 8,
+    max_questions: int = 0,
+    seed: int = 0,
+    num_traces: int = 3,
+    row_errors: str = "skip",
+    mesh=None,
+    param_dtype: str | None = None,
+    compute_dtype: str | None = None,
+    tokenizer_path: str | None = None,
+    progress: bool = True,
+    plot: bool = True,
+    warmup: bool = True,
+    config: Mapping | None = None,
+    allow_nonfinite_weights: bool = False,
+    doc_store=None,
+    scheduling: str = "continuous",
+    attention_impl: str | None = None,
+) -> EvalResults:
     """Evaluates every model on every file and writes the reports to `out_dir` (None: nothing written).
 
     Args:
@@ -391,32 +536,45 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
         try:
             explicit = dict(budgets=budgets, templates=templates, temperature=temperature, top_p=top_p)
             settings = base.override(**{k: v for k, v in explicit.items() if v is not None}).override(
-                **dict(agent_overrides or {}))
+                **dict(agent_overrides or {})
+            )
         except TypeError as e:
             raise EvalConfigError(f"agent_overrides: {e}") from None
         mem = memory_sampling or settings.sampling(0.7, 0.95)
         return settings, mem, answer_sampling or mem
 
-    first_settings, first_memory, first_answer = settings_for(entries[0][1]) if entries else (
-        AgentSettings(), SamplingParams(temperature=0.7, top_p=0.95), None)
+    first_settings, first_memory, first_answer = (
+        settings_for(entries[0][1]) if entries else (AgentSettings(), SamplingParams(temperature=0.7, top_p=0.95), None)
+    )
     main = _is_main_process()
     show = progress and main
 
     echo = {
         "cli_config": _plain(config) if config is not None else None,
-        "models": {name: (os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
-                   for name, src in entries},
+        "models": {
+            name: (os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
+            for name, src in entries
+        },
         "eval_files": files,
         "budgets": dataclasses.asdict(first_settings.budgets),
         "templates": dataclasses.asdict(first_settings.templates),
         "memory_sampling": _sampling_echo(first_memory),
         "answer_sampling": _sampling_echo(first_answer or first_memory),
         "agents": {},  # per model: the settings used (its memagent_agent.json under the explicit settings)
-        "metric": metric, "extract": extract, "batch_size": batch_size, "scheduling": scheduling,
+        "metric": metric,
+        "extract": extract,
+        "batch_size": batch_size,
+        "scheduling": scheduling,
         "max_questions": max_questions,
-        "seed": seed, "num_traces": num_traces, "row_errors": row_errors, "param_dtype": param_dtype,
-        "compute_dtype": compute_dtype, "attention_impl": attention_impl, "tokenizer": tokenizer_path,
-        "mesh": dict(mesh.shape) if mesh is not None else None, "warmup": warmup,
+        "seed": seed,
+        "num_traces": num_traces,
+        "row_errors": row_errors,
+        "param_dtype": param_dtype,
+        "compute_dtype": compute_dtype,
+        "attention_impl": attention_impl,
+        "tokenizer": tokenizer_path,
+        "mesh": dict(mesh.shape) if mesh is not None else None,
+        "warmup": warmup,
     }
     results = EvalResults(results=[], config=echo, out_dir=os.fspath(out_dir) if out_dir is not None else None)
     if out_dir is not None and main:
@@ -424,13 +582,25 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
     for name, source in entries:
         t0 = time.perf_counter()
         settings, mem_sampling, ans_sampling = settings_for(source)
-        echo["agents"][name] = dict(settings.to_dict(), settings_file=settings.path or None,
-                                    memory_sampling=_sampling_echo(mem_sampling),
-                                    answer_sampling=_sampling_echo(ans_sampling))
-        agent, path = _agent_for(source, budgets=settings.budgets, templates=settings.templates,
-                                 memory_sampling=mem_sampling, answer_sampling=ans_sampling, mesh=mesh, tokenizer_path=tokenizer_path,
-                                 param_dtype=param_dtype, compute_dtype=compute_dtype,
-                                 allow_nonfinite=allow_nonfinite_weights, attention_impl=attention_impl)
+        echo["agents"][name] = dict(
+            settings.to_dict(),
+            settings_file=settings.path or None,
+            memory_sampling=_sampling_echo(mem_sampling),
+            answer_sampling=_sampling_echo(ans_sampling),
+        )
+        agent, path = _agent_for(
+            source,
+            budgets=settings.budgets,
+            templates=settings.templates,
+            memory_sampling=mem_sampling,
+            answer_sampling=ans_sampling,
+            mesh=mesh,
+            tokenizer_path=tokenizer_path,
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            allow_nonfinite=allow_nonfinite_weights,
+            attention_impl=attention_impl,
+        )
         _log(f"model {name!r}: ready in {time.perf_counter() - t0:.1f}s" + (f" ({path})" if path else ""), show)
         if warmup:
             t0 = time.perf_counter()
@@ -438,16 +608,31 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
             _warm_up(agent, min(batch_size, max(sizes)))
             _log(f"model {name!r}: warm-up batch (compilation) {time.perf_counter() - t0:.1f}s", show)
         for file, key in zip(opened, keys):
-            r = evaluate_agent(agent, file, metric=metric, extract=extract, batch_size=batch_size,
-                               max_questions=max_questions, seed=seed, num_traces=num_traces, row_errors=row_errors,
-                               progress=progress, model_name=name, model_path=path, file_key=key,
-                               scheduling=scheduling)
+            r = evaluate_agent(
+                agent,
+                file,
+                metric=metric,
+                extract=extract,
+                batch_size=batch_size,
+                max_questions=max_questions,
+                seed=seed,
+                num_traces=num_traces,
+                row_errors=row_errors,
+                progress=progress,
+                model_name=name,
+                model_path=path,
+                file_key=key,
+                scheduling=scheduling,
+            )
             results.results.append(r)
             acc = r.accuracy
-            _log(f"{name} / {key} ({r.label}): accuracy {format_percent(acc.mean)}% "
-                 f"[{format_percent(acc.low)}, {format_percent(acc.high)}] "
-                 f"n={r.n}, {r.mean_doc_tokens:.0f} tokens, {r.wall_s:.1f}s, {r.doc_tokens_per_s:.0f} tok/s"
-                 + (f", {r.errors} rows failed ({r.nonfinite} non-finite)" if r.errors else ""), show)
+            _log(
+                f"{name} / {key} ({r.label}): accuracy {format_percent(acc.mean)}% "
+                f"[{format_percent(acc.low)}, {format_percent(acc.high)}] "
+                f"n={r.n}, {r.mean_doc_tokens:.0f} tokens, {r.wall_s:.1f}s, {r.doc_tokens_per_s:.0f} tok/s"
+                + (f", {r.errors} rows failed ({r.nonfinite} non-finite)" if r.errors else ""),
+                show,
+            )
             if out_dir is not None and main:
                 write_predictions(r, os.path.join(out_dir, "predictions", f"{name}__{key}.jsonl"))
                 write_reports(results, out_dir, plot=False)  # a killed run keeps every finished point
@@ -458,8 +643,11 @@ def evaluate_models(models, eval_files: Sequence[str] | str, out_dir: str | None
     if show:
         print(results.table(), flush=True)
         if out_dir is not None:
-            print(f"wrote {out_dir}/results.json, results.csv, predictions/"
-                  + (", accuracy_vs_length.png" if plot else ""), flush=True)
+            print(
+                f"wrote {out_dir}/results.json, results.csv, predictions/"
+                + (", accuracy_vs_length.png" if plot else ""),
+                flush=True,
+            )
     return results
 
 
@@ -487,4 +675,3 @@ def _plain(config) -> Any:
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     return json.loads(json.dumps(config, default=str))
-

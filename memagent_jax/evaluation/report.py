@@ -17,7 +17,7 @@ import io
 import json
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -61,8 +61,9 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def normal_interval(values: Sequence[float], z: float = Z95,
-                    bounds: tuple[float, float] | None = (0.0, 1.0)) -> tuple[float, float, float]:
+def normal_interval(
+    values: Sequence[float], z: float = Z95, bounds: tuple[float, float] | None = (0.0, 1.0)
+) -> tuple[float, float, float]:
     """(mean, low, high): mean +- z * s / sqrt(n), s the sample standard deviation (ddof 1).
 
     The interval is clipped to `bounds` (scores live in [0, 1]; None = no clipping). With one value there is no
@@ -153,19 +154,34 @@ class FileResult:
         return out
 
     def csv_row(self) -> dict:
-        row = {"model": self.model, "file": self.file, "label": self.label, "n": self.n, "skipped": self.skipped,
-               "errors": self.errors, "nonfinite": self.nonfinite, "metric": self.metric}
+        row = {
+            "model": self.model,
+            "file": self.file,
+            "label": self.label,
+            "n": self.n,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "nonfinite": self.nonfinite,
+            "metric": self.metric,
+        }
         for name in SCORE_NAMES:
             e = getattr(self, name)
             row[name], row[f"{name}_low"], row[f"{name}_high"] = e.mean, e.low, e.high
-        row.update(mean_doc_tokens=self.mean_doc_tokens, mean_chunks=self.mean_chunks, wall_s=self.wall_s,
-                   doc_tokens_per_s=self.doc_tokens_per_s, model_path=self.model_path)
+        row.update(
+            mean_doc_tokens=self.mean_doc_tokens,
+            mean_chunks=self.mean_chunks,
+            wall_s=self.wall_s,
+            doc_tokens_per_s=self.doc_tokens_per_s,
+            model_path=self.model_path,
+        )
         return row
 
 
-CSV_FIELDS = (["model", "file", "label", "n", "skipped", "errors", "nonfinite", "metric"]
-              + [f"{s}{suffix}" for s in SCORE_NAMES for suffix in ("", "_low", "_high")]
-              + ["mean_doc_tokens", "mean_chunks", "wall_s", "doc_tokens_per_s", "model_path"])
+CSV_FIELDS = (
+    ["model", "file", "label", "n", "skipped", "errors", "nonfinite", "metric"]
+    + [f"{s}{suffix}" for s in SCORE_NAMES for suffix in ("", "_low", "_high")]
+    + ["mean_doc_tokens", "mean_chunks", "wall_s", "doc_tokens_per_s", "model_path"]
+)
 
 
 @dataclasses.dataclass
@@ -188,8 +204,12 @@ class EvalResults:
         return list(dict.fromkeys(r.model for r in self.results))
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "results": [r.to_dict() for r in self.results],
-                "environment": _environment(), "created": datetime.datetime.now().isoformat(timespec="seconds")}
+        return {
+            "config": self.config,
+            "results": [r.to_dict() for r in self.results],
+            "environment": _environment(),
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
 
     def table(self) -> str:
         return format_table(self.results)
@@ -206,8 +226,12 @@ def _json_number(value):
 def _environment() -> dict:
     import jax
 
-    return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": jax.device_count(),
-            "processes": jax.process_count()}
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+    }
 
 
 def format_percent(x: float) -> str:
@@ -217,22 +241,45 @@ def format_percent(x: float) -> str:
 
 def format_table(results: Sequence[FileResult]) -> str:
     """The console table: one line per (model, file)."""
-    header = ["model", "file", "length", "tokens", "chunks", "accuracy % [95% CI]", "EM %", "F1 %", "sub-EM %",
-              "n", "tok/s"]
+    header = [
+        "model",
+        "file",
+        "length",
+        "tokens",
+        "chunks",
+        "accuracy % [95% CI]",
+        "EM %",
+        "F1 %",
+        "sub-EM %",
+        "n",
+        "tok/s",
+    ]
     lines = []
     for r in results:
         acc = r.accuracy
         ci = f"{format_percent(acc.mean)} [{format_percent(acc.low)}, {format_percent(acc.high)}]" if acc.n else "-"
-        lines.append([r.model, r.file_key, r.label, f"{r.mean_doc_tokens:.0f}" if r.n else "-",
-                      f"{r.mean_chunks:.1f}" if r.n else "-", ci, format_percent(r.em.mean), format_percent(r.f1.mean),
-                      format_percent(r.sub_em.mean), f"{r.n}" + (f" (+{r.skipped} skipped)" if r.skipped else ""),
-                      f"{r.doc_tokens_per_s:.0f}"])
+        lines.append(
+            [
+                r.model,
+                r.file_key,
+                r.label,
+                f"{r.mean_doc_tokens:.0f}" if r.n else "-",
+                f"{r.mean_chunks:.1f}" if r.n else "-",
+                ci,
+                format_percent(r.em.mean),
+                format_percent(r.f1.mean),
+                format_percent(r.sub_em.mean),
+                f"{r.n}" + (f" (+{r.skipped} skipped)" if r.skipped else ""),
+                f"{r.doc_tokens_per_s:.0f}",
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     right = {3, 4, 6, 7, 8, 10}
 
     def fmt(row):
-        return "  ".join(str(x).rjust(w) if i in right else str(x).ljust(w) for i, (x, w) in
-                         enumerate(zip(row, widths))).rstrip()
+        return "  ".join(
+            str(x).rjust(w) if i in right else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths))
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule] + [fmt(row) for row in lines])
@@ -264,16 +311,18 @@ def write_reports(results: EvalResults, out_dir: str, *, plot: bool = True) -> N
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for r in results.results:
-        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v)
-                         for k, v in r.csv_row().items()})
+        writer.writerow(
+            {k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.csv_row().items()}
+        )
     _write_text(os.path.join(out_dir, "results.csv"), buf.getvalue())
     _write_text(os.path.join(out_dir, "results.txt"), results.table() + "\n")
     if plot:
         plot_accuracy_vs_length(results.results, os.path.join(out_dir, "accuracy_vs_length.png"))
 
 
-def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str | None = None, *,
-                            train_tokens: float | None = None) -> str:
+def plot_accuracy_vs_length(
+    results: Sequence[FileResult], path: str, title: str | None = None, *, train_tokens: float | None = None
+) -> str:
     """Accuracy (%) against mean document tokens (log x axis), one line per model, 95% CI as error bars and a
     shaded band. Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
 
@@ -294,8 +343,11 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
     all_x: list[float] = []
     labelled: set[str] = set()
     for k, model in enumerate(models):
-        pts = sorted((r.mean_doc_tokens, r) for r in results
-                     if r.model == model and r.n and math.isfinite(r.mean_doc_tokens) and r.mean_doc_tokens > 0)
+        pts = sorted(
+            (r.mean_doc_tokens, r)
+            for r in results
+            if r.model == model and r.n and math.isfinite(r.mean_doc_tokens) and r.mean_doc_tokens > 0
+        )
         if not pts:
             continue
         x = np.array([p[0] for p in pts])
@@ -303,10 +355,17 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
         lo = np.array([100 * p[1].accuracy.low for p in pts])
         hi = np.array([100 * p[1].accuracy.high for p in pts])
         all_x.extend(x)
-        line = ax.errorbar(x, acc, yerr=[np.maximum(acc - lo, 0), np.maximum(hi - acc, 0)],
-                           marker=markers[k % len(markers)], markersize=7 - min(k, 3), capsize=3, linewidth=1.8,
-                           linestyle=styles[k % len(styles)], label=f"{model} (n={pts[0][1].n})"
-                           if len({p[1].n for p in pts}) == 1 else model)
+        line = ax.errorbar(
+            x,
+            acc,
+            yerr=[np.maximum(acc - lo, 0), np.maximum(hi - acc, 0)],
+            marker=markers[k % len(markers)],
+            markersize=7 - min(k, 3),
+            capsize=3,
+            linewidth=1.8,
+            linestyle=styles[k % len(styles)],
+            label=f"{model} (n={pts[0][1].n})" if len({p[1].n for p in pts}) == 1 else model,
+        )
         color = line[0].get_color()
         if len(x) > 1:
             ax.fill_between(x, lo, hi, color=color, alpha=0.12, linewidth=0)
@@ -318,11 +377,13 @@ def plot_accuracy_vs_length(results: Sequence[FileResult], path: str, title: str
                     ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
     if train_tokens:
         ax.axvline(train_tokens, color="0.4", linestyle="--", linewidth=1)
-        ax.annotate("training length", (train_tokens, 3), textcoords="offset points", xytext=(4, 0), fontsize=8,
-                    color="0.3")
+        ax.annotate(
+            "training length", (train_tokens, 3), textcoords="offset points", xytext=(4, 0), fontsize=8, color="0.3"
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_tokens(v)))
     narrow = bool(all_x) and max(all_x) / min(all_x) < 30  # few decades: label the minor ticks too
+
     def minor(v, _):  # 2, 3 and 5 x 10^k only: readable without crowding
         lead = round(v / 10 ** math.floor(math.log10(v) + 1e-9)) if v > 0 else 0
         return format_tokens(v) if lead in (2, 3, 5) else ""
@@ -357,5 +418,7 @@ def failure_summary(results: EvalResults) -> str | None:
     total = sum(len(r.rows) for r in results.results)
     nonfinite = sum(r.nonfinite for r in results.results)
     where = ", ".join(f"{r.model}/{r.file_key}: {r.errors}" for r in results.results if r.errors)
-    return (f"{failed} of {total} rows failed ({nonfinite} with non-finite model outputs; {where}); their "
-            f"'error' fields in predictions/*.jsonl say why")
+    return (
+        f"{failed} of {total} rows failed ({nonfinite} with non-finite model outputs; {where}); their "
+        f"'error' fields in predictions/*.jsonl say why"
+    )

@@ -13,8 +13,9 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -175,8 +176,10 @@ def check_outputs_not_inputs(out_dir: str | None, files: Sequence[str], output_n
         path = os.path.abspath(f)
         folder, name = os.path.split(path)
         if (folder == out and (name in reports or name.endswith(".tmp"))) or folder == os.path.join(out, "predictions"):
-            raise EvalConfigError(f"eval_files: {f!r} lies where the evaluation writes its outputs ({out_dir}); "
-                                  f"refusing to write over an input: choose another workdir")
+            raise EvalConfigError(
+                f"eval_files: {f!r} lies where the evaluation writes its outputs ({out_dir}); "
+                f"refusing to write over an input: choose another workdir"
+            )
 
 
 def check_options(metric: str, extract: str, row_errors: str, batch_size: int) -> None:

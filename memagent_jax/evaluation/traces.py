@@ -35,15 +35,24 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from memagent_jax.evaluation import verifier
 
-__all__ = ["TraceEntry", "StepView", "analyse_entry", "entries_from_agent", "render_html", "render_markdown",
-           "write_trace_report"]
+__all__ = [
+    "TraceEntry",
+    "StepView",
+    "analyse_entry",
+    "entries_from_agent",
+    "render_html",
+    "render_markdown",
+    "write_trace_report",
+]
 
 #: Words never counted as content words when matching a question against a chunk.
-STOP_WORDS = frozenset("""
+STOP_WORDS = frozenset(
+    """
 a about above after again against all also am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has have having
 he her here hers herself him himself his how i if in into is it its itself just me more most my myself no
@@ -51,7 +60,8 @@ nor not now of off on once only or other our ours ourselves out over own same sh
 that the their theirs them themselves then there these they this those through to too under until up very
 was we were what when where which while who whom whose why will with would you your yours yourself
 yourselves name named called many much one two first last also did does was were year years
-""".split())
+""".split()
+)
 
 MAX_SENTENCES_SHOWN = 8  # relevant sentences shown per step (the rest are counted)
 SENTENCE_WIDTH = 320  # longer sentences are clipped around their first highlighted term
@@ -60,8 +70,10 @@ EXCERPT_WIDTH = 60  # the excerpt of a chunk with nothing relevant
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
 _WORD = re.compile(r"[^\W_]+")
 _INITIAL = re.compile(r"\(?[A-Z]\.")
-_ABBREVIATIONS = frozenset("mr. mrs. ms. dr. prof. st. jr. sr. vs. no. vol. pp. fig. e.g. i.e. approx. inc. "
-                           "ltd. co. corp. mt. ft. gen. gov. sen. rep. rev. u.s.".split())
+_ABBREVIATIONS = frozenset(
+    "mr. mrs. ms. dr. prof. st. jr. sr. vs. no. vol. pp. fig. e.g. i.e. approx. inc. "
+    "ltd. co. corp. mt. ft. gen. gov. sen. rep. rev. u.s.".split()
+)
 
 
 @dataclasses.dataclass
@@ -98,6 +110,7 @@ class TraceEntry:
 
 
 # --------------------------------------------------------------------------------------------- analysis
+
 
 @dataclasses.dataclass
 class Sentence:
@@ -185,16 +198,24 @@ def analyse_entry(entry: TraceEntry) -> list[StepView]:
             if gold or words:
                 relevant.append(Sentence(text=s, gold=gold, words=words))
         excerpt = "" if relevant or not sentences else _elide(sentences[0], EXCERPT_WIDTH)
-        views.append(StepView(step=k + 1, num_sentences=len(sentences), relevant=relevant, excerpt=excerpt,
-                              memory=memory, changed=previous is None or memory != previous,
-                              memory_gold=_golds_in(_padded_norm(memory), golds)))
+        views.append(
+            StepView(
+                step=k + 1,
+                num_sentences=len(sentences),
+                relevant=relevant,
+                excerpt=excerpt,
+                memory=memory,
+                changed=previous is None or memory != previous,
+                memory_gold=_golds_in(_padded_norm(memory), golds),
+            )
+        )
         previous = memory
     return views
 
 
 def _elide(text: str, width: int) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 1].rstrip() + "\u2026"
+    return text if len(text) <= width else text[: width - 1].rstrip() + "\u2026"
 
 
 def _clip(text: str, pattern: re.Pattern | None, width: int = SENTENCE_WIDTH) -> str:
@@ -228,6 +249,7 @@ def _bounded(term: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- summary
+
 
 @dataclasses.dataclass
 class _Summary:
@@ -314,6 +336,7 @@ def _why(sentence: Sentence) -> str:
 
 # --------------------------------------------------------------------------------------------- Markdown
 
+
 def _md_code(text: str, *, table: bool = False) -> str:
     """`text` on one line as a code span (rendered verbatim: no HTML, no Markdown); in a table cell `|` is
     escaped (GFM tables split cells before parsing code spans)."""
@@ -362,16 +385,22 @@ def _md_plain(text: str) -> str:
 def _md_overview(summaries: list[_Summary]) -> list[str]:
     n = len(summaries)
     correct = sum(s.entry.correct for s in summaries)
-    out = [f"{n} question{'s' if n != 1 else ''}, {correct} correct" + (f" ({100 * correct / n:.1f}%)" if n else "")
-           + ".", ""]
+    out = [
+        f"{n} question{'s' if n != 1 else ''}, {correct} correct" + (f" ({100 * correct / n:.1f}%)" if n else "") + ".",
+        "",
+    ]
     if not n:
         return out
-    out += ["| # | question | model | verdict | steps | gold in chunk at step | gold in final memory |",
-            "|---|---|---|---|---|---|---|"]
+    out += [
+        "| # | question | model | verdict | steps | gold in chunk at step | gold in final memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, s in enumerate(summaries, 1):
-        out.append(f"| [{i}](#q{i}) | {_md_code(_elide(s.entry.question, 80), table=True)} | "
-                   f"{_md_code(s.entry.model, table=True)} | {_verdict(s.entry)} | {len(s.views)} | "
-                   f"{_steps_label(s.gold_steps, 5)} | {'yes' if s.final_memory_gold else 'no'} |")
+        out.append(
+            f"| [{i}](#q{i}) | {_md_code(_elide(s.entry.question, 80), table=True)} | "
+            f"{_md_code(s.entry.model, table=True)} | {_verdict(s.entry)} | {len(s.views)} | "
+            f"{_steps_label(s.gold_steps, 5)} | {'yes' if s.final_memory_gold else 'no'} |"
+        )
     out.append("")
     for group in _same_question_groups(summaries):
         out += _md_side_by_side(group)
@@ -402,29 +431,42 @@ def _side_by_side_rows(group: list[_Summary]) -> list[tuple[str, str, list[str]]
 
 def _md_side_by_side(group: list[_Summary]) -> list[str]:
     models = [s.entry.model for s in group]
-    out = [f"### Side by side: {_md_plain(_elide(group[0].entry.question, 100))} "
-           f"(gold: {' / '.join(_md_code(a) for a in group[0].entry.answers)})", "",
-           "Steps where a chunk holds a relevant sentence or a memory changed; the other steps kept every memory.",
-           "", "| step | relevant sentences of the chunk | " + " | ".join(_md_code(m, table=True) for m in models) + " |",
-           "|---|---|" + "---|" * len(models)]
+    out = [
+        f"### Side by side: {_md_plain(_elide(group[0].entry.question, 100))} "
+        f"(gold: {' / '.join(_md_code(a) for a in group[0].entry.answers)})",
+        "",
+        "Steps where a chunk holds a relevant sentence or a memory changed; the other steps kept every memory.",
+        "",
+        "| step | relevant sentences of the chunk | " + " | ".join(_md_code(m, table=True) for m in models) + " |",
+        "|---|---|" + "---|" * len(models),
+    ]
     for step, chunk, memories in _side_by_side_rows(group):
-        out.append(f"| {step} | {_md_code(_elide(chunk, 160), table=True) if chunk else ''} | "
-                   + " | ".join(_md_code(_elide(m, 80), table=True) for m in memories) + " |")
+        out.append(
+            f"| {step} | {_md_code(_elide(chunk, 160), table=True) if chunk else ''} | "
+            + " | ".join(_md_code(_elide(m, 80), table=True) for m in memories)
+            + " |"
+        )
     return out + [""]
 
 
 def _md_entry(i: int, s: _Summary) -> list[str]:
     e = s.entry
     label = f" ({_md_plain(e.label)})" if e.label else ""
-    out = [f'<a id="q{i}"></a>', "", f"## {i}. {_md_plain(_elide(e.question, 120))}{label}", "",
-           f"- question: {_md_code(e.question)}",
-           f"- gold answers: {' / '.join(_md_code(a) for a in e.answers) or '*(none)*'}",
-           f"- model: {_md_code(e.model)}",
-           f"- chunks read: {len(s.views)}; relevant chunks at steps: {_steps_label(s.relevant_steps)}; "
-           f"a gold answer in a chunk at steps: {_steps_label(s.gold_steps)}",
-           f"- gold answer first in memory at step: {s.first_gold_in_memory or 'never'}; "
-           f"in the final memory: {'yes' if s.final_memory_gold else 'no'}",
-           f"- verdict: **{_verdict(e)}**", ""]
+    out = [
+        f'<a id="q{i}"></a>',
+        "",
+        f"## {i}. {_md_plain(_elide(e.question, 120))}{label}",
+        "",
+        f"- question: {_md_code(e.question)}",
+        f"- gold answers: {' / '.join(_md_code(a) for a in e.answers) or '*(none)*'}",
+        f"- model: {_md_code(e.model)}",
+        f"- chunks read: {len(s.views)}; relevant chunks at steps: {_steps_label(s.relevant_steps)}; "
+        f"a gold answer in a chunk at steps: {_steps_label(s.gold_steps)}",
+        f"- gold answer first in memory at step: {s.first_gold_in_memory or 'never'}; "
+        f"in the final memory: {'yes' if s.final_memory_gold else 'no'}",
+        f"- verdict: **{_verdict(e)}**",
+        "",
+    ]
     if e.initial_memory is not None:
         out += ["Initial memory:", "", _md_block(e.initial_memory), ""]
     out += ["### Steps", ""]
@@ -447,8 +489,13 @@ def _md_entry(i: int, s: _Summary) -> list[str]:
         else:
             out.append("Chunk: empty")
         gold = f"; holds gold: {', '.join(_md_code(g) for g in v.memory_gold)}" if v.memory_gold else ""
-        out += ["", f"Memory after step {v.step} ({'changed' if v.changed else 'kept'}{gold}):", "",
-                _md_block(v.memory), ""]
+        out += [
+            "",
+            f"Memory after step {v.step} ({'changed' if v.changed else 'kept'}{gold}):",
+            "",
+            _md_block(v.memory),
+            "",
+        ]
     if last_collapsed and s.views:
         out += ["Final memory (the answer's only input):", "", _md_block(s.views[-1].memory), ""]
     out += ["### Answer", "", _md_block(e.prediction), "", f"Verdict: **{_verdict(e)}**", ""]
@@ -496,7 +543,7 @@ def _highlight(text: str, pattern: re.Pattern | None) -> str:
     for m in pattern.finditer(text):
         if m.start() == m.end():
             continue
-        out.append(_esc(text[pos:m.start()]))
+        out.append(_esc(text[pos : m.start()]))
         kind = "gold" if "gold" in pattern.groupindex and m.group("gold") is not None else "word"
         out.append(f'<mark class="{kind}">{_esc(m.group(0))}</mark>')
         pos = m.end()
@@ -518,29 +565,49 @@ def render_html(entries: Sequence[TraceEntry], *, title: str) -> str:
     summaries = [_Summary(e, analyse_entry(e)) for e in entries]
     n = len(summaries)
     correct = sum(s.entry.correct for s in summaries)
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{_esc(title)}</title>",
-           f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{_esc(title)}</h1>",
-           f"<p>{n} question{'s' if n != 1 else ''}, {correct} correct"
-           + (f" ({100 * correct / n:.1f}%)" if n else "") + ".</p>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{_esc(title)}</h1>",
+        f"<p>{n} question{'s' if n != 1 else ''}, {correct} correct"
+        + (f" ({100 * correct / n:.1f}%)" if n else "")
+        + ".</p>",
+    ]
     if n:
-        out.append("<table><tr><th>#</th><th>question</th><th>model</th><th>verdict</th><th>steps</th>"
-                   "<th>gold in chunk at step</th><th>gold in final memory</th></tr>")
+        out.append(
+            "<table><tr><th>#</th><th>question</th><th>model</th><th>verdict</th><th>steps</th>"
+            "<th>gold in chunk at step</th><th>gold in final memory</th></tr>"
+        )
         for i, s in enumerate(summaries, 1):
-            out.append(f'<tr><td><a href="#q{i}">{i}</a></td><td>{_esc(_elide(s.entry.question, 100))}</td>'
-                       f"<td><code>{_esc(s.entry.model)}</code></td>"
-                       f"<td>{_verdict_html(s.entry)}</td><td>{len(s.views)}</td>"
-                       f"<td>{_esc(_steps_label(s.gold_steps, 5))}</td>"
-                       f"<td>{'yes' if s.final_memory_gold else 'no'}</td></tr>")
+            out.append(
+                f'<tr><td><a href="#q{i}">{i}</a></td><td>{_esc(_elide(s.entry.question, 100))}</td>'
+                f"<td><code>{_esc(s.entry.model)}</code></td>"
+                f"<td>{_verdict_html(s.entry)}</td><td>{len(s.views)}</td>"
+                f"<td>{_esc(_steps_label(s.gold_steps, 5))}</td>"
+                f"<td>{'yes' if s.final_memory_gold else 'no'}</td></tr>"
+            )
         out.append("</table>")
     for group in _same_question_groups(summaries):
-        out.append(f"<h3>Side by side: {_esc(group[0].entry.question)} (gold: "
-                   f"{_esc(' / '.join(group[0].entry.answers))})</h3><table><tr><th>step</th>"
-                   "<th>relevant sentences of the chunk</th>"
-                   + "".join(f"<th>{_esc(s.entry.model)}</th>" for s in group) + "</tr>")
+        out.append(
+            f"<h3>Side by side: {_esc(group[0].entry.question)} (gold: "
+            f"{_esc(' / '.join(group[0].entry.answers))})</h3><table><tr><th>step</th>"
+            "<th>relevant sentences of the chunk</th>"
+            + "".join(f"<th>{_esc(s.entry.model)}</th>" for s in group)
+            + "</tr>"
+        )
         for step, chunk, memories in _side_by_side_rows(group):
-            out.append(f"<tr><td>{_esc(step)}</td><td>{_esc(chunk)}</td>"
-                       + "".join(f"<td><code>{_esc(m)}</code></td>" for m in memories) + "</tr>")
+            out.append(
+                f"<tr><td>{_esc(step)}</td><td>{_esc(chunk)}</td>"
+                + "".join(f"<td><code>{_esc(m)}</code></td>" for m in memories)
+                + "</tr>"
+            )
         out.append("</table>")
     for i, s in enumerate(summaries, 1):
         out += _html_entry(i, s)
@@ -553,13 +620,19 @@ def _html_entry(i: int, s: _Summary) -> list[str]:
     label = f" ({_esc(e.label)})" if e.label else ""
     gold_pattern = _term_pattern(e.answers, ())
     answers = " / ".join(f"<code>{_esc(a)}</code>" for a in e.answers) or "<em>(none)</em>"
-    out = [f'<section id="q{i}">', f"<h2>{i}. {_esc(e.question)}{label}</h2>", '<ul class="meta">',
-           f"<li>gold answers: {answers}</li>", f"<li>model: <code>{_esc(e.model)}</code></li>",
-           f"<li>chunks read: {len(s.views)}; relevant chunks at steps: {_esc(_steps_label(s.relevant_steps))}; "
-           f"a gold answer in a chunk at steps: {_esc(_steps_label(s.gold_steps))}</li>",
-           f"<li>gold answer first in memory at step: {s.first_gold_in_memory or 'never'}; in the final memory: "
-           f"{'yes' if s.final_memory_gold else 'no'}</li>",
-           f"<li>verdict: {_verdict_html(e)}</li>", "</ul>"]
+    out = [
+        f'<section id="q{i}">',
+        f"<h2>{i}. {_esc(e.question)}{label}</h2>",
+        '<ul class="meta">',
+        f"<li>gold answers: {answers}</li>",
+        f"<li>model: <code>{_esc(e.model)}</code></li>",
+        f"<li>chunks read: {len(s.views)}; relevant chunks at steps: {_esc(_steps_label(s.relevant_steps))}; "
+        f"a gold answer in a chunk at steps: {_esc(_steps_label(s.gold_steps))}</li>",
+        f"<li>gold answer first in memory at step: {s.first_gold_in_memory or 'never'}; in the final memory: "
+        f"{'yes' if s.final_memory_gold else 'no'}</li>",
+        f"<li>verdict: {_verdict_html(e)}</li>",
+        "</ul>",
+    ]
     if e.initial_memory is not None:
         out.append(f'<p>Initial memory:</p><pre class="kept">{_pre(e.initial_memory, None)}</pre>')
     last_collapsed = False
@@ -593,10 +666,16 @@ def _html_entry(i: int, s: _Summary) -> list[str]:
         out.append(f'<pre class="{state}">{_pre(v.memory, gold_pattern)}</pre>')
         out.append("</div>")
     if last_collapsed and s.views:
-        out.append(f'<p>Final memory (the answer\'s only input):</p>'
-                   f'<pre class="kept">{_pre(s.views[-1].memory, gold_pattern)}</pre>')
-    out += ["<h3>Answer</h3>", f"<pre>{_pre(e.prediction, gold_pattern)}</pre>",
-            f"<p>Verdict: {_verdict_html(e)}</p>", "</section>"]
+        out.append(
+            f"<p>Final memory (the answer's only input):</p>"
+            f'<pre class="kept">{_pre(s.views[-1].memory, gold_pattern)}</pre>'
+        )
+    out += [
+        "<h3>Answer</h3>",
+        f"<pre>{_pre(e.prediction, gold_pattern)}</pre>",
+        f"<p>Verdict: {_verdict_html(e)}</p>",
+        "</section>",
+    ]
     return out
 
 
@@ -605,8 +684,9 @@ def _html_entry(i: int, s: _Summary) -> list[str]:
 _RENDERERS = {"md": render_markdown, "html": render_html}
 
 
-def write_trace_report(path_stem: str | os.PathLike, entries: Sequence[TraceEntry], *, title: str,
-                       formats: Sequence[str] = ("md", "html")) -> list[str]:
+def write_trace_report(
+    path_stem: str | os.PathLike, entries: Sequence[TraceEntry], *, title: str, formats: Sequence[str] = ("md", "html")
+) -> list[str]:
     """Writes `<path_stem>.md` and/or `<path_stem>.html` (UTF-8); returns the paths written."""
     unknown = [f for f in formats if f not in _RENDERERS]
     if unknown:
@@ -626,6 +706,7 @@ def write_trace_report(path_stem: str | os.PathLike, entries: Sequence[TraceEntr
 
 # --------------------------------------------------------------------------------------------- agent glue
 
+
 def _record_fields(record: Any) -> tuple[str, list[str], str]:
     """(question, answers, label) of a QARecord-like object, a mapping, or a (question, answers) pair."""
     if isinstance(record, Mapping):
@@ -637,8 +718,11 @@ def _record_fields(record: Any) -> tuple[str, list[str], str]:
     elif isinstance(record, (tuple, list)) and len(record) == 2:
         (question, answers), index = record, None
     else:
-        question, answers, index = getattr(record, "question", None), getattr(record, "answers", None), \
-            getattr(record, "index", None)
+        question, answers, index = (
+            getattr(record, "question", None),
+            getattr(record, "answers", None),
+            getattr(record, "index", None),
+        )
     if not isinstance(question, str):
         raise ValueError(f"cannot read a question from {type(record).__name__} {record!r:.80}")
     if answers is None:
@@ -648,9 +732,19 @@ def _record_fields(record: Any) -> tuple[str, list[str], str]:
     return question, [str(a) for a in answers], "" if index is None else f"index {index}"
 
 
-def entries_from_agent(tokenizer, result, records: Sequence[Any], doc_ids: Sequence[Sequence[int]],
-                       chunk_tokens: int, *, model: str = "", metric: str = "sub_em", extract: str = "boxed",
-                       correct: Sequence[bool] | None = None, initial_memory: str | None = None) -> list[TraceEntry]:
+def entries_from_agent(
+    tokenizer,
+    result,
+    records: Sequence[Any],
+    doc_ids: Sequence[Sequence[int]],
+    chunk_tokens: int,
+    *,
+    model: str = "",
+    metric: str = "sub_em",
+    extract: str = "boxed",
+    correct: Sequence[bool] | None = None,
+    initial_memory: str | None = None,
+) -> list[TraceEntry]:
     """TraceEntry objects from an `AgentResult` run with `trace=True`.
 
     Args:
@@ -679,15 +773,28 @@ def entries_from_agent(tokenizer, result, records: Sequence[Any], doc_ids: Seque
     for i in range(n):
         question, answers, label = _record_fields(records[i])
         ids = [int(t) for t in doc_ids[i]]
-        chunks = [tokenizer.decode(ids[k:k + chunk_tokens]) for k in range(0, len(ids), chunk_tokens)]
+        chunks = [tokenizer.decode(ids[k : k + chunk_tokens]) for k in range(0, len(ids), chunk_tokens)]
         if len(chunks) != len(traces[i]):
-            raise ValueError(f"row {i}: {len(chunks)} chunks of {chunk_tokens} tokens but {len(traces[i])} memory "
-                             f"steps in the trace (wrong chunk_tokens, or ids not as the agent read them?)")
+            raise ValueError(
+                f"row {i}: {len(chunks)} chunks of {chunk_tokens} tokens but {len(traces[i])} memory "
+                f"steps in the trace (wrong chunk_tokens, or ids not as the agent read them?)"
+            )
         prediction = result.answers[i]
         value = verifier.score(prediction, answers, metric, extract) if answers else None
         verdict = bool(correct[i]) if correct is not None else value is not None and value >= 1.0
-        entries.append(TraceEntry(model=model, question=question, answers=answers, chunks=chunks,
-                                  memories=list(traces[i]), prediction=prediction, correct=verdict, metric=value,
-                                  metric_name=metric, initial_memory=initial_memory,
-                                  label=label or f"row {i}"))
+        entries.append(
+            TraceEntry(
+                model=model,
+                question=question,
+                answers=answers,
+                chunks=chunks,
+                memories=list(traces[i]),
+                prediction=prediction,
+                correct=verdict,
+                metric=value,
+                metric_name=metric,
+                initial_memory=initial_memory,
+                label=label or f"row {i}",
+            )
+        )
     return entries

@@ -51,6 +51,7 @@ The module imports nothing from JAX (only the standard library and numpy).  Ever
 accepts any ``str`` without raising, and runs in time linear in the length of its input, also on
 adversarial text such as a megabyte of braces or backslashes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -58,7 +59,7 @@ import re
 import string
 import sys
 import unicodedata
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -369,7 +370,12 @@ METRICS = {
 
 
 def score(
-    response: str, ground_truths: str | Iterable[str], metric: str = "sub_em", extract: str = "boxed", *, drop_think: bool = True
+    response: str,
+    ground_truths: str | Iterable[str],
+    metric: str = "sub_em",
+    extract: str = "boxed",
+    *,
+    drop_think: bool = True,
 ) -> float:
     """Evaluation score of one response: extract a prediction (see :func:`extract_prediction`;
     the thinking is dropped unless ``drop_think=False``) and apply ``metric`` (a key of
@@ -508,7 +514,9 @@ REWARD_STYLES = {
 }
 
 
-def reward(response: str, ground_truths: str | Iterable[str], style: str = "boxed_em", *, drop_think: bool = False) -> float:
+def reward(
+    response: str, ground_truths: str | Iterable[str], style: str = "boxed_em", *, drop_think: bool = False
+) -> float:
     """Training reward of one final response: 1.0 if correct under ``style``, else 0.0.
 
     No answer found gives 0.0.  ``style`` is a key of :data:`REWARD_STYLES`; an unknown style raises

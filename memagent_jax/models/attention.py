@@ -42,7 +42,6 @@ from memagent_jax.models.config import ATTENTION_IMPLS
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-
 class AttentionKeys(NamedTuple):
     """What decides visibility, as given to the attention functions (no [T, S] array).
 
@@ -153,20 +152,32 @@ def _forward(q, k, v, keys, query_block, key_block):
             p = jnp.exp(s - new_max[..., None])  # [B, K, q, G, s]
             rescale = jnp.exp(row_max - new_max)
             v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, k_size, axis=2).astype(cdt)
-            pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(cdt).reshape(b, kh, q_size * g, k_size), v_blk,
-                            preferred_element_type=jnp.float32).reshape(b, kh, q_size, g, dh)
+            pv = jnp.einsum(
+                "bkqs,bksd->bkqd",
+                p.astype(cdt).reshape(b, kh, q_size * g, k_size),
+                v_blk,
+                preferred_element_type=jnp.float32,
+            ).reshape(b, kh, q_size, g, dh)
             return new_max, row_sum * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
 
-        init = (jnp.full((b, kh, q_size, g), -jnp.inf, jnp.float32), jnp.zeros((b, kh, q_size, g), jnp.float32),
-                jnp.zeros((b, kh, q_size, g, dh), jnp.float32))
+        init = (
+            jnp.full((b, kh, q_size, g), -jnp.inf, jnp.float32),
+            jnp.zeros((b, kh, q_size, g), jnp.float32),
+            jnp.zeros((b, kh, q_size, g, dh), jnp.float32),
+        )
         row_max, row_sum, acc = _over_blocks(s_total, key_block, key_step, init)
         out = acc / row_sum[..., None]
-        return (jax.lax.dynamic_update_slice_in_dim(out_buf, out, q_start, axis=2),
-                jax.lax.dynamic_update_slice_in_dim(max_buf, row_max, q_start, axis=2),
-                jax.lax.dynamic_update_slice_in_dim(sum_buf, row_sum, q_start, axis=2))
+        return (
+            jax.lax.dynamic_update_slice_in_dim(out_buf, out, q_start, axis=2),
+            jax.lax.dynamic_update_slice_in_dim(max_buf, row_max, q_start, axis=2),
+            jax.lax.dynamic_update_slice_in_dim(sum_buf, row_sum, q_start, axis=2),
+        )
 
-    bufs = (jnp.zeros((b, kh, t, g, dh), jnp.float32), jnp.zeros((b, kh, t, g), jnp.float32),
-            jnp.zeros((b, kh, t, g), jnp.float32))
+    bufs = (
+        jnp.zeros((b, kh, t, g, dh), jnp.float32),
+        jnp.zeros((b, kh, t, g), jnp.float32),
+        jnp.zeros((b, kh, t, g), jnp.float32),
+    )
     return _over_blocks(t, query_block, query_step, bufs)
 
 
@@ -215,13 +226,16 @@ def _flash_bwd(query_block, key_block, residuals, d_out):
             ds = p * (dp.reshape(p.shape) - dl_blk[..., None])
             ds = jnp.where(vis, ds, 0.0) * scale
             ds_flat = ds.astype(cdt).reshape(b, kh, q_size * g, k_size)
-            dq = dq + jnp.einsum("bkqs,bksd->bkqd", ds_flat, k_blk,
-                                 preferred_element_type=jnp.float32).reshape(dq.shape)
+            dq = dq + jnp.einsum("bkqs,bksd->bkqd", ds_flat, k_blk, preferred_element_type=jnp.float32).reshape(
+                dq.shape
+            )
             dk = jnp.einsum("bkqs,bkqd->bksd", ds_flat, q_flat, preferred_element_type=jnp.float32)
             dk_acc = jax.lax.dynamic_update_slice_in_dim(
-                dk_acc, jax.lax.dynamic_slice_in_dim(dk_acc, k_start, k_size, axis=2) + dk, k_start, axis=2)
+                dk_acc, jax.lax.dynamic_slice_in_dim(dk_acc, k_start, k_size, axis=2) + dk, k_start, axis=2
+            )
             dv_acc = jax.lax.dynamic_update_slice_in_dim(
-                dv_acc, jax.lax.dynamic_slice_in_dim(dv_acc, k_start, k_size, axis=2) + dv, k_start, axis=2)
+                dv_acc, jax.lax.dynamic_slice_in_dim(dv_acc, k_start, k_size, axis=2) + dv, k_start, axis=2
+            )
             return dq, dk_acc, dv_acc
 
         dq0 = jnp.zeros((b, kh, q_size, g, dh), jnp.float32)
@@ -237,8 +251,9 @@ def _flash_bwd(query_block, key_block, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *,
-                        query_block: int = 512, key_block: int = 512) -> jax.Array:
+def blockwise_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *, query_block: int = 512, key_block: int = 512
+) -> jax.Array:
     """Online-softmax attention over blocks, never holding more than one [B, K, G, query_block, key_block]
     score block (forward and backward).
 
@@ -275,12 +290,19 @@ def cudnn_supports(dtype, head_dim: int, queries: int, keys: int) -> bool:
     bf16 / f16, head dim a multiple of 8 and <= 128 (the limit before Hopper; conservative), an even number of
     queries and key slots (cuDNN's rule for a bias in training), and more than one query (decode stays on the
     simple path)."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0
-            and head_dim <= 128 and queries > 1 and queries % 2 == 0 and keys % 2 == 0)
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and queries > 1
+        and queries % 2 == 0
+        and keys % 2 == 0
+    )
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *,
-                    implementation: str = "cudnn") -> jax.Array:
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *, implementation: str = "cudnn"
+) -> jax.Array:
     """`jax.nn.dot_product_attention` with our visibility as an explicit mask.
 
     q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (transposed here to its [B, S, K, Dh]); keys: `AttentionKeys`.
@@ -292,15 +314,23 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKey
     kt = k.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, S, K, Dh]
     vt = v.astype(q.dtype).transpose(0, 2, 1, 3)
     mask = attention_mask(keys)[:, None]  # [B, 1, T, S]
-    return jax.nn.dot_product_attention(q, kt, vt, mask=mask, scale=q.shape[-1] ** -0.5,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(q, kt, vt, mask=mask, scale=q.shape[-1] ** -0.5, implementation=implementation)
 
 
 # ------------------------------------------------------------------------------------------- selection
 
 
-def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim: int, query_block: int = 512,
-                          key_block: int = 512, platform: str | None = None) -> str:
+def select_implementation(
+    impl: str,
+    *,
+    queries: int,
+    keys: int,
+    dtype,
+    head_dim: int,
+    query_block: int = 512,
+    key_block: int = 512,
+    platform: str | None = None,
+) -> str:
     """The path one attention call takes: 'materialized' | 'blockwise' | 'cudnn'.
 
     impl: the config's `attention_impl`. queries, keys: T and S of the call. query_block, key_block: the
@@ -334,13 +364,29 @@ def select_implementation(impl: str, *, queries: int, keys: int, dtype, head_dim
     return "blockwise"
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *, impl: str,
-           query_block: int = 512, key_block: int = 512, mask: jax.Array | None = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keys: AttentionKeys,
+    *,
+    impl: str,
+    query_block: int = 512,
+    key_block: int = 512,
+    mask: jax.Array | None = None,
+) -> jax.Array:
     """Runs the path `select_implementation` picks for this call. q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (or
     [B*K, S, Dh], see `materialized_attention`); mask: an already built `attention_mask(keys)` for the
     materialised path (built here when None)."""
-    path = select_implementation(impl, queries=q.shape[1], keys=k.shape[-2], dtype=q.dtype, head_dim=q.shape[-1],
-                                 query_block=query_block, key_block=key_block)
+    path = select_implementation(
+        impl,
+        queries=q.shape[1],
+        keys=k.shape[-2],
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        query_block=query_block,
+        key_block=key_block,
+    )
     if path == "materialized":
         return materialized_attention(q, k, v, attention_mask(keys) if mask is None else mask)
     if k.ndim == 3:  # the other paths take [B, K, S, Dh]
@@ -358,6 +404,16 @@ def score_block_elements(queries: int, keys: int, path: str, query_block: int, k
     return min(queries, query_block) * min(keys, key_block)
 
 
-__all__ = ["ATTENTION_IMPLS", "AttentionKeys", "MASK_VALUE", "attend", "attention_mask", "blockwise_attention",
-           "cudnn_attention", "cudnn_supports", "materialized_attention", "score_block_elements",
-           "select_implementation"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "AttentionKeys",
+    "MASK_VALUE",
+    "attend",
+    "attention_mask",
+    "blockwise_attention",
+    "cudnn_attention",
+    "cudnn_supports",
+    "materialized_attention",
+    "score_block_elements",
+    "select_implementation",
+]

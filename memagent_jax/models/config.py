@@ -157,14 +157,22 @@ class ModelConfig:
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_kv_heads})"
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
@@ -173,8 +181,10 @@ class ModelConfig:
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention_impl must be one of {', '.join(repr(a) for a in ATTENTION_IMPLS)}, "
-                              f"got {self.attention_impl!r}")
+            raise ConfigError(
+                f"attention_impl must be one of {', '.join(repr(a) for a in ATTENTION_IMPLS)}, "
+                f"got {self.attention_impl!r}"
+            )
         for name in ("attention_block_size", "attention_query_block_size"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
@@ -220,13 +230,19 @@ class ModelConfig:
         """Query heads per KV head (GQA group size)."""
         return self.num_heads // self.num_kv_heads
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
-        d, f, h, k, dh, v = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
-                             self.head_dim, self.vocab_size)
+        d, f, h, k, dh, v = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+        )
         attn = d * h * dh + 2 * d * k * dh + h * dh * d
         if self.attention_bias:
             attn += h * dh + 2 * k * dh
@@ -244,7 +260,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF dialects
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
         """Builds a config from a parsed HF `config.json` dict; `source` names it in errors."""
 
         def need(key: str):
@@ -257,8 +273,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: required field 'model_type' is missing")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
@@ -302,7 +317,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_hf_folder(cls, folder: str | os.PathLike, **overrides) -> "ModelConfig":
+    def from_hf_folder(cls, folder: str | os.PathLike, **overrides) -> ModelConfig:
         """Reads `<folder>/config.json`; clear errors for a missing folder/file or bad JSON."""
         folder = os.fspath(folder)
         if not os.path.isdir(folder):

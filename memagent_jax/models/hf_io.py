@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,18 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -72,7 +81,10 @@ def _check_finite(checks: list[tuple[str, str, jax.Array]], folder: str, dtype) 
         raise NonFiniteWeightsError(
             f"{path}: tensor {name!r} holds {n} non-finite values (NaN or inf) as {np.dtype(dtype).name}{more}; "
             f"a model with such weights answers nothing useful. Pass allow_nonfinite=True "
-            f"(--allow-nonfinite-weights / config allow_nonfinite_weights=True) to load it anyway", name, n)
+            f"(--allow-nonfinite-weights / config allow_nonfinite_weights=True) to load it anyway",
+            name,
+            n,
+        )
 
 
 # ------------------------------------------------------------------------------------ name mapping
@@ -101,8 +113,7 @@ def _identity(x):
 def _param_specs(config: ModelConfig) -> list[_Spec]:
     """The mapping table for a config (only the params this architecture has)."""
     c = config
-    d, f, h, k, dh, v = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
-                         c.vocab_size)
+    d, f, h, k, dh, v = (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size)
 
     def proj_in(out_heads):  # HF Linear [heads*Dh, D] -> ours [D, heads, Dh]
         return (lambda w: w.T.reshape(d, out_heads, dh)), (lambda w: w.reshape(d, out_heads * dh).T)
@@ -121,8 +132,13 @@ def _param_specs(config: ModelConfig) -> list[_Spec]:
         (("layers", "attn", "q_proj"), pre + "self_attn.q_proj.weight", (h * dh, d), proj_in(h), True),
         (("layers", "attn", "k_proj"), pre + "self_attn.k_proj.weight", (k * dh, d), proj_in(k), True),
         (("layers", "attn", "v_proj"), pre + "self_attn.v_proj.weight", (k * dh, d), proj_in(k), True),
-        (("layers", "attn", "o_proj"), pre + "self_attn.o_proj.weight", (d, h * dh),
-         (lambda w: w.T.reshape(h, dh, d), lambda w: w.reshape(h * dh, d).T), True),
+        (
+            ("layers", "attn", "o_proj"),
+            pre + "self_attn.o_proj.weight",
+            (d, h * dh),
+            (lambda w: w.T.reshape(h, dh, d), lambda w: w.reshape(h * dh, d).T),
+            True,
+        ),
         (("layers", "mlp", "gate_proj"), pre + "mlp.gate_proj.weight", (f, d), transpose, True),
         (("layers", "mlp", "up_proj"), pre + "mlp.up_proj.weight", (f, d), transpose, True),
         (("layers", "mlp", "down_proj"), pre + "mlp.down_proj.weight", (d, f), transpose, True),
@@ -184,8 +200,9 @@ def find_weight_files(folder: str) -> dict[str, SafetensorsFile]:
             if shard not in opened:
                 shard_path = os.path.join(folder, shard)
                 if not os.path.isfile(shard_path):
-                    raise CheckpointError(f"{index_path}: names shard {shard!r} (for tensor {name!r}), "
-                                          f"but {shard_path} does not exist")
+                    raise CheckpointError(
+                        f"{index_path}: names shard {shard!r} (for tensor {name!r}), but {shard_path} does not exist"
+                    )
                 opened[shard] = SafetensorsFile(shard_path)
             if name not in opened[shard]:
                 raise CheckpointError(f"{index_path}: says tensor {name!r} is in {shard!r}, but that file lacks it")
@@ -227,9 +244,16 @@ def _set_layer(stacked: jax.Array, layer: jax.Array, value: jax.Array) -> jax.Ar
     return jax.lax.dynamic_update_index_in_dim(stacked, value, layer, axis=0)
 
 
-def load_hf_params(folder: str, config: ModelConfig | None = None, *, mesh=None, rules=None,
-                   param_dtype: str | None = None, progress: bool = False,
-                   allow_nonfinite: bool = False) -> tuple[dict, ModelConfig]:
+def load_hf_params(
+    folder: str,
+    config: ModelConfig | None = None,
+    *,
+    mesh=None,
+    rules=None,
+    param_dtype: str | None = None,
+    progress: bool = False,
+    allow_nonfinite: bool = False,
+) -> tuple[dict, ModelConfig]:
     """Loads a local HF checkpoint folder into our params pytree.
 
     Args:
@@ -327,9 +351,16 @@ def _hf_layout(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def save_hf_checkpoint(params: dict, config: ModelConfig, out_dir: str, *, dtype: str | None = None,
-                       base_folder: str | None = None, max_shard_bytes: int = 2 * 1024**3,
-                       extra_files: dict[str, str] | None = None) -> str:
+def save_hf_checkpoint(
+    params: dict,
+    config: ModelConfig,
+    out_dir: str,
+    *,
+    dtype: str | None = None,
+    base_folder: str | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    extra_files: dict[str, str] | None = None,
+) -> str:
     """Exports params as a Hugging Face folder loadable by `AutoModelForCausalLM.from_pretrained`.
 
     Args:
@@ -443,5 +474,12 @@ def _replace_dir(src: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["CheckpointError", "NonFiniteWeightsError", "SafetensorsError", "clean_stale_exports", "find_weight_files",
-           "load_hf_params", "save_hf_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "NonFiniteWeightsError",
+    "SafetensorsError",
+    "clean_stale_exports",
+    "find_weight_files",
+    "load_hf_params",
+    "save_hf_checkpoint",
+]

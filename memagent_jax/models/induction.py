@@ -69,10 +69,20 @@ def _equalise_match_norms(embed: np.ndarray, basis: np.ndarray) -> np.ndarray:
     return embed - parallel + parallel * scale
 
 
-def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_distance: int = 128,
-                         embed_std: float = 0.05, position_gain: float = 6.0, match_gain: float = 3.0,
-                         carry_gain: float = 0.08, copy_gain: float = 2.0, mlp_scale: float = 0.1,
-                         equal_match: bool = True):
+def wire_induction_heads(
+    params,
+    config: ModelConfig,
+    seed: int = 0,
+    *,
+    max_distance: int = 128,
+    embed_std: float = 0.05,
+    position_gain: float = 6.0,
+    match_gain: float = 3.0,
+    carry_gain: float = 0.08,
+    copy_gain: float = 2.0,
+    mlp_scale: float = 0.1,
+    equal_match: bool = True,
+):
     """`params` (stacked, from `init_params(config, ...)`) with the induction circuit of the module docstring.
 
     max_distance: the longest query-key distance (positions) the matching head must treat alike; rotary pairs
@@ -89,14 +99,17 @@ def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_dist
         raise InductionWiringError(
             f"the induction circuit needs >= 2 layers, >= 2 KV heads, hidden_size >= 2 * head_dim and tied "
             f"embeddings; got {c.num_layers} layers, {c.num_kv_heads} KV heads, hidden {d}, head_dim {dh}, "
-            f"tie_word_embeddings={c.tie_word_embeddings}")
+            f"tie_word_embeddings={c.tie_word_embeddings}"
+        )
     if not c.attention_bias:
         raise InductionWiringError("the previous-token head is made of q/k biases: needs attention_bias=True")
     inv_freq = np.asarray(c.rope.inverse_frequencies(dh), np.float64)
     flat = [i for i in range(half) if inv_freq[i] * max_distance < 0.6]
     if len(flat) < 4:
-        raise InductionWiringError(f"only {len(flat)} rotary pairs turn by < 0.6 rad over {max_distance} positions "
-                                   f"(rope theta {c.rope.theta}); raise rope.theta (e.g. 1e6)")
+        raise InductionWiringError(
+            f"only {len(flat)} rotary pairs turn by < 0.6 rad over {max_distance} positions "
+            f"(rope theta {c.rope.theta}); raise rope.theta (e.g. 1e6)"
+        )
     if inv_freq[0] < 0.5:
         raise InductionWiringError("the previous-token head needs a rotary pair turning by >= 0.5 rad per position")
     rng = np.random.default_rng(seed)
@@ -110,7 +123,7 @@ def wire_induction_heads(params, config: ModelConfig, seed: int = 0, *, max_dist
     carry = rng.normal(0.0, 1.0 / np.sqrt(de), (de, dh))
     dims = flat + [i + half for i in flat]  # the matching head's rotary dims
     if equal_match:
-        embed[:, :de] = _equalise_match_norms(embed[:, :de], carry[:, :len(dims)])
+        embed[:, :de] = _equalise_match_norms(embed[:, :de], carry[:, : len(dims)])
     attn = p["layers"]["attn"]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias"):
         attn[name][:2] = 0.0  # layers 0 and 1: only the circuit's heads, every other head starts silent

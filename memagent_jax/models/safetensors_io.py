@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -96,7 +96,7 @@ class SafetensorsFile:
             )
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mmap[self._data_start + begin:self._data_start + end]
+        raw = self._mmap[self._data_start + begin : self._data_start + end]
         return raw.view(dtype).reshape(shape)
 
 
@@ -107,8 +107,12 @@ def dtype_name(dtype) -> str:
     return _NAMES[dtype]
 
 
-def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]],
-                      tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str,
+    specs: list[tuple[str, tuple[int, ...], np.dtype]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Writes a safetensors file whose layout is fixed up front by `specs` (name, shape, dtype).
 
     `tensors` yields (name, array) in the same order as `specs`; each is written as it arrives, so only

@@ -19,11 +19,13 @@ that axis instead, so any checkpoint loads on any mesh; `describe_sharding` repo
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -108,8 +110,9 @@ def _axis_size(mesh: Mesh, mesh_axes) -> int:
     return math.prod(mesh.shape[a] for a in mesh_axes)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Any] | None = None) -> P:
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Mapping[str, Any] | None = None
+) -> P:
     """PartitionSpec for one array: each logical axis -> its mesh axis, or None where it does not divide.
 
     A mesh axis is used at most once per array (the first dimension that claims it wins).
@@ -160,8 +163,9 @@ def param_shardings(params, mesh: Mesh, rules: Mapping[str, Any] | None = None) 
     return jax.tree_util.tree_map_with_path(sharding, params)
 
 
-def batch_sharding(mesh: Mesh, rank: int, batch_size: int | None = None,
-                   rules: Mapping[str, Any] | None = None) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, rank: int, batch_size: int | None = None, rules: Mapping[str, Any] | None = None
+) -> NamedSharding:
     """Sharding for a [batch, ...] activation/input array of the given rank (batch over data x fsdp)."""
     names = ("batch",) + (None,) * (rank - 1)
     shape = (batch_size if batch_size is not None else _axis_size(mesh, ("data", "fsdp")),) + (1,) * (rank - 1)
@@ -184,8 +188,7 @@ def kv_cache_shardings(config, mesh: Mesh, batch: int, slots: int, rules: Mappin
     from memagent_jax.models.transformer import KVCache
 
     kv_shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
-    kv = NamedSharding(mesh, logical_to_spec(("layer", "batch", "kv_heads", "seq", "head_dim"), kv_shape, mesh,
-                                             rules))
+    kv = NamedSharding(mesh, logical_to_spec(("layer", "batch", "kv_heads", "seq", "head_dim"), kv_shape, mesh, rules))
     rows = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (batch, slots), mesh, rules))
     return KVCache(k=kv, v=kv, positions=rows, valid=rows, length=NamedSharding(mesh, P()))
 

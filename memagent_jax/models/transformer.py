@@ -45,7 +45,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from memagent_jax.models import attention
@@ -64,8 +63,9 @@ def _dtype(name: str):
 # ----------------------------------------------------------------------------------------------- cache
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "positions", "valid", "length"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["k", "v", "positions", "valid", "length"], meta_fields=[]
+)
 @dataclasses.dataclass
 class KVCache:
     """Key/value cache for prefill + incremental decode.
@@ -121,8 +121,11 @@ def split_cache_layers(cache: KVCache) -> KVCache:
     if cache.per_layer:
         return cache
     l, b, kh, sl, dh = cache.k.shape
-    return dataclasses.replace(cache, k=tuple(cache.k[i].reshape(b * kh, sl, dh) for i in range(l)),
-                               v=tuple(cache.v[i].reshape(b * kh, sl, dh) for i in range(l)))
+    return dataclasses.replace(
+        cache,
+        k=tuple(cache.k[i].reshape(b * kh, sl, dh) for i in range(l)),
+        v=tuple(cache.v[i].reshape(b * kh, sl, dh) for i in range(l)),
+    )
 
 
 def merge_cache_layers(per_layer: KVCache, stacked: KVCache, written_from: jax.Array, slots: int) -> KVCache:
@@ -257,7 +260,8 @@ class Attention(nnx.Module):
             if cache_k.ndim == 3:  # this layer's own [B*K, S, Dh] buffers: written, then read, in place
                 b, kh, t, dh = k.shape
                 write = lambda buf, new: jax.lax.dynamic_update_slice(  # noqa: E731
-                    buf, new.astype(buf.dtype).reshape(b * kh, t, dh), (0, cache_length, 0))
+                    buf, new.astype(buf.dtype).reshape(b * kh, t, dh), (0, cache_length, 0)
+                )
                 new_cache = k, v = write(cache_k, k), write(cache_v, v)
             else:  # the stacked [L, B, K, S, Dh] buffers
                 start = (layer_index, 0, 0, cache_length, 0)
@@ -268,9 +272,16 @@ class Attention(nnx.Module):
                 v = jax.lax.dynamic_index_in_dim(cache_v, layer_index, axis=0, keepdims=False)
 
         keys, mask = keys
-        out = attention.attend(q, k.astype(cdt), v.astype(cdt), keys, impl=c.attention_impl,
-                               query_block=c.attention_query_block_size, key_block=c.attention_block_size,
-                               mask=mask)  # [B, T, H, Dh]
+        out = attention.attend(
+            q,
+            k.astype(cdt),
+            v.astype(cdt),
+            keys,
+            impl=c.attention_impl,
+            query_block=c.attention_query_block_size,
+            key_block=c.attention_block_size,
+            mask=mask,
+        )  # [B, T, H, Dh]
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(cdt))
         if c.attention_out_bias:
             out = out + self.o_bias[...].astype(cdt)
@@ -317,8 +328,9 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs)
 
     def __call__(self, x, positions, inv_freq, keys, kv_cache=None, cache_length=None, layer_index=None):
-        attn_out, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, keys, kv_cache, cache_length,
-                                        layer_index)
+        attn_out, new_cache = self.attn(
+            self.attn_norm(x), positions, inv_freq, keys, kv_cache, cache_length, layer_index
+        )
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_cache
@@ -342,8 +354,9 @@ class Transformer(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _normal(rngs, (config.hidden_size, config.vocab_size), dt)
 
-    def hidden_states(self, tokens, positions, token_mask, cache: KVCache | None = None, segment_ids=None,
-                      unstacked_layers=None):
+    def hidden_states(
+        self, tokens, positions, token_mask, cache: KVCache | None = None, segment_ids=None, unstacked_layers=None
+    ):
         """tokens, positions: [B, T] int; token_mask: [B, T] bool -> (hidden [B, T, D], cache).
 
         unstacked_layers: None (run the stacked `self.layers` with `lax.scan`), or a tuple of L per-layer param
@@ -366,10 +379,15 @@ class Transformer(nnx.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are only supported without a KV cache")
         keys = attention.AttentionKeys(positions, key_positions, key_valid, segment_ids, segment_ids)
-        path = attention.select_implementation(c.attention_impl, queries=positions.shape[1],
-                                               keys=key_positions.shape[1], dtype=cdt, head_dim=c.head_dim,
-                                               query_block=c.attention_query_block_size,
-                                               key_block=c.attention_block_size)
+        path = attention.select_implementation(
+            c.attention_impl,
+            queries=positions.shape[1],
+            keys=key_positions.shape[1],
+            dtype=cdt,
+            head_dim=c.head_dim,
+            query_block=c.attention_query_block_size,
+            key_block=c.attention_block_size,
+        )
         # The [B, T, S] mask is built once (outside the layer scan) only for the materialised path.
         mask = attention.attention_mask(keys) if path == "materialized" else None
 
@@ -398,16 +416,18 @@ class Transformer(nnx.Module):
             new_k, new_v = list(cache.k), list(cache.v)
             for i, params_l in enumerate(unstacked_layers):
                 block = nnx.merge(graphdef, params_l)
-                x, (new_k[i], new_v[i]) = block(x, positions, inv_freq, (keys, mask), (new_k[i], new_v[i]),
-                                                cache.length, None)
+                x, (new_k[i], new_v[i]) = block(
+                    x, positions, inv_freq, (keys, mask), (new_k[i], new_v[i]), cache.length, None
+                )
             carry = (x, (tuple(new_k), tuple(new_v)))
         elif unstacked_layers is not None:
             # The stacked cache is written in place at a static layer index (reading the layer back copies
             # its slice; the decode loop avoids that with a per-layer cache, see `split_cache_layers`).
             for i, params_l in enumerate(unstacked_layers):
                 block = nnx.merge(graphdef, params_l)
-                carry = block(carry[0], positions, inv_freq, (keys, mask), carry[1],
-                              None if cache is None else cache.length, i)
+                carry = block(
+                    carry[0], positions, inv_freq, (keys, mask), carry[1], None if cache is None else cache.length, i
+                )
         elif c.scan_layers:
             layer_index = jnp.arange(c.num_layers, dtype=jnp.int32)
             carry, _ = jax.lax.scan(body, carry, (layer_params, layer_index))
@@ -419,18 +439,21 @@ class Transformer(nnx.Module):
         new_cache = None
         if cache is not None:
             t = tokens.shape[1]
-            new_cache = KVCache(k=new_kv[0], v=new_kv[1], positions=key_positions, valid=key_valid,
-                                length=cache.length + t)
+            new_cache = KVCache(
+                k=new_kv[0], v=new_kv[1], positions=key_positions, valid=key_valid, length=cache.length + t
+            )
         return x, new_cache
 
     def logits(self, hidden):
         """hidden: [..., D] -> f32 logits [..., V]."""
         cdt = _dtype(self.config.compute_dtype)
         if self.config.tie_word_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden.astype(cdt), self.embed[...].astype(cdt),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden.astype(cdt), self.lm_head[...].astype(cdt),
-                          preferred_element_type=jnp.float32)
+            return jnp.einsum(
+                "...d,vd->...v", hidden.astype(cdt), self.embed[...].astype(cdt), preferred_element_type=jnp.float32
+            )
+        return jnp.einsum(
+            "...d,dv->...v", hidden.astype(cdt), self.lm_head[...].astype(cdt), preferred_element_type=jnp.float32
+        )
 
     def __call__(self, tokens, positions, token_mask, cache=None, segment_ids=None):
         hidden, cache = self.hidden_states(tokens, positions, token_mask, cache, segment_ids)
@@ -496,8 +519,16 @@ def init_params(config: ModelConfig, rng: jax.Array | int = 0, shardings=None) -
     return jax.jit(make, out_shardings=shardings)(rng)
 
 
-def forward(params: Params, tokens, positions, token_mask, *, config: ModelConfig,
-            cache: KVCache | None = None, segment_ids=None):
+def forward(
+    params: Params,
+    tokens,
+    positions,
+    token_mask,
+    *,
+    config: ModelConfig,
+    cache: KVCache | None = None,
+    segment_ids=None,
+):
     """Full forward pass.
 
     Args:
@@ -512,13 +543,22 @@ def forward(params: Params, tokens, positions, token_mask, *, config: ModelConfi
     Returns:
       (logits [B, T, V] f32, updated cache or None).
     """
-    hidden, cache = forward_hidden(params, tokens, positions, token_mask, config=config, cache=cache,
-                                   segment_ids=segment_ids)
+    hidden, cache = forward_hidden(
+        params, tokens, positions, token_mask, config=config, cache=cache, segment_ids=segment_ids
+    )
     return logits_from_hidden(params, hidden, config=config), cache
 
 
-def forward_hidden(params: Params, tokens, positions, token_mask, *, config: ModelConfig,
-                   cache: KVCache | None = None, segment_ids=None):
+def forward_hidden(
+    params: Params,
+    tokens,
+    positions,
+    token_mask,
+    *,
+    config: ModelConfig,
+    cache: KVCache | None = None,
+    segment_ids=None,
+):
     """Like `forward` but returns the final normed hidden states [B, T, D] instead of logits.
 
     Use with `logits_from_hidden` to compute logits for a subset of positions (decode) or in chunks

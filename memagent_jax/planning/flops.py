@@ -16,8 +16,9 @@ def forward_flops_per_token(mc, keys: int, *, with_logits: bool = True) -> int:
     return 2 * weights + 4 * mc.num_layers * mc.num_heads * mc.head_dim * keys
 
 
-def learning_flops(mc, tokens: int, length: int, *, remat: str, reference: bool, recompute_old: bool,
-                   logits_chunk: int = 512) -> dict[str, int]:
+def learning_flops(
+    mc, tokens: int, length: int, *, remat: str, reference: bool, recompute_old: bool, logits_chunk: int = 512
+) -> dict[str, int]:
     """FLOPs of one learner step over `tokens` = rows x T (padded: the learner computes every position).
 
     train:       3 x forward (forward + backward) = 6 x matmul weights + 12 x L x H x Dh x T per token
@@ -55,18 +56,22 @@ def rollout_flops(mc, trajectories: int, layout: Layout, doc_tokens: int) -> dic
     su, sf = layout.update_slots, layout.final_slots
     steps = layout.computed_chunk_steps(doc_tokens)
     chunks = layout.chunks(doc_tokens)
-    prefill = (layout.prefix * forward_flops_per_token(mc, su, with_logits=False) + lm
-               + steps * (layout.rest * forward_flops_per_token(mc, su, with_logits=False) + lm)
-               + layout.final_prompt * forward_flops_per_token(mc, sf, with_logits=False) + lm)
-    decode = (chunks * layout.memory * forward_flops_per_token(mc, su)
-              + layout.answer * forward_flops_per_token(mc, sf))
+    prefill = (
+        layout.prefix * forward_flops_per_token(mc, su, with_logits=False)
+        + lm
+        + steps * (layout.rest * forward_flops_per_token(mc, su, with_logits=False) + lm)
+        + layout.final_prompt * forward_flops_per_token(mc, sf, with_logits=False)
+        + lm
+    )
+    decode = chunks * layout.memory * forward_flops_per_token(mc, su) + layout.answer * forward_flops_per_token(mc, sf)
     out = {"prefill": trajectories * prefill, "decode": trajectories * decode}
     out["total"] = out["prefill"] + out["decode"]
     return out
 
 
-def decode_step_seconds(mc, rows_per_device: int, slots: int, mesh: MeshShape, hw: Hardware, param_dtype: str,
-                        cache_dtype: str) -> tuple[float, int]:
+def decode_step_seconds(
+    mc, rows_per_device: int, slots: int, mesh: MeshShape, hw: Hardware, param_dtype: str, cache_dtype: str
+) -> tuple[float, int]:
     """(seconds, bytes read) of one decode step on one device: max(HBM bytes / bandwidth, FLOPs / peak).
 
     Bytes: the weights (tensor shard, FSDP-gathered, in the param dtype: the model casts per layer) + the

@@ -23,18 +23,30 @@ class Hardware:
     description: str
 
 
-HARDWARE: dict[str, Hardware] = {h.name: h for h in (
-    Hardware("tpu-v4", 32 * GiB, 275e12, 1.2e12, "Cloud TPU v4 chip (one megacore device)"),
-    Hardware("tpu-v5e", 16 * GiB, 197e12, 0.819e12, "Cloud TPU v5e chip"),
-    Hardware("tpu-v5p", 95 * GiB, 459e12, 2.765e12, "Cloud TPU v5p chip (one megacore device)"),
-    Hardware("tpu-v6e", 32 * GiB, 918e12, 1.64e12, "Cloud TPU v6e (Trillium) chip"),
-    Hardware("h100-80gb", 81559 * 1024**2, 989e12, 3.35e12, "NVIDIA H100 SXM 80GB"),
-    Hardware("h200", 143771 * 1024**2, 989e12, 4.8e12, "NVIDIA H200 SXM 141GB"),
-    Hardware("a100-80gb", 81920 * 1024**2, 312e12, 2.039e12, "NVIDIA A100 SXM 80GB"),
-)}
+HARDWARE: dict[str, Hardware] = {
+    h.name: h
+    for h in (
+        Hardware("tpu-v4", 32 * GiB, 275e12, 1.2e12, "Cloud TPU v4 chip (one megacore device)"),
+        Hardware("tpu-v5e", 16 * GiB, 197e12, 0.819e12, "Cloud TPU v5e chip"),
+        Hardware("tpu-v5p", 95 * GiB, 459e12, 2.765e12, "Cloud TPU v5p chip (one megacore device)"),
+        Hardware("tpu-v6e", 32 * GiB, 918e12, 1.64e12, "Cloud TPU v6e (Trillium) chip"),
+        Hardware("h100-80gb", 81559 * 1024**2, 989e12, 3.35e12, "NVIDIA H100 SXM 80GB"),
+        Hardware("h200", 143771 * 1024**2, 989e12, 4.8e12, "NVIDIA H200 SXM 141GB"),
+        Hardware("a100-80gb", 81920 * 1024**2, 312e12, 2.039e12, "NVIDIA A100 SXM 80GB"),
+    )
+}
 
-_ALIASES = {"v4": "tpu-v4", "v5e": "tpu-v5e", "v5litepod": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e",
-            "trillium": "tpu-v6e", "h100": "h100-80gb", "h200-141gb": "h200", "a100": "a100-80gb"}
+_ALIASES = {
+    "v4": "tpu-v4",
+    "v5e": "tpu-v5e",
+    "v5litepod": "tpu-v5e",
+    "v5p": "tpu-v5p",
+    "v6e": "tpu-v6e",
+    "trillium": "tpu-v6e",
+    "h100": "h100-80gb",
+    "h200-141gb": "h200",
+    "a100": "a100-80gb",
+}
 
 
 def get_hardware(name: str) -> Hardware:

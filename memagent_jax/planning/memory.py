@@ -20,8 +20,11 @@ def param_bytes_per_device(mc, mesh: MeshShape, dtype: str, *, layers_only: bool
     from memagent_jax.models.sharding import PARAM_LOGICAL_AXES
 
     b = DTYPE_BYTES[dtype]
-    return sum(local_numel(s, PARAM_LOGICAL_AXES[p], mesh) * b for p, s in param_shapes(mc).items()
-               if not layers_only or p[0] == "layers")
+    return sum(
+        local_numel(s, PARAM_LOGICAL_AXES[p], mesh) * b
+        for p, s in param_shapes(mc).items()
+        if not layers_only or p[0] == "layers"
+    )
 
 
 def gathered_param_bytes(mc, mesh: MeshShape, dtype: str) -> int:
@@ -44,8 +47,11 @@ def kv_cache_bytes(mc, rows: int, slots: int, mesh: MeshShape, dtype: str) -> in
     """One `KVCache` for `rows` rows in total (padded to the batch shards), per device:
     k and v [L, B, K, S, Dh] (rows over data x fsdp, KV heads over tensor where they divide) in `dtype`, plus
     positions int32 and valid bool [B, S]."""
-    kv = local_numel((mc.num_layers, rows, mc.num_kv_heads, slots, mc.head_dim),
-                     ("layer", "batch", "kv_heads", "seq", "head_dim"), mesh)
+    kv = local_numel(
+        (mc.num_layers, rows, mc.num_kv_heads, slots, mc.head_dim),
+        ("layer", "batch", "kv_heads", "seq", "head_dim"),
+        mesh,
+    )
     per_row = local_numel((rows, slots), ("batch", "seq"), mesh)
     return 2 * kv * DTYPE_BYTES[dtype] + per_row * (4 + 1)
 
@@ -76,9 +82,16 @@ def attention_path(mc, platform: str, tokens: int, keys: int) -> str:
     attention_impl, compute dtype and block sizes."""
     from memagent_jax.models.attention import select_implementation
 
-    return select_implementation(mc.attention_impl, queries=tokens, keys=keys, dtype=mc.compute_dtype,
-                                 head_dim=mc.head_dim, query_block=mc.attention_query_block_size,
-                                 key_block=mc.attention_block_size, platform=platform)
+    return select_implementation(
+        mc.attention_impl,
+        queries=tokens,
+        keys=keys,
+        dtype=mc.compute_dtype,
+        head_dim=mc.head_dim,
+        query_block=mc.attention_query_block_size,
+        key_block=mc.attention_block_size,
+        platform=platform,
+    )
 
 
 def decode_layout_of(mc, platform: str) -> str:
@@ -96,8 +109,9 @@ def layer_param_bytes_per_device(mc, mesh: MeshShape, dtype: str) -> int:
     return param_bytes_per_device(mc, mesh, dtype, layers_only=True)
 
 
-def layer_activation_bytes(mc, tokens: int, keys: int, tensor: int, compute_bytes: int,
-                           path: str = "materialized") -> dict[str, int]:
+def layer_activation_bytes(
+    mc, tokens: int, keys: int, tensor: int, compute_bytes: int, path: str = "materialized"
+) -> dict[str, int]:
     """Activation sizes of ONE layer for ONE row of `tokens` queries over `keys` key slots, per device.
 
     score_elements: the attention scores in memory at once (see the SCORE_BYTES_* / BLOCK_BYTES_*):
@@ -118,14 +132,24 @@ def layer_activation_bytes(mc, tokens: int, keys: int, tensor: int, compute_byte
     f = sharded(mc.intermediate_size, tensor)
     extra_qk = (h + k) * dh if mc.qk_norm else 0
     other = c * tokens * (4 * d + 3 * h * dh + 3 * k * dh + extra_qk + 3 * f)
-    out = {"score_elements": h * tokens * keys, "mask": tokens * keys, "flash_forward": 0, "flash_kept": 0,
-           "flash_backward": 0, "other": other, "path": path}
+    out = {
+        "score_elements": h * tokens * keys,
+        "mask": tokens * keys,
+        "flash_forward": 0,
+        "flash_kept": 0,
+        "flash_backward": 0,
+        "other": other,
+        "path": path,
+    }
     if path == "materialized":
         return out
     if path not in ("blockwise", "cudnn"):
         raise PlanError(f"attention path must be 'materialized', 'blockwise' or 'cudnn', got {path!r}")
-    out["score_elements"] = (h * min(tokens, mc.attention_query_block_size) * min(keys, mc.attention_block_size)
-                             if path == "blockwise" else 0)
+    out["score_elements"] = (
+        h * min(tokens, mc.attention_query_block_size) * min(keys, mc.attention_block_size)
+        if path == "blockwise"
+        else 0
+    )
     out["mask"] = 0 if path == "blockwise" else (1 + c) * tokens * keys
     out["flash_forward"] = tokens * (4 * h * dh + 8 * h)
     out["flash_kept"] = tokens * (4 * h * dh + 8 * h + c * h * dh)
@@ -141,8 +165,16 @@ def working_weight_bytes(mc, tensor: int, param_bytes: int, compute_bytes: int) 
     return lm + 2 * layer * (param_bytes + (compute_bytes if compute_bytes != param_bytes else 0))
 
 
-def learner_activation_bytes(mc, rows: int, length: int, remat: str, tensor: int, compute_bytes: int,
-                             logits_chunk: int = 512, platform: str = "cpu") -> dict[str, int]:
+def learner_activation_bytes(
+    mc,
+    rows: int,
+    length: int,
+    remat: str,
+    tensor: int,
+    compute_bytes: int,
+    logits_chunk: int = 512,
+    platform: str = "cpu",
+) -> dict[str, int]:
     """Peak activation bytes of the backward pass of one micro-batch (`rows` rows of `length` tokens per device).
 
     The attention path is the one the model takes on `platform` (`attention_path`). Materialised: with
@@ -178,8 +210,7 @@ def learner_activation_bytes(mc, rows: int, length: int, remat: str, tensor: int
         top_mask = layer["mask"]
     else:
         kept_attention = layer["flash_kept"] + (c * t * t if path == "cudnn" else 0)
-        working_attention = (BLOCK_BYTES_WORKING * sc + layer["flash_forward"] + layer["flash_backward"]
-                             + layer["mask"])
+        working_attention = BLOCK_BYTES_WORKING * sc + layer["flash_forward"] + layer["flash_backward"] + layer["mask"]
         top_mask = 0
     if remat == "none":
         kept = l * (kept_attention + other)
@@ -197,8 +228,9 @@ def learner_activation_bytes(mc, rows: int, length: int, remat: str, tensor: int
     return out
 
 
-def rollout_activation_bytes(mc, rows: int, layout: Layout, tensor: int, compute_bytes: int,
-                             platform: str = "cpu") -> dict[str, int]:
+def rollout_activation_bytes(
+    mc, rows: int, layout: Layout, tensor: int, compute_bytes: int, platform: str = "cpu"
+) -> dict[str, int]:
     """Peak activation bytes of the agent's programs for `rows` rows per device (no gradients: one layer's
     temporaries at a time), the largest of
 
@@ -216,22 +248,42 @@ def rollout_activation_bytes(mc, rows: int, layout: Layout, tensor: int, compute
     c, d, dh = compute_bytes, mc.hidden_size, mc.head_dim
     k = sharded(mc.num_kv_heads, tensor)
     best: dict[str, Any] = {}
-    for name, tokens, keys in (("prefix prefill", layout.prefix, layout.update_slots),
-                               ("chunk prefill", layout.rest, layout.update_slots),
-                               ("final prefill", layout.final_prompt, layout.final_slots)):
+    for name, tokens, keys in (
+        ("prefix prefill", layout.prefix, layout.update_slots),
+        ("chunk prefill", layout.rest, layout.update_slots),
+        ("final prefill", layout.final_prompt, layout.final_slots),
+    ):
         path = attention_path(mc, platform, tokens, keys)
         layer = layer_activation_bytes(mc, tokens, keys, tensor, c, path)
         per_element = SCORE_BYTES_INFERENCE if path == "materialized" else BLOCK_BYTES_INFERENCE
         scores = per_element * layer["score_elements"]
-        total = (scores + layer["mask"] + layer["flash_forward"] + layer["other"] + 2 * c * tokens * d
-                 + 2 * c * k * keys * dh)
+        total = (
+            scores
+            + layer["mask"]
+            + layer["flash_forward"]
+            + layer["other"]
+            + 2 * c * tokens * d
+            + 2 * c * k * keys * dh
+        )
         if not best or total > best["per_row"]:
-            best = {"per_row": total, "scores_per_row": scores, "tokens": tokens, "keys": keys, "program": name,
-                    "path": path}
+            best = {
+                "per_row": total,
+                "scores_per_row": scores,
+                "tokens": tokens,
+                "keys": keys,
+                "program": name,
+                "path": path,
+            }
     s = layout.chunks_per_segment
     records = s * (4 * layout.chunk + 5 * layout.rest + 12 * layout.memory)
-    return {"program": best["program"], "tokens": best["tokens"], "keys": best["keys"], "path": best["path"],
-            "scores": rows * best["scores_per_row"], "total": rows * (best["per_row"] + records)}
+    return {
+        "program": best["program"],
+        "tokens": best["tokens"],
+        "keys": best["keys"],
+        "path": best["path"],
+        "scores": rows * best["scores_per_row"],
+        "total": rows * (best["per_row"] + records),
+    }
 
 
 def learner_batch_bytes(rows_per_device: int, length: int, *, reference: bool, recompute_old: bool) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from memagent_jax.planning.errors import PlanError
 
@@ -60,8 +61,9 @@ def sharded(n: int, ways: int) -> int:
     return n // ways if ways > 1 and n % ways == 0 else n
 
 
-def local_numel(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: MeshShape,
-                rules: Mapping[str, Any] | None = None) -> int:
+def local_numel(
+    shape: Sequence[int], logical_axes: Sequence[str | None], mesh: MeshShape, rules: Mapping[str, Any] | None = None
+) -> int:
     """Elements one device holds of an array sharded by logical axes (the real rules, the real fallback)."""
     from memagent_jax.models import sharding
 
@@ -70,7 +72,7 @@ def local_numel(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: 
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         ways = 1
         if axes is not None:
-            for a in ((axes,) if isinstance(axes, str) else axes):
+            for a in (axes,) if isinstance(axes, str) else axes:
                 ways *= mesh.shape[a]
         n *= dim // ways
     return n

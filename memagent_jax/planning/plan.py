@@ -10,10 +10,18 @@ from typing import Any
 from memagent_jax.planning.errors import PlanError
 from memagent_jax.planning.flops import decode_step_seconds, learning_flops, rollout_flops
 from memagent_jax.planning.hardware import DTYPE_BYTES, GiB, Hardware, get_hardware, platform_of
-from memagent_jax.planning.memory import (attention_path, decode_layout_of, gathered_param_bytes,
-                                          kv_cache_bytes, layer_param_bytes_per_device, learner_activation_bytes,
-                                          learner_batch_bytes, param_bytes_per_device, rollout_activation_bytes,
-                                          working_weight_bytes)
+from memagent_jax.planning.memory import (
+    attention_path,
+    decode_layout_of,
+    gathered_param_bytes,
+    kv_cache_bytes,
+    layer_param_bytes_per_device,
+    learner_activation_bytes,
+    learner_batch_bytes,
+    param_bytes_per_device,
+    rollout_activation_bytes,
+    working_weight_bytes,
+)
 from memagent_jax.planning.mesh import MeshShape, resolve_mesh
 from memagent_jax.planning.shapes import Layout, param_count
 
@@ -46,14 +54,25 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "config": self.name, "model": self.model_name, "params": param_count(self.model),
-            "hardware": dataclasses.asdict(self.hardware), "devices": self.settings["devices"],
-            "mesh": self.mesh.shape, "rollout_mesh": (self.rollout_mesh or self.mesh).shape,
-            "layout": dataclasses.asdict(self.layout), "settings": self.settings,
-            "memory_bytes": self.memory, "memory_gib": {k: round(v / GiB, 3) for k, v in self.memory.items()},
-            "usable_bytes": self.usable_bytes, "usable_gib": round(self.usable_bytes / GiB, 3),
-            "flops": self.flops, "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "fits": self.fits, "verdict": self.verdict, "warnings": self.warnings, "suggestions": self.suggestions,
+            "config": self.name,
+            "model": self.model_name,
+            "params": param_count(self.model),
+            "hardware": dataclasses.asdict(self.hardware),
+            "devices": self.settings["devices"],
+            "mesh": self.mesh.shape,
+            "rollout_mesh": (self.rollout_mesh or self.mesh).shape,
+            "layout": dataclasses.asdict(self.layout),
+            "settings": self.settings,
+            "memory_bytes": self.memory,
+            "memory_gib": {k: round(v / GiB, 3) for k, v in self.memory.items()},
+            "usable_bytes": self.usable_bytes,
+            "usable_gib": round(self.usable_bytes / GiB, 3),
+            "flops": self.flops,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "fits": self.fits,
+            "verdict": self.verdict,
+            "warnings": self.warnings,
+            "suggestions": self.suggestions,
         }
 
 
@@ -76,8 +95,10 @@ def model_config_from(cfg):
         except KeyError as e:
             raise PlanError(f"config.model.preset: {e.args[0]}") from None
     else:
-        raise PlanError("config.model.preset (a models.presets name) or config.model.path (a folder with "
-                        "config.json) is needed to size the model")
+        raise PlanError(
+            "config.model.preset (a models.presets name) or config.model.path (a folder with "
+            "config.json) is needed to size the model"
+        )
     options = {}
     if "attention_impl" in m:
         options["attention_impl"] = m.attention_impl or "auto"
@@ -94,8 +115,14 @@ def model_config_from(cfg):
 
 def layout_from(cfg, **templates) -> Layout:
     a = cfg.agent
-    return Layout(question=a.question_tokens, memory=a.memory_tokens, chunk=a.chunk_tokens, answer=a.answer_tokens,
-                  chunks_per_segment=a.chunks_per_segment, **templates)
+    return Layout(
+        question=a.question_tokens,
+        memory=a.memory_tokens,
+        chunk=a.chunk_tokens,
+        answer=a.answer_tokens,
+        chunks_per_segment=a.chunks_per_segment,
+        **templates,
+    )
 
 
 def rollout_batch_size(cfg) -> int:
@@ -127,14 +154,25 @@ def rollout_mesh_of(cfg, learner: MeshShape) -> tuple[MeshShape, int]:
         return learner, 0
     f, t = int(cfg.mesh.get("rollout_fsdp", 1) or 1), int(cfg.mesh.get("rollout_tensor", 1) or 1)
     if f < 1 or t < 1 or n % (f * t):
-        raise PlanError(f"config.mesh.rollout_fsdp x config.mesh.rollout_tensor = {f} x {t} must divide "
-                        f"config.mesh.rollout_devices={n}")
+        raise PlanError(
+            f"config.mesh.rollout_fsdp x config.mesh.rollout_tensor = {f} x {t} must divide "
+            f"config.mesh.rollout_devices={n}"
+        )
     return MeshShape(n // (f * t), f, t), n
 
 
-def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | None = None, mfu: float = 0.4,
-              doc_tokens: int = 32000, usable_fraction: float = 0.9, name: str = "config",
-              suggest: bool = True, **templates) -> Plan:
+def make_plan(
+    cfg,
+    *,
+    hardware: str | Hardware | None = None,
+    devices: int | None = None,
+    mfu: float = 0.4,
+    doc_tokens: int = 32000,
+    usable_fraction: float = 0.9,
+    name: str = "config",
+    suggest: bool = True,
+    **templates,
+) -> Plan:
     """Sizes `cfg` (a configs/grpo.py-style ConfigDict) on `hardware` (default: config.hardware).
 
     devices: the run's device count, needed only when config.mesh has a -1 axis (it includes
@@ -173,8 +211,9 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     m = rl.num_minibatches
     micro = rl.micro_batch_size or 0
     if micro and micro % shards:
-        raise PlanError(f"config.rl.micro_batch_size={micro} must be a multiple of the mesh's batch shards "
-                        f"(data x fsdp = {shards})")
+        raise PlanError(
+            f"config.rl.micro_batch_size={micro} must be a multiple of the mesh's batch shards (data x fsdp = {shards})"
+        )
     n_rows = _round_up(conversations, m * (micro or shards))
     per_mb = n_rows // m
     micro_rows = micro or per_mb
@@ -185,8 +224,10 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     # full budget) they hold one each, as many rows as unpacked, each pack_length long.
     length = max(length, int(rl.get("pack_length", 0)))
     if layout.update_slots > mc.max_position_embeddings or layout.final_slots > mc.max_position_embeddings:
-        raise PlanError(f"config.agent budgets need a context of {max(layout.update_slots, layout.final_slots)} "
-                        f"tokens, more than the model's max_position_embeddings ({mc.max_position_embeddings})")
+        raise PlanError(
+            f"config.agent budgets need a context of {max(layout.update_slots, layout.final_slots)} "
+            f"tokens, more than the model's max_position_embeddings ({mc.max_position_embeddings})"
+        )
 
     mem: dict[str, int] = {}
     notes: dict[str, str] = {}
@@ -199,8 +240,11 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     mem["reference"] = p_bytes if reference else 0
     notes["reference"] = f"frozen copy for the KL (kl_coef {rl.kl_coef:g})" if reference else "kl_coef = 0"
     mem["rollout_params"] = 2 * param_bytes_per_device(mc, rmesh, pdt) if separate else 0
-    notes["rollout_params"] = ("copied from the learner every step (old + new copy)" if separate else
-                               "none: the rollout uses the learner's params")
+    notes["rollout_params"] = (
+        "copied from the learner every step (old + new copy)"
+        if separate
+        else "none: the rollout uses the learner's params"
+    )
     mem["kv_update"] = kv_cache_bytes(mc, call_rows, layout.update_slots, rmesh, cdt)
     notes["kv_update"] = f"{rollout_rows} rows x {layout.update_slots} slots, {cdt}{on_rollout}"
     mem["kv_final"] = kv_cache_bytes(mc, call_rows, layout.final_slots, rmesh, cdt)
@@ -209,8 +253,7 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     decode_layout = decode_layout_of(mc, platform)
     if decode_layout == "unstacked":
         # While a decode program runs: per-layer copies of the layer weights, and of the larger KV cache.
-        mem["decode_copies"] = (layer_param_bytes_per_device(mc, rmesh, pdt)
-                                + max(mem["kv_update"], mem["kv_final"]))
+        mem["decode_copies"] = layer_param_bytes_per_device(mc, rmesh, pdt) + max(mem["kv_update"], mem["kv_final"])
         notes["decode_copies"] = f"decode_layout 'unstacked': per-layer weights ({pdt}) + a second KV cache"
     else:
         mem["decode_copies"] = 0
@@ -223,8 +266,10 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     weights_in_flight = working_weight_bytes(mc, rmesh.tensor, DTYPE_BYTES[pdt], cb)
     ro = rollout_activation_bytes(mc, rollout_rows, layout, rmesh.tensor, cb, platform=platform)
     mem["rollout_activations"] = ro["total"] + weights_in_flight + mem["decode_copies"]
-    notes["rollout_activations"] = (f"{ro['program']}: {rollout_rows} rows x {ro['tokens']} tokens x "
-                                    f"{ro['keys']} keys, {ro['path']} attention (scores {ro['scores'] / GiB:.1f} GiB)")
+    notes["rollout_activations"] = (
+        f"{ro['program']}: {rollout_rows} rows x {ro['tokens']} tokens x "
+        f"{ro['keys']} keys, {ro['path']} attention (scores {ro['scores'] / GiB:.1f} GiB)"
+    )
     mem["rollout_peak"] = (rollout_persistent if separate else mem["persistent"]) + mem["rollout_activations"]
     notes["rollout_peak"] = on_rollout.strip(" ()")
 
@@ -233,24 +278,31 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     notes["gradients"] = "f32" + (f" (+ the {pdt} gradient before the cast)" if pdt != "float32" else "")
     mem["grad_accumulator"] = f32_tree if k_micro > 1 else 0
     notes["grad_accumulator"] = f"f32, {k_micro} micro-batches" if k_micro > 1 else "no micro-batching"
-    mem["learner_batch"] = learner_batch_bytes(n_rows // shards, length, reference=reference,
-                                               recompute_old=recompute_old)
+    mem["learner_batch"] = learner_batch_bytes(
+        n_rows // shards, length, reference=reference, recompute_old=recompute_old
+    )
     notes["learner_batch"] = f"{n_rows // shards} rows x {length} tokens"
     act = learner_activation_bytes(mc, micro_per_device, length, mc.remat, mesh.tensor, cb, platform=platform)
     mem["learner_activations"] = act["total"] + working_weight_bytes(mc, mesh.tensor, DTYPE_BYTES[pdt], cb)
-    notes["learner_activations"] = (f"remat {mc.remat}, {micro_per_device} rows x {length} tokens, "
-                                    f"{attention_path(mc, platform, length, length)} attention")
+    notes["learner_activations"] = (
+        f"remat {mc.remat}, {micro_per_device} rows x {length} tokens, "
+        f"{attention_path(mc, platform, length, length)} attention"
+    )
     mem["update_temporaries"] = p_bytes + 2 * p_bytes
     notes["update_temporaries"] = "new params + moments before the finite-check select"
-    mem["learner_peak"] = (mem["persistent"] + mem["gradients"] + mem["grad_accumulator"] + mem["learner_batch"]
-                           + max(mem["learner_activations"], mem["update_temporaries"]))
+    mem["learner_peak"] = (
+        mem["persistent"]
+        + mem["gradients"]
+        + mem["grad_accumulator"]
+        + mem["learner_batch"]
+        + max(mem["learner_activations"], mem["update_temporaries"])
+    )
     notes["learner_peak"] = "learner devices" if separate else ""
     mem["peak"] = max(mem["rollout_peak"], mem["learner_peak"])
 
     # FLOPs and time (rollout on the rollout mesh, learning on the learner's; one after the other, as train.py).
     rf = rollout_flops(mc, calls * call_rows, layout, doc_tokens)
-    lf = learning_flops(mc, n_rows * length, length, remat=mc.remat, reference=reference,
-                        recompute_old=recompute_old)
+    lf = learning_flops(mc, n_rows * length, length, remat=mc.remat, reference=reference, recompute_old=recompute_old)
     seconds: dict[str, float] = {}
     seconds["rollout_prefill"] = rf["prefill"] / (rmesh.size * hw.peak_flops * mfu)
     t_mem, read_mem = decode_step_seconds(mc, rollout_rows, layout.update_slots, rmesh, hw, pdt, cdt)
@@ -259,25 +311,49 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
     seconds["rollout_decode"] = calls * (chunks * layout.memory * t_mem + layout.answer * t_ans)
     seconds["learning"] = lf["total"] / (mesh.size * hw.peak_flops * mfu)
     seconds["step"] = seconds["rollout_prefill"] + seconds["rollout_decode"] + seconds["learning"]
-    flops = {"rollout_prefill": rf["prefill"], "rollout_decode": rf["decode"], "learning": lf["total"],
-             "learning_train": lf["train"], "learning_remat": lf["remat"], "learning_reference": lf["reference"],
-             "learning_old_logprobs": lf["old_logprobs"]}
+    flops = {
+        "rollout_prefill": rf["prefill"],
+        "rollout_decode": rf["decode"],
+        "learning": lf["total"],
+        "learning_train": lf["train"],
+        "learning_remat": lf["remat"],
+        "learning_reference": lf["reference"],
+        "learning_old_logprobs": lf["old_logprobs"],
+    }
     flops["total"] = flops["rollout_prefill"] + flops["rollout_decode"] + flops["learning"]
 
     usable = int(hw.hbm_bytes * usable_fraction)
     fits = mem["peak"] <= usable
     settings = {
-        "devices": mesh.size + extra, "rollout_devices": extra, "rollout_mesh": rmesh.shape,
-        "trajectories": trajectories, "rollout_batch_size": per_call, "rollout_calls": calls,
-        "rollout_rows_per_device": rollout_rows, "chunks": chunks, "doc_tokens": doc_tokens,
-        "conversations": conversations, "learner_rows": n_rows, "learn_length": length, "minibatches": m,
-        "micro_batches": k_micro, "micro_batch_rows": micro_rows, "micro_rows_per_device": micro_per_device,
-        "decode_steps_per_call": decode_steps, "decode_bytes_per_step": read_mem,
+        "devices": mesh.size + extra,
+        "rollout_devices": extra,
+        "rollout_mesh": rmesh.shape,
+        "trajectories": trajectories,
+        "rollout_batch_size": per_call,
+        "rollout_calls": calls,
+        "rollout_rows_per_device": rollout_rows,
+        "chunks": chunks,
+        "doc_tokens": doc_tokens,
+        "conversations": conversations,
+        "learner_rows": n_rows,
+        "learn_length": length,
+        "minibatches": m,
+        "micro_batches": k_micro,
+        "micro_batch_rows": micro_rows,
+        "micro_rows_per_device": micro_per_device,
+        "decode_steps_per_call": decode_steps,
+        "decode_bytes_per_step": read_mem,
         "decode_bytes_per_answer_step": read_ans,
-        "fsdp_gather_bytes_per_decode_step": (gathered_param_bytes(mc, rmesh, pdt) - param_bytes_per_device(
-            mc, rmesh, pdt) if rmesh.fsdp > 1 else 0),
-        "mfu": mfu, "remat": mc.remat, "param_dtype": pdt, "compute_dtype": cdt,
-        "attention_impl": mc.attention_impl, "rollout_attention": ro["path"], "decode_layout": decode_layout,
+        "fsdp_gather_bytes_per_decode_step": (
+            gathered_param_bytes(mc, rmesh, pdt) - param_bytes_per_device(mc, rmesh, pdt) if rmesh.fsdp > 1 else 0
+        ),
+        "mfu": mfu,
+        "remat": mc.remat,
+        "param_dtype": pdt,
+        "compute_dtype": cdt,
+        "attention_impl": mc.attention_impl,
+        "rollout_attention": ro["path"],
+        "decode_layout": decode_layout,
         "learner_attention": attention_path(mc, platform, length, length),
     }
     warnings = _warnings(cfg, mc, per_call, trajectories, mesh.size + extra, hw, calls, templates)
@@ -285,20 +361,47 @@ def make_plan(cfg, *, hardware: str | Hardware | None = None, devices: int | Non
         verdict = f"fits: peak {mem['peak'] / GiB:.1f} GiB of {usable / GiB:.1f} GiB usable per device"
     else:
         if mem["rollout_peak"] >= mem["learner_peak"]:
-            what = (f"the rollout ({notes['rollout_activations']}; KV caches "
-                    f"{(mem['kv_update'] + mem['kv_final']) / GiB:.1f} GiB)")
+            what = (
+                f"the rollout ({notes['rollout_activations']}; KV caches "
+                f"{(mem['kv_update'] + mem['kv_final']) / GiB:.1f} GiB)"
+            )
             peak = mem["rollout_peak"]
         else:
-            what = (f"the learner step (activations {mem['learner_activations'] / GiB:.1f} GiB: "
-                    f"{notes['learner_activations']})")
+            what = (
+                f"the learner step (activations {mem['learner_activations'] / GiB:.1f} GiB: "
+                f"{notes['learner_activations']})"
+            )
             peak = mem["learner_peak"]
         verdict = f"DOES NOT FIT: {what} needs {peak / GiB:.1f} GiB of {usable / GiB:.1f} GiB per device"
-    plan = Plan(name=name, model_name=model_name, model=mc, hardware=hw, mesh=mesh, layout=layout,
-                settings=settings, memory=mem, notes=notes, flops=flops, seconds=seconds, usable_bytes=usable,
-                fits=fits, verdict=verdict, warnings=warnings, rollout_mesh=rmesh)
+    plan = Plan(
+        name=name,
+        model_name=model_name,
+        model=mc,
+        hardware=hw,
+        mesh=mesh,
+        layout=layout,
+        settings=settings,
+        memory=mem,
+        notes=notes,
+        flops=flops,
+        seconds=seconds,
+        usable_bytes=usable,
+        fits=fits,
+        verdict=verdict,
+        warnings=warnings,
+        rollout_mesh=rmesh,
+    )
     if not fits and suggest:
-        plan.suggestions = suggest_fixes(cfg, hw, mesh, devices=mesh.size + extra, mfu=mfu, doc_tokens=doc_tokens,
-                                         usable_fraction=usable_fraction, **templates)
+        plan.suggestions = suggest_fixes(
+            cfg,
+            hw,
+            mesh,
+            devices=mesh.size + extra,
+            mfu=mfu,
+            doc_tokens=doc_tokens,
+            usable_fraction=usable_fraction,
+            **templates,
+        )
         if plan.suggestions:
             plan.verdict += ", try " + plan.suggestions[0]
         else:
@@ -310,26 +413,39 @@ def _warnings(cfg, mc, per_call, trajectories, devices, hw, calls, templates) ->
     out = []
     lr = cfg.rl.learning_rate
     if mc.param_dtype != "float32" and lr < 6e-5:
-        out.append(f"param_dtype {mc.param_dtype} with learning_rate {lr:g}: AdamW moves a weight by about the "
-                   f"learning rate per update, but a {mc.param_dtype} weight of size 0.02 only changes by steps of "
-                   f">= 6e-5 (half an ulp), so most updates round away: use --config.model.param_dtype=float32 "
-                   f"(master weights) with compute_dtype bfloat16")
+        out.append(
+            f"param_dtype {mc.param_dtype} with learning_rate {lr:g}: AdamW moves a weight by about the "
+            f"learning rate per update, but a {mc.param_dtype} weight of size 0.02 only changes by steps of "
+            f">= 6e-5 (half an ulp), so most updates round away: use --config.model.param_dtype=float32 "
+            f"(master weights) with compute_dtype bfloat16"
+        )
     if per_call < trajectories and trajectories % per_call:
-        out.append(f"config.rl.rollout_batch_size={per_call} does not divide the {trajectories} trajectories of a "
-                   f"step: the last agent call has another batch size (a second compile and a second pair of KV "
-                   f"caches, not counted here)")
+        out.append(
+            f"config.rl.rollout_batch_size={per_call} does not divide the {trajectories} trajectories of a "
+            f"step: the last agent call has another batch size (a second compile and a second pair of KV "
+            f"caches, not counted here)"
+        )
     if per_call < trajectories and not train_reads_rollout_batch_size():
-        whole = make_plan(_with(cfg, **{"rl.rollout_batch_size": 0}), hardware=hw, devices=devices, suggest=False,
-                          **templates)
-        out.append(f"config.rl.rollout_batch_size={per_call}: this plan runs the rollout in {calls} agent calls, "
-                   f"but memagent_jax/train.py does not read that field yet and rolls out all {trajectories} "
-                   f"trajectories in one call: {whole.memory['rollout_peak'] / GiB:.0f} GiB per device")
-    tensors = {int(cfg.mesh.tensor), int(cfg.mesh.get("rollout_tensor", 1) or 1)
-               if int(cfg.mesh.get("rollout_devices", 0) or 0) else int(cfg.mesh.tensor)}
+        whole = make_plan(
+            _with(cfg, **{"rl.rollout_batch_size": 0}), hardware=hw, devices=devices, suggest=False, **templates
+        )
+        out.append(
+            f"config.rl.rollout_batch_size={per_call}: this plan runs the rollout in {calls} agent calls, "
+            f"but memagent_jax/train.py does not read that field yet and rolls out all {trajectories} "
+            f"trajectories in one call: {whole.memory['rollout_peak'] / GiB:.0f} GiB per device"
+        )
+    tensors = {
+        int(cfg.mesh.tensor),
+        int(cfg.mesh.get("rollout_tensor", 1) or 1)
+        if int(cfg.mesh.get("rollout_devices", 0) or 0)
+        else int(cfg.mesh.tensor),
+    }
     for t in sorted(tensors):
         if t > 1 and mc.num_kv_heads % t:
-            out.append(f"tensor={t} does not divide the {mc.num_kv_heads} KV heads: KV caches and attention are "
-                       f"replicated over 'tensor' (this plan assumes so)")
+            out.append(
+                f"tensor={t} does not divide the {mc.num_kv_heads} KV heads: KV caches and attention are "
+                f"replicated over 'tensor' (this plan assumes so)"
+            )
     return out
 
 
@@ -352,15 +468,17 @@ def _divisors(n: int) -> list[int]:
 
 def suggest_fixes(cfg, hw: Hardware, mesh: MeshShape, *, devices: int, **kwargs) -> list[str]:
     """Override sets (command-line flags) that make the plan fit on the same devices, the smallest change first:
-    remat 'full' (and attention_impl 'auto' when it is 'materialized'); then also one row per device per micro-batch; then also the largest rollout_batch_size (a power
-    of two no larger than now) that fits; then the same on meshes with other tensor sizes (the learner's mesh)."""
+    remat 'full' (and attention_impl 'auto' when it is 'materialized'); then also one row per device per micro-batch;
+    then also the largest rollout_batch_size (a power of two no larger than now) that fits; then the same on meshes
+    with other tensor sizes (the learner's mesh)."""
     trajectories = cfg.rl.questions_per_step * cfg.rl.group_size
     current = rollout_batch_size(cfg)
     base: dict[str, Any] = {} if cfg.model.remat == "full" else {"model.remat": "full"}
     if (cfg.model.get("attention_impl") or "auto") == "materialized":
         base["model.attention_impl"] = "auto"  # no [T, S] scores (blockwise / cuDNN)
-    meshes = [(mesh.data, mesh.fsdp, mesh.tensor)] + [(1, mesh.size // t, t) for t in _divisors(mesh.size)
-                                                       if t != mesh.tensor and t <= 16]
+    meshes = [(mesh.data, mesh.fsdp, mesh.tensor)] + [
+        (1, mesh.size // t, t) for t in _divisors(mesh.size) if t != mesh.tensor and t <= 16
+    ]
     candidates: list[dict[str, Any]] = []
     if base:
         candidates.append(dict(base))

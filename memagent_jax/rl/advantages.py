@@ -20,8 +20,9 @@ import numpy as np
 __all__ = ["group_advantages", "dynamic_sampling_mask", "broadcast_to_conversations"]
 
 
-def group_advantages(rewards, *, normalize_std: bool = False, leave_one_out: bool = False,
-                     eps: float = 1e-6) -> jax.Array:
+def group_advantages(
+    rewards, *, normalize_std: bool = False, leave_one_out: bool = False, eps: float = 1e-6
+) -> jax.Array:
     """Group-relative advantage of every trajectory.
 
     Args:
@@ -34,7 +35,7 @@ def group_advantages(rewards, *, normalize_std: bool = False, leave_one_out: boo
     """
     r = jnp.asarray(rewards, jnp.float32)
     if r.ndim < 1:
-        raise ValueError(f"rewards: expected shape [..., G], got a scalar")
+        raise ValueError("rewards: expected shape [..., G], got a scalar")
     g = r.shape[-1]
     if g < 1:
         raise ValueError("rewards: empty group (G = 0)")
@@ -84,7 +85,9 @@ def broadcast_to_conversations(trajectory_advantages, trajectory_index) -> jax.A
             raise ValueError(f"trajectory_index: expected integers, got dtype {idx_np.dtype}")
         bad = (idx_np < -1) | (idx_np >= adv.shape[0])
         if bad.any():
-            raise ValueError(f"trajectory_index: entry {int(np.nonzero(bad)[0][0])} = {int(idx_np[bad][0])} is "
-                             f"outside [-1, {adv.shape[0]})")
+            raise ValueError(
+                f"trajectory_index: entry {int(np.nonzero(bad)[0][0])} = {int(idx_np[bad][0])} is "
+                f"outside [-1, {adv.shape[0]})"
+            )
     idx = jnp.asarray(idx, jnp.int32)
     return jnp.where(idx >= 0, adv[jnp.clip(idx, 0, None)], 0.0)

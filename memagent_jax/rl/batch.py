@@ -37,13 +37,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["BatchError", "ConversationBatch", "build_conversation_batch", "validate_batch", "shuffle_rows",
-           "pad_rows", "pack_conversations", "segment_positions"]
+__all__ = [
+    "BatchError",
+    "ConversationBatch",
+    "build_conversation_batch",
+    "validate_batch",
+    "shuffle_rows",
+    "pad_rows",
+    "pack_conversations",
+    "segment_positions",
+]
 
 _FIELDS = ("tokens", "token_mask", "loss_mask", "old_logprobs", "advantages", "ref_logprobs", "segment_ids")
 
@@ -82,7 +91,7 @@ class ConversationBatch:
     def length(self) -> int:
         return int(self.tokens.shape[1])
 
-    def replace(self, **changes) -> "ConversationBatch":
+    def replace(self, **changes) -> ConversationBatch:
         return dataclasses.replace(self, **changes)
 
     def num_response_tokens(self) -> int:
@@ -192,16 +201,17 @@ def build_conversation_batch(
     for i, (p, r) in enumerate(zip(prompts, responses)):
         lp, lr = p.size, r.size
         tokens[i, :lp] = p
-        tokens[i, lp:lp + lr] = r
-        token_mask[i, :lp + lr] = True
-        loss_mask[i, lp:lp + lr] = True
+        tokens[i, lp : lp + lr] = r
+        token_mask[i, : lp + lr] = True
+        loss_mask[i, lp : lp + lr] = True
         if logps is not None:
-            old[i, lp:lp + lr] = logps[i]
+            old[i, lp : lp + lr] = logps[i]
         if refs is not None:
-            ref[i, lp:lp + lr] = refs[i]
+            ref[i, lp : lp + lr] = refs[i]
         adv[i] = advantages[i]
-    batch = ConversationBatch(tokens=tokens, token_mask=token_mask, loss_mask=loss_mask, old_logprobs=old,
-                              advantages=adv, ref_logprobs=ref)
+    batch = ConversationBatch(
+        tokens=tokens, token_mask=token_mask, loss_mask=loss_mask, old_logprobs=old, advantages=adv, ref_logprobs=ref
+    )
     validate_batch(batch, vocab_size=vocab_size)
     return batch
 
@@ -231,8 +241,14 @@ def validate_batch(batch: ConversationBatch, *, vocab_size: int | None = None, c
     if not np.issubdtype(tokens.dtype, np.integer):
         raise BatchError(f"tokens: expected an integer dtype, got {tokens.dtype}")
     packed = arrays["segment_ids"] is not None
-    expected = {"token_mask": (n, t), "loss_mask": (n, t), "old_logprobs": (n, t),
-                "advantages": (n, t) if packed else (n,), "ref_logprobs": (n, t), "segment_ids": (n, t)}
+    expected = {
+        "token_mask": (n, t),
+        "loss_mask": (n, t),
+        "old_logprobs": (n, t),
+        "advantages": (n, t) if packed else (n,),
+        "ref_logprobs": (n, t),
+        "segment_ids": (n, t),
+    }
     for name, shape in expected.items():
         value = arrays[name]
         if value is None:
@@ -282,8 +298,9 @@ def _validate_packed_layout(segment_ids: np.ndarray, token_mask: np.ndarray, los
         raise BatchError(f"segment_ids: expected an integer dtype, got {segment_ids.dtype}")
     bad = np.nonzero(((segment_ids > 0) != token_mask).any(axis=1))[0]
     if bad.size:
-        raise BatchError(f"segment_ids: row {bad[0]}: real tokens (token_mask) must be exactly those with a segment "
-                         f"id > 0")
+        raise BatchError(
+            f"segment_ids: row {bad[0]}: real tokens (token_mask) must be exactly those with a segment id > 0"
+        )
     bad = np.nonzero((loss_mask & ~token_mask).any(axis=1))[0]
     if bad.size:
         raise BatchError(f"loss_mask: row {bad[0]} marks a pad position as a response token")
@@ -291,8 +308,10 @@ def _validate_packed_layout(segment_ids: np.ndarray, token_mask: np.ndarray, los
     opens[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     bad = np.nonzero((loss_mask & opens).any(axis=1))[0]
     if bad.size:
-        raise BatchError(f"loss_mask: row {bad[0]} marks the first token of a conversation as a response token (it "
-                         f"has no predecessor)")
+        raise BatchError(
+            f"loss_mask: row {bad[0]} marks the first token of a conversation as a response token (it "
+            f"has no predecessor)"
+        )
 
 
 def _validate_row_layout(token_mask: np.ndarray, loss_mask: np.ndarray) -> None:
@@ -314,8 +333,10 @@ def _validate_row_layout(token_mask: np.ndarray, loss_mask: np.ndarray) -> None:
     suffix = (np.arange(t)[None, :] >= resp_start[:, None]) & prefix
     bad = np.nonzero((loss_mask != suffix).any(axis=1))[0]
     if bad.size:
-        raise BatchError(f"loss_mask: row {bad[0]}: response tokens must be one contiguous run ending at the "
-                         f"row's last real token (prompt, then response, then pads)")
+        raise BatchError(
+            f"loss_mask: row {bad[0]}: response tokens must be one contiguous run ending at the "
+            f"row's last real token (prompt, then response, then pads)"
+        )
 
 
 def shuffle_rows(batch: ConversationBatch, seed: int | np.random.Generator) -> ConversationBatch:
@@ -338,8 +359,9 @@ def pad_rows(batch: ConversationBatch, rows: int) -> ConversationBatch:
     return jax.tree.map(pad, batch)
 
 
-def pack_conversations(batch: ConversationBatch, length: int, *, rows_multiple: int = 1,
-                       min_rows: int = 0) -> ConversationBatch:
+def pack_conversations(
+    batch: ConversationBatch, length: int, *, rows_multiple: int = 1, min_rows: int = 0
+) -> ConversationBatch:
     """Packs a one-conversation-per-row batch into rows of `length` tokens holding several conversations each.
 
     First-fit decreasing: conversations are taken longest first (ties: in row order) and each goes into the first
@@ -406,8 +428,15 @@ def pack_conversations(batch: ConversationBatch, length: int, *, rows_multiple: 
             adv[r, span] = adv_src[i]
             segment_ids[r, span] = k + 1
             at += n
-    return ConversationBatch(tokens=tokens, token_mask=out_token_mask, loss_mask=loss_mask, old_logprobs=old,
-                             advantages=adv, ref_logprobs=ref, segment_ids=segment_ids)
+    return ConversationBatch(
+        tokens=tokens,
+        token_mask=out_token_mask,
+        loss_mask=loss_mask,
+        old_logprobs=old,
+        advantages=adv,
+        ref_logprobs=ref,
+        segment_ids=segment_ids,
+    )
 
 
 def segment_positions(segment_ids):
@@ -416,7 +445,8 @@ def segment_positions(segment_ids):
 
     segment_ids = jnp.asarray(segment_ids)
     index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
-    opens = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                            axis=1)
+    opens = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
     start = jax.lax.cummax(jnp.where(opens, index, 0), axis=1)
     return (index - start).astype(jnp.int32)

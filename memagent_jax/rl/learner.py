@@ -40,15 +40,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from memagent_jax import settings
 from memagent_jax.distributed import arrays as multiprocess
@@ -59,9 +60,21 @@ from memagent_jax.rl.batch import BatchError, ConversationBatch, segment_positio
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.losses import LossConfig, compute_loss, metric_identity, reduce_metric
 
-__all__ = ["OptimizerConfig", "LearnerConfig", "LearnerConfigError", "NonFiniteError", "TrainState", "Learner",
-           "make_optimizer", "learning_rate_schedule", "set_learning_rate", "init_train_state", "minibatch_rows",
-           "accumulate_gradients", "train_step_fn"]
+__all__ = [
+    "OptimizerConfig",
+    "LearnerConfig",
+    "LearnerConfigError",
+    "NonFiniteError",
+    "TrainState",
+    "Learner",
+    "make_optimizer",
+    "learning_rate_schedule",
+    "set_learning_rate",
+    "init_train_state",
+    "minibatch_rows",
+    "accumulate_gradients",
+    "train_step_fn",
+]
 
 NONFINITE_MODES = ("skip", "raise")
 SCHEDULES = ("constant", "cosine")
@@ -76,8 +89,15 @@ class NonFiniteError(FloatingPointError):
 
 
 def _check_number(owner: str, name: str, value, *, minimum=None, strict=False, maximum=None, allow_none=False):
-    settings.real(f"{owner}.{name}", value, low=minimum, low_open=strict, high=maximum, none_ok=allow_none,
-                  error=LearnerConfigError)
+    settings.real(
+        f"{owner}.{name}",
+        value,
+        low=minimum,
+        low_open=strict,
+        high=maximum,
+        none_ok=allow_none,
+        error=LearnerConfigError,
+    )
 
 
 def _check_int(owner: str, name: str, value, *, minimum: int, allow_none=False):
@@ -129,11 +149,13 @@ class OptimizerConfig:
             if self.total_steps is None:
                 raise LearnerConfigError.at(f"{o}.total_steps", "is required for the cosine schedule")
             if self.total_steps <= self.warmup_steps:
-                raise LearnerConfigError.at(f"{o}.total_steps", f"({self.total_steps}) must exceed {o}.warmup_steps "
-                                                                f"({self.warmup_steps}) for the cosine schedule")
+                raise LearnerConfigError.at(
+                    f"{o}.total_steps",
+                    f"({self.total_steps}) must exceed {o}.warmup_steps ({self.warmup_steps}) for the cosine schedule",
+                )
         _check_number(o, "min_lr_ratio", self.min_lr_ratio, minimum=0, maximum=1)
 
-    def replace(self, **changes) -> "OptimizerConfig":
+    def replace(self, **changes) -> OptimizerConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -187,11 +209,13 @@ class LearnerConfig:
         per_mb = num_rows // m
         micro = self.micro_batch_size or per_mb
         if per_mb % micro:
-            raise BatchError(f"mini-batches of {per_mb} rows ({num_rows} rows / {m}) are not a multiple of "
-                             f"learner.micro_batch_size={micro}")
+            raise BatchError(
+                f"mini-batches of {per_mb} rows ({num_rows} rows / {m}) are not a multiple of "
+                f"learner.micro_batch_size={micro}"
+            )
         return m, per_mb // micro, micro
 
-    def replace(self, **changes) -> "LearnerConfig":
+    def replace(self, **changes) -> LearnerConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -228,8 +252,8 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
-        learning_rate=config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
-        weight_decay=config.weight_decay)
+        learning_rate=config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
+    )
     return optax.chain(clip, adamw)
 
 
@@ -241,8 +265,9 @@ def set_learning_rate(opt_state, learning_rate):
     return (clip_state, adam_state._replace(hyperparams=hyper))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "opt_state", "step", "skipped_updates"],
-                   meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["params", "opt_state", "step", "skipped_updates"], meta_fields=[]
+)
 @dataclasses.dataclass
 class TrainState:
     """params: model params; opt_state: optax state; step: [] int32 train steps done (= rollouts learned from);
@@ -253,14 +278,18 @@ class TrainState:
     step: Any
     skipped_updates: Any
 
-    def replace(self, **changes) -> "TrainState":
+    def replace(self, **changes) -> TrainState:
         return dataclasses.replace(self, **changes)
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     """A fresh state (traceable; `Learner.init_state` places it on the mesh)."""
-    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32),
-                      skipped_updates=jnp.zeros((), jnp.int32))
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        skipped_updates=jnp.zeros((), jnp.int32),
+    )
 
 
 # -------------------------------------------------------------------------------------- row layout
@@ -292,15 +321,29 @@ def _row_layout(segment_ids):
     return dict(positions=segment_positions(segment_ids), segment_ids=segment_ids)
 
 
-def _micro_loss(params, micro: ConversationBatch, token_den, seq_den, *, model_config: ModelConfig,
-                config: LearnerConfig):
-    logp, ent = token_logprobs(params, micro.tokens, micro.token_mask, config=model_config,
-                               chunk_size=config.logits_chunk_size, with_entropy=config.need_entropy,
-                               **_row_layout(micro.segment_ids))
-    return compute_loss(config.loss, logp, micro.loss_mask, old_logprobs=micro.old_logprobs,
-                        advantages=micro.advantages, ref_logprobs=micro.ref_logprobs,
-                        entropy=ent if config.need_entropy else None, token_denominator=token_den,
-                        seq_denominator=seq_den)
+def _micro_loss(
+    params, micro: ConversationBatch, token_den, seq_den, *, model_config: ModelConfig, config: LearnerConfig
+):
+    logp, ent = token_logprobs(
+        params,
+        micro.tokens,
+        micro.token_mask,
+        config=model_config,
+        chunk_size=config.logits_chunk_size,
+        with_entropy=config.need_entropy,
+        **_row_layout(micro.segment_ids),
+    )
+    return compute_loss(
+        config.loss,
+        logp,
+        micro.loss_mask,
+        old_logprobs=micro.old_logprobs,
+        advantages=micro.advantages,
+        ref_logprobs=micro.ref_logprobs,
+        entropy=ent if config.need_entropy else None,
+        token_denominator=token_den,
+        seq_denominator=seq_den,
+    )
 
 
 def _denominators(loss_mask):
@@ -310,12 +353,12 @@ def _denominators(loss_mask):
     return tok, seq
 
 
-def _accumulate(params, micro_batches: ConversationBatch, *, model_config, config, constrain_micro=None,
-                constrain_grads=None):
+def _accumulate(
+    params, micro_batches: ConversationBatch, *, model_config, config, constrain_micro=None, constrain_grads=None
+):
     """micro_batches: [K, mb, T] leaves (one mini-batch). Returns (grads f32 tree, metrics dict)."""
     token_den, seq_den = _denominators(micro_batches.loss_mask)
-    grad_fn = jax.value_and_grad(
-        functools.partial(_micro_loss, model_config=model_config, config=config), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(_micro_loss, model_config=model_config, config=config), has_aux=True)
 
     def one(micro):
         if constrain_micro is not None:
@@ -332,8 +375,7 @@ def _accumulate(params, micro_batches: ConversationBatch, *, model_config, confi
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         if constrain_grads is not None:
             zeros = constrain_grads(zeros)
-        init = (zeros, {name: metric_identity(name, jnp.zeros(s.shape, s.dtype))
-                        for name, s in metric_shapes.items()})
+        init = (zeros, {name: metric_identity(name, jnp.zeros(s.shape, s.dtype)) for name, s in metric_shapes.items()})
 
         def body(carry, micro):
             g_acc, m_acc = carry
@@ -350,12 +392,20 @@ def _accumulate(params, micro_batches: ConversationBatch, *, model_config, confi
 
 def _fill_reference(batch: ConversationBatch, ref_params, *, config: LearnerConfig):
     if config.loss.uses_reference and batch.ref_logprobs is None and ref_params is None:
-        raise LearnerConfigError("loss.kl_coef > 0 needs reference log-probs: pass ref_params to the train step "
-                                 "or ref_logprobs in the batch (or set loss.kl_coef = 0)")
+        raise LearnerConfigError(
+            "loss.kl_coef > 0 needs reference log-probs: pass ref_params to the train step "
+            "or ref_logprobs in the batch (or set loss.kl_coef = 0)"
+        )
 
 
-def accumulate_gradients(params, batch: ConversationBatch, *, model_config: ModelConfig, config: LearnerConfig,
-                         micro_batch_size: int | None = None):
+def accumulate_gradients(
+    params,
+    batch: ConversationBatch,
+    *,
+    model_config: ModelConfig,
+    config: LearnerConfig,
+    micro_batch_size: int | None = None,
+):
     """Gradient and metrics of ONE mini-batch's loss, accumulated over micro-batches (public for tests/tools).
 
     batch: [mb, T] (its old_logprobs, and ref_logprobs if kl_coef > 0, filled in). Micro-batch k holds rows
@@ -380,25 +430,35 @@ def accumulate_gradients(params, batch: ConversationBatch, *, model_config: Mode
 def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, constrain_micro=None):
     """[M, K, mb, T] leaves -> [M, K, mb, T] log-probs under `params`, no gradient."""
     m, k = batches.tokens.shape[:2]
-    flat = jax.tree.map(lambda a: a.reshape((m * k,) + a.shape[2:]),
-                        (batches.tokens, batches.token_mask, batches.segment_ids))
+    flat = jax.tree.map(
+        lambda a: a.reshape((m * k,) + a.shape[2:]), (batches.tokens, batches.token_mask, batches.segment_ids)
+    )
 
     def body(_, xs):
         tokens, mask, segments = xs
         if constrain_micro is not None:
             tokens, mask = constrain_micro(tokens, 0), constrain_micro(mask, 0)
             segments = None if segments is None else constrain_micro(segments, 0)
-        logp, _ = token_logprobs(params, tokens, mask, config=model_config, chunk_size=config.logits_chunk_size,
-                                 **_row_layout(segments))
+        logp, _ = token_logprobs(
+            params, tokens, mask, config=model_config, chunk_size=config.logits_chunk_size, **_row_layout(segments)
+        )
         return None, logp
 
     _, logp = jax.lax.scan(body, None, flat)
     return jax.lax.stop_gradient(logp.reshape(batches.tokens.shape))
 
 
-def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, model_config: ModelConfig,
-                  config: LearnerConfig, optimizer: optax.GradientTransformation, mesh: Mesh | None = None,
-                  param_shardings=None):
+def train_step_fn(
+    state: TrainState,
+    batch: ConversationBatch,
+    ref_params,
+    *,
+    model_config: ModelConfig,
+    config: LearnerConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    param_shardings=None,
+):
     """The pure train step (see the module docstring); `Learner` jits it with shardings and donation.
 
     Returns (new_state, metrics: dict of scalars, per_update: dict of [M] arrays 'loss', 'grad_norm', 'finite').
@@ -421,6 +481,7 @@ def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, mo
 
         constrain_micro = constrain
         if param_shardings is not None:
+
             def constrain_grads(tree):
                 return jax.lax.with_sharding_constraint(tree, param_shardings)
 
@@ -438,8 +499,14 @@ def train_step_fn(state: TrainState, batch: ConversationBatch, ref_params, *, mo
 
     def update(carry, mini):
         params, opt_state, skipped = carry
-        grads, metrics = _accumulate(params, mini, model_config=model_config, config=config,
-                                     constrain_micro=constrain_micro, constrain_grads=constrain_grads)
+        grads, metrics = _accumulate(
+            params,
+            mini,
+            model_config=model_config,
+            config=config,
+            constrain_micro=constrain_micro,
+            constrain_grads=constrain_grads,
+        )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         # A mini-batch of padding rows only (no response token) has nothing to learn from: AdamW's momentum and
@@ -509,8 +576,7 @@ class Learner:
     batch is all processes' rows together, and the returned metrics are global.
     """
 
-    def __init__(self, model_config: ModelConfig, config: LearnerConfig = LearnerConfig(), *,
-                 mesh: Mesh | None = None):
+    def __init__(self, model_config: ModelConfig, config: LearnerConfig = LearnerConfig(), *, mesh: Mesh | None = None):
         if not isinstance(config, LearnerConfig):
             raise LearnerConfigError(f"config must be a LearnerConfig, got {type(config).__name__}")
         if config.remat is not None:
@@ -519,14 +585,14 @@ class Learner:
         if config.micro_batch_size is not None and config.micro_batch_size % dev:
             raise LearnerConfigError(
                 f"learner.micro_batch_size={config.micro_batch_size} must be a multiple of the mesh's batch "
-                f"shards (data x fsdp = {dev}) so every device gets whole rows of every micro-batch")
+                f"shards (data x fsdp = {dev}) so every device gets whole rows of every micro-batch"
+            )
         self.model_config = model_config
         self.config = config
         self.mesh = mesh
         self.optimizer = make_optimizer(config.optimizer)
         self._abstract_params = model_abstract_params(model_config)
-        self._param_shardings = (sharding_lib.param_shardings(self._abstract_params, mesh)
-                                 if mesh is not None else None)
+        self._param_shardings = sharding_lib.param_shardings(self._abstract_params, mesh) if mesh is not None else None
         self._steps: dict[Any, Any] = {}
         self._logprob_fns: dict[Any, Any] = {}
 
@@ -550,8 +616,9 @@ class Learner:
         """Rows each process supplies must be a multiple of this (`rows_multiple` / processes of the mesh)."""
         procs = multiprocess.mesh_process_count(self.mesh)
         if self.rows_multiple % procs:
-            raise LearnerConfigError(f"rows_multiple={self.rows_multiple} is not a multiple of the mesh's {procs} "
-                                     f"processes")
+            raise LearnerConfigError(
+                f"rows_multiple={self.rows_multiple} is not a multiple of the mesh's {procs} processes"
+            )
         return self.rows_multiple // procs
 
     def global_rows(self, batch: ConversationBatch) -> int:
@@ -574,8 +641,9 @@ class Learner:
             return None
         rep = self._replicated()
         abstract_opt = jax.eval_shape(self.optimizer.init, self._abstract_params)
-        opt = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt, self._param_shardings,
-                                    transform_non_params=lambda _: rep)
+        opt = optax.tree_map_params(
+            self.optimizer, lambda _, s: s, abstract_opt, self._param_shardings, transform_non_params=lambda _: rep
+        )
         return TrainState(params=self._param_shardings, opt_state=opt, step=rep, skipped_updates=rep)
 
     def abstract_state(self) -> TrainState:
@@ -600,8 +668,7 @@ class Learner:
         if self._param_shardings is not None:
             params = jax.device_put(params, self._param_shardings)
         shardings = self.state_shardings()
-        init_opt = jax.jit(self.optimizer.init,
-                           out_shardings=shardings.opt_state if shardings is not None else None)
+        init_opt = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state if shardings is not None else None)
         rep = self._replicated()
         counters = jax.jit(lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)), out_shardings=(rep, rep))
         step, skipped = counters()  # two distinct buffers (both are donated)
@@ -624,17 +691,25 @@ class Learner:
     def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool):
         key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params, batch.packed)
         if key not in self._steps:
-            fn = functools.partial(train_step_fn, model_config=self.model_config, config=self.config,
-                                   optimizer=self.optimizer, mesh=self.mesh, param_shardings=self._param_shardings)
+            fn = functools.partial(
+                train_step_fn,
+                model_config=self.model_config,
+                config=self.config,
+                optimizer=self.optimizer,
+                mesh=self.mesh,
+                param_shardings=self._param_shardings,
+            )
             if self.mesh is None:
                 self._steps[key] = jax.jit(fn, donate_argnums=0)
             else:
                 rep = self._replicated()
                 ref_sh = self._param_shardings if with_ref_params else None
                 self._steps[key] = jax.jit(
-                    fn, donate_argnums=0,
+                    fn,
+                    donate_argnums=0,
                     in_shardings=(self.state_shardings(), self.batch_shardings(batch), ref_sh),
-                    out_shardings=(self.state_shardings(), rep, rep))
+                    out_shardings=(self.state_shardings(), rep, rep),
+                )
         return self._steps[key]
 
     def train_step(self, state: TrainState, batch: ConversationBatch, ref_params=None):
@@ -649,21 +724,32 @@ class Learner:
         n = self.global_rows(batch)
         self.config.split(n)  # clear error on a bad row count before tracing
         if batch.packed and self.config.loss.aggregation != "token-mean":
-            raise LearnerConfigError(f"packed batches (several conversations per row) need loss.aggregation "
-                                     f"'token-mean', got {self.config.loss.aggregation!r}: the per-sequence mean "
-                                     f"would average over rows, not conversations")
+            raise LearnerConfigError(
+                f"packed batches (several conversations per row) need loss.aggregation "
+                f"'token-mean', got {self.config.loss.aggregation!r}: the per-sequence mean "
+                f"would average over rows, not conversations"
+            )
         if self.mesh is not None and n % sharding_lib.batch_multiple(self.mesh):
-            raise BatchError(f"batch has {n} rows, not a multiple of the mesh's batch axes "
-                             f"({sharding_lib.batch_multiple(self.mesh)}); pad with rows_multiple="
-                             f"{self.rows_multiple}")
+            raise BatchError(
+                f"batch has {n} rows, not a multiple of the mesh's batch axes "
+                f"({sharding_lib.batch_multiple(self.mesh)}); pad with rows_multiple="
+                f"{self.rows_multiple}"
+            )
         _fill_reference(batch, ref_params, config=self.config)
         if not (self.config.loss.uses_reference and batch.ref_logprobs is None):
             ref_params = None  # not needed: never keep it alive in the program
         # Executables are shared by every Learner with the same configs and mesh (e.g. after a restart in-process).
         # (on_nonfinite only changes what the host does afterwards, so it is not part of the key.)
         batch = self.put_batch(batch)
-        key = (self.model_config, self.config.replace(on_nonfinite="skip"), self.mesh, batch.tokens.shape,
-               batch.ref_logprobs is not None, ref_params is not None, batch.packed)
+        key = (
+            self.model_config,
+            self.config.replace(on_nonfinite="skip"),
+            self.mesh,
+            batch.tokens.shape,
+            batch.ref_logprobs is not None,
+            ref_params is not None,
+            batch.packed,
+        )
         compile_s = 0.0
         if key not in _EXECUTABLES:
             t0 = time.perf_counter()
@@ -682,12 +768,14 @@ class Learner:
         out["tokens_per_s"] = out["real_tokens"] / max(elapsed, 1e-9)
         if self.config.on_nonfinite == "raise" and out["nonfinite_updates"] > 0:
             bad = [i for i, ok in enumerate(per_update["finite"]) if not ok]
-            details = ", ".join(f"update {i}: loss={per_update['loss'][i]:.4g}, "
-                                f"grad_norm={per_update['grad_norm'][i]:.4g}" for i in bad)
+            details = ", ".join(
+                f"update {i}: loss={per_update['loss'][i]:.4g}, grad_norm={per_update['grad_norm'][i]:.4g}" for i in bad
+            )
             err = NonFiniteError(
                 f"train step {int(out['step']) - 1}: {len(bad)} of {len(per_update['finite'])} mini-batch updates "
                 f"had a non-finite loss or gradient ({details}); they were not applied. Set "
-                f"learner.on_nonfinite='skip' to skip such updates and continue.")
+                f"learner.on_nonfinite='skip' to skip such updates and continue."
+            )
             err.state = state
             err.metrics = out
             raise err
@@ -699,16 +787,19 @@ class Learner:
         key = (batch.tokens.shape, batch.packed)
         segments = batch.segment_ids if batch.packed else jnp.zeros((), jnp.int32)
         if key not in self._logprob_fns:
+
             def fn(p, t, m, seg):
                 layout = _row_layout(seg) if batch.packed else {}
-                return token_logprobs(p, t, m, config=self.model_config, chunk_size=self.config.logits_chunk_size,
-                                      **layout)[0]
+                return token_logprobs(
+                    p, t, m, config=self.model_config, chunk_size=self.config.logits_chunk_size, **layout
+                )[0]
 
             if self.mesh is None:
                 self._logprob_fns[key] = jax.jit(fn)
             else:
                 rows = sharding_lib.batch_sharding(self.mesh, 2, key[0][0])
                 seg_sh = rows if batch.packed else NamedSharding(self.mesh, P())
-                self._logprob_fns[key] = jax.jit(fn, in_shardings=(self._param_shardings, rows, rows, seg_sh),
-                                                 out_shardings=rows)
+                self._logprob_fns[key] = jax.jit(
+                    fn, in_shardings=(self._param_shardings, rows, rows, seg_sh), out_shardings=rows
+                )
         return self._logprob_fns[key](params, batch.tokens, batch.token_mask, segments)

@@ -38,8 +38,17 @@ def _chunk_stats(params, hidden, targets, *, config: ModelConfig, with_entropy: 
     return logp, entropy
 
 
-def token_logprobs(params, tokens, token_mask, *, config: ModelConfig, positions=None, chunk_size: int = 512,
-                   with_entropy: bool = False, segment_ids=None):
+def token_logprobs(
+    params,
+    tokens,
+    token_mask,
+    *,
+    config: ModelConfig,
+    positions=None,
+    chunk_size: int = 512,
+    with_entropy: bool = False,
+    segment_ids=None,
+):
     """Log-prob of every token given its prefix, and optionally the entropy of the predicting distribution.
 
     Args:
@@ -58,8 +67,9 @@ def token_logprobs(params, tokens, token_mask, *, config: ModelConfig, positions
     """
     if positions is None:
         positions = positions_from_mask(token_mask)
-    hidden, _ = forward_hidden(params, tokens, positions, token_mask, config=config,
-                               segment_ids=segment_ids)  # [B, T, D]
+    hidden, _ = forward_hidden(
+        params, tokens, positions, token_mask, config=config, segment_ids=segment_ids
+    )  # [B, T, D]
     b, t = tokens.shape
     # The hidden state at t predicts token t + 1; the last position predicts nothing (its target is a dummy 0).
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1).astype(jnp.int32)

@@ -41,8 +41,20 @@ import jax.numpy as jnp
 
 from memagent_jax import settings
 
-__all__ = ["LossConfig", "LossConfigError", "AGGREGATIONS", "clipped_surrogate", "k3_kl", "entropy_from_logits",
-           "aggregate", "policy_loss", "sft_loss", "compute_loss", "reduce_metric", "metric_identity"]
+__all__ = [
+    "LossConfig",
+    "LossConfigError",
+    "AGGREGATIONS",
+    "clipped_surrogate",
+    "k3_kl",
+    "entropy_from_logits",
+    "aggregate",
+    "policy_loss",
+    "sft_loss",
+    "compute_loss",
+    "reduce_metric",
+    "metric_identity",
+]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 LOSS_KINDS = ("grpo", "sft")
@@ -83,25 +95,46 @@ class LossConfig:
         settings.choice("loss.kind", self.kind, LOSS_KINDS, error=e)
         for name in ("kl_coef", "entropy_coef", "clip_high"):
             settings.real(f"loss.{name}", getattr(self, name), low=0, error=e)
-        settings.real("loss.clip_low", self.clip_low, low=0, high=1, high_open=True,
-                      allowed="in [0, 1) (the ratio's lower bound is 1 - clip_low)", error=e)
+        settings.real(
+            "loss.clip_low",
+            self.clip_low,
+            low=0,
+            high=1,
+            high_open=True,
+            allowed="in [0, 1) (the ratio's lower bound is 1 - clip_low)",
+            error=e,
+        )
         if self.dual_clip == 0:  # 0 turns it off, as in the configs
             object.__setattr__(self, "dual_clip", None)
-        settings.real("loss.dual_clip", self.dual_clip, low=1, low_open=True, none_ok=True,
-                      allowed="> 1, or 0 / None to turn the dual clip off", error=e)
+        settings.real(
+            "loss.dual_clip",
+            self.dual_clip,
+            low=1,
+            low_open=True,
+            none_ok=True,
+            allowed="> 1, or 0 / None to turn the dual clip off",
+            error=e,
+        )
         settings.choice("loss.aggregation", self.aggregation, AGGREGATIONS, error=e)
         settings.real("loss.log_ratio_clamp", self.log_ratio_clamp, low=0, low_open=True, error=e)
         if self.kl_clamp == 0:  # 0 = no clamp, as in the configs
             object.__setattr__(self, "kl_clamp", None)
-        settings.real("loss.kl_clamp", self.kl_clamp, low=0, low_open=True, none_ok=True,
-                      allowed="> 0, or 0 / None for no clamp", error=e)
+        settings.real(
+            "loss.kl_clamp",
+            self.kl_clamp,
+            low=0,
+            low_open=True,
+            none_ok=True,
+            allowed="> 0, or 0 / None for no clamp",
+            error=e,
+        )
 
     @property
     def uses_reference(self) -> bool:
         """Whether a reference policy is needed (GRPO with kl_coef > 0)."""
         return self.kind == "grpo" and self.kl_coef > 0
 
-    def replace(self, **changes) -> "LossConfig":
+    def replace(self, **changes) -> LossConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -194,8 +227,18 @@ def _token_mean(x, loss_mask, tok_den):
 # ------------------------------------------------------------------------------------------- losses
 
 
-def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, config: LossConfig, ref_logprobs=None,
-                entropy=None, token_denominator=None, seq_denominator=None):
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    loss_mask,
+    *,
+    config: LossConfig,
+    ref_logprobs=None,
+    entropy=None,
+    token_denominator=None,
+    seq_denominator=None,
+):
     """GRPO/DAPO loss of a (micro-)batch.
 
     Args:
@@ -210,9 +253,9 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, config: LossCo
       token_denominator, seq_denominator: scalars, see `aggregate`.
     Returns:
       (loss scalar, metrics dict of scalars): loss, pg_loss, kl (aggregated k3 to the reference; only when
-      ref_logprobs are given), entropy (only when given), clipfrac_low / clipfrac_high / clipfrac_dual (fraction of response tokens where that clip is
-      active), ratio_mean, ratio_max, approx_kl_old (token-mean k3 between old and current policy),
-      logprob_mean, response_tokens (count of this (micro-)batch's response tokens).
+      ref_logprobs are given), entropy (only when given), clipfrac_low / clipfrac_high / clipfrac_dual (fraction of
+      response tokens where that clip is active), ratio_mean, ratio_max, approx_kl_old (token-mean k3 between old
+      and current policy), logprob_mean, response_tokens (count of this (micro-)batch's response tokens).
     """
     if config.kind != "grpo":
         raise LossConfigError(f"policy_loss needs loss.kind 'grpo', got {config.kind!r}")
@@ -227,16 +270,18 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, config: LossCo
     log_ratio = jnp.clip(logprobs - old_logprobs, -c, c)
     adv = jnp.asarray(advantages, jnp.float32)
     adv = adv if adv.ndim == 2 else adv[:, None]
-    per_token, ratio, flags = clipped_surrogate(log_ratio, adv, clip_low=config.clip_low,
-                                                clip_high=config.clip_high, dual_clip=config.dual_clip)
+    per_token, ratio, flags = clipped_surrogate(
+        log_ratio, adv, clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip
+    )
     pg = aggregate(per_token, loss_mask, **agg)
     loss = pg
     if config.kl_coef > 0:
         kl = aggregate(k3_kl(logprobs, ref_logprobs, clamp=c, value_clamp=config.kl_clamp), loss_mask, **agg)
         loss = loss + config.kl_coef * kl
     elif ref_logprobs is not None:
-        kl = jax.lax.stop_gradient(aggregate(k3_kl(logprobs, ref_logprobs, clamp=c, value_clamp=config.kl_clamp),
-                                             loss_mask, **agg))
+        kl = jax.lax.stop_gradient(
+            aggregate(k3_kl(logprobs, ref_logprobs, clamp=c, value_clamp=config.kl_clamp), loss_mask, **agg)
+        )
     else:
         kl = None
     if entropy is not None:
@@ -268,8 +313,7 @@ def policy_loss(logprobs, old_logprobs, advantages, loss_mask, *, config: LossCo
     return loss, metrics
 
 
-def sft_loss(logprobs, loss_mask, *, config: LossConfig, entropy=None, token_denominator=None,
-             seq_denominator=None):
+def sft_loss(logprobs, loss_mask, *, config: LossConfig, entropy=None, token_denominator=None, seq_denominator=None):
     """Supervised (warm-start) loss: cross-entropy of the response tokens, aggregated like the policy loss.
 
     logprobs [n, T], loss_mask [n, T]. Returns (loss, metrics): loss, nll (same as loss), entropy (if given),
@@ -290,14 +334,39 @@ def sft_loss(logprobs, loss_mask, *, config: LossConfig, entropy=None, token_den
     return loss, metrics
 
 
-def compute_loss(config: LossConfig, logprobs, loss_mask, *, old_logprobs=None, advantages=None,
-                 ref_logprobs=None, entropy=None, token_denominator=None, seq_denominator=None):
+def compute_loss(
+    config: LossConfig,
+    logprobs,
+    loss_mask,
+    *,
+    old_logprobs=None,
+    advantages=None,
+    ref_logprobs=None,
+    entropy=None,
+    token_denominator=None,
+    seq_denominator=None,
+):
     """Dispatches on config.kind to `policy_loss` or `sft_loss` (same return value)."""
     if config.kind == "sft":
-        return sft_loss(logprobs, loss_mask, config=config, entropy=entropy, token_denominator=token_denominator,
-                        seq_denominator=seq_denominator)
-    return policy_loss(logprobs, old_logprobs, advantages, loss_mask, config=config, ref_logprobs=ref_logprobs,
-                       entropy=entropy, token_denominator=token_denominator, seq_denominator=seq_denominator)
+        return sft_loss(
+            logprobs,
+            loss_mask,
+            config=config,
+            entropy=entropy,
+            token_denominator=token_denominator,
+            seq_denominator=seq_denominator,
+        )
+    return policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        loss_mask,
+        config=config,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy,
+        token_denominator=token_denominator,
+        seq_denominator=seq_denominator,
+    )
 
 
 def reduce_metric(name: str, a, b):

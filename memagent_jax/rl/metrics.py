@@ -7,11 +7,10 @@
 Every metric on the console line is also a TensorBoard scalar (`tensorboard --logdir <workdir>/tensorboard`,
 `pip install -e ".[tensorboard]"`); the line starts with the elapsed time and the estimated time left.
 
-Files: `<workdir>/metrics.jsonl` (one JSON object per step: {"step": s, "time": unix seconds, **metrics}; appended
-to, so a resumed run continues the same file; `resume_step=S` first drops the rows of steps after S, which the
-resumed run writes again, so the file keeps one row per step) and `<workdir>/tensorboard/` (tensorboardX event files; one
-scalar tag per key). Only process 0 writes (on other processes every method is a no-op), so multi-host runs do
-not duplicate lines.
+Files: `<workdir>/metrics.jsonl` (one JSON object per step: {"step": s, "time": unix seconds, **metrics}; appended to,
+so a resumed run continues the same file; `resume_step=S` first drops the rows of steps after S, which the resumed run
+writes again, so the file keeps one row per step) and `<workdir>/tensorboard/` (tensorboardX event files; one scalar tag
+per key). Only process 0 writes (on other processes every method is a no-op), so multi-host runs do not duplicate lines.
 """
 
 from __future__ import annotations
@@ -21,15 +20,27 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 import numpy as np
 
 __all__ = ["MetricsWriter", "format_progress", "to_scalars", "truncate_jsonl"]
 
 # Shown first on the console line, in this order, when present.
-PROGRESS_KEYS = ("reward_mean", "accuracy", "loss", "pg_loss", "kl", "entropy", "clipfrac_high", "clipfrac_low",
-                 "grad_norm", "learning_rate", "tokens_per_s")
+PROGRESS_KEYS = (
+    "reward_mean",
+    "accuracy",
+    "loss",
+    "pg_loss",
+    "kl",
+    "entropy",
+    "clipfrac_high",
+    "clipfrac_low",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_s",
+)
 
 
 def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -57,8 +68,15 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
-def format_progress(step: int, metrics: Mapping[str, float], *, total_steps: int | None = None,
-                    max_items: int | None = None, elapsed_s: float | None = None, done_steps: int = 0) -> str:
+def format_progress(
+    step: int,
+    metrics: Mapping[str, float],
+    *,
+    total_steps: int | None = None,
+    max_items: int | None = None,
+    elapsed_s: float | None = None,
+    done_steps: int = 0,
+) -> str:
     """'step 12/100 [01:10<09:40] | reward_mean 0.4000 | loss 0.0123 | ...': every metric (the PROGRESS_KEYS first,
     then the rest by name; `max_items` caps them); with `elapsed_s` (over `done_steps` steps of this run) the
     elapsed time and, given `total_steps`, the estimated time left (tqdm's interval format)."""
@@ -117,9 +135,19 @@ class MetricsWriter:
         last line. None: append to the file as it is.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, console: bool = True,
-                 console_every: int = 1, total_steps: int | None = None, process_index: int | None = None,
-                 stream: TextIO | None = None, jsonl_name: str = "metrics.jsonl", resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        console: bool = True,
+        console_every: int = 1,
+        total_steps: int | None = None,
+        process_index: int | None = None,
+        stream: TextIO | None = None,
+        jsonl_name: str = "metrics.jsonl",
+        resume_step: int | None = None,
+    ):
         if process_index is None:
             import jax
 
@@ -159,9 +187,17 @@ class MetricsWriter:
                 self._tb.add_scalar(name, value, global_step=int(step))
         self._written += 1
         if self.console and int(step) % self.console_every == 0:
-            print(format_progress(int(step), scalars, total_steps=self.total_steps,
-                                  elapsed_s=time.perf_counter() - self._t0, done_steps=self._written),
-                  file=self.stream, flush=True)
+            print(
+                format_progress(
+                    int(step),
+                    scalars,
+                    total_steps=self.total_steps,
+                    elapsed_s=time.perf_counter() - self._t0,
+                    done_steps=self._written,
+                ),
+                file=self.stream,
+                flush=True,
+            )
 
     def flush(self) -> None:
         if self._jsonl is not None:
@@ -178,7 +214,7 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:

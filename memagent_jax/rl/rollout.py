@@ -16,14 +16,14 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from memagent_jax.evaluation import verifier
 from memagent_jax.agent.runner import MemoryAgent
 from memagent_jax.agent.types import AgentResult
 from memagent_jax.data.records import QARecord
+from memagent_jax.evaluation import verifier
 from memagent_jax.rl.batch import ConversationBatch, build_conversation_batch
 
 
@@ -44,7 +44,10 @@ class RewardScorer:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward")
 
     def _score(self, responses: Sequence[str], truths: Sequence[Sequence[str]]):
-        rewards = np.array([verifier.reward(r, t, style=self.style, drop_think=self.drop_think) for r, t in zip(responses, truths)], np.float32)
+        rewards = np.array(
+            [verifier.reward(r, t, style=self.style, drop_think=self.drop_think) for r, t in zip(responses, truths)],
+            np.float32,
+        )
         accuracy = np.array([verifier.score(r, t, "sub_em") for r, t in zip(responses, truths)], np.float32)
         return rewards, accuracy
 
@@ -97,14 +100,28 @@ class PendingRollout:
         t0 = time.perf_counter()
         rewards, accuracy = self.future.result()
         g = self.group_size
-        return Rollout(records=self.records, group_size=g, agent_result=self.agent_result,
-                       rewards=rewards.reshape(-1, g), accuracy=accuracy.reshape(-1, g),
-                       rollout_seconds=self.rollout_seconds, reward_seconds=time.perf_counter() - t0)
+        return Rollout(
+            records=self.records,
+            group_size=g,
+            agent_result=self.agent_result,
+            rewards=rewards.reshape(-1, g),
+            accuracy=accuracy.reshape(-1, g),
+            rollout_seconds=self.rollout_seconds,
+            reward_seconds=time.perf_counter() - t0,
+        )
 
 
-def collect_rollouts(agent: MemoryAgent, records: Sequence[QARecord], group_size: int, rng, *,
-                     scorer: RewardScorer, progress: bool = False,
-                     question_ids: Sequence[int] | None = None, batch_size: int | None = None) -> PendingRollout:
+def collect_rollouts(
+    agent: MemoryAgent,
+    records: Sequence[QARecord],
+    group_size: int,
+    rng,
+    *,
+    scorer: RewardScorer,
+    progress: bool = False,
+    question_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> PendingRollout:
     """Runs the agent G times per question (sampling per the agent's settings) and starts scoring.
 
     rng: a PRNG key or int seed; trajectory t = question_ids[q] * G + g uses row key fold_in(rng, t).
@@ -135,8 +152,13 @@ def collect_rollouts(agent: MemoryAgent, records: Sequence[QARecord], group_size
     result = agent.run(questions, documents, rng=rng, record=True, progress=progress, batch_size=batch_size)
     elapsed = time.perf_counter() - t0
     truths = [r.answers for r in records for _ in range(group_size)]
-    return PendingRollout(records=records, group_size=group_size, agent_result=result,
-                          future=scorer.submit(result.answers, truths), rollout_seconds=elapsed)
+    return PendingRollout(
+        records=records,
+        group_size=group_size,
+        agent_result=result,
+        future=scorer.submit(result.answers, truths),
+        rollout_seconds=elapsed,
+    )
 
 
 def merge_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
@@ -151,19 +173,35 @@ def merge_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
         parts = [getattr(a, field) for a in results]
         return None if any(p is None for p in parts) else [x for p in parts for x in p]
 
-    merged = AgentResult(answers=joined("answers"), answer_ids=joined("answer_ids"), finished=joined("finished"),
-                         num_chunks=joined("num_chunks"), traces=joined("traces"),
-                         conversations=joined("conversations"))
-    return Rollout(records=[x for r in rollouts for x in r.records], group_size=rollouts[0].group_size,
-                   agent_result=merged, rewards=np.concatenate([r.rewards for r in rollouts]),
-                   accuracy=np.concatenate([r.accuracy for r in rollouts]),
-                   rollout_seconds=sum(r.rollout_seconds for r in rollouts),
-                   reward_seconds=sum(r.reward_seconds for r in rollouts))
+    merged = AgentResult(
+        answers=joined("answers"),
+        answer_ids=joined("answer_ids"),
+        finished=joined("finished"),
+        num_chunks=joined("num_chunks"),
+        traces=joined("traces"),
+        conversations=joined("conversations"),
+    )
+    return Rollout(
+        records=[x for r in rollouts for x in r.records],
+        group_size=rollouts[0].group_size,
+        agent_result=merged,
+        rewards=np.concatenate([r.rewards for r in rollouts]),
+        accuracy=np.concatenate([r.accuracy for r in rollouts]),
+        rollout_seconds=sum(r.rollout_seconds for r in rollouts),
+        reward_seconds=sum(r.reward_seconds for r in rollouts),
+    )
 
 
-def collect_rollouts_in_slices(agent: MemoryAgent, records: Sequence[QARecord], group_size: int, rng, *,
-                               scorer: RewardScorer, questions_per_call: int,
-                               question_ids: Sequence[int] | None = None) -> Rollout:
+def collect_rollouts_in_slices(
+    agent: MemoryAgent,
+    records: Sequence[QARecord],
+    group_size: int,
+    rng,
+    *,
+    scorer: RewardScorer,
+    questions_per_call: int,
+    question_ids: Sequence[int] | None = None,
+) -> Rollout:
     """The step's rollout with questions_per_call x G trajectories on the device at a time (bounded device
     memory). On one process: one continuous-batching call over questions_per_call x G row slots (a finished
     trajectory's row takes the next one at the next segment boundary). On a mesh spanning processes: lockstep
@@ -176,16 +214,33 @@ def collect_rollouts_in_slices(agent: MemoryAgent, records: Sequence[QARecord], 
     ids = list(range(len(records))) if question_ids is None else [int(i) for i in question_ids]
     step = max(1, int(questions_per_call))
     if not multiprocess.is_multiprocess(agent.mesh):
-        return collect_rollouts(agent, records, group_size, rng, scorer=scorer, question_ids=ids,
-                                batch_size=min(step, len(records)) * group_size).result()
-    pending = [collect_rollouts(agent, records[s:s + step], group_size, rng, scorer=scorer,
-                                question_ids=ids[s:s + step]) for s in range(0, len(records), step)]
+        return collect_rollouts(
+            agent,
+            records,
+            group_size,
+            rng,
+            scorer=scorer,
+            question_ids=ids,
+            batch_size=min(step, len(records)) * group_size,
+        ).result()
+    pending = [
+        collect_rollouts(agent, records[s : s + step], group_size, rng, scorer=scorer, question_ids=ids[s : s + step])
+        for s in range(0, len(records), step)
+    ]
     return merge_rollouts([p.result() for p in pending])
 
 
-def rollout_to_batch(rollout: Rollout, advantages: np.ndarray, *, keep_groups: np.ndarray | None = None,
-                     pad_id: int = 0, vocab_size: int | None = None, length_multiple: int = 64,
-                     rows_multiple: int = 1, max_length: int | None = None) -> tuple[ConversationBatch, dict]:
+def rollout_to_batch(
+    rollout: Rollout,
+    advantages: np.ndarray,
+    *,
+    keep_groups: np.ndarray | None = None,
+    pad_id: int = 0,
+    vocab_size: int | None = None,
+    length_multiple: int = 64,
+    rows_multiple: int = 1,
+    max_length: int | None = None,
+) -> tuple[ConversationBatch, dict]:
     """Every conversation of every kept trajectory as one row, with its trajectory's advantage.
 
     advantages: [Q, G] (e.g. `advantages.group_advantages(rollout.rewards)`); keep_groups: optional [Q] bool
@@ -209,7 +264,15 @@ def rollout_to_batch(rollout: Rollout, advantages: np.ndarray, *, keep_groups: n
     stats = {"kept_groups": int(keep.sum()), "groups": q, "conversations": len(prompts)}
     if not prompts:
         return None, stats
-    batch = build_conversation_batch(prompts, responses, logprobs, advs, length_multiple=length_multiple,
-                                     max_length=max_length, rows_multiple=rows_multiple, pad_id=pad_id,
-                                     vocab_size=vocab_size)
+    batch = build_conversation_batch(
+        prompts,
+        responses,
+        logprobs,
+        advs,
+        length_multiple=length_multiple,
+        max_length=max_length,
+        rows_multiple=rows_multiple,
+        pad_id=pad_id,
+        vocab_size=vocab_size,
+    )
     return batch, stats

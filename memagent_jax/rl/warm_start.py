@@ -21,7 +21,7 @@ the answer, the notes are lost more and more often. GRPO is what teaches the mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,8 +29,14 @@ from memagent_jax.agent.chunking import AgentBudgets
 from memagent_jax.agent.templates import AgentPrompts, encode_text
 from memagent_jax.rl.batch import ConversationBatch, build_conversation_batch
 
-__all__ = ["ScriptedPolicy", "StraddlingFactError", "ScriptedConversation", "scripted_conversations", "conversations_to_sft_batch",
-           "fact_chunks"]
+__all__ = [
+    "ScriptedPolicy",
+    "StraddlingFactError",
+    "ScriptedConversation",
+    "scripted_conversations",
+    "conversations_to_sft_batch",
+    "fact_chunks",
+]
 
 
 class StraddlingFactError(ValueError):
@@ -85,9 +91,16 @@ def fact_chunks(sample, chunk_tokens: int) -> list[int]:
     return [f.token_offset // chunk_tokens for f in sample.facts]
 
 
-def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: AgentPrompts, budgets: AgentBudgets,
-                           policy: ScriptedPolicy, rng: np.random.Generator,
-                           stop_id: int) -> list[ScriptedConversation]:
+def scripted_conversations(
+    sample,
+    doc_ids: np.ndarray,
+    tokenizer,
+    prompts: AgentPrompts,
+    budgets: AgentBudgets,
+    policy: ScriptedPolicy,
+    rng: np.random.Generator,
+    stop_id: int,
+) -> list[ScriptedConversation]:
     """The conversations of one scripted trajectory over a needle-task sample.
 
     Args:
@@ -108,8 +121,10 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
     for fact in sample.facts:
         start, end = fact.token_offset, fact.token_offset + fact.num_tokens
         if start // c != (end - 1) // c:
-            raise StraddlingFactError(f"sample {sample.index}: a fact straddles chunks {start // c} and {(end - 1) // c}; "
-                             "generate with SyntheticConfig(chunk_aligned=True)")
+            raise StraddlingFactError(
+                f"sample {sample.index}: a fact straddles chunks {start // c} and {(end - 1) // c}; "
+                "generate with SyntheticConfig(chunk_aligned=True)"
+            )
         by_chunk.setdefault(start // c, []).append(fact)
 
     memory = list(prompts.initial_memory)
@@ -118,7 +133,7 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
     out = []
     num_chunks = -(-len(doc_ids) // c)
     for k in range(num_chunks):
-        chunk = doc_ids[k * c:(k + 1) * c]
+        chunk = doc_ids[k * c : (k + 1) * c]
         prompt = prompts.update.assemble({"question": question_ids, "memory": memory, "chunk": chunk})
         facts = by_chunk.get(k, [])
         if all(f.triple[0] != asked for f in facts) and rng.random() < policy.forget_prob:
@@ -126,7 +141,7 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
         for fact in facts:
             if fact.triple[0] == asked or rng.random() < policy.overwrite_prob:
                 if policy.note_style == "fact":
-                    memory = [int(t) for t in doc_ids[fact.token_offset:fact.token_offset + fact.num_tokens]]
+                    memory = [int(t) for t in doc_ids[fact.token_offset : fact.token_offset + fact.num_tokens]]
                 elif policy.note_style == "keyed":
                     memory = keyed(fact.triple[2])
                 else:
@@ -135,24 +150,42 @@ def scripted_conversations(sample, doc_ids: np.ndarray, tokenizer, prompts: Agen
         if policy.note_style == "keyed" and noted is None:
             memory = keyed("?")
         if len(memory) + 1 > budgets.memory_tokens:
-            raise ValueError(f"sample {sample.index}: notes of {len(memory)} tokens (+ stop) exceed "
-                             f"memory_tokens={budgets.memory_tokens}")
-        out.append(ScriptedConversation("memory", k, np.asarray(prompt, np.int32),
-                                        np.asarray(memory + [stop_id], np.int32)))
+            raise ValueError(
+                f"sample {sample.index}: notes of {len(memory)} tokens (+ stop) exceed "
+                f"memory_tokens={budgets.memory_tokens}"
+            )
+        out.append(
+            ScriptedConversation("memory", k, np.asarray(prompt, np.int32), np.asarray(memory + [stop_id], np.int32))
+        )
     answer = noted[2] if noted is not None else policy.unknown_answer
     answer_ids = encode_text(tokenizer, "\\boxed{" + answer + "}")
     if len(answer_ids) + 1 > budgets.answer_tokens:
         raise ValueError(f"sample {sample.index}: answer of {len(answer_ids)} tokens exceeds answer_tokens")
     prompt = prompts.final.assemble({"question": question_ids, "memory": memory})
-    out.append(ScriptedConversation("final", num_chunks, np.asarray(prompt, np.int32),
-                                    np.asarray(answer_ids + [stop_id], np.int32)))
+    out.append(
+        ScriptedConversation(
+            "final", num_chunks, np.asarray(prompt, np.int32), np.asarray(answer_ids + [stop_id], np.int32)
+        )
+    )
     return out
 
 
-def conversations_to_sft_batch(conversations: Sequence[ScriptedConversation], *, pad_id: int = 0,
-                               rows_multiple: int = 1, length_multiple: int = 32,
-                               vocab_size: int | None = None) -> ConversationBatch:
+def conversations_to_sft_batch(
+    conversations: Sequence[ScriptedConversation],
+    *,
+    pad_id: int = 0,
+    rows_multiple: int = 1,
+    length_multiple: int = 32,
+    vocab_size: int | None = None,
+) -> ConversationBatch:
     """Conversations as an SFT `ConversationBatch` (advantages 1, log-probs 0: the SFT loss ignores both)."""
-    return build_conversation_batch([c.prompt_ids for c in conversations], [c.response_ids for c in conversations],
-                                    None, [1.0] * len(conversations), pad_id=pad_id, rows_multiple=rows_multiple,
-                                    length_multiple=length_multiple, vocab_size=vocab_size)
+    return build_conversation_batch(
+        [c.prompt_ids for c in conversations],
+        [c.response_ids for c in conversations],
+        None,
+        [1.0] * len(conversations),
+        pad_id=pad_id,
+        rows_multiple=rows_multiple,
+        length_multiple=length_multiple,
+        vocab_size=vocab_size,
+    )

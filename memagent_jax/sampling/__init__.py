@@ -6,11 +6,30 @@ Pure core (compose inside your own jit, e.g. the agent's scan over chunks): `pre
 
 from memagent_jax.sampling.api import GenerateResult, Sampler, generate, generate_program, prompt_buckets, row_keys
 from memagent_jax.sampling.params import SamplingError, SamplingParams
-from memagent_jax.sampling.sampler import (PrefillOutput, SampleOutput, decode, prefill, prefill_and_decode,
-                                           reset_cache, sample_tokens)
+from memagent_jax.sampling.sampler import (
+    PrefillOutput,
+    SampleOutput,
+    decode,
+    prefill,
+    prefill_and_decode,
+    reset_cache,
+    sample_tokens,
+)
 
 __all__ = [
-    "GenerateResult", "PrefillOutput", "SampleOutput", "Sampler", "SamplingError", "SamplingParams", "decode",
-    "generate", "generate_program", "prefill", "prefill_and_decode", "prompt_buckets", "reset_cache", "row_keys",
+    "GenerateResult",
+    "PrefillOutput",
+    "SampleOutput",
+    "Sampler",
+    "SamplingError",
+    "SamplingParams",
+    "decode",
+    "generate",
+    "generate_program",
+    "prefill",
+    "prefill_and_decode",
+    "prompt_buckets",
+    "reset_cache",
+    "row_keys",
     "sample_tokens",
 ]

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,9 +162,18 @@ class Sampler:
       keep_cache: keep each shape's cache between calls (donated back in); False frees it after each call.
     """
 
-    def __init__(self, params, config: ModelConfig, *, mesh=None, max_prompt_length: int | None = None,
-                 min_bucket: int = DEFAULT_MIN_BUCKET, buckets: Sequence[int] | None = None,
-                 cache_dtype: str | None = None, keep_cache: bool = True):
+    def __init__(
+        self,
+        params,
+        config: ModelConfig,
+        *,
+        mesh=None,
+        max_prompt_length: int | None = None,
+        min_bucket: int = DEFAULT_MIN_BUCKET,
+        buckets: Sequence[int] | None = None,
+        cache_dtype: str | None = None,
+        keep_cache: bool = True,
+    ):
         self.params = params
         self.config = config
         self.mesh = mesh
@@ -187,8 +196,10 @@ class Sampler:
         for b in self.buckets:
             if length <= b:
                 return b
-        raise SamplingError(f"prompt of {length} tokens is longer than the largest bucket ({self.buckets[-1]} "
-                            f"tokens); raise max_prompt_length or shorten the prompt")
+        raise SamplingError(
+            f"prompt of {length} tokens is longer than the largest bucket ({self.buckets[-1]} "
+            f"tokens); raise max_prompt_length or shorten the prompt"
+        )
 
     # ---------------------------------------------------------------------------------- placement
 
@@ -226,8 +237,8 @@ class Sampler:
         tokens = np.full((batch, bucket), sampling.pad_id, np.int32)
         mask = np.zeros((batch, bucket), bool)
         for i, r in enumerate(rows):  # left padding: every row's last prompt token sits in the last column
-            tokens[i, bucket - len(r):] = r
-            mask[i, bucket - len(r):] = True
+            tokens[i, bucket - len(r) :] = r
+            mask[i, bucket - len(r) :] = True
         active = np.arange(batch) < n_rows
         if batch > n_rows:  # padding rows reuse row 0's key; they are inactive and produce nothing
             keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (batch - n_rows,))])
@@ -240,16 +251,28 @@ class Sampler:
             if cache is None:
                 cache = self._new_cache(batch, slots)
             out: SampleOutput = generate_program(
-                self.params, self._put(tokens, 2), self._put(mask, 2), self._put(keys, 1), self._put(active, 1),
-                cache, config=self.config, sampling=sampling)
+                self.params,
+                self._put(tokens, 2),
+                self._put(mask, 2),
+                self._put(keys, 1),
+                self._put(active, 1),
+                cache,
+                config=self.config,
+                sampling=sampling,
+            )
         if self.keep_cache and not return_cache:
             self._caches[shape_key] = out.cache
         host = jax.device_get((out.tokens, out.num_tokens, out.finished, out.logprobs, out.sampling_logprobs))
         token_array, num, fin, lp, slp = (np.asarray(a)[:n_rows] for a in host)
         result = GenerateResult(
             tokens=[token_array[i, : num[i]].tolist() for i in range(n_rows)],
-            num_tokens=num, finished=fin, logprobs=lp, sampling_logprobs=slp, token_array=token_array,
-            bucket=bucket)
+            num_tokens=num,
+            finished=fin,
+            logprobs=lp,
+            sampling_logprobs=slp,
+            token_array=token_array,
+            bucket=bucket,
+        )
         return (result, out) if return_cache else result
 
     def clear_cache(self) -> None:
@@ -257,10 +280,20 @@ class Sampler:
         self._caches.clear()
 
 
-def generate(params, config: ModelConfig, prompts, sampling: SamplingParams, rng=0, *, mesh=None,
-             max_prompt_length: int | None = None, min_bucket: int = DEFAULT_MIN_BUCKET) -> GenerateResult:
+def generate(
+    params,
+    config: ModelConfig,
+    prompts,
+    sampling: SamplingParams,
+    rng=0,
+    *,
+    mesh=None,
+    max_prompt_length: int | None = None,
+    min_bucket: int = DEFAULT_MIN_BUCKET,
+) -> GenerateResult:
     """One-shot `Sampler(params, config, ...).generate(prompts, sampling, rng)` (the compiled program is shared
     across calls; the cache is not kept)."""
-    sampler = Sampler(params, config, mesh=mesh, max_prompt_length=max_prompt_length, min_bucket=min_bucket,
-                      keep_cache=False)
+    sampler = Sampler(
+        params, config, mesh=mesh, max_prompt_length=max_prompt_length, min_bucket=min_bucket, keep_cache=False
+    )
     return sampler.generate(prompts, sampling, rng)

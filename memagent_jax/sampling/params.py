@@ -76,7 +76,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def replace(self, **changes) -> "SamplingParams":
+    def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -86,4 +86,3 @@ class SamplingParams:
             raise SamplingError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
         if self.pad_id >= vocab_size:
             raise SamplingError(f"pad_id {self.pad_id} is outside the vocabulary (size {vocab_size})")
-

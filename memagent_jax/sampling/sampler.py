@@ -24,13 +24,26 @@ import jax
 import jax.numpy as jnp
 
 from memagent_jax.models.config import ModelConfig
-from memagent_jax.models.transformer import (KVCache, forward_hidden, is_unstacked, logits_from_hidden,
-                                             merge_cache_layers, positions_from_mask, split_cache_layers,
-                                             unstack_layers)
+from memagent_jax.models.transformer import (
+    KVCache,
+    forward_hidden,
+    is_unstacked,
+    logits_from_hidden,
+    merge_cache_layers,
+    positions_from_mask,
+    split_cache_layers,
+    unstack_layers,
+)
 from memagent_jax.sampling.params import SamplingError, SamplingParams
 
 __all__ = [
-    "PrefillOutput", "SampleOutput", "decode", "decode_params", "prefill", "prefill_and_decode", "reset_cache",
+    "PrefillOutput",
+    "SampleOutput",
+    "decode",
+    "decode_params",
+    "prefill",
+    "prefill_and_decode",
+    "reset_cache",
     "sample_tokens",
 ]
 
@@ -110,7 +123,7 @@ def _gumbel_pick(values: jax.Array, noise: jax.Array):
     """Index of the Gumbel-max draw over candidates [B, C] with noise [B, >= C] (the first C columns used):
     the draw of `jax.random.categorical` with the same noise. Returns (index [B] int32, its log-probability
     under the candidates' renormalised distribution [B])."""
-    choice = jnp.argmax(values + noise[:, :values.shape[1]], axis=-1).astype(jnp.int32)
+    choice = jnp.argmax(values + noise[:, : values.shape[1]], axis=-1).astype(jnp.int32)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[:, None], axis=-1)[:, 0]
     return choice, logprob
 
@@ -193,12 +206,24 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams):
 
 def reset_cache(cache: KVCache) -> KVCache:
     """The same buffers with nothing valid and the write index at 0 (stale keys/values stay masked)."""
-    return KVCache(k=cache.k, v=cache.v, positions=cache.positions, valid=jnp.zeros_like(cache.valid),
-                   length=jnp.zeros_like(cache.length))
+    return KVCache(
+        k=cache.k,
+        v=cache.v,
+        positions=cache.positions,
+        valid=jnp.zeros_like(cache.valid),
+        length=jnp.zeros_like(cache.length),
+    )
 
 
-def prefill(params, config: ModelConfig, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
-            positions: jax.Array | None = None, start_positions: jax.Array | int = 0) -> PrefillOutput:
+def prefill(
+    params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    token_mask: jax.Array,
+    cache: KVCache,
+    positions: jax.Array | None = None,
+    start_positions: jax.Array | int = 0,
+) -> PrefillOutput:
     """Runs the prompt through the model, writing it into the cache.
 
     Args:
@@ -258,8 +283,16 @@ class _State(NamedTuple):
     cache: KVCache
 
 
-def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, next_positions: jax.Array,
-           rngs: jax.Array, sampling: SamplingParams, active: jax.Array | None = None) -> SampleOutput:
+def decode(
+    params,
+    config: ModelConfig,
+    cache: KVCache,
+    last_logits: jax.Array,
+    next_positions: jax.Array,
+    rngs: jax.Array,
+    sampling: SamplingParams,
+    active: jax.Array | None = None,
+) -> SampleOutput:
     """Samples up to N = sampling.max_new_tokens tokens per row in one `lax.while_loop`.
 
     The loop stops as soon as every row is done (stop token emitted, or inactive) or N tokens were sampled.
@@ -318,8 +351,9 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
             num_tokens=state.num_tokens + alive.astype(jnp.int32),
             tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], col),
             logprobs=jax.lax.dynamic_update_slice(state.logprobs, lp[:, None].astype(jnp.float32), col),
-            sampling_logprobs=jax.lax.dynamic_update_slice(state.sampling_logprobs,
-                                                           slp[:, None].astype(jnp.float32), col),
+            sampling_logprobs=jax.lax.dynamic_update_slice(
+                state.sampling_logprobs, slp[:, None].astype(jnp.float32), col
+            ),
             cache=cache,
         )
 
@@ -344,8 +378,9 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
 
     def body(s: _State) -> _State:
         alive = ~s.done
-        hidden, new_cache = forward_hidden(params, s.last_token[:, None], s.positions[:, None], alive[:, None],
-                                           config=config, cache=s.cache)
+        hidden, new_cache = forward_hidden(
+            params, s.last_token[:, None], s.positions[:, None], alive[:, None], config=config, cache=s.cache
+        )
         logits = logits_from_hidden(params, hidden[:, 0], config=config)
         positions = s.positions + alive.astype(jnp.int32)
         return record(s, pick(logits, s.step), new_cache, positions)
@@ -353,12 +388,26 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits: jax.Array, 
     state = jax.lax.while_loop(cond, body, state)
     # Token n >= 1 was fed back through the model: at most N - 1 slots from the input cache's length.
     out_cache = merge_cache_layers(state.cache, stacked_cache, stacked_cache.length, n - 1)
-    return SampleOutput(tokens=state.tokens, num_tokens=state.num_tokens, finished=state.finished,
-                        logprobs=state.logprobs, sampling_logprobs=state.sampling_logprobs, cache=out_cache)
+    return SampleOutput(
+        tokens=state.tokens,
+        num_tokens=state.num_tokens,
+        finished=state.finished,
+        logprobs=state.logprobs,
+        sampling_logprobs=state.sampling_logprobs,
+        cache=out_cache,
+    )
 
 
-def prefill_and_decode(params, config: ModelConfig, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
-                       rngs: jax.Array, sampling: SamplingParams, active: jax.Array | None = None) -> SampleOutput:
+def prefill_and_decode(
+    params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    token_mask: jax.Array,
+    cache: KVCache,
+    rngs: jax.Array,
+    sampling: SamplingParams,
+    active: jax.Array | None = None,
+) -> SampleOutput:
     """`prefill` into a reset cache, then `decode`: the whole generation as one pure function.
 
     tokens / token_mask: [B, T]; cache: any `KVCache` with >= T + N - 1 slots (its contents are discarded,
@@ -367,8 +416,10 @@ def prefill_and_decode(params, config: ModelConfig, tokens: jax.Array, token_mas
     """
     needed = tokens.shape[1] + sampling.max_new_tokens - 1
     if cache.max_length < needed:
-        raise SamplingError(f"cache has {cache.max_length} slots; a prompt of {tokens.shape[1]} tokens and "
-                         f"max_new_tokens={sampling.max_new_tokens} need at least {needed}")
+        raise SamplingError(
+            f"cache has {cache.max_length} slots; a prompt of {tokens.shape[1]} tokens and "
+            f"max_new_tokens={sampling.max_new_tokens} need at least {needed}"
+        )
     has_any = jnp.any(token_mask.astype(bool), axis=-1)
     active = has_any if active is None else active.astype(bool) & has_any
     pre = prefill(params, config, tokens, token_mask, reset_cache(cache))

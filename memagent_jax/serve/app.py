@@ -33,17 +33,25 @@ POLL_S = 0.2  # how often a waiting handler checks its client and its deadline
 class ServeLimits:
     """Request limits (CLI flags of `memagent serve`)."""
 
-    max_document_tokens: int = 1_048_576   # longer documents: 413
-    max_body_bytes: int = 32 * 2 ** 20     # larger request bodies: 413
-    request_timeout: float = 600.0         # seconds from arrival to answer: 504 (the row is cancelled)
-    retry_after: int = 1                   # Retry-After seconds of a 429
+    max_document_tokens: int = 1_048_576  # longer documents: 413
+    max_body_bytes: int = 32 * 2**20  # larger request bodies: 413
+    request_timeout: float = 600.0  # seconds from arrival to answer: 504 (the row is cancelled)
+    retry_after: int = 1  # Retry-After seconds of a 429
 
 
 class ServerState:
     """Everything a running server holds: the agent, its engine loop, limits, metrics."""
 
-    def __init__(self, agent, *, model_name: str, batch_size: int = 8, max_queue: int = 256,
-                 limits: ServeLimits | None = None, model_path: str = ""):
+    def __init__(
+        self,
+        agent,
+        *,
+        model_name: str,
+        batch_size: int = 8,
+        max_queue: int = 256,
+        limits: ServeLimits | None = None,
+        model_path: str = "",
+    ):
         self.agent = agent
         self.model_name = model_name
         self.model_path = model_path
@@ -56,7 +64,7 @@ class ServerState:
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memagent-tokenize")
         self.created = int(time.time())
 
-    def start(self) -> "ServerState":
+    def start(self) -> ServerState:
         self.engine_loop.start()
         return self
 
@@ -85,9 +93,13 @@ class ServerState:
             raise RequestError(400, str(e), param=parsed.document_field.split(" ")[0]) from None
         limit = self.limits.max_document_tokens
         if limit and d_ids.size > limit:
-            raise RequestError(413, f"{parsed.document_field}: the document has {d_ids.size} tokens, over this "
-                               f"server's limit of {limit} (memagent serve --max-document-tokens)",
-                               param=parsed.document_field.split(" ")[0], code="document_too_long")
+            raise RequestError(
+                413,
+                f"{parsed.document_field}: the document has {d_ids.size} tokens, over this "
+                f"server's limit of {limit} (memagent serve --max-document-tokens)",
+                param=parsed.document_field.split(" ")[0],
+                code="document_too_long",
+            )
         return q_ids, centre_truncate(d_ids, agent.budgets.max_document_tokens)
 
     async def tokenize(self, parsed):
@@ -128,9 +140,14 @@ class _Waiter:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 self.cancel("timeout")
-                raise RequestError(504, f"the request took longer than this server's timeout of "
-                                   f"{self.state.limits.request_timeout:g} s (memagent serve --request-timeout); "
-                                   "its row was cancelled", type="timeout", code="request_timeout")
+                raise RequestError(
+                    504,
+                    f"the request took longer than this server's timeout of "
+                    f"{self.state.limits.request_timeout:g} s (memagent serve --request-timeout); "
+                    "its row was cancelled",
+                    type="timeout",
+                    code="request_timeout",
+                )
             now = time.monotonic()
             if request is not None and now - self._checked >= POLL_S:  # also while events keep coming
                 self._checked = now
@@ -139,7 +156,7 @@ class _Waiter:
                     raise ClientGone()
             try:
                 event = await asyncio.wait_for(self.queue.get(), timeout=min(POLL_S, left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if event.kind in ("result", "error"):
                 self.done = True
@@ -158,8 +175,12 @@ async def _read_json(request, state: ServerState) -> dict:
     limit = state.limits.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise RequestError(413, f"the request body has {int(length)} bytes, over this server's limit of {limit} "
-                           "(memagent serve --max-body-bytes)", code="body_too_large")
+        raise RequestError(
+            413,
+            f"the request body has {int(length)} bytes, over this server's limit of {limit} "
+            "(memagent serve --max-body-bytes)",
+            code="body_too_large",
+        )
     from starlette.requests import ClientDisconnect
 
     chunks, size = [], 0
@@ -167,8 +188,11 @@ async def _read_json(request, state: ServerState) -> dict:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise RequestError(413, f"the request body is over this server's limit of {limit} bytes "
-                                   "(memagent serve --max-body-bytes)", code="body_too_large")
+                raise RequestError(
+                    413,
+                    f"the request body is over this server's limit of {limit} bytes (memagent serve --max-body-bytes)",
+                    code="body_too_large",
+                )
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone() from None
@@ -181,13 +205,17 @@ async def _admit(state: ServerState, parsed: protocol.ParsedRequest, t0: float):
         raise RequestError(503, f"the engine failed to start: {state.engine_loop.startup_error}", type="server_error")
     loop = state.engine_loop
     if loop.outstanding >= loop.capacity:  # early: a flood is refused before its documents are tokenized
-        raise _queue_full(state, f"{loop.outstanding} requests outstanding ({loop.batch_size} row slots + "
-                          f"{loop.capacity - loop.batch_size} queued, --max-queue)")
+        raise _queue_full(
+            state,
+            f"{loop.outstanding} requests outstanding ({loop.batch_size} row slots + "
+            f"{loop.capacity - loop.batch_size} queued, --max-queue)",
+        )
     q_ids, d_ids = await state.tokenize(parsed)
     job_id = uuid.uuid4().hex
     waiter = _Waiter(state, job_id, t0 + state.limits.request_timeout)
-    job = Job(id=job_id, question_ids=q_ids, document_ids=d_ids, seed=parsed.seed, deliver=waiter.deliver,
-              trace=parsed.trace)
+    job = Job(
+        id=job_id, question_ids=q_ids, document_ids=d_ids, seed=parsed.seed, deliver=waiter.deliver, trace=parsed.trace
+    )
     try:
         state.engine_loop.admit(job)
     except QueueFull as e:
@@ -196,8 +224,13 @@ async def _admit(state: ServerState, parsed: protocol.ParsedRequest, t0: float):
 
 
 def _queue_full(state: ServerState, why: str) -> RequestError:
-    return RequestError(429, f"the server is full: {why}; retry later", type="rate_limit_error", code="queue_full",
-                        headers={"Retry-After": str(state.limits.retry_after)})
+    return RequestError(
+        429,
+        f"the server is full: {why}; retry later",
+        type="rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": str(state.limits.retry_after)},
+    )
 
 
 async def _wait_result(waiter: _Waiter, request):
@@ -206,8 +239,9 @@ async def _wait_result(waiter: _Waiter, request):
         if event.kind == "result":
             return event.result
         if event.kind == "error":
-            raise RequestError(event.status, event.message,
-                               type="invalid_request_error" if event.status < 500 else "server_error")
+            raise RequestError(
+                event.status, event.message, type="invalid_request_error" if event.status < 500 else "server_error"
+            )
 
 
 def _check_finite(result) -> None:
@@ -259,8 +293,17 @@ def create_app(state: ServerState, *, manage_state: bool = True):
     async def _unexpected(request: Request, exc: Exception):  # the server never crashes on a request
         log.exception("unexpected error in %s", request.url.path)
         metrics.request(request.url.path, 500)
-        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
-                                       "type": "server_error", "param": None, "code": None}}, status_code=500)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": f"internal error: {type(exc).__name__}: {exc}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status_code=500,
+        )
 
     @app.get("/health")
     async def health():
@@ -269,20 +312,34 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             return JSONResponse({"status": "error", "error": str(loop.startup_error)}, status_code=503)
         if not loop.ready.is_set():
             return JSONResponse({"status": "warming_up"}, status_code=503)
-        return {"status": "ok", "model": state.model_name, "row_slots": loop.batch_size,
-                "reading": loop.reading, "queued": loop.queue_depth}
+        return {
+            "status": "ok",
+            "model": state.model_name,
+            "row_slots": loop.batch_size,
+            "reading": loop.reading,
+            "queued": loop.queue_depth,
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "memagent-jax"}]}
+        return {
+            "object": "list",
+            "data": [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "memagent-jax"}],
+        }
 
     @app.get("/metrics")
     async def metrics_page():
         loop = state.engine_loop
-        return PlainTextResponse(metrics.render(queue_depth=loop.queue_depth, reading=loop.reading,
-                                                slots=loop.batch_size, ready=state.ready, model=state.model_name),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            metrics.render(
+                queue_depth=loop.queue_depth,
+                reading=loop.reading,
+                slots=loop.batch_size,
+                ready=state.ready,
+                model=state.model_name,
+            ),
+            media_type="text/plain; version=0.0.4",
+        )
 
     @app.post("/v1/memagent/answer")
     async def answer(request: Request):
@@ -294,15 +351,24 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             result = await _wait_result(waiter, request)
             _check_finite(result)
             text = await state.decode(state.answer_text, result.answer_ids)
-            body = {"id": waiter.job_id, "model": state.model_name, "answer": text, "finished": result.finished,
-                    "num_chunks": result.num_chunks, "question_tokens": int(q_ids.size),
-                    "document_tokens": int(d_ids.size), "answer_tokens": len(result.answer_ids),
-                    "seed": parsed.seed}
+            body = {
+                "id": waiter.job_id,
+                "model": state.model_name,
+                "answer": text,
+                "finished": result.finished,
+                "num_chunks": result.num_chunks,
+                "question_tokens": int(q_ids.size),
+                "document_tokens": int(d_ids.size),
+                "answer_tokens": len(result.answer_ids),
+                "seed": parsed.seed,
+            }
             if parsed.trace:
                 body["trace"] = await state.decode(state.trace_texts, result.memories)
-            body["timings"] = {"queued_s": round(result.started_at - result.submitted_at, 6),
-                               "reading_s": round(result.finished_at - result.started_at, 6),
-                               "total_s": round(time.monotonic() - t0, 6)}
+            body["timings"] = {
+                "queued_s": round(result.started_at - result.submitted_at, 6),
+                "reading_s": round(result.finished_at - result.started_at, 6),
+                "total_s": round(time.monotonic() - t0, 6),
+            }
             record(endpoint, 200, t0)
             return body
         except (RequestError, ClientGone) as e:
@@ -316,16 +382,19 @@ def create_app(state: ServerState, *, manage_state: bool = True):
         endpoint, t0 = "/v1/chat/completions", time.monotonic()
         waiter = None
         try:
-            parsed = protocol.parse_chat(await _read_json(request, state), model_name=state.model_name,
-                                         sampling=state.sampling)
+            parsed = protocol.parse_chat(
+                await _read_json(request, state), model_name=state.model_name, sampling=state.sampling
+            )
             waiter, q_ids, d_ids = await _admit(state, parsed, t0)
         except (RequestError, ClientGone) as e:
             return failed(endpoint, t0, e)
         prompt_tokens = int(q_ids.size + d_ids.size)
         if parsed.stream:
-            return StreamingResponse(_stream(state, waiter, parsed, prompt_tokens, request, t0),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(state, waiter, parsed, prompt_tokens, request, t0),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             result = await _wait_result(waiter, request)
             _check_finite(result)
@@ -333,10 +402,20 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             text = await state.decode(state.answer_text, ids)
             record(endpoint, 200, t0)
             return protocol.chat_completion(
-                request_id=f"chatcmpl-{waiter.job_id[:24]}", model=state.model_name, content=text,
-                finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=len(ids),
-                extra={"memagent": {"num_chunks": result.num_chunks, "document_tokens": int(d_ids.size),
-                                    "seed": parsed.seed}})
+                request_id=f"chatcmpl-{waiter.job_id[:24]}",
+                model=state.model_name,
+                content=text,
+                finish_reason=finish,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(ids),
+                extra={
+                    "memagent": {
+                        "num_chunks": result.num_chunks,
+                        "document_tokens": int(d_ids.size),
+                        "seed": parsed.seed,
+                    }
+                },
+            )
         except (RequestError, ClientGone) as e:
             return failed(endpoint, t0, e)
         finally:
@@ -361,11 +440,13 @@ async def _stream(state: ServerState, waiter: _Waiter, parsed, prompt_tokens: in
             # No disconnect polling here: Starlette cancels this generator when the client leaves.
             event = await waiter.next_event(None)
             if event.kind == "progress":
-                yield chunk(extra={"memagent_progress": {"chunks_read": event.chunks_read,
-                                                         "num_chunks": event.num_chunks}})
+                yield chunk(
+                    extra={"memagent_progress": {"chunks_read": event.chunks_read, "num_chunks": event.num_chunks}}
+                )
             elif event.kind == "error":
-                raise RequestError(event.status, event.message,
-                                   type="invalid_request_error" if event.status < 500 else "server_error")
+                raise RequestError(
+                    event.status, event.message, type="invalid_request_error" if event.status < 500 else "server_error"
+                )
             else:
                 result = event.result
                 _check_finite(result)
@@ -373,11 +454,19 @@ async def _stream(state: ServerState, waiter: _Waiter, parsed, prompt_tokens: in
                 text = await state.decode(state.answer_text, ids)
                 if text:
                     yield chunk(delta={"content": text})
-                yield chunk(finish_reason=finish, extra={"memagent_progress": {
-                    "chunks_read": result.num_chunks, "num_chunks": result.num_chunks}})
+                yield chunk(
+                    finish_reason=finish,
+                    extra={"memagent_progress": {"chunks_read": result.num_chunks, "num_chunks": result.num_chunks}},
+                )
                 if parsed.include_usage:
-                    yield chunk(choices=False, usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
-                                                      "total_tokens": prompt_tokens + len(ids)})
+                    yield chunk(
+                        choices=False,
+                        usage={
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": len(ids),
+                            "total_tokens": prompt_tokens + len(ids),
+                        },
+                    )
                 yield protocol.sse("[DONE]")
                 return
     except RequestError as e:

@@ -24,7 +24,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -93,10 +94,10 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._outstanding: set[str] = set()
-        self._jobs: dict[str, Job] = {}         # jobs the engine holds (engine thread only)
+        self._jobs: dict[str, Job] = {}  # jobs the engine holds (engine thread only)
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
-        self.reading = 0                         # gauges, written by the engine thread
+        self.reading = 0  # gauges, written by the engine thread
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="memagent-engine", daemon=True)
 
@@ -113,7 +114,7 @@ class EngineLoop:
         """Admitted requests not reading yet (waiting for a slot)."""
         return max(0, self.outstanding - self.reading)
 
-    def start(self) -> "EngineLoop":
+    def start(self) -> EngineLoop:
         self._thread.start()
         return self
 
@@ -121,8 +122,10 @@ class EngineLoop:
         """Queues a job for the engine; QueueFull when `capacity` requests are outstanding."""
         with self._lock:
             if len(self._outstanding) >= self.capacity:
-                raise QueueFull(f"{len(self._outstanding)} requests outstanding ({self.batch_size} row slots + "
-                                f"{self.capacity - self.batch_size} queued, --max-queue)")
+                raise QueueFull(
+                    f"{len(self._outstanding)} requests outstanding ({self.batch_size} row slots + "
+                    f"{self.capacity - self.batch_size} queued, --max-queue)"
+                )
             self._outstanding.add(job.id)
         self._inbox.put(("submit", job))
 
@@ -162,8 +165,9 @@ class EngineLoop:
 
         t0 = time.perf_counter()
         q_ids, d_ids = self.agent.prepare("warm up", "warm up " * 4)
-        self.engine.submit(RowRequest(tag=WARMUP_TAG, question_ids=q_ids, document_ids=d_ids,
-                                      key=request_key(0), trace=True))
+        self.engine.submit(
+            RowRequest(tag=WARMUP_TAG, question_ids=q_ids, document_ids=d_ids, key=request_key(0), trace=True)
+        )
         while self.engine.busy:
             self.engine.step()
         log.info("engine warm: refill / segment / final programs compiled in %.1fs", time.perf_counter() - t0)
@@ -208,8 +212,15 @@ class EngineLoop:
             job = command[1]
             try:
                 key = request_key(job.seed)
-                self.engine.submit(RowRequest(tag=job.id, question_ids=job.question_ids,
-                                              document_ids=job.document_ids, key=key, trace=job.trace))
+                self.engine.submit(
+                    RowRequest(
+                        tag=job.id,
+                        question_ids=job.question_ids,
+                        document_ids=job.document_ids,
+                        key=key,
+                        trace=job.trace,
+                    )
+                )
             except AgentInputError as e:
                 self._fail(job, 400, str(e))
                 return
@@ -295,4 +306,3 @@ class EngineLoop:
                 return
             if command[0] == "submit":
                 self._fail(command[1], 503, message)
-

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-LATENCY_WINDOW = 2048      # the latency summary covers the most recent requests
-RATE_WINDOW_S = 60.0       # document tokens/s over the most recent minute
+LATENCY_WINDOW = 2048  # the latency summary covers the most recent requests
+RATE_WINDOW_S = 60.0  # document tokens/s over the most recent minute
 QUANTILES = (0.5, 0.9, 0.99)
 
 
@@ -24,8 +24,8 @@ class Metrics:
         self._lock = threading.Lock()
         self.started = time.time()
         self._started_mono = time.monotonic()
-        self.requests: collections.Counter = collections.Counter()        # (endpoint, status) -> n
-        self.cancelled: collections.Counter = collections.Counter()       # reason -> n
+        self.requests: collections.Counter = collections.Counter()  # (endpoint, status) -> n
+        self.cancelled: collections.Counter = collections.Counter()  # reason -> n
         self.document_tokens_total = 0
         self.documents_total = 0
         self.engine_errors_total = 0
@@ -85,8 +85,10 @@ class Metrics:
                 "# HELP memagent_requests_total HTTP requests by endpoint and status.",
                 "# TYPE memagent_requests_total counter",
             ]
-            lines += [f'memagent_requests_total{{endpoint="{_label(e)}",status="{s}"}} {n}'
-                      for (e, s), n in sorted(self.requests.items())]
+            lines += [
+                f'memagent_requests_total{{endpoint="{_label(e)}",status="{s}"}} {n}'
+                for (e, s), n in sorted(self.requests.items())
+            ]
             lines += [
                 "# HELP memagent_queue_depth Admitted requests waiting for a row slot.",
                 "# TYPE memagent_queue_depth gauge",
@@ -110,8 +112,10 @@ class Metrics:
                 "# HELP memagent_requests_cancelled_total Rows cancelled, by reason.",
                 "# TYPE memagent_requests_cancelled_total counter",
             ]
-            lines += [f'memagent_requests_cancelled_total{{reason="{_label(r)}"}} {n}'
-                      for r, n in sorted(self.cancelled.items())]
+            lines += [
+                f'memagent_requests_cancelled_total{{reason="{_label(r)}"}} {n}'
+                for r, n in sorted(self.cancelled.items())
+            ]
             lines += [
                 "# HELP memagent_engine_errors_total Exceptions inside the engine loop (affected requests got 500).",
                 "# TYPE memagent_engine_errors_total counter",
@@ -127,12 +131,17 @@ class Metrics:
                 values = by_endpoint.get(endpoint)
                 for q in QUANTILES:
                     v = float(np.quantile(values, q)) if values else float("nan")
-                    lines.append(f'memagent_request_latency_seconds{{endpoint="{_label(endpoint)}",quantile="{q}"}} '
-                                 f'{v:.6f}')
-                lines.append(f'memagent_request_latency_seconds_sum{{endpoint="{_label(endpoint)}"}} '
-                             f'{self._latency_sum[endpoint]:.6f}')
-                lines.append(f'memagent_request_latency_seconds_count{{endpoint="{_label(endpoint)}"}} '
-                             f'{self._latency_count[endpoint]}')
+                    lines.append(
+                        f'memagent_request_latency_seconds{{endpoint="{_label(endpoint)}",quantile="{q}"}} {v:.6f}'
+                    )
+                lines.append(
+                    f'memagent_request_latency_seconds_sum{{endpoint="{_label(endpoint)}"}} '
+                    f"{self._latency_sum[endpoint]:.6f}"
+                )
+                lines.append(
+                    f'memagent_request_latency_seconds_count{{endpoint="{_label(endpoint)}"}} '
+                    f"{self._latency_count[endpoint]}"
+                )
         return "\n".join(lines) + "\n"
 
 

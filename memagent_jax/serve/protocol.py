@@ -21,16 +21,23 @@ DOCUMENT_SEPARATOR = "<<<DOCUMENT>>>"
 DOCUMENTS_JOINER = "\n\n"
 # OpenAI request fields this server cannot honour (they would change the output in ways it does not implement).
 _UNSUPPORTED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "stop")
-SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class RequestError(Exception):
     """A request the server refuses. status: the HTTP status; param: the field at fault (or None); headers:
     extra response headers (e.g. Retry-After)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -75,8 +82,9 @@ def parse_json(raw: bytes) -> dict:
     except UnicodeDecodeError:
         raise RequestError(400, "the request body is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise RequestError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column "
-                           f"{e.colno}") from None
+        raise RequestError(
+            400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     return data
@@ -84,7 +92,8 @@ def parse_json(raw: bytes) -> dict:
 
 def _type_name(value) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__)
+        type(value), "number" if isinstance(value, (int, float)) else type(value).__name__
+    )
 
 
 def _bool(data: dict, name: str, default: bool = False) -> bool:
@@ -121,9 +130,14 @@ def check_sampling(data: dict, server: Sampling) -> None:
             raise RequestError(400, f"field '{name}' must be a number, got {_type_name(value)}", param=name)
         if abs(float(value) - getattr(server, name)) > 1e-6:
             raise RequestError(
-                400, f"field '{name}' is {value}, but this server samples with temperature={server.temperature} "
-                f"top_p={server.top_p} (fixed when it starts: memagent serve --agent.temperature / --agent.top_p); omit the field "
-                f"or send the server's value", param=name, code="unsupported_sampling")
+                400,
+                f"field '{name}' is {value}, but this server samples with temperature={server.temperature} "
+                f"top_p={server.top_p} (fixed when it starts: memagent serve --agent.temperature / --agent.top_p); "
+                "omit the field "
+                f"or send the server's value",
+                param=name,
+                code="unsupported_sampling",
+            )
 
 
 def _documents(data: dict, name: str = "documents") -> str:
@@ -143,12 +157,18 @@ def _message_text(message: dict, index: int) -> str:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(400, f"messages[{index}].content[{j}] must be a text part "
-                                   f"{{\"type\": \"text\", \"text\": \"...\"}}", param="messages")
+                raise RequestError(
+                    400,
+                    f'messages[{index}].content[{j}] must be a text part {{"type": "text", "text": "..."}}',
+                    param="messages",
+                )
             texts.append(part["text"])
         return "".join(texts)
-    raise RequestError(400, f"messages[{index}].content must be a string or an array of text parts, got "
-                       f"{_type_name(content)}", param="messages")
+    raise RequestError(
+        400,
+        f"messages[{index}].content must be a string or an array of text parts, got {_type_name(content)}",
+        param="messages",
+    )
 
 
 def split_question_document(text: str) -> tuple[str, str] | None:
@@ -158,7 +178,7 @@ def split_question_document(text: str) -> tuple[str, str] | None:
     lines = text.split("\n")
     for i, line in enumerate(lines):
         if line.strip() == DOCUMENT_SEPARATOR:
-            return "\n".join(lines[:i]).strip(), "\n".join(lines[i + 1:])
+            return "\n".join(lines[:i]).strip(), "\n".join(lines[i + 1 :])
     return None
 
 
@@ -170,8 +190,12 @@ def parse_chat(data: dict, *, model_name: str, sampling: Sampling) -> ParsedRequ
     if not isinstance(model, str):
         raise RequestError(400, f"field 'model' must be a string, got {_type_name(model)}", param="model")
     if model != model_name:
-        raise RequestError(404, f"model '{model}' is not served here; this server serves '{model_name}' "
-                           f"(GET /v1/models)", param="model", code="model_not_found")
+        raise RequestError(
+            404,
+            f"model '{model}' is not served here; this server serves '{model_name}' (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
     messages = data.get("messages")
     if messages is None:
         raise RequestError(400, "field 'messages' is missing", param="messages")
@@ -184,8 +208,12 @@ def parse_chat(data: dict, *, model_name: str, sampling: Sampling) -> ParsedRequ
         if message["role"] == "user":
             last = i
     if last is None:
-        raise RequestError(400, "field 'messages' has no user message; the last user message holds the question "
-                           f"(and the document after a line {DOCUMENT_SEPARATOR})", param="messages")
+        raise RequestError(
+            400,
+            "field 'messages' has no user message; the last user message holds the question "
+            f"(and the document after a line {DOCUMENT_SEPARATOR})",
+            param="messages",
+        )
     text = _message_text(messages[last], last)
     for name in _UNSUPPORTED_CHAT_FIELDS:
         if data.get(name) not in (None, [], {}):
@@ -209,17 +237,32 @@ def parse_chat(data: dict, *, model_name: str, sampling: Sampling) -> ParsedRequ
     split = split_question_document(text)
     if data.get("documents") is not None:
         if split is not None:
-            raise RequestError(400, f"the document is given twice: after a {DOCUMENT_SEPARATOR} line of the last "
-                               "user message and in field 'documents'; give one", param="documents")
+            raise RequestError(
+                400,
+                f"the document is given twice: after a {DOCUMENT_SEPARATOR} line of the last "
+                "user message and in field 'documents'; give one",
+                param="documents",
+            )
         question, document, doc_field = text.strip(), _documents(data), "documents"
     elif split is not None:
         (question, document), doc_field = split, f"messages[{last}] (after {DOCUMENT_SEPARATOR})"
     else:
-        raise RequestError(400, f"no document: put it in the last user message after a line {DOCUMENT_SEPARATOR} "
-                           "(the question above it), or in the extension field 'documents' (an array of strings)",
-                           param="messages")
-    return ParsedRequest(question=question, document=document, seed=seed, stream=stream, include_usage=include_usage,
-                         max_tokens=max_tokens, question_field=f"messages[{last}] (question)", document_field=doc_field)
+        raise RequestError(
+            400,
+            f"no document: put it in the last user message after a line {DOCUMENT_SEPARATOR} "
+            "(the question above it), or in the extension field 'documents' (an array of strings)",
+            param="messages",
+        )
+    return ParsedRequest(
+        question=question,
+        document=document,
+        seed=seed,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        question_field=f"messages[{last}] (question)",
+        document_field=doc_field,
+    )
 
 
 def parse_answer(data: dict, *, sampling: Sampling) -> ParsedRequest:
@@ -231,8 +274,9 @@ def parse_answer(data: dict, *, sampling: Sampling) -> ParsedRequest:
         raise RequestError(400, f"field 'question' must be a string, got {_type_name(question)}", param="question")
     has_doc, has_docs = data.get("document") is not None, data.get("documents") is not None
     if has_doc == has_docs:
-        raise RequestError(400, "give exactly one of 'document' (a string) and 'documents' (an array of strings)",
-                           param="document")
+        raise RequestError(
+            400, "give exactly one of 'document' (a string) and 'documents' (an array of strings)", param="document"
+        )
     if has_doc:
         document = data["document"]
         if not isinstance(document, str):
@@ -241,9 +285,14 @@ def parse_answer(data: dict, *, sampling: Sampling) -> ParsedRequest:
     else:
         document, field = _documents(data), "documents"
     check_sampling(data, sampling)
-    return ParsedRequest(question=question, document=document, seed=_int(data, "seed", 0, low=SEED_RANGE[0],
-                                                                         high=SEED_RANGE[1]),
-                         trace=_bool(data, "trace"), question_field="question", document_field=field)
+    return ParsedRequest(
+        question=question,
+        document=document,
+        seed=_int(data, "seed", 0, low=SEED_RANGE[0], high=SEED_RANGE[1]),
+        trace=_bool(data, "trace"),
+        question_field="question",
+        document_field=field,
+    )
 
 
 # ------------------------------------------------------------------------------------------- responses
@@ -253,28 +302,62 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def chat_completion(*, request_id: str, model: str, content: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int, extra: dict[str, Any] | None = None) -> dict:
+def chat_completion(
+    *,
+    request_id: str,
+    model: str,
+    content: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    extra: dict[str, Any] | None = None,
+) -> dict:
     """A `chat.completion` object."""
     body = {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                     "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
     if extra:
         body.update(extra)
     return body
 
 
-def chat_chunk(*, request_id: str, model: str, created: int, delta: dict | None = None,
-               finish_reason: str | None = None, extra: dict[str, Any] | None = None,
-               usage: dict | None = None, choices: bool = True) -> dict:
+def chat_chunk(
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    delta: dict | None = None,
+    finish_reason: str | None = None,
+    extra: dict[str, Any] | None = None,
+    usage: dict | None = None,
+    choices: bool = True,
+) -> dict:
     """A `chat.completion.chunk` object (`choices=False`: the usage-only chunk of stream_options.include_usage)."""
-    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
-            if choices else []}
+    body = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]
+        if choices
+        else [],
+    }
     if usage is not None:
         body["usage"] = usage
     if extra:
@@ -285,4 +368,4 @@ def chat_chunk(*, request_id: str, model: str, created: int, delta: dict | None 
 def sse(data: dict | str) -> bytes:
     """One server-sent event: `data: <json>` and a blank line."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode("utf-8")
+    return f"data: {text}\n\n".encode()

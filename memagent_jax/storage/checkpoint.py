@@ -94,8 +94,11 @@ def _leaf_stats(leaves):
     """Per array leaf: (non-finite value count [] int32, checksum [] uint32)."""
     out = []
     for x in leaves:
-        bad = (jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) if jnp.issubdtype(x.dtype, jnp.inexact)
-               else jnp.zeros((), jnp.int32))
+        bad = (
+            jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+            if jnp.issubdtype(x.dtype, jnp.inexact)
+            else jnp.zeros((), jnp.int32)
+        )
         out.append((bad, _leaf_checksum(x)))
     return out
 
@@ -104,12 +107,16 @@ def tree_stats(tree) -> dict[str, tuple[int, int]]:
     """{leaf path: (non-finite values, checksum)} of every array leaf of `tree` (one jitted pass, on the arrays'
     own devices; the host gets two integers per leaf)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    items = [(jax.tree_util.keystr(path), leaf) for path, leaf in flat if hasattr(leaf, "dtype")
-             and hasattr(leaf, "shape") and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)]
+    items = [
+        (jax.tree_util.keystr(path), leaf)
+        for path, leaf in flat
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape") and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    ]
     if not items:
         return {}
-    stats = jax.device_get(_leaf_stats([jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
-                                         for _, leaf in items]))
+    stats = jax.device_get(
+        _leaf_stats([jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf for _, leaf in items])
+    )
     return {path: (int(bad), int(checksum)) for (path, _), (bad, checksum) in zip(items, stats)}
 
 
@@ -138,8 +145,14 @@ class Checkpointer:
       save_interval_steps: `save` is a no-op for steps that are not a multiple of this (unless force=True).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 save_interval_steps: int = 1):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        save_interval_steps: int = 1,
+    ):
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise CheckpointError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
@@ -167,8 +180,9 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, state, *, data_state: dict | None = None, rng: jax.Array | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state, *, data_state: dict | None = None, rng: jax.Array | None = None, force: bool = False
+    ) -> bool:
         """Saves a checkpoint for `step` (async by default). Returns whether a save was started.
 
         state: any pytree of arrays (the `TrainState`). data_state: a JSON-able dict (the iterator position).
@@ -194,10 +208,18 @@ class Checkpointer:
         stats = tree_stats(state)
         problem = _nonfinite_message(stats)
         if problem is not None:  # checked before anything is written: no save, no pruning of a good checkpoint
-            raise CheckpointError(f"step {step}: refusing to save a non-finite state ({problem}); the checkpoints "
-                                  f"already in {self.directory} are kept")
-        meta = {"format": _FORMAT, "step": step, "has_rng": rng is not None, "rng_impl": None, "rng_typed": False,
-                "checksums": {path: checksum for path, (_, checksum) in stats.items()}}
+            raise CheckpointError(
+                f"step {step}: refusing to save a non-finite state ({problem}); the checkpoints "
+                f"already in {self.directory} are kept"
+            )
+        meta = {
+            "format": _FORMAT,
+            "step": step,
+            "has_rng": rng is not None,
+            "rng_impl": None,
+            "rng_typed": False,
+            "checksums": {path: checksum for path, (_, checksum) in stats.items()},
+        }
         rng_item: dict[str, Any] = {"key_data": np.zeros((1,), np.uint32)}  # placeholder (Orbax refuses size 0)
         if rng is not None:
             if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -252,8 +274,9 @@ class Checkpointer:
                 self._quarantine([s for s, _ in skipped])
             restored.skipped = skipped
             return restored
-        raise CheckpointError(f"no usable checkpoint in {self.directory}: "
-                              + "; ".join(f"step {s}: {why}" for s, why in skipped))
+        raise CheckpointError(
+            f"no usable checkpoint in {self.directory}: " + "; ".join(f"step {s}: {why}" for s, why in skipped)
+        )
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -263,20 +286,30 @@ class Checkpointer:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 - JSONDecodeError, FileNotFoundError, Orbax errors: all mean unusable
-            raise CheckpointError(f"{where}: cannot read the checkpoint's metadata ({os.path.join(where, 'meta')}): "
-                                  f"{type(e).__name__}: {e}") from None
+            raise CheckpointError(
+                f"{where}: cannot read the checkpoint's metadata ({os.path.join(where, 'meta')}): "
+                f"{type(e).__name__}: {e}"
+            ) from None
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             got = meta.get("format") if isinstance(meta, dict) else meta
             raise CheckpointError(f"{where}: unknown checkpoint format {got!r} (expected {_FORMAT})")
         target = jax.tree.map(
-            lambda a: a if isinstance(a, jax.ShapeDtypeStruct)
-            else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), abstract_state)
+            lambda a: (
+                a
+                if isinstance(a, jax.ShapeDtypeStruct)
+                else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
+            ),
+            abstract_state,
+        )
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                data=ocp.args.JsonRestore(),
-                rng=ocp.args.StandardRestore(),
-            ))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    data=ocp.args.JsonRestore(),
+                    rng=ocp.args.StandardRestore(),
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - a damaged array file or a tree that does not fit the target
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CheckpointError(f"{where}: cannot be restored: {type(e).__name__}: {first}") from None
@@ -286,8 +319,10 @@ class Checkpointer:
             raise CheckpointError(f"{where}: the state has {len(got)} arrays, the target {len(want)}")
         for (path, w), (_, g) in zip(want, got):
             if tuple(g.shape) != tuple(w.shape) or jnp.dtype(g.dtype) != jnp.dtype(w.dtype):
-                raise CheckpointError(f"{where}: leaf {jax.tree_util.keystr(path)} has shape {tuple(g.shape)} "
-                                      f"{jnp.dtype(g.dtype).name}, expected {tuple(w.shape)} {jnp.dtype(w.dtype).name}")
+                raise CheckpointError(
+                    f"{where}: leaf {jax.tree_util.keystr(path)} has shape {tuple(g.shape)} "
+                    f"{jnp.dtype(g.dtype).name}, expected {tuple(w.shape)} {jnp.dtype(w.dtype).name}"
+                )
         stats = tree_stats(restored.state)
         problem = _nonfinite_message(stats)
         if problem is not None:
@@ -296,8 +331,10 @@ class Checkpointer:
         if isinstance(saved, dict):  # metadata without a checksums entry: nothing to compare
             for path, (_, checksum) in stats.items():
                 if path in saved and int(saved[path]) != checksum:
-                    raise CheckpointError(f"{where}: leaf {path} does not match the checksum written when it was "
-                                          f"saved (the files changed on disk)")
+                    raise CheckpointError(
+                        f"{where}: leaf {path} does not match the checksum written when it was "
+                        f"saved (the files changed on disk)"
+                    )
         rng = None
         if meta.get("has_rng"):
             key_data = jnp.asarray(restored.rng["key_data"], jnp.uint32)
@@ -337,7 +374,7 @@ class Checkpointer:
             self._manager.close()
             self._closed = True
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,4 +25,5 @@ def check_local_path(path, field: str) -> None:
         raise RemotePathError(
             f"{field}: {os.fspath(path)!r} is a {match.group(1)}:// URL; memagent-jax writes metrics, exports and "
             f"reports with plain files, so workdirs must be local or mounted paths (mount the bucket, e.g. "
-            f"`gcsfuse BUCKET /mnt/BUCKET`, and pass /mnt/BUCKET/...)")
+            f"`gcsfuse BUCKET /mnt/BUCKET`, and pass /mnt/BUCKET/...)"
+        )

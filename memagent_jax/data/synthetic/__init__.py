@@ -32,6 +32,7 @@ same in every process; the question and answers depend on the task, seed, index 
 
 New tasks: build a :class:`SyntheticTask` and pass it to :func:`register_task`; :func:`get_task` looks one up.
 """
+
 from .config import FACT_STYLES, SyntheticConfig
 from .corpus import tokenizer_corpus, vocabulary_texts, whitespace_counter
 from .dataset import SyntheticDataset, concatenated_records, generate_sample, generate_samples

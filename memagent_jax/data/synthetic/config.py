@@ -1,4 +1,5 @@
 """:class:`SyntheticConfig`: what to generate (task, target length, knobs, seed)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,5 +98,5 @@ class SyntheticConfig:
         """Training reward style (a key of ``memagent_jax.evaluation.verifier.REWARD_STYLES``)."""
         return get_task(self.task).reward_style
 
-    def replace(self, **changes) -> "SyntheticConfig":
+    def replace(self, **changes) -> SyntheticConfig:
         return dataclasses.replace(self, **changes)

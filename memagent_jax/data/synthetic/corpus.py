@@ -1,14 +1,29 @@
 """Texts for training a tokenizer that covers the synthetic tasks, and a tokenizer-free length measure."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from .config import SyntheticConfig
 from .dataset import generate_samples
 from .multihop_qa import QUESTIONS, RELATIONS
 from .registry import TASKS
-from .vocabulary import (ACTIONS, ADJECTIVES, COMPANY_SUFFIXES, KEY_COLOURS, KEY_CREATURES, LETTERS, NOUNS, PEOPLE,
-                         PREPOSITIONS, SLOTS, SYLLABLES, TEMPLATES, TIMES, VERBS)
+from .vocabulary import (
+    ACTIONS,
+    ADJECTIVES,
+    COMPANY_SUFFIXES,
+    KEY_COLOURS,
+    KEY_CREATURES,
+    LETTERS,
+    NOUNS,
+    PEOPLE,
+    PREPOSITIONS,
+    SLOTS,
+    SYLLABLES,
+    TEMPLATES,
+    TIMES,
+    VERBS,
+)
 
 __all__ = ["whitespace_counter", "vocabulary_texts", "tokenizer_corpus"]
 
@@ -34,7 +49,10 @@ def vocabulary_texts() -> list[str]:
     texts.append(" The secret word for otter is Ven. What is the secret word for otter?")
     texts.append(" Remember otter Ven. Remember heron as otter. for otter Ven for heron ?")
     texts.append(" What are all the secret numbers for violet otter? What are the secret numbers for a, b and c?")
-    texts.append(" Let ABCDE be 12345. Let FGHJK be ABCDE. Which variables hold the value 12345, directly or through other variables?")
+    texts.append(
+        " Let ABCDE be 12345. Let FGHJK be ABCDE."
+        " Which variables hold the value 12345, directly or through other variables?"
+    )
     texts.extend(t.format(s="Kalo Mira", o="Venra") for t, _, _ in RELATIONS)
     texts.extend(q.format(p="Kalo Mira") for q in QUESTIONS)
     return texts

@@ -16,10 +16,11 @@ Guarantees (tested): the document length is within 2% of ``num_tokens`` (usually
 :attr:`~.document.SyntheticSample.num_tokens` is its exact length for tokenizers that split at spaces; the
 answer strings occur in the document only inside the facts that state them.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..records import QARecord
 from ..tokenizer import TokenCounter, token_counter
@@ -35,8 +36,18 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
     :func:`memagent_jax.data.tokenizer.token_counter` for what it may be)."""
     counter: TokenCounter = token_counter(tokenizer)
     task = get_task(config.task)
-    task_rng = random.Random(derive_seed("task", config.task, config.seed, index, config.resolved_distractors,
-                                         config.resolved_hops, config.num_values, config.num_queries))
+    task_rng = random.Random(
+        derive_seed(
+            "task",
+            config.task,
+            config.seed,
+            index,
+            config.resolved_distractors,
+            config.resolved_hops,
+            config.num_values,
+            config.num_queries,
+        )
+    )
     question, answers, drafts = task.make(config, task_rng, index)
 
     fact_tokens = [counter(d.text) for d in drafts]
@@ -48,8 +59,10 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
         if not config.isolate_answer or answer_alone(facts, config.chunk_tokens):
             break
     else:
-        raise ValueError(f"sample {index}: no placement keeps the asked fact alone in its chunk; lower "
-                         "num_distractors or raise num_tokens")
+        raise ValueError(
+            f"sample {index}: no placement keeps the asked fact alone in its chunk; lower "
+            "num_distractors or raise num_tokens"
+        )
     return SyntheticSample(
         task=config.task,
         index=int(index),
@@ -64,8 +77,9 @@ def generate_sample(config: SyntheticConfig, index: int, tokenizer) -> Synthetic
     )
 
 
-def generate_samples(config: SyntheticConfig, num_samples: int, tokenizer, *,
-                     start: int = 0) -> Iterator[SyntheticSample]:
+def generate_samples(
+    config: SyntheticConfig, num_samples: int, tokenizer, *, start: int = 0
+) -> Iterator[SyntheticSample]:
     """Yield samples ``start .. start + num_samples - 1`` of ``config``."""
     counter = token_counter(tokenizer)
     for i in range(start, start + num_samples):
@@ -103,8 +117,9 @@ class SyntheticDataset(Sequence[SyntheticSample]):
             yield self[i].to_record()
 
 
-def concatenated_records(config: SyntheticConfig, num_rows: int, parts: int, tokenizer, *,
-                         data_source: str | None = None) -> Iterator[QARecord]:
+def concatenated_records(
+    config: SyntheticConfig, num_rows: int, parts: int, tokenizer, *, data_source: str | None = None
+) -> Iterator[QARecord]:
     """Rows whose document is ``parts`` documents of ``config`` joined end to end, asked about one that is not
     the last (a document the generator never made: several documents' worth of facts, the asked one followed
     by other documents' look-alikes).
@@ -139,7 +154,18 @@ def concatenated_records(config: SyntheticConfig, num_rows: int, parts: int, tok
             if exact(sample) and not any(f.triple[0] in banned or f.triple[2] in banned for f in sample.facts):
                 others.append(sample)
         docs = others[:position] + [asked] + others[position:]
-        yield QARecord(question=asked.question, document="".join(d.text() for d in docs), answers=asked.answers,
-                       index=r, data_source=data_source or f"synthetic_{config.task}_concat",
-                       extra={"task": config.task, "parts": parts, "asked_part": position,
-                              "asked_index": asked.index, "metric": asked.metric, "seed": config.seed})
+        yield QARecord(
+            question=asked.question,
+            document="".join(d.text() for d in docs),
+            answers=asked.answers,
+            index=r,
+            data_source=data_source or f"synthetic_{config.task}_concat",
+            extra={
+                "task": config.task,
+                "parts": parts,
+                "asked_part": position,
+                "asked_index": asked.index,
+                "metric": asked.metric,
+                "seed": config.seed,
+            },
+        )

@@ -10,12 +10,14 @@ tokenizers such as GPT-2's, Qwen's, Llama-3's and the ones made by :mod:`memagen
 piece starts with a space and ends with a full stop, and the length of the whole is the sum of the lengths of
 the pieces.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import random
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from ..records import QARecord
 from ..tokenizer import encode_fn
@@ -220,8 +222,9 @@ def answer_alone(facts: Sequence[Fact], chunk_tokens: int) -> bool:
     return not any(chunks(f) & asked for f in facts if f.role != "answer")
 
 
-def layout(config: SyntheticConfig, drafts: list[Draft], fact_tokens: list[int], budget: int, counter, index: int,
-            attempt: int) -> tuple[list[Fact], int, Plan]:
+def layout(
+    config: SyntheticConfig, drafts: list[Draft], fact_tokens: list[int], budget: int, counter, index: int, attempt: int
+) -> tuple[list[Fact], int, Plan]:
     """Places the facts in a haystack of filler -> (facts in document order, filler tokens, render plan).
 
     ``fact_tokens[i]`` is the length of ``drafts[i]``; ``budget`` the filler tokens to fill; ``counter`` a
@@ -312,5 +315,3 @@ def layout(config: SyntheticConfig, drafts: list[Draft], fact_tokens: list[int],
         final_insert.append(insert_at[i])
         inserted += fact_tokens[i]
     return facts, used, Plan(filler_seed, full, partial, tuple(final_insert), partial_skip)
-
-

@@ -19,6 +19,7 @@ Fact styles (``fact_style``, :data:`~.config.FACT_STYLES`): ``"sentence"`` as ab
 " Remember <creature> <Word>." (pointers: " Remember <creature> as <creature>."), the word right after its key,
 the form an induction circuit reads (see ``memagent_jax.models.induction``).
 """
+
 from __future__ import annotations
 
 import random
@@ -64,8 +65,10 @@ def make(cfg: SyntheticConfig, rng: random.Random, index: int) -> tuple[str, tup
             drafts.append(Draft(stating.format(key=key, word=word), role, (key, "secret_word", word)))
         else:
             drafts.append(Draft(pointing.format(key=key, target=target), role, (key, "same_word_as", target)))
-    lookalikes = [Draft(stating.format(key=k, word=w), "distractor", (k, "secret_word", w))
-                  for k, w in ((rng.choice(others), rng.choice(other_words)) for _ in range(cfg.resolved_distractors))]
+    lookalikes = [
+        Draft(stating.format(key=k, word=w), "distractor", (k, "secret_word", w))
+        for k, w in ((rng.choice(others), rng.choice(other_words)) for _ in range(cfg.resolved_distractors))
+    ]
     n = len(drafts) + len(lookalikes)
     near = min(cfg.same_chunk_distractors, len(lookalikes))
     # Ordinal of every draft in the document: the asked fact at index % n, its near look-alikes beside it
@@ -81,8 +84,12 @@ def make(cfg: SyntheticConfig, rng: random.Random, index: int) -> tuple[str, tup
     rng.shuffle(rest)
     before, after = rest[:first], rest[first:]
     for support in drafts[1:]:  # the chain reads in order: each pointer before the fact it points to
-        after.insert(rng.randint(after.index(drafts[drafts.index(support) - 1]) + 1 if drafts.index(support) > 1
-                                 else 0, len(after)), support)
+        after.insert(
+            rng.randint(
+                after.index(drafts[drafts.index(support) - 1]) + 1 if drafts.index(support) > 1 else 0, len(after)
+            ),
+            support,
+        )
     ordered = before + block + after
     for i, d in enumerate(ordered):
         d.rank = i

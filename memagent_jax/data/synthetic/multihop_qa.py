@@ -8,6 +8,7 @@ all of them: the person appears only in the first hop fact, the answer only in t
 be skipped by elimination.  The hop facts are spread over the document in any order (at least ``chunk_tokens``
 apart when set).  All names are generated and distinct within a sample.
 """
+
 from __future__ import annotations
 
 import random
@@ -55,8 +56,9 @@ def make(cfg: SyntheticConfig, rng: random.Random, index: int) -> tuple[str, tup
                 role = "answer" if h == hops - 1 else "support"
             else:
                 role = "distractor"
-            drafts.append(Draft(template.format(s=subject, o=obj), role, (subject, RELATION_NAMES[h], obj),
-                                group=chain))
+            drafts.append(
+                Draft(template.format(s=subject, o=obj), role, (subject, RELATION_NAMES[h], obj), group=chain)
+            )
             subject = obj
         if chain == 0:
             question = QUESTIONS[hops - 1].format(p=person)
@@ -70,5 +72,13 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ValueError(f"multihop_qa supports 1..{len(RELATIONS)} hops, got {hops}")
 
 
-TASK = SyntheticTask("multihop_qa", make, "sub_em", "boxed_em", default_distractors=3, default_hops=2,
-                     validate=_validate, chains_in_any_order=True)
+TASK = SyntheticTask(
+    "multihop_qa",
+    make,
+    "sub_em",
+    "boxed_em",
+    default_distractors=3,
+    default_hops=2,
+    validate=_validate,
+    chains_in_any_order=True,
+)

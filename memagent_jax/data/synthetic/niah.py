@@ -17,6 +17,7 @@ Needles go at ``depth`` (relative position 0..1 of the document) or, with ``dept
 
 ``num_distractors`` adds needles for other keys to every variant (default 0 except ``niah_multikey``).
 """
+
 from __future__ import annotations
 
 import random

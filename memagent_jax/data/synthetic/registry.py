@@ -5,6 +5,7 @@ a registered task works everywhere a built-in one does (:class:`~.config.Synthet
 :func:`~.dataset.generate_sample`, :class:`~.dataset.SyntheticDataset`), but :func:`~.corpus.tokenizer_corpus`
 covers the built-in tasks only.
 """
+
 from __future__ import annotations
 
 from . import keyed_recall, multihop_qa, niah, variable_tracking

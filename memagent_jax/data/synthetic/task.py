@@ -4,11 +4,13 @@ A task turns a config, an RNG and a row index into a question, its accepted answ
 (drafts).  Everything else (the filler, where the facts go, token counts, rows) is common and lives in
 :mod:`.document` and :mod:`.dataset`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .config import SyntheticConfig
@@ -61,5 +63,5 @@ class SyntheticTask:
     reward_style: str
     default_distractors: int = 0
     default_hops: int = 1
-    validate: Callable[["SyntheticConfig"], None] | None = None
+    validate: Callable[[SyntheticConfig], None] | None = None
     chains_in_any_order: bool = False

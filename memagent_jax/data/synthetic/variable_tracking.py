@@ -6,6 +6,7 @@ variables?"; all ``hops + 1`` names of the chain are wanted (every statement of 
 fact).  ``num_distractors`` (default 2) other chains, of the same length, hold other values.  The statements of
 a chain appear in order, the chain spread over the document (at least ``chunk_tokens`` apart when set).
 """
+
 from __future__ import annotations
 
 import random
@@ -46,5 +47,12 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ValueError("variable_tracking needs hops >= 1")
 
 
-TASK = SyntheticTask("variable_tracking", make, "string_match_all", "boxed_all", default_distractors=2,
-                     default_hops=4, validate=_validate)
+TASK = SyntheticTask(
+    "variable_tracking",
+    make,
+    "string_match_all",
+    "boxed_all",
+    default_distractors=2,
+    default_hops=4,
+    validate=_validate,
+)

@@ -12,29 +12,101 @@ Contracts:
 
 Changing any list, template or drawing order changes every generated document.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = [
-    "ADJECTIVES", "NOUNS", "VERBS", "PREPOSITIONS", "TIMES", "PEOPLE", "ACTIONS",
-    "TEMPLATES", "SLOTS", "TEMPLATE_UNITS", "FILLER_WORDS",
-    "KEY_COLOURS", "KEY_CREATURES", "SYLLABLES", "COMPANY_SUFFIXES", "LETTERS",
-    "sentence_units", "Names", "word", "MAKERS", "number",
+    "ADJECTIVES",
+    "NOUNS",
+    "VERBS",
+    "PREPOSITIONS",
+    "TIMES",
+    "PEOPLE",
+    "ACTIONS",
+    "TEMPLATES",
+    "SLOTS",
+    "TEMPLATE_UNITS",
+    "FILLER_WORDS",
+    "KEY_COLOURS",
+    "KEY_CREATURES",
+    "SYLLABLES",
+    "COMPANY_SUFFIXES",
+    "LETTERS",
+    "sentence_units",
+    "Names",
+    "word",
+    "MAKERS",
+    "number",
 ]
 
 ADJECTIVES = (
-    "quiet", "old", "small", "green", "calm", "wide", "narrow", "gentle", "bright", "dusty",
-    "warm", "cold", "busy", "empty", "long", "short", "soft", "plain", "distant", "simple",
+    "quiet",
+    "old",
+    "small",
+    "green",
+    "calm",
+    "wide",
+    "narrow",
+    "gentle",
+    "bright",
+    "dusty",
+    "warm",
+    "cold",
+    "busy",
+    "empty",
+    "long",
+    "short",
+    "soft",
+    "plain",
+    "distant",
+    "simple",
 )
 NOUNS = (
-    "river", "road", "field", "house", "garden", "bridge", "market", "hill", "window", "door",
-    "boat", "tree", "lamp", "wall", "path", "cart", "well", "roof", "fence", "stone",
-    "harbor", "valley", "meadow", "orchard", "village", "tower", "mill", "barn", "pond", "gate",
+    "river",
+    "road",
+    "field",
+    "house",
+    "garden",
+    "bridge",
+    "market",
+    "hill",
+    "window",
+    "door",
+    "boat",
+    "tree",
+    "lamp",
+    "wall",
+    "path",
+    "cart",
+    "well",
+    "roof",
+    "fence",
+    "stone",
+    "harbor",
+    "valley",
+    "meadow",
+    "orchard",
+    "village",
+    "tower",
+    "mill",
+    "barn",
+    "pond",
+    "gate",
 )
 VERBS = (
-    "stood", "waited", "rested", "leaned", "stayed", "turned", "shifted", "settled", "remained", "lay",
+    "stood",
+    "waited",
+    "rested",
+    "leaned",
+    "stayed",
+    "turned",
+    "shifted",
+    "settled",
+    "remained",
+    "lay",
 )
 PREPOSITIONS = ("near", "beside", "behind", "under", "past", "across", "beyond", "around")
 TIMES = ("morning", "evening", "night", "winter", "summer", "spring", "autumn", "noon")
@@ -63,23 +135,75 @@ SLOTS = {
 _SLOT_UNITS = {k: tuple(" " + w for w in v) for k, v in SLOTS.items()}
 TEMPLATE_UNITS = tuple(tuple(_SLOT_UNITS.get(item, " " + item) for item in t) for t in TEMPLATES)
 
-FILLER_WORDS = frozenset(
-    w.lower() for t in TEMPLATES for item in t for w in (SLOTS.get(item, (item,)))
-)
+FILLER_WORDS = frozenset(w.lower() for t in TEMPLATES for item in t for w in (SLOTS.get(item, (item,))))
 
 # Needle keys: colour + creature, neither in the filler.
 KEY_COLOURS = (
-    "amber", "violet", "crimson", "silver", "golden", "ivory", "scarlet", "azure", "olive", "coral",
-    "indigo", "copper", "jade", "ruby", "pearl", "sable",
+    "amber",
+    "violet",
+    "crimson",
+    "silver",
+    "golden",
+    "ivory",
+    "scarlet",
+    "azure",
+    "olive",
+    "coral",
+    "indigo",
+    "copper",
+    "jade",
+    "ruby",
+    "pearl",
+    "sable",
 )
 KEY_CREATURES = (
-    "falcon", "otter", "badger", "heron", "lynx", "marten", "osprey", "beetle", "salmon", "gecko",
-    "bison", "raven", "walrus", "ferret", "puffin", "moth",
+    "falcon",
+    "otter",
+    "badger",
+    "heron",
+    "lynx",
+    "marten",
+    "osprey",
+    "beetle",
+    "salmon",
+    "gecko",
+    "bison",
+    "raven",
+    "walrus",
+    "ferret",
+    "puffin",
+    "moth",
 )
 # Syllables for generated names (capitalised when joined).
 SYLLABLES = (
-    "ka", "lo", "mi", "ra", "ven", "tor", "sel", "dra", "pim", "qua", "zor", "bel", "nix", "fen",
-    "gal", "hu", "ish", "jun", "mor", "ost", "pel", "rin", "sab", "tev", "ul", "wex", "yor", "cas",
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "tor",
+    "sel",
+    "dra",
+    "pim",
+    "qua",
+    "zor",
+    "bel",
+    "nix",
+    "fen",
+    "gal",
+    "hu",
+    "ish",
+    "jun",
+    "mor",
+    "ost",
+    "pel",
+    "rin",
+    "sab",
+    "tev",
+    "ul",
+    "wex",
+    "yor",
+    "cas",
 )
 COMPANY_SUFFIXES = ("Works", "Labs", "Foundry", "Traders", "Holdings", "Textiles")
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
