@@ -515,7 +515,7 @@ def reinforce(cfg, assets: dict, warm_model: str, folder: str) -> str:
     export = os.path.join(folder, "export")
     if _stage_done(folder) is not None:
         return export
-    from memagent_jax import train as train_lib
+    from memagent_jax.rl.trainer import train
 
     t0 = time.perf_counter()
     g = grpo_config(cfg, assets, warm_model)
@@ -523,7 +523,7 @@ def reinforce(cfg, assets: dict, warm_model: str, folder: str) -> str:
         f"[rl] GRPO: {g.steps} steps x {g.rl.questions_per_step} questions x {g.rl.group_size} trajectories, "
         f"lr {g.rl.learning_rate}, rollout temperature {g.agent.temperature}"
     )
-    metrics = train_lib.train(g, folder)
+    metrics = train(g, folder)
     seconds = time.perf_counter() - t0
     _say(f"[rl] done in {seconds:.0f} s -> {export}")
     _mark_done(folder, {"seconds": seconds, "last_metrics": {k: float(v) for k, v in metrics.items()}})

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfg = config_flag.value
     name = config_arg(argv) or "config"
-    from memagent_jax.train import TrainConfigError, validate_config
+    from memagent_jax.rl.recipe import TrainConfigError, validate_config
 
     try:
         extra = int(cfg.mesh.get("rollout_devices", 0) or 0)

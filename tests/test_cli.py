@@ -90,8 +90,9 @@ def test_plan_module_help_and_bad_hardware():
 
 def test_object_store_workdirs_are_refused_up_front(tmp_path):
     from memagent_jax import answer
+    from memagent_jax.rl.recipe import TrainConfigError
+    from memagent_jax.rl.trainer import train
     from memagent_jax.storage.paths import RemotePathError, check_local_path
-    from memagent_jax.train import TrainConfigError, train
 
     check_local_path(str(tmp_path / "run"), "--workdir")  # local paths pass
     with pytest.raises(RemotePathError, match=r"--workdir: 'gs://b/run' is a gs:// URL.*mount"):

@@ -118,7 +118,7 @@ def test_reference_variants_leave_the_wording_to_the_templates():
 
 
 def test_train_reads_single_template_fields_over_the_file(tmp_path):
-    from memagent_jax.train import agent_settings
+    from memagent_jax.rl.recipe import agent_settings
 
     cfg = _config("grpo", "cpu")
     budgets, templates = agent_settings(cfg)

@@ -353,7 +353,8 @@ def test_train_config_errors_come_before_any_model(model_dir, tmp_path, monkeypa
     import transformers
 
     from memagent_jax import models
-    from memagent_jax.train import TrainConfigError, train
+    from memagent_jax.rl.recipe import TrainConfigError
+    from memagent_jax.rl.trainer import train
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the config was checked")

@@ -23,7 +23,7 @@ import pytest
 from hf_tiny import agent_flags_for_tests, grpo_cpu_config, make_agent_model_dir
 from memagent_jax import distributed
 from memagent_jax.models import load_hf_params
-from memagent_jax.train import TrainConfigError, split_devices, validate_config
+from memagent_jax.rl.recipe import TrainConfigError, split_devices, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local.py"

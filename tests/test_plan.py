@@ -18,7 +18,7 @@ from memagent_jax import plan, planning
 from memagent_jax.models import presets, sharding
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import abstract_params
-from memagent_jax.train import validate_config
+from memagent_jax.rl.recipe import validate_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SCALE_CONFIGS = ["qwen2_5_7b_hotpotqa.py", "qwen2_5_14b_hotpotqa.py", "qwen3_8b_hotpotqa.py", "qwen3_4b_hotpotqa.py"]

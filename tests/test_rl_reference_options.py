@@ -166,7 +166,7 @@ def test_recompute_uses_the_params_before_the_first_update_for_every_minibatch(t
 
 
 def test_training_document_centre_truncation_by_hand():
-    from memagent_jax.train import agent_settings
+    from memagent_jax.rl.recipe import agent_settings
 
     ids = np.arange(11)
     np.testing.assert_array_equal(centre_truncate(ids, 6), [0, 1, 2, 8, 9, 10])  # first 3, last 3
@@ -190,10 +190,10 @@ def test_training_document_centre_truncation_by_hand():
     ["qwen2_5_7b_hotpotqa.py", "qwen2_5_14b_hotpotqa.py", "qwen3_4b_hotpotqa.py", "qwen3_8b_hotpotqa.py", "grpo.py"],
 )
 def test_recipe_configs_use_the_reference_values(name):
-    from memagent_jax.train import _learner_config, agent_settings
+    from memagent_jax.rl.recipe import agent_settings, learner_config
 
     cfg = load_config(name)
-    learner = _learner_config(cfg)
+    learner = learner_config(cfg)
     assert learner.recompute_old_logprobs is True
     assert learner.loss.kl_clamp == 10.0 and learner.loss.kl_coef == 0.001
     assert learner.optimizer.warmup_from_zero is True and learner.optimizer.warmup_steps == 20
@@ -205,8 +205,8 @@ def test_recipe_configs_use_the_reference_values(name):
 
 
 def test_cpu_variant_keeps_the_plain_settings():
-    from memagent_jax.train import _learner_config
+    from memagent_jax.rl.recipe import learner_config
 
-    learner = _learner_config(load_config("grpo.py", "cpu"))
+    learner = learner_config(load_config("grpo.py", "cpu"))
     assert learner.recompute_old_logprobs is False and learner.loss.kl_clamp is None
     assert learner.optimizer.warmup_from_zero is False

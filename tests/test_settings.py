@@ -17,7 +17,7 @@ BAD_TEMPERATURES = [float("nan"), float("inf"), -0.5, True, "hot"]
 
 
 def _train_check(temperature):
-    from memagent_jax.train import validate_config
+    from memagent_jax.rl.recipe import validate_config
 
     cfg = grpo_cpu_config("/unused", **{"agent.temperature": temperature})
     validate_config(cfg, device_count=1, check_files=False)
@@ -65,14 +65,14 @@ def test_one_temperature_rule_on_every_surface(surface, error, where, value, tmp
 
 @pytest.mark.parametrize("value", [float("nan"), -0.5], ids=repr)
 def test_train_config_refuses_bad_temperatures_naming_the_path(value):
-    from memagent_jax.train import TrainConfigError
+    from memagent_jax.rl.recipe import TrainConfigError
 
     with pytest.raises(TrainConfigError, match=r"^config\.agent\.temperature must be a finite number >= 0"):
         _train_check(value)
 
 
 def test_train_keeps_its_own_rule_on_top_greedy_rollouts_compare_nothing():
-    from memagent_jax.train import TrainConfigError
+    from memagent_jax.rl.recipe import TrainConfigError
 
     with pytest.raises(TrainConfigError, match=r"config\.agent\.temperature must be > 0 \(GRPO"):
         _train_check(0.0)

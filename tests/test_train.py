@@ -10,7 +10,8 @@ import pytest
 from hf_tiny import grpo_cpu_config, make_agent_model_dir
 from memagent_jax.agent import AgentSettings
 from memagent_jax.models import load_hf_params
-from memagent_jax.train import TrainConfigError, train, validate_config
+from memagent_jax.rl.recipe import TrainConfigError, validate_config
+from memagent_jax.rl.trainer import train
 
 
 def grpo_config(model_dir, **overrides):
@@ -73,7 +74,7 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
         validate_config(grpo_config(model_dir, **{"model.attention_impl": "flash"}), device_count=8)
     with pytest.raises(TrainConfigError, match=r"config\.model\.attention_block_size must be an integer >= 1"):
         validate_config(grpo_config(model_dir, **{"model.attention_block_size": 0}), device_count=8)
-    from memagent_jax.train import model_options
+    from memagent_jax.rl.recipe import model_options
 
     cfg = grpo_config(model_dir, **{"model.attention_impl": "blockwise", "model.attention_block_size": 64})
     assert model_options(cfg.model) == {
@@ -111,7 +112,7 @@ def _fake_rollout(rewards):
 
 
 def test_dynamic_sampling_draws_until_the_step_has_signal():
-    from memagent_jax.train import sample_step
+    from memagent_jax.rl.trainer import sample_step
 
     batches = [
         [[1, 1], [0, 1], [0, 0]],  # one group with signal (question 1)

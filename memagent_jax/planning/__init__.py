@@ -44,7 +44,6 @@ from memagent_jax.planning.plan import (
     rollout_batch_size,
     rollout_mesh_of,
     suggest_fixes,
-    train_reads_rollout_batch_size,
 )
 from memagent_jax.planning.report import format_plan
 from memagent_jax.planning.shapes import Layout, layer_matmul_params, matmul_params, param_count, param_shapes
@@ -90,7 +89,6 @@ __all__ = [
     "model_config_from",
     "layout_from",
     "rollout_batch_size",
-    "train_reads_rollout_batch_size",
     "rollout_mesh_of",
     "make_plan",
     "suggest_fixes",

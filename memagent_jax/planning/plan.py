@@ -4,7 +4,6 @@ verdict, warnings and, when it does not fit, the smallest overrides that make it
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any
 
 from memagent_jax.planning.errors import PlanError
@@ -130,16 +129,6 @@ def rollout_batch_size(cfg) -> int:
     total = cfg.rl.questions_per_step * cfg.rl.group_size
     size = int(cfg.rl.get("rollout_batch_size", 0) or 0)
     return min(size, total) if size > 0 else total
-
-
-def train_reads_rollout_batch_size() -> bool:
-    """Whether train.py runs the rollout in slices of config.rl.rollout_batch_size (it reads the field)."""
-    try:
-        from memagent_jax import train
-
-        return "rollout_batch_size" in inspect.getsource(train)
-    except Exception:  # no source (frozen install): assume it does
-        return True
 
 
 def _round_up(n: int, m: int) -> int:
@@ -424,15 +413,6 @@ def _warnings(cfg, mc, per_call, trajectories, devices, hw, calls, templates) ->
             f"config.rl.rollout_batch_size={per_call} does not divide the {trajectories} trajectories of a "
             f"step: the last agent call has another batch size (a second compile and a second pair of KV "
             f"caches, not counted here)"
-        )
-    if per_call < trajectories and not train_reads_rollout_batch_size():
-        whole = make_plan(
-            _with(cfg, **{"rl.rollout_batch_size": 0}), hardware=hw, devices=devices, suggest=False, **templates
-        )
-        out.append(
-            f"config.rl.rollout_batch_size={per_call}: this plan runs the rollout in {calls} agent calls, "
-            f"but memagent_jax/train.py does not read that field yet and rolls out all {trajectories} "
-            f"trajectories in one call: {whole.memory['rollout_peak'] / GiB:.0f} GiB per device"
         )
     tensors = {
         int(cfg.mesh.tensor),

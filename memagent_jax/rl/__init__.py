@@ -1,28 +1,38 @@
-"""Multi-conversation GRPO learner: conversation batches, advantages, losses, the sharded train step, metrics."""
+"""Multi-conversation GRPO: conversation batches, advantages, losses, the sharded train step, metrics, the recipe's
+config checks (`recipe`) and the training loop (`trainer`).
 
-from memagent_jax.rl.advantages import broadcast_to_conversations, dynamic_sampling_mask, group_advantages
-from memagent_jax.rl.batch import (
-    BatchError,
-    ConversationBatch,
-    build_conversation_batch,
-    pad_rows,
-    shuffle_rows,
-    validate_batch,
-)
-from memagent_jax.rl.learner import (
-    Learner,
-    LearnerConfig,
-    LearnerConfigError,
-    NonFiniteError,
-    OptimizerConfig,
-    TrainState,
-    accumulate_gradients,
-    learning_rate_schedule,
-    make_optimizer,
-)
-from memagent_jax.rl.logprobs import token_logprobs
-from memagent_jax.rl.losses import LossConfig, LossConfigError, policy_loss, sft_loss
-from memagent_jax.rl.metrics import MetricsWriter
+The names below load on first use (PEP 562), so importing a light submodule (`rl.recipe`) does not pull in JAX.
+"""
+
+from memagent_jax._lazy import lazy_exports
+
+# name -> submodule, imported on first access.
+_EXPORTS = {
+    "broadcast_to_conversations": ".advantages",
+    "dynamic_sampling_mask": ".advantages",
+    "group_advantages": ".advantages",
+    "BatchError": ".batch",
+    "ConversationBatch": ".batch",
+    "build_conversation_batch": ".batch",
+    "pad_rows": ".batch",
+    "shuffle_rows": ".batch",
+    "validate_batch": ".batch",
+    "Learner": ".learner",
+    "LearnerConfig": ".learner",
+    "LearnerConfigError": ".learner",
+    "NonFiniteError": ".learner",
+    "OptimizerConfig": ".learner",
+    "TrainState": ".learner",
+    "accumulate_gradients": ".learner",
+    "learning_rate_schedule": ".learner",
+    "make_optimizer": ".learner",
+    "token_logprobs": ".logprobs",
+    "LossConfig": ".losses",
+    "LossConfigError": ".losses",
+    "policy_loss": ".losses",
+    "sft_loss": ".losses",
+    "MetricsWriter": ".metrics",
+}
 
 __all__ = [
     "BatchError",
@@ -50,3 +60,6 @@ __all__ = [
     "token_logprobs",
     "validate_batch",
 ]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
