@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-id", type=int, action="append", default=[], help="extra stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS (only at --stop-id)")
-    from memagent_jax.answer import add_model_arguments
+    from memagent_jax.model_flags import add_model_arguments
 
     add_model_arguments(p)  # --dtype, --param-dtype, --compute-dtype, --attention-impl, --allow-nonfinite-weights
     p.add_argument("--json", action="store_true", help="print JSON lines with ids and log-probs")

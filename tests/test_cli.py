@@ -100,7 +100,7 @@ def test_object_store_workdirs_are_refused_up_front(tmp_path):
     with pytest.raises(TrainConfigError, match=r"--workdir: 's3://b/x' is a s3:// URL"):
         train(None, "s3://b/x")  # refused before the config is even looked at
     args = answer._parser().parse_args(["--model", str(tmp_path), "--input", "x", "--output", "gs://b/o.jsonl"])
-    with pytest.raises(answer.AnswerArgsError, match=r"--output: 'gs://b/o.jsonl' is a gs:// URL"):
+    with pytest.raises(answer.FlagError, match=r"--output: 'gs://b/o.jsonl' is a gs:// URL"):
         answer.check_args(args)
 
 

@@ -246,7 +246,7 @@ async def _wait_result(waiter: _Waiter, request):
 
 def _check_finite(result) -> None:
     if result.nonfinite:
-        from memagent_jax.answer import NONFINITE_MESSAGE
+        from memagent_jax.evaluation.answering import NONFINITE_MESSAGE
 
         raise RequestError(500, NONFINITE_MESSAGE, type="server_error", code="nonfinite_logits")
 

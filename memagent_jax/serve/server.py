@@ -12,7 +12,7 @@ log = logging.getLogger("memagent_jax.serve")
 
 def _parser() -> argparse.ArgumentParser:
     import memagent_jax.serve as package
-    from memagent_jax.answer import add_agent_arguments, add_model_arguments
+    from memagent_jax.model_flags import add_agent_arguments, add_model_arguments
 
     p = argparse.ArgumentParser(
         prog="memagent serve", description=package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,7 +67,7 @@ class ServeArgsError(ValueError):
 
 
 def check_args(args) -> None:
-    from memagent_jax.answer import check_agent_args
+    from memagent_jax.model_flags import check_model_and_agent_flags
 
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -85,15 +85,15 @@ def check_args(args) -> None:
             "--agent.prompt_mode=text: the server runs the piece prompt mode only (continuous "
             "batching steps the chunk scan on the device)"
         )
-    check_agent_args(args)
+    check_model_and_agent_flags(args)
 
 
 def build_state(args):
     """The `ServerState` of parsed flags (loads the model; does not start the engine)."""
-    from memagent_jax.answer import _build_agent
+    from memagent_jax.model_flags import build_agent
     from memagent_jax.serve.app import ServeLimits, ServerState
 
-    agent = _build_agent(args)
+    agent = build_agent(args)
     if agent.spec.prompt_mode != "pieces":
         raise ServeArgsError(
             "the model's templates use the text prompt mode; the server runs the piece prompt mode "
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from memagent_jax.agent import AgentInputError, AgentSettingsError, TemplateError
-    from memagent_jax.answer import AnswerArgsError
+    from memagent_jax.model_flags import FlagError
     from memagent_jax.models import CheckpointError, ConfigError
 
     try:
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     except (
         AgentInputError,
         AgentSettingsError,
-        AnswerArgsError,
+        FlagError,
         CheckpointError,
         ConfigError,
         ServeArgsError,
