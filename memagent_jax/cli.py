@@ -25,8 +25,6 @@ import sys
 import tokenize
 from collections.abc import Sequence
 
-_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
 # name -> (module, kind, default config file, one line)
 COMMANDS = {
     "demo": (
@@ -57,9 +55,12 @@ def usage() -> str:
 
 
 def _default_config(name: str) -> str:
-    """configs/<name> relative to the working directory when there, else the repository's."""
+    """configs/<name> relative to the working directory when there (a checkout, or the user's own), else the
+    shipped recipe."""
+    from memagent_jax import configs
+
     local = os.path.join("configs", name)
-    return local if os.path.isfile(local) else os.path.join(_REPO_CONFIGS, name)
+    return local if os.path.isfile(local) else configs.path_of(name)
 
 
 def _config_arg(argv: Sequence[str]) -> str | None:
@@ -147,7 +148,11 @@ def print_config(argv: Sequence[str], default_config: str | None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    from memagent_jax import configs
+
     path = _config_arg(argv) or (default_config and _default_config(default_config))
+    if path:
+        path = configs.resolve(path)
     if not path:
         print("error: --print-config needs --config FILE", file=sys.stderr)
         return 2
@@ -197,7 +202,7 @@ def _run_absl(name: str, module: str, default_config: str, argv: list[str]) -> i
         argv = ["--config", _default_config(default_config)] + argv
     if name == "demo" and not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
         argv = argv + ["--workdir", "runs/tiny_synthetic"]
-    (mod._define_flags if name == "evaluate" else mod.define_flags)()
+    mod.define_flags()
     sys.argv = [f"memagent {name}"] + argv
     try:
         app.run(mod.main)

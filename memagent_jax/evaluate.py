@@ -169,7 +169,7 @@ _WORKDIR = None
 _FLAG_VALUES = None
 
 
-def _define_flags(flag_values=None, sys_argv: list[str] | None = None) -> None:
+def define_flags(flag_values=None, sys_argv: list[str] | None = None) -> None:
     """--config / --workdir on absl's global flags (or `flag_values`). Defined only when run as a program, so that
     this module and memagent_jax.train (which defines flags of the same names) can share one process; tests parse
     a private FlagValues with `sys_argv`."""
@@ -244,5 +244,5 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app as _app
 
-    _define_flags()
+    define_flags()
     _app.run(main)

@@ -279,7 +279,7 @@ def _main(*args):
 
     argv = ["evaluate", "--config", os.path.join(REPO, "configs", "evaluate.py") + ":cpu", *args]
     fv = flags.FlagValues()
-    ev._define_flags(fv, sys_argv=argv)
+    ev.define_flags(fv, sys_argv=argv)
     fv(argv)
     ev.main(["evaluate"])
 
@@ -389,30 +389,54 @@ def test_cli_data_errors_exit_2(models, tmp_path, capsys):
     assert "train_rows.jsonl: was opened as 'eval' data" in capsys.readouterr().err
 
 
-def test_config_errors_name_the_field(models, eval_files, tmp_path):
+# (field overrides given the working `ok` settings and tmp_path, the message naming the field)
+CONFIG_ERRORS = {
+    "no models": (lambda ok, t: dict(ok, models=""), r"config\.models: no models given"),
+    "folder without config": (
+        lambda ok, t: dict(ok, models=f"a={_empty_folder(t)}"),
+        r"config\.models: model 'a' folder .*no_config' has no config\.json",
+    ),
+    "missing folder": (
+        lambda ok, t: dict(ok, models=f"a={t / 'gone'}"),
+        r"config\.models: model 'a' folder .*gone' does not exist",
+    ),
+    "missing file": (
+        lambda ok, t: dict(ok, eval_files=str(t / "nope.jsonl")),
+        r"config\.eval_files: evaluation file .*nope\.jsonl' does not exist",
+    ),
+    "empty pattern": (
+        lambda ok, t: dict(ok, eval_files=str(t / "none_*.jsonl")),
+        r"config\.eval_files: pattern .* matches no file",
+    ),
+    "metric": (lambda ok, t: dict(ok, metric="bleu"), r"config\.metric: unknown metric 'bleu'"),
+    "row errors": (lambda ok, t: dict(ok, row_errors="ignore"), r"config\.row_errors"),
+    "chunk tokens": (
+        lambda ok, t: {**ok, "agent.chunk_tokens": 0},
+        r"config\.agent\.chunk_tokens must be an integer > 0, got 0",
+    ),
+    "top p": (lambda ok, t: {**ok, "agent.top_p": 1.5}, r"config\.agent\.top_p must be a finite number in \(0, 1\]"),
+    "prompt mode": (lambda ok, t: {**ok, "agent.prompt_mode": "words"}, r"config\.agent: prompt_mode must be one of"),
+    "mesh": (lambda ok, t: {**ok, "mesh.data": 3}, r"config\.mesh: .*8 devices"),
+    "attention": (lambda ok, t: dict(ok, attention_impl="flash"), r"config\.attention_impl: must be one of"),
+}
+
+
+def _empty_folder(tmp_path):
+    folder = tmp_path / "no_config"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_config_errors_name_the_field(case, models, eval_files, tmp_path):
     ok = dict(models=models["warm"], eval_files=",".join(eval_files))
-    empty = tmp_path / "no_config"
-    empty.mkdir()
-    cases = [
-        (dict(ok, models=""), r"config\.models: no models given"),
-        (dict(ok, models=f"a={empty}"), r"config\.models: model 'a' folder .*no_config' has no config\.json"),
-        (dict(ok, models=f"a={tmp_path / 'gone'}"), r"config\.models: model 'a' folder .*gone' does not exist"),
-        (
-            dict(ok, eval_files=str(tmp_path / "nope.jsonl")),
-            r"config\.eval_files: evaluation file .*nope\.jsonl' does not exist",
-        ),
-        (dict(ok, eval_files=str(tmp_path / "none_*.jsonl")), r"config\.eval_files: pattern .* matches no file"),
-        (dict(ok, metric="bleu"), r"config\.metric: unknown metric 'bleu'"),
-        (dict(ok, row_errors="ignore"), r"config\.row_errors"),
-        ({**ok, "agent.chunk_tokens": 0}, r"config\.agent\.chunk_tokens must be an integer > 0, got 0"),
-        ({**ok, "agent.top_p": 1.5}, r"config\.agent\.top_p must be a finite number in \(0, 1\]"),
-        ({**ok, "agent.prompt_mode": "words"}, r"config\.agent: prompt_mode must be one of"),
-        ({**ok, "mesh.data": 3}, r"config\.mesh: .*8 devices"),
-        (dict(ok, attention_impl="flash"), r"config\.attention_impl: must be one of"),
-    ]
-    for overrides, pattern in cases:
-        with pytest.raises(EvalConfigError, match=pattern):
-            ev.run(eval_config(**overrides), str(tmp_path / "w"))
+    overrides, pattern = CONFIG_ERRORS[case]
+    with pytest.raises(EvalConfigError, match=pattern):
+        ev.run(eval_config(**overrides(ok, tmp_path)), str(tmp_path / "w"))
+
+
+def test_a_training_file_or_no_models_is_refused(models, eval_files, tmp_path):
+    ok = dict(models=models["warm"], eval_files=",".join(eval_files))
     train = tmp_path / "train_rows.jsonl"
     write_train_file(qa_records(1), train)
     with pytest.raises(DataFormatError, match=r"train_rows\.jsonl: .*'eval'"):

@@ -143,34 +143,40 @@ def test_answer_batch_keeps_good_rows_and_reports_bad_ones(model_dir, tmp_path, 
     assert open(path, "rb").read() == before
 
 
-def test_answer_arguments_fail_early_and_clearly(model_dir, tmp_path, capsys):
+ANSWER_ARGUMENT_ERRORS = {
+    "missing model": (["--model", "/nonexistent"], "--model '/nonexistent': no such folder"),
+    "missing tokenizer": (["--model", "{model}", "--tokenizer", "/nonexistent"], "--tokenizer '/nonexistent': no such"),
+    "no tokenizer files": (["--model", "{weights_only}"], "no tokenizer files"),
+    "batch size": (
+        ["--model", "{model}", "--input", "{doc}", "--output", "{tmp}/o.jsonl", "--batch-size", "0"],
+        "--batch-size must be >= 1, got 0",
+    ),
+    "top p": (
+        ["--model", "{model}", "--agent.top_p", "2"],
+        "--agent.top_p must be a finite number in (0, 1] (1 = off), got 2.0",
+    ),
+    "temperature": (
+        ["--model", "{model}", "--agent.temperature", "nan"],
+        "--agent.temperature must be a finite number >= 0 (0 = greedy), got nan",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ANSWER_ARGUMENT_ERRORS))
+def test_answer_arguments_fail_early_and_clearly(case, model_dir, tmp_path, capsys):
     no_tok = tmp_path / "weights_only"
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(model_dir, name), no_tok / name)
     doc = tmp_path / "doc.txt"
     doc.write_text("text")
-    single = ["--question", "q?", "--document", str(doc)]
-    cases = [
-        (["--model", "/nonexistent"] + single, "--model '/nonexistent': no such folder"),
-        (["--model", model_dir, "--tokenizer", "/nonexistent"] + single, "--tokenizer '/nonexistent': no such"),
-        (["--model", str(no_tok)] + single, "no tokenizer files"),
-        (
-            ["--model", model_dir, "--input", str(doc), "--output", str(tmp_path / "o.jsonl"), "--batch-size", "0"],
-            "--batch-size must be >= 1, got 0",
-        ),
-        (
-            ["--model", model_dir, "--agent.top_p", "2"] + single,
-            "--agent.top_p must be a finite number in (0, 1] (1 = off), got 2.0",
-        ),
-        (
-            ["--model", model_dir, "--agent.temperature", "nan"] + single,
-            "--agent.temperature must be a finite number >= 0 (0 = greedy), got nan",
-        ),
-    ]
-    for argv, message in cases:
-        assert answer.main(argv) == 2, argv
-        assert message in capsys.readouterr().err, argv
+    argv, message = ANSWER_ARGUMENT_ERRORS[case]
+    names = dict(model=model_dir, weights_only=str(no_tok), doc=str(doc), tmp=str(tmp_path))
+    argv = [a.format(**names) for a in argv]
+    if "--input" not in argv:
+        argv += ["--question", "q?", "--document", str(doc)]
+    assert answer.main(argv) == 2, argv
+    assert message in capsys.readouterr().err, argv
 
 
 def _eval_main(*args):
@@ -178,7 +184,7 @@ def _eval_main(*args):
 
     argv = ["evaluate", "--config", os.path.join(REPO, "configs", "evaluate.py") + ":cpu", *args]
     fv = flags.FlagValues()
-    ev._define_flags(fv, sys_argv=argv)
+    ev.define_flags(fv, sys_argv=argv)
     fv(argv)
     ev.main(["evaluate"])
 
@@ -349,7 +355,56 @@ def _grpo(model_dir, **overrides):
     return grpo_cpu_config(model_dir, **overrides)
 
 
-def test_train_config_errors_come_before_any_model(model_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def bad_train_inputs(model_dir, tmp_path_factory):
+    """Broken files a training config may name: {name: path}."""
+    root = tmp_path_factory.mktemp("bad_train_inputs")
+    (root / "train.jsonl").write_text(json.dumps({"context": "x", "input": "q?"}) + "\n")
+    (root / "broken.jsonl").write_text('{"context": \n')
+    (root / "templates.json").write_text('{"memory_update": ')
+    (root / "unknown.json").write_text('{"memory_updat": "x"}')
+    (root / "no_tokenizer").mkdir()
+    shutil.copy(os.path.join(model_dir, "config.json"), root / "no_tokenizer" / "config.json")
+    shutil.copytree(model_dir, root / "bad_config")
+    (root / "bad_config" / "config.json").write_text("{")
+    return {p.name: str(p) for p in root.iterdir()}
+
+
+TRAIN_CONFIG_ERRORS = [
+    ({"rl.learning_rate": -1e-6}, r"config\.rl\.learning_rate must be a finite number > 0"),
+    ({"rl.learning_rate": 0.0}, r"config\.rl\.learning_rate .*at 0 nothing is learned"),
+    ({"agent.top_p": 2.0}, r"config\.agent\.top_p must be a finite number in \(0, 1\] \(1 = off\), got 2\.0"),
+    ({"agent.temperature": 0.0}, r"config\.agent\.temperature .*> 0"),
+    ({"agent.temperature": float("nan")}, r"config\.agent\.temperature must be a finite number >= 0"),
+    ({"rl.clip_low": 1.5}, r"config\.rl\.clip_low .*in \[0, 1\)"),
+    ({"rl.clip_high": -0.1}, r"config\.rl\.clip_high must be a finite number >= 0"),
+    ({"rl.dual_clip": 0.5}, r"config\.rl\.dual_clip .*> 1, or 0"),
+    ({"rl.kl_coef": -1.0}, r"config\.rl\.kl_coef must be a finite number >= 0"),
+    ({"rl.max_grad_norm": 0.0}, r"config\.rl\.max_grad_norm must be a finite number > 0"),
+    ({"rl.group_size": 1}, r"config\.rl\.group_size must be an integer >= 2"),
+    ({"rl.num_minibatches": 1000}, r"config\.rl\.num_minibatches must be an integer in \[1, 16\]"),
+    (
+        {"agent.chunk_tokens": 480},
+        r"config\.agent budgets need a context of more than 576 tokens.*max_position_embeddings is 512",
+    ),
+    ({"data.train_file": "train.jsonl"}, r"config\.data\.train_file: .*train\.jsonl row 0: field 'answers'"),
+    ({"data.train_file": "broken.jsonl"}, r"config\.data\.train_file: .*broken\.jsonl"),
+    ({"agent.templates": "templates.json"}, r"config\.agent\.templates: .*templates\.json: not valid JSON"),
+    ({"agent.templates": "unknown.json"}, r"config\.agent\.templates: .*unknown template field"),
+    ({"model.path": "no_tokenizer"}, r"config\.model\.path: .*no_tokenizer' holds no tokenizer files"),
+    ({"model.path": "bad_config"}, r"config\.model\.path: .*config\.json does not parse as JSON"),
+    ({"model.param_dtype": "float8"}, r"config\.model\.param_dtype must be one of"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    TRAIN_CONFIG_ERRORS,
+    ids=[f"{next(iter(o))}={next(iter(o.values()))}" for o, _ in TRAIN_CONFIG_ERRORS],
+)
+def test_train_config_errors_come_before_any_model(
+    overrides, pattern, model_dir, bad_train_inputs, tmp_path, monkeypatch
+):
     import transformers
 
     from memagent_jax import models
@@ -361,48 +416,9 @@ def test_train_config_errors_come_before_any_model(model_dir, tmp_path, monkeypa
 
     monkeypatch.setattr(models, "load_hf_params", no_loading)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_loading)
-    bad_rows = tmp_path / "train.jsonl"
-    bad_rows.write_text(json.dumps({"context": "x", "input": "q?"}) + "\n")
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"context": \n')
-    templates = tmp_path / "templates.json"
-    templates.write_text('{"memory_update": ')
-    unknown = tmp_path / "unknown.json"
-    unknown.write_text('{"memory_updat": "x"}')
-    no_tok = tmp_path / "no_tokenizer"
-    no_tok.mkdir()
-    shutil.copy(os.path.join(model_dir, "config.json"), no_tok / "config.json")
-    bad_json = tmp_path / "bad_config"
-    shutil.copytree(model_dir, bad_json)
-    (bad_json / "config.json").write_text("{")
-    cases = [
-        ({"rl.learning_rate": -1e-6}, r"config\.rl\.learning_rate must be a finite number > 0"),
-        ({"rl.learning_rate": 0.0}, r"config\.rl\.learning_rate .*at 0 nothing is learned"),
-        ({"agent.top_p": 2.0}, r"config\.agent\.top_p must be a finite number in \(0, 1\] \(1 = off\), got 2\.0"),
-        ({"agent.temperature": 0.0}, r"config\.agent\.temperature .*> 0"),
-        ({"rl.clip_low": 1.5}, r"config\.rl\.clip_low .*in \[0, 1\)"),
-        ({"rl.clip_high": -0.1}, r"config\.rl\.clip_high must be a finite number >= 0"),
-        ({"rl.dual_clip": 0.5}, r"config\.rl\.dual_clip .*> 1, or 0"),
-        ({"rl.kl_coef": -1.0}, r"config\.rl\.kl_coef must be a finite number >= 0"),
-        ({"rl.max_grad_norm": 0.0}, r"config\.rl\.max_grad_norm must be a finite number > 0"),
-        ({"rl.group_size": 1}, r"config\.rl\.group_size must be an integer >= 2"),
-        ({"rl.num_minibatches": 1000}, r"config\.rl\.num_minibatches must be an integer in \[1, 16\]"),
-        (
-            {"agent.chunk_tokens": 480},
-            r"config\.agent budgets need a context of more than 576 tokens.*"
-            r"max_position_embeddings is 512",
-        ),
-        ({"data.train_file": str(bad_rows)}, r"config\.data\.train_file: .*train\.jsonl row 0: field 'answers'"),
-        ({"data.train_file": str(broken)}, r"config\.data\.train_file: .*broken\.jsonl"),
-        ({"agent.templates": str(templates)}, r"config\.agent\.templates: .*templates\.json: not valid JSON"),
-        ({"agent.templates": str(unknown)}, r"config\.agent\.templates: .*unknown template field"),
-        ({"model.path": str(no_tok)}, r"config\.model\.path: .*no_tokenizer' holds no tokenizer files"),
-        ({"model.path": str(bad_json)}, r"config\.model\.path: .*config\.json does not parse as JSON"),
-        ({"model.param_dtype": "float8"}, r"config\.model\.param_dtype must be one of"),
-    ]
-    for overrides, pattern in cases:
-        with pytest.raises(TrainConfigError, match=pattern):
-            train(_grpo(model_dir, **overrides), str(tmp_path / "w"))
+    overrides = {k: bad_train_inputs.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+    with pytest.raises(TrainConfigError, match=pattern):
+        train(_grpo(model_dir, **overrides), str(tmp_path / "w"))
 
 
 # ------------------------------------------------------------------------------------------- 5. launchers

@@ -61,19 +61,29 @@ def test_resume_equals_uninterrupted_run(model_dir, tmp_path):
     assert os.path.isdir(os.path.join(full, "checkpoints"))
 
 
-def test_config_errors_name_the_field(model_dir, tmp_path):
-    with pytest.raises(TrainConfigError, match=r"config\.model\.path: required"):
-        validate_config(grpo_config(""), device_count=8)
-    with pytest.raises(TrainConfigError, match=r"config\.mesh: data x fsdp x tensor = \[2, 2, 3\] does not match 8"):
-        validate_config(grpo_config(model_dir, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 3}), device_count=8)
-    with pytest.raises(TrainConfigError, match=r"config\.data\.train_file: .*nope\.jsonl' does not exist"):
-        validate_config(grpo_config(model_dir, **{"data.train_file": str(tmp_path / "nope.jsonl")}), device_count=8)
-    with pytest.raises(TrainConfigError, match=r"config\.rl\.group_size must be positive"):
-        validate_config(grpo_config(model_dir, **{"rl.group_size": 0}), device_count=8)
-    with pytest.raises(TrainConfigError, match=r"config\.model\.attention_impl must be one of"):
-        validate_config(grpo_config(model_dir, **{"model.attention_impl": "flash"}), device_count=8)
-    with pytest.raises(TrainConfigError, match=r"config\.model\.attention_block_size must be an integer >= 1"):
-        validate_config(grpo_config(model_dir, **{"model.attention_block_size": 0}), device_count=8)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.path": ""}, r"config\.model\.path: required"),
+        (
+            {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 3},
+            r"config\.mesh: data x fsdp x tensor = \[2, 2, 3\] does not match 8",
+        ),
+        ({"data.train_file": "{tmp}/nope.jsonl"}, r"config\.data\.train_file: .*nope\.jsonl' does not exist"),
+        ({"rl.group_size": 0}, r"config\.rl\.group_size must be positive"),
+        ({"model.attention_impl": "flash"}, r"config\.model\.attention_impl must be one of"),
+        ({"model.attention_block_size": 0}, r"config\.model\.attention_block_size must be an integer >= 1"),
+        ({"model.decode_layout": "sideways"}, r"config\.model\.decode_layout must be one of"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_config_errors_name_the_field(overrides, message, model_dir, tmp_path):
+    overrides = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in overrides.items()}
+    with pytest.raises(TrainConfigError, match=message):
+        validate_config(grpo_config(model_dir, **overrides), device_count=8)
+
+
+def test_model_options_carry_the_kernel_and_layout(model_dir):
     from memagent_jax.rl.recipe import model_options
 
     cfg = grpo_config(model_dir, **{"model.attention_impl": "blockwise", "model.attention_block_size": 64})
@@ -82,8 +92,6 @@ def test_config_errors_name_the_field(model_dir, tmp_path):
         "attention_block_size": 64,
         "decode_layout": "auto",
     }
-    with pytest.raises(TrainConfigError, match=r"config\.model\.decode_layout must be one of"):
-        validate_config(grpo_config(model_dir, **{"model.decode_layout": "sideways"}), device_count=8)
 
 
 def _fake_rollout(rewards):
