@@ -60,7 +60,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    classifiers=["License :: OSI Approved :: Apache Software License"],
+    license_files=["LICENSE"],
     packages=find_packages(include=["memagent_jax", "memagent_jax.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
