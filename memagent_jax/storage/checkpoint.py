@@ -5,7 +5,8 @@ One checkpoint per saved step, in `<directory>/<step>/`, holding four Orbax item
     state   the train state pytree (params, optimiser state, step counters)     StandardSave / StandardRestore
     data    the data-iterator position, a JSON-able dict                         JsonSave / JsonRestore
     rng     {'key_data': uint32 array} of the run's JAX PRNG key (a placeholder if none)  StandardSave / Restore
-    meta    {'format', 'step', 'has_rng', 'rng_impl', 'rng_typed'}              JsonSave / JsonRestore
+    meta    {'format', 'step', 'has_rng', 'rng_impl', 'rng_typed', 'metadata', 'manifest', 'digest'}
+                                                                                 JsonSave / JsonRestore
 
 Atomicity comes from Orbax: a save writes into `<step>.orbax-checkpoint-tmp*` and only a finished save is renamed
 to `<step>` (with a commit marker). An interrupted save therefore leaves only a tmp directory, which is never
@@ -20,17 +21,32 @@ Restore targets: pass the abstract state (`jax.ShapeDtypeStruct`s with `.shardin
 `Learner.abstract_state()`), and each array is read straight into those shardings, on any mesh.
 
 Verification. `save` refuses a state holding NaN / inf (CheckpointError naming the step and the leaf; nothing is
-written and no older checkpoint is pruned) and records a checksum of every leaf (a position-weighted sum of its
-bits mod 2^32: any single flipped bit changes it) in `meta`. Every restore checks the metadata parses, the
-restored leaves have the target's shapes and dtypes, every value is finite and every checksum matches. With
-`restore()` (no step given) a checkpoint failing any check is reported (a warning and `Restored.skipped`), moved
-to `<directory>/quarantine/<step>-<time>` (so the step can be saved again) and the next older one is tried: the
-run resumes from the newest good checkpoint.
+written and no older checkpoint is pruned) and writes, inside `meta` (so it is committed with the checkpoint, by the
+same atomic rename), a manifest covering every item a restore uses:
+
+    manifest.state   {leaf path: checksum} of every train-state leaf (weights, optimiser state, counters)
+    manifest.rng     {leaf path: checksum} of the RNG item
+    manifest.data    sha256 of the canonical JSON (sorted keys, no spaces) of the data position
+    digest           sha256 of the canonical JSON of the rest of `meta` (format, step, RNG kind, the caller's
+                     `metadata` such as a config fingerprint, and the manifest itself)
+
+A leaf checksum is a position-weighted sum of its bits mod 2^32: any single flipped bit changes it. Every restore
+reads the metadata first and checks its digest and that its step is the folder's, then reads the items and checks
+that the state's leaves have the target's shapes and dtypes, every value is finite, and every item matches the
+manifest, before anything is returned. With `restore()` (no step given) a checkpoint failing any check is reported
+(a warning naming the step and the item at fault, and `Restored.skipped`), moved to
+`<directory>/quarantine/<step>-<time>` (so the step can be saved again) and the next older one is tried: the run
+resumes from the newest good checkpoint. When none passes, a CheckpointError names every step and why.
+
+Checkpoints written before the manifest (`format` 1) still restore: their state leaves are checked against the
+checksums they carry, and `Restored.unverified` names the items nothing covers (data position, RNG state,
+metadata); a warning says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -46,7 +62,8 @@ __all__ = ["Checkpointer", "Restored", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2  # 2: meta carries the manifest and its digest; 1: state checksums only (still restored)
+_FORMATS = (1, 2)
 _ITEMS = ("state", "data", "rng", "meta")
 
 
@@ -59,14 +76,19 @@ class Restored:
     """What `Checkpointer.restore` returns.
 
     step: the checkpoint's step; state: the restored pytree (structure and shardings of the target);
-    data_state: the data-iterator position dict; rng: the PRNG key (typed if it was saved typed) or None.
+    data_state: the data-iterator position dict; rng: the PRNG key (typed if it was saved typed) or None;
+    metadata: the dict given to `save(metadata=...)` ({} if none);
+    skipped: [(step, why)] of the newer checkpoints that failed verification (now in quarantine);
+    unverified: the items no checksum covered (a checkpoint written before the manifest), else [].
     """
 
     step: int
     state: Any
     data_state: dict
     rng: jax.Array | None
-    skipped: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # newer unusable steps, why
+    metadata: dict = dataclasses.field(default_factory=dict)
+    skipped: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    unverified: list[str] = dataclasses.field(default_factory=list)
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -135,6 +157,41 @@ def _check_json(value, field: str) -> None:
         raise CheckpointError(f"{field} must be JSON-serialisable: {e}") from None
 
 
+def _canonical_sha256(value) -> str:
+    """sha256 (hex) of `value`'s canonical JSON: sorted keys, no spaces, after a JSON round trip (so tuples and
+    lists, or int and str keys, hash as they will be read back)."""
+    value = json.loads(json.dumps(value))
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _meta_digest(meta: dict) -> str:
+    return _canonical_sha256({k: v for k, v in meta.items() if k != "digest"})
+
+
+def _leaf_checksums(stats: dict[str, tuple[int, int]]) -> dict[str, int]:
+    return {path: checksum for path, (_, checksum) in stats.items()}
+
+
+def _compare_checksums(where: str, item: str, saved, stats: dict[str, tuple[int, int]]) -> None:
+    """Every leaf of `stats` must match its checksum in `saved`, and every leaf of `saved` must be there.
+
+    item: how messages name the item ('' for the train state, whose leaf paths name themselves)."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: the manifest has no checksums for {item.rstrip(': ') or 'the train state'}")
+    for path, (_, checksum) in stats.items():
+        if path not in saved:
+            raise CheckpointError(f"{where}: {item}leaf {path} has no checksum in the manifest")
+        if int(saved[path]) != checksum:
+            raise CheckpointError(
+                f"{where}: {item}leaf {path} does not match the checksum written when it was saved "
+                f"(the files changed on disk)"
+            )
+    missing = sorted(set(saved) - set(stats))
+    if missing:
+        raise CheckpointError(f"{where}: {item}leaf {missing[0]} of the manifest was not restored")
+
+
 class Checkpointer:
     """Saves and restores (state, data position, RNG) per step in `directory`.
 
@@ -181,11 +238,20 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
 
     def save(
-        self, step: int, state, *, data_state: dict | None = None, rng: jax.Array | None = None, force: bool = False
+        self,
+        step: int,
+        state,
+        *,
+        data_state: dict | None = None,
+        rng: jax.Array | None = None,
+        metadata: dict | None = None,
+        force: bool = False,
     ) -> bool:
         """Saves a checkpoint for `step` (async by default). Returns whether a save was started.
 
         state: any pytree of arrays (the `TrainState`). data_state: a JSON-able dict (the iterator position).
+        metadata: a JSON-able dict kept with the checkpoint and covered by its digest (e.g. a config
+          fingerprint); `Restored.metadata` on restore.
         rng: a JAX PRNG key (typed `jax.random.key` or raw uint32 `PRNGKey`), or None. It is saved as host data
           (the same key on every process of a multi-process run; only the primary process writes it).
 
@@ -201,6 +267,10 @@ class Checkpointer:
         if not isinstance(data_state, dict):
             raise CheckpointError(f"data_state must be a dict, got {type(data_state).__name__}")
         _check_json(data_state, "data_state")
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"metadata must be a dict, got {type(metadata).__name__}")
+        _check_json(metadata, "metadata")
         if step in self._manager.all_steps():
             raise CheckpointError(f"a checkpoint for step {step} already exists in {self.directory}")
         if not force and not self._manager.should_save(step):
@@ -218,7 +288,7 @@ class Checkpointer:
             "has_rng": rng is not None,
             "rng_impl": None,
             "rng_typed": False,
-            "checksums": {path: checksum for path, (_, checksum) in stats.items()},
+            "metadata": json.loads(json.dumps(metadata)),
         }
         rng_item: dict[str, Any] = {"key_data": np.zeros((1,), np.uint32)}  # placeholder (Orbax refuses size 0)
         if rng is not None:
@@ -230,6 +300,12 @@ class Checkpointer:
                 rng_item = {"key_data": np.asarray(rng)}
             else:
                 raise CheckpointError(f"rng must be a JAX PRNG key, got dtype {rng.dtype}")
+        meta["manifest"] = {
+            "state": _leaf_checksums(stats),
+            "rng": _leaf_checksums(tree_stats(rng_item)),
+            "data": _canonical_sha256(data_state),
+        }
+        meta["digest"] = _meta_digest(meta)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
@@ -245,9 +321,10 @@ class Checkpointer:
 
         abstract_state: pytree of `jax.ShapeDtypeStruct` (with `.sharding` to place the arrays; e.g.
           `Learner.abstract_state()`) or of concrete arrays with the same structure.
-        fallback: when a checkpoint fails verification (unreadable metadata or arrays, shapes or dtypes other than
-          the target's, non-finite values, a checksum mismatch), warn, move it to `<directory>/quarantine/` and
-          try the next older one. Default: on when `step` is None, off for an explicit step.
+        fallback: when a checkpoint fails verification (unreadable or damaged metadata, unreadable arrays, shapes or
+          dtypes other than the target's, non-finite values, any item that does not match the manifest), warn,
+          move it to `<directory>/quarantine/` and try the next older one. Default: on when `step` is None, off
+          for an explicit step.
         Raises CheckpointError naming the checkpoint's folder when there is no finished checkpoint (or not that
         step), or when none passes verification.
         """
@@ -272,6 +349,12 @@ class Checkpointer:
                 continue
             if skipped:
                 self._quarantine([s for s, _ in skipped])
+            if restored.unverified:
+                log.warning(
+                    "checkpoint %s was written without a manifest: its %s are not verified",
+                    self._step_dir(candidate),
+                    ", ".join(restored.unverified),
+                )
             restored.skipped = skipped
             return restored
         raise CheckpointError(
@@ -281,7 +364,9 @@ class Checkpointer:
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _restore_verified(self, abstract_state, step: int) -> Restored:
+    def _read_meta(self, step: int) -> dict:
+        """The checkpoint's metadata, checked (format; for a manifest checkpoint its digest and step) before any
+        other item is read."""
         where = self._step_dir(step)
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -290,9 +375,30 @@ class Checkpointer:
                 f"{where}: cannot read the checkpoint's metadata ({os.path.join(where, 'meta')}): "
                 f"{type(e).__name__}: {e}"
             ) from None
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
             got = meta.get("format") if isinstance(meta, dict) else meta
-            raise CheckpointError(f"{where}: unknown checkpoint format {got!r} (expected {_FORMAT})")
+            raise CheckpointError(f"{where}: unknown checkpoint format {got!r} (expected one of {list(_FORMATS)})")
+        if meta["format"] == 1:
+            if "manifest" in meta or "digest" in meta:  # format 1 never had these: the format field was damaged
+                raise CheckpointError(
+                    f"{where}: the metadata (meta: step, RNG kind, manifest) is damaged: format 1 with a manifest"
+                )
+            return meta
+        if meta.get("digest") != _meta_digest(meta):
+            raise CheckpointError(
+                f"{where}: the metadata (meta: step, RNG kind, run metadata, manifest) does not match the digest "
+                f"written when it was saved (the files changed on disk)"
+            )
+        if meta.get("step") != step:
+            raise CheckpointError(f"{where}: the metadata names step {meta.get('step')!r}, the folder step {step}")
+        if not isinstance(meta.get("manifest"), dict):
+            raise CheckpointError(f"{where}: the metadata has no manifest")
+        return meta
+
+    def _restore_verified(self, abstract_state, step: int) -> Restored:
+        where = self._step_dir(step)
+        meta = self._read_meta(step)
+        manifest = meta.get("manifest")
         target = jax.tree.map(
             lambda a: (
                 a
@@ -327,22 +433,48 @@ class Checkpointer:
         problem = _nonfinite_message(stats)
         if problem is not None:
             raise CheckpointError(f"{where}: {problem}")
-        saved = meta.get("checksums")
-        if isinstance(saved, dict):  # metadata without a checksums entry: nothing to compare
-            for path, (_, checksum) in stats.items():
-                if path in saved and int(saved[path]) != checksum:
-                    raise CheckpointError(
-                        f"{where}: leaf {path} does not match the checksum written when it was "
-                        f"saved (the files changed on disk)"
-                    )
+        data_state = restored.data
+        unverified: list[str] = []
+        if manifest is None:  # format 1: the state's checksums only
+            saved = meta.get("checksums")
+            if isinstance(saved, dict):
+                for path, (_, checksum) in stats.items():
+                    if path in saved and int(saved[path]) != checksum:
+                        raise CheckpointError(
+                            f"{where}: leaf {path} does not match the checksum written when it was "
+                            f"saved (the files changed on disk)"
+                        )
+            else:
+                unverified.append("train state")
+            unverified += ["data position", "RNG state", "metadata"]
+        else:
+            _compare_checksums(where, "", manifest.get("state"), stats)
+            _compare_checksums(where, "the RNG state (rng): ", manifest.get("rng"), tree_stats(restored.rng))
+            if _canonical_sha256(data_state) != manifest.get("data"):
+                raise CheckpointError(
+                    f"{where}: the data position (data) does not match the checksum written when it was saved "
+                    f"(the files changed on disk)"
+                )
         rng = None
         if meta.get("has_rng"):
             key_data = jnp.asarray(restored.rng["key_data"], jnp.uint32)
-            rng = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"]) if meta.get("rng_typed") else key_data
-        data_state = restored.data
+            try:
+                rng = jax.random.wrap_key_data(key_data, impl=meta["rng_impl"]) if meta.get("rng_typed") else key_data
+            except Exception as e:  # noqa: BLE001 - an unverified (format 1) RNG kind or key that does not fit
+                raise CheckpointError(
+                    f"{where}: the RNG state (rng) cannot be rebuilt: {type(e).__name__}: {e}"
+                ) from None
         if data_state is not None and not isinstance(data_state, dict):
             raise CheckpointError(f"{where}: the data position is a {type(data_state).__name__}, not a JSON object")
-        return Restored(step=step, state=restored.state, data_state=dict(data_state or {}), rng=rng)
+        metadata = meta.get("metadata") or {}
+        return Restored(
+            step=step,
+            state=restored.state,
+            data_state=dict(data_state or {}),
+            rng=rng,
+            metadata=dict(metadata) if isinstance(metadata, dict) else {},
+            unverified=unverified,
+        )
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves unusable step folders to <directory>/quarantine/<step>-<unix time> (process 0) and rescans."""
