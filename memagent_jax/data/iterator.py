@@ -138,15 +138,33 @@ class ShardedIterator(Iterator[list]):
         """Restore a position saved by :meth:`get_state` (possibly in another process).
 
         The seed, shuffling, record count and host count must match the saved ones (otherwise the
-        order would differ and the position would be meaningless): a mismatch raises
-        ``ValueError``.  The batch size may differ; the position is counted in records.
+        order would differ and the position would be meaningless): a mismatch, a missing or ill-typed
+        entry, or a position outside the epoch raises ``ValueError`` naming the entry.  The batch size
+        may differ; the position is counted in records.
         """
+        if not isinstance(state, dict):
+            raise ValueError(f"iterator state must be a dict, got {type(state).__name__}")
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported iterator state version {state.get('version')!r}")
+        for key, kind in (
+            ("seed", int),
+            ("shuffle", bool),
+            ("num_records", int),
+            ("process_count", int),
+            ("epoch", int),
+            ("position", int),
+        ):
+            if key not in state:
+                raise ValueError(f"iterator state has no {key!r}")
+            value = state[key]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(
+                    f"iterator state has {key}={value!r}, not {'a bool' if kind is bool else 'an integer'}"
+                )
         for key in ("seed", "shuffle", "num_records", "process_count"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"iterator state has {key}={state[key]!r}, this iterator has {getattr(self, key)!r}")
-        epoch, position = int(state["epoch"]), int(state["position"])
+        epoch, position = state["epoch"], state["position"]
         if epoch < 0 or not 0 <= position <= self.per_host:
             raise ValueError(f"invalid iterator position epoch={epoch} position={position}")
         self.epoch, self.position = epoch, position
