@@ -119,6 +119,32 @@ def _global_rollout_stats(rollout):
     return gather(rollout.rewards), gather(rollout.accuracy), lengths
 
 
+def _config_items(cfg) -> dict:
+    """The config as {dotted key: JSON value} (kept in every checkpoint's metadata)."""
+    import json
+
+    out: dict = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(json.loads(cfg.to_json_best_effort(sort_keys=True)), "")
+    return out
+
+
+def _config_changes(saved, current: dict, limit: int = 8) -> str:
+    """'key (old -> new), ...' for the config entries that differ from a checkpoint's ('' if none or unknown)."""
+    if not isinstance(saved, dict):
+        return ""
+    keys = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    text = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in keys[:limit])
+    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def sample_step(roll_out, *, dynamic_sampling: bool, max_batches: int, groups_wanted: int, process_count: int = 1):
     """One step's rollout, with DAPO's dynamic sampling when asked.
 
@@ -170,7 +196,7 @@ def train(cfg, workdir: str) -> dict:
     from memagent_jax.rl.metrics import MetricsWriter
     from memagent_jax.rl.rollout import RewardScorer, collect_rollouts_in_slices, rollout_to_batch
     from memagent_jax.sampling import SamplingParams
-    from memagent_jax.storage.checkpoint import Checkpointer
+    from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
     from memagent_jax.storage.paths import RemotePathError, check_local_path
 
     try:
@@ -222,10 +248,19 @@ def train(cfg, workdir: str) -> dict:
         os.path.join(workdir, "checkpoints"), max_to_keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
     start = 0
+    run_metadata = {"config": _config_items(cfg)}
     if checkpointer.latest_step() is not None:
-        restored = checkpointer.restore(learner.abstract_state())  # verified; falls back past bad checkpoints
+        # Verified (weights, optimiser state, data position, RNG, metadata); falls back past damaged checkpoints.
+        restored = checkpointer.restore(learner.abstract_state())
         state, start = restored.state, restored.step
-        iterator.set_state(restored.data_state)
+        try:
+            iterator.set_state(restored.data_state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{checkpointer.directory}/{start}: its data position does not fit this run's data: {e}"
+            ) from None
+        if restored.rng is not None:
+            base_key = restored.rng  # the run's key, as saved (the one cfg.seed gives: the iterator checks the seed)
         if process_index == 0:
             for bad_step, why in restored.skipped:
                 print(
@@ -233,6 +268,18 @@ def train(cfg, workdir: str) -> dict:
                     f"{checkpointer.directory}/quarantine/: {why}",
                     file=sys.stderr,
                     flush=True,
+                )
+            if restored.unverified:
+                print(
+                    f"warning: checkpoint step {start} was written without a manifest: its "
+                    f"{', '.join(restored.unverified)} are not verified",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            changed = _config_changes(restored.metadata.get("config"), run_metadata["config"])
+            if changed:
+                print(
+                    f"note: the config differs from checkpoint step {start}'s: {changed}", file=sys.stderr, flush=True
                 )
             print(f"resumed from {checkpointer.directory} at step {start}", flush=True)
     if rollout_devices is None:
@@ -340,7 +387,7 @@ def train(cfg, workdir: str) -> dict:
             metrics["step_time_s"] = time.perf_counter() - t0
             writer.write(step + 1, metrics)
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
-                checkpointer.save(step + 1, state, data_state=iterator.get_state(), rng=base_key)
+                checkpointer.save(step + 1, state, data_state=iterator.get_state(), rng=base_key, metadata=run_metadata)
         checkpointer.wait_until_finished()
         if cfg.export:
             out = save_hf_checkpoint(
