@@ -190,12 +190,12 @@ def _eval_main(*args):
 
 
 EVAL_BUDGETS = [
-    "--config.budgets.question_tokens=32",
-    "--config.budgets.chunk_tokens=24",
-    "--config.budgets.memory_tokens=16",
-    "--config.budgets.answer_tokens=6",
-    "--config.budgets.chunks_per_segment=2",
-    "--config.sampling.temperature=0",
+    "--config.agent.question_tokens=32",
+    "--config.agent.chunk_tokens=24",
+    "--config.agent.memory_tokens=16",
+    "--config.agent.answer_tokens=6",
+    "--config.agent.chunks_per_segment=2",
+    "--config.agent.temperature=0",
     "--config.plot=False",
     "--config.warmup=False",
     "--config.progress=False",
