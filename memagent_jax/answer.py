@@ -1,6 +1,6 @@
 """Answer questions about long documents with a memory agent.
 
-One document:
+One document (`--document -` reads it from standard input):
     python -m memagent_jax.answer --model DIR --question "Who ...?" --document book.txt [--trace]
 
 A batch file (reference evaluation or training format, JSONL / JSON / parquet) -> JSONL of answers:
@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local Hugging Face model folder (config.json + safetensors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     p.add_argument("--question", help="the question (single-document mode)")
-    p.add_argument("--document", help="UTF-8 text file with the document (single-document mode)")
+    p.add_argument(
+        "--document", help="UTF-8 text file with the document, '-' for standard input (single-document mode)"
+    )
     p.add_argument("--input", help="rows file (batch mode): reference eval or training format")
     p.add_argument("--output", help="JSONL output file (batch mode)")
     p.add_argument(
@@ -79,16 +81,20 @@ def check_args(args) -> None:
         except RemotePathError as e:
             raise FlagError(str(e)) from None
     check_model_and_agent_flags(args)
-    if args.document is not None and not os.path.isfile(args.document):
-        raise FlagError(f"--document {args.document!r} does not exist")
+    from memagent_jax.storage.paths import input_file_problem, same_file
+
+    if args.document is not None and args.document != "-":  # '-': standard input
+        problem = input_file_problem(args.document, pipes=True)  # read once: /dev/stdin, <(cmd) will do
+        if problem is not None:
+            raise FlagError(f"--document {args.document!r} {problem}")
     if args.input is not None:
-        if not os.path.isfile(args.input):
-            raise FlagError(f"--input {args.input!r}: no such file")
+        problem = input_file_problem(args.input, pipes=False)  # a table: memory-mapped, read more than once
+        if problem is not None:
+            raise FlagError(f"--input {args.input!r} {problem}")
         out = os.path.abspath(args.output)
         if os.path.isdir(out):
             raise FlagError(f"--output {args.output!r} is a folder; give a file name")
-        same = out == os.path.abspath(args.input) or (os.path.exists(out) and os.path.samefile(out, args.input))
-        if same:
+        if same_file(out, args.input):
             raise FlagError(f"--output {args.output!r} is the input file; refusing to write over it")
 
 

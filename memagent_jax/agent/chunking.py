@@ -84,19 +84,32 @@ def tokenize_document(tokenizer, document: str | Iterable[str], *, source: str =
 
 
 def read_document_file(path: str | os.PathLike) -> str:
-    """Reads a UTF-8 text document with clear errors for a missing file or bad bytes."""
+    """Reads a UTF-8 text document; `"-"` reads standard input, and pipes (`/dev/stdin`, `<(cmd)`) are read like
+    files. A missing file, a directory, a file that cannot be read or bytes that are not UTF-8 raise
+    AgentInputError naming the file."""
+    import sys
+
+    from memagent_jax.storage.paths import input_file_problem
+
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AgentInputError(f"document file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise AgentInputError(f"document file {path!r} is a directory")
-    with open(path, "rb") as f:
-        raw = f.read()
+    name = "standard input" if path == "-" else f"document file {path!r}"
+    if path != "-":
+        problem = input_file_problem(path, pipes=True)
+        if problem is not None:
+            raise AgentInputError(f"{name} {problem}")
+    try:
+        if path == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except OSError as e:  # no permission, a read error
+        raise AgentInputError(f"{name} cannot be read ({(e.strerror or str(e)).lower()})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise AgentInputError(
-            f"document file {path!r} is not valid UTF-8: byte {e.start} (0x{raw[e.start]:02x}) cannot be decoded"
+            f"{name} is not valid UTF-8: byte {e.start} (0x{raw[e.start]:02x}) cannot be decoded"
         ) from None
 
 

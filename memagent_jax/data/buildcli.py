@@ -5,22 +5,26 @@ Contract of every builder command (as for the other batch entry points):
 * A bad input row (a question the builder cannot read, or cannot build at some document count) does not stop
   the run: it becomes one line of the errors file (``{"file", "row", "field", "num_docs", "error"}``, the error
   naming file, row and field) and the other rows go on.
-* Outputs are written atomically (``<name>.partial`` renamed into place) and never over an input file.
+* Outputs are written atomically (``<name>.partial`` renamed into place). No output, temporary file or errors
+  file may be the input (symbolic and hard links included), and no two outputs may name one file: such flags are
+  refused before anything is read, naming both flags.
 * The last stderr line is a summary: ``built F files (R rows) from INPUT: Q questions read, B rows failed ...``.
 * Exit status: 0 everything built; 1 outputs written but some rows failed (see the errors file); 2 nothing was
-  built (bad arguments, unreadable input, no usable row).
+  built (bad arguments, unreadable input, no usable row), or a write failed (disk full, no permission: one line
+  names the file, whose partial file is removed; the outputs finished before it stay, the input is never touched).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .records import DataFormatError
+from .records import DataFormatError, DataWriteError
 
 __all__ = [
     "BuildError",
@@ -107,21 +111,30 @@ def parse_counts(text: str, flag: str = "--eval_docs") -> tuple[int, ...]:
     return tuple(dict.fromkeys(counts))
 
 
-def _same(a: Path, b: Path) -> bool:
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+def check_outputs(
+    outputs: Iterable[tuple[str, str | os.PathLike]], inputs: Sequence[tuple[str, str | os.PathLike]]
+) -> None:
+    """BuildError naming both flags when an output, or the temporary file it is written to (``<name>.partial``),
+    is an input (after symbolic links; hard links too), or when two outputs name one file.
 
+    outputs, inputs: ``(flag, path)`` pairs, e.g. ``("--train_out", "train.parquet")``."""
+    from memagent_jax.storage.paths import partial_path, same_file
 
-def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Sequence[str | os.PathLike]) -> None:
-    """BuildError naming the output that would overwrite an input (or the input itself)."""
-    for out in outputs:
-        for inp in inputs:
-            if _same(Path(out), Path(inp)):
-                raise BuildError(f"output {out} is the input file {inp}; choose another output path")
+    files = []  # (description, path, owner): every file the build writes, the temporary ones included
+    for flag, out in outputs:
+        files.append((f"{flag} {os.fspath(out)}", os.fspath(out), flag))
+        files.append((f"the temporary file of {flag} ({partial_path(out)})", partial_path(out), flag))
+    for what, path, _ in files:
+        for flag, inp in inputs:
+            if same_file(path, inp):
+                raise BuildError(
+                    f"{what} is the input file {flag} {os.fspath(inp)}: the build would write over it or delete it; "
+                    "choose another output path"
+                )
+    for i, (what, path, owner) in enumerate(files):
+        for other, other_path, other_owner in files[i + 1 :]:
+            if owner != other_owner and same_file(path, other_path):
+                raise BuildError(f"{what} and {other} name the same file: one would overwrite the other")
 
 
 def error_entry(err: Exception, *, num_docs: int | None = None) -> dict:
@@ -134,16 +147,18 @@ def error_entry(err: Exception, *, num_docs: int | None = None) -> dict:
 def write_errors(path: str | os.PathLike, entries: Sequence[dict]) -> Path:
     """Write the error entries as JSON Lines, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             for entry in entries:
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
+    except OSError as e:
+        raise DataWriteError(path, e) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -155,13 +170,14 @@ def errors_path(args) -> Path:
     return Path(str(args.train_out) + ".errors.jsonl")
 
 
-def planned_outputs(args, counts: Sequence[int]) -> list[Path]:
+def planned_outputs(args, counts: Sequence[int]) -> list[tuple[str, Path]]:
+    """``(flag, path)`` of every file the build may write."""
     outs = []
     if args.out_dir:
-        outs += [Path(args.out_dir) / f"eval_{n}docs{args.suffix}" for n in counts]
+        outs += [("--out_dir", Path(args.out_dir) / f"eval_{n}docs{args.suffix}") for n in counts]
     if args.train_out:
-        outs.append(Path(args.train_out))
-    outs.append(errors_path(args))
+        outs.append(("--train_out", Path(args.train_out)))
+    outs.append(("--errors" if args.errors else "--errors (default)", errors_path(args)))
     return outs
 
 
@@ -178,9 +194,14 @@ def validate(args) -> tuple[int, ...]:
         raise BuildError(f"--limit: must be >= 0, got {args.limit}")
     if args.train_out and Path(args.train_out).suffix.lower() not in _SUFFIXES:
         raise BuildError(f"--train_out: unknown extension {Path(args.train_out).suffix!r}; use one of {_SUFFIXES}")
-    if not os.path.isfile(args.input):
-        raise BuildError(f"--input: {args.input} does not exist")
-    check_outputs(planned_outputs(args, counts), [args.input])
+    from memagent_jax.storage.paths import input_file_problem
+
+    problem = input_file_problem(args.input, pipes=True)  # the raw file is read once: a pipe will do
+    if problem is not None:
+        raise BuildError(f"--input {args.input} {problem}")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise BuildError(f"--out_dir {args.out_dir} is a file, not a directory")
+    check_outputs(planned_outputs(args, counts), [("--input", args.input)])
     return counts
 
 
@@ -222,6 +243,7 @@ def run(args, make_builder) -> int:
         return finish(args, written={}, rows=0, questions=0, errors=entries)
     written: dict = {}
     rows = 0
+    planned = len(counts) + bool(args.train_out)
     try:
         if args.out_dir:
             before = len(errors)
@@ -235,8 +257,22 @@ def run(args, make_builder) -> int:
                 written[str(args.train_out)] = args.train_docs
             else:  # every question failed (see the errors): no empty file
                 Path(args.train_out).unlink(missing_ok=True)
-    except (DataFormatError, OSError) as e:  # a write failed: what was written stays, the rest is not built
+    except DataFormatError as e:  # a row does not fit the file's schema: what was written stays
         print(f"error: {e}", file=sys.stderr)
         errors.append(e)
+    except OSError as e:  # disk full, no permission: the build stops; the files already written are complete
+        return _stopped(e, written, planned)
     entries = [error_entry(x, num_docs=getattr(x, "num_docs", None)) for x in errors]
-    return finish(args, written=written, rows=rows, questions=questions, errors=entries)
+    try:
+        return finish(args, written=written, rows=rows, questions=questions, errors=entries)
+    except OSError as e:  # the errors file could not be written
+        return _stopped(e, written, planned)
+
+
+def _stopped(err: OSError, written: dict, planned: int) -> int:
+    """One line for a failed write (naming the file); exit status 2."""
+    if not isinstance(err, DataWriteError):  # a write outside the data writers: name the file all the same
+        err = DataWriteError(err.filename or "an output file", err)
+    done = f" ({len(written)} of {planned} outputs finished before: {', '.join(written)})" if written else ""
+    print(f"error: {err}; the build stopped{done}", file=sys.stderr)
+    return 2

@@ -24,6 +24,7 @@ Main entry points: :func:`open_file` (random-access view yielding :class:`QAReco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import os
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .records import DataFormatError, QARecord
+from .records import DataFormatError, DataWriteError, QARecord
 
 __all__ = [
     "TRAIN_FIELDS",
@@ -436,18 +437,37 @@ def read_json_rows_tolerant(path: str | os.PathLike) -> tuple[list[dict | None],
     return rows, errors
 
 
+def _unreadable(path, e: OSError) -> DataFormatError:
+    return DataFormatError(path, None, None, f"cannot be read ({(e.strerror or str(e)).lower()})")
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Raises :class:`DataFormatError` naming ``path`` when it cannot be read as a table: it does not exist, is a
+    directory, is a pipe (tables are memory-mapped and read more than once) or cannot be opened (no permission)."""
+    from memagent_jax.storage.paths import input_file_problem
+
+    problem = input_file_problem(path, pipes=False)
+    if problem is not None:
+        raise DataFormatError(path, None, None, problem)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
 def load_table(path: str | os.PathLike, *, cache_dir: str | None = None, keep_in_memory: bool = False):
     """Load a parquet / JSON / JSON Lines file as a ``datasets.Dataset``, unchanged and offline.
 
     ``.json`` may hold a JSON array of objects or one object per line.  A file that cannot be
-    parsed raises :class:`DataFormatError` naming the file (and the row, for JSON files).
+    read (missing, a directory, a pipe, no permission) or parsed raises :class:`DataFormatError` naming the
+    file (and the row, for JSON files).
     """
     import datasets
 
     path = Path(path)
     fmt = _file_format(path)
-    if not path.exists():
-        raise FileNotFoundError(path)
+    check_readable(path)
     progress_was_enabled = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()
     try:
@@ -464,6 +484,8 @@ def load_table(path: str | os.PathLike, *, cache_dir: str | None = None, keep_in
                 located = _locate_json_problem(path)
             except UnicodeDecodeError as ue:
                 located = DataFormatError(path, None, None, f"is not UTF-8 text: {ue}")
+            except OSError as oe:
+                located = _unreadable(path, oe)
         if located is not None:
             raise located from e
         raise DataFormatError(path, None, None, f"could not be read as {fmt}: {type(cause).__name__}: {cause}") from e
@@ -508,12 +530,17 @@ class MemAgentFile(Sequence[QARecord]):
         # place and raise their DataFormatError (file, row, field) when read, so callers can go on past them.
         self.bad_rows: dict[int, DataFormatError] = {}
         fallback: list[dict | None] | None = None
+        _file_format(self.path)
+        check_readable(self.path)  # a file that cannot be read is not read row by row either
         try:
             self.dataset = load_table(self.path, **load_kwargs)
         except DataFormatError:
-            if on_bad_row == "raise" or _file_format(self.path) != "json" or not self.path.exists():
+            if on_bad_row == "raise" or _file_format(self.path) != "json":
                 raise
-            fallback, self.bad_rows = read_json_rows_tolerant(self.path)
+            try:
+                fallback, self.bad_rows = read_json_rows_tolerant(self.path)
+            except OSError as e:
+                raise _unreadable(self.path, e) from None
             self.dataset = None
         if fallback is not None:
             columns = list(dict.fromkeys(k for r in fallback if r is not None for k in r))
@@ -550,7 +577,10 @@ class MemAgentFile(Sequence[QARecord]):
             and _file_format(self.path) == "json"
             and any(type(f).__name__ == "Json" for f in self.dataset.features.values())
         ):
-            self._exact_rows = _read_json_rows(self.path)
+            try:
+                self._exact_rows = _read_json_rows(self.path)
+            except OSError as e:
+                raise _unreadable(self.path, e) from None
 
     def __len__(self) -> int:
         return len(self._exact_rows) if self._exact_rows is not None else len(self.dataset)
@@ -737,16 +767,18 @@ def write_rows(
     The format follows the extension: ``.jsonl`` (one object per line), ``.json`` (a JSON array),
     ``.parquet`` (row groups of at most ``rows_per_group`` rows / about ``max_group_bytes`` of
     text).  Rows are streamed, never all held at once, and checked before they are written.
-    Parquet needs the same fields (and ``extra_info`` keys) in every row.
+    Parquet needs the same fields (and ``extra_info`` keys) in every row.  Rows go to ``<path>.partial``,
+    renamed to ``path`` at the end; a write that fails (disk full, no permission) raises
+    :class:`DataWriteError` naming ``path``, with the partial file removed.
     """
     if kind not in ("train", "eval"):
         raise ValueError(f"kind must be 'train' or 'eval', got {kind!r}")
     path = Path(path)
     fmt = _file_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     checked = _checked_rows(rows, kind)
     tmp = path.with_name(path.name + ".partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "parquet":
             count = _write_parquet(checked, tmp, rows_per_group, max_group_bytes, path)
         else:
@@ -765,9 +797,11 @@ def write_rows(
                 if array:
                     f.write("\n]\n")
         os.replace(tmp, path)
+    except OSError as e:  # disk full, no permission, ...: one error naming the file, nothing half-written left
+        raise DataWriteError(path, e) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return count
 
 

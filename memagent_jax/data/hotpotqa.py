@@ -146,8 +146,14 @@ def _parse_item(item: Any, i: int, path) -> HotpotExample:
 
 
 def read_json_file(path: str | os.PathLike) -> Any:
-    """Parse a JSON file; a file that is not UTF-8 JSON raises :class:`DataFormatError` naming it."""
+    """Parse a JSON file (a pipe too: it is read once); a file that cannot be read (missing, a directory, no
+    permission) or is not UTF-8 JSON raises :class:`DataFormatError` naming it."""
+    from memagent_jax.storage.paths import input_file_problem
+
     path = Path(path)
+    problem = input_file_problem(path, pipes=True)
+    if problem is not None:
+        raise DataFormatError(path, None, None, problem)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -157,6 +163,8 @@ def read_json_file(path: str | os.PathLike) -> Any:
         ) from e
     except UnicodeDecodeError as e:
         raise DataFormatError(path, None, None, f"is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:  # no permission, a read error
+        raise DataFormatError(path, None, None, f"cannot be read ({(e.strerror or str(e)).lower()})") from None
 
 
 def load_hotpotqa(path: str | os.PathLike, errors: list | None = None) -> list[HotpotExample]:

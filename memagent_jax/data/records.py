@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["QARecord", "DataFormatError"]
+__all__ = ["QARecord", "DataFormatError", "DataWriteError"]
 
 
 class DataFormatError(ValueError):
@@ -30,6 +31,22 @@ class DataFormatError(ValueError):
 
     def __reduce__(self):  # keep the error picklable (multiprocessing, subprocess tests)
         return (type(self), (self.path, self.row, self.field, self.problem))
+
+
+class DataWriteError(OSError):
+    """Writing a data file failed (disk full, no permission, ...). The message names the file; the writer has removed
+    its ``.partial`` file, so nothing half-written is left (an older file of the same name is untouched)."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = os.fspath(path)
+        self.filename = self.path
+
+    def __str__(self) -> str:
+        return f"{self.path}: cannot be written ({self.strerror}); its partial file was removed"
+
+    def __reduce__(self):
+        return (type(self), (self.path, OSError(self.errno, self.strerror)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models import transformer
 from memagent_jax.models.config import ModelConfig
-from memagent_jax.models.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from memagent_jax.models.safetensors_io import CheckpointError, SafetensorsError, SafetensorsFile, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is incomplete or does not match its config."""
 
 
 class NonFiniteWeightsError(CheckpointError):
@@ -192,8 +188,12 @@ def find_weight_files(folder: str) -> dict[str, SafetensorsFile]:
         try:
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: not a valid safetensors index (needs 'weight_map'): {e}") from None
+        except OSError as e:
+            raise CheckpointError(f"{index_path}: cannot be read ({e.strerror or e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
         opened: dict[str, SafetensorsFile] = {}
         by_name: dict[str, SafetensorsFile] = {}
         for name, shard in weight_map.items():

@@ -11,6 +11,7 @@ than the tensor being converted on the host. bf16 is handled through `ml_dtypes`
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -34,12 +35,25 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
-    """A safetensors file is malformed or lacks a tensor."""
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete, does not match its config, or holds a malformed weight file (the message
+    names the file and the tensor). Exported as `memagent_jax.models.CheckpointError`."""
+
+
+class SafetensorsError(CheckpointError):
+    """A safetensors file is malformed (cut short, a header that lies about its tensors) or lacks a tensor."""
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class SafetensorsFile:
-    """A read-only, memory-mapped safetensors file: `names()`, `shape(name)`, `read(name)`."""
+    """A read-only, memory-mapped safetensors file: `names()`, `shape(name)`, `read(name)`.
+
+    The whole header is checked when the file is opened, so a file cut short or a header that lies (offsets past
+    the end of the file or overlapping, a byte range that does not match the tensor's dtype and shape) raises
+    SafetensorsError naming the file and the tensor before any tensor is read."""
 
     def __init__(self, path: str):
         self.path = path
@@ -48,20 +62,71 @@ class SafetensorsFile:
             with open(path, "rb") as f:
                 raw_len = f.read(8)
                 if len(raw_len) != 8:
-                    raise SafetensorsError(f"{path}: too short to be a safetensors file")
+                    raise SafetensorsError(
+                        f"{path}: too short to be a safetensors file ({size} bytes; cut short while copying?)"
+                    )
                 (header_len,) = struct.unpack("<Q", raw_len)
-                if header_len > min(_MAX_HEADER, size - 8):
-                    raise SafetensorsError(f"{path}: header length {header_len} is not plausible")
+                if header_len > size - 8:
+                    raise SafetensorsError(
+                        f"{path}: header length {header_len} is larger than the rest of the file ({size - 8} bytes): "
+                        "the file is cut short or not a safetensors file"
+                    )
+                if header_len > _MAX_HEADER:
+                    raise SafetensorsError(f"{path}: header length {header_len} is not plausible (over {_MAX_HEADER})")
                 header = json.loads(f.read(header_len))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SafetensorsError(f"{path}: cannot read safetensors header ({e})") from None
         if not isinstance(header, dict):
             raise SafetensorsError(f"{path}: header is not a JSON object")
-        self.metadata = header.pop("__metadata__", {}) or {}
+        metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(metadata, dict):
+            raise SafetensorsError(f"{path}: header field '__metadata__' is not a JSON object")
+        self.metadata = metadata
         self._entries = header
         self._data_start = 8 + header_len
         self._size = size
         self._mmap = None
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Every entry well-formed, its bytes inside the file, no two tensors sharing bytes."""
+        data_size = self._size - self._data_start
+        spans = []
+        for name, entry in self._entries.items():
+            where = f"{self.path}: tensor {name!r}"
+            if not isinstance(entry, dict):
+                raise SafetensorsError(f"{where}: header entry is not a JSON object")
+            shape, offsets, dtype = entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")
+            if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+                raise SafetensorsError(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+                raise SafetensorsError(f"{where}: 'data_offsets' must be [begin, end] byte offsets, got {offsets!r}")
+            begin, end = offsets
+            if end < begin:
+                raise SafetensorsError(f"{where}: 'data_offsets' [{begin}, {end}) ends before it begins")
+            if end > data_size:
+                raise SafetensorsError(
+                    f"{where}: byte range [{begin}, {end}) runs past the end of the file ({data_size} data bytes): "
+                    "the file is cut short or its header is wrong"
+                )
+            if dtype in _DTYPES:  # other dtypes are refused when read (`_entry`)
+                nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+                if end - begin != nbytes:
+                    raise SafetensorsError(
+                        f"{where}: byte range [{begin}, {end}) holds {end - begin} bytes, but shape {tuple(shape)} "
+                        f"of {dtype} needs {nbytes}"
+                    )
+            spans.append((begin, end, name))
+        last_end, last = 0, None  # the furthest-reaching tensor so far
+        for begin, end, name in sorted(spans):
+            if begin == end:  # an empty tensor shares no bytes
+                continue
+            if begin < last_end:
+                raise SafetensorsError(
+                    f"{self.path}: tensor {name!r} (bytes [{begin}, {end})) overlaps tensor {last!r} (bytes up to "
+                    f"{last_end}): the header is wrong"
+                )
+            last_end, last = end, name
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -87,17 +152,16 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view into the memory map (copy or cast before mutating)."""
-        dtype, shape, (begin, end) = self._entry(name)
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * dtype.itemsize or self._data_start + end > self._size:
-            raise SafetensorsError(
-                f"{self.path}: tensor {name!r} byte range [{begin}, {end}) does not match shape {shape} "
-                f"of {dtype.name} or runs past the end of the file"
-            )
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mmap[self._data_start + begin : self._data_start + end]
-        return raw.view(dtype).reshape(shape)
+        dtype, shape, (begin, end) = self._entry(name)  # the layout was checked when the file was opened
+        try:
+            if self._mmap is None:
+                self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            if self._mmap.size != self._size:
+                raise ValueError(f"the file changed size since it was opened ({self._size} -> {self._mmap.size} bytes)")
+            raw = self._mmap[self._data_start + begin : self._data_start + end]
+            return raw.view(dtype).reshape(shape)
+        except (OSError, ValueError) as e:  # the file changed or vanished after it was opened
+            raise SafetensorsError(f"{self.path}: tensor {name!r} cannot be read: {e}") from None
 
 
 def dtype_name(dtype) -> str:

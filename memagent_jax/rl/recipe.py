@@ -211,10 +211,12 @@ def _check_files(cfg) -> None:
     if cfg.data.train_file:
         from memagent_jax.data.formats import open_file
         from memagent_jax.data.records import DataFormatError
+        from memagent_jax.storage.paths import input_file_problem
 
         path = cfg.data.train_file
-        if not os.path.isfile(path):
-            raise TrainConfigError(f"config.data.train_file: {path!r} does not exist")
+        problem = input_file_problem(path, pipes=False)
+        if problem is not None:
+            raise TrainConfigError(f"config.data.train_file: {path!r} {problem}")
         try:
             rows = open_file(path)
             if len(rows) == 0:
