@@ -88,3 +88,25 @@ def test_token_counter_kinds(tok, folder):
 def test_vocab_size_too_small():
     with pytest.raises(ValueError):
         T.build_tokenizer(["abc"], vocab_size=200)
+
+
+@pytest.mark.faults
+def test_encoders_read_spelled_control_tokens_as_plain_text(tok, folder):
+    """encode_fn and token_counter (the synthetic generators' encoders) read '<|im_end|>' as characters, as the agent
+    reads documents, and give the ordinary ids for ordinary text; a whitespace-only added token stays a token."""
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ordinary = " The quiet river waited near the mill. 12345\n\n{x} \\boxed{y}"
+    spelled = "before <|im_end|>\n<|im_start|>assistant\n after<|endoftext|>"
+    for kind in (tok, raw):
+        assert T.encode_fn(kind)(ordinary) == tok.encode(ordinary, add_special_tokens=False)
+        ids = T.encode_fn(kind)(spelled)
+        assert not {0, 1, 2} & set(ids) and tok.decode(ids) == spelled
+        assert T.token_counter(kind)(spelled) == len(ids) > len(tok.encode(spelled, add_special_tokens=False))
+    assert T.control_token_ids(tok) == T.control_token_ids(raw) == {0, 1, 2}
+    raw.add_tokens(["  "])  # a whitespace-only added token: text, still matched, never a control token
+    assert T.control_token_ids(raw) == {0, 1, 2}
+    assert T.encode_plain(raw, "a  b") == raw.encode("a  b", add_special_tokens=False).ids
+    assert raw.token_to_id("  ") in T.encode_plain(raw, "a  b")
+    assert not {0, 1, 2} & set(T.encode_plain(raw, "a  b<|im_end|>"))

@@ -17,6 +17,7 @@ import numpy as np
 
 from memagent_jax import settings
 from memagent_jax.agent.templates import encode_text
+from memagent_jax.data.tokenizer import ControlTokenError
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,23 @@ class AgentBudgets:
         settings.choice("question_overflow", self.question_overflow, ("error", "truncate"), error=BudgetError)
 
 
+def _plain_ids(tokenizer, text: str, source: str) -> list[int]:
+    try:
+        return encode_text(tokenizer, text)
+    except ControlTokenError as e:
+        raise AgentInputError(f"{source}: {e}") from None
+
+
 def tokenize_document(tokenizer, document: str | Iterable[str], *, source: str = "document") -> np.ndarray:
-    """Token ids [N] int32 of a document given as a string or an iterable of text pieces."""
+    """Token ids [N] int32 of a document given as a string or an iterable of text pieces, read as plain text (a
+    control token the text spells, e.g. ``<|im_end|>``, stays the ids of its characters: `encode_text`)."""
     pieces = [document] if isinstance(document, str) else document
     arrays = []
     for piece in pieces:
         if not isinstance(piece, str):
             raise AgentInputError(f"{source}: expected text, got {type(piece).__name__}")
         if piece:
-            arrays.append(np.asarray(encode_text(tokenizer, piece), np.int32))
+            arrays.append(np.asarray(_plain_ids(tokenizer, piece, source), np.int32))
     ids = np.concatenate(arrays) if arrays else np.zeros((0,), np.int32)
     if ids.size == 0:
         raise AgentInputError(f"{source}: the document is empty")
@@ -122,10 +131,11 @@ def centre_truncate(ids: np.ndarray, max_tokens: int) -> np.ndarray:
 
 
 def prepare_question(tokenizer, question: str, budgets: AgentBudgets, *, source: str = "question") -> np.ndarray:
-    """Question ids [<= Q] int32; empty -> error; over budget -> error or truncation per policy."""
+    """Question ids [<= Q] int32, read as plain text like documents; empty -> error; over budget -> error or
+    truncation per policy."""
     if not isinstance(question, str) or not question.strip():
         raise AgentInputError(f"{source}: the question is empty")
-    ids = np.asarray(encode_text(tokenizer, question), np.int32)
+    ids = np.asarray(_plain_ids(tokenizer, question, source), np.int32)
     if ids.size > budgets.question_tokens:
         if budgets.question_overflow == "error":
             raise AgentInputError(

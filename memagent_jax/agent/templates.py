@@ -32,6 +32,15 @@ Two prompt modes (`AgentTemplates.prompt_mode`):
   text of the document's C-token chunk (a chunk cut inside a multi-byte character decodes to U+FFFD, as in
   the reference). The prompt is assembled on the host before every step, so the agent runs one jitted,
   static-shape step program per chunk instead of a scan over several (see `agent.text_mode`).
+
+Control tokens, in both modes: only the chat template's own text (the literal pieces around the placeholders, the
+system message, the templates' wording) is parsed for the tokenizer's control tokens (``<|im_start|>``,
+``<|im_end|>``, ``<|endoftext|>``, ``<think>``, ... : every added token that is not whitespace only). The question,
+the document, the memory text and the initial memory are read as plain text (`encode_text`): a document that spells
+``<|im_end|>`` gives the tokens of those characters, never the token that closes the user turn. In text mode the
+rendered prompt is split at the template's control tokens and the text between them (template text and user text
+together) is tokenized as plain text, which is what whole-string tokenization gives for text that spells no
+control token, since a tokenizer cuts its input at every control token anyway.
 """
 
 from __future__ import annotations
@@ -39,12 +48,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from memagent_jax import settings
+from memagent_jax.data.tokenizer import control_token_ids, encode_plain, encode_plain_batch
 
 DEFAULT_MEMORY_UPDATE = (
     "You are reading a long document one section at a time so that you can answer a question at the end. "
@@ -203,8 +214,18 @@ def _render(tokenizer, content: str, system: str | None, chat_template_kwargs=()
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of plain text, no special tokens added."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+    """Token ids of user text (a question, a document, a memory) read as plain text: no special tokens added and
+    no control token parsed from it (a spelled ``<|im_end|>`` gives the ids of its characters). Text that spells no
+    control token gets exactly the ids of ``tokenizer(text, add_special_tokens=False)``."""
+    return encode_plain(tokenizer, text)
+
+
+def encode_template(tokenizer, text: str) -> list[int]:
+    """Token ids of the chat template's own text: its control tokens (``<|im_start|>`` ...) parsed, no special
+    tokens added. Only for template text, never for user text."""
+    if not text:
+        return []
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"])
 
 
 def check_placeholders(template: str, slots: tuple[str, ...], name: str) -> None:
@@ -238,10 +259,24 @@ def build_layout(
     name: str = "template",
     chat_template_kwargs=(),
 ) -> PromptLayout:
-    """Renders `template` through the chat template and splits it into literal token pieces."""
+    """Renders `template` through the chat template and splits it into literal token pieces (control tokens
+    parsed, `encode_template`); the slots take plain-text ids (`encode_text`) or sampled ids."""
+    literal = literal_pieces(tokenizer, template, slots, system, name=name, chat_template_kwargs=chat_template_kwargs)
+    return PromptLayout(pieces=tuple(tuple(encode_template(tokenizer, p)) for p in literal), slots=slots)
+
+
+def literal_pieces(
+    tokenizer,
+    template: str,
+    slots: tuple[str, ...],
+    system: str | None = None,
+    *,
+    name: str = "template",
+    chat_template_kwargs=(),
+) -> list[str]:
+    """The chat-template text of `template` around its placeholders: len(slots) + 1 strings."""
     check_placeholders(template, slots, name)
-    content = fill_template(template, slots, _SENTINELS)
-    rendered = _render(tokenizer, content, system, chat_template_kwargs)
+    rendered = _render(tokenizer, fill_template(template, slots, _SENTINELS), system, chat_template_kwargs)
     pieces = []
     rest = rendered
     for slot in slots:
@@ -249,9 +284,9 @@ def build_layout(
         if rendered.count(sentinel) != 1:
             raise TemplateError(f"{name}: the tokenizer's chat template altered the {{{slot}}} placeholder")
         before, rest = rest.split(sentinel)
-        pieces.append(tuple(encode_text(tokenizer, before)))
-    pieces.append(tuple(encode_text(tokenizer, rest)))
-    return PromptLayout(pieces=tuple(pieces), slots=slots)
+        pieces.append(before)
+    pieces.append(rest)
+    return pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,22 +319,119 @@ class AgentPrompts:
         return cls(update=update, final=final, initial_memory=tuple(encode_text(tokenizer, templates.initial_memory)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    name: str
+
+
+def _control_splitter(tokenizer):
+    """A function cutting template text at the tokenizer's control tokens -> [text, id, text, ..., text], as the
+    tokenizer itself cuts its input (longest spelling first; lstrip / rstrip tokens take the whitespace beside
+    them, single-word tokens match whole words only)."""
+    controls = control_token_ids(tokenizer)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    by_text, patterns = {}, []
+    content_of = {i: getattr(added[i], "content", str(added[i])) for i in controls if i in added}
+    for token_id in sorted(content_of, key=lambda i: (-len(content_of[i]), i)):
+        token, content = added[token_id], content_of[token_id]
+        by_text[content] = token_id
+        body = re.escape(content)
+        if getattr(token, "single_word", False):
+            body = rf"(?<!\w){body}(?!\w)"
+        patterns.append(
+            (r"\s*" if getattr(token, "lstrip", False) else "")
+            + f"({body})"
+            + (r"\s*" if getattr(token, "rstrip", False) else "")
+        )
+    if not patterns:
+        return lambda text: [text]
+    pattern = re.compile("|".join(patterns))
+
+    def split(text: str) -> list:
+        out, pos = [], 0
+        for m in pattern.finditer(text):
+            content = next(g for g in m.groups() if g is not None)
+            out += [text[pos : m.start()], by_text[content]]
+            pos = m.end()
+        out.append(text[pos:])
+        return out
+
+    return split
+
+
 class TextPrompter:
     """Text-mode prompts (host side): fill the template with text, apply the chat template, tokenize once.
 
         p = TextPrompter(tokenizer, AgentTemplates.from_file("templates.json"))
-        p.update_text(question, memory, chunk)   # the exact string the model's tokenizer sees
-        p.update_ids(question, memory, chunk)    # its token ids: tokenizer(text, add_special_tokens=False)
+        p.update_text(question, memory, chunk)   # the string the reference tokenizes whole
+        p.update_ids(question, memory, chunk)    # its token ids
         p.final_ids(question, memory)
+        p.update_ids_batch([(question, memory, chunk), ...])   # many prompts, one tokenizer call
 
-    The chat template's own special tokens (e.g. <|im_start|>) are written as text and parsed back to their
-    ids by the tokenizer, as in the reference. `*_ids_batch` tokenize many prompts in one call.
+    The chat template's own control tokens (e.g. <|im_start|>) become their ids; the question, memory and chunk
+    text is read as plain text, so a control token they spell stays text. For text that spells none, the ids are
+    exactly ``tokenizer(update_text(...), add_special_tokens=False)``, as in the reference.
     """
 
     def __init__(self, tokenizer, templates: AgentTemplates = AgentTemplates()):
         self.tokenizer = tokenizer
         self.templates = templates
-        _render(tokenizer, "", templates.system, templates.chat_template_kwargs)  # fails early without a template
+        split = _control_splitter(tokenizer)
+        self._update = self._runs(split, templates.memory_update, UPDATE_SLOTS, "memory_update template")
+        self._final = self._runs(split, templates.final_answer, FINAL_SLOTS, "final_answer template")
+
+    def _runs(self, split, template: str, slots, name: str) -> tuple:
+        """The prompt as control token ids and runs of text (literal strings and slots) between them."""
+        t = self.templates
+        literal = literal_pieces(
+            self.tokenizer, template, slots, t.system, name=name, chat_template_kwargs=t.chat_template_kwargs
+        )
+        items: list = []
+        for i, piece in enumerate(literal):
+            parts = split(piece)
+            expected = [tok for p in parts for tok in ([p] if isinstance(p, int) else encode_text(self.tokenizer, p))]
+            if expected != encode_template(self.tokenizer, piece):
+                raise TemplateError(
+                    f"{name}: text prompt mode cannot separate this tokenizer's control tokens from the text of its "
+                    f"chat template ({piece!r} tokenizes differently when cut at them); use prompt_mode='pieces'"
+                )
+            items += parts
+            if i < len(slots):
+                items.append(_Slot(slots[i]))
+        runs, run = [], []
+        for item in items:
+            if isinstance(item, int):
+                runs += [tuple(run), item]
+                run = []
+            elif item != "":
+                run.append(item)
+        runs.append(tuple(run))
+        return tuple(r for r in runs if r != ())
+
+    def _ids_batch(self, runs, rows: Sequence[Mapping[str, str]]) -> list[list[int]]:
+        texts, plans = [], []
+        for values in rows:
+            plan = []
+            for run in runs:
+                if isinstance(run, int):
+                    plan.append(run)
+                else:
+                    text = "".join(values[p.name] if isinstance(p, _Slot) else p for p in run)
+                    if text:
+                        plan.append(("text", len(texts)))
+                        texts.append(text)
+            plans.append(plan)
+        encoded = encode_plain_batch(self.tokenizer, texts)
+        out = []
+        for plan in plans:
+            ids: list[int] = []
+            for step in plan:
+                if isinstance(step, int):
+                    ids.append(step)
+                else:
+                    ids.extend(encoded[step[1]])
+            out.append(ids)
+        return out
 
     def _text(self, template: str, slots, values) -> str:
         t = self.templates
@@ -313,16 +445,19 @@ class TextPrompter:
     def final_text(self, question: str, memory: str) -> str:
         return self._text(self.templates.final_answer, FINAL_SLOTS, {"question": question, "memory": memory})
 
-    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    def update_ids_batch(self, rows: Sequence[tuple[str, str, str]]) -> list[list[int]]:
+        """Prompt ids of many (question, memory, chunk) rows."""
+        return self._ids_batch(self._update, [dict(zip(UPDATE_SLOTS, row)) for row in rows])
+
+    def final_ids_batch(self, rows: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """Prompt ids of many (question, memory) rows."""
+        return self._ids_batch(self._final, [dict(zip(FINAL_SLOTS, row)) for row in rows])
 
     def update_ids(self, question: str, memory: str, chunk: str) -> list[int]:
-        return self.encode_many([self.update_text(question, memory, chunk)])[0]
+        return self.update_ids_batch([(question, memory, chunk)])[0]
 
     def final_ids(self, question: str, memory: str) -> list[int]:
-        return self.encode_many([self.final_text(question, memory)])[0]
+        return self.final_ids_batch([(question, memory)])[0]
 
 
 def pad_to(ids: Sequence[int], size: int, pad_id: int = 0) -> tuple[np.ndarray, int]:

@@ -1,7 +1,8 @@
 """The text prompt mode: every prompt formatted as one string and tokenized whole on the host.
 
 Before every chunk step the host formats each row's whole prompt as text (the question, the memory decoded from
-its sampled ids, the decoded chunk) and tokenizes it once; one jitted static-shape program (`text_step_program`)
+its sampled ids, the decoded chunk) and tokenizes it once (the template's control tokens parsed, the question,
+memory and chunk text read as plain text: `TextPrompter`); one jitted static-shape program (`text_step_program`)
 then prefills it and samples the new memory; the final answer is one more such step. Same per-step keys as the
 chunk scan (chunk k: fold_in(fold_in(key, 0), k); the answer: fold_in(key, 1)). See `agent.templates` for what
 each prompt mode guarantees.
@@ -22,7 +23,7 @@ import numpy as np
 from memagent_jax.agent.chunking import AgentInputError
 from memagent_jax.agent.placement import Placement
 from memagent_jax.agent.program import AgentSpec, text_step_program
-from memagent_jax.agent.templates import TextPrompter
+from memagent_jax.agent.templates import TextPrompter, encode_text
 from memagent_jax.agent.types import Conversation
 
 __all__ = ["TextRun", "run_text", "text_batch"]
@@ -100,7 +101,7 @@ def run_text(
     global_batch = batch * placement.processes
     q_texts = []
     for question, (q_ids, _) in zip(questions, rows):
-        full = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+        full = len(encode_text(tokenizer, question))
         q_texts.append(question if full == q_ids.size else _decode(tokenizer, q_ids, skip_special=False))
     docs = [d for _, d in rows]
     memory = [templates.initial_memory] * n
@@ -117,15 +118,15 @@ def run_text(
         cache = placement.cache("text_update", global_batch, update_len + b.memory_tokens)
         for k in range(steps):
             live = [i for i in range(n) if k < chunk_counts[i]]
-            texts = [
-                prompter.update_text(
+            rows_k = [
+                (
                     q_texts[i],
                     memory[i],
                     _decode(tokenizer, docs[i][k * b.chunk_tokens : (k + 1) * b.chunk_tokens], skip_special=False),
                 )
                 for i in live
             ]
-            prompts = dict(zip(live, prompter.encode_many(texts)))
+            prompts = dict(zip(live, prompter.update_ids_batch(rows_k)))
             tokens, mask = padded(prompts, update_len, f"chunk step {k}")
             active = np.zeros((batch,), bool)
             active[live] = True
@@ -152,7 +153,7 @@ def run_text(
                     )
             bar.update(len(live))
         placement.give_back("text_update", global_batch, cache)
-        prompts = dict(enumerate(prompter.encode_many([prompter.final_text(q_texts[i], memory[i]) for i in range(n)])))
+        prompts = dict(enumerate(prompter.final_ids_batch([(q_texts[i], memory[i]) for i in range(n)])))
         tokens, mask = padded(prompts, final_len, "final step")
         active = np.arange(batch) < n
         final, cache = text_step_program(

@@ -18,6 +18,12 @@ loads offline, chat template included.  Design choices:
 * **Deterministic**: the same texts and settings give byte-identical files (BPE merges are chosen
   by count with a fixed tie-break); no network is used.
 
+:func:`encode_plain` encodes text as plain text: no added token (``<|im_start|>``, ``<|im_end|>``,
+``<|endoftext|>``, ``<think>``, ...) is ever parsed out of it, so a document or question that spells one reads as
+the characters it is, never as a control token. Only the chat template's own pieces may hold control tokens
+(:func:`memagent_jax.agent.templates.encode_template`). Text without such spellings encodes exactly as the
+tokenizer's ordinary call does.
+
 :func:`token_counter` turns any tokenizer (a ``transformers`` tokenizer, a ``tokenizers.Tokenizer``
 or a plain callable) into a ``str -> int`` function with a memo, used by the synthetic generators
 to hit target lengths.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,10 @@ __all__ = [
     "token_counter",
     "TokenCounter",
     "encode_fn",
+    "encode_plain",
+    "encode_plain_batch",
+    "control_token_ids",
+    "ControlTokenError",
 ]
 
 PAD_TOKEN = "<|endoftext|>"
@@ -170,20 +181,123 @@ def load_tokenizer(folder: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+class ControlTokenError(ValueError):
+    """The tokenizer turns plain text into a control token even with added-token parsing off (its base vocabulary
+    holds the control token's spelling as an ordinary word)."""
+
+
+_PLAIN_CACHE: dict[int, tuple[Any, int, Any, frozenset]] = {}  # id(tokenizer) -> (tokenizer, size, plain, controls)
+_PLAIN_CACHE_SIZE = 8
+_PLAIN_LOCK = threading.Lock()
+
+
+def _backend(tokenizer):
+    """The `tokenizers.Tokenizer` behind `tokenizer` (itself, or a transformers tokenizer's backend), or None."""
+    try:
+        from tokenizers import Tokenizer as _RawTokenizer
+    except ImportError:  # pragma: no cover - tokenizers is a core dependency
+        return None
+    if isinstance(tokenizer, _RawTokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if isinstance(backend, _RawTokenizer) else None
+
+
+def _plain(tokenizer):
+    """(plain backend or None, control token ids) for `tokenizer`, built once per tokenizer and added-vocab size.
+
+    The plain backend runs the tokenizer's own `tokenizers` pipeline (its normalizer, pre-tokenizer and model,
+    shared, not copied) without the added tokens that are not whitespace only: those spellings go through the
+    model like any other text. Whitespace-only added tokens (runs of spaces or newlines some vocabularies add) are
+    text, not control: they stay (in a copy of the pipeline whose other added tokens are special and unparsed).
+    """
+    backend = _backend(tokenizer)
+    if backend is None:
+        size = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
+    else:
+        size = backend.get_vocab_size(with_added_tokens=True)
+    with _PLAIN_LOCK:
+        entry = _PLAIN_CACHE.get(id(tokenizer))
+    if entry is not None and entry[0] is tokenizer and entry[1] == size:
+        return entry[2], entry[3]
+    if backend is None:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        controls = frozenset(int(i) for i, t in added.items() if not str(t).isspace())
+        plain = None
+    else:
+        from tokenizers import Tokenizer as _RawTokenizer
+
+        added = backend.get_added_tokens_decoder()
+        controls = frozenset(int(i) for i, t in added.items() if not t.content.isspace())
+        if len(controls) == len(added):
+            plain = _RawTokenizer(backend.model)
+            if backend.normalizer is not None:
+                plain.normalizer = backend.normalizer
+            if backend.pre_tokenizer is not None:
+                plain.pre_tokenizer = backend.pre_tokenizer
+        else:
+            data = json.loads(backend.to_str())
+            for token in data.get("added_tokens") or []:
+                token["special"] = token["special"] or int(token["id"]) in controls
+            data["truncation"] = data["padding"] = None
+            plain = _RawTokenizer.from_str(json.dumps(data))
+            plain.encode_special_tokens = True
+    with _PLAIN_LOCK:
+        if len(_PLAIN_CACHE) >= _PLAIN_CACHE_SIZE:
+            _PLAIN_CACHE.pop(next(iter(_PLAIN_CACHE)))
+        _PLAIN_CACHE[id(tokenizer)] = (tokenizer, size, plain, controls)
+    return plain, controls
+
+
+def control_token_ids(tokenizer) -> frozenset[int]:
+    """The ids of the tokenizer's control tokens: its added tokens (special or not, e.g. Qwen's ``<think>``), less
+    whitespace-only ones. :func:`encode_plain` never returns them."""
+    return _plain(tokenizer)[1]
+
+
+def encode_plain_batch(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text read as plain text: no special tokens added, no added token parsed from the text.
+
+    `tokenizer`: a transformers tokenizer or a ``tokenizers.Tokenizer``. Text that spells no added token gets
+    exactly the ids of ``tokenizer(text, add_special_tokens=False)``. A tokenizer whose base vocabulary still turns
+    such a spelling into a control token is a `ControlTokenError` (no such text is let through as control)."""
+    texts = list(texts)
+    if not texts:
+        return []
+    plain, controls = _plain(tokenizer)
+    if plain is not None:
+        out = [list(e.ids) for e in plain.encode_batch(texts, add_special_tokens=False)]
+    else:  # a Python-backend transformers tokenizer: split_special_tokens skips every added token there
+        out = [list(ids) for ids in tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+    if controls:
+        for ids in out:
+            bad = controls.intersection(ids)
+            if bad:
+                token = min(bad)
+                spelling = plain.id_to_token(token) if plain is not None else tokenizer.convert_ids_to_tokens(token)
+                raise ControlTokenError(
+                    f"the text spells the control token {spelling!r} (id {token}) and this tokenizer reads that "
+                    f"spelling as the control token even as plain text; remove it from the text"
+                )
+    return out
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """Token ids of one text read as plain text (see `encode_plain_batch`); empty text -> []."""
+    return encode_plain_batch(tokenizer, [text])[0] if text else []
+
+
 def encode_fn(tokenizer) -> Callable[[str], list[int]]:
     """Return ``str -> list[int]`` (no special tokens added) for the supported tokenizer kinds.
 
     Accepts a ``transformers`` tokenizer (anything with ``encode(text, add_special_tokens=...)``),
-    a ``tokenizers.Tokenizer`` (``encode(text).ids``) or a callable returning a sequence of ids.
+    a ``tokenizers.Tokenizer`` or a callable returning a sequence of ids. The two tokenizer kinds read the text
+    as plain text (`encode_plain`), as the agent reads documents.
     """
-    try:
-        from tokenizers import Tokenizer as _RawTokenizer
-    except ImportError:  # pragma: no cover - tokenizers is a core dependency
-        _RawTokenizer = ()
-    if isinstance(tokenizer, _RawTokenizer):
-        return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
-    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "convert_tokens_to_ids"):
-        return lambda text: list(tokenizer.encode(text, add_special_tokens=False))
+    if _backend(tokenizer) is not None or (
+        hasattr(tokenizer, "encode") and hasattr(tokenizer, "convert_tokens_to_ids")
+    ):
+        return lambda text: encode_plain(tokenizer, text)
     if callable(tokenizer):
         return lambda text: list(tokenizer(text))
     raise TypeError(
