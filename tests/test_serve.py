@@ -445,6 +445,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(live, small, agent):
         "--max-body-bytes",
     )
     small.state.limits.max_document_tokens = 100
+    small.state.limits.max_document_bytes = 0  # no byte bound: the token count decides
     try:
         _error(
             httpx.post(
@@ -456,6 +457,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(live, small, agent):
         )
     finally:
         small.state.limits.max_document_tokens = 10_000
+        small.state.limits.max_document_bytes = None
     # Still serving, with the right answer.
     r = post("/v1/memagent/answer", json={"question": QUESTIONS[0], "document": "the key is here", "seed": 2})
     want = agent.run([QUESTIONS[0]], ["the key is here"], rng=2).answers[0]

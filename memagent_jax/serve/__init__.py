@@ -1,6 +1,6 @@
 """Serve a memory agent over HTTP: an OpenAI-compatible server with continuous batching over chunk steps.
 
-    memagent serve --model DIR [--host 127.0.0.1] [--port 8000] [--batch-size 8] [--max-queue 256]
+    memagent serve --model DIR [--host 127.0.0.1] [--port 8000] [--batch-size 8] [--max-queue 256] [--api-key KEY]
     python -m memagent_jax.serve --model DIR ...
 
 One engine thread owns a `DocumentEngine` (agent.engine) of --batch-size row slots: a request joins the running
@@ -14,7 +14,15 @@ the server's --batch-size: the same compiled shapes); against the single-documen
 float32 sums may associate differently in the two shapes, which now and then flips a sampled token (temperature > 0).
 
 Sampling is compiled into the programs: the server samples with the model folder's memagent_agent.json settings
-(or the flags below); a request whose temperature / top_p differ gets a 400 naming the server's values.
+(or the flags below); a request whose temperature / top_p differ gets a 400 naming the server's values. Those two
+are the only sampling fields honoured: frequency_penalty, presence_penalty, repetition_penalty, top_k, min_p,
+typical_p, top_logprobs, best_of, min_tokens, length_penalty, use_beam_search and ignore_eos get a 400 naming the
+field unless they hold their neutral value (0, 0, 1, -1 or 0, 0, 1, 0, 1, 0, 1, false, false).
+
+API key: with --api-key KEY (or the environment variable MEMAGENT_API_KEY; the flag wins) every /v1 request must
+send "Authorization: Bearer KEY", else 401 (code "invalid_api_key"); /health and /metrics stay open (load balancers
+and scrapers; they show the model name and counters, never request text). Without a key on an address other than
+loopback the server warns at start-up.
 
 Endpoints
   POST /v1/chat/completions  OpenAI chat completions. The LAST user message holds the question and the document,
@@ -25,7 +33,8 @@ Endpoints
       Fields used: model (must be the served name, else 404), messages, seed (default 0), stream,
       stream_options.include_usage, max_tokens / max_completion_tokens (caps the answer: its first n tokens,
       finish_reason "length"), temperature / top_p (must equal the server's). n must be 1; tools, stop,
-      response_format, logit_bias, logprobs are refused (400). Unknown fields are ignored.
+      response_format, logit_bias, logprobs and the sampling fields above are refused (400). Other unknown fields
+      are ignored.
       Response: a chat.completion; usage.prompt_tokens = question + document tokens, usage.completion_tokens =
       answer tokens (the stop token included); extension "memagent": {num_chunks, document_tokens, seed}.
       stream=true: server-sent events "data: {chat.completion.chunk}" -- first the role, then one chunk per segment
@@ -44,11 +53,20 @@ Endpoints
                    60 s), memagent_request_latency_seconds (summary), memagent_requests_cancelled_total{reason}, ...
 
 Errors are OpenAI-style {"error": {"message", "type", "param", "code"}}; the message names the field at fault.
-  400 malformed JSON, a missing / ill-typed field, an empty question or document, a question over
-      budgets.question_tokens, other sampling than the server's;  404 another model name;
-  413 a document over --max-document-tokens tokens, a body over --max-body-bytes;
-  429 (with Retry-After) when --batch-size + --max-queue requests are already outstanding;
-  504 past --request-timeout seconds (the row is cancelled);  500 an engine failure (the loop keeps serving).
+Every client error is a 4xx; a 500 is the server's own failure.
+  400 malformed JSON (also: not UTF-8, nested over 64 levels, an integer literal over 4300 digits, a string with a
+      lone UTF-16 surrogate such as "\\ud800"), a missing / ill-typed field, an empty question or document, a
+      question over budgets.question_tokens (or over 16 bytes per token of it, refused before tokenizing), other
+      sampling than the server's;  401 no or a wrong API key;  404 another model name;
+  408 a request body not received within --body-timeout seconds (the connection is closed);
+  413 a body over --max-body-bytes; a document over --max-document-bytes UTF-8 bytes (default: 16 per token of
+      --max-document-tokens; checked before tokenizing), or over --max-document-tokens tokens;
+  429 (with Retry-After) when --batch-size + --max-queue requests are already outstanding (requests being
+      tokenized count);
+  504 past --request-timeout seconds from arrival, tokenizing included (a row that was admitted is cancelled);
+  500 an engine failure (the loop keeps serving).
+Tokenizing runs in worker threads off the event loop, large texts (256 Ki characters and more) in a pool of their
+own: a small request is never queued behind a large document.
 A client that disconnects (streaming or not) has its row cancelled: the slot is free at the next step.
 SIGINT / SIGTERM stop the server gracefully: no new connections, running requests get up to 10 s to finish, then
 the engine loop stops (requests still outstanding get 503) and the process ends by that signal, as uvicorn does.

@@ -1,9 +1,16 @@
 """The HTTP side: a FastAPI app over one `EngineLoop` (see `memagent_jax.serve` for the API).
 
-Handlers parse and check the request (`serve.protocol`), tokenize on a one-thread executor (the tokenizer is not
-shared between threads), admit a `Job` to the engine loop and wait for its events on an asyncio queue that the
-engine thread fills with `loop.call_soon_threadsafe`. While waiting they watch the client (a disconnect cancels the
-row) and the request timeout (504, and the row is cancelled).
+Every `/v1` route first checks the API key (`--api-key`; `_ApiKeyMiddleware`). Handlers read the body under a time
+limit (408), parse and check the request (`serve.protocol`), refuse texts over the byte bounds derived from the
+token limits before any tokenizing (413 / 400), tokenize in a worker pool off the event loop, admit a `Job` to the
+engine loop and wait for its events on an asyncio queue that the engine thread fills with
+`loop.call_soon_threadsafe`. While waiting they watch the client (a disconnect cancels the row) and the request
+timeout (504, and the row is cancelled); the timeout also covers the time spent tokenizing.
+
+Tokenizing: requests whose question + document are under `large_text_chars` characters go to one pool, larger ones
+to another, so however many large documents are being tokenized, a small request never waits behind them. The
+tokenizer is shared by the pool threads: the server always calls it with the same settings (no special tokens, no
+truncation or padding), so the Rust backend is never mutated, and its encode releases the GIL.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -27,6 +36,14 @@ from memagent_jax.serve.protocol import RequestError
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a waiting handler checks its client and its deadline
+# A safe ceiling on UTF-8 bytes per token: natural text in any language averages 1-6 bytes per token with BPE
+# vocabularies, so a text over (token limit) x 16 bytes is refused before it is tokenized (only texts of long runs
+# of one repeated character average more: raise --max-document-bytes for those).
+BYTES_PER_TOKEN_CEILING = 16
+LARGE_TEXT_CHARS = 256 * 1024  # question + document characters from which a request is tokenized in the large pool
+SMALL_POOL_THREADS = 2  # small requests and decoding
+LARGE_POOL_THREADS = 2  # large documents
+ENDPOINTS = ("/v1/chat/completions", "/v1/memagent/answer", "/v1/models", "/health", "/metrics")
 
 
 @dataclasses.dataclass
@@ -37,6 +54,28 @@ class ServeLimits:
     max_body_bytes: int = 32 * 2**20  # larger request bodies: 413
     request_timeout: float = 600.0  # seconds from arrival to answer: 504 (the row is cancelled)
     retry_after: int = 1  # Retry-After seconds of a 429
+    # Larger documents (UTF-8 bytes): 413 before tokenizing. None: max_document_tokens x BYTES_PER_TOKEN_CEILING;
+    # 0: no byte bound.
+    max_document_bytes: int | None = None
+    body_timeout: float = 30.0  # seconds to receive the whole request body: 408
+
+    def document_bytes(self) -> int:
+        """The byte bound on a document (0 = none)."""
+        if self.max_document_bytes is not None:
+            return self.max_document_bytes
+        return self.max_document_tokens * BYTES_PER_TOKEN_CEILING
+
+
+def utf8_length_over(text: str, limit: int) -> int | None:
+    """The UTF-8 length of `text` when it is over `limit` bytes, else None; O(1) when the character count decides
+    (a character is 1 to 4 bytes)."""
+    n = len(text)
+    if n > limit:
+        return n if text.isascii() else len(text.encode("utf-8"))
+    if 4 * n <= limit or text.isascii():
+        return None
+    size = len(text.encode("utf-8"))
+    return size if size > limit else None
 
 
 class ServerState:
@@ -51,17 +90,25 @@ class ServerState:
         max_queue: int = 256,
         limits: ServeLimits | None = None,
         model_path: str = "",
+        api_key: str | None = None,
+        large_text_chars: int = LARGE_TEXT_CHARS,
     ):
         self.agent = agent
         self.model_name = model_name
         self.model_path = model_path
         self.limits = limits or ServeLimits()
+        self.api_key = api_key  # None: /v1 is open (read at every request)
+        self.large_text_chars = large_text_chars
+        self.tokenizing = 0  # requests being tokenized or waiting for a tokenizer thread (event-loop thread only)
         self.metrics = Metrics()
         self.engine_loop = EngineLoop(agent, batch_size=batch_size, max_queue=max_queue, metrics=self.metrics)
         s = agent.spec.answer_sampling
         self.sampling = protocol.Sampling(temperature=float(s.temperature), top_p=float(s.top_p))
         self.stop_ids = set(int(t) for t in s.stop_token_ids)
-        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memagent-tokenize")
+        self._small_pool = concurrent.futures.ThreadPoolExecutor(SMALL_POOL_THREADS, thread_name_prefix="memagent-tok")
+        self._large_pool = concurrent.futures.ThreadPoolExecutor(
+            LARGE_POOL_THREADS, thread_name_prefix="memagent-tok-large"
+        )
         self.created = int(time.time())
 
     def start(self) -> ServerState:
@@ -70,7 +117,8 @@ class ServerState:
 
     def close(self) -> None:
         self.engine_loop.stop()
-        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._small_pool.shutdown(wait=False, cancel_futures=True)
+        self._large_pool.shutdown(wait=False, cancel_futures=True)
         log.info("engine loop stopped after %d documents", self.metrics.documents_total)
 
     @property
@@ -102,8 +150,41 @@ class ServerState:
             )
         return q_ids, centre_truncate(d_ids, agent.budgets.max_document_tokens)
 
-    async def tokenize(self, parsed):
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, self._tokenize, parsed)
+    def check_sizes(self, parsed: protocol.ParsedRequest) -> None:
+        """Refuses a document or question over its byte bound, before any tokenizing (see BYTES_PER_TOKEN_CEILING)."""
+        limit = self.limits.document_bytes()
+        size = utf8_length_over(parsed.document, limit) if limit else None
+        if size is not None:
+            raise RequestError(
+                413,
+                f"{parsed.document_field}: the document has {size} bytes, over this server's limit of {limit} "
+                f"(memagent serve --max-document-bytes; by default --max-document-tokens x "
+                f"{BYTES_PER_TOKEN_CEILING})",
+                param=parsed.document_field.split(" ")[0],
+                code="document_too_long",
+            )
+        budget = self.agent.budgets.question_tokens
+        size = utf8_length_over(parsed.question, budget * BYTES_PER_TOKEN_CEILING)
+        if size is not None:
+            raise RequestError(
+                400,
+                f"{parsed.question_field}: the question has {size} bytes, more than {BYTES_PER_TOKEN_CEILING} per "
+                f"token of its budget of {budget} tokens (budgets.question_tokens)",
+                param=parsed.question_field.split(" ")[0],
+            )
+
+    async def tokenize(self, parsed, deadline: float):
+        """(question ids, document ids) from a pool thread; 504 past `deadline` (time.monotonic)."""
+        large = len(parsed.question) + len(parsed.document) >= self.large_text_chars
+        pool = self._large_pool if large else self._small_pool
+        future = asyncio.get_running_loop().run_in_executor(pool, self._tokenize, parsed)
+        self.tokenizing += 1
+        try:
+            return await asyncio.wait_for(future, timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise _timeout_error(self, "while its text was being tokenized") from None
+        finally:
+            self.tokenizing -= 1
 
     def answer_text(self, ids) -> str:
         return self.agent.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
@@ -112,7 +193,17 @@ class ServerState:
         return [self.agent.tokenizer.decode(np.asarray(m).tolist(), skip_special_tokens=True) for m in memories or []]
 
     async def decode(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._small_pool, fn, *args)
+
+
+def _timeout_error(state: ServerState, when: str) -> RequestError:
+    return RequestError(
+        504,
+        f"the request took longer than this server's timeout of {state.limits.request_timeout:g} s "
+        f"(memagent serve --request-timeout); {when}",
+        type="timeout",
+        code="request_timeout",
+    )
 
 
 class _Waiter:
@@ -140,14 +231,7 @@ class _Waiter:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 self.cancel("timeout")
-                raise RequestError(
-                    504,
-                    f"the request took longer than this server's timeout of "
-                    f"{self.state.limits.request_timeout:g} s (memagent serve --request-timeout); "
-                    "its row was cancelled",
-                    type="timeout",
-                    code="request_timeout",
-                )
+                raise _timeout_error(self.state, "its row was cancelled")
             now = time.monotonic()
             if request is not None and now - self._checked >= POLL_S:  # also while events keep coming
                 self._checked = now
@@ -184,33 +268,46 @@ async def _read_json(request, state: ServerState) -> dict:
     from starlette.requests import ClientDisconnect
 
     chunks, size = [], 0
+    seconds = state.limits.body_timeout
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(
-                    413,
-                    f"the request body is over this server's limit of {limit} bytes (memagent serve --max-body-bytes)",
-                    code="body_too_large",
-                )
-            chunks.append(chunk)
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(
+                        413,
+                        f"the request body is over this server's limit of {limit} bytes "
+                        "(memagent serve --max-body-bytes)",
+                        code="body_too_large",
+                    )
+                chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone() from None
+    except TimeoutError:
+        raise RequestError(
+            408,
+            f"the request body did not arrive within {seconds:g} s ({size} bytes received; "
+            "memagent serve --body-timeout)",
+            code="body_timeout",
+            headers={"Connection": "close"},
+        ) from None
     return protocol.parse_json(b"".join(chunks))
 
 
 async def _admit(state: ServerState, parsed: protocol.ParsedRequest, t0: float):
     """Tokenizes and admits a request; returns (waiter, question ids, document ids)."""
+    state.check_sizes(parsed)
     if state.engine_loop.startup_error is not None:
         raise RequestError(503, f"the engine failed to start: {state.engine_loop.startup_error}", type="server_error")
     loop = state.engine_loop
-    if loop.outstanding >= loop.capacity:  # early: a flood is refused before its documents are tokenized
+    # Early: a flood is refused before its documents are tokenized (requests being tokenized count as outstanding).
+    if loop.outstanding + state.tokenizing >= loop.capacity:
         raise _queue_full(
             state,
-            f"{loop.outstanding} requests outstanding ({loop.batch_size} row slots + "
+            f"{loop.outstanding + state.tokenizing} requests outstanding ({loop.batch_size} row slots + "
             f"{loop.capacity - loop.batch_size} queued, --max-queue)",
         )
-    q_ids, d_ids = await state.tokenize(parsed)
+    q_ids, d_ids = await state.tokenize(parsed, t0 + state.limits.request_timeout)
     job_id = uuid.uuid4().hex
     waiter = _Waiter(state, job_id, t0 + state.limits.request_timeout)
     job = Job(
@@ -260,6 +357,54 @@ def _answer_of(state: ServerState, result, max_tokens: int | None):
     return ids, "stop" if result.finished else "length"
 
 
+def endpoint_label(path: str) -> str:
+    """The metrics label of a request path: a route of this server, else "other" (labels stay few)."""
+    return path if path in ENDPOINTS else "other"
+
+
+def _bearer_token(headers) -> bytes | None:
+    """The token of an `Authorization: Bearer <token>` header (ASGI raw headers), else None."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class _ApiKeyMiddleware:
+    """401 for a `/v1` request without `Authorization: Bearer <the server's key>` (when the server has a key).
+    Plain ASGI (the body and disconnects of authorized requests pass untouched); the tokens are compared as SHA-256
+    digests with `hmac.compare_digest` (constant time, whatever their lengths)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        key = self.state.api_key
+        if key and scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            token = _bearer_token(scope.get("headers", ()))
+            given = hashlib.sha256(token or b"").digest()
+            if token is None or not hmac.compare_digest(given, hashlib.sha256(key.encode()).digest()):
+                why = (
+                    "no API key: send the header 'Authorization: Bearer <key>'"
+                    if token is None
+                    else "incorrect API key"
+                )
+                error = RequestError(
+                    401,
+                    f"{why} (this server's key: memagent serve --api-key or MEMAGENT_API_KEY)",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                self.state.metrics.request(endpoint_label(scope["path"]), 401)
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState, *, manage_state: bool = True):
     """The FastAPI app. manage_state: start the engine loop on startup and stop it on shutdown."""
     import contextlib
@@ -276,6 +421,7 @@ def create_app(state: ServerState, *, manage_state: bool = True):
 
     app = FastAPI(title="memagent-jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.memagent = state
+    app.add_middleware(_ApiKeyMiddleware, state=state)
     metrics = state.metrics
 
     def record(endpoint: str, status: int, t0: float):
@@ -292,7 +438,7 @@ def create_app(state: ServerState, *, manage_state: bool = True):
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # the server never crashes on a request
         log.exception("unexpected error in %s", request.url.path)
-        metrics.request(request.url.path, 500)
+        metrics.request(endpoint_label(request.url.path), 500)
         return JSONResponse(
             {
                 "error": {

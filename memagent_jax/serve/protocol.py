@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 import uuid
 from typing import Any
@@ -22,6 +23,24 @@ DOCUMENTS_JOINER = "\n\n"
 # OpenAI request fields this server cannot honour (they would change the output in ways it does not implement).
 _UNSUPPORTED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "stop")
 SEED_RANGE = (-(2**63), 2**63 - 1)
+# Sampling fields of OpenAI-style servers that this server does not implement, with the values that leave sampling
+# unchanged (sent with another value: 400 naming the field). temperature and top_p are honoured (`check_sampling`).
+UNSUPPORTED_SAMPLING = {
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "repetition_penalty": (1,),
+    "top_k": (-1, 0),
+    "min_p": (0,),
+    "typical_p": (1,),
+    "top_logprobs": (0,),
+    "best_of": (1,),
+    "min_tokens": (0,),
+    "length_penalty": (1,),
+    "use_beam_search": (False,),
+    "ignore_eos": (False,),
+}
+MAX_JSON_DEPTH = 64  # arrays / objects nested deeper in a request body: 400
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RequestError(Exception):
@@ -74,7 +93,9 @@ class ParsedRequest:
 
 
 def parse_json(raw: bytes) -> dict:
-    """The body as a JSON object (400 otherwise)."""
+    """The body as a JSON object (400 otherwise: not UTF-8, not JSON, nested deeper than `MAX_JSON_DEPTH`, an
+    integer literal too long to convert, or a string holding a lone UTF-16 surrogate such as "\\ud800", which no
+    text encoding can carry)."""
     if not raw:
         raise RequestError(400, "the request body is empty; expected a JSON object")
     try:
@@ -85,9 +106,63 @@ def parse_json(raw: bytes) -> dict:
         raise RequestError(
             400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from None
+    except RecursionError:
+        raise RequestError(
+            400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of arrays and objects)"
+        ) from None
+    except ValueError as e:  # an integer literal over Python's digit limit
+        raise RequestError(
+            400, f"the request body is not valid JSON: an integer literal is too long ({str(e).split(':')[0]})"
+        ) from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    _check_values(data)
     return data
+
+
+def _check_values(data: dict) -> None:
+    """400 for nesting deeper than MAX_JSON_DEPTH or a lone surrogate in any key or string (iterative: any depth)."""
+    stack = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(
+                400,
+                f"field '{path}' is nested too deeply: at most {MAX_JSON_DEPTH} levels of arrays and objects",
+                param=_top(path),
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                if _SURROGATE.search(key):
+                    raise _surrogate_error(f"{path}.<key>" if path else "<key>", key)
+                if isinstance(item, str):
+                    if not item.isascii() and _SURROGATE.search(item):
+                        raise _surrogate_error(where, item)
+                elif isinstance(item, (dict, list)):
+                    stack.append((item, where, depth + 1))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                where = f"{path}[{i}]"
+                if isinstance(item, str):
+                    if not item.isascii() and _SURROGATE.search(item):
+                        raise _surrogate_error(where, item)
+                elif isinstance(item, (dict, list)):
+                    stack.append((item, where, depth + 1))
+
+
+def _top(path: str) -> str:
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or None
+
+
+def _surrogate_error(path: str, text: str) -> RequestError:
+    at = _SURROGATE.search(text)
+    return RequestError(
+        400,
+        f"field '{path}' holds a lone UTF-16 surrogate \\u{ord(at.group()):04x} at character {at.start()}; "
+        "strings must be valid Unicode (a surrogate only as half of an escaped pair)",
+        param=_top(path),
+    )
 
 
 def _type_name(value) -> str:
@@ -121,7 +196,8 @@ def _int(data: dict, name: str, default: int | None, *, low: int | None = None, 
 
 
 def check_sampling(data: dict, server: Sampling) -> None:
-    """temperature / top_p, when given, must be the server's: sampling is compiled into the programs."""
+    """temperature / top_p, when given, must be the server's: sampling is compiled into the programs. The fields of
+    `UNSUPPORTED_SAMPLING`, when given, must hold their neutral values: this server does not implement them."""
     for name in ("temperature", "top_p"):
         value = data.get(name)
         if value is None:
@@ -135,6 +211,24 @@ def check_sampling(data: dict, server: Sampling) -> None:
                 f"top_p={server.top_p} (fixed when it starts: memagent serve --agent.temperature / --agent.top_p); "
                 "omit the field "
                 f"or send the server's value",
+                param=name,
+                code="unsupported_sampling",
+            )
+    for name, neutral in UNSUPPORTED_SAMPLING.items():
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(neutral[0], bool):
+            ok = value in neutral and isinstance(value, bool)
+        else:
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value in neutral
+        if not ok:
+            shown = json.dumps(value) if isinstance(value, (bool, int, float, str)) else _type_name(value)
+            allowed = " or ".join(json.dumps(v) for v in neutral)
+            raise RequestError(
+                400,
+                f"field '{name}' is {shown[:40]}, but this server does not implement {name} (it samples with "
+                f"temperature={server.temperature} top_p={server.top_p} only); omit the field or send {allowed}",
                 param=name,
                 code="unsupported_sampling",
             )
