@@ -96,9 +96,9 @@ def test_batch_json_and_sampling(model_dir, capsys):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
-        (["--top-p", "0"], "--top-p must be in (0, 1]"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer"),
+        (["--top-p", "1.5"], "--top-p must be a finite number in (0, 1] (1 = off), got 1.5"),
+        (["--top-p", "0"], "--top-p must be a finite number in (0, 1] (1 = off), got 0.0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be an integer > 0, got 0"),
         (["--temperature", "-1"], "--temperature must be"),
         (["--top-k", "-2"], "--top-k must be"),
         (["--system", "be brief"], "--system needs --chat"),
