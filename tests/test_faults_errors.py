@@ -387,3 +387,15 @@ def test_slurm_accepts_usual_names(capsys):
     argv += ["--partition", "gpu,gpu-long", "--account", "lab_A", "--time", "2-00:00:00", "--mem", "0"]
     assert slurm.main(argv) == 0
     assert "#SBATCH --partition=gpu,gpu-long" in capsys.readouterr().out
+
+
+def test_planned_document_length_comes_from_the_data(model_dir, tmp_path):
+    from memagent_jax.rl.recipe import planned_doc_tokens
+
+    cfg = grpo_cpu_config(model_dir)
+    assert planned_doc_tokens(cfg) == cfg.data.synthetic_tokens
+    cfg.data.train_file = _rows_file(tmp_path / "train.jsonl")
+    measured = planned_doc_tokens(cfg)
+    assert 0 < measured < 400  # the longest of four short documents, not the 32000 of a reference document
+    cfg.agent.max_document_tokens = 10
+    assert planned_doc_tokens(cfg) == 10

@@ -401,12 +401,28 @@ def memory_budget(cfg, devices=None, *, host_bytes: int | None = None):
     return None
 
 
-def planned_doc_tokens(cfg) -> int:
-    """Tokens of a training document for the estimate: the synthetic task's length, else the truncation length
-    (config.agent.max_document_tokens), else the planner's default (32000, the reference's training documents)."""
+def planned_doc_tokens(cfg, rows: int = 8) -> int | None:
+    """Tokens of a training document for the estimate: the synthetic task's length, else the longest of the data
+    file's first `rows` documents in the model's tokenizer (None when that cannot be read: no check), each capped at
+    config.agent.max_document_tokens (centre truncation) when set."""
+    cap = int(cfg.agent.get("max_document_tokens", 0) or 0)
     if not cfg.data.get("train_file"):
-        return int(cfg.data.synthetic_tokens)
-    return int(cfg.agent.get("max_document_tokens", 0) or 0) or 32000
+        tokens = int(cfg.data.synthetic_tokens)
+    else:
+        from transformers import AutoTokenizer
+
+        from memagent_jax.data.formats import open_file
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, local_files_only=True)
+            records = open_file(cfg.data.train_file)
+            tokens = max(
+                len(tokenizer(records[i].document, add_special_tokens=False)["input_ids"])
+                for i in range(min(rows, len(records)))
+            )
+        except Exception:  # an unreadable tokenizer or file fails with its own error when training starts
+            return None
+    return min(tokens, cap) if cap else tokens
 
 
 def check_memory(cfg, *, device_count: int, devices=None, host_bytes: int | None = None) -> None:
@@ -421,10 +437,11 @@ def check_memory(cfg, *, device_count: int, devices=None, host_bytes: int | None
     if budget is None:
         return
     hw, source = budget
+    doc_tokens = planned_doc_tokens(cfg)
+    if doc_tokens is None:
+        return
     try:
-        plan = make_plan(
-            cfg, hardware=hw, devices=device_count, usable_fraction=1.0, doc_tokens=planned_doc_tokens(cfg)
-        )
+        plan = make_plan(cfg, hardware=hw, devices=device_count, usable_fraction=1.0, doc_tokens=doc_tokens)
     except PlanError as e:
         raise TrainConfigError(
             f"config.memory_check: the planner cannot size this run ({e}); --config.memory_check=False skips the check"
