@@ -39,6 +39,40 @@ class LaunchError(ValueError):
     """A bad combination of launcher arguments; the message says which."""
 
 
+# Values that become sbatch options: a strict pattern each, so that none can start with '-' or carry a space, quote
+# or shell character (an option of its own in the #SBATCH line, or a command in the script).
+_SLURM_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+NAME_PATTERNS = {
+    "job_name": (
+        re.compile(rf"^{_SLURM_NAME}$"),
+        "a job name: letters, digits, '.', '_' and '-', not starting with '-'",
+    ),
+    "partition": (
+        re.compile(rf"^{_SLURM_NAME}(,{_SLURM_NAME})*$"),
+        "a partition name (or a comma list): letters, digits, '.', '_' and '-'",
+    ),
+    "account": (re.compile(rf"^{_SLURM_NAME}$"), "an account name: letters, digits, '.', '_' and '-'"),
+    "time": (
+        re.compile(r"^(\d+(-\d+)?(:\d+){0,2}|(?i:unlimited|infinite))$"),
+        "a time limit such as 48:00:00, 2-00:00:00 or 90 (minutes)",
+    ),
+    "mem": (re.compile(r"^\d+[KMGT]?$"), "a memory size such as 0 (all), 512G or 1000000M"),
+    "module": (
+        re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"),
+        "a Python module name such as memagent_jax.train",
+    ),
+}
+
+
+def check_names(args) -> None:
+    """LaunchError naming the first of --job_name / --partition / --account / --time / --mem / --module that does
+    not match its pattern."""
+    for name, (pattern, what) in NAME_PATTERNS.items():
+        value = getattr(args, name)
+        if value is not None and not pattern.match(value):
+            raise LaunchError(f"--{name} {value!r}: expected {what}")
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -109,8 +143,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         check(args)
         for item in overrides:
             reject_control_characters("config override", item)
-    except LaunchError as e:
-        parser.error(str(e))
+    except LaunchError as e:  # one line, exit status 2
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return args, overrides
 
 
@@ -135,6 +170,7 @@ def check(args) -> None:
         reject_control_characters("--env", item)
     for item in args.sbatch_arg:
         reject_control_characters("--sbatch_arg", item)
+    check_names(args)
     if args.nodes < 1:
         raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 1:

@@ -50,6 +50,31 @@ class LaunchError(ValueError):
     """A bad combination of launcher arguments; the message says which."""
 
 
+# Values that become gcloud arguments of their own: a strict pattern each, so that none can start with '-' (gcloud
+# would read it as a flag: --tpu=--impersonate-service-account=... ) or carry a space, quote or shell character.
+# gcloud's ssh / scp give `--` a meaning of their own (what follows goes to ssh), so the names are checked instead.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")  # TPU VM names and zones (us-east5-a)
+_PROJECT = re.compile(r"^([a-z0-9][a-z0-9.-]*:)?[a-z0-9][a-z0-9-]{0,62}$")  # project ids (domain:project too)
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+NAME_PATTERNS = {
+    "tpu": (_NAME, "a TPU VM name: lower-case letters, digits and '-', starting with a letter or digit"),
+    "zone": (_NAME, "a zone such as us-east5-a: lower-case letters, digits and '-'"),
+    "project": (_PROJECT, "a project id: lower-case letters, digits and '-' (optionally after 'domain:')"),
+    "module": (_MODULE, "a Python module name such as memagent_jax.train"),
+}
+
+
+def check_names(args) -> None:
+    """LaunchError naming the first of --tpu / --zone / --project / --module that does not match its pattern, and
+    for --collect_logs a folder that starts with '-' (it is a positional argument of gcloud scp)."""
+    for name, (pattern, what) in NAME_PATTERNS.items():
+        value = getattr(args, name)
+        if value is not None and not pattern.match(value):
+            raise LaunchError(f"--{name} {value!r}: expected {what}")
+    if args.collect_logs is not None and (not args.collect_logs or args.collect_logs.startswith("-")):
+        raise LaunchError(f"--collect_logs {args.collect_logs!r}: a folder name must not start with '-' (use ./...)")
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -122,8 +147,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             parser.error(f"unrecognized argument {a!r} (config overrides are --config.a.b=value)")
     try:
         check(args, overrides)
-    except LaunchError as e:
-        parser.error(str(e))
+    except LaunchError as e:  # one line, exit status 2
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return args, overrides
 
 
@@ -146,6 +172,7 @@ def check(args, overrides: list[str]) -> None:
         reject_control_characters("--env", item)
     for item in overrides:
         reject_control_characters("config override", item)
+    check_names(args)
     actions = [
         name
         for name, on in (
@@ -186,9 +213,9 @@ def check(args, overrides: list[str]) -> None:
 
 
 def _gcloud(args, verb: str, *rest: str) -> list[str]:
-    cmd = ["gcloud", "compute", "tpus", "tpu-vm", verb, *rest, "--zone", args.zone]
+    cmd = ["gcloud", "compute", "tpus", "tpu-vm", verb, *rest, f"--zone={args.zone}"]
     if args.project:
-        cmd += ["--project", args.project]
+        cmd.append(f"--project={args.project}")
     return cmd
 
 

@@ -29,6 +29,7 @@ import os
 import sys
 import time
 
+from memagent_jax import errors
 from memagent_jax.evaluation.answering import NONFINITE_MESSAGE, answer_file
 from memagent_jax.model_flags import (
     FlagError,
@@ -115,6 +116,7 @@ def _single(args, agent) -> int:
     return 0
 
 
+@errors.user_errors  # --debug (or MEMAGENT_DEBUG=1): the traceback of a user error instead of its one line
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     single = args.question is not None or args.document is not None
@@ -127,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("batch mode needs both --input and --output")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from memagent_jax import distributed
-    from memagent_jax.agent import AgentInputError, AgentSettingsError, TemplateError
-    from memagent_jax.data.records import DataFormatError
-    from memagent_jax.models import CheckpointError, ConfigError
 
     try:
         check_args(args)
@@ -157,19 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
             return 1 if failed else 0
-    except (
-        AgentInputError,
-        AgentSettingsError,
-        FlagError,
-        CheckpointError,
-        ConfigError,
-        DataFormatError,
-        TemplateError,
-        FileNotFoundError,
-        distributed.DistributedError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except errors.user_error_types() as e:  # nothing answered: one line naming the flag, file or row; status 2
+        return errors.handle(e)
 
 
 if __name__ == "__main__":

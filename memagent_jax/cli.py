@@ -13,6 +13,9 @@ Each subcommand is the module of the same name (`python -m memagent_jax.train`, 
 `python -m memagent_jax.data.hotpotqa`), which still works on its own. `memagent <command> --help` describes a
 command; the config-driven ones (demo, train, evaluate, plan) also take `--print-config`, which prints every
 config field with its value after the overrides given and its one-line description.
+
+A user error (a bad flag, config field, file or row) is one line, `error: ...`, and exit status 2; `--debug`
+(anywhere on the command line) or MEMAGENT_DEBUG=1 shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import re
 import sys
 import tokenize
 from collections.abc import Sequence
+
+from memagent_jax import errors
 
 # name -> (module, kind, default config file, one line)
 COMMANDS = {
@@ -158,14 +163,13 @@ def print_config(argv: Sequence[str], default_config: str | None) -> int:
         return 2
     overrides = [a for a in argv if a.startswith("--config.")]
     args = [f"--config={path}"] + overrides
+    errors.check_config_overrides(args)  # a typo in --config.a.b: one line naming the flag and the file
     fv = flags.FlagValues()
     flag = config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, sys_argv=["x"] + args)
     try:
         fv(["x"] + args)
     except (flags.Error, ValueError, OSError) as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        print(f"error: {lines[0].rstrip(':')}" + (f" {lines[-1].strip()}" if len(lines) > 1 else ""), file=sys.stderr)
-        return 2
+        return errors.handle(errors.UserError(errors.flag_error_message(e)))
     file_path = path.split(":", 1)[0]
     print(f"# {path}: every field (value after overrides)  # description")
     print(format_config(flag.value, config_docs(file_path)))
@@ -195,22 +199,19 @@ def _help(name: str, module: str, kind: str, default_config: str | None) -> int:
 
 
 def _run_absl(name: str, module: str, default_config: str, argv: list[str]) -> int:
-    from absl import app
-
     mod = importlib.import_module(module)
     if _config_arg(argv) is None:
         argv = ["--config", _default_config(default_config)] + argv
     if name == "demo" and not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
         argv = argv + ["--workdir", "runs/tiny_synthetic"]
-    mod.define_flags()
-    sys.argv = [f"memagent {name}"] + argv
-    try:
-        app.run(mod.main)
+    try:  # --config.* checked first, flag errors and user errors as one line, exit status 2
+        errors.run_absl(mod.main, mod.define_flags, default_config=default_config, argv=[f"memagent {name}"] + argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
+@errors.user_errors  # --debug (or MEMAGENT_DEBUG=1), anywhere: the traceback of a user error instead of its line
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

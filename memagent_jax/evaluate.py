@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 import sys
 
-from memagent_jax import settings
+from memagent_jax import errors, settings
 from memagent_jax.evaluation.loop import evaluate_models
 from memagent_jax.evaluation.report import EvalResults, failure_summary
 from memagent_jax.evaluation.specs import (
@@ -205,11 +205,8 @@ def main(argv) -> None:
     from absl import logging as absl_logging
 
     if _distributed is not None and hasattr(_distributed, "initialize_from_flags"):
-        try:  # multi-host runs: join the other processes (a no-op for one process)
+        with errors.report_user_errors():  # multi-host runs: join the other processes (a no-op for one process)
             _distributed.initialize_from_flags(_FLAG_VALUES)
-        except getattr(_distributed, "DistributedError", ()) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
@@ -217,24 +214,8 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from memagent_jax.agent import AgentInputError, AgentSettingsError, TemplateError
-    from memagent_jax.data.records import DataFormatError
-    from memagent_jax.models import CheckpointError, ConfigError
-
-    try:
+    with errors.report_user_errors():  # a bad setting, model or file: one line, exit status 2 (nothing ran)
         results = run(_CONFIG.value, _WORKDIR.value)
-    except (
-        EvalConfigError,
-        AgentSettingsError,
-        DataFormatError,
-        CheckpointError,
-        ConfigError,
-        AgentInputError,
-        TemplateError,
-        FileNotFoundError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     summary = failure_summary(results)
     if summary is not None:  # the reports are written; exit status 1 says some rows did not count
         print(f"warning: {summary}", file=sys.stderr)
@@ -242,7 +223,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app as _app
-
-    define_flags()
-    _app.run(main)
+    errors.run_absl(main, define_flags, default_config="evaluate")

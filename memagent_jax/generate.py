@@ -9,6 +9,8 @@ memagent_agent.json, used unless --temperature / --top-p are given). With severa
 a `--- completion i ---` line; `--json` prints one JSON object per prompt with the new token ids, their
 log-probs and whether a stop token was reached. Generation stops at the model's EOS ids (config.json), the
 tokenizer's EOS token and any `--stop-id`.
+
+Exit status: 0 done; 2 a bad flag, model folder or tokenizer (one line naming it; --debug: the traceback).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import os
 import sys
 import time
+
+from memagent_jax import errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +79,7 @@ def _encode(tokenizer, text: str, chat: bool, system: str | None) -> list[int]:
     return list(tokenizer.encode(rendered, add_special_tokens=False))
 
 
+@errors.user_errors  # --debug (or MEMAGENT_DEBUG=1): the traceback of a user error instead of its one line
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -155,9 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compute_dtype or param_dtype:  # compute in the requested dtype too
             config = config.replace(compute_dtype=args.compute_dtype or args.dtype or config.param_dtype)
         config = config.replace(attention_impl=args.attention_impl)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: --model {args.model!r}: {e}", file=sys.stderr)
-        return 1
+    except errors.user_error_types() as e:  # bad weights, config.json or dtype: one line naming the folder, status 2
+        return errors.handle(errors.UserError(f"--model {args.model!r}: {errors.one_line(e)}"))
 
     stops = set(args.stop_id)
     if not args.ignore_eos:
@@ -178,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = sampler.generate(prompts, sampling, rng=args.seed)
         elapsed = time.perf_counter() - t0
-    except SamplingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except errors.user_error_types() as e:
+        return errors.handle(e)
 
     stop_set = set(sampling.stop_token_ids)
     for i, ids in enumerate(result.tokens):

@@ -29,6 +29,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from memagent_jax import errors
+
 _CONFIG = _WORKDIR = None
 
 
@@ -804,13 +806,9 @@ def main(argv) -> None:
         raise app.UsageError("--workdir is required")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+    with errors.report_user_errors():  # a bad config field, model or file: one line, exit status 2
         run(_CONFIG.value, _WORKDIR.value)
-    except PipelineConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    errors.run_absl(main, define_flags, default_config="tiny_synthetic")

@@ -32,7 +32,7 @@ Estimates: XLA's buffer assignment can do better (fusion) or worse (fragmentatio
 fraction (default 0.9 of HBM) is the margin. Interconnect traffic (FSDP all-gathers, tensor-parallel
 all-reduces) is not timed.
 
-Exit status: 0 fits, 1 does not fit, 2 the config is invalid.
+Exit status: 0 fits, 1 does not fit, 2 the config is invalid (one line naming the field; --debug: the traceback).
 """
 
 from __future__ import annotations
@@ -42,11 +42,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from memagent_jax.planning import HARDWARE, PlanError, format_plan, make_plan, resolve_mesh
+from memagent_jax import errors
+from memagent_jax.planning import HARDWARE, format_plan, make_plan, resolve_mesh
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+@errors.user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses `argv` (argv[0] is the program name) with a private FlagValues; prints the plan; returns the exit
     status (0 fits, 1 does not fit, 2 invalid config or flags)."""
@@ -76,14 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(fv.get_help())
         print("\n`memagent plan --config FILE --print-config` lists the config's fields with defaults.")
         return 0
+    errors.check_config_overrides(argv[1:])  # a typo in --config.a.b: one line naming the flag and the file
     try:
         rest = fv(argv)
     except (flags.Error, ValueError) as e:  # ValueError: a config's get_config refusing its argument (hardware)
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        if any(line.startswith("Traceback") for line in lines):  # config_flags wraps the config's own error
-            lines = [lines[0].rstrip(":"), lines[-1]]
-        print("error: " + " ".join(lines), file=sys.stderr)
-        return 2
+        return errors.handle(errors.UserError(errors.flag_error_message(e)))
     if len(rest) > 1:
         print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
         return 2
@@ -92,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfg = config_flag.value
     name = config_arg(argv) or "config"
-    from memagent_jax.rl.recipe import TrainConfigError, validate_config
+    from memagent_jax.rl.recipe import validate_config
 
     try:
         extra = int(cfg.mesh.get("rollout_devices", 0) or 0)
@@ -108,9 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             usable_fraction=fv["usable_fraction"].value,
             name=name,
         )
-    except (PlanError, TrainConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except errors.user_error_types() as e:  # PlanError, TrainConfigError, ...: one line, exit status 2
+        return errors.handle(e)
     if fv["json"].value:
         print(json.dumps(plan.to_json(), indent=1))
     else:

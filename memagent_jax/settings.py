@@ -20,6 +20,8 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from memagent_jax.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -42,8 +44,9 @@ class SettingError(ValueError):
         return error
 
 
-class ConfigError(ValueError):
-    """A config (file, flags, JSON) holds a bad value; the message names the config path, file or flag at fault."""
+class ConfigError(UserError):
+    """A config (file, flags, JSON) holds a bad value; the message names the config path, file or flag at fault.
+    A `UserError` (a ValueError): entry points print it as one line and exit with status 2 (`memagent_jax.errors`)."""
 
 
 # ----------------------------------------------------------------------------------------------- rules

@@ -27,8 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from memagent_jax import distributed
-from memagent_jax.rl.recipe import TrainConfigError
+from memagent_jax import distributed, errors
 from memagent_jax.rl.trainer import train
 
 _CONFIG = _WORKDIR = None
@@ -54,22 +53,10 @@ def main(argv) -> None:
         raise app.UsageError("--workdir is required")
     if not flags.FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines off the progress output
         absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+    with errors.report_user_errors():  # a bad config, model folder or checkpoint: one line, exit status 2
         distributed.initialize_from_flags()  # multi-host runs: join the other processes (no-op for one process)
         train(_CONFIG.value, _WORKDIR.value)
-    except (TrainConfigError, distributed.DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # bad weights, a checkpoint folder with no usable checkpoint: no traceback needed
-        from memagent_jax.models import CheckpointError, ConfigError
-        from memagent_jax.storage.checkpoint import CheckpointError as StateCheckpointError
-
-        if not isinstance(e, (CheckpointError, StateCheckpointError, ConfigError)):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    errors.run_absl(main, define_flags, default_config="grpo")

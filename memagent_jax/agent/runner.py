@@ -278,7 +278,8 @@ class MemoryAgent:
             trace only those rows; the others get an empty trace).
           record: also return every conversation (prompt ids, response ids, log-probs) for training.
           progress: show a progress bar over chunks.
-          batch_size: rows per batch ('bucketed') or row slots ('continuous'); None for 'lockstep'.
+          batch_size: rows per batch ('bucketed') or row slots ('continuous'); None for 'lockstep'. Clamped to the
+            number of rows (outputs do not depend on it: every row has its own key).
           scheduling: 'lockstep' (all N rows as one batch, as many chunk steps as the longest document),
             'bucketed' (lockstep batches of batch_size rows of similar length) or 'continuous' (one
             `DocumentEngine` of batch_size row slots: a row whose document ends takes the next document at the
@@ -296,6 +297,8 @@ class MemoryAgent:
             raise AgentInputError("no rows to run")
         mode = choose_scheduling(scheduling, batch_size, prompt_mode=self.spec.prompt_mode, processes=procs)
         rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
+        if batch_size is not None:  # no more slots than rows: a huge batch_size must not compile (or allocate) them
+            batch_size = min(int(batch_size), max(len(rows), 1))
         if mode == "continuous":
             return self._run_continuous(
                 rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record, progress=progress, on_row=on_row

@@ -135,6 +135,11 @@ def reference_config() -> ml_collections.ConfigDict:
     # MemoryAgent.from_pretrained use unless told otherwise): the paper's evaluation sampling.
     c.export_sampling = ml_collections.ConfigDict(dict(temperature=0.7, top_p=0.95))
     c.log_every = 1
+    # Device kind for the planner (memagent_jax.plan) and train's memory check ('' = the devices JAX sees).
+    c.hardware = ""
+    # Refuse, before any model loads, a run whose planned peak memory per device exceeds the device's memory (on
+    # CPU: the RAM share of each CPU device); False = run anyway (an estimate that is wrong for this run).
+    c.memory_check = True
     return c
 
 

@@ -84,6 +84,7 @@ def add_common_arguments(p: argparse.ArgumentParser, *, default_train_docs: int)
     )
     p.add_argument("--limit", type=int, default=0, help="training rows from the first N questions only (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: %(default)s)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error that stops the build")
     p.add_argument(
         "--errors",
         default=None,
@@ -230,13 +231,15 @@ def finish(args, *, written: dict, rows: int, questions: int, errors: list[dict]
 def run(args, make_builder) -> int:
     """Runs one builder command: ``make_builder(input_path, errors, seed)`` returns ``(builder, questions_read)``;
     the builder has ``write_eval_suite`` and ``write_training_file`` taking ``errors=``.  Returns the exit status."""
+    from memagent_jax import errors as user_errors
+
     try:
         counts = validate(args)
         errors: list = []
         builder, questions = make_builder(args.input, errors, args.seed)
-    except (BuildError, DataFormatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*user_errors.user_error_types(), OSError) as e:  # nothing built: one line, exit status 2
+        with user_errors.debugging(bool(getattr(args, "debug", False))):
+            return user_errors.handle(e)
     except ValueError as e:  # no usable question at all
         print(f"error: {args.input}: {e}", file=sys.stderr)
         entries = [error_entry(x, num_docs=getattr(x, "num_docs", None)) for x in errors]

@@ -343,6 +343,117 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True, process
         raise TrainConfigError(f"config.checkpoint.every must be positive, got {cfg.checkpoint.every}")
     if check_files:  # last: the only checks that open files
         _check_files(cfg)
+        if cfg.get("memory_check", True):
+            check_memory(cfg, device_count=device_count)
+
+
+# ----------------------------------------------------------------------------------------- memory check
+
+
+def host_memory_bytes() -> int | None:
+    """The machine's physical memory (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_budget(cfg, devices=None, *, host_bytes: int | None = None):
+    """(Hardware whose hbm_bytes is one device's memory, where that figure comes from) for the devices the run
+    uses, or None when it is not known. The rule, first that applies:
+
+      CPU devices            the machine's RAM shared equally by the local CPU devices (JAX's host platform);
+      GPU / TPU              the bytes the device's allocator may use (`memory_stats()['bytes_limit']`);
+      config.hardware named  its HBM in the planner's table (an accelerator that reports no memory).
+
+    The peak FLOP/s and bandwidth (not used by the check) and the platform the estimate assumes are config.hardware's
+    when named, else the accelerator kind's."""
+    import dataclasses
+
+    import jax
+
+    from memagent_jax.planning import GiB, Hardware, PlanError, get_hardware
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    named = cfg.get("hardware", "") or ""
+    try:
+        table = get_hardware(named) if named else None
+    except PlanError as e:
+        raise TrainConfigError(f"config.hardware: {e}") from None
+    platform = devices[0].platform if devices else "cpu"
+    if platform == "cpu":
+        total = host_memory_bytes() if host_bytes is None else host_bytes
+        if not total:
+            return None
+        share = total // len(devices)
+        hw = Hardware("cpu", share, 1e12, 1e11, "host CPU")
+        return hw, f"host RAM ({total / GiB:.1f} GiB shared by {len(devices)} CPU devices)"
+    base = table or Hardware(
+        "tpu" if platform == "tpu" else platform, 0, 1e15, 1e12, getattr(devices[0], "device_kind", platform)
+    )
+    try:
+        limit = int((devices[0].memory_stats() or {}).get("bytes_limit", 0))
+    except Exception:  # a backend without memory statistics
+        limit = 0
+    if limit > 0:
+        kind = getattr(devices[0], "device_kind", platform)
+        return dataclasses.replace(base, hbm_bytes=limit), f"{kind} (its allocator's limit)"
+    if table is not None:
+        return table, f"{table.name} (config.hardware)"
+    return None
+
+
+def planned_doc_tokens(cfg, rows: int = 8) -> int | None:
+    """Tokens of a training document for the estimate: the synthetic task's length, else the longest of the data
+    file's first `rows` documents in the model's tokenizer (None when that cannot be read: no check), each capped at
+    config.agent.max_document_tokens (centre truncation) when set."""
+    cap = int(cfg.agent.get("max_document_tokens", 0) or 0)
+    if not cfg.data.get("train_file"):
+        tokens = int(cfg.data.synthetic_tokens)
+    else:
+        from transformers import AutoTokenizer
+
+        from memagent_jax.data.formats import open_file
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, local_files_only=True)
+            records = open_file(cfg.data.train_file)
+            tokens = max(
+                len(tokenizer(records[i].document, add_special_tokens=False)["input_ids"])
+                for i in range(min(rows, len(records)))
+            )
+        except Exception:  # an unreadable tokenizer or file fails with its own error when training starts
+            return None
+    return min(tokens, cap) if cap else tokens
+
+
+def check_memory(cfg, *, device_count: int, devices=None, host_bytes: int | None = None) -> None:
+    """TrainConfigError, before any model loads, when the planner's memory estimate of one training step
+    (`memagent_jax.plan`: params, optimiser state, KV caches, rollout and learner activations, per device) exceeds
+    one device's whole memory as `memory_budget` finds it. The planner's own verdict keeps 10% of the memory as a
+    margin; this check refuses only runs whose estimate does not fit at all. `--config.memory_check=False` skips it
+    (an estimate that is wrong for this run)."""
+    from memagent_jax.planning import PlanError, make_plan
+
+    budget = memory_budget(cfg, devices, host_bytes=host_bytes)
+    if budget is None:
+        return
+    hw, source = budget
+    doc_tokens = planned_doc_tokens(cfg)
+    if doc_tokens is None:
+        return
+    try:
+        plan = make_plan(cfg, hardware=hw, devices=device_count, usable_fraction=1.0, doc_tokens=doc_tokens)
+    except PlanError as e:
+        raise TrainConfigError(
+            f"config.memory_check: the planner cannot size this run ({e}); --config.memory_check=False skips the check"
+        ) from None
+    if not plan.fits:
+        raise TrainConfigError(
+            f"config.memory_check: this run does not fit in memory: {plan.verdict.removeprefix('DOES NOT FIT: ')} "
+            f"(memory: {source}); `python -m memagent_jax.plan` shows the breakdown; --config.memory_check=False "
+            f"runs anyway"
+        )
 
 
 def mesh_field(cfg, name: str, default):

@@ -9,6 +9,8 @@ import os
 import re
 import sys
 
+from memagent_jax import errors
+
 log = logging.getLogger("memagent_jax.serve")
 
 API_KEY_ENV = "MEMAGENT_API_KEY"
@@ -197,6 +199,7 @@ def describe(state, host: str, port: int) -> list[str]:
     ]
 
 
+@errors.user_errors  # --debug (or MEMAGENT_DEBUG=1): the traceback of a user error instead of its one line
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -205,25 +208,11 @@ def main(argv=None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from memagent_jax.agent import AgentInputError, AgentSettingsError, TemplateError
-    from memagent_jax.model_flags import FlagError
-    from memagent_jax.models import CheckpointError, ConfigError
-
     try:
         check_args(args)
         state = build_state(args)
-    except (
-        AgentInputError,
-        AgentSettingsError,
-        FlagError,
-        CheckpointError,
-        ConfigError,
-        ServeArgsError,
-        TemplateError,
-        FileNotFoundError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except errors.user_error_types() as e:  # a bad flag, model or templates file: one line, exit status 2
+        return errors.handle(e)
     import uvicorn
 
     from memagent_jax.serve.app import create_app
