@@ -26,6 +26,8 @@ from memagent_jax.models.safetensors_io import SafetensorsFile, write_safetensor
 from memagent_jax.rl.metrics import MetricsWriter, truncate_jsonl
 from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 
+pytestmark = pytest.mark.faults
+
 REPO = os.path.join(os.path.dirname(__file__), "..")
 SMALL = [
     "--agent.question_tokens",
