@@ -29,7 +29,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from memagent_jax import errors
+from memagent_jax import errors, settings
 
 _CONFIG = _WORKDIR = None
 
@@ -46,7 +46,7 @@ def define_flags() -> None:
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for every artefact of the job")
 
 
-class PipelineConfigError(ValueError):
+class PipelineConfigError(settings.ConfigError):
     """A main-job config field is invalid; the message names the field."""
 
 
@@ -142,6 +142,9 @@ def validate_config(cfg) -> None:
             f"got {cfg.task.concat_multiplier}"
         )
     eval_multipliers(cfg)
+    with settings.named("config.agent", error=PipelineConfigError):  # the wording and budgets, before any stage runs
+        agent_templates(cfg)
+        agent_budgets(cfg)
 
 
 # ------------------------------------------------------------------------------------------- stages

@@ -365,6 +365,7 @@ def bad_train_inputs(model_dir, tmp_path_factory):
     (root / "broken.jsonl").write_text('{"context": \n')
     (root / "templates.json").write_text('{"memory_update": ')
     (root / "unknown.json").write_text('{"memory_updat": "x"}')
+    (root / "no_placeholders.json").write_text('{"final_answer": "Answer now."}')
     (root / "no_tokenizer").mkdir()
     shutil.copy(os.path.join(model_dir, "config.json"), root / "no_tokenizer" / "config.json")
     shutil.copytree(model_dir, root / "bad_config")
@@ -396,6 +397,8 @@ TRAIN_CONFIG_ERRORS = [
     ({"model.path": "no_tokenizer"}, r"config\.model\.path: .*no_tokenizer' holds no tokenizer files"),
     ({"model.path": "bad_config"}, r"config\.model\.path: .*config\.json does not parse as JSON"),
     ({"model.param_dtype": "float8"}, r"config\.model\.param_dtype must be one of"),
+    ({"agent.memory_update": "Notes: {memory}"}, r"config\.agent: memory_update: placeholder \{question\} must"),
+    ({"agent.templates": "no_placeholders.json"}, r"config\.agent\.templates: .*final_answer: placeholder"),
 ]
 
 

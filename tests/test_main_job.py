@@ -170,6 +170,7 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
         ("task.eval_multipliers", "1;x", r"config\.task\.eval_multipliers"),
         ("task.rl_distractors_per_chunk", -0.5, r"task\.rl_distractors_per_chunk must be >= 0"),
         ("rl.max_sampling_batches", 0, r"rl\.max_sampling_batches must be >= 1"),
+        ("agent.memory_update", "Notes: {memory}", r"config\.agent: memory_update: placeholder \{question\}"),
     ],
 )
 def test_config_errors_name_the_field(field, value, message):
