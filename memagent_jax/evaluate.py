@@ -8,7 +8,9 @@ evaluation format: `context`, `input`, `answers`, optional `num_docs`, `index`) 
 (model, file) the report gives accuracy (the mean of the chosen metric), exact match, token F1 and sub-exact-match
 of the extracted prediction, each with a 95% confidence interval (Wilson score interval for 0/1 scores, normal
 approximation mean +- 1.96 s / sqrt(n) otherwise), the number of rows, the mean document length in tokens of the
-model's tokenizer, the mean number of chunks, the wall time and the document tokens read per second.
+model's tokenizer, the mean number of chunks, the wall time and the document tokens read per second. The means
+average every scored row as it is (`config.averaging='ours'`), or as the reference's evaluation scripts do
+('reference': a row whose response is empty is left out, each row's score is rounded to 2 decimals first).
 
 Written to the workdir:
     results.json                   everything, with the configuration
@@ -58,6 +60,7 @@ from memagent_jax.evaluation.specs import (
     ROW_ERROR_POLICIES,
     SCHEDULING,
     EvalConfigError,
+    check_averaging,
     parse_eval_files,
     parse_models,
 )
@@ -92,6 +95,7 @@ def validate_config(cfg) -> None:
         raise EvalConfigError(f"config.row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {cfg.row_errors!r}")
     if cfg.batch_size <= 0:
         raise EvalConfigError(f"config.batch_size: must be positive, got {cfg.batch_size}")
+    check_averaging(cfg.get("averaging", "ours"), path="config")
     if cfg.get("scheduling", "continuous") not in SCHEDULING:
         raise EvalConfigError(f"config.scheduling: must be one of {list(SCHEDULING)}, got {cfg.scheduling!r}")
     for name in ("max_questions", "num_traces"):
@@ -150,6 +154,7 @@ def run(cfg, workdir: str) -> EvalResults:
         seed=cfg.seed,
         num_traces=cfg.num_traces,
         row_errors=cfg.row_errors,
+        averaging=cfg.get("averaging", "ours"),
         mesh=mesh,
         param_dtype=cfg.param_dtype or None,
         compute_dtype=cfg.compute_dtype or None,

@@ -31,6 +31,7 @@ from memagent_jax.evaluation import (
     verifier,
     wilson_interval,
 )
+from memagent_jax.evaluation.report import averaged_rows, format_table, summarize_rows
 from memagent_jax.models import load_hf_params
 from memagent_jax.models.sharding import make_mesh
 from memagent_jax.sampling import SamplingParams
@@ -443,3 +444,115 @@ def test_a_training_file_or_no_models_is_refused(models, eval_files, tmp_path):
         ev.run(eval_config(**dict(ok, eval_files=str(train))), str(tmp_path / "w"))
     with pytest.raises(EvalConfigError, match="models: no models given"):
         evaluate_models({}, eval_files, None)
+
+
+# ------------------------------------------------------------------------------------------- averaging
+
+
+def _row(response, score):
+    return {"response": response, "scores": {"accuracy": score, "em": 0.0, "f1": score, "sub_em": 0.0}}
+
+
+def test_reference_averaging_leaves_out_empty_responses_and_rounds_each_row():
+    third = 1 / 3
+    rows = [_row("\\boxed{a b c}", third)] * 3 + [_row("", 0.0)]
+    ours = summarize_rows(rows, "ours")
+    assert ours["accuracy"].n == 4 and ours["accuracy"].mean == pytest.approx(0.25, abs=1e-12)
+    assert ours["f1"].mean == pytest.approx(0.25, abs=1e-12)
+    ref = summarize_rows(rows, "reference")
+    assert ref["accuracy"].n == 3 and ref["accuracy"].mean == pytest.approx(0.33, abs=1e-12)  # not 0.3333
+    assert ref["f1"].mean == pytest.approx(0.33, abs=1e-12) and ref["em"].method == "wilson"
+    assert summarize_rows(rows[:3], "ours")["accuracy"].mean == pytest.approx(third, abs=1e-12)
+    # Only the empty string is left out (a blank response is a response); Python's round: 0.125 -> 0.12
+    assert summarize_rows([_row(" ", 0.125), _row("x", 0.5)], "reference")["accuracy"].mean == pytest.approx(0.31)
+    assert averaged_rows([_row("x", 2 / 3)], "reference") == [{"accuracy": 0.67, "em": 0.0, "f1": 0.67, "sub_em": 0.0}]
+
+
+class ScriptedAgent(OracleAgent):
+    """OracleAgent answering each question with a fixed response."""
+
+    def __init__(self, responses):
+        super().__init__({}, [])
+        self.responses = responses
+
+    def run(self, questions, documents, rng=0, *, trace=False, batch_size=None, progress=False):
+        out = super().run(questions, documents, rng, trace=trace, batch_size=batch_size, progress=progress)
+        return AgentResult(
+            answers=[self.responses[q] for q in questions],
+            answer_ids=out.answer_ids,
+            finished=out.finished,
+            num_chunks=out.num_chunks,
+            traces=out.traces,
+        )
+
+
+def _scripted_agent():
+    # F1 against the gold: precision 2/4 (1/2), recall 1 -> 2/3 (0.67 rounded); the last row answers nothing
+    (q0, _, _), (q1, _, _), (q2, _, _) = FACTS
+    return ScriptedAgent({q0: "\\boxed{third stone big tablet}", q1: "\\boxed{baker big}", q2: ""})
+
+
+def test_evaluate_agent_averaging_reference_vs_ours():
+    records = qa_records(1)
+    ours = evaluate_agent(_scripted_agent(), records, metric="f1", progress=False)
+    assert (ours.n, ours.empty, ours.averaging) == (3, 0, "ours")
+    assert ours.accuracy.mean == pytest.approx((2 / 3 + 2 / 3 + 0) / 3, abs=1e-12)
+    ref = evaluate_agent(_scripted_agent(), records, metric="f1", progress=False, averaging="reference")
+    assert (ref.n, ref.empty, ref.averaging) == (2, 1, "reference")
+    assert ref.accuracy.mean == pytest.approx(0.67, abs=1e-12) and ref.f1.mean == pytest.approx(0.67, abs=1e-12)
+    assert ref.sub_em.mean == 1.0 and ref.em.mean == 0.0
+    assert [row["scores"]["f1"] for row in ref.rows] == pytest.approx([2 / 3, 2 / 3, 0.0])  # rows stay unrounded
+    assert "(+1 empty)" in format_table([ref])
+    with pytest.raises(EvalConfigError, match=r"^averaging must be one of \['ours', 'reference'\], got 'mean'$"):
+        evaluate_agent(_scripted_agent(), records, progress=False, averaging="mean")
+
+
+def test_results_json_records_the_averaging(tmp_path, monkeypatch):
+    from memagent_jax.evaluation import loop
+
+    monkeypatch.setattr(loop, "_agent_for", lambda source, **kw: (_scripted_agent(), ""))
+    file = str(tmp_path / "qa_len_1x.jsonl")
+    write_eval_file(qa_records(1), file)
+    out = tmp_path / "out"
+    results = evaluate_models(
+        {"m": (None, None, None)},
+        [file],
+        str(out),
+        metric="f1",
+        averaging="reference",
+        progress=False,
+        plot=False,
+        warmup=False,
+    )
+    assert results.results[0].accuracy.mean == pytest.approx(0.67)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["averaging"] == "reference"
+    assert (saved["results"][0]["averaging"], saved["results"][0]["empty"], saved["results"][0]["n"]) == (
+        "reference",
+        1,
+        2,
+    )
+    with pytest.raises(EvalConfigError, match=r"^averaging must be one of"):
+        evaluate_models({"m": (None, None, None)}, [file], None, averaging="Reference", progress=False)
+
+
+def _cli_inputs(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    file = str(tmp_path / "qa_len_1x.jsonl")
+    write_eval_file(qa_records(1), file)
+    return dict(models=str(folder), eval_files=file)
+
+
+def test_config_averaging_is_checked_by_the_settings_rules(tmp_path):
+    from memagent_jax.configs import evaluate as evaluate_recipe
+
+    ok = _cli_inputs(tmp_path)
+    assert eval_config().averaging == "ours" and evaluate_recipe.get_config().averaging == "ours"
+    ev.validate_config(eval_config(**ok, averaging="reference"))
+    for bad in ("mean", "", "Reference"):
+        with pytest.raises(
+            EvalConfigError, match=rf"^config\.averaging must be one of \['ours', 'reference'\], got '{bad}'$"
+        ):
+            ev.validate_config(eval_config(**ok, averaging=bad))

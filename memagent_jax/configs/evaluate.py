@@ -75,6 +75,9 @@ def reference_config() -> ml_collections.ConfigDict:
     c.seed = 0  # row r samples with fold_in(key(seed), index of r): the same keys for every model and rerun
     c.num_traces = 3  # rows per (model, file) whose memory after every chunk is written to predictions/
     c.row_errors = "skip"  # a row that cannot run (empty / over-budget question): skip | zero | raise
+    # How per-row scores become a file's figures: 'ours' (every scored row, unrounded) or 'reference' (as the
+    # reference's evaluation scripts: rows whose response is empty left out, each row's score rounded to 2 decimals).
+    c.averaging = "ours"
     c.param_dtype = ""  # '' = the checkpoint's dtype
     c.compute_dtype = ""  # '' = param_dtype
     c.attention_impl = ""  # attention kernel: auto | materialized | blockwise | cudnn ('' = auto; models/attention.py)

@@ -30,7 +30,7 @@ from memagent_jax.evaluation.report import (
     EvalResults,
     FileResult,
     format_percent,
-    summarize,
+    summarize_rows,
     write_predictions,
     write_reports,
 )
@@ -227,6 +227,7 @@ def evaluate_agent(
     file_key: str | None = None,
     pad_batches: bool = True,
     scheduling: str = "continuous",
+    averaging: str = "ours",
 ) -> FileResult:
     """Evaluates one MemoryAgent (its own budgets, templates and sampling) on one file or list of records.
 
@@ -251,13 +252,16 @@ def evaluate_agent(
       model_name, model_path, file_key: names used in the result and the progress output.
       pad_batches: run a short last batch at the full batch size (repeating a row), so that one compiled program
         serves the whole file.
+      averaging: how the rows' scores become the file's figures (`report.AVERAGING`): 'ours' (every scored row,
+        unrounded) or 'reference' (the reference's evaluation scripts: a row whose response is empty is left out,
+        each row's score is rounded to 2 decimals before the mean). The rows keep their unrounded scores.
     Returns:
       FileResult, with `rows` in file order.
     """
     from memagent_jax.agent import AgentInputError
     from memagent_jax.data.records import DataFormatError
 
-    check_options(metric, extract, row_errors, batch_size)
+    check_options(metric, extract, row_errors, batch_size, averaging)
     if scheduling not in SCHEDULING:
         raise EvalConfigError(f"scheduling: must be one of {list(SCHEDULING)}, got {scheduling!r}")
     if isinstance(records, (str, os.PathLike)):
@@ -394,7 +398,7 @@ def evaluate_agent(
 
     scored_rows = [r for r in rows if r is not None and "scores" in r]
     run_rows = [r for r in scored_rows if r.get("doc_tokens") is not None]
-    stats = summarize([r["scores"] for r in scored_rows])
+    stats = summarize_rows(scored_rows, averaging)
     tokens = int(sum(r["doc_tokens"] for r in run_rows))
     used: dict[str, int] = {}
     for r in scored_rows:
@@ -408,7 +412,7 @@ def evaluate_agent(
         metric=metric,
         metrics_used=used,
         extract=extract,
-        n=len(scored_rows),
+        n=stats["accuracy"].n,
         skipped=skipped,
         accuracy=stats["accuracy"],
         em=stats["em"],
@@ -422,6 +426,8 @@ def evaluate_agent(
         rows=[r for r in rows if r is not None],
         errors=errors,
         nonfinite=nonfinite,
+        averaging=averaging,
+        empty=len(scored_rows) - stats["accuracy"].n,
     )
 
 
@@ -472,6 +478,7 @@ def evaluate_models(
     doc_store=None,
     scheduling: str = "continuous",
     attention_impl: str | None = None,
+    averaging: str = "ours",
 ) -> EvalResults:
     """Evaluates every model on every file and writes the reports to `out_dir` (None: nothing written).
 
@@ -489,7 +496,8 @@ def evaluate_models(
         0.7 / 0.95); `memory_sampling` / `answer_sampling` (`SamplingParams`) override them.
       agent_overrides: single settings by their config names ({"chunk_tokens": 32, "prompt_mode": "text"}),
         applied on top of each model's settings (see `AgentSettings.override`).
-      metric, extract, batch_size, max_questions, seed, num_traces, row_errors, scheduling: see `evaluate_agent`.
+      metric, extract, batch_size, max_questions, seed, num_traces, row_errors, scheduling, averaging: see
+        `evaluate_agent` (results.json records the averaging, in its config and per result).
       mesh: a ('data', 'fsdp', 'tensor') mesh for loading and running (None: one device).
       param_dtype, compute_dtype: for models loaded from folders (None: the checkpoint's dtype).
       attention_impl: attention kernel of models loaded from folders (None: 'auto'; see models/attention.py).
@@ -510,7 +518,7 @@ def evaluate_models(
 
     entries = parse_models(models)
     files = parse_eval_files(eval_files)
-    check_options(metric, extract, row_errors, batch_size)
+    check_options(metric, extract, row_errors, batch_size, averaging)
     for name, value in (("max_questions", max_questions), ("num_traces", num_traces)):
         if value < 0:
             raise EvalConfigError(f"{name}: must be >= 0, got {value}")
@@ -569,6 +577,7 @@ def evaluate_models(
         "seed": seed,
         "num_traces": num_traces,
         "row_errors": row_errors,
+        "averaging": averaging,
         "param_dtype": param_dtype,
         "compute_dtype": compute_dtype,
         "attention_impl": attention_impl,
@@ -623,6 +632,7 @@ def evaluate_models(
                 model_path=path,
                 file_key=key,
                 scheduling=scheduling,
+                averaging=averaging,
             )
             results.results.append(r)
             acc = r.accuracy

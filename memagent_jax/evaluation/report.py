@@ -3,6 +3,7 @@
 The presentation half of the evaluation (`evaluation.loop` runs the models and builds these results):
 
     estimate(scores) -> Estimate(mean, low, high, n, method)      # Wilson for 0/1 scores, normal otherwise
+    summarize_rows(rows, averaging) -> {score: Estimate}           # 'ours' or the reference scripts' averaging
     FileResult / EvalResults                                       # one (model, file) / a whole evaluation
     format_table(results); write_reports(results, out_dir); plot_accuracy_vs_length(results, path)
     failure_summary(results)                                       # the line counting failed rows, or None
@@ -25,6 +26,9 @@ import numpy as np
 Z95 = 1.96
 #: The per-row scores reported for every (model, file), besides `accuracy`.
 SCORE_NAMES = ("accuracy", "em", "f1", "sub_em")
+#: How per-row scores are averaged (`summarize_rows`): 'ours' (every scored row as it is) or 'reference' (the
+#: reference's evaluation scripts: rows whose response is empty left out, each row's score rounded to 2 decimals).
+AVERAGING = ("ours", "reference")
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -112,6 +116,25 @@ def summarize(scores: Sequence[Mapping[str, float]]) -> dict[str, Estimate]:
     return {name: estimate([float(s[name]) for s in scores], methods[name]) for name in SCORE_NAMES}
 
 
+def averaged_rows(rows: Sequence[Mapping], averaging: str = "ours") -> list[dict[str, float]]:
+    """The per-row score dicts that enter the averages, from scored rows (each with 'scores' and 'response').
+
+    'ours': every row's scores as they are. 'reference': as the reference's evaluation scripts average: a row
+    whose response is the empty string is left out (there, the mark of a failed request), and each score is
+    rounded to 2 decimals (Python's `round(x, 2)`) before the mean, so three rows scoring 1/3 average 0.33.
+    """
+    if averaging == "ours":
+        return [dict(r["scores"]) for r in rows]
+    if averaging == "reference":
+        return [{k: round(float(v), 2) for k, v in r["scores"].items()} for r in rows if r.get("response") != ""]
+    raise ValueError(f"averaging: must be one of {list(AVERAGING)}, got {averaging!r}")
+
+
+def summarize_rows(rows: Sequence[Mapping], averaging: str = "ours") -> dict[str, Estimate]:
+    """`summarize` of the scored rows under `averaging` (see `averaged_rows`)."""
+    return summarize(averaged_rows(rows, averaging))
+
+
 # ------------------------------------------------------------------------------------------- results
 
 
@@ -127,7 +150,7 @@ class FileResult:
     metric: str  # the metric asked for ('auto' included)
     metrics_used: dict[str, int]  # metric -> rows scored with it
     extract: str
-    n: int  # rows scored
+    n: int  # rows in the averages
     skipped: int  # rows that could not run (row_errors='skip')
     accuracy: Estimate
     em: Estimate
@@ -143,6 +166,8 @@ class FileResult:
     # logits), whatever the row_errors policy; `nonfinite` of them had non-finite (NaN / inf) model logits.
     errors: int = 0
     nonfinite: int = 0
+    averaging: str = "ours"  # how the rows' scores were averaged (`AVERAGING`)
+    empty: int = 0  # scored rows left out of the averages for their empty response (averaging 'reference')
 
     def to_dict(self, rows: bool = False) -> dict:
         out = {}
@@ -269,7 +294,7 @@ def format_table(results: Sequence[FileResult]) -> str:
                 format_percent(r.em.mean),
                 format_percent(r.f1.mean),
                 format_percent(r.sub_em.mean),
-                f"{r.n}" + (f" (+{r.skipped} skipped)" if r.skipped else ""),
+                f"{r.n}" + "".join(f" (+{k} {what})" for k, what in ((r.skipped, "skipped"), (r.empty, "empty")) if k),
                 f"{r.doc_tokens_per_s:.0f}",
             ]
         )

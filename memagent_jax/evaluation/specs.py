@@ -3,7 +3,7 @@
     parse_models("warm=/ckpt/warm,rl=/ckpt/rl")   -> [("warm", "/ckpt/warm"), ("rl", "/ckpt/rl")]
     parse_eval_files("/data/eval_*docs.json")     -> the matching files in natural order (len_2 before len_10)
     file_keys(files), length_label(path, records)  -> unique short names / length labels of the files
-    check_options(metric, extract, row_errors, batch_size); check_outputs_not_inputs(out_dir, files)
+    check_options(metric, extract, row_errors, batch_size, averaging); check_outputs_not_inputs(out_dir, files)
 
 Every error is an `EvalConfigError` naming the field (or file) at fault. Nothing here imports JAX.
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from memagent_jax.evaluation.report import format_tokens
+from memagent_jax import settings
+from memagent_jax.evaluation.report import AVERAGING, format_tokens
 from memagent_jax.settings import ConfigError
 
 #: What happens to a row that fails (see `evaluation.loop.evaluate_agent`).
@@ -182,8 +183,16 @@ def check_outputs_not_inputs(out_dir: str | None, files: Sequence[str], output_n
             )
 
 
-def check_options(metric: str, extract: str, row_errors: str, batch_size: int) -> None:
-    """Errors naming the option for an unknown metric / extraction / row-error policy or a bad batch size."""
+def check_averaging(averaging, *, path: str = "") -> str:
+    """`averaging` if it is one of `AVERAGING`, else an `EvalConfigError` naming `path`.averaging (the settings
+    layer's `choice` rule; path '' names the bare option)."""
+    with settings.named(path, error=EvalConfigError, separator="." if path else ""):
+        return settings.choice("averaging", averaging, AVERAGING)
+
+
+def check_options(metric: str, extract: str, row_errors: str, batch_size: int, averaging: str = "ours") -> None:
+    """Errors naming the option for an unknown metric / extraction / row-error policy / averaging or a bad batch
+    size."""
     from memagent_jax.evaluation import verifier
 
     if metric != "auto" and metric not in verifier.METRICS:
@@ -194,3 +203,4 @@ def check_options(metric: str, extract: str, row_errors: str, batch_size: int) -
         raise EvalConfigError(f"row_errors: must be one of {list(ROW_ERROR_POLICIES)}, got {row_errors!r}")
     if batch_size <= 0:
         raise EvalConfigError(f"batch_size: must be positive, got {batch_size}")
+    check_averaging(averaging)
