@@ -58,7 +58,8 @@ def test_k3_kl_clamp_by_hand():
         # d k3 / d logp = -(e^d - 1); the pg term is 0 (A = 0); token mean over 3 response tokens.
         grad = jax.grad(lambda lp: loss(lp)[0])(logp)
         np.testing.assert_allclose(grad[0], [0.5 * g / 3 for g in grads] + [0.0], rtol=1e-5, atol=1e-7)
-    for bad in (0.0, -1.0, float("inf"), True):
+    assert LossConfig(kl_clamp=0.0).kl_clamp is None  # 0 = no clamp, as the configs write it
+    for bad in (-1.0, float("inf"), True):
         with pytest.raises(LossConfigError, match="loss.kl_clamp"):
             LossConfig(kl_clamp=bad)
 
