@@ -38,6 +38,8 @@ EXTRAS = {
     "tfds": ["tensorflow-datasets>=4.9", "array_record>=0.5", "importlib_resources"],
     # The HTTP server: memagent serve --model DIR
     "serve": ["fastapi>=0.115", "uvicorn>=0.30"],
+    # Weights & Biases logging of training metrics: --config.wandb.enabled=True
+    "wandb": ["wandb>=0.17"],
     "test": [
         "torch==2.13.0",
         "ruff==0.17.6",  # lint and format (make lint); pinned so the formatter's output does not drift
@@ -50,6 +52,7 @@ EXTRAS = {
         "uvicorn>=0.30",
         "openai>=1.40",
         "httpx>=0.27",
+        "wandb>=0.17",
     ],
 }
 

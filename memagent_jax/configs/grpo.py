@@ -135,6 +135,19 @@ def reference_config() -> ml_collections.ConfigDict:
     # MemoryAgent.from_pretrained use unless told otherwise): the paper's evaluation sampling.
     c.export_sampling = ml_collections.ConfigDict(dict(temperature=0.7, top_p=0.95))
     c.log_every = 1
+    # Weights & Biases (pip install -e ".[wandb]"): the same per-step metrics as TensorBoard, and this config, go to
+    # a W&B run; a resumed run continues it (its id is kept in <workdir>/wandb_run_id).
+    c.wandb = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            project="memagent-jax",
+            entity="",  # W&B team or user ('' = the logged-in user's default)
+            name="",  # the run's display name ('' = the workdir's folder name)
+            mode="online",  # 'online' | 'offline' (files only; `wandb sync` uploads them) | 'disabled'
+            tags="",  # comma-separated
+            dir="",  # W&B writes its files in <dir>/wandb ('' = the workdir)
+        )
+    )
     # Device kind for the planner (memagent_jax.plan) and train's memory check ('' = the devices JAX sees).
     c.hardware = ""
     # Refuse, before any model loads, a run whose planned peak memory per device exceeds the device's memory (on

@@ -252,11 +252,12 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True, process
 
     Runs first in `train`, before any tokenizer, model or learner is built: every numeric field with a range
     (learning rate, clip values, sampling, budgets, group size, mini-batches vs the fewest conversations of a
-    step, ...), and with check_files the model folder (config.json, tokenizer files), the budgets against the
-    model's max_position_embeddings (read from config.json alone), the data file's first rows and the templates
-    file. check_files=False skips the checks that need the model folder and data files to exist (the planner
-    sizes shipped configs whose checkpoints live elsewhere). device_count / process_count: of the whole run (all
-    hosts); the learner mesh gets device_count - config.mesh.rollout_devices devices.
+    step, ...), the W&B section, and with check_files the model folder (config.json, tokenizer files), the budgets
+    against the model's max_position_embeddings (read from config.json alone), the data file's first rows, the
+    templates file and, with W&B on, that wandb is installed. check_files=False skips the checks that need the model
+    folder, data files and packages to exist (the planner sizes shipped configs whose checkpoints live elsewhere).
+    device_count / process_count: of the whole run (all hosts); the learner mesh gets device_count -
+    config.mesh.rollout_devices devices.
     """
     for name in ("steps",):
         if cfg[name] <= 0:
@@ -341,6 +342,7 @@ def validate_config(cfg, *, device_count: int, check_files: bool = True, process
         )
     if cfg.checkpoint.every <= 0:
         raise TrainConfigError(f"config.checkpoint.every must be positive, got {cfg.checkpoint.every}")
+    wandb_settings(cfg, check_installed=check_files)
     if check_files:  # last: the only checks that open files
         _check_files(cfg)
         if cfg.get("memory_check", True):
@@ -454,6 +456,21 @@ def check_memory(cfg, *, device_count: int, devices=None, host_bytes: int | None
             f"(memory: {source}); `python -m memagent_jax.plan` shows the breakdown; --config.memory_check=False "
             f"runs anyway"
         )
+
+
+def wandb_settings(cfg, *, check_installed: bool = True):
+    """`config.wandb` as a checked `metrics.WandbSettings` (None when the config has no such section); with W&B on
+    and `check_installed`, a TrainConfigError when the wandb package is not installed (nothing is imported)."""
+    from memagent_jax.rl.metrics import WandbSettings, wandb_installed
+
+    if cfg.get("wandb") is None:
+        return None
+    wandb = settings.build(WandbSettings, cfg.wandb, "config.wandb", error=TrainConfigError)
+    if check_installed and wandb.active and not wandb_installed():
+        raise TrainConfigError(
+            'config.wandb.enabled=True needs the wandb package, which is not installed: pip install -e ".[wandb]"'
+        )
+    return wandb
 
 
 def mesh_field(cfg, name: str, default):

@@ -21,6 +21,7 @@ from memagent_jax.rl.recipe import (
     model_options,
     split_devices,
     validate_config,
+    wandb_settings,
 )
 
 
@@ -305,7 +306,14 @@ def train(cfg, workdir: str) -> dict:
     )
     scorer = RewardScorer(cfg.data.reward_style, drop_think=bool(cfg.data.get("reward_drop_think", False)))
     # Rows of steps after `start` (written before an interruption) are dropped: the resumed run writes them again.
-    writer = MetricsWriter(workdir, total_steps=cfg.steps, console_every=cfg.log_every, resume_step=start)
+    writer = MetricsWriter(
+        workdir,
+        total_steps=cfg.steps,
+        console_every=cfg.log_every,
+        resume_step=start,
+        wandb=wandb_settings(cfg),
+        run_config=run_metadata["config"],
+    )
     if cfg.export and process_index == 0:
         from memagent_jax.models.hf_io import clean_stale_exports
 
