@@ -52,7 +52,7 @@ EXTRAS = {
         "uvicorn>=0.30",
         "openai>=1.40",
         "httpx>=0.27",
-        "wandb>=0.17",
+        "wandb==0.31.0",  # the offline-run reader of tests/test_wandb.py follows this version's file format
     ],
 }
 
