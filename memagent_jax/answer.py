@@ -3,6 +3,14 @@
 One document (`--document -` reads it from standard input):
     python -m memagent_jax.answer --model DIR --question "Who ...?" --document book.txt [--trace]
 
+prints the answer and the model's whole response, each after its label (the response last: it may run over several
+lines):
+    answer: Ra
+    response: The word is \\boxed{Ra}.
+The answer is what the verifier scores: the extraction rule of the model's settings (memagent_agent.json "extract",
+or --agent.extract; default boxed, the content of the last \\boxed{...}); "answer: (none)" when the rule finds no
+answer in the response. With --trace the memory after every chunk comes first.
+
 A batch file (reference evaluation or training format, JSONL / JSON / parquet) -> JSONL of answers:
     python -m memagent_jax.answer --model DIR --input eval_800docs.json --output answers.jsonl [--trace]
 
@@ -10,8 +18,10 @@ Rows run with continuous batching over --batch-size row slots (a row whose docum
 the file samples with fold_in(key(seed), i), so its answer does not depend on the batch. A row that cannot run (a
 malformed JSON line, an array item that is not an object, text that is not UTF-8, a missing or ill-typed field, an empty
 question or document, a question over budget) is written as {"row", "error", "field"} (the error names the file, the row
-and the field) and the rest go on; so is a row whose answer was sampled from non-finite (NaN / inf) logits. When rows
-carry gold answers, each output row also has "sub_em" (the QA accuracy metric) and "em".
+and the field) and the rest go on; so is a row whose answer was sampled from non-finite (NaN / inf) logits. An answered
+row has "answer" (the extracted answer, as above; null when the rule finds none), "response" (the model's whole
+response), "num_chunks" and "finished"; when rows carry gold answers, also "answers", "sub_em" (the QA accuracy
+metric) and "em", scored from the response under the same extraction rule.
 
 Output: rows are written to OUTPUT.partial as they are answered (a killed run keeps what it finished
 there) and the file is renamed to OUTPUT when the run ends; OUTPUT is never one of the input files. The last
@@ -111,7 +121,9 @@ def _single(args, agent) -> int:
     if result.nonfinite and result.nonfinite[0]:
         print(f"error: {NONFINITE_MESSAGE}", file=sys.stderr)
         return 1
-    print(result.answers[0])
+    prediction = result.predictions[0]
+    print(f"answer: {'(none)' if prediction is None else prediction}")
+    print(f"response: {result.answers[0]}")
     print(f"[{result.num_chunks[0]} chunks in {time.time() - t0:.1f}s]", file=sys.stderr)
     return 0
 

@@ -50,6 +50,8 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
     """The agent-settings flags (`--agent.<config name>`, the names train and evaluate use) of `answer`, shared
     with `serve`. Unset = the model folder's memagent_agent.json (written by train's export), else the documented
     default shown."""
+    from memagent_jax.evaluation import verifier  # pure Python: no JAX
+
     p.add_argument(
         "--agent.question_tokens",
         dest="question_tokens",
@@ -136,6 +138,15 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)",
     )
+    p.add_argument(
+        "--agent.extract",
+        dest="extract",
+        choices=verifier.EXTRACTORS,
+        default=None,
+        help="how the answer is taken from the model's response: the last \\boxed{...}, the text after 'the answer "
+        "is', either, the boxed answer else the whole response, or the whole response (default: settings file, "
+        "else boxed)",
+    )
 
 
 AGENT_FLAGS = (
@@ -150,6 +161,7 @@ AGENT_FLAGS = (
     "prompt_mode",
     "temperature",
     "top_p",
+    "extract",
 )
 
 
@@ -220,6 +232,7 @@ def build_agent(args):
         budgets=settings.budgets,
         templates=settings.templates,
         memory_sampling=settings.sampling(),
+        extract=settings.extract,
     )
 
 

@@ -214,3 +214,55 @@ def test_centre_truncation():
     np.testing.assert_array_equal(centre_truncate(ids, 4), [0, 1, 8, 9])
     np.testing.assert_array_equal(centre_truncate(ids, 5), [0, 1, 7, 8, 9])
     np.testing.assert_array_equal(centre_truncate(ids, 0), ids)
+
+
+def test_predictions_are_the_verifier_extraction_of_the_answers(setup, monkeypatch):
+    """`AgentResult.predictions` = `extract_prediction(answers[i], agent.extract)`, on every scheduling and in the
+    per-row results of `on_row`; `answers` stay the raw responses."""
+    from memagent_jax.evaluation.verifier import extract_prediction
+
+    docs = docs_of_lengths(setup["tokenizer"])
+    agent = make_agent(setup)
+    assert agent.extract == "boxed"
+    plain = agent.run(QUESTIONS, docs, rng=1)
+    assert plain.predictions == [extract_prediction(a, "boxed") for a in plain.answers]
+    raw = make_agent(setup, extract="raw").run(QUESTIONS, docs, rng=1)
+    assert raw.answers == plain.answers and raw.predictions == [extract_prediction(a, "raw") for a in plain.answers]
+    assert any(raw.predictions)  # the tiny model writes text: the rule saw real responses
+    # Responses holding boxed answers (the decoding replaced): lockstep, bucketed and continuous rows, and on_row.
+    texts = MemoryAgent._answer_texts
+    monkeypatch.setattr(
+        MemoryAgent,
+        "_answer_texts",
+        lambda self, ids: [f"<think>\\boxed{{no}}</think> \\boxed{{{t}!}}" for t in texts(self, ids)],
+    )
+    for batch_size, scheduling in ((None, "lockstep"), (2, "bucketed"), (2, "continuous")):
+        rows = {}
+        result = agent.run(
+            QUESTIONS,
+            docs,
+            rng=1,
+            batch_size=batch_size,
+            scheduling=scheduling,
+            on_row=lambda i, r: rows.update({i: r}),
+        )
+        assert result.predictions == [f"{a}!" for a in plain.answers], scheduling
+        assert result.answers == [f"<think>\\boxed{{no}}</think> \\boxed{{{a}!}}" for a in plain.answers]
+        assert [rows[i].predictions for i in range(len(docs))] == [[p] for p in result.predictions], scheduling
+
+
+def test_extraction_step_on_hand_written_responses(setup):
+    from memagent_jax import settings as settings_lib
+
+    responses = [
+        "The word is \\boxed{Ra}.",
+        "\\boxed{a} then \\boxed{\\frac{1}{2}}",
+        "<think>\\boxed{x}</think> so \\boxed{y}",
+        "no box here; the answer is Mi",
+        "truncated \\boxed{Ra",
+    ]
+    assert make_agent(setup).predict(responses) == ["Ra", "\\frac{1}{2}", "y", None, None]
+    assert make_agent(setup, extract="answer_phrase").predict(responses)[3] == "Mi"
+    assert make_agent(setup, extract="boxed_or_raw").predict(responses)[3:] == [responses[3], responses[4]]
+    with pytest.raises(settings_lib.SettingError, match=r"^extract must be one of \['boxed'"):
+        make_agent(setup, extract="last_box")

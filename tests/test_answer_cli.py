@@ -58,10 +58,97 @@ def test_batch_mode_skips_bad_rows_and_scores(model_dir, tmp_path):
     assert len(errors) == 1 and errors[0]["row"] == 2 and "question" in errors[0]["error"]
     assert [r["index"] for r in answered] == [0, 1]
     for r in answered:
-        assert 0.0 <= r["sub_em"] <= 1.0 and r["num_chunks"] >= 1 and isinstance(r["answer"], str)
+        assert 0.0 <= r["sub_em"] <= 1.0 and r["num_chunks"] >= 1 and isinstance(r["response"], str)
 
 
 def test_missing_document_is_a_clear_error(model_dir, tmp_path, capsys):
     code = answer.main(["--model", model_dir, "--question", "q?", "--document", str(tmp_path / "nope.txt")] + SMALL)
     assert code == 2
     assert "nope.txt' does not exist" in capsys.readouterr().err
+
+
+def _boxed_responses(monkeypatch, template: str = "The word is \\boxed{{{}}}.") -> None:
+    """Every final response becomes `template` around the model's own text stripped of braces (the decoding patched)."""
+    from memagent_jax.agent import MemoryAgent
+
+    texts = MemoryAgent._answer_texts
+    monkeypatch.setattr(
+        MemoryAgent, "_answer_texts", lambda self, ids: [template.format(t.count(" ")) for t in texts(self, ids)]
+    )
+
+
+def _single(model_dir, tmp_path, capsys, *extra) -> tuple[str, str]:
+    """(the answer line's text, the response) printed by the single-document mode; stdout holds nothing else."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The red key is under the third stone. " * 6, encoding="utf-8")
+    code = answer.main(
+        ["--model", model_dir, "--question", "Where is the key?", "--document", str(doc)] + SMALL + list(extra)
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("answer: ") and out.endswith("\n")
+    head, sep, response = out[:-1].partition("\nresponse: ")
+    assert sep, out
+    return head[len("answer: ") :], response
+
+
+def test_single_document_prints_the_answer_and_the_response(model_dir, tmp_path, capsys, monkeypatch):
+    from memagent_jax.evaluation.verifier import extract_prediction
+
+    # The tiny model's own text: the answer line is the default rule ('boxed') on the response.
+    shown, response = _single(model_dir, tmp_path, capsys)
+    assert shown == (extract_prediction(response) or "(none)")
+    # --agent.extract raw: the whole response is the answer.
+    shown, raw = _single(model_dir, tmp_path, capsys, "--agent.extract", "raw")
+    assert raw == response and shown == extract_prediction(response, "raw")
+    # A boxed response: the answer is its box, the response is printed whole.
+    _boxed_responses(monkeypatch)
+    shown, response = _single(model_dir, tmp_path, capsys)
+    words = response[len("The word is \\boxed{") : -len("}.")]
+    assert response == f"The word is \\boxed{{{words}}}." and shown == words
+
+
+def test_batch_rows_carry_the_answer_and_the_response(model_dir, tmp_path, monkeypatch):
+    from memagent_jax.evaluation import verifier
+
+    _boxed_responses(monkeypatch, "It is \\boxed{{box}} ({} spaces)")
+    records = [
+        QARecord(question="Where is the key?", document="The key is in the box. " * 5, answers=("box",), index=0),
+        QARecord(question="What colour?", document="It was green. " * 9, answers=("green",), index=1),
+    ]
+    path = tmp_path / "eval.jsonl"
+    write_eval_file(records, path)
+    out_path = tmp_path / "answers.jsonl"
+    assert answer.main(["--model", model_dir, "--input", str(path), "--output", str(out_path)] + SMALL) == 0
+    rows = sorted((json.loads(line) for line in out_path.read_text().splitlines()), key=lambda r: r["row"])
+    assert [r["answer"] for r in rows] == ["box", "box"]
+    for r in rows:
+        assert r["response"].startswith("It is \\boxed{box} (") and r["response"].endswith(" spaces)")
+        for metric in ("sub_em", "em"):  # scored from the response, as before
+            assert r[metric] == verifier.score(r["response"], r["answers"], metric)
+    assert [(r["sub_em"], r["em"]) for r in rows] == [(1.0, 1.0), (0.0, 0.0)]
+
+
+def test_the_settings_file_extraction_rule_is_used(model_dir, tmp_path, capsys):
+    """The model folder's memagent_agent.json "extract" reaches the agent (CLI and from_pretrained); flags win."""
+    import shutil
+
+    from memagent_jax.agent import AgentBudgets, AgentTemplates, MemoryAgent, write_agent_settings
+
+    folder = str(tmp_path / "model")
+    shutil.copytree(model_dir, folder)
+    write_agent_settings(
+        folder,
+        budgets=AgentBudgets(
+            question_tokens=32, chunk_tokens=24, memory_tokens=16, answer_tokens=6, chunks_per_segment=2
+        ),
+        templates=AgentTemplates(),
+        temperature=None,
+        top_p=None,
+        extract="raw",
+    )
+    assert MemoryAgent.from_pretrained(folder).extract == "raw"
+    assert MemoryAgent.from_pretrained(folder, extract="boxed_or_raw").extract == "boxed_or_raw"
+    shown, response = _single(folder, tmp_path, capsys)
+    assert shown == response
+    shown, response = _single(folder, tmp_path, capsys, "--agent.extract", "boxed")
+    assert shown != response

@@ -132,7 +132,7 @@ def test_answer_batch_keeps_good_rows_and_reports_bad_ones(model_dir, tmp_path, 
     assert f"wrote {out}: 2 answered, 4 failed (4 bad rows, 0 with non-finite logits)" in err
     rows = {r["row"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
     assert sorted(rows) == [0, 1, 2, 3, 4, 5] and not os.path.exists(str(out) + ".partial")
-    assert isinstance(rows[0]["answer"], str) and isinstance(rows[5]["answer"], str) and "error" not in rows[0]
+    assert isinstance(rows[0]["response"], str) and isinstance(rows[5]["response"], str) and "error" not in rows[0]
     assert rows[3]["field"] == "context" and "in.jsonl row 3" in rows[3]["error"]
     assert rows[4]["field"] == "answers" and "in.jsonl row 4: field 'answers' is missing" in rows[4]["error"]
     assert (

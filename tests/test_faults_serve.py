@@ -220,13 +220,13 @@ def test_small_request_is_answered_while_large_documents_tokenize(live, agent):
         _wait_for(lambda: slow.entered == 2 and live.state.tokenizing == 3)
         r = answer(live.url, QUESTIONS[0], small, timeout=30, seed=7)
         assert r.status_code == 200, r.text
-        assert r.json()["answer"] == one(agent, QUESTIONS[0], small, 7)
+        assert r.json()["response"] == one(agent, QUESTIONS[0], small, 7)
         assert not any(f.done() for f in futures) and slow.entered == 2
         slow.release.set()
         replies = [f.result() for f in futures]
     for i, r in enumerate(replies):
         assert r.status_code == 200, r.text
-        assert r.json()["answer"] == one(agent, QUESTIONS[1], large[i], i)
+        assert r.json()["response"] == one(agent, QUESTIONS[1], large[i], i)
     assert live.state.tokenizing == 0
 
 
@@ -294,7 +294,7 @@ def test_surrogate_pairs_and_chat_messages(live, agent):
     r = httpx.post(
         live.url + "/v1/memagent/answer", content=b'{"question": "q?", "document": "key \\ud83d\\ude00"}', timeout=60
     )
-    assert r.status_code == 200 and r.json()["answer"] == one(agent, "q?", "key \U0001f600", 0)
+    assert r.status_code == 200 and r.json()["response"] == one(agent, "q?", "key \U0001f600", 0)
     assert not any(k.endswith('status="500"}') for k in live.metrics())
 
 

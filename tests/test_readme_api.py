@@ -52,8 +52,8 @@ def _run_block(folder, capsys) -> tuple[list[str], dict]:
 def _check_printed_line(line: str, scope: dict) -> str:
     """The block's answer line, `question 'extracted' (gold 'answer', N chunks read)`; returns the extracted answer."""
     row, result = scope["row"], scope["result"]
-    extracted = extract_prediction(result.answers[0])
-    assert scope["answer"] == extracted
+    extracted = extract_prediction(result.answers[0])  # the settings' rule: 'boxed'
+    assert scope["answer"] == result.predictions[0] == extracted
     assert line == f"{row.question} {extracted!r} (gold {row.answers[0]!r}, {len(result.traces[0])} chunks read)"
     assert len(result.traces[0]) == result.num_chunks[0] >= 2
     return extracted

@@ -294,14 +294,14 @@ def test_answer_endpoint_with_trace(live, agent):
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["answer"] == want.answers[0] and body["finished"] == want.finished[0]
+    assert body["response"] == want.answers[0] and body["finished"] == want.finished[0]
     assert body["num_chunks"] == want.num_chunks[0] and body["trace"] == want.traces[0]
     assert body["document_tokens"] == agent.prepare(QUESTIONS[0], protocol.DOCUMENTS_JOINER.join(parts))[1].size
     t = body["timings"]
     assert 0 <= t["queued_s"] and 0 < t["reading_s"] <= t["total_s"]
     r = httpx.post(live.url + "/v1/memagent/answer", json={"question": QUESTIONS[0], "document": parts[0]}, timeout=120)
     assert r.status_code == 200 and "trace" not in r.json()
-    assert r.json()["answer"] == agent.run([QUESTIONS[0]], [parts[0]], rng=0).answers[0]  # seed defaults to 0
+    assert r.json()["response"] == agent.run([QUESTIONS[0]], [parts[0]], rng=0).answers[0]  # seed defaults to 0
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -328,7 +328,7 @@ def test_load_64_concurrent_mixed_lengths_no_compile(live, agent):
             r = await http.post(
                 "/v1/memagent/answer", json={"question": questions[i], "document": docs[i], "seed": seeds[i]}
             )
-            return i, r.status_code, r.json()["answer"]
+            return i, r.status_code, r.json()["response"]
         r = await http.post(
             "/v1/chat/completions",
             json={
@@ -382,7 +382,7 @@ def test_queue_full_answers_429_with_retry_after(small, agent):
             assert r.headers["retry-after"].isdigit() and "--max-queue" in r.json()["error"]["message"]
     ok = [i for i, r in enumerate(responses) if r.status_code == 200]
     want = expected(agent, [QUESTIONS[0]] * len(ok), [docs[i] for i in ok], ok)
-    assert [responses[i].json()["answer"] for i in ok] == want.answers
+    assert [responses[i].json()["response"] for i in ok] == want.answers
     assert small.metrics()["memagent_queue_depth"] == 0
 
 
@@ -461,7 +461,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_goes_on(live, small, agent):
     # Still serving, with the right answer.
     r = post("/v1/memagent/answer", json={"question": QUESTIONS[0], "document": "the key is here", "seed": 2})
     want = agent.run([QUESTIONS[0]], ["the key is here"], rng=2).answers[0]
-    assert r.status_code == 200 and r.json()["answer"] == want
+    assert r.status_code == 200 and r.json()["response"] == want
     assert httpx.get(url + "/health").json()["status"] == "ok"
     m = live.metrics()
     assert m['memagent_requests_total{endpoint="/v1/memagent/answer",status="400"}'] >= 10
@@ -582,7 +582,7 @@ def test_engine_failure_fails_its_rows_with_500_and_the_loop_goes_on(live, agent
     r = httpx.post(
         live.url + "/v1/memagent/answer", json={"question": QUESTIONS[1], "document": doc, "seed": 4}, timeout=60
     )
-    assert r.status_code == 200 and r.json()["answer"] == agent.run([QUESTIONS[1]], [doc], rng=4).answers[0]
+    assert r.status_code == 200 and r.json()["response"] == agent.run([QUESTIONS[1]], [doc], rng=4).answers[0]
 
 
 # ------------------------------------------------------------------------------------------- entry point
@@ -626,3 +626,58 @@ def test_python_m_serve_entry_point_and_sigterm(model_dir, agent, tmp_path):
     assert code == -signal.SIGTERM, text
     assert "engine loop stopped after 1 documents" in text and "Traceback" not in text, text
     assert "row slots" in text and "listening on http://127.0.0.1" in text and "temperature=0.9" in text
+
+
+# ------------------------------------------------------------------------------------------- answer and response
+
+
+def test_both_endpoints_carry_the_answer_and_the_response(live, agent, monkeypatch):
+    """`/v1/memagent/answer` returns `answer` (the agent's extraction rule on the response) and `response` (raw); a
+    chat completion keeps the response as content and adds the answer as `memagent.answer`, streamed or not."""
+    from memagent_jax.evaluation.verifier import extract_prediction
+
+    doc, seed = words(40, 21), 5
+    want = expected(agent, [QUESTIONS[0]], [doc], [seed])
+    chat = {
+        "model": "tiny-agent",
+        "seed": seed,
+        "messages": [{"role": "user", "content": f"{QUESTIONS[0]}\n{SEP}\n{doc}"}],
+    }
+
+    def ask():
+        """(answer endpoint body, chat completion, (streamed content, the finish chunk's memagent object))."""
+        body = httpx.post(
+            live.url + "/v1/memagent/answer",
+            json={"question": QUESTIONS[0], "document": doc, "seed": seed},
+            timeout=120,
+        ).json()
+        api = client(live)
+        out = api.chat.completions.create(**chat)
+        content, extension = "", None
+        for chunk in api.chat.completions.create(**chat, stream=True):
+            if chunk.choices:
+                content += chunk.choices[0].delta.content or ""
+                if chunk.choices[0].finish_reason:
+                    extension = chunk.model_extra["memagent"]
+        return body, out, (content, extension)
+
+    # The model's own text, and the default rule ('boxed') on it: what MemoryAgent.run gives.
+    assert live.state.extract == agent.extract == "boxed"
+    body, out, (content, extension) = ask()
+    assert body["response"] == out.choices[0].message.content == content == want.answers[0]
+    assert want.predictions[0] == extract_prediction(want.answers[0])
+    assert body["answer"] == out.model_extra["memagent"]["answer"] == extension["answer"] == want.predictions[0]
+    # A response holding boxed answers (the decoded text replaced): the last box is the answer, the response verbatim.
+    n = len(want.answer_ids[0])
+    response = f"First \\boxed{{wrong}}, then \\boxed{{Ra {n}}}."
+    monkeypatch.setattr(
+        live.state, "answer_text", lambda ids: f"First \\boxed{{wrong}}, then \\boxed{{Ra {len(ids)}}}."
+    )
+    body, out, (content, extension) = ask()
+    assert body["response"] == out.choices[0].message.content == content == response
+    assert body["answer"] == out.model_extra["memagent"]["answer"] == extension["answer"] == f"Ra {n}"
+    assert out.model_extra["memagent"]["num_chunks"] == want.num_chunks[0]
+    # The server's rule decides: 'raw' answers with the whole response.
+    monkeypatch.setattr(live.state, "extract", "raw")
+    body, out, (content, extension) = ask()
+    assert body["answer"] == out.model_extra["memagent"]["answer"] == extension["answer"] == response

@@ -2,7 +2,8 @@
 
     agent = MemoryAgent(params, config, tokenizer, budgets=AgentBudgets(chunk_tokens=5000, ...))
     result = agent.run(["Who ...?"], [open("book.txt").read()], rng=0, trace=True)
-    result.answers[0], result.traces[0]          # answer text, memory text after every chunk
+    result.predictions[0], result.answers[0]     # the extracted answer ("Ra"), the raw response ("\\boxed{Ra}")
+    result.traces[0]                              # the memory text after every chunk
 
 A document of any length runs as a sequence of segments of S chunks: the same compiled `segment_program`
 serves every segment of every document of the same batch size, so one compile covers every document
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memagent_jax import settings as settings_lib
 from memagent_jax.agent.chunking import (
     AgentBudgets,
     AgentInputError,
@@ -126,6 +128,9 @@ class MemoryAgent:
         of all processes run as one batch, and each process gets back the results of its own rows.
       stop_token_ids: overrides the default stop ids (model + tokenizer EOS); () generates fixed-length
         memories and answers (benchmarks).
+      extract: how `run` takes the answer from each final response into `AgentResult.predictions` (one of
+        `verifier.EXTRACTORS`; default 'boxed': the last \\boxed{...}). `from_pretrained` and the command-line
+        tools pass the model's settings' "extract".
     Attributes besides the arguments: `spec` (the programs' static `AgentSpec`), `placement` (device puts and the
     KV cache pool, a `Placement` of `mesh`), `text_prompter` (text prompt mode only).
     """
@@ -142,7 +147,11 @@ class MemoryAgent:
         answer_sampling: SamplingParams | None = None,
         mesh=None,
         stop_token_ids: Sequence[int] | None = None,
+        extract: str = "boxed",
     ):
+        from memagent_jax.evaluation import verifier  # pure Python: no JAX
+
+        self.extract = settings_lib.choice("extract", extract, verifier.EXTRACTORS)
         self.params = params
         self.config = config
         self.tokenizer = tokenizer
@@ -195,8 +204,9 @@ class MemoryAgent:
         templates and sampling; a folder without it gets the documented defaults (reference budgets
         1024 / 5000 / 1024 / 1024, the default templates, greedy decoding). `overrides` replace single settings by
         their config names: `chunk_tokens=...`, `memory_tokens=...`, `temperature=...`, `top_p=...`,
-        `memory_update=...`, `prompt_mode=...`, or whole `budgets=AgentBudgets(...)` / `templates=...` (an
-        `AgentTemplates` or a JSON file). tokenizer: a tokenizer, a folder, or None (the model folder).
+        `memory_update=...`, `prompt_mode=...`, `extract=...` (the answer extraction rule of `run`'s predictions), or
+        whole `budgets=AgentBudgets(...)` / `templates=...` (an `AgentTemplates` or a JSON file). tokenizer: a
+        tokenizer, a folder, or None (the model folder).
         param_dtype / compute_dtype: e.g. 'bfloat16' (None: the checkpoint's). The result's `settings` attribute
         holds what was used.
         """
@@ -222,6 +232,7 @@ class MemoryAgent:
             templates=settings.templates,
             memory_sampling=settings.sampling(),
             mesh=mesh,
+            extract=settings.extract,
         )
         agent.settings = settings
         return agent
@@ -234,6 +245,17 @@ class MemoryAgent:
     def mesh(self):
         """The mesh the agent runs on (None: one device)."""
         return self.placement.mesh
+
+    def predict(self, responses: Sequence[str]) -> list[str | None]:
+        """The answer the verifier takes from each final response under this agent's `extract` rule
+        (`verifier.extract_prediction`; None where it finds none): what `AgentResult.predictions` holds."""
+        from memagent_jax.evaluation.verifier import extract_prediction
+
+        return [extract_prediction(r, self.extract) for r in responses]
+
+    def _with_predictions(self, result: AgentResult) -> AgentResult:
+        result.predictions = self.predict(result.answers)
+        return result
 
     def document_engine(self, batch_size: int, *, eager_answers: bool = False) -> DocumentEngine:
         """A `DocumentEngine` (continuous batching) of `batch_size` row slots over this agent's current params,
@@ -289,6 +311,8 @@ class MemoryAgent:
           on_row: optional callable `on_row(i, one_row_result)`, called as soon as row i is answered with an
             `AgentResult` of that row alone (streaming writers); with 'lockstep' and 'bucketed' all rows come at
             the end.
+        Returns an `AgentResult`: `answers` the raw final responses, `predictions` the answers extracted from them
+        (`predict`), and the rest.
         """
         if len(questions) != len(documents):
             raise AgentInputError(f"{len(questions)} questions but {len(documents)} documents")
@@ -300,9 +324,12 @@ class MemoryAgent:
         if batch_size is not None:  # no more slots than rows: a huge batch_size must not compile (or allocate) them
             batch_size = min(int(batch_size), max(len(rows), 1))
         if mode == "continuous":
-            return self._run_continuous(
-                rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record, progress=progress, on_row=on_row
+            each = None if on_row is None else (lambda i, one: on_row(i, self._with_predictions(one)))
+            keys = row_keys(rng, len(rows))
+            result = self._run_continuous(
+                rows, keys, batch_size, trace=trace, record=record, progress=progress, on_row=each
             )
+            return self._with_predictions(result)
         if not isinstance(trace, bool):
             trace = any(trace)
         if mode == "bucketed":
@@ -311,6 +338,7 @@ class MemoryAgent:
             )
         else:
             result = self._run_lockstep(questions, rows, rng, trace=trace, record=record, progress=progress)
+        self._with_predictions(result)
         if on_row is not None:
             for i in range(len(rows)):
                 on_row(i, result.row(i))

@@ -36,7 +36,8 @@ class Conversation:
 
 @dataclasses.dataclass
 class AgentResult:
-    """Per input row: answer text and ids, whether the answer ended with a stop token, chunks read;
+    """Per input row: the final response's text (`answers`, raw: e.g. "\\boxed{Ra}") and ids, the answer the
+    verifier takes from it (`predictions`: e.g. "Ra"), whether the response ended with a stop token, chunks read;
     `traces[i]` the memory text after each chunk (when asked), `conversations[i]` the trajectory's
     conversations (when recording for training)."""
 
@@ -49,6 +50,10 @@ class AgentResult:
     # Per row: the model's logits were not finite (NaN / inf) when a token of the final answer (or, when traced
     # or recorded, of a memory update) was sampled, so the text is not a real answer. Always filled by `run`.
     nonfinite: list[bool] | None = None
+    # Per row: the answer extracted from `answers[i]` by the agent's extraction rule (`MemoryAgent.extract`, from
+    # its settings' "extract"; default 'boxed', the last \boxed{...}): `verifier.extract_prediction(answers[i],
+    # extract)`, None where the rule finds no answer. Always filled by `run`.
+    predictions: list[str | None] | None = None
 
     def row(self, i: int) -> AgentResult:
         """The result of row i alone (every field a one-element list)."""
@@ -64,6 +69,7 @@ class AgentResult:
             traces=one(self.traces),
             conversations=one(self.conversations),
             nonfinite=one(self.nonfinite),
+            predictions=one(self.predictions),
         )
 
 

@@ -35,8 +35,11 @@ def answer_file(
     """Answers every row of `input_path` (reference evaluation or training format) into `output_path` (JSONL).
 
     Rows are written to `output_path`.partial as they are answered and the file is renamed when the run ends;
-    a row that cannot run becomes {"row", "error", "field"}. Row i samples with fold_in(key(seed), i), whatever
-    its batch mates. Returns the number of failed rows (bad rows and answers from non-finite logits).
+    a row that cannot run becomes {"row", "error", "field"}. An answered row holds "answer" (the answer extracted
+    from the response by the agent's `extract` rule, None where it finds none) and "response" (the raw text); with
+    gold answers, "sub_em" and "em" score the response under the same rule (`verifier.score`). Row i samples with
+    fold_in(key(seed), i), whatever its batch mates. Returns the number of failed rows (bad rows and answers from
+    non-finite logits).
     """
     from memagent_jax.agent import AgentInputError
     from memagent_jax.data.formats import open_file
@@ -80,6 +83,7 @@ def answer_file(
                     "question": record.question,
                     "error": f"{input_path} row {i}: {NONFINITE_MESSAGE}",
                     "answer": None,
+                    "response": None,
                 }
                 print(f"failed: {row['error']}", file=sys.stderr)
             else:
@@ -87,14 +91,15 @@ def answer_file(
                     "row": i,
                     "index": record.index,
                     "question": record.question,
-                    "answer": result.answers[0],
+                    "answer": result.predictions[0],
+                    "response": result.answers[0],
                     "num_chunks": result.num_chunks[0],
                     "finished": result.finished[0],
                 }
                 if record.answers:
                     row["answers"] = list(record.answers)
-                    row["sub_em"] = verifier.score(result.answers[0], record.answers, "sub_em")
-                    row["em"] = verifier.score(result.answers[0], record.answers, "em")
+                    row["sub_em"] = verifier.score(result.answers[0], record.answers, "sub_em", agent.extract)
+                    row["em"] = verifier.score(result.answers[0], record.answers, "em", agent.extract)
                 if trace:
                     row["trace"] = result.traces[0]
             out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -35,17 +35,22 @@ Endpoints
       finish_reason "length"), temperature / top_p (must equal the server's). n must be 1; tools, stop,
       response_format, logit_bias, logprobs and the sampling fields above are refused (400). Other unknown fields
       are ignored.
-      Response: a chat.completion; usage.prompt_tokens = question + document tokens, usage.completion_tokens =
-      answer tokens (the stop token included); extension "memagent": {num_chunks, document_tokens, seed}.
+      Response: a chat.completion; message.content = the model's response (raw, e.g. "\\boxed{Ra}");
+      usage.prompt_tokens = question + document tokens, usage.completion_tokens = answer tokens (the stop token
+      included); extension "memagent": {answer, num_chunks, document_tokens, seed}, answer = what the extraction
+      rule of the model's settings (memagent_agent.json "extract" / --agent.extract; default boxed) takes from the
+      content (e.g. "Ra"; null when it finds none).
       stream=true: server-sent events "data: {chat.completion.chunk}" -- first the role, then one chunk per segment
       read with an empty delta and the extension field "memagent_progress": {"chunks_read", "num_chunks"} (the
       openai client keeps it in chunk.model_extra), then the answer as one content delta, then a chunk with
-      finish_reason ("stop" or "length"), a usage chunk when asked, and "data: [DONE]". An error after the stream
-      has started comes as "data: {"error": {...}}" (the openai client raises it) before [DONE].
+      finish_reason ("stop" or "length") and "memagent": {"answer"} (the extracted answer), a usage chunk when
+      asked, and "data: [DONE]". An error after the stream has started comes as "data: {"error": {...}}" (the
+      openai client raises it) before [DONE].
   POST /v1/memagent/answer  {"question": str, "document": str | "documents": [str], "trace": bool, "seed": int,
-      "temperature", "top_p" (checked as above)} -> {"answer", "finished", "num_chunks", "question_tokens",
-      "document_tokens", "answer_tokens", "seed", "trace": [memory text after each chunk] (when asked),
-      "timings": {"queued_s", "reading_s", "total_s"}}
+      "temperature", "top_p" (checked as above)} -> {"answer" (the extracted answer, as above; null when none),
+      "response" (the model's response, raw), "finished", "num_chunks", "question_tokens", "document_tokens",
+      "answer_tokens", "seed", "trace": [memory text after each chunk] (when asked), "timings": {"queued_s",
+      "reading_s", "total_s"}}
   GET /v1/models   the served model (--served-model-name, default: the model folder's name)
   GET /health      200 {"status": "ok", ...} once warm; 503 {"status": "warming_up"} before
   GET /metrics     Prometheus text: memagent_requests_total{endpoint,status}, memagent_queue_depth,

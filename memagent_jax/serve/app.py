@@ -105,6 +105,7 @@ class ServerState:
         s = agent.spec.answer_sampling
         self.sampling = protocol.Sampling(temperature=float(s.temperature), top_p=float(s.top_p))
         self.stop_ids = set(int(t) for t in s.stop_token_ids)
+        self.extract = agent.extract  # how the answer is taken from a response (a `verifier.EXTRACTORS` rule)
         self._small_pool = concurrent.futures.ThreadPoolExecutor(SMALL_POOL_THREADS, thread_name_prefix="memagent-tok")
         self._large_pool = concurrent.futures.ThreadPoolExecutor(
             LARGE_POOL_THREADS, thread_name_prefix="memagent-tok-large"
@@ -188,6 +189,14 @@ class ServerState:
 
     def answer_text(self, ids) -> str:
         return self.agent.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+
+    def response_and_answer(self, ids) -> tuple[str, str | None]:
+        """(the response text of answer ids, the answer the agent's extraction rule takes from it, None if none):
+        what `MemoryAgent.run` gives as `answers` / `predictions`."""
+        from memagent_jax.evaluation.verifier import extract_prediction
+
+        text = self.answer_text(ids)
+        return text, extract_prediction(text, self.extract)
 
     def trace_texts(self, memories) -> list[str]:
         return [self.agent.tokenizer.decode(np.asarray(m).tolist(), skip_special_tokens=True) for m in memories or []]
@@ -496,11 +505,12 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             waiter, q_ids, d_ids = await _admit(state, parsed, t0)
             result = await _wait_result(waiter, request)
             _check_finite(result)
-            text = await state.decode(state.answer_text, result.answer_ids)
+            text, prediction = await state.decode(state.response_and_answer, result.answer_ids)
             body = {
                 "id": waiter.job_id,
                 "model": state.model_name,
-                "answer": text,
+                "answer": prediction,
+                "response": text,
                 "finished": result.finished,
                 "num_chunks": result.num_chunks,
                 "question_tokens": int(q_ids.size),
@@ -545,7 +555,7 @@ def create_app(state: ServerState, *, manage_state: bool = True):
             result = await _wait_result(waiter, request)
             _check_finite(result)
             ids, finish = _answer_of(state, result, parsed.max_tokens)
-            text = await state.decode(state.answer_text, ids)
+            text, prediction = await state.decode(state.response_and_answer, ids)
             record(endpoint, 200, t0)
             return protocol.chat_completion(
                 request_id=f"chatcmpl-{waiter.job_id[:24]}",
@@ -556,6 +566,7 @@ def create_app(state: ServerState, *, manage_state: bool = True):
                 completion_tokens=len(ids),
                 extra={
                     "memagent": {
+                        "answer": prediction,
                         "num_chunks": result.num_chunks,
                         "document_tokens": int(d_ids.size),
                         "seed": parsed.seed,
@@ -597,12 +608,15 @@ async def _stream(state: ServerState, waiter: _Waiter, parsed, prompt_tokens: in
                 result = event.result
                 _check_finite(result)
                 ids, finish = _answer_of(state, result, parsed.max_tokens)
-                text = await state.decode(state.answer_text, ids)
+                text, prediction = await state.decode(state.response_and_answer, ids)
                 if text:
                     yield chunk(delta={"content": text})
                 yield chunk(
                     finish_reason=finish,
-                    extra={"memagent_progress": {"chunks_read": result.num_chunks, "num_chunks": result.num_chunks}},
+                    extra={
+                        "memagent_progress": {"chunks_read": result.num_chunks, "num_chunks": result.num_chunks},
+                        "memagent": {"answer": prediction},
+                    },
                 )
                 if parsed.include_usage:
                     yield chunk(
