@@ -46,7 +46,12 @@ def live(agent):
 
 
 class SlowTokenizer:
-    """The agent's tokenizer, except that a text holding MARKER waits for `release` (counted in `entered`)."""
+    """The agent's tokenizer, except that a text holding MARKER waits for `release` (counted in `entered`).
+
+    It hides the fast backend (`backend_tokenizer`), so the agent's plain-text encoder calls the tokenizer itself
+    (`tokenizer(texts, split_special_tokens=True)`, the same ids for ordinary text) and meets the wait."""
+
+    backend_tokenizer = None
 
     def __init__(self, inner):
         self.inner = inner
@@ -60,6 +65,9 @@ class SlowTokenizer:
                 self.entered += 1
             assert self.release.wait(120), "the test never released the slow tokenizer"
         return self.inner(text, **kw)
+
+    def __len__(self):
+        return len(self.inner)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
