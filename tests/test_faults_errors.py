@@ -185,7 +185,7 @@ def test_argparse_entry_points_take_debug(tmp_path, capsys):
         answer.main(argv + ["--debug"])
     raw = tmp_path / "raw.json"
     assert hotpotqa.main(["--input", str(raw), "--out_dir", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == f"error: --input: {raw} does not exist\n"
+    assert capsys.readouterr().err == f"error: --input {raw} does not exist\n"
     from memagent_jax.data.buildcli import BuildError
 
     with pytest.raises(BuildError):
