@@ -147,3 +147,20 @@ def grpo_cpu_config(model_dir, **overrides):
 def agent_flags_for_tests() -> list[str]:
     """TEST_AGENT_SETTINGS as command-line flags of `python -m memagent_jax.train --config configs/grpo.py:cpu`."""
     return [f"--config.{key}={value}" for key, value in TEST_AGENT_SETTINGS.items()]
+
+
+# answer's flags for small budgets that fit the tiny models (question 32, chunk 24, memory 16, answer 6 tokens), with
+# the progress bar off: the command line the answer and fault tests share.
+SMALL_ANSWER_FLAGS = [
+    "--agent.question_tokens",
+    "32",
+    "--agent.chunk_tokens",
+    "24",
+    "--agent.memory_tokens",
+    "16",
+    "--agent.answer_tokens",
+    "6",
+    "--agent.chunks_per_segment",
+    "2",
+    "--no-progress",
+]

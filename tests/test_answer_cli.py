@@ -4,24 +4,12 @@ import json
 
 import pytest
 
-from hf_tiny import make_agent_model_dir
+from hf_tiny import SMALL_ANSWER_FLAGS, make_agent_model_dir
 from memagent_jax import answer
 from memagent_jax.data.formats import write_eval_file
 from memagent_jax.data.records import QARecord
 
-SMALL = [
-    "--agent.question_tokens",
-    "32",
-    "--agent.chunk_tokens",
-    "24",
-    "--agent.memory_tokens",
-    "16",
-    "--agent.answer_tokens",
-    "6",
-    "--agent.chunks_per_segment",
-    "2",
-    "--no-progress",
-]
+SMALL = SMALL_ANSWER_FLAGS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_tiny import grpo_cpu_config, make_agent_model_dir
+from hf_tiny import SMALL_ANSWER_FLAGS, grpo_cpu_config, make_agent_model_dir
 from memagent_jax import answer
 from memagent_jax import evaluate as ev
 from memagent_jax.data.formats import open_file, write_eval_file
@@ -29,19 +29,7 @@ from memagent_jax.storage.checkpoint import Checkpointer, CheckpointError
 pytestmark = pytest.mark.faults
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-SMALL = [
-    "--agent.question_tokens",
-    "32",
-    "--agent.chunk_tokens",
-    "24",
-    "--agent.memory_tokens",
-    "16",
-    "--agent.answer_tokens",
-    "6",
-    "--agent.chunks_per_segment",
-    "2",
-    "--no-progress",
-]
+SMALL = SMALL_ANSWER_FLAGS
 GOOD = [
     {"context": "The key is in the box. " * 4, "input": "Where is the key?", "answers": ["box"]},
     {"context": "It was green. " * 7, "input": "What colour?", "answers": ["green"]},

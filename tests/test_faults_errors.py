@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from hf_tiny import grpo_cpu_config, make_agent_model_dir
+from hf_tiny import SMALL_ANSWER_FLAGS, grpo_cpu_config, make_agent_model_dir
 from memagent_jax import answer, cli, errors, generate, plan, settings
 from memagent_jax.data import hotpotqa
 from memagent_jax.data.formats import write_eval_file
@@ -20,19 +20,7 @@ from memagent_jax.data.records import QARecord
 pytestmark = pytest.mark.faults
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-SMALL = [
-    "--agent.question_tokens",
-    "32",
-    "--agent.chunk_tokens",
-    "24",
-    "--agent.memory_tokens",
-    "16",
-    "--agent.answer_tokens",
-    "6",
-    "--agent.chunks_per_segment",
-    "2",
-    "--no-progress",
-]
+SMALL = SMALL_ANSWER_FLAGS
 
 
 @pytest.fixture(scope="module")

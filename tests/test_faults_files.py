@@ -20,7 +20,7 @@ import pytest
 from test_data_hotpotqa import make_raw
 from test_data_squad import make_squad
 
-from hf_tiny import make_agent_model_dir
+from hf_tiny import SMALL_ANSWER_FLAGS, make_agent_model_dir
 from memagent_jax import answer
 from memagent_jax.agent import AgentInputError, read_document_file
 from memagent_jax.data import hotpotqa as H
@@ -32,19 +32,7 @@ from memagent_jax.models.safetensors_io import SafetensorsFile
 
 pytestmark = pytest.mark.faults
 
-SMALL = [
-    "--agent.question_tokens",
-    "32",
-    "--agent.chunk_tokens",
-    "24",
-    "--agent.memory_tokens",
-    "16",
-    "--agent.answer_tokens",
-    "6",
-    "--agent.chunks_per_segment",
-    "2",
-    "--no-progress",
-]
+SMALL = SMALL_ANSWER_FLAGS
 GOOD = [{"context": "The key is in the box. " * 4, "input": "Where is the key?", "answers": ["box"]}]
 
 
