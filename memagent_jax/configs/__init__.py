@@ -17,8 +17,24 @@ to this folder) or resolved from anywhere with `path_of("grpo")`. Recipes import
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
+
+
+def variant(recipe: str, arg: str, base: Callable, blocks: dict[str, Callable], *, base_name: str):
+    """`base()` with the override block `blocks[arg]` applied in place ('' = the base alone).
+
+    recipe: the file's name, for the error; base_name: what '' means there. An unknown `arg` is a ValueError naming
+    the known variants.
+    """
+    if arg and arg not in blocks:
+        known = ", ".join([f"'' ({base_name})"] + [repr(name) for name in blocks])
+        raise ValueError(f"configs/{recipe}.py: unknown variant {arg!r}; known: {known}")
+    c = base()
+    if arg:
+        blocks[arg](c)
+    return c
 
 
 def path_of(name: str) -> str:

@@ -15,18 +15,14 @@ Every field is overridable with --config.a.b=value.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from memagent_jax import configs
 from memagent_jax.configs import cpu_agent
-
-VARIANTS = ("", "cpu")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in VARIANTS:
-        raise ValueError(f"configs/evaluate.py: unknown variant {arg!r}; known: '' (the reference recipe), 'cpu'")
-    c = reference_config()
-    if arg == "cpu":
-        apply_cpu_overrides(c)
-    return c
+    return configs.variant(
+        "evaluate", arg, reference_config, {"cpu": apply_cpu_overrides}, base_name="the reference recipe"
+    )
 
 
 def reference_config() -> ml_collections.ConfigDict:

@@ -13,18 +13,14 @@ field is overridable with --config.a.b=value.
 
 import ml_collections
 
+from memagent_jax import configs
 from memagent_jax.configs import cpu_agent
-
-VARIANTS = ("", "cpu")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in VARIANTS:
-        raise ValueError(f"configs/grpo.py: unknown variant {arg!r}; known: '' (the reference recipe), 'cpu'")
-    c = reference_config()
-    if arg == "cpu":
-        apply_cpu_overrides(c)
-    return c
+    return configs.variant(
+        "grpo", arg, reference_config, {"cpu": apply_cpu_overrides}, base_name="the reference recipe"
+    )
 
 
 def reference_config() -> ml_collections.ConfigDict:

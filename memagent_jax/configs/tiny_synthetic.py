@@ -20,18 +20,14 @@ grows with the length and what GRPO fixes.
 
 import ml_collections
 
+from memagent_jax import configs
 from memagent_jax.configs import cpu_agent
-
-VARIANTS = ("", "quick")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in VARIANTS:
-        raise ValueError(f"configs/tiny_synthetic.py: unknown variant {arg!r}; known: '' (the main job), 'quick'")
-    c = main_job_config()
-    if arg == "quick":
-        apply_quick_overrides(c)
-    return c
+    return configs.variant(
+        "tiny_synthetic", arg, main_job_config, {"quick": apply_quick_overrides}, base_name="the main job"
+    )
 
 
 def main_job_config() -> ml_collections.ConfigDict:
