@@ -36,7 +36,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--attention-impl",
         dest="attention_impl",
         default="auto",
-        choices=("auto", "materialized", "blockwise", "cudnn"),  # models.config.ATTENTION_IMPLS
+        choices=("auto", "materialized", "blockwise", "cudnn", "splash"),  # models.config.ATTENTION_IMPLS
         help="attention kernel (models/attention.py; default auto)",
     )
     p.add_argument(

@@ -149,16 +149,16 @@ def test_selection_rules():
     # decode is materialised whatever the setting
     for impl in ATTENTION_IMPLS:
         assert sel(impl, queries=1, keys=4096, dtype=bf16, head_dim=64) == "materialized"
-    # named platforms: GPU takes cuDNN where it applies, else blockwise; TPU blockwise
+    # named platforms: GPU takes cuDNN where it applies, else blockwise; TPU splash
     gpu = dict(platform="gpu", head_dim=64)
     assert sel("auto", queries=2048, keys=2048, dtype=bf16, **gpu) == "cudnn"
     assert sel("cudnn", queries=2048, keys=2048, dtype=jnp.float16, **gpu) == "cudnn"
     assert sel("auto", queries=2048, keys=2048, dtype=f32, **gpu) == "blockwise"  # f32: no cuDNN
     assert sel("auto", queries=2047, keys=2048, dtype=bf16, **gpu) == "blockwise"  # odd T
     assert sel("auto", queries=2048, keys=2048, dtype=bf16, platform="gpu", head_dim=100) == "blockwise"
-    assert sel("auto", queries=2048, keys=2048, dtype=bf16, platform="tpu", head_dim=64) == "blockwise"
+    assert sel("auto", queries=2048, keys=2048, dtype=bf16, platform="tpu", head_dim=64) == "splash"
     assert sel("cudnn", queries=2048, keys=2048, dtype=bf16, platform="tpu", head_dim=64) == "blockwise"
-    assert sel("auto", queries=64, keys=64, dtype=bf16, platform="tpu", head_dim=64) == "blockwise"
+    assert sel("auto", queries=64, keys=64, dtype=bf16, platform="tpu", head_dim=64) == "splash"
     with pytest.raises(ValueError, match="attention_impl"):
         sel("flash", queries=2, keys=2, dtype=f32, head_dim=8)
 

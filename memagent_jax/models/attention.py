@@ -1,4 +1,4 @@
-"""Attention kernels of the transformer: pure functions, one semantics, three ways to compute it.
+"""Attention kernels of the transformer: pure functions, one semantics, four ways to compute it.
 
 Every function computes grouped-query softmax attention with the model's position-based visibility rule
 
@@ -15,6 +15,9 @@ Every function computes grouped-query softmax attention with the model's positio
   `cudnn_attention`         `jax.nn.dot_product_attention(implementation='cudnn')` (cuDNN flash attention, GPU
                             only, bf16/f16 only) with our visibility as a boolean mask [B, 1, T, S] (shared by all
                             heads: cuDNN adds it as a bias in the compute dtype; the scores stay on chip).
+  `splash_attention`        JAX's splash attention Pallas kernel (TPU; elsewhere in interpret mode): causal by
+                            index plus segment ids (pads in a segment of their own), blocks of 128-multiples in
+                            VMEM, its own flash backward.
 
 `select_implementation` picks one of them for a config, a shape and the platform; `attend` runs the pick.
 
@@ -317,6 +320,135 @@ def cudnn_attention(
     return jax.nn.dot_product_attention(q, kt, vt, mask=mask, scale=q.shape[-1] ** -0.5, implementation=implementation)
 
 
+# ------------------------------------------------------------------------------------------- splash (TPU)
+
+SPLASH_LANES = 128  # TPU lanes: splash's block sizes (and so the padded lengths) are multiples of 128
+_PAD_SEGMENT = int(np.iinfo(np.int32).min)  # the segment of pad tokens (a value no packed row uses)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def splash_block_sizes(queries: int, keys: int, query_block: int, key_block: int) -> tuple[int, int]:
+    """The splash kernel's (block_q, block_kv) for T queries over S slots: the configured block sizes rounded up
+    to a multiple of 128 (a TPU constraint) and capped at the padded lengths."""
+    bq = min(_round_up(query_block, SPLASH_LANES), _round_up(queries, SPLASH_LANES))
+    bkv = min(_round_up(key_block, SPLASH_LANES), _round_up(keys, SPLASH_LANES))
+    return bq, bkv
+
+
+def _splash_call(q, k, v, q_seg, kv_seg, *, causal: bool, block_q: int, block_kv: int, residuals: bool, interpret):
+    """JAX's splash kernel (`make_splash_mqa_single_device`: the G query heads of one KV head over that head's
+    keys), vmapped over batch and KV heads. q: [B, K, G, T, Dh] (already scaled); k, v: [B, K, S, Dh];
+    q_seg, kv_seg: [B, T] / [B, S] int32 (query t sees key s only where they are equal, and s <= t when
+    causal). T and S must be multiples of block_q and block_kv. Returns out [B, K, G, T, Dh] (and, with
+    residuals, the f32 log-sum-exp [B, K, G, T])."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    g, t = q.shape[2], q.shape[3]
+    s = k.shape[2]
+    one = sa.CausalMask((t, s)) if causal else sa.FullMask((t, s))
+    blocks = sa.BlockSizes(
+        block_q=block_q,
+        block_kv=block_kv,
+        block_kv_compute=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
+    )
+    kernel = sa.make_splash_mqa_single_device(
+        sa.MultiHeadMask([one] * g),
+        block_sizes=blocks,
+        save_residuals=residuals,
+        mask_value=MASK_VALUE,
+        interpret=interpret,
+    )
+
+    def per_row(q_r, k_r, v_r, qs, ks):
+        seg = sa.SegmentIds(qs, ks)
+        return jax.vmap(lambda a, b, c: kernel(a, b, c, seg))(q_r, k_r, v_r)
+
+    return jax.vmap(per_row)(q, k, v, q_seg, kv_seg)
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keys: AttentionKeys,
+    *,
+    cache_length: jax.Array | int | None = None,
+    query_block: int = 512,
+    key_block: int = 512,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention through JAX's splash kernel (`jax.experimental.pallas.ops.tpu.splash_attention`).
+
+    q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; keys: `AttentionKeys`. Returns [B, T, H, Dh] in q's dtype.
+
+    Splash's masks are static (causal by index) plus segment ids, so our position rule is expressed that way,
+    which holds because positions increase over the real tokens of a row (in a packed row, within a segment):
+      no cache (cache_length None, S == T: the learner and cache-less forwards): causal by index, and segment
+        ids = the packed segments (0 without packing) with every pad in a segment of its own kind (a pad then sees
+        only pads, itself included, so no row is empty and nothing real sees a pad);
+      a cache (cache_length: the traced write index; the new tokens' keys are slots [cache_length,
+        cache_length + T)): the new tokens among themselves as above (slots sliced out of k, v) and, in a second
+        call, the queries over the slots before cache_length (no causal mask; a slot is seen where it is valid),
+        the two merged by their log-sum-exp. A row with no valid earlier slot gets weight ~0 from that call.
+    Pads and rows nothing reads (pad queries) may differ from `blockwise_attention`'s; every real query's output
+    and the gradients through real queries are equal up to rounding.
+
+    Lengths are padded up to the blocks of `splash_block_sizes` (padded positions are pads). GQA: the G query
+    heads of a KV head run as one MQA call (vmapped over batch and KV heads). interpret: run the Pallas kernels
+    in interpret mode (default: when the backend is not a TPU; slow, for checks).
+    """
+    b, t, h, dh = q.shape
+    kh = k.shape[1]
+    g = h // kh
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    keys = AttentionKeys(*(None if a is None else jnp.asarray(a) for a in keys))
+    q_valid = (
+        keys.key_valid if cache_length is None else jax.lax.dynamic_slice_in_dim(keys.key_valid, cache_length, t, 1)
+    )
+    seg = jnp.zeros((b, t), jnp.int32) if keys.query_segments is None else keys.query_segments.astype(jnp.int32)
+    seg = jnp.where(q_valid, seg, _PAD_SEGMENT)
+    bq, bkv = splash_block_sizes(t, t, query_block, key_block)
+    tp = _round_up(t, np.lcm(bq, bkv))
+    qg = (q * jnp.asarray(dh**-0.5, q.dtype)).reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
+    seg_p = jnp.pad(seg, ((0, 0), (0, tp - t)), constant_values=_PAD_SEGMENT)
+    if cache_length is None:
+        k_new, v_new = k, v
+    else:
+        k_new, v_new = (jax.lax.dynamic_slice_in_dim(a, cache_length, t, 2) for a in (k, v))
+    k_new, v_new = (jnp.pad(a.astype(q.dtype), ((0, 0), (0, 0), (0, tp - t), (0, 0))) for a in (k_new, v_new))
+    common = dict(block_q=bq, interpret=interpret)
+    if cache_length is None:
+        out = _splash_call(qg, k_new, v_new, seg_p, seg_p, causal=True, block_kv=bkv, residuals=False, **common)
+    else:
+        out_new, (lse_new,) = _splash_call(
+            qg, k_new, v_new, seg_p, seg_p, causal=True, block_kv=bkv, residuals=True, **common
+        )
+        s = k.shape[2]
+        _, bkv_old = splash_block_sizes(t, s, query_block, key_block)
+        sp = _round_up(s, bkv_old)
+        earlier = keys.key_valid & (jnp.arange(s, dtype=jnp.int32)[None, :] < cache_length)
+        kv_seg = jnp.pad(jnp.where(earlier, 0, 1), ((0, 0), (0, sp - s)), constant_values=1)
+        k_old, v_old = (jnp.pad(a.astype(q.dtype), ((0, 0), (0, 0), (0, sp - s), (0, 0))) for a in (k, v))
+        out_old, (lse_old,) = _splash_call(
+            qg, k_old, v_old, jnp.zeros_like(seg_p), kv_seg, causal=False, block_kv=bkv_old, residuals=True, **common
+        )
+        lse = jnp.logaddexp(lse_new, lse_old)
+        out = out_new.astype(jnp.float32) * jnp.exp(lse_new - lse)[..., None]
+        out = (out + out_old.astype(jnp.float32) * jnp.exp(lse_old - lse)[..., None]).astype(q.dtype)
+    out = out[:, :, :, :t]  # [B, K, G, T, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
 # ------------------------------------------------------------------------------------------- selection
 
 
@@ -331,15 +463,17 @@ def select_implementation(
     key_block: int = 512,
     platform: str | None = None,
 ) -> str:
-    """The path one attention call takes: 'materialized' | 'blockwise' | 'cudnn'.
+    """The path one attention call takes: 'materialized' | 'blockwise' | 'cudnn' | 'splash'.
 
     impl: the config's `attention_impl`. queries, keys: T and S of the call. query_block, key_block: the
     blockwise path's block sizes. platform: 'cpu' | 'gpu' | 'tpu' (default: jax.default_backend(); a 'gpu'
     given by name counts as CUDA, the default one is checked).
 
-      decode (T == 1)  'materialized' whatever impl says: [B, H, 1, S] is one row, not T x S.
+      decode (T == 1)  'materialized' whatever impl says: [B, H, 1, S] is one row, not T x S (JAX's paged /
+                       ragged decode kernels take a valid prefix per row, our cache has pads inside it).
       'cudnn'          cuDNN where it applies (CUDA GPU, `cudnn_supports`), else 'blockwise'.
-      'auto'           GPU: as 'cudnn';  TPU: 'blockwise';  CPU: 'materialized' when the call is one block
+      'splash'         JAX's splash kernel on every platform (off TPU in Pallas interpret mode: slow, for checks).
+      'auto'           TPU: 'splash';  GPU: as 'cudnn';  CPU: 'materialized' when the call is one block
                        (T <= query_block and S <= key_block: the same live scores, one loop less), else
                        'blockwise' (on CPU it is as fast or faster from 512 x 512 up and takes 2-6x less
                        time at 4096 x 4096; benchmarks/bench_attention.py measures it).
@@ -348,7 +482,7 @@ def select_implementation(
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if queries == 1:
         return "materialized"
-    if impl in ("materialized", "blockwise"):
+    if impl in ("materialized", "blockwise", "splash"):
         return impl
     if platform is None:
         platform = jax.default_backend()
@@ -359,6 +493,8 @@ def select_implementation(
         if on_cuda and cudnn_supports(dtype, head_dim, queries, keys):
             return "cudnn"
         return "blockwise"
+    if platform == "tpu":
+        return "splash"
     if platform == "cpu" and queries <= query_block and keys <= key_block:
         return "materialized"
     return "blockwise"
@@ -374,10 +510,12 @@ def attend(
     query_block: int = 512,
     key_block: int = 512,
     mask: jax.Array | None = None,
+    cache_length: jax.Array | int | None = None,
 ) -> jax.Array:
     """Runs the path `select_implementation` picks for this call. q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (or
     [B*K, S, Dh], see `materialized_attention`); mask: an already built `attention_mask(keys)` for the
-    materialised path (built here when None)."""
+    materialised path (built here when None); cache_length: where this call's tokens were written in a KV cache
+    (None without a cache; the splash path needs it)."""
     path = select_implementation(
         impl,
         queries=q.shape[1],
@@ -393,14 +531,20 @@ def attend(
         k, v = (a.reshape(q.shape[0], -1, *a.shape[1:]) for a in (k, v))
     if path == "cudnn":
         return cudnn_attention(q, k, v, keys)
+    if path == "splash":
+        return splash_attention(q, k, v, keys, cache_length=cache_length, query_block=query_block, key_block=key_block)
     return blockwise_attention(q, k, v, keys, query_block=query_block, key_block=key_block)
 
 
 def score_block_elements(queries: int, keys: int, path: str, query_block: int, key_block: int) -> int:
     """Score elements per head of the largest live block: T x S materialised, min(T, query_block) x
-    min(S, key_block) blockwise (cuDNN's tiles are on chip: counted as blockwise)."""
+    min(S, key_block) blockwise (cuDNN's tiles are on chip: counted as blockwise), splash's (128-multiple)
+    blocks (`splash_block_sizes`)."""
     if path == "materialized":
         return queries * keys
+    if path == "splash":
+        bq, bkv = splash_block_sizes(queries, keys, query_block, key_block)
+        return bq * bkv
     return min(queries, query_block) * min(keys, key_block)
 
 
@@ -416,4 +560,6 @@ __all__ = [
     "materialized_attention",
     "score_block_elements",
     "select_implementation",
+    "splash_attention",
+    "splash_block_sizes",
 ]

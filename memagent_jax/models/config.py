@@ -24,7 +24,7 @@ import numpy as np
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # models/attention.py's ATTENTION_IMPLS (repeated here: this module imports no JAX).
-ATTENTION_IMPLS = ("auto", "materialized", "blockwise", "cudnn")
+ATTENTION_IMPLS = ("auto", "materialized", "blockwise", "cudnn", "splash")
 DECODE_LAYOUTS = ("auto", "scan", "unstacked")
 
 _HF_ARCHITECTURES = {

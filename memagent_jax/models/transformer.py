@@ -17,9 +17,10 @@ what the unpadded prompt would:
 Positions must increase over the real tokens of a row (pads may hold anything).
 
 The attention itself is one of the pure functions of `models/attention.py`, chosen per call by
-`config.attention_impl` ('auto' | 'materialized' | 'blockwise' | 'cudnn'; see `attention.select_implementation`):
-the [B, T, S] mask is built (once per forward) only for the materialised path; the blockwise and cuDNN paths get
-the positions, validity and segment ids (`attention.AttentionKeys`) and never hold [T, S] scores.
+`config.attention_impl` ('auto' | 'materialized' | 'blockwise' | 'cudnn' | 'splash'; see
+`attention.select_implementation`): the [B, T, S] mask is built (once per forward) only for the materialised path;
+the blockwise, cuDNN and splash paths get the positions, validity and segment ids (`attention.AttentionKeys`, and
+the cache's write index) and never hold [T, S] scores.
 
 Shapes: B batch, T new tokens, S cache slots, D hidden, H query heads, K kv heads, G = H // K,
 Dh head dim, F mlp width, L layers, V vocab.
@@ -281,6 +282,7 @@ class Attention(nnx.Module):
             query_block=c.attention_query_block_size,
             key_block=c.attention_block_size,
             mask=mask,
+            cache_length=None if kv_cache is None else cache_length,
         )  # [B, T, H, Dh]
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(cdt))
         if c.attention_out_bias:
