@@ -380,9 +380,40 @@ def test_blockwise_activation_formula_by_hand():
         planning.layer_activation_bytes(mc, t, t, 1, c, "flash")
 
 
+def test_splash_activation_formula_by_hand():
+    """The splash path (TPU 'auto'): no [T, S] array, one head's 128-multiple block, the lane-padded
+    log-sum-exp; a cached prefill (S > T) adds the second call over the earlier slots and the padded k/v copy."""
+    mc = TINY.replace(attention_impl="splash", attention_block_size=100, attention_query_block_size=200)
+    c, t, s = 2, 300, 700
+    h, k, dh = mc.num_heads, mc.num_kv_heads, mc.head_dim
+    tp, sp = 512, 768  # blocks 256 x 128: T padded to 512 (lcm 256); S to 768
+    self_attn = planning.layer_activation_bytes(mc, t, t, 1, c, "splash")
+    assert self_attn["score_elements"] == 256 * 128 and self_attn["mask"] == 0
+    tp_self = 512  # T = 300 with block_q 256
+    assert self_attn["flash_forward"] == tp_self * (2 * c * h * dh + 512 * h + 4)
+    assert self_attn["flash_kept"] == tp_self * (2 * c * h * dh + 4 * h)
+    assert self_attn["flash_backward"] == tp_self * (4 * h + 2 * c * h * dh + 2 * c * k * dh)
+    cached = planning.layer_activation_bytes(mc, t, s, 1, c, "splash")
+    assert (
+        cached["flash_forward"]
+        == tp * (2 * c * h * dh + 512 * h + 4) + tp * (c * h * dh + 512 * h + 8 * h * dh) + sp * 2 * c * k * dh
+    )
+    materialized = planning.layer_activation_bytes(mc, t, s, 1, c, "materialized")
+    assert cached["flash_forward"] + 8 * cached["score_elements"] < 8 * materialized["score_elements"]
+    act = planning.learner_activation_bytes(mc, 1, t, "full", 1, c, logits_chunk=256, platform="tpu")
+    blockwise = planning.learner_activation_bytes(
+        mc.replace(attention_impl="blockwise"), 1, t, "full", 1, c, logits_chunk=256, platform="tpu"
+    )
+    working = 16 * 256 * 128 + self_attn["flash_forward"] + self_attn["flash_backward"] + 2 * self_attn["other"]
+    assert act["working_layer"] == working and act["top"] == blockwise["top"]  # no [T, T] mask on top either
+    with pytest.raises(planning.PlanError, match="'splash'"):
+        planning.layer_activation_bytes(mc, t, t, 1, c, "paged")
+
+
 def test_attention_path_follows_config_and_hardware():
     mc = presets.preset_config("qwen2.5-7b-instruct").replace(compute_dtype="bfloat16")
-    assert planning.attention_path(mc, "tpu", 8320, 8320) == "blockwise"
+    assert planning.attention_path(mc, "tpu", 8320, 8320) == "splash"
+    assert planning.attention_path(mc, "cpu", 8320, 8320) == "blockwise"
     assert planning.attention_path(mc, "gpu", 8320, 8320) == "cudnn"
     assert planning.attention_path(mc.replace(compute_dtype="float32"), "gpu", 8320, 8320) == "blockwise"
     assert planning.attention_path(mc.replace(attention_impl="materialized"), "tpu", 8320, 8320) == "materialized"
@@ -393,7 +424,7 @@ def test_attention_path_follows_config_and_hardware():
     )
     cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("v5p-128")
     auto = planning.make_plan(cfg)
-    assert (auto.settings["rollout_attention"], auto.settings["learner_attention"]) == ("blockwise", "blockwise")
+    assert (auto.settings["rollout_attention"], auto.settings["learner_attention"]) == ("splash", "splash")
     cfg.model.attention_impl = "materialized"
     mat = planning.make_plan(cfg)
     assert mat.settings["learner_attention"] == "materialized"

@@ -6,6 +6,7 @@ Each function mirrors the code it sizes (named in its docstring); change them to
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from memagent_jax.planning.errors import PlanError
@@ -57,7 +58,7 @@ def kv_cache_bytes(mc, rows: int, slots: int, mesh: MeshShape, dtype: str) -> in
 
 
 # Attention paths (models/attention.py, chosen by ModelConfig.attention_impl; `attention_path` resolves 'auto' for
-# the planned hardware: CUDA GPUs -> 'cudnn' where it applies (bf16/f16 ...) else 'blockwise', TPUs -> 'blockwise').
+# the planned hardware: CUDA GPUs -> 'cudnn' where it applies (bf16/f16 ...) else 'blockwise', TPUs -> 'splash').
 #
 # 'materialized': the scores [H_local, T, S] are in memory. Bytes per score element, calibrated against XLA's memory
 # analysis of the compiled programs (XLA CPU; tests/test_plan.py keeps the estimates within range of it):
@@ -74,6 +75,11 @@ BLOCK_BYTES_WORKING = 20
 # 'cudnn': scores stay in cuDNN's on-chip tiles (0 bytes); the visibility mask [T, S] bool and the additive bias
 # cuDNN makes of it (compute dtype) are in memory, shared by the heads, and (remat 'none') the bias is assumed kept
 # for the backward of every layer. Both flash paths hold the f32 output accumulator and row statistics per query.
+# 'splash' (JAX's Pallas kernel, TPU): no [T, S] array at all; the kernel's live block is one head's
+# [block_q, block_kv] (`attention.splash_block_sizes`: multiples of 128) of f32 scores and probabilities (forward)
+# plus dP and dS (backward), counted although it sits in VMEM; see `splash_layer_bytes` for the rest.
+SPLASH_BLOCK_BYTES_INFERENCE = 8
+SPLASH_BLOCK_BYTES_WORKING = 16
 
 
 def attention_path(mc, platform: str, tokens: int, keys: int) -> str:
@@ -143,8 +149,11 @@ def layer_activation_bytes(
     }
     if path == "materialized":
         return out
+    if path == "splash":
+        out.update(splash_layer_bytes(mc, tokens, keys, h, k, c))
+        return out
     if path not in ("blockwise", "cudnn"):
-        raise PlanError(f"attention path must be 'materialized', 'blockwise' or 'cudnn', got {path!r}")
+        raise PlanError(f"attention path must be 'materialized', 'blockwise', 'cudnn' or 'splash', got {path!r}")
     out["score_elements"] = (
         h * min(tokens, mc.attention_query_block_size) * min(keys, mc.attention_block_size)
         if path == "blockwise"
@@ -155,6 +164,39 @@ def layer_activation_bytes(
     out["flash_kept"] = tokens * (4 * h * dh + 8 * h + c * h * dh)
     out["flash_backward"] = tokens * (8 * h * dh + 4 * h) + keys * 8 * k * dh
     return out
+
+
+def splash_layer_bytes(mc, tokens: int, keys: int, heads: int, kv_heads: int, c: int) -> dict[str, int]:
+    """The splash path's share of `layer_activation_bytes` (one layer, one row, per device; heads / kv_heads: the
+    local H and K), with T and S padded to the kernel's blocks (`attention.splash_block_sizes`):
+
+    score_elements: one head's live block, block_q x block_kv (the kernel's grid runs a head at a time);
+    mask: 0 (visibility is causal-by-index plus segment ids [T] int32, counted in flash_forward);
+    flash_forward: per padded query, the scaled, regrouped, padded q and the output (2 c H Dh), the log-sum-exp
+        the kernel writes lane-padded (f32 [H, T, 128]: 512 H) and the segment ids (4); a cached prefill
+        (S > T) adds the second call over the earlier slots: its output and log-sum-exp, the f32 merge (8 H Dh),
+        and a padded copy of the layer's k and v (2 c K S Dh per padded slot);
+    flash_kept: what the kernel's VJP keeps per layer: scaled q and output (2 c H Dh) and the log-sum-exp (4 H);
+    flash_backward: dO . O per query (4 H), dQ and dO (2 c H Dh), dK and dV (2 c K Dh per key).
+    """
+    from memagent_jax.models.attention import splash_block_sizes
+
+    dh = mc.head_dim
+    qb, kb = mc.attention_query_block_size, mc.attention_block_size
+    bq, bkv = splash_block_sizes(tokens, keys, qb, kb)
+    step = math.lcm(*splash_block_sizes(tokens, tokens, qb, kb))  # the new tokens' call pads T to both blocks
+    tp = -(-tokens // step) * step
+    forward = tp * (2 * c * heads * dh + 512 * heads + 4)
+    if keys > tokens:
+        sp = -(-keys // bkv) * bkv
+        forward += tp * (c * heads * dh + 512 * heads + 8 * heads * dh) + sp * 2 * c * kv_heads * dh
+    return {
+        "score_elements": bq * bkv,
+        "mask": 0,
+        "flash_forward": forward,
+        "flash_kept": tp * (2 * c * heads * dh + 4 * heads),
+        "flash_backward": tp * (4 * heads + 2 * c * heads * dh) + tp * 2 * c * kv_heads * dh,
+    }
 
 
 def working_weight_bytes(mc, tensor: int, param_bytes: int, compute_bytes: int) -> int:
@@ -190,8 +232,9 @@ def learner_activation_bytes(
       top           attention mask [T, T] bool, embedding output / final norm / hidden (4 x c T D) and the
                     hidden's f32 gradient, one logits chunk of the log-prob computation (logits, probabilities,
                     their gradient: 3 x f32 [chunk, V_local]; chunks are rematerialised one at a time)
-    Blockwise / cuDNN: no scores are kept (remat 'none' keeps `flash_kept` + the cuDNN bias per layer instead of
-    14 sc); working = 20 x the live block's elements (blockwise) + flash_forward + flash_backward + the [T, T]
+    Blockwise / cuDNN / splash: no scores are kept (remat 'none' keeps `flash_kept` + the cuDNN bias per layer
+    instead of 14 sc); working = 20 x the live block's elements (blockwise; 16 x one head's block, splash) +
+    flash_forward + flash_backward + the [T, T]
     arrays of `mask` + other (x 2 with remat 'full' / 'dots'); top has no [T, T] mask.
     """
     if remat not in ("none", "full", "dots"):
@@ -210,7 +253,8 @@ def learner_activation_bytes(
         top_mask = layer["mask"]
     else:
         kept_attention = layer["flash_kept"] + (c * t * t if path == "cudnn" else 0)
-        working_attention = BLOCK_BYTES_WORKING * sc + layer["flash_forward"] + layer["flash_backward"] + layer["mask"]
+        per_block = SPLASH_BLOCK_BYTES_WORKING if path == "splash" else BLOCK_BYTES_WORKING
+        working_attention = per_block * sc + layer["flash_forward"] + layer["flash_backward"] + layer["mask"]
         top_mask = 0
     if remat == "none":
         kept = l * (kept_attention + other)
@@ -239,7 +283,8 @@ def rollout_activation_bytes(
       final prefill   F tokens over the final cache's slots
 
     each, per row, on the attention path the model takes there on `platform` (`attention_path`): the scores (8 sc,
-    SCORE_BYTES_INFERENCE, materialised; 12 x the live block, BLOCK_BYTES_INFERENCE, blockwise; 0 cuDNN) + the
+    SCORE_BYTES_INFERENCE, materialised; 12 x the live block, BLOCK_BYTES_INFERENCE, blockwise; 8 x one head's
+    block, splash; 0 cuDNN) + the
     [T, S] arrays (`mask`: the bool mask materialised, mask + bias cuDNN, none blockwise) + the flash paths' f32
     accumulator (`flash_forward`) + other (`layer_activation_bytes`) + the residual stream in and out (2 x c T D)
     + one layer's k/v read out of the stacked cache (2 x c K_local S Dh). Decode steps (1 token) are far smaller.
@@ -255,7 +300,9 @@ def rollout_activation_bytes(
     ):
         path = attention_path(mc, platform, tokens, keys)
         layer = layer_activation_bytes(mc, tokens, keys, tensor, c, path)
-        per_element = SCORE_BYTES_INFERENCE if path == "materialized" else BLOCK_BYTES_INFERENCE
+        per_element = {"materialized": SCORE_BYTES_INFERENCE, "splash": SPLASH_BLOCK_BYTES_INFERENCE}.get(
+            path, BLOCK_BYTES_INFERENCE
+        )
         scores = per_element * layer["score_elements"]
         total = (
             scores
