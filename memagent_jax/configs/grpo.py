@@ -131,6 +131,24 @@ def reference_config() -> ml_collections.ConfigDict:
     # MemoryAgent.from_pretrained use unless told otherwise): the paper's evaluation sampling.
     c.export_sampling = ml_collections.ConfigDict(dict(temperature=0.7, top_p=0.95))
     c.log_every = 1
+    # Evaluation of the policy during training (rl/validation.py), as `memagent evaluate` runs it, on the rollout's
+    # params and mesh: accuracy per file to the metrics, <workdir>/eval_history.jsonl, the best step exported to
+    # <workdir>/best/. every_steps = 0: off.
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            files="",  # comma-separated evaluation files / glob patterns (memagent evaluate's format)
+            every_steps=0,  # evaluate after every N-th step; 0 = no evaluation
+            max_questions=0,  # the first N rows of each file (0 = all)
+            temperature=0.0,  # memory and answer sampling (0 = greedy)
+            top_p=1.0,
+            at_start=False,  # also evaluate the initial params (step 0)
+            at_end=True,  # also evaluate after the last step when every_steps does not divide steps
+            metric="sub_em",  # em | f1 | sub_em | string_match_all | auto (as memagent evaluate)
+            extract="boxed",  # how the prediction is taken from the answer (verifier.EXTRACTORS)
+            batch_size=8,  # rows the agent runs at once
+            seed=0,  # row r samples with fold_in(key(seed), r.index)
+        )
+    )
     # Weights & Biases (pip install -e ".[wandb]"): the same per-step metrics as TensorBoard, and this config, go to
     # a W&B run; a resumed run continues it (its id is kept in <workdir>/wandb_run_id).
     c.wandb = ml_collections.ConfigDict(

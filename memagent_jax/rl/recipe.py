@@ -177,6 +177,7 @@ def _check_ranges(cfg) -> None:
     # The learner's settings check themselves (loss, optimiser, mini-batches); their fields are named as in config.rl.
     with settings.named("config.rl", error=TrainConfigError, rename={"total_steps": "steps"}):
         learner_config(cfg)
+    eval_settings(cfg)
 
 
 def _check_files(cfg) -> None:
@@ -238,6 +239,7 @@ def _check_files(cfg) -> None:
         except ValueError as e:
             raise TrainConfigError(f"config.data (synthetic task): {e}") from None
         _number(cfg, "data.synthetic_samples", low=1, integer=True)
+    _check_eval_files(cfg)
     if a.get("templates") and not os.path.isfile(a.templates):
         raise TrainConfigError(f"config.agent.templates: {a.templates!r} does not exist")
     try:
@@ -593,3 +595,27 @@ def export_settings(cfg):
             "model": str(cfg.model.path),
         },
     )
+
+
+# ----------------------------------------------------------------------------------- evaluation during training
+
+
+def eval_settings(cfg):
+    """`config.eval` as a checked `validation.EvalSettings` (evaluation off when the config has no such section)."""
+    from memagent_jax.rl.validation import EvalSettings
+
+    if cfg.get("eval") is None:
+        return EvalSettings()
+    return settings.build(EvalSettings, cfg.eval, "config.eval", error=TrainConfigError)
+
+
+def _check_eval_files(cfg) -> None:
+    """With evaluation on: every `config.eval.files` entry exists and opens as an evaluation file."""
+    from memagent_jax.rl.validation import open_files
+
+    ev = eval_settings(cfg)
+    if ev.enabled:
+        try:
+            open_files(ev)
+        except settings.ConfigError as e:
+            raise TrainConfigError(str(e)) from None

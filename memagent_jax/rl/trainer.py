@@ -15,6 +15,7 @@ import time
 from memagent_jax.rl.recipe import (
     TrainConfigError,
     agent_settings,
+    eval_settings,
     export_settings,
     learner_config,
     mesh_field,
@@ -180,6 +181,43 @@ def sample_step(roll_out, *, dynamic_sampling: bool, max_batches: int, groups_wa
     return merge_rollouts(rollouts), keep, len(rollouts)
 
 
+def _training_evaluation(cfg, workdir: str, agent, *, state_params, start: int, restored: dict):
+    """The `validation.TrainingEvaluation` of `config.eval` (None when off): a MemoryAgent over the rollout agent's
+    params, tokenizer and mesh with the export's budgets and templates and the evaluation's sampling (greedy by
+    default); its best step exported as the regular export (state_params() gives the learner's current params)."""
+    ev = eval_settings(cfg)
+    if not ev.enabled:
+        return None
+    from memagent_jax.agent import SETTINGS_FILE, MemoryAgent
+    from memagent_jax.models import save_hf_checkpoint
+    from memagent_jax.rl.validation import TrainingEvaluation
+    from memagent_jax.sampling import SamplingParams
+
+    exported = export_settings(cfg)
+    evaluator = MemoryAgent(
+        agent.params,
+        agent.config,
+        agent.tokenizer,
+        budgets=exported.budgets,
+        templates=exported.templates,
+        memory_sampling=SamplingParams(temperature=ev.temperature, top_p=ev.top_p),
+        mesh=agent.mesh,
+    )
+
+    def export(folder: str, extra_files: dict):
+        return save_hf_checkpoint(
+            state_params(),
+            agent.config,
+            folder,
+            base_folder=cfg.model.tokenizer or cfg.model.path,
+            extra_files={SETTINGS_FILE: exported.to_json(), **extra_files},
+        )
+
+    return TrainingEvaluation(
+        ev, evaluator, workdir, export=export, resume_step=start, restored=restored, total_steps=cfg.steps
+    )
+
+
 def train(cfg, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last step's metrics."""
     import jax
@@ -250,10 +288,12 @@ def train(cfg, workdir: str) -> dict:
     )
     start = 0
     run_metadata = {"config": _config_items(cfg)}
+    restored_metadata: dict = {}
     if checkpointer.latest_step() is not None:
         # Verified (weights, optimiser state, data position, RNG, metadata); falls back past damaged checkpoints.
         restored = checkpointer.restore(learner.abstract_state())
         state, start = restored.state, restored.step
+        restored_metadata = restored.metadata
         try:
             iterator.set_state(restored.data_state)
         except (ValueError, KeyError, TypeError) as e:
@@ -304,13 +344,16 @@ def train(cfg, workdir: str) -> dict:
         templates=templates,
         memory_sampling=SamplingParams(temperature=cfg.agent.temperature, top_p=cfg.agent.top_p),
     )
+    evaluation = _training_evaluation(
+        cfg, workdir, agent, state_params=lambda: state.params, start=start, restored=restored_metadata
+    )
     scorer = RewardScorer(cfg.data.reward_style, drop_think=bool(cfg.data.get("reward_drop_think", False)))
     # Rows of steps after `start` (written before an interruption) are dropped: the resumed run writes them again.
     writer = MetricsWriter(
         workdir,
         total_steps=cfg.steps,
         console_every=cfg.log_every,
-        resume_step=start,
+        resume_step=start if start or evaluation is None else -1,  # a fresh run evaluates step 0 again
         wandb=wandb_settings(cfg),
         run_config=run_metadata["config"],
     )
@@ -322,6 +365,8 @@ def train(cfg, workdir: str) -> dict:
     most_rows = 0  # dynamic sampling / packing: the largest learner batch so far (smaller ones are padded to it)
     pack_length = int(cfg.rl.get("pack_length", 0))
     try:
+        if evaluation is not None and start == 0 and evaluation.due(0):
+            writer.write(0, evaluation.run(0, rollout_params(state.params)))
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             agent.params = rollout_params(state.params)
@@ -393,6 +438,9 @@ def train(cfg, workdir: str) -> dict:
                 state, learn = learner.train_step(state, batch, ref_params=reference)
                 metrics.update({k: v for k, v in learn.items() if k != "step"})
             metrics["step_time_s"] = time.perf_counter() - t0
+            if evaluation is not None and evaluation.due(step + 1):
+                metrics.update(evaluation.run(step + 1, rollout_params(state.params)))
+                run_metadata.update(evaluation.metadata())  # the best so far, kept by the next checkpoint
             writer.write(step + 1, metrics)
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
                 checkpointer.save(step + 1, state, data_state=iterator.get_state(), rng=base_key, metadata=run_metadata)
