@@ -40,6 +40,8 @@ EXTRAS = {
     "serve": ["fastapi>=0.115", "uvicorn>=0.30"],
     # Weights & Biases logging of training metrics: --config.wandb.enabled=True
     "wandb": ["wandb>=0.17"],
+    # LoRA adapters (config.lora.rank > 0): qwix's LoRA rule and einsum shapes; pinned (its shape helper is internal)
+    "lora": ["qwix==0.1.8"],
     "test": [
         "torch==2.13.0",
         "ruff==0.17.6",  # lint and format (make lint); pinned so the formatter's output does not drift
@@ -52,6 +54,7 @@ EXTRAS = {
         "uvicorn>=0.30",
         "openai>=1.40",
         "httpx>=0.27",
+        "qwix==0.1.8",
         "wandb==0.31.0",  # the offline-run reader of tests/test_wandb.py follows this version's file format
     ],
 }

@@ -126,6 +126,18 @@ def reference_config() -> ml_collections.ConfigDict:
         dict(data=1, fsdp=-1, tensor=1, rollout_devices=0, rollout_fsdp=1, rollout_tensor=1)
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=3, async_save=True))
+    # LoRA (pip install -e ".[lora]"): rank > 0 trains adapters on the targeted projections only (base frozen, and
+    # the KL reference); the export merges them into the HF folder, save_adapters also writes <workdir>/adapters.
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            rank=0,
+            alpha=16.0,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            dropout=0.0,
+            save_adapters=False,
+            seed=0,
+        )
+    )
     c.export = True  # write an HF folder of the final params to <workdir>/export
     # The default sampling written into the export's memagent_agent.json (what answer / evaluate /
     # MemoryAgent.from_pretrained use unless told otherwise): the paper's evaluation sampling.

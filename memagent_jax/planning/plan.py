@@ -186,6 +186,9 @@ def make_plan(
     cb = DTYPE_BYTES[cdt]
     reference = rl.kl_coef > 0
     recompute_old = bool(rl.recompute_old_logprobs)
+    from memagent_jax.models.lora import lora_config, num_adapter_params
+
+    lora = lora_config(cfg.get("lora"), error=PlanError)
 
     # Rollout: rows per agent call, padded to the rollout mesh's batch shards (agent.run pads with inactive rows).
     trajectories = rl.questions_per_step * rl.group_size
@@ -228,6 +231,18 @@ def make_plan(
     notes["optimizer"] = f"AdamW mu + nu in {pdt} (optax: the params' dtype)"
     mem["reference"] = p_bytes if reference else 0
     notes["reference"] = f"frozen copy for the KL (kl_coef {rl.kl_coef:g})" if reference else "kl_coef = 0"
+    # LoRA: the trained tree is the adapters (f32, replicated); the base is frozen and is the KL reference; the
+    # rollout samples with a merged copy of the weights (once per step), and the loss merges its own.
+    a_bytes = 4 * num_adapter_params(mc, lora)
+    mem["adapters"] = a_bytes
+    notes["adapters"] = f"LoRA rank {lora.rank}, f32, replicated" if lora.enabled else "no LoRA"
+    mem["merged_params"] = p_bytes if lora.enabled else 0
+    notes["merged_params"] = "LoRA: the rollout's merged copy (W + alpha/r A.B)" if lora.enabled else "no LoRA"
+    if lora.enabled:
+        mem["optimizer"] = 2 * a_bytes
+        notes["optimizer"] = "AdamW mu + nu of the adapters only (f32)"
+        mem["reference"] = 0
+        notes["reference"] = "none: the base params (adapters off) are the KL reference"
     mem["rollout_params"] = 2 * param_bytes_per_device(mc, rmesh, pdt) if separate else 0
     notes["rollout_params"] = (
         "copied from the learner every step (old + new copy)"
@@ -247,7 +262,7 @@ def make_plan(
     else:
         mem["decode_copies"] = 0
         notes["decode_copies"] = "decode_layout 'scan': reads the stacked weights and cache in place"
-    learner_persistent = mem["params"] + mem["optimizer"] + mem["reference"]
+    learner_persistent = mem["params"] + mem["optimizer"] + mem["reference"] + mem["adapters"] + mem["merged_params"]
     rollout_persistent = mem["rollout_params"] + mem["kv_update"] + mem["kv_final"]
     mem["persistent"] = learner_persistent if separate else learner_persistent + rollout_persistent
     notes["persistent"] = "learner devices" if separate else ""
@@ -267,6 +282,12 @@ def make_plan(
     notes["gradients"] = "f32" + (f" (+ the {pdt} gradient before the cast)" if pdt != "float32" else "")
     mem["grad_accumulator"] = f32_tree if k_micro > 1 else 0
     notes["grad_accumulator"] = f"f32, {k_micro} micro-batches" if k_micro > 1 else "no micro-batching"
+    if lora.enabled:
+        # The merge sits outside the layer scan: the merged weights' cotangent is whole-model sized for a moment,
+        # then reduced to the adapters'; the accumulator holds adapter gradients only.
+        mem["gradients"] = f32_tree + a_bytes
+        notes["gradients"] = "LoRA: the merged weights' f32 cotangent (transient) + the adapters' gradient"
+        mem["grad_accumulator"] = a_bytes if k_micro > 1 else 0
     mem["learner_batch"] = learner_batch_bytes(
         n_rows // shards, length, reference=reference, recompute_old=recompute_old
     )
@@ -279,6 +300,11 @@ def make_plan(
     )
     mem["update_temporaries"] = p_bytes + 2 * p_bytes
     notes["update_temporaries"] = "new params + moments before the finite-check select"
+    if lora.enabled:
+        mem["learner_activations"] += p_bytes
+        notes["learner_activations"] += f" + the loss's merged weights ({pdt})"
+        mem["update_temporaries"] = 3 * a_bytes
+        notes["update_temporaries"] = "new adapters + moments before the finite-check select"
     mem["learner_peak"] = (
         mem["persistent"]
         + mem["gradients"]

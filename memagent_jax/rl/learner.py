@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 
 from memagent_jax import settings
 from memagent_jax.distributed import arrays as multiprocess
+from memagent_jax.models import lora as lora_lib
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import abstract_params as model_abstract_params
@@ -172,6 +173,8 @@ class LearnerConfig:
     logits_chunk_size: sequence positions per logits chunk in the log-prob computation (0: no chunking).
     compute_entropy: compute the policy entropy for the metrics (always on when loss.entropy_coef > 0).
     remat: overrides the model config's layer-scan remat ('none' | 'full' | 'dots'); None keeps it.
+    lora: `LoraConfig`; with rank > 0 the train state holds only the adapters (and their optimiser state), the
+      base params stay frozen in the `Learner` and serve as the KL reference (see `Learner.init_state`).
     """
 
     loss: LossConfig = LossConfig()
@@ -183,9 +186,12 @@ class LearnerConfig:
     logits_chunk_size: int = 512
     compute_entropy: bool = True
     remat: str | None = None
+    lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
     def __post_init__(self):
         o = "learner"
+        if not isinstance(self.lora, lora_lib.LoraConfig):
+            raise LearnerConfigError(f"{o}.lora must be a LoraConfig, got {type(self.lora).__name__}")
         if not isinstance(self.loss, LossConfig):
             raise LearnerConfigError(f"{o}.loss must be a LossConfig, got {type(self.loss).__name__}")
         if not isinstance(self.optimizer, OptimizerConfig):
@@ -354,11 +360,28 @@ def _denominators(loss_mask):
 
 
 def _accumulate(
-    params, micro_batches: ConversationBatch, *, model_config, config, constrain_micro=None, constrain_grads=None
+    params,
+    micro_batches: ConversationBatch,
+    *,
+    model_config,
+    config,
+    constrain_micro=None,
+    constrain_grads=None,
+    base_params=None,
 ):
-    """micro_batches: [K, mb, T] leaves (one mini-batch). Returns (grads f32 tree, metrics dict)."""
+    """micro_batches: [K, mb, T] leaves (one mini-batch). Returns (grads f32 tree, metrics dict).
+
+    base_params (LoRA): `params` are the adapters; the loss runs on the merged weights, the gradient is the
+    adapters'."""
     token_den, seq_den = _denominators(micro_batches.loss_mask)
-    grad_fn = jax.value_and_grad(functools.partial(_micro_loss, model_config=model_config, config=config), has_aux=True)
+    loss = functools.partial(_micro_loss, model_config=model_config, config=config)
+    if base_params is not None:
+        plain_loss = loss
+
+        def loss(adapters, *args):
+            return plain_loss(lora_lib.merge(base_params, adapters, config.lora), *args)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     def one(micro):
         if constrain_micro is not None:
@@ -405,12 +428,14 @@ def accumulate_gradients(
     model_config: ModelConfig,
     config: LearnerConfig,
     micro_batch_size: int | None = None,
+    base_params=None,
 ):
     """Gradient and metrics of ONE mini-batch's loss, accumulated over micro-batches (public for tests/tools).
 
     batch: [mb, T] (its old_logprobs, and ref_logprobs if kl_coef > 0, filled in). Micro-batch k holds rows
     j * K + k. The result equals the gradient of the whole mini-batch's token-mean (or seq-mean) loss.
     `config.remat` (if set) overrides the model config's remat, as in `Learner`.
+    With LoRA, `params` are the adapters and `base_params` the frozen model (grads: adapter-shaped).
     Returns (grads: params-shaped f32 tree, metrics: dict of scalars).
     """
     _fill_reference(batch, None, config=config)
@@ -421,7 +446,13 @@ def accumulate_gradients(
     if n % micro:
         raise BatchError(f"{n} rows are not a multiple of micro_batch_size={micro}")
     micro_batches = jax.tree.map(lambda a: _split_rows(a, 1, n // micro)[0], batch)
-    return _accumulate(params, micro_batches, model_config=model_config, config=config)
+    return _accumulate(
+        params,
+        micro_batches,
+        model_config=model_config,
+        config=config,
+        base_params=base_params if config.lora.enabled else None,
+    )
 
 
 # -------------------------------------------------------------------------------------- train step
@@ -452,6 +483,7 @@ def train_step_fn(
     state: TrainState,
     batch: ConversationBatch,
     ref_params,
+    base_params=None,
     *,
     model_config: ModelConfig,
     config: LearnerConfig,
@@ -461,9 +493,13 @@ def train_step_fn(
 ):
     """The pure train step (see the module docstring); `Learner` jits it with shardings and donation.
 
+    With LoRA (`config.lora.rank > 0`), `state.params` are the adapters, `base_params` the frozen model: the loss
+    runs on `lora.merge(base_params, adapters)`, gradients and AdamW touch the adapters only, and the reference
+    log-probs (kl_coef > 0, none given) come from `base_params` (the base model with the adapters off).
+
     Returns (new_state, metrics: dict of scalars, per_update: dict of [M] arrays 'loss', 'grad_norm', 'finite').
     """
-    _fill_reference(batch, ref_params, config=config)
+    _fill_reference(batch, base_params if ref_params is None and config.lora.enabled else ref_params, config=config)
     n = batch.tokens.shape[0]
     m, k, _ = config.split(n)
 
@@ -487,10 +523,18 @@ def train_step_fn(
 
     batches = jax.tree.map(lambda a: _split_rows(a, m, k, constrain), batch)
     params0 = state.params
+    use_lora = config.lora.enabled
+    if use_lora:
+        if base_params is None:
+            raise LearnerConfigError("a LoRA train step needs the frozen base params (Learner.init_state)")
+        constrain_grads = None  # the adapters are replicated
+        if ref_params is None:
+            ref_params = base_params  # the base model, adapters off: no second copy of the weights
     pass_kw = dict(model_config=model_config, config=config, constrain_micro=constrain_micro)
     if config.loss.kind == "grpo":
         if config.recompute_old_logprobs:
-            batches = batches.replace(old_logprobs=_logprob_pass(params0, batches, **pass_kw))
+            policy0 = lora_lib.merge(base_params, params0, config.lora) if use_lora else params0
+            batches = batches.replace(old_logprobs=_logprob_pass(policy0, batches, **pass_kw))
         if config.loss.uses_reference and batches.ref_logprobs is None:
             batches = batches.replace(ref_logprobs=_logprob_pass(ref_params, batches, **pass_kw))
 
@@ -506,6 +550,7 @@ def train_step_fn(
             config=config,
             constrain_micro=constrain_micro,
             constrain_grads=constrain_grads,
+            base_params=base_params if use_lora else None,
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -591,8 +636,18 @@ class Learner:
         self.config = config
         self.mesh = mesh
         self.optimizer = make_optimizer(config.optimizer)
-        self._abstract_params = model_abstract_params(model_config)
-        self._param_shardings = sharding_lib.param_shardings(self._abstract_params, mesh) if mesh is not None else None
+        self.lora = config.lora
+        self.base_params = None  # LoRA: the frozen model (set by init_state)
+        self._abstract_base = model_abstract_params(model_config)
+        self._base_shardings = sharding_lib.param_shardings(self._abstract_base, mesh) if mesh is not None else None
+        if self.lora.enabled:
+            # The trained params are the adapters (small: replicated); the base keeps the model's shardings.
+            self._abstract_params = lora_lib.abstract_adapters(self._abstract_base, model_config, self.lora)
+            rep = self._replicated()
+            self._param_shardings = jax.tree.map(lambda _: rep, self._abstract_params) if mesh is not None else None
+        else:
+            self._abstract_params = self._abstract_base
+            self._param_shardings = self._base_shardings
         self._steps: dict[Any, Any] = {}
         self._logprob_fns: dict[Any, Any] = {}
 
@@ -600,8 +655,9 @@ class Learner:
 
     @property
     def needs_reference(self) -> bool:
-        """Whether train steps need reference log-probs (GRPO with kl_coef > 0)."""
-        return self.config.loss.uses_reference
+        """Whether train steps need reference params from the caller (GRPO with kl_coef > 0, without LoRA: with
+        LoRA the frozen base params are the reference)."""
+        return self.config.loss.uses_reference and not self.lora.enabled
 
     @property
     def rows_multiple(self) -> int:
@@ -664,8 +720,18 @@ class Learner:
 
     def init_state(self, params) -> TrainState:
         """A fresh `TrainState` on the mesh. Takes ownership of `params` (placed on their shardings; the first
-        train step donates them): keep a separate copy (`copy_params`) if you need the originals."""
-        if self._param_shardings is not None:
+        train step donates them): keep a separate copy (`copy_params`) if you need the originals.
+
+        With LoRA, `params` become the learner's frozen `base_params` (never donated, never updated) and the
+        state holds fresh adapters (`lora.init_adapters`, seed `lora.seed`) and their optimiser state only. A
+        restored state (adapters) replaces the returned one; the base comes from the same model again."""
+        if self.lora.enabled:
+            if self._base_shardings is not None:
+                params = jax.device_put(params, self._base_shardings)
+            self.base_params = params
+            init = functools.partial(lora_lib.init_adapters, model_config=self.model_config, config=self.lora)
+            params = jax.jit(lambda p: init(p), out_shardings=self._param_shardings)(params)
+        elif self._param_shardings is not None:
             params = jax.device_put(params, self._param_shardings)
         shardings = self.state_shardings()
         init_opt = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state if shardings is not None else None)
@@ -674,9 +740,24 @@ class Learner:
         step, skipped = counters()  # two distinct buffers (both are donated)
         return TrainState(params=params, opt_state=init_opt(params), step=step, skipped_updates=skipped)
 
+    def abstract_policy_params(self):
+        """The model params' shapes (what `policy_params` returns), as `jax.ShapeDtypeStruct`s."""
+        return self._abstract_base
+
+    def policy_params(self, state: TrainState):
+        """The params the policy samples with: `state.params`, or with LoRA the base with the adapters merged in
+        (one jitted merge: a fresh copy of the weights on the base's shardings)."""
+        if not self.lora.enabled:
+            return state.params
+        if "merge" not in self._logprob_fns:
+            self._logprob_fns["merge"] = jax.jit(
+                functools.partial(lora_lib.merge, config=self.lora), out_shardings=self._base_shardings
+            )
+        return self._logprob_fns["merge"](self.base_params, state.params)
+
     def copy_params(self, params):
         """A copy of `params` in fresh buffers on the params' shardings (e.g. the frozen KL reference)."""
-        return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self._param_shardings)(params)
+        return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self._base_shardings)(params)
 
     def put_batch(self, batch: ConversationBatch) -> ConversationBatch:
         """Moves a (host) batch onto the mesh, rows sharded over the batch axes (in a multi-process mesh: this
@@ -703,11 +784,12 @@ class Learner:
                 self._steps[key] = jax.jit(fn, donate_argnums=0)
             else:
                 rep = self._replicated()
-                ref_sh = self._param_shardings if with_ref_params else None
+                ref_sh = self._base_shardings if with_ref_params else None
+                base_sh = self._base_shardings if self.lora.enabled else None
                 self._steps[key] = jax.jit(
                     fn,
                     donate_argnums=0,
-                    in_shardings=(self.state_shardings(), self.batch_shardings(batch), ref_sh),
+                    in_shardings=(self.state_shardings(), self.batch_shardings(batch), ref_sh, base_sh),
                     out_shardings=(self.state_shardings(), rep, rep),
                 )
         return self._steps[key]
@@ -735,9 +817,12 @@ class Learner:
                 f"({sharding_lib.batch_multiple(self.mesh)}); pad with rows_multiple="
                 f"{self.rows_multiple}"
             )
-        _fill_reference(batch, ref_params, config=self.config)
-        if not (self.config.loss.uses_reference and batch.ref_logprobs is None):
-            ref_params = None  # not needed: never keep it alive in the program
+        if self.lora.enabled and self.base_params is None:
+            raise LearnerConfigError("a LoRA learner needs its base params: call init_state(params) first")
+        base = self.base_params if self.lora.enabled else None
+        _fill_reference(batch, ref_params if base is None else base, config=self.config)
+        if not (self.config.loss.uses_reference and batch.ref_logprobs is None) or base is not None:
+            ref_params = None  # not needed (LoRA: the base is the reference): never keep it alive in the program
         # Executables are shared by every Learner with the same configs and mesh (e.g. after a restart in-process).
         # (on_nonfinite only changes what the host does afterwards, so it is not part of the key.)
         batch = self.put_batch(batch)
@@ -754,11 +839,11 @@ class Learner:
         if key not in _EXECUTABLES:
             t0 = time.perf_counter()
             jitted = self._compiled_step(batch, ref_params is not None)
-            _EXECUTABLES[key] = jitted.lower(state, batch, ref_params).compile()
+            _EXECUTABLES[key] = jitted.lower(state, batch, ref_params, base).compile()
             compile_s = time.perf_counter() - t0
         step_fn = _EXECUTABLES[key]
         t0 = time.perf_counter()
-        state, metrics, per_update = step_fn(state, batch, ref_params)
+        state, metrics, per_update = step_fn(state, batch, ref_params, base)
         metrics, per_update = jax.device_get((metrics, per_update))
         elapsed = time.perf_counter() - t0
         out = {name: float(v) for name, v in metrics.items()}
@@ -800,6 +885,6 @@ class Learner:
                 rows = sharding_lib.batch_sharding(self.mesh, 2, key[0][0])
                 seg_sh = rows if batch.packed else NamedSharding(self.mesh, P())
                 self._logprob_fns[key] = jax.jit(
-                    fn, in_shardings=(self._param_shardings, rows, rows, seg_sh), out_shardings=rows
+                    fn, in_shardings=(self._base_shardings, rows, rows, seg_sh), out_shardings=rows
                 )
         return self._logprob_fns[key](params, batch.tokens, batch.token_mask, segments)

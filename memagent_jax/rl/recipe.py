@@ -517,6 +517,7 @@ def model_options(model_cfg) -> dict:
 
 def learner_config(cfg):
     """The `LearnerConfig` of `config.rl` (loss, optimiser, mini-batches), as the learner checks it."""
+    from memagent_jax.models.lora import lora_config
     from memagent_jax.rl.learner import LearnerConfig, OptimizerConfig
     from memagent_jax.rl.losses import LossConfig
 
@@ -546,6 +547,7 @@ def learner_config(cfg):
         recompute_old_logprobs=rl.recompute_old_logprobs,
         on_nonfinite=rl.on_nonfinite,
         remat=cfg.model.remat,
+        lora=lora_config(cfg.get("lora"), "config.lora", error=TrainConfigError),
     )
 
 

@@ -147,6 +147,18 @@ def _config_changes(saved, current: dict, limit: int = 8) -> str:
     return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _export_adapters(learner, state, model_config, workdir: str) -> None:
+    """LoRA with lora.save_adapters: the adapters alone, PEFT's layout, in <workdir>/adapters (process 0)."""
+    import jax
+
+    if not (learner.lora.enabled and learner.lora.save_adapters) or jax.process_index() != 0:
+        return
+    from memagent_jax.models.lora import save_adapters
+
+    out = save_adapters(state.params, model_config, learner.lora, os.path.join(workdir, "adapters"))
+    print(f"saved the LoRA adapters to {out}", flush=True)
+
+
 def sample_step(roll_out, *, dynamic_sampling: bool, max_batches: int, groups_wanted: int, process_count: int = 1):
     """One step's rollout, with DAPO's dynamic sampling when asked.
 
@@ -329,14 +341,14 @@ def train(cfg, workdir: str) -> dict:
             return params  # the learner's params, in place
     else:
         # Separate meshes: the learner's params are copied onto the rollout mesh's shardings every step.
-        rollout_shardings = sharding_lib.param_shardings(state.params, rollout_mesh)
+        rollout_shardings = sharding_lib.param_shardings(learner.abstract_policy_params(), rollout_mesh)
 
         def rollout_params(params):
             return multiprocess.copy_to(params, rollout_shardings)  # jax.device_put, also across processes
 
     budgets, templates = agent_settings(cfg)
     agent = MemoryAgent(
-        rollout_params(state.params),
+        rollout_params(learner.policy_params(state)),
         model_config,
         tokenizer,
         budgets=budgets,
@@ -369,7 +381,8 @@ def train(cfg, workdir: str) -> dict:
             writer.write(0, evaluation.run(0, rollout_params(state.params)))
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            agent.params = rollout_params(state.params)
+            # LoRA: the adapters are merged into a copy of the base once per step (the sampler runs a plain model).
+            agent.params = rollout_params(learner.policy_params(state))
 
             def roll_out(draw):
                 # Question j of process p is question j * processes + p of the step (the iterator's global order):
@@ -447,7 +460,7 @@ def train(cfg, workdir: str) -> dict:
         checkpointer.wait_until_finished()
         if cfg.export:
             out = save_hf_checkpoint(
-                state.params,
+                learner.policy_params(state),
                 model_config,
                 os.path.join(workdir, "export"),
                 base_folder=cfg.model.tokenizer or cfg.model.path,
@@ -455,6 +468,7 @@ def train(cfg, workdir: str) -> dict:
             )
             if jax.process_index() == 0:
                 print(f"exported the trained model to {out}", flush=True)
+            _export_adapters(learner, state, model_config, workdir)
     finally:
         scorer.close()
         writer.close()
