@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -61,26 +62,44 @@ def resolve_config(cfg):
     return cfg
 
 
-def eval_multipliers(cfg) -> list[int]:
+def _multipliers(cfg, field: str, *, allow_empty: bool) -> list[int]:
+    """`config.task.<field>`: positive integers separated by ';' (lengths in multiples of the training length)."""
+    text = str(cfg.task.get(field, ""))
     try:
-        values = [int(v) for v in str(cfg.task.eval_multipliers).replace(",", ";").split(";") if v.strip()]
+        values = [int(v) for v in text.replace(",", ";").split(";") if v.strip()]
     except ValueError:
-        raise PipelineConfigError(
-            f"config.task.eval_multipliers: expected integers separated by ';', got {cfg.task.eval_multipliers!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise PipelineConfigError(f"config.task.eval_multipliers: need positive integers, got {values}")
+        raise PipelineConfigError(f"config.task.{field}: expected integers separated by ';', got {text!r}") from None
+    if (not values and not allow_empty) or any(v <= 0 for v in values):
+        raise PipelineConfigError(f"config.task.{field}: need positive integers, got {values}")
     return values
 
 
+def eval_multipliers(cfg) -> list[int]:
+    return _multipliers(cfg, "eval_multipliers", allow_empty=False)
+
+
+def two_hop_multipliers(cfg) -> list[int]:
+    """Lengths of the two-hop evaluation files ('' = none)."""
+    return _multipliers(cfg, "two_hop_multipliers", allow_empty=True)
+
+
 def eval_labels(cfg) -> list[str]:
-    """Labels of the evaluation files: '<m>x' per length, then 'multihop_<m>x' and 'concat_<m>x' when enabled."""
+    """Labels of the evaluation files: '<m>x' per length, then 'two_hop_<m>x', 'other_fact_<m>x' and
+    'concat_<m>x' when enabled."""
     labels = [f"{m}x" for m in eval_multipliers(cfg)]
-    if cfg.task.multihop_multiplier:
-        labels.append(f"multihop_{cfg.task.multihop_multiplier}x")
+    labels += [f"two_hop_{m}x" for m in two_hop_multipliers(cfg)]
+    if cfg.task.get("other_fact_multiplier", 0):
+        labels.append(f"other_fact_{cfg.task.other_fact_multiplier}x")
     if cfg.task.concat_multiplier:
         labels.append(f"concat_{cfg.task.concat_multiplier}x")
     return labels
+
+
+def is_two_hop_row(cfg, index: int) -> bool:
+    """Whether training row (or scripted warm-start trajectory) `index` is a two-hop chain: a fraction
+    `task.train_two_hop_fraction` of the rows, spread evenly (row i is one when floor((i+1)f) > floor(i f))."""
+    f = float(cfg.task.get("train_two_hop_fraction", 0.0))
+    return math.floor((index + 1) * f) > math.floor(index * f)
 
 
 def validate_config(cfg) -> None:
@@ -110,27 +129,33 @@ def validate_config(cfg) -> None:
             raise PipelineConfigError(f"config.{path} must be positive, got {cfg[section][field]}")
     if cfg.task.distractors_per_chunk < 0:
         raise PipelineConfigError("config.task.distractors_per_chunk must be >= 0")
+    fraction = cfg.task.get("train_two_hop_fraction", 0.0)
+    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise PipelineConfigError(f"config.task.train_two_hop_fraction must be in [0, 1], got {fraction!r}")
     rl_distractors_per_chunk(cfg)
     from memagent_jax.data.synthetic import FACT_STYLES
-    from memagent_jax.rl.warm_start import NOTE_STYLES
+    from memagent_jax.rl.warm_start import ANSWER_FORMS, NOTE_STYLES
 
     for path, allowed in (
         ("task.fact_style", FACT_STYLES),
         ("model.init", ("random", "induction")),
         ("warm_start.note_style", NOTE_STYLES),
+        ("warm_start.answer_form", ANSWER_FORMS),
     ):
         section, field = path.split(".")
         if field in cfg[section] and cfg[section][field] not in allowed:
             raise PipelineConfigError(f"config.{path} must be one of {allowed}, got {cfg[section][field]!r}")
     for path, low in (
         ("task.same_chunk_distractors", 0),
-        ("task.multihop_multiplier", 0),
+        ("task.other_fact_multiplier", 0),
         ("warm_start.focus_repeats", 1),
         ("long_eval.chunks", 1),
         ("long_eval.questions", 1),
         ("long_eval.batch_size", 1),
         ("rl.max_sampling_batches", 1),
         ("rl.pack_length", 0),
+        ("rl.eval_every", 0),
+        ("rl.eval_questions", 1),
         ("warm_start.pack_length", 0),
     ):
         section, field = path.split(".")
@@ -141,7 +166,14 @@ def validate_config(cfg) -> None:
             f"config.task.concat_multiplier must be 0 (no file) or >= 2 (documents joined), "
             f"got {cfg.task.concat_multiplier}"
         )
-    eval_multipliers(cfg)
+    eval_labels(cfg)
+    if two_hop_multipliers(cfg) or cfg.task.get("train_two_hop_fraction", 0.0):
+        if cfg.task.name != "keyed_recall" or cfg.warm_start.note_style != "keyed":
+            raise PipelineConfigError(
+                "config.task.two_hop_multipliers / train_two_hop_fraction need task.name 'keyed_recall' and "
+                f"warm_start.note_style 'keyed' (the notes that follow a chain), got {cfg.task.name!r} and "
+                f"{cfg.warm_start.note_style!r}"
+            )
     with settings.named("config.agent", error=PipelineConfigError):  # the wording and budgets, before any stage runs
         agent_templates(cfg)
         agent_budgets(cfg)
@@ -238,7 +270,12 @@ def make_assets(cfg, folder: str) -> dict:
     import jax
 
     from memagent_jax.data.formats import write_eval_file, write_train_file
-    from memagent_jax.data.synthetic import SyntheticDataset, concatenated_records, tokenizer_corpus
+    from memagent_jax.data.synthetic import (
+        SyntheticDataset,
+        concatenated_records,
+        other_fact_records,
+        tokenizer_corpus,
+    )
     from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
     from memagent_jax.models import save_hf_checkpoint
     from memagent_jax.models.config import ModelConfig, RopeConfig
@@ -271,25 +308,36 @@ def make_assets(cfg, folder: str) -> dict:
     seeds = _seeds(cfg)
     k = cfg.task.train_chunks
     rl_per_chunk = rl_distractors_per_chunk(cfg)
-    train_set = SyntheticDataset(
-        task_config(cfg, k, seeds["train"], per_chunk=rl_per_chunk), tokenizer, cfg.task.train_samples
-    )
-    write_train_file(train_set.records(), paths["train_file"])
+    n = cfg.task.train_samples
+    single = SyntheticDataset(task_config(cfg, k, seeds["train"], per_chunk=rl_per_chunk), tokenizer, n)
+    chains = SyntheticDataset(task_config(cfg, k, seeds["train"], hops=2, per_chunk=rl_per_chunk), tokenizer, n)
+    rows = [chains[i] if is_two_hop_row(cfg, i) else single[i] for i in range(n)]
+    write_train_file((sample.to_record() for sample in rows), paths["train_file"])
+    two_hop = sum(is_two_hop_row(cfg, i) for i in range(n))
     _say(
-        f"[assets] {len(train_set)} GRPO training rows of {k} chunks, {rl_per_chunk:g} look-alikes per chunk -> "
-        f"{paths['train_file']}"
+        f"[assets] {n} GRPO training rows of {k} chunks ({two_hop} of them two-hop chains), {rl_per_chunk:g} "
+        f"look-alikes per chunk -> {paths['train_file']}"
     )
     for m in eval_multipliers(cfg):
         path = paths["eval_files"][f"{m}x"]
         data = SyntheticDataset(task_config(cfg, m * k, seeds["eval"]), tokenizer, cfg.task.eval_questions)
         write_eval_file(data.records(), path)
         _say(f"[assets] {len(data)} held-out rows of {m * k} chunks ({m}x) -> {path}")
-    if cfg.task.multihop_multiplier:
-        m = cfg.task.multihop_multiplier
-        path = paths["eval_files"][f"multihop_{m}x"]
+    for m in two_hop_multipliers(cfg):
+        path = paths["eval_files"][f"two_hop_{m}x"]
         data = SyntheticDataset(task_config(cfg, m * k, seeds["eval"], hops=2), tokenizer, cfg.task.eval_questions)
         write_eval_file(data.records(), path)
         _say(f"[assets] {len(data)} held-out two-hop rows of {m * k} chunks -> {path}")
+    if cfg.task.get("other_fact_multiplier", 0):
+        m = cfg.task.other_fact_multiplier
+        path = paths["eval_files"][f"other_fact_{m}x"]
+        write_eval_file(
+            other_fact_records(task_config(cfg, m * k, seeds["eval"]), cfg.task.eval_questions, tokenizer), path
+        )
+        _say(
+            f"[assets] {cfg.task.eval_questions} held-out rows of {m * k} chunks asked about a look-alike's fact "
+            f"instead of the generator's pick -> {path}"
+        )
     if cfg.task.concat_multiplier:
         m = cfg.task.concat_multiplier
         path = paths["eval_files"][f"concat_{m}x"]
@@ -352,16 +400,22 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
     )
 
     ws = cfg.warm_start
-    policy = ScriptedPolicy(forget_prob=ws.forget_prob, overwrite_prob=ws.overwrite_prob, note_style=ws.note_style)
+    policy = ScriptedPolicy(
+        forget_prob=ws.forget_prob,
+        overwrite_prob=ws.overwrite_prob,
+        note_style=ws.note_style,
+        answer_form=ws.get("answer_form", "noted"),
+    )
     rng = np.random.default_rng(_seeds(cfg)["warm_start"])
     task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"])
+    chain_task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"], hops=2)
     index = 0
     most_rows = 0  # packed batches are padded to the largest so far (one learner shape)
     for _ in range(count):
         conversations = []
         made = 0
         while made < ws.updates_per_call * ws.trajectories_per_update:
-            sample = generate_sample(task, index, tokenizer)
+            sample = generate_sample(chain_task if is_two_hop_row(cfg, index) else task, index, tokenizer)
             index += 1
             try:
                 trajectory = scripted_conversations(
@@ -377,9 +431,10 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
             except StraddlingFactError:  # a crowded document whose facts could not all be chunk-aligned
                 continue
             made += 1
-            # The step that reads the asked fact among its look-alikes is the one that teaches which fact the
-            # question wants: it is repeated `focus_repeats` times (the other steps are learned long before).
-            asked = {f.token_offset // budgets.chunk_tokens for f in sample.facts if f.role == "answer"}
+            # The steps that read the asked fact (and a chain's later facts) among their look-alikes are the ones
+            # that teach which fact the question wants: each is repeated `focus_repeats` times (the other steps are
+            # learned long before).
+            asked = {f.token_offset // budgets.chunk_tokens for f in sample.facts if f.role != "distractor"}
             for conv in trajectory:
                 conversations += [conv] * (ws.focus_repeats if conv.kind == "memory" and conv.step in asked else 1)
         batch = conversations_to_sft_batch(
@@ -509,10 +564,62 @@ def grpo_config(cfg, assets: dict, model_path: str):
         )
     )
     g.export_sampling.update(dict(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p))
+    every = int(cfg.rl.get("eval_every", 0))
+    if every:  # held-out accuracy against the training step (greedy), drawn by `plot_training_curve`
+        files = [assets["eval_files"][label] for label in training_eval_labels(cfg)]
+        g.eval.update(
+            dict(
+                files=",".join(files),
+                every_steps=every,
+                max_questions=int(cfg.rl.eval_questions),
+                at_start=True,
+                metric="string_match_all",
+                batch_size=int(cfg.rl.eval_questions),
+                seed=cfg.seed,
+            )
+        )
     g.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     g.checkpoint.every = max(1, cfg.rl.steps // 4)
     g.log_every = max(1, cfg.rl.steps // 10)
     return g
+
+
+def training_eval_labels(cfg) -> list[str]:
+    """The evaluation files the GRPO stage scores while it trains: the second length and the first two-hop one."""
+    lengths = [f"{m}x" for m in eval_multipliers(cfg)]
+    return [lengths[min(1, len(lengths) - 1)]] + [f"two_hop_{m}x" for m in two_hop_multipliers(cfg)[:1]]
+
+
+def plot_training_curve(cfg, history_path: str, path: str) -> str | None:
+    """Held-out accuracy (greedy) against the GRPO step, one line per file, from the trainer's eval_history.jsonl."""
+    if not os.path.exists(history_path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list] = {}
+    with open(history_path) as f:
+        for line in f:
+            row = json.loads(line)
+            curves.setdefault(row["file_key"], []).append((row["step"], row["accuracy"], row["low"], row["high"]))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, points in curves.items():
+        points.sort()
+        steps, acc, low, high = (list(v) for v in zip(*points))
+        ax.plot(steps, [100 * a for a in acc], marker="o", label=key.removeprefix("eval_"))
+        ax.fill_between(steps, [100 * v for v in low], [100 * v for v in high], alpha=0.15)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("held-out accuracy % (greedy)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Accuracy while training (95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def reinforce(cfg, assets: dict, warm_model: str, folder: str) -> str:
@@ -587,11 +694,67 @@ def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dic
                 "f1": r.f1.mean,
                 "sub_em": r.sub_em.mean,
                 "seconds": r.wall_s,
+                "per_word": answer_word_accuracy(r.rows),
             }
     _say(results.table())
+    _say(summary_table(figures))
+    with open(os.path.join(folder, "per_word.txt"), "w") as f:
+        f.write(per_word_table(figures) + "\n")
+    _say(f"[eval] accuracy per answer word -> {os.path.join(folder, 'per_word.txt')}")
     seconds = time.perf_counter() - t0
     _mark_done(folder, {"seconds": seconds, "figures": figures})
     return figures
+
+
+def answer_word_accuracy(rows) -> dict[str, list]:
+    """{gold answer word: [rows scored correct, rows]} over an evaluation file's per-row predictions."""
+    counts: dict[str, list] = {}
+    for row in rows:
+        word = row["answers"][0] if row.get("answers") else ""
+        hit = counts.setdefault(word, [0.0, 0])
+        hit[0] += float(row.get("scores", {}).get("accuracy", 0.0))
+        hit[1] += 1
+    return dict(sorted(counts.items()))
+
+
+def worst_word(per_word: dict[str, list]) -> tuple[str, float, int] | None:
+    """The answer word with the lowest accuracy (ties: fewest rows, then alphabetical), or None."""
+    if not per_word:
+        return None
+    word, (hits, n) = min(per_word.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1], kv[0]))
+    return word, hits / n, n
+
+
+def summary_table(figures: dict) -> str:
+    """Accuracy (%) per evaluation file (rows) and model (columns), with each model's weakest answer word."""
+    models = list(figures)
+    labels = list(next(iter(figures.values()))) if figures else []
+    head = ["file", *models, *(f"{m}: weakest word" for m in models)]
+    lines = [head]
+    for label in labels:
+        cells = [label] + [f"{100 * figures[m][label]['accuracy']:.1f}" for m in models]
+        for m in models:
+            worst = worst_word(figures[m][label].get("per_word", {}))
+            cells.append("-" if worst is None else f"{worst[0]} {100 * worst[1]:.0f}% of {worst[2]}")
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def per_word_table(figures: dict) -> str:
+    """Accuracy (%) of every answer word (rows) in every model and file (columns)."""
+    columns = [(m, label) for m in figures for label in figures[m]]
+    words = sorted({w for m, label in columns for w in figures[m][label].get("per_word", {})})
+    head = ["word", *(f"{m} {label}" for m, label in columns)]
+    lines = [head]
+    for w in words:
+        cells = [w]
+        for m, label in columns:
+            hits, n = figures[m][label].get("per_word", {}).get(w, (0, 0))
+            cells.append(f"{100 * hits / n:.0f} ({n})" if n else "-")
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
 
 
 def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> list[str]:
@@ -787,6 +950,11 @@ def run(cfg, workdir: str) -> dict:
         long = _stage_done(os.path.join(workdir, "long_eval"))
     plot_path = plot_results(cfg, results, long, os.path.join(workdir, "eval", "accuracy_vs_length.png"))
     _say(f"[eval] accuracy against length -> {plot_path}")
+    curve = plot_training_curve(
+        cfg, os.path.join(workdir, "rl", "eval_history.jsonl"), os.path.join(workdir, "eval", "accuracy_vs_step.png")
+    )
+    if curve:
+        _say(f"[eval] held-out accuracy against GRPO step -> {curve}")
     timed("report", write_report, cfg, assets, {"warm_start": warm, "RL": rl}, workdir)
     summary = {
         "workdir": workdir,

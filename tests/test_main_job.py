@@ -38,7 +38,8 @@ def test_quick_main_job_writes_every_artefact(quick_run):
         "assets/train.jsonl",
         "assets/eval_1x.jsonl",
         "assets/eval_4x.jsonl",
-        "assets/eval_multihop_4x.jsonl",
+        "assets/eval_two_hop_1x.jsonl",
+        "assets/eval_other_fact_1x.jsonl",
         "assets/eval_concat_4x.jsonl",
         "warm_start/export/config.json",
         "warm_start/metrics.jsonl",
@@ -47,6 +48,7 @@ def test_quick_main_job_writes_every_artefact(quick_run):
         "eval/results.json",
         "eval/results.csv",
         "eval/accuracy_vs_length.png",
+        "eval/per_word.txt",
         "report.md",
         "report.html",
         "summary.json",
@@ -61,29 +63,44 @@ def test_quick_main_job_writes_every_artefact(quick_run):
     figures = summary["results"]
     assert set(figures) == {"warm_start", "RL"}
     for model, by_length in figures.items():
-        assert set(by_length) == {"1x", "4x", "multihop_4x", "concat_4x"}
+        assert set(by_length) == {"1x", "4x", "two_hop_1x", "other_fact_1x", "concat_4x"}
         for label, row in by_length.items():
             assert 0.0 <= row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"] <= 1.0, (model, label)
             assert row["n"] == 32
+            per_word = row["per_word"]  # accuracy per answer word adds up to the file's
+            assert sum(n for _, n in per_word.values()) == 32
+            assert sum(h for h, _ in per_word.values()) / 32 == pytest.approx(row["accuracy"])
         assert by_length["4x"]["chunks"] == pytest.approx(4 * by_length["1x"]["chunks"], rel=0.05)
         assert by_length["concat_4x"]["chunks"] == pytest.approx(4 * by_length["1x"]["chunks"], rel=0.05)
     with open(os.path.join(workdir, "eval/results.csv")) as f:
-        assert len(list(csv.DictReader(f))) == 8  # 2 models x 4 files
+        assert len(list(csv.DictReader(f))) == 10  # 2 models x 5 files
 
     def facts_per_row(name):  # the asked fact and its look-alikes ("Remember <creature> <Word>.")
         with open(os.path.join(workdir, "assets", name)) as f:
             return {json.loads(line)["context"].count("Remember ") for line in f}
 
-    # GRPO rows: the asked fact + 3 look-alikes per chunk x 2 chunks; evaluation rows at 1x: + 1 per chunk.
-    assert facts_per_row("train.jsonl") == {7} and facts_per_row("eval_1x.jsonl") == {3}
+    # GRPO rows: the asked fact + 3 look-alikes per chunk x 2 chunks, or (two-hop rows, half of them) the chain's
+    # two facts + the 6 look-alikes; evaluation rows at 1x: + 1 per chunk.
+    assert facts_per_row("train.jsonl") == {7, 8} and facts_per_row("eval_1x.jsonl") == {3}
+    assert facts_per_row("eval_two_hop_1x.jsonl") == {4}
+    with open(os.path.join(workdir, "assets/eval_other_fact_1x.jsonl")) as f:
+        for line in f:  # asked about a look-alike: its creature is named once, right before the answer
+            row = json.loads(line)
+            creature = row["input"].removeprefix("What is the secret word for ").removesuffix("?")
+            assert row["context"].count(f" {creature} ") == 1
+            assert f" Remember {creature} {row['answers'][0]}." in row["context"]
 
     # The warm start learned the game: its SFT loss fell, and it writes \boxed{} answers.
     with open(os.path.join(workdir, "warm_start/metrics.jsonl")) as f:
         losses = [json.loads(line)["loss"] for line in f]
     assert losses[-1] < losses[0]
     with open(os.path.join(workdir, "rl/metrics.jsonl")) as f:
-        steps = [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f]
+    steps = [row for row in rows if "reward_mean" in row]
     assert len(steps) == 2 and all(0.0 <= s["reward_mean"] <= 1.0 for s in steps)
+    # Held-out accuracy while training (every step in the quick variant, and the start), drawn against the step.
+    assert [row["step"] for row in rows if "eval/accuracy_mean" in row] == [0, 1, 2]
+    assert os.path.getsize(os.path.join(workdir, "eval/accuracy_vs_step.png")) > 10_000
 
     report = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
     assert "secret word" in report and "RL" in report and "warm_start" in report

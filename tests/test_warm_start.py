@@ -85,7 +85,7 @@ def test_prompts_are_the_agents_layout_and_a_perfect_script_answers(setup, tmp_p
             if conv.kind == "memory":
                 assert conv.response_ids[-1] == tok.eos_token_id
                 assert len(agent_memory) == BUDGETS.memory_tokens
-        assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + sample.answers[0] + "}"
+        assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{ " + sample.answers[0] + "}"
 
 
 def test_forgetting_and_overwriting(setup):
@@ -96,10 +96,10 @@ def test_forgetting_and_overwriting(setup):
         answer_step = sample.facts[0].token_offset // 32
         final = tok.decode(convs[-1].response_ids[:-1])
         forgot += answer_step < len(convs) - 2  # the answer is not in the last chunk: the notes are dropped
-        assert final == ("\\boxed{unknown}" if answer_step < len(convs) - 2 else "\\boxed{" + sample.answers[0] + "}")
+        assert final == ("\\boxed{ unknown}" if answer_step < len(convs) - 2 else "\\boxed{ " + sample.answers[0] + "}")
         sample, _, convs = run(setup, ScriptedPolicy(forget_prob=0.0, overwrite_prob=1.0), index, distractors=4)
         last_fact = max(sample.facts, key=lambda f: f.token_offset)
-        assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + last_fact.triple[2] + "}"
+        assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{ " + last_fact.triple[2] + "}"
         wrong += last_fact.role != "answer"
     assert forgot > 0 and wrong > 0
 
@@ -142,4 +142,75 @@ def test_keyed_notes_name_the_asked_key_from_the_first_chunk(setup):
                 assert note == f" for {creature} {sample.answers[0] if found else '?'}", (k, note)
             kept = forget == 0.0 or answer_step == len(notes) - 1
             answer = sample.answers[0] if kept else "unknown"
-            assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{" + answer + "}"
+            assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{ " + answer + "}"
+
+
+def test_noted_answers_copy_the_notes_word_token_and_spelled_ones_do_not(setup):
+    """The answer step's signal: with answer_form='noted' the boxed word is the very token the notes hold (one
+    copy), for every answer word; 'spelled' re-tokenises it after the brace, which for this tokenizer splits
+    words that share a first piece ("Mor" and "Mi" both start with "M") into different token sequences than the
+    notes'. Both forms score 1 with the verifier's reward."""
+    from memagent_jax.data.synthetic.keyed_recall import RECALL_WORDS
+    from memagent_jax.evaluation.verifier import reward
+    from memagent_jax.rl.warm_start import scripted_answer_ids
+
+    tok, _ = setup
+    respelled = []
+    for word in RECALL_WORDS:
+        noted_word = encode_text(tok, " " + word)  # how keyed notes (" for <creature> <Word>") hold it
+        noted = scripted_answer_ids(tok, word, "noted")
+        spelled = scripted_answer_ids(tok, word, "spelled")
+        assert noted == encode_text(tok, "\\boxed{") + noted_word + encode_text(tok, "}")
+        assert tok.decode(noted) == "\\boxed{ " + word + "}" and tok.decode(spelled) == "\\boxed{" + word + "}"
+        assert reward(tok.decode(noted), [word]) == reward(tok.decode(spelled), [word]) == 1.0
+        body = spelled[len(encode_text(tok, "\\boxed{")) : -len(encode_text(tok, "}"))]
+        respelled.append(body != noted_word)
+    # The spelled form asks the model to re-spell most words: the mechanism the noted form removes.
+    assert sum(respelled) > len(RECALL_WORDS) // 2
+    with pytest.raises(ValueError, match="answer_form"):
+        ScriptedPolicy(answer_form="boxed")
+
+
+def test_keyed_notes_follow_a_two_hop_chain(setup):
+    """Two-hop rows: the asked creature's fact names another ("Remember <a> as <b>."); the notes add " as <b>"
+    and look for <b>'s word, which the answer then copies; dropping the notes loses the chain."""
+    tok, prompts = setup
+    cfg = SyntheticConfig(
+        "keyed_recall",
+        num_tokens=32 * 6,
+        num_distractors=3,
+        chunk_tokens=32,
+        chunk_aligned=True,
+        fact_style="pair",
+        hops=2,
+    )
+    checked = 0
+    for index in range(12):
+        sample = generate_sample(cfg, index, tok)
+        ids = tokenize_document(tok, sample.text())
+        convs = scripted_conversations(
+            sample,
+            ids,
+            tok,
+            prompts,
+            BUDGETS,
+            ScriptedPolicy(forget_prob=0.0, note_style="keyed"),
+            np.random.default_rng(0),
+            tok.eos_token_id,
+        )
+        pointer = next(f for f in sample.facts if f.role == "answer")
+        stated = next(f for f in sample.facts if f.role == "support")
+        asked, bridge = pointer.triple[0], pointer.triple[2]
+        assert pointer.triple[1] == "same_word_as" and stated.triple[0] == bridge
+        at_pointer, at_word = pointer.token_offset // 32, stated.token_offset // 32
+        notes = [tok.decode(c.response_ids[:-1]) for c in convs[:-1]]
+        for k, note in enumerate(notes):
+            if k < at_pointer:
+                assert note == f" for {asked} ?", (k, note)
+            elif k < at_word:
+                assert note == f" for {asked} as {bridge} ?", (k, note)
+            else:
+                assert note == f" for {asked} as {bridge} {sample.answers[0]}", (k, note)
+        assert tok.decode(convs[-1].response_ids[:-1]) == "\\boxed{ " + sample.answers[0] + "}"
+        checked += at_pointer < at_word
+    assert checked > 0  # some chains span chunks

@@ -51,7 +51,11 @@ def main_job_config() -> ml_collections.ConfigDict:
             train_samples=4096,  # rows of the training file (GRPO draws from it)
             eval_multipliers="1;4;16;64",  # evaluation lengths, in multiples of train_chunks
             eval_questions=256,  # held-out questions per length
-            multihop_multiplier=4,  # a two-hop evaluation file at this length (0: none)
+            # Training rows (GRPO and the warm start's script) that are two-hop chains: the asked creature's fact
+            # names another creature ("Remember <a> as <b>."), whose fact holds the word.
+            train_two_hop_fraction=0.5,
+            two_hop_multipliers="1;16",  # two-hop evaluation files at these lengths ('': none)
+            other_fact_multiplier=4,  # a file asking each document about a look-alike's fact (0: none)
             concat_multiplier=16,  # an evaluation file of this many 1x documents joined (0: none)
         )
     )
@@ -91,6 +95,9 @@ def main_job_config() -> ml_collections.ConfigDict:
             focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
             # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
             note_style="keyed",
+            # The boxed answer writes the noted word with the notes' own tokens ("noted": \boxed{ Word}, one copied
+            # token) or as the bare text tokenises ("spelled": \boxed{Word}, a re-spelling per word).
+            answer_form="noted",
             # Tokens per packed learner row; 0 = one conversation per row. Packing changes which conversations share
             # each update of a call, and so the warm start that GRPO begins from.
             pack_length=0,
@@ -111,6 +118,10 @@ def main_job_config() -> ml_collections.ConfigDict:
             # Tokens per packed learner row; 0 = one conversation per row. The GRPO rows are about 80 tokens each, so
             # packing saves little padding here and lengthens attention.
             pack_length=0,
+            # Held-out accuracy while training (greedy, `eval_questions` rows of the 4x and first two-hop files)
+            # every `eval_every` steps and at the start: eval/accuracy_vs_step.png. 0: off.
+            eval_every=15,
+            eval_questions=64,
         )
     )
     c.eval = ml_collections.ConfigDict(
@@ -137,7 +148,18 @@ def main_job_config() -> ml_collections.ConfigDict:
 
 def apply_quick_overrides(c: ml_collections.ConfigDict) -> None:
     """The quick block, in place: every stage small (a pipeline check for tests and a first look)."""
-    c.task.update(dict(train_samples=256, eval_questions=32, eval_multipliers="1;4", concat_multiplier=4))
+    c.task.update(
+        dict(
+            train_samples=256,
+            eval_questions=32,
+            eval_multipliers="1;4",
+            two_hop_multipliers="1",
+            other_fact_multiplier=1,
+            concat_multiplier=4,
+        )
+    )
     c.warm_start.update(dict(updates=16, updates_per_call=8, trajectories_per_update=8))
-    c.rl.update(dict(steps=2, questions_per_step=4, group_size=4, max_sampling_batches=2))
+    c.rl.update(
+        dict(steps=2, questions_per_step=4, group_size=4, max_sampling_batches=2, eval_every=1, eval_questions=8)
+    )
     c.eval.update(dict(batch_size=32, report_questions=2))

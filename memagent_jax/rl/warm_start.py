@@ -44,6 +44,7 @@ class StraddlingFactError(ValueError):
 
 
 NOTE_STYLES = ("value", "fact", "keyed")
+ANSWER_FORMS = ("noted", "spelled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,19 @@ class ScriptedPolicy:
       hold no answer: from the first chunk on, the notes name what is asked; the key comes first so the answer
       is the token that follows the key in the document's "Remember <key> <Word>." facts).
     unknown_answer: the boxed answer given when the notes hold no fact.
+    answer_form: how the boxed answer writes the noted word. 'noted': with the very tokens the notes hold (the
+      word with its leading space, `\\boxed{ Word}`), so the answer step copies one token from the notes.
+      'spelled': as the text `\\boxed{Word}` tokenises, which after the brace is usually a different split
+      (" Mor" is one token, "{Mor" is "{", "M", "or"): the answer step must then re-spell every word, a per-word
+      lookup learned from few examples, where words that share a first piece ("Mor" and "Mi") are told apart
+      only after it is written. That second choice is where a policy can collapse onto one piece.
     """
 
     forget_prob: float = 0.3
     overwrite_prob: float = 0.0
     note_style: str = "value"
     unknown_answer: str = "unknown"
+    answer_form: str = "noted"
 
     def __post_init__(self):
         for name in ("forget_prob", "overwrite_prob"):
@@ -72,6 +80,8 @@ class ScriptedPolicy:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.note_style not in NOTE_STYLES:
             raise ValueError(f"note_style must be one of {NOTE_STYLES}, got {self.note_style!r}")
+        if self.answer_form not in ANSWER_FORMS:
+            raise ValueError(f"answer_form must be one of {ANSWER_FORMS}, got {self.answer_form!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +139,29 @@ def scripted_conversations(
 
     memory = list(prompts.initial_memory)
     noted = None  # triple of the fact the notes hold
-    keyed = lambda word: encode_text(tokenizer, f" for {asked} {word}")  # noqa: E731 ('keyed' notes)
+    # 'keyed' notes follow chains: " for <asked> as <next> ... <Word or ?>"; `path` holds the creatures after the
+    # asked one whose pointer facts were read, and the last creature named is the one still looked for.
+    path: list[str] = []
+
+    def keyed(word: str) -> list[int]:
+        return encode_text(tokenizer, "".join([f" for {asked}", *(f" as {k}" for k in path), f" {word}"]))
+
     out = []
     num_chunks = -(-len(doc_ids) // c)
     for k in range(num_chunks):
         chunk = doc_ids[k * c : (k + 1) * c]
         prompt = prompts.update.assemble({"question": question_ids, "memory": memory, "chunk": chunk})
         facts = by_chunk.get(k, [])
-        if all(f.triple[0] != asked for f in facts) and rng.random() < policy.forget_prob:
-            memory, noted = list(prompts.initial_memory), None
+        chain = {asked, *path}
+        if all(f.triple[0] not in chain for f in facts) and rng.random() < policy.forget_prob:
+            memory, noted, path = list(prompts.initial_memory), None, []
         for fact in facts:
-            if fact.triple[0] == asked or rng.random() < policy.overwrite_prob:
+            looked_for = (path or [asked])[-1]
+            if policy.note_style == "keyed" and fact.triple[0] == looked_for and fact.triple[1] == "same_word_as":
+                path.append(fact.triple[2])  # a pointer: follow it, the word is still to be found
+                noted = None
+                memory = keyed("?")
+            elif fact.triple[0] == looked_for or rng.random() < policy.overwrite_prob:
                 if policy.note_style == "fact":
                     memory = [int(t) for t in doc_ids[fact.token_offset : fact.token_offset + fact.num_tokens]]
                 elif policy.note_style == "keyed":
@@ -158,7 +180,7 @@ def scripted_conversations(
             ScriptedConversation("memory", k, np.asarray(prompt, np.int32), np.asarray(memory + [stop_id], np.int32))
         )
     answer = noted[2] if noted is not None else policy.unknown_answer
-    answer_ids = encode_text(tokenizer, "\\boxed{" + answer + "}")
+    answer_ids = scripted_answer_ids(tokenizer, answer, policy.answer_form)
     if len(answer_ids) + 1 > budgets.answer_tokens:
         raise ValueError(f"sample {sample.index}: answer of {len(answer_ids)} tokens exceeds answer_tokens")
     prompt = prompts.final.assemble({"question": question_ids, "memory": memory})
@@ -168,6 +190,15 @@ def scripted_conversations(
         )
     )
     return out
+
+
+def scripted_answer_ids(tokenizer, word: str, answer_form: str = "noted") -> list[int]:
+    """The scripted final response's ids (before the stop token) for `word` (see `ScriptedPolicy.answer_form`)."""
+    if answer_form == "spelled":
+        return encode_text(tokenizer, "\\boxed{" + word + "}")
+    if answer_form != "noted":
+        raise ValueError(f"answer_form must be one of {ANSWER_FORMS}, got {answer_form!r}")
+    return encode_text(tokenizer, "\\boxed{") + encode_text(tokenizer, " " + word) + encode_text(tokenizer, "}")
 
 
 def conversations_to_sft_batch(

@@ -35,7 +35,7 @@ New tasks: build a :class:`SyntheticTask` and pass it to :func:`register_task`; 
 
 from .config import FACT_STYLES, SyntheticConfig
 from .corpus import tokenizer_corpus, vocabulary_texts, whitespace_counter
-from .dataset import SyntheticDataset, concatenated_records, generate_sample, generate_samples
+from .dataset import SyntheticDataset, concatenated_records, generate_sample, generate_samples, other_fact_records
 from .document import Fact, SyntheticSample
 from .registry import TASKS, get_task, register_task, task_names
 from .task import Draft, SyntheticTask
@@ -50,6 +50,7 @@ __all__ = [
     "generate_sample",
     "generate_samples",
     "concatenated_records",
+    "other_fact_records",
     "vocabulary_texts",
     "tokenizer_corpus",
     "whitespace_counter",

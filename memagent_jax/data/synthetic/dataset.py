@@ -19,6 +19,7 @@ answer strings occur in the document only inside the facts that state them.
 
 from __future__ import annotations
 
+import collections
 import random
 from collections.abc import Iterator, Sequence
 
@@ -166,6 +167,60 @@ def concatenated_records(
                 "asked_part": position,
                 "asked_index": asked.index,
                 "metric": asked.metric,
+                "seed": config.seed,
+            },
+        )
+
+
+def other_fact_records(
+    config: SyntheticConfig, num_rows: int, tokenizer, *, data_source: str | None = None
+) -> Iterator[QARecord]:
+    """Rows asking each document about a look-alike's fact instead of the fact its generator picked.
+
+    The generator places the asked fact at ordinal ``index % n`` with ``same_chunk_distractors`` look-alikes right
+    beside it; these rows keep the document and ask about a look-alike instead: one whose subject no other fact of
+    the document names, so its answer is unique (chosen by a seeded draw among those).  A policy that learned where
+    the generator tends to put the answer, or which fact looks "asked", fails here; one that follows the question
+    does not.  Only facts that state a value (relation other than a pointer) are asked; samples without a
+    suitable look-alike are skipped, so row r asks about sample ``index`` >= r.
+
+    Each row is a :class:`QARecord` with index r, ``data_source`` (default ``"synthetic_<task>_other_fact"``) and
+    ``extra`` = {task, source_index, num_tokens, metric, seed}.
+    """
+    counter = token_counter(tokenizer)
+    index = 0
+    for r in range(num_rows):
+        while True:
+            sample = generate_sample(config, index, counter)
+            index += 1
+            subjects = collections.Counter(f.triple[0] for f in sample.facts)
+            chain = {f.triple[0] for f in sample.facts if f.role != "distractor"}
+            choices = [
+                f
+                for f in sample.facts
+                if f.role == "distractor" and subjects[f.triple[0]] == 1 and f.triple[0] not in chain
+            ]
+            if choices:
+                break
+            if index > 100 * (num_rows + 1):
+                raise ValueError(f"{config.task}: too few samples with a look-alike to ask about (row {r})")
+        fact = random.Random(derive_seed("other_fact", config.task, config.seed, r)).choice(choices)
+        key, _, value = fact.triple
+        question = sample.question
+        asked_key = next(f.triple[0] for f in sample.facts if f.role == "answer")
+        if question.count(asked_key) != 1:
+            raise ValueError(f"{config.task}: sample {sample.index}'s question does not name its subject once")
+        yield QARecord(
+            question=question.replace(asked_key, key),
+            document=sample.text(),
+            answers=(value,),
+            index=r,
+            data_source=data_source or f"synthetic_{config.task}_other_fact",
+            extra={
+                "task": config.task,
+                "source_index": sample.index,
+                "num_tokens": sample.num_tokens,
+                "metric": sample.metric,
                 "seed": config.seed,
             },
         )
