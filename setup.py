@@ -56,6 +56,10 @@ EXTRAS = {
         "httpx>=0.27",
         "qwix==0.1.8",
         "wandb==0.31.0",  # the offline-run reader of tests/test_wandb.py follows this version's file format
+        # tests/test_notebook.py runs examples/quickstart.ipynb in a kernel of the test interpreter
+        "nbformat==5.11.1",
+        "nbclient==0.11.0",
+        "ipykernel==7.4.0",
     ],
 }
 
