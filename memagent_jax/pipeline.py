@@ -32,12 +32,12 @@ from ml_collections import config_flags
 
 from memagent_jax import errors, settings
 
-_CONFIG = _WORKDIR = None
+_CONFIG = _WORKDIR = _SEEDS = None
 
 
 def define_flags() -> None:
     """Registers the command-line flags (only when run as a program)."""
-    global _CONFIG, _WORKDIR
+    global _CONFIG, _WORKDIR, _SEEDS
     from memagent_jax import configs
 
     sys.argv = configs.resolve_argv(sys.argv)
@@ -45,6 +45,12 @@ def define_flags() -> None:
         "config", configs.path_of("tiny_synthetic"), "main job config", lock_config=True
     )
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for every artefact of the job")
+    _SEEDS = flags.DEFINE_string(
+        "seeds",
+        "",
+        "comma-separated seeds: run the whole job once per seed (config.seed) under <workdir>/seed_<s>, then write "
+        "<workdir>/seeds.md and seeds.json: mean, min and max of every cell over the seeds",
+    )
 
 
 class PipelineConfigError(settings.ConfigError):
@@ -926,10 +932,46 @@ def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
     return info
 
 
+# Sections whose fields do not change what the stages compute (a finished workdir may be rerun with other values).
+RERUNNABLE_SECTIONS = ("long_eval",)
+
+
+def check_workdir_config(cfg, workdir: str) -> None:
+    """Records the job's config in <workdir>/job_config.json on the first run; a later run (a resume) with other
+    values would mix stages of two configs, so it is refused, naming the fields that differ."""
+    path = os.path.join(workdir, "job_config.json")
+    current = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in RERUNNABLE_SECTIONS}
+    if not os.path.exists(path):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(current, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        return
+    with open(path) as f:
+        saved = json.load(f)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    was, now = flat(saved), flat(current)
+    changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise PipelineConfigError(
+            f"{workdir} holds a run of another config ({shown}{more}); its finished stages would be reused. "
+            "Use a new --workdir, or delete this one"
+        )
+
+
 def run(cfg, workdir: str) -> dict:
     """Runs (or resumes) every stage; returns the summary."""
     cfg = resolve_config(cfg)
     os.makedirs(workdir, exist_ok=True)
+    check_workdir_config(cfg, workdir)
     t_start = time.perf_counter()
     timings = {}
 
@@ -956,10 +998,16 @@ def run(cfg, workdir: str) -> dict:
     if curve:
         _say(f"[eval] held-out accuracy against GRPO step -> {curve}")
     timed("report", write_report, cfg, assets, {"warm_start": warm, "RL": rl}, workdir)
+    # Each stage's own time when it ran (a resumed stage takes no time in `stage_seconds`).
+    computed = {
+        name: (_stage_done(os.path.join(workdir, name)) or {}).get("seconds")
+        for name in ("assets", "warm_start", "rl", "eval", "long_eval")
+    }
     summary = {
         "workdir": workdir,
         "seconds_total": time.perf_counter() - t_start,
         "stage_seconds": timings,
+        "stage_seconds_when_computed": {k: v for k, v in computed.items() if v is not None},
         "results": results,
         "long_eval": long,
         "models": {"warm_start": warm, "RL": rl},
@@ -970,6 +1018,86 @@ def run(cfg, workdir: str) -> dict:
     return summary
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise PipelineConfigError(f"--seeds: expected integers separated by ',', got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise PipelineConfigError(f"--seeds: need distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+def seeds_table(summaries: dict[int, dict]) -> dict:
+    """{model: {file label: {mean, min, max, weakest_word}}} of accuracy over the seeds' summaries (%), where
+    weakest_word is the lowest per-answer-word accuracy in any seed (word, %, seed)."""
+    seeds = sorted(summaries)
+    first = summaries[seeds[0]]["results"]
+    table: dict = {}
+    for model, by_label in first.items():
+        table[model] = {}
+        for label in by_label:
+            values = [100 * summaries[s]["results"][model][label]["accuracy"] for s in seeds]
+            weakest = None
+            for s in seeds:
+                worst = worst_word(summaries[s]["results"][model][label].get("per_word", {}))
+                if worst and (weakest is None or 100 * worst[1] < weakest[1]):
+                    weakest = (worst[0], 100 * worst[1], s)
+            table[model][label] = {
+                "mean": sum(values) / len(values),
+                "min": min(values),
+                "max": max(values),
+                "per_seed": dict(zip(seeds, values)),
+                "weakest_word": weakest,
+            }
+    return table
+
+
+def seeds_markdown(table: dict, seeds: list[int], seconds: dict[int, float]) -> str:
+    """The seeds table as markdown: one row per file, per model 'mean (min-max)' and the weakest word."""
+    models = list(table)
+    labels = list(next(iter(table.values())))
+    head = ["file", *(f"{m} mean (min-max)" for m in models), *(f"{m} weakest word (seed)" for m in models)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels:
+        cells = [label]
+        for m in models:
+            c = table[m][label]
+            cells.append(f"{c['mean']:.1f} ({c['min']:.1f}-{c['max']:.1f})")
+        for m in models:
+            w = table[m][label]["weakest_word"]
+            cells.append("-" if w is None else f"{w[0]} {w[1]:.0f}% ({w[2]})")
+        lines.append("| " + " | ".join(cells) + " |")
+    timing = ", ".join(f"seed {s}: {seconds[s]:.0f} s" for s in seeds)
+    return "\n".join(
+        [f"Accuracy % over seeds {', '.join(map(str, seeds))} (each seed: data, model, warm start, GRPO)", "", *lines]
+        + ["", f"Job time per seed: {timing}."]
+    )
+
+
+def run_seeds(cfg, workdir: str, seeds: list[int]) -> dict:
+    """The whole job once per seed under <workdir>/seed_<s> (each resumes), then <workdir>/seeds.md and
+    seeds.json with mean, min and max of every cell."""
+    os.makedirs(workdir, exist_ok=True)
+    summaries, seconds = {}, {}
+    for s in seeds:
+        seed_cfg = cfg.copy_and_resolve_references()
+        seed_cfg.unlock()
+        seed_cfg.seed = s
+        _say(f"[seeds] seed {s} ({seeds.index(s) + 1}/{len(seeds)}) -> {os.path.join(workdir, f'seed_{s}')}")
+        summaries[s] = run(seed_cfg, os.path.join(workdir, f"seed_{s}"))
+        seconds[s] = sum(summaries[s]["stage_seconds_when_computed"].values())
+    table = seeds_table(summaries)
+    text = seeds_markdown(table, seeds, seconds)
+    with open(os.path.join(workdir, "seeds.json"), "w") as f:
+        json.dump({"seeds": seeds, "table": table, "seconds": seconds}, f, indent=1)
+    with open(os.path.join(workdir, "seeds.md"), "w") as f:
+        f.write(text + "\n")
+    _say(text)
+    _say(f"[seeds] table -> {os.path.join(workdir, 'seeds.md')}")
+    return table
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -978,7 +1106,10 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     with errors.report_user_errors():  # a bad config field, model or file: one line, exit status 2
-        run(_CONFIG.value, _WORKDIR.value)
+        if _SEEDS.value:
+            run_seeds(_CONFIG.value, _WORKDIR.value, parse_seeds(_SEEDS.value))
+        else:
+            run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -214,3 +214,59 @@ def test_rl_distractor_density_defaults_to_the_evaluation_files():
     same = pipeline.resolve_config(_config(**{"task.rl_distractors_per_chunk": -1.0}))
     assert pipeline.rl_distractors_per_chunk(same) == same.task.distractors_per_chunk
     assert pipeline.rl_distractors_per_chunk(pipeline.resolve_config(_config())) == 3.0
+
+
+def _fake_summary(accuracies: dict, per_word: dict) -> dict:
+    return {
+        "results": {
+            model: {label: {"accuracy": acc, "per_word": per_word[model][label]} for label, acc in by_label.items()}
+            for model, by_label in accuracies.items()
+        },
+        "stage_seconds_when_computed": {"rl": 10.0, "eval": 5.0},
+    }
+
+
+def test_seeds_table_is_mean_min_max_per_cell_and_the_weakest_word_of_any_seed():
+    from memagent_jax import pipeline
+
+    words = {"RL": {"1x": {"Mor": [1, 2], "Ra": [3, 3]}}, "warm_start": {"1x": {"Mor": [2, 2], "Ra": [1, 3]}}}
+    words_b = {"RL": {"1x": {"Mor": [0, 1], "Ra": [4, 4]}}, "warm_start": {"1x": {"Mor": [1, 1], "Ra": [2, 4]}}}
+    summaries = {
+        0: _fake_summary({"RL": {"1x": 0.8}, "warm_start": {"1x": 0.6}}, words),
+        2: _fake_summary({"RL": {"1x": 0.9}, "warm_start": {"1x": 0.4}}, words_b),
+    }
+    table = pipeline.seeds_table(summaries)
+    assert table["RL"]["1x"]["mean"] == pytest.approx(85.0)
+    assert (table["RL"]["1x"]["min"], table["RL"]["1x"]["max"]) == (pytest.approx(80.0), pytest.approx(90.0))
+    assert table["RL"]["1x"]["weakest_word"] == ("Mor", 0.0, 2)  # seed 2: 0 of 1
+    assert table["warm_start"]["1x"]["weakest_word"] == ("Ra", pytest.approx(100 / 3), 0)
+    text = pipeline.seeds_markdown(table, [0, 2], {0: 15.0, 2: 15.0})
+    assert "| 1x | 85.0 (80.0-90.0) | 50.0 (40.0-60.0) | Mor 0% (2) | Ra 33% (0) |" in text
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("text", ["", "0,x", "1,1", "-1"])
+def test_bad_seeds_are_refused(text):
+    from memagent_jax import pipeline
+
+    with pytest.raises(pipeline.PipelineConfigError, match="--seeds"):
+        pipeline.parse_seeds(text)
+
+
+@pytest.mark.faults
+def test_a_workdir_of_another_config_is_refused_but_long_eval_may_change(tmp_path):
+    """Resuming a finished workdir with another seed would silently reuse its stages: refused, naming the field."""
+    from memagent_jax import pipeline
+
+    cfg = pipeline.resolve_config(_config())
+    pipeline.check_workdir_config(cfg, str(tmp_path))
+    pipeline.check_workdir_config(cfg, str(tmp_path))  # the same config resumes
+    longer = pipeline.resolve_config(_config(**{"long_eval.enabled": True}))
+    pipeline.check_workdir_config(longer, str(tmp_path))  # the off-by-default long point reuses the job
+    other = pipeline.resolve_config(_config(**{"rl.steps": 7}))
+    with pytest.raises(pipeline.PipelineConfigError, match=r"rl\.steps: 2 -> 7.*new --workdir"):
+        pipeline.check_workdir_config(other, str(tmp_path))
+    reseeded = pipeline.resolve_config(_config())
+    reseeded.seed = 3
+    with pytest.raises(pipeline.PipelineConfigError, match=r"seed: 0 -> 3"):
+        pipeline.check_workdir_config(reseeded, str(tmp_path))
