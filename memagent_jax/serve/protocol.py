@@ -20,7 +20,7 @@ DOCUMENT_SEPARATOR = "<<<DOCUMENT>>>"
 # `documents` (a list of strings) are joined into one document with this text between them.
 DOCUMENTS_JOINER = "\n\n"
 # OpenAI request fields this server cannot honour (they would change the output in ways it does not implement).
-_UNSUPPORTED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "stop")
+_UNSUPPORTED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "response_format", "stop")
 SEED_RANGE = (-(2**63), 2**63 - 1)
 # Sampling fields honoured per request (`parse_sampling`): temperature (0 = greedy), top_p, and the extension field
 # top_k (-1 or 0 = off); with seed, they decide the request's sample whatever requests share its batch.
@@ -227,7 +227,8 @@ def check_unsupported(data: dict) -> None:
     if data.get("logit_bias") not in (None, {}):
         raise RequestError(
             400,
-            "field 'logit_bias' is not supported by this server (it honours temperature, top_p, top_k and seed)",
+            "field 'logit_bias' is set, but this server does not implement logit_bias (it honours temperature, top_p, "
+            "top_k and seed); omit the field or send {}",
             param="logit_bias",
             code="unsupported_sampling",
         )
