@@ -314,13 +314,12 @@ def test_surrogate_pairs_and_chat_messages(live, agent):
     [
         ("frequency_penalty", 0.5),
         ("presence_penalty", -1),
-        ("top_k", 40),
         ("repetition_penalty", 1.1),
         ("min_p", 0.05),
         ("typical_p", 0.9),
         ("best_of", 2),
         ("use_beam_search", True),
-        ("top_k", "40"),
+        ("logit_bias", {"5": 3}),
     ],
 )
 def test_unimplemented_sampling_fields_are_400_naming_the_field(live, field, value):
@@ -352,8 +351,25 @@ def test_neutral_sampling_values_are_accepted(live, agent):
 
 
 def test_protocol_sampling_check_unit():
-    sampling = protocol.Sampling(temperature=0.9, top_p=0.95)
-    protocol.check_sampling({"top_k": 0, "ignore_eos": False, "top_logprobs": None}, sampling)
-    for body in ({"ignore_eos": 0}, {"top_k": True}, {"min_tokens": [1]}):
+    assert protocol.parse_sampling({"top_k": 0, "ignore_eos": False, "top_logprobs": None}) == {"top_k": 0}
+    assert protocol.parse_sampling({"top_k": -1, "temperature": 0, "top_p": 0.5}) == {
+        "top_k": 0,
+        "temperature": 0.0,
+        "top_p": 0.5,
+    }
+    for body in ({"ignore_eos": 0}, {"min_tokens": [1]}, {"presence_penalty": 0.1}):
         with pytest.raises(protocol.RequestError, match="does not implement"):
-            protocol.check_sampling(body, sampling)
+            protocol.parse_sampling(body)
+    for body, field in (
+        ({"top_k": True}, "top_k"),
+        ({"top_k": "40"}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ):
+        with pytest.raises(protocol.RequestError, match=f"'{field}'") as e:
+            protocol.parse_sampling(body)
+        assert e.value.param == field

@@ -216,24 +216,33 @@ def _mixed_logits(vocab=512, batch=96):
 
 
 def test_nucleus_probes_draw_what_the_full_sort_draws():
-    from memagent_jax.sampling.sampler import NUCLEUS_PROBES, _nucleus_pick
+    from memagent_jax.sampling.sampler import NUCLEUS_PROBES, _filtered_pick, _row_noise
 
     logits = _mixed_logits()
-    keys = row_keys(4, logits.shape[0])
+    b, vocab = logits.shape
+    keys = row_keys(4, b)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
     nucleus = np.asarray([int(np.searchsorted(np.cumsum(np.sort(p)[::-1]), 0.9)) + 1 for p in probs])
-    small, large = NUCLEUS_PROBES
+    small, large = NUCLEUS_PROBES[:2]
     # Every path is taken: the first probe, the second, the full sort.
     assert nucleus[0::3].max() < small < nucleus[1::3].min() and nucleus[1::3].max() < large < nucleus[2::3].min()
-    probed = jax.jit(_nucleus_pick, static_argnums=2)
-    full = jax.jit(lambda s, k, p: _nucleus_pick(s, k, p, probes=()), static_argnums=2)
-    mixed_tokens, mixed_lp = probed(logits, keys, 0.9)
-    sorted_tokens, sorted_lp = full(logits, keys, 0.9)
+
+    def run(probes):
+        def f(s, k):
+            n = s.shape[0]
+            top_k, top_p, on = jnp.zeros((n,), jnp.int32), jnp.full((n,), 0.9), jnp.ones((n,), bool)
+            return _filtered_pick(s, _row_noise(k, vocab, s.dtype), top_k, top_p, on, probes=probes)
+
+        return jax.jit(f)
+
+    probed, full = run(NUCLEUS_PROBES), run(())
+    mixed_tokens, mixed_lp = probed(logits, keys)
+    sorted_tokens, sorted_lp = full(logits, keys)
     np.testing.assert_array_equal(mixed_tokens, sorted_tokens)
     np.testing.assert_allclose(mixed_lp, sorted_lp, atol=1e-5)
     # Rows alone or beside other kinds of rows (other paths taken): the same draws.
     for rows in (slice(0, None, 3), slice(1, None, 3), slice(0, 48)):
-        alone_tokens, alone_lp = probed(logits[rows], keys[rows], 0.9)
+        alone_tokens, alone_lp = probed(logits[rows], keys[rows])
         np.testing.assert_array_equal(alone_tokens, mixed_tokens[rows])
         np.testing.assert_allclose(alone_lp, mixed_lp[rows], atol=1e-6)
     # Every draw lies in its row's nucleus (float64 reference), and its log-prob is the renormalised nucleus's.

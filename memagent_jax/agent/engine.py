@@ -16,7 +16,9 @@ rows idle. Here every `step` does, on the device:
   4. queued answers run as one `final_program` when a batch of them is waiting, when nothing else is left to
      read, or at every step with `eager_answers` (a server's latency).
 Row b of any step samples with the keys of its own request (chunk k: fold_in(fold_in(key, 0), k); the answer:
-fold_in(key, 1), as in `agent.program`), so a row's output never depends on which documents share its batch or
+fold_in(key, 1), as in `agent.program`) and its own sampling settings (`RowRequest.sampling`: per-row arrays of the
+programs, so requests with different settings share one batch and one compile), so a row's output never depends on
+which documents share its batch or
 in what order they were queued: the same as `MemoryAgent.run` in lockstep.
 
 Single-process only (a mesh spanning processes runs `MemoryAgent.run` in lockstep); piece prompt mode only.
@@ -39,6 +41,7 @@ from memagent_jax.agent.chunking import AgentInputError, num_chunks
 from memagent_jax.agent.placement import Placement
 from memagent_jax.agent.program import AgentSpec, final_program, refill_program, segment_program
 from memagent_jax.agent.types import Conversation, RowProgress, RowRequest, RowResult
+from memagent_jax.sampling.params import RowSampling, SamplingParams
 
 __all__ = ["DocumentEngine", "RowProgress", "RowRequest", "RowResult"]
 
@@ -110,6 +113,7 @@ class DocumentEngine:
         self._question = np.full((batch, b.question_tokens), spec.pad_id, np.int32)
         self._question_len = np.zeros((batch,), np.int32)
         self._keys = np.zeros((batch, 2), np.uint32)
+        self._memory_rows = RowSampling.build([], spec.memory_sampling, batch=batch)  # free slots: greedy
         self._cache = None
         self._prefix = None
         self._memory = None
@@ -155,6 +159,10 @@ class DocumentEngine:
             )
         if d.size == 0:
             raise AgentInputError(f"{request.tag}: the document is empty")
+        if request.sampling is not None and not isinstance(request.sampling, SamplingParams):
+            raise AgentInputError(
+                f"{request.tag}: sampling must be a SamplingParams or None, got {type(request.sampling).__name__}"
+            )
         request = dataclasses.replace(request, question_ids=q, document_ids=d, key=_raw_key(request.key))
         self._queue.append(
             _Slot(
@@ -194,6 +202,9 @@ class DocumentEngine:
                 self._question[j, : q.size] = q
                 self._question_len[j] = q.size
                 self._keys[j] = slot.request.key
+                one = RowSampling.build([slot.request.sampling], self.spec.memory_sampling)
+                for array, value in zip(self._memory_rows, one):
+                    array[j] = value[0]
                 refilled.append(j)
         if not refilled:
             return refilled
@@ -248,6 +259,7 @@ class DocumentEngine:
             put(lens),
             keys,
             put(first),
+            RowSampling(*(put(a, 1) for a in self._memory_rows)),
         )
         self.segments_run += 1
         if any(slot is not None and (slot.request.trace or slot.request.record) for slot in self._slots):
@@ -306,6 +318,9 @@ class DocumentEngine:
             memory_len[i] = pending.memory_len
             keys[i] = pending.slot.request.key
         active = np.arange(batch) < len(group)
+        answer_rows = RowSampling.build(
+            [pending.slot.request.sampling for pending in group], spec.answer_sampling, batch=batch
+        )
         final, cache = final_program(
             self.params,
             spec,
@@ -316,6 +331,7 @@ class DocumentEngine:
             put(jax.random.wrap_key_data(jnp.asarray(keys)), 1),
             self.placement.cache("final", batch, spec.final_cache_slots),
             put(active),
+            RowSampling(*(put(a, 1) for a in answer_rows)),
         )
         self.placement.give_back("final", batch, cache)
         final = self.placement.get(final)

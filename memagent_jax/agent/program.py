@@ -16,18 +16,22 @@ lockstep run, `agent.engine`'s continuous batching, `agent.text_mode`) call thes
 
     prefix_program  = jit(prefill_prefix)(params, spec, question, question_len, cache) -> PrefixState
     segment_program = jit(run_segment)(params, spec, cache, prefix, memory, memory_len, chunks, chunk_lens,
-                                       row_keys, first_step)
+                                       row_keys, first_step, memory_rows)
         -> (cache, memory, memory_len, SegmentRecord)      # lax.scan over S chunks
     refill_program  = jit(refill_rows)(params, spec, question, question_len, memory, memory_len, refill, cache)
         -> (PrefixState, memory, memory_len)               # continuous batching: new documents join
     final_program   = jit(final_answer)(params, spec, question, question_len, memory, memory_len, row_keys,
-                                        cache, active)
+                                        cache, active, answer_rows)
         -> (FinalRecord, cache)
-    text_step_program = jit(text_step)(params, spec, tokens, mask, row_keys, step, cache, active, final=...)
+    text_step_program = jit(text_step)(params, spec, tokens, mask, row_keys, step, cache, active, rows, final=...)
         -> (SampleOutput, cache)                           # text prompt mode: one whole prompt per row
 
 Shapes: B documents, Q/M/C/A budgets (question, memory, chunk, answer), S chunks per segment,
 R = rest length, P0 = prefix length, F = final prompt length.
+
+Sampling: `spec.memory_sampling` / `spec.answer_sampling` give the static part (max_new_tokens, stop ids, pad id)
+and the defaults; each row's temperature / top-k / top-p come in as `RowSampling` arrays [B] (`memory_rows` for
+the chunk steps, `answer_rows` for the answer), so one compile serves any mix of per-row settings.
 
 Randomness: chunk step k of row b draws with key fold_in(fold_in(row_keys[b], 0), k) (and the sampler
 folds in the token index); the final answer uses fold_in(row_keys[b], 1). A row's output never depends
@@ -47,7 +51,7 @@ from memagent_jax.agent.chunking import AgentBudgets
 from memagent_jax.agent.templates import AgentPrompts
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, rewind_cache
-from memagent_jax.sampling.params import SamplingParams
+from memagent_jax.sampling.params import RowSampling, SamplingParams
 from memagent_jax.sampling.sampler import decode, decode_params, prefill, prefill_and_decode, reset_cache
 
 
@@ -227,6 +231,7 @@ def memory_step(
     chunk_len: jax.Array,
     keys: jax.Array,
     params_for_decode=None,
+    rows: RowSampling | None = None,
 ):
     """One chunk step for every row: rest prompt -> new memory.
 
@@ -234,7 +239,8 @@ def memory_step(
     caller outside its loops; None: made here from `params`.
 
     memory [B, M], memory_len [B], chunk [B, C], chunk_len [B] (0 = this row has no chunk here: it keeps
-    its memory and nothing is sampled), keys [B]. Returns (cache, memory, memory_len, per-step record).
+    its memory and nothing is sampled), keys [B], rows: each row's settings (None: spec.memory_sampling's).
+    Returns (cache, memory, memory_len, per-step record).
     """
     u = spec.prompts.update.pieces
     batch = memory.shape[0]
@@ -253,6 +259,7 @@ def memory_step(
         keys,
         spec.memory_sampling,
         active,
+        rows,
     )
     new_memory, new_len = _memory_from_response(out.tokens, out.num_tokens, out.finished, spec.pad_id)
     memory = jnp.where(active[:, None], new_memory, memory)
@@ -283,12 +290,14 @@ def run_segment(
     chunk_lens: jax.Array,
     row_keys: jax.Array,
     first_step: jax.Array,
+    memory_rows: RowSampling,
 ):
     """A `lax.scan` over S chunk steps.
 
     chunks [B, S, C] int32, chunk_lens [B, S] (0 = no chunk), row_keys [B], first_step [] or [B] int32 (global
     index, within each row's document, of this segment's first chunk: rows of a continuously refilled batch are
-    at different steps). Returns (cache, memory, memory_len, SegmentRecord [B, S, ...]).
+    at different steps), memory_rows: each row's temperature / top-k / top-p ([B] arrays). Returns (cache, memory,
+    memory_len, SegmentRecord [B, S, ...]).
 
     Prefill runs the stacked layers (`lax.scan`); decode runs `config.decode_layout`: with 'unstacked' the
     layer weights are split into per-layer arrays once per call, here, outside the chunk scan (one extra copy
@@ -310,6 +319,7 @@ def run_segment(
             chunk_len,
             step_keys(row_keys, step),
             params_for_decode,
+            memory_rows,
         )
         return (cache, memory, memory_len), record
 
@@ -362,9 +372,10 @@ def final_answer(
     row_keys: jax.Array,
     cache: KVCache,
     active: jax.Array,
+    answer_rows: RowSampling,
 ) -> tuple[FinalRecord, KVCache]:
     """[F0][question][F1][memory][F2] -> answer of up to A tokens. cache: >= F + A slots (reset here; returned
-    for reuse)."""
+    for reuse). answer_rows: each row's temperature / top-k / top-p ([B] arrays)."""
     f = spec.prompts.final.pieces
     batch = question.shape[0]
     tokens, mask = assemble([f[0], (question, question_len), f[1], (memory, memory_len), f[2]], batch, spec.pad_id)
@@ -378,6 +389,7 @@ def final_answer(
         final_keys(row_keys),
         spec.answer_sampling,
         active,
+        answer_rows,
     )
     return FinalRecord(
         prompt_tokens=tokens,
@@ -398,6 +410,7 @@ def text_step(
     step: jax.Array,
     cache: KVCache,
     active: jax.Array,
+    rows: RowSampling,
     *,
     final: bool,
 ):
@@ -405,12 +418,13 @@ def text_step(
 
     tokens / mask [B, L] (right-padded prompts: L = spec.text_update_length, or text_final_length when `final`),
     row_keys [B], step [] int32 (the chunk index; ignored when final), cache >= L + M (or + A) slots (reset here),
-    active [B]. Keys are those of the piece mode (`step_keys` / `final_keys`), so the same prompts give the same
+    active [B], rows: each row's settings for this step (memory or answer). Keys are those of the piece mode
+    (`step_keys` / `final_keys`), so the same prompts give the same
     samples. Returns (SampleOutput with tokens / num_tokens / finished / logprobs [B, N], cache).
     """
     keys = final_keys(row_keys) if final else step_keys(row_keys, step)
     sampling = spec.answer_sampling if final else spec.memory_sampling
-    out = prefill_and_decode(params, spec.config, tokens, mask, cache, keys, sampling, active)
+    out = prefill_and_decode(params, spec.config, tokens, mask, cache, keys, sampling, active, rows)
     return out._replace(cache=None), out.cache
 
 

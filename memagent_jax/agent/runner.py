@@ -44,7 +44,7 @@ from memagent_jax.agent.text_mode import run_text
 from memagent_jax.agent.types import AgentResult, Conversation, RowProgress, RowRequest, RowResult
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.sampling.api import row_keys
-from memagent_jax.sampling.params import SamplingParams
+from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,7 @@ class MemoryAgent:
         batch_size: int | None = None,
         scheduling: str | None = None,
         on_row=None,
+        sampling=None,
     ) -> AgentResult:
         """Runs the agent over (question, document) rows.
 
@@ -311,6 +312,12 @@ class MemoryAgent:
           on_row: optional callable `on_row(i, one_row_result)`, called as soon as row i is answered with an
             `AgentResult` of that row alone (streaming writers); with 'lockstep' and 'bucketed' all rows come at
             the end.
+          sampling: per-request temperature / top_k / top_p: None (every row samples with the agent's
+            `memory_sampling` for memory updates and `answer_sampling` for answers), one `SamplingParams` (every
+            row, memory updates and answer), or N entries of `SamplingParams` or None (row i's; None: the agent's).
+            Only those three fields of an entry are used (the budgets set max_new_tokens, the tokenizer the stop
+            ids). Settings are per-row arrays of the compiled programs: any mix runs in one batch, with no new
+            compile; temperature 0 is greedy. A row's draws depend only on its key (`rng`) and its own settings.
         Returns an `AgentResult`: `answers` the raw final responses, `predictions` the answers extracted from them
         (`predict`), and the rest.
         """
@@ -321,36 +328,67 @@ class MemoryAgent:
             raise AgentInputError("no rows to run")
         mode = choose_scheduling(scheduling, batch_size, prompt_mode=self.spec.prompt_mode, processes=procs)
         rows = [self.prepare(q, d, source=f"row {i}") for i, (q, d) in enumerate(zip(questions, documents))]
+        per_row = self._per_row_sampling(sampling, len(rows))
         if batch_size is not None:  # no more slots than rows: a huge batch_size must not compile (or allocate) them
             batch_size = min(int(batch_size), max(len(rows), 1))
         if mode == "continuous":
             each = None if on_row is None else (lambda i, one: on_row(i, self._with_predictions(one)))
             keys = row_keys(rng, len(rows))
             result = self._run_continuous(
-                rows, keys, batch_size, trace=trace, record=record, progress=progress, on_row=each
+                rows, keys, per_row, batch_size, trace=trace, record=record, progress=progress, on_row=each
             )
             return self._with_predictions(result)
         if not isinstance(trace, bool):
             trace = any(trace)
         if mode == "bucketed":
             result = self._run_bucketed(
-                questions, rows, row_keys(rng, len(rows)), batch_size, trace=trace, record=record, progress=progress
+                questions,
+                rows,
+                row_keys(rng, len(rows)),
+                per_row,
+                batch_size,
+                trace=trace,
+                record=record,
+                progress=progress,
             )
         else:
-            result = self._run_lockstep(questions, rows, rng, trace=trace, record=record, progress=progress)
+            result = self._run_lockstep(questions, rows, rng, per_row, trace=trace, record=record, progress=progress)
         self._with_predictions(result)
         if on_row is not None:
             for i in range(len(rows)):
                 on_row(i, result.row(i))
         return result
 
+    @staticmethod
+    def _per_row_sampling(sampling, n: int) -> list:
+        """`run`'s sampling argument as n entries (SamplingParams or None)."""
+        if sampling is None or isinstance(sampling, SamplingParams):
+            return [sampling] * n
+        if isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
+            raise SamplingError(
+                f"sampling: must be a SamplingParams or a list of them (one per row), got {type(sampling).__name__}"
+            )
+        if len(sampling) != n:
+            raise SamplingError(f"sampling: {len(sampling)} entries for {n} rows")
+        for i, entry in enumerate(sampling):
+            if entry is not None and not isinstance(entry, SamplingParams):
+                raise SamplingError(f"sampling[{i}]: must be a SamplingParams or None, got {type(entry).__name__}")
+        return list(sampling)
+
+    def _row_sampling(self, per_row, batch: int) -> tuple[RowSampling, RowSampling]:
+        """(memory, answer) per-row settings of a batch of `batch` rows (rows past len(per_row): padding)."""
+        spec = self.spec
+        memory = RowSampling.build(per_row, spec.memory_sampling, batch=batch)
+        answer = RowSampling.build(per_row, spec.answer_sampling, batch=batch)
+        return memory, answer
+
     def _run_bucketed(
-        self, questions, rows, keys, batch_size: int, *, trace: bool, record: bool, progress: bool
+        self, questions, rows, keys, per_row, batch_size: int, *, trace: bool, record: bool, progress: bool
     ) -> AgentResult:
         """Lockstep batches of `batch_size` rows of similar length, merged back into row order (rows that fit one
         batch run as one lockstep batch in their own order)."""
         if len(rows) <= batch_size:
-            return self._run_lockstep(questions, rows, keys, trace=trace, record=record, progress=progress)
+            return self._run_lockstep(questions, rows, keys, per_row, trace=trace, record=record, progress=progress)
         order = sorted(range(len(rows)), key=lambda i: (rows[i][1].size, i))
         parts = {}
         for start in range(0, len(order), batch_size):
@@ -359,6 +397,7 @@ class MemoryAgent:
                 [questions[i] for i in group],
                 [rows[i] for i in group],
                 keys[np.asarray(group)],
+                [per_row[i] for i in group],
                 trace=trace,
                 record=record,
                 progress=progress,
@@ -380,10 +419,10 @@ class MemoryAgent:
             nonfinite=joined("nonfinite"),
         )
 
-    def _run_lockstep(self, questions, rows, rng, *, trace: bool, record: bool, progress: bool) -> AgentResult:
+    def _run_lockstep(self, questions, rows, rng, per_row, *, trace: bool, record: bool, progress: bool) -> AgentResult:
         """`run` in lockstep: all rows as one batch, as many chunk steps as the longest document, in the agent's
         prompt mode (the piece layout's chunk scan, or the text mode's host-formatted prompts)."""
-        shape = self._lockstep_shape(rows, rng)
+        shape = self._lockstep_shape(rows, rng, per_row)
         bar = _progress(sum(shape.chunk_counts), progress)
         if self.spec.prompt_mode == "text":
             run = run_text(
@@ -397,6 +436,8 @@ class MemoryAgent:
                 shape.batch,
                 shape.max_chunks,
                 shape.chunk_counts,
+                shape.memory_rows,
+                shape.answer_rows,
                 trace=trace,
                 record=record,
                 bar=bar,
@@ -414,9 +455,10 @@ class MemoryAgent:
         bar.close()
         return result
 
-    def _lockstep_shape(self, rows, rng) -> _LockstepShape:
+    def _lockstep_shape(self, rows, rng, per_row) -> _LockstepShape:
         """The lockstep batch of `rows`: this process's batch size, the row keys (padding rows repeat the first
-        key), each row's chunk count, and the segments / chunk steps to run (on a mesh spanning processes, the
+        key), the per-row sampling settings (padding rows greedy), each row's chunk count, and the segments / chunk
+        steps to run (on a mesh spanning processes, the
         same on every process: a common row count and the longest document of any process)."""
         b = self.budgets
         n = len(rows)
@@ -432,8 +474,15 @@ class MemoryAgent:
         keys = row_keys(rng, n) if n else row_keys(0, batch)
         if batch > keys.shape[0]:
             keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (batch - n,))])
+        memory_rows, answer_rows = self._row_sampling(per_row, batch)
         return _LockstepShape(
-            batch=batch, keys=keys, chunk_counts=chunk_counts, segments=segments, max_chunks=max_chunks
+            batch=batch,
+            keys=keys,
+            chunk_counts=chunk_counts,
+            segments=segments,
+            max_chunks=max_chunks,
+            memory_rows=memory_rows,
+            answer_rows=answer_rows,
         )
 
     def _lockstep_pieces(self, rows, shape: _LockstepShape, *, trace: bool, record: bool, bar) -> AgentResult:
@@ -458,6 +507,7 @@ class MemoryAgent:
         records = []
         with placement.context():
             keys_d = put(shape.keys, 1)
+            memory_rows = RowSampling(*(put(a, 1) for a in shape.memory_rows))
             question_d, question_len_d = put(question), put(question_len)
             prefix = prefix_program(
                 self.params,
@@ -480,6 +530,7 @@ class MemoryAgent:
                     put(chunk_lens),
                     keys_d,
                     put(np.full((batch,), seg * b.chunks_per_segment, np.int32)),
+                    memory_rows,
                 )
                 if trace or record:
                     records.append(get(rec))
@@ -496,6 +547,7 @@ class MemoryAgent:
                 keys_d,
                 placement.cache("final", global_batch, spec.final_cache_slots),
                 active,
+                RowSampling(*(put(a, 1) for a in shape.answer_rows)),
             )
             placement.give_back("final", global_batch, cache)
             final_host = get(final)
@@ -530,7 +582,7 @@ class MemoryAgent:
         ]
 
     def _run_continuous(
-        self, rows, keys, batch_size: int, *, trace, record: bool, progress: bool, on_row=None
+        self, rows, keys, per_row, batch_size: int, *, trace, record: bool, progress: bool, on_row=None
     ) -> AgentResult:
         """`run` with continuous batching: every row through one `DocumentEngine` of `batch_size` slots."""
         traced = [bool(trace)] * len(rows) if isinstance(trace, bool) else [bool(t) for t in trace]
@@ -559,6 +611,7 @@ class MemoryAgent:
                     key=raw_keys[i],
                     trace=traced[i],
                     record=record,
+                    sampling=per_row[i],
                 )
                 for i in order
             ),
@@ -646,6 +699,8 @@ class _LockstepShape:
     chunk_counts: list  # [n] chunks per row
     segments: int  # segments of S chunks to run
     max_chunks: int  # chunk steps to run (text mode)
+    memory_rows: RowSampling  # [batch] host arrays: each row's memory-update settings
+    answer_rows: RowSampling  # [batch] host arrays: each row's answer settings
 
 
 class _NoBar:

@@ -25,6 +25,7 @@ from memagent_jax.agent.placement import Placement
 from memagent_jax.agent.program import AgentSpec, text_step_program
 from memagent_jax.agent.templates import TextPrompter, encode_text
 from memagent_jax.agent.types import Conversation
+from memagent_jax.sampling.params import RowSampling
 
 __all__ = ["TextRun", "run_text", "text_batch"]
 
@@ -76,6 +77,8 @@ def run_text(
     batch: int,
     steps: int,
     chunk_counts: Sequence[int],
+    memory_rows: RowSampling,
+    answer_rows: RowSampling,
     *,
     trace: bool,
     record: bool,
@@ -92,6 +95,7 @@ def run_text(
       keys: [batch] row PRNG keys (rows past n are padding rows); batch: this process's rows, >= n.
       steps: chunk steps to run (the longest document's chunk count, over all processes of the mesh);
         chunk_counts: each row's chunk count.
+      memory_rows / answer_rows: [batch] per-row sampling settings of the memory steps / the answer (host arrays).
       trace, record: keep the memory text after each chunk / every conversation.
       bar: a progress bar (`update(chunks)`), advanced by the chunks read at each step.
     """
@@ -115,6 +119,8 @@ def run_text(
 
     with placement.context():
         keys_d = put(keys, 1)
+        memory_rows = RowSampling(*(put(a, 1) for a in memory_rows))
+        answer_rows = RowSampling(*(put(a, 1) for a in answer_rows))
         cache = placement.cache("text_update", global_batch, update_len + b.memory_tokens)
         for k in range(steps):
             live = [i for i in range(n) if k < chunk_counts[i]]
@@ -131,7 +137,7 @@ def run_text(
             active = np.zeros((batch,), bool)
             active[live] = True
             out, cache = text_step_program(
-                params, spec, put(tokens), put(mask), keys_d, jnp.int32(k), cache, put(active), final=False
+                params, spec, put(tokens), put(mask), keys_d, jnp.int32(k), cache, put(active), memory_rows, final=False
             )
             out = placement.get(out)
             for i in live:
@@ -165,6 +171,7 @@ def run_text(
             jnp.int32(0),
             placement.cache("text_final", global_batch, final_len + b.answer_tokens),
             put(active),
+            answer_rows,
             final=True,
         )
         placement.give_back("text_final", global_batch, cache)

@@ -80,6 +80,8 @@ class RowRequest:
     tag: the caller's name for the row (returned with its events). question_ids [<= Q] / document_ids [n > 0]:
     token ids (`MemoryAgent.prepare`). key: the row's PRNG key (typed scalar key or raw uint32 [2]).
     trace: keep the memory ids after every chunk; record: keep every conversation (training).
+    sampling: the row's temperature / top_k / top_p (a `SamplingParams`, only those fields used) for its memory
+    updates and its answer; None: the agent's `memory_sampling` / `answer_sampling`.
     """
 
     tag: Any
@@ -88,6 +90,7 @@ class RowRequest:
     key: Any
     trace: bool = False
     record: bool = False
+    sampling: Any = None
 
 
 @dataclasses.dataclass

@@ -8,8 +8,9 @@
 What happens per call: prompts are checked, left-padded to the smallest length bucket that fits the longest
 one (powers of two from `min_bucket`, capped by `max_prompt_length`), the batch is padded with inactive rows
 to a multiple of the mesh's batch-axis size, and one jitted program runs prefill + the whole decode loop.
-The program is compiled once per (bucket, padded batch size, SamplingParams, config): a new batch of the same
-shapes reuses it. Its KV cache argument is donated: the returned cache is kept and handed back (donated
+The program is compiled once per (bucket, padded batch size, max_new_tokens / stop ids / pad id, config): a new
+batch of the same shapes reuses it, whatever its temperature / top-k / top-p (per-row arrays, `RowSampling`). Its KV
+cache argument is donated: the returned cache is kept and handed back (donated
 again) on the next call of the same shapes, so decode updates one buffer in place and no call allocates a
 second cache.
 """
@@ -29,7 +30,7 @@ import numpy as np
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, init_cache
-from memagent_jax.sampling.params import SamplingError, SamplingParams
+from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
 from memagent_jax.sampling.sampler import SampleOutput, prefill_and_decode
 
 __all__ = ["GenerateResult", "Sampler", "generate", "new_cache", "prompt_buckets", "row_keys"]
@@ -37,12 +38,13 @@ __all__ = ["GenerateResult", "Sampler", "generate", "new_cache", "prompt_buckets
 DEFAULT_MIN_BUCKET = 16
 
 
-def _program(params, tokens, token_mask, rngs, active, cache, *, config, sampling):
-    return prefill_and_decode(params, config, tokens, token_mask, cache, rngs, sampling, active)
+def _program(params, tokens, token_mask, rngs, active, cache, rows, *, config, sampling):
+    return prefill_and_decode(params, config, tokens, token_mask, cache, rngs, sampling, active, rows)
 
 
-#: The compiled generation program: jit over (params, tokens [B, T], token_mask [B, T], rngs [B],
-#: active [B], cache) with static (config, sampling); the cache is donated. `_cache_size()` counts compiles.
+#: The compiled generation program: jit over (params, tokens [B, T], token_mask [B, T], rngs [B], active [B], cache,
+#: rows: RowSampling [B]) with static (config, sampling: `SamplingParams.static()`); the cache is donated.
+#: `_cache_size()` counts compiles.
 generate_program = jax.jit(_program, static_argnames=("config", "sampling"), donate_argnames=("cache",))
 
 
@@ -214,13 +216,16 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------ generate
 
-    def generate(self, prompts, sampling: SamplingParams, rng=0, *, return_cache: bool = False):
+    def generate(self, prompts, sampling: SamplingParams, rng=0, *, per_row=None, return_cache: bool = False):
         """Generates for a batch of prompts of any lengths.
 
         Args:
           prompts: list of B token id sequences (each non-empty, ids in [0, vocab)).
-          sampling: `SamplingParams` (stop ids must include EOS if the model should stop there).
+          sampling: `SamplingParams` (stop ids must include EOS if the model should stop there); its temperature /
+            top_k / top_p are every row's unless `per_row` says otherwise.
           rng: int seed, one PRNG key (row i uses fold_in(key, i)), or [B] keys.
+          per_row: per-prompt settings: a list of B `SamplingParams` or None (None: `sampling`'s temperature / top_k /
+            top_p; only those three fields of an entry are used). One compiled program serves any values.
           return_cache: also return the device `SampleOutput` (with the cache) instead of keeping the cache.
         Returns:
           `GenerateResult` (and the raw `SampleOutput` when return_cache).
@@ -231,6 +236,10 @@ class Sampler:
         rows = _check_prompts(prompts, self.config.vocab_size)
         n_rows = len(rows)
         keys = row_keys(rng, n_rows)
+        if per_row is None:
+            per_row = [None] * n_rows
+        if isinstance(per_row, SamplingParams) or len(per_row) != n_rows:
+            raise SamplingError(f"per_row must be a list of {n_rows} SamplingParams or None, one per prompt")
         bucket = self.bucket_for(max(len(r) for r in rows))
         multiple = sharding_lib.batch_multiple(self.mesh)
         batch = -(-n_rows // multiple) * multiple
@@ -257,8 +266,9 @@ class Sampler:
                 self._put(keys, 1),
                 self._put(active, 1),
                 cache,
+                RowSampling(*(self._put(a, 1) for a in RowSampling.build(per_row, sampling, batch=batch))),
                 config=self.config,
-                sampling=sampling,
+                sampling=sampling.static(),
             )
         if self.keep_cache and not return_cache:
             self._caches[shape_key] = out.cache

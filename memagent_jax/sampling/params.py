@@ -1,12 +1,20 @@
-"""Sampling parameters: a frozen, validated, hashable dataclass (a static argument under `jax.jit`).
+"""Sampling parameters: `SamplingParams`, the validated settings, and `RowSampling`, their per-row form.
 
-Each distinct `SamplingParams` value compiles its own program (the decode loop is specialised on the
-number of new tokens, the filters in use and the stop ids), so build them once and reuse them.
+The compiled programs are specialised on the shape of a generation only: `max_new_tokens`, the stop ids and the
+pad id (`SamplingParams.static()`, a static jit argument). Temperature, top-k and top-p are per-row arrays
+(`RowSampling`, a pytree of [B] arrays), so one compile serves any mix of per-row settings:
+
+    sp = SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.95, stop_token_ids=(2,))
+    rows = RowSampling.build([None, sp.replace(temperature=0.0), sp.replace(top_k=20)], default=sp)
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from memagent_jax import settings
 
@@ -79,6 +87,11 @@ class SamplingParams:
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
+    def static(self) -> SamplingParams:
+        """The part a compiled program is specialised on (max_new_tokens, stop ids, pad id), with the per-row
+        settings at their neutral values: equal for any temperature / top_k / top_p, so they share one compile."""
+        return self.replace(temperature=1.0, top_k=0, top_p=1.0)
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raises `SamplingError` if a stop id or the pad id is outside [0, vocab_size)."""
         bad = [s for s in self.stop_token_ids if s >= vocab_size]
@@ -86,3 +99,48 @@ class SamplingParams:
             raise SamplingError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
         if self.pad_id >= vocab_size:
             raise SamplingError(f"pad_id {self.pad_id} is outside the vocabulary (size {vocab_size})")
+
+
+class RowSampling(NamedTuple):
+    """Per-row sampling settings: a pytree of [B] arrays, an ordinary (traced) argument of the compiled programs.
+
+    temperature: [B] f32, >= 0; 0 = greedy (argmax; the row's top_k / top_p unused).
+    top_k:       [B] int32, >= 0; 0 (or >= the vocabulary size) = off.
+    top_p:       [B] f32 in (0, 1]; 1 = off.
+    The transforms are those of `SamplingParams`, applied to each row with its own values. Build it with `build`
+    (validated by the `SamplingParams` rules) or `broadcast`.
+    """
+
+    temperature: Any
+    top_k: Any
+    top_p: Any
+
+    @classmethod
+    def build(
+        cls, rows: Sequence[SamplingParams | None], default: SamplingParams, *, batch: int | None = None
+    ) -> RowSampling:
+        """Row i samples with rows[i]'s temperature / top_k / top_p (None: `default`'s; every entry is a validated
+        `SamplingParams`, so the settings rules hold). `batch` > len(rows) appends greedy padding rows (inactive
+        rows: greedy keeps an all-greedy batch on the argmax-only path). Host (NumPy) arrays."""
+        n = len(rows)
+        batch = n if batch is None else batch
+        if batch < n:
+            raise SamplingError(f"batch ({batch}) is smaller than the {n} rows")
+        temperature = np.zeros((batch,), np.float32)
+        top_k = np.zeros((batch,), np.int32)
+        top_p = np.ones((batch,), np.float32)
+        for i, row in enumerate(rows):
+            row = default if row is None else row
+            if not isinstance(row, SamplingParams):
+                raise SamplingError(f"sampling[{i}] must be a SamplingParams or None, got {type(row).__name__}")
+            temperature[i], top_k[i], top_p[i] = row.temperature, min(row.top_k, 2**31 - 1), row.top_p
+        return cls(temperature, top_k, top_p)
+
+    @classmethod
+    def broadcast(cls, sampling: SamplingParams, batch: int) -> RowSampling:
+        """Every one of `batch` rows with `sampling`'s settings (host arrays)."""
+        return cls.build([sampling] * batch, sampling)
+
+    def take(self, index) -> RowSampling:
+        """The rows at `index` (host or device arrays alike)."""
+        return RowSampling(*(np.asarray(a)[index] for a in self))

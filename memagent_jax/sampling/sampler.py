@@ -12,8 +12,13 @@ for each continuation rewind the cache to the prefix (`models.rewind_cache`), pr
 
 Shapes: B batch rows, T prompt tokens (bucketed), S cache slots, V vocab, N = sampling.max_new_tokens.
 
+Settings: `max_new_tokens`, the stop ids and the pad id are static (`SamplingParams`); temperature, top-k and
+top-p are per-row arrays (`RowSampling`), so one compiled program serves any mix of them (a greedy row beside
+sampled ones takes the argmax, and a row's filters act on that row alone).
+
 Randomness: row b at new-token index n samples with `fold_in(row_keys[b], n)`, and nothing else in the batch
-enters that row's draw, so a row's output does not depend on which other rows share its batch.
+enters that row's draw (neither the other rows' keys nor their settings), so a row's output does not depend on
+which other rows share its batch.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from memagent_jax.models.transformer import (
     split_cache_layers,
     unstack_layers,
 )
-from memagent_jax.sampling.params import SamplingError, SamplingParams
+from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
 
 __all__ = [
     "PrefillOutput",
@@ -44,6 +49,7 @@ __all__ = [
     "prefill",
     "prefill_and_decode",
     "reset_cache",
+    "row_sampling",
     "sample_tokens",
 ]
 
@@ -92,26 +98,32 @@ class SampleOutput(NamedTuple):
 # ------------------------------------------------------------------------------------- token selection
 
 
-# A nucleus (top-p without top-k) is first looked for among the 16 most likely tokens, then the 128 (`lax.top_k`);
-# only rows whose nucleus is larger still sort the whole vocabulary. On XLA CPU, for a [256, 1024] batch: top-16
-# ~1.3 ms, top-128 ~8 ms, the sort ~45 ms; a trained model's nucleus at top-p 0.95 is mostly one or two tokens.
-NUCLEUS_PROBES = (16, 128)
+# A row's kept set (top-k, then top-p) is first looked for among its 16 most likely tokens, then the 128, then the
+# 1024 (`lax.top_k`, sizes under half the vocabulary); only rows whose kept set is larger still sort the whole
+# vocabulary. On XLA CPU, for a [256, 1024] batch: top-16 ~1.3 ms, top-128 ~8 ms, the sort ~45 ms; a trained model's
+# nucleus at top-p 0.95 is mostly one or two tokens.
+NUCLEUS_PROBES = (16, 128, 1024)
 
 
-def _candidates(scaled: jax.Array, sampling: SamplingParams):
-    """Applies top-k and then top-p (renormalised over the top k) to temperature-scaled logits [B, V].
-
-    Only for top_k > 0 (top-p alone: `_nucleus_pick`). Returns (candidate_logits [B, K] sorted descending, ties
-    lower id first, candidate_ids [B, K] int32); candidates cut by top-p hold -inf.
-    """
-    values, ids = jax.lax.top_k(scaled, sampling.top_k)  # sorted descending, ties: lower id first
-    ids = ids.astype(jnp.int32)
-    if sampling.top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly ahead of each candidate
-        keep = (before < sampling.top_p).at[:, 0].set(True)
-        values = jnp.where(keep, values, -jnp.inf)
-    return values, ids
+def row_sampling(sampling: SamplingParams | RowSampling, batch: int) -> RowSampling:
+    """The per-row settings as [batch] device arrays: a `RowSampling` as given (cast), or a `SamplingParams`
+    broadcast to every row."""
+    if isinstance(sampling, SamplingParams):
+        return RowSampling(
+            jnp.full((batch,), sampling.temperature, jnp.float32),
+            jnp.full((batch,), min(sampling.top_k, 2**31 - 1), jnp.int32),
+            jnp.full((batch,), sampling.top_p, jnp.float32),
+        )
+    if not isinstance(sampling, RowSampling):
+        raise SamplingError(f"sampling must be a SamplingParams or a RowSampling, got {type(sampling).__name__}")
+    rows = RowSampling(
+        jnp.asarray(sampling.temperature, jnp.float32),
+        jnp.asarray(sampling.top_k, jnp.int32),
+        jnp.asarray(sampling.top_p, jnp.float32),
+    )
+    if any(a.shape != (batch,) for a in rows):
+        raise SamplingError(f"row sampling arrays must have shape ({batch},), got {[a.shape for a in rows]}")
+    return rows
 
 
 def _row_noise(keys: jax.Array, size: int, dtype) -> jax.Array:
@@ -128,30 +140,48 @@ def _gumbel_pick(values: jax.Array, noise: jax.Array):
     return choice, logprob
 
 
-def _nucleus_pick(scaled: jax.Array, keys: jax.Array, top_p: float, probes: tuple = NUCLEUS_PROBES):
-    """Top-p sampling from temperature-scaled logits [B, V] without sorting the vocabulary where possible.
+def _filtered_pick(
+    scaled: jax.Array,
+    noise: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    filtered: jax.Array,
+    probes: tuple = NUCLEUS_PROBES,
+):
+    """Top-k then top-p sampling, each row with its own k and p, from temperature-scaled logits [B, V], without
+    sorting the vocabulary where possible.
 
-    Every row draws Gumbel noise over the whole vocabulary with its key, laid along the tokens in descending
-    order of probability (ties: lower id first), and takes the argmax of candidate logit + noise over its nucleus
-    (the most likely tokens while the mass strictly ahead is < top_p; the first always). The nucleus is looked
-    for among the `probes[0]` most likely tokens, then `probes[1]`, ... (sizes under half the vocabulary), and a
-    row whose nucleus is larger than all of them takes the same draw over the fully sorted vocabulary. A wider
-    search runs only when some row needs it, and each row keeps the result of the first search that held its
-    nucleus, so its draw depends only on its own logits and key, whichever path its batch mates take.
+    Row b's candidates are its tokens in descending order of probability (ties: lower id first); it keeps the first
+    k (k = top_k[b], 0 or >= V: all), renormalises them, and keeps of those the ones whose mass strictly ahead is
+    < top_p[b] (the first always; top_p 1: all). The draw is the argmax of candidate logit + noise[b, rank] over the
+    kept set. The kept set is looked for among the `probes[0]` most likely tokens, then `probes[1]`, ... (sizes
+    under half the vocabulary), and a row whose kept set is larger than all of them takes the same draw over the
+    fully sorted vocabulary. A wider search runs only when some row needs it, and each row keeps the result of the
+    first search that held its kept set, so its draw depends only on its own logits, settings and noise, whichever
+    path its batch mates take. Rows not `filtered` count as held (their result is not used).
 
-    Returns (tokens [B] int32, log-probabilities [B] under the renormalised nucleus).
+    Returns (tokens [B] int32, log-probabilities [B] under the renormalised kept set).
     """
     vocab = scaled.shape[-1]
-    noise = _row_noise(keys, vocab, scaled.dtype)  # [B, V]
-    log_total = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)  # [B, 1]: mass of the whole vocabulary
+    k_eff = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)  # [B]
+    log_total = jax.nn.logsumexp(scaled, axis=-1)  # [B]: mass of the whole vocabulary
+    p_off = top_p >= 1.0
 
     def pick(values, ids):  # values [B, C] sorted descending, ids [B, C]
-        probs = jnp.exp(values - log_total)
+        c = values.shape[1]
+        in_k = jnp.arange(c, dtype=jnp.int32)[None, :] < k_eff[:, None]
+        top = jnp.where(in_k, values, -jnp.inf)
+        # The renormaliser: the top k's mass when they all are candidates here, else the vocabulary's (k off).
+        norm = jnp.where(k_eff <= c, jax.nn.logsumexp(top, axis=-1), log_total)
+        probs = jnp.exp(top - norm[:, None])
         mass = jnp.cumsum(probs, axis=-1)
-        keep = (mass - probs < top_p).at[:, 0].set(True)  # mass strictly ahead of the candidate < top_p
+        keep = in_k & (p_off[:, None] | (mass - probs < top_p[:, None]))  # mass strictly ahead < top_p
+        keep = keep.at[:, 0].set(True)
         choice, logprob = _gumbel_pick(jnp.where(keep, values, -jnp.inf), noise)
         token = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return token, logprob, mass[:, -1] >= top_p  # covered: the next candidate would be cut
+        # Held: all k candidates are here, or (k off) the next candidate would be cut by top-p.
+        covered = ~filtered | (k_eff <= c) | ((k_eff >= vocab) & ~p_off & (mass[:, -1] >= top_p))
+        return token, logprob, covered
 
     def search(sizes: tuple):
         if not sizes:
@@ -169,36 +199,54 @@ def _nucleus_pick(scaled: jax.Array, keys: jax.Array, top_p: float, probes: tupl
     return search(tuple(k for k in probes if 2 * k <= vocab))
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams):
-    """Picks one token per row.
+def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams | RowSampling):
+    """Picks one token per row, each row with its own settings.
 
     Args:
       logits: [B, V] f32 model logits.
-      keys: [B] PRNG keys, one per row (unused when greedy).
-      sampling: static `SamplingParams`.
+      keys: [B] PRNG keys, one per row (unused by greedy rows).
+      sampling: a `RowSampling` of [B] arrays (traced: one compile for any values), or a `SamplingParams` whose
+        temperature / top_k / top_p every row uses.
     Returns:
       (tokens [B] int32, logprobs [B] f32 under log_softmax(logits), sampling_logprobs [B] f32 under the
-      distribution actually sampled from; 0 for greedy).
+      distribution actually sampled from; 0 for greedy rows).
+
+    Paths (each under `lax.cond`, so a batch pays only for what some row needs): every row greedy (temperature 0):
+    the argmax alone. Otherwise every non-greedy row draws Gumbel noise over the vocabulary with its key; rows with
+    no filter take the argmax of scaled logits + noise (the noise laid along token ids); when some row has a top-k
+    or top-p filter, `_filtered_pick` runs (noise laid along the ranks). Greedy rows take the argmax of the logits.
     """
     logits = logits.astype(jnp.float32)
+    batch, vocab = logits.shape
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    if sampling.greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        picked = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
-        return tokens, picked, jnp.zeros_like(picked)
-    scaled = logits / sampling.temperature
-    vocab = scaled.shape[-1]
-    if 0 < sampling.top_k < vocab:
-        values, ids = _candidates(scaled, sampling)
-        noise = _row_noise(keys, values.shape[1], scaled.dtype)
-        choice, sampled_lp = _gumbel_pick(values, noise)
-        tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
-    elif sampling.top_p < 1.0:
-        tokens, sampled_lp = _nucleus_pick(scaled, keys, sampling.top_p)
-    else:
-        tokens, sampled_lp = _gumbel_pick(scaled, _row_noise(keys, vocab, scaled.dtype))
-    picked = jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, picked, sampled_lp
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def picked(tokens):
+        return jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
+
+    if isinstance(sampling, SamplingParams) and sampling.greedy:
+        return greedy_tokens, picked(greedy_tokens), jnp.zeros((batch,), jnp.float32)
+    rows = row_sampling(sampling, batch)
+    greedy = rows.temperature <= 0.0
+
+    def only_greedy():
+        return greedy_tokens, jnp.zeros((batch,), jnp.float32)
+
+    def sampled():
+        scaled = logits / jnp.where(greedy, 1.0, rows.temperature)[:, None]
+        noise = _row_noise(keys, vocab, scaled.dtype)
+        free_tokens, free_lp = _gumbel_pick(scaled, noise)
+        filtered = ~greedy & (((rows.top_k > 0) & (rows.top_k < vocab)) | (rows.top_p < 1.0))
+
+        def with_filters():
+            tokens, lp = _filtered_pick(scaled, noise, rows.top_k, rows.top_p, filtered)
+            return jnp.where(filtered, tokens, free_tokens), jnp.where(filtered, lp, free_lp)
+
+        tokens, lp = jax.lax.cond(jnp.any(filtered), with_filters, lambda: (free_tokens, free_lp))
+        return jnp.where(greedy, greedy_tokens, tokens), jnp.where(greedy, 0.0, lp)
+
+    tokens, sampled_lp = jax.lax.cond(jnp.all(greedy), only_greedy, sampled)
+    return tokens, picked(tokens), sampled_lp
 
 
 # ------------------------------------------------------------------------------------------- prefill
@@ -292,6 +340,7 @@ def decode(
     rngs: jax.Array,
     sampling: SamplingParams,
     active: jax.Array | None = None,
+    rows: RowSampling | None = None,
 ) -> SampleOutput:
     """Samples up to N = sampling.max_new_tokens tokens per row in one `lax.while_loop`.
 
@@ -311,9 +360,12 @@ def decode(
       last_logits: [B, V] f32 logits for the first new token (from `prefill`).
       next_positions: [B] int, position of the first new token of each row.
       rngs: [B] PRNG keys (typed `jax.random.key` or raw uint32 [B, 2]); row b uses fold_in(rngs[b], n) for
-        token n. Unused when greedy.
-      sampling: static `SamplingParams`.
+        token n. Unused by greedy rows.
+      sampling: static `SamplingParams`: max_new_tokens, stop ids and pad id; its temperature / top_k / top_p
+        are every row's settings when `rows` is None.
       active: optional [B] bool; inactive rows produce nothing (all pad, num_tokens 0, finished False).
+      rows: optional `RowSampling` of [B] arrays: each row's temperature / top_k / top_p (traced: pass
+        `sampling.static()` as the static settings and one compile serves any values).
     Returns:
       `SampleOutput` (see its docstring for shapes).
     """
@@ -327,12 +379,17 @@ def decode(
     stop_ids = jnp.asarray(sampling.stop_token_ids, jnp.int32)
     active = jnp.ones((b,), bool) if active is None else active.astype(bool)
 
+    if rows is None and sampling.greedy:
+        settings = sampling  # static greedy: the argmax alone, no keys
+    else:
+        settings = row_sampling(sampling if rows is None else rows, b)
+
     def pick(logits, step):
-        if sampling.greedy:
+        if settings is sampling:
             keys = rngs  # unused
         else:
             keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, step)
-        return sample_tokens(logits, keys, sampling)
+        return sample_tokens(logits, keys, settings)
 
     def record(state: _State, picked, cache: KVCache, positions) -> _State:
         token, lp, slp = picked
@@ -407,12 +464,13 @@ def prefill_and_decode(
     rngs: jax.Array,
     sampling: SamplingParams,
     active: jax.Array | None = None,
+    rows: RowSampling | None = None,
 ) -> SampleOutput:
     """`prefill` into a reset cache, then `decode`: the whole generation as one pure function.
 
     tokens / token_mask: [B, T]; cache: any `KVCache` with >= T + N - 1 slots (its contents are discarded,
     its buffers reused); rngs: [B] keys; active: optional [B] bool (rows with no real token are always
-    inactive).
+    inactive); rows: optional per-row settings (see `decode`).
     """
     needed = tokens.shape[1] + sampling.max_new_tokens - 1
     if cache.max_length < needed:
@@ -423,4 +481,4 @@ def prefill_and_decode(
     has_any = jnp.any(token_mask.astype(bool), axis=-1)
     active = has_any if active is None else active.astype(bool) & has_any
     pre = prefill(params, config, tokens, token_mask, reset_cache(cache))
-    return decode(params, config, pre.cache, pre.last_logits, pre.next_positions, rngs, sampling, active)
+    return decode(params, config, pre.cache, pre.last_logits, pre.next_positions, rngs, sampling, active, rows)

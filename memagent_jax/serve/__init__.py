@@ -13,11 +13,12 @@ load: a request with seed S samples with the keys of `python -m memagent_jax.ans
 the server's --batch-size: the same compiled shapes); against the single-document CLI, which runs batch-1 programs,
 float32 sums may associate differently in the two shapes, which now and then flips a sampled token (temperature > 0).
 
-Sampling is compiled into the programs: the server samples with the model folder's memagent_agent.json settings
-(or the flags below); a request whose temperature / top_p differ gets a 400 naming the server's values. Those two
-are the only sampling fields honoured: frequency_penalty, presence_penalty, repetition_penalty, top_k, min_p,
-typical_p, top_logprobs, best_of, min_tokens, length_penalty, use_beam_search and ignore_eos get a 400 naming the
-field unless they hold their neutral value (0, 0, 1, -1 or 0, 0, 1, 0, 1, 0, 1, false, false).
+Sampling is per request: temperature (0 = greedy), top_p, top_k (extension field; -1 or 0 = off) and seed, each
+defaulting to the model folder's memagent_agent.json settings (or the flags below), for the request's memory updates
+and answer (per-row arrays of the compiled programs: any mix shares a batch, nothing compiles). frequency_penalty,
+presence_penalty, repetition_penalty, min_p, typical_p, top_logprobs, best_of, min_tokens, length_penalty,
+use_beam_search, ignore_eos and logit_bias get a 400 naming the field unless they hold their neutral value (0, 0, 1,
+0, 1, 0, 1, 0, 1, false, false, {}).
 
 API key: with --api-key KEY (or the environment variable MEMAGENT_API_KEY; the flag wins) every /v1 request must
 send "Authorization: Bearer KEY", else 401 (code "invalid_api_key"); /health and /metrics stay open (load balancers
@@ -32,7 +33,7 @@ Endpoints
       messages (system, earlier turns) are ignored: the agent's own templates frame every prompt.
       Fields used: model (must be the served name, else 404), messages, seed (default 0), stream,
       stream_options.include_usage, max_tokens / max_completion_tokens (caps the answer: its first n tokens,
-      finish_reason "length"), temperature / top_p (must equal the server's). n must be 1; tools, stop,
+      finish_reason "length"), temperature / top_p / top_k (per request). n must be 1; tools, stop,
       response_format, logit_bias, logprobs and the sampling fields above are refused (400). Other unknown fields
       are ignored.
       Response: a chat.completion; message.content = the model's response (raw, e.g. "\\boxed{Ra}");
@@ -47,7 +48,7 @@ Endpoints
       asked, and "data: [DONE]". An error after the stream has started comes as "data: {"error": {...}}" (the
       openai client raises it) before [DONE].
   POST /v1/memagent/answer  {"question": str, "document": str | "documents": [str], "trace": bool, "seed": int,
-      "temperature", "top_p" (checked as above)} -> {"answer" (the extracted answer, as above; null when none),
+      "temperature", "top_p", "top_k" (as above)} -> {"answer" (the extracted answer, as above; null when none),
       "response" (the model's response, raw), "finished", "num_chunks", "question_tokens", "document_tokens",
       "answer_tokens", "seed", "trace": [memory text after each chunk] (when asked), "timings": {"queued_s",
       "reading_s", "total_s"}}

@@ -103,7 +103,7 @@ class ServerState:
         self.metrics = Metrics()
         self.engine_loop = EngineLoop(agent, batch_size=batch_size, max_queue=max_queue, metrics=self.metrics)
         s = agent.spec.answer_sampling
-        self.sampling = protocol.Sampling(temperature=float(s.temperature), top_p=float(s.top_p))
+        self.sampling = protocol.Sampling(temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k))
         self.stop_ids = set(int(t) for t in s.stop_token_ids)
         self.extract = agent.extract  # how the answer is taken from a response (a `verifier.EXTRACTORS` rule)
         self._small_pool = concurrent.futures.ThreadPoolExecutor(SMALL_POOL_THREADS, thread_name_prefix="memagent-tok")
@@ -150,6 +150,13 @@ class ServerState:
                 code="document_too_long",
             )
         return q_ids, centre_truncate(d_ids, agent.budgets.max_document_tokens)
+
+    def request_sampling(self, parsed: protocol.ParsedRequest):
+        """The request's `SamplingParams` for its memory updates and its answer: the agent's answer sampling with
+        the fields the request sent replaced; None when it sent none (the agent's memory / answer sampling)."""
+        if not parsed.sampling:
+            return None
+        return self.agent.spec.answer_sampling.replace(**parsed.sampling)
 
     def check_sizes(self, parsed: protocol.ParsedRequest) -> None:
         """Refuses a document or question over its byte bound, before any tokenizing (see BYTES_PER_TOKEN_CEILING)."""
@@ -320,7 +327,13 @@ async def _admit(state: ServerState, parsed: protocol.ParsedRequest, t0: float):
     job_id = uuid.uuid4().hex
     waiter = _Waiter(state, job_id, t0 + state.limits.request_timeout)
     job = Job(
-        id=job_id, question_ids=q_ids, document_ids=d_ids, seed=parsed.seed, deliver=waiter.deliver, trace=parsed.trace
+        id=job_id,
+        question_ids=q_ids,
+        document_ids=d_ids,
+        seed=parsed.seed,
+        deliver=waiter.deliver,
+        trace=parsed.trace,
+        sampling=state.request_sampling(parsed),
     )
     try:
         state.engine_loop.admit(job)

@@ -61,6 +61,7 @@ class Job:
     seed: int
     deliver: Callable[[Event], None]
     trace: bool = False
+    sampling: Any = None  # the request's SamplingParams (temperature / top_k / top_p); None: the agent's
     tokens_read: int = 0
 
 
@@ -219,6 +220,7 @@ class EngineLoop:
                         document_ids=job.document_ids,
                         key=key,
                         trace=job.trace,
+                        sampling=job.sampling,
                     )
                 )
             except AgentInputError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import time
 import uuid
@@ -21,15 +20,17 @@ DOCUMENT_SEPARATOR = "<<<DOCUMENT>>>"
 # `documents` (a list of strings) are joined into one document with this text between them.
 DOCUMENTS_JOINER = "\n\n"
 # OpenAI request fields this server cannot honour (they would change the output in ways it does not implement).
-_UNSUPPORTED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "stop")
+_UNSUPPORTED_CHAT_FIELDS = ("tools", "functions", "tool_choice", "response_format", "stop")
 SEED_RANGE = (-(2**63), 2**63 - 1)
+# Sampling fields honoured per request (`parse_sampling`): temperature (0 = greedy), top_p, and the extension field
+# top_k (-1 or 0 = off); with seed, they decide the request's sample whatever requests share its batch.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 # Sampling fields of OpenAI-style servers that this server does not implement, with the values that leave sampling
-# unchanged (sent with another value: 400 naming the field). temperature and top_p are honoured (`check_sampling`).
+# unchanged (sent with another value: 400 naming the field).
 UNSUPPORTED_SAMPLING = {
     "frequency_penalty": (0,),
     "presence_penalty": (0,),
     "repetition_penalty": (1,),
-    "top_k": (-1, 0),
     "min_p": (0,),
     "typical_p": (1,),
     "top_logprobs": (0,),
@@ -71,10 +72,11 @@ class RequestError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """The server's (static) sampling: what every compiled program samples with."""
+    """The server's default sampling: what a request that sends none of `SAMPLING_FIELDS` samples with."""
 
     temperature: float
     top_p: float
+    top_k: int = 0
 
 
 @dataclasses.dataclass
@@ -90,6 +92,7 @@ class ParsedRequest:
     max_tokens: int | None = None
     question_field: str = "question"
     document_field: str = "document"
+    sampling: dict = dataclasses.field(default_factory=dict)  # the `SAMPLING_FIELDS` sent (checked); others default
 
 
 def parse_json(raw: bytes) -> dict:
@@ -195,25 +198,40 @@ def _int(data: dict, name: str, default: int | None, *, low: int | None = None, 
     return value
 
 
-def check_sampling(data: dict, server: Sampling) -> None:
-    """temperature / top_p, when given, must be the server's: sampling is compiled into the programs. The fields of
-    `UNSUPPORTED_SAMPLING`, when given, must hold their neutral values: this server does not implement them."""
-    for name in ("temperature", "top_p"):
+def parse_sampling(data: dict) -> dict:
+    """The request's `SAMPLING_FIELDS` that were sent, checked with the settings rules (`memagent_jax.settings`):
+    temperature >= 0 (0 = greedy), top_p in (0, 1], top_k an integer >= 0 or -1 (-1 and 0 = off: 0). Fields not sent
+    are absent (the server's defaults apply). The fields of `UNSUPPORTED_SAMPLING`, and logit_bias, when sent, must
+    hold their neutral values: this server does not implement them (400 naming the field)."""
+    from memagent_jax import settings
+
+    out = {}
+    for name in SAMPLING_FIELDS:
         value = data.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RequestError(400, f"field '{name}' must be a number, got {_type_name(value)}", param=name)
-        if abs(float(value) - getattr(server, name)) > 1e-6:
-            raise RequestError(
-                400,
-                f"field '{name}' is {value}, but this server samples with temperature={server.temperature} "
-                f"top_p={server.top_p} (fixed when it starts: memagent serve --agent.temperature / --agent.top_p); "
-                "omit the field "
-                f"or send the server's value",
-                param=name,
-                code="unsupported_sampling",
-            )
+        try:
+            if name == "top_k":
+                value = 0 if settings.is_integer(value) and value == -1 else value
+                out[name] = settings.integer(name, value, minimum=0, allowed=">= 0, or -1 (-1 and 0 = off)")
+            else:
+                out[name] = getattr(settings, name)(value)
+        except settings.SettingError as e:
+            raise RequestError(400, f"field '{name}' {e.reason}", param=name) from None
+    check_unsupported(data)
+    return out
+
+
+def check_unsupported(data: dict) -> None:
+    """400 naming the first field of `UNSUPPORTED_SAMPLING` (or logit_bias) sent with a non-neutral value."""
+    if data.get("logit_bias") not in (None, {}):
+        raise RequestError(
+            400,
+            "field 'logit_bias' is set, but this server does not implement logit_bias (it honours temperature, top_p, "
+            "top_k and seed); omit the field or send {}",
+            param="logit_bias",
+            code="unsupported_sampling",
+        )
     for name, neutral in UNSUPPORTED_SAMPLING.items():
         value = data.get(name)
         if value is None:
@@ -227,8 +245,8 @@ def check_sampling(data: dict, server: Sampling) -> None:
             allowed = " or ".join(json.dumps(v) for v in neutral)
             raise RequestError(
                 400,
-                f"field '{name}' is {shown[:40]}, but this server does not implement {name} (it samples with "
-                f"temperature={server.temperature} top_p={server.top_p} only); omit the field or send {allowed}",
+                f"field '{name}' is {shown[:40]}, but this server does not implement {name} (it honours "
+                f"temperature, top_p, top_k and seed); omit the field or send {allowed}",
                 param=name,
                 code="unsupported_sampling",
             )
@@ -316,7 +334,7 @@ def parse_chat(data: dict, *, model_name: str, sampling: Sampling) -> ParsedRequ
         raise RequestError(400, "field 'n' must be 1 (one answer per request)", param="n")
     if _bool(data, "logprobs"):
         raise RequestError(400, "field 'logprobs' is not supported by this server", param="logprobs")
-    check_sampling(data, sampling)
+    sampling_fields = parse_sampling(data)
     max_tokens = _int(data, "max_completion_tokens", None, low=1)
     if max_tokens is None:
         max_tokens = _int(data, "max_tokens", None, low=1)
@@ -356,6 +374,7 @@ def parse_chat(data: dict, *, model_name: str, sampling: Sampling) -> ParsedRequ
         max_tokens=max_tokens,
         question_field=f"messages[{last}] (question)",
         document_field=doc_field,
+        sampling=sampling_fields,
     )
 
 
@@ -378,7 +397,7 @@ def parse_answer(data: dict, *, sampling: Sampling) -> ParsedRequest:
         field = "document"
     else:
         document, field = _documents(data), "documents"
-    check_sampling(data, sampling)
+    sampling_fields = parse_sampling(data)
     return ParsedRequest(
         question=question,
         document=document,
@@ -386,6 +405,7 @@ def parse_answer(data: dict, *, sampling: Sampling) -> ParsedRequest:
         trace=_bool(data, "trace"),
         question_field="question",
         document_field=field,
+        sampling=sampling_fields,
     )
 
 
