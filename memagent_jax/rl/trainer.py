@@ -159,6 +159,45 @@ def _export_adapters(learner, state, model_config, workdir: str) -> None:
     print(f"saved the LoRA adapters to {out}", flush=True)
 
 
+def _lora_layout(param_shapes: dict[str, tuple[int, ...]]) -> str:
+    """What a train state's params are, from {leaf path: shape}: 'LoRA adapters of rank r' or 'full model params'."""
+    ranks = {shape[-1] for path, shape in param_shapes.items() if path.endswith("['a']")}
+    if ranks and all(path.endswith(("['a']", "['b']")) for path in param_shapes):
+        return f"LoRA adapters of rank {min(ranks)}"
+    return "full model params"
+
+
+def check_lora_layout(checkpointer, step: int, learner, workdir: str) -> None:
+    """Refuses to resume a checkpoint whose train state is of the other kind (full fine-tune vs LoRA adapters, or
+    adapters of another rank or targets) than config.lora asks for: one line naming config.lora.rank and the
+    workdir, instead of a shape error from the restore (which would also set the checkpoints aside as damaged)."""
+    import jax
+
+    saved = checkpointer.state_shapes(step)
+    if saved is None:
+        return  # unreadable metadata: the verified restore reports it
+    prefix = "['params']"
+    saved_params = {k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)}
+    if not saved_params:
+        return
+    want = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(learner.abstract_state().params)[0]
+    }
+    have_kind, want_kind = _lora_layout(saved_params), _lora_layout(want)
+    if saved_params == want or (have_kind == want_kind == "full model params"):
+        return
+    if have_kind == want_kind:
+        wanted = f"config.lora.rank={learner.lora.rank} with other config.lora.targets"
+    else:
+        wanted = f"config.lora.rank={learner.lora.rank}, which trains {want_kind}"
+    raise TrainConfigError(
+        f"config.lora.rank: checkpoint {checkpointer.directory}/{step} of --workdir {workdir} holds {have_kind}, "
+        f"not what this run trains ({wanted}); resume it with the config it was written with, or start in a new "
+        f"--workdir"
+    )
+
+
 def sample_step(roll_out, *, dynamic_sampling: bool, max_batches: int, groups_wanted: int, process_count: int = 1):
     """One step's rollout, with DAPO's dynamic sampling when asked.
 
@@ -302,6 +341,7 @@ def train(cfg, workdir: str) -> dict:
     run_metadata = {"config": _config_items(cfg)}
     restored_metadata: dict = {}
     if checkpointer.latest_step() is not None:
+        check_lora_layout(checkpointer, checkpointer.latest_step(), learner, workdir)
         # Verified (weights, optimiser state, data position, RNG, metadata); falls back past damaged checkpoints.
         restored = checkpointer.restore(learner.abstract_state())
         state, start = restored.state, restored.step
@@ -357,7 +397,7 @@ def train(cfg, workdir: str) -> dict:
         memory_sampling=SamplingParams(temperature=cfg.agent.temperature, top_p=cfg.agent.top_p),
     )
     evaluation = _training_evaluation(
-        cfg, workdir, agent, state_params=lambda: state.params, start=start, restored=restored_metadata
+        cfg, workdir, agent, state_params=lambda: learner.policy_params(state), start=start, restored=restored_metadata
     )
     scorer = RewardScorer(cfg.data.reward_style, drop_think=bool(cfg.data.get("reward_drop_think", False)))
     # Rows of steps after `start` (written before an interruption) are dropped: the resumed run writes them again.
@@ -378,7 +418,7 @@ def train(cfg, workdir: str) -> dict:
     pack_length = int(cfg.rl.get("pack_length", 0))
     try:
         if evaluation is not None and start == 0 and evaluation.due(0):
-            writer.write(0, evaluation.run(0, rollout_params(state.params)))
+            writer.write(0, evaluation.run(0, rollout_params(learner.policy_params(state))))
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             # LoRA: the adapters are merged into a copy of the base once per step (the sampler runs a plain model).
@@ -452,7 +492,7 @@ def train(cfg, workdir: str) -> dict:
                 metrics.update({k: v for k, v in learn.items() if k != "step"})
             metrics["step_time_s"] = time.perf_counter() - t0
             if evaluation is not None and evaluation.due(step + 1):
-                metrics.update(evaluation.run(step + 1, rollout_params(state.params)))
+                metrics.update(evaluation.run(step + 1, rollout_params(learner.policy_params(state))))
                 run_metadata.update(evaluation.metadata())  # the best so far, kept by the next checkpoint
             writer.write(step + 1, metrics)
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:

@@ -35,6 +35,7 @@ __all__ = [
     "ScriptedConversation",
     "scripted_conversations",
     "conversations_to_sft_batch",
+    "sft_learner_config",
     "fact_chunks",
 ]
 
@@ -219,4 +220,42 @@ def conversations_to_sft_batch(
         rows_multiple=rows_multiple,
         length_multiple=length_multiple,
         vocab_size=vocab_size,
+    )
+
+
+def sft_learner_config(
+    *,
+    learning_rate: float,
+    updates: int,
+    warmup: int = 0,
+    updates_per_call: int = 1,
+    min_lr_ratio: float = 0.1,
+    lora=None,
+):
+    """The warm start's `LearnerConfig`: the SFT loss, AdamW without weight decay, warm-up then cosine to
+    `min_lr_ratio` over `updates` optimiser updates, `updates_per_call` mini-batches per train step.
+
+    lora: a `LoraConfig` or a config section (dict / ConfigDict, errors named `config.lora.<field>`); rank > 0
+    trains adapters only: the `Learner` keeps the loaded params frozen as its base, and the fine-tuned model to
+    export is `learner.policy_params(state)` (the base with the adapters merged in; `state.params` are the
+    adapters, `models.lora.save_adapters` writes them alone)."""
+    from memagent_jax.models import lora as lora_lib
+    from memagent_jax.rl.learner import LearnerConfig, OptimizerConfig
+    from memagent_jax.rl.losses import LossConfig
+
+    if not isinstance(lora, lora_lib.LoraConfig):
+        lora = lora_lib.lora_config(lora)
+    return LearnerConfig(
+        loss=LossConfig(kind="sft"),
+        optimizer=OptimizerConfig(
+            learning_rate=learning_rate,
+            weight_decay=0.0,
+            warmup_steps=min(warmup, updates - 1),
+            schedule="cosine",
+            total_steps=updates,
+            min_lr_ratio=min_lr_ratio,
+        ),
+        num_minibatches=updates_per_call,
+        compute_entropy=False,
+        lora=lora,
     )

@@ -361,6 +361,20 @@ class Checkpointer:
             f"no usable checkpoint in {self.directory}: " + "; ".join(f"step {s}: {why}" for s, why in skipped)
         )
 
+    def state_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """{leaf path (`jax.tree_util.keystr`, e.g. "['params']['embed']"): shape} of a checkpoint's saved train
+        state, from Orbax's metadata (no array is read); None when that metadata cannot be read (`restore` then
+        reports what is wrong with the checkpoint)."""
+        try:
+            from etils import epath
+
+            tree = ocp.StandardCheckpointHandler().metadata(epath.Path(self._step_dir(int(step))) / "state")
+            tree = getattr(tree, "tree", tree)
+            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+            return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves} or None
+        except Exception:  # noqa: BLE001 - a damaged or foreign checkpoint: restore's verification says why
+            return None
+
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
