@@ -162,6 +162,7 @@ def validate_config(cfg) -> None:
         ("rl.pack_length", 0),
         ("rl.eval_every", 0),
         ("rl.eval_questions", 1),
+        ("rl.lora_rank", 0),
         ("warm_start.pack_length", 0),
     ):
         section, field = path.split(".")
@@ -464,9 +465,9 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     from memagent_jax.agent.templates import AgentPrompts
     from memagent_jax.data.tokenizer import load_tokenizer
     from memagent_jax.models import load_hf_params, save_hf_checkpoint
-    from memagent_jax.rl.learner import Learner, LearnerConfig, OptimizerConfig
-    from memagent_jax.rl.losses import LossConfig
+    from memagent_jax.rl.learner import Learner
     from memagent_jax.rl.metrics import MetricsWriter
+    from memagent_jax.rl.warm_start import sft_learner_config
 
     t0 = time.perf_counter()
     ws = cfg.warm_start
@@ -476,18 +477,8 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     updates = calls * ws.updates_per_call
     learner = Learner(
         model_config,
-        LearnerConfig(
-            loss=LossConfig(kind="sft"),
-            optimizer=OptimizerConfig(
-                learning_rate=ws.learning_rate,
-                weight_decay=0.0,
-                warmup_steps=min(ws.warmup, updates - 1),
-                schedule="cosine",
-                total_steps=updates,
-                min_lr_ratio=0.1,
-            ),
-            num_minibatches=ws.updates_per_call,
-            compute_entropy=False,
+        sft_learner_config(
+            learning_rate=ws.learning_rate, updates=updates, warmup=ws.warmup, updates_per_call=ws.updates_per_call
         ),
     )
     state = learner.init_state(params)
@@ -584,6 +575,8 @@ def grpo_config(cfg, assets: dict, model_path: str):
                 seed=cfg.seed,
             )
         )
+    if int(cfg.rl.get("lora_rank", 0)):  # GRPO trains LoRA adapters only; the KL reference is the warm start itself
+        g.lora.update(dict(rank=int(cfg.rl.lora_rank), alpha=float(cfg.rl.get("lora_alpha", 2 * cfg.rl.lora_rank))))
     g.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     g.checkpoint.every = max(1, cfg.rl.steps // 4)
     g.log_every = max(1, cfg.rl.steps // 10)

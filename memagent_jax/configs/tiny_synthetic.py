@@ -122,6 +122,8 @@ def main_job_config() -> ml_collections.ConfigDict:
             # every `eval_every` steps and at the start: eval/accuracy_vs_step.png. 0: off.
             eval_every=15,
             eval_questions=64,
+            # LoRA adapters of this rank on every projection instead of full fine-tuning (0: full); alpha 2 x rank.
+            lora_rank=0,
         )
     )
     c.eval = ml_collections.ConfigDict(
