@@ -6,11 +6,11 @@ no traceback. `--debug` on the command line (any position; taken out before the 
 MEMAGENT_DEBUG=1 in the environment re-raises the error instead, with its traceback. Anything that is not a user
 error (a bug) always keeps its traceback.
 
-What counts as a user error: `UserError` and its subclasses (settings.ConfigError and every config error built on
-it: FlagError, AgentSettingsError, EvalConfigError, TrainConfigError), `settings.SettingError` (a bad value a
-settings dataclass refused), `FileNotFoundError`, and the error classes of the modules listed in `USER_ERRORS`
-(bad weights, a checkpoint that cannot be restored, a malformed data file, a bad mesh, ...). Those are looked up
-only in modules already imported, so checking an exception imports nothing (no JAX).
+What counts as a user error: `UserError` and its subclasses, and `FileNotFoundError`. Every module's error class
+for bad input derives from `UserError`: settings.SettingError (a bad value a settings dataclass refused) and
+settings.ConfigError with every config error built on it (FlagError, AgentSettingsError, EvalConfigError,
+TrainConfigError, PipelineConfigError), and bad weights, a checkpoint that cannot be restored, a malformed data file,
+a bad mesh, a bad plan, bad server arguments, ... (`tests/test_faults_errors.py` checks each one).
 
     @errors.user_errors                        # argparse entry points: main(argv) -> exit status
     def main(argv=None) -> int: ...
@@ -49,37 +49,10 @@ class UserError(ValueError):
     it as one line and exit with status 2 (see the module docstring)."""
 
 
-# module -> names of its error classes that are user errors (a module not imported yet cannot have raised them).
-USER_ERRORS: dict[str, tuple[str, ...]] = {
-    "memagent_jax.settings": ("SettingError", "ConfigError"),
-    "memagent_jax.agent.chunking": ("AgentInputError",),
-    "memagent_jax.models.config": ("ConfigError",),
-    "memagent_jax.models.hf_io": ("CheckpointError",),
-    "memagent_jax.models.safetensors_io": ("SafetensorsError",),
-    "memagent_jax.models.sharding": ("MeshError",),
-    "memagent_jax.storage.checkpoint": ("CheckpointError",),
-    "memagent_jax.storage.paths": ("RemotePathError",),
-    "memagent_jax.data.records": ("DataFormatError",),
-    "memagent_jax.data.buildcli": ("BuildError",),
-    "memagent_jax.distributed": ("DistributedError",),
-    "memagent_jax.planning.errors": ("PlanError",),
-    "memagent_jax.pipeline": ("PipelineConfigError",),
-    "memagent_jax.serve.server": ("ServeArgsError",),
-}
-
-
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """The user-error classes (those of `USER_ERRORS` whose module is imported), for an `except` clause."""
-    found: list[type[BaseException]] = [UserError, FileNotFoundError]
-    main = sys.modules.get("__main__")
-    main_name = getattr(getattr(main, "__spec__", None), "name", None)  # `python -m memagent_jax.pipeline`
-    for module_name, names in USER_ERRORS.items():
-        for module in (sys.modules.get(module_name), main if main_name == module_name else None):
-            for name in names if module is not None else ():
-                cls = getattr(module, name, None)
-                if isinstance(cls, type) and issubclass(cls, BaseException):
-                    found.append(cls)
-    return tuple(found)
+    """The user-error classes, for an `except` clause: `UserError` (every module's error class for bad input
+    derives from it) and `FileNotFoundError`."""
+    return (UserError, FileNotFoundError)
 
 
 def is_user_error(error: BaseException) -> bool:

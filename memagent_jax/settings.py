@@ -25,7 +25,7 @@ from memagent_jax.errors import UserError
 T = TypeVar("T")
 
 
-class SettingError(ValueError):
+class SettingError(UserError):
     """A setting holds a bad value. `field` names it as the message does (e.g. 'optimizer.learning_rate'; '' when
     the error is not about one field), `name` is its last part (the config name); the message starts with
     `field`."""

@@ -387,3 +387,43 @@ def test_planned_document_length_comes_from_the_data(model_dir, tmp_path):
     assert 0 < measured < 400  # the longest of four short documents, not the 32000 of a reference document
     cfg.agent.max_document_tokens = 10
     assert planned_doc_tokens(cfg) == 10
+
+
+@pytest.mark.faults
+def test_every_bad_input_error_class_is_a_user_error():
+    """Each module's error class for bad input derives from errors.UserError, so every entry point reports it as
+    one line with exit status 2 without a list of classes to keep in step (a new module's class is a UserError
+    or a bug with its traceback)."""
+    import importlib
+
+    from memagent_jax import errors
+
+    classes = {
+        "memagent_jax.settings": ("SettingError", "ConfigError"),
+        "memagent_jax.agent.chunking": ("AgentInputError",),
+        "memagent_jax.models.config": ("ConfigError",),
+        "memagent_jax.models.hf_io": ("CheckpointError",),
+        "memagent_jax.models.safetensors_io": ("SafetensorsError", "CheckpointError"),
+        "memagent_jax.models.sharding": ("MeshError",),
+        "memagent_jax.storage.checkpoint": ("CheckpointError",),
+        "memagent_jax.storage.paths": ("RemotePathError",),
+        "memagent_jax.data.records": ("DataFormatError",),
+        "memagent_jax.data.buildcli": ("BuildError",),
+        "memagent_jax.distributed": ("DistributedError",),
+        "memagent_jax.planning.errors": ("PlanError",),
+        "memagent_jax.pipeline": ("PipelineConfigError",),
+        "memagent_jax.serve.server": ("ServeArgsError",),
+        "memagent_jax.rl.recipe": ("TrainConfigError",),
+        "memagent_jax.model_flags": ("FlagError",),
+    }
+    for module_name, names in classes.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            cls = getattr(module, name)
+            assert issubclass(cls, errors.UserError), f"{module_name}.{name}"
+            assert issubclass(cls, errors.user_error_types()), f"{module_name}.{name}"
+    # A checkpoint that cannot be restored stays a RuntimeError for callers that caught it as one.
+    from memagent_jax.storage.checkpoint import CheckpointError
+
+    assert issubclass(CheckpointError, RuntimeError)
+    assert not errors.is_user_error(RuntimeError("a bug")) and not errors.is_user_error(KeyError("x"))

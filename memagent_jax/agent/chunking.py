@@ -18,11 +18,12 @@ import numpy as np
 from memagent_jax import settings
 from memagent_jax.agent.templates import encode_text
 from memagent_jax.data.tokenizer import ControlTokenError
+from memagent_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class AgentInputError(ValueError):
+class AgentInputError(UserError):
     """A question or document cannot be run (empty, over budget, unreadable)."""
 
 

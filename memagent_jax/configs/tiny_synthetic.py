@@ -15,7 +15,8 @@ asked as "What is the secret word for <creature>?". The model starts from random
 induction circuit (memagent_jax/models/induction.py; `model.init="random"` for none), which is what lets a
 0.6M-parameter model match the question's creature to a fact's within the CPU budget. The notes name the asked
 creature (" for <creature> <Word>"); the script's flaw (dropping its word at sections without the answer) is what
-grows with the length and what GRPO fixes.
+grows with the length and what GRPO fixes. Half of the training rows are two-hop chains ("Remember <a> as <b>."
+then "Remember <b> <Word>."), whose notes follow the chain; the answer copies the noted word's token.
 """
 
 import ml_collections

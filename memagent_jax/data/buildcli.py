@@ -24,6 +24,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from memagent_jax.errors import UserError
+
 from .records import DataFormatError, DataWriteError
 
 __all__ = [
@@ -40,7 +42,7 @@ __all__ = [
 _SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """A problem that stops the whole build (exit status 2)."""
 
 

@@ -7,10 +7,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from memagent_jax.errors import UserError
+
 __all__ = ["QARecord", "DataFormatError", "DataWriteError"]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError):
     """A data file or row does not follow its format.
 
     The message names the file, the 0-based row and the field, e.g.

@@ -30,6 +30,8 @@ import logging
 import os
 from collections.abc import Sequence
 
+from memagent_jax.errors import UserError
+
 __all__ = [
     "initialize",
     "initialize_from_flags",
@@ -57,7 +59,7 @@ ENV_FORCE = "MEMAGENT_DISTRIBUTED"
 _STATE = {"initialized": False, "multi_process": False}
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError):
     """The multi-process settings are inconsistent; the message names the flag or variable at fault."""
 
 

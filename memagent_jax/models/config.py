@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from memagent_jax.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # models/attention.py's ATTENTION_IMPLS (repeated here: this module imports no JAX).
@@ -45,7 +47,7 @@ _DTYPE_NAMES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model config is missing a field, has a bad value, or names an unsupported architecture."""
 
 

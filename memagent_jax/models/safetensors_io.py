@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from memagent_jax.errors import UserError
+
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -35,7 +37,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder is incomplete, does not match its config, or holds a malformed weight file (the message
     names the file and the tensor). Exported as `memagent_jax.models.CheckpointError`."""
 

@@ -27,6 +27,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from memagent_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES: dict[str, Any] = {
@@ -68,7 +70,7 @@ PARAM_LOGICAL_AXES: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """The requested mesh does not match the available devices."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from memagent_jax.errors import UserError
 
-class PlanError(ValueError):
+
+class PlanError(UserError):
     """The planner cannot size this config (unknown hardware or preset, bad mesh); the message says what."""

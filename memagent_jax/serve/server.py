@@ -10,6 +10,7 @@ import re
 import sys
 
 from memagent_jax import errors
+from memagent_jax.errors import UserError
 
 log = logging.getLogger("memagent_jax.serve")
 
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class ServeArgsError(ValueError):
+class ServeArgsError(UserError):
     """A command-line value is invalid; the message names the flag."""
 
 

@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from memagent_jax.errors import UserError
+
 __all__ = ["Checkpointer", "Restored", "CheckpointError"]
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ _FORMATS = (1, 2)
 _ITEMS = ("state", "data", "rng", "meta")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be saved or restored as asked (the message says why)."""
 
 

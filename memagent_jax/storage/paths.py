@@ -16,10 +16,12 @@ import os
 import re
 import stat
 
+from memagent_jax.errors import UserError
+
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
-class RemotePathError(ValueError):
+class RemotePathError(UserError):
     """An output path is an object-store URL (gs://, s3://, ...); the message names the flag."""
 
 
