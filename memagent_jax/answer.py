@@ -23,6 +23,16 @@ row has "answer" (the extracted answer, as above; null when the rule finds none)
 response), "num_chunks" and "finished"; when rows carry gold answers, also "answers", "sub_em" (the QA accuracy
 metric) and "em", scored from the response under the same extraction rule.
 
+Sampling: --agent.temperature (0 = greedy), --agent.top_p, --agent.top_k (0 = off), else the model's
+memagent_agent.json, else greedy. In batch mode a row may carry its own, an optional object field
+    "sampling": {"temperature": 0.7, "top_p": 0.95, "top_k": 20, "seed": 11}
+(each field optional; left out or null: the run's setting): that row samples its memory updates and its answer with
+those settings and, with a seed S, with the key of --seed S in single-document mode instead of fold_in(key(seed), i);
+its output row echoes them as "sampling". Rows with different settings share the batches; rows without "sampling"
+answer as in a file without any. A bad value (e.g. a negative temperature, top_k not an integer >= 0, an unknown
+field) makes that row an error row naming the file, the row and the field ("IN row 3: field 'sampling.temperature'
+must be ..."); the other rows go on.
+
 Output: rows are written to OUTPUT.partial as they are answered (a killed run keeps what it finished
 there) and the file is renamed to OUTPUT when the run ends; OUTPUT is never one of the input files. The last
 stderr line says "wrote OUTPUT: A answered, F failed (...)".

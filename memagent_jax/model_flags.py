@@ -139,6 +139,14 @@ def add_agent_arguments(p: argparse.ArgumentParser) -> None:
         help="nucleus sampling (default: settings file, else 1.0; the evaluation recipe: 0.95)",
     )
     p.add_argument(
+        "--agent.top_k",
+        dest="top_k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep the K most likely tokens, 0 = off (default: settings file, else 0)",
+    )
+    p.add_argument(
         "--agent.extract",
         dest="extract",
         choices=verifier.EXTRACTORS,
@@ -161,6 +169,7 @@ AGENT_FLAGS = (
     "prompt_mode",
     "temperature",
     "top_p",
+    "top_k",
     "extract",
 )
 

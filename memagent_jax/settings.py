@@ -129,13 +129,17 @@ def boolean(field: str, value, *, error: type[SettingError] = SettingError) -> b
     return bool(value)
 
 
-# Shared by SamplingParams and the settings file: the one definition of a valid temperature and top-p.
+# Shared by SamplingParams and the settings file: the one definition of a valid temperature, top-p and top-k.
 def temperature(value, *, field: str = "temperature", error: type[SettingError] = SettingError) -> float:
     return real(field, value, low=0, allowed=">= 0 (0 = greedy)", error=error)
 
 
 def top_p(value, *, field: str = "top_p", error: type[SettingError] = SettingError) -> float:
     return real(field, value, low=0, high=1, low_open=True, allowed="in (0, 1] (1 = off)", error=error)
+
+
+def top_k(value, *, field: str = "top_k", error: type[SettingError] = SettingError) -> int:
+    return integer(field, value, minimum=0, allowed=">= 0 (0 = off)", error=error)
 
 
 # ------------------------------------------------------------------------------------- configs -> settings

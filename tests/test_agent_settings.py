@@ -79,6 +79,25 @@ def test_round_trip_and_defaults(tmp_path):
         back.override(chunk_size=3)
 
 
+def test_top_k_round_trips_and_older_files_load(tmp_path):
+    path = AgentSettings(budgets=BUDGETS, temperature=1.0, top_k=5).save(tmp_path)
+    assert json.loads(open(path).read())["agent"]["top_k"] == 5
+    back = AgentSettings.load(tmp_path)
+    assert back.top_k == 5 and back.sampling().top_k == 5 and back.sampling().temperature == 1.0
+    assert back.override(top_k=0).sampling().top_k == 0 and back.override(top_k=None).top_k == 5
+    # A file written before top_k was a setting: it loads, with no top-k filter.
+    data = json.loads(open(path).read())
+    del data["agent"]["top_k"]
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(data))
+    old = AgentSettings.load(tmp_path)
+    assert old.top_k is None and old.sampling().top_k == 0 and old.budgets == BUDGETS
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+        AgentSettings(top_k=-2)
+    # write_agent_settings (the exports) records it too.
+    write_agent_settings(tmp_path, budgets=BUDGETS, templates=TEMPLATES, top_k=3)
+    assert AgentSettings.load(tmp_path).top_k == 3
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -87,6 +106,8 @@ def test_round_trip_and_defaults(tmp_path):
         ({"agent": {"temperature": float("nan")}}, r"agent\.temperature must be a finite number >= 0 \(0 = greedy\)"),
         ({"agent": {"chunk_size": 5}}, r"unknown field\(s\) agent\.\['chunk_size'\]"),
         ({"agent": {"top_p": 2}}, r"agent\.top_p must be a finite number in \(0, 1\]"),
+        ({"agent": {"top_k": -1}}, r"agent\.top_k must be an integer >= 0 \(0 = off\), got -1"),
+        ({"agent": {"top_k": 2.5}}, r"agent\.top_k must be an integer >= 0 \(0 = off\), got 2\.5"),
         ({"templates": {"memory_update": "no placeholders"}}, r"field templates: "),
         ({"templates": {"system": 3}}, r"field templates\.system has the wrong type"),
         ({"version": 9}, r"field 'version' is 9"),

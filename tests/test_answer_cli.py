@@ -140,3 +140,91 @@ def test_the_settings_file_extraction_rule_is_used(model_dir, tmp_path, capsys):
     assert shown == response
     shown, response = _single(folder, tmp_path, capsys, "--agent.extract", "boxed")
     assert shown != response
+
+
+def _rows_file(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.mark.faults
+def test_rows_with_their_own_sampling(model_dir, tmp_path):
+    """Rows carrying "sampling" run with their own settings and seed in the same batches as the others; rows without
+    it answer as they would in a file without any; a bad value is a row error naming the field."""
+    import jax
+
+    from memagent_jax.evaluation.answering import answer_file
+    from memagent_jax.model_flags import build_agent
+
+    args = answer._parser().parse_args(
+        ["--model", model_dir, "--input", "x", "--output", "y", "--agent.temperature", "1"] + SMALL
+    )
+    agent = build_agent(args)
+    docs = ["The key is in the box. " * 5, "It was green. " * 9, "The door is blue. " * 4, "Ra sails at dawn. " * 7]
+    questions = ["Where is the key?", "What colour?", "Which door?", "Who sails?"]
+    own = [
+        None,
+        {"temperature": 0},
+        {"temperature": -1, "top_k": 3},
+        None,
+        {"temperature": 1.0, "top_k": 5, "top_p": 0.9, "seed": 11},
+    ]
+    rows = [
+        dict({"context": docs[i % 4], "input": questions[i % 4], "answers": ["x"]}, **({"sampling": s} if s else {}))
+        for i, s in enumerate(own)
+    ]
+    mixed, plain = tmp_path / "mixed.jsonl", tmp_path / "plain.jsonl"
+    assert answer_file(agent, _rows_file(tmp_path / "mixed_in.jsonl", rows), str(mixed), batch_size=2, seed=4) == 1
+    without = [{k: v for k, v in r.items() if k != "sampling"} for r in rows]
+    assert answer_file(agent, _rows_file(tmp_path / "plain_in.jsonl", without), str(plain), batch_size=2, seed=4) == 0
+    got = {r["row"]: r for r in map(json.loads, mixed.read_text().splitlines())}
+    before = {r["row"]: r for r in map(json.loads, plain.read_text().splitlines())}
+    # The bad row: an error naming the file, the row and the field; the others are answered.
+    assert got[2]["field"] == "sampling.temperature"
+    assert got[2]["error"].startswith(f"{tmp_path / 'mixed_in.jsonl'} row 2: field 'sampling.temperature' must be")
+    assert sorted(r for r in got if "error" not in got[r]) == [0, 1, 3, 4]
+    # Rows without "sampling": the answers of the file without any.
+    for i in (0, 3):
+        assert got[i]["response"] == before[i]["response"] and "sampling" not in got[i]
+    # The greedy row and the row with a seed, run again apart from the file (other slots, other mates): the greedy
+    # row's answer (whatever its key) and the seeded row's, its settings with the key of seed 11 (= `answer --seed 11`
+    # on that document alone); a row's answer never depends on its batch mates.
+    from memagent_jax.sampling import row_keys
+
+    greedy = agent.spec.answer_sampling.replace(temperature=0.0)
+    mine = agent.spec.answer_sampling.replace(top_k=5, top_p=0.9)
+    keys = jax.numpy.concatenate([row_keys(11, 1), row_keys(99, 1)])
+    again = agent.run([questions[0], questions[1]], [docs[0], docs[1]], rng=keys, sampling=[mine, greedy], batch_size=2)
+    assert got[1]["response"] == again.answers[1] and got[1]["sampling"] == {"temperature": 0.0}
+    assert before[1]["response"] != got[1]["response"]  # sampled at temperature 1 it differs
+    assert got[4]["response"] == again.answers[0]
+    assert got[4]["sampling"] == {"temperature": 1.0, "top_p": 0.9, "top_k": 5, "seed": 11}
+    assert before[4]["response"] != got[4]["response"]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "value, field, message",
+    [
+        ("hot", "sampling", "must be an object with temperature, top_p, top_k, seed"),
+        ({"temprature": 0.5}, "sampling.temprature", "is not a sampling field; known: temperature, top_p, top_k"),
+        ({"temperature": True}, "sampling.temperature", "must be a finite number >= 0"),
+        ({"top_p": 0}, "sampling.top_p", r"must be a finite number in \(0, 1\]"),
+        ({"top_k": 2.5}, "sampling.top_k", r"must be an integer >= 0 \(0 = off\), got 2.5"),
+        ({"top_k": -1}, "sampling.top_k", "must be an integer >= 0"),
+        ({"seed": "7"}, "sampling.seed", "must be an integer"),
+        ({"seed": 2**64}, "sampling.seed", "must be an integer"),
+    ],
+)
+def test_bad_row_sampling_names_the_field(value, field, message):
+    from memagent_jax.data.records import DataFormatError
+    from memagent_jax.evaluation.answering import row_sampling
+    from memagent_jax.sampling import SamplingParams
+
+    with pytest.raises(DataFormatError, match=message) as e:
+        row_sampling(value, SamplingParams(), path="in.jsonl", row=3)
+    assert e.value.field == field and str(e.value).startswith(f"in.jsonl row 3: field '{field}' ")
+    assert row_sampling(None, None, path="in.jsonl", row=3) == (None, None, {})
+    assert row_sampling({"seed": 5, "top_k": None}, SamplingParams(), path="in.jsonl", row=3) == (None, 5, {"seed": 5})

@@ -183,3 +183,70 @@ def test_agent_run_per_row_sampling(agent, scheduling):
     assert mixed.answer_ids[2] == default.answer_ids[0] and mixed.traces[2] == default.traces[0]
     with pytest.raises(SamplingError, match="2 entries for 3 rows"):
         agent.run(questions, docs, sampling=[greedy, hot])
+
+
+def test_agent_top_k_flag_reaches_the_sampler(tmp_path):
+    """`--agent.top_k 1` at temperature 1 is greedy in the agent the flags build (answer, serve: `build_agent`), and
+    the settings file's top_k is the default the flag overrides."""
+    from hf_tiny import SMALL_ANSWER_FLAGS
+    from memagent_jax import answer
+    from memagent_jax.agent import AgentSettings
+    from memagent_jax.model_flags import FlagError, build_agent, check_model_and_agent_flags, resolve_settings
+    from memagent_jax.serve import server
+
+    folder = make_agent_model_dir(tmp_path / "model", variant="qwen2", seed=1)
+    single = ["--model", folder, "--question", "Where is the key?", "--document", "-"]
+    args = answer._parser().parse_args(single + SMALL_ANSWER_FLAGS + ["--agent.temperature", "1", "--agent.top_k", "1"])
+    check_model_and_agent_flags(args)
+    agent = build_agent(args)
+    assert agent.spec.memory_sampling.top_k == 1 and agent.spec.answer_sampling.top_k == 1
+    doc = "The red key is under the third stone. The blue door is open. " * 6
+    run = lambda sampling=None: agent.run(["Where is the key?"], [doc], rng=3, trace=True, sampling=sampling)  # noqa: E731
+    flagged = run()
+    greedy = run(agent.spec.memory_sampling.replace(temperature=0.0))
+    assert flagged.answer_ids == greedy.answer_ids and flagged.traces == greedy.traces
+    unfiltered = run(agent.spec.memory_sampling.replace(top_k=0))  # the filter is what made it greedy
+    assert (unfiltered.answer_ids, unfiltered.traces) != (greedy.answer_ids, greedy.traces)
+
+    serve_args = server._parser().parse_args(["--model", folder, "--agent.top_k", "7"])
+    assert resolve_settings(serve_args).sampling().top_k == 7
+    AgentSettings(top_k=4).save(folder)  # the settings file's top_k is the default; the flag wins
+    assert resolve_settings(server._parser().parse_args(["--model", folder])).sampling().top_k == 4
+    assert resolve_settings(serve_args).sampling().top_k == 7
+    bad = answer._parser().parse_args(single + ["--agent.top_k", "-1"])
+    with pytest.raises(FlagError, match=r"--agent\.top_k must be an integer >= 0 \(0 = off\), got -1"):
+        check_model_and_agent_flags(bad)
+
+
+@pytest.mark.slow
+def test_rollout_logprobs_are_the_learners_at_temperature_0_7(agent):
+    """The rollout records each sampled token's log-prob under the unmodified model (temperature 1, no filters) and
+    the learner computes the same quantity, so at a rollout temperature of 0.7 (top-p 0.9) the first update's ratio
+    is 1; the log-probs of the temperature-scaled distribution are other numbers."""
+    from memagent_jax.models.transformer import forward_hidden, logits_from_hidden, positions_from_mask
+    from memagent_jax.rl.batch import build_conversation_batch
+    from memagent_jax.rl.learner import Learner, LearnerConfig
+
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(3, 400, n).astype(np.int32) for n in (40, 25)]
+    hot = agent.spec.memory_sampling.replace(temperature=0.7, top_p=0.9)
+    result = agent.run(["Where is the key?", "Which river?"], docs, rng=2, sampling=hot, record=True)
+    convs = [c for row in result.conversations for c in row]
+    batch = build_conversation_batch(
+        [c.prompt_ids for c in convs],
+        [c.response_ids for c in convs],
+        [c.logprobs for c in convs],
+        [1.0] * len(convs),
+        length_multiple=16,
+    )
+    new = np.asarray(Learner(agent.config, LearnerConfig()).logprobs(agent.params, batch))
+    mask = np.asarray(batch.loss_mask)
+    assert mask.sum() > 20
+    ratio = np.exp(new - np.asarray(batch.old_logprobs))[mask]
+    np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
+    # What a temperature-scaled learner (logits / 0.7) would give differs: the rollout's numbers are not those.
+    tokens, token_mask = jnp.asarray(batch.tokens), jnp.asarray(batch.token_mask)
+    hidden, _ = forward_hidden(agent.params, tokens, positions_from_mask(token_mask), token_mask, config=agent.config)
+    scaled = jax.nn.log_softmax(logits_from_hidden(agent.params, hidden, config=agent.config) / 0.7, axis=-1)
+    at_t = np.asarray(jnp.take_along_axis(scaled[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0])
+    assert np.abs(at_t - np.asarray(batch.old_logprobs)[:, 1:])[mask[:, 1:]].max() > 1e-2

@@ -8,7 +8,7 @@ sampling they were trained with, and badly with others. `train` (and the main jo
       "format": "memagent-agent", "version": 1,
       "agent": {"question_tokens": 16, "chunk_tokens": 32, "memory_tokens": 8, "answer_tokens": 12,
                 "chunks_per_segment": 2, "max_document_tokens": 0, "question_overflow": "error",
-                "temperature": 0.7, "top_p": 0.95},
+                "temperature": 0.7, "top_p": 0.95, "top_k": null},
       "templates": {"memory_update": "...", "final_answer": "...", "initial_memory": "...", "system": null,
                     "prompt_mode": "pieces", "chat_template_kwargs": {}},
       "reward_style": "boxed_em", "extract": "boxed",
@@ -48,7 +48,7 @@ BUDGET_FIELDS = (
     "max_document_tokens",
     "question_overflow",
 )
-SAMPLING_FIELDS = ("temperature", "top_p")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 TEMPLATE_FIELDS = tuple(f.name for f in dataclasses.fields(AgentTemplates))
 
 # What a folder without memagent_agent.json gets (sampling: None = the tool's own default; answer, generate and
@@ -64,15 +64,17 @@ class AgentSettingsError(settings_lib.ConfigError):
 class AgentSettings:
     """The settings a model was trained with (or the defaults).
 
-    budgets / templates: `AgentBudgets` / `AgentTemplates`. temperature / top_p: the sampling to use by default
-    (None: the tool's own default). reward_style / extract: the verifier rules the model was trained / is scored
-    with. training: a free-form record (never read back). path: the file they came from ('' = defaults).
+    budgets / templates: `AgentBudgets` / `AgentTemplates`. temperature / top_p / top_k: the sampling to use by
+    default (None: the tool's own default; top_k an integer >= 0, 0 = no top-k filter). reward_style / extract:
+    the verifier rules the model was trained / is scored with. training: a free-form record (never read back).
+    path: the file they came from ('' = defaults).
     """
 
     budgets: AgentBudgets = AgentBudgets()
     templates: AgentTemplates = AgentTemplates()
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
     reward_style: str = "boxed_em"
     extract: str = "boxed"
     training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -87,6 +89,8 @@ class AgentSettings:
             object.__setattr__(self, "temperature", settings_lib.temperature(self.temperature))
         if self.top_p is not None:
             object.__setattr__(self, "top_p", settings_lib.top_p(self.top_p))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", settings_lib.top_k(self.top_k))
         for name in ("reward_style", "extract"):
             if not isinstance(getattr(self, name), str):
                 raise settings_lib.SettingError.at(name, f"must be a string, got {getattr(self, name)!r}")
@@ -95,7 +99,7 @@ class AgentSettings:
 
     def to_dict(self) -> dict:
         agent = {name: getattr(self.budgets, name) for name in BUDGET_FIELDS}
-        agent.update(temperature=self.temperature, top_p=self.top_p)
+        agent.update({name: getattr(self, name) for name in SAMPLING_FIELDS})
         templates = dataclasses.asdict(self.templates)
         templates["chat_template_kwargs"] = dict(self.templates.chat_template_kwargs)
         return {
@@ -168,8 +172,7 @@ class AgentSettings:
         return cls(
             budgets=budgets,
             templates=parsed,
-            temperature=sampling["temperature"],
-            top_p=sampling["top_p"],
+            **sampling,
             reward_style=data.get("reward_style", "boxed_em"),
             extract=data.get("extract", "boxed"),
             training=training,
@@ -205,7 +208,7 @@ class AgentSettings:
 
     def override(self, **changes) -> AgentSettings:
         """A copy with settings replaced by their config names: any budget field (`chunk_tokens=...`), any
-        template field (`memory_update=...`, `prompt_mode=...`), `temperature`, `top_p`, `reward_style`,
+        template field (`memory_update=...`, `prompt_mode=...`), `temperature`, `top_p`, `top_k`, `reward_style`,
         `extract`; also `budgets=AgentBudgets(...)`, `templates=AgentTemplates(...)` or a templates JSON file path.
         None values are ignored (= keep). Unknown names raise TypeError naming them."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -217,7 +220,7 @@ class AgentSettings:
             templates = value if isinstance(value, AgentTemplates) else AgentTemplates.from_file(value)
         b = {k: changes.pop(k) for k in list(changes) if k in BUDGET_FIELDS}
         t = {k: changes.pop(k) for k in list(changes) if k in TEMPLATE_FIELDS}
-        rest = {k: changes.pop(k) for k in list(changes) if k in ("temperature", "top_p", "reward_style", "extract")}
+        rest = {k: changes.pop(k) for k in list(changes) if k in SAMPLING_FIELDS + ("reward_style", "extract")}
         if changes:
             raise TypeError(
                 f"unknown agent setting(s) {sorted(changes)}; known: budgets, templates, "
@@ -229,13 +232,14 @@ class AgentSettings:
             templates = templates.replace(**t)
         return dataclasses.replace(self, budgets=budgets, templates=templates, **rest)
 
-    def sampling(self, default_temperature: float = 0.0, default_top_p: float = 1.0):
+    def sampling(self, default_temperature: float = 0.0, default_top_p: float = 1.0, default_top_k: int = 0):
         """`SamplingParams` of these settings (the defaults where they leave it open)."""
         from memagent_jax.sampling import SamplingParams
 
         return SamplingParams(
             temperature=default_temperature if self.temperature is None else self.temperature,
             top_p=default_top_p if self.top_p is None else self.top_p,
+            top_k=default_top_k if self.top_k is None else self.top_k,
         )
 
 
@@ -246,18 +250,20 @@ def write_agent_settings(
     templates: AgentTemplates,
     temperature: float | None = 0.7,
     top_p: float | None = 0.95,
+    top_k: int | None = None,
     reward_style: str = "boxed_em",
     extract: str = "boxed",
     training: Mapping[str, Any] | None = None,
 ) -> str:
     """Writes `folder`/memagent_agent.json for an exported model (e.g. the main job's warm-start export, after
-    `save_hf_checkpoint`); returns its path. temperature / top_p: the sampling `answer` / `evaluate` /
-    `from_pretrained` use by default (default: the paper's evaluation sampling 0.7 / 0.95)."""
+    `save_hf_checkpoint`); returns its path. temperature / top_p / top_k: the sampling `answer` / `evaluate` /
+    `from_pretrained` use by default (default: the paper's evaluation sampling 0.7 / 0.95, no top-k filter)."""
     settings = AgentSettings(
         budgets=budgets,
         templates=templates,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         reward_style=reward_style,
         extract=extract,
         training=dict(training or {}),

@@ -52,6 +52,7 @@ def reference_config() -> ml_collections.ConfigDict:
             question_overflow=placeholder(str),  # an over-budget question: 'error' or 'truncate' | error
             temperature=placeholder(float),  # sampling temperature, 0 = greedy | 0.7 (the paper's evaluation)
             top_p=placeholder(float),  # nucleus sampling | 0.95
+            top_k=placeholder(int),  # keep the k most likely tokens, 0 = off | 0
             templates="",  # JSON file of agent.AgentTemplates fields | the model's settings, else the default wording
             prompt_mode="",  # 'pieces' or 'text' (see agent/templates.py) | the templates' own (pieces)
             # Single template fields over the templates | the model's settings (an export of the main job or of

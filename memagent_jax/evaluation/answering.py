@@ -7,6 +7,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
+
+#: The fields of a row's optional "sampling" object (`row_sampling`).
+ROW_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 NONFINITE_MESSAGE = (
     "the model's logits were not finite (NaN / inf) while it answered: no answer (check the "
@@ -20,6 +25,42 @@ def error_row(i: int, error: Exception, **extra) -> dict:
     if field is not None:
         row["field"] = field
     return dict(row, **extra)
+
+
+def row_sampling(value, default, *, path: str, row: int):
+    """A row's "sampling" object -> (its `SamplingParams`, its seed, the fields it set), checked with the settings
+    rules (`memagent_jax.settings`): temperature >= 0 (0 = greedy), top_p in (0, 1], top_k an integer >= 0 (0 = off),
+    seed an integer. Fields left out (or null) keep `default`'s (the agent's sampling); without temperature / top_p /
+    top_k the row samples with None (the agent's own), without seed its seed is None (the file's). A bad value is a
+    `DataFormatError` naming the file, the row and the field (e.g. 'sampling.temperature')."""
+    from memagent_jax import settings
+    from memagent_jax.data.records import DataFormatError
+
+    if value is None:
+        return None, None, {}
+    if not isinstance(value, Mapping):
+        raise DataFormatError(
+            path, row, "sampling", f"must be an object with {', '.join(ROW_SAMPLING_FIELDS)}, got {value!r:.60}"
+        )
+    unknown = sorted(str(k) for k in value if k not in ROW_SAMPLING_FIELDS)
+    if unknown:
+        raise DataFormatError(
+            path, row, f"sampling.{unknown[0]}", f"is not a sampling field; known: {', '.join(ROW_SAMPLING_FIELDS)}"
+        )
+    given = {}
+    for name in ROW_SAMPLING_FIELDS:
+        if value.get(name) is None:
+            continue
+        try:
+            if name == "seed":
+                low, high = SEED_RANGE
+                given[name] = settings.integer(name, value[name], minimum=low, maximum=high)
+            else:
+                given[name] = getattr(settings, name)(value[name])
+        except settings.SettingError as e:
+            raise DataFormatError(path, row, f"sampling.{name}", e.reason) from None
+    params = {k: v for k, v in given.items() if k != "seed"}
+    return (default.replace(**params) if params else None), given.get("seed"), given
 
 
 def answer_file(
@@ -38,8 +79,11 @@ def answer_file(
     a row that cannot run becomes {"row", "error", "field"}. An answered row holds "answer" (the answer extracted
     from the response by the agent's `extract` rule, None where it finds none) and "response" (the raw text); with
     gold answers, "sub_em" and "em" score the response under the same rule (`verifier.score`). Row i samples with
-    fold_in(key(seed), i), whatever its batch mates. Returns the number of failed rows (bad rows and answers from
-    non-finite logits).
+    fold_in(key(seed), i), whatever its batch mates. A row may carry its own sampling, an object "sampling":
+    {"temperature", "top_p", "top_k", "seed"} (each optional; `row_sampling`): it samples with those settings (the
+    others: the agent's) and, with a seed S, with the key of row 0 under seed S (the single-document mode's and the
+    server's key for seed S); its output row echoes them as "sampling". A bad value makes it an error row naming the
+    field. Returns the number of failed rows (bad rows and answers from non-finite logits).
     """
     from memagent_jax.agent import AgentInputError
     from memagent_jax.data.formats import open_file
@@ -56,24 +100,27 @@ def answer_file(
         for i in range(len(rows)):
             try:
                 record = rows[i]
+                raw = rows.row(i).get("sampling")  # a top-level field in either format
+                own = row_sampling(raw, None if raw is None else agent.spec.answer_sampling, path=input_path, row=i)
                 q_ids, d_ids = agent.prepare(record.question, record.document, source=f"{input_path} row {i}")
             except (DataFormatError, AgentInputError) as e:
                 failed += 1
                 out.write(json.dumps(error_row(i, e), ensure_ascii=False) + "\n")
                 print(f"skipped: {e}", file=sys.stderr)
                 continue
-            ready.append((d_ids.size, i, record, d_ids))
+            ready.append((d_ids.size, i, record, d_ids, own))
         out.flush()
         # Continuous batching over --batch-size row slots; row i of the file samples with fold_in(key(seed), i)
-        # whatever its batch mates (row 0 = the single-document mode with the same seed). Each row is written as
-        # soon as it is answered.
+        # whatever its batch mates (row 0 = the single-document mode with the same seed); a row with its own seed S
+        # with fold_in(key(S), 0). Each row is written as soon as it is answered.
+        import jax
         import numpy as np
 
         from memagent_jax.sampling.api import row_keys
 
         def write(j: int, result) -> None:
             nonlocal failed, nonfinite
-            _, i, record, _ = ready[j]
+            _, i, record, _, (_, _, own_sampling) = ready[j]
             if result.nonfinite and result.nonfinite[0]:
                 failed += 1
                 nonfinite += 1
@@ -100,16 +147,24 @@ def answer_file(
                     row["answers"] = list(record.answers)
                     row["sub_em"] = verifier.score(result.answers[0], record.answers, "sub_em", agent.extract)
                     row["em"] = verifier.score(result.answers[0], record.answers, "em", agent.extract)
+                if own_sampling:
+                    row["sampling"] = own_sampling
                 if trace:
                     row["trace"] = result.traces[0]
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             out.flush()
 
         if ready:
+            keys = np.array(jax.random.key_data(row_keys(seed, len(rows))[np.asarray([r[1] for r in ready])]))
+            for j, r in enumerate(ready):
+                if r[4][1] is not None:  # the row's own seed
+                    keys[j] = np.asarray(jax.random.key_data(row_keys(r[4][1], 1)))[0]
+            per_row = [r[4][0] for r in ready]
             agent.run(
                 [r[2].question for r in ready],
                 [r[3] for r in ready],
-                rng=row_keys(seed, len(rows))[np.asarray([r[1] for r in ready])],
+                rng=keys,
+                sampling=None if all(p is None for p in per_row) else per_row,
                 trace=trace,
                 batch_size=batch_size,
                 progress=progress,

@@ -191,7 +191,7 @@ def describe(state, host: str, port: int) -> list[str]:
         f"model {state.model_name!r} from {state.model_path}",
         f"budgets: question {b.question_tokens}, chunk {b.chunk_tokens}, memory {b.memory_tokens}, answer "
         f"{b.answer_tokens}, {b.chunks_per_segment} chunks per segment; sampling temperature={s.temperature} "
-        f"top_p={s.top_p}",
+        f"top_p={s.top_p} top_k={s.top_k}",
         f"{state.engine_loop.batch_size} row slots, queue {state.engine_loop.capacity - state.engine_loop.batch_size}, "
         f"max document {state.limits.max_document_tokens or 'unlimited'} tokens / "
         f"{state.limits.document_bytes() or 'unlimited'} bytes, timeout {state.limits.request_timeout:g} s "
