@@ -42,6 +42,16 @@ def run(setup, policy, index, chunks=6, distractors=0, seed=0):
     )
 
 
+def keyed_run(setup, cfg, index, forget):
+    """Sample `index` of `cfg` and the 'keyed' script's conversations over it (forget_prob `forget`)."""
+    tok, prompts = setup
+    sample = generate_sample(cfg, index, tok)
+    policy = ScriptedPolicy(forget_prob=forget, note_style="keyed")
+    ids = tokenize_document(tok, sample.text())
+    rng = np.random.default_rng(0)
+    return sample, scripted_conversations(sample, ids, tok, prompts, BUDGETS, policy, rng, tok.eos_token_id)
+
+
 def split_at_memory(prompt, memory) -> list[tuple[list[int], list[int]]]:
     """Every (before, after) with prompt == before + memory + after."""
     prompt, memory = list(prompt), list(memory)
@@ -122,18 +132,7 @@ def test_keyed_notes_name_the_asked_key_from_the_first_chunk(setup):
     )
     for index in range(12):
         for forget in (0.0, 1.0):
-            sample = generate_sample(cfg, index, tok)
-            ids = tokenize_document(tok, sample.text())
-            convs = scripted_conversations(
-                sample,
-                ids,
-                tok,
-                prompts,
-                BUDGETS,
-                ScriptedPolicy(forget_prob=forget, note_style="keyed"),
-                np.random.default_rng(0),
-                tok.eos_token_id,
-            )
+            sample, convs = keyed_run(setup, cfg, index, forget)
             creature = next(f.triple[0] for f in sample.facts if f.role == "answer")
             answer_step = next(f.token_offset for f in sample.facts if f.role == "answer") // 32
             notes = [tok.decode(c.response_ids[:-1]) for c in convs[:-1]]
@@ -186,18 +185,7 @@ def test_keyed_notes_follow_a_two_hop_chain(setup):
     )
     checked = 0
     for index in range(12):
-        sample = generate_sample(cfg, index, tok)
-        ids = tokenize_document(tok, sample.text())
-        convs = scripted_conversations(
-            sample,
-            ids,
-            tok,
-            prompts,
-            BUDGETS,
-            ScriptedPolicy(forget_prob=0.0, note_style="keyed"),
-            np.random.default_rng(0),
-            tok.eos_token_id,
-        )
+        sample, convs = keyed_run(setup, cfg, index, 0.0)
         pointer = next(f for f in sample.facts if f.role == "answer")
         stated = next(f for f in sample.facts if f.role == "support")
         asked, bridge = pointer.triple[0], pointer.triple[2]
