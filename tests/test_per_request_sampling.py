@@ -219,34 +219,52 @@ def test_agent_top_k_flag_reaches_the_sampler(tmp_path):
 
 
 @pytest.mark.slow
-def test_rollout_logprobs_are_the_learners_at_temperature_0_7(agent):
-    """The rollout records each sampled token's log-prob under the unmodified model (temperature 1, no filters) and
-    the learner computes the same quantity, so at a rollout temperature of 0.7 (top-p 0.9) the first update's ratio
-    is 1; the log-probs of the temperature-scaled distribution are other numbers."""
-    from memagent_jax.models.transformer import forward_hidden, logits_from_hidden, positions_from_mask
+@pytest.mark.parametrize("scheduling", ["lockstep", "continuous"])
+def test_rollout_logprobs_are_the_learners_at_temperature_0_7(agent, scheduling):
+    """A rollout agent (`tempered_logprobs`, as the trainer builds it) records each sampled token's log-prob under
+    logits / 0.7 (no top-p), and the learner at `logprob_temperature=0.7` computes the same quantity, so the first
+    update's ratio is 1 (as verl). The same samples from an agent without the flag keep the model's own
+    (temperature 1) log-probs, those of a temperature-1 learner."""
     from memagent_jax.rl.batch import build_conversation_batch
     from memagent_jax.rl.learner import Learner, LearnerConfig
 
+    hot = agent.spec.memory_sampling.replace(temperature=0.7, top_p=0.9)
+    rollout_agent = MemoryAgent(
+        agent.params,
+        agent.config,
+        agent.tokenizer,
+        budgets=agent.budgets,
+        memory_sampling=hot.replace(tempered_logprobs=True),
+    )
     rng = np.random.default_rng(1)
     docs = [rng.integers(3, 400, n).astype(np.int32) for n in (40, 25)]
-    hot = agent.spec.memory_sampling.replace(temperature=0.7, top_p=0.9)
-    result = agent.run(["Where is the key?", "Which river?"], docs, rng=2, sampling=hot, record=True)
-    convs = [c for row in result.conversations for c in row]
-    batch = build_conversation_batch(
-        [c.prompt_ids for c in convs],
-        [c.response_ids for c in convs],
-        [c.logprobs for c in convs],
-        [1.0] * len(convs),
-        length_multiple=16,
-    )
-    new = np.asarray(Learner(agent.config, LearnerConfig()).logprobs(agent.params, batch))
+    questions = ["Where is the key?", "Which river?"]
+    batch_size = None if scheduling == "lockstep" else 1
+
+    def run(which, sampling=None):
+        result = which.run(
+            questions, docs, rng=2, sampling=sampling, record=True, batch_size=batch_size, scheduling=scheduling
+        )
+        convs = [c for row in result.conversations for c in row]
+        return build_conversation_batch(
+            [c.prompt_ids for c in convs],
+            [c.response_ids for c in convs],
+            [c.logprobs for c in convs],
+            [1.0] * len(convs),
+            length_multiple=16,
+        )
+
+    batch = run(rollout_agent)
     mask = np.asarray(batch.loss_mask)
     assert mask.sum() > 20
+    new = np.asarray(Learner(agent.config, LearnerConfig(logprob_temperature=0.7)).logprobs(agent.params, batch))
     ratio = np.exp(new - np.asarray(batch.old_logprobs))[mask]
-    np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
-    # What a temperature-scaled learner (logits / 0.7) would give differs: the rollout's numbers are not those.
-    tokens, token_mask = jnp.asarray(batch.tokens), jnp.asarray(batch.token_mask)
-    hidden, _ = forward_hidden(agent.params, tokens, positions_from_mask(token_mask), token_mask, config=agent.config)
-    scaled = jax.nn.log_softmax(logits_from_hidden(agent.params, hidden, config=agent.config) / 0.7, axis=-1)
-    at_t = np.asarray(jnp.take_along_axis(scaled[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0])
-    assert np.abs(at_t - np.asarray(batch.old_logprobs)[:, 1:])[mask[:, 1:]].max() > 1e-2
+    np.testing.assert_allclose(ratio, 1.0, atol=1e-5)
+    # The temperature-1 log-probs are other numbers: a learner that ignored the temperature would not see ratio 1.
+    plain = np.asarray(Learner(agent.config, LearnerConfig()).logprobs(agent.params, batch))
+    assert np.abs(plain - np.asarray(batch.old_logprobs))[mask].max() > 1e-2
+    # Without the flag (evaluation, answer, serve): the same samples, with the model's own log-probs.
+    untempered = run(agent, hot)
+    np.testing.assert_array_equal(untempered.tokens, batch.tokens)
+    ratio = np.exp(plain - np.asarray(untempered.old_logprobs))[mask]
+    np.testing.assert_allclose(ratio, 1.0, atol=1e-5)

@@ -164,6 +164,16 @@ def test_learning_rate_schedule_by_hand():
             id="unknown-on-nonfinite",
         ),
         pytest.param(lambda: LearnerConfig(remat="some"), LearnerConfigError, "learner.remat", id="unknown-remat"),
+        *[
+            pytest.param(
+                lambda t=t: LearnerConfig(logprob_temperature=t),
+                LearnerConfigError,
+                r"^learner\.logprob_temperature must be a finite number > 0, got ",
+                id=f"logprob-temperature-{t}",
+                marks=pytest.mark.faults,
+            )
+            for t in (0.0, -0.7, float("nan"), float("inf"))
+        ],
         pytest.param(
             lambda: LearnerConfig(micro_batch_size=3).split(8),
             BatchError,
@@ -207,6 +217,70 @@ def test_train_step_is_adamw_by_hand():
     assert int(state.step) == 1 and int(state.skipped_updates) == 0
     for path, p in jax.tree_util.tree_flatten_with_path(state.params)[0]:
         np.testing.assert_allclose(np.asarray(p), expected[jax.tree_util.keystr(path)], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ temperature
+
+
+def tempered_reference(params, b, temperature):
+    """float64 NumPy from a full forward: per-token log-prob and entropy of softmax(logits / temperature), aligned
+    with the tokens (0 at position 0)."""
+    mask = jnp.asarray(b.token_mask)
+    logits, _ = forward(params, jnp.asarray(b.tokens), positions_from_mask(mask), mask, config=CONFIG)
+    z = np.asarray(logits, np.float64)[:, :-1] / temperature
+    logp_all = z - z.max(-1, keepdims=True)
+    logp_all -= np.log(np.exp(logp_all).sum(-1, keepdims=True))
+    lp = np.take_along_axis(logp_all, np.asarray(b.tokens)[:, 1:, None], axis=-1)[..., 0]
+    ent = -(np.exp(logp_all) * logp_all).sum(-1)
+    return np.pad(lp, ((0, 0), (1, 0))), np.pad(ent, ((0, 0), (1, 0)))
+
+
+def test_learner_logprobs_are_those_of_logits_over_the_rollout_temperature():
+    params = random_params(CONFIG, 0)
+    b = random_batch(6, 2)
+    mask = np.asarray(b.token_mask)
+    mask[:, 0] = False
+    want, _ = tempered_reference(params, b, 0.7)
+    # Chunked (4 positions per logits chunk) and in one piece: the same numbers.
+    for chunk in (4, 0):
+        got = np.asarray(
+            Learner(CONFIG, LearnerConfig(logprob_temperature=0.7, logits_chunk_size=chunk)).logprobs(params, b)
+        )
+        np.testing.assert_allclose(got[mask], want[mask], rtol=0, atol=1e-5)
+    plain = np.asarray(Learner(CONFIG, LearnerConfig()).logprobs(params, b))
+    np.testing.assert_allclose(plain[mask], tempered_reference(params, b, 1.0)[0][mask], rtol=0, atol=1e-5)
+    assert np.abs(plain - want)[mask].max() > 0.05  # the temperature matters on this model
+
+
+def test_kl_and_entropy_are_those_of_the_tempered_distribution():
+    """A GRPO step at logprob_temperature 0.7 with recomputed old log-probs and reference params: its KL (k3 to the
+    reference), entropy and log-prob metrics are those of softmax(logits / 0.7) for the policy and the reference
+    alike, computed by hand; the recomputed old log-probs equal the new ones (ratio 1)."""
+    t = 0.7
+    loss = LossConfig(kl_coef=0.05, entropy_coef=0.01)
+    config = LearnerConfig(loss=loss, recompute_old_logprobs=True, logprob_temperature=t, logits_chunk_size=4)
+    params, ref = random_params(CONFIG, 0), random_params(CONFIG, 1)
+    b = random_batch(8, 3)
+    lp, ent = tempered_reference(params, b, t)
+    ref_lp, _ = tempered_reference(ref, b, t)
+    lm = np.asarray(b.loss_mask)
+    d = ref_lp - lp
+    want = {
+        "kl": (np.exp(d) - d - 1)[lm].mean(),
+        "entropy": ent[lm].mean(),
+        "logprob_mean": lp[lm].mean(),
+        "ratio_mean": 1.0,
+        "approx_kl_old": 0.0,
+    }
+    # At temperature 1 these are other numbers (the hand computation above is not the untempered one).
+    lp1, ent1 = tempered_reference(params, b, 1.0)
+    d1 = tempered_reference(ref, b, 1.0)[0] - lp1
+    assert abs((np.exp(d1) - d1 - 1)[lm].mean() - want["kl"]) > 0.05 * want["kl"]
+    assert abs(ent1[lm].mean() - want["entropy"]) > 0.05
+    learner = Learner(CONFIG, config)
+    _, metrics = learner.train_step(learner.init_state(params), b, ref_params=ref)  # the state takes `params`
+    for name, value in want.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
 # ------------------------------------------------------------------------------------ sharding

@@ -211,3 +211,14 @@ def test_cpu_variant_keeps_the_plain_settings():
     learner = learner_config(load_config("grpo.py", "cpu"))
     assert learner.recompute_old_logprobs is False and learner.loss.kl_clamp is None
     assert learner.optimizer.warmup_from_zero is False
+
+
+@pytest.mark.parametrize("variant", ["", "cpu"])
+def test_learner_logprobs_are_at_the_rollout_temperature(variant):
+    """The learner's log-probs (new, old, reference) and entropy are at config.agent.temperature, as verl's."""
+    from memagent_jax.rl.recipe import learner_config
+
+    cfg = load_config("grpo.py", variant)
+    assert learner_config(cfg).logprob_temperature == cfg.agent.temperature == 1.0
+    cfg.agent.temperature = 0.7
+    assert learner_config(cfg).logprob_temperature == 0.7

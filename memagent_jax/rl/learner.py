@@ -175,6 +175,10 @@ class LearnerConfig:
     remat: overrides the model config's layer-scan remat ('none' | 'full' | 'dots'); None keeps it.
     lora: `LoraConfig`; with rank > 0 the train state holds only the adapters (and their optimiser state), the
       base params stay frozen in the `Learner` and serve as the KL reference (see `Learner.init_state`).
+    logprob_temperature: T > 0, the rollout's sampling temperature: the policy's log-probs (new, recomputed old,
+      reference) and its entropy are those of softmax(logits / T), as verl computes them (top-k / top-p not
+      applied); the sampler's old log-probs must be the same (`SamplingParams.tempered_logprobs`). 1: the logits
+      as they are.
     """
 
     loss: LossConfig = LossConfig()
@@ -187,6 +191,7 @@ class LearnerConfig:
     compute_entropy: bool = True
     remat: str | None = None
     lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
+    logprob_temperature: float = 1.0
 
     def __post_init__(self):
         o = "learner"
@@ -200,6 +205,7 @@ class LearnerConfig:
         _check_int(o, "micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
         settings.choice(f"{o}.on_nonfinite", self.on_nonfinite, NONFINITE_MODES, error=LearnerConfigError)
         _check_int(o, "logits_chunk_size", self.logits_chunk_size, minimum=0)
+        _check_number(o, "logprob_temperature", self.logprob_temperature, minimum=0, strict=True)
         if self.remat is not None:
             settings.choice(f"{o}.remat", self.remat, ("none", "full", "dots"), error=LearnerConfigError)
 
@@ -337,6 +343,7 @@ def _micro_loss(
         config=model_config,
         chunk_size=config.logits_chunk_size,
         with_entropy=config.need_entropy,
+        temperature=config.logprob_temperature,
         **_row_layout(micro.segment_ids),
     )
     return compute_loss(
@@ -471,7 +478,13 @@ def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, c
             tokens, mask = constrain_micro(tokens, 0), constrain_micro(mask, 0)
             segments = None if segments is None else constrain_micro(segments, 0)
         logp, _ = token_logprobs(
-            params, tokens, mask, config=model_config, chunk_size=config.logits_chunk_size, **_row_layout(segments)
+            params,
+            tokens,
+            mask,
+            config=model_config,
+            chunk_size=config.logits_chunk_size,
+            temperature=config.logprob_temperature,
+            **_row_layout(segments),
         )
         return None, logp
 
@@ -867,8 +880,9 @@ class Learner:
         return state, out
 
     def logprobs(self, params, batch: ConversationBatch) -> jax.Array:
-        """[N, T] log-prob of every token under `params` (0 at position 0), e.g. reference log-probs; packed
-        batches too (there a conversation's first token gets a meaningless value: never a response token)."""
+        """[N, T] log-prob of every token under `params` at `config.logprob_temperature` (0 at position 0), e.g.
+        reference log-probs; packed batches too (there a conversation's first token gets a meaningless value: never
+        a response token)."""
         key = (batch.tokens.shape, batch.packed)
         segments = batch.segment_ids if batch.packed else jnp.zeros((), jnp.int32)
         if key not in self._logprob_fns:
@@ -876,7 +890,13 @@ class Learner:
             def fn(p, t, m, seg):
                 layout = _row_layout(seg) if batch.packed else {}
                 return token_logprobs(
-                    p, t, m, config=self.model_config, chunk_size=self.config.logits_chunk_size, **layout
+                    p,
+                    t,
+                    m,
+                    config=self.model_config,
+                    chunk_size=self.config.logits_chunk_size,
+                    temperature=self.config.logprob_temperature,
+                    **layout,
                 )[0]
 
             if self.mesh is None:

@@ -7,6 +7,9 @@ function is rematerialised (`jax.checkpoint`), so the backward pass also holds o
 the cost of recomputing the LM-head matmul). The result is
 the same as `log_softmax(forward(...))` gathered at the targets (chunking only changes what is kept in memory).
 
+Temperature: with `temperature` T != 1 the distribution is softmax(logits / T), as verl computes the log-probs and
+the entropy of a policy sampled at temperature T (top-k / top-p are not applied). T = 1 leaves the logits untouched.
+
 Alignment: the output at position t is log p(tokens[t] | tokens[:t]), predicted by the hidden state at t - 1;
 position 0 gets 0 (nothing predicts it).
 """
@@ -22,9 +25,12 @@ from memagent_jax.models.transformer import forward_hidden, logits_from_hidden, 
 __all__ = ["token_logprobs"]
 
 
-def _chunk_stats(params, hidden, targets, *, config: ModelConfig, with_entropy: bool):
-    """hidden [B, c, D], targets [B, c] -> (log-prob of each target [B, c], entropy [B, c] or zeros)."""
+def _chunk_stats(params, hidden, targets, *, config: ModelConfig, with_entropy: bool, temperature: float = 1.0):
+    """hidden [B, c, D], targets [B, c] -> (log-prob of each target [B, c], entropy [B, c] or zeros), both under
+    softmax(logits / temperature)."""
     logits = logits_from_hidden(params, hidden, config=config)  # [B, c, V] f32
+    if temperature != 1.0:
+        logits = logits / jnp.float32(temperature)
     lse = jax.nn.logsumexp(logits, axis=-1)
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     # A masked sum (rather than a gather) keeps a vocabulary-sharded logits array sharded.
@@ -48,6 +54,7 @@ def token_logprobs(
     chunk_size: int = 512,
     with_entropy: bool = False,
     segment_ids=None,
+    temperature: float = 1.0,
 ):
     """Log-prob of every token given its prefix, and optionally the entropy of the predicting distribution.
 
@@ -61,6 +68,8 @@ def token_logprobs(
       segment_ids: optional [B, T] int (packed rows): tokens attend only within their own segment; `positions`
         should then restart at each segment (`rl.batch.segment_positions`). A segment's first token gets the
         meaningless "prediction" of the previous segment's last token (never a response token).
+      temperature: T > 0 (static): log-probs and entropy of softmax(logits / T), the distribution a rollout at
+        temperature T samples from before any top-k / top-p filter (1: the model's own).
     Returns:
       (logprobs [B, T] f32, entropy [B, T] f32): logprobs[:, t] = log p(tokens[:, t] | tokens[:, :t]) for t >= 1,
       entropy[:, t] = H(p(. | tokens[:, :t])); both 0 at t = 0 (and meaningless at pad positions).
@@ -75,7 +84,7 @@ def token_logprobs(
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1).astype(jnp.int32)
 
     def stats(p, h, y):
-        return _chunk_stats(p, h, y, config=config, with_entropy=with_entropy)
+        return _chunk_stats(p, h, y, config=config, with_entropy=with_entropy, temperature=temperature)
 
     if chunk_size <= 0 or chunk_size >= t:
         # One chunk: the logits are materialised anyway; no point recomputing them in the backward pass.

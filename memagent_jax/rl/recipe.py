@@ -516,7 +516,8 @@ def model_options(model_cfg) -> dict:
 
 
 def learner_config(cfg):
-    """The `LearnerConfig` of `config.rl` (loss, optimiser, mini-batches), as the learner checks it."""
+    """The `LearnerConfig` of `config.rl` (loss, optimiser, mini-batches), as the learner checks it; its log-probs
+    and entropy are at the rollout temperature `config.agent.temperature`, as verl's."""
     from memagent_jax.models.lora import lora_config
     from memagent_jax.rl.learner import LearnerConfig, OptimizerConfig
     from memagent_jax.rl.losses import LossConfig
@@ -548,6 +549,7 @@ def learner_config(cfg):
         on_nonfinite=rl.on_nonfinite,
         remat=cfg.model.remat,
         lora=lora_config(cfg.get("lora"), "config.lora", error=TrainConfigError),
+        logprob_temperature=float(cfg.agent.temperature),
     )
 
 

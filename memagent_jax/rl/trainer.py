@@ -394,7 +394,13 @@ def train(cfg, workdir: str) -> dict:
         budgets=budgets,
         mesh=rollout_mesh,
         templates=templates,
-        memory_sampling=SamplingParams(temperature=cfg.agent.temperature, top_p=cfg.agent.top_p),
+        # The recorded (old) log-probs are at the rollout temperature, as the learner's (`logprob_temperature`).
+        # At temperature 1 they are the model's own either way: the flag stays off and the program is unchanged.
+        memory_sampling=SamplingParams(
+            temperature=cfg.agent.temperature,
+            top_p=cfg.agent.top_p,
+            tempered_logprobs=float(cfg.agent.temperature) != 1.0,
+        ),
     )
     evaluation = _training_evaluation(
         cfg, workdir, agent, state_params=lambda: learner.policy_params(state), start=start, restored=restored_metadata

@@ -44,6 +44,9 @@ class SamplingParams:
       stop_token_ids: token ids that end a row (EOS and any extra stop ids). The stop token itself is part
         of the output and counted in `num_tokens`; everything after it is `pad_id`.
       pad_id: the id written after a row has stopped (and for inactive rows); >= 0.
+      tempered_logprobs: record each new token's log-prob (`SampleOutput.logprobs`) under logits / temperature
+        (each row's own; greedy rows: the logits) instead of the logits: what a GRPO learner at the rollout
+        temperature computes (as verl: top-k / top-p not applied). Off: the model's own log-probs. Static.
     """
 
     max_new_tokens: int = 128
@@ -52,6 +55,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    tempered_logprobs: bool = False
 
     def __post_init__(self):
         e = SamplingError
@@ -74,6 +78,9 @@ class SamplingParams:
         # Canonical form: sorted, unique, plain ints (so equal settings hash equal and share one compile).
         object.__setattr__(self, "stop_token_ids", tuple(sorted({int(s) for s in stops})))
         settings.integer("pad_id", self.pad_id, minimum=0, error=e)
+        object.__setattr__(
+            self, "tempered_logprobs", settings.boolean("tempered_logprobs", self.tempered_logprobs, error=e)
+        )
         object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_k", int(self.top_k))
@@ -88,8 +95,9 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     def static(self) -> SamplingParams:
-        """The part a compiled program is specialised on (max_new_tokens, stop ids, pad id), with the per-row
-        settings at their neutral values: equal for any temperature / top_k / top_p, so they share one compile."""
+        """The part a compiled program is specialised on (max_new_tokens, stop ids, pad id, tempered_logprobs), with
+        the per-row settings at their neutral values: equal for any temperature / top_k / top_p, so they share one
+        compile."""
         return self.replace(temperature=1.0, top_k=0, top_p=1.0)
 
     def check_vocab(self, vocab_size: int) -> None:

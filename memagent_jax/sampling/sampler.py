@@ -76,7 +76,9 @@ class SampleOutput(NamedTuple):
     finished:          [B] bool, whether the row emitted a stop token (False when it ran out of tokens, and
                        for inactive rows).
     logprobs:          [B, N] f32, log-prob of each new token under the model's unmodified distribution
-                       (temperature 1, no top-k/top-p): what RL needs. 0 at padded positions.
+                       (temperature 1, no top-k/top-p); with `SamplingParams.tempered_logprobs`, under
+                       logits / the row's temperature (no top-k/top-p): what GRPO at that temperature needs.
+                       0 at padded positions.
     sampling_logprobs: [B, N] f32, log-prob of each new token under the distribution it was drawn from
                        (temperature, top-k, top-p applied; 0 for greedy, a point mass). 0 at padded positions.
     cache:             the `KVCache` after decoding: it holds every new token except each row's last one
@@ -199,7 +201,9 @@ def _filtered_pick(
     return search(tuple(k for k in probes if 2 * k <= vocab))
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams | RowSampling):
+def sample_tokens(
+    logits: jax.Array, keys: jax.Array, sampling: SamplingParams | RowSampling, *, tempered: bool | None = None
+):
     """Picks one token per row, each row with its own settings.
 
     Args:
@@ -207,9 +211,11 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams |
       keys: [B] PRNG keys, one per row (unused by greedy rows).
       sampling: a `RowSampling` of [B] arrays (traced: one compile for any values), or a `SamplingParams` whose
         temperature / top_k / top_p every row uses.
+      tempered: the returned logprobs are under log_softmax(logits / the row's temperature) (greedy rows: the
+        logits); None: `sampling.tempered_logprobs` (False for a `RowSampling`).
     Returns:
-      (tokens [B] int32, logprobs [B] f32 under log_softmax(logits), sampling_logprobs [B] f32 under the
-      distribution actually sampled from; 0 for greedy rows).
+      (tokens [B] int32, logprobs [B] f32 under log_softmax(logits) (or tempered, above), sampling_logprobs [B]
+      f32 under the distribution actually sampled from; 0 for greedy rows).
 
     Paths (each under `lax.cond`, so a batch pays only for what some row needs): every row greedy (temperature 0):
     the argmax alone. Otherwise every non-greedy row draws Gumbel noise over the vocabulary with its key; rows with
@@ -218,11 +224,13 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams |
     """
     logits = logits.astype(jnp.float32)
     batch, vocab = logits.shape
+    if tempered is None:
+        tempered = isinstance(sampling, SamplingParams) and sampling.tempered_logprobs
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def picked(tokens):
-        return jnp.take_along_axis(model_logprobs, tokens[:, None], axis=-1)[:, 0]
+    def picked(tokens, logprobs=model_logprobs):
+        return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
     if isinstance(sampling, SamplingParams) and sampling.greedy:
         return greedy_tokens, picked(greedy_tokens), jnp.zeros((batch,), jnp.float32)
@@ -246,6 +254,9 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplingParams |
         return jnp.where(greedy, greedy_tokens, tokens), jnp.where(greedy, 0.0, lp)
 
     tokens, sampled_lp = jax.lax.cond(jnp.all(greedy), only_greedy, sampled)
+    if tempered:  # the distribution before any top-k / top-p filter, as the learner's (greedy rows: the logits)
+        scaled_logprobs = jax.nn.log_softmax(logits / jnp.where(greedy, 1.0, rows.temperature)[:, None], axis=-1)
+        return tokens, picked(tokens, scaled_logprobs), sampled_lp
     return tokens, picked(tokens), sampled_lp
 
 
@@ -361,8 +372,8 @@ def decode(
       next_positions: [B] int, position of the first new token of each row.
       rngs: [B] PRNG keys (typed `jax.random.key` or raw uint32 [B, 2]); row b uses fold_in(rngs[b], n) for
         token n. Unused by greedy rows.
-      sampling: static `SamplingParams`: max_new_tokens, stop ids and pad id; its temperature / top_k / top_p
-        are every row's settings when `rows` is None.
+      sampling: static `SamplingParams`: max_new_tokens, stop ids, pad id and tempered_logprobs; its
+        temperature / top_k / top_p are every row's settings when `rows` is None.
       active: optional [B] bool; inactive rows produce nothing (all pad, num_tokens 0, finished False).
       rows: optional `RowSampling` of [B] arrays: each row's temperature / top_k / top_p (traced: pass
         `sampling.static()` as the static settings and one compile serves any values).
@@ -389,7 +400,7 @@ def decode(
             keys = rngs  # unused
         else:
             keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, step)
-        return sample_tokens(logits, keys, settings)
+        return sample_tokens(logits, keys, settings, tempered=sampling.tempered_logprobs)
 
     def record(state: _State, picked, cache: KVCache, positions) -> _State:
         token, lp, slp = picked
