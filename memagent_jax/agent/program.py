@@ -149,7 +149,8 @@ class SegmentRecord(NamedTuple):
 
     rest_tokens / rest_mask [B, S, R]: the step's prompt after the prefix (memory, chunk, template pieces).
     response [B, S, M]: sampled ids (stop token included; pad after). response_len [B, S]: their count.
-    logprobs [B, S, M]: log-probs under the model's unmodified distribution. active [B, S]: the step ran.
+    logprobs [B, S, M]: log-probs under the model's unmodified distribution (logits / temperature with the
+      sampling's `tempered_logprobs`). active [B, S]: the step ran.
     memory_len [B, S]: length of the new memory (the response without its stop token).
     """
 

@@ -24,7 +24,8 @@ class Conversation:
     """One conversation of a trajectory: the exact prompt ids the model saw and what it sampled.
 
     kind: 'memory' (chunk step `step`) or 'final'. response_ids include the stop token when one was
-    emitted; logprobs [len(response_ids)] are under the model's unmodified distribution.
+    emitted; logprobs [len(response_ids)] are under the model's unmodified distribution (under logits / temperature
+    when the memory sampling sets `tempered_logprobs`, as GRPO's rollouts do).
     """
 
     kind: str
