@@ -2,7 +2,7 @@
 
     python benchmarks/bench_peers.py --setup             # build the peers' virtualenvs (also done on first use)
     python benchmarks/bench_peers.py --quick             # every part, tiny shape, small batches (smoke check)
-    python benchmarks/bench_peers.py --part agent --dtype bf16
+    python benchmarks/bench_peers.py --part agent --shape tiny --dtype bf16
     python benchmarks/bench_peers.py                     # every part, tiny and Qwen2.5-0.5B shapes, f32
 
 Peers live in their own virtualenvs under `.cache/peers/` (git-ignored), pinned, built on first use:
@@ -15,16 +15,23 @@ out); our side runs in this process. Both load the same random Qwen2 weights, sa
 
 agent:    the memory-agent loop (prefix 64, chunk 512, memory 64 tokens of fixed length, answer 16, greedy):
           ours `MemoryAgent.run` against vLLM's offline `LLM` engine with prefix caching, token-id prompts and
-          `skip_tokenizer_init`, one `generate` call per chunk step holding every document's prompt (what the
-          reference MemAgent loop does). Document tokens/s, batch 1/4/16 and a mixed-length file; with each cell
-          the bound = the chunk's prefill at the measured matmul peak + the memory's decode at the measured read
-          bandwidth, and the share of that bound each side reaches.
-generate: prefill 600 tokens, decode 64 (greedy, fixed length): ours `memagent_jax.generate.generate_ids`
-          against vLLM `generate`; generated tokens/s.
-learner:  one GRPO learner step on the same conversations: ours `rl.learner_step` against tunix's GRPO loss and
-          optimizer step on tunix's own Qwen2 model (same clip, KL and aggregation settings): tokens/s, peak RSS
-          of each process, and the first loss of each side.
-rl:       a whole RL step through tunix's rollout, if it can run the memory-agent loop (else: why not).
+          `skip_tokenizer_init`, one `generate` call per chunk step holding every unfinished document's prompt
+          (what the reference MemAgent loop does). Document tokens/s at batch 1/4/16 and for a mixed-length file
+          (ours in lockstep and with continuous scheduling); with each cell the bound = every chunk step's
+          prefill at the measured matmul peak + its memory's decode at the measured read bandwidth, and the share
+          of that bound each side reaches; and how many rows' answers are token for token the same.
+generate: prefill 600 tokens, decode 64 (greedy, fixed length): ours `sampling.Sampler.generate` against vLLM
+          `generate`; generated tokens/s (prefill included), batch 1/4/16.
+learner:  one GRPO learner step on the same conversations (a memory update's shape: 640-token prompt, 64-token
+          response): ours `rl.Learner.train_step` against tunix's registered 'grpo' policy loss with an
+          `nnx.Optimizer` update on tunix's own Qwen2 model (same clip, dual clip, k3 KL, token-mean
+          aggregation, AdamW, grad-norm clip): tokens/s, peak RSS of each process, the first loss of each side.
+rl:       a whole RL step through tunix's rollout, if it can run the memory-agent loop (it cannot: says why).
+
+vLLM's CPU backend binds its OpenMP threads itself: by default ('auto') it keeps one core for its front end, so on
+2 cores it computes on one; --vllm-cores all binds every core (as ours uses every core), which on a shared 2-core
+machine collapses its spinning threads. bf16: vLLM's CPU build computes in bf16 where the CPU has AVX-512 BF16 (the
+machine line says whether it does); ours then keeps params and computes in bf16 too.
 
 Every timed section holds `flock /tmp/memagent_bench.lock` (the machine's cores are shared); figures are medians
 of interleaved repeats after one untimed warm-up on each side; ratio = ours / theirs (higher: we are faster).
@@ -36,6 +43,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import gc
 import io
 import json
 import os
@@ -120,13 +128,39 @@ def bench_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's peak-RSS mark (VmHWM) from its current RSS (Linux: /proc/self/clear_refs)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MiB since the last `reset_peak_rss` (VmHWM)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (e.g. 'AMD EPYC (family 26, model 2)')."""
+    fields = {}
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+    name = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
 
 
 def cpu_flags() -> set[str]:
@@ -232,13 +266,20 @@ def machine_bounds() -> tuple[float, float]:
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 
 
-def shapes(quick: bool, vocab: int):
+SHAPES = ("tiny", "qwen2.5-0.5b")
+
+
+def shapes(args, vocab: int):
+    """(name, config) of the model shapes this run measures: the tiny shape (the tokenizer's vocabulary) and
+    Qwen2.5-0.5B's shapes (its own vocabulary; --quick: tiny only)."""
     from bench_agent import TINY
 
     from memagent_jax.models.presets import preset_config
 
-    out = [("tiny", preset_config("tiny", vocab_size=vocab, **TINY))]
-    if not quick:
+    out = []
+    if args.shape in ("all", "tiny"):
+        out.append(("tiny", preset_config("tiny", vocab_size=vocab, **TINY)))
+    if args.shape in ("all", "qwen2.5-0.5b") and not args.quick:
         out.append(
             ("qwen2.5-0.5b", preset_config("qwen2.5-0.5b-instruct", param_dtype="float32", compute_dtype="float32"))
         )
@@ -328,12 +369,22 @@ def _template(t) -> dict:
     return {"pieces": [list(map(int, p)) for p in t.pieces], "slots": list(t.slots)}
 
 
-def agent_cells(quick: bool) -> list[tuple[str, list[int]]]:
-    """(label, document lengths) per cell: batch 1, 4, 16 of equal documents and a mixed-length file."""
-    doc = 2048 if quick else 4096
-    cells = [(f"batch {b}", [doc] * b) for b in ((1, 4) if quick else (1, 4, 16))]
-    mixed = [512, 1024, 1536, 2048] if quick else [512, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
-    cells.append((f"mixed {len(mixed)} docs", mixed))
+def agent_cells(quick: bool, shape: str) -> list[tuple[str, list[int], dict]]:
+    """(label, document lengths, our `MemoryAgent.run` options) per cell: batch 1, 4, 16 of equal documents, and
+    a mixed-length file run both in lockstep (one batch, as long as the longest) and with continuous
+    scheduling (half as many row slots as documents: a finished row's slot takes the next document).
+    Documents of 4096 tokens (8 chunks) on the tiny shape, 1024 (2 chunks) at Qwen2.5-0.5B's shapes; --quick:
+    2048, batch 1 and 4."""
+    if quick:
+        doc, batches, mixed = 2048, (1, 4), [512, 1024, 1536, 2048]
+    elif shape == "tiny":
+        doc, batches, mixed = 4096, (1, 4, 16), [512, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+    else:
+        doc, batches, mixed = 1024, (1, 4, 16), [512, 512, 1024, 1024, 1536, 1536, 2048, 2048]
+    cells = [(f"batch {b}", [doc] * b, {}) for b in batches]
+    slots = len(mixed) // 2
+    cells.append((f"mixed {len(mixed)}", mixed, {}))
+    cells.append((f"mixed {len(mixed)} c{slots}", mixed, {"scheduling": "continuous", "batch_size": slots}))
     return cells
 
 
@@ -375,7 +426,7 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
         f"{'shape':<13} {'cell':<14} {'doc tokens':>10} {'ours':>8} {'vLLM':>8} {'ours/vLLM':>9} "
         f"{'bound':>8} {'ours/bound':>10} {'vLLM/bound':>10} {'answers equal':>13}"
     )
-    for name, config in shapes(args.quick, len(tokenizer)):
+    for name, config in shapes(args, len(tokenizer)):
         folder = save_weights(config, os.path.join(tmp, f"{name}-agent"))
         params, config = load_ours(folder, dtype)
         budgets = AgentBudgets(
@@ -388,7 +439,7 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
         agent = MemoryAgent(params, config, tokenizer, budgets=budgets, stop_token_ids=())
         question = _question(agent)
         rng = np.random.default_rng(0)
-        cells = agent_cells(args.quick)
+        cells = agent_cells(args.quick, name)
         prompt_len = agent.spec.prompts.update.padded_length({"question": PREFIX, "memory": MEMORY, "chunk": CHUNK})
         peer = Peer(vllm_py, "vllm_child.py", "vllm", env=vllm_env(args.vllm_cores))
         try:
@@ -398,12 +449,12 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
                     "model": folder,
                     "dtype": dtype,
                     "max_model_len": prompt_len + MEMORY + 16,
-                    "max_num_seqs": max(len(lengths) for _, lengths in cells),
+                    "max_num_seqs": max(len(lengths) for _, lengths, _ in cells),
                     "memory_fraction": vllm_memory_fraction(config),
                 }
             )
             print(f"   [{name}] vLLM {loaded['version']} engine up in {loaded['seconds']:.0f}s", flush=True)
-            for label, lengths in cells:
+            for label, lengths, options in cells:
                 docs = [rng.integers(3, len(tokenizer), n).astype(np.int32) for n in lengths]
                 questions = [question] * len(docs)
                 q_ids = [list(map(int, agent.prepare(q, d)[0])) for q, d in zip(questions, docs)]
@@ -419,14 +470,14 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
                     "answer": ANSWER,
                 }
                 with bench_lock():  # untimed warm-up, each side (compiles, engine graphs)
-                    mine = agent.run(questions, docs)
+                    mine = agent.run(questions, docs, **options)
                     theirs = peer.call(job)
                 same = sum(list(a) == list(b) for a, b in zip(mine.answer_ids, theirs["answers"]))
                 ours_t, their_t = [], []
                 for _ in range(args.repeats):
                     with bench_lock():
                         t0 = time.perf_counter()
-                        agent.run(questions, docs)
+                        agent.run(questions, docs, **options)
                         ours_t.append(time.perf_counter() - t0)
                     with bench_lock():
                         their_t.append(peer.call(job)["seconds"])
@@ -473,7 +524,7 @@ def part_generate(args, vocab: int, tmp: str, vllm_py: str) -> list[dict]:
     )
     print(f"{'shape':<13} {'batch':>5} {'ours':>8} {'vLLM':>8} {'ours/vLLM':>9} {'tokens equal':>12}")
     rows = []
-    for name, config in shapes(args.quick, vocab):
+    for name, config in shapes(args, vocab):
         folder = save_weights(config, os.path.join(tmp, f"{name}-generate"))
         params, config = load_ours(folder, dtype)
         sampler = Sampler(params, config, max_prompt_length=PREFILL, keep_cache=False)
@@ -584,8 +635,6 @@ def learner_cells(quick: bool):
 
 
 def part_learner(args, vocab: int, tmp: str, tunix_py: str) -> list[dict]:
-    import resource
-
     import numpy as np
 
     from memagent_jax.rl.learner import Learner, LearnerConfig, OptimizerConfig
@@ -607,9 +656,13 @@ def part_learner(args, vocab: int, tmp: str, tunix_py: str) -> list[dict]:
         f"{'ours RSS MB':>11} {'tunix RSS MB':>12} {'first loss ours':>16} {'first loss tunix':>16}"
     )
     rows = []
-    models = dict(shapes(args.quick, vocab))
+    models = dict(shapes(args, vocab))
     for name, n, p, r in learner_cells(args.quick):
+        if name not in models:
+            continue
         folder = save_weights(models[name], os.path.join(tmp, f"{name}-learner"))
+        gc.collect()
+        reset_peak_rss()
         params, config = load_ours(folder, dtype)
         b = learner_batch(config.vocab_size, n, p, r)
         path = os.path.join(tmp, f"{name}-learner.npz")
@@ -643,16 +696,20 @@ def part_learner(args, vocab: int, tmp: str, tunix_py: str) -> list[dict]:
             with bench_lock():  # untimed warm-up (compile): the first step of each side, from the same weights
                 state, first = learner.train_step(state, batch)
                 theirs_first = peer.call(job)
-            ours_t, their_t = [], []
+            ours_t, their_t, compiles = [], [], 0
             for _ in range(args.repeats):
                 with bench_lock():
                     state, m = learner.train_step(state, batch)
                     ours_t.append(m["learner_time_s"])
+                    compiles += m["compile_time_s"] > 0
                 with bench_lock():
-                    their_t.append(peer.call(job)["seconds"])
+                    theirs = peer.call(job)
+                    their_t.append(theirs["seconds"])
+            if compiles or theirs["traces"] != 1:
+                print(f"   warning: timed steps recompiled (ours {compiles}, tunix traces {theirs['traces']})")
             tokens = n * (p + r)
             o, t = tokens / median(ours_t), tokens / median(their_t)
-            ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            ours_rss = peak_rss_mb()
             their_rss = peer.call({"op": "rss"})["peak_rss_mb"]
             row = dict(
                 shape=name,
@@ -676,8 +733,8 @@ def part_learner(args, vocab: int, tmp: str, tunix_py: str) -> list[dict]:
             peer.close()
         del learner, state, params
     print(
-        "   peak RSS: each process's high-water mark (ours: this process, which also ran the parts before; "
-        "tunix: its child process, the learner alone)"
+        "   peak RSS: ours: this process from loading the weights on (its mark reset there; the JAX runtime and "
+        "what earlier parts left are in it); tunix: its child process, which runs the learner alone"
     )
     return rows
 
@@ -708,6 +765,7 @@ def main() -> None:
         "--part", choices=["all", "agent", "generate", "learner", "rl", "a", "b", "c", "d"], default="all"
     )
     parser.add_argument("--quick", action="store_true", help="tiny shape only, small batches (a smoke check)")
+    parser.add_argument("--shape", choices=["all", *SHAPES], default="all", help="model shapes to measure")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 3, quick 2)")
     parser.add_argument(

@@ -5,7 +5,7 @@ Reads one JSON job per line on stdin and answers each with one line `@@ {json}` 
     {"op": "learner", "batch": npz path, "settings": {...}}: one GRPO learner step: tunix's registered 'grpo'
         policy loss (`algo_core.grpo_loss_fn`) under `nnx.value_and_grad`, then the optax update through
         `nnx.Optimizer` (the body of tunix's `PeftTrainer._train_step`), jitted with the optimizer donated;
-        answers {"seconds", "loss"}
+        answers {"seconds", "loss", "traces" (times the step was traced so far)}
     {"op": "rss"}: peak RSS of this process
     {"op": "quit"}
 """
@@ -55,6 +55,7 @@ class Learner:
         self.dtype = job["dtype"]
         self.model = qwen2_params.create_model_from_safe_tensors(self.folder, tunix_config(self.folder, self.dtype))
         self.step = None
+        self.traces = 0
 
     def _build(self, s: dict):
         import optax
@@ -80,6 +81,7 @@ class Learner:
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
 
         def train_step(model, optimizer, example):
+            self.traces += 1  # runs only when jax traces (compiles) the step
             grad_fn = nnx.value_and_grad(
                 lambda m, ex: loss_fn(m, ex, algo_config=algo, pad_id=0, eos_id=-1), has_aux=True
             )
@@ -109,7 +111,7 @@ class Learner:
         )
         t0 = time.perf_counter()
         loss = jax.block_until_ready(self.step(self.model, self.optimizer, example))
-        return {"seconds": time.perf_counter() - t0, "loss": float(loss)}
+        return {"seconds": time.perf_counter() - t0, "loss": float(loss), "traces": self.traces}
 
 
 def main() -> None:
@@ -129,7 +131,7 @@ def main() -> None:
             elif job["op"] == "learner":
                 _reply(learner.learner(job))
             elif job["op"] == "rss":
-                _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})  # whole life
             elif job["op"] == "quit":
                 _reply({})
                 break
