@@ -85,8 +85,9 @@ def peer_python(cache: str, name: str) -> str:
     return os.path.join(cache, name, "bin", "python")
 
 
-def setup_peer(cache: str, name: str) -> None:
-    """Build the peer's virtualenv under `cache/name` with its pinned packages (printing each step and its time)."""
+def setup_peer(cache: str, name: str, pip_args: tuple[str, ...] = ()) -> None:
+    """Build the peer's virtualenv under `cache/name` with its pinned packages (printing each step and its time);
+    `pip_args` go to every `pip install` (e.g. an extra index holding torch's CPU build)."""
     spec = PEERS[name]
     venv = os.path.join(cache, name)
     t_all = time.perf_counter()
@@ -96,7 +97,7 @@ def setup_peer(cache: str, name: str) -> None:
     for step in spec["steps"]:
         print(f"[setup {name}] pip install {' '.join(step)}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run([py, "-m", "pip", "install", "-q", *step], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", *pip_args, *step], check=True)
         print(f"[setup {name}]   {time.perf_counter() - t0:.0f}s", flush=True)
     if spec["remove"]:
         print(f"[setup {name}] pip uninstall {' '.join(spec['remove'])}", flush=True)
@@ -107,10 +108,15 @@ def setup_peer(cache: str, name: str) -> None:
         json.dump(spec, f)
 
 
-def ensure_peer(cache: str, name: str, force: bool = False) -> str:
-    """The peer's python, building its virtualenv first when it is missing (or when `force`)."""
-    if force or not os.path.exists(os.path.join(cache, name, ".bench-peers-ready")):
-        setup_peer(cache, name)
+def ensure_peer(cache: str, name: str, force: bool = False, pip_args: tuple[str, ...] = ()) -> str:
+    """The peer's python, building its virtualenv first when it is missing, was built with other pins, or `force`."""
+    marker = os.path.join(cache, name, ".bench-peers-ready")
+    built = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(marker) as f:
+            built = json.load(f)
+    if force or built != PEERS[name]:
+        setup_peer(cache, name, pip_args)
     return peer_python(cache, name)
 
 
@@ -777,16 +783,23 @@ def main() -> None:
     )
     parser.add_argument("--setup", action="store_true", help="(re)build the peers' virtualenvs, then stop")
     parser.add_argument("--cache", default=os.path.join(ROOT, ".cache", "peers"), help="where the peers live")
+    parser.add_argument(
+        "--pip-arg",
+        action="append",
+        default=[],
+        help="an argument for every pip install of the set-up (repeat the flag for several), e.g. "
+        "--pip-arg=--extra-index-url=URL for an index holding torch's CPU build where pip would pick its CUDA build",
+    )
     args = parser.parse_args()
     args.repeats = args.repeats or (2 if args.quick else 3)
     part = {"a": "agent", "b": "generate", "c": "learner", "d": "rl"}.get(args.part, args.part)
     if args.setup:
         for name in PEERS:
-            ensure_peer(args.cache, name, force=True)
+            ensure_peer(args.cache, name, force=True, pip_args=tuple(args.pip_arg))
         return
     need = {"agent": ["vllm"], "generate": ["vllm"], "learner": ["tunix"], "rl": []}
     wanted = [p for p in ("agent", "generate", "learner", "rl") if part in ("all", p)]
-    pythons = {name: ensure_peer(args.cache, name) for p in wanted for name in need[p]}
+    pythons = {name: ensure_peer(args.cache, name, pip_args=tuple(args.pip_arg)) for p in wanted for name in need[p]}
 
     import jax
     from bench_agent import _tokenizer

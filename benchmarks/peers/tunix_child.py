@@ -140,7 +140,6 @@ def main() -> None:
 
             traceback.print_exc()
             _reply({"error": f"{type(exc).__name__}: {exc}"})
-    os._exit(0)
 
 
 if __name__ == "__main__":

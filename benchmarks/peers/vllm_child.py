@@ -14,6 +14,7 @@ goes to stderr). Jobs:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -50,6 +51,14 @@ class Engine:
             gpu_memory_utilization=job["memory_fraction"],  # on the CPU backend: the share of RAM it reserves
             enforce_eager=job.get("enforce_eager", False),
         )
+
+    def close(self) -> None:
+        """Stop the engine's processes (its core and workers) before this process exits."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        gc.collect()
 
     def _sampling(self, n: int):
         from vllm import SamplingParams
@@ -111,6 +120,8 @@ def main() -> None:
             elif job["op"] == "rss":
                 _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             elif job["op"] == "quit":
+                if engine is not None:
+                    engine.close()
                 _reply({})
                 break
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which prints it
@@ -118,7 +129,6 @@ def main() -> None:
 
             traceback.print_exc()
             _reply({"error": f"{type(exc).__name__}: {exc}"})
-    os._exit(0)
 
 
 if __name__ == "__main__":
