@@ -328,10 +328,10 @@ def vllm_env(cores: str) -> dict:
 
 
 def vllm_memory_fraction(config) -> float:
-    """The share of this machine's RAM for vLLM's CPU backend (its `gpu_memory_utilization`): the weights in f32
-    plus 1.5 GiB for the KV cache and activations."""
+    """The share of this machine's RAM for vLLM's CPU backend (its `gpu_memory_utilization`): twice the f32
+    weights (the weights, then its start-up profile's activations) plus 2 GiB of KV cache."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(0.6, (config.num_params() * 4 + 1.5 * 2**30) / total)
+    return min(0.6, (config.num_params() * 4 * 2 + 2 * 2**30) / total)
 
 
 def matmul_params(config) -> int:
@@ -341,9 +341,16 @@ def matmul_params(config) -> int:
 
 
 def prefill_flops(config, tokens: int) -> float:
-    """Matmul FLOPs of a `tokens`-token prefill (causal attention: half the square)."""
+    """Matmul FLOPs of a `tokens`-token prefill: every layer's weights for every token, causal attention (half
+    the square), the LM head for the last token only (the one whose logits are sampled)."""
+    from bench_learner import layer_matmul_params
+
     c = config
-    return 2.0 * matmul_params(c) * tokens + 2.0 * c.num_layers * c.num_heads * c.head_dim * tokens * tokens
+    return (
+        2.0 * layer_matmul_params(c) * tokens
+        + 2.0 * c.num_layers * c.num_heads * c.head_dim * tokens * tokens
+        + 2.0 * c.hidden_size * c.vocab_size
+    )
 
 
 def decode_bytes(config, context: int, batch: int, itemsize: int) -> float:

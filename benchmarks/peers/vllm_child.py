@@ -14,6 +14,7 @@ goes to stderr). Jobs:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -120,15 +121,17 @@ def main() -> None:
             elif job["op"] == "rss":
                 _reply({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             elif job["op"] == "quit":
-                if engine is not None:
-                    engine.close()
-                _reply({})
                 break
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which prints it
             import traceback
 
             traceback.print_exc()
             _reply({"error": f"{type(exc).__name__}: {exc}"})
+    # 'quit', or stdin closed (the parent is gone): stop the engine's processes before exiting.
+    if engine is not None:
+        engine.close()
+    with contextlib.suppress(OSError):  # the answer to 'quit'; nobody reads it when the parent is gone
+        _reply({})
 
 
 if __name__ == "__main__":
