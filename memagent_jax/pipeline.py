@@ -101,6 +101,15 @@ def eval_labels(cfg) -> list[str]:
     return labels
 
 
+def rl_chunks(cfg) -> int:
+    """Chunks per GRPO training row: `task.rl_chunks`, or (0 / absent) `task.train_chunks`, the warm start's rows'
+    length and the unit of the evaluation lengths."""
+    value = int(cfg.task.get("rl_chunks", 0))
+    if value < 0:
+        raise PipelineConfigError(f"config.task.rl_chunks must be >= 0 (0 = task.train_chunks), got {value}")
+    return value or int(cfg.task.train_chunks)
+
+
 def is_two_hop_row(cfg, index: int) -> bool:
     """Whether training row (or scripted warm-start trajectory) `index` is a two-hop chain: a fraction
     `task.train_two_hop_fraction` of the rows, spread evenly (row i is one when floor((i+1)f) > floor(i f))."""
@@ -139,6 +148,7 @@ def validate_config(cfg) -> None:
     if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise PipelineConfigError(f"config.task.train_two_hop_fraction must be in [0, 1], got {fraction!r}")
     rl_distractors_per_chunk(cfg)
+    rl_chunks(cfg)
     from memagent_jax.data.synthetic import FACT_STYLES
     from memagent_jax.rl.warm_start import ANSWER_FORMS, NOTE_STYLES
 
@@ -316,13 +326,14 @@ def make_assets(cfg, folder: str) -> dict:
     k = cfg.task.train_chunks
     rl_per_chunk = rl_distractors_per_chunk(cfg)
     n = cfg.task.train_samples
-    single = SyntheticDataset(task_config(cfg, k, seeds["train"], per_chunk=rl_per_chunk), tokenizer, n)
-    chains = SyntheticDataset(task_config(cfg, k, seeds["train"], hops=2, per_chunk=rl_per_chunk), tokenizer, n)
+    rl_k = rl_chunks(cfg)
+    single = SyntheticDataset(task_config(cfg, rl_k, seeds["train"], per_chunk=rl_per_chunk), tokenizer, n)
+    chains = SyntheticDataset(task_config(cfg, rl_k, seeds["train"], hops=2, per_chunk=rl_per_chunk), tokenizer, n)
     rows = [chains[i] if is_two_hop_row(cfg, i) else single[i] for i in range(n)]
     write_train_file((sample.to_record() for sample in rows), paths["train_file"])
     two_hop = sum(is_two_hop_row(cfg, i) for i in range(n))
     _say(
-        f"[assets] {n} GRPO training rows of {k} chunks ({two_hop} of them two-hop chains), {rl_per_chunk:g} "
+        f"[assets] {n} GRPO training rows of {rl_k} chunks ({two_hop} of them two-hop chains), {rl_per_chunk:g} "
         f"look-alikes per chunk -> {paths['train_file']}"
     )
     for m in eval_multipliers(cfg):
