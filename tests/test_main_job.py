@@ -79,9 +79,9 @@ def test_quick_main_job_writes_every_artefact(quick_run):
         with open(os.path.join(workdir, "assets", name)) as f:
             return {json.loads(line)["context"].count("Remember ") for line in f}
 
-    # GRPO rows: the asked fact + 3 look-alikes per chunk x 2 chunks, or (two-hop rows, half of them) the chain's
-    # two facts + the 6 look-alikes; evaluation rows at 1x: + 1 per chunk.
-    assert facts_per_row("train.jsonl") == {7, 8} and facts_per_row("eval_1x.jsonl") == {3}
+    # GRPO rows (task.rl_chunks = 4 chunks): the asked fact + 3 look-alikes per chunk x 4 chunks, or (two-hop rows,
+    # half of them) the chain's two facts + the 12 look-alikes; evaluation rows at 1x (2 chunks): + 1 per chunk.
+    assert facts_per_row("train.jsonl") == {13, 14} and facts_per_row("eval_1x.jsonl") == {3}
     assert facts_per_row("eval_two_hop_1x.jsonl") == {4}
     with open(os.path.join(workdir, "assets/eval_other_fact_1x.jsonl")) as f:
         for line in f:  # asked about a look-alike: its creature is named once, right before the answer
