@@ -1034,7 +1034,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def seeds_table(summaries: dict[int, dict]) -> dict:
     """{model: {file label: {mean, min, max, weakest_word}}} of accuracy over the seeds' summaries (%), where
-    weakest_word is the lowest per-answer-word accuracy in any seed (word, %, seed)."""
+    weakest_word is the lowest per-answer-word accuracy in any seed (word, %, seed, rows of that word)."""
     seeds = sorted(summaries)
     first = summaries[seeds[0]]["results"]
     table: dict = {}
@@ -1046,7 +1046,7 @@ def seeds_table(summaries: dict[int, dict]) -> dict:
             for s in seeds:
                 worst = worst_word(summaries[s]["results"][model][label].get("per_word", {}))
                 if worst and (weakest is None or 100 * worst[1] < weakest[1]):
-                    weakest = (worst[0], 100 * worst[1], s)
+                    weakest = (worst[0], 100 * worst[1], s, worst[2])
             table[model][label] = {
                 "mean": sum(values) / len(values),
                 "min": min(values),
@@ -1061,7 +1061,7 @@ def seeds_markdown(table: dict, seeds: list[int], seconds: dict[int, float]) -> 
     """The seeds table as markdown: one row per file, per model 'mean (min-max)' and the weakest word."""
     models = list(table)
     labels = list(next(iter(table.values())))
-    head = ["file", *(f"{m} mean (min-max)" for m in models), *(f"{m} weakest word (seed)" for m in models)]
+    head = ["file", *(f"{m} mean (min-max)" for m in models), *(f"{m} weakest word: right/rows" for m in models)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in labels:
         cells = [label]
@@ -1070,7 +1070,7 @@ def seeds_markdown(table: dict, seeds: list[int], seconds: dict[int, float]) -> 
             cells.append(f"{c['mean']:.1f} ({c['min']:.1f}-{c['max']:.1f})")
         for m in models:
             w = table[m][label]["weakest_word"]
-            cells.append("-" if w is None else f"{w[0]} {w[1]:.0f}% ({w[2]})")
+            cells.append("-" if w is None else f"{w[0]} {round(w[1] * w[3] / 100)}/{w[3]} (seed {w[2]})")
         lines.append("| " + " | ".join(cells) + " |")
     timing = ", ".join(f"seed {s}: {seconds[s]:.0f} s" for s in seeds)
     return "\n".join(

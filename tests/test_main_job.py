@@ -238,10 +238,10 @@ def test_seeds_table_is_mean_min_max_per_cell_and_the_weakest_word_of_any_seed()
     table = pipeline.seeds_table(summaries)
     assert table["RL"]["1x"]["mean"] == pytest.approx(85.0)
     assert (table["RL"]["1x"]["min"], table["RL"]["1x"]["max"]) == (pytest.approx(80.0), pytest.approx(90.0))
-    assert table["RL"]["1x"]["weakest_word"] == ("Mor", 0.0, 2)  # seed 2: 0 of 1
-    assert table["warm_start"]["1x"]["weakest_word"] == ("Ra", pytest.approx(100 / 3), 0)
+    assert table["RL"]["1x"]["weakest_word"] == ("Mor", 0.0, 2, 1)  # seed 2: 0 of 1
+    assert table["warm_start"]["1x"]["weakest_word"] == ("Ra", pytest.approx(100 / 3), 0, 3)
     text = pipeline.seeds_markdown(table, [0, 2], {0: 15.0, 2: 15.0})
-    assert "| 1x | 85.0 (80.0-90.0) | 50.0 (40.0-60.0) | Mor 0% (2) | Ra 33% (0) |" in text
+    assert "| 1x | 85.0 (80.0-90.0) | 50.0 (40.0-60.0) | Mor 0/1 (seed 2) | Ra 1/3 (seed 0) |" in text
 
 
 @pytest.mark.faults
