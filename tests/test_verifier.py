@@ -324,3 +324,15 @@ def test_resolve_reward_style():
     assert V.resolve_reward_style("boxed_all") == "boxed_all"
     with pytest.raises(ValueError):
         V.resolve_reward_style("rule", default="nope")
+
+
+def test_readable_answer_is_the_extraction_without_surrounding_space():
+    """What answer surfaces show: `\\boxed{ Ra}` (the main job's answers copy the notes' " Ra" token) reads "Ra";
+    the scores are those of the unstripped extraction (every metric normalises white space)."""
+    from memagent_jax.evaluation.verifier import extract_prediction, readable_answer, score
+
+    assert extract_prediction("\\boxed{ Ra}") == " Ra" and readable_answer("\\boxed{ Ra}") == "Ra"
+    assert readable_answer("no box here") is None and readable_answer("x", "raw") == "x"
+    assert readable_answer("<think>\\boxed{A}</think> the answer is  Bo ", "answer_phrase") == "Bo"
+    for metric in ("em", "sub_em", "f1", "string_match_all"):
+        assert score("\\boxed{ Ra}", ["Ra"], metric) == score("\\boxed{Ra}", ["Ra"], metric) == 1.0

@@ -248,10 +248,11 @@ class MemoryAgent:
 
     def predict(self, responses: Sequence[str]) -> list[str | None]:
         """The answer the verifier takes from each final response under this agent's `extract` rule
-        (`verifier.extract_prediction`; None where it finds none): what `AgentResult.predictions` holds."""
-        from memagent_jax.evaluation.verifier import extract_prediction
+        (`verifier.readable_answer`: the extracted answer without surrounding white space; None where it finds
+        none): what `AgentResult.predictions` holds."""
+        from memagent_jax.evaluation.verifier import readable_answer
 
-        return [extract_prediction(r, self.extract) for r in responses]
+        return [readable_answer(r, self.extract) for r in responses]
 
     def _with_predictions(self, result: AgentResult) -> AgentResult:
         result.predictions = self.predict(result.answers)

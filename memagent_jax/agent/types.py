@@ -52,8 +52,8 @@ class AgentResult:
     # or recorded, of a memory update) was sampled, so the text is not a real answer. Always filled by `run`.
     nonfinite: list[bool] | None = None
     # Per row: the answer extracted from `answers[i]` by the agent's extraction rule (`MemoryAgent.extract`, from
-    # its settings' "extract"; default 'boxed', the last \boxed{...}): `verifier.extract_prediction(answers[i],
-    # extract)`, None where the rule finds no answer. Always filled by `run`.
+    # its settings' "extract"; default 'boxed', the last \boxed{...}): `verifier.readable_answer(answers[i],
+    # extract)` (surrounding white space removed), None where the rule finds no answer. Always filled by `run`.
     predictions: list[str | None] | None = None
 
     def row(self, i: int) -> AgentResult:

@@ -83,7 +83,7 @@ def score_response(
     scores = {"accuracy": verifier.score(response, answers, metric, extract)}
     for name in ("em", "f1", "sub_em"):
         scores[name] = 0.0 if prediction is None else float(verifier.METRICS[name](prediction, answers))
-    return {"prediction": prediction, "scores": scores}
+    return {"prediction": None if prediction is None else prediction.strip(), "scores": scores}
 
 
 # ------------------------------------------------------------------------------------------- models

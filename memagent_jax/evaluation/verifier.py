@@ -224,6 +224,13 @@ def extract_prediction(response: str, mode: str = "boxed", *, drop_think: bool =
     return response
 
 
+def readable_answer(response: str, mode: str = "boxed", *, drop_think: bool = True) -> str | None:
+    """The answer to show a user: :func:`extract_prediction` without surrounding white space (`\\boxed{ Ra}` ->
+    "Ra"; every metric normalises white space, so scores are the same either way).  None when nothing is found."""
+    prediction = extract_prediction(response, mode, drop_think=drop_think)
+    return None if prediction is None else prediction.strip()
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation and metrics
 # ---------------------------------------------------------------------------------------------

@@ -200,10 +200,10 @@ class ServerState:
     def response_and_answer(self, ids) -> tuple[str, str | None]:
         """(the response text of answer ids, the answer the agent's extraction rule takes from it, None if none):
         what `MemoryAgent.run` gives as `answers` / `predictions`."""
-        from memagent_jax.evaluation.verifier import extract_prediction
+        from memagent_jax.evaluation.verifier import readable_answer
 
         text = self.answer_text(ids)
-        return text, extract_prediction(text, self.extract)
+        return text, readable_answer(text, self.extract)
 
     def trace_texts(self, memories) -> list[str]:
         return [self.agent.tokenizer.decode(np.asarray(m).tolist(), skip_special_tokens=True) for m in memories or []]
