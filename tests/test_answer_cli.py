@@ -80,14 +80,14 @@ def _single(model_dir, tmp_path, capsys, *extra) -> tuple[str, str]:
 
 
 def test_single_document_prints_the_answer_and_the_response(model_dir, tmp_path, capsys, monkeypatch):
-    from memagent_jax.evaluation.verifier import extract_prediction
+    from memagent_jax.evaluation.verifier import readable_answer
 
     # The tiny model's own text: the answer line is the default rule ('boxed') on the response.
     shown, response = _single(model_dir, tmp_path, capsys)
-    assert shown == (extract_prediction(response) or "(none)")
+    assert shown == (readable_answer(response) or "(none)")
     # --agent.extract raw: the whole response is the answer.
     shown, raw = _single(model_dir, tmp_path, capsys, "--agent.extract", "raw")
-    assert raw == response and shown == extract_prediction(response, "raw")
+    assert raw == response and shown == readable_answer(response, "raw")
     # A boxed response: the answer is its box, the response is printed whole.
     _boxed_responses(monkeypatch)
     shown, response = _single(model_dir, tmp_path, capsys)

@@ -30,6 +30,7 @@ from memagent_jax.models import (
 from memagent_jax.models.presets import preset_config
 from memagent_jax.models.transformer import forward
 from memagent_jax.sampling import SamplingParams
+from memagent_jax.sampling.params import RowSampling
 from memagent_jax.sampling.sampler import decode, prefill, prefill_and_decode
 
 LAYOUTS = ("scan", "unstacked")
@@ -374,6 +375,7 @@ def test_segment_program_unstacks_once_outside_its_loops(layout):
         jnp.zeros((b, s), jnp.int32),
         jax.random.split(jax.random.key(0), b),
         jnp.int32(0),
+        RowSampling.build([None] * b, spec.memory_sampling),  # each row's sampling settings, [B] arrays
     )
     per_loop = [
         {(how, _drop_unit_lead(shape)) for how, shape in loop.sliced}

@@ -14,7 +14,7 @@ import pytest
 
 from hf_tiny import make_agent_model_dir
 from memagent_jax.agent import AgentBudgets, AgentTemplates, write_agent_settings
-from memagent_jax.evaluation.verifier import extract_prediction
+from memagent_jax.evaluation.verifier import readable_answer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -52,7 +52,7 @@ def _run_block(folder, capsys) -> tuple[list[str], dict]:
 def _check_printed_line(line: str, scope: dict) -> str:
     """The block's answer line, `question 'extracted' (gold 'answer', N chunks read)`; returns the extracted answer."""
     row, result = scope["row"], scope["result"]
-    extracted = extract_prediction(result.answers[0])  # the settings' rule: 'boxed'
+    extracted = readable_answer(result.answers[0])  # the settings' rule: 'boxed'
     assert scope["answer"] == result.predictions[0] == extracted
     assert line == f"{row.question} {extracted!r} (gold {row.answers[0]!r}, {len(result.traces[0])} chunks read)"
     assert len(result.traces[0]) == result.num_chunks[0] >= 2

@@ -629,7 +629,7 @@ def test_python_m_serve_entry_point_and_sigterm(model_dir, agent, tmp_path):
 def test_both_endpoints_carry_the_answer_and_the_response(live, agent, monkeypatch):
     """`/v1/memagent/answer` returns `answer` (the agent's extraction rule on the response) and `response` (raw); a
     chat completion keeps the response as content and adds the answer as `memagent.answer`, streamed or not."""
-    from memagent_jax.evaluation.verifier import extract_prediction
+    from memagent_jax.evaluation.verifier import readable_answer
 
     doc, seed = words(40, 21), 5
     want = expected(agent, [QUESTIONS[0]], [doc], [seed])
@@ -660,7 +660,7 @@ def test_both_endpoints_carry_the_answer_and_the_response(live, agent, monkeypat
     assert live.state.extract == agent.extract == "boxed"
     body, out, (content, extension) = ask()
     assert body["response"] == out.choices[0].message.content == content == want.answers[0]
-    assert want.predictions[0] == extract_prediction(want.answers[0])
+    assert want.predictions[0] == readable_answer(want.answers[0])
     assert body["answer"] == out.model_extra["memagent"]["answer"] == extension["answer"] == want.predictions[0]
     # A response holding boxed answers (the decoded text replaced): the last box is the answer, the response verbatim.
     n = len(want.answer_ids[0])
