@@ -735,6 +735,12 @@ def worst_word(per_word: dict[str, list]) -> tuple[str, float, int] | None:
     return word, hits / n, n
 
 
+def _aligned(lines: list[list[str]]) -> str:
+    """Rows of cells as text, each column padded to its widest cell."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+
+
 def summary_table(figures: dict) -> str:
     """Accuracy (%) per evaluation file (rows) and model (columns), with each model's weakest answer word."""
     models = list(figures)
@@ -747,8 +753,7 @@ def summary_table(figures: dict) -> str:
             worst = worst_word(figures[m][label].get("per_word", {}))
             cells.append("-" if worst is None else f"{worst[0]} {100 * worst[1]:.0f}% of {worst[2]}")
         lines.append(cells)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    return _aligned(lines)
 
 
 def per_word_table(figures: dict) -> str:
@@ -763,8 +768,7 @@ def per_word_table(figures: dict) -> str:
             hits, n = figures[m][label].get("per_word", {}).get(w, (0, 0))
             cells.append(f"{100 * hits / n:.0f} ({n})" if n else "-")
         lines.append(cells)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    return _aligned(lines)
 
 
 def write_report(cfg, assets: dict, models: dict[str, str], workdir: str) -> list[str]:
