@@ -469,3 +469,22 @@ def test_bad_prompts(tiny, call, match):
     sampler = Sampler(params, config, max_prompt_length=32)
     with pytest.raises(SamplingError, match=match):
         call(sampler.generate, SamplingParams(max_new_tokens=4))
+
+
+def test_first_argmax_equals_argmax_ties_nan_and_infinities():
+    """The decode loop's argmax (a max, then the smallest index holding it) picks what `jnp.argmax` picks: the first
+    maximum, the first NaN of a row that has one, index 0 of a row of -inf."""
+    from memagent_jax.sampling.sampler import first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 1024)).astype(np.float32)
+    x[1, [5, 700]] = 50.0  # a tie: the first wins
+    x[2, 33] = np.nan
+    x[2, 900] = np.nan
+    x[3] = -np.inf
+    x[4, [0, 1023]] = np.inf
+    x[5] = np.round(x[5])  # many ties
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert list(got[1:5]) == [5, 33, 0, 0]

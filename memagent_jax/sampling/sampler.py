@@ -128,6 +128,18 @@ def row_sampling(sampling: SamplingParams | RowSampling, batch: int) -> RowSampl
     return rows
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32 (the first index of the maximum; of the first NaN where a row has one),
+    computed as a max, then the smallest index holding it: two plain reductions. XLA CPU vectorises those, not
+    the fused (value, index) reduction of `argmax`: a [16, 1024] batch of logits took 21 us against 82 us, a
+    tenth of a small model's decode step at batch 16. Same result, element for element. x: [..., V] -> [...]."""
+    nan = jnp.isnan(x)
+    row_has_nan = jnp.any(nan, axis=-1, keepdims=True)  # (XLA CPU's max may skip a NaN: checked apart)
+    hit = jnp.where(row_has_nan, nan, x == jnp.max(x, axis=-1, keepdims=True))
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, jnp.int32(x.shape[-1])), axis=-1)
+
+
 def _row_noise(keys: jax.Array, size: int, dtype) -> jax.Array:
     """[B, size] Gumbel noise, row b drawn with keys[b] (what `jax.random.categorical` adds over `size` classes)."""
     return jax.vmap(lambda k: jax.random.gumbel(k, (size,), dtype))(keys)
@@ -137,7 +149,7 @@ def _gumbel_pick(values: jax.Array, noise: jax.Array):
     """Index of the Gumbel-max draw over candidates [B, C] with noise [B, >= C] (the first C columns used):
     the draw of `jax.random.categorical` with the same noise. Returns (index [B] int32, its log-probability
     under the candidates' renormalised distribution [B])."""
-    choice = jnp.argmax(values + noise[:, : values.shape[1]], axis=-1).astype(jnp.int32)
+    choice = first_argmax(values + noise[:, : values.shape[1]])
     logprob = jnp.take_along_axis(jax.nn.log_softmax(values, axis=-1), choice[:, None], axis=-1)[:, 0]
     return choice, logprob
 
@@ -227,7 +239,7 @@ def sample_tokens(
     if tempered is None:
         tempered = isinstance(sampling, SamplingParams) and sampling.tempered_logprobs
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = first_argmax(logits)
 
     def picked(tokens, logprobs=model_logprobs):
         return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
