@@ -49,10 +49,11 @@ long-eval: $(STAMP)
 	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir $(DEMO_WORKDIR) \
 		--config.seed=$(SEED) --config.long_eval.enabled=True
 
-# The suite runs as four pytest processes, by the first letter of the test file's name after "test_": one process
+# The suite runs as five pytest processes, by the first letter of the test file's name after "test_": one process
 # compiling every program of the whole suite crashes inside XLA's CPU compiler (a segfault in a late compile,
-# reproducible only after many earlier ones; each part alone passes).
-TEST_GROUPS := a-d e-l m-q r-z
+# reproducible only after many earlier ones; each part alone passes). a-d in one process crashed that way too, in
+# test_decode_layout.py, once the attention tests compiled a few more programs before it.
+TEST_GROUPS := a-b c-d e-l m-q r-z
 
 test: $(STAMP) $(QWEN3_TOKENIZER)
 	@set -e; for group in $(TEST_GROUPS); do \
