@@ -163,44 +163,6 @@ def test_selection_rules():
         sel("flash", queries=2, keys=2, dtype=f32, head_dim=8)
 
 
-def test_cpu_block_sizes_fit_the_cache_budget():
-    """On CPU, 'auto' runs blockwise calls in blocks whose f32 scores for the whole batch fit about one L2 cache;
-    never above the configured sizes, never below 16 queries."""
-    budget = A.CPU_SCORE_BLOCK_BYTES
-    cases = [(1, 4, 600, 728), (4, 4, 600, 728), (16, 4, 600, 728), (4, 14, 600, 728), (64, 14, 4096, 4096)]
-    for b, h, t, s in cases:
-        qb, kb = A.cpu_block_sizes(b, h, t, s)
-        assert 16 <= qb <= min(512, t) and qb & (qb - 1) == 0
-        assert kb in (128, 256)
-        assert b * h * qb * kb * 4 <= budget or qb == 16, (b, h, qb, kb)
-        # the next power of two of queries would not fit
-        assert qb == 512 or b * h * (2 * qb) * kb * 4 > budget
-    assert A.cpu_block_sizes(1, 4, 600, 728) == (256, 256)
-    assert A.cpu_block_sizes(16, 4, 600, 728) == (32, 128)
-    # the configured sizes and the call's length cap them
-    assert A.cpu_block_sizes(1, 1, 600, 728, query_block=64, key_block=100) == (64, 100)
-    assert A.cpu_block_sizes(1, 1, 40, 50) == (40, 50)
-
-
-def test_attend_auto_on_cpu_uses_cache_sized_blocks(monkeypatch):
-    """`attend` under 'auto' on CPU hands the blockwise path `cpu_block_sizes`, an explicit 'blockwise' keeps
-    the configured blocks, and the result equals the reference either way."""
-    seen = []
-    real = A.blockwise_attention
-
-    def spy(q, k, v, keys, *, query_block, key_block):
-        seen.append((query_block, key_block))
-        return real(q, k, v, keys, query_block=query_block, key_block=key_block)
-
-    monkeypatch.setattr(A, "blockwise_attention", spy)
-    monkeypatch.setattr(A, "CPU_SCORE_BLOCK_BYTES", 3 * 6 * 16 * 32 * 4)  # this case's batch: 16 x 32 blocks
-    q, k, v, keys = _case(11, t=70, s=90)
-    want = A.materialized_attention(q, k, v, A.attention_mask(keys))
-    _close(A.attend(q, k, v, keys, impl="auto", query_block=64, key_block=64), want)
-    _close(A.attend(q, k, v, keys, impl="blockwise", query_block=64, key_block=64), want)
-    assert seen == [(16, 64), (64, 64)]
-
-
 @pytest.mark.parametrize("segments", [False, True])
 def test_cudnn_call_plumbing_through_xla(segments):
     """The exact `jax.nn.dot_product_attention` call of the cuDNN path, run by its XLA implementation on CPU,

@@ -11,8 +11,7 @@ Every function computes grouped-query softmax attention with the model's positio
                             `query_block` tokens in `lax.fori_loop`s: the live score block is
                             [B, K, G, query_block, key_block]; a `jax.custom_vjp` backward recomputes each block
                             from the saved row max and row sum, so the backward never holds [T, S] either.
-                            A key block no query of the batch sees (causal future, unwritten cache slots) is
-                            skipped, forward and backward. Pure JAX: CPU, GPU and TPU.
+                            Pure JAX: CPU, GPU and TPU.
   `cudnn_attention`         `jax.nn.dot_product_attention(implementation='cudnn')` (cuDNN flash attention, GPU
                             only, bf16/f16 only) with our visibility as a boolean mask [B, 1, T, S] (shared by all
                             heads: cuDNN adds it as a bias in the compute dtype; the scores stay on chip).
@@ -25,7 +24,7 @@ Every function computes grouped-query softmax attention with the model's positio
 Rows with no visible key (pads whose position precedes every valid key, fully padded rows) get the same answer
 from every path except cuDNN: the reference replaces masked scores by a large negative constant, so such a
 row's softmax is uniform over all S slots and its output is the mean of v over every slot; the blockwise path
-gives such a row exactly that (and the statistics its backward pass needs). Nothing downstream reads those rows.
+keeps that constant for masked slots and reproduces it exactly. Nothing downstream reads those rows.
 
 Shapes: B batch, T queries, S key slots, H query heads, K kv heads, G = H // K, Dh head dim.
 Layouts: q [B, T, H, Dh] (the projections' layout), k and v [B, K, S, Dh] (heads-major, the KV cache's layout),
@@ -144,32 +143,25 @@ def _forward(q, k, v, keys, query_block, key_block):
     b, kh, t, g, dh = q.shape
     s_total = k.shape[2]
     cdt = q.dtype
-    v_mean = jnp.mean(v.astype(jnp.float32), axis=2)[:, :, None, None, :]  # [B, K, 1, 1, Dh]
 
     def query_step(q_start, q_size, bufs):
         out_buf, max_buf, sum_buf = bufs
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, q_size, axis=2)
 
         def key_step(k_start, k_size, state):
-            def compute(state):
-                row_max, row_sum, acc = state
-                s, _ = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size)
-                new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
-                p = jnp.exp(s - new_max[..., None])  # [B, K, q, G, s]
-                rescale = jnp.exp(row_max - new_max)
-                v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, k_size, axis=2).astype(cdt)
-                pv = jnp.einsum(
-                    "bkqs,bksd->bkqd",
-                    p.astype(cdt).reshape(b, kh, q_size * g, k_size),
-                    v_blk,
-                    preferred_element_type=jnp.float32,
-                ).reshape(b, kh, q_size, g, dh)
-                return new_max, row_sum * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
-
-            # A block no query of the batch sees (causal future, unwritten or stale cache slots) is skipped: for
-            # a row that sees some key elsewhere its terms are exp(MASK_VALUE - max) = 0 and its rescale 1.
-            seen = jnp.any(_visible(keys, q_start, q_size, k_start, k_size))
-            return jax.lax.cond(seen, compute, lambda state: state, state)
+            row_max, row_sum, acc = state
+            s, _ = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size)
+            new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
+            p = jnp.exp(s - new_max[..., None])  # [B, K, q, G, s]
+            rescale = jnp.exp(row_max - new_max)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, k_start, k_size, axis=2).astype(cdt)
+            pv = jnp.einsum(
+                "bkqs,bksd->bkqd",
+                p.astype(cdt).reshape(b, kh, q_size * g, k_size),
+                v_blk,
+                preferred_element_type=jnp.float32,
+            ).reshape(b, kh, q_size, g, dh)
+            return new_max, row_sum * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
 
         init = (
             jnp.full((b, kh, q_size, g), -jnp.inf, jnp.float32),
@@ -177,12 +169,7 @@ def _forward(q, k, v, keys, query_block, key_block):
             jnp.zeros((b, kh, q_size, g, dh), jnp.float32),
         )
         row_max, row_sum, acc = _over_blocks(s_total, key_block, key_step, init)
-        # A query that sees no key at all gets what the reference's softmax over all-masked scores gives: equal
-        # weights on every slot (the mean of v), with the statistics the backward pass recomputes them from.
-        blind = row_max <= MASK_VALUE
-        out = jnp.where(blind[..., None], v_mean, acc / jnp.where(blind, 1.0, row_sum)[..., None])
-        row_max = jnp.where(blind, MASK_VALUE, row_max)
-        row_sum = jnp.where(blind, float(s_total), row_sum)
+        out = acc / row_sum[..., None]
         return (
             jax.lax.dynamic_update_slice_in_dim(out_buf, out, q_start, axis=2),
             jax.lax.dynamic_update_slice_in_dim(max_buf, row_max, q_start, axis=2),
@@ -230,15 +217,7 @@ def _flash_bwd(query_block, key_block, residuals, d_out):
         do_c = do_blk.astype(cdt).reshape(b, kh, q_size * g, dh)
         q_flat = q_blk.reshape(b, kh, q_size * g, dh)
 
-        # Blocks of keys no query here sees add nothing (p = 0 there) unless a query sees no key at all (its p
-        # is 1 / S on every slot): skipped as in the forward pass.
-        any_blind = jnp.any(m_blk <= MASK_VALUE)
-
         def key_step(k_start, k_size, state):
-            seen = any_blind | jnp.any(_visible(keys, q_start, q_size, k_start, k_size))
-            return jax.lax.cond(seen, lambda st: key_block_grads(k_start, k_size, st), lambda st: st, state)
-
-        def key_block_grads(k_start, k_size, state):
             dq, dk_acc, dv_acc = state
             s, vis = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size)
             p = jnp.exp(s - m_blk[..., None]) / l_blk[..., None]  # [B, K, q, G, s] f32
@@ -497,8 +476,7 @@ def select_implementation(
       'auto'           TPU: 'splash';  GPU: as 'cudnn';  CPU: 'materialized' when the call is one block
                        (T <= query_block and S <= key_block: the same live scores, one loop less), else
                        'blockwise' (on CPU it is as fast or faster from 512 x 512 up and takes 2-6x less
-                       time at 4096 x 4096; benchmarks/bench_attention.py measures it), which `attend` then
-                       runs in blocks sized to the cache (`cpu_block_sizes`).
+                       time at 4096 x 4096; benchmarks/bench_attention.py measures it).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -555,38 +533,7 @@ def attend(
         return cudnn_attention(q, k, v, keys)
     if path == "splash":
         return splash_attention(q, k, v, keys, cache_length=cache_length, query_block=query_block, key_block=key_block)
-    if impl == "auto" and jax.default_backend() == "cpu":
-        query_block, key_block = cpu_block_sizes(
-            q.shape[0], q.shape[2], q.shape[1], k.shape[-2], query_block=query_block, key_block=key_block
-        )
     return blockwise_attention(q, k, v, keys, query_block=query_block, key_block=key_block)
-
-
-# Live f32 score block the blockwise path aims for on CPU: about one core's L2 cache (1 MiB on AMD Zen 4/5, 2 MiB on
-# Intel Sapphire Rapids), so a block's scores, probabilities and running sums are reused from cache instead of
-# streaming through memory between the fused ops of a block.
-CPU_SCORE_BLOCK_BYTES = 1 << 20
-
-
-def cpu_block_sizes(
-    batch: int, heads: int, queries: int, keys: int, *, query_block: int = 512, key_block: int = 512
-) -> tuple[int, int]:
-    """(query_block, key_block) of the blockwise path on CPU under 'auto': the configured sizes shrunk until one
-    block's f32 scores for the whole batch, batch x heads x query_block x key_block x 4 bytes, fit
-    `CPU_SCORE_BLOCK_BYTES`. Keys go in blocks of 256 (128 where even 32 queries would not fit), queries in the
-    largest power of two from 16 up that fits. On XLA CPU a [B, K, 512, G, 512] score block streams through memory
-    between its fused ops; sized to the cache the prefill of a 600-token chunk step ran 2-3x faster at batch 4-16
-    (`benchmarks/bench_attention.py --cpu-blocks` measures it). Never larger than the configured sizes."""
-    key_block = max(1, min(key_block, keys, 256))
-    per_query = batch * heads * key_block * 4
-    if CPU_SCORE_BLOCK_BYTES // per_query < 32 and key_block > 128:
-        key_block = 128
-        per_query = batch * heads * key_block * 4
-    fit = max(16, CPU_SCORE_BLOCK_BYTES // per_query)
-    block = 16
-    while block * 2 <= fit and block * 2 <= 512:
-        block *= 2
-    return max(1, min(query_block, queries, block)), key_block
 
 
 def score_block_elements(queries: int, keys: int, path: str, query_block: int, key_block: int) -> int:
@@ -613,7 +560,6 @@ __all__ = [
     "materialized_attention",
     "score_block_elements",
     "select_implementation",
-    "cpu_block_sizes",
     "splash_attention",
     "splash_block_sizes",
 ]
