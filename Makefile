@@ -51,8 +51,8 @@ long-eval: $(STAMP)
 
 # The suite runs as five pytest processes, by the first letter of the test file's name after "test_": one process
 # compiling every program of the whole suite crashes inside XLA's CPU compiler (a segfault in a late compile,
-# reproducible only after many earlier ones; each part alone passes). a-d in one process crashed that way too, in
-# test_decode_layout.py, once the attention tests compiled a few more programs before it.
+# reproducible only after many earlier ones; each part alone passes). a-d in one process crashed that way too (in
+# test_decode_layout.py, on a fresh clone, 2026-12-05), so it runs as two.
 TEST_GROUPS := a-b c-d e-l m-q r-z
 
 test: $(STAMP) $(QWEN3_TOKENIZER)
