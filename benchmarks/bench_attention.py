@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py            # learner T = 8192, chunk prefill 8192 tokens (~4 minutes)
     python benchmarks/bench_attention.py --quick    # learner T = 4096, prefill 4096 tokens, smaller speed shape
+    python benchmarks/bench_attention.py --cpu-blocks   # CPU: a chunk step's prefill, 512 x 512 blocks vs 'auto'
 
 Memory (compile only, nothing is allocated: abstract params): `jax.jit(f).lower(...).compile().memory_analysis()`
 temp_size_in_bytes of
@@ -108,10 +109,72 @@ def speed(config, tokens: int, repeats: int) -> dict[tuple[str, str], float]:
     return best
 
 
+def cpu_blocks(repeats: int = 7) -> None:
+    """A memory-agent chunk step's prefill (600 tokens into 728 slots: prefix 64, rest 600, 64 for the new memory)
+    with the blockwise path in the configured 512 x 512 blocks against 'auto' on CPU, which sizes its blocks to the
+    cache (`attention.cpu_block_sizes`); both skip the key blocks no query sees (a prefill over a cache). Medians of
+    interleaved runs."""
+    from memagent_jax.models.attention import cpu_block_sizes
+    from memagent_jax.sampling.sampler import prefill, reset_cache
+
+    tokens, slots = 600, 728
+    shapes = [
+        (
+            "tiny (2 layers, width 128, 4 heads)",
+            dict(
+                num_layers=2,
+                hidden_size=128,
+                intermediate_size=256,
+                num_heads=4,
+                num_kv_heads=2,
+                head_dim=32,
+                vocab_size=1024,
+            ),
+        ),
+        ("Qwen2.5-0.5B widths, 4 layers", dict(num_layers=4)),
+    ]
+    print(f"\n== chunk-step prefill on CPU: {tokens} tokens into {slots} slots, f32, median of {repeats} ==")
+    print(f"{'shape':<38} {'batch':>5} {'512 x 512 ms':>13} {'auto ms':>9} {'blocks':>9} {'speed-up':>9}")
+    for name, overrides in shapes:
+        base = "tiny" if "tiny" in name else "qwen2.5-0.5b-instruct"
+        config = preset_config(base, param_dtype="float32", compute_dtype="float32", **overrides)
+        params = init_params(config, 0)
+        for batch in (1, 4, 16) if base == "tiny" else (1, 4):
+            ids = jnp.asarray(np.random.default_rng(0).integers(3, 1000, (batch, tokens)), jnp.int32)
+            mask = jnp.ones((batch, tokens), bool)
+            runs = {}
+            for label, impl in (("fixed", "blockwise"), ("auto", "auto")):
+                c = config.replace(attention_impl=impl)
+                cache = init_cache(c, batch, slots)
+                fn = jax.jit(lambda p, t, m, ca, c=c: prefill(p, c, t, m, reset_cache(ca)).last_logits)
+                runs[label] = (fn, cache)
+            times = {label: [] for label in runs}
+            for fn, cache in runs.values():
+                jax.block_until_ready(fn(params, ids, mask, cache))
+            for _ in range(repeats):
+                for label, (fn, cache) in runs.items():
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(params, ids, mask, cache))
+                    times[label].append(time.perf_counter() - t0)
+            fixed, auto = (float(np.median(times[k])) for k in ("fixed", "auto"))
+            blocks = "x".join(map(str, cpu_block_sizes(batch, config.num_heads, tokens, slots)))
+            print(
+                f"{name:<38} {batch:>5} {fixed * 1e3:>13.1f} {auto * 1e3:>9.1f} {blocks:>9} {fixed / auto:>8.2f}x",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="T = 4096 for memory, smaller speed shape")
+    parser.add_argument(
+        "--cpu-blocks", action="store_true", help="only the chunk-step prefill in 512 x 512 blocks against 'auto'"
+    )
     args = parser.parse_args()
+    if args.cpu_blocks:
+        print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} cores")
+        cpu_blocks()
+        return
     length = 4096 if args.quick else 8192
     speed_tokens = 1024 if args.quick else 2048
     repeats = 3

@@ -86,12 +86,65 @@ def test_reference_equals_numpy():
 
 @pytest.mark.parametrize("blocks", [(16, 10), (5, 7), (64, 64), (1, 53), (37, 1)])
 @pytest.mark.parametrize("segments", [False, True])
-def test_blockwise_equals_reference(blocks, segments):
+@pytest.mark.parametrize("skip", [False, True])
+def test_blockwise_equals_reference(blocks, segments, skip):
     q, k, v, keys = _case(1, segments=segments)
     want = A.materialized_attention(q, k, v, A.attention_mask(keys))
-    got = A.blockwise_attention(q, k, v, keys, query_block=blocks[0], key_block=blocks[1])
+    got = A.blockwise_attention(q, k, v, keys, query_block=blocks[0], key_block=blocks[1], skip_unseen_blocks=skip)
     _close(got, want)
     _close(got, _numpy_attention(q, k, v, A.attention_mask(keys)))
+
+
+def _cache_case(seed, b=3, t=20, s=96, written=40, h=4, kh=2, dh=8):
+    """A prefill over a KV cache: each row has `written` slots filled, its last t being this call's tokens
+    (causal among them), the rest of the cache unwritten; row 0 left-padded, the last row fully padded."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, t, h, dh)).astype(np.float32)
+    k = rng.normal(size=(b, kh, s, dh)).astype(np.float32)
+    v = rng.normal(size=(b, kh, s, dh)).astype(np.float32)
+    valid = np.zeros((b, s), bool)
+    valid[:, :written] = True
+    valid[0, :7] = False
+    valid[-1] = False
+    kpos = np.stack([np.maximum(np.cumsum(r) - 1, 0) for r in valid]).astype(np.int32)
+    qpos = kpos[:, written - t : written]
+    keys = A.AttentionKeys(jnp.asarray(qpos), jnp.asarray(kpos), jnp.asarray(valid))
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), keys
+
+
+def test_skipping_unseen_blocks_over_a_cache():
+    """With most key blocks unwritten or in the causal future, skipping them gives the reference's output (the
+    fully padded row included: the mean of v) and the reference's gradients (the backward visits every block);
+    the forward program holds a conditional per key block only when asked to skip."""
+    q, k, v, keys = _cache_case(4)
+    mask = A.attention_mask(keys)
+    assert not np.asarray(mask)[:, :, 48:].any()  # whole key blocks of 16 that no query sees
+    want = A.materialized_attention(q, k, v, mask)
+    for qb, kb in ((8, 16), (4, 5), (20, 96)):
+        got = jax.jit(
+            lambda q, k, v, qb=qb, kb=kb: A.blockwise_attention(
+                q, k, v, keys, query_block=qb, key_block=kb, skip_unseen_blocks=True
+            )
+        )(q, k, v)
+        _close(got, want)
+    _close(np.asarray(got)[-1], np.repeat(np.asarray(v)[-1].mean(axis=1)[None], q.shape[1], axis=0).repeat(2, 1))
+
+    def blocks_8x16(q, k, v, skip=True):
+        return A.blockwise_attention(q, k, v, keys, query_block=8, key_block=16, skip_unseen_blocks=skip)
+
+    def program(skip):
+        return str(jax.make_jaxpr(lambda q: blocks_8x16(q, k, v, skip))(q))
+
+    assert "cond[" in program(True) and "cond[" not in program(False)
+    w = jnp.asarray(np.random.default_rng(5).normal(size=q.shape).astype(np.float32))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.tanh(fn(q, k, v)) * w)
+
+    ref = jax.grad(loss(lambda q, k, v: A.materialized_attention(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss(blocks_8x16), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        _close(g, r)
 
 
 @pytest.mark.parametrize("segments", [False, True])
@@ -161,6 +214,43 @@ def test_selection_rules():
     assert sel("auto", queries=64, keys=64, dtype=bf16, platform="tpu", head_dim=64) == "splash"
     with pytest.raises(ValueError, match="attention_impl"):
         sel("flash", queries=2, keys=2, dtype=f32, head_dim=8)
+
+
+def test_cpu_block_sizes_fit_the_cache_budget():
+    """On CPU, 'auto' runs calls over a KV cache in blocks whose f32 scores for the whole batch fit about one L2
+    cache; never above the configured sizes or the call, never below 16 queries."""
+    budget = A.CPU_SCORE_BLOCK_BYTES
+    for b, h, t, s in [(1, 4, 600, 728), (4, 4, 600, 728), (16, 4, 600, 728), (4, 14, 600, 728), (64, 14, 4096, 4096)]:
+        qb, kb = A.cpu_block_sizes(b, h, t, s)
+        assert 16 <= qb <= min(512, t) and qb & (qb - 1) == 0
+        assert kb in (128, 256)
+        assert b * h * qb * kb * 4 <= budget or qb == 16, (b, h, qb, kb)
+        assert qb == 512 or b * h * (2 * qb) * kb * 4 > budget  # the next power of two would not fit
+    assert A.cpu_block_sizes(1, 4, 600, 728) == (256, 256)
+    assert A.cpu_block_sizes(16, 4, 600, 728) == (32, 128)
+    assert A.cpu_block_sizes(1, 1, 600, 728, query_block=64, key_block=100) == (64, 100)
+    assert A.cpu_block_sizes(1, 1, 40, 50) == (40, 50)
+
+
+def test_attend_over_a_cache_on_cpu(monkeypatch):
+    """`attend` on CPU: a call over a KV cache (cache_length given) skips unseen blocks, and under 'auto' runs in
+    `cpu_block_sizes`; an explicit 'blockwise' keeps the configured blocks; a call without a cache (the learner)
+    keeps both as configured. The result equals the reference every way."""
+    seen = []
+    real = A.blockwise_attention
+
+    def spy(q, k, v, keys, *, query_block, key_block, skip_unseen_blocks):
+        seen.append((query_block, key_block, skip_unseen_blocks))
+        return real(q, k, v, keys, query_block=query_block, key_block=key_block, skip_unseen_blocks=skip_unseen_blocks)
+
+    monkeypatch.setattr(A, "blockwise_attention", spy)
+    monkeypatch.setattr(A, "CPU_SCORE_BLOCK_BYTES", 3 * 4 * 16 * 32 * 4)  # this batch: blocks of 16 x 32
+    q, k, v, keys = _cache_case(6, t=70, s=90, written=80)
+    want = A.materialized_attention(q, k, v, A.attention_mask(keys))
+    for impl in ("auto", "blockwise"):
+        _close(A.attend(q, k, v, keys, impl=impl, query_block=64, key_block=64, cache_length=10), want)
+    _close(A.attend(q, k, v, keys, impl="auto", query_block=64, key_block=64), want)
+    assert seen == [(16, 64, True), (64, 64, True), (64, 64, False)]
 
 
 @pytest.mark.parametrize("segments", [False, True])

@@ -11,7 +11,8 @@ Every function computes grouped-query softmax attention with the model's positio
                             `query_block` tokens in `lax.fori_loop`s: the live score block is
                             [B, K, G, query_block, key_block]; a `jax.custom_vjp` backward recomputes each block
                             from the saved row max and row sum, so the backward never holds [T, S] either.
-                            Pure JAX: CPU, GPU and TPU.
+                            Over a KV cache the forward pass skips key blocks no query sees (unwritten slots,
+                            the causal future). Pure JAX: CPU, GPU and TPU.
   `cudnn_attention`         `jax.nn.dot_product_attention(implementation='cudnn')` (cuDNN flash attention, GPU
                             only, bf16/f16 only) with our visibility as a boolean mask [B, 1, T, S] (shared by all
                             heads: cuDNN adds it as a bias in the compute dtype; the scores stay on chip).
@@ -24,7 +25,8 @@ Every function computes grouped-query softmax attention with the model's positio
 Rows with no visible key (pads whose position precedes every valid key, fully padded rows) get the same answer
 from every path except cuDNN: the reference replaces masked scores by a large negative constant, so such a
 row's softmax is uniform over all S slots and its output is the mean of v over every slot; the blockwise path
-keeps that constant for masked slots and reproduces it exactly. Nothing downstream reads those rows.
+keeps that constant for masked slots and reproduces it exactly (when it skips unseen blocks, it gives such a row
+the mean of v and the statistics directly). Nothing downstream reads those rows.
 
 Shapes: B batch, T queries, S key slots, H query heads, K kv heads, G = H // K, Dh head dim.
 Layouts: q [B, T, H, Dh] (the projections' layout), k and v [B, K, S, Dh] (heads-major, the KV cache's layout),
@@ -136,8 +138,9 @@ def _over_blocks(total: int, block: int, body, carry):
     return carry
 
 
-def _forward(q, k, v, keys, query_block, key_block):
-    """Online softmax. q: [B, K, T, G, Dh]; k, v: [B, K, S, Dh].
+def _forward(q, k, v, keys, query_block, key_block, skip_unseen=False):
+    """Online softmax. q: [B, K, T, G, Dh]; k, v: [B, K, S, Dh]. skip_unseen: skip (`lax.cond`) each key block that
+    no query of the block sees (inference over a KV cache: the unwritten slots and the causal future).
 
     Returns out f32 [B, K, T, G, Dh], row max and row sum f32 [B, K, T, G]."""
     b, kh, t, g, dh = q.shape
@@ -148,7 +151,7 @@ def _forward(q, k, v, keys, query_block, key_block):
         out_buf, max_buf, sum_buf = bufs
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, q_size, axis=2)
 
-        def key_step(k_start, k_size, state):
+        def compute(k_start, k_size, state):
             row_max, row_sum, acc = state
             s, _ = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
@@ -163,13 +166,30 @@ def _forward(q, k, v, keys, query_block, key_block):
             ).reshape(b, kh, q_size, g, dh)
             return new_max, row_sum * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
 
+        def key_step(k_start, k_size, state):
+            if not skip_unseen:
+                return compute(k_start, k_size, state)
+            # For a row that sees some key elsewhere, an unseen block's terms are exp(MASK_VALUE - max) = 0 and
+            # its rescale 1: skipping it changes nothing.
+            seen = jnp.any(_visible(keys, q_start, q_size, k_start, k_size))
+            return jax.lax.cond(seen, lambda st: compute(k_start, k_size, st), lambda st: st, state)
+
         init = (
             jnp.full((b, kh, q_size, g), -jnp.inf, jnp.float32),
             jnp.zeros((b, kh, q_size, g), jnp.float32),
             jnp.zeros((b, kh, q_size, g, dh), jnp.float32),
         )
         row_max, row_sum, acc = _over_blocks(s_total, key_block, key_step, init)
-        out = acc / row_sum[..., None]
+        if skip_unseen:
+            # A query that sees no key at all gets what the reference's softmax over all-masked scores gives: equal
+            # weights on every slot (the mean of v), with the matching statistics.
+            blind = row_max <= MASK_VALUE
+            v_mean = jnp.mean(v.astype(jnp.float32), axis=2)[:, :, None, None, :]  # [B, K, 1, 1, Dh]
+            out = jnp.where(blind[..., None], v_mean, acc / jnp.where(blind, 1.0, row_sum)[..., None])
+            row_max = jnp.where(blind, MASK_VALUE, row_max)
+            row_sum = jnp.where(blind, float(s_total), row_sum)
+        else:
+            out = acc / row_sum[..., None]
         return (
             jax.lax.dynamic_update_slice_in_dim(out_buf, out, q_start, axis=2),
             jax.lax.dynamic_update_slice_in_dim(max_buf, row_max, q_start, axis=2),
@@ -184,21 +204,24 @@ def _forward(q, k, v, keys, query_block, key_block):
     return _over_blocks(t, query_block, query_step, bufs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, keys, query_block, key_block):
-    out, _, _ = _forward(q, k, v, keys, query_block, key_block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, keys, query_block, key_block, skip_unseen):
+    out, _, _ = _forward(q, k, v, keys, query_block, key_block, skip_unseen)
     return out.astype(q.dtype)
 
 
-def _flash_fwd(q, k, v, keys, query_block, key_block):
-    out, row_max, row_sum = _forward(q, k, v, keys, query_block, key_block)
+def _flash_fwd(q, k, v, keys, query_block, key_block, skip_unseen):
+    out, row_max, row_sum = _forward(q, k, v, keys, query_block, key_block, skip_unseen)
     # Residuals: inputs, the f32 output and the row statistics: O(T x H x Dh + S x K x Dh), no [T, S].
     return out.astype(q.dtype), (q, k, v, keys, out, row_max, row_sum)
 
 
-def _flash_bwd(query_block, key_block, residuals, d_out):
+def _flash_bwd(query_block, key_block, skip_unseen, residuals, d_out):
     """Recomputes each block's probabilities p = exp(s - max) / sum and applies the softmax backward
-    ds = p (dp - sum(d_out * out)), masked slots getting no gradient (as `jnp.where` gives the reference)."""
+    ds = p (dp - sum(d_out * out)), masked slots getting no gradient (as `jnp.where` gives the reference). Every
+    block is visited (skip_unseen only changes the forward pass: a `lax.cond` per block here made XLA CPU keep
+    several times the backward's temporaries)."""
+    del skip_unseen
     q, k, v, keys, out, row_max, row_sum = residuals
     b, kh, t, g, dh = q.shape
     s_total = k.shape[2]
@@ -255,15 +278,24 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, keys: AttentionKeys, *, query_block: int = 512, key_block: int = 512
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    keys: AttentionKeys,
+    *,
+    query_block: int = 512,
+    key_block: int = 512,
+    skip_unseen_blocks: bool = False,
 ) -> jax.Array:
     """Online-softmax attention over blocks, never holding more than one [B, K, G, query_block, key_block]
     score block (forward and backward).
 
     q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; keys: `AttentionKeys` ([B, T] / [B, S] positions, validity, optional
     segments). query_block, key_block: block sizes in tokens / slots (need not divide T / S; a remainder block
-    runs as its own step). Returns [B, T, H, Dh] in q's dtype; equals `materialized_attention` with
-    `attention_mask(keys)` up to f32 rounding, fully masked rows included.
+    runs as its own step). skip_unseen_blocks: the forward pass skips each key block that no query of its query
+    block sees (a KV cache's unwritten slots, the causal future of a prefill); `attend` sets it for calls over a
+    cache. Returns [B, T, H, Dh] in q's dtype; equals `materialized_attention` with `attention_mask(keys)` up to
+    f32 rounding, fully masked rows included.
     """
     b, t, h, dh = q.shape
     kh = k.shape[1]
@@ -272,7 +304,7 @@ def blockwise_attention(
         raise ValueError(f"block sizes must be positive, got query_block={query_block}, key_block={key_block}")
     keys = AttentionKeys(*(None if a is None else jnp.asarray(a) for a in keys))
     qg = q.reshape(b, t, kh, g, dh).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, Dh]: a query block is contiguous
-    out = _flash(qg, k, v, keys, int(query_block), int(key_block))
+    out = _flash(qg, k, v, keys, int(query_block), int(key_block), bool(skip_unseen_blocks))
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, dh)
 
 
@@ -476,7 +508,8 @@ def select_implementation(
       'auto'           TPU: 'splash';  GPU: as 'cudnn';  CPU: 'materialized' when the call is one block
                        (T <= query_block and S <= key_block: the same live scores, one loop less), else
                        'blockwise' (on CPU it is as fast or faster from 512 x 512 up and takes 2-6x less
-                       time at 4096 x 4096; benchmarks/bench_attention.py measures it).
+                       time at 4096 x 4096; benchmarks/bench_attention.py measures it); over a KV cache
+                       `attend` runs it in blocks sized to the CPU's cache (`cpu_block_sizes`).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -533,7 +566,42 @@ def attend(
         return cudnn_attention(q, k, v, keys)
     if path == "splash":
         return splash_attention(q, k, v, keys, cache_length=cache_length, query_block=query_block, key_block=key_block)
-    return blockwise_attention(q, k, v, keys, query_block=query_block, key_block=key_block)
+    over_cache = cache_length is not None
+    if over_cache and impl == "auto" and jax.default_backend() == "cpu":
+        query_block, key_block = cpu_block_sizes(
+            q.shape[0], q.shape[2], q.shape[1], k.shape[-2], query_block=query_block, key_block=key_block
+        )
+    return blockwise_attention(
+        q, k, v, keys, query_block=query_block, key_block=key_block, skip_unseen_blocks=over_cache
+    )
+
+
+# Live f32 score block the blockwise path aims for on CPU: about one core's L2 cache (1 MiB on AMD Zen 4/5, 2 MiB on
+# Intel Sapphire Rapids), so a block's scores, probabilities and running sums are reused from cache instead of
+# streaming through memory between the fused ops of a block.
+CPU_SCORE_BLOCK_BYTES = 1 << 20
+
+
+def cpu_block_sizes(
+    batch: int, heads: int, queries: int, keys: int, *, query_block: int = 512, key_block: int = 512
+) -> tuple[int, int]:
+    """(query_block, key_block) of the blockwise path on CPU under 'auto' for calls over a KV cache (the agent's
+    prefills): the configured sizes shrunk until one block's f32 scores for the whole batch,
+    batch x heads x query_block x key_block x 4 bytes, fit `CPU_SCORE_BLOCK_BYTES`. Keys go in blocks of 256 (128
+    where even 32 queries would not fit), queries in the largest power of two from 16 up that fits. On XLA CPU a
+    [B, K, 512, G, 512] score block streams through memory between its fused ops; sized to the cache, the prefill
+    of a 600-token chunk step runs 1.2-1.7x faster (`benchmarks/bench_attention.py --cpu-blocks` measures it).
+    Never larger than the configured sizes or the call."""
+    key_block = max(1, min(key_block, keys, 256))
+    per_query = batch * heads * key_block * 4
+    if CPU_SCORE_BLOCK_BYTES // per_query < 32 and key_block > 128:
+        key_block = 128
+        per_query = batch * heads * key_block * 4
+    fit = max(16, CPU_SCORE_BLOCK_BYTES // per_query)
+    block = 16
+    while block * 2 <= fit and block * 2 <= 512:
+        block *= 2
+    return max(1, min(query_block, queries, block)), key_block
 
 
 def score_block_elements(queries: int, keys: int, path: str, query_block: int, key_block: int) -> int:
@@ -560,6 +628,7 @@ __all__ = [
     "materialized_attention",
     "score_block_elements",
     "select_implementation",
+    "cpu_block_sizes",
     "splash_attention",
     "splash_block_sizes",
 ]

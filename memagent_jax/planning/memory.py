@@ -116,13 +116,19 @@ def layer_param_bytes_per_device(mc, mesh: MeshShape, dtype: str) -> int:
 
 
 def layer_activation_bytes(
-    mc, tokens: int, keys: int, tensor: int, compute_bytes: int, path: str = "materialized"
+    mc,
+    tokens: int,
+    keys: int,
+    tensor: int,
+    compute_bytes: int,
+    path: str = "materialized",
+    blocks: tuple[int, int] | None = None,
 ) -> dict[str, int]:
     """Activation sizes of ONE layer for ONE row of `tokens` queries over `keys` key slots, per device.
 
     score_elements: the attention scores in memory at once (see the SCORE_BYTES_* / BLOCK_BYTES_*):
            'materialized' H_local x tokens x keys; 'blockwise' H_local x min(tokens, query block) x min(keys, key
-           block) (one live block); 'cudnn' 0 (on chip);
+           block) (one live block; `blocks`, (query block, key block), overrides the config's); 'cudnn' 0 (on chip);
     mask:  bytes of [tokens, keys] arrays: the bool mask (materialised path, built once per forward), the bool mask
            and its compute-dtype bias (cuDNN), none (blockwise: visibility is computed per block);
     flash_forward: the flash paths' f32 output accumulator [H_local x Dh] and row max / sum [2 x H_local] per
@@ -154,11 +160,8 @@ def layer_activation_bytes(
         return out
     if path not in ("blockwise", "cudnn"):
         raise PlanError(f"attention path must be 'materialized', 'blockwise', 'cudnn' or 'splash', got {path!r}")
-    out["score_elements"] = (
-        h * min(tokens, mc.attention_query_block_size) * min(keys, mc.attention_block_size)
-        if path == "blockwise"
-        else 0
-    )
+    qb, kb = blocks or (mc.attention_query_block_size, mc.attention_block_size)
+    out["score_elements"] = h * min(tokens, qb) * min(keys, kb) if path == "blockwise" else 0
     out["mask"] = 0 if path == "blockwise" else (1 + c) * tokens * keys
     out["flash_forward"] = tokens * (4 * h * dh + 8 * h)
     out["flash_kept"] = tokens * (4 * h * dh + 8 * h + c * h * dh)
@@ -282,12 +285,17 @@ def rollout_activation_bytes(
       chunk prefill   R tokens (memory + chunk + templates) over the update cache's slots   <- the largest
       final prefill   F tokens over the final cache's slots
 
-    each, per row, on the attention path the model takes there on `platform` (`attention_path`): the scores (8 sc,
-    SCORE_BYTES_INFERENCE, materialised; 12 x the live block, BLOCK_BYTES_INFERENCE, blockwise; 8 x one head's
-    block, splash; 0 cuDNN) + the
-    [T, S] arrays (`mask`: the bool mask materialised, mask + bias cuDNN, none blockwise) + the flash paths' f32
-    accumulator (`flash_forward`) + other (`layer_activation_bytes`) + the residual stream in and out (2 x c T D)
-    + one layer's k/v read out of the stacked cache (2 x c K_local S Dh). Decode steps (1 token) are far smaller.
+    each, per row, on the attention path the model takes there on `platform` (`attention_path`). Without
+    gradients XLA frees a layer's buffers as soon as they are read, so the peak is the larger of two phases:
+      attention  the scores (8 sc, SCORE_BYTES_INFERENCE, materialised; 12 x the live block,
+                 BLOCK_BYTES_INFERENCE, blockwise, in the CPU's cache-sized blocks under 'auto'
+                 (`attention.cpu_block_sizes`); 8 x one head's block, splash; 0 cuDNN) + the [T, S] arrays (`mask`:
+                 the bool mask materialised, mask + bias cuDNN, none blockwise) + the flash paths' f32 accumulator
+                 (`flash_forward`) + c T (2 D + 3 H_local Dh + 2 K_local Dh): the residual stream in and out, q,
+                 its regrouped copy and the attention output, k and v (and q, k before their RMSNorm with qk_norm)
+                 + one layer's k/v read out of the stacked cache (2 x c K_local S Dh);
+      MLP        c T (2 D + 3 F_local): the residual stream in and out, gate, up and silu(gate) * up.
+    Decode steps (1 token) are far smaller.
     Plus the segment's inputs and records (chunk ids, rest prompt, responses, log-probs).
     """
     c, d, dh = compute_bytes, mc.hidden_size, mc.head_dim
@@ -299,19 +307,34 @@ def rollout_activation_bytes(
         ("final prefill", layout.final_prompt, layout.final_slots),
     ):
         path = attention_path(mc, platform, tokens, keys)
-        layer = layer_activation_bytes(mc, tokens, keys, tensor, c, path)
+        blocks = None
+        if path == "blockwise" and platform == "cpu" and mc.attention_impl == "auto":
+            from memagent_jax.models.attention import cpu_block_sizes
+
+            blocks = cpu_block_sizes(
+                rows,
+                _heads_local(mc, tensor),
+                tokens,
+                keys,
+                query_block=mc.attention_query_block_size,
+                key_block=mc.attention_block_size,
+            )
+        layer = layer_activation_bytes(mc, tokens, keys, tensor, c, path, blocks)
         per_element = {"materialized": SCORE_BYTES_INFERENCE, "splash": SPLASH_BLOCK_BYTES_INFERENCE}.get(
             path, BLOCK_BYTES_INFERENCE
         )
         scores = per_element * layer["score_elements"]
-        total = (
+        h = _heads_local(mc, tensor)
+        extra_qk = (h + k) * dh if mc.qk_norm else 0
+        attention_phase = (
             scores
             + layer["mask"]
             + layer["flash_forward"]
-            + layer["other"]
-            + 2 * c * tokens * d
+            + c * tokens * (2 * d + 3 * h * dh + 2 * k * dh + extra_qk)
             + 2 * c * k * keys * dh
         )
+        mlp_phase = c * tokens * (2 * d + 3 * sharded(mc.intermediate_size, tensor))
+        total = max(attention_phase, mlp_phase)
         if not best or total > best["per_row"]:
             best = {
                 "per_row": total,
