@@ -88,6 +88,54 @@ def test_unstack_layers_forward_equals_stacked():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
+def test_tied_head_copy_gives_the_same_logits_and_tokens(tmp_path, monkeypatch):
+    """A tied model's decode reads the embedding's transposed copy (`with_tied_head_copy`, by default on CPU from
+    2 rows up, for a head too large for the caches):
+    logits within f32 rounding of the embedding's, the same greedy tokens and log-probs as decode without it; an
+    untied model gets nothing added, and the copy is never a parameter (forward ignores it)."""
+    from memagent_jax.models.transformer import TIED_HEAD_COPY, logits_from_hidden, with_tied_head_copy
+    from memagent_jax.sampling import sampler
+
+    folder = save_hf_model(make_hf_model("qwen2_tied", seed=3), str(tmp_path / "tied"))
+    params, config = load_hf_params(folder)
+    assert config.tie_word_embeddings
+    copied = with_tied_head_copy(params, config)
+    assert copied[TIED_HEAD_COPY].shape == (config.hidden_size, config.vocab_size)
+    np.testing.assert_array_equal(np.asarray(copied[TIED_HEAD_COPY]), np.asarray(params["embed"]).T)
+    assert with_tied_head_copy(copied, config) is copied
+    assert TIED_HEAD_COPY not in sampler.decode_params(params, config, 3)  # a head this small stays in cache
+    monkeypatch.setattr(sampler, "TIED_HEAD_COPY_MIN_BYTES", 0)  # as if it streamed from memory
+    assert TIED_HEAD_COPY in sampler.decode_params(params, config, 3)  # CPU, 2 rows or more: on by default
+    assert TIED_HEAD_COPY not in sampler.decode_params(params, config, 1)
+    assert TIED_HEAD_COPY not in sampler.decode_params(params, config, 3, tied_head_copy=False)
+    untied_config = preset_config("tiny", tie_word_embeddings=False)
+    untied = init_params(untied_config, 0)
+    assert with_tied_head_copy(untied, untied_config) is untied
+
+    hidden = jnp.asarray(np.random.default_rng(1).normal(size=(3, config.hidden_size)), jnp.float32)
+    np.testing.assert_allclose(
+        np.asarray(logits_from_hidden(copied, hidden, config=config)),
+        np.asarray(logits_from_hidden(params, hidden, config=config)),
+        atol=1e-5,
+        rtol=0,
+    )
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (3, 7)), jnp.int32)
+    mask = jnp.ones((3, 7), bool)
+    pos = jnp.broadcast_to(jnp.arange(7), (3, 7))
+    np.testing.assert_allclose(
+        np.asarray(forward(copied, tokens, pos, mask, config=config)[0]),
+        np.asarray(forward(params, tokens, pos, mask, config=config)[0]),
+        atol=1e-5,
+        rtol=0,
+    )
+    sampling = SamplingParams(max_new_tokens=9, temperature=0.0)
+    with_copy = _generate(params, config, tokens, mask, sampling, 1)
+    monkeypatch.setattr(sampler, "with_tied_head_copy", lambda p, c: p)  # (another config: a fresh trace)
+    without = _generate(params, config.replace(decode_layout="unstacked"), tokens, mask, sampling, 1)
+    np.testing.assert_array_equal(np.asarray(with_copy.tokens), np.asarray(without.tokens))
+    np.testing.assert_allclose(np.asarray(with_copy.logprobs), np.asarray(without.logprobs), atol=1e-5, rtol=0)
+
+
 def test_decode_layout_config_validation_and_export():
     config = preset_config("tiny")
     assert config.decode_layout == "auto" and config.resolved_decode_layout == "unstacked"  # CPU, tiny layers too

@@ -250,7 +250,7 @@ def memory_step(
     cache = rewind_cache(cache, spec.prefix_length)
     pre = prefill(params, spec.config, rest_tokens, rest_mask, cache, start_positions=prefix_next_positions)
     if params_for_decode is None:
-        params_for_decode = decode_params(params, spec.config)
+        params_for_decode = decode_params(params, spec.config, batch)
     out = decode(
         params_for_decode,
         spec.config,
@@ -302,9 +302,9 @@ def run_segment(
 
     Prefill runs the stacked layers (`lax.scan`); decode runs `config.decode_layout`: with 'unstacked' the
     layer weights are split into per-layer arrays once per call, here, outside the chunk scan (one extra copy
-    of the layer weights for the length of the call).
+    of the layer weights for the length of the call), and on CPU the tied head's transposed copy is made here too.
     """
-    params_for_decode = decode_params(params, spec.config)
+    params_for_decode = decode_params(params, spec.config, memory.shape[0])
 
     def body(carry, xs):
         cache, memory, memory_len = carry

@@ -36,6 +36,9 @@ layout of `unstack_layers` holds a tuple of L per-layer dicts there instead, run
     layers/mlp/gate_proj, up_proj [L, D, F]   layers/mlp/down_proj [L, F, D]  (+ biases if mlp_bias)
     final_norm       [D]
     lm_head          [D, V]            (absent when embeddings are tied)
+
+The decode layout may add `TIED_HEAD_COPY` [D, V]: a transposed copy of a tied embedding that the logits read
+instead (`with_tied_head_copy`; not a parameter: it is never trained or saved).
 """
 
 from __future__ import annotations
@@ -472,6 +475,8 @@ def _graphdef(config: ModelConfig):
 
 def _module(params: Params, config: ModelConfig) -> Transformer:
     """The module for `params` in either layout (unstacked: 'layers' holds layer 0, for the structure only)."""
+    if TIED_HEAD_COPY in params:
+        params = {k: v for k, v in params.items() if k != TIED_HEAD_COPY}
     if is_unstacked(params):
         params = {**params, "layers": params["layers"][0]}
     return nnx.merge(_graphdef(config), params)
@@ -571,8 +576,30 @@ def forward_hidden(
 
 
 def logits_from_hidden(params: Params, hidden, *, config: ModelConfig):
-    """hidden [..., D] -> f32 logits [..., V] with the (tied or untied) LM head."""
+    """hidden [..., D] -> f32 logits [..., V] with the (tied or untied) LM head, or the tied head's transposed
+    copy where `with_tied_head_copy` made one."""
+    if TIED_HEAD_COPY in params:
+        cdt = _dtype(config.compute_dtype)
+        head = params[TIED_HEAD_COPY].astype(cdt)
+        return jnp.einsum("...d,dv->...v", hidden.astype(cdt), head, preferred_element_type=jnp.float32)
     return _module(params, config).logits(hidden)
+
+
+# Key of the tied embedding's transposed copy [D, V] in decode-layout params.
+TIED_HEAD_COPY = "tied_head_copy"
+
+
+def with_tied_head_copy(params: Params, config: ModelConfig) -> Params:
+    """`params` plus `TIED_HEAD_COPY`, the tied embedding transposed to [D, V] and laid out contiguously, for a
+    model whose embeddings are tied (others: `params` unchanged). Idempotent.
+
+    The logits of a decode step are [B, D] x the head. Read as [V, D] (the embedding), the product contracts each
+    row's minor axis, which XLA CPU runs about 1.9x slower than [D, V] at batch 4 (Qwen2.5-0.5B: 43 against 23 ms
+    per step); the copy costs one transpose and V x D more memory for as long as it is held.
+    """
+    if not config.tie_word_embeddings or TIED_HEAD_COPY in params:
+        return params
+    return {**params, TIED_HEAD_COPY: jnp.transpose(params["embed"])}
 
 
 def positions_from_mask(token_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
