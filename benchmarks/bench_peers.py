@@ -468,7 +468,7 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
         agent = MemoryAgent(params, config, tokenizer, budgets=budgets, stop_token_ids=())
         question = _question(agent)
         rng = np.random.default_rng(0)
-        cells = agent_cells(args.quick, name)
+        cells = [c for c in agent_cells(args.quick, name) if not args.cells or c[0] in args.cells]
         prompt_len = agent.spec.prompts.update.padded_length({"question": PREFIX, "memory": MEMORY, "chunk": CHUNK})
         peer = Peer(vllm_py, "vllm_child.py", "vllm", env=vllm_env(args.vllm_cores))
         try:
@@ -552,6 +552,8 @@ def part_generate(args, vocab: int, tmp: str, vllm_py: str) -> list[dict]:
 
     dtype = DTYPES[args.dtype]
     batches = (1, 4) if args.quick else (1, 4, 16)
+    if args.cells:
+        batches = tuple(b for b in batches if f"batch {b}" in args.cells)
     print(
         f"\n== (b) generate: prefill {PREFILL}, decode {DECODE} (fixed length, greedy), {args.dtype}; generated "
         f"tokens/s (prefill included), median of {args.repeats} interleaved runs =="
@@ -802,6 +804,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=["all", *SHAPES], default="all", help="model shapes to measure")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default 3, quick 2)")
+    parser.add_argument(
+        "--cells",
+        type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+        default=None,
+        help="only these cells of (a) and (b), by their label, e.g. --cells='batch 1,batch 4' (a repeat of the "
+        "0.5B shape's five agent cells takes about 15 minutes on 2 cores)",
+    )
     parser.add_argument(
         "--vllm-cores",
         choices=["all", "auto"],

@@ -95,9 +95,10 @@ def test_blockwise_equals_reference(blocks, segments, skip):
     _close(got, _numpy_attention(q, k, v, A.attention_mask(keys)))
 
 
-def _cache_case(seed, b=3, t=20, s=96, written=40, h=4, kh=2, dh=8):
+def _cache_case(seed, b=3, t=20, s=96, written=40, h=4, kh=2, dh=8, blind_row=True):
     """A prefill over a KV cache: each row has `written` slots filled, its last t being this call's tokens
-    (causal among them), the rest of the cache unwritten; row 0 left-padded, the last row fully padded."""
+    (causal among them), the rest of the cache unwritten; row 0 left-padded, the last row fully padded (unless
+    not blind_row)."""
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(b, t, h, dh)).astype(np.float32)
     k = rng.normal(size=(b, kh, s, dh)).astype(np.float32)
@@ -105,7 +106,7 @@ def _cache_case(seed, b=3, t=20, s=96, written=40, h=4, kh=2, dh=8):
     valid = np.zeros((b, s), bool)
     valid[:, :written] = True
     valid[0, :7] = False
-    valid[-1] = False
+    valid[-1] = valid[-1] & (not blind_row)
     kpos = np.stack([np.maximum(np.cumsum(r) - 1, 0) for r in valid]).astype(np.int32)
     qpos = kpos[:, written - t : written]
     keys = A.AttentionKeys(jnp.asarray(qpos), jnp.asarray(kpos), jnp.asarray(valid))
@@ -214,6 +215,27 @@ def test_selection_rules():
     assert sel("auto", queries=64, keys=64, dtype=bf16, platform="tpu", head_dim=64) == "splash"
     with pytest.raises(ValueError, match="attention_impl"):
         sel("flash", queries=2, keys=2, dtype=f32, head_dim=8)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_block_kind_against_the_visibility(segments):
+    """`_block_kind` against the brute-force visibility of every block pair: 0 exactly when no query of the block
+    sees a key of it, 1 only when every query sees every key (blocks of written slots before the new tokens, in a
+    batch without a blind row), else 2."""
+    cases = [_cache_case(7), _cache_case(7, blind_row=False), _case(8)] if not segments else [_case(8, segments=True)]
+    kinds = set()
+    for q, k, v, keys in cases:
+        vis = np.asarray(A.attention_mask(keys))  # [B, T, S]
+        t, s = vis.shape[1:]
+        for q0 in range(0, t, 4):
+            for k0 in range(0, s, 8):
+                qs, ks = min(4, t - q0), min(8, s - k0)
+                kind = int(A._block_kind(keys, q0, qs, k0, ks))
+                block = vis[:, q0 : q0 + qs, k0 : k0 + ks]
+                assert (kind == 0) == (not block.any()), (q0, k0)
+                assert kind != 1 or block.all(), (q0, k0)
+                kinds.add(kind)
+    assert kinds == ({0, 1, 2} if not segments else {0, 2})
 
 
 def test_cpu_block_sizes_fit_the_cache_budget():

@@ -113,16 +113,34 @@ def _visible(keys: AttentionKeys, q_start, q_size: int, k_start, k_size: int) ->
     return vis[:, :, None, :]
 
 
-def _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size):
-    """Masked scaled scores of one block, f32 [B, K, q_size, G, k_size], and the visibility broadcast to it.
+def _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size, masked=True):
+    """Masked scaled scores of one block, f32 [B, K, q_size, G, k_size], and the visibility broadcast to it
+    (masked=False: a block every query sees whole; the scores as they are, and no visibility).
 
     q_blk: [B, K, q_size, G, Dh] (already sliced); k: [B, K, S, Dh] (sliced here)."""
     b, kh, tq, g, dh = q_blk.shape
     k_blk = jax.lax.dynamic_slice_in_dim(k, k_start, k_size, axis=2).astype(q_blk.dtype)
     s = jnp.einsum("bkqd,bksd->bkqs", q_blk.reshape(b, kh, tq * g, dh), k_blk, preferred_element_type=jnp.float32)
     s = s.reshape(b, kh, tq, g, k_size) * (dh**-0.5)
+    if not masked:
+        return s, None
     vis = _visible(keys, q_start, q_size, k_start, k_size)[:, None]  # [B, 1, q, 1, s]
     return jnp.where(vis, s, MASK_VALUE), vis
+
+
+def _block_kind(keys: AttentionKeys, q_start, q_size: int, k_start, k_size: int) -> jax.Array:
+    """[] int32: 0 when no query of the block sees any of its keys, 1 when every query sees every key (all valid,
+    none after the block's earliest query), 2 otherwise. Without segments it compares each row's earliest and
+    latest query position with its keys ([B, q] and [B, s] work instead of the [B, q, s] visibility); with
+    segments: 0 or 2, from the visibility."""
+    if keys.query_segments is not None:
+        return jnp.where(jnp.any(_visible(keys, q_start, q_size, k_start, k_size)), 2, 0).astype(jnp.int32)
+    qpos = jax.lax.dynamic_slice_in_dim(keys.query_positions, q_start, q_size, axis=1)
+    kpos = jax.lax.dynamic_slice_in_dim(keys.key_positions, k_start, k_size, axis=1)
+    kval = jax.lax.dynamic_slice_in_dim(keys.key_valid, k_start, k_size, axis=1)
+    seen = jnp.any(kval & (kpos <= jnp.max(qpos, axis=1)[:, None]))
+    whole = jnp.all(kval & (kpos <= jnp.min(qpos, axis=1)[:, None]))
+    return jnp.where(seen, jnp.where(whole, 1, 2), 0).astype(jnp.int32)
 
 
 def _over_blocks(total: int, block: int, body, carry):
@@ -139,8 +157,9 @@ def _over_blocks(total: int, block: int, body, carry):
 
 
 def _forward(q, k, v, keys, query_block, key_block, skip_unseen=False):
-    """Online softmax. q: [B, K, T, G, Dh]; k, v: [B, K, S, Dh]. skip_unseen: skip (`lax.cond`) each key block that
-    no query of the block sees (inference over a KV cache: the unwritten slots and the causal future).
+    """Online softmax. q: [B, K, T, G, Dh]; k, v: [B, K, S, Dh]. skip_unseen: skip (`lax.switch`) each key block
+    that no query of the block sees (inference over a KV cache: the unwritten slots and the causal future), and
+    leave the mask out of a block every query sees whole.
 
     Returns out f32 [B, K, T, G, Dh], row max and row sum f32 [B, K, T, G]."""
     b, kh, t, g, dh = q.shape
@@ -151,9 +170,9 @@ def _forward(q, k, v, keys, query_block, key_block, skip_unseen=False):
         out_buf, max_buf, sum_buf = bufs
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, q_size, axis=2)
 
-        def compute(k_start, k_size, state):
+        def compute(k_start, k_size, state, masked=True):
             row_max, row_sum, acc = state
-            s, _ = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size)
+            s, _ = _block_scores(q_blk, k, keys, q_start, q_size, k_start, k_size, masked)
             new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))
             p = jnp.exp(s - new_max[..., None])  # [B, K, q, G, s]
             rescale = jnp.exp(row_max - new_max)
@@ -170,9 +189,13 @@ def _forward(q, k, v, keys, query_block, key_block, skip_unseen=False):
             if not skip_unseen:
                 return compute(k_start, k_size, state)
             # For a row that sees some key elsewhere, an unseen block's terms are exp(MASK_VALUE - max) = 0 and
-            # its rescale 1: skipping it changes nothing.
-            seen = jnp.any(_visible(keys, q_start, q_size, k_start, k_size))
-            return jax.lax.cond(seen, lambda st: compute(k_start, k_size, st), lambda st: st, state)
+            # its rescale 1: skipping it changes nothing. A block seen whole needs no mask.
+            branches = (
+                lambda st: st,
+                lambda st: compute(k_start, k_size, st, masked=False),
+                lambda st: compute(k_start, k_size, st),
+            )
+            return jax.lax.switch(_block_kind(keys, q_start, q_size, k_start, k_size), branches, state)
 
         init = (
             jnp.full((b, kh, q_size, g), -jnp.inf, jnp.float32),
@@ -293,9 +316,9 @@ def blockwise_attention(
     q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; keys: `AttentionKeys` ([B, T] / [B, S] positions, validity, optional
     segments). query_block, key_block: block sizes in tokens / slots (need not divide T / S; a remainder block
     runs as its own step). skip_unseen_blocks: the forward pass skips each key block that no query of its query
-    block sees (a KV cache's unwritten slots, the causal future of a prefill); `attend` sets it for calls over a
-    cache. Returns [B, T, H, Dh] in q's dtype; equals `materialized_attention` with `attention_mask(keys)` up to
-    f32 rounding, fully masked rows included.
+    block sees (a KV cache's unwritten slots, the causal future of a prefill) and computes a block every query sees
+    whole without the mask; `attend` sets it for calls over a cache. Returns [B, T, H, Dh] in q's dtype; equals
+    `materialized_attention` with `attention_mask(keys)` up to f32 rounding, fully masked rows included.
     """
     b, t, h, dh = q.shape
     kh = k.shape[1]
