@@ -613,7 +613,8 @@ def cpu_block_sizes(
     batch x heads x query_block x key_block x 4 bytes, fit `CPU_SCORE_BLOCK_BYTES`. Keys go in blocks of 256 (128
     where even 32 queries would not fit), queries in the largest power of two from 16 up that fits. On XLA CPU a
     [B, K, 512, G, 512] score block streams through memory between its fused ops; sized to the cache, the prefill
-    of a 600-token chunk step runs 1.2-1.7x faster (`benchmarks/bench_attention.py --cpu-blocks` measures it).
+    of a 600-token chunk step ran 1.3x faster at batch 4 and 16 on the tiny shape, and within 1.1x at batch 1 and at
+    Qwen2.5-0.5B's widths (`benchmarks/bench_attention.py --cpu-blocks` measures it).
     Never larger than the configured sizes or the call."""
     key_block = max(1, min(key_block, keys, 256))
     per_query = batch * heads * key_block * 4
