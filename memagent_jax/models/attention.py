@@ -165,6 +165,8 @@ def _forward(q, k, v, keys, query_block, key_block, skip_unseen=False):
     b, kh, t, g, dh = q.shape
     s_total = k.shape[2]
     cdt = q.dtype
+    # What a query that sees no key gets (see below): once for the call, not per query block.
+    v_mean = jnp.mean(v.astype(jnp.float32), axis=2)[:, :, None, None, :] if skip_unseen else None  # [B, K, 1, 1, Dh]
 
     def query_step(q_start, q_size, bufs):
         out_buf, max_buf, sum_buf = bufs
@@ -207,7 +209,6 @@ def _forward(q, k, v, keys, query_block, key_block, skip_unseen=False):
             # A query that sees no key at all gets what the reference's softmax over all-masked scores gives: equal
             # weights on every slot (the mean of v), with the matching statistics.
             blind = row_max <= MASK_VALUE
-            v_mean = jnp.mean(v.astype(jnp.float32), axis=2)[:, :, None, None, :]  # [B, K, 1, 1, Dh]
             out = jnp.where(blind[..., None], v_mean, acc / jnp.where(blind, 1.0, row_sum)[..., None])
             row_max = jnp.where(blind, MASK_VALUE, row_max)
             row_sum = jnp.where(blind, float(s_total), row_sum)

@@ -456,9 +456,7 @@ class Transformer(nnx.Module):
             return jnp.einsum(
                 "...d,vd->...v", hidden.astype(cdt), self.embed[...].astype(cdt), preferred_element_type=jnp.float32
             )
-        return jnp.einsum(
-            "...d,dv->...v", hidden.astype(cdt), self.lm_head[...].astype(cdt), preferred_element_type=jnp.float32
-        )
+        return _logits_dv(hidden, self.lm_head[...], cdt)
 
     def __call__(self, tokens, positions, token_mask, cache=None, segment_ids=None):
         hidden, cache = self.hidden_states(tokens, positions, token_mask, cache, segment_ids)
@@ -579,10 +577,13 @@ def logits_from_hidden(params: Params, hidden, *, config: ModelConfig):
     """hidden [..., D] -> f32 logits [..., V] with the (tied or untied) LM head, or the tied head's transposed
     copy where `with_tied_head_copy` made one."""
     if TIED_HEAD_COPY in params:
-        cdt = _dtype(config.compute_dtype)
-        head = params[TIED_HEAD_COPY].astype(cdt)
-        return jnp.einsum("...d,dv->...v", hidden.astype(cdt), head, preferred_element_type=jnp.float32)
+        return _logits_dv(hidden, params[TIED_HEAD_COPY], _dtype(config.compute_dtype))
     return _module(params, config).logits(hidden)
+
+
+def _logits_dv(hidden, head, cdt):
+    """hidden [..., D] x a head laid out [D, V] (untied `lm_head`, or the tied one's copy) -> f32 [..., V]."""
+    return jnp.einsum("...d,dv->...v", hidden.astype(cdt), head.astype(cdt), preferred_element_type=jnp.float32)
 
 
 # Key of the tied embedding's transposed copy [D, V] in decode-layout params.
