@@ -165,6 +165,11 @@ def test_learning_flops_by_hand():
     assert f["total"] == f["train"] + f["remat"] + f["reference"]
     none = planning.learning_flops(TINY, rows * t, t, remat="none", reference=False, recompute_old=True, logits_chunk=0)
     assert none["remat"] == 0 and none["reference"] == 0 and none["old_logprobs"] == fwd * rows * t
+    # The LM head on a 64-position response window per row, the layers on every position.
+    w = planning.learning_flops(TINY, rows * t, t, remat="full", reference=True, recompute_old=False, head_positions=64)
+    windowed_fwd = layers_fwd * rows * t + 2 * 64 * 512 * rows * 64
+    assert w["train"] == 3 * windowed_fwd and w["reference"] == windowed_fwd
+    assert w["remat"] == layers_fwd * rows * t  # one logits chunk: nothing recomputed
 
 
 def test_rollout_flops_by_hand():
@@ -279,22 +284,29 @@ def test_learner_activations_per_row_and_layer_track_xla(remat):
             attention_impl="materialized",
         )
 
-    def xla_temp_bytes(mc, rows):
+    def xla_temp_bytes(mc, rows, window=0):
         def loss(p, tok, mask):
-            lp, ent = token_logprobs(p, tok, mask, config=mc, chunk_size=chunk, with_entropy=True)
+            kw = dict(response_start=jnp.full((rows,), t - window), response_window=window) if window else {}
+            lp, ent = token_logprobs(p, tok, mask, config=mc, chunk_size=chunk, with_entropy=True, **kw)
             return jnp.sum(lp) + jnp.sum(ent)
 
         spec = jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows, t), bool)
         compiled = jax.jit(jax.grad(loss)).lower(abstract_params(mc), *spec).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    def planned(mc, rows):
-        return planning.learner_activation_bytes(mc, rows, t, remat, 1, 2, logits_chunk=chunk)["total"]
+    def planned(mc, rows, window=None):
+        return planning.learner_activation_bytes(mc, rows, t, remat, 1, 2, logits_chunk=chunk, head_positions=window)[
+            "total"
+        ]
 
     two = model(2)
     base = xla_temp_bytes(two, 2)
     per_row = (xla_temp_bytes(two, 4) - base) / 2
     assert 0.6 < per_row / ((planned(two, 4) - planned(two, 2)) / 2) < 1.5, (per_row, planned(two, 1))
+    # The LM head on a 32-position response window.
+    per_row = (xla_temp_bytes(two, 4, 32) - xla_temp_bytes(two, 2, 32)) / 2
+    expected = (planned(two, 4, 32) - planned(two, 2, 32)) / 2
+    assert 0.6 < per_row / expected < 1.5, (per_row, expected)
     if remat == "none":  # every layer keeps its scores and activations for the backward
         four = model(4)
         per_layer = (xla_temp_bytes(four, 2) - base) / 2

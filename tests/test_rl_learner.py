@@ -21,6 +21,7 @@ from memagent_jax.rl.learner import (
     accumulate_gradients,
     learning_rate_schedule,
     minibatch_rows,
+    response_window_for,
 )
 from memagent_jax.rl.losses import LossConfig
 
@@ -38,10 +39,10 @@ def random_params(config, seed):
     return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
 
 
-def random_batch(n, seed, *, vocab=128, rows_multiple=1, length_multiple=8, with_ref=False):
+def random_batch(n, seed, *, vocab=128, rows_multiple=1, length_multiple=8, with_ref=False, prompt_tokens=(2, 9)):
     """n conversations of different prompt / response lengths, sampler log-probs near the model's scale."""
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, vocab, size=rng.integers(2, 9)) for _ in range(n)]
+    prompts = [rng.integers(3, vocab, size=rng.integers(*prompt_tokens)) for _ in range(n)]
     responses = [rng.integers(3, vocab, size=rng.integers(1, 8)) for _ in range(n)]
     logps = [-np.log(vocab) + rng.uniform(-0.4, 0.4, size=len(r)) for r in responses]
     refs = [-np.log(vocab) + rng.uniform(-0.4, 0.4, size=len(r)) for r in responses] if with_ref else None
@@ -164,6 +165,12 @@ def test_learning_rate_schedule_by_hand():
             id="unknown-on-nonfinite",
         ),
         pytest.param(lambda: LearnerConfig(remat="some"), LearnerConfigError, "learner.remat", id="unknown-remat"),
+        pytest.param(
+            lambda: LearnerConfig(response_window=-1),
+            LearnerConfigError,
+            "learner.response_window",
+            id="negative-response-window",
+        ),
         *[
             pytest.param(
                 lambda t=t: LearnerConfig(logprob_temperature=t),
@@ -217,6 +224,41 @@ def test_train_step_is_adamw_by_hand():
     assert int(state.step) == 1 and int(state.skipped_updates) == 0
     for path, p in jax.tree_util.tree_flatten_with_path(state.params)[0]:
         np.testing.assert_allclose(np.asarray(p), expected[jax.tree_util.keystr(path)], rtol=1e-5, atol=1e-7)
+
+
+def test_head_in_the_response_window_trains_as_on_every_position():
+    """Long prompts, short responses: the step that runs the LM head over a 16-position response window (picked per
+    batch) moves the params as the one over every position, and a fixed window too short for a response is an
+    error naming the row."""
+    loss = LossConfig(kl_coef=0.05, entropy_coef=0.01)
+    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
+    b = random_batch(8, 5, with_ref=True, prompt_tokens=(20, 40))
+    assert b.tokens.shape[1] == 40 and b.loss_mask.sum(axis=1).max() == 7
+    auto, whole = LearnerConfig(loss=loss, optimizer=opt), LearnerConfig(loss=loss, optimizer=opt, response_window=0)
+    assert response_window_for(b, auto) == 16 and response_window_for(b, whole) == 0
+    assert response_window_for(b, LearnerConfig(response_window=64)) == 0  # not shorter than the rows
+    # The windowed gradient against the direct one on full logits.
+    want = jax.jit(jax.grad(functools.partial(direct_loss, loss=loss)))(random_params(CONFIG, 0), b)
+    grads, _ = jax.jit(functools.partial(accumulate_gradients, model_config=CONFIG, config=auto, window=16))(
+        random_params(CONFIG, 0), b
+    )
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want)):
+        w = np.asarray(w)
+        np.testing.assert_allclose(
+            np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=jax.tree_util.keystr(path)
+        )
+    states = []
+    for config in (auto, whole):
+        learner = Learner(CONFIG, config)
+        state, metrics = learner.train_step(learner.init_state(random_params(CONFIG, 0)), b)
+        states.append((state, metrics))
+    tree_close(states[0][0].params, states[1][0].params, rtol=1e-4, atol=1e-6)
+    for name in ("loss", "kl", "entropy", "grad_norm"):
+        assert states[0][1][name] == pytest.approx(states[1][1][name], rel=1e-4), name
+    longest = int(np.argmax(b.loss_mask.sum(axis=1)))
+    learner = Learner(CONFIG, LearnerConfig(loss=loss, optimizer=opt, response_window=4))
+    with pytest.raises(BatchError, match=f"loss_mask row {longest}: a response of 7 positions"):
+        learner.train_step(learner.init_state(random_params(CONFIG, 0)), b)
 
 
 # ------------------------------------------------------------------------------------ temperature

@@ -280,3 +280,47 @@ def test_token_logprobs_match_full_logits():
                 assert logp[i, t] == pytest.approx(want, abs=1e-4), (chunk, i, t)
                 want_ent = -(probs[i, t - 1] * np.log(probs[i, t - 1])).sum()
                 assert ent[i, t] == pytest.approx(want_ent, abs=1e-4), (chunk, i, t)
+
+
+def test_token_logprobs_in_a_response_window_equal_the_whole_row():
+    """The head run only over W positions from each row's response: the same log-probs and entropies there (and in
+    the gradient of a loss over them), 0 elsewhere; rows of different prompt and response lengths, one with none."""
+    config = preset_config("tiny", vocab_size=97)
+    params = _random_params(config, 4)
+    rng = np.random.default_rng(1)
+    t = 24
+    tokens = rng.integers(0, 97, size=(4, t)).astype(np.int32)
+    real = [24, 17, 9, 12]  # real tokens per row (right padding)
+    first = [18, 10, 3, 12]  # first response token (row 3: no response)
+    mask = np.arange(t)[None, :] < np.asarray(real)[:, None]
+    loss_mask = mask & (np.arange(t)[None, :] >= np.asarray(first)[:, None])
+    start = jnp.argmax(jnp.asarray(loss_mask), axis=-1)
+    weights = jnp.asarray(rng.normal(size=(4, t)).astype(np.float32)) * loss_mask
+
+    def run(p, window, chunk):
+        kw = dict(response_start=start, response_window=window) if window else {}
+        return token_logprobs(p, tokens, mask, config=config, chunk_size=chunk, with_entropy=True, **kw)
+
+    def loss(p, window, chunk):
+        logp, ent = run(p, window, chunk)
+        return jnp.sum(weights * (logp + 0.5 * ent))
+
+    full_lp, full_ent = map(np.asarray, jax.jit(lambda p: run(p, 0, 0))(params))
+    full_grad = jax.jit(jax.grad(lambda p: loss(p, 0, 0)))(params)
+    for window, chunk in ((8, 0), (8, 3), (16, 5)):
+        lp, ent = map(np.asarray, jax.jit(lambda p: run(p, window, chunk))(params))
+        inside = (np.arange(t)[None, :] >= np.asarray(first)[:, None]) & (
+            np.arange(t)[None, :] < np.asarray(first)[:, None] + window
+        )
+        inside[3] = np.arange(t) < window  # no response: argmax gives 0, the window covers positions 1..W-1
+        inside[:, 0] = False
+        np.testing.assert_allclose(lp[inside], full_lp[inside], atol=1e-5)
+        np.testing.assert_allclose(ent[inside], full_ent[inside], atol=1e-5)
+        assert np.all(lp[~inside] == 0) and np.all(ent[~inside] == 0)
+        assert np.all(inside[loss_mask])  # every response token is in the window
+        grad = jax.jit(jax.grad(lambda p: loss(p, window, chunk)))(params)
+        for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(grad)[0], jax.tree.leaves(full_grad)):
+            w = np.asarray(w)
+            np.testing.assert_allclose(
+                np.asarray(g), w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=jax.tree_util.keystr(path)
+            )

@@ -17,9 +17,18 @@ def forward_flops_per_token(mc, keys: int, *, with_logits: bool = True) -> int:
 
 
 def learning_flops(
-    mc, tokens: int, length: int, *, remat: str, reference: bool, recompute_old: bool, logits_chunk: int = 512
+    mc,
+    tokens: int,
+    length: int,
+    *,
+    remat: str,
+    reference: bool,
+    recompute_old: bool,
+    logits_chunk: int = 512,
+    head_positions: int | None = None,
 ) -> dict[str, int]:
-    """FLOPs of one learner step over `tokens` = rows x T (padded: the learner computes every position).
+    """FLOPs of one learner step over `tokens` = rows x T (padded: the layers compute every position; the LM head
+    only `head_positions` of each row, the learner's response window, default all T).
 
     train:       3 x forward (forward + backward) = 6 x matmul weights + 12 x L x H x Dh x T per token
     remat:       'full' + a forward of the layers (2 x layer weights + 4 L H Dh T), 'dots' + the attention
@@ -27,19 +36,22 @@ def learning_flops(
     reference:   + a forward (KL to the frozen reference: rl.kl_coef > 0)
     old_logprob: + a forward (rl.recompute_old_logprobs)
     """
-    fwd = forward_flops_per_token(mc, length)
+    rows = tokens // length
+    head_positions = length if head_positions is None else min(head_positions, length)
+    head = 2 * mc.hidden_size * mc.vocab_size * rows * head_positions
+    fwd = forward_flops_per_token(mc, length, with_logits=False) * tokens + head
     attn = 4 * mc.num_layers * mc.num_heads * mc.head_dim * length
-    out = {"train": 3 * fwd * tokens}
+    out = {"train": 3 * fwd}
     recompute = 0
     if remat == "full":
-        recompute = forward_flops_per_token(mc, length, with_logits=False)
+        recompute = forward_flops_per_token(mc, length, with_logits=False) * tokens
     elif remat == "dots":
-        recompute = attn
-    if 0 < logits_chunk < length:
-        recompute += 2 * mc.hidden_size * mc.vocab_size
-    out["remat"] = recompute * tokens
-    out["reference"] = fwd * tokens if reference else 0
-    out["old_logprobs"] = fwd * tokens if recompute_old else 0
+        recompute = attn * tokens
+    if 0 < logits_chunk < head_positions:
+        recompute += head
+    out["remat"] = recompute
+    out["reference"] = fwd if reference else 0
+    out["old_logprobs"] = fwd if recompute_old else 0
     out["total"] = sum(out.values())
     return out
 

@@ -219,8 +219,10 @@ def learner_activation_bytes(
     compute_bytes: int,
     logits_chunk: int = 512,
     platform: str = "cpu",
+    head_positions: int | None = None,
 ) -> dict[str, int]:
-    """Peak activation bytes of the backward pass of one micro-batch (`rows` rows of `length` tokens per device).
+    """Peak activation bytes of the backward pass of one micro-batch (`rows` rows of `length` tokens per device;
+    the LM head over `head_positions` of them, the learner's response window, default all).
 
     The attention path is the one the model takes on `platform` (`attention_path`). Materialised: with
     sc = H_local x T x T score elements and `other` the rest of one layer (`layer_activation_bytes`), per row:
@@ -268,7 +270,8 @@ def learner_activation_bytes(
     else:
         kept = l * (c * t * d + 4 * t * (2 * d + (h + 2 * k) * dh + 2 * f))
         working = working_attention + 2 * other
-    chunk = min(logits_chunk, t) if logits_chunk > 0 else t
+    head = t if head_positions is None else min(head_positions, t)
+    chunk = min(logits_chunk, head) if logits_chunk > 0 else head
     top = top_mask + 4 * c * t * d + 4 * t * d + 3 * 4 * chunk * v
     out = {"kept_layers": rows * kept, "working_layer": rows * working, "top": rows * top}
     out["total"] = sum(out.values())

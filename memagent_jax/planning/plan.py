@@ -292,11 +292,15 @@ def make_plan(
         n_rows // shards, length, reference=reference, recompute_old=recompute_old
     )
     notes["learner_batch"] = f"{n_rows // shards} rows x {length} tokens"
-    act = learner_activation_bytes(mc, micro_per_device, length, mc.remat, mesh.tensor, cb, platform=platform)
+    # The LM head runs on the response window (all positions of packed rows).
+    head = length if int(rl.get("pack_length", 0)) else layout.head_positions(length)
+    act = learner_activation_bytes(
+        mc, micro_per_device, length, mc.remat, mesh.tensor, cb, platform=platform, head_positions=head
+    )
     mem["learner_activations"] = act["total"] + working_weight_bytes(mc, mesh.tensor, DTYPE_BYTES[pdt], cb)
     notes["learner_activations"] = (
         f"remat {mc.remat}, {micro_per_device} rows x {length} tokens, "
-        f"{attention_path(mc, platform, length, length)} attention"
+        f"{attention_path(mc, platform, length, length)} attention, LM head on {head} positions per row"
     )
     mem["update_temporaries"] = p_bytes + 2 * p_bytes
     notes["update_temporaries"] = "new params + moments before the finite-check select"
@@ -317,7 +321,15 @@ def make_plan(
 
     # FLOPs and time (rollout on the rollout mesh, learning on the learner's; one after the other, as train.py).
     rf = rollout_flops(mc, calls * call_rows, layout, doc_tokens)
-    lf = learning_flops(mc, n_rows * length, length, remat=mc.remat, reference=reference, recompute_old=recompute_old)
+    lf = learning_flops(
+        mc,
+        n_rows * length,
+        length,
+        remat=mc.remat,
+        reference=reference,
+        recompute_old=recompute_old,
+        head_positions=head,
+    )
     seconds: dict[str, float] = {}
     seconds["rollout_prefill"] = rf["prefill"] / (rmesh.size * hw.peak_flops * mfu)
     t_mem, read_mem = decode_step_seconds(mc, rollout_rows, layout.update_slots, rmesh, hw, pdt, cdt)

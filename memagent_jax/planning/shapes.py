@@ -106,6 +106,14 @@ class Layout:
         longest = max(self.update_slots, self.final_slots)
         return -(-longest // multiple) * multiple
 
+    def head_positions(self, length: int) -> int:
+        """Positions per learner row the LM head runs on: the response window the learner picks for the longest
+        response (a memory or an answer at its budget), or all `length` when that window is not shorter."""
+        from memagent_jax.rl.batch import head_window
+
+        window = head_window(max(self.memory, self.answer))
+        return window if window < length else length
+
     def chunks(self, doc_tokens: int) -> int:
         return -(-doc_tokens // self.chunk)
 

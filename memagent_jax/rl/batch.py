@@ -52,6 +52,7 @@ __all__ = [
     "pad_rows",
     "pack_conversations",
     "segment_positions",
+    "head_window",
 ]
 
 _FIELDS = ("tokens", "token_mask", "loss_mask", "old_logprobs", "advantages", "ref_logprobs", "segment_ids")
@@ -101,6 +102,12 @@ class ConversationBatch:
     def num_real_tokens(self) -> int:
         """Total real (prompt + response) tokens (host-side)."""
         return int(np.asarray(self.token_mask).sum())
+
+
+def head_window(longest_response: int) -> int:
+    """The LM-head window a learner picks for responses of up to `longest_response` tokens: that rounded up to a
+    power of two, at least 16 (few distinct compiled shapes)."""
+    return max(16, 1 << max(longest_response - 1, 0).bit_length())
 
 
 def _round_up(value: int, multiple: int) -> int:

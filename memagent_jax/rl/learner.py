@@ -57,7 +57,7 @@ from memagent_jax.models import lora as lora_lib
 from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import abstract_params as model_abstract_params
-from memagent_jax.rl.batch import BatchError, ConversationBatch, segment_positions
+from memagent_jax.rl.batch import BatchError, ConversationBatch, head_window, segment_positions
 from memagent_jax.rl.logprobs import token_logprobs
 from memagent_jax.rl.losses import LossConfig, compute_loss, metric_identity, reduce_metric
 
@@ -74,6 +74,7 @@ __all__ = [
     "init_train_state",
     "minibatch_rows",
     "accumulate_gradients",
+    "response_window_for",
     "train_step_fn",
 ]
 
@@ -175,6 +176,10 @@ class LearnerConfig:
     remat: overrides the model config's layer-scan remat ('none' | 'full' | 'dots'); None keeps it.
     lora: `LoraConfig`; with rank > 0 the train state holds only the adapters (and their optimiser state), the
       base params stay frozen in the `Learner` and serve as the KL reference (see `Learner.init_state`).
+    response_window: positions per row on which the LM head runs (`token_logprobs`' response window): None picks
+      it per batch (the longest response rounded up to a power of two, at least 16; every position for packed
+      rows or when that reaches T); 0 runs the head on every position; W > 0 fixes it (a longer response is an
+      error naming the row). The loss only reads response tokens, so the result is the same.
     logprob_temperature: T > 0, the rollout's sampling temperature: the policy's log-probs (new, recomputed old,
       reference) and its entropy are those of softmax(logits / T), as verl computes them (top-k / top-p not
       applied); the sampler's old log-probs must be the same (`SamplingParams.tempered_logprobs`). 1: the logits
@@ -192,6 +197,7 @@ class LearnerConfig:
     remat: str | None = None
     lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
     logprob_temperature: float = 1.0
+    response_window: int | None = None
 
     def __post_init__(self):
         o = "learner"
@@ -206,6 +212,7 @@ class LearnerConfig:
         settings.choice(f"{o}.on_nonfinite", self.on_nonfinite, NONFINITE_MODES, error=LearnerConfigError)
         _check_int(o, "logits_chunk_size", self.logits_chunk_size, minimum=0)
         _check_number(o, "logprob_temperature", self.logprob_temperature, minimum=0, strict=True)
+        _check_int(o, "response_window", self.response_window, minimum=0, allow_none=True)
         if self.remat is not None:
             settings.choice(f"{o}.remat", self.remat, ("none", "full", "dots"), error=LearnerConfigError)
 
@@ -326,15 +333,52 @@ def _split_rows(x, m: int, k: int, constrain=None):
 # ------------------------------------------------------------------------------------ loss + grads
 
 
-def _row_layout(segment_ids):
-    """token_logprobs' keyword arguments for one-conversation rows (None) or packed rows (segment ids)."""
+def _row_layout(segment_ids, loss_mask=None, window: int = 0):
+    """token_logprobs' keyword arguments for one-conversation rows (None; with `window` > 0 the head runs on the
+    `window` positions from each row's first response token) or packed rows (segment ids)."""
     if segment_ids is None:
+        if window and loss_mask is not None:
+            return dict(response_start=jnp.argmax(loss_mask, axis=-1), response_window=window)
         return {}
     return dict(positions=segment_positions(segment_ids), segment_ids=segment_ids)
 
 
+def response_window_for(batch: ConversationBatch, config: LearnerConfig, mesh: Mesh | None = None) -> int:
+    """The static head window a train step on `batch` uses (0: every position); see `LearnerConfig.response_window`.
+    Host-side: reads the batch's loss mask. Raises BatchError if a fixed window is shorter than a response."""
+    if batch.packed or config.response_window == 0:
+        return 0
+    loss_mask = np.asarray(batch.loss_mask)
+    t = loss_mask.shape[1]
+    has = loss_mask.any(axis=1)
+    first = np.argmax(loss_mask, axis=1)
+    last = t - 1 - np.argmax(loss_mask[:, ::-1], axis=1)
+    spans = np.where(has, last - first + 1, 0)
+    longest = int(spans.max()) if spans.size else 0
+    if config.response_window is not None:
+        if longest > config.response_window:
+            row = int(np.argmax(spans))
+            raise BatchError(
+                f"loss_mask row {row}: a response of {longest} positions does not fit learner.response_window="
+                f"{config.response_window} (raise it, or None to size it per batch)"
+            )
+        window = config.response_window
+    else:
+        window = head_window(longest)
+        if multiprocess.is_multiprocess(mesh):
+            window = multiprocess.process_max(window)
+    return window if window < t else 0
+
+
 def _micro_loss(
-    params, micro: ConversationBatch, token_den, seq_den, *, model_config: ModelConfig, config: LearnerConfig
+    params,
+    micro: ConversationBatch,
+    token_den,
+    seq_den,
+    *,
+    model_config: ModelConfig,
+    config: LearnerConfig,
+    window: int = 0,
 ):
     logp, ent = token_logprobs(
         params,
@@ -344,7 +388,7 @@ def _micro_loss(
         chunk_size=config.logits_chunk_size,
         with_entropy=config.need_entropy,
         temperature=config.logprob_temperature,
-        **_row_layout(micro.segment_ids),
+        **_row_layout(micro.segment_ids, micro.loss_mask, window),
     )
     return compute_loss(
         config.loss,
@@ -375,13 +419,14 @@ def _accumulate(
     constrain_micro=None,
     constrain_grads=None,
     base_params=None,
+    window: int = 0,
 ):
     """micro_batches: [K, mb, T] leaves (one mini-batch). Returns (grads f32 tree, metrics dict).
 
     base_params (LoRA): `params` are the adapters; the loss runs on the merged weights, the gradient is the
     adapters'."""
     token_den, seq_den = _denominators(micro_batches.loss_mask)
-    loss = functools.partial(_micro_loss, model_config=model_config, config=config)
+    loss = functools.partial(_micro_loss, model_config=model_config, config=config, window=window)
     if base_params is not None:
         plain_loss = loss
 
@@ -436,6 +481,7 @@ def accumulate_gradients(
     config: LearnerConfig,
     micro_batch_size: int | None = None,
     base_params=None,
+    window: int = 0,
 ):
     """Gradient and metrics of ONE mini-batch's loss, accumulated over micro-batches (public for tests/tools).
 
@@ -443,6 +489,7 @@ def accumulate_gradients(
     j * K + k. The result equals the gradient of the whole mini-batch's token-mean (or seq-mean) loss.
     `config.remat` (if set) overrides the model config's remat, as in `Learner`.
     With LoRA, `params` are the adapters and `base_params` the frozen model (grads: adapter-shaped).
+    window: the LM head's response window (`response_window_for`; 0: every position).
     Returns (grads: params-shaped f32 tree, metrics: dict of scalars).
     """
     _fill_reference(batch, None, config=config)
@@ -459,23 +506,26 @@ def accumulate_gradients(
         model_config=model_config,
         config=config,
         base_params=base_params if config.lora.enabled else None,
+        window=window,
     )
 
 
 # -------------------------------------------------------------------------------------- train step
 
 
-def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, constrain_micro=None):
-    """[M, K, mb, T] leaves -> [M, K, mb, T] log-probs under `params`, no gradient."""
+def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, constrain_micro=None, window: int = 0):
+    """[M, K, mb, T] leaves -> [M, K, mb, T] log-probs under `params`, no gradient (in the response window only
+    when `window` > 0)."""
     m, k = batches.tokens.shape[:2]
     flat = jax.tree.map(
-        lambda a: a.reshape((m * k,) + a.shape[2:]), (batches.tokens, batches.token_mask, batches.segment_ids)
+        lambda a: a.reshape((m * k,) + a.shape[2:]),
+        (batches.tokens, batches.token_mask, batches.loss_mask, batches.segment_ids),
     )
 
     def body(_, xs):
-        tokens, mask, segments = xs
+        tokens, mask, loss_mask, segments = xs
         if constrain_micro is not None:
-            tokens, mask = constrain_micro(tokens, 0), constrain_micro(mask, 0)
+            tokens, mask, loss_mask = (constrain_micro(a, 0) for a in (tokens, mask, loss_mask))
             segments = None if segments is None else constrain_micro(segments, 0)
         logp, _ = token_logprobs(
             params,
@@ -484,7 +534,7 @@ def _logprob_pass(params, batches: ConversationBatch, *, model_config, config, c
             config=model_config,
             chunk_size=config.logits_chunk_size,
             temperature=config.logprob_temperature,
-            **_row_layout(segments),
+            **_row_layout(segments, loss_mask, window),
         )
         return None, logp
 
@@ -503,8 +553,11 @@ def train_step_fn(
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     param_shardings=None,
+    window: int = 0,
 ):
     """The pure train step (see the module docstring); `Learner` jits it with shardings and donation.
+
+    window: the LM head's response window (`response_window_for`; 0: every position).
 
     With LoRA (`config.lora.rank > 0`), `state.params` are the adapters, `base_params` the frozen model: the loss
     runs on `lora.merge(base_params, adapters)`, gradients and AdamW touch the adapters only, and the reference
@@ -543,7 +596,7 @@ def train_step_fn(
         constrain_grads = None  # the adapters are replicated
         if ref_params is None:
             ref_params = base_params  # the base model, adapters off: no second copy of the weights
-    pass_kw = dict(model_config=model_config, config=config, constrain_micro=constrain_micro)
+    pass_kw = dict(model_config=model_config, config=config, constrain_micro=constrain_micro, window=window)
     if config.loss.kind == "grpo":
         if config.recompute_old_logprobs:
             policy0 = lora_lib.merge(base_params, params0, config.lora) if use_lora else params0
@@ -564,6 +617,7 @@ def train_step_fn(
             constrain_micro=constrain_micro,
             constrain_grads=constrain_grads,
             base_params=base_params if use_lora else None,
+            window=window,
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
@@ -782,8 +836,8 @@ class Learner:
 
     # ---- steps
 
-    def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool):
-        key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params, batch.packed)
+    def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool, window: int):
+        key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params, batch.packed, window)
         if key not in self._steps:
             fn = functools.partial(
                 train_step_fn,
@@ -792,6 +846,7 @@ class Learner:
                 optimizer=self.optimizer,
                 mesh=self.mesh,
                 param_shardings=self._param_shardings,
+                window=window,
             )
             if self.mesh is None:
                 self._steps[key] = jax.jit(fn, donate_argnums=0)
@@ -838,6 +893,7 @@ class Learner:
             ref_params = None  # not needed (LoRA: the base is the reference): never keep it alive in the program
         # Executables are shared by every Learner with the same configs and mesh (e.g. after a restart in-process).
         # (on_nonfinite only changes what the host does afterwards, so it is not part of the key.)
+        window = response_window_for(batch, self.config, self.mesh)
         batch = self.put_batch(batch)
         key = (
             self.model_config,
@@ -847,11 +903,12 @@ class Learner:
             batch.ref_logprobs is not None,
             ref_params is not None,
             batch.packed,
+            window,
         )
         compile_s = 0.0
         if key not in _EXECUTABLES:
             t0 = time.perf_counter()
-            jitted = self._compiled_step(batch, ref_params is not None)
+            jitted = self._compiled_step(batch, ref_params is not None, window)
             _EXECUTABLES[key] = jitted.lower(state, batch, ref_params, base).compile()
             compile_s = time.perf_counter() - t0
         step_fn = _EXECUTABLES[key]
