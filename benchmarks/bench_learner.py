@@ -3,6 +3,7 @@
     python benchmarks/bench_learner.py            # two shapes (a few minutes on 2 CPU cores)
     python benchmarks/bench_learner.py --quick    # the small shape only, fewer timed steps
     python benchmarks/bench_learner.py --packing  # our step on packed rows vs one conversation per row
+    python benchmarks/bench_learner.py --micro    # our step: micro-batch sizes and the LM head's response window
 
 Both sides run the same model (our random init, exported with `save_hf_checkpoint` and loaded by transformers'
 `AutoModelForCausalLM`, f32, SDPA attention), on the same batch of N conversations x T tokens (no padding; the
@@ -12,7 +13,8 @@ last R tokens of each row are the response), with the same loss and optimiser:
     loss = token-mean over all response tokens;  AdamW (b = 0.9/0.999, eps 1e-8, wd 0.01), global-norm clip 1.0.
     (No KL term, no entropy: kl_coef = 0, entropy off on our side; old log-probs given, not recomputed.)
 
-Ours: `Learner.train_step` (one jit, one mini-batch, no micro-batching). PyTorch: model(input_ids).logits ->
+Ours: `Learner.train_step` (one jit, one mini-batch, its defaults: on CPU micro-batches of at most 4,096 tokens,
+the LM head on a window over the responses). PyTorch: model(input_ids).logits ->
 log_softmax -> gather -> the same loss -> backward -> clip_grad_norm_ -> torch.optim.AdamW.step.
 
 Timing: after a warm-up step each, the two sides alternate step by step (so background load on a shared machine
@@ -32,6 +34,11 @@ longest, rounded up to 16) and packed by `rl.batch.pack_conversations`, steps in
 mixes at the main job's model shape (width 128, 2 layers, vocab 1024): the main job's own (2/3 memory updates of
 74-78 tokens, 1/3 final answers of 42-47) and a wide spread (memory updates of 300-700 tokens, final answers of
 60-150: a memory that grows over a document, a short answer prompt). The first-step losses agree.
+
+--micro: our learner step (GRPO loss with the main job's k3 KL, AdamW) on the main job's GRPO batch with 8-chunk rows
+(1,024 memory updates of 74-100 tokens and 128 final answers of 42-47, responses of 2-8 tokens; 1,152 rows), at the
+main job's model shape, for micro-batches of several token sizes (0: the whole mini-batch) with the LM head's
+response window on, and the whole mini-batch with it off; steps interleaved, medians.
 """
 
 from __future__ import annotations
@@ -97,17 +104,16 @@ def make_batch(config, batch: int, seq: int, response: int, seed: int = 0) -> Co
     )
 
 
-def make_ours(config, params, batch: ConversationBatch):
-    """Returns (step() -> seconds, first-step loss, compile seconds) for our learner."""
-    learner = Learner(
-        config,
-        LearnerConfig(
-            loss=LossConfig(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL, kl_coef=0.0),
-            optimizer=OptimizerConfig(learning_rate=LR, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0),
-            compute_entropy=False,
-            logits_chunk_size=512,
-        ),
+def make_ours(config, params, batch: ConversationBatch, **learner_settings):
+    """Returns (step() -> seconds, first-step loss, compile seconds) for our learner (`learner_settings`: other
+    `LearnerConfig` fields)."""
+    settings = dict(
+        loss=LossConfig(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL, kl_coef=0.0),
+        optimizer=OptimizerConfig(learning_rate=LR, warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0),
+        compute_entropy=False,
+        logits_chunk_size=512,
     )
+    learner = Learner(config, LearnerConfig(**{**settings, **learner_settings}))
     holder = {"state": learner.init_state(params)}
     holder["state"], first = learner.train_step(holder["state"], batch)  # compiles
 
@@ -188,10 +194,9 @@ def _conversations(rng, count, low, high, vocab, response=8):
     return prompts, responses, logps
 
 
-def packing(iters: int) -> None:
-    from memagent_jax.rl.batch import build_conversation_batch, pack_conversations
-
-    config = preset_config(
+def main_job_model():
+    """The main job's model shape: width 128, 2 layers, vocab 1024."""
+    return preset_config(
         "tiny",
         num_layers=2,
         hidden_size=128,
@@ -202,6 +207,56 @@ def packing(iters: int) -> None:
         vocab_size=1024,
         max_position_embeddings=2048,
     )
+
+
+def micro(iters: int) -> None:
+    from memagent_jax.rl.batch import build_conversation_batch
+
+    config = main_job_model()
+    params = init_params(config, 0)
+    rng = np.random.default_rng(0)
+    prompts, responses, logps = [], [], []
+    for count, low, high in ((1024, 74, 100), (128, 42, 47)):
+        for _ in range(count):
+            r = int(rng.integers(2, 9))
+            n = int(rng.integers(low, high + 1))
+            prompts.append(rng.integers(3, config.vocab_size, n - r))
+            responses.append(rng.integers(3, config.vocab_size, r))
+            logps.append(-np.log(config.vocab_size) + rng.uniform(-0.3, 0.3, r))
+    refs = [lp + rng.uniform(-0.05, 0.05, lp.size) for lp in logps]
+    batch = build_conversation_batch(
+        prompts, responses, logps, rng.normal(size=len(prompts)), ref_logprobs=refs, length_multiple=16
+    )
+    loss = LossConfig(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL, kl_coef=0.001)
+    variants = [(f"micro-batches of <= {t} tokens", dict(micro_batch_tokens=t)) for t in (1024, 2048, 4096, 8192)]
+    variants += [
+        ("whole mini-batch", dict(micro_batch_tokens=0)),
+        ("whole mini-batch, LM head on every position", dict(micro_batch_tokens=0, response_window=0)),
+    ]
+    sides = {}
+    for label, settings in variants:
+        step, first, _ = make_ours(config, jax.tree.map(jnp.copy, params), batch, loss=loss, **settings)
+        sides[label] = (step, first, [])
+    for _ in range(iters):
+        for step, _, times in sides.values():
+            times.append(step())
+    real = int(np.asarray(batch.token_mask).sum())
+    print(
+        f"one GRPO learner step (k3 KL 0.001, AdamW), width 128, 2 layers, vocab 1024; {batch.num_rows} x "
+        f"{batch.length} tokens ({real} real); median of {iters} interleaved steps"
+    )
+    print("| layout | step ms | real tokens/s | against the whole mini-batch, head on every position | first loss |")
+    print("|---|---:|---:|---:|---:|")
+    base = float(np.median(sides[variants[-1][0]][2]))
+    for label, (_, first, times) in sides.items():
+        t = float(np.median(times))
+        print(f"| {label} | {t * 1e3:.0f} | {real / t:.0f} | {base / t:.2f}x | {first:.6f} |")
+
+
+def packing(iters: int) -> None:
+    from memagent_jax.rl.batch import build_conversation_batch, pack_conversations
+
+    config = main_job_model()
     params = init_params(config, 0)
     mixes = [
         ("main job: 256 x 74-78 + 128 x 42-47 tokens", [(256, 74, 78), (128, 42, 47)], 160),
@@ -244,9 +299,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shape only, fewer timed steps")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per side (default 5, quick 3)")
     parser.add_argument("--packing", action="store_true", help="our step on packed rows vs one conversation per row")
+    parser.add_argument("--micro", action="store_true", help="our step: micro-batch sizes, the LM head's window")
     args = parser.parse_args()
     if args.packing:
         packing(args.iters or 5)
+        return
+    if args.micro:
+        micro(args.iters or 5)
         return
     import torch
 

@@ -20,6 +20,7 @@ from memagent_jax.rl.learner import (
     OptimizerConfig,
     accumulate_gradients,
     learning_rate_schedule,
+    micro_batch_rows,
     minibatch_rows,
     response_window_for,
 )
@@ -166,6 +167,12 @@ def test_learning_rate_schedule_by_hand():
         ),
         pytest.param(lambda: LearnerConfig(remat="some"), LearnerConfigError, "learner.remat", id="unknown-remat"),
         pytest.param(
+            lambda: LearnerConfig(micro_batch_tokens=-5),
+            LearnerConfigError,
+            "learner.micro_batch_tokens",
+            id="negative-micro-batch-tokens",
+        ),
+        pytest.param(
             lambda: LearnerConfig(response_window=-1),
             LearnerConfigError,
             "learner.response_window",
@@ -259,6 +266,34 @@ def test_head_in_the_response_window_trains_as_on_every_position():
     learner = Learner(CONFIG, LearnerConfig(loss=loss, optimizer=opt, response_window=4))
     with pytest.raises(BatchError, match=f"loss_mask row {longest}: a response of 7 positions"):
         learner.train_step(learner.init_state(random_params(CONFIG, 0)), b)
+
+
+def test_micro_batches_sized_by_tokens():
+    """micro_batch_rows by hand; the learner's step config (CPU default, off, a set size); and a step in micro-batches
+    of at most 96 tokens moving the params as the whole mini-batch's."""
+    assert micro_batch_rows(1152, 112, 4096) == 36  # the most divisor rows with rows x 112 <= 4096
+    assert micro_batch_rows(640, 96, 4096) == 40
+    assert micro_batch_rows(1152, 112, 0) == 1152 and micro_batch_rows(8, 16, 4096) == 8
+    assert micro_batch_rows(12, 100, 450, shards=2) == 4  # a multiple of the shards: 2 or 4 rows, not 3
+    assert micro_batch_rows(7, 100, 150) == 1 and micro_batch_rows(6, 1000, 10, shards=3) == 3  # at least one row
+    learner = Learner(CONFIG, LearnerConfig())
+    assert learner.step_config(1152, 112).micro_batch_size == 36  # this suite runs on CPU
+    assert Learner(CONFIG, LearnerConfig(micro_batch_tokens=0)).step_config(1152, 112).micro_batch_size is None
+    assert Learner(CONFIG, LearnerConfig(micro_batch_size=64)).step_config(1152, 112).micro_batch_size == 64
+    loss = LossConfig(kl_coef=0.05)
+    # eps = 1e-4: Adam's g / (|g| + eps) stays smooth where the gradient is float noise around 0 (the k bias's:
+    # softmax does not see a shift that every key of a query shares).
+    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, eps=1e-4)
+    b = random_batch(8, 6, with_ref=True, prompt_tokens=(5, 9))
+    assert b.tokens.shape == (8, 16)
+    out = []
+    for tokens in (0, 96):  # the whole mini-batch; micro-batches of 4 rows (4 x 16 <= 96 < 8 x 16)
+        learner = Learner(CONFIG, LearnerConfig(loss=loss, optimizer=opt, micro_batch_tokens=tokens))
+        assert learner.step_config(8, 16).micro_batch_size == (None if tokens == 0 else 4)
+        out.append(learner.train_step(learner.init_state(random_params(CONFIG, 0)), b))
+    tree_close(out[0][0].params, out[1][0].params, rtol=1e-4, atol=1e-6)
+    assert out[0][1]["loss"] == pytest.approx(out[1][1]["loss"], rel=1e-5)
+    assert out[0][1]["grad_norm"] == pytest.approx(out[1][1]["grad_norm"], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------ temperature

@@ -208,13 +208,17 @@ def make_plan(
         )
     n_rows = _round_up(conversations, m * (micro or shards))
     per_mb = n_rows // m
-    micro_rows = micro or per_mb
-    k_micro = per_mb // micro_rows
-    micro_per_device = micro_rows // shards
     length = layout.learn_length(int(rl.get("length_multiple", 64)))
     # Packed rows (rl.pack_length) hold several conversations each; in the worst case (every conversation at its
     # full budget) they hold one each, as many rows as unpacked, each pack_length long.
     length = max(length, int(rl.get("pack_length", 0)))
+    if not micro and platform_of(hw) == "cpu":  # the learner's CPU default (LearnerConfig.micro_batch_tokens)
+        from memagent_jax.rl.learner import CPU_MICRO_BATCH_TOKENS, micro_batch_rows
+
+        micro = micro_batch_rows(per_mb, length, CPU_MICRO_BATCH_TOKENS, shards)
+    micro_rows = micro or per_mb
+    k_micro = per_mb // micro_rows
+    micro_per_device = micro_rows // shards
     if layout.update_slots > mc.max_position_embeddings or layout.final_slots > mc.max_position_embeddings:
         raise PlanError(
             f"config.agent budgets need a context of {max(layout.update_slots, layout.final_slots)} "

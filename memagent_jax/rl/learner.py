@@ -75,6 +75,8 @@ __all__ = [
     "minibatch_rows",
     "accumulate_gradients",
     "response_window_for",
+    "micro_batch_rows",
+    "CPU_MICRO_BATCH_TOKENS",
     "train_step_fn",
 ]
 
@@ -167,7 +169,12 @@ class LearnerConfig:
 
     loss: `LossConfig` (GRPO or SFT).   optimizer: `OptimizerConfig`.
     num_minibatches: optimiser updates per train step (the rollout batch is split into this many; one epoch).
-    micro_batch_size: rows per micro-batch for gradient accumulation (None: the whole mini-batch at once).
+    micro_batch_size: rows per micro-batch for gradient accumulation (None: sized by `micro_batch_tokens`).
+    micro_batch_tokens: with micro_batch_size None, micro-batches of the most rows that hold at most this many
+      tokens (rows x T; a divisor of the mini-batch's rows, a multiple of the mesh's batch shards). None: on CPU
+      `CPU_MICRO_BATCH_TOKENS` (a few thousand tokens keep a layer's activations in the caches: a GRPO step of
+      1152 rows x 112 tokens of the main job's model ran 1.56x faster than as one micro-batch), elsewhere the
+      whole mini-batch; 0: the whole mini-batch. The sum over micro-batches is the mini-batch's gradient either way.
     recompute_old_logprobs: recompute the old log-probs with the current params before the first update
       (instead of trusting the sampler's).
     on_nonfinite: 'skip' (skip that update, count it) or 'raise' (`NonFiniteError` after the step).
@@ -190,6 +197,7 @@ class LearnerConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     num_minibatches: int = 1
     micro_batch_size: int | None = None
+    micro_batch_tokens: int | None = None
     recompute_old_logprobs: bool = False
     on_nonfinite: str = "skip"
     logits_chunk_size: int = 512
@@ -209,6 +217,7 @@ class LearnerConfig:
             raise LearnerConfigError(f"{o}.optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
         _check_int(o, "num_minibatches", self.num_minibatches, minimum=1)
         _check_int(o, "micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        _check_int(o, "micro_batch_tokens", self.micro_batch_tokens, minimum=0, allow_none=True)
         settings.choice(f"{o}.on_nonfinite", self.on_nonfinite, NONFINITE_MODES, error=LearnerConfigError)
         _check_int(o, "logits_chunk_size", self.logits_chunk_size, minimum=0)
         _check_number(o, "logprob_temperature", self.logprob_temperature, minimum=0, strict=True)
@@ -239,6 +248,20 @@ class LearnerConfig:
 
 
 # ----------------------------------------------------------------------------------------- optimiser
+
+
+# Tokens per micro-batch on CPU when neither micro_batch_size nor micro_batch_tokens is set.
+CPU_MICRO_BATCH_TOKENS = 4096
+
+
+def micro_batch_rows(rows: int, length: int, tokens: int, shards: int = 1) -> int:
+    """The most rows, a divisor of `rows` and a multiple of `shards` (when `rows` is), whose micro-batch holds at
+    most `tokens` tokens of length `length` (at least the smallest such divisor; `tokens` 0: all `rows`)."""
+    if tokens <= 0 or rows * length <= tokens:
+        return rows
+    step = shards if shards > 0 and rows % shards == 0 else 1
+    fits = [d for d in range(step, rows + 1, step) if rows % d == 0 and d * length <= tokens]
+    return max(fits) if fits else step
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
@@ -836,13 +859,27 @@ class Learner:
 
     # ---- steps
 
-    def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool, window: int):
-        key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params, batch.packed, window)
+    def step_config(self, num_rows: int, length: int) -> LearnerConfig:
+        """The config a train step on `num_rows` x `length` runs with: micro_batch_size resolved from
+        `micro_batch_tokens` (see `LearnerConfig`) when it is not set."""
+        config = self.config
+        if config.micro_batch_size is not None:
+            return config
+        tokens = config.micro_batch_tokens
+        if tokens is None:
+            platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+            tokens = CPU_MICRO_BATCH_TOKENS if platform == "cpu" else 0
+        per_mb = num_rows // config.num_minibatches
+        rows = micro_batch_rows(per_mb, length, tokens, sharding_lib.batch_multiple(self.mesh))
+        return config if rows == per_mb else config.replace(micro_batch_size=rows)
+
+    def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool, window: int, config: LearnerConfig):
+        key = (batch.tokens.shape, batch.ref_logprobs is not None, with_ref_params, batch.packed, window, config)
         if key not in self._steps:
             fn = functools.partial(
                 train_step_fn,
                 model_config=self.model_config,
-                config=self.config,
+                config=config,
                 optimizer=self.optimizer,
                 mesh=self.mesh,
                 param_shardings=self._param_shardings,
@@ -894,10 +931,11 @@ class Learner:
         # Executables are shared by every Learner with the same configs and mesh (e.g. after a restart in-process).
         # (on_nonfinite only changes what the host does afterwards, so it is not part of the key.)
         window = response_window_for(batch, self.config, self.mesh)
+        config = self.step_config(n, int(batch.tokens.shape[1]))
         batch = self.put_batch(batch)
         key = (
             self.model_config,
-            self.config.replace(on_nonfinite="skip"),
+            config.replace(on_nonfinite="skip"),
             self.mesh,
             batch.tokens.shape,
             batch.ref_logprobs is not None,
@@ -908,7 +946,7 @@ class Learner:
         compile_s = 0.0
         if key not in _EXECUTABLES:
             t0 = time.perf_counter()
-            jitted = self._compiled_step(batch, ref_params is not None, window)
+            jitted = self._compiled_step(batch, ref_params is not None, window, config)
             _EXECUTABLES[key] = jitted.lower(state, batch, ref_params, base).compile()
             compile_s = time.perf_counter() - t0
         step_fn = _EXECUTABLES[key]
