@@ -247,9 +247,6 @@ class LearnerConfig:
         return dataclasses.replace(self, **changes)
 
 
-# ----------------------------------------------------------------------------------------- optimiser
-
-
 # Tokens per micro-batch on CPU when neither micro_batch_size nor micro_batch_tokens is set.
 CPU_MICRO_BATCH_TOKENS = 4096
 
@@ -262,6 +259,9 @@ def micro_batch_rows(rows: int, length: int, tokens: int, shards: int = 1) -> in
     step = shards if shards > 0 and rows % shards == 0 else 1
     fits = [d for d in range(step, rows + 1, step) if rows % d == 0 and d * length <= tokens]
     return max(fits) if fits else step
+
+
+# ----------------------------------------------------------------------------------------- optimiser
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
