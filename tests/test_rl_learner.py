@@ -10,6 +10,7 @@ import pytest
 from memagent_jax.models import abstract_params, forward, positions_from_mask
 from memagent_jax.models.presets import preset_config
 from memagent_jax.models.sharding import make_mesh
+from memagent_jax.models.tiling import rows_per_tile
 from memagent_jax.rl.advantages import broadcast_to_conversations, group_advantages
 from memagent_jax.rl.batch import BatchError, build_conversation_batch
 from memagent_jax.rl.learner import (
@@ -20,7 +21,6 @@ from memagent_jax.rl.learner import (
     OptimizerConfig,
     accumulate_gradients,
     learning_rate_schedule,
-    micro_batch_rows,
     minibatch_rows,
     response_window_for,
 )
@@ -269,13 +269,13 @@ def test_head_in_the_response_window_trains_as_on_every_position():
 
 
 def test_micro_batches_sized_by_tokens():
-    """micro_batch_rows by hand; the learner's step config (CPU default, off, a set size); and a step in micro-batches
+    """rows_per_tile by hand; the learner's step config (CPU default, off, a set size); and a step in micro-batches
     of at most 96 tokens moving the params as the whole mini-batch's."""
-    assert micro_batch_rows(1152, 112, 4096) == 36  # the most divisor rows with rows x 112 <= 4096
-    assert micro_batch_rows(640, 96, 4096) == 40
-    assert micro_batch_rows(1152, 112, 0) == 1152 and micro_batch_rows(8, 16, 4096) == 8
-    assert micro_batch_rows(12, 100, 450, shards=2) == 4  # a multiple of the shards: 2 or 4 rows, not 3
-    assert micro_batch_rows(7, 100, 150) == 1 and micro_batch_rows(6, 1000, 10, shards=3) == 3  # at least one row
+    assert rows_per_tile(1152, 112, 4096) == 36  # the most divisor rows with rows x 112 <= 4096
+    assert rows_per_tile(640, 96, 4096) == 40
+    assert rows_per_tile(1152, 112, 0) == 1152 and rows_per_tile(8, 16, 4096) == 8
+    assert rows_per_tile(12, 100, 450, multiple=2) == 4  # a multiple of the shards: 2 or 4 rows, not 3
+    assert rows_per_tile(7, 100, 150) == 1 and rows_per_tile(6, 1000, 10, multiple=3) == 3  # at least one row
     learner = Learner(CONFIG, LearnerConfig())
     assert learner.step_config(1152, 112).micro_batch_size == 36  # this suite runs on CPU
     assert Learner(CONFIG, LearnerConfig(micro_batch_tokens=0)).step_config(1152, 112).micro_batch_size is None

@@ -213,9 +213,9 @@ def make_plan(
     # full budget) they hold one each, as many rows as unpacked, each pack_length long.
     length = max(length, int(rl.get("pack_length", 0)))
     if not micro and platform_of(hw) == "cpu":  # the learner's CPU default (LearnerConfig.micro_batch_tokens)
-        from memagent_jax.rl.learner import CPU_MICRO_BATCH_TOKENS, micro_batch_rows
+        from memagent_jax.models.tiling import CPU_TILE_TOKENS, rows_per_tile
 
-        micro = micro_batch_rows(per_mb, length, CPU_MICRO_BATCH_TOKENS, shards)
+        micro = rows_per_tile(per_mb, length, CPU_TILE_TOKENS, shards)
     micro_rows = micro or per_mb
     k_micro = per_mb // micro_rows
     micro_per_device = micro_rows // shards

@@ -55,6 +55,7 @@ from memagent_jax import settings
 from memagent_jax.distributed import arrays as multiprocess
 from memagent_jax.models import lora as lora_lib
 from memagent_jax.models import sharding as sharding_lib
+from memagent_jax.models import tiling
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import abstract_params as model_abstract_params
 from memagent_jax.rl.batch import BatchError, ConversationBatch, head_window, segment_positions
@@ -75,7 +76,6 @@ __all__ = [
     "minibatch_rows",
     "accumulate_gradients",
     "response_window_for",
-    "micro_batch_rows",
     "CPU_MICRO_BATCH_TOKENS",
     "train_step_fn",
 ]
@@ -248,17 +248,7 @@ class LearnerConfig:
 
 
 # Tokens per micro-batch on CPU when neither micro_batch_size nor micro_batch_tokens is set.
-CPU_MICRO_BATCH_TOKENS = 4096
-
-
-def micro_batch_rows(rows: int, length: int, tokens: int, shards: int = 1) -> int:
-    """The most rows, a divisor of `rows` and a multiple of `shards` (when `rows` is), whose micro-batch holds at
-    most `tokens` tokens of length `length` (at least the smallest such divisor; `tokens` 0: all `rows`)."""
-    if tokens <= 0 or rows * length <= tokens:
-        return rows
-    step = shards if shards > 0 and rows % shards == 0 else 1
-    fits = [d for d in range(step, rows + 1, step) if rows % d == 0 and d * length <= tokens]
-    return max(fits) if fits else step
+CPU_MICRO_BATCH_TOKENS = tiling.CPU_TILE_TOKENS
 
 
 # ----------------------------------------------------------------------------------------- optimiser
@@ -870,7 +860,7 @@ class Learner:
             platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
             tokens = CPU_MICRO_BATCH_TOKENS if platform == "cpu" else 0
         per_mb = num_rows // config.num_minibatches
-        rows = micro_batch_rows(per_mb, length, tokens, sharding_lib.batch_multiple(self.mesh))
+        rows = tiling.rows_per_tile(per_mb, length, tokens, sharding_lib.batch_multiple(self.mesh))
         return config if rows == per_mb else config.replace(micro_batch_size=rows)
 
     def _compiled_step(self, batch: ConversationBatch, with_ref_params: bool, window: int, config: LearnerConfig):
