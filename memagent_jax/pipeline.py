@@ -562,6 +562,7 @@ def grpo_config(cfg, assets: dict, model_path: str):
             group_size=cfg.rl.group_size,
             num_minibatches=cfg.rl.num_minibatches,
             learning_rate=cfg.rl.learning_rate,
+            schedule=str(cfg.rl.get("schedule", "constant")),
             kl_coef=cfg.rl.kl_coef,
             warmup_steps=0,
             max_grad_norm=1.0,

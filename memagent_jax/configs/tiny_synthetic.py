@@ -114,6 +114,7 @@ def main_job_config() -> ml_collections.ConfigDict:
             group_size=16,
             num_minibatches=1,
             learning_rate=2e-4,
+            schedule="constant",  # or "cosine": from learning_rate down to 0 at the last step
             kl_coef=0.001,  # k3 KL to the warm start (the paper's 1e-3): holds what GRPO on 2-chunk rows rarely sees
             temperature=1.0,
             top_p=1.0,
