@@ -731,7 +731,22 @@ def part_learner(args, vocab: int, tmp: str, tunix_py: str) -> list[dict]:
             state = learner.init_state(params)
             with bench_lock():  # untimed warm-up (compile): the first step of each side, from the same weights
                 state, first = learner.train_step(state, batch)
-                theirs_first = peer.call(job)
+                try:
+                    theirs_first = peer.call(job)
+                except PeerError as err:  # e.g. killed for memory: report ours alone and go on
+                    ours_t = []
+                    for _ in range(args.repeats):
+                        state, m = learner.train_step(state, batch)
+                        ours_t.append(m["learner_time_s"])
+                    o = n * (p + r) / median(ours_t)
+                    print(
+                        f"{name:<13} {f'{n} x {p + r} ({r})':>14} {o:>10.0f} {'failed':>11} {'':>10} "
+                        f"{peak_rss_mb():>11.0f} {'':>12} {first['loss']:>16.6f}\n"
+                        f"   tunix's step failed ({str(err).splitlines()[0]}); ours timed alone",
+                        flush=True,
+                    )
+                    rows.append(dict(shape=name, n=n, t=p + r, r=r, ours=o, tunix=None, ours_loss=first["loss"]))
+                    continue
             ours_t, their_t, compiles = [], [], 0
             for _ in range(args.repeats):
                 with bench_lock(), peer.paused():
