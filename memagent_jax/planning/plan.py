@@ -212,7 +212,8 @@ def make_plan(
     # Packed rows (rl.pack_length) hold several conversations each; in the worst case (every conversation at its
     # full budget) they hold one each, as many rows as unpacked, each pack_length long.
     length = max(length, int(rl.get("pack_length", 0)))
-    if not micro and platform_of(hw) == "cpu":  # the learner's CPU default (LearnerConfig.micro_batch_tokens)
+    platform = platform_of(hw)
+    if not micro and platform == "cpu":  # the learner's CPU default (LearnerConfig.micro_batch_tokens)
         from memagent_jax.models.tiling import CPU_TILE_TOKENS, rows_per_tile
 
         micro = rows_per_tile(per_mb, length, CPU_TILE_TOKENS, shards)
@@ -257,7 +258,6 @@ def make_plan(
     notes["kv_update"] = f"{rollout_rows} rows x {layout.update_slots} slots, {cdt}{on_rollout}"
     mem["kv_final"] = kv_cache_bytes(mc, call_rows, layout.final_slots, rmesh, cdt)
     notes["kv_final"] = f"{rollout_rows} rows x {layout.final_slots} slots, {cdt}{on_rollout}"
-    platform = platform_of(hw)
     decode_layout = decode_layout_of(mc, platform)
     if decode_layout == "unstacked":
         # While a decode program runs: per-layer copies of the layer weights, and of the larger KV cache.

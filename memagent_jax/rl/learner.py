@@ -76,7 +76,6 @@ __all__ = [
     "minibatch_rows",
     "accumulate_gradients",
     "response_window_for",
-    "CPU_MICRO_BATCH_TOKENS",
     "train_step_fn",
 ]
 
@@ -172,7 +171,7 @@ class LearnerConfig:
     micro_batch_size: rows per micro-batch for gradient accumulation (None: sized by `micro_batch_tokens`).
     micro_batch_tokens: with micro_batch_size None, micro-batches of the most rows that hold at most this many
       tokens (rows x T; a divisor of the mini-batch's rows, a multiple of the mesh's batch shards). None: on CPU
-      `CPU_MICRO_BATCH_TOKENS` (a few thousand tokens keep a layer's activations in the caches: a GRPO step of
+      `models.tiling.CPU_TILE_TOKENS` (a few thousand tokens keep a layer's activations in the caches: a GRPO step of
       1152 rows x 112 tokens of the main job's model ran 1.56x faster than as one micro-batch), elsewhere the
       whole mini-batch; 0: the whole mini-batch. The sum over micro-batches is the mini-batch's gradient either way.
     recompute_old_logprobs: recompute the old log-probs with the current params before the first update
@@ -245,10 +244,6 @@ class LearnerConfig:
 
     def replace(self, **changes) -> LearnerConfig:
         return dataclasses.replace(self, **changes)
-
-
-# Tokens per micro-batch on CPU when neither micro_batch_size nor micro_batch_tokens is set.
-CPU_MICRO_BATCH_TOKENS = tiling.CPU_TILE_TOKENS
 
 
 # ----------------------------------------------------------------------------------------- optimiser
@@ -858,7 +853,7 @@ class Learner:
         tokens = config.micro_batch_tokens
         if tokens is None:
             platform = self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
-            tokens = CPU_MICRO_BATCH_TOKENS if platform == "cpu" else 0
+            tokens = tiling.CPU_TILE_TOKENS if platform == "cpu" else 0
         per_mb = num_rows // config.num_minibatches
         rows = tiling.rows_per_tile(per_mb, length, tokens, sharding_lib.batch_multiple(self.mesh))
         return config if rows == per_mb else config.replace(micro_batch_size=rows)
