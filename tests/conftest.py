@@ -14,3 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# 8 devices on 2 cores: XLA:CPU's default pool (8 threads) can be taken whole by collectives waiting on each other,
+# and XLA then aborts the process after 40 s; 4 threads per device (see the function) before the backend starts.
+from memagent_jax.distributed import size_cpu_thread_pool  # noqa: E402
+
+size_cpu_thread_pool()

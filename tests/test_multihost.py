@@ -303,6 +303,29 @@ def test_single_process_needs_no_setup(fresh_distributed):
     assert jax.process_count() == 1
 
 
+def test_cpu_thread_pool_is_sized_for_simulated_devices(fresh_distributed):
+    """XLA:CPU's collectives wait on its pool's threads: with simulated devices the pool gets 4 per device
+    (PJRT_NPROC, before the backend starts; `initialize` does it), a value already set is kept, one device changes
+    nothing; and this process's pool (sized by conftest for its 8 devices) really has that many threads."""
+    env = distributed.ENV_CPU_THREADS
+    fresh_distributed.delenv(env, raising=False)
+    assert distributed.size_cpu_thread_pool(1) is None and env not in os.environ
+    assert distributed.size_cpu_thread_pool(8) == 32 and os.environ[env] == "32"
+    fresh_distributed.setenv(env, "5")
+    assert distributed.size_cpu_thread_pool(8) is None and os.environ[env] == "5"
+    fresh_distributed.delenv(env)
+    assert distributed.initialize() is False and os.environ[env] == str(4 * jax.config.jax_num_cpu_devices)
+
+    jax.block_until_ready(jax.jit(lambda x: x * 2)(np.ones(4, np.float32)))
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    assert names.count("tf_XLAEigen") >= distributed.cpu_pool_threads(jax.local_device_count()) == 32
+
+
 def test_partial_settings_are_named_errors(fresh_distributed):
     with pytest.raises(distributed.DistributedError, match="--num_processes, --process_id"):
         distributed.initialize(coordinator_address="127.0.0.1:1234")

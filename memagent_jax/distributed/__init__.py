@@ -22,6 +22,9 @@ What it does, in order of precedence:
 
 For CPU processes, cross-process collectives use gloo (`jax_cpu_collectives_implementation`). Calling it again
 is a no-op, so entry points that call each other may all call it.
+
+Simulated CPU devices (`jax_num_cpu_devices` / JAX_NUM_CPU_DEVICES > 1): `initialize` first sizes XLA:CPU's thread
+pool for their collectives (`size_cpu_thread_pool`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ __all__ = [
     "ENV_PROCESS_ID",
     "ENV_LOCAL_DEVICE_IDS",
     "ENV_FORCE",
+    "ENV_CPU_THREADS",
+    "cpu_pool_threads",
+    "size_cpu_thread_pool",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,11 @@ ENV_NUM_PROCESSES = "MEMAGENT_NUM_PROCESSES"
 ENV_PROCESS_ID = "MEMAGENT_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "MEMAGENT_LOCAL_DEVICE_IDS"
 ENV_FORCE = "MEMAGENT_DISTRIBUTED"
+ENV_CPU_THREADS = "PJRT_NPROC"  # read by XLA:CPU when its client starts: the size of its intra-op thread pool
+
+# XLA:CPU threads per simulated device: each device can be waiting in two collectives at once (observed), plus the
+# thread running its program, with room to spare.
+CPU_THREADS_PER_DEVICE = 4
 
 _STATE = {"initialized": False, "multi_process": False}
 
@@ -104,6 +115,33 @@ def is_initialized() -> bool:
     return _STATE["multi_process"] or jax.distributed.is_initialized()
 
 
+def cpu_pool_threads(num_devices: int) -> int:
+    """The XLA:CPU thread pool size `size_cpu_thread_pool` asks for with `num_devices` simulated devices."""
+    return CPU_THREADS_PER_DEVICE * num_devices
+
+
+def size_cpu_thread_pool(num_devices: int | None = None) -> int | None:
+    """Sizes XLA:CPU's thread pool for collectives between simulated CPU devices; returns the size asked for.
+
+    XLA:CPU runs a collective (all-reduce, all-gather, ...) as a blocking wait on its intra-op thread pool, which
+    holds max(cores, devices) threads. Independent collectives of one program run concurrently, so each device can
+    hold a thread waiting in one while another waits in the next: on 2 cores with 8 devices, a training step's
+    collectives took every thread, the devices still to arrive never got one, and after 40 s XLA aborted the
+    process ("Termination timeout for `all reduce ...` ... Exiting to ensure a consistent program state").
+    With `num_devices` > 1 (default: `jax_num_cpu_devices`) this sets PJRT_NPROC to `cpu_pool_threads` unless it
+    is set already (returns None then, or with one device). It must run before the CPU backend starts.
+    """
+    import jax
+
+    if num_devices is None:
+        num_devices = int(jax.config.jax_num_cpu_devices)
+    if num_devices <= 1 or os.environ.get(ENV_CPU_THREADS, "").strip():
+        return None
+    threads = cpu_pool_threads(num_devices)
+    os.environ[ENV_CPU_THREADS] = str(threads)
+    return threads
+
+
 def _use_gloo() -> None:
     """Selects gloo for CPU cross-process collectives (must happen before the CPU backend starts)."""
     import jax
@@ -130,6 +168,7 @@ def initialize(
     if _STATE["initialized"] or jax.distributed.is_initialized():
         _STATE["initialized"] = True
         return is_initialized()
+    size_cpu_thread_pool()
     if coordinator_address is None:
         coordinator_address = os.environ.get(ENV_COORDINATOR) or None
     if num_processes is None:
