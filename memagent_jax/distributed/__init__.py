@@ -123,9 +123,9 @@ def cpu_pool_threads(num_devices: int) -> int:
 def size_cpu_thread_pool(num_devices: int | None = None) -> int | None:
     """Sizes XLA:CPU's thread pool for collectives between simulated CPU devices; returns the size asked for.
 
-    XLA:CPU runs a collective (all-reduce, all-gather, ...) as a blocking wait on its intra-op thread pool, which
-    holds max(cores, devices) threads. Independent collectives of one program run concurrently, so each device can
-    hold a thread waiting in one while another waits in the next: on 2 cores with 8 devices, a training step's
+    XLA:CPU runs a collective (all-reduce, all-gather, ...) as a blocking wait on a thread of its intra-op pool
+    (8 threads for 8 devices on 2 cores, by default). Independent collectives of one program run concurrently, so
+    each device can hold a thread waiting in one while another waits in the next: on 2 cores with 8 devices, a step's
     collectives took every thread, the devices still to arrive never got one, and after 40 s XLA aborted the
     process ("Termination timeout for `all reduce ...` ... Exiting to ensure a consistent program state").
     With `num_devices` > 1 (default: `jax_num_cpu_devices`) this sets PJRT_NPROC to `cpu_pool_threads` unless it
