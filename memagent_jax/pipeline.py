@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -148,6 +149,7 @@ def validate_config(cfg) -> None:
     if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise PipelineConfigError(f"config.task.train_two_hop_fraction must be in [0, 1], got {fraction!r}")
     rl_distractors_per_chunk(cfg)
+    warm_distractors_per_chunk(cfg)
     rl_chunks(cfg)
     from memagent_jax.data.synthetic import FACT_STYLES
     from memagent_jax.rl.warm_start import ANSWER_FORMS, NOTE_STYLES
@@ -221,13 +223,23 @@ def _say(message: str) -> None:
 
 def rl_distractors_per_chunk(cfg) -> float:
     """Look-alikes per chunk in the GRPO training rows: `task.rl_distractors_per_chunk`, or with -1 (or the field
-    absent) `task.distractors_per_chunk`, the density of the warm start's rows and of every evaluation file."""
-    value = float(cfg.task.get("rl_distractors_per_chunk", -1.0))
+    absent) `task.distractors_per_chunk`, the density of every evaluation file."""
+    return _distractor_density(cfg, "rl_distractors_per_chunk")
+
+
+def warm_distractors_per_chunk(cfg) -> float:
+    """Look-alikes per chunk in the warm start's scripted documents: `task.warm_distractors_per_chunk`, or with -1
+    (or the field absent) `task.distractors_per_chunk`."""
+    return _distractor_density(cfg, "warm_distractors_per_chunk")
+
+
+def _distractor_density(cfg, field: str) -> float:
+    value = float(cfg.task.get(field, -1.0))
     if value == -1.0:
         return float(cfg.task.distractors_per_chunk)
     if value < 0:
         raise PipelineConfigError(
-            f"config.task.rl_distractors_per_chunk must be >= 0, or -1 (= task.distractors_per_chunk), got {value:g}"
+            f"config.task.{field} must be >= 0, or -1 (= task.distractors_per_chunk), got {value:g}"
         )
     return value
 
@@ -425,8 +437,9 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
         answer_form=ws.get("answer_form", "noted"),
     )
     rng = np.random.default_rng(_seeds(cfg)["warm_start"])
-    task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"])
-    chain_task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"], hops=2)
+    density = warm_distractors_per_chunk(cfg)
+    task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"], per_chunk=density)
+    chain_task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"], hops=2, per_chunk=density)
     index = 0
     most_rows = 0  # packed batches are padded to the largest so far (one learner shape)
     for _ in range(count):
@@ -706,15 +719,70 @@ def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dic
                 "sub_em": r.sub_em.mean,
                 "seconds": r.wall_s,
                 "per_word": answer_word_accuracy(r.rows),
+                "per_key": asked_key_accuracy(r.rows),
             }
     _say(results.table())
     _say(summary_table(figures))
     with open(os.path.join(folder, "per_word.txt"), "w") as f:
         f.write(per_word_table(figures) + "\n")
-    _say(f"[eval] accuracy per answer word -> {os.path.join(folder, 'per_word.txt')}")
+    with open(os.path.join(folder, "per_key.txt"), "w") as f:
+        f.write(per_word_table(figures, field="per_key", name="creature") + "\n")
+    _say(
+        f"[eval] accuracy per answer word -> {os.path.join(folder, 'per_word.txt')}, per asked creature -> per_key.txt"
+    )
+    confusion = key_confusion_stage(cfg, assets, models, folder)
     seconds = time.perf_counter() - t0
-    _mark_done(folder, {"seconds": seconds, "figures": figures})
+    _mark_done(folder, {"seconds": seconds, "figures": figures, "key_confusion": confusion})
     return figures
+
+
+def key_confusion_stage(cfg, assets: dict, models: dict[str, str], folder: str) -> dict | None:
+    """Every model's pairwise key confusion (`evaluation.key_confusion`, one teacher-forced memory step per pair
+    of creatures and state) -> <folder>/key_confusion.txt and .json; None for a task or note style it does not
+    probe."""
+    if cfg.task.name != "keyed_recall" or cfg.warm_start.note_style != "keyed":
+        return None
+    from memagent_jax.agent.templates import AgentPrompts
+    from memagent_jax.data.synthetic.keyed_recall import KEYED_FACTS, RECALL_WORDS
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
+    from memagent_jax.data.tokenizer import load_tokenizer
+    from memagent_jax.evaluation.key_confusion import key_confusion
+    from memagent_jax.models import load_hf_params
+
+    tokenizer = load_tokenizer(assets["tokenizer"])
+    prompts = AgentPrompts.build(tokenizer, agent_templates(cfg))
+    fact = KEYED_FACTS[cfg.task.get("fact_style", "sentence")][0]
+    out = {}
+    for name, path in models.items():
+        params, model_config = load_hf_params(path)
+        probe = key_confusion(
+            params,
+            model_config,
+            tokenizer,
+            prompts,
+            KEY_CREATURES,
+            RECALL_WORDS,
+            chunk_tokens=cfg.agent.chunk_tokens,
+            fact_template=fact,
+            seed=cfg.seed,
+        )
+        out[name] = probe.summary()
+    lines = [["model", "state", "mean p", "pairs > 0.5", "pairs > 0.1", "worst pairs (asked<look-alike: p)"]]
+    for name, by_state in out.items():
+        for state, c in by_state.items():
+            worst = ", ".join(f"{pair} {p:.2f}" for pair, p in c["worst"].items())
+            lines.append([name, state, f"{c['mean']:.4f}", str(c["pairs_over_0.5"]), str(c["pairs_over_0.1"]), worst])
+    text = (
+        "Key confusion: one memory step per (asked, look-alike) pair of creatures, probability of a failure. "
+        "unknown: notes '?' and a look-alike's fact noted; held: a noted word replaced by a look-alike's; wrong: "
+        "notes holding a wrong word that the asked creature's own fact does not replace.\n\n" + _aligned(lines)
+    )
+    with open(os.path.join(folder, "key_confusion.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(folder, "key_confusion.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    _say(text)
+    return out
 
 
 def answer_word_accuracy(rows) -> dict[str, list]:
@@ -728,8 +796,24 @@ def answer_word_accuracy(rows) -> dict[str, list]:
     return dict(sorted(counts.items()))
 
 
+def asked_key_accuracy(rows) -> dict[str, list]:
+    """{asked creature: [rows scored correct, rows]}: the creature the question names (a look-alike confused with
+    one creature, or a creature's notes malformed, shows as one low row while every answer word looks fine)."""
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
+
+    keys = set(KEY_CREATURES)
+    counts: dict[str, list] = {}
+    for row in rows:
+        named = [w for w in re.findall(r"[a-z]+", str(row.get("question", ""))) if w in keys]
+        hit = counts.setdefault(named[-1] if named else "", [0.0, 0])
+        hit[0] += float(row.get("scores", {}).get("accuracy", 0.0))
+        hit[1] += 1
+    return dict(sorted(counts.items()))
+
+
 def worst_word(per_word: dict[str, list]) -> tuple[str, float, int] | None:
-    """The answer word with the lowest accuracy (ties: fewest rows, then alphabetical), or None."""
+    """The entry (answer word, or asked creature) with the lowest accuracy (ties: fewest rows, then alphabetical),
+    or None."""
     if not per_word:
         return None
     word, (hits, n) = min(per_word.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1], kv[0]))
@@ -743,30 +827,33 @@ def _aligned(lines: list[list[str]]) -> str:
 
 
 def summary_table(figures: dict) -> str:
-    """Accuracy (%) per evaluation file (rows) and model (columns), with each model's weakest answer word."""
+    """Accuracy (%) per evaluation file (rows) and model (columns), with each model's weakest answer word and
+    weakest asked creature."""
     models = list(figures)
     labels = list(next(iter(figures.values()))) if figures else []
-    head = ["file", *models, *(f"{m}: weakest word" for m in models)]
+    head = ["file", *models, *(f"{m}: weakest word" for m in models), *(f"{m}: weakest creature" for m in models)]
     lines = [head]
     for label in labels:
         cells = [label] + [f"{100 * figures[m][label]['accuracy']:.1f}" for m in models]
-        for m in models:
-            worst = worst_word(figures[m][label].get("per_word", {}))
-            cells.append("-" if worst is None else f"{worst[0]} {100 * worst[1]:.0f}% of {worst[2]}")
+        for field in ("per_word", "per_key"):
+            for m in models:
+                worst = worst_word(figures[m][label].get(field, {}))
+                cells.append("-" if worst is None else f"{worst[0]} {100 * worst[1]:.0f}% of {worst[2]}")
         lines.append(cells)
     return _aligned(lines)
 
 
-def per_word_table(figures: dict) -> str:
-    """Accuracy (%) of every answer word (rows) in every model and file (columns)."""
+def per_word_table(figures: dict, field: str = "per_word", name: str = "word") -> str:
+    """Accuracy (%) of every answer word (or, field 'per_key', asked creature) (rows) in every model and file
+    (columns)."""
     columns = [(m, label) for m in figures for label in figures[m]]
-    words = sorted({w for m, label in columns for w in figures[m][label].get("per_word", {})})
-    head = ["word", *(f"{m} {label}" for m, label in columns)]
+    words = sorted({w for m, label in columns for w in figures[m][label].get(field, {})})
+    head = [name, *(f"{m} {label}" for m, label in columns)]
     lines = [head]
     for w in words:
         cells = [w]
         for m, label in columns:
-            hits, n = figures[m][label].get("per_word", {}).get(w, (0, 0))
+            hits, n = figures[m][label].get(field, {}).get(w, (0, 0))
             cells.append(f"{100 * hits / n:.0f} ({n})" if n else "-")
         lines.append(cells)
     return _aligned(lines)
@@ -1018,6 +1105,7 @@ def run(cfg, workdir: str) -> dict:
         "stage_seconds": timings,
         "stage_seconds_when_computed": {k: v for k, v in computed.items() if v is not None},
         "results": results,
+        "key_confusion": (_stage_done(os.path.join(workdir, "eval")) or {}).get("key_confusion"),
         "long_eval": long,
         "models": {"warm_start": warm, "RL": rl},
     }
@@ -1038,8 +1126,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def seeds_table(summaries: dict[int, dict]) -> dict:
-    """{model: {file label: {mean, min, max, weakest_word}}} of accuracy over the seeds' summaries (%), where
-    weakest_word is the lowest per-answer-word accuracy in any seed (word, %, seed, rows of that word)."""
+    """{model: {file label: {mean, min, max, weakest_word, weakest_key}}} of accuracy over the seeds' summaries (%),
+    where weakest_word is the lowest per-answer-word accuracy in any seed (word, %, seed, rows of that word) and
+    weakest_key the same over the asked creatures."""
     seeds = sorted(summaries)
     first = summaries[seeds[0]]["results"]
     table: dict = {}
@@ -1047,35 +1136,45 @@ def seeds_table(summaries: dict[int, dict]) -> dict:
         table[model] = {}
         for label in by_label:
             values = [100 * summaries[s]["results"][model][label]["accuracy"] for s in seeds]
-            weakest = None
-            for s in seeds:
-                worst = worst_word(summaries[s]["results"][model][label].get("per_word", {}))
-                if worst and (weakest is None or 100 * worst[1] < weakest[1]):
-                    weakest = (worst[0], 100 * worst[1], s, worst[2])
+            weakest = {}
+            for field in ("per_word", "per_key"):
+                weakest[field] = None
+                for s in seeds:
+                    worst = worst_word(summaries[s]["results"][model][label].get(field, {}))
+                    if worst and (weakest[field] is None or 100 * worst[1] < weakest[field][1]):
+                        weakest[field] = (worst[0], 100 * worst[1], s, worst[2])
             table[model][label] = {
                 "mean": sum(values) / len(values),
                 "min": min(values),
                 "max": max(values),
                 "per_seed": dict(zip(seeds, values)),
-                "weakest_word": weakest,
+                "weakest_word": weakest["per_word"],
+                "weakest_key": weakest["per_key"],
             }
     return table
 
 
 def seeds_markdown(table: dict, seeds: list[int], seconds: dict[int, float]) -> str:
-    """The seeds table as markdown: one row per file, per model 'mean (min-max)' and the weakest word."""
+    """The seeds table as markdown: one row per file, per model 'mean (min-max)', the weakest answer word and the
+    weakest asked creature."""
     models = list(table)
     labels = list(next(iter(table.values())))
-    head = ["file", *(f"{m} mean (min-max)" for m in models), *(f"{m} weakest word: right/rows" for m in models)]
+    head = [
+        "file",
+        *(f"{m} mean (min-max)" for m in models),
+        *(f"{m} weakest word: right/rows" for m in models),
+        *(f"{m} weakest creature" for m in models),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in labels:
         cells = [label]
         for m in models:
             c = table[m][label]
             cells.append(f"{c['mean']:.1f} ({c['min']:.1f}-{c['max']:.1f})")
-        for m in models:
-            w = table[m][label]["weakest_word"]
-            cells.append("-" if w is None else f"{w[0]} {round(w[1] * w[3] / 100)}/{w[3]} (seed {w[2]})")
+        for field in ("weakest_word", "weakest_key"):
+            for m in models:
+                w = table[m][label].get(field)
+                cells.append("-" if w is None else f"{w[0]} {round(w[1] * w[3] / 100)}/{w[3]} (seed {w[2]})")
         lines.append("| " + " | ".join(cells) + " |")
     timing = ", ".join(f"seed {s}: {seconds[s]:.0f} s" for s in seeds)
     return "\n".join(

@@ -49,6 +49,8 @@ def test_quick_main_job_writes_every_artefact(quick_run):
         "eval/results.csv",
         "eval/accuracy_vs_length.png",
         "eval/per_word.txt",
+        "eval/per_key.txt",
+        "eval/key_confusion.txt",
         "report.md",
         "report.html",
         "summary.json",
@@ -70,10 +72,17 @@ def test_quick_main_job_writes_every_artefact(quick_run):
             per_word = row["per_word"]  # accuracy per answer word adds up to the file's
             assert sum(n for _, n in per_word.values()) == 32
             assert sum(h for h, _ in per_word.values()) / 32 == pytest.approx(row["accuracy"])
+            per_key = row["per_key"]  # ... and per asked creature, each named by the question
+            assert "" not in per_key and sum(n for _, n in per_key.values()) == 32
+            assert sum(h for h, _ in per_key.values()) / 32 == pytest.approx(row["accuracy"])
         assert by_length["4x"]["chunks"] == pytest.approx(4 * by_length["1x"]["chunks"], rel=0.05)
         assert by_length["concat_4x"]["chunks"] == pytest.approx(4 * by_length["1x"]["chunks"], rel=0.05)
     with open(os.path.join(workdir, "eval/results.csv")) as f:
         assert len(list(csv.DictReader(f))) == 10  # 2 models x 5 files
+    # The key-confusion probe: every ordered pair of the 16 creatures, three states, for both models.
+    for model in ("warm_start", "RL"):
+        for state, c in summary["key_confusion"][model].items():
+            assert c["pairs"] == 16 * 15 and 0.0 <= c["mean"] <= 1.0, (model, state)
 
     def facts_per_row(name):  # the asked fact and its look-alikes ("Remember <creature> <Word>.")
         with open(os.path.join(workdir, "assets", name)) as f:
@@ -216,10 +225,17 @@ def test_rl_distractor_density_defaults_to_the_evaluation_files():
     assert pipeline.rl_distractors_per_chunk(pipeline.resolve_config(_config())) == 3.0
 
 
-def _fake_summary(accuracies: dict, per_word: dict) -> dict:
+def _fake_summary(accuracies: dict, per_word: dict, per_key: dict | None = None) -> dict:
     return {
         "results": {
-            model: {label: {"accuracy": acc, "per_word": per_word[model][label]} for label, acc in by_label.items()}
+            model: {
+                label: {
+                    "accuracy": acc,
+                    "per_word": per_word[model][label],
+                    **({"per_key": per_key[model][label]} if per_key else {}),
+                }
+                for label, acc in by_label.items()
+            }
             for model, by_label in accuracies.items()
         },
         "stage_seconds_when_computed": {"rl": 10.0, "eval": 5.0},
@@ -231,17 +247,39 @@ def test_seeds_table_is_mean_min_max_per_cell_and_the_weakest_word_of_any_seed()
 
     words = {"RL": {"1x": {"Mor": [1, 2], "Ra": [3, 3]}}, "warm_start": {"1x": {"Mor": [2, 2], "Ra": [1, 3]}}}
     words_b = {"RL": {"1x": {"Mor": [0, 1], "Ra": [4, 4]}}, "warm_start": {"1x": {"Mor": [1, 1], "Ra": [2, 4]}}}
+    keys = {"RL": {"1x": {"falcon": [1, 4], "osprey": [3, 3]}}, "warm_start": {"1x": {"falcon": [3, 4]}}}
     summaries = {
-        0: _fake_summary({"RL": {"1x": 0.8}, "warm_start": {"1x": 0.6}}, words),
-        2: _fake_summary({"RL": {"1x": 0.9}, "warm_start": {"1x": 0.4}}, words_b),
+        0: _fake_summary({"RL": {"1x": 0.8}, "warm_start": {"1x": 0.6}}, words, keys),
+        2: _fake_summary({"RL": {"1x": 0.9}, "warm_start": {"1x": 0.4}}, words_b),  # no per-creature figures
     }
     table = pipeline.seeds_table(summaries)
     assert table["RL"]["1x"]["mean"] == pytest.approx(85.0)
     assert (table["RL"]["1x"]["min"], table["RL"]["1x"]["max"]) == (pytest.approx(80.0), pytest.approx(90.0))
     assert table["RL"]["1x"]["weakest_word"] == ("Mor", 0.0, 2, 1)  # seed 2: 0 of 1
     assert table["warm_start"]["1x"]["weakest_word"] == ("Ra", pytest.approx(100 / 3), 0, 3)
+    assert table["RL"]["1x"]["weakest_key"] == ("falcon", 25.0, 0, 4)
     text = pipeline.seeds_markdown(table, [0, 2], {0: 15.0, 2: 15.0})
-    assert "| 1x | 85.0 (80.0-90.0) | 50.0 (40.0-60.0) | Mor 0/1 (seed 2) | Ra 1/3 (seed 0) |" in text
+    row = "| 1x | 85.0 (80.0-90.0) | 50.0 (40.0-60.0) | Mor 0/1 (seed 2) | Ra 1/3 (seed 0) | falcon 1/4 (seed 0) |"
+    assert row + " falcon 3/4 (seed 0) |" in text
+
+
+def test_asked_creature_accuracy_names_the_creature_of_each_question():
+    """A creature whose notes a look-alike overwrites shows as one low row, while its answer words look fine."""
+    from memagent_jax import pipeline
+
+    rows = [
+        {"question": "What is the secret word for falcon?", "answers": ["Ul"], "scores": {"accuracy": 0.0}},
+        {"question": "What is the secret word for falcon?", "answers": ["Ra"], "scores": {"accuracy": 1.0}},
+        {"question": "What is the secret word for osprey?", "answers": ["Ul"], "scores": {"accuracy": 1.0}},
+        {"question": "Which word? (no creature named)", "answers": ["Ra"], "scores": {"accuracy": 1.0}},
+    ]
+    assert pipeline.asked_key_accuracy(rows) == {"": [1.0, 1], "falcon": [1.0, 2], "osprey": [1.0, 1]}
+    figures = {"RL": {"4x": {"accuracy": 0.75, "per_word": pipeline.answer_word_accuracy(rows)}}}
+    figures["RL"]["4x"]["per_key"] = pipeline.asked_key_accuracy(rows)
+    assert pipeline.worst_word(figures["RL"]["4x"]["per_key"]) == ("falcon", 0.5, 2)
+    table = pipeline.per_word_table(figures, field="per_key", name="creature").splitlines()
+    assert table[0].split() == ["creature", "RL", "4x"] and table[2].split() == ["falcon", "50", "(2)"]
+    assert "falcon 50% of 2" in pipeline.summary_table(figures)
 
 
 @pytest.mark.faults

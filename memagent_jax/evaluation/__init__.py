@@ -7,6 +7,7 @@ files, accuracy-vs-length plot) and the memory-trace report.
     loop.py       model loading, warm-up, `evaluate_agent` (one file) and `evaluate_models` (models x files)
     report.py     Wilson / normal intervals, results, tables, report files, the accuracy-vs-length plot
     traces.py     human-readable memory traces (Markdown + HTML)
+    key_confusion.py  which keys a keyed-recall agent confuses: one teacher-forced memory step per pair of keys
 
     from memagent_jax.evaluation import evaluate_models
     results = evaluate_models({"rl": "/ckpt/rl"}, ["eval_50docs.json"], "runs/x/eval")
@@ -56,6 +57,8 @@ _EXPORTS = {
     "wilson_interval": ".report",
     "write_predictions": ".report",
     "write_reports": ".report",
+    "KeyConfusion": ".key_confusion",
+    "key_confusion": ".key_confusion",
 }
 
 __all__ = sorted(_EXPORTS)
