@@ -225,6 +225,32 @@ def test_rl_distractor_density_defaults_to_the_evaluation_files():
     assert pipeline.rl_distractors_per_chunk(pipeline.resolve_config(_config())) == 3.0
 
 
+def test_warm_start_documents_take_their_own_look_alike_density(monkeypatch):
+    """`task.warm_distractors_per_chunk` reaches the warm start's scripted documents (single-hop and two-hop);
+    -1 is the evaluation files' density, and a negative density is refused, naming the field."""
+    from memagent_jax import pipeline
+
+    default = pipeline.resolve_config(_config(**{"task.warm_distractors_per_chunk": -1.0}))
+    assert pipeline.warm_distractors_per_chunk(default) == default.task.distractors_per_chunk
+    cfg = pipeline.resolve_config(_config(**{"task.warm_distractors_per_chunk": 3.0}))
+    seen = []
+
+    class Enough(Exception):
+        pass
+
+    def spy(cfg, chunks, seed, hops=None, exact_length=False, per_chunk=None):
+        seen.append((hops, per_chunk))
+        if len(seen) == 2:
+            raise Enough
+
+    monkeypatch.setattr(pipeline, "task_config", spy)
+    with pytest.raises(Enough):
+        next(pipeline.scripted_batches(cfg, None, None, None, 0, 1, 1))
+    assert seen == [(None, 3.0), (2, 3.0)]
+    with pytest.raises(pipeline.PipelineConfigError, match=r"task\.warm_distractors_per_chunk must be >= 0"):
+        pipeline.resolve_config(_config(**{"task.warm_distractors_per_chunk": -2.0}))
+
+
 def _fake_summary(accuracies: dict, per_word: dict, per_key: dict | None = None) -> dict:
     return {
         "results": {
