@@ -49,7 +49,8 @@ def main_job_config() -> ml_collections.ConfigDict:
             # Look-alikes per chunk in the GRPO training rows (-1: distractors_per_chunk). Denser rows give GRPO more
             # of the rare steps where a look-alike's word is taken before the asked fact is read.
             rl_distractors_per_chunk=3.0,
-            # Look-alikes per chunk in the warm start's scripted documents (-1: distractors_per_chunk).
+            # Look-alikes per chunk in the warm start's scripted documents (-1: distractors_per_chunk). More of them
+            # tell each pair of creatures apart in more SFT steps (eval/key_confusion.txt shows the pairs confused).
             warm_distractors_per_chunk=-1.0,
             isolate_answer=False,  # no look-alike shares the asked fact's chunk
             # "Remember <creature> <Word>." ("sentence": "The secret word for <creature> is <Word>.")
