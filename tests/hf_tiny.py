@@ -113,6 +113,22 @@ def make_agent_model_dir(folder, variant: str = "qwen2_tied", seed: int = 0, voc
     return str(folder)
 
 
+def task_tokenizer_and_prompts(folder):
+    """A 1,024-token tokenizer trained on the synthetic-task corpus and the default prompts (saved to `folder`),
+    and the default templates' `AgentPrompts` for it: (tokenizer, prompts)."""
+    from memagent_jax.agent import AgentTemplates
+    from memagent_jax.agent.templates import AgentPrompts
+    from memagent_jax.data.synthetic import tokenizer_corpus
+    from memagent_jax.data.tokenizer import load_tokenizer, train_tokenizer
+
+    t = AgentTemplates()
+    train_tokenizer(
+        list(tokenizer_corpus(num_samples=4)) + [t.memory_update, t.final_answer] * 4, folder, vocab_size=1024
+    )
+    tokenizer = load_tokenizer(folder)
+    return tokenizer, AgentPrompts.build(tokenizer, t)
+
+
 # The test tokenizer of `make_agent_model_dir` (~420 tokens, trained on the default wording) needs more room than
 # the main job's budgets that configs/grpo.py:cpu carries ("No notes yet." alone is 10 of its tokens): tests that
 # train with the cpu variant and this tokenizer use these settings (the default wording, the multihop task).

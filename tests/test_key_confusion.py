@@ -6,10 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memagent_jax.agent import AgentTemplates
-from memagent_jax.agent.templates import AgentPrompts, encode_text
-from memagent_jax.data import synthetic as S
-from memagent_jax.data import tokenizer as T
+from hf_tiny import task_tokenizer_and_prompts
+from memagent_jax.agent.templates import encode_text
 from memagent_jax.evaluation.key_confusion import STATES, confusion_rows, key_confusion
 
 KEYS = ("falcon", "osprey", "badger")
@@ -18,14 +16,7 @@ WORDS = ("Ul", "Tor", "Sel", "Ra")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    t = AgentTemplates()
-    folder = T.train_tokenizer(
-        list(S.tokenizer_corpus(num_samples=4)) + [t.memory_update, t.final_answer] * 4,
-        tmp_path_factory.mktemp("tok"),
-        vocab_size=1024,
-    )
-    tok = T.load_tokenizer(folder)
-    return tok, AgentPrompts.build(tok, t)
+    return task_tokenizer_and_prompts(tmp_path_factory.mktemp("tok"))
 
 
 def _find(seq, part) -> int:

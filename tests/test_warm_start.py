@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 
+from hf_tiny import task_tokenizer_and_prompts
 from memagent_jax.agent import AgentBudgets, AgentTemplates
 from memagent_jax.agent.chunking import tokenize_document
-from memagent_jax.agent.templates import AgentPrompts, encode_text
-from memagent_jax.data import synthetic as S
-from memagent_jax.data import tokenizer as T
+from memagent_jax.agent.templates import encode_text
 from memagent_jax.data.synthetic import SyntheticConfig, generate_sample
 from memagent_jax.rl.warm_start import ScriptedPolicy, conversations_to_sft_batch, scripted_conversations
 
@@ -16,14 +15,7 @@ BUDGETS = AgentBudgets(question_tokens=16, chunk_tokens=32, memory_tokens=8, ans
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    t = AgentTemplates()
-    folder = T.train_tokenizer(
-        list(S.tokenizer_corpus(num_samples=4)) + [t.memory_update, t.final_answer] * 4,
-        tmp_path_factory.mktemp("tok"),
-        vocab_size=1024,
-    )
-    tok = T.load_tokenizer(folder)
-    return tok, AgentPrompts.build(tok, t)
+    return task_tokenizer_and_prompts(tmp_path_factory.mktemp("tok"))
 
 
 def run(setup, policy, index, chunks=6, distractors=0, seed=0):
