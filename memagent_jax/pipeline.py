@@ -775,7 +775,8 @@ def key_confusion_stage(cfg, assets: dict, models: dict[str, str], folder: str) 
     text = (
         "Key confusion: one memory step per (asked, look-alike) pair of creatures, probability of a failure. "
         "unknown: notes '?' and a look-alike's fact noted; held: a noted word replaced by a look-alike's; wrong: "
-        "notes holding a wrong word that the asked creature's own fact does not replace.\n\n" + _aligned(lines)
+        "notes holding a wrong word that the asked creature's own fact does not replace; answer: the answer step not "
+        "copying the word of two-hop notes.\n\n" + _aligned(lines)
     )
     with open(os.path.join(folder, "key_confusion.txt"), "w") as f:
         f.write(text + "\n")
