@@ -119,24 +119,17 @@ def confusion_rows(
             for _ in range(variants):
                 held, stated = rng.sample(list(words), 2)
                 question = encode_text(tokenizer, question_template.format(key=a))
-                if state == "answer":
-                    notes = chain_template.format(key=a, target=b, word=stated)
-                    prompt = prompts.final.assemble({"question": question, "memory": encode_text(tokenizer, notes)})
+                if state == "answer":  # b is the bridge creature of two-hop notes
+                    notes = encode_text(tokenizer, chain_template.format(key=a, target=b, word=stated))
+                    prompt = prompts.final.assemble({"question": question, "memory": notes})
                     rows.append(list(prompt) + encode_text(tokenizer, answer_prefix))
-                    targets.append(encode_text(tokenizer, " " + stated)[0])
-                    pairs.append((i, j))
-                    continue
-                noted = unknown_word if state == "unknown" else held
-                fact_key = a if state == "wrong" else b
-                chunk = _chunk_with(tokenizer, fact_template.format(key=fact_key, word=stated), chunk_tokens, rng)
-                prompt = prompts.update.assemble(
-                    {
-                        "question": question,
-                        "memory": encode_text(tokenizer, note_template.format(key=a, word=noted)),
-                        "chunk": chunk,
-                    }
-                )
-                rows.append(list(prompt) + prefix)
+                else:  # in 'wrong' the chunk states a's own word: b only spreads the variants
+                    noted = unknown_word if state == "unknown" else held
+                    fact = fact_template.format(key=a if state == "wrong" else b, word=stated)
+                    notes = encode_text(tokenizer, note_template.format(key=a, word=noted))
+                    chunk = _chunk_with(tokenizer, fact, chunk_tokens, rng)
+                    prompt = prompts.update.assemble({"question": question, "memory": notes, "chunk": chunk})
+                    rows.append(list(prompt) + prefix)
                 targets.append(encode_text(tokenizer, " " + stated)[0])
                 pairs.append((i, j))
     return rows, np.asarray(targets, np.int32), np.asarray(pairs, np.int32)
