@@ -788,13 +788,7 @@ def key_confusion_stage(cfg, assets: dict, models: dict[str, str], folder: str) 
 
 def answer_word_accuracy(rows) -> dict[str, list]:
     """{gold answer word: [rows scored correct, rows]} over an evaluation file's per-row predictions."""
-    counts: dict[str, list] = {}
-    for row in rows:
-        word = row["answers"][0] if row.get("answers") else ""
-        hit = counts.setdefault(word, [0.0, 0])
-        hit[0] += float(row.get("scores", {}).get("accuracy", 0.0))
-        hit[1] += 1
-    return dict(sorted(counts.items()))
+    return _accuracy_by(rows, lambda row: row["answers"][0] if row.get("answers") else "")
 
 
 def asked_key_accuracy(rows) -> dict[str, list]:
@@ -803,10 +797,19 @@ def asked_key_accuracy(rows) -> dict[str, list]:
     from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
 
     keys = set(KEY_CREATURES)
+
+    def asked(row) -> str:
+        named = [w for w in re.findall(r"[a-z]+", str(row.get("question", ""))) if w in keys]
+        return named[-1] if named else ""
+
+    return _accuracy_by(rows, asked)
+
+
+def _accuracy_by(rows, label_of) -> dict[str, list]:
+    """{label_of(row): [rows scored correct, rows]}, sorted by label."""
     counts: dict[str, list] = {}
     for row in rows:
-        named = [w for w in re.findall(r"[a-z]+", str(row.get("question", ""))) if w in keys]
-        hit = counts.setdefault(named[-1] if named else "", [0.0, 0])
+        hit = counts.setdefault(label_of(row), [0.0, 0])
         hit[0] += float(row.get("scores", {}).get("accuracy", 0.0))
         hit[1] += 1
     return dict(sorted(counts.items()))
