@@ -176,6 +176,8 @@ def validate_config(cfg) -> None:
         ("rl.eval_questions", 1),
         ("rl.lora_rank", 0),
         ("warm_start.pack_length", 0),
+        ("warm_start.replay_rounds", 0),
+        ("warm_start.replay_updates", 1),
     ):
         section, field = path.split(".")
         if field in cfg[section] and int(cfg[section][field]) < low:
@@ -186,6 +188,16 @@ def validate_config(cfg) -> None:
             f"got {cfg.task.concat_multiplier}"
         )
     eval_labels(cfg)
+    if cfg.warm_start.get("replay_rounds", 0):
+        if not probes_key_confusion(cfg):
+            raise PipelineConfigError(
+                "config.warm_start.replay_rounds needs task.name 'keyed_recall' and warm_start.note_style 'keyed' "
+                f"(the pairs come from the key-confusion probe), got {cfg.task.name!r} and "
+                f"{cfg.warm_start.note_style!r}"
+            )
+        threshold = cfg.warm_start.get("replay_threshold", 0.3)
+        if not 0.0 < threshold < 1.0:
+            raise PipelineConfigError(f"config.warm_start.replay_threshold must be in (0, 1), got {threshold}")
     if two_hop_multipliers(cfg) or cfg.task.get("train_two_hop_fraction", 0.0):
         if cfg.task.name != "keyed_recall" or cfg.warm_start.note_style != "keyed":
             raise PipelineConfigError(
@@ -415,8 +427,23 @@ def make_assets(cfg, folder: str) -> dict:
     return paths
 
 
-def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int, rows_multiple: int):
-    """Yields `count` SFT batches, each holding `updates_per_call` mini-batches of scripted trajectories."""
+def scripted_batches(
+    cfg,
+    tokenizer,
+    prompts,
+    budgets,
+    stop_id: int,
+    count: int,
+    rows_multiple: int,
+    *,
+    key_pairs: tuple[tuple[str, str], ...] = (),
+    first_index: int = 0,
+):
+    """Yields `count` SFT batches, each holding `updates_per_call` mini-batches of scripted trajectories.
+
+    key_pairs: (asked, look-alike) creature pairs; every other trajectory is then a single-hop document drilling
+    one of them (its question about the first, every look-alike for the second). first_index: the first row index
+    drawn (rows are a pure function of the index; a later call starts past the earlier ones' rows)."""
     import numpy as np
 
     from memagent_jax.agent.chunking import tokenize_document
@@ -436,17 +463,22 @@ def scripted_batches(cfg, tokenizer, prompts, budgets, stop_id: int, count: int,
         note_style=ws.note_style,
         answer_form=ws.get("answer_form", "noted"),
     )
-    rng = np.random.default_rng(_seeds(cfg)["warm_start"])
+    rng = np.random.default_rng((_seeds(cfg)["warm_start"], first_index) if first_index else _seeds(cfg)["warm_start"])
     density = warm_distractors_per_chunk(cfg)
     task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"], per_chunk=density)
     chain_task = task_config(cfg, cfg.task.train_chunks, _seeds(cfg)["warm_start"], hops=2, per_chunk=density)
-    index = 0
+    pair_task = task.replace(key_pairs=tuple(key_pairs)) if key_pairs else None
+    index = first_index
     most_rows = 0  # packed batches are padded to the largest so far (one learner shape)
     for _ in range(count):
         conversations = []
         made = 0
         while made < ws.updates_per_call * ws.trajectories_per_update:
-            sample = generate_sample(chain_task if is_two_hop_row(cfg, index) else task, index, tokenizer)
+            if pair_task is not None and made % 2 == 0:
+                row_task = pair_task
+            else:
+                row_task = chain_task if is_two_hop_row(cfg, index) else task
+            sample = generate_sample(row_task, index, tokenizer)
             index += 1
             try:
                 trajectory = scripted_conversations(
@@ -485,6 +517,8 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     if _stage_done(folder) is not None:
         return export
 
+    import jax
+
     from memagent_jax.agent import write_agent_settings
     from memagent_jax.agent.templates import AgentPrompts
     from memagent_jax.data.tokenizer import load_tokenizer
@@ -499,36 +533,86 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     params, model_config = load_hf_params(assets["model"])
     calls = -(-ws.updates // ws.updates_per_call)
     updates = calls * ws.updates_per_call
+    replay_rounds = int(ws.get("replay_rounds", 0))
+    replay_calls = -(-int(ws.get("replay_updates", 1)) // ws.updates_per_call) if replay_rounds else 0
     learner = Learner(
         model_config,
         sft_learner_config(
-            learning_rate=ws.learning_rate, updates=updates, warmup=ws.warmup, updates_per_call=ws.updates_per_call
+            learning_rate=ws.learning_rate,
+            updates=(calls + replay_rounds * replay_calls) * ws.updates_per_call,  # one schedule over both phases
+            warmup=ws.warmup,
+            updates_per_call=ws.updates_per_call,
         ),
     )
     state = learner.init_state(params)
     prompts = AgentPrompts.build(tokenizer, agent_templates(cfg))
     budgets = agent_budgets(cfg)
-    writer = MetricsWriter(folder, total_steps=calls, console_every=max(1, calls // 8))
+    writer = MetricsWriter(folder, total_steps=calls + replay_rounds * replay_calls, console_every=max(1, calls // 8))
     _say(
         f"[warm start] SFT on scripted traces: {updates} updates x {ws.trajectories_per_update} trajectories "
         f"(the script drops its notes at a section without the answer with p={ws.forget_prob})"
     )
-    try:
-        for call, batch in enumerate(
-            scripted_batches(cfg, tokenizer, prompts, budgets, tokenizer.eos_token_id, calls, learner.rows_multiple)
-        ):
+    done_calls = 0
+
+    def train(batches):
+        nonlocal state, metrics, done_calls
+        for batch in batches:
             state, metrics = learner.train_step(state, batch)
+            done_calls += 1
             writer.write(
-                (call + 1),
+                done_calls,
                 {
                     "loss": float(metrics["loss"]),
-                    "updates": (call + 1) * ws.updates_per_call,
+                    "updates": done_calls * ws.updates_per_call,
                     "seconds": time.perf_counter() - t0,
                 },
             )
+
+    metrics = {}
+    threshold = ws.get("replay_threshold", 0.3)
+    checks = []  # the probe after the SFT and after each replay round
+    try:
+        train(scripted_batches(cfg, tokenizer, prompts, budgets, tokenizer.eos_token_id, calls, learner.rows_multiple))
+        # Hard-pair replay: a pair of creatures the model confuses almost surely gives GRPO groups of equal rewards
+        # (no signal), so the pairs are found with the key-confusion probe and drilled here, before GRPO starts.
+        # Drilling moves confusions as well as removing them (the pairs found change from round to round), so the
+        # model exported is the checked one with the fewest pairs over 0.5 (then the least excess over the
+        # threshold): the SFT's own if no round improves on it.
+        kept = best_params = None
+        for round_index in range(replay_rounds + 1 if replay_rounds else 0):
+            if round_index:
+                train(
+                    scripted_batches(
+                        cfg,
+                        tokenizer,
+                        prompts,
+                        budgets,
+                        tokenizer.eos_token_id,
+                        replay_calls,
+                        learner.rows_multiple,
+                        key_pairs=tuple(tuple(pair.split("<")) for pair in checks[-1]["pairs"]),
+                        first_index=round_index * 10_000_000,  # past every earlier row
+                    )
+                )
+            probe = probe_key_confusion(cfg, tokenizer, prompts, state.params, model_config, ("unknown", "held"))
+            pairs = confused_pairs(probe, threshold)
+            score = [sum(p > 0.5 for p in pairs.values()), round(sum(p - threshold for p in pairs.values()), 4)]
+            checks.append(
+                {"after": f"replay round {round_index}" if round_index else "SFT", "pairs": pairs, "score": score}
+            )
+            listed = ", ".join(f"{pair} {p:.2f}" for pair, p in pairs.items()) or "none"
+            _say(f"[warm start] after {checks[-1]['after']}: pairs confused with p > {threshold}: {listed}")
+            if kept is None or score < checks[kept]["score"]:
+                kept, best_params = round_index, jax.device_get(state.params)  # a host copy (the step donates)
+            if not pairs:
+                break
     finally:
         writer.close()
-    save_hf_checkpoint(state.params, model_config, export, base_folder=assets["tokenizer"])
+    if kept is not None:
+        _say(f"[warm start] kept the model after {checks[kept]['after']}")
+    save_hf_checkpoint(
+        state.params if best_params is None else best_params, model_config, export, base_folder=assets["tokenizer"]
+    )
     write_agent_settings(
         export,
         budgets=agent_budgets(cfg, cfg.eval.chunks_per_segment),
@@ -540,7 +624,15 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
     )
     seconds = time.perf_counter() - t0
     _say(f"[warm start] done in {seconds:.0f} s -> {export}")
-    _mark_done(folder, {"seconds": seconds, "updates": updates, "final_loss": float(metrics["loss"])})
+    _mark_done(
+        folder,
+        {
+            "seconds": seconds,
+            "updates": done_calls * ws.updates_per_call,
+            "final_loss": float(metrics["loss"]),
+            "replay": {"checks": checks, "kept": None if kept is None else checks[kept]["after"]},
+        },
+    )
     return export
 
 
@@ -736,37 +828,60 @@ def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dic
     return figures
 
 
+def probes_key_confusion(cfg) -> bool:
+    """Whether the key-confusion probe applies: the keyed_recall task with notes naming the asked creature."""
+    return cfg.task.name == "keyed_recall" and cfg.warm_start.note_style == "keyed"
+
+
+def probe_key_confusion(cfg, tokenizer, prompts, params, model_config, states=None):
+    """`evaluation.key_confusion` of one model (params pytree) with the job's chunk size, fact wording and seed."""
+    from memagent_jax.data.synthetic.keyed_recall import KEYED_FACTS, RECALL_WORDS
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
+    from memagent_jax.evaluation.key_confusion import STATES, key_confusion
+
+    return key_confusion(
+        params,
+        model_config,
+        tokenizer,
+        prompts,
+        KEY_CREATURES,
+        RECALL_WORDS,
+        chunk_tokens=cfg.agent.chunk_tokens,
+        fact_template=KEYED_FACTS[cfg.task.get("fact_style", "sentence")][0],
+        seed=cfg.seed,
+        states=STATES if states is None else tuple(states),
+    )
+
+
+def confused_pairs(probe, threshold: float) -> dict[str, float]:
+    """{'asked<look-alike': p} for every pair whose 'unknown' or 'held' failure probability exceeds `threshold`:
+    the pairs a memory notes wrongly before or after reading the asked fact, worst first."""
+    import numpy as np
+
+    worst = np.fmax(probe.probability["unknown"], probe.probability["held"])
+    found = {
+        f"{probe.keys[i]}<{probe.keys[j]}": round(float(worst[i, j]), 4)
+        for i, j in zip(*np.nonzero(np.nan_to_num(worst, nan=0.0) > threshold))
+    }
+    return dict(sorted(found.items(), key=lambda item: -item[1]))
+
+
 def key_confusion_stage(cfg, assets: dict, models: dict[str, str], folder: str) -> dict | None:
     """Every model's pairwise key confusion (`evaluation.key_confusion`, one teacher-forced memory step per pair
     of creatures and state) -> <folder>/key_confusion.txt and .json; None for a task or note style it does not
     probe."""
-    if cfg.task.name != "keyed_recall" or cfg.warm_start.note_style != "keyed":
+    if not probes_key_confusion(cfg):
         return None
     from memagent_jax.agent.templates import AgentPrompts
-    from memagent_jax.data.synthetic.keyed_recall import KEYED_FACTS, RECALL_WORDS
-    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
     from memagent_jax.data.tokenizer import load_tokenizer
-    from memagent_jax.evaluation.key_confusion import key_confusion
     from memagent_jax.models import load_hf_params
 
     tokenizer = load_tokenizer(assets["tokenizer"])
     prompts = AgentPrompts.build(tokenizer, agent_templates(cfg))
-    fact = KEYED_FACTS[cfg.task.get("fact_style", "sentence")][0]
     out = {}
     for name, path in models.items():
         params, model_config = load_hf_params(path)
-        probe = key_confusion(
-            params,
-            model_config,
-            tokenizer,
-            prompts,
-            KEY_CREATURES,
-            RECALL_WORDS,
-            chunk_tokens=cfg.agent.chunk_tokens,
-            fact_template=fact,
-            seed=cfg.seed,
-        )
-        out[name] = probe.summary()
+        out[name] = probe_key_confusion(cfg, tokenizer, prompts, params, model_config).summary()
     lines = [["model", "state", "mean p", "pairs > 0.5", "pairs > 0.1", "worst pairs (asked<look-alike: p)"]]
     for name, by_state in out.items():
         for state, c in by_state.items():

@@ -405,6 +405,31 @@ def test_two_hop_keyed_recall(tok):
         assert sample.answers[0] not in pointer.text
 
 
+def test_key_pairs_drill_one_pair_per_document(tok):
+    """With key_pairs, each document asks about a pair's first creature and every look-alike is for its second;
+    both pairs are drawn, and the rows without key_pairs are unchanged."""
+    pairs = (("falcon", "osprey"), ("puffin", "gecko"))
+    cfg = _main_job_task(4).replace(key_pairs=pairs)
+    seen = set()
+    for index in range(24):
+        sample = generate_sample(cfg, index, tok)
+        asked = re.search(r"for (\w+)\?", sample.question).group(1).lower()
+        lookalike = dict(pairs)[asked]
+        distractors = [f for f in sample.facts if f.role == "distractor"]
+        assert len(distractors) == cfg.num_distractors
+        assert all(f.triple[0] == lookalike and f.triple[2] != sample.answers[0] for f in distractors)
+        seen.add(asked)
+    assert seen == {"falcon", "puffin"}
+    plain = _main_job_task(4)
+    assert generate_sample(plain, 5, tok).text() == generate_sample(plain.replace(key_pairs=()), 5, tok).text()
+    with pytest.raises(ValueError, match=r"key_pairs\[1\] must be two different creatures"):
+        _main_job_task(4).replace(key_pairs=(("falcon", "osprey"), ("falcon", "falcon")))
+    with pytest.raises(ValueError, match=r"key_pairs\[0\] must be two different creatures"):
+        _main_job_task(4).replace(key_pairs=(("falcon", "dragon"),))
+    with pytest.raises(ValueError, match="key_pairs is read by the keyed_recall task only"):
+        SyntheticConfig("niah_single", num_tokens=256, key_pairs=(("falcon", "osprey"),))
+
+
 def test_documents_fill_their_length_exactly_most_of_the_time(tok):
     cfg = _main_job_task(2).replace(exact_length=True)
     lengths = [n_tokens(tok, generate_sample(cfg, i, tok).text()) for i in range(100)]

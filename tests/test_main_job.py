@@ -251,6 +251,80 @@ def test_warm_start_documents_take_their_own_look_alike_density(monkeypatch):
         pipeline.resolve_config(_config(**{"task.warm_distractors_per_chunk": -2.0}))
 
 
+def test_confused_pairs_are_those_above_the_threshold_in_either_note_state():
+    import numpy as np
+
+    from memagent_jax import pipeline
+    from memagent_jax.evaluation.key_confusion import KeyConfusion
+
+    nan = float("nan")
+    unknown = np.array([[nan, 0.9, 0.0], [0.1, nan, 0.2], [0.0, 0.35, nan]])
+    held = np.array([[nan, 0.0, 0.4], [0.0, nan, 0.0], [0.0, 0.0, nan]])
+    probe = KeyConfusion(("a", "b", "c"), {"unknown": unknown, "held": held})
+    assert pipeline.confused_pairs(probe, 0.3) == {"a<b": 0.9, "a<c": 0.4, "c<b": 0.35}
+    assert pipeline.confused_pairs(probe, 0.95) == {}
+
+
+def test_hard_pair_replay_drills_the_pairs_found_and_keeps_the_cleanest_model(quick_run, tmp_path, monkeypatch):
+    """After the SFT the warm start probes its model, drills the pairs found above the threshold, probes again,
+    and exports the checked model with the fewest confused pairs. The probe runs for real; its figures are then
+    replaced by scripted ones that get worse each round, so the model kept must be the SFT's own."""
+    import jax
+    import numpy as np
+
+    from memagent_jax import pipeline
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
+    from memagent_jax.models import load_hf_params
+
+    workdir, _ = quick_run
+    cfg = pipeline.resolve_config(
+        _config(**{"warm_start.replay_rounds": 2, "warm_start.replay_updates": 8, "warm_start.replay_threshold": 0.3})
+    )
+    assets = pipeline.make_assets(cfg, os.path.join(workdir, "assets"))
+    scripted = [  # (asked, look-alike, p) per check: one pair after the SFT, then two, then three
+        [("falcon", "otter", 0.9)],
+        [("otter", "badger", 0.95), ("badger", "heron", 0.8)],
+        [("otter", "badger", 0.95), ("badger", "heron", 0.8), ("lynx", "moth", 0.6)],
+    ]
+    seen_params, batches_calls = [], []
+    real_probe, real_batches = pipeline.probe_key_confusion, pipeline.scripted_batches
+
+    def probe(cfg, tokenizer, prompts, params, model_config, states=None):
+        result = real_probe(cfg, tokenizer, prompts, params, model_config, states)
+        assert set(result.probability) == {"unknown", "held"}
+        seen_params.append(jax.device_get(params))
+        unknown = np.zeros_like(result.probability["unknown"])
+        for a, b, p in scripted[len(seen_params) - 1]:
+            unknown[KEY_CREATURES.index(a), KEY_CREATURES.index(b)] = p
+        result.probability = {"unknown": unknown, "held": np.zeros_like(unknown)}
+        return result
+
+    def batches(*args, **kwargs):
+        batches_calls.append(kwargs.get("key_pairs", ()))
+        return real_batches(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "probe_key_confusion", probe)
+    monkeypatch.setattr(pipeline, "scripted_batches", batches)
+    pipeline.warm_start(cfg, assets, str(tmp_path))
+    with open(tmp_path / "DONE.json") as f:
+        done = json.load(f)
+    assert [c["after"] for c in done["replay"]["checks"]] == ["SFT", "replay round 1", "replay round 2"]
+    assert [c["score"][0] for c in done["replay"]["checks"]] == [1, 2, 3]
+    assert done["replay"]["kept"] == "SFT" and done["updates"] == cfg.warm_start.updates + 2 * 8
+    assert batches_calls == [(), (("falcon", "otter"),), (("otter", "badger"), ("badger", "heron"))]
+    exported, _ = load_hf_params(str(tmp_path / "export"))
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(seen_params[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(  # the rounds did train: the last model checked is another
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(seen_params[0]), jax.tree.leaves(seen_params[2]))
+    )
+    with pytest.raises(pipeline.PipelineConfigError, match=r"warm_start\.replay_threshold must be in \(0, 1\)"):
+        pipeline.resolve_config(_config(**{"warm_start.replay_rounds": 1, "warm_start.replay_threshold": 1.5}))
+    with pytest.raises(pipeline.PipelineConfigError, match=r"warm_start\.replay_rounds needs task\.name"):
+        pipeline.resolve_config(_config(**{"warm_start.replay_rounds": 1, "warm_start.note_style": "value"}))
+
+
 def _fake_summary(accuracies: dict, per_word: dict, per_key: dict | None = None) -> dict:
     return {
         "results": {

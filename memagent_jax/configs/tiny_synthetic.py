@@ -100,6 +100,13 @@ def main_job_config() -> ml_collections.ConfigDict:
             forget_prob=0.3,  # the script's flaw: at a section without the answer, drop the notes
             overwrite_prob=0.0,  # ... or note a look-alike fact for another key
             focus_repeats=1,  # SFT copies of the step that reads the asked fact among look-alikes
+            # Hard-pair replay after the SFT above: probe the model's key confusion (eval/key_confusion.txt); while
+            # some (asked, look-alike) pair is noted wrongly with p > `replay_threshold`, up to `replay_rounds`
+            # times, train `replay_updates` more updates in which every other trajectory drills one of the pairs
+            # found, then probe again. The model checked with the fewest pairs over 0.5 is exported. 0: off.
+            replay_rounds=0,
+            replay_updates=64,
+            replay_threshold=0.3,
             # notes " for <creature> <Word>" (" ... ?" before the word is found); or "value", "fact"
             note_style="keyed",
             # The boxed answer writes the noted word with the notes' own tokens ("noted": \boxed{ Word}, one copied

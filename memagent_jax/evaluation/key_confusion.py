@@ -147,14 +147,18 @@ def key_confusion(
     variants: int = 4,
     batch_size: int = 256,
     seed: int = 0,
+    states: tuple[str, ...] = STATES,
     **templates,
 ) -> KeyConfusion:
-    """The three states' [K, K] probabilities for a model (params pytree + ModelConfig). `templates`: the
-    fact / question / note templates of `confusion_rows`."""
+    """The [K, K] probabilities of each of `states` (default all) for a model (params pytree + ModelConfig).
+    `templates`: the fact / question / note templates of `confusion_rows`."""
     import jax
     import jax.numpy as jnp
 
     from memagent_jax.models.transformer import forward
+
+    if not set(states) <= set(STATES):
+        raise ValueError(f"states must be among {STATES}, got {tuple(states)}")
 
     @jax.jit
     def next_token_probs(params, ids, mask, last):
@@ -164,6 +168,8 @@ def key_confusion(
 
     probability = {}
     for s, state in enumerate(STATES):
+        if state not in states:
+            continue
         rows, targets, pairs = confusion_rows(
             tokenizer,
             prompts,

@@ -34,6 +34,8 @@ class SyntheticConfig:
         other fact shares a chunk with the asked fact.
       exact_length: the filler is chosen so the document is exactly ``num_tokens`` long where it can be.
       fact_style: one of :data:`FACT_STYLES` (``keyed_recall``).
+      key_pairs: (asked, look-alike) creature pairs (``keyed_recall``): each row draws one, asks about its first
+        creature and makes every look-alike fact one for its second. Empty: creatures drawn freely.
       seed: with the task and the row index, determines every draw of a sample (see :mod:`.dataset`).
     """
 
@@ -51,6 +53,7 @@ class SyntheticConfig:
     isolate_answer: bool = False
     exact_length: bool = False
     fact_style: str = "sentence"
+    key_pairs: tuple[tuple[str, str], ...] = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +80,8 @@ class SyntheticConfig:
             raise ValueError("value_digits must be in 1..12")
         if self.chunk_aligned and not self.chunk_tokens:
             raise ValueError("chunk_aligned needs chunk_tokens")
+        if self.key_pairs and self.task != "keyed_recall":
+            raise ValueError(f"key_pairs is read by the keyed_recall task only, not {self.task!r}")
 
     @property
     def resolved_distractors(self) -> int:

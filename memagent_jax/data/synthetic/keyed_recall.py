@@ -15,6 +15,9 @@ Hops: with ``hops`` h > 1 (1..4) the asked creature's fact points to another's (
 one for <b>."), h - 1 times, and only the last creature's fact states the word; the chain's facts appear in
 chain order, after the asked one.  Look-alikes never name a creature of the chain.
 
+Pairs (``key_pairs``): each row draws one (asked, look-alike) pair; the pair's first creature is asked and every
+look-alike fact is for its second (with its own word each time), so the document drills telling that pair apart.
+
 Fact styles (``fact_style``, :data:`~.config.FACT_STYLES`): ``"sentence"`` as above; ``"pair"`` writes
 " Remember <creature> <Word>." (pointers: " Remember <creature> as <creature>."), the word right after its key,
 the form an induction circuit reads (see ``memagent_jax.models.induction``).
@@ -52,10 +55,16 @@ def make(cfg: SyntheticConfig, rng: random.Random, index: int) -> tuple[str, tup
     look-alikes are marked ``tight`` to the asked fact (placed beside it with no filler between).
     """
     hops = cfg.resolved_hops
-    chain = [rng.choice(KEY_CREATURES)]
-    chain += rng.sample([k for k in KEY_CREATURES if k != chain[0]], hops - 1)
-    word = rng.choice(RECALL_WORDS)
-    others = [k for k in KEY_CREATURES if k not in chain]
+    if cfg.key_pairs:  # one drawn pair: its first creature is asked, every look-alike is for its second
+        asked, lookalike = rng.choice(cfg.key_pairs)
+        chain = [asked] + rng.sample([k for k in KEY_CREATURES if k not in (asked, lookalike)], hops - 1)
+        word = rng.choice(RECALL_WORDS)
+        others = [lookalike]
+    else:
+        chain = [rng.choice(KEY_CREATURES)]
+        chain += rng.sample([k for k in KEY_CREATURES if k != chain[0]], hops - 1)
+        word = rng.choice(RECALL_WORDS)
+        others = [k for k in KEY_CREATURES if k not in chain]
     other_words = [w for w in RECALL_WORDS if w != word]
     drafts = []
     stating, pointing = KEYED_FACTS[cfg.fact_style]
@@ -102,6 +111,11 @@ def _validate(cfg: SyntheticConfig) -> None:
     hops = cfg.resolved_hops
     if not 1 <= hops <= MAX_HOPS:
         raise ValueError(f"keyed_recall supports 1..{MAX_HOPS} hops, got {hops}")
+    for i, pair in enumerate(cfg.key_pairs):
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(KEY_CREATURES):
+            raise ValueError(
+                f"key_pairs[{i}] must be two different creatures of KEY_CREATURES (asked, look-alike), got {pair!r}"
+            )
 
 
 TASK = SyntheticTask("keyed_recall", make, "string_match_all", "boxed_em", default_distractors=3, validate=_validate)
