@@ -199,7 +199,7 @@ def validate_config(cfg) -> None:
         if not 0.0 < threshold < 1.0:
             raise PipelineConfigError(f"config.warm_start.replay_threshold must be in (0, 1), got {threshold}")
     if two_hop_multipliers(cfg) or cfg.task.get("train_two_hop_fraction", 0.0):
-        if cfg.task.name != "keyed_recall" or cfg.warm_start.note_style != "keyed":
+        if not probes_key_confusion(cfg):
             raise PipelineConfigError(
                 "config.task.two_hop_multipliers / train_two_hop_fraction need task.name 'keyed_recall' and "
                 f"warm_start.note_style 'keyed' (the notes that follow a chain), got {cfg.task.name!r} and "
@@ -829,7 +829,8 @@ def evaluate_both(cfg, assets: dict, models: dict[str, str], folder: str) -> dic
 
 
 def probes_key_confusion(cfg) -> bool:
-    """Whether the key-confusion probe applies: the keyed_recall task with notes naming the asked creature."""
+    """Whether the job's notes name the asked creature on the keyed_recall task: what the key-confusion probe
+    (and hard-pair replay) reads, and what lets the notes follow a two-hop chain."""
     return cfg.task.name == "keyed_recall" and cfg.warm_start.note_style == "keyed"
 
 
