@@ -58,13 +58,12 @@ def make(cfg: SyntheticConfig, rng: random.Random, index: int) -> tuple[str, tup
     if cfg.key_pairs:  # one drawn pair: its first creature is asked, every look-alike is for its second
         asked, lookalike = rng.choice(cfg.key_pairs)
         chain = [asked] + rng.sample([k for k in KEY_CREATURES if k not in (asked, lookalike)], hops - 1)
-        word = rng.choice(RECALL_WORDS)
         others = [lookalike]
     else:
         chain = [rng.choice(KEY_CREATURES)]
         chain += rng.sample([k for k in KEY_CREATURES if k != chain[0]], hops - 1)
-        word = rng.choice(RECALL_WORDS)
         others = [k for k in KEY_CREATURES if k not in chain]
+    word = rng.choice(RECALL_WORDS)  # drawn after the chain in both forms (rows stay what they were)
     other_words = [w for w in RECALL_WORDS if w != word]
     drafts = []
     stating, pointing = KEYED_FACTS[cfg.fact_style]
