@@ -371,6 +371,7 @@ TRAIN_CONFIG_ERRORS = [
     ({"rl.clip_high": -0.1}, r"config\.rl\.clip_high must be a finite number >= 0"),
     ({"rl.dual_clip": 0.5}, r"config\.rl\.dual_clip .*> 1, or 0"),
     ({"rl.kl_coef": -1.0}, r"config\.rl\.kl_coef must be a finite number >= 0"),
+    ({"rl.answer_advantage": "none"}, r"config\.rl\.answer_advantage must be one of \('shared', 'positive'\)"),
     ({"rl.max_grad_norm": 0.0}, r"config\.rl\.max_grad_norm must be a finite number > 0"),
     ({"rl.group_size": 1}, r"config\.rl\.group_size must be an integer >= 2"),
     ({"rl.num_minibatches": 1000}, r"config\.rl\.num_minibatches must be an integer in \[1, 16\]"),

@@ -106,6 +106,11 @@ def reference_config() -> ml_collections.ConfigDict:
             aggregation="token-mean",
             normalize_std=False,
             leave_one_out=False,
+            # "shared": every conversation carries its trajectory's advantage (the reference). "positive": the final
+            # answer's conversation gets 0 instead of a negative one. Given wrong notes, any answer scores 0, so its
+            # negative term says nothing about the answer step and only adds noise (on a copying answer step it can
+            # drift one word's closing brace into the stop token).
+            answer_advantage="shared",
             dynamic_sampling=False,  # DAPO: drop groups whose rewards are all equal (no signal) ...
             max_sampling_batches=1,  # ... and draw up to this many batches of questions to fill the step with signal
             # Conversations are padded to a multiple of this many tokens: fewer compiled shapes against less padding.

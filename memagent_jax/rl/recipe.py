@@ -14,6 +14,9 @@ import os
 
 from memagent_jax import settings
 
+# What the final answer's conversation carries in the GRPO batch (config.rl.answer_advantage; `rollout_to_batch`).
+ANSWER_ADVANTAGES = ("shared", "positive")
+
 
 class TrainConfigError(settings.ConfigError):
     """A training config field is invalid; the message names the field."""
@@ -131,6 +134,10 @@ def _check_ranges(cfg) -> None:
                 f"config.rl.pack_length > 0 needs config.rl.aggregation 'token-mean' (a packed "
                 f"row holds several conversations), got {rl.aggregation!r}"
             )
+    if rl.get("answer_advantage", "shared") not in ANSWER_ADVANTAGES:
+        raise TrainConfigError(
+            f"config.rl.answer_advantage must be one of {ANSWER_ADVANTAGES}, got {rl.answer_advantage!r}"
+        )
     if "max_sampling_batches" in rl:
         _number(
             cfg,

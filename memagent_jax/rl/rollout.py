@@ -25,6 +25,7 @@ from memagent_jax.agent.types import AgentResult
 from memagent_jax.data.records import QARecord
 from memagent_jax.evaluation import verifier
 from memagent_jax.rl.batch import ConversationBatch, build_conversation_batch
+from memagent_jax.rl.recipe import ANSWER_ADVANTAGES
 
 
 class RewardScorer:
@@ -240,12 +241,18 @@ def rollout_to_batch(
     length_multiple: int = 64,
     rows_multiple: int = 1,
     max_length: int | None = None,
+    answer_advantage: str = "shared",
 ) -> tuple[ConversationBatch, dict]:
     """Every conversation of every kept trajectory as one row, with its trajectory's advantage.
 
     advantages: [Q, G] (e.g. `advantages.group_advantages(rollout.rewards)`); keep_groups: optional [Q] bool
-    (dynamic sampling). Returns (batch of NumPy arrays, stats with counts of kept groups / conversations).
+    (dynamic sampling). answer_advantage: "shared" (every conversation carries the trajectory's advantage, the
+    reference's multi-conversation GRPO) or "positive" (the final answer's conversation keeps a positive advantage
+    and gets 0 for a negative one; its tokens still count in the loss, so a KL term holds them). Returns (batch of
+    NumPy arrays, stats with counts of kept groups / conversations).
     """
+    if answer_advantage not in ANSWER_ADVANTAGES:
+        raise ValueError(f"answer_advantage must be one of {ANSWER_ADVANTAGES}, got {answer_advantage!r}")
     advantages = np.asarray(advantages, np.float32)
     q, g = rollout.rewards.shape
     if advantages.shape != (q, g):
@@ -260,7 +267,10 @@ def rollout_to_batch(
             prompts.append(conv.prompt_ids)
             responses.append(conv.response_ids)
             logprobs.append(conv.logprobs)
-            advs.append(float(advantages[qi, gi]))
+            advantage = float(advantages[qi, gi])
+            if conv.kind == "final" and answer_advantage == "positive":
+                advantage = max(advantage, 0.0)
+            advs.append(advantage)
     stats = {"kept_groups": int(keep.sum()), "groups": q, "conversations": len(prompts)}
     if not prompts:
         return None, stats

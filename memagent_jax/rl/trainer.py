@@ -466,6 +466,7 @@ def train(cfg, workdir: str) -> dict:
                 vocab_size=model_config.vocab_size,
                 rows_multiple=learner.process_rows_multiple,
                 length_multiple=int(cfg.rl.get("length_multiple", 64)),
+                answer_advantage=str(cfg.rl.get("answer_advantage", "shared")),
             )
             if batch is not None and pack_length:
                 # Packed rows vary in number from step to step: pad to the most so far (one learner shape).
