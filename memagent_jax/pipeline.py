@@ -178,6 +178,8 @@ def validate_config(cfg) -> None:
         ("warm_start.pack_length", 0),
         ("warm_start.replay_rounds", 0),
         ("warm_start.replay_updates", 1),
+        ("rl.replay_every", 0),
+        ("rl.replay_lookalikes", 1),
     ):
         section, field = path.split(".")
         if field in cfg[section] and int(cfg[section][field]) < low:
@@ -198,6 +200,19 @@ def validate_config(cfg) -> None:
         threshold = cfg.warm_start.get("replay_threshold", 0.3)
         if not 0.0 < threshold < 1.0:
             raise PipelineConfigError(f"config.warm_start.replay_threshold must be in (0, 1), got {threshold}")
+    if cfg.rl.get("replay_every", 0):
+        if not probes_key_confusion(cfg):
+            raise PipelineConfigError(
+                "config.rl.replay_every needs task.name 'keyed_recall' and warm_start.note_style 'keyed' "
+                f"(the pairs come from the key-confusion probe), got {cfg.task.name!r} and "
+                f"{cfg.warm_start.note_style!r}"
+            )
+        threshold = cfg.rl.get("replay_threshold", 0.3)
+        if not 0.0 < threshold < 1.0:
+            raise PipelineConfigError(f"config.rl.replay_threshold must be in (0, 1), got {threshold}")
+        fraction = cfg.rl.get("replay_fraction", 0.5)
+        if not 0.0 < fraction <= 1.0:
+            raise PipelineConfigError(f"config.rl.replay_fraction must be in (0, 1], got {fraction}")
     if two_hop_multipliers(cfg) or cfg.task.get("train_two_hop_fraction", 0.0):
         if not probes_key_confusion(cfg):
             raise PipelineConfigError(
@@ -303,7 +318,12 @@ def agent_budgets(cfg, chunks_per_segment: int | None = None):
 
 # Seeds: training rows, warm-start traces and held-out evaluation rows never share a sample.
 def _seeds(cfg) -> dict[str, int]:
-    return {"train": cfg.seed * 1000 + 1, "warm_start": cfg.seed * 1000 + 2, "eval": cfg.seed * 1000 + 3}
+    return {
+        "train": cfg.seed * 1000 + 1,
+        "warm_start": cfg.seed * 1000 + 2,
+        "eval": cfg.seed * 1000 + 3,
+        "rl_replay": cfg.seed * 1000 + 4,
+    }
 
 
 def make_assets(cfg, folder: str) -> dict:
@@ -675,6 +695,7 @@ def grpo_config(cfg, assets: dict, model_path: str):
             dynamic_sampling=bool(cfg.rl.get("dynamic_sampling", False)),
             max_sampling_batches=int(cfg.rl.get("max_sampling_batches", 1)),
             pack_length=int(cfg.rl.get("pack_length", 0)),
+            answer_advantage=str(cfg.rl.get("answer_advantage", "shared")),
         )
     )
     g.export_sampling.update(dict(temperature=cfg.eval.temperature, top_p=cfg.eval.top_p))
@@ -738,6 +759,72 @@ def plot_training_curve(cfg, history_path: str, path: str) -> str | None:
     return path
 
 
+class PairReplay:
+    """Hard-pair replay inside GRPO (`rl.replay_every`), a `question_mix` of memagent_jax.rl.trainer.train.
+
+    Every `rl.replay_every` steps (and at the first) the key-confusion probe runs on the policy ('unknown' and
+    'held' states). While it finds (asked, look-alike) pairs noted wrongly with p > `rl.replay_threshold`, a
+    fraction `rl.replay_fraction` of each sampling draw's questions (spread evenly) are replaced by drill rows: a
+    GRPO-length single-hop document asking about a found pair's first creature, whose look-alikes, only
+    `rl.replay_lookalikes` of them, are all for its second. GRPO itself can make such pairs (the warm start's
+    replay cannot see them), and a pair confused with p near 1 on a crowded row gives a group of equal rewards:
+    no signal. Few look-alikes leave a confused policy some correct rollouts, so the group's rewards differ.
+    Drill rows are a pure function of the seed, the step, the draw and the position; the checks are kept in the
+    checkpoints' metadata (a resumed run drills what the uninterrupted one did)."""
+
+    METADATA_KEY = "pair_replay"
+
+    def __init__(self, cfg, assets: dict, warm_model: str):
+        from memagent_jax.agent.templates import AgentPrompts
+        from memagent_jax.data.tokenizer import load_tokenizer
+        from memagent_jax.models import load_hf_params
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(assets["tokenizer"])
+        self.prompts = AgentPrompts.build(self.tokenizer, agent_templates(cfg))
+        self.model_config = load_hf_params(warm_model)[1]
+        self.every = int(cfg.rl.replay_every)
+        self.threshold = float(cfg.rl.get("replay_threshold", 0.3))
+        self.fraction = float(cfg.rl.get("replay_fraction", 0.5))
+        chunks = rl_chunks(cfg)
+        lookalikes = int(cfg.rl.get("replay_lookalikes", 2))
+        self.task = task_config(cfg, chunks, _seeds(cfg)["rl_replay"], per_chunk=lookalikes / chunks)
+        self.checks: list[dict] = []  # {"step", "pairs": {'asked<look-alike': p}} per probe
+
+    @property
+    def pairs(self) -> dict[str, float]:
+        return self.checks[-1]["pairs"] if self.checks else {}
+
+    def restore(self, metadata: dict) -> None:
+        self.checks = list((metadata or {}).get(self.METADATA_KEY, []))
+
+    def metadata(self) -> dict:
+        return {self.METADATA_KEY: list(self.checks)}
+
+    def before_step(self, step: int, params) -> None:
+        if step % self.every or (self.checks and self.checks[-1]["step"] >= step):
+            return
+        probe = probe_key_confusion(
+            self.cfg, self.tokenizer, self.prompts, params, self.model_config, ("unknown", "held")
+        )
+        self.checks.append({"step": step, "pairs": confused_pairs(probe, self.threshold)})
+        listed = ", ".join(f"{pair} {p:.2f}" for pair, p in self.pairs.items()) or "none (no drill rows)"
+        _say(f"[rl] step {step}: pairs confused with p > {self.threshold}: {listed}")
+
+    def mix(self, step: int, draw: int, records: list) -> list:
+        from memagent_jax.data.synthetic import generate_sample
+
+        if not self.pairs:
+            return records
+        task = self.task.replace(key_pairs=tuple(tuple(pair.split("<")) for pair in self.pairs))
+        out = list(records)
+        for j in range(len(out)):
+            if math.floor((j + 1) * self.fraction) > math.floor(j * self.fraction):
+                index = (step * 1000 + draw) * len(out) + j
+                out[j] = generate_sample(task, index, self.tokenizer).to_record()
+        return out
+
+
 def reinforce(cfg, assets: dict, warm_model: str, folder: str) -> str:
     """Multi-conversation GRPO from the warm start; returns the exported HF folder."""
     export = os.path.join(folder, "export")
@@ -751,10 +838,14 @@ def reinforce(cfg, assets: dict, warm_model: str, folder: str) -> str:
         f"[rl] GRPO: {g.steps} steps x {g.rl.questions_per_step} questions x {g.rl.group_size} trajectories, "
         f"lr {g.rl.learning_rate}, rollout temperature {g.agent.temperature}"
     )
-    metrics = train(g, folder)
+    replay = PairReplay(cfg, assets, warm_model) if cfg.rl.get("replay_every", 0) else None
+    metrics = train(g, folder, question_mix=replay)
     seconds = time.perf_counter() - t0
     _say(f"[rl] done in {seconds:.0f} s -> {export}")
-    _mark_done(folder, {"seconds": seconds, "last_metrics": {k: float(v) for k, v in metrics.items()}})
+    info = {"seconds": seconds, "last_metrics": {k: float(v) for k, v in metrics.items()}}
+    if replay is not None:
+        info["replay"] = replay.checks
+    _mark_done(folder, info)
     return export
 
 

@@ -325,6 +325,88 @@ def test_hard_pair_replay_drills_the_pairs_found_and_keeps_the_cleanest_model(qu
         pipeline.resolve_config(_config(**{"warm_start.replay_rounds": 1, "warm_start.note_style": "value"}))
 
 
+def test_grpo_pair_replay_drills_the_pairs_found_and_a_resumed_run_drills_the_same(quick_run, tmp_path, monkeypatch):
+    """Inside GRPO the policy is probed every `rl.replay_every` steps; while pairs are found, every other question of
+    each draw is a drill row (the pair's first creature asked, `rl.replay_lookalikes` look-alikes, all for the
+    second). The probe runs for real and its figures are then scripted per step. A run resumed from a checkpoint
+    between two probes drills the pairs of the probe before it: the same questions as the uninterrupted run."""
+    import re
+    import shutil
+
+    import numpy as np
+
+    from memagent_jax import pipeline
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
+    from memagent_jax.rl import rollout
+
+    workdir, _ = quick_run
+    cfg = pipeline.resolve_config(
+        _config(**{"rl.steps": 3, "rl.eval_every": 0, "rl.replay_every": 2, "rl.replay_lookalikes": 2})
+    )
+    assets = pipeline.make_assets(cfg, os.path.join(workdir, "assets"))
+    warm = os.path.join(workdir, "warm_start", "export")
+    scripted = {0: [("falcon", "otter", 0.9)], 2: []}  # the probe's pairs at each step it runs
+    now, seen = {}, []
+    real_probe, real_before = pipeline.probe_key_confusion, pipeline.PairReplay.before_step
+    real_collect = rollout.collect_rollouts_in_slices
+
+    def before_step(self, step, params):
+        now["step"] = step
+        return real_before(self, step, params)
+
+    def probe(cfg, tokenizer, prompts, params, model_config, states=None):
+        result = real_probe(cfg, tokenizer, prompts, params, model_config, states)
+        assert set(result.probability) == {"unknown", "held"}
+        unknown = np.zeros_like(result.probability["unknown"])
+        for a, b, p in scripted[now["step"]]:
+            unknown[KEY_CREATURES.index(a), KEY_CREATURES.index(b)] = p
+        result.probability = {"unknown": unknown, "held": np.zeros_like(unknown)}
+        return result
+
+    def collect(agent, records, *args, **kwargs):
+        seen.append((now["step"], [(r.question, r.document) for r in records]))
+        return real_collect(agent, records, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.PairReplay, "before_step", before_step)
+    monkeypatch.setattr(pipeline, "probe_key_confusion", probe)
+    monkeypatch.setattr(rollout, "collect_rollouts_in_slices", collect)
+    folder = tmp_path / "rl"
+    pipeline.reinforce(cfg, assets, warm, str(folder))
+    with open(folder / "DONE.json") as f:
+        assert json.load(f)["replay"] == [{"step": 0, "pairs": {"falcon<otter": 0.9}}, {"step": 2, "pairs": {}}]
+    with open(assets["train_file"]) as f:
+        train_documents = {json.loads(line)["context"] for line in f}
+    creatures = "|".join(KEY_CREATURES)
+    for step, draw in seen:
+        assert len(draw) == cfg.rl.questions_per_step
+        for j, (question, document) in enumerate(draw):
+            if step < 2 and j % 2 == 1:  # a drill row of falcon<otter
+                assert question.endswith("for falcon?") and document not in train_documents
+                facts = re.findall(rf"Remember ({creatures}) ", document)
+                assert sorted(facts) == ["falcon", "otter", "otter"], facts
+            else:
+                assert document in train_documents
+    assert {step for step, _ in seen} == {0, 1, 2}
+
+    # Resume from the checkpoint of step 1 (between the probes): step 1 drills falcon<otter without a new probe.
+    original = [draw for draw in seen if draw[0] >= 1]
+    checkpoints = folder / "checkpoints"
+    for name in os.listdir(checkpoints):
+        if name.isdigit() and int(name) > 1:
+            shutil.rmtree(checkpoints / name)
+    os.remove(folder / "DONE.json")
+    shutil.rmtree(folder / "export")
+    seen.clear()
+    pipeline.reinforce(cfg, assets, warm, str(folder))
+    assert seen == original
+    with open(folder / "DONE.json") as f:
+        assert json.load(f)["replay"] == [{"step": 0, "pairs": {"falcon<otter": 0.9}}, {"step": 2, "pairs": {}}]
+    with pytest.raises(pipeline.PipelineConfigError, match=r"rl\.replay_fraction must be in \(0, 1\]"):
+        pipeline.resolve_config(_config(**{"rl.replay_every": 1, "rl.replay_fraction": 0.0}))
+    with pytest.raises(pipeline.PipelineConfigError, match=r"rl\.replay_every needs task\.name"):
+        pipeline.resolve_config(_config(**{"rl.replay_every": 1, "warm_start.note_style": "value"}))
+
+
 def _fake_summary(accuracies: dict, per_word: dict, per_key: dict | None = None) -> dict:
     return {
         "results": {

@@ -128,6 +128,10 @@ def main_job_config() -> ml_collections.ConfigDict:
             kl_coef=0.001,  # k3 KL to the warm start (the paper's 1e-3): holds what GRPO on 2-chunk rows rarely sees
             temperature=1.0,
             top_p=1.0,
+            # "positive": the final answer's conversation is not pushed down in a failed trajectory (its notes were
+            # wrong, and any answer would have scored 0); "shared": it carries the trajectory's advantage as every
+            # memory step does (the reference).
+            answer_advantage="shared",
             dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
             max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
             # Tokens per packed learner row; 0 = one conversation per row. The GRPO rows are about 80 tokens each, so
@@ -137,6 +141,14 @@ def main_job_config() -> ml_collections.ConfigDict:
             # every `eval_every` steps and at the start: eval/accuracy_vs_step.png. 0: off.
             eval_every=15,
             eval_questions=64,
+            # Hard-pair replay inside GRPO: every `replay_every` steps probe the policy's key confusion; while pairs
+            # are noted wrongly with p > `replay_threshold`, a fraction `replay_fraction` of each step's questions are
+            # drill rows of those pairs, with `replay_lookalikes` look-alikes each (few: a confused policy still gets
+            # some rollouts right, so the group's rewards differ). 0: off.
+            replay_every=0,
+            replay_threshold=0.3,
+            replay_fraction=0.5,
+            replay_lookalikes=2,
             # LoRA adapters of this rank on every projection instead of full fine-tuning (0: full); alpha 2 x rank.
             lora_rank=0,
         )

@@ -4,6 +4,13 @@ Each step: Q questions from the data iterator -> G agent trajectories each (the 
 rewards from the verifier (thread pool) -> group-relative advantages -> every conversation of every
 trajectory becomes a training row carrying its trajectory's advantage -> one jitted learner step (mini-batch
 updates, gradient accumulation). `train(cfg, workdir)` runs or resumes a run; `memagent_jax.train` is its command.
+
+A caller may steer which questions a step trains on with `train(..., question_mix=)`, an object with
+`restore(metadata)` (called once with the resumed checkpoint's metadata, {} on a fresh run), `before_step(step,
+params)` (called before each step's rollouts with the policy's params), `mix(step, draw, records) -> records` (the
+questions of each sampling draw, same count; a pure function of its arguments and of what `before_step` saw) and
+`metadata() -> dict` (saved in every checkpoint, so a resumed run mixes as the uninterrupted one). The main job's
+hard-pair replay (memagent_jax.pipeline) is one.
 """
 
 from __future__ import annotations
@@ -269,8 +276,8 @@ def _training_evaluation(cfg, workdir: str, agent, *, state_params, start: int, 
     )
 
 
-def train(cfg, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last step's metrics."""
+def train(cfg, workdir: str, *, question_mix=None) -> dict:
+    """Runs (or resumes) training; returns the last step's metrics. question_mix: see the module docstring."""
     import jax
     import numpy as np
     from transformers import AutoTokenizer
@@ -419,6 +426,8 @@ def train(cfg, workdir: str) -> dict:
         from memagent_jax.models.hf_io import clean_stale_exports
 
         clean_stale_exports(os.path.join(workdir, "export"))  # left by a kill during an earlier export
+    if question_mix is not None:
+        question_mix.restore(restored_metadata)
     metrics: dict = {}
     most_rows = 0  # dynamic sampling / packing: the largest learner batch so far (smaller ones are padded to it)
     pack_length = int(cfg.rl.get("pack_length", 0))
@@ -429,11 +438,15 @@ def train(cfg, workdir: str) -> dict:
             t0 = time.perf_counter()
             # LoRA: the adapters are merged into a copy of the base once per step (the sampler runs a plain model).
             agent.params = rollout_params(learner.policy_params(state))
+            if question_mix is not None:
+                question_mix.before_step(step, agent.params)
 
             def roll_out(draw):
                 # Question j of process p is question j * processes + p of the step (the iterator's global order):
                 # trajectory keys depend on that, not on the process layout. Draw 0 samples with the step's key.
                 records = next(iterator)
+                if question_mix is not None:
+                    records = question_mix.mix(step, draw, records)
                 question_ids = [j * process_count + process_index for j in range(len(records))]
                 key = jax.random.fold_in(base_key, step)
                 return collect_rollouts_in_slices(
@@ -501,6 +514,8 @@ def train(cfg, workdir: str) -> dict:
             if evaluation is not None and evaluation.due(step + 1):
                 metrics.update(evaluation.run(step + 1, rollout_params(learner.policy_params(state))))
                 run_metadata.update(evaluation.metadata())  # the best so far, kept by the next checkpoint
+            if question_mix is not None:
+                run_metadata.update(question_mix.metadata())
             writer.write(step + 1, metrics)
             if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.steps:
                 checkpointer.save(step + 1, state, data_state=iterator.get_state(), rng=base_key, metadata=run_metadata)
