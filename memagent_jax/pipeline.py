@@ -190,29 +190,21 @@ def validate_config(cfg) -> None:
             f"got {cfg.task.concat_multiplier}"
         )
     eval_labels(cfg)
-    if cfg.warm_start.get("replay_rounds", 0):
+    for switch, section in (("warm_start.replay_rounds", cfg.warm_start), ("rl.replay_every", cfg.rl)):
+        if not section.get(switch.split(".")[1], 0):
+            continue
         if not probes_key_confusion(cfg):
             raise PipelineConfigError(
-                "config.warm_start.replay_rounds needs task.name 'keyed_recall' and warm_start.note_style 'keyed' "
-                f"(the pairs come from the key-confusion probe), got {cfg.task.name!r} and "
-                f"{cfg.warm_start.note_style!r}"
+                f"config.{switch} needs task.name 'keyed_recall' and warm_start.note_style 'keyed' (the pairs come "
+                f"from the key-confusion probe), got {cfg.task.name!r} and {cfg.warm_start.note_style!r}"
             )
-        threshold = cfg.warm_start.get("replay_threshold", 0.3)
+        threshold = section.get("replay_threshold", 0.3)
         if not 0.0 < threshold < 1.0:
-            raise PipelineConfigError(f"config.warm_start.replay_threshold must be in (0, 1), got {threshold}")
-    if cfg.rl.get("replay_every", 0):
-        if not probes_key_confusion(cfg):
-            raise PipelineConfigError(
-                "config.rl.replay_every needs task.name 'keyed_recall' and warm_start.note_style 'keyed' "
-                f"(the pairs come from the key-confusion probe), got {cfg.task.name!r} and "
-                f"{cfg.warm_start.note_style!r}"
-            )
-        threshold = cfg.rl.get("replay_threshold", 0.3)
-        if not 0.0 < threshold < 1.0:
-            raise PipelineConfigError(f"config.rl.replay_threshold must be in (0, 1), got {threshold}")
-        fraction = cfg.rl.get("replay_fraction", 0.5)
-        if not 0.0 < fraction <= 1.0:
-            raise PipelineConfigError(f"config.rl.replay_fraction must be in (0, 1], got {fraction}")
+            prefix = switch.split(".")[0]
+            raise PipelineConfigError(f"config.{prefix}.replay_threshold must be in (0, 1), got {threshold}")
+    fraction = cfg.rl.get("replay_fraction", 0.5)
+    if cfg.rl.get("replay_every", 0) and not 0.0 < fraction <= 1.0:
+        raise PipelineConfigError(f"config.rl.replay_fraction must be in (0, 1], got {fraction}")
     if two_hop_multipliers(cfg) or cfg.task.get("train_two_hop_fraction", 0.0):
         if not probes_key_confusion(cfg):
             raise PipelineConfigError(
