@@ -769,12 +769,12 @@ class PairReplay:
     def __init__(self, cfg, assets: dict, warm_model: str):
         from memagent_jax.agent.templates import AgentPrompts
         from memagent_jax.data.tokenizer import load_tokenizer
-        from memagent_jax.models import load_hf_params
+        from memagent_jax.models.config import ModelConfig
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(assets["tokenizer"])
         self.prompts = AgentPrompts.build(self.tokenizer, agent_templates(cfg))
-        self.model_config = load_hf_params(warm_model)[1]
+        self.model_config = ModelConfig.from_hf_folder(warm_model)
         self.every = int(cfg.rl.replay_every)
         self.threshold = float(cfg.rl.get("replay_threshold", 0.3))
         self.fraction = float(cfg.rl.get("replay_fraction", 0.5))
