@@ -15,7 +15,8 @@ asked as "What is the secret word for <creature>?". The model starts from random
 induction circuit (memagent_jax/models/induction.py; `model.init="random"` for none), which is what lets a
 0.6M-parameter model match the question's creature to a fact's within the CPU budget. The notes name the asked
 creature (" for <creature> <Word>"); the script's flaw (dropping its word at sections without the answer) is what
-grows with the length and what GRPO fixes. Half of the training rows are two-hop chains ("Remember <a> as <b>."
+grows with the length and what GRPO fixes. A failed trajectory's final answer (a faithful copy of wrong notes) is not
+pushed down (`rl.answer_advantage`). Half of the training rows are two-hop chains ("Remember <a> as <b>."
 then "Remember <b> <Word>."), whose notes follow the chain; the answer copies the noted word's token.
 """
 
@@ -129,9 +130,9 @@ def main_job_config() -> ml_collections.ConfigDict:
             temperature=1.0,
             top_p=1.0,
             # "positive": the final answer's conversation is not pushed down in a failed trajectory (its notes were
-            # wrong, and any answer would have scored 0); "shared": it carries the trajectory's advantage as every
-            # memory step does (the reference).
-            answer_advantage="shared",
+            # wrong, and any answer would have scored 0; "shared", the reference, pushes down the closing brace after
+            # the wrong word it copied, and drifted one word's brace into the stop token on one seed).
+            answer_advantage="positive",
             dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
             max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
             # Tokens per packed learner row; 0 = one conversation per row. The GRPO rows are about 80 tokens each, so
