@@ -602,7 +602,7 @@ def warm_start(cfg, assets: dict, folder: str) -> str:
                         tokenizer.eos_token_id,
                         replay_calls,
                         learner.rows_multiple,
-                        key_pairs=tuple(tuple(pair.split("<")) for pair in checks[-1]["pairs"]),
+                        key_pairs=pair_tuples(checks[-1]["pairs"]),
                         first_index=round_index * 10_000_000,  # past every earlier row
                     )
                 )
@@ -808,7 +808,7 @@ class PairReplay:
 
         if not self.pairs:
             return records
-        task = self.task.replace(key_pairs=tuple(tuple(pair.split("<")) for pair in self.pairs))
+        task = self.task.replace(key_pairs=pair_tuples(self.pairs))
         out = list(records)
         for j in range(len(out)):
             if math.floor((j + 1) * self.fraction) > math.floor(j * self.fraction):
@@ -948,6 +948,12 @@ def confused_pairs(probe, threshold: float) -> dict[str, float]:
         for i, j in zip(*np.nonzero(np.nan_to_num(worst, nan=0.0) > threshold))
     }
     return dict(sorted(found.items(), key=lambda item: -item[1]))
+
+
+def pair_tuples(pairs: dict[str, float]) -> tuple[tuple[str, str], ...]:
+    """`confused_pairs`' {'asked<look-alike': p} as the (asked, look-alike) tuples that `SyntheticConfig.key_pairs`
+    drills."""
+    return tuple(tuple(pair.split("<")) for pair in pairs)
 
 
 def key_confusion_stage(cfg, assets: dict, models: dict[str, str], folder: str) -> dict | None:
