@@ -121,7 +121,9 @@ def main_job_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict(
         dict(
             steps=90,
-            questions_per_step=8,
+            # 16 groups per update: with 8, the same warm starts gave seeds whose two-hop memory or one creature
+            # fell behind (docs/results/main_job.md, "Tried and not kept"); twice the batch costs GRPO twice the time.
+            questions_per_step=16,
             group_size=16,
             num_minibatches=1,
             learning_rate=2e-4,
@@ -134,7 +136,7 @@ def main_job_config() -> ml_collections.ConfigDict:
             # the wrong word it copied, and drifted one word's brace into the stop token on one seed).
             answer_advantage="positive",
             dynamic_sampling=True,  # DAPO: train only on groups whose rewards differ ...
-            max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 8 (rollouts are cheap)
+            max_sampling_batches=4,  # ... drawing up to 4 batches of questions per step to find 16 (rollouts are cheap)
             # Tokens per packed learner row; 0 = one conversation per row. The GRPO rows are about 80 tokens each, so
             # packing saves little padding here and lengthens attention.
             pack_length=0,
