@@ -399,7 +399,15 @@ def plot_accuracy_vs_length(
                 label = f"{xv / train_tokens:.0f}x"
                 if label not in labelled:  # each length labelled once, on the first model that reaches it
                     labelled.add(label)
-                    ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8)
+                    below = yv > 90  # near the top: under the point, inside the axes
+                    ax.annotate(
+                        label,
+                        (xv, yv),
+                        textcoords="offset points",
+                        xytext=(0, -16 if below else 9),
+                        ha="center",
+                        fontsize=8,
+                    )
     if train_tokens:
         ax.axvline(train_tokens, color="0.4", linestyle="--", linewidth=1)
         ax.annotate(
