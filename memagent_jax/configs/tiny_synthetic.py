@@ -121,8 +121,8 @@ def main_job_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict(
         dict(
             steps=90,
-            # 16 groups per update: with 8, the same warm starts gave seeds whose two-hop memory or one creature
-            # fell behind (docs/results/main_job.md, "Tried and not kept"); twice the batch costs GRPO twice the time.
+            # 16 groups per update: from the same five warm starts, 8 left the lowest seed at 94.5 at 64x and 87.5 on
+            # two-hop 16x, against 96.5 and 91.8 (docs/results/main_job.md); twice the batch, twice the GRPO time.
             questions_per_step=16,
             group_size=16,
             num_minibatches=1,
