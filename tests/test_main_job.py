@@ -196,6 +196,7 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
         ("task.eval_multipliers", "1;x", r"config\.task\.eval_multipliers"),
         ("task.rl_distractors_per_chunk", -0.5, r"task\.rl_distractors_per_chunk must be >= 0"),
         ("rl.max_sampling_batches", 0, r"rl\.max_sampling_batches must be >= 1"),
+        ("rl.warmup_steps", -1, r"rl\.warmup_steps must be >= 0"),
         ("agent.memory_update", "Notes: {memory}", r"config\.agent: memory_update: placeholder \{question\}"),
     ],
 )
@@ -214,6 +215,23 @@ def test_quick_variant_is_an_override_block_of_the_main_job():
     assert full.model.to_dict() == quick.model.to_dict() and full.agent.to_dict() == quick.agent.to_dict()
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         tiny_synthetic.get_config("fast")
+
+
+def test_grpo_learning_rate_warms_up_from_zero_over_the_configured_steps():
+    import numpy as np
+
+    from memagent_jax import pipeline
+    from memagent_jax.rl import learner, recipe
+
+    cfg = pipeline.resolve_config(_config(**{"rl.warmup_steps": 4, "rl.learning_rate": 2e-4}))
+    labels = pipeline.training_eval_labels(cfg)
+    assets = {"train_file": "train.jsonl", "templates": "t.json", "eval_files": {k: f"{k}.jsonl" for k in labels}}
+    optimizer = recipe.learner_config(pipeline.grpo_config(cfg, assets, "model")).optimizer
+    rates = [float(learner.learning_rate_schedule(optimizer)(np.int32(s))) for s in range(6)]
+    # Step 0 moves nothing (Adam's moments see one gradient first), then a linear ramp to the constant rate.
+    np.testing.assert_allclose(rates, [0.0, 0.5e-4, 1e-4, 1.5e-4, 2e-4, 2e-4], rtol=1e-6)
+    default = recipe.learner_config(pipeline.grpo_config(pipeline.resolve_config(_config()), assets, "model"))
+    np.testing.assert_allclose(float(learner.learning_rate_schedule(default.optimizer)(np.int32(0))), 2e-4, rtol=1e-6)
 
 
 def test_rl_distractor_density_defaults_to_the_evaluation_files():
