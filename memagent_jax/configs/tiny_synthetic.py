@@ -128,8 +128,8 @@ def main_job_config() -> ml_collections.ConfigDict:
             num_minibatches=1,
             learning_rate=2e-4,
             schedule="constant",  # or "cosine": from learning_rate down to 0 at the last step
-            # Linear warm-up of the learning rate from 0 over this many steps. 15 kept GRPO from making new confused
-            # pairs in its first steps but not later, and lowered seed 1 (docs/results/main_job.md).
+            # Linear warm-up of the learning rate from 0 over this many steps. 15 kept seed 2's GRPO from making a new
+            # confused pair in its first steps, but not later, and lowered seed 1 (docs/results/main_job.md).
             warmup_steps=0,
             kl_coef=0.001,  # k3 KL to the warm start (the paper's 1e-3): holds what GRPO on 2-chunk rows rarely sees
             temperature=1.0,
