@@ -682,7 +682,7 @@ def grpo_config(cfg, assets: dict, model_path: str):
             learning_rate=cfg.rl.learning_rate,
             schedule=str(cfg.rl.get("schedule", "constant")),
             kl_coef=cfg.rl.kl_coef,
-            warmup_steps=int(cfg.rl.get("warmup_steps", 0)),
+            warmup_steps=int(cfg.rl.get("warmup_steps", FIELDS_ADDED_LATER["rl.warmup_steps"])),
             warmup_from_zero=True,
             max_grad_norm=1.0,
             weight_decay=0.0,
@@ -1241,6 +1241,9 @@ def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
 
 # Sections whose fields do not change what the stages compute (a finished workdir may be rerun with other values).
 RERUNNABLE_SECTIONS = ("long_eval",)
+# Fields added after workdirs were first written, with the value the job read when they were absent: a saved config
+# without one matches a config holding that value (an older workdir resumes; any other value is a change).
+FIELDS_ADDED_LATER = {"rl.warmup_steps": 0}
 
 
 def check_workdir_config(cfg, workdir: str) -> None:
@@ -1263,7 +1266,7 @@ def check_workdir_config(cfg, workdir: str) -> None:
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    was, now = flat(saved), flat(current)
+    was, now = FIELDS_ADDED_LATER | flat(saved), flat(current)
     changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
     if changed:
         shown = ", ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])

@@ -508,3 +508,20 @@ def test_a_workdir_of_another_config_is_refused_but_long_eval_may_change(tmp_pat
     reseeded.seed = 3
     with pytest.raises(pipeline.PipelineConfigError, match=r"seed: 0 -> 3"):
         pipeline.check_workdir_config(reseeded, str(tmp_path))
+
+
+@pytest.mark.faults
+def test_a_workdir_written_before_a_field_existed_resumes_at_the_value_it_ran_with(tmp_path):
+    import json
+
+    from memagent_jax import pipeline
+
+    pipeline.check_workdir_config(pipeline.resolve_config(_config()), str(tmp_path))
+    path = tmp_path / "job_config.json"
+    saved = json.loads(path.read_text())
+    del saved["rl"]["warmup_steps"]  # a workdir of the code before the field
+    path.write_text(json.dumps(saved))
+    pipeline.check_workdir_config(pipeline.resolve_config(_config()), str(tmp_path))  # absent ran as 0: resumes
+    warmed = pipeline.resolve_config(_config(**{"rl.warmup_steps": 15}))
+    with pytest.raises(pipeline.PipelineConfigError, match=r"rl\.warmup_steps: 0 -> 15"):
+        pipeline.check_workdir_config(warmed, str(tmp_path))
