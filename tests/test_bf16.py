@@ -190,3 +190,67 @@ def test_agent_runs_in_bf16_and_agrees_with_f32_where_the_margin_allows(tmp_path
     same = np.mean([a == b for a, b in zip(results["float32"].answer_ids, results["bfloat16"].answer_ids)])
     print(f"clear-margin tokens {checked}, bf16 == f32 argmax on {agree}; identical final answers {same:.2f}")
     assert checked >= 20 and agree == checked
+
+
+def _compiled_text(fn, *args, **kwargs) -> str:
+    return fn.lower(*args, **kwargs).compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA CPU's compiled programs")
+def test_cpu_inference_programs_keep_bf16_weights_in_bf16():
+    """The compiled prefill and generation programs in bf16 never widen a layer weight to f32.
+
+    XLA CPU widens a bf16 product whose result is bf16, and a dynamic-slice of a bf16 array, to f32; a layer scan
+    over stacked weights then converted every stacked weight at every call. The shapes below are unique to
+    the weights (intermediate 176, 3 layers), so any f32 array of them in the program is such a widening.
+    """
+    from memagent_jax.models import init_params
+    from memagent_jax.models.presets import preset_config
+    from memagent_jax.models.transformer import init_cache
+    from memagent_jax.sampling.params import SamplingParams
+    from memagent_jax.sampling.sampler import prefill, prefill_and_decode
+
+    config = preset_config(
+        "tiny",
+        vocab_size=384,
+        num_layers=3,
+        hidden_size=64,
+        intermediate_size=176,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        param_dtype="bfloat16",
+        compute_dtype="bfloat16",
+    )
+    params = init_params(config, 0)
+    batch, t = 2, 24
+    tokens = jnp.ones((batch, t), jnp.int32)
+    mask = jnp.ones((batch, t), bool)
+    cache = init_cache(config, batch, t + 8, jnp.bfloat16)
+    widened = ("f32[3,64,176]", "f32[3,176,64]", "f32[64,176]", "f32[176,64]")
+
+    pre = jax.jit(functools.partial(prefill, config=config))
+    text = _compiled_text(pre, params, tokens=tokens, token_mask=mask, cache=cache)
+    assert not [s for s in widened if s in text], [s for s in widened if s in text]
+
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
+    gen = jax.jit(lambda p, c, k: prefill_and_decode(p, config, tokens, mask, c, k, sampling))
+    text = _compiled_text(gen, params, cache, jax.random.split(jax.random.key(0), batch))
+    assert not [s for s in widened if s in text], [s for s in widened if s in text]
+
+
+def test_bf16_product_rounds_an_f32_accumulation_once():
+    """`product` in bf16: within one bf16 step of the exact product of the bf16 operands (float64 reference)."""
+    from memagent_jax.models.transformer import product
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(5, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(64, 48)) * 0.1, jnp.float32)  # cast to bf16 inside, as a weight would be
+    out = jax.jit(lambda a, b: product("td,df->tf", a, b, jnp.bfloat16))(x, w)
+    assert out.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64)
+    step = np.abs(exact) * 2.0**-7  # bf16 keeps 8 significant bits: one step is at most |v| * 2^-7
+    assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= step + 1e-6)
+    # f32: the plain product
+    out32 = product("td,df->tf", x.astype(jnp.float32), w, jnp.float32)
+    np.testing.assert_allclose(np.asarray(out32), np.asarray(x, np.float32) @ np.asarray(w), rtol=1e-5, atol=1e-5)

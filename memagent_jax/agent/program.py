@@ -52,7 +52,14 @@ from memagent_jax.agent.templates import AgentPrompts
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, rewind_cache
 from memagent_jax.sampling.params import RowSampling, SamplingParams
-from memagent_jax.sampling.sampler import decode, decode_params, prefill, prefill_and_decode, reset_cache
+from memagent_jax.sampling.sampler import (
+    decode,
+    decode_params,
+    prefill,
+    prefill_and_decode,
+    prefill_params,
+    reset_cache,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,9 +255,16 @@ def memory_step(
     active = chunk_len > 0
     rest_tokens, rest_mask = assemble([(memory, memory_len), u[2], (chunk, chunk_len), u[3]], batch, spec.pad_id)
     cache = rewind_cache(cache, spec.prefix_length)
-    pre = prefill(params, spec.config, rest_tokens, rest_mask, cache, start_positions=prefix_next_positions)
     if params_for_decode is None:
         params_for_decode = decode_params(params, spec.config, batch)
+    pre = prefill(
+        prefill_params(params, params_for_decode),
+        spec.config,
+        rest_tokens,
+        rest_mask,
+        cache,
+        start_positions=prefix_next_positions,
+    )
     out = decode(
         params_for_decode,
         spec.config,

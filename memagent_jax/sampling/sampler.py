@@ -49,6 +49,7 @@ __all__ = [
     "decode_params",
     "prefill",
     "prefill_and_decode",
+    "prefill_params",
     "reset_cache",
     "row_sampling",
     "sample_tokens",
@@ -357,6 +358,22 @@ def decode_params(params, config: ModelConfig, batch: int = 1, tied_head_copy: b
     return with_tied_head_copy(params, config) if tied_head_copy else params
 
 
+def prefill_params(params, laid_out):
+    """The params a prefill should run: `laid_out` (the decode layout of `params`, `decode_params`) where its
+    layers are unstacked and its weights are 16-bit floats on CPU, else `params`.
+
+    XLA CPU has no 16-bit float dynamic-slice, so a layer scan over stacked bf16 weights would take each layer
+    through f32 (see `models.transformer`); the unstacked layers, already made for the decode that follows,
+    are read in place. In f32 the stacked scan stays (one compiled layer body: faster to compile).
+    """
+    if not is_unstacked(laid_out) or jax.default_backend() != "cpu":
+        return params
+    leaves = jax.tree.leaves(laid_out["layers"])
+    if not any(jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2 for a in leaves):
+        return params
+    return laid_out
+
+
 class _State(NamedTuple):
     step: jax.Array  # [] int32, index of the next token to sample
     last_token: jax.Array  # [B] int32, token sampled at step - 1
@@ -519,5 +536,6 @@ def prefill_and_decode(
         )
     has_any = jnp.any(token_mask.astype(bool), axis=-1)
     active = has_any if active is None else active.astype(bool) & has_any
-    pre = prefill(params, config, tokens, token_mask, reset_cache(cache))
-    return decode(params, config, pre.cache, pre.last_logits, pre.next_positions, rngs, sampling, active, rows)
+    laid_out = decode_params(params, config, tokens.shape[0])
+    pre = prefill(prefill_params(params, laid_out), config, tokens, token_mask, reset_cache(cache))
+    return decode(laid_out, config, pre.cache, pre.last_logits, pre.next_positions, rngs, sampling, active, rows)
