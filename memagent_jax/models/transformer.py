@@ -428,7 +428,6 @@ class Transformer(nnx.Module):
         mask = attention.attention_mask(keys) if path == "materialized" else None
 
         graphdef, layer_params = nnx.split(self.layers)
-        layer_dtypes = jax.tree.map(lambda a: a.dtype, layer_params)
 
         # Inference on CPU reads 16-bit float weights of the stacked layers through a same-width integer view.
         # XLA CPU has no 16-bit float dynamic-slice: it would widen the whole stacked weight to f32 at every
@@ -436,6 +435,7 @@ class Transformer(nnx.Module):
         # unchanged; training (no cache) keeps float weights, as the view has no gradient.
         bits_view = cache is not None and jax.default_backend() == "cpu"
         if bits_view:
+            layer_dtypes = jax.tree.map(lambda a: a.dtype, layer_params)
             layer_params = jax.tree.map(_to_bits, layer_params)
 
         def body(carry, layer_inputs):
