@@ -64,7 +64,9 @@ def _dtype(name: str):
     return jnp.dtype(name)
 
 
-_BITS = {2: jnp.uint16}
+def is_16bit_float(dtype) -> bool:
+    """bf16 or f16: the float types XLA CPU cannot slice without widening them to f32 (see `_to_bits`)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
 
 
 def _to_bits(a: jax.Array) -> jax.Array:
@@ -73,9 +75,7 @@ def _to_bits(a: jax.Array) -> jax.Array:
     XLA CPU cannot slice or dynamic-slice 16-bit floats: it widens the whole array to f32 first (a stacked
     weight, at every call). Slicing the integer view and reading the slice back as floats moves the same bits.
     """
-    if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize in _BITS:
-        return jax.lax.bitcast_convert_type(a, _BITS[a.dtype.itemsize])
-    return a
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if is_16bit_float(a.dtype) else a
 
 
 def _from_bits(a: jax.Array, dtype) -> jax.Array:
@@ -542,11 +542,10 @@ def unstack_layers(params: Params) -> Params:
     layers = params["layers"]
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     if jax.default_backend() == "cpu":  # slices of 16-bit floats through their bits (see `_to_bits`)
-        per_layer = tuple(
-            jax.tree.map(lambda a, i=i: _from_bits(_to_bits(a)[i], a.dtype), layers) for i in range(num_layers)
-        )
+        take = lambda a, i: _from_bits(_to_bits(a)[i], a.dtype)  # noqa: E731
     else:
-        per_layer = tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers))
+        take = lambda a, i: a[i]  # noqa: E731
+    per_layer = tuple(jax.tree.map(lambda a, i=i: take(a, i), layers) for i in range(num_layers))
     return {**params, "layers": per_layer}
 
 

@@ -32,6 +32,7 @@ from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import (
     KVCache,
     forward_hidden,
+    is_16bit_float,
     is_unstacked,
     logits_from_hidden,
     merge_cache_layers,
@@ -368,8 +369,7 @@ def prefill_params(params, laid_out):
     """
     if not is_unstacked(laid_out) or jax.default_backend() != "cpu":
         return params
-    leaves = jax.tree.leaves(laid_out["layers"])
-    if not any(jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2 for a in leaves):
+    if not any(is_16bit_float(a.dtype) for a in jax.tree.leaves(laid_out["layers"])):
         return params
     return laid_out
 
