@@ -183,6 +183,55 @@ def test_agent_identical_with_both_layouts(agent_setup):
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5, rtol=0)
 
 
+def test_agent_and_sampler_lay_out_their_weights_once_per_weights(agent_setup):
+    """The inference layout (`InferenceLayout`) is made at the first run and reused while the weights stay; new
+    weights or `release_layout` drop it; params handed over already laid out are run as they are (no copy); and
+    the answers are the same whichever way the params came."""
+    from memagent_jax.models.transformer import is_unstacked
+    from memagent_jax.sampling import Sampler
+    from memagent_jax.sampling.sampler import decode_params
+
+    params, config = agent_setup["params"], agent_setup["config"].replace(decode_layout="unstacked")
+    budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=10, answer_tokens=6, chunks_per_segment=2)
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(3, len(agent_setup["tokenizer"]), n).astype(np.int32) for n in (40, 20)]
+    questions = ["Where is the key?", "Name it."]
+
+    def agent_for(p):
+        return MemoryAgent(p, config, agent_setup["tokenizer"], budgets=budgets)
+
+    agent = agent_for(params)
+    first = agent.run(questions, docs, rng=1)
+    held = agent._layout._laid_out
+    assert held is not None and is_unstacked(held) and not is_unstacked(agent.params)
+    assert agent.run(questions, docs, rng=1).answer_ids == first.answer_ids
+    assert agent._layout._laid_out is held  # the second run made none
+
+    agent.release_layout()
+    assert agent._layout._laid_out is None
+    agent.run(questions, docs, rng=1)
+    remade = agent._layout._laid_out
+    assert remade is not None and remade is not held
+    agent.params = jax.tree.map(lambda a: a + 0, params)  # new arrays, same values
+    assert agent._layout._laid_out is None
+    assert agent.run(questions, docs, rng=1).answer_ids == first.answer_ids
+    assert agent._layout._laid_out is not remade
+
+    laid_out = jax.jit(lambda p: decode_params(p, config))(params)
+    given = agent_for(laid_out)
+    assert given.run(questions, docs, rng=1).answer_ids == first.answer_ids
+    kept = given._layout._laid_out
+    assert all(a is b for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(laid_out), strict=True))
+
+    sampler = Sampler(params, config, max_prompt_length=32, keep_cache=False)
+    prompts = [rng.integers(3, config.vocab_size, 9).astype(np.int32)]
+    out = sampler.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0.0))
+    held = sampler._layout._laid_out
+    again = sampler.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0.0))
+    assert sampler._layout._laid_out is held and is_unstacked(held)
+    assert again.tokens == out.tokens
+
+
 # ------------------------------------------------------------------------------ loop structure (jaxpr)
 
 _SLICING = frozenset({"dynamic_slice", "slice", "gather", "copy", "copy_p"})

@@ -42,6 +42,7 @@ from memagent_jax.agent.placement import Placement
 from memagent_jax.agent.program import AgentSpec, final_program, refill_program, segment_program
 from memagent_jax.agent.types import Conversation, RowProgress, RowRequest, RowResult
 from memagent_jax.sampling.params import RowSampling, SamplingParams
+from memagent_jax.sampling.sampler import InferenceLayout
 
 __all__ = ["DocumentEngine", "RowProgress", "RowRequest", "RowResult"]
 
@@ -81,7 +82,8 @@ class DocumentEngine:
 
     Args:
       spec: the agent's static program spec (`AgentSpec`), piece prompt mode.
-      params: the model params (on the placement's mesh).
+      params: the model params (on the placement's mesh); held in the inference layout
+        (`sampling.sampler.InferenceLayout`: a copy of the layer weights unless they are laid out already).
       placement: where rows go and where the KV caches are pooled (`Placement`); one process (any
         single-process mesh).
       batch_size: row slots (rounded up to the mesh's batch multiple).
@@ -101,7 +103,7 @@ class DocumentEngine:
         if batch_size < 1:
             raise AgentInputError(f"batch_size must be >= 1, got {batch_size}")
         self.spec = spec
-        self.params = params
+        self.params = InferenceLayout(spec.config).get(params)  # laid out once (no copy if it already is)
         self.placement = placement
         self.batch_size = placement.round_batch(batch_size)
         self.eager_answers = eager_answers

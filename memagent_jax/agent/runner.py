@@ -45,6 +45,7 @@ from memagent_jax.agent.types import AgentResult, Conversation, RowProgress, Row
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.sampling.api import row_keys
 from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
+from memagent_jax.sampling.sampler import InferenceLayout
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class MemoryAgent:
         tools pass the model's settings' "extract".
     Attributes besides the arguments: `spec` (the programs' static `AgentSpec`), `placement` (device puts and the
     KV cache pool, a `Placement` of `mesh`), `text_prompter` (text prompt mode only).
+    The programs run `params` in the inference layout (`sampling.sampler.InferenceLayout`), made at the first run
+    and held until `params` is assigned new weights or `release_layout()` is called.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class MemoryAgent:
         from memagent_jax.evaluation import verifier  # pure Python: no JAX
 
         self.extract = settings_lib.choice("extract", extract, verifier.EXTRACTORS)
+        self._layout = InferenceLayout(config)
         self.params = params
         self.config = config
         self.tokenizer = tokenizer
@@ -238,6 +242,24 @@ class MemoryAgent:
         return agent
 
     @property
+    def params(self):
+        """The model params (assigning new weights drops the layout made for the old ones)."""
+        return self._params
+
+    @params.setter
+    def params(self, params) -> None:
+        self._layout.release()
+        self._params = params
+
+    def release_layout(self) -> None:
+        """Frees the params' inference layout until the next run (`sampling.sampler.InferenceLayout`): one copy of
+        the layer weights, held between runs so that runs on the same weights do not each make it."""
+        self._layout.release()
+
+    def _run_params(self):
+        return self._layout.get(self._params)
+
+    @property
     def budgets(self) -> AgentBudgets:
         return self.spec.budgets
 
@@ -261,7 +283,7 @@ class MemoryAgent:
     def document_engine(self, batch_size: int, *, eager_answers: bool = False) -> DocumentEngine:
         """A `DocumentEngine` (continuous batching) of `batch_size` row slots over this agent's current params,
         sharing its placement and KV cache pool."""
-        return DocumentEngine(self.spec, self.params, self.placement, batch_size, eager_answers=eager_answers)
+        return DocumentEngine(self.spec, self._run_params(), self.placement, batch_size, eager_answers=eager_answers)
 
     # ------------------------------------------------------------------------------------ inputs
 
@@ -428,7 +450,7 @@ class MemoryAgent:
         if self.spec.prompt_mode == "text":
             run = run_text(
                 self.spec,
-                self.params,
+                self._run_params(),
                 self.placement,
                 self.text_prompter,
                 questions,
@@ -507,11 +529,12 @@ class MemoryAgent:
 
         records = []
         with placement.context():
+            params = self._run_params()
             keys_d = put(shape.keys, 1)
             memory_rows = RowSampling(*(put(a, 1) for a in shape.memory_rows))
             question_d, question_len_d = put(question), put(question_len)
             prefix = prefix_program(
-                self.params,
+                params,
                 spec,
                 question_d,
                 question_len_d,
@@ -521,7 +544,7 @@ class MemoryAgent:
             for seg in range(shape.segments):
                 chunks, chunk_lens = self._segment_chunks(docs, batch, seg)
                 cache, memory_d, memory_len_d, rec = segment_program(
-                    self.params,
+                    params,
                     spec,
                     cache,
                     prefix.next_positions,
@@ -539,7 +562,7 @@ class MemoryAgent:
             placement.give_back("update", global_batch, cache)
             active = put(np.arange(batch) < n)
             final, cache = final_program(
-                self.params,
+                params,
                 spec,
                 question_d,
                 question_len_d,

@@ -260,7 +260,8 @@ def make_plan(
     notes["kv_final"] = f"{rollout_rows} rows x {layout.final_slots} slots, {cdt}{on_rollout}"
     decode_layout = decode_layout_of(mc, platform)
     if decode_layout == "unstacked":
-        # While a decode program runs: per-layer copies of the layer weights, and of the larger KV cache.
+        # While the rollout runs: per-layer copies of the layer weights (the agent's inference layout, held from
+        # its first program to the end of the rollout), and while a decode loop runs a copy of the larger KV cache.
         mem["decode_copies"] = layer_param_bytes_per_device(mc, rmesh, pdt) + max(mem["kv_update"], mem["kv_final"])
         notes["decode_copies"] = f"decode_layout 'unstacked': per-layer weights ({pdt}) + a second KV cache"
     else:

@@ -466,6 +466,7 @@ def train(cfg, workdir: str, *, question_mix=None) -> dict:
                 groups_wanted=cfg.rl.questions_per_step // process_count,
                 process_count=process_count,
             )
+            agent.release_layout()  # the rollout's copy of the weights: the learner step needs the memory
             advantages = np.asarray(
                 group_advantages(
                     rollout.rewards, normalize_std=cfg.rl.normalize_std, leave_one_out=cfg.rl.leave_one_out

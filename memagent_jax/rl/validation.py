@@ -250,6 +250,7 @@ class TrainingEvaluation:
         t0 = time.perf_counter()
         self.agent.params = params
         estimates = evaluate_policy(self.agent, self.files, self.ev)
+        self.agent.release_layout()  # training goes on: its memory is the learner's
         metrics: dict = {}
         accuracies = {}
         rows = []

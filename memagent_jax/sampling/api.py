@@ -31,7 +31,7 @@ from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, init_cache
 from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
-from memagent_jax.sampling.sampler import SampleOutput, prefill_and_decode
+from memagent_jax.sampling.sampler import InferenceLayout, SampleOutput, prefill_and_decode
 
 __all__ = ["GenerateResult", "Sampler", "generate", "new_cache", "prompt_buckets", "row_keys"]
 
@@ -162,6 +162,8 @@ class Sampler:
       buckets: explicit increasing bucket lengths (overrides the two above).
       cache_dtype: KV cache dtype (default: the compute dtype).
       keep_cache: keep each shape's cache between calls (donated back in); False frees it after each call.
+    The programs run `params` in the inference layout (`sampling.sampler.InferenceLayout`), made at the first
+    call and held until `params` is assigned new weights.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class Sampler:
         cache_dtype: str | None = None,
         keep_cache: bool = True,
     ):
+        self._layout = InferenceLayout(config)
         self.params = params
         self.config = config
         self.mesh = mesh
@@ -189,6 +192,16 @@ class Sampler:
         self.cache_dtype = cache_dtype
         self.keep_cache = keep_cache
         self._caches: dict[tuple[int, int, int], KVCache] = {}
+
+    @property
+    def params(self):
+        """The model params (assigning new ones drops the layout made for the old ones)."""
+        return self._params
+
+    @params.setter
+    def params(self, params) -> None:
+        self._layout.release()
+        self._params = params
 
     @property
     def max_prompt_length(self) -> int:
@@ -260,7 +273,7 @@ class Sampler:
             if cache is None:
                 cache = self._new_cache(batch, slots)
             out: SampleOutput = generate_program(
-                self.params,
+                self._layout.get(self.params),
                 self._put(tokens, 2),
                 self._put(mask, 2),
                 self._put(keys, 1),
