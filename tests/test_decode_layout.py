@@ -183,29 +183,40 @@ def test_agent_identical_with_both_layouts(agent_setup):
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5, rtol=0)
 
 
-def test_agent_and_sampler_lay_out_their_weights_once_per_weights(agent_setup):
-    """The inference layout (`InferenceLayout`) is made at the first run and reused while the weights stay; new
-    weights or `release_layout` drop it; params handed over already laid out are run as they are (no copy); and
-    the answers are the same whichever way the params came."""
-    from memagent_jax.models.transformer import is_unstacked
+def test_agent_and_sampler_make_the_decode_copies_once_per_weights(agent_setup):
+    """The decode's per-layer copies (`InferenceLayout`) are made at the first run and reused while the weights
+    stay; new weights or `release_layout` drop them; params handed over with them are run as they are (no copy);
+    and every sampled token and log-prob is bit for bit the one an agent making the copies at every call gets."""
+    from memagent_jax.models.transformer import LAYER_COPIES, is_unstacked
     from memagent_jax.sampling import Sampler
-    from memagent_jax.sampling.sampler import decode_params
+    from memagent_jax.sampling.sampler import inference_params
 
     params, config = agent_setup["params"], agent_setup["config"].replace(decode_layout="unstacked")
     budgets = AgentBudgets(question_tokens=24, chunk_tokens=16, memory_tokens=10, answer_tokens=6, chunks_per_segment=2)
     rng = np.random.default_rng(3)
-    docs = [rng.integers(3, len(agent_setup["tokenizer"]), n).astype(np.int32) for n in (40, 20)]
-    questions = ["Where is the key?", "Name it."]
+    docs = [rng.integers(3, len(agent_setup["tokenizer"]), n).astype(np.int32) for n in (40, 20, 75)]
+    questions = ["Where is the key?", "Name it.", "Which door?"]
+    sampling = SamplingParams(temperature=1.0)
 
     def agent_for(p):
-        return MemoryAgent(p, config, agent_setup["tokenizer"], budgets=budgets)
+        return MemoryAgent(p, config, agent_setup["tokenizer"], budgets=budgets, memory_sampling=sampling)
 
     agent = agent_for(params)
-    first = agent.run(questions, docs, rng=1)
+    first = agent.run(questions, docs, rng=1, record=True)
     held = agent._layout._laid_out
-    assert held is not None and is_unstacked(held) and not is_unstacked(agent.params)
+    assert held is not None and LAYER_COPIES in held and is_unstacked({"layers": held[LAYER_COPIES]})
+    assert all(a is b for a, b in zip(jax.tree.leaves(held["layers"]), jax.tree.leaves(params["layers"])))
     assert agent.run(questions, docs, rng=1).answer_ids == first.answer_ids
     assert agent._layout._laid_out is held  # the second run made none
+
+    per_call = agent_for(params)
+    per_call._run_params = lambda: per_call.params  # bare params: the programs copy at every call
+    bare = per_call.run(questions, docs, rng=1, record=True)
+    assert bare.answer_ids == first.answer_ids and sum(len(c) for c in first.conversations) == 3 + 2 + 5 + 3
+    for conv_a, conv_b in zip(first.conversations, bare.conversations):
+        for x, y in zip(conv_a, conv_b, strict=True):
+            np.testing.assert_array_equal(x.response_ids, y.response_ids)
+            np.testing.assert_array_equal(x.logprobs, y.logprobs)
 
     agent.release_layout()
     assert agent._layout._laid_out is None
@@ -217,7 +228,7 @@ def test_agent_and_sampler_lay_out_their_weights_once_per_weights(agent_setup):
     assert agent.run(questions, docs, rng=1).answer_ids == first.answer_ids
     assert agent._layout._laid_out is not remade
 
-    laid_out = jax.jit(lambda p: decode_params(p, config))(params)
+    laid_out = jax.jit(inference_params, static_argnums=1)(params, config)
     given = agent_for(laid_out)
     assert given.run(questions, docs, rng=1).answer_ids == first.answer_ids
     kept = given._layout._laid_out
@@ -228,7 +239,7 @@ def test_agent_and_sampler_lay_out_their_weights_once_per_weights(agent_setup):
     out = sampler.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0.0))
     held = sampler._layout._laid_out
     again = sampler.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0.0))
-    assert sampler._layout._laid_out is held and is_unstacked(held)
+    assert sampler._layout._laid_out is held and LAYER_COPIES in held
     assert again.tokens == out.tokens
 
 

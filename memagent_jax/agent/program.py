@@ -314,10 +314,11 @@ def run_segment(
     at different steps), memory_rows: each row's temperature / top-k / top-p ([B] arrays). Returns (cache, memory,
     memory_len, SegmentRecord [B, S, ...]).
 
-    Decode runs `config.decode_layout`. The agent passes params already in that layout (`MemoryAgent` holds them
-    laid out: `sampling.sampler.InferenceLayout`), and prefill then runs the same per-layer arrays. Given stacked
-    params, this lays them out once per call, here, outside the chunk scan (one extra copy of the layer weights for
-    the length of the call; on CPU also the tied head's transposed copy) and prefill keeps its layer scan.
+    Prefill runs the stacked layers (`lax.scan`); decode runs `config.decode_layout`. The agent passes params
+    holding the decode's copies already (`MemoryAgent` keeps them: `sampling.sampler.InferenceLayout`); given bare
+    params, with 'unstacked' the layer weights are split into per-layer arrays once per call, here, outside the
+    chunk scan (one extra copy of the layer weights for the length of the call), and on CPU the tied head's
+    transposed copy is made here too.
     """
     params_for_decode = decode_params(params, spec.config, memory.shape[0])
 

@@ -38,7 +38,9 @@ layout of `unstack_layers` holds a tuple of L per-layer dicts there instead, run
     lm_head          [D, V]            (absent when embeddings are tied)
 
 The decode layout may add `TIED_HEAD_COPY` [D, V]: a transposed copy of a tied embedding that the logits read
-instead (`with_tied_head_copy`; not a parameter: it is never trained or saved).
+instead (`with_tied_head_copy`), and `LAYER_COPIES`: the tuple of per-layer dicts that `unstack_layers` then
+returns instead of slicing the stack again (`with_layer_copies`). Neither is a parameter: they are never trained
+or saved, and a forward pass over the stacked layers ignores them.
 """
 
 from __future__ import annotations
@@ -515,8 +517,8 @@ def _graphdef(config: ModelConfig):
 
 def _module(params: Params, config: ModelConfig) -> Transformer:
     """The module for `params` in either layout (unstacked: 'layers' holds layer 0, for the structure only)."""
-    if TIED_HEAD_COPY in params:
-        params = {k: v for k, v in params.items() if k != TIED_HEAD_COPY}
+    if TIED_HEAD_COPY in params or LAYER_COPIES in params:
+        params = {k: v for k, v in params.items() if k not in (TIED_HEAD_COPY, LAYER_COPIES)}
     if is_unstacked(params):
         params = {**params, "layers": params["layers"][0]}
     return nnx.merge(_graphdef(config), params)
@@ -535,10 +537,14 @@ def unstack_layers(params: Params) -> Params:
     a jitted decode program that unstacks its input: one extra copy of the layer weights for the length of the
     program). A model run with these params executes its layers as a Python loop: compile time grows with
     depth, and on XLA CPU each matmul reads its weight in place instead of dynamic-slicing and copying it out
-    of the stack (`lax.scan` over [L, ...] weights does that copy at every step). Idempotent.
+    of the stack (`lax.scan` over [L, ...] weights does that copy at every step). Idempotent; params holding
+    `LAYER_COPIES` (`with_layer_copies`) get those in place of the stack, with no copy.
     """
     if is_unstacked(params):
         return params
+    if LAYER_COPIES in params:
+        rest = {k: v for k, v in params.items() if k != LAYER_COPIES}
+        return {**rest, "layers": params[LAYER_COPIES]}
     layers = params["layers"]
     num_layers = jax.tree.leaves(layers)[0].shape[0]
     if jax.default_backend() == "cpu":  # slices of 16-bit floats through their bits (see `_to_bits`)
@@ -634,6 +640,18 @@ def _logits_dv(hidden, head, cdt):
 
 # Key of the tied embedding's transposed copy [D, V] in decode-layout params.
 TIED_HEAD_COPY = "tied_head_copy"
+# Key of the stacked layers' per-layer copies (a tuple of L dicts) kept beside the stack.
+LAYER_COPIES = "layer_copies"
+
+
+def with_layer_copies(params: Params) -> Params:
+    """Stacked `params` plus `LAYER_COPIES`: the per-layer arrays `unstack_layers` makes, kept beside the stack
+    so that a prefill can run the stacked layers (`lax.scan`) and a decode the per-layer ones without slicing the
+    stack again. Costs one more copy of the layer weights for as long as it is held. Idempotent (unstacked
+    params: unchanged)."""
+    if is_unstacked(params) or LAYER_COPIES in params:
+        return params
+    return {**params, LAYER_COPIES: unstack_layers(params)["layers"]}
 
 
 def with_tied_head_copy(params: Params, config: ModelConfig) -> Params:

@@ -23,6 +23,7 @@ which other rows share its batch.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -39,6 +40,7 @@ from memagent_jax.models.transformer import (
     positions_from_mask,
     split_cache_layers,
     unstack_layers,
+    with_layer_copies,
     with_tied_head_copy,
 )
 from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
@@ -49,6 +51,7 @@ __all__ = [
     "SampleOutput",
     "decode",
     "decode_params",
+    "inference_params",
     "prefill",
     "prefill_and_decode",
     "prefill_params",
@@ -354,31 +357,46 @@ def decode_params(params, config: ModelConfig, batch: int = 1, tied_head_copy: b
     if config.resolved_decode_layout == "unstacked":
         params = unstack_layers(params)
     if tied_head_copy is None:
-        embed = params["embed"]
-        streamed = embed.size * jnp.dtype(embed.dtype).itemsize >= TIED_HEAD_COPY_MIN_BYTES
-        tied_head_copy = streamed and batch >= 2 and jax.default_backend() == "cpu"
+        tied_head_copy = _copies_tied_head(params, batch)
     return with_tied_head_copy(params, config) if tied_head_copy else params
 
 
-# 2 rows: the tied head's copy where `decode_params` would make one for a batch (see `InferenceLayout`).
-_inference_layout = jax.jit(lambda params, config: decode_params(params, config, batch=2), static_argnums=1)
+def _copies_tied_head(params, batch: int) -> bool:
+    embed = params["embed"]
+    streamed = embed.size * jnp.dtype(embed.dtype).itemsize >= TIED_HEAD_COPY_MIN_BYTES
+    return streamed and batch >= 2 and jax.default_backend() == "cpu"
+
+
+def inference_params(params, config: ModelConfig):
+    """`params` with the copies every decode reads made beside them: the per-layer copies of the stacked layers
+    where the decode layout is 'unstacked' (`models.transformer.with_layer_copies`), and the tied head's
+    transposed copy where `decode_params` makes one from 2 rows up (held, it serves batch 1 as well: measured
+    level with the embedding there). The stack stays, so a prefill runs its layer scan as before, and
+    `decode_params` of the result takes the copies in place of slicing again. Idempotent."""
+    if config.resolved_decode_layout == "unstacked":
+        params = with_layer_copies(params)
+    return with_tied_head_copy(params, config) if _copies_tied_head(params, 2) else params
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _decode_copies(params, config: ModelConfig) -> dict:
+    """The entries `inference_params` adds (the input arrays are not returned: a jitted program would copy them)."""
+    return {k: v for k, v in inference_params(params, config).items() if k not in params}
 
 
 class InferenceLayout:
-    """One model's params in the layout the inference programs run (`decode_params`), made once per weights.
+    """One model's params with the copies its decode reads (`inference_params`), made once per weights.
 
-    A program given stacked params lays them out itself at every call: at Qwen2.5-0.5B's shapes on CPU that is
+    A program given bare params makes those copies itself at every call: at Qwen2.5-0.5B's shapes on CPU that is
     about 1 s a call (1.4 GB of layer weights unstacked, the 544 MB tied head transposed), paid at every chunk
     step of an agent and every `generate`. The host-side objects that call the programs (`Sampler`,
-    `MemoryAgent`, `DocumentEngine`) hold one of these and pass `get(params)` instead: the layout is made once,
-    by a jitted copy, and reused while `params` holds the same arrays (another array anywhere in the tree makes
-    a new one). The programs then find it laid out (`decode_params` is idempotent) and run their prefill on the
-    same per-layer arrays as their decode.
+    `MemoryAgent`, `DocumentEngine`) hold one of these and pass `get(params)` instead: the copies are made once,
+    by a jitted program, and reused while `params` holds the same arrays (another array anywhere in the tree
+    makes new ones). The programs compute the same numbers either way.
 
-    The tied head's copy is made on CPU where `decode_params` makes it from 2 rows up; held, it serves batch 1
-    as well (measured level with the embedding there). Memory: one more copy of the layer weights (and of such
-    a head) for as long as it is held, where a call used to hold it for its own length; `release()` drops it
-    (the RL trainer does before each learner step).
+    Memory: one more copy of the layer weights (and of a large tied head on CPU) for as long as it is held, where
+    a call used to hold it for its own length; `release()` drops it (the RL trainer does before each learner
+    step).
     """
 
     def __init__(self, config: ModelConfig):
@@ -393,11 +411,11 @@ class InferenceLayout:
             if all(a is b for a, b in zip(leaves, self._source, strict=True)):
                 return self._laid_out
         self.release()
-        shapes = jax.eval_shape(_inference_layout, params, self.config)
+        shapes = jax.eval_shape(functools.partial(inference_params, config=self.config), params)
         if jax.tree.structure(shapes) == jax.tree.structure(params):
-            laid_out = params  # already in the layout (or nothing to lay out): no copy
+            laid_out = params  # laid out already (or nothing to copy)
         else:
-            laid_out = _inference_layout(params, self.config)
+            laid_out = {**params, **_decode_copies(params, self.config)}
         self._source, self._laid_out = leaves, laid_out
         return laid_out
 
@@ -412,8 +430,8 @@ def prefill_params(params, laid_out):
 
     XLA CPU has no 16-bit float dynamic-slice, so a layer scan over stacked bf16 weights would take each layer
     through f32 (see `models.transformer`); the unstacked layers, already made for the decode that follows,
-    are read in place. In f32 the stacked scan stays (one compiled layer body: faster to compile). Params that
-    come laid out already (`InferenceLayout`) run as they are.
+    are read in place (with no copy when `params` holds them: `inference_params`). In f32 the stacked scan stays
+    (one compiled layer body: faster to compile).
     """
     if not is_unstacked(laid_out) or jax.default_backend() != "cpu":
         return params
