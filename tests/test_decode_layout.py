@@ -108,6 +108,10 @@ def test_tied_head_copy_gives_the_same_logits_and_tokens(tmp_path, monkeypatch):
     assert TIED_HEAD_COPY in sampler.decode_params(params, config, 3)  # CPU, 2 rows or more: on by default
     assert TIED_HEAD_COPY not in sampler.decode_params(params, config, 1)
     assert TIED_HEAD_COPY not in sampler.decode_params(params, config, 3, tied_head_copy=False)
+    held = sampler.inference_params(params, config)  # the copy held for every batch: batch 1 leaves it unread
+    assert sampler.decode_params(held, config, 3)[TIED_HEAD_COPY] is held[TIED_HEAD_COPY]
+    assert TIED_HEAD_COPY not in sampler.decode_params(held, config, 1)
+    assert TIED_HEAD_COPY not in sampler.prefill_params(held, sampler.decode_params(held, config, 3))
     untied_config = preset_config("tiny", tie_word_embeddings=False)
     untied = init_params(untied_config, 0)
     assert with_tied_head_copy(untied, untied_config) is untied

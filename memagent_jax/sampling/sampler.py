@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import (
+    TIED_HEAD_COPY,
     KVCache,
     forward_hidden,
     is_16bit_float,
@@ -352,13 +353,21 @@ def decode_params(params, config: ModelConfig, batch: int = 1, tied_head_copy: b
     `TIED_HEAD_COPY_MIN_BYTES` or more (one that streams from memory at every step, not from cache). There the
     embedding's layout makes the head ~1.9x slower (Qwen2.5-0.5B at batch 4) and a 64-token decode ran 1.19x
     faster copy included; at batch 1 the head is a matrix-vector product that reads the embedding as well in
-    either layout, and the copy did not pay (0.93x).
+    either layout, and the copy did not pay (0.93x). Params holding a copy already (`inference_params`) have it
+    used or set aside by the same rule; False: the head reads the embedding.
     """
     if config.resolved_decode_layout == "unstacked":
         params = unstack_layers(params)
     if tied_head_copy is None:
         tied_head_copy = _copies_tied_head(params, batch)
-    return with_tied_head_copy(params, config) if tied_head_copy else params
+    return with_tied_head_copy(params, config) if tied_head_copy else _without_tied_head_copy(params)
+
+
+def _without_tied_head_copy(params):
+    """`params` without a held copy of the tied head (the head then reads the embedding)."""
+    if TIED_HEAD_COPY not in params:
+        return params
+    return {k: v for k, v in params.items() if k != TIED_HEAD_COPY}
 
 
 def _copies_tied_head(params, batch: int) -> bool:
@@ -370,9 +379,10 @@ def _copies_tied_head(params, batch: int) -> bool:
 def inference_params(params, config: ModelConfig):
     """`params` with the copies every decode reads made beside them: the per-layer copies of the stacked layers
     where the decode layout is 'unstacked' (`models.transformer.with_layer_copies`), and the tied head's
-    transposed copy where `decode_params` makes one from 2 rows up (held, it serves batch 1 as well: measured
-    level with the embedding there). The stack stays, so a prefill runs its layer scan as before, and
-    `decode_params` of the result takes the copies in place of slicing again. Idempotent."""
+    transposed copy where `decode_params` makes one from 2 rows up (a batch of 1 leaves it unread, as
+    `decode_params` would not make it). The stack stays, so a prefill runs its layer scan as before, and
+    `decode_params` of the result takes the copies in place of slicing again: the numbers are those of the
+    bare params. Idempotent."""
     if config.resolved_decode_layout == "unstacked":
         params = with_layer_copies(params)
     return with_tied_head_copy(params, config) if _copies_tied_head(params, 2) else params
@@ -434,9 +444,9 @@ def prefill_params(params, laid_out):
     (one compiled layer body: faster to compile).
     """
     if not is_unstacked(laid_out) or jax.default_backend() != "cpu":
-        return params
+        return _without_tied_head_copy(params)
     if not any(is_16bit_float(a.dtype) for a in jax.tree.leaves(laid_out["layers"])):
-        return params
+        return _without_tied_head_copy(params)
     return laid_out
 
 
