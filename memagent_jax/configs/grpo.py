@@ -43,8 +43,8 @@ def reference_config() -> ml_collections.ConfigDict:
             attention_impl="auto",
             attention_block_size=512,  # key slots per block of the blockwise path
             # Decode loop layout: 'auto' (unstacked on CPU and GPU, scan on TPU) | 'scan' | 'unstacked' (per-layer
-            # weight arrays made once per program, so decode matmuls read weights in place; one extra copy of the
-            # layers).
+            # weight arrays made once per weights, so decode matmuls read weights in place; one extra copy of the
+            # layers, held during the rollout).
             decode_layout="auto",
             allow_nonfinite_weights=False,  # True: load weights holding NaN / inf (default: refused, naming the tensor)
         )

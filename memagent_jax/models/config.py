@@ -150,7 +150,8 @@ class ModelConfig:
     #   'unstacked' - the decode program splits the weights into L per-layer arrays once, outside its loops,
     #                 and runs the layers as a Python loop, so every matmul reads its weight in place, and each
     #                 decode loop gives every layer its own KV-cache buffers (costs one extra copy of the layer
-    #                 weights while the program runs and of the KV cache while a decode loop runs);
+    #                 weights, held by the sampler or agent between calls, and of the KV cache while a decode
+    #                 loop runs);
     #   'auto'      - 'unstacked' on CPU and GPU, 'scan' on TPU (see `resolved_decode_layout`).
     decode_layout: str = "auto"
 
@@ -210,7 +211,8 @@ class ModelConfig:
             bandwidth-bound step reads those twice and writes them once. 'unstacked' gives each layer its own
             weight arrays (`unstack_layers`) and its own cache buffers for the decode loop
             (`split_cache_layers`), so every dot reads in place (benchmarks/bench_agent.py compares the two).
-            The costs: one extra copy of the layer weights in memory while a decode program runs, a second copy
+            The costs: one extra copy of the layer weights in memory (made once per weights and held between
+            calls by `Sampler` / `MemoryAgent`: `sampling.sampler.InferenceLayout`), a second copy
             of the KV cache while a decode loop runs, and a compile time that grows with depth (the decode step
             is unrolled over layers).
           * GPU: the same copies appear in the scanned decode loop, and 'unstacked' avoids them
