@@ -45,7 +45,7 @@ from memagent_jax.agent.types import AgentResult, Conversation, RowProgress, Row
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.sampling.api import row_keys
 from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
-from memagent_jax.sampling.sampler import InferenceLayout
+from memagent_jax.sampling.sampler import InferenceLayout, ParamsAttribute
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,8 @@ class MemoryAgent:
     The programs run `params` in the inference layout (`sampling.sampler.InferenceLayout`), made at the first run
     and held until `params` is assigned new weights or `release_layout()` is called.
     """
+
+    params = ParamsAttribute()  # assigning new weights drops the held layout
 
     def __init__(
         self,
@@ -240,16 +242,6 @@ class MemoryAgent:
         )
         agent.settings = settings
         return agent
-
-    @property
-    def params(self):
-        """The model params (assigning new weights drops the layout made for the old ones)."""
-        return self._params
-
-    @params.setter
-    def params(self, params) -> None:
-        self._layout.release()
-        self._params = params
 
     def release_layout(self) -> None:
         """Frees the params' inference layout until the next run (`sampling.sampler.InferenceLayout`): one copy of

@@ -31,7 +31,7 @@ from memagent_jax.models import sharding as sharding_lib
 from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, init_cache
 from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingParams
-from memagent_jax.sampling.sampler import InferenceLayout, SampleOutput, prefill_and_decode
+from memagent_jax.sampling.sampler import InferenceLayout, ParamsAttribute, SampleOutput, prefill_and_decode
 
 __all__ = ["GenerateResult", "Sampler", "generate", "new_cache", "prompt_buckets", "row_keys"]
 
@@ -166,6 +166,8 @@ class Sampler:
     call and held until `params` is assigned new weights.
     """
 
+    params = ParamsAttribute()  # assigning new weights drops the held layout
+
     def __init__(
         self,
         params,
@@ -192,16 +194,6 @@ class Sampler:
         self.cache_dtype = cache_dtype
         self.keep_cache = keep_cache
         self._caches: dict[tuple[int, int, int], KVCache] = {}
-
-    @property
-    def params(self):
-        """The model params (assigning new ones drops the layout made for the old ones)."""
-        return self._params
-
-    @params.setter
-    def params(self, params) -> None:
-        self._layout.release()
-        self._params = params
 
     @property
     def max_prompt_length(self) -> int:

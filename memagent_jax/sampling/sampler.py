@@ -48,6 +48,7 @@ from memagent_jax.sampling.params import RowSampling, SamplingError, SamplingPar
 
 __all__ = [
     "InferenceLayout",
+    "ParamsAttribute",
     "PrefillOutput",
     "SampleOutput",
     "decode",
@@ -432,6 +433,21 @@ class InferenceLayout:
     def release(self) -> None:
         """Drops the held layout (the next `get` makes it again)."""
         self._source = self._laid_out = None
+
+
+class ParamsAttribute:
+    """A class's `params` attribute whose owner holds an `InferenceLayout` as `_layout`: assigning new weights
+    drops the layout made for the old ones (the next program call makes it again)."""
+
+    def __set_name__(self, owner, name):
+        self._slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else getattr(obj, self._slot)
+
+    def __set__(self, obj, params) -> None:
+        obj._layout.release()
+        setattr(obj, self._slot, params)
 
 
 def prefill_params(params, laid_out):
