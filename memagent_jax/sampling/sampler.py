@@ -422,11 +422,7 @@ class InferenceLayout:
             if all(a is b for a, b in zip(leaves, self._source, strict=True)):
                 return self._laid_out
         self.release()
-        shapes = jax.eval_shape(functools.partial(inference_params, config=self.config), params)
-        if jax.tree.structure(shapes) == jax.tree.structure(params):
-            laid_out = params  # laid out already (or nothing to copy)
-        else:
-            laid_out = {**params, **_decode_copies(params, self.config)}
+        laid_out = {**params, **_decode_copies(params, self.config)}  # laid out already: nothing new, no copy
         self._source, self._laid_out = leaves, laid_out
         return laid_out
 
