@@ -198,11 +198,13 @@ def _compiled_text(fn, *args, **kwargs) -> str:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA CPU's compiled programs")
 def test_cpu_inference_programs_keep_bf16_weights_in_bf16():
-    """The compiled prefill and generation programs in bf16 never widen a layer weight to f32.
+    """The compiled prefill and generation programs in bf16 never widen a weight to f32, at batch 2 or 1.
 
-    XLA CPU widens a bf16 product whose result is bf16, and a dynamic-slice of a bf16 array, to f32; a layer scan
-    over stacked weights then converted every stacked weight at every call. The shapes below are unique to
-    the weights (intermediate 176, 3 layers), so any f32 array of them in the program is such a widening.
+    XLA CPU widens to f32 a bf16 product whose result is bf16, a product of one row, and a dynamic-slice or
+    gather of a bf16 array: a layer scan over stacked weights then converted every stacked weight at every
+    call, a decode at batch 1 every layer weight, and the embedding lookup the whole embedding. The shapes
+    below are unique to the weights (intermediate 176, 3 layers, vocabulary 384), so any f32 array of them in
+    the program is such a widening.
     """
     from memagent_jax.models import init_params
     from memagent_jax.models.presets import preset_config
@@ -223,20 +225,21 @@ def test_cpu_inference_programs_keep_bf16_weights_in_bf16():
         compute_dtype="bfloat16",
     )
     params = init_params(config, 0)
-    batch, t = 2, 24
-    tokens = jnp.ones((batch, t), jnp.int32)
-    mask = jnp.ones((batch, t), bool)
-    cache = init_cache(config, batch, t + 8, jnp.bfloat16)
-    widened = ("f32[3,64,176]", "f32[3,176,64]", "f32[64,176]", "f32[176,64]")
+    t = 24
+    widened = ("f32[3,64,176]", "f32[3,176,64]", "f32[64,176]", "f32[176,64]", "f32[384,64]", "f32[64,384]")
+    for batch in (2, 1):
+        tokens = jnp.ones((batch, t), jnp.int32)
+        mask = jnp.ones((batch, t), bool)
+        cache = init_cache(config, batch, t + 8, jnp.bfloat16)
 
-    pre = jax.jit(functools.partial(prefill, config=config))
-    text = _compiled_text(pre, params, tokens=tokens, token_mask=mask, cache=cache)
-    assert not [s for s in widened if s in text], [s for s in widened if s in text]
+        pre = jax.jit(functools.partial(prefill, config=config))
+        text = _compiled_text(pre, params, tokens=tokens, token_mask=mask, cache=cache)
+        assert not [s for s in widened if s in text], (batch, [s for s in widened if s in text])
 
-    sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
-    gen = jax.jit(lambda p, c, k: prefill_and_decode(p, config, tokens, mask, c, k, sampling))
-    text = _compiled_text(gen, params, cache, jax.random.split(jax.random.key(0), batch))
-    assert not [s for s in widened if s in text], [s for s in widened if s in text]
+        sampling = SamplingParams(max_new_tokens=4, temperature=0.0)
+        gen = jax.jit(lambda p, c, k: prefill_and_decode(p, config, tokens, mask, c, k, sampling))  # noqa: B023
+        text = _compiled_text(gen, params, cache, jax.random.split(jax.random.key(0), batch))
+        assert not [s for s in widened if s in text], (batch, [s for s in widened if s in text])
 
 
 def test_bf16_product_rounds_an_f32_accumulation_once():
@@ -251,6 +254,13 @@ def test_bf16_product_rounds_an_f32_accumulation_once():
     exact = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.bfloat16), np.float64)
     step = np.abs(exact) * 2.0**-7  # bf16 keeps 8 significant bits: one step is at most |v| * 2^-7
     assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= step + 1e-6)
+    # one row (a decode step at batch 1): computed on two rows on CPU, the same bound, and no f32 weight
+    one = jax.jit(lambda a, b: product("btd,df->btf", a, b, jnp.bfloat16))
+    out1 = one(x[:1, None], w)
+    assert out1.shape == (1, 1, 48) and out1.dtype == jnp.bfloat16
+    assert np.all(np.abs(np.asarray(out1[0, 0], np.float64) - exact[0]) <= step[0] + 1e-6)
+    if jax.default_backend() == "cpu":
+        assert "f32[64,48]" not in _compiled_text(one, x[:1, None], w.astype(jnp.bfloat16))
     # f32: the plain product
     out32 = product("td,df->tf", x.astype(jnp.float32), w, jnp.float32)
     np.testing.assert_allclose(np.asarray(out32), np.asarray(x, np.float32) @ np.asarray(w), rtol=1e-5, atol=1e-5)

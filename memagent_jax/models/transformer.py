@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -94,7 +95,27 @@ def product(spec: str, x: jax.Array, w: jax.Array, cdt) -> jax.Array:
     """
     if jnp.dtype(cdt).itemsize >= 4:
         return jnp.einsum(spec, x, w.astype(cdt))
-    return jnp.einsum(spec, x.astype(cdt), w.astype(cdt), preferred_element_type=jnp.float32).astype(cdt)
+    return product_f32(spec, x.astype(cdt), w.astype(cdt)).astype(cdt)
+
+
+def product_f32(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` with an f32 result, for operands already in the compute dtype.
+
+    On CPU, a 16-bit product whose `x` holds a single row (one decode step at batch 1) is computed on two: XLA
+    CPU's bf16 kernels take products of 2 rows and more, and for one row it widens the whole weight to f32 first
+    (hoisted out of a decode loop, at every call; at Qwen2.5-0.5B's shapes about 0.8 s a generation). The second
+    row is zeros and is dropped; the first is the same sum of the same products.
+    """
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    letters = lhs.replace("...", "")
+    dims = x.shape[x.ndim - len(letters) :]
+    contracted = math.prod(n for letter, n in zip(letters, dims, strict=True) if letter in rhs)
+    if x.size != contracted or not is_16bit_float(x.dtype) or jax.default_backend() != "cpu":
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    pair = jnp.concatenate([x[None], jnp.zeros_like(x)[None]])  # [2, *x.shape]: the row, then zeros
+    pair_axis = next(c for c in "ZYXWV" if c not in spec)
+    return jnp.einsum(f"{pair_axis}{lhs},{rhs}->{pair_axis}{out}", pair, w, preferred_element_type=jnp.float32)[0]
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -406,7 +427,17 @@ class Transformer(nnx.Module):
         positions = positions.astype(jnp.int32)
         token_mask = token_mask.astype(bool)
         inv_freq = jnp.asarray(c.rope.inverse_frequencies(c.head_dim), jnp.float32)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
+        # Inference on CPU reads 16-bit float weights through a same-width integer view wherever it slices or
+        # gathers them: XLA CPU has no 16-bit float dynamic-slice or gather, and would widen the whole array to
+        # f32 at every call (the stacked layers: about 0.7 s a call at Qwen2.5-0.5B's shapes in bf16; the
+        # embedding: about 0.15 s). Bits pass unchanged; training (no cache) keeps float weights, as the view has
+        # no gradient.
+        bits_view = cache is not None and jax.default_backend() == "cpu"
+        embed = self.embed[...]
+        if bits_view:
+            x = _from_bits(jnp.take(_to_bits(embed), tokens, axis=0), embed.dtype).astype(cdt)
+        else:
+            x = jnp.take(embed, tokens, axis=0).astype(cdt)
 
         if cache is None:
             key_positions, key_valid = positions, token_mask
@@ -431,12 +462,7 @@ class Transformer(nnx.Module):
 
         graphdef, layer_params = nnx.split(self.layers)
 
-        # Inference on CPU reads 16-bit float weights of the stacked layers through a same-width integer view.
-        # XLA CPU has no 16-bit float dynamic-slice: it would widen the whole stacked weight to f32 at every
-        # call (about 0.7 s per call at Qwen2.5-0.5B's shapes in bf16) to take one layer's slice. Bits pass
-        # unchanged; training (no cache) keeps float weights, as the view has no gradient.
-        bits_view = cache is not None and jax.default_backend() == "cpu"
-        if bits_view:
+        if bits_view:  # the stacked layers' slices through their bits (above)
             layer_dtypes = jax.tree.map(lambda a: a.dtype, layer_params)
             layer_params = jax.tree.map(_to_bits, layer_params)
 
@@ -497,9 +523,7 @@ class Transformer(nnx.Module):
         """hidden: [..., D] -> f32 logits [..., V]."""
         cdt = _dtype(self.config.compute_dtype)
         if self.config.tie_word_embeddings:
-            return jnp.einsum(
-                "...d,vd->...v", hidden.astype(cdt), self.embed[...].astype(cdt), preferred_element_type=jnp.float32
-            )
+            return product_f32("...d,vd->...v", hidden.astype(cdt), self.embed[...].astype(cdt))
         return _logits_dv(hidden, self.lm_head[...], cdt)
 
     def __call__(self, tokens, positions, token_mask, cache=None, segment_ids=None):
@@ -635,7 +659,7 @@ def logits_from_hidden(params: Params, hidden, *, config: ModelConfig):
 
 def _logits_dv(hidden, head, cdt):
     """hidden [..., D] x a head laid out [D, V] (untied `lm_head`, or the tied one's copy) -> f32 [..., V]."""
-    return jnp.einsum("...d,dv->...v", hidden.astype(cdt), head.astype(cdt), preferred_element_type=jnp.float32)
+    return product_f32("...d,dv->...v", hidden.astype(cdt), head.astype(cdt))
 
 
 # Key of the tied embedding's transposed copy [D, V] in decode-layout params.
