@@ -19,10 +19,12 @@ Nothing is downloaded: the tokenizer is trained on the task's own text and the m
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -118,6 +120,55 @@ def is_two_hop_row(cfg, index: int) -> bool:
     return math.floor((index + 1) * f) > math.floor(index * f)
 
 
+def rl_absent_fraction(cfg) -> float:
+    """The fraction of GRPO training rows whose asked creature has no fact in the document (`task.rl_absent_fraction`,
+    0 when absent): the right answer is then the script's 'unknown' (`warm_start.ScriptedPolicy.unknown_answer`), so
+    a look-alike's word noted while the notes hold "?" costs reward there. Taken from the single-hop rows."""
+    value = float(cfg.task.get("rl_absent_fraction", FIELDS_ADDED_LATER["task.rl_absent_fraction"]))
+    single = 1.0 - float(cfg.task.get("train_two_hop_fraction", 0.0))
+    if not 0.0 <= value <= single:
+        raise PipelineConfigError(
+            f"config.task.rl_absent_fraction must be in [0, 1 - task.train_two_hop_fraction] = [0, {single:g}] "
+            f"(absent rows are single-hop ones), got {value!r}"
+        )
+    return value
+
+
+def is_absent_row(cfg, index: int) -> bool:
+    """Whether GRPO training row `index` asks about a creature with no fact in its document: single-hop rows, a
+    fraction `rl_absent_fraction(cfg) / (1 - train_two_hop_fraction)` of them, spread evenly over their order."""
+    fraction = rl_absent_fraction(cfg)
+    if not fraction or is_two_hop_row(cfg, index):
+        return False
+    two_hop = float(cfg.task.get("train_two_hop_fraction", 0.0))
+    single = index - math.floor(index * two_hop)  # this row's place among the single-hop rows (`is_two_hop_row`)
+    share = fraction / (1.0 - two_hop)
+    return math.floor((single + 1) * share) > math.floor(single * share)
+
+
+def without_asked_fact(record, rng):
+    """A single-hop keyed_recall training record (`QARecord`) with its asked fact replaced by a look-alike's (another
+    creature, another word: the same number of tokens), and 'unknown' as the answer: the asked creature appears
+    nowhere in the document."""
+    from memagent_jax.data.synthetic.keyed_recall import RECALL_WORDS
+    from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
+    from memagent_jax.rl.warm_start import ScriptedPolicy
+
+    asked = record.question.rstrip("?").split()[-1]
+    (word,) = record.answers
+    fact = f" Remember {asked} {word}."
+    if record.document.count(fact) != 1 or f" {asked} " in record.document.replace(fact, ""):
+        raise ValueError(f"training row {record.index}: expected the asked fact {fact!r} once, and no other fact of it")
+    creature = rng.choice([k for k in KEY_CREATURES if k != asked])
+    lookalike = f" Remember {creature} {rng.choice([w for w in RECALL_WORDS if w != word])}."
+    return dataclasses.replace(
+        record,
+        document=record.document.replace(fact, lookalike),
+        answers=(ScriptedPolicy.unknown_answer,),
+        extra={**record.extra, "asked_fact_absent": True},
+    )
+
+
 def validate_config(cfg) -> None:
     from memagent_jax.data.synthetic import TASKS
 
@@ -151,6 +202,11 @@ def validate_config(cfg) -> None:
     rl_distractors_per_chunk(cfg)
     warm_distractors_per_chunk(cfg)
     rl_chunks(cfg)
+    if rl_absent_fraction(cfg) and (cfg.task.name != "keyed_recall" or cfg.task.fact_style != "pair"):
+        raise PipelineConfigError(
+            f"config.task.rl_absent_fraction needs task.name 'keyed_recall' with fact_style 'pair', got "
+            f"{cfg.task.name!r} and {cfg.task.fact_style!r}"
+        )
     from memagent_jax.data.synthetic import FACT_STYLES
     from memagent_jax.rl.warm_start import ANSWER_FORMS, NOTE_STYLES
 
@@ -366,12 +422,16 @@ def make_assets(cfg, folder: str) -> dict:
     rl_k = rl_chunks(cfg)
     single = SyntheticDataset(task_config(cfg, rl_k, seeds["train"], per_chunk=rl_per_chunk), tokenizer, n)
     chains = SyntheticDataset(task_config(cfg, rl_k, seeds["train"], hops=2, per_chunk=rl_per_chunk), tokenizer, n)
-    rows = [chains[i] if is_two_hop_row(cfg, i) else single[i] for i in range(n)]
-    write_train_file((sample.to_record() for sample in rows), paths["train_file"])
+    rows = [chains[i].to_record() if is_two_hop_row(cfg, i) else single[i].to_record() for i in range(n)]
+    absent_rng = random.Random(seeds["train"] + 1)
+    rows = [without_asked_fact(row, absent_rng) if is_absent_row(cfg, i) else row for i, row in enumerate(rows)]
+    write_train_file(rows, paths["train_file"])
     two_hop = sum(is_two_hop_row(cfg, i) for i in range(n))
+    absent = sum(is_absent_row(cfg, i) for i in range(n))
     _say(
-        f"[assets] {n} GRPO training rows of {rl_k} chunks ({two_hop} of them two-hop chains), {rl_per_chunk:g} "
-        f"look-alikes per chunk -> {paths['train_file']}"
+        f"[assets] {n} GRPO training rows of {rl_k} chunks ({two_hop} of them two-hop chains"
+        + (f", {absent} whose asked creature has no fact" if absent else "")
+        + f"), {rl_per_chunk:g} look-alikes per chunk -> {paths['train_file']}"
     )
     for m in eval_multipliers(cfg):
         path = paths["eval_files"][f"{m}x"]
@@ -1243,7 +1303,7 @@ def long_eval(cfg, assets: dict, model: str, folder: str) -> dict:
 RERUNNABLE_SECTIONS = ("long_eval",)
 # Fields added after workdirs were first written, with the value the job read when they were absent: a saved config
 # without one matches a config holding that value (an older workdir resumes; any other value is a change).
-FIELDS_ADDED_LATER = {"rl.warmup_steps": 0}
+FIELDS_ADDED_LATER = {"rl.warmup_steps": 0, "task.rl_absent_fraction": 0.0}
 
 
 def check_workdir_config(cfg, workdir: str) -> None:

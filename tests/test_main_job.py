@@ -197,6 +197,7 @@ def test_exported_model_in_pytorch_gives_the_same_greedy_answers(quick_run):
         ("task.rl_distractors_per_chunk", -0.5, r"task\.rl_distractors_per_chunk must be >= 0"),
         ("rl.max_sampling_batches", 0, r"rl\.max_sampling_batches must be >= 1"),
         ("rl.warmup_steps", -1, r"rl\.warmup_steps must be >= 0"),
+        ("task.rl_absent_fraction", 0.6, r"task\.rl_absent_fraction must be in \[0, 1 - task\.train_two_hop"),
         ("agent.memory_update", "Notes: {memory}", r"config\.agent: memory_update: placeholder \{question\}"),
     ],
 )
@@ -241,6 +242,50 @@ def test_rl_distractor_density_defaults_to_the_evaluation_files():
     same = pipeline.resolve_config(_config(**{"task.rl_distractors_per_chunk": -1.0}))
     assert pipeline.rl_distractors_per_chunk(same) == same.task.distractors_per_chunk
     assert pipeline.rl_distractors_per_chunk(pipeline.resolve_config(_config())) == 3.0
+
+
+def test_absent_rows_ask_about_a_creature_the_document_never_names(quick_run, tmp_path):
+    """`task.rl_absent_fraction` of the GRPO rows, all single-hop, lose their asked fact to a look-alike's of the
+    same length in tokens, and their answer is the script's 'unknown' (which the reward scores right); every other
+    row is the row the job writes without them."""
+    from memagent_jax import pipeline
+    from memagent_jax.data.tokenizer import load_tokenizer
+    from memagent_jax.evaluation.verifier import reward
+
+    workdir, _ = quick_run
+    cfg = pipeline.resolve_config(_config(**{"task.rl_absent_fraction": 0.125}))
+    paths = pipeline.make_assets(cfg, str(tmp_path / "assets"))
+
+    def rows(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+
+    plain, absent = rows(os.path.join(workdir, "assets", "train.jsonl")), rows(paths["train_file"])
+    assert len(plain) == len(absent) == cfg.task.train_samples
+    marked = [i for i in range(len(absent)) if pipeline.is_absent_row(cfg, i)]
+    assert len(marked) == len(absent) // 8 and not any(pipeline.is_two_hop_row(cfg, i) for i in marked)
+    assert not any(pipeline.is_absent_row(pipeline.resolve_config(_config()), i) for i in range(64))  # default: none
+    tokenizer = load_tokenizer(os.path.join(workdir, "assets", "tokenizer"))
+    for i, (was, now) in enumerate(zip(plain, absent)):
+        if i not in marked:
+            assert now == was, i
+            continue
+        asked = was["prompt"][0]["content"].rstrip("?").split()[-1]
+        assert f" {asked} " in was["context"] and f" {asked} " not in now["context"], i
+        assert now["reward_model"]["ground_truth"] == ["unknown"], i
+        assert reward(r"\boxed{ unknown}", now["reward_model"]["ground_truth"]) == 1.0
+        assert len(tokenizer.encode(now["context"])) == len(tokenizer.encode(was["context"])), i
+
+
+def test_only_a_single_hop_row_can_lose_its_asked_fact():
+    import random
+
+    from memagent_jax import pipeline
+    from memagent_jax.data.records import QARecord
+
+    chain = QARecord("What is the secret word for otter?", " Remember otter as heron. Remember heron Mi.", ("Mi",))
+    with pytest.raises(ValueError, match="expected the asked fact ' Remember otter Mi.' once"):
+        pipeline.without_asked_fact(chain, random.Random(0))
 
 
 def test_warm_start_documents_take_their_own_look_alike_density(monkeypatch):

@@ -50,6 +50,10 @@ def main_job_config() -> ml_collections.ConfigDict:
             # Look-alikes per chunk in the GRPO training rows (-1: distractors_per_chunk). Denser rows give GRPO more
             # of the rare steps where a look-alike's word is taken before the asked fact is read.
             rl_distractors_per_chunk=3.0,
+            # GRPO rows (single-hop ones) whose asked creature has no fact in the document: the answer is then the
+            # script's "unknown", so a look-alike's word noted while the notes hold "?" costs reward there; in every
+            # other row the asked fact comes later and such a note costs nothing.
+            rl_absent_fraction=0.0,
             # Look-alikes per chunk in the warm start's scripted documents (-1: distractors_per_chunk). More of them
             # tell each pair of creatures apart in more SFT steps (eval/key_confusion.txt shows the pairs confused).
             warm_distractors_per_chunk=-1.0,
