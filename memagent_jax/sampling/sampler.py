@@ -350,12 +350,12 @@ def decode_params(params, config: ModelConfig, batch: int = 1, tied_head_copy: b
     its chunk scan and passes the result down). 'scan': `params` unchanged.
 
     tied_head_copy: add the tied embedding's transposed copy (`models.transformer.with_tied_head_copy`) that
-    every decode step's logits then read; None: on CPU for `batch` (rows per step) of 2 or more and a head of
-    `TIED_HEAD_COPY_MIN_BYTES` or more (one that streams from memory at every step, not from cache). There the
-    embedding's layout makes the head ~1.9x slower (Qwen2.5-0.5B at batch 4) and a 64-token decode ran 1.19x
-    faster copy included; at batch 1 the head is a matrix-vector product that reads the embedding as well in
-    either layout, and the copy did not pay (0.93x). Params holding a copy already (`inference_params`) have it
-    used or set aside by the same rule; False: the head reads the embedding.
+    every decode step's logits then read; None: on CPU for `batch` (rows per step) of 2 or more and a head (not
+    16-bit: see `_copies_tied_head`) of `TIED_HEAD_COPY_MIN_BYTES` or more (one that streams from memory at every
+    step, not from cache). There the embedding's layout makes the head ~1.9x slower (Qwen2.5-0.5B at batch 4) and
+    a 64-token decode ran 1.19x faster copy included; at batch 1 the head is a matrix-vector product that reads the
+    embedding as well in either layout, and the copy did not pay (0.93x). Params holding a copy already
+    (`inference_params`) have it used or set aside by the same rule; False: the head reads the embedding.
     """
     if config.resolved_decode_layout == "unstacked":
         params = unstack_layers(params)
