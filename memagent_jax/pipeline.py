@@ -116,8 +116,12 @@ def rl_chunks(cfg) -> int:
 def is_two_hop_row(cfg, index: int) -> bool:
     """Whether training row (or scripted warm-start trajectory) `index` is a two-hop chain: a fraction
     `task.train_two_hop_fraction` of the rows, spread evenly (row i is one when floor((i+1)f) > floor(i f))."""
-    f = float(cfg.task.get("train_two_hop_fraction", 0.0))
-    return math.floor((index + 1) * f) > math.floor(index * f)
+    return _spread_evenly(index, float(cfg.task.get("train_two_hop_fraction", 0.0)))
+
+
+def _spread_evenly(index: int, fraction: float) -> bool:
+    """Whether item `index` is one of a `fraction` of items spread evenly: floor((i+1)f) > floor(i f)."""
+    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
 
 
 def rl_absent_fraction(cfg) -> float:
@@ -142,25 +146,25 @@ def is_absent_row(cfg, index: int) -> bool:
         return False
     two_hop = float(cfg.task.get("train_two_hop_fraction", 0.0))
     single = index - math.floor(index * two_hop)  # this row's place among the single-hop rows (`is_two_hop_row`)
-    share = fraction / (1.0 - two_hop)
-    return math.floor((single + 1) * share) > math.floor(single * share)
+    return _spread_evenly(single, fraction / (1.0 - two_hop))
 
 
 def without_asked_fact(record, rng):
     """A single-hop keyed_recall training record (`QARecord`) with its asked fact replaced by a look-alike's (another
     creature, another word: the same number of tokens), and 'unknown' as the answer: the asked creature appears
     nowhere in the document."""
-    from memagent_jax.data.synthetic.keyed_recall import RECALL_WORDS
+    from memagent_jax.data.synthetic.keyed_recall import KEYED_FACTS, RECALL_WORDS
     from memagent_jax.data.synthetic.vocabulary import KEY_CREATURES
     from memagent_jax.rl.warm_start import ScriptedPolicy
 
+    stating = KEYED_FACTS["pair"][0]
     asked = record.question.rstrip("?").split()[-1]
     (word,) = record.answers
-    fact = f" Remember {asked} {word}."
+    fact = stating.format(key=asked, word=word)
     if record.document.count(fact) != 1 or f" {asked} " in record.document.replace(fact, ""):
         raise ValueError(f"training row {record.index}: expected the asked fact {fact!r} once, and no other fact of it")
     creature = rng.choice([k for k in KEY_CREATURES if k != asked])
-    lookalike = f" Remember {creature} {rng.choice([w for w in RECALL_WORDS if w != word])}."
+    lookalike = stating.format(key=creature, word=rng.choice([w for w in RECALL_WORDS if w != word]))
     return dataclasses.replace(
         record,
         document=record.document.replace(fact, lookalike),
