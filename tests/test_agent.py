@@ -1,5 +1,7 @@
 """The memory agent: chunk scan vs the plain-Python loop, vs transformers, compile count, bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,3 +268,48 @@ def test_extraction_step_on_hand_written_responses(setup):
     assert make_agent(setup, extract="boxed_or_raw").predict(responses)[3:] == [responses[3], responses[4]]
     with pytest.raises(settings_lib.SettingError, match=r"^extract must be one of \['boxed'"):
         make_agent(setup, extract="last_box")
+
+
+def test_a_chunk_step_no_row_reaches_runs_nothing(setup):
+    """A segment's steps past every row's last chunk (documents shorter than the segment) skip the prefill and the
+    decode: the cache comes back as the step's rewind left it, the memory unchanged, the record empty. One row with
+    a chunk runs the step (its prefill writes the cache) and leaves the other row's memory alone."""
+    agent = make_agent(setup)
+    spec, b = agent.spec, 2
+    rng = np.random.default_rng(0)
+    cache = init_cache(spec.config, b, spec.update_cache_slots)
+    cache = dataclasses.replace(
+        cache,
+        k=jnp.asarray(rng.normal(size=cache.k.shape), cache.k.dtype),
+        v=jnp.asarray(rng.normal(size=cache.v.shape), cache.v.dtype),
+        valid=jnp.ones_like(cache.valid),
+        length=jnp.int32(spec.update_cache_slots),
+    )
+    memory = jnp.asarray(rng.integers(3, 300, (b, BUDGETS.memory_tokens)), jnp.int32)
+    memory_len = jnp.asarray([5, 7], jnp.int32)
+    chunk = jnp.asarray(rng.integers(3, 300, (b, BUDGETS.chunk_tokens)), jnp.int32)
+    keys = jax.random.split(jax.random.key(0), b)
+    step = jax.jit(program.memory_step, static_argnums=1)
+
+    out_cache, out_memory, out_len, record = step(
+        setup["params"], spec, cache, jnp.full((b,), 30, jnp.int32), memory, memory_len, chunk,
+        jnp.zeros((b,), jnp.int32), keys,
+    )  # fmt: skip
+    np.testing.assert_array_equal(out_cache.k, cache.k)
+    np.testing.assert_array_equal(out_cache.v, cache.v)
+    assert int(out_cache.length) == spec.prefix_length
+    assert not np.asarray(out_cache.valid)[:, spec.prefix_length :].any()
+    np.testing.assert_array_equal(out_memory, memory)
+    np.testing.assert_array_equal(out_len, memory_len)
+    _, _, tokens, num_tokens, logprobs, active, _ = record
+    assert (np.asarray(tokens) == spec.memory_sampling.pad_id).all() and not np.asarray(num_tokens).any()
+    assert not np.asarray(logprobs).any() and not np.asarray(active).any()
+
+    out_cache, out_memory, out_len, record = step(
+        setup["params"], spec, cache, jnp.full((b,), 30, jnp.int32), memory, memory_len, chunk,
+        jnp.asarray([BUDGETS.chunk_tokens, 0], jnp.int32), keys,
+    )  # fmt: skip
+    assert not np.array_equal(out_cache.k, cache.k)
+    assert int(np.asarray(record[3])[0]) > 0 and int(np.asarray(record[3])[1]) == 0
+    np.testing.assert_array_equal(out_memory[1], memory[1])
+    assert int(out_len[1]) == 7

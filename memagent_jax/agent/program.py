@@ -53,6 +53,7 @@ from memagent_jax.models.config import ModelConfig
 from memagent_jax.models.transformer import KVCache, rewind_cache
 from memagent_jax.sampling.params import RowSampling, SamplingParams
 from memagent_jax.sampling.sampler import (
+    SampleOutput,
     decode,
     decode_params,
     prefill,
@@ -257,25 +258,43 @@ def memory_step(
     cache = rewind_cache(cache, spec.prefix_length)
     if params_for_decode is None:
         params_for_decode = decode_params(params, spec.config, batch)
-    pre = prefill(
-        prefill_params(params, params_for_decode),
-        spec.config,
-        rest_tokens,
-        rest_mask,
-        cache,
-        start_positions=prefix_next_positions,
-    )
-    out = decode(
-        params_for_decode,
-        spec.config,
-        pre.cache,
-        pre.last_logits,
-        pre.next_positions,
-        keys,
-        spec.memory_sampling,
-        active,
-        rows,
-    )
+
+    def sample(cache):
+        pre = prefill(
+            prefill_params(params, params_for_decode),
+            spec.config,
+            rest_tokens,
+            rest_mask,
+            cache,
+            start_positions=prefix_next_positions,
+        )
+        return decode(
+            params_for_decode,
+            spec.config,
+            pre.cache,
+            pre.last_logits,
+            pre.next_positions,
+            keys,
+            spec.memory_sampling,
+            active,
+            rows,
+        )
+
+    def nothing(cache):
+        # What `decode` gives rows that are all inactive, without the prefill it would still run for them: a
+        # segment's steps past every row's last chunk (documents shorter than the segment) cost nothing.
+        n = spec.memory_sampling.max_new_tokens
+        no_logprobs = jnp.zeros((batch, n), jnp.float32)
+        return SampleOutput(
+            tokens=jnp.full((batch, n), spec.memory_sampling.pad_id, jnp.int32),
+            num_tokens=jnp.zeros((batch,), jnp.int32),
+            finished=jnp.zeros((batch,), bool),
+            logprobs=no_logprobs,
+            sampling_logprobs=no_logprobs,
+            cache=cache,
+        )
+
+    out = jax.lax.cond(jnp.any(active), sample, nothing, cache)
     new_memory, new_len = _memory_from_response(out.tokens, out.num_tokens, out.finished, spec.pad_id)
     memory = jnp.where(active[:, None], new_memory, memory)
     memory_len = jnp.where(active, new_len, memory_len)
