@@ -20,3 +20,22 @@ jax.config.update("jax_num_cpu_devices", 8)
 from memagent_jax.distributed import size_cpu_thread_pool  # noqa: E402
 
 size_cpu_thread_pool()
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    XLA:CPU maps each executable's code and data into its own memory regions, and a process may hold at most
+    `vm.max_map_count` of them (65,530 by default). One pytest process runs a whole group of test modules and so
+    compiles thousands of programs; kept alive by JAX's caches, they reach that limit, and the next compile dies in
+    a segfault. No module reuses another's programs, so releasing them between modules costs nothing.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
