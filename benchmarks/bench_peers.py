@@ -465,7 +465,9 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
             answer_tokens=ANSWER,
             chunks_per_segment=4,
         )
-        agent = MemoryAgent(params, config, tokenizer, budgets=budgets, stop_token_ids=())
+        agent = MemoryAgent(
+            params, config, tokenizer, budgets=budgets, stop_token_ids=(), compact_rows=not args.no_row_compaction
+        )
         question = _question(agent)
         rng = np.random.default_rng(0)
         cells = [c for c in agent_cells(args.quick, name) if not args.cells or c[0] in args.cells]
@@ -832,6 +834,12 @@ def main() -> None:
         default="auto",
         help="vLLM's OpenMP binding: its own 'auto' (default: one core kept for its front end, so on 2 cores it "
         "computes on one) or every core ('all': on a shared 2-core machine its spinning threads collapse)",
+    )
+    parser.add_argument(
+        "--no-row-compaction",
+        action="store_true",
+        help="(a): run every row of a chunk step that only some rows reach (MemoryAgent's compact_rows=False), "
+        "to measure what the compaction gives",
     )
     parser.add_argument("--setup", action="store_true", help="(re)build the peers' virtualenvs, then stop")
     parser.add_argument("--cache", default=os.path.join(ROOT, ".cache", "peers"), help="where the peers live")

@@ -274,7 +274,7 @@ def test_a_chunk_step_no_row_reaches_runs_nothing(setup):
     """A segment's steps past every row's last chunk (documents shorter than the segment) skip the prefill and the
     decode: the cache comes back as the step's rewind left it, the memory unchanged, the record empty. One row with
     a chunk runs the step (its prefill writes the cache) and leaves the other row's memory alone."""
-    agent = make_agent(setup)
+    agent = make_agent(setup, compact_rows=False)
     spec, b = agent.spec, 2
     rng = np.random.default_rng(0)
     cache = init_cache(spec.config, b, spec.update_cache_slots)
@@ -313,3 +313,49 @@ def test_a_chunk_step_no_row_reaches_runs_nothing(setup):
     assert int(np.asarray(record[3])[0]) > 0 and int(np.asarray(record[3])[1]) == 0
     np.testing.assert_array_equal(out_memory[1], memory[1])
     assert int(out_len[1]) == 7
+
+
+def test_a_chunk_step_some_rows_reach_runs_them_alone(setup):
+    """With row compaction, a step that 1 or 2 of 4 rows reach runs them as a batch of 1 or 2 (the cache comes
+    back as the rewind left it, so the big batch never ran); 3 of 4 run the whole batch. Every row's memory and
+    log-probs are those of the step without compaction, rows without a chunk keep theirs."""
+    agent = make_agent(setup)
+    assert agent.spec.compact_rows and program.row_buckets(4) == (1, 2, 4) and program.row_buckets(256)[0] == 32
+    spec, b = agent.spec, 4
+    plain = dataclasses.replace(spec, compact_rows=False)
+    rng = np.random.default_rng(1)
+    memory = jnp.asarray(rng.integers(3, 300, (b, BUDGETS.memory_tokens)), jnp.int32)
+    memory_len = jnp.asarray([5, 7, 3, 12], jnp.int32)
+    chunk = jnp.asarray(rng.integers(3, 300, (b, BUDGETS.chunk_tokens)), jnp.int32)
+    keys = jax.random.split(jax.random.key(0), b)
+    question = jnp.asarray(rng.integers(3, 300, (b, BUDGETS.question_tokens)), jnp.int32)
+    prefix = program.prefix_program(
+        setup["params"], spec, question, jnp.asarray([24, 10, 17, 3], jnp.int32),
+        init_cache(spec.config, b, spec.update_cache_slots),
+    )  # fmt: skip
+    step = jax.jit(program.memory_step, static_argnums=1)
+    for reached, gathered in (([1, 0, 1, 0], True), ([0, 0, 0, 1], True), ([1, 1, 1, 0], False)):
+        lens = jnp.asarray(reached, jnp.int32) * jnp.asarray([16, 9, 12, 16], jnp.int32)
+        outs = [
+            step(setup["params"], s, prefix.cache, prefix.next_positions, memory, memory_len, chunk, lens, keys)
+            for s in (spec, plain)
+        ]
+        (cache, new_memory, new_len, record), (_, plain_memory, plain_len, plain_record) = outs
+        wrote = not np.array_equal(np.asarray(cache.k), np.asarray(prefix.cache.k))
+        assert wrote != gathered, reached
+        np.testing.assert_array_equal(new_memory, plain_memory)
+        np.testing.assert_array_equal(new_len, plain_len)
+        for got, want in zip(record, plain_record):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, err_msg=str(reached))
+        idle = np.asarray(reached) == 0
+        np.testing.assert_array_equal(np.asarray(new_memory)[idle], np.asarray(memory)[idle])
+        assert (np.asarray(record[3])[~idle] > 0).all() and not np.asarray(record[3])[idle].any()
+
+
+def test_compaction_turns_on_only_for_segments_with_partly_reached_steps(setup):
+    spec = make_agent(setup).spec
+    assert spec.for_chunk_lens(np.asarray([[16, 16], [16, 16]])).compact_rows is False
+    assert spec.for_chunk_lens(np.asarray([[16, 0], [16, 0]])).compact_rows is False  # the skip covers it
+    assert spec.for_chunk_lens(np.asarray([[16, 16], [16, 0]])) is spec
+    off = make_agent(setup, compact_rows=False).spec
+    assert off.for_chunk_lens(np.asarray([[16, 16], [16, 0]])).compact_rows is False

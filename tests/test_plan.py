@@ -673,6 +673,22 @@ def test_unstacked_decode_layout_counts_its_copies():
     assert "decode copies" in planning.format_plan(unstacked) and "decode copies" not in planning.format_plan(scan)
 
 
+def test_row_compaction_counts_half_an_update_cache_where_rows_are_not_sharded():
+    """With the 'scan' decode layout a compacting chunk step holds the gathered rows' KV cache (at most half the
+    rows) beside the whole one; rows sharded over data x fsdp are never gathered."""
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100")
+    cfg.model.decode_layout = "scan"
+    sharded = planning.make_plan(cfg)
+    assert sharded.rollout_mesh.batch_shards > 1 and sharded.memory["decode_copies"] == 0
+    cfg.mesh.fsdp, cfg.mesh.tensor = 1, 8
+    whole = planning.make_plan(cfg)
+    assert whole.rollout_mesh.batch_shards == 1
+    mc, rmesh, slots = whole.model, whole.rollout_mesh, whole.layout.update_slots
+    rows = whole.memory["kv_update"] // planning.kv_cache_bytes(mc, 1, slots, rmesh, mc.compute_dtype)
+    half = planning.kv_cache_bytes(mc, -(-rows // 2), slots, rmesh, mc.compute_dtype)
+    assert rows > 1 and whole.memory["decode_copies"] == half
+
+
 def test_learn_length_follows_rl_length_multiple():
     cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100")
     cfg.rl.length_multiple = 64

@@ -252,7 +252,7 @@ class DocumentEngine:
         keys = put(jax.random.wrap_key_data(jnp.asarray(self._keys)), 1)
         self._cache, self._memory, self._memory_len, rec = segment_program(
             self.params,
-            spec,
+            spec.for_chunk_lens(lens),
             self._cache,
             self._prefix.next_positions,
             self._memory,

@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memagent_jax.agent.chunking import AgentBudgets
 from memagent_jax.agent.templates import AgentPrompts
@@ -74,6 +75,9 @@ class AgentSpec:
     answer_sampling: SamplingParams  # max_new_tokens == budgets.answer_tokens
     pad_id: int = 0
     prompt_mode: str = "pieces"  # 'text': whole prompts tokenized on the host, run by `text_step_program`
+    # A chunk step that only some rows reach runs just those rows, gathered into a smaller batch (`row_buckets`).
+    # The host drivers set it per segment (`for_chunk_lens`): on only where a step has such rows.
+    compact_rows: bool = False
 
     def __post_init__(self):
         if self.memory_sampling.max_new_tokens != self.budgets.memory_tokens:
@@ -132,6 +136,16 @@ class AgentSpec:
         """Text mode: static prompt length of the final step (literal tokens + Q + M + margin)."""
         b = self.budgets
         return sum(len(p) for p in self.prompts.final.pieces) + b.question_tokens + b.memory_tokens + b.text_margin
+
+    def for_chunk_lens(self, chunk_lens) -> AgentSpec:
+        """The spec for a segment of host `chunk_lens` [B, S]: row compaction stays on (where this spec has it)
+        only when some chunk step has rows with a chunk and rows without, so a batch whose rows all end together
+        compiles and computes exactly as without it."""
+        if not self.compact_rows:
+            return self
+        reached = np.asarray(chunk_lens) > 0
+        partial = reached.any(axis=0) & ~reached.all(axis=0)
+        return self if partial.any() else dataclasses.replace(self, compact_rows=False)
 
     def max_context(self) -> int:
         """The longest position any step reaches (for checking against the model's context length)."""
@@ -258,15 +272,11 @@ def memory_step(
     cache = rewind_cache(cache, spec.prefix_length)
     if params_for_decode is None:
         params_for_decode = decode_params(params, spec.config, batch)
+    row_inputs = (rest_tokens, rest_mask, prefix_next_positions, keys, active, rows)
 
-    def sample(cache):
+    def sample(cache, tokens, mask, starts, keys, active, rows):
         pre = prefill(
-            prefill_params(params, params_for_decode),
-            spec.config,
-            rest_tokens,
-            rest_mask,
-            cache,
-            start_positions=prefix_next_positions,
+            prefill_params(params, params_for_decode), spec.config, tokens, mask, cache, start_positions=starts
         )
         return decode(
             params_for_decode,
@@ -279,6 +289,9 @@ def memory_step(
             active,
             rows,
         )
+
+    def every_row(cache):
+        return sample(cache, *row_inputs)
 
     def nothing(cache):
         # What `decode` gives rows that are all inactive, without the prefill it would still run for them: a
@@ -294,12 +307,52 @@ def memory_step(
             cache=cache,
         )
 
-    out = jax.lax.cond(jnp.any(active), sample, nothing, cache)
+    def gathered(size):
+        def branch(cache):
+            # The active rows first, in row order: `size` is at least their count, so each of them runs.
+            take = jnp.argsort(jnp.logical_not(active), stable=True)[:size]
+            pick = lambda a: a[take]  # noqa: E731
+            sub_cache = KVCache(
+                k=cache.k[:, take],
+                v=cache.v[:, take],
+                positions=pick(cache.positions),
+                valid=pick(cache.valid),
+                length=cache.length,
+            )
+            out = sample(sub_cache, *jax.tree.map(pick, row_inputs))
+            # Rows left out get `nothing`'s outputs. The cache comes back as the rewind left it: what a step
+            # writes past the prefix is never read after the step (the next step rewinds, an answer resets).
+            empty = nothing(cache)
+            return empty._replace(
+                tokens=empty.tokens.at[take].set(out.tokens),
+                num_tokens=empty.num_tokens.at[take].set(out.num_tokens),
+                finished=empty.finished.at[take].set(out.finished),
+                logprobs=empty.logprobs.at[take].set(out.logprobs),
+                sampling_logprobs=empty.sampling_logprobs.at[take].set(out.sampling_logprobs),
+            )
+
+        return branch
+
+    if spec.compact_rows and batch > 1:
+        sizes = row_buckets(batch)
+        branches = [nothing] + [gathered(size) for size in sizes[:-1]] + [every_row]
+        reached = jnp.sum(active, dtype=jnp.int32)
+        index = jnp.where(reached == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes, jnp.int32), reached))
+        out = jax.lax.switch(index, branches, cache)
+    else:
+        out = jax.lax.cond(jnp.any(active), every_row, nothing, cache)
     new_memory, new_len = _memory_from_response(out.tokens, out.num_tokens, out.finished, spec.pad_id)
     memory = jnp.where(active[:, None], new_memory, memory)
     memory_len = jnp.where(active, new_len, memory_len)
     record = (rest_tokens, rest_mask, out.tokens, out.num_tokens, out.logprobs, active, memory_len)
     return out.cache, memory, memory_len, record
+
+
+def row_buckets(batch: int, levels: int = 4) -> tuple[int, ...]:
+    """The batch sizes a compacting chunk step runs its active rows in, ascending and ending with `batch`: it
+    halves `levels - 1` times (8 -> (1, 2, 4, 8); 256 -> (32, 64, 128, 256)). Each size is one more compiled
+    branch of the step, so there are few."""
+    return tuple(sorted({max(1, -(-batch // 2**i)) for i in range(levels)}))
 
 
 def step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:

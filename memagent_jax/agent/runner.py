@@ -132,6 +132,12 @@ class MemoryAgent:
       extract: how `run` takes the answer from each final response into `AgentResult.predictions` (one of
         `verifier.EXTRACTORS`; default 'boxed': the last \\boxed{...}). `from_pretrained` and the command-line
         tools pass the model's settings' "extract".
+      compact_rows: a chunk step that only some rows of a batch reach (documents of different lengths) runs those
+        rows alone, gathered into a batch of half, a quarter or an eighth of the rows where they fit
+        (`agent.program.row_buckets`), instead of computing every row; it holds one more KV cache of the rows it
+        gathers while it runs. None: on unless rows are sharded over several devices (gathering them would move
+        their caches between devices). A row's outputs are those of the uncompacted step up to float rounding:
+        products over fewer rows may sum in another order.
     Attributes besides the arguments: `spec` (the programs' static `AgentSpec`), `placement` (device puts and the
     KV cache pool, a `Placement` of `mesh`), `text_prompter` (text prompt mode only).
     The programs run `params` in the inference layout (`sampling.sampler.InferenceLayout`), made at the first run
@@ -153,6 +159,7 @@ class MemoryAgent:
         mesh=None,
         stop_token_ids: Sequence[int] | None = None,
         extract: str = "boxed",
+        compact_rows: bool | None = None,
     ):
         from memagent_jax.evaluation import verifier  # pure Python: no JAX
 
@@ -182,6 +189,7 @@ class MemoryAgent:
             answer_sampling=base_answer.replace(max_new_tokens=budgets.answer_tokens, stop_token_ids=stops, pad_id=pad),
             pad_id=pad,
             prompt_mode=templates.prompt_mode,
+            compact_rows=self.placement.batch_multiple == 1 if compact_rows is None else bool(compact_rows),
         )
         self.templates = templates
         self.text_prompter = TextPrompter(tokenizer, templates) if templates.prompt_mode == "text" else None
@@ -537,7 +545,7 @@ class MemoryAgent:
                 chunks, chunk_lens = self._segment_chunks(docs, batch, seg)
                 cache, memory_d, memory_len_d, rec = segment_program(
                     params,
-                    spec,
+                    spec.for_chunk_lens(chunk_lens),
                     cache,
                     prefix.next_positions,
                     memory_d,

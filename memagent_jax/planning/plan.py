@@ -264,6 +264,11 @@ def make_plan(
         # its first program to the end of the rollout), and while a decode loop runs a copy of the larger KV cache.
         mem["decode_copies"] = layer_param_bytes_per_device(mc, rmesh, pdt) + max(mem["kv_update"], mem["kv_final"])
         notes["decode_copies"] = f"decode_layout 'unstacked': per-layer weights ({pdt}) + a second KV cache"
+    elif rmesh.batch_shards == 1:
+        # A chunk step that only some rows reach gathers them into a batch of at most half the rows (row
+        # compaction, on where rows are not sharded): their KV cache beside the whole one.
+        mem["decode_copies"] = kv_cache_bytes(mc, -(-call_rows // 2), layout.update_slots, rmesh, cdt)
+        notes["decode_copies"] = "decode_layout 'scan': weights, cache read in place; row compaction: half a KV cache"
     else:
         mem["decode_copies"] = 0
         notes["decode_copies"] = "decode_layout 'scan': reads the stacked weights and cache in place"
