@@ -49,10 +49,10 @@ long-eval: $(STAMP)
 	$(BIN)/python -m memagent_jax.pipeline --config configs/tiny_synthetic.py --workdir $(DEMO_WORKDIR) \
 		--config.seed=$(SEED) --config.long_eval.enabled=True
 
-# The suite runs as five pytest processes, by the first letter of the test file's name after "test_": one process
-# compiling every program of the whole suite crashes inside XLA's CPU compiler (a segfault in a late compile,
-# reproducible only after many earlier ones; each part alone passes). a-d in one process crashed that way too (in
-# test_decode_layout.py, on a fresh clone, 2026-12-05), so it runs as two.
+# The suite runs as five pytest processes, by the first letter of the test file's name after "test_". A process may
+# hold at most vm.max_map_count (65,530) memory regions and XLA:CPU maps each compiled program into regions of its
+# own: one process compiling the whole suite's programs ran out of them and segfaulted in a late compile.
+# tests/conftest.py drops the compiled programs after each module; the groups keep each process short besides.
 TEST_GROUPS := a-b c-d e-l m-q r-z
 
 test: $(STAMP) $(QWEN3_TOKENIZER)
