@@ -18,9 +18,9 @@ agent:    the memory-agent loop (prefix 64, chunk 512, memory 64 tokens of fixed
           `skip_tokenizer_init`, one `generate` call per chunk step holding every unfinished document's prompt
           (what the reference MemAgent loop does). Document tokens/s at batch 1/4/16 and for a mixed-length file
           (ours in lockstep and with continuous scheduling); with each cell the bound = every chunk step's
-          prefill at the measured matmul peak + its memory's decode at the measured read bandwidth (the best of
-          the measurements so far: before the part and after every cell), the share of that bound each side
-          reaches, and how many rows' answers are token for token the same.
+          prefill at the measured matmul peak (in the run's dtype) + its memory's decode at the measured read
+          bandwidth (the best of the measurements so far: before the part and after every cell), the share of
+          that bound each side reaches, and how many rows' answers are token for token the same.
 generate: prefill 600 tokens, decode 64 (greedy, fixed length): ours `sampling.Sampler.generate` against vLLM
           `generate`; generated tokens/s (prefill included), batch 1/4/16.
 learner:  one GRPO learner step on the same conversations (a memory update's shape: 640-token prompt, 64-token
@@ -263,15 +263,16 @@ class Peer:
 # ---------------------------------------------------------------------------------------------------- machine
 
 
-def machine_bounds() -> tuple[float, float]:
-    """(f32 matmul peak FLOP/s of a jitted 2048^3 matmul, read bandwidth bytes/s of a 256 MiB f32 sum), measured
-    here under the lock, best of a few calls."""
+def machine_bounds(dtype: str = "float32") -> tuple[float, float]:
+    """(matmul peak FLOP/s of a jitted 2048^3 matmul in `dtype`, f32 accumulation; read bandwidth bytes/s of a 256
+    MiB f32 sum), measured here under the lock, best of a few calls. A bf16 run's bound takes the bf16 peak: on a
+    CPU with bf16 dot-product instructions it is near twice the f32 one."""
     import jax
     import jax.numpy as jnp
     from bench_learner import matmul_peak_gflops
 
     with bench_lock():
-        flops = matmul_peak_gflops(2048, iters=5) * 1e9
+        flops = matmul_peak_gflops(2048, iters=5, dtype=jnp.dtype(dtype)) * 1e9
         x = jnp.ones((64 * 2**20,), jnp.float32)
         total = jax.jit(jnp.sum)
         jax.block_until_ready(total(x))
@@ -515,7 +516,7 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
                 tokens = sum(lengths)
                 ours, vllm = tokens / median(ours_t), tokens / median(their_t)
                 # the machine's limits: the best seen so far (a measurement caught by other load reads low)
-                peak, bw = (max(a, b) for a, b in zip((peak, bw), machine_bounds()))
+                peak, bw = (max(a, b) for a, b in zip((peak, bw), machine_bounds(dtype)))
                 bound = tokens / agent_bound_seconds(config, agent.spec, len(q_ids[0]), lengths, peak, bw, itemsize)
                 row = dict(
                     shape=name,
@@ -537,7 +538,8 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
             peer.close()
         del agent, params
     print(
-        f"   bound from the best measured: f32 matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bw / 1e9:.1f} GB/s"
+        f"   bound from the best measured: {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth "
+        f"{bw / 1e9:.1f} GB/s"
     )
     return rows
 
@@ -872,8 +874,11 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_peers_")
     tokenizer = _tokenizer(os.path.join(tmp, "tok"))
     if "agent" in wanted:
-        bounds = machine_bounds()
-        print(f"measured: f32 matmul peak {bounds[0] / 1e9:.0f} GFLOP/s, read bandwidth {bounds[1] / 1e9:.1f} GB/s")
+        bounds = machine_bounds(DTYPES[args.dtype])
+        print(
+            f"measured: {args.dtype} matmul peak {bounds[0] / 1e9:.0f} GFLOP/s, read bandwidth "
+            f"{bounds[1] / 1e9:.1f} GB/s"
+        )
         part_agent(args, tokenizer, tmp, pythons["vllm"], bounds)
     if "generate" in wanted:
         part_generate(args, len(tokenizer), tmp, pythons["vllm"])
