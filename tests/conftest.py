@@ -34,7 +34,8 @@ def _release_compiled_programs():
     XLA:CPU maps each executable's code and data into its own memory regions, and a process may hold at most
     `vm.max_map_count` of them (65,530 by default). One pytest process runs a whole group of test modules and so
     compiles thousands of programs; kept alive by JAX's caches, they reach that limit, and the next compile dies in
-    a segfault. No module reuses another's programs, so releasing them between modules costs nothing.
+    a segfault. Modules share few programs, so the recompiles cost little: test_sampling, test_rl_batch and
+    test_trace_report ran in 161 s with this against 158 s without, ending with 1,393 regions against 12,604.
     """
     yield
     jax.clear_caches()
