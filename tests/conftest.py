@@ -3,7 +3,10 @@
 This runs before any test module imports JAX, so the device count takes effect.
 """
 
+import gc
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -20,11 +23,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 from memagent_jax.distributed import size_cpu_thread_pool  # noqa: E402
 
 size_cpu_thread_pool()
-
-
-import gc  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
