@@ -22,7 +22,9 @@ agent:    the memory-agent loop (prefix 64, chunk 512, memory 64 tokens of fixed
           bandwidth (the best of the measurements so far: before the part and after every cell), the share of
           that bound each side reaches, and how many rows' answers are token for token the same.
 generate: prefill 600 tokens, decode 64 (greedy, fixed length): ours `sampling.Sampler.generate` against vLLM
-          `generate`; generated tokens/s (prefill included), batch 1/4/16.
+          `generate`; generated tokens/s (prefill included), batch 1/4/16; with each cell the bound, counted as
+          the agent's (the prefills at the matmul peak + 64 decode steps at the read bandwidth), and each side's
+          share of it.
 learner:  one GRPO learner step on the same conversations (a memory update's shape: 640-token prompt, 64-token
           response): ours `rl.Learner.train_step` against tunix's registered 'grpo' policy loss with an
           `nnx.Optimizer` update on tunix's own Qwen2 model (same clip, dual clip, k3 KL, token-mean
@@ -435,7 +437,8 @@ def agent_bound_seconds(config, spec, q: int, doc_lengths: list[int], peak: floa
     return seconds
 
 
-def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
+def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> tuple[list[dict], tuple[float, float]]:
+    """(a): the cells' rows, and the bounds (peak FLOP/s, bytes/s) as the best measured during the part."""
     import numpy as np
 
     from memagent_jax.agent import AgentBudgets, MemoryAgent
@@ -541,7 +544,7 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
         f"   bound from the best measured: {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth "
         f"{bw / 1e9:.1f} GB/s"
     )
-    return rows
+    return rows, (peak, bw)
 
 
 # ---------------------------------------------------------------------------------------------------- (b) generate
@@ -549,12 +552,21 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> list[dict]:
 PREFILL, DECODE = 600, 64
 
 
-def part_generate(args, vocab: int, tmp: str, vllm_py: str) -> list[dict]:
+def generate_bound_seconds(config, batch: int, peak: float, bw: float, itemsize: int) -> float:
+    """A generation at the machine's limits, counted as the agent loop's bound counts a chunk step: the batch's
+    prefills of PREFILL tokens at the matmul peak plus DECODE decode steps at the read bandwidth."""
+    seconds = batch * prefill_flops(config, PREFILL) / peak
+    return seconds + sum(decode_bytes(config, PREFILL + j, batch, itemsize) for j in range(DECODE)) / bw
+
+
+def part_generate(args, vocab: int, tmp: str, vllm_py: str, bounds) -> list[dict]:
     import numpy as np
 
     from memagent_jax.sampling import Sampler, SamplingParams
 
+    peak, bw = bounds
     dtype = DTYPES[args.dtype]
+    itemsize = 4 if dtype == "float32" else 2
     batches = (1, 4) if args.quick else (1, 4, 16)
     if args.cells:
         batches = tuple(b for b in batches if f"batch {b}" in args.cells)
@@ -562,7 +574,10 @@ def part_generate(args, vocab: int, tmp: str, vllm_py: str) -> list[dict]:
         f"\n== (b) generate: prefill {PREFILL}, decode {DECODE} (fixed length, greedy), {args.dtype}; generated "
         f"tokens/s (prefill included), median of {args.repeats} interleaved runs =="
     )
-    print(f"{'shape':<13} {'batch':>5} {'ours':>8} {'vLLM':>8} {'ours/vLLM':>9} {'tokens equal':>12}")
+    print(
+        f"{'shape':<13} {'batch':>5} {'ours':>8} {'vLLM':>8} {'ours/vLLM':>9} {'bound':>8} {'ours/bound':>10} "
+        f"{'vLLM/bound':>10} {'tokens equal':>12}"
+    )
     rows = []
     for name, config in shapes(args, vocab):
         folder = save_weights(config, os.path.join(tmp, f"{name}-generate"))
@@ -603,10 +618,21 @@ def part_generate(args, vocab: int, tmp: str, vllm_py: str) -> list[dict]:
                         their_t.append(peer.call(job)["seconds"])
                 tokens = batch * DECODE
                 o, v = tokens / median(ours_t), tokens / median(their_t)
-                rows.append(dict(shape=name, batch=batch, ours=o, vllm=v, same=f"{same}/{batch}"))
-                print(f"{name:<13} {batch:>5} {o:>8.1f} {v:>8.1f} {ratio(o, v):>9} {same:>10}/{batch}", flush=True)
+                # the machine's limits: the best seen so far (a measurement caught by other load reads low)
+                peak, bw = (max(a, b) for a, b in zip((peak, bw), machine_bounds(dtype)))
+                bound = tokens / generate_bound_seconds(config, batch, peak, bw, itemsize)
+                rows.append(dict(shape=name, batch=batch, ours=o, vllm=v, bound=bound, same=f"{same}/{batch}"))
+                print(
+                    f"{name:<13} {batch:>5} {o:>8.1f} {v:>8.1f} {ratio(o, v):>9} {bound:>8.1f} {o / bound:>9.1%} "
+                    f"{v / bound:>9.1%} {same:>10}/{batch}",
+                    flush=True,
+                )
         finally:
             peer.close()
+    print(
+        f"   bound from the best measured: {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth "
+        f"{bw / 1e9:.1f} GB/s"
+    )
     return rows
 
 
@@ -873,15 +899,16 @@ def main() -> None:
     )
     tmp = tempfile.mkdtemp(prefix="bench_peers_")
     tokenizer = _tokenizer(os.path.join(tmp, "tok"))
-    if "agent" in wanted:
+    if "agent" in wanted or "generate" in wanted:
         bounds = machine_bounds(DTYPES[args.dtype])
         print(
             f"measured: {args.dtype} matmul peak {bounds[0] / 1e9:.0f} GFLOP/s, read bandwidth "
             f"{bounds[1] / 1e9:.1f} GB/s"
         )
-        part_agent(args, tokenizer, tmp, pythons["vllm"], bounds)
+    if "agent" in wanted:
+        _, bounds = part_agent(args, tokenizer, tmp, pythons["vllm"], bounds)
     if "generate" in wanted:
-        part_generate(args, len(tokenizer), tmp, pythons["vllm"])
+        part_generate(args, len(tokenizer), tmp, pythons["vllm"], bounds)
     if "learner" in wanted:
         part_learner(args, len(tokenizer), tmp, pythons["tunix"])
     if "rl" in wanted:
