@@ -286,6 +286,17 @@ def machine_bounds(dtype: str = "float32") -> tuple[float, float]:
     return flops, x.nbytes / best
 
 
+def better_bounds(bounds: tuple[float, float], dtype: str) -> tuple[float, float]:
+    """`bounds` (peak FLOP/s, bytes/s) or a new measurement, whichever is higher in each: the best seen so far (a
+    measurement caught by other load reads low)."""
+    return tuple(max(a, b) for a, b in zip(bounds, machine_bounds(dtype)))
+
+
+def bounds_text(dtype_label: str, bounds: tuple[float, float]) -> str:
+    """The bounds' measurements as a printed line reads them."""
+    return f"{dtype_label} matmul peak {bounds[0] / 1e9:.0f} GFLOP/s, read bandwidth {bounds[1] / 1e9:.1f} GB/s"
+
+
 # ---------------------------------------------------------------------------------------------------- models
 
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
@@ -518,8 +529,7 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> tuple[list[di
                         their_t.append(peer.call(job)["seconds"])
                 tokens = sum(lengths)
                 ours, vllm = tokens / median(ours_t), tokens / median(their_t)
-                # the machine's limits: the best seen so far (a measurement caught by other load reads low)
-                peak, bw = (max(a, b) for a, b in zip((peak, bw), machine_bounds(dtype)))
+                peak, bw = better_bounds((peak, bw), dtype)
                 bound = tokens / agent_bound_seconds(config, agent.spec, len(q_ids[0]), lengths, peak, bw, itemsize)
                 row = dict(
                     shape=name,
@@ -540,10 +550,7 @@ def part_agent(args, tokenizer, tmp: str, vllm_py: str, bounds) -> tuple[list[di
         finally:
             peer.close()
         del agent, params
-    print(
-        f"   bound from the best measured: {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth "
-        f"{bw / 1e9:.1f} GB/s"
-    )
+    print(f"   bound from the best measured: {bounds_text(args.dtype, (peak, bw))}")
     return rows, (peak, bw)
 
 
@@ -618,8 +625,7 @@ def part_generate(args, vocab: int, tmp: str, vllm_py: str, bounds) -> list[dict
                         their_t.append(peer.call(job)["seconds"])
                 tokens = batch * DECODE
                 o, v = tokens / median(ours_t), tokens / median(their_t)
-                # the machine's limits: the best seen so far (a measurement caught by other load reads low)
-                peak, bw = (max(a, b) for a, b in zip((peak, bw), machine_bounds(dtype)))
+                peak, bw = better_bounds((peak, bw), dtype)
                 bound = tokens / generate_bound_seconds(config, batch, peak, bw, itemsize)
                 rows.append(dict(shape=name, batch=batch, ours=o, vllm=v, bound=bound, same=f"{same}/{batch}"))
                 print(
@@ -629,10 +635,7 @@ def part_generate(args, vocab: int, tmp: str, vllm_py: str, bounds) -> list[dict
                 )
         finally:
             peer.close()
-    print(
-        f"   bound from the best measured: {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s, read bandwidth "
-        f"{bw / 1e9:.1f} GB/s"
-    )
+    print(f"   bound from the best measured: {bounds_text(args.dtype, (peak, bw))}")
     return rows
 
 
@@ -901,10 +904,7 @@ def main() -> None:
     tokenizer = _tokenizer(os.path.join(tmp, "tok"))
     if "agent" in wanted or "generate" in wanted:
         bounds = machine_bounds(DTYPES[args.dtype])
-        print(
-            f"measured: {args.dtype} matmul peak {bounds[0] / 1e9:.0f} GFLOP/s, read bandwidth "
-            f"{bounds[1] / 1e9:.1f} GB/s"
-        )
+        print(f"measured: {bounds_text(args.dtype, bounds)}")
     if "agent" in wanted:
         _, bounds = part_agent(args, tokenizer, tmp, pythons["vllm"], bounds)
     if "generate" in wanted:
