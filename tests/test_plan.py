@@ -449,6 +449,18 @@ def test_attention_path_follows_config_and_hardware():
     assert gpu.settings["learner_attention"] == "cudnn"
 
 
+def test_old_logprob_pass_counted_only_with_several_updates_per_step():
+    """The reference recipe (16 updates per step) recomputes the old log-probs in a forward pass of their own; with
+    one update per step the loss reads its own log-probs, so the plan counts no such pass."""
+    cfg = load_config_module("qwen2_5_7b_hotpotqa.py").get_config("8xh100")
+    several = planning.make_plan(cfg).flops
+    assert cfg.rl.recompute_old_logprobs and several["learning_old_logprobs"] == several["learning_reference"] > 0
+    cfg.rl.num_minibatches = 1
+    one = planning.make_plan(cfg).flops
+    assert one["learning_old_logprobs"] == 0
+    assert one["learning"] == several["learning"] - several["learning_old_logprobs"]
+
+
 @pytest.mark.slow  # four compiles: ~15 s on an idle 2-core machine
 @pytest.mark.parametrize("block", [128, 256])
 def test_blockwise_estimates_track_xla_memory_analysis(block):

@@ -163,6 +163,47 @@ def test_recompute_uses_the_params_before_the_first_update_for_every_minibatch(t
     assert r["m1"]["ratio_mean"] != pytest.approx(1.0, abs=1e-6)  # mini-batch 1 is off-policy after the update
 
 
+def test_one_update_per_step_reads_its_own_logprobs_as_the_old_ones():
+    """One mini-batch (2 micro-batches), KL to a reference: with recompute on, the stored old log-probs (off by
+    0.7 per token) are never read, and the step equals one fed the log-probs of a separate pass (recompute off),
+    over two steps; its ratio is exactly 1."""
+    batch = random_batch(8, 7)
+    params = random_params(CONFIG, 3)
+    logps = np.asarray(Learner(CONFIG, LearnerConfig(logits_chunk_size=0)).logprobs(params, batch))
+    wrong = batch.replace(old_logprobs=np.where(batch.loss_mask, logps - 0.7, 0.0).astype(np.float32))
+    base = LearnerConfig(
+        loss=LossConfig(kl_coef=0.05, clip_high=0.1),
+        micro_batch_size=4,
+        logits_chunk_size=0,
+        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0, eps=1e-4),
+    )
+    runs = {}
+    for name in ("own", "given"):
+        learner = Learner(CONFIG, base.replace(recompute_old_logprobs=name == "own"))
+        ref = learner.copy_params(random_params(CONFIG, 4))
+        state = learner.init_state(random_params(CONFIG, 3))
+        metrics = []
+        for _ in range(2):
+            if name == "given":  # the params' log-probs now, from a pass of their own
+                now = np.asarray(learner.logprobs(state.params, batch))
+                b = batch.replace(old_logprobs=np.where(batch.loss_mask, now, 0.0).astype(np.float32))
+            else:
+                b = wrong
+            state, m = learner.train_step(state, b, ref_params=ref)
+            metrics.append(m)
+        runs[name] = (jax.tree.map(np.asarray, state.params), metrics)
+    (own, m_own), (given, m_given) = runs["own"], runs["given"]
+    # eps 1e-4: Adam's update of a weight whose gradient is rounding noise stays as small as that noise (the two
+    # steps' programs sum in other orders); each step moves a weight by up to 1e-2.
+    for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(given)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for step in range(2):
+        assert m_own[step]["ratio_mean"] == 1.0 and m_own[step]["ratio_max"] == 1.0
+        for name in ("loss", "pg_loss", "kl", "grad_norm"):
+            assert m_own[step][name] == pytest.approx(m_given[step][name], rel=1e-5, abs=1e-7), name
+    assert m_own[1]["kl"] > 0 and m_own[1]["grad_norm"] > 0
+
+
 # ----------------------------------------------------------------------------------- document truncation
 
 

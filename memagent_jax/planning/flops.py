@@ -34,7 +34,7 @@ def learning_flops(
     remat:       'full' + a forward of the layers (2 x layer weights + 4 L H Dh T), 'dots' + the attention
                  einsums (4 L H Dh T); either way + the LM head (2 D V) when the log-probs are chunked
     reference:   + a forward (KL to the frozen reference: rl.kl_coef > 0)
-    old_logprob: + a forward (rl.recompute_old_logprobs)
+    old_logprob: + a forward (rl.recompute_old_logprobs with more than one update per step)
     """
     rows = tokens // length
     head_positions = length if head_positions is None else min(head_positions, length)

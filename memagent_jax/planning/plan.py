@@ -185,7 +185,8 @@ def make_plan(
     pdt, cdt = mc.param_dtype, mc.compute_dtype
     cb = DTYPE_BYTES[cdt]
     reference = rl.kl_coef > 0
-    recompute_old = bool(rl.recompute_old_logprobs)
+    # With one update per step the loss reads its own log-probs as the old ones: no extra forward.
+    recompute_old = bool(rl.recompute_old_logprobs) and int(rl.num_minibatches) > 1
     from memagent_jax.models.lora import lora_config, num_adapter_params
 
     lora = lora_config(cfg.get("lora"), error=PlanError)

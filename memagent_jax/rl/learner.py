@@ -175,7 +175,9 @@ class LearnerConfig:
       1152 rows x 112 tokens of the main job's model ran 1.56x faster than as one micro-batch), elsewhere the
       whole mini-batch; 0: the whole mini-batch. The sum over micro-batches is the mini-batch's gradient either way.
     recompute_old_logprobs: recompute the old log-probs with the current params before the first update
-      (instead of trusting the sampler's).
+      (instead of trusting the sampler's). With one update per step (num_minibatches 1) the params of that update
+      are the ones the old log-probs would come from, so no extra pass runs: the loss takes its own log-probs,
+      gradient stopped, as the old ones (ratio 1, the same gradient; one forward pass less per step).
     on_nonfinite: 'skip' (skip that update, count it) or 'raise' (`NonFiniteError` after the step).
     logits_chunk_size: sequence positions per logits chunk in the log-prob computation (0: no chunking).
     compute_entropy: compute the policy entropy for the metrics (always on when loss.entropy_coef > 0).
@@ -387,7 +389,10 @@ def _micro_loss(
     model_config: ModelConfig,
     config: LearnerConfig,
     window: int = 0,
+    on_policy: bool = False,
 ):
+    """on_policy: the params are the behaviour policy's (one update per step): the old log-probs are `logp`
+    itself, gradient stopped, and `micro.old_logprobs` is not read."""
     logp, ent = token_logprobs(
         params,
         micro.tokens,
@@ -402,7 +407,7 @@ def _micro_loss(
         config.loss,
         logp,
         micro.loss_mask,
-        old_logprobs=micro.old_logprobs,
+        old_logprobs=jax.lax.stop_gradient(logp) if on_policy else micro.old_logprobs,
         advantages=micro.advantages,
         ref_logprobs=micro.ref_logprobs,
         entropy=ent if config.need_entropy else None,
@@ -428,13 +433,14 @@ def _accumulate(
     constrain_grads=None,
     base_params=None,
     window: int = 0,
+    on_policy: bool = False,
 ):
     """micro_batches: [K, mb, T] leaves (one mini-batch). Returns (grads f32 tree, metrics dict).
 
     base_params (LoRA): `params` are the adapters; the loss runs on the merged weights, the gradient is the
-    adapters'."""
+    adapters'. on_policy: see `_micro_loss`."""
     token_den, seq_den = _denominators(micro_batches.loss_mask)
-    loss = functools.partial(_micro_loss, model_config=model_config, config=config, window=window)
+    loss = functools.partial(_micro_loss, model_config=model_config, config=config, window=window, on_policy=on_policy)
     if base_params is not None:
         plain_loss = loss
 
@@ -605,8 +611,10 @@ def train_step_fn(
         if ref_params is None:
             ref_params = base_params  # the base model, adapters off: no second copy of the weights
     pass_kw = dict(model_config=model_config, config=config, constrain_micro=constrain_micro, window=window)
+    # One update per step: its params are the behaviour policy, so the loss reads its own log-probs as the old ones.
+    on_policy = config.loss.kind == "grpo" and config.recompute_old_logprobs and m == 1
     if config.loss.kind == "grpo":
-        if config.recompute_old_logprobs:
+        if config.recompute_old_logprobs and not on_policy:
             policy0 = lora_lib.merge(base_params, params0, config.lora) if use_lora else params0
             batches = batches.replace(old_logprobs=_logprob_pass(policy0, batches, **pass_kw))
         if config.loss.uses_reference and batches.ref_logprobs is None:
@@ -626,6 +634,7 @@ def train_step_fn(
             constrain_grads=constrain_grads,
             base_params=base_params if use_lora else None,
             window=window,
+            on_policy=on_policy,
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
